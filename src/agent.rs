@@ -1,0 +1,305 @@
+//! `edgemeter run`: the edge agent. Wires the validated config into one
+//! `LocalExecutor` on the main thread: the sources, the outbox writer, one
+//! delivery loop per sink, and the signal handler that ends it all.
+//!
+//! Shutdown (SIGTERM or SIGINT), within [`SHUTDOWN_BUDGET`]:
+//! 1. the shutdown signal fires; sources get [`SOURCE_GRACE`] to return,
+//!    then are cancelled;
+//! 2. with every source gone the record channel closes, and the writer
+//!    commits what it still holds, at once;
+//! 3. sink loops get what is left of the budget to finish the batch in
+//!    flight, then are cancelled (an unconfirmed batch is simply delivered
+//!    again next time);
+//! 4. exit 0. A second signal during shutdown exits at once (status 130);
+//!    committed records are safe either way.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use async_signal::{Signal, Signals};
+use smol::channel::Receiver;
+use smol::stream::StreamExt;
+use smol::{LocalExecutor, Task};
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::outbox::{Outbox, OutboxError, reason};
+use crate::record::{KindSet, Record};
+use crate::sinks::Sink;
+use crate::runtime::{self, SharedOutbox};
+use crate::sinks::delivery::Driver;
+use crate::state_dir::{self, LockError};
+use crate::{sinks, sources};
+
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(5);
+const SOURCE_GRACE: Duration = Duration::from_millis(1500);
+/// Most records committed in one transaction; a larger backlog takes several.
+const GROUP_MAX: usize = 50_000;
+/// Records held in memory while commits fail (disk full); past this the
+/// oldest are dropped and counted as `commit_failed`.
+const UNCOMMITTED_MAX: usize = 200_000;
+
+#[derive(Debug)]
+pub enum AgentError {
+    Lock(LockError),
+    Outbox(OutboxError),
+    Signals(std::io::Error),
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentError::Lock(e) => e.fmt(f),
+            AgentError::Outbox(e) => e.fmt(f),
+            AgentError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// Open the state, then run until a signal (or `stop_after`, for the demo).
+/// Errors here are fatal.
+pub fn run(config: Config, stop_after: Option<Duration>) -> Result<(), AgentError> {
+    let agent = &config.agent;
+    let _lock = state_dir::lock(&agent.state_dir, Duration::from_secs(2)).map_err(AgentError::Lock)?;
+    let built: Vec<Box<dyn Sink>> = config.sinks.iter().map(|s| sinks::build(&s.config)).collect();
+    let wanted: Vec<(String, KindSet)> = config
+        .sinks
+        .iter()
+        .zip(&built)
+        .map(|(s, b)| (s.name.clone(), b.accepts()))
+        .collect();
+    let outbox = open_outbox(&config, &wanted)?;
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(serve(&ex, config, built, outbox, stop_after)))
+}
+
+fn open_outbox(config: &Config, wanted: &[(String, KindSet)]) -> Result<SharedOutbox, AgentError> {
+    let agent = &config.agent;
+    let (mut outbox, report) = Outbox::open(&agent.state_dir, agent.buffer_max_bytes).map_err(AgentError::Outbox)?;
+    if let Some((aside, why)) = &report.moved_aside {
+        log::error!(
+            "the outbox {} was unusable ({why}); moved it aside to {} and started a fresh one",
+            outbox.path().display(),
+            aside.display()
+        );
+    }
+    for gone in outbox.register_sinks(wanted).map_err(AgentError::Outbox)? {
+        log::warn!("sink `{gone}` is no longer configured; its place in the outbox was released");
+    }
+    log::info!(
+        "outbox {}: {} records buffered ({} bytes of {}), {} batches to deliver again",
+        outbox.path().display(),
+        report.records,
+        outbox.bytes(),
+        agent.buffer_max_bytes,
+        report.open_batches
+    );
+    Ok(SharedOutbox::new(outbox))
+}
+
+async fn serve(
+    ex: &LocalExecutor<'_>,
+    config: Config,
+    built: Vec<Box<dyn Sink>>,
+    outbox: SharedOutbox,
+    stop_after: Option<Duration>,
+) -> Result<(), AgentError> {
+    let mut signals = Signals::new([Signal::Term, Signal::Int]).map_err(AgentError::Signals)?;
+    let (mut trigger, shutdown) = runtime::shutdown_pair();
+    let (emitter, records) = runtime::record_channel();
+    let agent = config.agent.clone();
+
+    let writer = ex.spawn(write_records(records, outbox.clone(), agent.flush_interval));
+    let source_tasks: Vec<Task<()>> = config
+        .sources
+        .iter()
+        .map(|s| {
+            let ctx = sources::Context {
+                name: s.name.clone(),
+                agent_id: agent.id.clone(),
+                emit: emitter.clone(),
+                shutdown: shutdown.clone(),
+            };
+            ex.spawn(sources::build(&s.config).run(ctx))
+        })
+        .collect();
+    // Only sources hold emitters now: the channel closes when they are gone.
+    drop(emitter);
+    let sink_tasks: Vec<Task<()>> = config
+        .sinks
+        .into_iter()
+        .zip(built)
+        .map(|(s, sink)| {
+            let driver = Driver {
+                sink,
+                name: s.name,
+                delivery: s.delivery,
+                outbox: outbox.clone(),
+                shutdown: shutdown.clone(),
+                idle: agent.flush_interval,
+            };
+            ex.spawn(driver.run())
+        })
+        .collect();
+    log::info!(
+        "edgemeter {} running as agent `{}`: {} sources, {} sinks, state in {}",
+        env!("CARGO_PKG_VERSION"),
+        agent.id,
+        source_tasks.len(),
+        sink_tasks.len(),
+        agent.state_dir.display()
+    );
+
+    let why = smol::future::or(async { signal_name(signals.next().await) }, async {
+        match stop_after {
+            Some(d) => smol::Timer::after(d).await,
+            None => smol::future::pending().await,
+        };
+        "the end of the demo"
+    })
+    .await;
+    let started = Instant::now();
+    log::info!("received {why}; shutting down: stopping sources, committing buffered records");
+    trigger.fire();
+    // A second signal means "now": committed records are safe regardless.
+    ex.spawn(async move {
+        if let Some(s) = signals.next().await {
+            log::warn!("received {} during shutdown; exiting at once", signal_name(Some(s)));
+            std::process::exit(130);
+        }
+    })
+    .detach();
+
+    let stragglers = join_within(source_tasks, SOURCE_GRACE).await;
+    if stragglers > 0 {
+        log::warn!("{stragglers} sources did not stop within {SOURCE_GRACE:?}; cancelled them");
+    }
+    writer.await;
+    let left = SHUTDOWN_BUDGET.saturating_sub(started.elapsed() + Duration::from_millis(500));
+    let stragglers = join_within(sink_tasks, left).await;
+    if stragglers > 0 {
+        log::info!("{stragglers} sinks were still delivering; their batches will be sent again next start");
+    }
+    log::info!("stopped cleanly in {} ms", started.elapsed().as_millis());
+    Ok(())
+}
+
+fn signal_name(s: Option<std::io::Result<Signal>>) -> &'static str {
+    match s {
+        Some(Ok(Signal::Term)) => "SIGTERM",
+        Some(Ok(Signal::Int)) => "SIGINT",
+        _ => "a signal",
+    }
+}
+
+/// Await all tasks for at most `budget`; cancel the rest. Returns how many
+/// were cancelled.
+async fn join_within(tasks: Vec<Task<()>>, budget: Duration) -> usize {
+    let deadline = Instant::now() + budget;
+    let mut cancelled = 0;
+    for task in tasks {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let done = smol::future::or(
+            async {
+                task.await;
+                true
+            },
+            async {
+                smol::Timer::after(left).await;
+                false
+            },
+        )
+        .await;
+        cancelled += usize::from(!done);
+    }
+    cancelled
+}
+
+/// The outbox writer: groups what arrives within `flush` into one
+/// transaction. Ends when the channel closes (every source gone), after
+/// committing what it holds.
+async fn write_records(rx: Receiver<Record>, outbox: SharedOutbox, flush: Duration) {
+    let mut group: Vec<Record> = Vec::new();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut failing = false;
+    let mut lost_uncounted: i64 = 0;
+    let mut closed = false;
+    while !closed || !group.is_empty() {
+        if group.is_empty() {
+            match rx.recv().await {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        // Gather until the flush deadline; a closed channel commits at once.
+        let deadline = Instant::now() + flush;
+        while !closed && group.len() < GROUP_MAX {
+            let next = smol::future::or(async { Some(rx.recv().await) }, async {
+                smol::Timer::at(deadline).await;
+                None
+            })
+            .await;
+            match next {
+                Some(Ok(r)) => group.push(r),
+                Some(Err(_)) => closed = true,
+                None => break,
+            }
+        }
+        let batch = std::mem::take(&mut group);
+        let lost = std::mem::take(&mut lost_uncounted);
+        let (batch, result) = outbox
+            .call(move |o| {
+                let r = o.append(&batch);
+                if r.is_ok() && lost > 0 {
+                    // Best effort: the count is only a statistic.
+                    let _ = o.count_drops(reason::COMMIT_FAILED, lost);
+                }
+                (batch, r)
+            })
+            .await;
+        match result {
+            Ok(appended) => {
+                if failing {
+                    log::info!("outbox writable again; committed the {} records held meanwhile", batch.len());
+                    failing = false;
+                    backoff.reset();
+                }
+                if appended.dropped > 0 {
+                    log::warn!(
+                        "outbox full (buffer_max_bytes): dropped the {} oldest records to make room",
+                        appended.dropped
+                    );
+                }
+                // The crash test reads this line: these ids are durable now.
+                log::debug!("outbox: committed ids {}..={}", appended.ids.start(), appended.ids.end());
+            }
+            Err(e) => {
+                let wait = backoff.next();
+                if !failing {
+                    let hint = if e.is_disk_full() { " (the disk is full)" } else { "" };
+                    log::error!(
+                        "{e}{hint}; holding {} records in memory (at most {UNCOMMITTED_MAX}) and retrying",
+                        batch.len()
+                    );
+                    failing = true;
+                }
+                group = batch;
+                if group.len() > UNCOMMITTED_MAX {
+                    let excess = group.len() - UNCOMMITTED_MAX;
+                    group.drain(..excess);
+                    lost_uncounted += lost + excess as i64;
+                    log::warn!("dropped the {excess} oldest uncommitted records: the outbox is still failing");
+                } else {
+                    lost_uncounted += lost;
+                }
+                if closed {
+                    log::error!("shutting down with {} records that could not be committed", group.len());
+                    return;
+                }
+                smol::Timer::after(wait).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The command line: parses arguments, loads the config, runs one command
+//! and turns every failure into a message and an exit code.
+//!
+//! Exit codes: 0 success; 1 a failure while working (the outbox could not be
+//! read, ...); 2 bad usage or an invalid config; 3 the state directory is
+//! locked by another agent or unusable.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use lexopt::prelude::*;
+
+use crate::clock::{human_duration, iso8601, now_ms};
+use crate::config::{self, Config};
+use crate::outbox::{DeadLetter, Outbox, Stats};
+use crate::{agent, demo, logging, state_dir};
+
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_STATE: u8 = 3;
+
+const VERSION: &str = concat!("edgemeter ", env!("CARGO_PKG_VERSION"));
+
+const HELP: &str = "\
+edgemeter: measures who is active, where and how much, buffers every
+observation in a local SQLite outbox and forwards it to its sinks.
+
+Usage: edgemeter <COMMAND> [OPTIONS]
+
+Commands:
+  run       Run the edge agent until SIGTERM or SIGINT
+  check     Validate a config file and list every problem in it
+  status    Show the outbox: buffer depth, drops, sinks, dead letters
+  outbox    List, retry or purge dead letters (batches a sink refused)
+  demo      Run the pipeline for a few seconds in a temporary directory
+
+Options (every command):
+  -c, --config FILE   Config file [default: /etc/edgemeter/edgemeter.toml]
+  -h, --help          Show help (also `edgemeter <COMMAND> --help`)
+  -V, --version       Show the version
+
+Environment:
+  EDGEMETER_LOG       Log level (off, error, warn, info, debug, trace);
+                      overrides `[agent] log_level`
+
+Exit codes: 0 ok, 1 failure while working, 2 bad usage or config,
+3 state directory locked by another agent or unusable.
+
+The annotated example config documents every key:
+/usr/share/doc/edgemeter/edgemeter.toml (packaging/edgemeter.toml in the source).
+";
+
+const HELP_RUN: &str = "\
+Run the edge agent: sources feed the SQLite outbox, sinks deliver from it.
+Stops cleanly on SIGTERM or SIGINT (commits buffered records, exits 0 within 5 s).
+Logs go to stderr.
+
+Usage: edgemeter run [-c FILE]
+";
+
+const HELP_CHECK: &str = "\
+Validate a config file. Prints every problem as FILE:LINE:COL: message and
+exits 2 if there is any, or prints a summary and exits 0.
+
+Usage: edgemeter check [-c FILE]
+";
+
+const HELP_STATUS: &str = "\
+Show the agent's outbox: whether an agent is running on it, buffered records,
+the age of the oldest, drops by reason and sink, and per sink: pending records,
+deliveries, failures, the last error and dead letters. Safe while `run` runs.
+
+Usage: edgemeter status [-c FILE]
+";
+
+const HELP_OUTBOX: &str = "\
+Dead letters are batches a sink refused for good (for example a 4xx answer).
+They are kept with their records until you retry or purge them.
+
+Usage:
+  edgemeter outbox list  [-c FILE] [--sink NAME]
+  edgemeter outbox retry [-c FILE] (--all | --sink NAME | --id N)
+  edgemeter outbox purge [-c FILE] (--all | --sink NAME | --id N)
+
+`retry` marks them for redelivery by the running agent (or the next one
+started), with their original batch ids. `purge` deletes them.
+";
+
+const HELP_DEMO: &str = "\
+Run the pipeline on this machine with no peers: a synthetic source feeds the
+outbox and a CSV sink, for a few seconds, in a temporary directory (kept, so
+you can look at it). Prints what happened.
+
+Usage: edgemeter demo [--seconds N] [--dir DIR]
+";
+
+enum Command {
+    Run,
+    Check,
+    Status,
+    Outbox(OutboxAction),
+    Demo { seconds: u64, dir: Option<PathBuf> },
+}
+
+enum OutboxAction {
+    List,
+    Retry,
+    Purge,
+}
+
+struct Args {
+    command: Command,
+    config: PathBuf,
+    sink: Option<String>,
+    id: Option<i64>,
+}
+
+/// Parsed arguments, or the text to print and the code to exit with.
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String, u8)> {
+    let usage = |msg: String| (format!("edgemeter: {msg}\nTry `edgemeter --help`."), EXIT_USAGE);
+    let mut p = lexopt::Parser::from_args(args);
+    let mut command = None;
+    let mut action = None;
+    let mut config = PathBuf::from(config::DEFAULT_PATH);
+    let (mut sink, mut id, mut all) = (None, None, false);
+    let (mut seconds, mut dir) = (10u64, None);
+    while let Some(arg) = p.next().map_err(|e| usage(e.to_string()))? {
+        match arg {
+            Short('h') | Long("help") => {
+                let text = match (&command, &action) {
+                    (Some(Command::Run), _) => HELP_RUN,
+                    (Some(Command::Check), _) => HELP_CHECK,
+                    (Some(Command::Status), _) => HELP_STATUS,
+                    (Some(Command::Outbox(_)), _) | (_, Some(_)) => HELP_OUTBOX,
+                    (Some(Command::Demo { .. }), _) => HELP_DEMO,
+                    (None, None) => HELP,
+                };
+                return Err((text.to_owned(), 0));
+            }
+            Short('V') | Long("version") => return Err((VERSION.to_owned(), 0)),
+            Short('c') | Long("config") => config = p.value().map_err(|e| usage(e.to_string()))?.into(),
+            Long("sink") => sink = Some(p.value().map_err(|e| usage(e.to_string()))?.string().map_err(|e| usage(e.to_string()))?),
+            Long("id") => id = Some(p.value().map_err(|e| usage(e.to_string()))?.parse().map_err(|e| usage(format!("--id: {e}")))?),
+            Long("all") => all = true,
+            Long("seconds") => {
+                seconds = p.value().map_err(|e| usage(e.to_string()))?.parse().map_err(|e| usage(format!("--seconds: {e}")))?;
+                if !(1..=3600).contains(&seconds) {
+                    return Err(usage("--seconds takes 1 to 3600".into()));
+                }
+            }
+            Long("dir") => dir = Some(PathBuf::from(p.value().map_err(|e| usage(e.to_string()))?)),
+            Value(v) if command.is_none() => {
+                command = Some(match v.to_str() {
+                    Some("run") => Command::Run,
+                    Some("check") => Command::Check,
+                    Some("status") => Command::Status,
+                    Some("outbox") => Command::Outbox(OutboxAction::List),
+                    Some("demo") => Command::Demo { seconds: 0, dir: None },
+                    _ => return Err(usage(format!("unknown command `{}`", v.to_string_lossy()))),
+                })
+            }
+            Value(v) if matches!(command, Some(Command::Outbox(_))) && action.is_none() => {
+                action = Some(match v.to_str() {
+                    Some("list") => OutboxAction::List,
+                    Some("retry") => OutboxAction::Retry,
+                    Some("purge") => OutboxAction::Purge,
+                    _ => return Err(usage(format!("unknown outbox action `{}`; use list, retry or purge", v.to_string_lossy()))),
+                })
+            }
+            other => return Err(usage(other.unexpected().to_string())),
+        }
+    }
+    let command = match command {
+        None => return Err((HELP.to_owned(), EXIT_USAGE)),
+        Some(Command::Outbox(_)) => match action {
+            None => return Err(usage("`outbox` needs an action: list, retry or purge".into())),
+            Some(a) => {
+                if !matches!(a, OutboxAction::List) && !all && sink.is_none() && id.is_none() {
+                    return Err(usage("say which dead letters: --all, --sink NAME or --id N".into()));
+                }
+                Command::Outbox(a)
+            }
+        },
+        Some(Command::Demo { .. }) => Command::Demo { seconds, dir },
+        Some(c) => c,
+    };
+    Ok(Args {
+        command,
+        config,
+        sink,
+        id,
+    })
+}
+
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args = match parse_args(args) {
+        Ok(a) => a,
+        Err((text, 0)) => {
+            println!("{}", text.trim_end());
+            return ExitCode::SUCCESS;
+        }
+        Err((text, code)) => {
+            eprintln!("{}", text.trim_end());
+            return ExitCode::from(code);
+        }
+    };
+    if let Command::Demo { seconds, dir } = args.command {
+        logging::init(logging::env_level().unwrap_or(log::LevelFilter::Info));
+        return demo::run(seconds, dir);
+    }
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            if let Command::Check = args.command {
+                eprintln!("{} problem(s) found", e.problem_count());
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    logging::init(logging::env_level().unwrap_or(config.agent.log_level));
+    match args.command {
+        Command::Run => run(config),
+        Command::Check => {
+            println!("{}", summary(&config));
+            ExitCode::SUCCESS
+        }
+        Command::Status => status(&config),
+        Command::Outbox(action) => outbox(&config, action, args.sink.as_deref(), args.id),
+        Command::Demo { .. } => unreachable!("handled above"),
+    }
+}
+
+pub fn run(config: Config) -> ExitCode {
+    match agent::run(config, None) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(match e {
+                agent::AgentError::Lock(_) | agent::AgentError::Outbox(_) => EXIT_STATE,
+                agent::AgentError::Signals(_) => EXIT_FAILURE,
+            })
+        }
+    }
+}
+
+fn summary(c: &Config) -> String {
+    let names = |v: Vec<&String>| {
+        if v.is_empty() { "none".to_owned() } else { v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
+    };
+    format!(
+        "{}: ok: agent `{}`, state in {}, sources: {}; sinks: {}",
+        c.path.display(),
+        c.agent.id,
+        c.agent.state_dir.display(),
+        names(c.sources.iter().map(|s| &s.name).collect()),
+        names(c.sinks.iter().map(|s| &s.name).collect()),
+    )
+}
+
+fn status(config: &Config) -> ExitCode {
+    let dir = &config.agent.state_dir;
+    let running = state_dir::holder(dir);
+    let outbox = match Outbox::open_read_only(dir) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match outbox.stats() {
+        Ok(stats) => {
+            print!("{}", render_status(config, running, &outbox.path().display().to_string(), &stats, now_ms()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn ago(now: i64, t: Option<i64>) -> String {
+    t.map_or_else(|| "never".to_owned(), |t| format!("{} ago", human_duration(now - t)))
+}
+
+pub fn render_status(config: &Config, running: Option<u32>, path: &str, s: &Stats, now: i64) -> String {
+    let mut out = String::new();
+    let state = match running {
+        Some(0) => "running".to_owned(),
+        Some(pid) => format!("running, pid {pid}"),
+        None => "not running".to_owned(),
+    };
+    let pct = 100.0 * s.bytes as f64 / config.agent.buffer_max_bytes as f64;
+    out += &format!("agent        {} ({state})\n", config.agent.id);
+    out += &format!("outbox       {path}\n");
+    out += &format!(
+        "buffered     {} records, {} of {} bytes ({pct:.1}%)\n",
+        s.records, s.bytes, config.agent.buffer_max_bytes
+    );
+    out += &format!(
+        "oldest       {}\n",
+        s.oldest_at_ms.map_or_else(|| "nothing pending".to_owned(), |t| format!("{} old", human_duration(now - t)))
+    );
+    if s.drops.is_empty() {
+        out += "drops        none\n";
+    } else {
+        for (i, (reason, sink, n)) in s.drops.iter().enumerate() {
+            let label = if i == 0 { "drops" } else { "" };
+            out += &format!("{label:<12} {n} {reason} (sink {sink})\n");
+        }
+    }
+    out += &format!("dead letters {} bytes kept\n", s.dead_letter_bytes);
+    if s.sinks.is_empty() {
+        out += "sinks        none configured\n";
+    }
+    for k in &s.sinks {
+        out += &format!(
+            "sink {}\n  pending {} records; delivered {} records in {} batches; last delivery {}\n  \
+             failures {}; last failure {}; dead letters {}\n",
+            k.name,
+            k.pending,
+            k.delivered_records,
+            k.delivered_batches,
+            ago(now, k.last_delivery_ms),
+            k.failures,
+            ago(now, k.last_failure_ms),
+            k.dead_letters
+        );
+        if let Some(e) = &k.last_error {
+            out += &format!("  last error: {e}\n");
+        }
+    }
+    out
+}
+
+fn outbox(config: &Config, action: OutboxAction, sink: Option<&str>, id: Option<i64>) -> ExitCode {
+    let dir = &config.agent.state_dir;
+    let result = match action {
+        OutboxAction::List => Outbox::open_read_only(dir).and_then(|o| o.dead_letters(sink)).map(|list| {
+            print!("{}", render_dead_letters(&list));
+        }),
+        // Writes go through a short transaction; the running agent's WAL
+        // connection and this one take turns via SQLite's busy timeout.
+        OutboxAction::Retry | OutboxAction::Purge => Outbox::open_admin(dir).and_then(|mut o| {
+            let (n, verb) = match action {
+                OutboxAction::Retry => (o.retry_dead(sink, id)?, "marked for retry"),
+                _ => (o.purge_dead(sink, id)?, "purged"),
+            };
+            println!("{n} dead letter(s) {verb}");
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn render_dead_letters(list: &[DeadLetter]) -> String {
+    if list.is_empty() {
+        return "no dead letters\n".to_owned();
+    }
+    let mut out = String::from("id\tsink\tbatch\trecords\tbytes\tstate\tattempts\tsince\terror\n");
+    for d in list {
+        out += &format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            d.id,
+            d.sink,
+            d.seq,
+            d.count,
+            d.bytes,
+            d.state,
+            d.attempts,
+            iso8601(d.created_ms),
+            d.error.replace(['\n', '\t'], " ")
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,598 @@
+//! The configuration file: one TOML document with `[agent]`, `[[source]]` and
+//! `[[sink]]` tables, read in two phases.
+//!
+//! 1. **Raw**: serde structs that only mirror the TOML, `deny_unknown_fields`
+//!    everywhere, values wrapped in [`Spanned`] so every later complaint can
+//!    point at its line and column. Each table is deserialized on its own (from
+//!    toml's spanned document tree), so a mistake in one table does not hide
+//!    the mistakes in the others, and syntax errors are collected by toml's
+//!    recoverable parser.
+//! 2. **Validated**: typed values (`Duration`, `PathBuf`, `LevelFilter`, ...)
+//!    with cross-field checks (unique names, ranges).
+//!
+//! Every problem found in either phase is reported, each as
+//! `FILE:LINE:COL: what is wrong`, in one [`Problems`] list.
+//!
+//! `[[source]]` and `[[sink]]` tables carry a `type` tag; the keys every
+//! component shares (`name`, and the delivery keys of sinks) are split off
+//! here, and the rest goes to the component's own `Config::parse` through
+//! the registries in `sources/mod.rs` and `sinks/mod.rs`.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::LevelFilter;
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::sinks::{self, SinkConfig};
+use crate::sources::{self, SourceConfig};
+
+pub const DEFAULT_PATH: &str = "/etc/edgemeter/edgemeter.toml";
+const DEFAULT_STATE_DIR: &str = "/var/lib/edgemeter";
+const DEFAULT_BUFFER_MAX_BYTES: u64 = 256 * 1024 * 1024;
+const MIN_BUFFER_MAX_BYTES: u64 = 64 * 1024;
+/// Bigger than any edge box's disk we expect; a typo guard, not a policy.
+const MAX_BUFFER_MAX_BYTES: u64 = 1 << 40;
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+const MAX_NAME_LEN: usize = 64;
+
+/// A fully validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub agent: Agent,
+    pub sources: Vec<Component<SourceConfig>>,
+    pub sinks: Vec<SinkSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub id: String,
+    pub state_dir: PathBuf,
+    pub log_level: LevelFilter,
+    pub buffer_max_bytes: u64,
+    pub flush_interval: Duration,
+}
+
+/// A named, typed component table.
+#[derive(Debug)]
+pub struct Component<C> {
+    pub name: String,
+    pub config: C,
+}
+
+/// A sink with the delivery settings every sink shares.
+#[derive(Debug)]
+pub struct SinkSpec {
+    pub name: String,
+    pub delivery: Delivery,
+    pub config: SinkConfig,
+}
+
+/// How the shared delivery loop treats one sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub batch_max_records: usize,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+// ---------------------------------------------------------------- problems
+
+/// One thing wrong with the file, and where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub span: Option<Range<usize>>,
+    pub message: String,
+}
+
+/// Everything wrong with one config file.
+#[derive(Debug, Default)]
+pub struct Problems {
+    list: Vec<Problem>,
+}
+
+impl Problems {
+    pub fn push(&mut self, span: impl Into<Option<Range<usize>>>, message: impl Into<String>) {
+        self.list.push(Problem {
+            span: span.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn list(&self) -> &[Problem] {
+        &self.list
+    }
+
+    fn from_toml(&mut self, err: &toml::de::Error, fallback: &Range<usize>) {
+        let span = err.span().unwrap_or_else(|| fallback.clone());
+        self.push(span, err.message().trim_end().to_owned());
+    }
+}
+
+/// Why a config could not be loaded: rendered for a person, one line each.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read { path: PathBuf, error: std::io::Error },
+    TooLarge { path: PathBuf, bytes: u64 },
+    Invalid { path: PathBuf, text: String, problems: Problems },
+}
+
+impl ConfigError {
+    pub fn problem_count(&self) -> usize {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems.list.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, error } => {
+                write!(f, "{}: cannot read the config file: {error}", path.display())
+            }
+            ConfigError::TooLarge { path, bytes } => write!(
+                f,
+                "{}: the config file is {bytes} bytes; the limit is {MAX_CONFIG_BYTES}",
+                path.display()
+            ),
+            ConfigError::Invalid { path, text, problems } => {
+                let mut sorted: Vec<&Problem> = problems.list.iter().collect();
+                sorted.sort_by_key(|p| p.span.as_ref().map_or(0, |s| s.start));
+                for (i, p) in sorted.iter().enumerate() {
+                    if i > 0 {
+                        writeln!(f)?;
+                    }
+                    match &p.span {
+                        Some(span) => {
+                            let (line, col) = line_col(text, span.start);
+                            write!(f, "{}:{line}:{col}: {}", path.display(), p.message)?
+                        }
+                        None => write!(f, "{}: {}", path.display(), p.message)?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------- loading
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let read_err = |error| ConfigError::Read {
+        path: path.to_owned(),
+        error,
+    };
+    let bytes = std::fs::metadata(path).map_err(read_err)?.len();
+    if bytes > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            bytes,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    parse(path, &text)
+}
+
+/// Parse and validate a config document. `path` is used for messages and to
+/// resolve relative paths (relative to the file's directory, so a config
+/// behaves the same whatever the working directory).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let mut problems = Problems::default();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let cfg = parse_into(base, text, &mut problems);
+    match cfg {
+        Some(cfg) if problems.is_empty() => Ok(Config {
+            path: path.to_owned(),
+            ..cfg
+        }),
+        _ => {
+            if problems.is_empty() {
+                problems.push(None, "the configuration is invalid");
+            }
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                text: text.to_owned(),
+                problems,
+            })
+        }
+    }
+}
+
+fn parse_into(base: &Path, text: &str, p: &mut Problems) -> Option<Config> {
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    let whole = root.span();
+    for e in &syntax_errors {
+        p.from_toml(e, &whole);
+    }
+    if !syntax_errors.is_empty() {
+        // A document with syntax errors has holes; checking its meaning would
+        // mostly report echoes of the same mistakes.
+        return None;
+    }
+    let root = root.into_inner();
+
+    let mut agent = None;
+    let mut sources = Vec::new();
+    let mut sinks = Vec::new();
+    for (key, value) in root {
+        let value_span = value.span();
+        match key.get_ref().as_ref() {
+            "agent" => match value.into_inner() {
+                DeValue::Table(t) => agent = parse_agent(base, Spanned::new(value_span, t), p),
+                _ => p.push(key.span(), "`agent` must be a table: write `[agent]`"),
+            },
+            k @ ("source" | "sink") => {
+                for t in array_of_tables(k, key.span(), value, p) {
+                    if k == "source" {
+                        sources.extend(parse_source(base, t, p));
+                    } else {
+                        sinks.extend(parse_sink(base, t, p));
+                    }
+                }
+            }
+            other => p.push(
+                key.span(),
+                format!(
+                    "unknown top-level key `{other}`; expected `[agent]`, `[[source]]` or `[[sink]]`"
+                ),
+            ),
+        }
+    }
+    let agent = match agent {
+        Some(a) => a,
+        // A missing [agent] table means every agent default.
+        None => parse_agent(base, Spanned::new(0..0, DeTable::new()), p)?,
+    };
+    check_unique_names("source", sources.iter().map(|(n, s)| (&n.name, s.clone())), p);
+    check_unique_names("sink", sinks.iter().map(|(n, s)| (&n.name, s.clone())), p);
+    Some(Config {
+        path: PathBuf::new(),
+        agent,
+        sources: sources.into_iter().map(|(c, _)| c).collect(),
+        sinks: sinks.into_iter().map(|(c, _)| c).collect(),
+    })
+}
+
+fn array_of_tables<'i>(
+    key: &str,
+    key_span: Range<usize>,
+    value: Spanned<DeValue<'i>>,
+    p: &mut Problems,
+) -> Vec<Spanned<DeTable<'i>>> {
+    let mut out = Vec::new();
+    match value.into_inner() {
+        DeValue::Array(items) => {
+            for item in items {
+                let span = item.span();
+                match item.into_inner() {
+                    DeValue::Table(t) => out.push(Spanned::new(span, t)),
+                    _ => p.push(span, format!("each `{key}` must be a table: write `[[{key}]]`")),
+                }
+            }
+        }
+        _ => p.push(key_span, format!("`{key}` must be a list of tables: write `[[{key}]]`")),
+    }
+    out
+}
+
+/// Deserialize one table into its raw mirror struct, reporting a failure as
+/// a problem at the offending key (or at the table when toml has no span).
+pub fn deserialize<'i, T: Deserialize<'i>>(table: Spanned<DeTable<'i>>, p: &mut Problems) -> Option<T> {
+    let span = table.span();
+    match T::deserialize(toml::de::Deserializer::from(table)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            p.from_toml(&e, &span);
+            None
+        }
+    }
+}
+
+/// Take the keys in `names` out of `table` into a table of their own.
+fn split_off<'i>(table: &mut Spanned<DeTable<'i>>, names: &[&str]) -> Spanned<DeTable<'i>> {
+    let span = table.span();
+    let mut taken = DeTable::new();
+    let keys: Vec<_> = table
+        .get_ref()
+        .keys()
+        .filter(|k| names.contains(&k.get_ref().as_ref()))
+        .cloned()
+        .collect();
+    for k in keys {
+        if let Some(v) = table.get_mut().remove(&k) {
+            taken.insert(k, v);
+        }
+    }
+    Spanned::new(span, taken)
+}
+
+// ---------------------------------------------------------------- [agent]
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    id: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
+    buffer_max_bytes: Option<Spanned<i64>>,
+    flush_interval_secs: Option<Spanned<f64>>,
+}
+
+fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Agent> {
+    let raw: RawAgent = deserialize(table, p)?;
+    let before = p.list.len();
+    let id = match &raw.id {
+        Some(id) => {
+            check_name("agent id", id, p);
+            id.get_ref().clone()
+        }
+        None => default_agent_id(),
+    };
+    let state_dir = raw
+        .state_dir
+        .as_ref()
+        .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |d| resolve(base, d.get_ref()));
+    let log_level = match &raw.log_level {
+        None => LevelFilter::Info,
+        Some(l) => parse_level(l.get_ref()).unwrap_or_else(|| {
+            p.push(
+                l.span(),
+                format!(
+                    "log_level `{}` is not one of off, error, warn, info, debug, trace",
+                    l.get_ref()
+                ),
+            );
+            LevelFilter::Info
+        }),
+    };
+    let buffer_max_bytes = match &raw.buffer_max_bytes {
+        None => DEFAULT_BUFFER_MAX_BYTES,
+        Some(b) => int_in_range(b, "buffer_max_bytes", MIN_BUFFER_MAX_BYTES, MAX_BUFFER_MAX_BYTES, p),
+    };
+    let flush_interval = secs(raw.flush_interval_secs.as_ref(), "flush_interval_secs", 1.0, 0.01, 60.0, p);
+    (p.list.len() == before).then_some(Agent {
+        id,
+        state_dir,
+        log_level,
+        buffer_max_bytes,
+        flush_interval,
+    })
+}
+
+pub fn parse_level(s: &str) -> Option<LevelFilter> {
+    match s.to_ascii_lowercase().as_str() {
+        "off" => Some(LevelFilter::Off),
+        "error" => Some(LevelFilter::Error),
+        "warn" | "warning" => Some(LevelFilter::Warn),
+        "info" => Some(LevelFilter::Info),
+        "debug" => Some(LevelFilter::Debug),
+        "trace" => Some(LevelFilter::Trace),
+        _ => None,
+    }
+}
+
+fn default_agent_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(MAX_NAME_LEN)
+        .collect();
+    if id.is_empty() { "edgemeter".to_owned() } else { id }
+}
+
+// ---------------------------------------------------------------- components
+
+/// Keys every `[[source]]` has besides its own.
+const SOURCE_COMMON: &[&str] = &["type", "name"];
+/// Keys every `[[sink]]` has besides its own.
+const SINK_COMMON: &[&str] = &[
+    "type",
+    "name",
+    "batch_max_records",
+    "retry_initial_secs",
+    "retry_max_secs",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSourceCommon {
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    name: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSinkCommon {
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    name: Option<Spanned<String>>,
+    batch_max_records: Option<Spanned<i64>>,
+    retry_initial_secs: Option<Spanned<f64>>,
+    retry_max_secs: Option<Spanned<f64>>,
+}
+
+fn component_kind(
+    what: &str,
+    kind: Option<Spanned<String>>,
+    name: &Option<Spanned<String>>,
+    table_span: Range<usize>,
+    known: &[&str],
+    p: &mut Problems,
+) -> Option<Spanned<String>> {
+    if let Some(n) = name {
+        check_name(&format!("{what} name"), n, p);
+    }
+    match kind {
+        None => {
+            p.push(
+                table_span,
+                format!("this [[{what}]] has no `type`; known types: {}", known.join(", ")),
+            );
+            None
+        }
+        Some(k) if !known.contains(&k.get_ref().as_str()) => {
+            p.push(
+                k.span(),
+                format!(
+                    "unknown {what} type `{}`; known types: {}",
+                    k.get_ref(),
+                    known.join(", ")
+                ),
+            );
+            None
+        }
+        Some(k) => Some(k),
+    }
+}
+
+type Named<T> = (T, Range<usize>);
+
+fn parse_source(
+    base: &Path,
+    mut table: Spanned<DeTable<'_>>,
+    p: &mut Problems,
+) -> Option<Named<Component<SourceConfig>>> {
+    let span = table.span();
+    let common: RawSourceCommon = deserialize(split_off(&mut table, SOURCE_COMMON), p)?;
+    let kind = component_kind("source", common.kind, &common.name, span.clone(), sources::TYPES, p)?;
+    let config = sources::parse_config(kind.get_ref(), base, table, p)?;
+    let (name, name_span) = match common.name {
+        Some(n) => (n.get_ref().clone(), n.span()),
+        None => (kind.get_ref().clone(), kind.span()),
+    };
+    Some((Component { name, config }, name_span))
+}
+
+fn parse_sink(base: &Path, mut table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Named<SinkSpec>> {
+    let span = table.span();
+    let common: RawSinkCommon = deserialize(split_off(&mut table, SINK_COMMON), p)?;
+    let kind = component_kind("sink", common.kind, &common.name, span.clone(), sinks::TYPES, p)?;
+    let batch_max_records = common
+        .batch_max_records
+        .as_ref()
+        .map_or(1000, |b| int_in_range(b, "batch_max_records", 1, 100_000, p) as usize);
+    let retry_initial = secs(common.retry_initial_secs.as_ref(), "retry_initial_secs", 1.0, 0.01, 3600.0, p);
+    let retry_max = secs(common.retry_max_secs.as_ref(), "retry_max_secs", 300.0, 0.01, 86_400.0, p);
+    if retry_max < retry_initial
+        && let Some(m) = &common.retry_max_secs
+    {
+        p.push(m.span(), "retry_max_secs must not be smaller than retry_initial_secs");
+    }
+    let config = sinks::parse_config(kind.get_ref(), base, table, p)?;
+    let (name, name_span) = match common.name {
+        Some(n) => (n.get_ref().clone(), n.span()),
+        None => (kind.get_ref().clone(), kind.span()),
+    };
+    let delivery = Delivery {
+        batch_max_records,
+        retry_initial,
+        retry_max,
+    };
+    Some((
+        SinkSpec {
+            name,
+            delivery,
+            config,
+        },
+        name_span,
+    ))
+}
+
+fn check_unique_names<'a>(
+    what: &str,
+    names: impl Iterator<Item = (&'a String, Range<usize>)>,
+    p: &mut Problems,
+) {
+    let mut seen: Vec<&String> = Vec::new();
+    for (name, span) in names {
+        if seen.contains(&name) {
+            p.push(
+                span,
+                format!(
+                    "two {what}s are named `{name}`; give each a distinct `name` (it keys the outbox and `edgemeter status`)"
+                ),
+            );
+        }
+        seen.push(name);
+    }
+}
+
+// ---------------------------------------------------------------- value helpers
+
+/// Names key the outbox and appear in file names and logs: keep them plain.
+pub fn check_name(what: &str, name: &Spanned<String>, p: &mut Problems) {
+    let n = name.get_ref();
+    let ok = !n.is_empty()
+        && n.len() <= MAX_NAME_LEN
+        && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        p.push(
+            name.span(),
+            format!(
+                "{what} `{n}` must be 1 to {MAX_NAME_LEN} characters of letters, digits, `-`, `_` or `.`"
+            ),
+        );
+    }
+}
+
+/// A `*_secs` value as a Duration within [min, max]; `default` when absent.
+pub fn secs(v: Option<&Spanned<f64>>, key: &str, default: f64, min: f64, max: f64, p: &mut Problems) -> Duration {
+    let Some(v) = v else {
+        return Duration::from_secs_f64(default);
+    };
+    let x = *v.get_ref();
+    if !(min..=max).contains(&x) {
+        p.push(v.span(), format!("{key} = {x} is out of range; use {min} to {max} seconds"));
+        return Duration::from_secs_f64(default);
+    }
+    Duration::from_secs_f64(x)
+}
+
+/// An integer within [min, max]; on a problem, `min` (the caller stops anyway).
+pub fn int_in_range(v: &Spanned<i64>, key: &str, min: u64, max: u64, p: &mut Problems) -> u64 {
+    let x = *v.get_ref();
+    match u64::try_from(x) {
+        Ok(u) if (min..=max).contains(&u) => u,
+        _ => {
+            p.push(v.span(), format!("{key} = {x} is out of range; use {min} to {max}"));
+            min
+        }
+    }
+}
+
+/// A path from the config, relative ones taken relative to the config file.
+pub fn resolve(base: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() { p.to_owned() } else { base.join(p) }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,29 @@
+//! Logging to stderr (journald keeps it), one sentence per event. The level
+//! comes from `EDGEMETER_LOG` if set, else from the config.
+
+use log::LevelFilter;
+use simplelog::{ConfigBuilder, WriteLogger};
+
+use crate::config::parse_level;
+
+pub const ENV: &str = "EDGEMETER_LOG";
+
+/// The level `EDGEMETER_LOG` asks for, if it is set and valid.
+pub fn env_level() -> Option<LevelFilter> {
+    std::env::var(ENV).ok().and_then(|v| parse_level(v.trim()))
+}
+
+pub fn init(level: LevelFilter) {
+    let mut b = ConfigBuilder::new();
+    b.set_target_level(LevelFilter::Off)
+        .set_thread_level(LevelFilter::Off)
+        .set_location_level(LevelFilter::Off);
+    // journald stamps every line itself; a second timestamp is noise there.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.set_time_level(LevelFilter::Off);
+    } else {
+        b.set_time_format_rfc3339();
+    }
+    // Only fails if a logger is already set (tests): keep the first.
+    let _ = WriteLogger::init(level, b.build(), std::io::stderr());
+}

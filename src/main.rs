@@ -1,0 +1,82 @@
+//! # edgemeter: codemap
+//!
+//! One small binary that runs on edge machines and answers *who is active,
+//! where, and how much*. Sources observe, the SQLite outbox keeps every
+//! observation durably, sinks forward batches.
+//!
+//! ```text
+//!   sources ──emit──► record channel ──► outbox writer ──► SQLite outbox (WAL)
+//!   (tasks)           (bounded)          (group commit)        │
+//!                                                              ├─► delivery loop ─► sink (csv, …)
+//!                                                              └─► delivery loop ─► sink
+//! ```
+//!
+//! ## Entry points
+//! - `main` → [`cli::main`]: parse arguments, load the config, run a command.
+//! - `edgemeter run` → [`agent::run`]: the event loop.
+//!
+//! ## Modules
+//! - [`cli`]: arguments, commands, exit codes, `status` and `outbox` output.
+//! - [`config`]: the TOML file, parsed raw then validated; every problem with its line.
+//! - [`agent`]: the event loop of `run`: spawns everything, group commits, shutdown.
+//! - [`runtime`]: what tasks share: shutdown signal, record channel, off-loop outbox calls.
+//! - [`outbox`]: the durable SQLite buffer and its delivery bookkeeping.
+//! - [`state_dir`]: the state directory and its one-agent lock.
+//! - [`record`]: the data model (points, sketches, events, lines).
+//! - [`sources`]: the source contract and registry; [`sources::synthetic`].
+//! - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
+//!   retry/dead-letter loop); [`sinks::csv`].
+//! - [`backoff`]: retry schedules with full jitter. [`clock`]: time formats.
+//! - [`logging`]: stderr logging. [`demo`]: `edgemeter demo`.
+//!
+//! ## Invariants
+//! - Sources never touch SQLite or sinks directly: they emit records; the
+//!   outbox writer alone appends.
+//! - Nothing is deleted from the outbox before every sink that wants it has
+//!   confirmed it, and the deletion is in the transaction that records the
+//!   confirmation.
+//! - A batch's id `(sink, seq)` never changes once handed out; retries and
+//!   restarts resend the same id with the same records (less any dropped for
+//!   space, which are counted).
+//! - Everything that grows has a bound: the record channel
+//!   ([`runtime::RECORD_CHANNEL_CAPACITY`]), the outbox (`buffer_max_bytes`),
+//!   dead letters (a quarter of it), uncommitted records while the disk is
+//!   full, batch sizes (`batch_max_records`), the config file (1 MiB).
+//! - One agent per state directory (an `flock` on `edgemeter.lock`).
+//!
+//! ## Cross-cutting concerns
+//! - **Errors**: one enum per boundary ([`config::ConfigError`],
+//!   [`outbox::OutboxError`], [`state_dir::LockError`],
+//!   [`agent::AgentError`], [`sinks::DeliveryError`]). Fatal: an invalid
+//!   config (exit 2), a locked or unusable state dir (exit 3). Everything
+//!   else (a failed commit, a failed delivery) is logged, counted and
+//!   retried with backoff; it never stops the loop.
+//! - **Threads**: one `LocalExecutor` on the main thread runs every task;
+//!   never `smol::spawn`. Blocking work (SQLite, file sinks) runs through
+//!   `smol::unblock`, serialised per outbox, so the `blocking` pool holds at
+//!   most one thread per waiting task, and its threads exit after idling.
+//!   At idle the process has the main thread and async-io's `async-io`
+//!   reactor thread, and nothing else that stays.
+//! - **Secrets** come from files or the environment, never argv, and never
+//!   appear in a log line or an error stored in the outbox.
+//! - **Tests**: unit tests beside the code (`mod tests`, data-driven
+//!   `check` helpers); integration tests in `tests/` run the real binary;
+//!   benchmarks in `benches/`. `scripts/test` runs everything CI runs.
+
+mod agent;
+mod backoff;
+mod cli;
+mod clock;
+mod config;
+mod demo;
+mod logging;
+mod outbox;
+mod record;
+mod runtime;
+mod sinks;
+mod sources;
+mod state_dir;
+
+fn main() -> std::process::ExitCode {
+    cli::main(std::env::args_os().skip(1))
+}

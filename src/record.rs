@@ -1,0 +1,192 @@
+//! The data model every source produces and every sink consumes: points,
+//! sketches, events and lines, all carried as one [`Record`] shape so the
+//! outbox can store them in one table and deliver them in one order.
+
+use std::fmt;
+
+/// What a record is. The discriminant is stored in SQLite: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// A number at a time for a named series (`name` is the metric).
+    Point = 1,
+    /// A mergeable distinct-count; `payload` is the versioned sketch envelope,
+    /// `value` its estimate.
+    Sketch = 2,
+    /// One raw message from a stream; `payload` is its JSON.
+    Event = 3,
+    /// One text line for a log-like sink (`name` is the log stream); `payload`
+    /// holds the exact bytes.
+    Line = 4,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Point, Kind::Sketch, Kind::Event, Kind::Line];
+
+    pub fn from_code(code: i64) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| *k as i64 == code)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Point => "point",
+            Kind::Sketch => "sketch",
+            Kind::Event => "event",
+            Kind::Line => "line",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of kinds, as a bit mask (bit n = kind code n). Stored in SQLite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KindSet(u8);
+
+impl KindSet {
+    pub const ALL: KindSet = KindSet(0b1_1110);
+
+    pub fn of(kinds: &[Kind]) -> KindSet {
+        KindSet(kinds.iter().fold(0, |m, k| m | (1 << *k as u8)))
+    }
+
+    pub fn contains(self, kind: Kind) -> bool {
+        self.0 & (1 << kind as u8) != 0
+    }
+
+    pub fn bits(self) -> i64 {
+        i64::from(self.0)
+    }
+
+    pub fn from_bits(bits: i64) -> KindSet {
+        KindSet((bits as u8) & KindSet::ALL.0)
+    }
+
+    pub fn kinds(self) -> impl Iterator<Item = Kind> {
+        Kind::ALL.into_iter().filter(move |k| self.contains(*k))
+    }
+}
+
+/// Dimension pairs, kept sorted by key so that equal series compare equal.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Dims(Vec<(String, String)>);
+
+impl Dims {
+    pub fn new<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Dims {
+        let mut v: Vec<(String, String)> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        v.sort();
+        v.dedup_by(|a, b| a.0 == b.0);
+        Dims(v)
+    }
+
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
+
+    /// Canonical text form stored in the outbox: a JSON object with sorted keys.
+    pub fn encode(&self) -> String {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        serde_json::Value::Object(map).to_string()
+    }
+
+    pub fn decode(text: &str) -> Option<Dims> {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).ok()?;
+        let mut pairs = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            pairs.push((k, v.as_str()?.to_owned()));
+        }
+        Some(Dims::new(pairs))
+    }
+}
+
+/// One observation on its way from a source to the sinks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub kind: Kind,
+    /// Observation time, ms since the Unix epoch (UTC).
+    pub ts_ms: i64,
+    /// Metric name, event type or log stream, depending on `kind`.
+    pub name: String,
+    pub dims: Dims,
+    pub value: f64,
+    /// CloudWatch-style unit name (`Count`, `Bytes`, `None`, ...).
+    pub unit: String,
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    pub fn point(name: impl Into<String>, dims: Dims, ts_ms: i64, value: f64, unit: &str) -> Record {
+        Record {
+            kind: Kind::Point,
+            ts_ms,
+            name: name.into(),
+            dims,
+            value,
+            unit: unit.to_owned(),
+            payload: Vec::new(),
+        }
+    }
+
+    /// The bytes this record is charged against `buffer_max_bytes`: its
+    /// variable-length fields plus a fixed allowance for the row's integers
+    /// and SQLite's per-row overhead.
+    pub fn charged_bytes(&self, encoded_dims: &str) -> i64 {
+        const ROW_OVERHEAD: usize = 48;
+        (ROW_OVERHEAD + self.name.len() + encoded_dims.len() + self.unit.len() + self.payload.len())
+            as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_codes_round_trip_and_are_stable() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_code(k as i64), Some(k));
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+        }
+        // Stored in SQLite: these numbers are part of the on-disk format.
+        assert_eq!(Kind::Point as i64, 1);
+        assert_eq!(Kind::Line as i64, 4);
+        assert_eq!(Kind::from_code(0), None);
+        assert_eq!(Kind::from_code(5), None);
+    }
+
+    #[test]
+    fn kind_set_membership() {
+        let s = KindSet::of(&[Kind::Point, Kind::Sketch]);
+        assert!(s.contains(Kind::Point));
+        assert!(s.contains(Kind::Sketch));
+        assert!(!s.contains(Kind::Event));
+        assert_eq!(KindSet::from_bits(s.bits()), s);
+        assert_eq!(KindSet::ALL.kinds().count(), 4);
+        assert_eq!(s.kinds().collect::<Vec<_>>(), vec![Kind::Point, Kind::Sketch]);
+    }
+
+    #[test]
+    fn dims_are_canonical_and_round_trip() {
+        let a = Dims::new([("window", "30m"), ("gateway", "a,b=\"c\"")]);
+        let b = Dims::new([("gateway", "a,b=\"c\""), ("window", "30m")]);
+        assert_eq!(a, b);
+        assert_eq!(a.encode(), r#"{"gateway":"a,b=\"c\"","window":"30m"}"#);
+        assert_eq!(Dims::decode(&a.encode()), Some(a));
+        assert_eq!(Dims::decode("not json"), None);
+        assert_eq!(Dims::decode(r#"{"k":1}"#), None);
+    }
+}

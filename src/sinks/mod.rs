@@ -1,0 +1,84 @@
+//! Sinks: where observations go once they are safe in the outbox.
+//!
+//! # The contract every sink keeps
+//! - A sink MUST have a raw config struct mirroring its TOML table with
+//!   `deny_unknown_fields`, validated by `Config::parse` into typed values
+//!   with every problem reported. `type`, `name` and the delivery keys
+//!   (`batch_max_records`, `retry_initial_secs`, `retry_max_secs`) are taken
+//!   off by `config.rs` and handled by the shared delivery loop.
+//! - A sink MUST be registered in [`TYPES`], [`parse_config`] and [`build`],
+//!   and nowhere else.
+//! - A sink MUST say which record kinds it takes ([`Sink::accepts`]); the
+//!   outbox passes over the others for it.
+//! - [`Sink::deliver`] MUST return `Ok` only once the receiver holds the
+//!   whole batch durably; the outbox deletes on `Ok`.
+//! - It MUST return [`DeliveryError::Retry`] for anything that may pass by
+//!   itself (network, throttling, 5xx, a full disk) and
+//!   [`DeliveryError::Reject`] only when sending the same batch again can
+//!   never succeed (the receiver refused its content); rejected batches
+//!   become dead letters.
+//! - It MUST tolerate redelivery: the same `(sink, seq)` may arrive again
+//!   after a crash or a lost acknowledgement (`batch.redelivered`). It SHOULD
+//!   pass the seq on as an idempotency key, or repair what it wrote.
+//! - Blocking calls (HTTP, fsync) MUST run off the event loop
+//!   (`smol::unblock`); a sink has at most one batch in flight.
+//! - Error texts MUST NOT contain secrets (tokens, keys, signatures): they
+//!   are logged and stored in the outbox.
+
+pub mod csv;
+pub mod delivery;
+
+use std::fmt;
+use std::path::Path;
+
+use toml::Spanned;
+use toml::de::DeTable;
+
+use crate::config::Problems;
+use crate::outbox::Batch;
+use crate::record::KindSet;
+use crate::runtime::LocalBoxFuture;
+
+/// The `type` values a `[[sink]]` may have.
+pub const TYPES: &[&str] = &["csv"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkConfig {
+    Csv(csv::Config),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryError {
+    /// Try the same batch again later.
+    Retry(String),
+    /// The receiver refused this batch for good: dead-letter it. (The csv
+    /// sink never does; network sinks and the delivery tests do.)
+    #[cfg_attr(not(test), allow(dead_code))]
+    Reject(String),
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryError::Retry(m) | DeliveryError::Reject(m) => f.write_str(m),
+        }
+    }
+}
+
+pub trait Sink {
+    fn accepts(&self) -> KindSet;
+    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> LocalBoxFuture<'a, Result<(), DeliveryError>>;
+}
+
+pub fn parse_config(kind: &str, base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<SinkConfig> {
+    match kind {
+        "csv" => csv::Config::parse(base, table, p).map(SinkConfig::Csv),
+        other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),
+    }
+}
+
+pub fn build(config: &SinkConfig) -> Box<dyn Sink> {
+    match config {
+        SinkConfig::Csv(c) => Box::new(csv::CsvSink::new(c.clone())),
+    }
+}

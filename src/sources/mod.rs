@@ -1,0 +1,77 @@
+//! Sources: where observations come from.
+//!
+//! # The contract every source keeps
+//! - A source MUST have a raw config struct that mirrors its TOML table with
+//!   `deny_unknown_fields`, and a `Config::parse` that validates it into typed
+//!   values, pushing every problem (with its span) to [`Problems`] instead of
+//!   stopping at the first. `type` and `name` are taken off by `config.rs`.
+//! - A source MUST be registered in [`TYPES`], [`parse_config`] and [`build`]
+//!   below, and nowhere else: the agent knows sources only through
+//!   [`Source`].
+//! - `build` MUST NOT do I/O that can wait (connecting, reading a database);
+//!   that belongs in `run`, so a source that cannot reach its peer yet does
+//!   not stop the agent from starting.
+//! - `run` MUST hand every observation to [`Emitter::emit`] and MUST NOT
+//!   touch SQLite or any sink: the outbox writer owns durability.
+//! - `run` MUST return promptly once [`Shutdown`] resolves (finish or drop
+//!   the record at hand, close connections), and MUST NOT return before then
+//!   except when `emit` reports the writer gone.
+//! - `run` MUST survive its peer going away: log the change of state once,
+//!   retry with [`crate::backoff::Backoff`], never busy-loop, never panic on
+//!   input.
+//! - Blocking calls MUST run off the event loop (`smol::unblock`), bounded to
+//!   one in flight per source.
+//! - A source SHOULD label what it emits with the agent id or its peer's
+//!   identity so that an upstream can tell edges apart.
+
+pub mod synthetic;
+
+use std::path::Path;
+
+use toml::Spanned;
+use toml::de::DeTable;
+
+use crate::config::Problems;
+use crate::runtime::{Emitter, LocalBoxFuture, Shutdown};
+
+/// The `type` values a `[[source]]` may have.
+pub const TYPES: &[&str] = &["synthetic"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    Synthetic(synthetic::Config),
+}
+
+/// What a running source gets from the agent.
+pub struct Context {
+    /// The source's `name` from the config (for logs and labels).
+    pub name: String,
+    /// The agent's `id`.
+    pub agent_id: String,
+    pub emit: Emitter,
+    pub shutdown: Shutdown,
+}
+
+pub trait Source {
+    /// The task that runs until shutdown.
+    fn run(self: Box<Self>, ctx: Context) -> LocalBoxFuture<'static, ()>;
+}
+
+pub fn parse_config(
+    kind: &str,
+    base: &Path,
+    table: Spanned<DeTable<'_>>,
+    p: &mut Problems,
+) -> Option<SourceConfig> {
+    let _ = base;
+    match kind {
+        "synthetic" => synthetic::Config::parse(table, p).map(SourceConfig::Synthetic),
+        other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),
+    }
+}
+
+pub fn build(config: &SourceConfig) -> Box<dyn Source> {
+    match config {
+        SourceConfig::Synthetic(c) => Box::new(synthetic::Synthetic::new(c.clone())),
+    }
+}

@@ -1,0 +1,129 @@
+//! The state directory: created on first use, and owned by one agent at a
+//! time through an advisory lock on `edgemeter.lock`, which holds the owner's
+//! pid so a second instance can say who is in the way.
+
+use std::fmt;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const LOCK_FILE: &str = "edgemeter.lock";
+
+/// Held for the life of the agent; the lock goes with the process, however
+/// it ends (the kernel releases `flock` locks of a dead process).
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+#[derive(Debug)]
+pub enum LockError {
+    Io { path: PathBuf, action: &'static str, error: std::io::Error },
+    Held { dir: PathBuf, pid: Option<u32> },
+}
+
+impl fmt::Display for LockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LockError::Io { path, action, error } => {
+                write!(f, "cannot {action} {}: {error}", path.display())
+            }
+            LockError::Held { dir, pid } => {
+                let who = pid.map_or_else(|| "another process".to_owned(), |p| format!("pid {p}"));
+                write!(
+                    f,
+                    "another edgemeter ({who}) is already using the state directory {}; \
+                     stop it first, or give this one a different `state_dir`",
+                    dir.display()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for LockError {}
+
+/// Create `dir` if needed and take its lock. A lock held by a process that
+/// is just exiting is waited for briefly (a restart by systemd, a quick
+/// `status`), so `retry_for` can be short.
+pub fn lock(dir: &Path, retry_for: Duration) -> Result<Lock, LockError> {
+    std::fs::create_dir_all(dir).map_err(|error| LockError::Io {
+        path: dir.to_owned(),
+        action: "create the state directory",
+        error,
+    })?;
+    let path = dir.join(LOCK_FILE);
+    let io = |action| {
+        let path = path.clone();
+        move |error| LockError::Io { path, action, error }
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("open the lock file"))?;
+    let deadline = std::time::Instant::now() + retry_for;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(LockError::Held {
+                    dir: dir.to_owned(),
+                    pid: read_pid(&mut file),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io("lock")(e)),
+        }
+    }
+    file.set_len(0).map_err(io("write the lock file"))?;
+    file.seek(SeekFrom::Start(0)).map_err(io("write the lock file"))?;
+    writeln!(file, "{}", std::process::id()).map_err(io("write the lock file"))?;
+    Ok(Lock { _file: file })
+}
+
+/// The pid of a running agent on `dir`, or None when no agent holds it.
+pub fn holder(dir: &Path) -> Option<u32> {
+    let mut file = File::open(dir.join(LOCK_FILE)).ok()?;
+    match file.try_lock_shared() {
+        // Nobody holds it exclusively: no agent. Our shared lock goes with `file`.
+        Ok(()) => None,
+        Err(_) => read_pid(&mut file).or(Some(0)),
+    }
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut s = String::new();
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_to_string(&mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_names_the_holder() {
+        let dir = tempdir();
+        let first = lock(&dir, Duration::ZERO).expect("first lock");
+        assert_eq!(holder(&dir), Some(std::process::id()));
+        let err = lock(&dir, Duration::from_millis(120)).expect_err("second lock must fail");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        drop(first);
+        assert_eq!(holder(&dir), None);
+        lock(&dir, Duration::ZERO).expect("lock after release");
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("edgemeter-lock-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&d).expect("create temp dir");
+        d
+    }
+}
