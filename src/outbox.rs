@@ -294,6 +294,10 @@ impl Outbox {
     /// Open (or create) the outbox in `dir`, moving an unusable file aside.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Outbox, OpenReport), OutboxError> {
         let path = dir.join(FILE_NAME);
+        std::fs::create_dir_all(dir).map_err(|e| OutboxError::Unusable {
+            path: path.clone(),
+            detail: format!("cannot create its directory: {e}"),
+        })?;
         let mut report = OpenReport::default();
         let conn = match open_checked(&path) {
             Ok(conn) => conn,

@@ -1,1 +1,269 @@
+use std::path::Path;
+use std::time::Duration;
 
+use super::*;
+use crate::sinks::SinkConfig;
+use crate::sources::SourceConfig;
+
+/// Parse `text`; expect exactly the problems `want` as `LINE:COL: message`.
+#[track_caller]
+fn check_bad(text: &str, want: &[&str]) {
+    let err = parse(Path::new("/etc/edgemeter/e.toml"), text).expect_err("config must be rejected");
+    let rendered = err.to_string();
+    let got: Vec<&str> = rendered
+        .lines()
+        .map(|l| l.strip_prefix("/etc/edgemeter/e.toml:").unwrap_or(l))
+        .collect();
+    assert_eq!(got, want, "\nfull output:\n{rendered}");
+    assert_eq!(err.problem_count(), want.len());
+}
+
+#[track_caller]
+fn check_ok(text: &str) -> Config {
+    match parse(Path::new("/etc/edgemeter/e.toml"), text) {
+        Ok(c) => c,
+        Err(e) => panic!("config must be accepted:\n{e}"),
+    }
+}
+
+#[test]
+fn empty_file_means_all_defaults() {
+    let c = check_ok("");
+    assert_eq!(c.agent.state_dir, Path::new("/var/lib/edgemeter"));
+    assert_eq!(c.agent.buffer_max_bytes, 256 * 1024 * 1024);
+    assert_eq!(c.agent.flush_interval, Duration::from_secs(1));
+    assert_eq!(c.agent.log_level, LevelFilter::Info);
+    assert!(!c.agent.id.is_empty());
+    assert!(c.sources.is_empty() && c.sinks.is_empty());
+}
+
+#[test]
+fn full_file_is_typed() {
+    let c = check_ok(
+        r#"
+[agent]
+id = "gw-01"
+state_dir = "state"
+log_level = "DEBUG"
+buffer_max_bytes = 1048576
+flush_interval_secs = 0.1
+
+[[source]]
+type = "synthetic"
+name = "load"
+rate_per_sec = 1000
+series = 3
+limit = 50
+
+[[sink]]
+type = "csv"
+name = "local"
+path = "/tmp/out.csv"
+kinds = ["point"]
+batch_max_records = 10
+retry_initial_secs = 0.5
+retry_max_secs = 2
+"#,
+    );
+    assert_eq!(c.agent.id, "gw-01");
+    // Relative paths are relative to the config file, not the working dir.
+    assert_eq!(c.agent.state_dir, Path::new("/etc/edgemeter/state"));
+    assert_eq!(c.agent.log_level, LevelFilter::Debug);
+    assert_eq!(c.agent.buffer_max_bytes, 1_048_576);
+    assert_eq!(c.agent.flush_interval, Duration::from_millis(100));
+    assert_eq!(c.sources.len(), 1);
+    assert_eq!(c.sources[0].name, "load");
+    let SourceConfig::Synthetic(s) = &c.sources[0].config;
+    assert_eq!((s.rate_per_sec, s.series, s.limit), (1000.0, 3, Some(50)));
+    let sink = &c.sinks[0];
+    assert_eq!(sink.name, "local");
+    assert_eq!(
+        sink.delivery,
+        Delivery {
+            batch_max_records: 10,
+            retry_initial: Duration::from_millis(500),
+            retry_max: Duration::from_secs(2),
+        }
+    );
+    let SinkConfig::Csv(csv) = &sink.config;
+    assert_eq!(csv.path, Path::new("/tmp/out.csv"));
+    assert_eq!(csv.kinds, crate::record::KindSet::of(&[crate::record::Kind::Point]));
+}
+
+#[test]
+fn component_names_default_to_their_type() {
+    let c = check_ok("[[source]]\ntype = \"synthetic\"\n[[sink]]\ntype = \"csv\"\npath = \"x.csv\"\n");
+    assert_eq!(c.sources[0].name, "synthetic");
+    assert_eq!(c.sinks[0].name, "csv");
+}
+
+#[test]
+fn the_shipped_example_is_valid_and_documents_every_key() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/edgemeter.toml");
+    let text = std::fs::read_to_string(&path).expect("packaging/edgemeter.toml exists");
+    let c = parse(&path, &text).unwrap_or_else(|e| panic!("the example config is invalid:\n{e}"));
+    assert_eq!(c.agent.state_dir, Path::new("/var/lib/edgemeter"));
+    // Every key a user can set appears in the example, at least commented.
+    let keys = [
+        "id", "state_dir", "log_level", "buffer_max_bytes", "flush_interval_secs", "type", "name",
+        "metric", "rate_per_sec", "series", "limit", "path", "kinds", "batch_max_records",
+        "retry_initial_secs", "retry_max_secs",
+    ];
+    for key in keys {
+        let documented = text.lines().any(|l| {
+            let l = l.trim_start_matches(['#', ' ']);
+            l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}="))
+        });
+        assert!(documented, "packaging/edgemeter.toml does not document `{key}`");
+    }
+}
+
+#[test]
+fn syntax_errors_are_all_reported_with_lines() {
+    check_bad(
+        "[agent]\nid = \"a\"\nstate_dir = \n[[sink]]\ntype = csv\n",
+        &[
+            "3:13: string values must be quoted, expected literal string",
+            "5:8: string values must be quoted, expected literal string",
+        ],
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_in_every_table_at_once() {
+    check_bad(
+        r#"
+[agent]
+id = "a"
+buffer_size = 3
+
+[[source]]
+type = "synthetic"
+rate = 5
+
+[[sink]]
+type = "csv"
+path = "x.csv"
+colour = "red"
+
+[agnet]
+"#,
+        &[
+            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`",
+            "8:1: unknown field `rate`, expected one of `metric`, `rate_per_sec`, `series`, `limit`",
+            "13:1: unknown field `colour`, expected `path` or `kinds`",
+            "15:2: unknown top-level key `agnet`; expected `[agent]`, `[[source]]` or `[[sink]]`",
+        ],
+    );
+}
+
+#[test]
+fn bad_values_are_all_reported() {
+    check_bad(
+        r#"[agent]
+id = "gw 01"
+log_level = "loud"
+buffer_max_bytes = 10
+flush_interval_secs = 0
+
+[[source]]
+type = "synthetic"
+rate_per_sec = -1
+series = 0
+
+[[sink]]
+type = "csv"
+path = ""
+kinds = ["event"]
+batch_max_records = 0
+retry_initial_secs = 10
+retry_max_secs = 5
+"#,
+        &[
+            "2:6: agent id `gw 01` must be 1 to 64 characters of letters, digits, `-`, `_` or `.`",
+            "3:13: log_level `loud` is not one of off, error, warn, info, debug, trace",
+            "4:20: buffer_max_bytes = 10 is out of range; use 65536 to 1099511627776",
+            "5:23: flush_interval_secs = 0 is out of range; use 0.01 to 60 seconds",
+            "9:16: rate_per_sec = -1 is out of range; use more than 0 and at most 1000000",
+            "10:10: series = 0 is out of range; use 1 to 10000",
+            "14:8: path must not be empty",
+            "15:10: the csv sink takes kinds `point` and `sketch`, not `event`",
+            "16:21: batch_max_records = 0 is out of range; use 1 to 100000",
+            "18:18: retry_max_secs must not be smaller than retry_initial_secs",
+        ],
+    );
+}
+
+#[test]
+fn wrong_types_name_the_key_line() {
+    check_bad(
+        "[agent]\nbuffer_max_bytes = \"lots\"\n[[sink]]\ntype = \"csv\"\npath = 3\n",
+        &[
+            "2:20: invalid type: string \"lots\", expected i64",
+            "5:8: invalid type: integer `3`, expected a string",
+        ],
+    );
+}
+
+#[test]
+fn missing_and_unknown_types_and_required_keys() {
+    check_bad(
+        r#"[[source]]
+name = "x"
+
+[[source]]
+type = "kafka"
+
+[[sink]]
+type = "csv"
+"#,
+        &[
+            "1:1: this [[source]] has no `type`; known types: synthetic",
+            "5:8: unknown source type `kafka`; known types: synthetic",
+            "7:1: missing field `path`",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_names_are_reported_at_the_second() {
+    check_bad(
+        "[[sink]]\ntype = \"csv\"\npath = \"a\"\n[[sink]]\ntype = \"csv\"\npath = \"b\"\n",
+        &["5:8: two sinks are named `csv`; give each a distinct `name` (it keys the outbox and `edgemeter status`)"],
+    );
+}
+
+#[test]
+fn structure_mistakes() {
+    check_bad(
+        "agent = 5\nsource = 3\n[[sink]]\n",
+        &[
+            "1:1: `agent` must be a table: write `[agent]`",
+            "2:1: `source` must be a list of tables: write `[[source]]`",
+            "3:1: this [[sink]] has no `type`; known types: csv",
+        ],
+    );
+}
+
+#[test]
+fn line_col_counts_characters_not_bytes() {
+    let check = |text: &str, offset, want| assert_eq!(line_col(text, offset), want, "{text:?} @ {offset}");
+    check("abc", 0, (1, 1));
+    check("abc\ndef", 4, (2, 1));
+    check("abc\ndef", 6, (2, 3));
+    check("é = 1\nx", 3, (1, 3));
+    check("abc", 99, (1, 4));
+}
+
+#[test]
+fn unreadable_and_oversized_files_say_so() {
+    let err = load(Path::new("/nonexistent/edgemeter.toml")).expect_err("missing file");
+    assert!(err.to_string().starts_with("/nonexistent/edgemeter.toml: cannot read the config file:"), "{err}");
+    let dir = std::env::temp_dir().join(format!("edgemeter-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let big = dir.join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 * 1024 * 1024]).expect("write big file");
+    let err = load(&big).expect_err("oversized file");
+    assert!(err.to_string().contains("the limit is 1048576"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

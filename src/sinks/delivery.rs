@@ -113,3 +113,99 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::outbox::Outbox;
+    use crate::record::{Dims, KindSet, Record};
+    use crate::runtime::{LocalBoxFuture, shutdown_pair};
+
+    /// A sink that answers from a script, then accepts everything; it keeps
+    /// what it accepted and every seq it was offered.
+    struct Scripted {
+        script: VecDeque<Result<(), DeliveryError>>,
+        log: Rc<RefCell<Vec<(i64, bool)>>>,
+        kept: Rc<RefCell<Vec<f64>>>,
+    }
+
+    impl Sink for Scripted {
+        fn accepts(&self) -> KindSet {
+            KindSet::ALL
+        }
+        fn deliver<'a>(&'a mut self, batch: &'a Batch) -> LocalBoxFuture<'a, Result<(), DeliveryError>> {
+            self.log.borrow_mut().push((batch.seq, batch.redelivered));
+            let answer = self.script.pop_front().unwrap_or(Ok(()));
+            if answer.is_ok() {
+                self.kept.borrow_mut().extend(batch.records.iter().map(|(_, r)| r.value));
+            }
+            Box::pin(async move { answer })
+        }
+    }
+
+    #[test]
+    fn retries_then_dead_letters_then_delivers_everything_once() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-delivery-{}", fastrand::u64(..)));
+        let (mut outbox, _) = Outbox::open(&dir, 1 << 20).expect("open");
+        outbox.register_sinks(&[("s".into(), KindSet::ALL)]).expect("register");
+        let recs: Vec<Record> = (0..6)
+            .map(|i| Record::point("m", Dims::default(), 0, f64::from(i), "Count"))
+            .collect();
+        outbox.append(&recs).expect("append");
+        let outbox = SharedOutbox::new(outbox);
+
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let kept = Rc::new(RefCell::new(Vec::new()));
+        let sink = Scripted {
+            script: VecDeque::from([
+                Err(DeliveryError::Retry("503".into())),
+                Err(DeliveryError::Retry("throttled".into())),
+                Ok(()),
+                Err(DeliveryError::Reject("400 bad datum".into())),
+            ]),
+            log: log.clone(),
+            kept: kept.clone(),
+        };
+        let (mut trigger, shutdown) = shutdown_pair();
+        let driver = Driver {
+            name: "s".into(),
+            sink: Box::new(sink),
+            delivery: Delivery {
+                batch_max_records: 2,
+                retry_initial: Duration::from_millis(5),
+                retry_max: Duration::from_millis(20),
+            },
+            outbox: outbox.clone(),
+            shutdown,
+            idle: Duration::from_millis(10),
+        };
+        let ex = smol::LocalExecutor::new();
+        smol::block_on(ex.run(async {
+            let task = ex.spawn(driver.run());
+            // Bounded by count and time: at most 200 polls of 10 ms.
+            for _ in 0..200 {
+                if log.borrow().len() >= 5 {
+                    break;
+                }
+                smol::Timer::after(Duration::from_millis(10)).await;
+            }
+            trigger.fire();
+            task.await;
+        }));
+        // seq 1 offered three times (two retries), seq 2 refused, seq 3 delivered.
+        assert_eq!(*log.borrow(), vec![(1, false), (1, true), (1, true), (2, false), (3, false)]);
+        assert_eq!(*kept.borrow(), vec![0.0, 1.0, 4.0, 5.0]);
+        let (stats, dead) = smol::block_on(outbox.call(|o| (o.stats(), o.dead_letters(None))));
+        let (stats, dead) = (stats.expect("stats"), dead.expect("dead letters"));
+        assert_eq!(stats.records, 0);
+        assert_eq!(stats.sinks[0].delivered_records, 4);
+        assert_eq!(stats.sinks[0].failures, 3, "two retries and one refusal");
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].seq, dead[0].count, dead[0].error.as_str()), (2, 2, "400 bad datum"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
