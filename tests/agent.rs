@@ -1,0 +1,226 @@
+//! The real binary, run the way a user runs it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Agent, TempDir, csv_ids, edgemeter};
+
+fn config(dir: &TempDir, extra_source: &str) -> std::path::PathBuf {
+    dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "test-agent"
+state_dir = "state"
+flush_interval_secs = 0.05
+
+{extra_source}
+
+[[sink]]
+type = "csv"
+name = "local"
+path = "out.csv"
+batch_max_records = 500
+retry_initial_secs = 0.05
+retry_max_secs = 0.5
+"#
+        ),
+    )
+}
+
+const LOAD: &str = "[[source]]\ntype = \"synthetic\"\nname = \"load\"\nrate_per_sec = 2000\nseries = 3\n";
+
+#[test]
+fn version_and_help_work_everywhere() {
+    let (code, out, _) = edgemeter(&["--version"]);
+    assert_eq!((code, out.trim()), (0, concat!("edgemeter ", env!("CARGO_PKG_VERSION"))));
+    for (args, needle) in [
+        (&["--help"][..], "Commands:"),
+        (&["run", "--help"], "Usage: edgemeter run"),
+        (&["check", "-h"], "Usage: edgemeter check"),
+        (&["status", "--help"], "Usage: edgemeter status"),
+        (&["outbox", "--help"], "edgemeter outbox list"),
+        (&["outbox", "retry", "--help"], "edgemeter outbox retry"),
+        (&["demo", "--help"], "Usage: edgemeter demo"),
+    ] {
+        let (code, out, err) = edgemeter(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains(needle), "{args:?} printed:\n{out}");
+    }
+    let (code, _, err) = edgemeter(&["frobnicate"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown command `frobnicate`"), "{err}");
+    let (code, _, err) = edgemeter(&["outbox", "purge"]);
+    assert_eq!(code, 2, "purge without a selection must not purge everything");
+    assert!(err.contains("--all, --sink NAME or --id N"), "{err}");
+}
+
+#[test]
+fn check_lists_every_problem_with_its_line_and_exits_2() {
+    let dir = TempDir::new("check");
+    let good = config(&dir, LOAD);
+    let (code, out, err) = edgemeter(&["check", "-c", good.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok: agent `test-agent`"), "{out}");
+    assert!(out.contains("sources: load; sinks: local"), "{out}");
+
+    let bad = dir.write(
+        "bad.toml",
+        "[agent]\nflush_interval_secs = 100\nbogus = 1\n\n[[sink]]\ntype = \"s3\"\n",
+    );
+    let (code, out, err) = edgemeter(&["check", "-c", bad.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    let b = bad.display();
+    assert_eq!(
+        err,
+        format!(
+            "{b}:3:1: unknown field `bogus`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`\n\
+             {b}:6:8: unknown sink type `s3`; known types: csv\n\
+             2 problem(s) found\n"
+        )
+    );
+    // `run` refuses the same file before touching any state.
+    let (code, _, err) = edgemeter(&["run", "-c", bad.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(!dir.path("state").exists());
+}
+
+#[test]
+fn sigterm_stops_cleanly_within_five_seconds_with_everything_committed() {
+    let dir = TempDir::new("sigterm");
+    let cfg = config(&dir, LOAD);
+    let mut agent = Agent::start(&cfg, "debug");
+    assert!(agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)), "{}", agent.stderr());
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    agent.signal("TERM");
+    let status = agent.wait_exit(Duration::from_secs(5)).expect("must exit within 5 s of SIGTERM");
+    let took = asked.elapsed();
+    assert!(status.success(), "exit status {status}: {}", agent.stderr());
+    let log = agent.stderr();
+    assert!(log.contains("received SIGTERM; shutting down"), "{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+    eprintln!("shutdown took {took:?}");
+
+    // Every id the agent said it committed is in the outbox or the csv file.
+    let last_committed: i64 = log
+        .lines()
+        .filter_map(|l| l.split("committed ids ").nth(1))
+        .filter_map(|r| r.split("..=").nth(1)?.trim().parse().ok())
+        .max()
+        .expect("at least one commit");
+    let db = rusqlite::Connection::open(dir.path("state/outbox.db")).expect("open outbox");
+    let mut ids: Vec<i64> = db
+        .prepare("SELECT id FROM records")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("read ids");
+    ids.extend(csv_ids(&dir.path("out.csv")));
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids, (1..=last_committed).collect::<Vec<_>>());
+
+    // SIGINT works the same way.
+    let mut agent = Agent::start(&cfg, "info");
+    assert!(agent.wait_for_line("running as agent", Duration::from_secs(10)), "{}", agent.stderr());
+    agent.signal("INT");
+    let status = agent.wait_exit(Duration::from_secs(5)).expect("must exit within 5 s of SIGINT");
+    assert!(status.success());
+    assert!(agent.stderr().contains("received SIGINT"));
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_dir_is_refused_naming_the_first() {
+    let dir = TempDir::new("second");
+    let cfg = config(&dir, LOAD);
+    let mut first = Agent::start(&cfg, "info");
+    assert!(first.wait_for_line("running as agent", Duration::from_secs(10)), "{}", first.stderr());
+    let (code, _, err) = edgemeter(&["run", "-c", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(&format!("another edgemeter (pid {}) is already using the state directory", first.pid())),
+        "{err}"
+    );
+    // status works beside the running agent and sees it.
+    let (code, out, err) = edgemeter(&["status", "-c", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("test-agent (running, pid {})", first.pid())), "{out}");
+    assert!(out.contains("sink local"), "{out}");
+    assert!(out.contains("drops        none"), "{out}");
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(5)).expect("exit").success());
+    let (_, out, _) = edgemeter(&["status", "-c", cfg.to_str().expect("utf-8 path")]);
+    assert!(out.contains("test-agent (not running)"), "{out}");
+}
+
+#[test]
+fn a_garbage_outbox_is_moved_aside_and_the_agent_runs() {
+    let dir = TempDir::new("garbage");
+    let cfg = config(&dir, LOAD);
+    std::fs::create_dir_all(dir.path("state")).expect("mkdir");
+    std::fs::write(dir.path("state/outbox.db"), b"definitely not sqlite ".repeat(200)).expect("write garbage");
+    let mut agent = Agent::start(&cfg, "debug");
+    assert!(agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)), "{}", agent.stderr());
+    agent.signal("TERM");
+    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit").success());
+    let log = agent.stderr();
+    assert!(log.contains("was unusable (it is not a readable SQLite database"), "{log}");
+    assert!(log.contains("moved it aside to"), "{log}");
+    let aside: Vec<_> = std::fs::read_dir(dir.path("state"))
+        .expect("read state dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("outbox.db.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+}
+
+#[test]
+fn dead_letters_are_listed_retried_by_the_agent_and_purged() {
+    let dir = TempDir::new("dead");
+    let cfg = config(&dir, "");
+    let c = cfg.to_str().expect("utf-8 path");
+    // Create the outbox with the agent, then plant two dead letters as a
+    // refusing sink would have left them.
+    let mut agent = Agent::start(&cfg, "info");
+    assert!(agent.wait_for_line("running as agent", Duration::from_secs(10)));
+    agent.signal("TERM");
+    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit").success());
+    let db = rusqlite::Connection::open(dir.path("state/outbox.db")).expect("open");
+    db.execute_batch(
+        "INSERT INTO dead_letters (id, sink, seq, count, bytes, error, state, attempts, created, updated)
+           VALUES (1, 'local', 7, 2, 100, '400 InvalidParameterValue', 'dead', 1, 0, 0),
+                  (2, 'local', 8, 1, 50, '400 bad', 'dead', 1, 0, 0);
+         INSERT INTO dead_records (dead_id, id, kind, ts, name, dims, value, unit, payload)
+           VALUES (1, 11, 1, 0, 'm', '{}', 1.5, 'Count', x''),
+                  (1, 12, 1, 0, 'm', '{}', 2.5, 'Count', x''),
+                  (2, 13, 1, 0, 'm', '{}', 3.5, 'Count', x'');",
+    )
+    .expect("plant dead letters");
+    drop(db);
+
+    let (code, out, _) = edgemeter(&["outbox", "list", "-c", c]);
+    assert_eq!(code, 0);
+    assert!(out.contains("1\tlocal\t7\t2\t100\tdead\t1\t"), "{out}");
+    assert!(out.contains("400 InvalidParameterValue"), "{out}");
+    let (code, out, _) = edgemeter(&["outbox", "retry", "-c", c, "--id", "1"]);
+    assert_eq!((code, out.as_str()), (0, "1 dead letter(s) marked for retry\n"));
+
+    let mut agent = Agent::start(&cfg, "info");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while csv_ids(&dir.path("out.csv")) != vec![11, 12] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.signal("TERM");
+    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit").success());
+    assert_eq!(csv_ids(&dir.path("out.csv")), vec![11, 12], "the retried letter was delivered by the agent");
+    let text = std::fs::read_to_string(dir.path("out.csv")).expect("read csv");
+    assert!(text.contains("\n7,11,"), "delivered under its original batch id:\n{text}");
+
+    let (_, out, _) = edgemeter(&["outbox", "list", "-c", c, "--sink", "local"]);
+    assert!(!out.contains("\t7\t") && out.contains("2\tlocal\t8\t"), "{out}");
+    let (code, out, _) = edgemeter(&["outbox", "purge", "-c", c, "--all"]);
+    assert_eq!((code, out.as_str()), (0, "1 dead letter(s) purged\n"));
+    let (_, out, _) = edgemeter(&["outbox", "list", "-c", c]);
+    assert_eq!(out, "no dead letters\n");
+}
