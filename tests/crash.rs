@@ -1,0 +1,127 @@
+//! The crash test: the real agent appending and delivering at full tilt,
+//! killed with SIGKILL at random moments, again and again. After every kill:
+//! the outbox passes `PRAGMA integrity_check`, every record the agent said it
+//! committed is still in the outbox or in the sink's file, and the file holds
+//! no record twice. At the end a drain run delivers everything exactly once.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{Agent, TempDir, csv_ids};
+
+const KILLS: usize = 30;
+
+fn write_config(dir: &TempDir, with_source: bool) -> std::path::PathBuf {
+    let source = if with_source {
+        "[[source]]\ntype = \"synthetic\"\nname = \"load\"\nrate_per_sec = 20000\nseries = 8\n"
+    } else {
+        ""
+    };
+    dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "crash"
+state_dir = "state"
+flush_interval_secs = 0.05
+
+{source}
+[[sink]]
+type = "csv"
+name = "local"
+path = "out.csv"
+batch_max_records = 700
+retry_initial_secs = 0.05
+retry_max_secs = 0.2
+"#
+        ),
+    )
+}
+
+/// Ids the agent reported as committed ("outbox: committed ids A..=B").
+fn committed(log: &str) -> Vec<(i64, i64)> {
+    log.lines()
+        .filter_map(|l| l.split("outbox: committed ids ").nth(1))
+        .filter_map(|r| {
+            let (a, b) = r.trim().split_once("..=")?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .filter(|(a, b)| a <= b)
+        .collect()
+}
+
+/// Integrity, nothing lost, nothing doubled. Returns the ids in the outbox.
+fn check_state(dir: &TempDir, reported: &BTreeSet<i64>, round: usize) -> usize {
+    let db = rusqlite::Connection::open(dir.path("state/outbox.db")).expect("open outbox");
+    let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity_check");
+    assert_eq!(integrity, "ok", "round {round}: the outbox is damaged");
+    let buffered: BTreeSet<i64> = db
+        .prepare("SELECT id FROM records")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("read ids");
+    drop(db);
+    let delivered = csv_ids(&dir.path("out.csv"));
+    let unique: BTreeSet<i64> = delivered.iter().copied().collect();
+    assert_eq!(unique.len(), delivered.len(), "round {round}: a record was written to the sink twice");
+    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "round {round}: delivery order broke");
+    let lost: Vec<i64> = reported
+        .iter()
+        .filter(|id| !buffered.contains(id) && !unique.contains(id))
+        .take(10)
+        .copied()
+        .collect();
+    assert!(lost.is_empty(), "round {round}: committed records lost, e.g. {lost:?}");
+    buffered.len()
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let dir = TempDir::new("crash");
+    let cfg = write_config(&dir, true);
+    let mut reported = BTreeSet::new();
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut killed_with_data = 0;
+    for round in 0..KILLS {
+        assert!(started.elapsed() < Duration::from_secs(240), "the crash test is bounded in time");
+        let mut agent = Agent::start(&cfg, "debug");
+        // Kill at a random moment: during start-up, mid-commit, mid-delivery.
+        std::thread::sleep(Duration::from_millis(fastrand::u64(30..900)));
+        agent.kill9();
+        kills += 1;
+        let ranges = committed(&agent.stderr());
+        if !ranges.is_empty() {
+            killed_with_data += 1;
+        }
+        for (a, b) in ranges {
+            reported.extend(a..=b);
+        }
+        check_state(&dir, &reported, round);
+    }
+    assert_eq!(kills, KILLS);
+    assert!(killed_with_data >= KILLS / 2, "most runs must have committed something before the kill");
+    assert!(reported.len() > 10_000, "the test must have moved real volume, got {}", reported.len());
+
+    // Drain: no source, the sink catches up, then a clean stop.
+    let cfg = write_config(&dir, false);
+    let mut agent = Agent::start(&cfg, "info");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if csv_ids(&dir.path("out.csv")).len() >= reported.len() && check_state(&dir, &reported, KILLS) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.signal("TERM");
+    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit after SIGTERM").success());
+    assert_eq!(check_state(&dir, &reported, KILLS), 0, "everything was delivered");
+    let delivered: BTreeSet<i64> = csv_ids(&dir.path("out.csv")).into_iter().collect();
+    assert!(reported.is_subset(&delivered), "every committed record reached the sink");
+    eprintln!(
+        "{kills} kills, {} records reported committed, {} delivered exactly once",
+        reported.len(),
+        delivered.len()
+    );
+}
