@@ -25,8 +25,8 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record};
-use crate::sinks::Sink;
 use crate::runtime::{self, SharedOutbox};
+use crate::sinks::Sink;
 use crate::sinks::delivery::Driver;
 use crate::state_dir::{self, LockError};
 use crate::{sinks, sources};
@@ -62,8 +62,13 @@ impl std::error::Error for AgentError {}
 /// Errors here are fatal.
 pub fn run(config: Config, stop_after: Option<Duration>) -> Result<(), AgentError> {
     let agent = &config.agent;
-    let _lock = state_dir::lock(&agent.state_dir, Duration::from_secs(2)).map_err(AgentError::Lock)?;
-    let built: Vec<Box<dyn Sink>> = config.sinks.iter().map(|s| sinks::build(&s.config)).collect();
+    let _lock =
+        state_dir::lock(&agent.state_dir, Duration::from_secs(2)).map_err(AgentError::Lock)?;
+    let built: Vec<Box<dyn Sink>> = config
+        .sinks
+        .iter()
+        .map(|s| sinks::build(&s.config))
+        .collect();
     let wanted: Vec<(String, KindSet)> = config
         .sinks
         .iter()
@@ -77,7 +82,8 @@ pub fn run(config: Config, stop_after: Option<Duration>) -> Result<(), AgentErro
 
 fn open_outbox(config: &Config, wanted: &[(String, KindSet)]) -> Result<SharedOutbox, AgentError> {
     let agent = &config.agent;
-    let (mut outbox, report) = Outbox::open(&agent.state_dir, agent.buffer_max_bytes).map_err(AgentError::Outbox)?;
+    let (mut outbox, report) =
+        Outbox::open(&agent.state_dir, agent.buffer_max_bytes).map_err(AgentError::Outbox)?;
     if let Some((aside, why)) = &report.moved_aside {
         log::error!(
             "the outbox {} was unusable ({why}); moved it aside to {} and started a fresh one",
@@ -166,7 +172,10 @@ async fn serve(
     // A second signal means "now": committed records are safe regardless.
     ex.spawn(async move {
         if let Some(s) = signals.next().await {
-            log::warn!("received {} during shutdown; exiting at once", signal_name(Some(s)));
+            log::warn!(
+                "received {} during shutdown; exiting at once",
+                signal_name(Some(s))
+            );
             std::process::exit(130);
         }
     })
@@ -180,7 +189,9 @@ async fn serve(
     let left = SHUTDOWN_BUDGET.saturating_sub(started.elapsed() + Duration::from_millis(500));
     let stragglers = join_within(sink_tasks, left).await;
     if stragglers > 0 {
-        log::info!("{stragglers} sinks were still delivering; their batches will be sent again next start");
+        log::info!(
+            "{stragglers} sinks were still delivering; their batches will be sent again next start"
+        );
     }
     log::info!("stopped cleanly in {} ms", started.elapsed().as_millis());
     Ok(())
@@ -262,7 +273,10 @@ async fn write_records(rx: Receiver<Record>, outbox: SharedOutbox, flush: Durati
         match result {
             Ok(appended) => {
                 if failing {
-                    log::info!("outbox writable again; committed the {} records held meanwhile", batch.len());
+                    log::info!(
+                        "outbox writable again; committed the {} records held meanwhile",
+                        batch.len()
+                    );
                     failing = false;
                     backoff.reset();
                 }
@@ -273,12 +287,20 @@ async fn write_records(rx: Receiver<Record>, outbox: SharedOutbox, flush: Durati
                     );
                 }
                 // The crash test reads this line: these ids are durable now.
-                log::debug!("outbox: committed ids {}..={}", appended.ids.start(), appended.ids.end());
+                log::debug!(
+                    "outbox: committed ids {}..={}",
+                    appended.ids.start(),
+                    appended.ids.end()
+                );
             }
             Err(e) => {
                 let wait = backoff.next();
                 if !failing {
-                    let hint = if e.is_disk_full() { " (the disk is full)" } else { "" };
+                    let hint = if e.is_disk_full() {
+                        " (the disk is full)"
+                    } else {
+                        ""
+                    };
                     log::error!(
                         "{e}{hint}; holding {} records in memory (at most {UNCOMMITTED_MAX}) and retrying",
                         batch.len()
@@ -290,12 +312,17 @@ async fn write_records(rx: Receiver<Record>, outbox: SharedOutbox, flush: Durati
                     let excess = group.len() - UNCOMMITTED_MAX;
                     group.drain(..excess);
                     lost_uncounted += lost + excess as i64;
-                    log::warn!("dropped the {excess} oldest uncommitted records: the outbox is still failing");
+                    log::warn!(
+                        "dropped the {excess} oldest uncommitted records: the outbox is still failing"
+                    );
                 } else {
                     lost_uncounted += lost;
                 }
                 if closed {
-                    log::error!("shutting down with {} records that could not be committed", group.len());
+                    log::error!(
+                        "shutting down with {} records that could not be committed",
+                        group.len()
+                    );
                     return;
                 }
                 smol::Timer::after(wait).await;

@@ -118,7 +118,12 @@ struct Args {
 
 /// Parsed arguments, or the text to print and the code to exit with.
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String, u8)> {
-    let usage = |msg: String| (format!("edgemeter: {msg}\nTry `edgemeter --help`."), EXIT_USAGE);
+    let usage = |msg: String| {
+        (
+            format!("edgemeter: {msg}\nTry `edgemeter --help`."),
+            EXIT_USAGE,
+        )
+    };
     let mut p = lexopt::Parser::from_args(args);
     let mut command = None;
     let mut action = None;
@@ -139,12 +144,32 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                 return Err((text.to_owned(), 0));
             }
             Short('V') | Long("version") => return Err((VERSION.to_owned(), 0)),
-            Short('c') | Long("config") => config = p.value().map_err(|e| usage(e.to_string()))?.into(),
-            Long("sink") => sink = Some(p.value().map_err(|e| usage(e.to_string()))?.string().map_err(|e| usage(e.to_string()))?),
-            Long("id") => id = Some(p.value().map_err(|e| usage(e.to_string()))?.parse().map_err(|e| usage(format!("--id: {e}")))?),
+            Short('c') | Long("config") => {
+                config = p.value().map_err(|e| usage(e.to_string()))?.into()
+            }
+            Long("sink") => {
+                sink = Some(
+                    p.value()
+                        .map_err(|e| usage(e.to_string()))?
+                        .string()
+                        .map_err(|e| usage(e.to_string()))?,
+                )
+            }
+            Long("id") => {
+                id = Some(
+                    p.value()
+                        .map_err(|e| usage(e.to_string()))?
+                        .parse()
+                        .map_err(|e| usage(format!("--id: {e}")))?,
+                )
+            }
             Long("all") => all = true,
             Long("seconds") => {
-                seconds = p.value().map_err(|e| usage(e.to_string()))?.parse().map_err(|e| usage(format!("--seconds: {e}")))?;
+                seconds = p
+                    .value()
+                    .map_err(|e| usage(e.to_string()))?
+                    .parse()
+                    .map_err(|e| usage(format!("--seconds: {e}")))?;
                 if !(1..=3600).contains(&seconds) {
                     return Err(usage("--seconds takes 1 to 3600".into()));
                 }
@@ -156,7 +181,10 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     Some("check") => Command::Check,
                     Some("status") => Command::Status,
                     Some("outbox") => Command::Outbox(OutboxAction::List),
-                    Some("demo") => Command::Demo { seconds: 0, dir: None },
+                    Some("demo") => Command::Demo {
+                        seconds: 0,
+                        dir: None,
+                    },
                     _ => return Err(usage(format!("unknown command `{}`", v.to_string_lossy()))),
                 })
             }
@@ -165,7 +193,12 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     Some("list") => OutboxAction::List,
                     Some("retry") => OutboxAction::Retry,
                     Some("purge") => OutboxAction::Purge,
-                    _ => return Err(usage(format!("unknown outbox action `{}`; use list, retry or purge", v.to_string_lossy()))),
+                    _ => {
+                        return Err(usage(format!(
+                            "unknown outbox action `{}`; use list, retry or purge",
+                            v.to_string_lossy()
+                        )));
+                    }
                 })
             }
             other => return Err(usage(other.unexpected().to_string())),
@@ -174,10 +207,16 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
     let command = match command {
         None => return Err((HELP.to_owned(), EXIT_USAGE)),
         Some(Command::Outbox(_)) => match action {
-            None => return Err(usage("`outbox` needs an action: list, retry or purge".into())),
+            None => {
+                return Err(usage(
+                    "`outbox` needs an action: list, retry or purge".into(),
+                ));
+            }
             Some(a) => {
                 if !matches!(a, OutboxAction::List) && !all && sink.is_none() && id.is_none() {
-                    return Err(usage("say which dead letters: --all, --sink NAME or --id N".into()));
+                    return Err(usage(
+                        "say which dead letters: --all, --sink NAME or --id N".into(),
+                    ));
                 }
                 Command::Outbox(a)
             }
@@ -247,7 +286,11 @@ pub fn run(config: Config) -> ExitCode {
 
 fn summary(c: &Config) -> String {
     let names = |v: Vec<&String>| {
-        if v.is_empty() { "none".to_owned() } else { v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        }
     };
     format!(
         "{}: ok: agent `{}`, state in {}, sources: {}; sinks: {}",
@@ -271,7 +314,16 @@ fn status(config: &Config) -> ExitCode {
     };
     match outbox.stats() {
         Ok(stats) => {
-            print!("{}", render_status(config, running, &outbox.path().display().to_string(), &stats, now_ms()));
+            print!(
+                "{}",
+                render_status(
+                    config,
+                    running,
+                    &outbox.path().display().to_string(),
+                    &stats,
+                    now_ms()
+                )
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -282,10 +334,19 @@ fn status(config: &Config) -> ExitCode {
 }
 
 fn ago(now: i64, t: Option<i64>) -> String {
-    t.map_or_else(|| "never".to_owned(), |t| format!("{} ago", human_duration(now - t)))
+    t.map_or_else(
+        || "never".to_owned(),
+        |t| format!("{} ago", human_duration(now - t)),
+    )
 }
 
-pub fn render_status(config: &Config, running: Option<u32>, path: &str, s: &Stats, now: i64) -> String {
+pub fn render_status(
+    config: &Config,
+    running: Option<u32>,
+    path: &str,
+    s: &Stats,
+    now: i64,
+) -> String {
     let mut out = String::new();
     let state = match running {
         Some(0) => "running".to_owned(),
@@ -301,7 +362,10 @@ pub fn render_status(config: &Config, running: Option<u32>, path: &str, s: &Stat
     );
     out += &format!(
         "oldest       {}\n",
-        s.oldest_at_ms.map_or_else(|| "nothing pending".to_owned(), |t| format!("{} old", human_duration(now - t)))
+        s.oldest_at_ms.map_or_else(
+            || "nothing pending".to_owned(),
+            |t| format!("{} old", human_duration(now - t))
+        )
     );
     if s.drops.is_empty() {
         out += "drops        none\n";
@@ -338,9 +402,11 @@ pub fn render_status(config: &Config, running: Option<u32>, path: &str, s: &Stat
 fn outbox(config: &Config, action: OutboxAction, sink: Option<&str>, id: Option<i64>) -> ExitCode {
     let dir = &config.agent.state_dir;
     let result = match action {
-        OutboxAction::List => Outbox::open_read_only(dir).and_then(|o| o.dead_letters(sink)).map(|list| {
-            print!("{}", render_dead_letters(&list));
-        }),
+        OutboxAction::List => Outbox::open_read_only(dir)
+            .and_then(|o| o.dead_letters(sink))
+            .map(|list| {
+                print!("{}", render_dead_letters(&list));
+            }),
         // Writes go through a short transaction; the running agent's WAL
         // connection and this one take turns via SQLite's busy timeout.
         OutboxAction::Retry | OutboxAction::Purge => Outbox::open_admin(dir).and_then(|mut o| {

@@ -31,7 +31,15 @@ fn split(ms: i64) -> (i64, u32, u32, i64, i64, i64, i64) {
     let secs = ms.div_euclid(1000);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     let sod = secs.rem_euclid(86_400);
-    (y, m, d, sod / 3600, sod % 3600 / 60, sod % 60, ms.rem_euclid(1000))
+    (
+        y,
+        m,
+        d,
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        ms.rem_euclid(1000),
+    )
 }
 
 /// `2022-07-25T20:00:00.000Z`

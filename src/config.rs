@@ -112,7 +112,7 @@ impl Problems {
         &self.list
     }
 
-    fn from_toml(&mut self, err: &toml::de::Error, fallback: &Range<usize>) {
+    fn push_toml(&mut self, err: &toml::de::Error, fallback: &Range<usize>) {
         let span = err.span().unwrap_or_else(|| fallback.clone());
         self.push(span, err.message().trim_end().to_owned());
     }
@@ -121,9 +121,19 @@ impl Problems {
 /// Why a config could not be loaded: rendered for a person, one line each.
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, error: std::io::Error },
-    TooLarge { path: PathBuf, bytes: u64 },
-    Invalid { path: PathBuf, text: String, problems: Problems },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    TooLarge {
+        path: PathBuf,
+        bytes: u64,
+    },
+    Invalid {
+        path: PathBuf,
+        text: String,
+        problems: Problems,
+    },
 }
 
 impl ConfigError {
@@ -148,14 +158,22 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Read { path, error } => {
-                write!(f, "{}: cannot read the config file: {error}", path.display())
+                write!(
+                    f,
+                    "{}: cannot read the config file: {error}",
+                    path.display()
+                )
             }
             ConfigError::TooLarge { path, bytes } => write!(
                 f,
                 "{}: the config file is {bytes} bytes; the limit is {MAX_CONFIG_BYTES}",
                 path.display()
             ),
-            ConfigError::Invalid { path, text, problems } => {
+            ConfigError::Invalid {
+                path,
+                text,
+                problems,
+            } => {
                 let mut sorted: Vec<&Problem> = problems.list.iter().collect();
                 sorted.sort_by_key(|p| p.span.as_ref().map_or(0, |s| s.start));
                 for (i, p) in sorted.iter().enumerate() {
@@ -225,7 +243,7 @@ fn parse_into(base: &Path, text: &str, p: &mut Problems) -> Option<Config> {
     let (root, syntax_errors) = DeTable::parse_recoverable(text);
     let whole = root.span();
     for e in &syntax_errors {
-        p.from_toml(e, &whole);
+        p.push_toml(e, &whole);
     }
     if !syntax_errors.is_empty() {
         // A document with syntax errors has holes; checking its meaning would
@@ -266,7 +284,11 @@ fn parse_into(base: &Path, text: &str, p: &mut Problems) -> Option<Config> {
         // A missing [agent] table means every agent default.
         None => parse_agent(base, Spanned::new(0..0, DeTable::new()), p)?,
     };
-    check_unique_names("source", sources.iter().map(|(n, s)| (&n.name, s.clone())), p);
+    check_unique_names(
+        "source",
+        sources.iter().map(|(n, s)| (&n.name, s.clone())),
+        p,
+    );
     check_unique_names("sink", sinks.iter().map(|(n, s)| (&n.name, s.clone())), p);
     Some(Config {
         path: PathBuf::new(),
@@ -289,23 +311,32 @@ fn array_of_tables<'i>(
                 let span = item.span();
                 match item.into_inner() {
                     DeValue::Table(t) => out.push(Spanned::new(span, t)),
-                    _ => p.push(span, format!("each `{key}` must be a table: write `[[{key}]]`")),
+                    _ => p.push(
+                        span,
+                        format!("each `{key}` must be a table: write `[[{key}]]`"),
+                    ),
                 }
             }
         }
-        _ => p.push(key_span, format!("`{key}` must be a list of tables: write `[[{key}]]`")),
+        _ => p.push(
+            key_span,
+            format!("`{key}` must be a list of tables: write `[[{key}]]`"),
+        ),
     }
     out
 }
 
 /// Deserialize one table into its raw mirror struct, reporting a failure as
 /// a problem at the offending key (or at the table when toml has no span).
-pub fn deserialize<'i, T: Deserialize<'i>>(table: Spanned<DeTable<'i>>, p: &mut Problems) -> Option<T> {
+pub fn deserialize<'i, T: Deserialize<'i>>(
+    table: Spanned<DeTable<'i>>,
+    p: &mut Problems,
+) -> Option<T> {
     let span = table.span();
     match T::deserialize(toml::de::Deserializer::from(table)) {
         Ok(v) => Some(v),
         Err(e) => {
-            p.from_toml(&e, &span);
+            p.push_toml(&e, &span);
             None
         }
     }
@@ -351,10 +382,10 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
         }
         None => default_agent_id(),
     };
-    let state_dir = raw
-        .state_dir
-        .as_ref()
-        .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |d| resolve(base, d.get_ref()));
+    let state_dir = raw.state_dir.as_ref().map_or_else(
+        || PathBuf::from(DEFAULT_STATE_DIR),
+        |d| resolve(base, d.get_ref()),
+    );
     let log_level = match &raw.log_level {
         None => LevelFilter::Info,
         Some(l) => parse_level(l.get_ref()).unwrap_or_else(|| {
@@ -370,9 +401,22 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
     };
     let buffer_max_bytes = match &raw.buffer_max_bytes {
         None => DEFAULT_BUFFER_MAX_BYTES,
-        Some(b) => int_in_range(b, "buffer_max_bytes", MIN_BUFFER_MAX_BYTES, MAX_BUFFER_MAX_BYTES, p),
+        Some(b) => int_in_range(
+            b,
+            "buffer_max_bytes",
+            MIN_BUFFER_MAX_BYTES,
+            MAX_BUFFER_MAX_BYTES,
+            p,
+        ),
     };
-    let flush_interval = secs(raw.flush_interval_secs.as_ref(), "flush_interval_secs", 1.0, 0.01, 60.0, p);
+    let flush_interval = secs(
+        raw.flush_interval_secs.as_ref(),
+        "flush_interval_secs",
+        1.0,
+        0.01,
+        60.0,
+        p,
+    );
     (p.list.len() == before).then_some(Agent {
         id,
         state_dir,
@@ -404,7 +448,11 @@ fn default_agent_id() -> String {
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         .take(MAX_NAME_LEN)
         .collect();
-    if id.is_empty() { "edgemeter".to_owned() } else { id }
+    if id.is_empty() {
+        "edgemeter".to_owned()
+    } else {
+        id
+    }
 }
 
 // ---------------------------------------------------------------- components
@@ -454,7 +502,10 @@ fn component_kind(
         None => {
             p.push(
                 table_span,
-                format!("this [[{what}]] has no `type`; known types: {}", known.join(", ")),
+                format!(
+                    "this [[{what}]] has no `type`; known types: {}",
+                    known.join(", ")
+                ),
             );
             None
         }
@@ -482,7 +533,14 @@ fn parse_source(
 ) -> Option<Named<Component<SourceConfig>>> {
     let span = table.span();
     let common: RawSourceCommon = deserialize(split_off(&mut table, SOURCE_COMMON), p)?;
-    let kind = component_kind("source", common.kind, &common.name, span.clone(), sources::TYPES, p)?;
+    let kind = component_kind(
+        "source",
+        common.kind,
+        &common.name,
+        span.clone(),
+        sources::TYPES,
+        p,
+    )?;
     let config = sources::parse_config(kind.get_ref(), base, table, p)?;
     let (name, name_span) = match common.name {
         Some(n) => (n.get_ref().clone(), n.span()),
@@ -491,20 +549,47 @@ fn parse_source(
     Some((Component { name, config }, name_span))
 }
 
-fn parse_sink(base: &Path, mut table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Named<SinkSpec>> {
+fn parse_sink(
+    base: &Path,
+    mut table: Spanned<DeTable<'_>>,
+    p: &mut Problems,
+) -> Option<Named<SinkSpec>> {
     let span = table.span();
     let common: RawSinkCommon = deserialize(split_off(&mut table, SINK_COMMON), p)?;
-    let kind = component_kind("sink", common.kind, &common.name, span.clone(), sinks::TYPES, p)?;
-    let batch_max_records = common
-        .batch_max_records
-        .as_ref()
-        .map_or(1000, |b| int_in_range(b, "batch_max_records", 1, 100_000, p) as usize);
-    let retry_initial = secs(common.retry_initial_secs.as_ref(), "retry_initial_secs", 1.0, 0.01, 3600.0, p);
-    let retry_max = secs(common.retry_max_secs.as_ref(), "retry_max_secs", 300.0, 0.01, 86_400.0, p);
+    let kind = component_kind(
+        "sink",
+        common.kind,
+        &common.name,
+        span.clone(),
+        sinks::TYPES,
+        p,
+    )?;
+    let batch_max_records = common.batch_max_records.as_ref().map_or(1000, |b| {
+        int_in_range(b, "batch_max_records", 1, 100_000, p) as usize
+    });
+    let retry_initial = secs(
+        common.retry_initial_secs.as_ref(),
+        "retry_initial_secs",
+        1.0,
+        0.01,
+        3600.0,
+        p,
+    );
+    let retry_max = secs(
+        common.retry_max_secs.as_ref(),
+        "retry_max_secs",
+        300.0,
+        0.01,
+        86_400.0,
+        p,
+    );
     if retry_max < retry_initial
         && let Some(m) = &common.retry_max_secs
     {
-        p.push(m.span(), "retry_max_secs must not be smaller than retry_initial_secs");
+        p.push(
+            m.span(),
+            "retry_max_secs must not be smaller than retry_initial_secs",
+        );
     }
     let config = sinks::parse_config(kind.get_ref(), base, table, p)?;
     let (name, name_span) = match common.name {
@@ -552,7 +637,8 @@ pub fn check_name(what: &str, name: &Spanned<String>, p: &mut Problems) {
     let n = name.get_ref();
     let ok = !n.is_empty()
         && n.len() <= MAX_NAME_LEN
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
         p.push(
             name.span(),
@@ -564,13 +650,23 @@ pub fn check_name(what: &str, name: &Spanned<String>, p: &mut Problems) {
 }
 
 /// A `*_secs` value as a Duration within [min, max]; `default` when absent.
-pub fn secs(v: Option<&Spanned<f64>>, key: &str, default: f64, min: f64, max: f64, p: &mut Problems) -> Duration {
+pub fn secs(
+    v: Option<&Spanned<f64>>,
+    key: &str,
+    default: f64,
+    min: f64,
+    max: f64,
+    p: &mut Problems,
+) -> Duration {
     let Some(v) = v else {
         return Duration::from_secs_f64(default);
     };
     let x = *v.get_ref();
     if !(min..=max).contains(&x) {
-        p.push(v.span(), format!("{key} = {x} is out of range; use {min} to {max} seconds"));
+        p.push(
+            v.span(),
+            format!("{key} = {x} is out of range; use {min} to {max} seconds"),
+        );
         return Duration::from_secs_f64(default);
     }
     Duration::from_secs_f64(x)
@@ -582,7 +678,10 @@ pub fn int_in_range(v: &Spanned<i64>, key: &str, min: u64, max: u64, p: &mut Pro
     match u64::try_from(x) {
         Ok(u) if (min..=max).contains(&u) => u,
         _ => {
-            p.push(v.span(), format!("{key} = {x} is out of range; use {min} to {max}"));
+            p.push(
+                v.span(),
+                format!("{key} = {x} is out of range; use {min} to {max}"),
+            );
             min
         }
     }
@@ -591,7 +690,11 @@ pub fn int_in_range(v: &Spanned<i64>, key: &str, min: u64, max: u64, p: &mut Pro
 /// A path from the config, relative ones taken relative to the config file.
 pub fn resolve(base: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
-    if p.is_absolute() { p.to_owned() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,8 @@ use std::time::Duration;
 use crate::clock::now_ms;
 use crate::{agent, cli, config, state_dir};
 
-pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgemeter-demo-{}", now_ms())));
-    let text = format!(
-        r#"# Written by `edgemeter demo`.
+/// The demo's config: relative paths land in the demo directory.
+const DEMO_CONFIG: &str = r#"# Written by `edgemeter demo`.
 [agent]
 id = "demo"
 state_dir = "state"
@@ -28,8 +26,12 @@ series = 4
 type = "csv"
 name = "local"
 path = "points.csv"
-"#
-    );
+"#;
+
+pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
+    let dir =
+        dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgemeter-demo-{}", now_ms())));
+    let text = DEMO_CONFIG;
     let path = dir.join("edgemeter.toml");
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text)) {
         eprintln!("edgemeter demo: cannot write {}: {e}", path.display());
@@ -43,7 +45,10 @@ path = "points.csv"
         }
     };
     let state = config.agent.state_dir.clone();
-    println!("edgemeter demo: running for {seconds} s in {} (Ctrl-C stops early)", dir.display());
+    println!(
+        "edgemeter demo: running for {seconds} s in {} (Ctrl-C stops early)",
+        dir.display()
+    );
     if let Err(e) = agent::run(config, Some(Duration::from_secs(seconds))) {
         eprintln!("edgemeter demo: {e}");
         return ExitCode::from(cli::EXIT_STATE);
@@ -53,7 +58,10 @@ path = "points.csv"
     };
     let outbox = crate::outbox::Outbox::open_read_only(&state);
     match outbox.and_then(|o| Ok((o.stats()?, o.path().display().to_string()))) {
-        Ok((stats, p)) => print!("\n{}", cli::render_status(&config, state_dir::holder(&state), &p, &stats, now_ms())),
+        Ok((stats, p)) => print!(
+            "\n{}",
+            cli::render_status(&config, state_dir::holder(&state), &p, &stats, now_ms())
+        ),
         Err(e) => eprintln!("edgemeter demo: {e}"),
     }
     let csv = dir.join("points.csv");

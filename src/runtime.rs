@@ -94,7 +94,10 @@ impl SharedOutbox {
         SharedOutbox(Arc::new(Mutex::new(outbox)))
     }
 
-    pub async fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Outbox) -> T + Send + 'static) -> T {
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Outbox) -> T + Send + 'static,
+    ) -> T {
         let inner = self.0.clone();
         smol::unblock(move || {
             // A panic while holding the lock would leave a half-done Rust

@@ -19,14 +19,25 @@ pub struct Lock {
 
 #[derive(Debug)]
 pub enum LockError {
-    Io { path: PathBuf, action: &'static str, error: std::io::Error },
-    Held { dir: PathBuf, pid: Option<u32> },
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        error: std::io::Error,
+    },
+    Held {
+        dir: PathBuf,
+        pid: Option<u32>,
+    },
 }
 
 impl fmt::Display for LockError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LockError::Io { path, action, error } => {
+            LockError::Io {
+                path,
+                action,
+                error,
+            } => {
                 write!(f, "cannot {action} {}: {error}", path.display())
             }
             LockError::Held { dir, pid } => {
@@ -56,7 +67,11 @@ pub fn lock(dir: &Path, retry_for: Duration) -> Result<Lock, LockError> {
     let path = dir.join(LOCK_FILE);
     let io = |action| {
         let path = path.clone();
-        move |error| LockError::Io { path, action, error }
+        move |error| LockError::Io {
+            path,
+            action,
+            error,
+        }
     };
     let mut file = OpenOptions::new()
         .read(true)
@@ -82,7 +97,8 @@ pub fn lock(dir: &Path, retry_for: Duration) -> Result<Lock, LockError> {
         }
     }
     file.set_len(0).map_err(io("write the lock file"))?;
-    file.seek(SeekFrom::Start(0)).map_err(io("write the lock file"))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(io("write the lock file"))?;
     writeln!(file, "{}", std::process::id()).map_err(io("write the lock file"))?;
     Ok(Lock { _file: file })
 }
@@ -115,14 +131,21 @@ mod tests {
         assert_eq!(holder(&dir), Some(std::process::id()));
         let err = lock(&dir, Duration::from_millis(120)).expect_err("second lock must fail");
         let msg = err.to_string();
-        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
         drop(first);
         assert_eq!(holder(&dir), None);
         lock(&dir, Duration::ZERO).expect("lock after release");
     }
 
     fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("edgemeter-lock-{}-{}", std::process::id(), fastrand::u64(..)));
+        let d = std::env::temp_dir().join(format!(
+            "edgemeter-lock-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&d).expect("create temp dir");
         d
     }

@@ -29,12 +29,16 @@ retry_max_secs = 0.5
     )
 }
 
-const LOAD: &str = "[[source]]\ntype = \"synthetic\"\nname = \"load\"\nrate_per_sec = 2000\nseries = 3\n";
+const LOAD: &str =
+    "[[source]]\ntype = \"synthetic\"\nname = \"load\"\nrate_per_sec = 2000\nseries = 3\n";
 
 #[test]
 fn version_and_help_work_everywhere() {
     let (code, out, _) = edgemeter(&["--version"]);
-    assert_eq!((code, out.trim()), (0, concat!("edgemeter ", env!("CARGO_PKG_VERSION"))));
+    assert_eq!(
+        (code, out.trim()),
+        (0, concat!("edgemeter ", env!("CARGO_PKG_VERSION")))
+    );
     for (args, needle) in [
         (&["--help"][..], "Commands:"),
         (&["run", "--help"], "Usage: edgemeter run"),
@@ -52,7 +56,10 @@ fn version_and_help_work_everywhere() {
     assert_eq!(code, 2);
     assert!(err.contains("unknown command `frobnicate`"), "{err}");
     let (code, _, err) = edgemeter(&["outbox", "purge"]);
-    assert_eq!(code, 2, "purge without a selection must not purge everything");
+    assert_eq!(
+        code, 2,
+        "purge without a selection must not purge everything"
+    );
     assert!(err.contains("--all, --sink NAME or --id N"), "{err}");
 }
 
@@ -92,11 +99,17 @@ fn sigterm_stops_cleanly_within_five_seconds_with_everything_committed() {
     let dir = TempDir::new("sigterm");
     let cfg = config(&dir, LOAD);
     let mut agent = Agent::start(&cfg, "debug");
-    assert!(agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)), "{}", agent.stderr());
+    assert!(
+        agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
     std::thread::sleep(Duration::from_millis(300));
     let asked = Instant::now();
     agent.signal("TERM");
-    let status = agent.wait_exit(Duration::from_secs(5)).expect("must exit within 5 s of SIGTERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("must exit within 5 s of SIGTERM");
     let took = asked.elapsed();
     assert!(status.success(), "exit status {status}: {}", agent.stderr());
     let log = agent.stderr();
@@ -123,9 +136,15 @@ fn sigterm_stops_cleanly_within_five_seconds_with_everything_committed() {
 
     // SIGINT works the same way.
     let mut agent = Agent::start(&cfg, "info");
-    assert!(agent.wait_for_line("running as agent", Duration::from_secs(10)), "{}", agent.stderr());
+    assert!(
+        agent.wait_for_line("running as agent", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
     agent.signal("INT");
-    let status = agent.wait_exit(Duration::from_secs(5)).expect("must exit within 5 s of SIGINT");
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("must exit within 5 s of SIGINT");
     assert!(status.success());
     assert!(agent.stderr().contains("received SIGINT"));
 }
@@ -135,21 +154,36 @@ fn a_second_agent_on_the_same_state_dir_is_refused_naming_the_first() {
     let dir = TempDir::new("second");
     let cfg = config(&dir, LOAD);
     let mut first = Agent::start(&cfg, "info");
-    assert!(first.wait_for_line("running as agent", Duration::from_secs(10)), "{}", first.stderr());
+    assert!(
+        first.wait_for_line("running as agent", Duration::from_secs(10)),
+        "{}",
+        first.stderr()
+    );
     let (code, _, err) = edgemeter(&["run", "-c", cfg.to_str().expect("utf-8 path")]);
     assert_eq!(code, 3, "{err}");
     assert!(
-        err.contains(&format!("another edgemeter (pid {}) is already using the state directory", first.pid())),
+        err.contains(&format!(
+            "another edgemeter (pid {}) is already using the state directory",
+            first.pid()
+        )),
         "{err}"
     );
     // status works beside the running agent and sees it.
     let (code, out, err) = edgemeter(&["status", "-c", cfg.to_str().expect("utf-8 path")]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains(&format!("test-agent (running, pid {})", first.pid())), "{out}");
+    assert!(
+        out.contains(&format!("test-agent (running, pid {})", first.pid())),
+        "{out}"
+    );
     assert!(out.contains("sink local"), "{out}");
     assert!(out.contains("drops        none"), "{out}");
     first.signal("TERM");
-    assert!(first.wait_exit(Duration::from_secs(5)).expect("exit").success());
+    assert!(
+        first
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit")
+            .success()
+    );
     let (_, out, _) = edgemeter(&["status", "-c", cfg.to_str().expect("utf-8 path")]);
     assert!(out.contains("test-agent (not running)"), "{out}");
 }
@@ -159,18 +193,38 @@ fn a_garbage_outbox_is_moved_aside_and_the_agent_runs() {
     let dir = TempDir::new("garbage");
     let cfg = config(&dir, LOAD);
     std::fs::create_dir_all(dir.path("state")).expect("mkdir");
-    std::fs::write(dir.path("state/outbox.db"), b"definitely not sqlite ".repeat(200)).expect("write garbage");
+    std::fs::write(
+        dir.path("state/outbox.db"),
+        b"definitely not sqlite ".repeat(200),
+    )
+    .expect("write garbage");
     let mut agent = Agent::start(&cfg, "debug");
-    assert!(agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)), "{}", agent.stderr());
+    assert!(
+        agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
     agent.signal("TERM");
-    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit").success());
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit")
+            .success()
+    );
     let log = agent.stderr();
-    assert!(log.contains("was unusable (it is not a readable SQLite database"), "{log}");
+    assert!(
+        log.contains("was unusable (it is not a readable SQLite database"),
+        "{log}"
+    );
     assert!(log.contains("moved it aside to"), "{log}");
     let aside: Vec<_> = std::fs::read_dir(dir.path("state"))
         .expect("read state dir")
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("outbox.db.corrupt-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("outbox.db.corrupt-")
+        })
         .collect();
     assert_eq!(aside.len(), 1);
 }
@@ -185,7 +239,12 @@ fn dead_letters_are_listed_retried_by_the_agent_and_purged() {
     let mut agent = Agent::start(&cfg, "info");
     assert!(agent.wait_for_line("running as agent", Duration::from_secs(10)));
     agent.signal("TERM");
-    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit").success());
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit")
+            .success()
+    );
     let db = rusqlite::Connection::open(dir.path("state/outbox.db")).expect("open");
     db.execute_batch(
         "INSERT INTO dead_letters (id, sink, seq, count, bytes, error, state, attempts, created, updated)
@@ -204,7 +263,10 @@ fn dead_letters_are_listed_retried_by_the_agent_and_purged() {
     assert!(out.contains("1\tlocal\t7\t2\t100\tdead\t1\t"), "{out}");
     assert!(out.contains("400 InvalidParameterValue"), "{out}");
     let (code, out, _) = edgemeter(&["outbox", "retry", "-c", c, "--id", "1"]);
-    assert_eq!((code, out.as_str()), (0, "1 dead letter(s) marked for retry\n"));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "1 dead letter(s) marked for retry\n")
+    );
 
     let mut agent = Agent::start(&cfg, "info");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -212,13 +274,28 @@ fn dead_letters_are_listed_retried_by_the_agent_and_purged() {
         std::thread::sleep(Duration::from_millis(50));
     }
     agent.signal("TERM");
-    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit").success());
-    assert_eq!(csv_ids(&dir.path("out.csv")), vec![11, 12], "the retried letter was delivered by the agent");
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit")
+            .success()
+    );
+    assert_eq!(
+        csv_ids(&dir.path("out.csv")),
+        vec![11, 12],
+        "the retried letter was delivered by the agent"
+    );
     let text = std::fs::read_to_string(dir.path("out.csv")).expect("read csv");
-    assert!(text.contains("\n7,11,"), "delivered under its original batch id:\n{text}");
+    assert!(
+        text.contains("\n7,11,"),
+        "delivered under its original batch id:\n{text}"
+    );
 
     let (_, out, _) = edgemeter(&["outbox", "list", "-c", c, "--sink", "local"]);
-    assert!(!out.contains("\t7\t") && out.contains("2\tlocal\t8\t"), "{out}");
+    assert!(
+        !out.contains("\t7\t") && out.contains("2\tlocal\t8\t"),
+        "{out}"
+    );
     let (code, out, _) = edgemeter(&["outbox", "purge", "-c", c, "--all"]);
     assert_eq!((code, out.as_str()), (0, "1 dead letter(s) purged\n"));
     let (_, out, _) = edgemeter(&["outbox", "list", "-c", c]);

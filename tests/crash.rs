@@ -55,7 +55,9 @@ fn committed(log: &str) -> Vec<(i64, i64)> {
 /// Integrity, nothing lost, nothing doubled. Returns the ids in the outbox.
 fn check_state(dir: &TempDir, reported: &BTreeSet<i64>, round: usize) -> usize {
     let db = rusqlite::Connection::open(dir.path("state/outbox.db")).expect("open outbox");
-    let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity_check");
+    let integrity: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
     assert_eq!(integrity, "ok", "round {round}: the outbox is damaged");
     let buffered: BTreeSet<i64> = db
         .prepare("SELECT id FROM records")
@@ -64,15 +66,25 @@ fn check_state(dir: &TempDir, reported: &BTreeSet<i64>, round: usize) -> usize {
     drop(db);
     let delivered = csv_ids(&dir.path("out.csv"));
     let unique: BTreeSet<i64> = delivered.iter().copied().collect();
-    assert_eq!(unique.len(), delivered.len(), "round {round}: a record was written to the sink twice");
-    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "round {round}: delivery order broke");
+    assert_eq!(
+        unique.len(),
+        delivered.len(),
+        "round {round}: a record was written to the sink twice"
+    );
+    assert!(
+        delivered.windows(2).all(|w| w[0] < w[1]),
+        "round {round}: delivery order broke"
+    );
     let lost: Vec<i64> = reported
         .iter()
         .filter(|id| !buffered.contains(id) && !unique.contains(id))
         .take(10)
         .copied()
         .collect();
-    assert!(lost.is_empty(), "round {round}: committed records lost, e.g. {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "round {round}: committed records lost, e.g. {lost:?}"
+    );
     buffered.len()
 }
 
@@ -85,7 +97,10 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let mut kills = 0;
     let mut killed_with_data = 0;
     for round in 0..KILLS {
-        assert!(started.elapsed() < Duration::from_secs(240), "the crash test is bounded in time");
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "the crash test is bounded in time"
+        );
         let mut agent = Agent::start(&cfg, "debug");
         // Kill at a random moment: during start-up, mid-commit, mid-delivery.
         std::thread::sleep(Duration::from_millis(fastrand::u64(30..900)));
@@ -101,24 +116,45 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         check_state(&dir, &reported, round);
     }
     assert_eq!(kills, KILLS);
-    assert!(killed_with_data >= KILLS / 2, "most runs must have committed something before the kill");
-    assert!(reported.len() > 10_000, "the test must have moved real volume, got {}", reported.len());
+    assert!(
+        killed_with_data >= KILLS / 2,
+        "most runs must have committed something before the kill"
+    );
+    assert!(
+        reported.len() > 10_000,
+        "the test must have moved real volume, got {}",
+        reported.len()
+    );
 
     // Drain: no source, the sink catches up, then a clean stop.
     let cfg = write_config(&dir, false);
     let mut agent = Agent::start(&cfg, "info");
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if csv_ids(&dir.path("out.csv")).len() >= reported.len() && check_state(&dir, &reported, KILLS) == 0 {
+        if csv_ids(&dir.path("out.csv")).len() >= reported.len()
+            && check_state(&dir, &reported, KILLS) == 0
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     agent.signal("TERM");
-    assert!(agent.wait_exit(Duration::from_secs(5)).expect("exit after SIGTERM").success());
-    assert_eq!(check_state(&dir, &reported, KILLS), 0, "everything was delivered");
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit after SIGTERM")
+            .success()
+    );
+    assert_eq!(
+        check_state(&dir, &reported, KILLS),
+        0,
+        "everything was delivered"
+    );
     let delivered: BTreeSet<i64> = csv_ids(&dir.path("out.csv")).into_iter().collect();
-    assert!(reported.is_subset(&delivered), "every committed record reached the sink");
+    assert!(
+        reported.is_subset(&delivered),
+        "every committed record reached the sink"
+    );
     eprintln!(
         "{kills} kills, {} records reported committed, {} delivered exactly once",
         reported.len(),

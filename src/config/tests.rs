@@ -87,12 +87,16 @@ retry_max_secs = 2
     );
     let SinkConfig::Csv(csv) = &sink.config;
     assert_eq!(csv.path, Path::new("/tmp/out.csv"));
-    assert_eq!(csv.kinds, crate::record::KindSet::of(&[crate::record::Kind::Point]));
+    assert_eq!(
+        csv.kinds,
+        crate::record::KindSet::of(&[crate::record::Kind::Point])
+    );
 }
 
 #[test]
 fn component_names_default_to_their_type() {
-    let c = check_ok("[[source]]\ntype = \"synthetic\"\n[[sink]]\ntype = \"csv\"\npath = \"x.csv\"\n");
+    let c =
+        check_ok("[[source]]\ntype = \"synthetic\"\n[[sink]]\ntype = \"csv\"\npath = \"x.csv\"\n");
     assert_eq!(c.sources[0].name, "synthetic");
     assert_eq!(c.sinks[0].name, "csv");
 }
@@ -105,16 +109,32 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
     assert_eq!(c.agent.state_dir, Path::new("/var/lib/edgemeter"));
     // Every key a user can set appears in the example, at least commented.
     let keys = [
-        "id", "state_dir", "log_level", "buffer_max_bytes", "flush_interval_secs", "type", "name",
-        "metric", "rate_per_sec", "series", "limit", "path", "kinds", "batch_max_records",
-        "retry_initial_secs", "retry_max_secs",
+        "id",
+        "state_dir",
+        "log_level",
+        "buffer_max_bytes",
+        "flush_interval_secs",
+        "type",
+        "name",
+        "metric",
+        "rate_per_sec",
+        "series",
+        "limit",
+        "path",
+        "kinds",
+        "batch_max_records",
+        "retry_initial_secs",
+        "retry_max_secs",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {
             let l = l.trim_start_matches(['#', ' ']);
             l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}="))
         });
-        assert!(documented, "packaging/edgemeter.toml does not document `{key}`");
+        assert!(
+            documented,
+            "packaging/edgemeter.toml does not document `{key}`"
+        );
     }
 }
 
@@ -229,7 +249,9 @@ type = "csv"
 fn duplicate_names_are_reported_at_the_second() {
     check_bad(
         "[[sink]]\ntype = \"csv\"\npath = \"a\"\n[[sink]]\ntype = \"csv\"\npath = \"b\"\n",
-        &["5:8: two sinks are named `csv`; give each a distinct `name` (it keys the outbox and `edgemeter status`)"],
+        &[
+            "5:8: two sinks are named `csv`; give each a distinct `name` (it keys the outbox and `edgemeter status`)",
+        ],
     );
 }
 
@@ -247,7 +269,8 @@ fn structure_mistakes() {
 
 #[test]
 fn line_col_counts_characters_not_bytes() {
-    let check = |text: &str, offset, want| assert_eq!(line_col(text, offset), want, "{text:?} @ {offset}");
+    let check =
+        |text: &str, offset, want| assert_eq!(line_col(text, offset), want, "{text:?} @ {offset}");
     check("abc", 0, (1, 1));
     check("abc\ndef", 4, (2, 1));
     check("abc\ndef", 6, (2, 3));
@@ -258,7 +281,11 @@ fn line_col_counts_characters_not_bytes() {
 #[test]
 fn unreadable_and_oversized_files_say_so() {
     let err = load(Path::new("/nonexistent/edgemeter.toml")).expect_err("missing file");
-    assert!(err.to_string().starts_with("/nonexistent/edgemeter.toml: cannot read the config file:"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/edgemeter.toml: cannot read the config file:"),
+        "{err}"
+    );
     let dir = std::env::temp_dir().join(format!("edgemeter-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let big = dir.join("big.toml");

@@ -7,7 +7,11 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new() -> TempDir {
-        let d = std::env::temp_dir().join(format!("edgemeter-outbox-{}-{}", std::process::id(), fastrand::u64(..)));
+        let d = std::env::temp_dir().join(format!(
+            "edgemeter-outbox-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&d).expect("create temp dir");
         TempDir(d)
     }
@@ -20,7 +24,13 @@ impl Drop for TempDir {
 }
 
 fn point(v: f64) -> Record {
-    Record::point("m", Dims::new([("k", "v")]), 1_700_000_000_000 + v as i64, v, "Count")
+    Record::point(
+        "m",
+        Dims::new([("k", "v")]),
+        1_700_000_000_000 + v as i64,
+        v,
+        "Count",
+    )
 }
 
 fn of_kind(kind: Kind, v: f64) -> Record {
@@ -50,19 +60,28 @@ const ALL: KindSet = KindSet::ALL;
 fn append_claim_ack_deletes_only_after_every_sink_confirmed() {
     let d = TempDir::new();
     let mut o = open(&d, 1 << 20, &[("a", ALL), ("b", ALL)]);
-    let app = o.append(&[point(1.0), point(2.0), point(3.0)]).expect("append");
+    let app = o
+        .append(&[point(1.0), point(2.0), point(3.0)])
+        .expect("append");
     assert_eq!(app.ids, 1..=3);
     assert_eq!(app.dropped, 0);
 
     let a1 = o.next_batch("a", 2).expect("claim").expect("batch");
-    assert_eq!((a1.seq, a1.redelivered, values(&a1)), (1, false, vec![1.0, 2.0]));
+    assert_eq!(
+        (a1.seq, a1.redelivered, values(&a1)),
+        (1, false, vec![1.0, 2.0])
+    );
     o.ack(&a1).expect("ack");
     assert_eq!(count(&o, "records"), 3, "b has not confirmed yet");
 
     let b1 = o.next_batch("b", 10).expect("claim").expect("batch");
     assert_eq!((b1.seq, values(&b1)), (1, vec![1.0, 2.0, 3.0]));
     o.ack(&b1).expect("ack");
-    assert_eq!(count(&o, "records"), 1, "records 1 and 2 are confirmed by both");
+    assert_eq!(
+        count(&o, "records"),
+        1,
+        "records 1 and 2 are confirmed by both"
+    );
 
     let a2 = o.next_batch("a", 10).expect("claim").expect("batch");
     assert_eq!((a2.seq, values(&a2)), (2, vec![3.0]));
@@ -89,19 +108,28 @@ fn an_unconfirmed_batch_comes_back_with_the_same_seq_even_after_reopen() {
         // More records arrive; the open batch must not grow.
         o.append(&[point(3.0)]).expect("append");
         let again = o.next_batch("a", 10).expect("claim").expect("batch");
-        assert_eq!((again.seq, again.redelivered, values(&again)), (1, true, vec![1.0, 2.0]));
+        assert_eq!(
+            (again.seq, again.redelivered, values(&again)),
+            (1, true, vec![1.0, 2.0])
+        );
         // No ack: the process "dies" here.
     }
     let (mut o, report) = Outbox::open(&d.0, 1 << 20).expect("reopen");
     assert_eq!((report.records, report.open_batches), (3, 1));
     o.register_sinks(&[("a".into(), ALL)]).expect("register");
     let b = o.next_batch("a", 10).expect("claim").expect("batch");
-    assert_eq!((b.seq, b.redelivered, values(&b)), (1, true, vec![1.0, 2.0]));
+    assert_eq!(
+        (b.seq, b.redelivered, values(&b)),
+        (1, true, vec![1.0, 2.0])
+    );
     o.ack(&b).expect("ack");
     // A duplicate ack (lost acknowledgement, sent twice) changes nothing.
     o.ack(&b).expect("second ack");
     let next = o.next_batch("a", 10).expect("claim").expect("batch");
-    assert_eq!((next.seq, next.redelivered, values(&next)), (2, false, vec![3.0]));
+    assert_eq!(
+        (next.seq, next.redelivered, values(&next)),
+        (2, false, vec![3.0])
+    );
 }
 
 #[test]
@@ -123,7 +151,11 @@ fn sinks_only_see_the_kinds_they_take_and_pass_over_the_rest() {
     assert_eq!(values(&e), vec![2.0, 4.0]);
     o.ack(&p).expect("ack");
     o.ack(&e).expect("ack");
-    assert_eq!(count(&o, "records"), 1, "event 4 waits until `p` has looked past it");
+    assert_eq!(
+        count(&o, "records"),
+        1,
+        "event 4 waits until `p` has looked past it"
+    );
     assert!(o.next_batch("p", 10).expect("claim").is_none());
     assert_eq!(count(&o, "records"), 0);
 
@@ -142,18 +174,24 @@ fn drop_oldest_keeps_the_bound_and_counts_per_sink() {
     // Room for exactly 10 records.
     let max = (size * 10) as u64;
     let mut o = open(&d, max, &[("fast", ALL), ("slow", ALL)]);
-    o.append(&(0..6).map(|i| point(i as f64)).collect::<Vec<_>>()).expect("append");
+    o.append(&(0..6).map(|i| point(i as f64)).collect::<Vec<_>>())
+        .expect("append");
     // `fast` confirms the first 4; `slow` confirms nothing.
     let b = o.next_batch("fast", 4).expect("claim").expect("batch");
     o.ack(&b).expect("ack");
-    let app = o.append(&(6..13).map(|i| point(i as f64)).collect::<Vec<_>>()).expect("append");
+    let app = o
+        .append(&(6..13).map(|i| point(i as f64)).collect::<Vec<_>>())
+        .expect("append");
     assert_eq!(app.dropped, 3, "13 records into room for 10");
     assert!(o.bytes() <= max as i64);
     let s = o.stats().expect("stats");
     assert_eq!(s.records, 10);
     assert_eq!(s.bytes, o.bytes());
     // Records 0..=2 were dropped: `slow` missed 3, `fast` had confirmed them.
-    assert_eq!(s.drops, vec![(reason::BUFFER_FULL.to_owned(), "slow".to_owned(), 3)]);
+    assert_eq!(
+        s.drops,
+        vec![(reason::BUFFER_FULL.to_owned(), "slow".to_owned(), 3)]
+    );
     let slow = o.next_batch("slow", 100).expect("claim").expect("batch");
     assert_eq!(values(&slow), (3..13).map(f64::from).collect::<Vec<_>>());
 }
@@ -163,12 +201,17 @@ fn a_group_larger_than_the_buffer_keeps_its_newest_part() {
     let d = TempDir::new();
     let size = point(0.0).charged_bytes(&point(0.0).dims.encode());
     let mut o = open(&d, (size * 5) as u64, &[]);
-    let app = o.append(&(0..8).map(|i| point(i as f64)).collect::<Vec<_>>()).expect("append");
+    let app = o
+        .append(&(0..8).map(|i| point(i as f64)).collect::<Vec<_>>())
+        .expect("append");
     assert_eq!(app.dropped, 3);
     assert_eq!(app.ids.clone().count(), 5);
     let s = o.stats().expect("stats");
     assert_eq!(s.records, 5);
-    assert_eq!(s.drops, vec![(reason::BUFFER_FULL.to_owned(), NO_SINK.to_owned(), 3)]);
+    assert_eq!(
+        s.drops,
+        vec![(reason::BUFFER_FULL.to_owned(), NO_SINK.to_owned(), 3)]
+    );
 }
 
 #[test]
@@ -179,7 +222,8 @@ fn an_open_batch_whose_records_were_all_dropped_is_passed_over() {
     o.append(&[point(0.0), point(1.0)]).expect("append");
     let b = o.next_batch("a", 2).expect("claim").expect("batch");
     assert_eq!(b.seq, 1);
-    o.append(&(2..6).map(|i| point(i as f64)).collect::<Vec<_>>()).expect("append");
+    o.append(&(2..6).map(|i| point(i as f64)).collect::<Vec<_>>())
+        .expect("append");
     let next = o.next_batch("a", 10).expect("claim").expect("batch");
     assert_eq!((next.seq, values(&next)), (2, vec![2.0, 3.0, 4.0, 5.0]));
 }
@@ -198,21 +242,38 @@ fn dead_letters_keep_their_records_and_can_be_retried_or_purged() {
     let mut o = open(&d, 1 << 20, &[("a", ALL)]);
     o.append(&[point(1.0), point(2.0)]).expect("append");
     let b = o.next_batch("a", 10).expect("claim").expect("batch");
-    o.dead_letter(&b, "400 InvalidParameterValue: bad metric").expect("dead letter");
+    o.dead_letter(&b, "400 InvalidParameterValue: bad metric")
+        .expect("dead letter");
     assert_eq!(count(&o, "records"), 0, "the sink moved past it");
     let list = o.dead_letters(None).expect("list");
     assert_eq!(list.len(), 1);
-    assert_eq!((list[0].seq, list[0].count, list[0].state.as_str()), (1, 2, "dead"));
+    assert_eq!(
+        (list[0].seq, list[0].count, list[0].state.as_str()),
+        (1, 2, "dead")
+    );
     assert_eq!(list[0].error, "400 InvalidParameterValue: bad metric");
-    assert!(o.next_batch("a", 10).expect("claim").is_none(), "dead letters wait for an operator");
+    assert!(
+        o.next_batch("a", 10).expect("claim").is_none(),
+        "dead letters wait for an operator"
+    );
 
     assert_eq!(o.retry_dead(Some("a"), None).expect("retry"), 1);
     let again = o.next_batch("a", 10).expect("claim").expect("batch");
-    assert_eq!((again.seq, again.origin, values(&again)), (1, Origin::DeadLetter(list[0].id), vec![1.0, 2.0]));
+    assert_eq!(
+        (again.seq, again.origin, values(&again)),
+        (1, Origin::DeadLetter(list[0].id), vec![1.0, 2.0])
+    );
     // Refused again: back to dead, with the new error.
     o.dead_letter(&again, "still bad").expect("dead again");
     let list = o.dead_letters(Some("a")).expect("list");
-    assert_eq!((list[0].state.as_str(), list[0].error.as_str(), list[0].attempts), ("dead", "still bad", 2));
+    assert_eq!(
+        (
+            list[0].state.as_str(),
+            list[0].error.as_str(),
+            list[0].attempts
+        ),
+        ("dead", "still bad", 2)
+    );
 
     o.retry_dead(None, Some(list[0].id)).expect("retry by id");
     let again = o.next_batch("a", 10).expect("claim").expect("batch");
@@ -237,14 +298,26 @@ fn dead_letters_past_their_budget_evict_the_oldest() {
     // Dead-letter budget: a quarter of 40 records = 10 records.
     let mut o = open(&d, (size * 40) as u64, &[("a", ALL)]);
     for round in 0..3 {
-        o.append(&(0..6).map(|i| point((round * 10 + i) as f64)).collect::<Vec<_>>()).expect("append");
+        o.append(
+            &(0..6)
+                .map(|i| point((round * 10 + i) as f64))
+                .collect::<Vec<_>>(),
+        )
+        .expect("append");
         let b = o.next_batch("a", 6).expect("claim").expect("batch");
         o.dead_letter(&b, "refused").expect("dead letter");
     }
     let list = o.dead_letters(None).expect("list");
-    assert_eq!(list.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![3], "6+6 > 10: the two oldest went");
+    assert_eq!(
+        list.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        vec![3],
+        "6+6 > 10: the two oldest went"
+    );
     let s = o.stats().expect("stats");
-    assert_eq!(s.drops, vec![(reason::DEAD_LETTER_EVICTED.to_owned(), "a".to_owned(), 12)]);
+    assert_eq!(
+        s.drops,
+        vec![(reason::DEAD_LETTER_EVICTED.to_owned(), "a".to_owned(), 12)]
+    );
 }
 
 #[test]
@@ -281,8 +354,15 @@ fn check_moved_aside(prepare: impl FnOnce(&Path), why_contains: &str) {
     let before = std::fs::read(&path).expect("read prepared file");
     let (mut o, report) = Outbox::open(&d.0, 1 << 20).expect("open must recover");
     let (aside, why) = report.moved_aside.expect("the file must be moved aside");
-    assert!(why.contains(why_contains), "reason {why:?} should mention {why_contains:?}");
-    assert_eq!(std::fs::read(&aside).expect("aside file kept"), before, "the old bytes are kept untouched");
+    assert!(
+        why.contains(why_contains),
+        "reason {why:?} should mention {why_contains:?}"
+    );
+    assert_eq!(
+        std::fs::read(&aside).expect("aside file kept"),
+        before,
+        "the old bytes are kept untouched"
+    );
     o.register_sinks(&[("a".into(), ALL)]).expect("register");
     o.append(&[point(1.0)]).expect("the fresh outbox works");
     drop(o);
@@ -294,7 +374,13 @@ fn check_moved_aside(prepare: impl FnOnce(&Path), why_contains: &str) {
 #[test]
 fn recovery_moves_aside_garbage() {
     check_moved_aside(
-        |p| std::fs::write(p, b"this is not a database, just some bytes that are long enough".repeat(100)).expect("write"),
+        |p| {
+            std::fs::write(
+                p,
+                b"this is not a database, just some bytes that are long enough".repeat(100),
+            )
+            .expect("write")
+        },
         "not a readable SQLite database",
     );
 }
@@ -304,7 +390,8 @@ fn recovery_moves_aside_a_foreign_database() {
     check_moved_aside(
         |p| {
             let c = Connection::open(p).expect("create");
-            c.execute_batch("CREATE TABLE accounts(id INTEGER); INSERT INTO accounts VALUES (1);").expect("fill");
+            c.execute_batch("CREATE TABLE accounts(id INTEGER); INSERT INTO accounts VALUES (1);")
+                .expect("fill");
         },
         "another program",
     );
@@ -329,9 +416,12 @@ fn recovery_moves_aside_a_corrupted_page() {
             let (mut o, _) = Outbox::open(p.parent().expect("dir"), 1 << 30).expect("create ours");
             o.register_sinks(&[("a".into(), ALL)]).expect("register");
             for _ in 0..20 {
-                o.append(&(0..500).map(|i| point(i as f64)).collect::<Vec<_>>()).expect("fill");
+                o.append(&(0..500).map(|i| point(i as f64)).collect::<Vec<_>>())
+                    .expect("fill");
             }
-            o.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").expect("checkpoint");
+            o.conn
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                .expect("checkpoint");
             drop(o);
             // Scribble over the middle of the file, below the header.
             let mut bytes = std::fs::read(p).expect("read");
@@ -359,14 +449,25 @@ fn a_full_database_is_a_retryable_error_that_loses_nothing_committed() {
     let mut o = open(&d, 1 << 30, &[("a", ALL)]);
     o.append(&[point(1.0)]).expect("append");
     // SQLite's own "disk full": cap the file at its current size.
-    let pages: i64 = o.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).expect("pages");
-    o.conn.execute_batch(&format!("PRAGMA max_page_count = {pages};")).expect("cap");
+    let pages: i64 = o
+        .conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .expect("pages");
+    o.conn
+        .execute_batch(&format!("PRAGMA max_page_count = {pages};"))
+        .expect("cap");
     let big: Vec<Record> = (0..5000).map(|i| point(i as f64)).collect();
     let err = o.append(&big).expect_err("must not fit");
     assert!(err.is_disk_full(), "{err}");
     assert_eq!(count(&o, "records"), 1, "the failed group left no trace");
-    assert_eq!(o.bytes(), o.stats().expect("stats").bytes, "the byte count stayed true");
-    o.conn.execute_batch("PRAGMA max_page_count = 1073741823;").expect("uncap");
+    assert_eq!(
+        o.bytes(),
+        o.stats().expect("stats").bytes,
+        "the byte count stayed true"
+    );
+    o.conn
+        .execute_batch("PRAGMA max_page_count = 1073741823;")
+        .expect("uncap");
     o.append(&big).expect("append after space came back");
     let b = o.next_batch("a", 10_000).expect("claim").expect("batch");
     assert_eq!(b.records.len(), 5001);

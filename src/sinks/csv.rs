@@ -53,7 +53,10 @@ impl Config {
                         Some(kind @ (Kind::Point | Kind::Sketch)) => kinds.push(kind),
                         _ => p.push(
                             k.span(),
-                            format!("the csv sink takes kinds `point` and `sketch`, not `{}`", k.get_ref()),
+                            format!(
+                                "the csv sink takes kinds `point` and `sketch`, not `{}`",
+                                k.get_ref()
+                            ),
                         ),
                     }
                 }
@@ -87,7 +90,10 @@ impl Sink for CsvSink {
         self.config.kinds
     }
 
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> LocalBoxFuture<'a, Result<(), DeliveryError>> {
+    fn deliver<'a>(
+        &'a mut self,
+        batch: &'a Batch,
+    ) -> LocalBoxFuture<'a, Result<(), DeliveryError>> {
         let text = render(batch);
         let path = self.config.path.clone();
         let file = self.file.take();
@@ -118,7 +124,11 @@ fn open(path: &Path) -> std::io::Result<File> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    OpenOptions::new().read(true).append(true).create(true).open(path)
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
 }
 
 fn write_batch(file: &mut File, repair: Option<i64>, text: &str) -> std::io::Result<()> {
@@ -148,7 +158,9 @@ fn cut_point(file: &mut File, len: u64, seq: i64) -> std::io::Result<u64> {
         let start = len.saturating_sub(window);
         let mut tail = Vec::with_capacity((len - start) as usize);
         file.seek(SeekFrom::Start(start))?;
-        Read::by_ref(file).take(len - start).read_to_end(&mut tail)?;
+        Read::by_ref(file)
+            .take(len - start)
+            .read_to_end(&mut tail)?;
         window = window.saturating_mul(2);
         let at_file_start = start == 0;
         // End of the last complete line: a torn line after it is cut.
@@ -181,8 +193,18 @@ fn cut_point(file: &mut File, len: u64, seq: i64) -> std::io::Result<u64> {
 fn render(batch: &Batch) -> String {
     let mut out = String::with_capacity(batch.records.len() * 96);
     for (id, r) in &batch.records {
-        let dims: Vec<String> = r.dims.pairs().iter().map(|(k, v)| format!("{k}={v}")).collect();
-        out.push_str(&format!("{},{id},{},{},", batch.seq, iso8601(r.ts_ms), r.kind));
+        let dims: Vec<String> = r
+            .dims
+            .pairs()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        out.push_str(&format!(
+            "{},{id},{},{},",
+            batch.seq,
+            iso8601(r.ts_ms),
+            r.kind
+        ));
         push_field(&mut out, &r.name);
         out.push(',');
         push_field(&mut out, &dims.join(";"));

@@ -33,14 +33,22 @@ impl Driver {
             let batch = match claimed {
                 Ok(Some(b)) => b,
                 Ok(None) => {
-                    if self.shutdown.sleep(jittered(self.idle, IDLE_JITTER, fastrand::f64())).await {
+                    if self
+                        .shutdown
+                        .sleep(jittered(self.idle, IDLE_JITTER, fastrand::f64()))
+                        .await
+                    {
                         return;
                     }
                     continue;
                 }
                 Err(e) => {
                     let wait = backoff.next();
-                    log::error!("sink `{}`: {e}; trying again in {:.1} s", self.name, wait.as_secs_f64());
+                    log::error!(
+                        "sink `{}`: {e}; trying again in {:.1} s",
+                        self.name,
+                        wait.as_secs_f64()
+                    );
                     if self.shutdown.sleep(wait).await {
                         return;
                     }
@@ -82,7 +90,11 @@ impl Driver {
                         );
                     }
                     let (name, note) = (self.name.clone(), why.clone());
-                    if let Err(e) = self.outbox.call(move |o| o.note_failure(&name, &note)).await {
+                    if let Err(e) = self
+                        .outbox
+                        .call(move |o| o.note_failure(&name, &note))
+                        .await
+                    {
                         log::error!("sink `{}`: {e}", self.name);
                     }
                     last_error = Some(why);
@@ -137,11 +149,16 @@ mod tests {
         fn accepts(&self) -> KindSet {
             KindSet::ALL
         }
-        fn deliver<'a>(&'a mut self, batch: &'a Batch) -> LocalBoxFuture<'a, Result<(), DeliveryError>> {
+        fn deliver<'a>(
+            &'a mut self,
+            batch: &'a Batch,
+        ) -> LocalBoxFuture<'a, Result<(), DeliveryError>> {
             self.log.borrow_mut().push((batch.seq, batch.redelivered));
             let answer = self.script.pop_front().unwrap_or(Ok(()));
             if answer.is_ok() {
-                self.kept.borrow_mut().extend(batch.records.iter().map(|(_, r)| r.value));
+                self.kept
+                    .borrow_mut()
+                    .extend(batch.records.iter().map(|(_, r)| r.value));
             }
             Box::pin(async move { answer })
         }
@@ -151,7 +168,9 @@ mod tests {
     fn retries_then_dead_letters_then_delivers_everything_once() {
         let dir = std::env::temp_dir().join(format!("edgemeter-delivery-{}", fastrand::u64(..)));
         let (mut outbox, _) = Outbox::open(&dir, 1 << 20).expect("open");
-        outbox.register_sinks(&[("s".into(), KindSet::ALL)]).expect("register");
+        outbox
+            .register_sinks(&[("s".into(), KindSet::ALL)])
+            .expect("register");
         let recs: Vec<Record> = (0..6)
             .map(|i| Record::point("m", Dims::default(), 0, f64::from(i), "Count"))
             .collect();
@@ -197,7 +216,10 @@ mod tests {
             task.await;
         }));
         // seq 1 offered three times (two retries), seq 2 refused, seq 3 delivered.
-        assert_eq!(*log.borrow(), vec![(1, false), (1, true), (1, true), (2, false), (3, false)]);
+        assert_eq!(
+            *log.borrow(),
+            vec![(1, false), (1, true), (1, true), (2, false), (3, false)]
+        );
         assert_eq!(*kept.borrow(), vec![0.0, 1.0, 4.0, 5.0]);
         let (stats, dead) = smol::block_on(outbox.call(|o| (o.stats(), o.dead_letters(None))));
         let (stats, dead) = (stats.expect("stats"), dead.expect("dead letters"));
@@ -205,7 +227,10 @@ mod tests {
         assert_eq!(stats.sinks[0].delivered_records, 4);
         assert_eq!(stats.sinks[0].failures, 3, "two retries and one refusal");
         assert_eq!(dead.len(), 1);
-        assert_eq!((dead[0].seq, dead[0].count, dead[0].error.as_str()), (2, 2, "400 bad datum"));
+        assert_eq!(
+            (dead[0].seq, dead[0].count, dead[0].error.as_str()),
+            (2, 2, "400 bad datum")
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -67,10 +67,16 @@ impl fmt::Display for DeliveryError {
 
 pub trait Sink {
     fn accepts(&self) -> KindSet;
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> LocalBoxFuture<'a, Result<(), DeliveryError>>;
+    fn deliver<'a>(&'a mut self, batch: &'a Batch)
+    -> LocalBoxFuture<'a, Result<(), DeliveryError>>;
 }
 
-pub fn parse_config(kind: &str, base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<SinkConfig> {
+pub fn parse_config(
+    kind: &str,
+    base: &Path,
+    table: Spanned<DeTable<'_>>,
+    p: &mut Problems,
+) -> Option<SinkConfig> {
     match kind {
         "csv" => csv::Config::parse(base, table, p).map(SinkConfig::Csv),
         other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),

@@ -44,23 +44,33 @@ impl Config {
     pub fn parse(table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Config> {
         let raw: Raw = deserialize(table, p)?;
         let before = p.list().len();
-        let metric = raw.metric.map_or_else(|| "synthetic".to_owned(), |m| {
-            if m.get_ref().is_empty() || m.get_ref().len() > 255 {
-                p.push(m.span(), "metric must be 1 to 255 characters");
-            }
-            m.into_inner()
-        });
+        let metric = raw.metric.map_or_else(
+            || "synthetic".to_owned(),
+            |m| {
+                if m.get_ref().is_empty() || m.get_ref().len() > 255 {
+                    p.push(m.span(), "metric must be 1 to 255 characters");
+                }
+                m.into_inner()
+            },
+        );
         let rate_per_sec = raw.rate_per_sec.map_or(10.0, |r| {
             let x = *r.get_ref();
             if !(x > 0.0 && x <= 1_000_000.0) {
-                p.push(r.span(), format!("rate_per_sec = {x} is out of range; use more than 0 and at most 1000000"));
+                p.push(
+                    r.span(),
+                    format!(
+                        "rate_per_sec = {x} is out of range; use more than 0 and at most 1000000"
+                    ),
+                );
             }
             x
         });
         let series = raw
             .series
             .map_or(1, |s| int_in_range(&s, "series", 1, 10_000, p) as u32);
-        let limit = raw.limit.map(|l| int_in_range(&l, "limit", 1, u64::MAX >> 1, p));
+        let limit = raw
+            .limit
+            .map(|l| int_in_range(&l, "limit", 1, u64::MAX >> 1, p));
         (p.list().len() == before).then_some(Config {
             metric,
             rate_per_sec,
@@ -93,12 +103,16 @@ impl Source for Synthetic {
             let dims: Vec<Dims> = (0..c.series)
                 .map(|i| Dims::new([("agent", ctx.agent_id.clone()), ("series", i.to_string())]))
                 .collect();
-            let tick = TICK.max(Duration::from_secs_f64(1.0 / c.rate_per_sec).min(Duration::from_secs(1)));
+            let tick =
+                TICK.max(Duration::from_secs_f64(1.0 / c.rate_per_sec).min(Duration::from_secs(1)));
             let start = Instant::now();
             let mut sent: u64 = 0;
             log::info!(
                 "source `{}`: emitting {} points/s over {} series of `{}`",
-                ctx.name, c.rate_per_sec, c.series, c.metric
+                ctx.name,
+                c.rate_per_sec,
+                c.series,
+                c.metric
             );
             loop {
                 let target = due(c.rate_per_sec, start.elapsed(), c.limit);
@@ -116,7 +130,10 @@ impl Source for Synthetic {
                     sent += 1;
                 }
                 if c.limit.is_some_and(|l| sent >= l) {
-                    log::info!("source `{}`: emitted its limit of {sent} points; idle until shutdown", ctx.name);
+                    log::info!(
+                        "source `{}`: emitted its limit of {sent} points; idle until shutdown",
+                        ctx.name
+                    );
                     ctx.shutdown.wait().await;
                     return;
                 }
@@ -134,7 +151,8 @@ mod tests {
 
     #[test]
     fn due_follows_rate_and_limit() {
-        let check = |rate, ms, limit, want| assert_eq!(due(rate, Duration::from_millis(ms), limit), want);
+        let check =
+            |rate, ms, limit, want| assert_eq!(due(rate, Duration::from_millis(ms), limit), want);
         check(10.0, 0, None, 0);
         check(10.0, 99, None, 0);
         check(10.0, 100, None, 1);

@@ -13,7 +13,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("edgemeter-it-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+        let d = std::env::temp_dir().join(format!(
+            "edgemeter-it-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&d).expect("create temp dir");
         TempDir(d)
     }
@@ -37,7 +41,10 @@ impl Drop for TempDir {
 
 /// Run `edgemeter ARGS` to completion; (exit code, stdout, stderr).
 pub fn edgemeter(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run edgemeter");
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run edgemeter");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -87,7 +94,13 @@ impl Agent {
     pub fn wait_for_line(&self, needle: &str, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if self.lines.lock().expect("lines lock").iter().any(|l| l.contains(needle)) {
+            if self
+                .lines
+                .lock()
+                .expect("lines lock")
+                .iter()
+                .any(|l| l.contains(needle))
+            {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -122,7 +135,8 @@ impl Agent {
 
     pub fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL");
-        self.wait_exit(Duration::from_secs(10)).expect("exit after SIGKILL");
+        self.wait_exit(Duration::from_secs(10))
+            .expect("exit after SIGKILL");
     }
 
     pub fn stderr(&self) -> String {
@@ -142,7 +156,9 @@ impl Drop for Agent {
 
 /// Record ids in a csv sink's file (complete lines only, header skipped).
 pub fn csv_ids(path: &Path) -> Vec<i64> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
     let complete = match text.rfind('\n') {
         Some(i) => &text[..=i],
         None => "",
@@ -150,6 +166,11 @@ pub fn csv_ids(path: &Path) -> Vec<i64> {
     complete
         .lines()
         .skip(1)
-        .map(|l| l.split(',').nth(1).and_then(|id| id.parse().ok()).expect("csv line has an id"))
+        .map(|l| {
+            l.split(',')
+                .nth(1)
+                .and_then(|id| id.parse().ok())
+                .expect("csv line has an id")
+        })
         .collect()
 }

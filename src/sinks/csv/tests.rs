@@ -12,7 +12,13 @@ fn batch(seq: i64, ids: &[i64], redelivered: bool) -> Batch {
             .map(|&id| {
                 (
                     id,
-                    Record::point("m", Dims::new([("a", "1"), ("b", "x,y")]), 1_658_779_200_000, id as f64, "Count"),
+                    Record::point(
+                        "m",
+                        Dims::new([("a", "1"), ("b", "x,y")]),
+                        1_658_779_200_000,
+                        id as f64,
+                        "Count",
+                    ),
                 )
             })
             .collect(),
@@ -20,7 +26,11 @@ fn batch(seq: i64, ids: &[i64], redelivered: bool) -> Batch {
 }
 
 fn temp_file(content: &str) -> (PathBuf, File) {
-    let p = std::env::temp_dir().join(format!("edgemeter-csv-{}-{}.csv", std::process::id(), fastrand::u64(..)));
+    let p = std::env::temp_dir().join(format!(
+        "edgemeter-csv-{}-{}.csv",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
     std::fs::write(&p, content).expect("write");
     let f = open(&p).expect("open");
     (p, f)
@@ -45,7 +55,11 @@ fn check_repair(before: &str, seq: i64, after_prefix: &str) {
     write_batch(&mut f, Some(seq), &render(&b)).expect("write");
     let got = std::fs::read_to_string(&path).expect("read");
     std::fs::remove_file(&path).ok();
-    assert_eq!(got, format!("{after_prefix}{}", render(&b)), "before: {before:?}");
+    assert_eq!(
+        got,
+        format!("{after_prefix}{}", render(&b)),
+        "before: {before:?}"
+    );
 }
 
 #[test]
@@ -54,7 +68,11 @@ fn redelivery_repairs_the_tail() {
     // Nothing of the batch written yet.
     check_repair(&format!("{h}1,1,t\n"), 2, &format!("{h}1,1,t\n"));
     // The whole batch was written but not confirmed.
-    check_repair(&format!("{h}1,1,t\n2,2,t\n2,3,t\n"), 2, &format!("{h}1,1,t\n"));
+    check_repair(
+        &format!("{h}1,1,t\n2,2,t\n2,3,t\n"),
+        2,
+        &format!("{h}1,1,t\n"),
+    );
     // A torn write: part of a line.
     check_repair(&format!("{h}1,1,t\n2,2,t\n2,3"), 2, &format!("{h}1,1,t\n"));
     // Torn inside the first line of the batch.

@@ -168,7 +168,11 @@ pub enum OutboxError {
     /// a directory where the file should be, ...): fatal.
     Unusable { path: PathBuf, detail: String },
     /// An operation failed (disk full, I/O error); the caller retries.
-    Sqlite { path: PathBuf, op: &'static str, error: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        op: &'static str,
+        error: rusqlite::Error,
+    },
     /// The caller named a sink that is not registered (a programming error
     /// or a typo on the command line).
     UnknownSink { name: String },
@@ -324,11 +328,17 @@ impl Outbox {
         let e = sql_err(&path, "reading totals at start-up");
         outbox.bytes = outbox
             .conn
-            .query_row("SELECT COALESCE(SUM(size), 0) FROM records", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(SUM(size), 0) FROM records", [], |r| {
+                r.get(0)
+            })
             .map_err(&e)?;
         outbox.dead_bytes = outbox
             .conn
-            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM dead_letters", [], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(SUM(bytes), 0) FROM dead_letters",
+                [],
+                |r| r.get(0),
+            )
             .map_err(&e)?;
         report.records = outbox
             .conn
@@ -352,7 +362,11 @@ impl Outbox {
         let mut o = Outbox::open_existing(dir, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         o.dead_bytes = o
             .conn
-            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM dead_letters", [], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(SUM(bytes), 0) FROM dead_letters",
+                [],
+                |r| r.get(0),
+            )
             .map_err(sql_err(&o.path, "reading totals"))?;
         Ok(o)
     }
@@ -362,8 +376,9 @@ impl Outbox {
         if !path.exists() {
             return Err(OutboxError::Unusable {
                 path,
-                detail: "it does not exist yet (has `edgemeter run` been started with this state_dir?)"
-                    .into(),
+                detail:
+                    "it does not exist yet (has `edgemeter run` been started with this state_dir?)"
+                        .into(),
             });
         }
         let conn = Connection::open_with_flags(&path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -393,7 +408,10 @@ impl Outbox {
     /// Make the set of sinks match the configuration: add new ones (they
     /// start with everything buffered), update what they take, and forget
     /// sinks that are gone. Returns the names forgotten.
-    pub fn register_sinks(&mut self, sinks: &[(String, KindSet)]) -> Result<Vec<String>, OutboxError> {
+    pub fn register_sinks(
+        &mut self,
+        sinks: &[(String, KindSet)],
+    ) -> Result<Vec<String>, OutboxError> {
         let e = sql_err(&self.path, "registering sinks");
         let tx = self.conn.transaction().map_err(&e)?;
         let existing: Vec<String> = {
@@ -406,8 +424,10 @@ impl Outbox {
         let mut forgotten = Vec::new();
         for name in existing {
             if !sinks.iter().any(|(n, _)| *n == name) {
-                tx.execute("DELETE FROM sinks WHERE name = ?1", [&name]).map_err(&e)?;
-                tx.execute("DELETE FROM batches WHERE sink = ?1", [&name]).map_err(&e)?;
+                tx.execute("DELETE FROM sinks WHERE name = ?1", [&name])
+                    .map_err(&e)?;
+                tx.execute("DELETE FROM batches WHERE sink = ?1", [&name])
+                    .map_err(&e)?;
                 forgotten.push(name);
             }
         }
@@ -490,7 +510,11 @@ impl Outbox {
     }
 
     /// Hand the next batch to `sink` (see the module header for the order).
-    pub fn next_batch(&mut self, sink: &str, max_records: usize) -> Result<Option<Batch>, OutboxError> {
+    pub fn next_batch(
+        &mut self,
+        sink: &str,
+        max_records: usize,
+    ) -> Result<Option<Batch>, OutboxError> {
         let e = sql_err(&self.path, "claiming a batch");
         let tx = self.conn.transaction().map_err(&e)?;
         let (kinds, cursor, next_seq) = sink_row(&tx, sink)
@@ -583,8 +607,11 @@ impl Outbox {
                 .query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
                 .map_err(&e)?;
             if top > cursor {
-                tx.execute("UPDATE sinks SET cursor = ?2 WHERE name = ?1", params![sink, top])
-                    .map_err(&e)?;
+                tx.execute(
+                    "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+                    params![sink, top],
+                )
+                .map_err(&e)?;
                 freed += collect_garbage(&tx).map_err(&e)?;
             }
             tx.commit().map_err(&e)?;
@@ -599,8 +626,11 @@ impl Outbox {
             params![sink, next_seq, cursor + 1, last_id, now_ms()],
         )
         .map_err(&e)?;
-        tx.execute("UPDATE sinks SET next_seq = ?2 WHERE name = ?1", params![sink, next_seq + 1])
-            .map_err(&e)?;
+        tx.execute(
+            "UPDATE sinks SET next_seq = ?2 WHERE name = ?1",
+            params![sink, next_seq + 1],
+        )
+        .map_err(&e)?;
         tx.commit().map_err(&e)?;
         self.bytes -= freed;
         Ok(Some(Batch {
@@ -772,7 +802,11 @@ impl Outbox {
     }
 
     /// Mark dead letters (all, one sink's, or one by id) for redelivery.
-    pub fn retry_dead(&mut self, sink: Option<&str>, id: Option<i64>) -> Result<usize, OutboxError> {
+    pub fn retry_dead(
+        &mut self,
+        sink: Option<&str>,
+        id: Option<i64>,
+    ) -> Result<usize, OutboxError> {
         self.conn
             .execute(
                 "UPDATE dead_letters SET state = 'retry', updated = ?3
@@ -783,7 +817,11 @@ impl Outbox {
     }
 
     /// Delete dead letters (all, one sink's, or one by id).
-    pub fn purge_dead(&mut self, sink: Option<&str>, id: Option<i64>) -> Result<usize, OutboxError> {
+    pub fn purge_dead(
+        &mut self,
+        sink: Option<&str>,
+        id: Option<i64>,
+    ) -> Result<usize, OutboxError> {
         let e = sql_err(&self.path, "purging dead letters");
         let tx = self.conn.transaction().map_err(&e)?;
         let ids: Vec<i64> = {
@@ -808,9 +846,11 @@ impl Outbox {
         let e = sql_err(&self.path, "reading status");
         let c = &self.conn;
         let (records, bytes, oldest) = c
-            .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(at) FROM records", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(at) FROM records",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .map_err(&e)?;
         let mut st = c
             .prepare(
@@ -847,7 +887,11 @@ impl Outbox {
             .collect::<Result<_, _>>()
             .map_err(&e)?;
         let dead_letter_bytes = c
-            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM dead_letters", [], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(SUM(bytes), 0) FROM dead_letters",
+                [],
+                |r| r.get(0),
+            )
             .map_err(&e)?;
         Ok(Stats {
             records,
@@ -880,7 +924,8 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
         return Err(Verdict::Fatal("it is a directory".into()));
     }
     let conn = Connection::open(path).map_err(classify)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(classify)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(classify)?;
     // The first statement that reads the file is where SQLite notices it is
     // not a database, so everything up to the integrity check goes through
     // `classify`.
@@ -901,7 +946,9 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
         )));
     }
     if let Some(t) = tables.iter().find(|t| !OUR_TABLES.contains(&t.as_str())) {
-        return Err(Verdict::MoveAside(format!("it holds a table edgemeter does not know (`{t}`)")));
+        return Err(Verdict::MoveAside(format!(
+            "it holds a table edgemeter does not know (`{t}`)"
+        )));
     }
     if version > SCHEMA_VERSION {
         return Err(Verdict::MoveAside(format!(
@@ -912,13 +959,17 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .map_err(classify)?;
     if check != "ok" {
-        return Err(Verdict::MoveAside(format!("its integrity check failed: {check}")));
+        return Err(Verdict::MoveAside(format!(
+            "its integrity check failed: {check}"
+        )));
     }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(classify)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Verdict::Fatal(format!("SQLite refused WAL mode (got `{mode}`)")));
+        return Err(Verdict::Fatal(format!(
+            "SQLite refused WAL mode (got `{mode}`)"
+        )));
     }
     conn.execute_batch(&format!(
         "PRAGMA synchronous = FULL;
@@ -941,7 +992,10 @@ fn move_aside(path: &Path) -> Result<PathBuf, OutboxError> {
             let to = PathBuf::from(format!("{}{suffix}", aside.display()));
             std::fs::rename(&from, &to).map_err(|e| OutboxError::Unusable {
                 path: path.to_owned(),
-                detail: format!("it is unusable and could not be moved aside to {}: {e}", to.display()),
+                detail: format!(
+                    "it is unusable and could not be moved aside to {}: {e}",
+                    to.display()
+                ),
             })?;
         }
     }
@@ -959,7 +1013,11 @@ fn sink_row(tx: &Transaction, sink: &str) -> rusqlite::Result<Option<(KindSet, i
     .optional()
 }
 
-fn load_records(tx: &Transaction, sql: &str, args: impl rusqlite::Params) -> rusqlite::Result<Vec<(i64, Record)>> {
+fn load_records(
+    tx: &Transaction,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<(i64, Record)>> {
     let mut st = tx.prepare_cached(sql)?;
     let rows = st.query_map(args, |r| {
         let kind_code: i64 = r.get(1)?;
@@ -986,7 +1044,10 @@ fn load_records(tx: &Transaction, sql: &str, args: impl rusqlite::Params) -> rus
 /// records as delivered (0 for a dead letter or an empty batch), and delete
 /// what every sink has passed. Returns the bytes freed.
 fn advance(tx: &Transaction, sink: &str, seq: i64, last: i64, n: i64) -> rusqlite::Result<i64> {
-    tx.execute("DELETE FROM batches WHERE sink = ?1 AND seq = ?2", params![sink, seq])?;
+    tx.execute(
+        "DELETE FROM batches WHERE sink = ?1 AND seq = ?2",
+        params![sink, seq],
+    )?;
     if n > 0 {
         tx.execute(
             "UPDATE sinks SET cursor = MAX(cursor, ?2), delivered_records = delivered_records + ?3,
@@ -1069,7 +1130,9 @@ fn count_drop(c: &Connection, why: &str, sink: &str, n: i64) -> rusqlite::Result
 
 fn delete_dead(tx: &Transaction, id: i64) -> rusqlite::Result<i64> {
     let bytes: i64 = tx
-        .query_row("SELECT bytes FROM dead_letters WHERE id = ?1", [id], |r| r.get(0))
+        .query_row("SELECT bytes FROM dead_letters WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
         .optional()?
         .unwrap_or(0);
     tx.execute("DELETE FROM dead_records WHERE dead_id = ?1", [id])?;
@@ -1086,7 +1149,13 @@ fn evict_dead(tx: &Transaction, over: i64) -> rusqlite::Result<i64> {
             .query_row(
                 "SELECT id, sink, count FROM dead_letters ORDER BY id LIMIT 1",
                 [],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
             )
             .optional()?
         else {

@@ -1,0 +1,283 @@
+//! Outbox append throughput and size, with baselines from the same run.
+//!
+//! Run: `cargo bench --bench outbox` (add `-- --quick` for a short run).
+//!
+//! 1. `outbox.append`: the real outbox code (compiled in from `src/`), fed in
+//!    groups the way the agent's writer does with `flush_interval_secs =
+//!    0.1`: a group holds what arrives in 100 ms, so at the target rate of
+//!    100,000 records/s a group is 10,000 records and each commit (fsync
+//!    included, `synchronous = FULL`) must take well under 100 ms.
+//! 2. Baselines on the same disk, same run:
+//!    - `sqlite floor`: plain INSERTs of the same columns into a bare table in
+//!      one transaction per group (no outbox bookkeeping): the best the outbox
+//!      could do;
+//!    - `commit per record`: one transaction per record, the way a script that
+//!      "writes each message" does.
+//! 3. End to end: the real `edgemeter run` binary with a synthetic source at
+//!    its maximum rate and `flush_interval_secs = 0.1` for a few seconds;
+//!    records committed per second, from the outbox afterwards.
+//! 4. On-disk bytes per record: the database file after a checkpoint, divided
+//!    by the records in it.
+
+// The modules are compiled in from src/ and their unit tests are not run here.
+#![allow(dead_code, unused_imports)]
+
+#[path = "../src/clock.rs"]
+mod clock;
+#[path = "../src/outbox/mod.rs"]
+mod outbox;
+#[path = "../src/record.rs"]
+mod record;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use record::{Dims, KindSet, Record};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        // Under target/ so the benchmark measures the project's own disk,
+        // not a tmpfs.
+        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/bench-tmp")
+            .join(format!("{tag}-{}", std::process::id()));
+        std::fs::remove_dir_all(&d).ok();
+        std::fs::create_dir_all(&d).expect("create bench dir");
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// A realistic small record: an active-users style point with two dims.
+fn records(n: usize, start: usize) -> Vec<Record> {
+    (start..start + n)
+        .map(|i| {
+            Record::point(
+                "active_users",
+                Dims::new([
+                    ("gateway", format!("gw-{:02}", i % 16)),
+                    ("window", "30m".to_owned()),
+                ]),
+                1_700_000_000_000 + i as i64,
+                (i % 5000) as f64,
+                "Count",
+            )
+        })
+        .collect()
+}
+
+struct Measured {
+    records: usize,
+    secs: f64,
+    worst_commit_ms: f64,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.records as f64 / self.secs
+    }
+}
+
+fn bench_outbox(groups: usize, group: usize) -> (Measured, f64) {
+    let dir = TempDir::new("outbox");
+    let (mut o, _) = outbox::Outbox::open(&dir.0, 1 << 40).expect("open");
+    o.register_sinks(&[("s".into(), KindSet::ALL)])
+        .expect("register");
+    let data: Vec<Vec<Record>> = (0..groups).map(|g| records(group, g * group)).collect();
+    let mut worst: f64 = 0.0;
+    let t = Instant::now();
+    for g in &data {
+        let c = Instant::now();
+        o.append(g).expect("append");
+        worst = worst.max(c.elapsed().as_secs_f64() * 1000.0);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(o);
+    // Bytes per record: checkpoint the WAL into the main file first.
+    let db = rusqlite::Connection::open(dir.0.join("outbox.db")).expect("reopen");
+    db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .expect("checkpoint");
+    drop(db);
+    let bytes = std::fs::metadata(dir.0.join("outbox.db"))
+        .expect("stat")
+        .len() as f64;
+    (
+        Measured {
+            records: groups * group,
+            secs,
+            worst_commit_ms: worst,
+        },
+        bytes / (groups * group) as f64,
+    )
+}
+
+fn floor_connection(dir: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(dir.join("floor.db")).expect("open");
+    c.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         CREATE TABLE t (id INTEGER PRIMARY KEY, kind INTEGER, ts INTEGER, name TEXT, dims TEXT,
+                         value REAL, unit TEXT, payload BLOB);",
+    )
+    .expect("schema");
+    c
+}
+
+fn insert(c: &rusqlite::Connection, r: &Record) {
+    c.prepare_cached(
+        "INSERT INTO t (kind, ts, name, dims, value, unit, payload) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+    )
+    .expect("prepare")
+    .execute(rusqlite::params![
+        r.kind as i64,
+        r.ts_ms,
+        r.name,
+        r.dims.encode(),
+        r.value,
+        r.unit,
+        r.payload
+    ])
+    .expect("insert");
+}
+
+fn bench_floor(groups: usize, group: usize) -> Measured {
+    let dir = TempDir::new("floor");
+    let mut c = floor_connection(&dir.0);
+    let data: Vec<Vec<Record>> = (0..groups).map(|g| records(group, g * group)).collect();
+    let mut worst: f64 = 0.0;
+    let t = Instant::now();
+    for g in &data {
+        let s = Instant::now();
+        let tx = c.transaction().expect("begin");
+        for r in g {
+            insert(&tx, r);
+        }
+        tx.commit().expect("commit");
+        worst = worst.max(s.elapsed().as_secs_f64() * 1000.0);
+    }
+    Measured {
+        records: groups * group,
+        secs: t.elapsed().as_secs_f64(),
+        worst_commit_ms: worst,
+    }
+}
+
+fn bench_commit_per_record(n: usize) -> Measured {
+    let dir = TempDir::new("per-record");
+    let c = floor_connection(&dir.0);
+    let data = records(n, 0);
+    let mut worst: f64 = 0.0;
+    let t = Instant::now();
+    for r in &data {
+        let s = Instant::now();
+        insert(&c, r); // autocommit: one transaction, one fsync, per record
+        worst = worst.max(s.elapsed().as_secs_f64() * 1000.0);
+    }
+    Measured {
+        records: n,
+        secs: t.elapsed().as_secs_f64(),
+        worst_commit_ms: worst,
+    }
+}
+
+/// The real binary, synthetic source flat out, for `secs` seconds.
+fn bench_end_to_end(secs: u64) -> Option<Measured> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/edgemeter");
+    if !bin.exists() {
+        // cargo bench builds benches, not the binary: build it.
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("end to end: could not build target/release/edgemeter");
+            return None;
+        }
+    }
+    let dir = TempDir::new("e2e");
+    let cfg = dir.0.join("edgemeter.toml");
+    std::fs::write(
+        &cfg,
+        "[agent]\nid = \"bench\"\nstate_dir = \"state\"\nflush_interval_secs = 0.1\nlog_level = \"warn\"\n\
+         buffer_max_bytes = 1099511627776\n\
+         [[source]]\ntype = \"synthetic\"\nrate_per_sec = 1000000\nseries = 16\n",
+    )
+    .expect("write config");
+    let mut child = Command::new(&bin)
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start edgemeter");
+    std::thread::sleep(Duration::from_secs(secs));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "edgemeter exited with {status}");
+    let db = rusqlite::Connection::open(dir.0.join("state/outbox.db")).expect("open");
+    let (n, first, last): (i64, i64, i64) = db
+        .query_row("SELECT COUNT(*), MIN(at), MAX(at) FROM records", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .expect("count");
+    // Rate over the span in which records were committed.
+    Some(Measured {
+        records: n as usize,
+        secs: ((last - first) as f64 / 1000.0).max(0.001),
+        worst_commit_ms: f64::NAN,
+    })
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (groups, group) = if quick { (10, 10_000) } else { (50, 10_000) };
+    println!(
+        "outbox append benchmark ({} records in groups of {group}; the agent's group at 100k/s with 0.1 s flushes)",
+        groups * group
+    );
+
+    let floor = bench_floor(groups, group);
+    let (ours, bytes_per_record) = bench_outbox(groups, group);
+    let per_record = bench_commit_per_record(if quick { 500 } else { 2000 });
+    let row = |name: &str, m: &Measured| {
+        println!(
+            "  {name:<22} {:>10.0} records/s   worst commit {:>7.1} ms   {:>6.2}x of sqlite floor",
+            m.rate(),
+            m.worst_commit_ms,
+            m.rate() / floor.rate()
+        );
+    };
+    row("sqlite floor", &floor);
+    row("outbox.append", &ours);
+    row("commit per record", &per_record);
+    println!(
+        "  outbox.append is {:.0}x the commit-per-record baseline",
+        ours.rate() / per_record.rate()
+    );
+    println!("  on disk: {bytes_per_record:.1} bytes per record (after checkpoint)");
+    let target_ok = ours.rate() >= 100_000.0 && ours.worst_commit_ms < 100.0;
+    println!(
+        "  target (>= 100,000 records/s with commits <= 100 ms apart): {}",
+        if target_ok { "met" } else { "NOT met" }
+    );
+    if let Some(e2e) = bench_end_to_end(if quick { 3 } else { 6 }) {
+        println!(
+            "  end to end (edgemeter run, synthetic source flat out, flush 0.1 s): {:.0} records/s committed \
+             ({:.2}x of sqlite floor)",
+            e2e.rate(),
+            e2e.rate() / floor.rate()
+        );
+    }
+}
