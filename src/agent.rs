@@ -25,9 +25,9 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record};
-use crate::runtime::{self, SharedOutbox};
+use crate::runtime::{self, Doorbell, SharedOutbox};
 use crate::sinks::Sink;
-use crate::sinks::delivery::Driver;
+use crate::sinks::delivery::{Driver, IDLE_RECHECK};
 use crate::state_dir::{self, LockError};
 use crate::{sinks, sources};
 
@@ -117,7 +117,14 @@ async fn serve(
     let (emitter, records) = runtime::record_channel();
     let agent = config.agent.clone();
 
-    let writer = ex.spawn(write_records(records, outbox.clone(), agent.flush_interval));
+    let (bells, wakeups): (Vec<_>, Vec<_>) =
+        config.sinks.iter().map(|_| runtime::doorbell()).unzip();
+    let writer = ex.spawn(write_records(
+        records,
+        outbox.clone(),
+        agent.flush_interval,
+        bells,
+    ));
     let source_tasks: Vec<Task<()>> = config
         .sources
         .iter()
@@ -137,14 +144,16 @@ async fn serve(
         .sinks
         .into_iter()
         .zip(built)
-        .map(|(s, sink)| {
+        .zip(wakeups)
+        .map(|((s, sink), wakeup)| {
             let driver = Driver {
                 sink,
                 name: s.name,
                 delivery: s.delivery,
                 outbox: outbox.clone(),
                 shutdown: shutdown.clone(),
-                idle: agent.flush_interval,
+                wakeup,
+                idle: IDLE_RECHECK.max(agent.flush_interval),
             };
             ex.spawn(driver.run())
         })
@@ -231,7 +240,12 @@ async fn join_within(tasks: Vec<Task<()>>, budget: Duration) -> usize {
 /// The outbox writer: groups what arrives within `flush` into one
 /// transaction. Ends when the channel closes (every source gone), after
 /// committing what it holds.
-async fn write_records(rx: Receiver<Record>, outbox: SharedOutbox, flush: Duration) {
+async fn write_records(
+    rx: Receiver<Record>,
+    outbox: SharedOutbox,
+    flush: Duration,
+    bells: Vec<Doorbell>,
+) {
     let mut group: Vec<Record> = Vec::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut failing = false;
@@ -272,6 +286,7 @@ async fn write_records(rx: Receiver<Record>, outbox: SharedOutbox, flush: Durati
             .await;
         match result {
             Ok(appended) => {
+                bells.iter().for_each(Doorbell::ring);
                 if failing {
                     log::info!(
                         "outbox writable again; committed the {} records held meanwhile",

@@ -52,11 +52,13 @@
 //!   else (a failed commit, a failed delivery) is logged, counted and
 //!   retried with backoff; it never stops the loop.
 //! - **Threads**: one `LocalExecutor` on the main thread runs every task;
-//!   never `smol::spawn`. Blocking work (SQLite, file sinks) runs through
-//!   `smol::unblock`, serialised per outbox, so the `blocking` pool holds at
-//!   most one thread per waiting task, and its threads exit after idling.
-//!   At idle the process has the main thread and async-io's `async-io`
-//!   reactor thread, and nothing else that stays.
+//!   never `smol::spawn`, never `smol::unblock` (the `blocking` pool behind
+//!   it never shrinks). Blocking work goes to a [`runtime::Worker`]: one named
+//!   thread per role (`outbox`, and one per sink, e.g. `sink-csv`), started
+//!   when a job comes and gone after 1 s without one. So the process has at
+//!   most 2 + 1 + (number of sinks) threads; at idle, the main thread and
+//!   async-io's reactor thread (`async-io`), plus the `outbox` worker for a
+//!   moment every 5 s when the sinks look for retried dead letters.
 //! - **Secrets** come from files or the environment, never argv, and never
 //!   appear in a log line or an error stored in the outbox.
 //! - **Tests**: unit tests beside the code (`mod tests`, data-driven

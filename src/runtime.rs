@@ -1,10 +1,12 @@
 //! What every task on the event loop shares: the shutdown signal, the
-//! channel records travel on to the outbox writer, and the one way blocking
-//! outbox work leaves the loop.
+//! channel records travel on to the outbox writer, the doorbells that wake
+//! idle sinks, and [`Worker`], the one way blocking work leaves the loop.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use smol::channel::{Receiver, Sender};
 
@@ -82,29 +84,199 @@ impl Emitter {
     }
 }
 
-/// The outbox, shared by the writer and the sink tasks. Every call runs on
-/// the `blocking` pool (`smol::unblock`) so SQLite's fsyncs never stall the
-/// event loop; the mutex serialises them, so at most one pool thread per
-/// waiting task exists, and none at idle (the pool's threads exit when idle).
+/// Wakes a sink's delivery loop when the writer has committed something
+/// new, so an idle sink waits instead of polling SQLite.
 #[derive(Clone)]
-pub struct SharedOutbox(Arc<Mutex<Outbox>>);
+pub struct Doorbell(Sender<()>);
+
+/// The sink's side of a [`Doorbell`].
+pub struct Wakeup(Receiver<()>);
+
+pub fn doorbell() -> (Doorbell, Wakeup) {
+    // One pending ring is enough: it means "look again".
+    let (tx, rx) = smol::channel::bounded(1);
+    (Doorbell(tx), Wakeup(rx))
+}
+
+impl Doorbell {
+    pub fn ring(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+impl Wakeup {
+    /// Wait for a ring, at most `timeout`.
+    pub async fn wait(&self, timeout: std::time::Duration) {
+        smol::future::or(
+            async {
+                if self.0.recv().await.is_err() {
+                    // The writer is gone (no sources, or shutting down): a
+                    // closed channel answers at once, which would make every
+                    // idle sink spin. Only the timeout may end the wait.
+                    smol::future::pending::<()>().await;
+                }
+            },
+            async {
+                smol::Timer::after(timeout).await;
+            },
+        )
+        .await
+    }
+}
+
+/// A thread of our own for blocking work, started when a job comes and
+/// gone after [`WORKER_IDLE`] without one: the bounded, named alternative
+/// to a blocking pool (`blocking` 1.7, behind `smol::unblock`, never shrinks
+/// its pool below its limit of 500, so its threads stay once started).
+/// Jobs run one at a time, in order.
+pub struct Worker {
+    name: String,
+    state: Arc<Mutex<Option<mpsc::Sender<Job>>>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub const WORKER_IDLE: Duration = Duration::from_secs(1);
+
+impl Worker {
+    pub fn new(name: impl Into<String>) -> Worker {
+        Worker {
+            name: name.into(),
+            state: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Run `f` on the worker thread and wait for its result without blocking
+    /// the event loop.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = smol::channel::bounded(1);
+        let job: Job = Box::new(move || {
+            let _ = tx.try_send(f());
+        });
+        self.submit(job);
+        // The job always answers unless it panicked, and a panic in our own
+        // blocking code is a bug that must not be swallowed.
+        rx.recv().await.expect("a worker job panicked")
+    }
+
+    fn submit(&self, job: Job) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let job = match state.as_ref() {
+            None => job,
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                // The thread died (a panicking job): start another.
+                Err(mpsc::SendError(job)) => job,
+            },
+        };
+        let (tx, rx) = mpsc::channel::<Job>();
+        let shared = self.state.clone();
+        let spawned = std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || {
+                loop {
+                    match rx.recv_timeout(WORKER_IDLE) {
+                        Ok(job) => job(),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Decide to exit under the lock, so that no job can be
+                            // sent to a receiver that is about to go away.
+                            let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+                            match rx.try_recv() {
+                                Ok(job) => {
+                                    drop(state);
+                                    job();
+                                }
+                                Err(_) => {
+                                    *state = None;
+                                    return;
+                                }
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                tx.send(job).expect("the new worker holds the receiver");
+                *state = Some(tx);
+            }
+            Err(e) => {
+                // Out of threads: run the job here rather than lose it. The
+                // loop stalls for its duration, which beats dropping data.
+                log::error!(
+                    "cannot start the `{}` worker thread: {e}; running its job on the event loop",
+                    self.name
+                );
+                drop(state);
+                job();
+            }
+        }
+    }
+}
+
+/// The outbox, shared by the writer and the sink tasks. Every call runs on
+/// the one `outbox` worker thread, so SQLite's fsyncs never stall the event
+/// loop and calls are serialised in arrival order.
+#[derive(Clone)]
+pub struct SharedOutbox(Rc<Worker>, Arc<Mutex<Outbox>>);
 
 impl SharedOutbox {
     pub fn new(outbox: Outbox) -> SharedOutbox {
-        SharedOutbox(Arc::new(Mutex::new(outbox)))
+        SharedOutbox(Rc::new(Worker::new("outbox")), Arc::new(Mutex::new(outbox)))
     }
 
     pub async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Outbox) -> T + Send + 'static,
     ) -> T {
-        let inner = self.0.clone();
-        smol::unblock(move || {
-            // A panic while holding the lock would leave a half-done Rust
-            // value, but the SQLite state is transactional: carry on.
-            let mut guard = inner.lock().unwrap_or_else(|poison| poison.into_inner());
-            f(&mut guard)
-        })
-        .await
+        let inner = self.1.clone();
+        self.0
+            .run(move || {
+                // A panic while holding the lock would leave a half-done Rust
+                // value, but the SQLite state is transactional: carry on.
+                let mut guard = inner.lock().unwrap_or_else(|poison| poison.into_inner());
+                f(&mut guard)
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Regression: an idle agent with no sources busy-looped its sinks,
+    /// because the writer's doorbells closed and `recv` on a closed channel
+    /// returns at once. The blocking pool grew a thread per spin.
+    #[test]
+    fn a_wakeup_whose_doorbell_is_gone_waits_for_its_timeout() {
+        let (bell, wakeup) = doorbell();
+        drop(bell);
+        let t = Instant::now();
+        smol::block_on(wakeup.wait(Duration::from_millis(150)));
+        assert!(
+            t.elapsed() >= Duration::from_millis(150),
+            "returned after {:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_ring_wakes_at_once_and_rings_do_not_pile_up() {
+        let (bell, wakeup) = doorbell();
+        bell.ring();
+        bell.ring(); // the second ring is absorbed: one pending ring means "look again"
+        let t = Instant::now();
+        smol::block_on(wakeup.wait(Duration::from_secs(10)));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let t = Instant::now();
+        smol::block_on(wakeup.wait(Duration::from_millis(100)));
+        assert!(
+            t.elapsed() >= Duration::from_millis(100),
+            "no ring was left over"
+        );
     }
 }

@@ -301,3 +301,100 @@ fn dead_letters_are_listed_retried_by_the_agent_and_purged() {
     let (_, out, _) = edgemeter(&["outbox", "list", "-c", c]);
     assert_eq!(out, "no dead letters\n");
 }
+
+/// Threads of a process, by name.
+fn threads(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect()
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Regression: with no sources the outbox writer ends at once, and its
+/// doorbells closed; every idle sink then spun on the outbox, and the
+/// `blocking` pool behind `smol::unblock` grew a thread per spin and never
+/// shrank. An idle agent must sleep: two threads, no CPU to speak of.
+#[test]
+fn an_idle_agent_sleeps_with_two_threads() {
+    let dir = TempDir::new("idle");
+    let cfg = config(&dir, "");
+    let mut agent = Agent::start(&cfg, "info");
+    assert!(
+        agent.wait_for_line("running as agent", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let ticks_before = cpu_ticks(agent.pid());
+    let mut samples = Vec::new();
+    for _ in 0..24 {
+        samples.push(threads(agent.pid()));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let ticks = cpu_ticks(agent.pid()) - ticks_before;
+    agent.signal("TERM");
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit")
+            .success()
+    );
+    let most = samples.iter().map(Vec::len).max().expect("samples");
+    let at_two = samples.iter().filter(|t| t.len() == 2).count();
+    assert!(most <= 3, "an idle agent had {most} threads: {samples:?}");
+    assert!(
+        at_two >= samples.len() / 2,
+        "mostly main + async-io only: {samples:?}"
+    );
+    for names in &samples {
+        for n in names {
+            assert!(
+                ["edgemeter", "async-io", "outbox"].contains(&n.as_str()),
+                "unexpected thread {n}"
+            );
+        }
+    }
+    // 6 s of idling; a spinning loop burns ~600 ticks (100 per second).
+    assert!(ticks < 60, "an idle agent used {ticks} ticks of CPU in 6 s");
+}
+
+#[test]
+fn under_load_threads_stay_within_their_bound() {
+    let dir = TempDir::new("load-threads");
+    let cfg = config(&dir, LOAD);
+    let mut agent = Agent::start(&cfg, "info");
+    assert!(
+        agent.wait_for_line("running as agent", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(threads(agent.pid()).len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.signal("TERM");
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit")
+            .success()
+    );
+    // main + async-io + outbox worker + one worker per sink (one sink here).
+    assert!(most <= 4, "{most} threads under load");
+    assert!(
+        csv_ids(&dir.path("out.csv")).len() > 100,
+        "the load was real"
+    );
+}

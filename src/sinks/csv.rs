@@ -19,7 +19,7 @@ use crate::clock::iso8601;
 use crate::config::{Problems, deserialize, resolve};
 use crate::outbox::{Batch, Origin};
 use crate::record::{Kind, KindSet};
-use crate::runtime::LocalBoxFuture;
+use crate::runtime::{LocalBoxFuture, Worker};
 use crate::sinks::{DeliveryError, Sink};
 
 pub const HEADER: &str = "batch,id,time,kind,name,dims,value,unit\n";
@@ -75,13 +75,19 @@ impl Config {
 
 pub struct CsvSink {
     config: Config,
+    worker: Worker,
     /// Taken while a write runs off the loop; reopened if that was cancelled.
     file: Option<File>,
 }
 
 impl CsvSink {
     pub fn new(config: Config) -> CsvSink {
-        CsvSink { config, file: None }
+        let worker = Worker::new("sink-csv");
+        CsvSink {
+            config,
+            worker,
+            file: None,
+        }
     }
 }
 
@@ -101,19 +107,21 @@ impl Sink for CsvSink {
         // the open batch can be the file's torn tail.
         let repair = (batch.redelivered && batch.origin == Origin::Pending).then_some(batch.seq);
         Box::pin(async move {
-            let (file, result) = smol::unblock(move || {
-                let mut file = match file {
-                    Some(f) => f,
-                    None => match open(&path) {
-                        Ok(f) => f,
-                        Err(e) => return (None, Err(e)),
-                    },
-                };
-                let r = write_batch(&mut file, repair, &text);
-                // After a failed write the file's end is unknown: reopen.
-                (r.is_ok().then_some(file), r)
-            })
-            .await;
+            let (file, result) = self
+                .worker
+                .run(move || {
+                    let mut file = match file {
+                        Some(f) => f,
+                        None => match open(&path) {
+                            Ok(f) => f,
+                            Err(e) => return (None, Err(e)),
+                        },
+                    };
+                    let r = write_batch(&mut file, repair, &text);
+                    // After a failed write the file's end is unknown: reopen.
+                    (r.is_ok().then_some(file), r)
+                })
+                .await;
             self.file = file;
             result.map_err(|e| DeliveryError::Retry(format!("{}: {e}", self.config.path.display())))
         })

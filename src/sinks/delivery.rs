@@ -7,10 +7,14 @@ use std::time::Duration;
 use crate::backoff::{Backoff, jittered};
 use crate::config::Delivery;
 use crate::outbox::Batch;
-use crate::runtime::{SharedOutbox, Shutdown};
+use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
 use crate::sinks::{DeliveryError, Sink};
 
-/// Idle polls are spread by ±10 % so many edges do not line up.
+/// With nothing to send, a sink waits for the writer's doorbell; it looks
+/// anyway this often, to notice dead letters `edgemeter outbox retry`
+/// marked from another process.
+pub const IDLE_RECHECK: Duration = Duration::from_secs(5);
+/// Idle rechecks are spread by ±10 % so many edges do not line up.
 const IDLE_JITTER: f64 = 0.1;
 
 pub struct Driver {
@@ -19,7 +23,9 @@ pub struct Driver {
     pub delivery: Delivery,
     pub outbox: SharedOutbox,
     pub shutdown: Shutdown,
-    /// How long to wait when there is nothing to send.
+    /// Rung by the outbox writer after each commit.
+    pub wakeup: Wakeup,
+    /// The longest wait when there is nothing to send.
     pub idle: Duration,
 }
 
@@ -33,13 +39,8 @@ impl Driver {
             let batch = match claimed {
                 Ok(Some(b)) => b,
                 Ok(None) => {
-                    if self
-                        .shutdown
-                        .sleep(jittered(self.idle, IDLE_JITTER, fastrand::f64()))
-                        .await
-                    {
-                        return;
-                    }
+                    let wait = jittered(self.idle, IDLE_JITTER, fastrand::f64());
+                    smol::future::or(self.shutdown.wait(), self.wakeup.wait(wait)).await;
                     continue;
                 }
                 Err(e) => {
@@ -135,7 +136,7 @@ mod tests {
     use super::*;
     use crate::outbox::Outbox;
     use crate::record::{Dims, KindSet, Record};
-    use crate::runtime::{LocalBoxFuture, shutdown_pair};
+    use crate::runtime::{LocalBoxFuture, doorbell, shutdown_pair};
 
     /// A sink that answers from a script, then accepts everything; it keeps
     /// what it accepted and every seq it was offered.
@@ -200,6 +201,7 @@ mod tests {
             },
             outbox: outbox.clone(),
             shutdown,
+            wakeup: doorbell().1,
             idle: Duration::from_millis(10),
         };
         let ex = smol::LocalExecutor::new();

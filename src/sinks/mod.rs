@@ -20,8 +20,9 @@
 //! - It MUST tolerate redelivery: the same `(sink, seq)` may arrive again
 //!   after a crash or a lost acknowledgement (`batch.redelivered`). It SHOULD
 //!   pass the seq on as an idempotency key, or repair what it wrote.
-//! - Blocking calls (HTTP, fsync) MUST run off the event loop
-//!   (`smol::unblock`); a sink has at most one batch in flight.
+//! - Blocking calls (HTTP, fsync) MUST run off the event loop, on the
+//!   sink's own [`crate::runtime::Worker`]; a sink has at most one batch in
+//!   flight.
 //! - Error texts MUST NOT contain secrets (tokens, keys, signatures): they
 //!   are logged and stored in the outbox.
 

@@ -19,8 +19,9 @@
 //! - `run` MUST survive its peer going away: log the change of state once,
 //!   retry with [`crate::backoff::Backoff`], never busy-loop, never panic on
 //!   input.
-//! - Blocking calls MUST run off the event loop (`smol::unblock`), bounded to
-//!   one in flight per source.
+//! - Blocking calls MUST run off the event loop, on the source's own
+//!   [`crate::runtime::Worker`] (one in flight per source); never
+//!   `smol::unblock`, whose pool never shrinks.
 //! - A source SHOULD label what it emits with the agent id or its peer's
 //!   identity so that an upstream can tell edges apart.
 
