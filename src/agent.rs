@@ -345,3 +345,63 @@ async fn write_records(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Dims, KindSet};
+
+    /// A full disk: commits fail, the writer keeps what it holds, says so
+    /// once, and commits everything when space returns. Nothing is lost.
+    #[test]
+    fn the_writer_holds_records_while_the_disk_is_full_and_loses_none() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-full-{}", fastrand::u64(..)));
+        let (mut outbox, _) = Outbox::open(&dir, 1 << 30).expect("open");
+        outbox
+            .register_sinks(&[("s".into(), KindSet::ALL)])
+            .expect("register");
+        outbox
+            .append(&[Record::point("m", Dims::default(), 0, -1.0, "Count")])
+            .expect("seed");
+        outbox.cap_pages(Some(0));
+        let outbox = SharedOutbox::new(outbox);
+        let (emitter, rx) = runtime::record_channel();
+        let ex = LocalExecutor::new();
+        let n = 3000;
+        smol::block_on(ex.run(async {
+            let writer = ex.spawn(write_records(
+                rx,
+                outbox.clone(),
+                Duration::from_millis(10),
+                Vec::new(),
+            ));
+            for i in 0..n {
+                let r = Record::point(
+                    "m",
+                    Dims::new([("k", "a long enough value")]),
+                    0,
+                    f64::from(i),
+                    "Count",
+                );
+                assert!(emitter.emit(r).await, "the writer must keep accepting");
+            }
+            // Let several commits fail (bounded: 20 tries of 50 ms).
+            for _ in 0..20 {
+                smol::Timer::after(Duration::from_millis(50)).await;
+            }
+            let stored = outbox.call(|o| o.stats().expect("stats").records).await;
+            assert_eq!(stored, 1, "nothing fits while the disk is full");
+            outbox.call(|o| o.cap_pages(None)).await;
+            drop(emitter);
+            writer.await;
+        }));
+        let stats = smol::block_on(outbox.call(|o| o.stats())).expect("stats");
+        assert_eq!(
+            stats.records,
+            1 + i64::from(n),
+            "every record held in memory was committed"
+        );
+        assert!(stats.drops.is_empty(), "{:?}", stats.drops);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -135,12 +135,7 @@ fn sigterm_stops_cleanly_within_five_seconds_with_everything_committed() {
     assert_eq!(ids, (1..=last_committed).collect::<Vec<_>>());
 
     // SIGINT works the same way.
-    let mut agent = Agent::start(&cfg, "info");
-    assert!(
-        agent.wait_for_line("running as agent", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    let mut agent = Agent::start_running(&cfg, "info");
     agent.signal("INT");
     let status = agent
         .wait_exit(Duration::from_secs(5))
@@ -153,12 +148,7 @@ fn sigterm_stops_cleanly_within_five_seconds_with_everything_committed() {
 fn a_second_agent_on_the_same_state_dir_is_refused_naming_the_first() {
     let dir = TempDir::new("second");
     let cfg = config(&dir, LOAD);
-    let mut first = Agent::start(&cfg, "info");
-    assert!(
-        first.wait_for_line("running as agent", Duration::from_secs(10)),
-        "{}",
-        first.stderr()
-    );
+    let mut first = Agent::start_running(&cfg, "info");
     let (code, _, err) = edgemeter(&["run", "-c", cfg.to_str().expect("utf-8 path")]);
     assert_eq!(code, 3, "{err}");
     assert!(
@@ -177,13 +167,7 @@ fn a_second_agent_on_the_same_state_dir_is_refused_naming_the_first() {
     );
     assert!(out.contains("sink local"), "{out}");
     assert!(out.contains("drops        none"), "{out}");
-    first.signal("TERM");
-    assert!(
-        first
-            .wait_exit(Duration::from_secs(5))
-            .expect("exit")
-            .success()
-    );
+    first.stop();
     let (_, out, _) = edgemeter(&["status", "-c", cfg.to_str().expect("utf-8 path")]);
     assert!(out.contains("test-agent (not running)"), "{out}");
 }
@@ -204,13 +188,7 @@ fn a_garbage_outbox_is_moved_aside_and_the_agent_runs() {
         "{}",
         agent.stderr()
     );
-    agent.signal("TERM");
-    assert!(
-        agent
-            .wait_exit(Duration::from_secs(5))
-            .expect("exit")
-            .success()
-    );
+    agent.stop();
     let log = agent.stderr();
     assert!(
         log.contains("was unusable (it is not a readable SQLite database"),
@@ -236,15 +214,8 @@ fn dead_letters_are_listed_retried_by_the_agent_and_purged() {
     let c = cfg.to_str().expect("utf-8 path");
     // Create the outbox with the agent, then plant two dead letters as a
     // refusing sink would have left them.
-    let mut agent = Agent::start(&cfg, "info");
-    assert!(agent.wait_for_line("running as agent", Duration::from_secs(10)));
-    agent.signal("TERM");
-    assert!(
-        agent
-            .wait_exit(Duration::from_secs(5))
-            .expect("exit")
-            .success()
-    );
+    let mut agent = Agent::start_running(&cfg, "info");
+    agent.stop();
     let db = rusqlite::Connection::open(dir.path("state/outbox.db")).expect("open");
     db.execute_batch(
         "INSERT INTO dead_letters (id, sink, seq, count, bytes, error, state, attempts, created, updated)
@@ -273,13 +244,7 @@ fn dead_letters_are_listed_retried_by_the_agent_and_purged() {
     while csv_ids(&dir.path("out.csv")) != vec![11, 12] && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    agent.signal("TERM");
-    assert!(
-        agent
-            .wait_exit(Duration::from_secs(5))
-            .expect("exit")
-            .success()
-    );
+    agent.stop();
     assert_eq!(
         csv_ids(&dir.path("out.csv")),
         vec![11, 12],
@@ -329,12 +294,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn an_idle_agent_sleeps_with_two_threads() {
     let dir = TempDir::new("idle");
     let cfg = config(&dir, "");
-    let mut agent = Agent::start(&cfg, "info");
-    assert!(
-        agent.wait_for_line("running as agent", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    let mut agent = Agent::start_running(&cfg, "info");
     std::thread::sleep(Duration::from_millis(1500));
     let ticks_before = cpu_ticks(agent.pid());
     let mut samples = Vec::new();
@@ -343,13 +303,7 @@ fn an_idle_agent_sleeps_with_two_threads() {
         std::thread::sleep(Duration::from_millis(250));
     }
     let ticks = cpu_ticks(agent.pid()) - ticks_before;
-    agent.signal("TERM");
-    assert!(
-        agent
-            .wait_exit(Duration::from_secs(5))
-            .expect("exit")
-            .success()
-    );
+    agent.stop();
     let most = samples.iter().map(Vec::len).max().expect("samples");
     let at_two = samples.iter().filter(|t| t.len() == 2).count();
     assert!(most <= 3, "an idle agent had {most} threads: {samples:?}");
@@ -373,24 +327,13 @@ fn an_idle_agent_sleeps_with_two_threads() {
 fn under_load_threads_stay_within_their_bound() {
     let dir = TempDir::new("load-threads");
     let cfg = config(&dir, LOAD);
-    let mut agent = Agent::start(&cfg, "info");
-    assert!(
-        agent.wait_for_line("running as agent", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    let mut agent = Agent::start_running(&cfg, "info");
     let mut most = 0;
     for _ in 0..20 {
         most = most.max(threads(agent.pid()).len());
         std::thread::sleep(Duration::from_millis(100));
     }
-    agent.signal("TERM");
-    assert!(
-        agent
-            .wait_exit(Duration::from_secs(5))
-            .expect("exit")
-            .success()
-    );
+    agent.stop();
     // main + async-io + outbox worker + one worker per sink (one sink here).
     assert!(most <= 4, "{most} threads under load");
     assert!(

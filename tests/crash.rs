@@ -138,13 +138,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    agent.signal("TERM");
-    assert!(
-        agent
-            .wait_exit(Duration::from_secs(5))
-            .expect("exit after SIGTERM")
-            .success()
-    );
+    agent.stop();
     assert_eq!(
         check_state(&dir, &reported, KILLS),
         0,

@@ -397,6 +397,20 @@ impl Outbox {
         })
     }
 
+    /// Cap the database at its current size plus `extra_pages` (None: lift
+    /// the cap), so tests meet SQLite's real "database or disk is full".
+    #[cfg(test)]
+    pub fn cap_pages(&self, extra_pages: Option<i64>) {
+        let pages: i64 = self
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("page_count");
+        let cap = extra_pages.map_or(1_073_741_823, |extra| pages + extra);
+        self.conn
+            .execute_batch(&format!("PRAGMA max_page_count = {cap};"))
+            .expect("max_page_count");
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

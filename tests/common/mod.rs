@@ -86,6 +86,26 @@ impl Agent {
         }
     }
 
+    /// Start and wait (bounded) until the agent says it is running.
+    pub fn start_running(config: &Path, log: &str) -> Agent {
+        let agent = Agent::start(config, log);
+        assert!(
+            agent.wait_for_line("running as agent", Duration::from_secs(10)),
+            "the agent did not start:\n{}",
+            agent.stderr()
+        );
+        agent
+    }
+
+    /// SIGTERM, and insist on a clean exit within the 5 s the agent promises.
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let status = self
+            .wait_exit(Duration::from_secs(5))
+            .expect("must exit within 5 s of SIGTERM");
+        assert!(status.success(), "exit status {status}:\n{}", self.stderr());
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
