@@ -71,11 +71,14 @@ mod cli;
 mod clock;
 mod config;
 mod demo;
+mod hash;
 mod logging;
 mod outbox;
 mod record;
 mod runtime;
 mod sinks;
+#[cfg_attr(not(test), allow(dead_code))] // used by sources as they land
+mod sketch;
 mod sources;
 mod state_dir;
 
