@@ -17,7 +17,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_signal::{Signal, Signals};
-use smol::channel::Receiver;
+use smol::channel::{Receiver, Sender};
 use smol::stream::StreamExt;
 use smol::{LocalExecutor, Task};
 
@@ -25,7 +25,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record};
-use crate::runtime::{self, Doorbell, SharedOutbox};
+use crate::runtime::{self, Doorbell, Item, SharedOutbox};
 use crate::sinks::Sink;
 use crate::sinks::delivery::{Driver, IDLE_RECHECK};
 use crate::state_dir::{self, LockError};
@@ -135,7 +135,7 @@ async fn serve(
                 emit: emitter.clone(),
                 shutdown: shutdown.clone(),
             };
-            ex.spawn(sources::build(&s.config).run(ctx))
+            ex.spawn(sources::build(&s.config, &agent.state_dir).run(ctx))
         })
         .collect();
     // Only sources hold emitters now: the channel closes when they are gone.
@@ -241,12 +241,14 @@ async fn join_within(tasks: Vec<Task<()>>, budget: Duration) -> usize {
 /// transaction. Ends when the channel closes (every source gone), after
 /// committing what it holds.
 async fn write_records(
-    rx: Receiver<Record>,
+    rx: Receiver<Item>,
     outbox: SharedOutbox,
     flush: Duration,
     bells: Vec<Doorbell>,
 ) {
     let mut group: Vec<Record> = Vec::new();
+    // Barriers wait for the commit of everything received before them.
+    let mut barriers: Vec<Sender<()>> = Vec::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut failing = false;
     let mut lost_uncounted: i64 = 0;
@@ -254,20 +256,27 @@ async fn write_records(
     while !closed || !group.is_empty() {
         if group.is_empty() {
             match rx.recv().await {
-                Ok(r) => group.push(r),
+                Ok(Item::Record(r)) => group.push(r),
+                Ok(Item::Barrier(done)) => {
+                    // Nothing is pending: everything before it is committed.
+                    let _ = done.try_send(());
+                    continue;
+                }
                 Err(_) => break,
             }
         }
-        // Gather until the flush deadline; a closed channel commits at once.
+        // Gather until the flush deadline; a closed channel or a barrier
+        // commits at once.
         let deadline = Instant::now() + flush;
-        while !closed && group.len() < GROUP_MAX {
+        while !closed && barriers.is_empty() && group.len() < GROUP_MAX {
             let next = smol::future::or(async { Some(rx.recv().await) }, async {
                 smol::Timer::at(deadline).await;
                 None
             })
             .await;
             match next {
-                Some(Ok(r)) => group.push(r),
+                Some(Ok(Item::Record(r))) => group.push(r),
+                Some(Ok(Item::Barrier(done))) => barriers.push(done),
                 Some(Err(_)) => closed = true,
                 None => break,
             }
@@ -287,6 +296,9 @@ async fn write_records(
         match result {
             Ok(appended) => {
                 bells.iter().for_each(Doorbell::ring);
+                for done in barriers.drain(..) {
+                    let _ = done.try_send(());
+                }
                 if failing {
                     log::info!(
                         "outbox writable again; committed the {} records held meanwhile",

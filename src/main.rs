@@ -30,8 +30,8 @@
 //! - [`logging`]: stderr logging. [`demo`]: `edgemeter demo`.
 //!
 //! ## Invariants
-//! - Sources never touch SQLite or sinks directly: they emit records; the
-//!   outbox writer alone appends.
+//! - Sources never touch the outbox or sinks directly: they emit records;
+//!   the outbox writer alone appends. (A source may keep its own state file.)
 //! - Nothing is deleted from the outbox before every sink that wants it has
 //!   confirmed it, and the deletion is in the transaction that records the
 //!   confirmation.
@@ -77,7 +77,6 @@ mod outbox;
 mod record;
 mod runtime;
 mod sinks;
-#[cfg_attr(not(test), allow(dead_code))] // used by sources as they land
 mod sketch;
 mod sources;
 mod state_dir;

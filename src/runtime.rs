@@ -66,11 +66,18 @@ impl Shutdown {
     }
 }
 
+/// What travels to the outbox writer.
+pub enum Item {
+    Record(Record),
+    /// Commit everything sent before this now, then answer.
+    Barrier(Sender<()>),
+}
+
 /// Where sources put records. Cloned per source.
 #[derive(Clone)]
-pub struct Emitter(Sender<Record>);
+pub struct Emitter(Sender<Item>);
 
-pub fn record_channel() -> (Emitter, Receiver<Record>) {
+pub fn record_channel() -> (Emitter, Receiver<Item>) {
     let (tx, rx) = smol::channel::bounded(RECORD_CHANNEL_CAPACITY);
     (Emitter(tx), rx)
 }
@@ -80,7 +87,16 @@ impl Emitter {
     /// Returns false once the writer has stopped (shutdown): drop the record
     /// and return.
     pub async fn emit(&self, record: Record) -> bool {
-        self.0.send(record).await.is_ok()
+        self.0.send(Item::Record(record)).await.is_ok()
+    }
+
+    /// Wait until everything emitted before is committed to the outbox (the
+    /// writer commits at once rather than at its next flush). For sources
+    /// whose own progress marker must never run ahead of the outbox. False
+    /// if the writer stopped first (shutdown, or commits failing at exit).
+    pub async fn committed(&self) -> bool {
+        let (tx, rx) = smol::channel::bounded(1);
+        self.0.send(Item::Barrier(tx)).await.is_ok() && rx.recv().await.is_ok()
     }
 }
 

@@ -12,7 +12,9 @@
 //!   that belongs in `run`, so a source that cannot reach its peer yet does
 //!   not stop the agent from starting.
 //! - `run` MUST hand every observation to [`Emitter::emit`] and MUST NOT
-//!   touch SQLite or any sink: the outbox writer owns durability.
+//!   touch the outbox or any sink: the outbox writer owns durability. A
+//!   source MAY keep state of its own in a file under `state_dir` (the
+//!   `xx_gateway` source keeps its epoch sets there).
 //! - `run` MUST return promptly once [`Shutdown`] resolves (finish or drop
 //!   the record at hand, close connections), and MUST NOT return before then
 //!   except when `emit` reports the writer gone.
@@ -26,8 +28,6 @@
 //!   identity so that an upstream can tell edges apart.
 
 pub mod synthetic;
-// Not yet wired into the agent (the source task lands next); tested now.
-#[cfg_attr(not(test), allow(dead_code))]
 pub mod xx_gateway;
 
 use std::path::Path;
@@ -39,11 +39,12 @@ use crate::config::Problems;
 use crate::runtime::{Emitter, LocalBoxFuture, Shutdown};
 
 /// The `type` values a `[[source]]` may have.
-pub const TYPES: &[&str] = &["synthetic"];
+pub const TYPES: &[&str] = &["synthetic", "xx_gateway"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     Synthetic(synthetic::Config),
+    XxGateway(xx_gateway::Config),
 }
 
 /// What a running source gets from the agent.
@@ -67,15 +68,18 @@ pub fn parse_config(
     table: Spanned<DeTable<'_>>,
     p: &mut Problems,
 ) -> Option<SourceConfig> {
-    let _ = base;
     match kind {
         "synthetic" => synthetic::Config::parse(table, p).map(SourceConfig::Synthetic),
+        "xx_gateway" => xx_gateway::Config::parse(base, table, p).map(SourceConfig::XxGateway),
         other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),
     }
 }
 
-pub fn build(config: &SourceConfig) -> Box<dyn Source> {
+/// `state_dir` is where a source may keep state files of its own (never
+/// the outbox).
+pub fn build(config: &SourceConfig, state_dir: &Path) -> Box<dyn Source> {
     match config {
         SourceConfig::Synthetic(c) => Box::new(synthetic::Synthetic::new(c.clone())),
+        SourceConfig::XxGateway(c) => Box::new(xx_gateway::XxGateway::new(c.clone(), state_dir.to_owned())),
     }
 }

@@ -1,0 +1,137 @@
+//! A real PostgreSQL server for tests: its own cluster in a temporary
+//! directory, listening on a free loopback port, stopped when dropped.
+//! Shared by the crate's unit tests (included by path) and `tests/`.
+//!
+//! As root it runs the server as the `postgres` system user (PostgreSQL
+//! refuses to run as root); `scripts/test` installs the `postgresql`
+//! package when it is missing. Nothing is skipped: without the server
+//! binaries the test fails saying what to install.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const SUPERUSER_PASSWORD: &str = "test-superuser-secret";
+
+pub struct PgServer {
+    pub dir: PathBuf,
+    pub port: u16,
+    bin: PathBuf,
+    run_as: Option<String>,
+}
+
+fn server_bin_dir() -> PathBuf {
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    candidates.into_iter().rev().find(|b| b.join("initdb").exists() && b.join("pg_ctl").exists()).unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries not found (initdb and pg_ctl under /usr/lib/postgresql/*/bin). \
+             Install them with `sudo apt-get install postgresql` (scripts/test does this when run as root)."
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+impl PgServer {
+    pub fn start(tag: &str) -> PgServer {
+        let bin = server_bin_dir();
+        let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        let run_as = is_root.then(|| "postgres".to_owned());
+        let dir = std::env::temp_dir().join(format!("edgemeter-pg-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("create pg dir");
+        std::fs::write(dir.join("pw"), SUPERUSER_PASSWORD).expect("write pwfile");
+        if let Some(user) = &run_as {
+            let ok = Command::new("chown").args(["-R", &format!("{user}:")]).arg(&dir).status().expect("chown");
+            assert!(ok.success(), "chown {} to {user} failed (does the `postgres` user exist?)", dir.display());
+        }
+        let server = PgServer {
+            dir,
+            port: free_port(),
+            bin,
+            run_as,
+        };
+        server.run(
+            "initdb",
+            &[
+                "-D", &server.path("data"), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
+                "--pwfile", &server.path("pw"), "-E", "UTF8", "--no-instructions",
+            ],
+        );
+        server.start_again();
+        server
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let out = match &self.run_as {
+            Some(user) => Command::new("runuser").args(["-u", user, "--"]).arg(&exe).args(args).output(),
+            None => Command::new(&exe).args(args).output(),
+        }
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed:\n{}\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+    }
+
+    /// (Re)start the server on the same port and data.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off \
+             -c full_page_writes=off -c max_connections=40",
+            self.port,
+            self.dir.display()
+        );
+        self.run("pg_ctl", &["-D", &self.path("data"), "-l", &self.path("log"), "-w", "-t", "30", "-o", &opts, "start"]);
+    }
+
+    /// Stop at once, as a crash or a restart would look to a client.
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.path("data"), "-w", "-m", "immediate", "stop"]);
+    }
+
+    pub fn connect(&self, user: &str, password: &str, db: &str) -> postgres::Client {
+        postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .password(password)
+            .dbname(db)
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to test PostgreSQL as {user}: {e}"))
+    }
+
+    pub fn superuser(&self, db: &str) -> postgres::Client {
+        self.connect("postgres", SUPERUSER_PASSWORD, db)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let exe = self.bin.join("pg_ctl");
+        let data = self.path("data");
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = match &self.run_as {
+            Some(user) => Command::new("runuser").args(["-u", user, "--"]).arg(&exe).args(args).output(),
+            None => Command::new(&exe).args(args).output(),
+        };
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
