@@ -14,6 +14,7 @@ use lexopt::prelude::*;
 use crate::clock::{human_duration, iso8601, now_ms};
 use crate::config::{self, Config};
 use crate::outbox::{DeadLetter, Outbox, Stats};
+use crate::sources::{SourceConfig, xx_gateway};
 use crate::{agent, demo, logging, state_dir};
 
 pub const EXIT_FAILURE: u8 = 1;
@@ -33,6 +34,7 @@ Commands:
   check     Validate a config file and list every problem in it
   status    Show the outbox: buffer depth, drops, sinks, dead letters
   outbox    List, retry or purge dead letters (batches a sink refused)
+  verify    Check an xx gateway's bloom filter rows decode and claim their rounds
   demo      Run the pipeline for a few seconds in a temporary directory
 
 Options (every command):
@@ -87,6 +89,15 @@ Usage:
 started), with their original batch ids. `purge` deletes them.
 ";
 
+const HELP_VERIFY: &str = "\
+For each `xx_gateway` source in the config: read the newest N rows of
+client_bloom_filters, decode each 99-byte filter and check that it claims its
+own first_round and first_round + round_range. Read-only. Exits 1 if any row
+is malformed or does not claim its rounds.
+
+Usage: edgemeter verify [-c FILE] [--rows N]   (N: 1 to 1000000, default 1000)
+";
+
 const HELP_DEMO: &str = "\
 Run the pipeline on this machine with no peers: a synthetic source feeds the
 outbox and a CSV sink, for a few seconds, in a temporary directory (kept, so
@@ -101,6 +112,7 @@ enum Command {
     Status,
     Outbox(OutboxAction),
     Demo { seconds: u64, dir: Option<PathBuf> },
+    Verify { rows: u32 },
 }
 
 enum OutboxAction {
@@ -130,6 +142,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
     let mut config = PathBuf::from(config::DEFAULT_PATH);
     let (mut sink, mut id, mut all) = (None, None, false);
     let (mut seconds, mut dir) = (10u64, None);
+    let mut rows = 1000u32;
     while let Some(arg) = p.next().map_err(|e| usage(e.to_string()))? {
         match arg {
             Short('h') | Long("help") => {
@@ -139,6 +152,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     (Some(Command::Status), _) => HELP_STATUS,
                     (Some(Command::Outbox(_)), _) | (_, Some(_)) => HELP_OUTBOX,
                     (Some(Command::Demo { .. }), _) => HELP_DEMO,
+                    (Some(Command::Verify { .. }), _) => HELP_VERIFY,
                     (None, None) => HELP,
                 };
                 return Err((text.to_owned(), 0));
@@ -174,6 +188,16 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     return Err(usage("--seconds takes 1 to 3600".into()));
                 }
             }
+            Long("rows") => {
+                rows = p
+                    .value()
+                    .map_err(|e| usage(e.to_string()))?
+                    .parse()
+                    .map_err(|e| usage(format!("--rows: {e}")))?;
+                if !(1..=1_000_000).contains(&rows) {
+                    return Err(usage("--rows takes 1 to 1000000".into()));
+                }
+            }
             Long("dir") => dir = Some(PathBuf::from(p.value().map_err(|e| usage(e.to_string()))?)),
             Value(v) if command.is_none() => {
                 command = Some(match v.to_str() {
@@ -185,6 +209,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                         seconds: 0,
                         dir: None,
                     },
+                    Some("verify") => Command::Verify { rows: 0 },
                     _ => return Err(usage(format!("unknown command `{}`", v.to_string_lossy()))),
                 })
             }
@@ -222,6 +247,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
             }
         },
         Some(Command::Demo { .. }) => Command::Demo { seconds, dir },
+        Some(Command::Verify { .. }) => Command::Verify { rows },
         Some(c) => c,
     };
     Ok(Args {
@@ -267,6 +293,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
         Command::Status => status(&config),
         Command::Outbox(action) => outbox(&config, action, args.sink.as_deref(), args.id),
+        Command::Verify { rows } => verify(&config, rows),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -281,6 +308,53 @@ pub fn run(config: Config) -> ExitCode {
                 agent::AgentError::Signals(_) => EXIT_FAILURE,
             })
         }
+    }
+}
+
+fn verify(config: &Config, rows: u32) -> ExitCode {
+    let mut ok = true;
+    let mut any = false;
+    for s in &config.sources {
+        let SourceConfig::XxGateway(c) = &s.config else {
+            continue;
+        };
+        any = true;
+        match xx_gateway::verify(c, rows) {
+            Err(e) => {
+                ok = false;
+                println!("source `{}`: {e}", s.name);
+            }
+            Ok(v) => {
+                ok &= v.malformed.is_empty() && v.unclaimed.is_empty();
+                println!(
+                    "source `{}`: {} rows checked: {} malformed, {} do not claim their rounds",
+                    s.name,
+                    v.rows,
+                    v.malformed.len(),
+                    v.unclaimed.len()
+                );
+                for (id, why) in v.malformed.iter().take(10) {
+                    println!("  row id {id}: {why}");
+                }
+                if let Some(ids) = (!v.unclaimed.is_empty())
+                    .then(|| v.unclaimed.iter().take(10).map(i64::to_string))
+                {
+                    println!("  e.g. row ids {}", ids.collect::<Vec<_>>().join(", "));
+                }
+            }
+        }
+    }
+    if !any {
+        eprintln!(
+            "edgemeter verify: {} has no xx_gateway source",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
     }
 }
 

@@ -34,6 +34,8 @@ pub fn hash_i64(id: i64) -> u64 {
     murmur3_x64_128(&id.to_le_bytes(), SEED).0
 }
 
+// The relay source hashes user names; it lands with issue 4.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn hash_str(id: &str) -> u64 {
     murmur3_x64_128(id.as_bytes(), SEED).0
 }
@@ -59,6 +61,9 @@ impl Default for Sketch {
     }
 }
 
+// Decoding and merging are the upstream's side (issue 6); the xx_gateway
+// source only encodes. Tested here so the format is fixed from the start.
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq)]
 pub enum DecodeError {
     Truncated,
@@ -111,6 +116,7 @@ impl Sketch {
         }
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn merge(&mut self, other: &Sketch) {
         match other {
             Sketch::Exact(theirs) => {
@@ -129,6 +135,7 @@ impl Sketch {
         }
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_exact(&self) -> bool {
         matches!(self, Sketch::Exact(_))
     }
@@ -164,6 +171,7 @@ impl Sketch {
         out
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn decode(bytes: &[u8]) -> Result<Sketch, DecodeError> {
         let header = bytes.get(..16).ok_or(DecodeError::Truncated)?;
         if &header[..4] != MAGIC {

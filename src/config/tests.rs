@@ -73,7 +73,9 @@ retry_max_secs = 2
     assert_eq!(c.agent.flush_interval, Duration::from_millis(100));
     assert_eq!(c.sources.len(), 1);
     assert_eq!(c.sources[0].name, "load");
-    let SourceConfig::Synthetic(s) = &c.sources[0].config;
+    let SourceConfig::Synthetic(s) = &c.sources[0].config else {
+        panic!("a synthetic source")
+    };
     assert_eq!((s.rate_per_sec, s.series, s.limit), (1000.0, 3, Some(50)));
     let sink = &c.sinks[0];
     assert_eq!(sink.name, "local");
@@ -125,6 +127,21 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "batch_max_records",
         "retry_initial_secs",
         "retry_max_secs",
+        "gateway_config",
+        "host",
+        "port",
+        "dbname",
+        "user",
+        "password_file",
+        "connect_timeout_secs",
+        "node_id_file",
+        "windows",
+        "backfill_epochs",
+        "grace_secs",
+        "poll_interval_secs",
+        "csv_path",
+        "fetch_rows",
+        "id_overlap",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {
@@ -238,8 +255,8 @@ type = "kafka"
 type = "csv"
 "#,
         &[
-            "1:1: this [[source]] has no `type`; known types: synthetic",
-            "5:8: unknown source type `kafka`; known types: synthetic",
+            "1:1: this [[source]] has no `type`; known types: synthetic, xx_gateway",
+            "5:8: unknown source type `kafka`; known types: synthetic, xx_gateway",
             "7:1: missing field `path`",
         ],
     );
@@ -293,4 +310,45 @@ fn unreadable_and_oversized_files_say_so() {
     let err = load(&big).expect_err("oversized file");
     assert!(err.to_string().contains("the limit is 1048576"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn xx_gateway_settings_are_checked() {
+    check_bad(
+        r#"[[source]]
+type = "xx_gateway"
+name = "a"
+gateway_config = "/nonexistent/gateway.yaml"
+
+[[source]]
+type = "xx_gateway"
+name = "b"
+gateway_config = "/etc/hostname"
+host = "127.0.0.1"
+
+[[source]]
+type = "xx_gateway"
+name = "c"
+host = "127.0.0.1"
+dbname = "cmix_gateway"
+windows = [1, 12, 1]
+
+[[source]]
+type = "xx_gateway"
+name = "d"
+host = "h"
+dbname = "d"
+user = "u"
+windows = []
+grace_secs = -1
+"#,
+        &[
+            "4:18: gateway_config `/nonexistent/gateway.yaml` is not a readable file",
+            "9:18: give either gateway_config or host/port/dbname/user/password_file, not both",
+            "12:1: set gateway_config, or `user` (with host, dbname, user)",
+            "17:19: window 1 is listed twice",
+            "25:11: windows must list at least one window (in epochs)",
+            "26:14: grace_secs = -1 is out of range; use 0 to 86400 seconds",
+        ],
+    );
 }

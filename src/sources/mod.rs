@@ -80,6 +80,8 @@ pub fn parse_config(
 pub fn build(config: &SourceConfig, state_dir: &Path) -> Box<dyn Source> {
     match config {
         SourceConfig::Synthetic(c) => Box::new(synthetic::Synthetic::new(c.clone())),
-        SourceConfig::XxGateway(c) => Box::new(xx_gateway::XxGateway::new(c.clone(), state_dir.to_owned())),
+        SourceConfig::XxGateway(c) => {
+            Box::new(xx_gateway::XxGateway::new(c.clone(), state_dir.to_owned()))
+        }
     }
 }

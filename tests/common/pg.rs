@@ -22,7 +22,11 @@ pub struct PgServer {
 
 fn server_bin_dir() -> PathBuf {
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.sort();
     candidates.into_iter().rev().find(|b| b.join("initdb").exists() && b.join("pg_ctl").exists()).unwrap_or_else(|| {
@@ -41,14 +45,30 @@ fn free_port() -> u16 {
 impl PgServer {
     pub fn start(tag: &str) -> PgServer {
         let bin = server_bin_dir();
-        let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
         let run_as = is_root.then(|| "postgres".to_owned());
-        let dir = std::env::temp_dir().join(format!("edgemeter-pg-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = std::env::temp_dir().join(format!(
+            "edgemeter-pg-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&dir).expect("create pg dir");
         std::fs::write(dir.join("pw"), SUPERUSER_PASSWORD).expect("write pwfile");
         if let Some(user) = &run_as {
-            let ok = Command::new("chown").args(["-R", &format!("{user}:")]).arg(&dir).status().expect("chown");
-            assert!(ok.success(), "chown {} to {user} failed (does the `postgres` user exist?)", dir.display());
+            let ok = Command::new("chown")
+                .args(["-R", &format!("{user}:")])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(
+                ok.success(),
+                "chown {} to {user} failed (does the `postgres` user exist?)",
+                dir.display()
+            );
         }
         let server = PgServer {
             dir,
@@ -59,8 +79,17 @@ impl PgServer {
         server.run(
             "initdb",
             &[
-                "-D", &server.path("data"), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
-                "--pwfile", &server.path("pw"), "-E", "UTF8", "--no-instructions",
+                "-D",
+                &server.path("data"),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--pwfile",
+                &server.path("pw"),
+                "-E",
+                "UTF8",
+                "--no-instructions",
             ],
         );
         server.start_again();
@@ -74,7 +103,11 @@ impl PgServer {
     fn run(&self, tool: &str, args: &[&str]) {
         let exe = self.bin.join(tool);
         let out = match &self.run_as {
-            Some(user) => Command::new("runuser").args(["-u", user, "--"]).arg(&exe).args(args).output(),
+            Some(user) => Command::new("runuser")
+                .args(["-u", user, "--"])
+                .arg(&exe)
+                .args(args)
+                .output(),
             None => Command::new(&exe).args(args).output(),
         }
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
@@ -95,12 +128,29 @@ impl PgServer {
             self.port,
             self.dir.display()
         );
-        self.run("pg_ctl", &["-D", &self.path("data"), "-l", &self.path("log"), "-w", "-t", "30", "-o", &opts, "start"]);
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.path("data"),
+                "-l",
+                &self.path("log"),
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                &opts,
+                "start",
+            ],
+        );
     }
 
     /// Stop at once, as a crash or a restart would look to a client.
     pub fn stop(&self) {
-        self.run("pg_ctl", &["-D", &self.path("data"), "-w", "-m", "immediate", "stop"]);
+        self.run(
+            "pg_ctl",
+            &["-D", &self.path("data"), "-w", "-m", "immediate", "stop"],
+        );
     }
 
     pub fn connect(&self, user: &str, password: &str, db: &str) -> postgres::Client {
@@ -129,7 +179,11 @@ impl Drop for PgServer {
         let data = self.path("data");
         let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
         let _ = match &self.run_as {
-            Some(user) => Command::new("runuser").args(["-u", user, "--"]).arg(&exe).args(args).output(),
+            Some(user) => Command::new("runuser")
+                .args(["-u", user, "--"])
+                .arg(&exe)
+                .args(args)
+                .output(),
             None => Command::new(&exe).args(args).output(),
         };
         std::fs::remove_dir_all(&self.dir).ok();

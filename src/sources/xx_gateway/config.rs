@@ -63,7 +63,10 @@ struct Raw {
 fn existing_file(base: &Path, v: &Spanned<String>, key: &str, p: &mut Problems) -> PathBuf {
     let path = resolve(base, v.get_ref());
     if !path.is_file() {
-        p.push(v.span(), format!("{key} `{}` is not a readable file", path.display()));
+        p.push(
+            v.span(),
+            format!("{key} `{}` is not a readable file", path.display()),
+        );
     }
     path
 }
@@ -73,7 +76,9 @@ impl Config {
         let span = table.span();
         let raw: Raw = deserialize(table, p)?;
         let before = p.list().len();
-        let explicit = [&raw.host, &raw.dbname, &raw.user].iter().any(|k| k.is_some())
+        let explicit = [&raw.host, &raw.dbname, &raw.user]
+            .iter()
+            .any(|k| k.is_some())
             || raw.port.is_some()
             || raw.password_file.is_some();
         let db = match (&raw.gateway_config, explicit) {
@@ -89,16 +94,25 @@ impl Config {
                 let need = |v: &Option<Spanned<String>>, key: &str, p: &mut Problems| match v {
                     Some(s) if !s.get_ref().is_empty() => s.get_ref().clone(),
                     _ => {
-                        p.push(span.clone(), format!("set gateway_config, or `{key}` (with host, dbname, user)"));
+                        p.push(
+                            span.clone(),
+                            format!("set gateway_config, or `{key}` (with host, dbname, user)"),
+                        );
                         String::new()
                     }
                 };
                 DbSource::Explicit {
                     host: need(&raw.host, "host", p),
-                    port: raw.port.as_ref().map_or(5432, |v| int_in_range(v, "port", 1, 65535, p) as u16),
+                    port: raw
+                        .port
+                        .as_ref()
+                        .map_or(5432, |v| int_in_range(v, "port", 1, 65535, p) as u16),
                     dbname: need(&raw.dbname, "dbname", p),
                     user: need(&raw.user, "user", p),
-                    password_file: raw.password_file.as_ref().map(|f| existing_file(base, f, "password_file", p)),
+                    password_file: raw
+                        .password_file
+                        .as_ref()
+                        .map(|f| existing_file(base, f, "password_file", p)),
                 }
             }
         };
@@ -114,25 +128,55 @@ impl Config {
                     out.push(w32);
                 }
                 if out.is_empty() {
-                    p.push(list.span(), "windows must list at least one window (in epochs)");
+                    p.push(
+                        list.span(),
+                        "windows must list at least one window (in epochs)",
+                    );
                 }
                 out
             }
         };
         let config = Config {
             db,
-            node_id_file: raw.node_id_file.as_ref().map(|f| resolve(base, f.get_ref())),
-            windows,
-            backfill_epochs: raw
-                .backfill_epochs
+            node_id_file: raw
+                .node_id_file
                 .as_ref()
-                .map_or(1008, |v| int_in_range(v, "backfill_epochs", 0, 100_000, p) as u32),
-            grace: secs(raw.grace_secs.as_ref(), "grace_secs", 60.0, 0.0, 86_400.0, p),
-            poll_interval: secs(raw.poll_interval_secs.as_ref(), "poll_interval_secs", 30.0, 0.05, 3600.0, p),
+                .map(|f| resolve(base, f.get_ref())),
+            windows,
+            backfill_epochs: raw.backfill_epochs.as_ref().map_or(1008, |v| {
+                int_in_range(v, "backfill_epochs", 0, 100_000, p) as u32
+            }),
+            grace: secs(
+                raw.grace_secs.as_ref(),
+                "grace_secs",
+                60.0,
+                0.0,
+                86_400.0,
+                p,
+            ),
+            poll_interval: secs(
+                raw.poll_interval_secs.as_ref(),
+                "poll_interval_secs",
+                30.0,
+                0.05,
+                3600.0,
+                p,
+            ),
             csv_path: raw.csv_path.as_ref().map(|c| resolve(base, c.get_ref())),
-            fetch_rows: raw.fetch_rows.as_ref().map_or(50_000, |v| int_in_range(v, "fetch_rows", 100, 1_000_000, p) as u32),
-            id_overlap: raw.id_overlap.as_ref().map_or(10_000, |v| int_in_range(v, "id_overlap", 0, 10_000_000, p) as u32),
-            connect_timeout: secs(raw.connect_timeout_secs.as_ref(), "connect_timeout_secs", 10.0, 0.1, 300.0, p),
+            fetch_rows: raw.fetch_rows.as_ref().map_or(50_000, |v| {
+                int_in_range(v, "fetch_rows", 100, 1_000_000, p) as u32
+            }),
+            id_overlap: raw.id_overlap.as_ref().map_or(10_000, |v| {
+                int_in_range(v, "id_overlap", 0, 10_000_000, p) as u32
+            }),
+            connect_timeout: secs(
+                raw.connect_timeout_secs.as_ref(),
+                "connect_timeout_secs",
+                10.0,
+                0.1,
+                300.0,
+                p,
+            ),
         };
         (p.list().len() == before).then_some(config)
     }
@@ -158,7 +202,11 @@ impl std::fmt::Debug for DbSettings {
             self.host,
             self.port,
             self.dbname,
-            if self.password.is_some() { "set" } else { "not set" }
+            if self.password.is_some() {
+                "set"
+            } else {
+                "not set"
+            }
         )
     }
 }
@@ -168,7 +216,8 @@ impl DbSource {
     pub fn read(&self) -> Result<DbSettings, String> {
         match self {
             DbSource::GatewayYaml(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                 parse_gateway_yaml(&text).map_err(|e| format!("{}: {e}", path.display()))
             }
             DbSource::Explicit {
@@ -217,7 +266,9 @@ pub fn parse_gateway_yaml(text: &str) -> Result<DbSettings, String> {
         host,
         port,
         dbname: get("dbName").filter(|s| !s.is_empty()).ok_or("no dbName")?,
-        user: get("dbUsername").filter(|s| !s.is_empty()).ok_or("no dbUsername")?,
+        user: get("dbUsername")
+            .filter(|s| !s.is_empty())
+            .ok_or("no dbUsername")?,
         password,
     })
 }
@@ -239,12 +290,18 @@ fn unquote(value: &str) -> String {
 fn split_host_port(address: &str) -> Result<(String, u16), String> {
     let (host, port) = match address.strip_prefix('[') {
         Some(rest) => {
-            let (h, p) = rest.split_once("]:").ok_or(format!("dbAddress `{address}` has no port"))?;
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or(format!("dbAddress `{address}` has no port"))?;
             (h, p)
         }
-        None => address.rsplit_once(':').ok_or(format!("dbAddress `{address}` has no port"))?,
+        None => address
+            .rsplit_once(':')
+            .ok_or(format!("dbAddress `{address}` has no port"))?,
     };
-    let port: u16 = port.parse().map_err(|_| format!("dbAddress `{address}` has a bad port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("dbAddress `{address}` has a bad port"))?;
     let host = match host {
         "" | "0.0.0.0" => "127.0.0.1",
         "::" => "::1",
@@ -268,18 +325,43 @@ mod tests {
         assert_eq!(s.dbname, "cmix_gateway");
         assert_eq!(s.user, "cmix");
         assert_eq!(s.password.as_deref(), Some("s3cret # not a comment"));
-        assert!(!format!("{s:?}").contains("s3cret"), "Debug must hide the password");
+        assert!(
+            !format!("{s:?}").contains("s3cret"),
+            "Debug must hide the password"
+        );
     }
 
     #[test]
     fn gateway_yaml_edge_cases() {
         let p = |t: &str| parse_gateway_yaml(t);
-        assert_eq!(p("dbName: g\ndbAddress: db.local:6543 # remote\ndbUsername: u\ndbPassword: \"\"\n").expect("ok").password, None);
-        assert_eq!(p("dbName: g\ndbAddress: \"[::1]:5432\"\ndbUsername: u\n").expect("ok").host, "::1");
-        assert_eq!(p("dbName: g\ndbAddress: \"localhost\"\ndbUsername: u\n").expect_err("no port"), "dbAddress `localhost` has no port");
-        assert_eq!(p("dbAddress: \"h:1\"\ndbUsername: u\n").expect_err("no name"), "no dbName");
-        assert_eq!(p("dbName: g\ndbUsername: u\n").expect_err("no address"), "no dbAddress");
+        assert_eq!(
+            p("dbName: g\ndbAddress: db.local:6543 # remote\ndbUsername: u\ndbPassword: \"\"\n")
+                .expect("ok")
+                .password,
+            None
+        );
+        assert_eq!(
+            p("dbName: g\ndbAddress: \"[::1]:5432\"\ndbUsername: u\n")
+                .expect("ok")
+                .host,
+            "::1"
+        );
+        assert_eq!(
+            p("dbName: g\ndbAddress: \"localhost\"\ndbUsername: u\n").expect_err("no port"),
+            "dbAddress `localhost` has no port"
+        );
+        assert_eq!(
+            p("dbAddress: \"h:1\"\ndbUsername: u\n").expect_err("no name"),
+            "no dbName"
+        );
+        assert_eq!(
+            p("dbName: g\ndbUsername: u\n").expect_err("no address"),
+            "no dbAddress"
+        );
         // Indented keys belong to another mapping, not to the top level.
-        assert_eq!(p("x:\n  dbName: g\ndbAddress: h:1\ndbUsername: u\n").expect_err("nested"), "no dbName");
+        assert_eq!(
+            p("x:\n  dbName: g\ndbAddress: h:1\ndbUsername: u\n").expect_err("nested"),
+            "no dbName"
+        );
     }
 }

@@ -65,21 +65,30 @@ impl Gateway {
             .client
             .query_opt("SELECT value FROM states WHERE key = 'Period'", &[])
             .map_err(|e| self.explain(&e, "states"))?;
-        let Some(row) = row else { return Ok(DEFAULT_PERIOD_MS) };
+        let Some(row) = row else {
+            return Ok(DEFAULT_PERIOD_MS);
+        };
         let text: String = row.get(0);
         let ns: i64 = text
             .trim()
             .parse()
             .map_err(|_| format!("states.Period is `{text}`, not a number of nanoseconds"))?;
         if ns < 1_000_000 {
-            return Err(format!("states.Period is {ns} ns, shorter than a millisecond"));
+            return Err(format!(
+                "states.Period is {ns} ns, shorter than a millisecond"
+            ));
         }
         Ok(ns / 1_000_000)
     }
 
     /// Up to `limit` rows with `id > after` and `epoch >= min_epoch`, in id
     /// order: a range scan of the primary key, never a table scan.
-    pub fn rows_after(&mut self, after: i64, min_epoch: i64, limit: u32) -> Result<Vec<Row>, String> {
+    pub fn rows_after(
+        &mut self,
+        after: i64,
+        min_epoch: i64,
+        limit: u32,
+    ) -> Result<Vec<Row>, String> {
         let rows = self
             .client
             .query(
@@ -98,28 +107,51 @@ impl Gateway {
             .collect())
     }
 
-    /// Bloom filter rows of one recipient (for `--verify`-style checks).
-    #[cfg(test)]
-    pub fn filters(&mut self, recipient_id: i64) -> Result<Vec<(i64, Vec<u8>)>, String> {
+    /// The newest `limit` rows with their filters, for `edgemeter verify`.
+    pub fn newest_filters(&mut self, limit: u32) -> Result<Vec<FilterRow>, String> {
         let rows = self
             .client
             .query(
-                "SELECT first_round, filter FROM client_bloom_filters WHERE recipient_id = $1",
-                &[&recipient_id],
+                "SELECT id, first_round, round_range, filter FROM client_bloom_filters ORDER BY id DESC LIMIT $1",
+                &[&i64::from(limit)],
             )
             .map_err(|e| self.explain(&e, "client_bloom_filters"))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| FilterRow {
+                id: r.get(0),
+                first_round: r.get(1),
+                round_range: r.get(2),
+                filter: r.get(3),
+            })
+            .collect())
     }
+}
+
+/// One filter row as `edgemeter verify` checks it.
+pub struct FilterRow {
+    pub id: i64,
+    pub first_round: i64,
+    pub round_range: i64,
+    pub filter: Vec<u8>,
 }
 
 /// A connection failure in words, never including the password.
 fn describe(e: &postgres::Error, s: &DbSettings) -> String {
     let target = format!("{}@{}:{}/{}", s.user, s.host, s.port, s.dbname);
     match e.code() {
-        Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
-            format!("PostgreSQL refused the login {target}: wrong user or password (check dbPassword / password_file)")
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            format!(
+                "PostgreSQL refused the login {target}: wrong user or password (check dbPassword / password_file)"
+            )
         }
-        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => format!("database `{}` does not exist on {}:{}", s.dbname, s.host, s.port),
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => format!(
+            "database `{}` does not exist on {}:{}",
+            s.dbname, s.host, s.port
+        ),
         _ => {
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(e);

@@ -111,9 +111,10 @@ struct Inner {
 }
 
 fn read_node_id(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read node_id_file {}: {e}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("node_id_file {} is not JSON: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read node_id_file {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("node_id_file {} is not JSON: {e}", path.display()))?;
     v.get("id")
         .and_then(|id| id.as_str())
         .filter(|id| !id.is_empty())
@@ -250,10 +251,44 @@ impl Inner {
                 .map_err(|e| format!("cannot write csv_path {}: {e}", path.display()))?;
         }
         if let Some(e) = through {
-            self.store.as_ref().expect("opened").set("last_emitted", e)?;
+            self.store
+                .as_ref()
+                .expect("opened")
+                .set("last_emitted", e)?;
         }
         Ok(())
     }
+}
+
+/// What `edgemeter verify` found in a gateway's newest filter rows.
+#[derive(Debug, Default, PartialEq)]
+pub struct Verified {
+    pub rows: usize,
+    pub malformed: Vec<(i64, String)>,
+    /// Rows whose filter does not claim their own first or last round.
+    pub unclaimed: Vec<i64>,
+}
+
+/// Decode the newest `rows` filters and check that each claims its
+/// `first_round` and `first_round + round_range` (the gateway ORs every
+/// merged round in, so both must test positive).
+pub fn verify(config: &Config, rows: u32) -> Result<Verified, String> {
+    let settings = config.db.read()?;
+    let mut gw = Gateway::connect(&settings, config.connect_timeout)?;
+    let mut out = Verified::default();
+    for row in gw.newest_filters(rows)? {
+        out.rows += 1;
+        match bloom::Filter::decode(&row.filter) {
+            Err(e) => out.malformed.push((row.id, e.to_string())),
+            Ok(f) => {
+                let last = row.first_round.saturating_add(row.round_range);
+                if !f.contains(row.first_round as u64) || !f.contains(last as u64) {
+                    out.unclaimed.push(row.id);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn records(step: &Step, now: i64) -> Vec<Record> {
@@ -265,7 +300,13 @@ fn records(step: &Step, now: i64) -> Vec<Record> {
             ("window", epochs::window_label(em.window, step.period_ms)),
             ("epochs", em.window.to_string()),
         ]);
-        out.push(Record::point(METRIC, dims.clone(), em.end_ms, em.unique as f64, "Count"));
+        out.push(Record::point(
+            METRIC,
+            dims.clone(),
+            em.end_ms,
+            em.unique as f64,
+            "Count",
+        ));
         out.push(Record {
             kind: Kind::Sketch,
             ts_ms: em.end_ms,
@@ -285,7 +326,15 @@ fn records(step: &Step, now: i64) -> Vec<Record> {
             payload: epochs::csv_line(em.epoch, em.window, step.period_ms, em.unique).into_bytes(),
         });
     }
-    let counter = |name: &str, v: u64| Record::point(name, Dims::new([("gateway", gateway)]), now, v as f64, "Count");
+    let counter = |name: &str, v: u64| {
+        Record::point(
+            name,
+            Dims::new([("gateway", gateway)]),
+            now,
+            v as f64,
+            "Count",
+        )
+    };
     if step.rows_read > 0 {
         out.push(counter("xx_rows_read", step.rows_read));
     }
@@ -313,7 +362,8 @@ impl Source for XxGateway {
                 period_ms: db::DEFAULT_PERIOD_MS,
             }));
             let worker = Worker::new(format!("src-{}", ctx.name));
-            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300).max(poll));
+            let mut backoff =
+                Backoff::new(Duration::from_secs(1), Duration::from_secs(300).max(poll));
             let mut failing: Option<String> = None;
             while !ctx.shutdown.is_started() {
                 let job = inner.clone();
@@ -341,7 +391,10 @@ impl Source for XxGateway {
                 if let Some(target) = &step.connected {
                     let name = inner.lock().map(|i| i.name.clone()).unwrap_or_default();
                     if failing.take().is_some() {
-                        log::info!("source `{name}`: reading the gateway database {target} again after {} failed attempts", backoff.attempts());
+                        log::info!(
+                            "source `{name}`: reading the gateway database {target} again after {} failed attempts",
+                            backoff.attempts()
+                        );
                     } else {
                         log::info!(
                             "source `{name}`: reading the gateway database {target}, epochs of {} s",
@@ -371,10 +424,17 @@ impl Source for XxGateway {
                     .collect();
                 let (job, through) = (inner.clone(), step.through);
                 if let Err(e) = worker
-                    .run(move || job.lock().unwrap_or_else(|p| p.into_inner()).finish(&lines, through))
+                    .run(move || {
+                        job.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .finish(&lines, through)
+                    })
                     .await
                 {
-                    log::error!("source `{}`: {e}; these windows will be emitted again", ctx.name);
+                    log::error!(
+                        "source `{}`: {e}; these windows will be emitted again",
+                        ctx.name
+                    );
                 }
                 if !step.more && ctx.shutdown.sleep(poll).await {
                     return;

@@ -51,13 +51,18 @@ impl Store {
         let conn = match attempt(path) {
             Ok(c) => c,
             Err(e) => {
-                let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), crate::clock::now_ms()));
+                let aside = PathBuf::from(format!(
+                    "{}.corrupt-{}",
+                    path.display(),
+                    crate::clock::now_ms()
+                ));
                 log::error!(
                     "{} was unusable ({e}); moved it aside to {} and rebuilding it from the gateway",
                     path.display(),
                     aside.display()
                 );
-                std::fs::rename(path, &aside).map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
+                std::fs::rename(path, &aside)
+                    .map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
                 for s in ["-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{s}", path.display()));
                 }
@@ -93,9 +98,17 @@ impl Store {
 
     /// Add (epoch, recipient) pairs, keeping those at or after `horizon`,
     /// and set the watermark, all in one transaction.
-    pub fn add(&mut self, rows: &[(i64, i64)], horizon: i64, watermark: i64) -> Result<Added, String> {
+    pub fn add(
+        &mut self,
+        rows: &[(i64, i64)],
+        horizon: i64,
+        watermark: i64,
+    ) -> Result<Added, String> {
         let mut added = Added::default();
-        let tx = self.conn.transaction().map_err(|e| format!("{}: {e}", "begin"))?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|e| format!("{}: {e}", "begin"))?;
         {
             let mut st = tx
                 .prepare_cached("INSERT OR IGNORE INTO epoch_ids (epoch, rid) VALUES (?1, ?2)")
@@ -105,7 +118,11 @@ impl Store {
                     added.expired += 1;
                     continue;
                 }
-                if st.execute(params![epoch, rid]).map_err(|e| format!("insert: {e}"))? > 0 {
+                if st
+                    .execute(params![epoch, rid])
+                    .map_err(|e| format!("insert: {e}"))?
+                    > 0
+                {
                     *added.new_ids.entry(epoch).or_default() += 1;
                 }
             }
@@ -146,7 +163,13 @@ mod tests {
     fn sets_union_and_late_ids_are_reported() {
         let path = std::env::temp_dir().join(format!("edgemeter-xxstore-{}.db", fastrand::u64(..)));
         let mut s = Store::open(&path).expect("open");
-        let a = s.add(&[(10, 1), (10, 2), (10, 2), (11, 2), (11, 3), (5, 9)], 8, 100).expect("add");
+        let a = s
+            .add(
+                &[(10, 1), (10, 2), (10, 2), (11, 2), (11, 3), (5, 9)],
+                8,
+                100,
+            )
+            .expect("add");
         assert_eq!(a.new_ids, BTreeMap::from([(10, 2), (11, 2)]));
         assert_eq!(a.expired, 1);
         assert_eq!(s.get("watermark").expect("get"), Some(100));
@@ -159,11 +182,25 @@ mod tests {
         assert_eq!(s.prune(11).expect("prune"), 2);
         assert_eq!(s.ids(0, 100).expect("ids").len(), 2);
         drop(s);
-        std::fs::write(&path, b"garbage that is not sqlite at all, long enough to be read".repeat(50)).expect("corrupt");
+        std::fs::write(
+            &path,
+            b"garbage that is not sqlite at all, long enough to be read".repeat(50),
+        )
+        .expect("corrupt");
         let s = Store::open(&path).expect("recovers");
-        assert_eq!(s.get("watermark").expect("get"), None, "rebuilt from scratch");
-        for f in std::fs::read_dir(std::env::temp_dir()).expect("tmp").flatten() {
-            if f.file_name().to_string_lossy().starts_with(&*path.file_name().expect("name").to_string_lossy()) {
+        assert_eq!(
+            s.get("watermark").expect("get"),
+            None,
+            "rebuilt from scratch"
+        );
+        for f in std::fs::read_dir(std::env::temp_dir())
+            .expect("tmp")
+            .flatten()
+        {
+            if f.file_name()
+                .to_string_lossy()
+                .starts_with(&*path.file_name().expect("name").to_string_lossy())
+            {
                 std::fs::remove_file(f.path()).ok();
             }
         }
