@@ -18,6 +18,8 @@ pub struct PgServer {
     pub port: u16,
     bin: PathBuf,
     run_as: Option<String>,
+    /// Extra `-c name=value` server settings.
+    extra: String,
 }
 
 fn server_bin_dir() -> PathBuf {
@@ -44,6 +46,11 @@ fn free_port() -> u16 {
 
 impl PgServer {
     pub fn start(tag: &str) -> PgServer {
+        PgServer::start_with(tag, "")
+    }
+
+    /// Start with extra server settings, e.g. `-c shared_buffers=256MB`.
+    pub fn start_with(tag: &str, extra: &str) -> PgServer {
         let bin = server_bin_dir();
         let is_root = Command::new("id")
             .arg("-u")
@@ -75,6 +82,7 @@ impl PgServer {
             port: free_port(),
             bin,
             run_as,
+            extra: extra.to_owned(),
         };
         server.run(
             "initdb",
@@ -124,9 +132,10 @@ impl PgServer {
     pub fn start_again(&self) {
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off \
-             -c full_page_writes=off -c max_connections=40",
+             -c full_page_writes=off -c max_connections=40 {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.extra
         );
         self.run(
             "pg_ctl",
