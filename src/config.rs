@@ -343,7 +343,7 @@ pub fn deserialize<'i, T: Deserialize<'i>>(
 }
 
 /// Take the keys in `names` out of `table` into a table of their own.
-fn split_off<'i>(table: &mut Spanned<DeTable<'i>>, names: &[&str]) -> Spanned<DeTable<'i>> {
+pub fn split_off<'i>(table: &mut Spanned<DeTable<'i>>, names: &[&str]) -> Spanned<DeTable<'i>> {
     let span = table.span();
     let mut taken = DeTable::new();
     let keys: Vec<_> = table

@@ -66,6 +66,7 @@
 //!   benchmarks in `benches/`. `scripts/test` runs everything CI runs.
 
 mod agent;
+mod aws;
 mod backoff;
 mod cli;
 mod clock;

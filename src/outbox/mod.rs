@@ -695,6 +695,71 @@ impl Outbox {
         Ok(())
     }
 
+    /// The sink took `batch` except `rejected` (record id, why): confirm the
+    /// batch and keep those records as one dead letter, in one transaction.
+    pub fn ack_with_rejects(
+        &mut self,
+        batch: &Batch,
+        rejected: &[(i64, String)],
+    ) -> Result<(), OutboxError> {
+        if rejected.is_empty() || batch.origin != Origin::Pending {
+            return self.ack(batch);
+        }
+        let e = sql_err(&self.path, "confirming a batch with rejected records");
+        let now = now_ms();
+        let tx = self.conn.transaction().map_err(&e)?;
+        let Some(last) = tx
+            .query_row(
+                "SELECT last_id FROM batches WHERE sink = ?1 AND seq = ?2",
+                params![batch.sink, batch.seq],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(&e)?
+        else {
+            return Ok(());
+        };
+        let ids: std::collections::HashSet<i64> = rejected.iter().map(|(id, _)| *id).collect();
+        let kept: Vec<&(i64, Record)> = batch
+            .records
+            .iter()
+            .filter(|(id, _)| ids.contains(id))
+            .collect();
+        let bytes: i64 = kept
+            .iter()
+            .map(|(_, r)| r.charged_bytes(&r.dims.encode()))
+            .sum();
+        // One entry per distinct reason, with how many records it covers.
+        let mut reasons: Vec<(String, usize)> = Vec::new();
+        for (_, why) in rejected {
+            match reasons.iter_mut().find(|(w, _)| w == why) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((why.clone(), 1)),
+            }
+        }
+        let error = reasons
+            .iter()
+            .map(|(w, n)| format!("{n} record(s): {w}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        tx.execute(
+            "INSERT INTO dead_letters (sink, seq, count, bytes, error, state, attempts, created, updated)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'dead', 1, ?6, ?6)",
+            params![batch.sink, batch.seq, kept.len() as i64, bytes, error, now],
+        )
+        .map_err(&e)?;
+        let dead_id = tx.last_insert_rowid();
+        insert_dead_records(&tx, dead_id, kept.iter().map(|(id, r)| (*id, r))).map_err(&e)?;
+        let delivered = (batch.records.len() - kept.len()) as i64;
+        let freed = advance(&tx, &batch.sink, batch.seq, last, delivered).map_err(&e)?;
+        self.dead_bytes += bytes;
+        let evicted = evict_dead(&tx, self.dead_bytes - self.max_bytes / 4).map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        self.bytes -= freed;
+        self.dead_bytes -= evicted;
+        Ok(())
+    }
+
     /// The sink refused `batch` for good: keep it as a dead letter with `error`.
     pub fn dead_letter(&mut self, batch: &Batch, error: &str) -> Result<(), OutboxError> {
         let e = sql_err(&self.path, "dead-lettering a batch");
@@ -733,28 +798,8 @@ impl Outbox {
                 )
                 .map_err(&e)?;
                 let dead_id = tx.last_insert_rowid();
-                {
-                    let mut st = tx
-                        .prepare_cached(
-                            "INSERT INTO dead_records (dead_id, id, kind, ts, name, dims, value, unit, payload)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                        )
-                        .map_err(&e)?;
-                    for (id, r) in &batch.records {
-                        st.execute(params![
-                            dead_id,
-                            id,
-                            r.kind as i64,
-                            r.ts_ms,
-                            r.name,
-                            r.dims.encode(),
-                            r.value,
-                            r.unit,
-                            r.payload
-                        ])
-                        .map_err(&e)?;
-                    }
-                }
+                insert_dead_records(&tx, dead_id, batch.records.iter().map(|(id, r)| (*id, r)))
+                    .map_err(&e)?;
                 freed = advance(&tx, &batch.sink, batch.seq, last, 0).map_err(&e)?;
                 self.dead_bytes += bytes;
             }
@@ -1139,6 +1184,31 @@ fn count_drop(c: &Connection, why: &str, sink: &str, n: i64) -> rusqlite::Result
          ON CONFLICT (reason, sink) DO UPDATE SET count = count + excluded.count",
         params![why, sink, n],
     )?;
+    Ok(())
+}
+
+fn insert_dead_records<'r>(
+    tx: &Transaction,
+    dead_id: i64,
+    records: impl Iterator<Item = (i64, &'r Record)>,
+) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO dead_records (dead_id, id, kind, ts, name, dims, value, unit, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for (id, r) in records {
+        st.execute(params![
+            dead_id,
+            id,
+            r.kind as i64,
+            r.ts_ms,
+            r.name,
+            r.dims.encode(),
+            r.value,
+            r.unit,
+            r.payload
+        ])?;
+    }
     Ok(())
 }
 

@@ -472,3 +472,38 @@ fn a_full_database_is_a_retryable_error_that_loses_nothing_committed() {
     let b = o.next_batch("a", 10_000).expect("claim").expect("batch");
     assert_eq!(b.records.len(), 5001);
 }
+
+#[test]
+fn a_partly_refused_batch_is_confirmed_and_the_rest_dead_lettered_together() {
+    let d = TempDir::new();
+    let mut o = open(&d, 1 << 20, &[("cw", ALL)]);
+    o.append(&[point(1.0), point(2.0), point(3.0), point(4.0)])
+        .expect("append");
+    let b = o.next_batch("cw", 10).expect("claim").expect("batch");
+    let (id2, id4) = (b.records[1].0, b.records[3].0);
+    o.ack_with_rejects(
+        &b,
+        &[
+            (id2, "older than 14 days".into()),
+            (id4, "older than 14 days".into()),
+        ],
+    )
+    .expect("ack");
+    assert_eq!(count(&o, "records"), 0);
+    let s = o.stats().expect("stats");
+    assert_eq!(s.sinks[0].delivered_records, 2);
+    let dead = o.dead_letters(None).expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].seq, dead[0].count), (1, 2));
+    assert_eq!(dead[0].error, "2 record(s): older than 14 days");
+    o.retry_dead(None, None).expect("retry");
+    let again = o.next_batch("cw", 10).expect("claim").expect("batch");
+    assert_eq!(values(&again), vec![2.0, 4.0]);
+    // Everything refused: nothing counts as delivered.
+    o.ack(&again).expect("ack");
+    o.append(&[point(5.0)]).expect("append");
+    let b = o.next_batch("cw", 10).expect("claim").expect("batch");
+    o.ack_with_rejects(&b, &[(b.records[0].0, "not a finite number".into())])
+        .expect("ack");
+    assert_eq!(o.stats().expect("stats").sinks[0].delivered_records, 4);
+}

@@ -20,7 +20,7 @@ use crate::config::{Problems, deserialize, resolve};
 use crate::outbox::{Batch, Origin};
 use crate::record::{Kind, KindSet};
 use crate::runtime::{LocalBoxFuture, Worker};
-use crate::sinks::{DeliveryError, Sink};
+use crate::sinks::{Delivered, DeliveryError, Sink};
 
 pub const HEADER: &str = "batch,id,time,kind,name,dims,value,unit\n";
 
@@ -99,7 +99,7 @@ impl Sink for CsvSink {
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,
-    ) -> LocalBoxFuture<'a, Result<(), DeliveryError>> {
+    ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         let text = render(batch);
         let path = self.config.path.clone();
         let file = self.file.take();
@@ -123,7 +123,9 @@ impl Sink for CsvSink {
                 })
                 .await;
             self.file = file;
-            result.map_err(|e| DeliveryError::Retry(format!("{}: {e}", self.config.path.display())))
+            result
+                .map(|()| Delivered::all())
+                .map_err(|e| DeliveryError::Retry(format!("{}: {e}", self.config.path.display())))
         })
     }
 }

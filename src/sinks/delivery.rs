@@ -17,6 +17,13 @@ pub const IDLE_RECHECK: Duration = Duration::from_secs(5);
 /// Idle rechecks are spread by ±10 % so many edges do not line up.
 const IDLE_JITTER: f64 = 0.1;
 
+enum Settle {
+    /// Delivered, less these (record id, why).
+    Delivered(Vec<(i64, String)>),
+    /// Refused whole, for this reason.
+    Refused(String),
+}
+
 pub struct Driver {
     pub name: String,
     pub sink: Box<dyn Sink>,
@@ -57,7 +64,7 @@ impl Driver {
                 }
             };
             match self.sink.deliver(&batch).await {
-                Ok(()) => {
+                Ok(delivered) => {
                     if last_error.take().is_some() {
                         log::info!(
                             "sink `{}`: delivering again after {} failed attempts",
@@ -66,7 +73,18 @@ impl Driver {
                         );
                     }
                     backoff.reset();
-                    self.settle(batch, None).await;
+                    if !delivered.rejected.is_empty() {
+                        log::warn!(
+                            "sink `{}` cannot take {} of the {} records of batch {} (e.g. {}); kept as a dead letter",
+                            self.name,
+                            delivered.rejected.len(),
+                            batch.records.len(),
+                            batch.seq,
+                            delivered.rejected[0].1
+                        );
+                    }
+                    self.settle(batch, Settle::Delivered(delivered.rejected))
+                        .await;
                 }
                 Err(DeliveryError::Reject(why)) => {
                     log::error!(
@@ -76,7 +94,7 @@ impl Driver {
                         batch.seq,
                         batch.records.len()
                     );
-                    self.settle(batch, Some(why)).await;
+                    self.settle(batch, Settle::Refused(why)).await;
                 }
                 Err(DeliveryError::Retry(why)) => {
                     let wait = backoff.next();
@@ -110,12 +128,12 @@ impl Driver {
     /// Confirm (`reject` = None) or dead-letter the batch in the outbox. If
     /// that fails the batch stays open and is delivered again later, which
     /// the sink contract allows.
-    async fn settle(&self, batch: Batch, reject: Option<String>) {
+    async fn settle(&self, batch: Batch, how: Settle) {
         let result = self
             .outbox
-            .call(move |o| match reject {
-                None => o.ack(&batch),
-                Some(why) => o.dead_letter(&batch, &why),
+            .call(move |o| match how {
+                Settle::Delivered(rejected) => o.ack_with_rejects(&batch, &rejected),
+                Settle::Refused(why) => o.dead_letter(&batch, &why),
             })
             .await;
         if let Err(e) = result {
@@ -137,11 +155,12 @@ mod tests {
     use crate::outbox::Outbox;
     use crate::record::{Dims, KindSet, Record};
     use crate::runtime::{LocalBoxFuture, doorbell, shutdown_pair};
+    use crate::sinks::Delivered;
 
     /// A sink that answers from a script, then accepts everything; it keeps
     /// what it accepted and every seq it was offered.
     struct Scripted {
-        script: VecDeque<Result<(), DeliveryError>>,
+        script: VecDeque<Result<Delivered, DeliveryError>>,
         log: Rc<RefCell<Vec<(i64, bool)>>>,
         kept: Rc<RefCell<Vec<f64>>>,
     }
@@ -153,9 +172,9 @@ mod tests {
         fn deliver<'a>(
             &'a mut self,
             batch: &'a Batch,
-        ) -> LocalBoxFuture<'a, Result<(), DeliveryError>> {
+        ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
             self.log.borrow_mut().push((batch.seq, batch.redelivered));
-            let answer = self.script.pop_front().unwrap_or(Ok(()));
+            let answer = self.script.pop_front().unwrap_or(Ok(Delivered::all()));
             if answer.is_ok() {
                 self.kept
                     .borrow_mut()
@@ -184,7 +203,7 @@ mod tests {
             script: VecDeque::from([
                 Err(DeliveryError::Retry("503".into())),
                 Err(DeliveryError::Retry("throttled".into())),
-                Ok(()),
+                Ok(Delivered::all()),
                 Err(DeliveryError::Reject("400 bad datum".into())),
             ]),
             log: log.clone(),

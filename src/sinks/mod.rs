@@ -11,7 +11,9 @@
 //! - A sink MUST say which record kinds it takes ([`Sink::accepts`]); the
 //!   outbox passes over the others for it.
 //! - [`Sink::deliver`] MUST return `Ok` only once the receiver holds the
-//!   whole batch durably; the outbox deletes on `Ok`.
+//!   whole batch durably, less the records it lists in
+//!   [`Delivered::rejected`] (those the receiver can never take, with the
+//!   reason); the outbox deletes on `Ok` and dead-letters the rejected.
 //! - It MUST return [`DeliveryError::Retry`] for anything that may pass by
 //!   itself (network, throttling, 5xx, a full disk) and
 //!   [`DeliveryError::Reject`] only when sending the same batch again can
@@ -66,10 +68,27 @@ impl fmt::Display for DeliveryError {
     }
 }
 
+/// A batch the receiver took, except the records it can never take (too
+/// old, not a finite number, ...): those are dead-lettered with the reason
+/// in the transaction that confirms the rest.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Delivered {
+    /// (record id, why)
+    pub rejected: Vec<(i64, String)>,
+}
+
+impl Delivered {
+    pub fn all() -> Delivered {
+        Delivered::default()
+    }
+}
+
 pub trait Sink {
     fn accepts(&self) -> KindSet;
-    fn deliver<'a>(&'a mut self, batch: &'a Batch)
-    -> LocalBoxFuture<'a, Result<(), DeliveryError>>;
+    fn deliver<'a>(
+        &'a mut self,
+        batch: &'a Batch,
+    ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>>;
 }
 
 pub fn parse_config(

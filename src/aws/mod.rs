@@ -1,0 +1,480 @@
+//! What the CloudWatch sinks share: the AWS settings in the config,
+//! credentials, SigV4 signing, a clock corrected by the server's `Date` when
+//! AWS says ours is off, one blocking HTTPS call, and the classification of
+//! AWS's answers into retry, throttle, skew and refusal.
+
+pub mod credentials;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::DeTable;
+
+use crate::config::{Problems, deserialize, resolve, secs};
+
+/// The keys every AWS sink takes, split off its table by `config::split_off`.
+pub const KEYS: &[&str] = &[
+    "region",
+    "endpoint",
+    "access_key_id",
+    "secret_access_key_file",
+    "session_token_file",
+    "profile",
+    "credentials_file",
+    "timeout_secs",
+];
+
+/// Largest error body read from AWS (they are small XML or JSON documents).
+const MAX_RESPONSE_BYTES: u64 = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub region: String,
+    /// Override of the service endpoint (emulators, VPC endpoints).
+    pub endpoint: Option<String>,
+    pub credentials: credentials::Source,
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    region: Spanned<String>,
+    endpoint: Option<Spanned<String>>,
+    access_key_id: Option<Spanned<String>>,
+    secret_access_key_file: Option<Spanned<String>>,
+    session_token_file: Option<Spanned<String>>,
+    profile: Option<Spanned<String>>,
+    credentials_file: Option<Spanned<String>>,
+    timeout_secs: Option<Spanned<f64>>,
+}
+
+impl Settings {
+    pub fn parse(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Settings> {
+        let span = table.span();
+        let raw: Raw = deserialize(table, p)?;
+        let before = p.list().len();
+        let r = raw.region.get_ref();
+        if r.is_empty()
+            || !r
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            p.push(
+                raw.region.span(),
+                format!("region `{r}` is not an AWS region name like `us-west-1`"),
+            );
+        }
+        if let Some(e) = &raw.endpoint {
+            let ok = e.get_ref().starts_with("https://") || e.get_ref().starts_with("http://");
+            if !ok {
+                p.push(e.span(), "endpoint must be an http:// or https:// URL");
+            }
+        }
+        let credentials = match (
+            &raw.access_key_id,
+            &raw.secret_access_key_file,
+            &raw.profile,
+        ) {
+            (Some(id), Some(file), None) => credentials::Source::Files {
+                access_key_id: id.get_ref().clone(),
+                secret_access_key_file: resolve(base, file.get_ref()),
+                session_token_file: raw
+                    .session_token_file
+                    .as_ref()
+                    .map(|f| resolve(base, f.get_ref())),
+            },
+            (None, None, Some(profile)) => credentials::Source::Profile {
+                profile: profile.get_ref().clone(),
+                file: raw
+                    .credentials_file
+                    .as_ref()
+                    .map(|f| resolve(base, f.get_ref())),
+            },
+            (None, None, None) => credentials::Source::Default,
+            (Some(_), None, _) | (None, Some(_), _) => {
+                p.push(
+                    span.clone(),
+                    "access_key_id and secret_access_key_file go together",
+                );
+                credentials::Source::Default
+            }
+            (_, _, Some(profile)) => {
+                p.push(
+                    profile.span(),
+                    "give either profile or access_key_id/secret_access_key_file, not both",
+                );
+                credentials::Source::Default
+            }
+        };
+        let timeout = secs(
+            raw.timeout_secs.as_ref(),
+            "timeout_secs",
+            30.0,
+            1.0,
+            600.0,
+            p,
+        );
+        (p.list().len() == before).then(|| Settings {
+            region: raw.region.into_inner(),
+            endpoint: raw
+                .endpoint
+                .map(|e| e.into_inner().trim_end_matches('/').to_owned()),
+            credentials,
+            timeout,
+        })
+    }
+
+    pub fn url(&self, service_host: &str) -> String {
+        match &self.endpoint {
+            Some(e) => format!("{e}/"),
+            None => format!("https://{service_host}.{}.amazonaws.com/", self.region),
+        }
+    }
+}
+
+/// How an AWS call ended, when it did not succeed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// Throttled: back off and retry.
+    Throttled(String),
+    /// 5xx, network, timeout: retry.
+    Transient(String),
+    /// Our clock is off; the server's time when it told us, if it did.
+    Skewed(String),
+    /// Refused for good: AWS's code and message.
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Throttled(m) | Failure::Transient(m) | Failure::Skewed(m) => f.write_str(m),
+            Failure::Refused {
+                status,
+                code,
+                message,
+            } => write!(f, "HTTP {status} {code}: {message}"),
+        }
+    }
+}
+
+/// A successful response's body.
+pub struct Answer {
+    pub body: Vec<u8>,
+}
+
+/// Classify an error answer from its status, AWS error code and message.
+pub fn classify(status: u16, code: &str, message: &str) -> Failure {
+    const THROTTLE: &[&str] = &[
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "SlowDown",
+    ];
+    let what = if code.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status} {code}")
+    };
+    let text = format!("{what}: {message}");
+    let expired = message.contains("Signature expired") || message.contains("signature expired");
+    if THROTTLE.contains(&code) || status == 429 {
+        Failure::Throttled(text)
+    } else if matches!(
+        code,
+        "RequestExpired" | "RequestTimeTooSkewed" | "RequestInTheFuture"
+    ) || (expired
+        && matches!(code, "InvalidSignatureException" | "SignatureDoesNotMatch"))
+    {
+        Failure::Skewed(text)
+    } else if status >= 500 || status == 408 {
+        Failure::Transient(text)
+    } else {
+        Failure::Refused {
+            status,
+            code: if code.is_empty() {
+                format!("HTTP{status}")
+            } else {
+                code.to_owned()
+            },
+            message: message.to_owned(),
+        }
+    }
+}
+
+/// AWS's error code and message from a Query-protocol XML or a JSON body.
+pub fn error_code(body: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(body);
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&format!("</{name}>"))? + start;
+        Some(text[start..end].trim().to_owned())
+    };
+    if let Some(code) = tag("Code") {
+        return (code, tag("Message").unwrap_or_default());
+    }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+        let code = v.get("__type").and_then(|t| t.as_str()).unwrap_or("");
+        let code = code.rsplit('#').next().unwrap_or(code).to_owned();
+        let message = ["message", "Message"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(|m| m.as_str()))
+            .unwrap_or("")
+            .to_owned();
+        return (code, message);
+    }
+    (String::new(), text.chars().take(200).collect())
+}
+
+/// `Tue, 24 Nov 2026 02:50:00 GMT` (RFC 7231 IMF-fixdate) to ms since 1970.
+pub fn parse_http_date(s: &str) -> Option<i64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let day: i64 = parts[1].parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as i64
+        + 1;
+    let year: i64 = parts[3].parse().ok()?;
+    let hms: Vec<i64> = parts[4]
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if hms.len() != 3 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400) + hms[0] * 3600 + hms[1] * 60 + hms[2]) * 1000)
+}
+
+/// Our idea of AWS's time: the local clock plus an offset learnt from a
+/// response `Date` when AWS rejected a signature as expired or skewed (a
+/// Raspberry Pi has no battery-backed clock).
+#[derive(Clone, Default)]
+pub struct SkewClock(Arc<AtomicI64>);
+
+impl SkewClock {
+    pub fn now(&self) -> SystemTime {
+        let offset = self.0.load(Ordering::Relaxed);
+        let base = SystemTime::now();
+        if offset >= 0 {
+            base + Duration::from_millis(offset as u64)
+        } else {
+            base - Duration::from_millis(offset.unsigned_abs())
+        }
+    }
+
+    pub fn offset_ms(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Learn the offset from the server's `Date`; returns the new offset.
+    pub fn correct(&self, server_ms: i64) -> i64 {
+        let local = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let offset = server_ms - local;
+        self.0.store(offset, Ordering::Relaxed);
+        offset
+    }
+}
+
+/// SigV4 headers for one request (to add to `headers`).
+pub fn sign(
+    creds: &credentials::Credentials,
+    region: &str,
+    service: &str,
+    time: SystemTime,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Vec<(String, String)>, String> {
+    use aws_credential_types::Credentials as AwsCreds;
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign as sigv4};
+    use aws_sigv4::sign::v4;
+    use aws_smithy_runtime_api::client::identity::Identity;
+
+    let identity: Identity = AwsCreds::new(
+        &creds.access_key_id,
+        &creds.secret_access_key,
+        creds.session_token.clone(),
+        None,
+        "edgemeter",
+    )
+    .into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name(service)
+        .time(time)
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| format!("signing parameters: {e}"))?
+        .into();
+    let signable = SignableRequest::new(
+        "POST",
+        url,
+        headers.iter().copied(),
+        SignableBody::Bytes(body),
+    )
+    .map_err(|e| format!("cannot sign a request to {url}: {e}"))?;
+    let (instructions, _) = sigv4(signable, &params)
+        .map_err(|e| format!("signing failed: {e}"))?
+        .into_parts();
+    Ok(instructions
+        .headers()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
+}
+
+/// One signed POST, blocking (call it on a worker thread). The secret never
+/// leaves this function; errors carry AWS's code and message only.
+pub struct Client {
+    pub settings: Settings,
+    service: &'static str,
+    url: String,
+    agent: ureq::Agent,
+    pub clock: SkewClock,
+}
+
+impl Client {
+    pub fn new(settings: Settings, service: &'static str, host_prefix: &str) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(settings.timeout))
+            .user_agent(concat!("edgemeter/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Client {
+            url: settings.url(host_prefix),
+            settings,
+            service,
+            agent,
+            clock: SkewClock::default(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// POST `body` with `headers`; on a skew error, correct the clock from
+    /// the response's `Date` and try once more at once.
+    pub fn post(&self, headers: &[(&str, &str)], body: &[u8]) -> Result<Answer, Failure> {
+        let creds = self
+            .settings
+            .credentials
+            .load()
+            .map_err(|e| Failure::Refused {
+                status: 0,
+                code: "Credentials".into(),
+                message: e,
+            })?;
+        let mut tried_skew = false;
+        loop {
+            match self.post_once(&creds, headers, body) {
+                Err((Failure::Skewed(msg), Some(date))) if !tried_skew => {
+                    let offset = self.clock.correct(date);
+                    log::warn!(
+                        "{}: AWS says our clock is off ({msg}); signing {:+.1} s from the local clock from now on",
+                        self.url,
+                        offset as f64 / 1000.0
+                    );
+                    tried_skew = true;
+                }
+                other => return other.map_err(|(f, _)| f),
+            }
+        }
+    }
+
+    fn post_once(
+        &self,
+        creds: &credentials::Credentials,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Answer, (Failure, Option<i64>)> {
+        let signed = sign(
+            creds,
+            &self.settings.region,
+            self.service,
+            self.clock.now(),
+            &self.url,
+            headers,
+            body,
+        )
+        .map_err(|e| {
+            (
+                Failure::Refused {
+                    status: 0,
+                    code: "Signing".into(),
+                    message: e,
+                },
+                None,
+            )
+        })?;
+        let mut req = self.agent.post(&self.url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        for (k, v) in &signed {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let mut resp = req
+            .send(body)
+            .map_err(|e| (Failure::Transient(format!("{}: {e}", self.url)), None))?;
+        let status = resp.status().as_u16();
+        let date = resp
+            .headers()
+            .get("date")
+            .and_then(|d| d.to_str().ok())
+            .and_then(parse_http_date);
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_vec()
+            .map_err(|e| {
+                (
+                    Failure::Transient(format!("{}: reading the answer: {e}", self.url)),
+                    None,
+                )
+            })?;
+        if (200..300).contains(&status) {
+            return Ok(Answer { body: bytes });
+        }
+        let (code, message) = error_code(&bytes);
+        Err((classify(status, &code, &message), date))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::credentials::Credentials;
+use super::*;
+
+/// The signatures botocore 1.44.5 (`SigV4Auth.add_auth`) computed for the
+/// same request, credentials and time: an independent implementation.
+#[test]
+fn sigv4_matches_botocore() {
+    let body = b"Action=PutMetricData&Version=2010-08-01&Namespace=Edge%2FTest&MetricData.member.1.MetricName=active_users&MetricData.member.1.Value=42";
+    let headers = [
+        (
+            "content-type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        ),
+        ("content-encoding", "gzip"),
+    ];
+    // 2026-11-24T02:50:51Z, the X-Amz-Date botocore signed with.
+    let time = UNIX_EPOCH + Duration::from_secs(1_795_488_651);
+    let check = |token: Option<&str>, want: &str| {
+        let creds = Credentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+            session_token: token.map(str::to_owned),
+        };
+        let signed = sign(
+            &creds,
+            "us-east-1",
+            "monitoring",
+            time,
+            "https://monitoring.us-east-1.amazonaws.com/",
+            &headers,
+            body,
+        )
+        .expect("sign");
+        let get = |k: &str| {
+            signed
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("x-amz-date"), Some("20261124T025051Z"));
+        assert_eq!(get("authorization"), Some(want));
+        assert_eq!(get("x-amz-security-token"), token);
+    };
+    check(
+        None,
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261124/us-east-1/monitoring/aws4_request, \
+         SignedHeaders=content-encoding;content-type;host;x-amz-date, \
+         Signature=7717508da4499bd67d5c85e43d4fd720e3b024fd551aa2d0b7f7bd6e7896c500",
+    );
+    check(
+        Some("SESSIONTOKEN/+="),
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261124/us-east-1/monitoring/aws4_request, \
+         SignedHeaders=content-encoding;content-type;host;x-amz-date;x-amz-security-token, \
+         Signature=ccdac52ff7ed3faaa88ddf5837fe77b37431f7774ef0a6287d1aab7efb6d0bc8",
+    );
+}
+
+#[test]
+fn answers_are_classified() {
+    let kind = |status, code: &str, msg: &str| match classify(status, code, msg) {
+        Failure::Throttled(_) => "throttled",
+        Failure::Transient(_) => "transient",
+        Failure::Skewed(_) => "skewed",
+        Failure::Refused { .. } => "refused",
+    };
+    assert_eq!(kind(400, "Throttling", "Rate exceeded"), "throttled");
+    assert_eq!(
+        kind(400, "ThrottlingException", "Rate exceeded"),
+        "throttled"
+    );
+    assert_eq!(kind(429, "", ""), "throttled");
+    assert_eq!(kind(500, "InternalFailure", ""), "transient");
+    assert_eq!(kind(503, "ServiceUnavailable", ""), "transient");
+    assert_eq!(
+        kind(400, "RequestExpired", "Request has expired."),
+        "skewed"
+    );
+    assert_eq!(
+        kind(
+            403,
+            "SignatureDoesNotMatch",
+            "Signature expired: 20261124T000000Z is now earlier than ..."
+        ),
+        "skewed"
+    );
+    assert_eq!(
+        kind(400, "InvalidSignatureException", "Signature expired: ..."),
+        "skewed"
+    );
+    assert_eq!(
+        kind(
+            403,
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match"
+        ),
+        "refused"
+    );
+    assert_eq!(kind(403, "AccessDenied", "not authorized"), "refused");
+    assert_eq!(kind(400, "InvalidParameterValue", "bad"), "refused");
+    match classify(400, "InvalidParameterValue", "The value NaN is invalid") {
+        Failure::Refused {
+            status,
+            code,
+            message,
+        } => {
+            assert_eq!(
+                (status, code.as_str(), message.as_str()),
+                (400, "InvalidParameterValue", "The value NaN is invalid")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn error_bodies_of_both_protocols() {
+    let xml = br#"<ErrorResponse xmlns="http://monitoring.amazonaws.com/doc/2010-08-01/">
+  <Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>
+  <RequestId>abc</RequestId></ErrorResponse>"#;
+    assert_eq!(
+        error_code(xml),
+        ("Throttling".into(), "Rate exceeded".into())
+    );
+    let json = br#"{"__type":"com.amazonaws.logs#ResourceNotFoundException","message":"The specified log stream does not exist."}"#;
+    assert_eq!(
+        error_code(json),
+        (
+            "ResourceNotFoundException".into(),
+            "The specified log stream does not exist.".into()
+        )
+    );
+    assert_eq!(
+        error_code(b"<html>oops</html>"),
+        (String::new(), "<html>oops</html>".into())
+    );
+}
+
+#[test]
+fn http_dates_and_the_skew_clock() {
+    assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+    assert_eq!(
+        parse_http_date("Tue, 24 Nov 2026 02:50:51 GMT"),
+        Some(1_795_488_651_000)
+    );
+    assert_eq!(parse_http_date("Tue, 24 Nov 2026 02:50:51 CET"), None);
+    assert_eq!(parse_http_date("garbage"), None);
+    let clock = SkewClock::default();
+    let an_hour_ahead = crate::clock::now_ms() + 3_600_000;
+    let offset = clock.correct(an_hour_ahead);
+    assert!((offset - 3_600_000).abs() < 1000, "{offset}");
+    let seen = clock
+        .now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    assert!((seen - an_hour_ahead).abs() < 1000);
+}
