@@ -466,6 +466,14 @@ pub fn render_status(
             ago(now, k.last_failure_ms),
             k.dead_letters
         );
+        if !k.counters.is_empty() {
+            let list: Vec<String> = k
+                .counters
+                .iter()
+                .map(|(key, v)| format!("{key} {v}"))
+                .collect();
+            out += &format!("  {}\n", list.join("; "));
+        }
         if let Some(e) = &k.last_error {
             out += &format!("  last error: {e}\n");
         }

@@ -292,10 +292,6 @@ impl SkewClock {
         }
     }
 
-    pub fn offset_ms(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-
     /// Learn the offset from the server's `Date`; returns the new offset.
     pub fn correct(&self, server_ms: i64) -> i64 {
         let local = SystemTime::now()

@@ -87,7 +87,9 @@ retry_max_secs = 2
             retry_max: Duration::from_secs(2),
         }
     );
-    let SinkConfig::Csv(csv) = &sink.config;
+    let SinkConfig::Csv(csv) = &sink.config else {
+        panic!("a csv sink")
+    };
     assert_eq!(csv.path, Path::new("/tmp/out.csv"));
     assert_eq!(
         csv.kinds,
@@ -279,7 +281,7 @@ fn structure_mistakes() {
         &[
             "1:1: `agent` must be a table: write `[agent]`",
             "2:1: `source` must be a list of tables: write `[[source]]`",
-            "3:1: this [[sink]] has no `type`; known types: csv",
+            "3:1: this [[sink]] has no `type`; known types: csv, cloudwatch_metrics",
         ],
     );
 }

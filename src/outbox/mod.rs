@@ -33,6 +33,8 @@
 //!   `dead_records(dead_id, …)`: batches a sink refused for good, with copies
 //!   of their records, kept until `edgemeter outbox retry|purge`.
 //! - `drops(reason, sink, count)`: every record the outbox gave up on.
+//! - `counters(sink, key, value)`: what sinks report of their own work
+//!   (requests, bytes sent, retries, throttles), for `edgemeter status`.
 //!
 //! # Flow
 //! 1. **append**: one transaction inserts a group of records (the writer task
@@ -79,6 +81,7 @@ const OUR_TABLES: &[&str] = &[
     "dead_letters",
     "dead_records",
     "drops",
+    "counters",
     "sqlite_sequence",
 ];
 
@@ -139,6 +142,12 @@ CREATE TABLE IF NOT EXISTS dead_records (
     unit    TEXT    NOT NULL,
     payload BLOB    NOT NULL,
     PRIMARY KEY (dead_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    sink  TEXT    NOT NULL,
+    key   TEXT    NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (sink, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS drops (
     reason TEXT    NOT NULL,
@@ -246,6 +255,8 @@ pub struct DeadLetter {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SinkStats {
     pub name: String,
+    /// The sink's own counters, by key.
+    pub counters: Vec<(String, i64)>,
     pub pending: i64,
     pub delivered_records: i64,
     pub delivered_batches: i64,
@@ -828,6 +839,21 @@ impl Outbox {
         Ok(())
     }
 
+    /// Add to a sink's own counters (`requests`, `bytes_sent`, ...).
+    pub fn bump(&mut self, sink: &str, deltas: &[(&str, i64)]) -> Result<(), OutboxError> {
+        let e = sql_err(&self.path, "counting");
+        let tx = self.conn.transaction().map_err(&e)?;
+        for (key, n) in deltas.iter().filter(|(_, n)| *n != 0) {
+            tx.execute(
+                "INSERT INTO counters (sink, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (sink, key) DO UPDATE SET value = value + excluded.value",
+                params![sink, key, n],
+            )
+            .map_err(&e)?;
+        }
+        tx.commit().map_err(&e)
+    }
+
     /// Count records given up on before they reached the outbox.
     pub fn count_drops(&mut self, why: &str, n: i64) -> Result<(), OutboxError> {
         count_drop(&self.conn, why, NO_SINK, n).map_err(sql_err(&self.path, "counting drops"))
@@ -920,7 +946,7 @@ impl Outbox {
                  FROM sinks s ORDER BY s.name",
             )
             .map_err(&e)?;
-        let sinks = st
+        let mut sinks: Vec<SinkStats> = st
             .query_map([], |r| {
                 Ok(SinkStats {
                     name: r.get(0)?,
@@ -932,11 +958,22 @@ impl Outbox {
                     last_failure_ms: r.get(6)?,
                     last_error: r.get(7)?,
                     dead_letters: r.get(8)?,
+                    counters: Vec::new(),
                 })
             })
             .map_err(&e)?
             .collect::<Result<_, _>>()
             .map_err(&e)?;
+        for s in &mut sinks {
+            let mut st = c
+                .prepare_cached("SELECT key, value FROM counters WHERE sink = ?1 ORDER BY key")
+                .map_err(&e)?;
+            s.counters = st
+                .query_map([&s.name], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(&e)?
+                .collect::<Result<_, _>>()
+                .map_err(&e)?;
+        }
         let mut st = c
             .prepare("SELECT reason, sink, count FROM drops ORDER BY reason, sink")
             .map_err(&e)?;

@@ -83,6 +83,11 @@ impl Driver {
                             delivered.rejected[0].1
                         );
                     }
+                    let counts = [
+                        ("requests", delivered.requests),
+                        ("bytes_sent", delivered.bytes),
+                    ];
+                    self.count(&counts).await;
                     self.settle(batch, Settle::Delivered(delivered.rejected))
                         .await;
                 }
@@ -96,7 +101,14 @@ impl Driver {
                     );
                     self.settle(batch, Settle::Refused(why)).await;
                 }
-                Err(DeliveryError::Retry(why)) => {
+                Err(e @ (DeliveryError::Retry(_) | DeliveryError::Throttled(_))) => {
+                    let key = if matches!(e, DeliveryError::Throttled(_)) {
+                        "throttled"
+                    } else {
+                        "retried"
+                    };
+                    self.count(&[(key, 1)]).await;
+                    let why = e.to_string();
                     let wait = backoff.next();
                     if last_error.as_deref() != Some(why.as_str()) {
                         log::warn!(
@@ -125,9 +137,16 @@ impl Driver {
         }
     }
 
-    /// Confirm (`reject` = None) or dead-letter the batch in the outbox. If
-    /// that fails the batch stays open and is delivered again later, which
-    /// the sink contract allows.
+    async fn count(&self, deltas: &[(&'static str, i64)]) {
+        let (name, deltas) = (self.name.clone(), deltas.to_vec());
+        if let Err(e) = self.outbox.call(move |o| o.bump(&name, &deltas)).await {
+            log::warn!("sink `{}`: {e}", self.name);
+        }
+    }
+
+    /// Confirm or dead-letter the batch in the outbox. If that fails the
+    /// batch stays open and is delivered again later, which the sink
+    /// contract allows.
     async fn settle(&self, batch: Batch, how: Settle) {
         let result = self
             .outbox

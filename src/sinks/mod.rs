@@ -28,6 +28,7 @@
 //! - Error texts MUST NOT contain secrets (tokens, keys, signatures): they
 //!   are logged and stored in the outbox.
 
+pub mod cloudwatch_metrics;
 pub mod csv;
 pub mod delivery;
 
@@ -43,17 +44,21 @@ use crate::record::KindSet;
 use crate::runtime::LocalBoxFuture;
 
 /// The `type` values a `[[sink]]` may have.
-pub const TYPES: &[&str] = &["csv"];
+pub const TYPES: &[&str] = &["csv", "cloudwatch_metrics"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkConfig {
     Csv(csv::Config),
+    CloudWatchMetrics(cloudwatch_metrics::Config),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeliveryError {
     /// Try the same batch again later.
     Retry(String),
+    /// The receiver asked us to slow down: back off, then the same batch.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Throttled(String),
     /// The receiver refused this batch for good: dead-letter it. (The csv
     /// sink never does; network sinks and the delivery tests do.)
     #[cfg_attr(not(test), allow(dead_code))]
@@ -63,7 +68,9 @@ pub enum DeliveryError {
 impl fmt::Display for DeliveryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeliveryError::Retry(m) | DeliveryError::Reject(m) => f.write_str(m),
+            DeliveryError::Retry(m) | DeliveryError::Throttled(m) | DeliveryError::Reject(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -75,6 +82,9 @@ impl fmt::Display for DeliveryError {
 pub struct Delivered {
     /// (record id, why)
     pub rejected: Vec<(i64, String)>,
+    /// Requests this delivery took, and the bytes they carried (for status).
+    pub requests: i64,
+    pub bytes: i64,
 }
 
 impl Delivered {
@@ -99,6 +109,9 @@ pub fn parse_config(
 ) -> Option<SinkConfig> {
     match kind {
         "csv" => csv::Config::parse(base, table, p).map(SinkConfig::Csv),
+        "cloudwatch_metrics" => {
+            cloudwatch_metrics::Config::parse(base, table, p).map(SinkConfig::CloudWatchMetrics)
+        }
         other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),
     }
 }
@@ -106,5 +119,8 @@ pub fn parse_config(
 pub fn build(config: &SinkConfig) -> Box<dyn Sink> {
     match config {
         SinkConfig::Csv(c) => Box::new(csv::CsvSink::new(c.clone())),
+        SinkConfig::CloudWatchMetrics(c) => {
+            Box::new(cloudwatch_metrics::CloudWatchMetrics::new(c.clone()))
+        }
     }
 }

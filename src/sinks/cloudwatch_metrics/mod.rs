@@ -1,0 +1,190 @@
+//! The `cloudwatch_metrics` sink: points to Amazon CloudWatch with
+//! `PutMetricData` (Query protocol, form-encoded, gzip), signed for
+//! `monitoring`, no SDK.
+//!
+//! A batch from the outbox becomes as few requests as the limits allow:
+//! points of one series within one minute fold into one datum
+//! (`Values`/`Counts`, at most 150 distinct values), and a request holds at
+//! most 1,000 datums and 1 MB of form data. Points CloudWatch can never
+//! take (older than 14 days, more than 2 h ahead, not finite, too many or
+//! too long dimensions) are not sent: they go to dead letters with the
+//! reason. CloudWatch cannot drop duplicates, so the requests of a batch
+//! that already succeeded are remembered and not sent again when a later
+//! request of the same batch fails and the batch is retried (in the same
+//! run; after a crash between requests a datum may arrive twice).
+
+mod body;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::DeTable;
+
+use crate::aws::{self, Client, Failure};
+use crate::clock::now_ms;
+use crate::config::{Problems, deserialize, split_off};
+use crate::outbox::Batch;
+use crate::record::{Kind, KindSet};
+use crate::runtime::{LocalBoxFuture, Worker};
+use crate::sinks::{Delivered, DeliveryError, Sink};
+
+pub use body::{bodies, fold};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub aws: aws::Settings,
+    pub namespace: String,
+    /// Added to every datum (a record's own dimension of the same name wins).
+    pub dimensions: Vec<(String, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    namespace: Spanned<String>,
+    dimensions: Option<Spanned<toml::Table>>,
+}
+
+impl Config {
+    pub fn parse(base: &Path, mut table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Config> {
+        let aws_table = split_off(&mut table, aws::KEYS);
+        let aws = aws::Settings::parse(base, aws_table, p);
+        let raw: Raw = deserialize(table, p)?;
+        let before = p.list().len();
+        let ns = raw.namespace.get_ref();
+        if ns.is_empty() || ns.len() > 255 || ns.starts_with("AWS/") || ns.starts_with(':') {
+            p.push(
+                raw.namespace.span(),
+                format!(
+                    "namespace `{ns}` must be 1 to 255 characters and not start with `AWS/` or `:`"
+                ),
+            );
+        }
+        let mut dimensions = Vec::new();
+        if let Some(d) = &raw.dimensions {
+            for (k, v) in d.get_ref() {
+                match v.as_str() {
+                    Some(s)
+                        if !s.is_empty() && s.len() <= 1024 && !k.is_empty() && k.len() <= 255 =>
+                    {
+                        dimensions.push((k.clone(), s.to_owned()))
+                    }
+                    _ => p.push(
+                        d.span(),
+                        format!("dimension `{k}` must be a string of 1 to 1024 characters"),
+                    ),
+                }
+            }
+            if dimensions.len() > body::MAX_DIMENSIONS {
+                p.push(
+                    d.span(),
+                    format!("at most {} dimensions", body::MAX_DIMENSIONS),
+                );
+            }
+        }
+        (p.list().len() == before).then_some(Config {
+            aws: aws?,
+            namespace: raw.namespace.into_inner(),
+            dimensions,
+        })
+    }
+}
+
+pub struct CloudWatchMetrics {
+    config: Config,
+    client: Arc<Client>,
+    worker: Worker,
+    /// (batch seq, requests of it already accepted).
+    progress: (i64, usize),
+}
+
+impl CloudWatchMetrics {
+    pub fn new(config: Config) -> CloudWatchMetrics {
+        let client = Arc::new(Client::new(config.aws.clone(), "monitoring", "monitoring"));
+        CloudWatchMetrics {
+            config,
+            client,
+            worker: Worker::new("sink-cw-metrics"),
+            progress: (0, 0),
+        }
+    }
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4),
+        flate2::Compression::default(),
+    );
+    enc.write_all(data).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail")
+}
+
+/// An AWS failure as the delivery loop understands it.
+pub fn delivery_error(f: Failure) -> DeliveryError {
+    match f {
+        Failure::Throttled(m) => DeliveryError::Throttled(m),
+        Failure::Transient(m) | Failure::Skewed(m) => DeliveryError::Retry(m),
+        Failure::Refused {
+            status,
+            code,
+            message,
+        } => match status {
+            0 => DeliveryError::Retry(format!("{code}: {message}")),
+            _ => DeliveryError::Reject(format!("HTTP {status} {code}: {message}")),
+        },
+    }
+}
+
+const HEADERS: [(&str, &str); 2] = [
+    (
+        "content-type",
+        "application/x-www-form-urlencoded; charset=utf-8",
+    ),
+    ("content-encoding", "gzip"),
+];
+
+impl Sink for CloudWatchMetrics {
+    fn accepts(&self) -> KindSet {
+        KindSet::of(&[Kind::Point])
+    }
+
+    fn deliver<'a>(
+        &'a mut self,
+        batch: &'a Batch,
+    ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
+        Box::pin(async move {
+            let (datums, rejected) = fold(&batch.records, &self.config.dimensions, now_ms());
+            let requests = bodies(&self.config.namespace, &datums);
+            if self.progress.0 != batch.seq {
+                self.progress = (batch.seq, 0);
+            }
+            let mut sent = Delivered {
+                rejected,
+                requests: 0,
+                bytes: 0,
+            };
+            for (i, body) in requests.into_iter().enumerate() {
+                if i < self.progress.1 {
+                    continue;
+                }
+                let gz = gzip(body.as_bytes());
+                let len = gz.len() as i64;
+                let client = self.client.clone();
+                self.worker
+                    .run(move || client.post(&HEADERS, &gz))
+                    .await
+                    .map_err(delivery_error)?;
+                self.progress.1 = i + 1;
+                sent.requests += 1;
+                sent.bytes += len;
+            }
+            Ok(sent)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

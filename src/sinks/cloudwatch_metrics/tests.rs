@@ -1,0 +1,199 @@
+use std::io::Read;
+
+use super::body::{MAX_BODY_BYTES, MAX_DATUMS, encode_datum, form_encode};
+use super::*;
+use crate::record::{Dims, Record};
+
+const NOW: i64 = 1_795_488_651_000; // 2026-11-24T02:50:51Z
+
+fn point(name: &str, dims: &[(&str, &str)], ts: i64, v: f64) -> Record {
+    Record::point(name, Dims::new(dims.iter().copied()), ts, v, "Count")
+}
+
+fn ids(rs: Vec<Record>) -> Vec<(i64, Record)> {
+    rs.into_iter()
+        .enumerate()
+        .map(|(i, r)| (i as i64 + 1, r))
+        .collect()
+}
+
+#[test]
+fn form_encoding_escapes_all_but_unreserved() {
+    let check = |s: &str, want: &str| {
+        let mut out = String::new();
+        form_encode(s, &mut out);
+        assert_eq!(out, want);
+    };
+    check("active_users", "active_users");
+    check("a b/c:d=e&f", "a%20b%2Fc%3Ad%3De%26f");
+    check("Edge~1.-x", "Edge~1.-x");
+    check("é€", "%C3%A9%E2%82%AC");
+    check("+%*", "%2B%25%2A");
+}
+
+#[test]
+fn one_datum_exact_bytes() {
+    let (datums, rejected) = fold(
+        &ids(vec![point(
+            "active users",
+            &[("window", "30m"), ("gateway", "gw/1")],
+            NOW - 60_000,
+            42.0,
+        )]),
+        &[("env".into(), "prod & test".into())],
+        NOW,
+    );
+    assert!(rejected.is_empty());
+    assert_eq!(
+        bodies("Edge/Test", &datums),
+        vec![
+            "Action=PutMetricData&Version=2010-08-01&Namespace=Edge%2FTest\
+             &MetricData.member.1.MetricName=active%20users\
+             &MetricData.member.1.Dimensions.member.1.Name=env\
+             &MetricData.member.1.Dimensions.member.1.Value=prod%20%26%20test\
+             &MetricData.member.1.Dimensions.member.2.Name=gateway\
+             &MetricData.member.1.Dimensions.member.2.Value=gw%2F1\
+             &MetricData.member.1.Dimensions.member.3.Name=window\
+             &MetricData.member.1.Dimensions.member.3.Value=30m\
+             &MetricData.member.1.Timestamp=2026-11-24T02%3A49%3A51.000Z\
+             &MetricData.member.1.Unit=Count\
+             &MetricData.member.1.Value=42"
+                .to_owned()
+        ]
+    );
+}
+
+#[test]
+fn values_of_a_series_within_a_minute_fold_into_values_and_counts() {
+    let m = NOW - NOW % 60_000;
+    let (datums, _) = fold(
+        &ids(vec![
+            point("m", &[("s", "a")], m + 1_000, 1.0),
+            point("m", &[("s", "a")], m + 2_000, 2.0),
+            point("m", &[("s", "a")], m + 3_000, 1.0),
+            point("m", &[("s", "b")], m + 3_000, 1.0), // another series
+            point("m", &[("s", "a")], m + 61_000, 9.0), // the next minute
+        ]),
+        &[],
+        NOW,
+    );
+    assert_eq!(datums.len(), 3);
+    assert_eq!(datums[0].values, vec![(1.0, 2), (2.0, 1)]);
+    assert_eq!(datums[0].ts_ms, m + 1_000);
+    assert!(encode_datum(1, &datums[0]).ends_with(
+        "&MetricData.member.1.Values.member.1=1&MetricData.member.1.Counts.member.1=2\
+         &MetricData.member.1.Values.member.2=2&MetricData.member.1.Counts.member.2=1"
+    ));
+    // 151 distinct values of one series and minute need two datums.
+    let many: Vec<Record> = (0..151).map(|i| point("m", &[], m, f64::from(i))).collect();
+    let (datums, _) = fold(&ids(many), &[], NOW);
+    assert_eq!(
+        datums.iter().map(|d| d.values.len()).collect::<Vec<_>>(),
+        vec![150, 1]
+    );
+}
+
+#[test]
+fn what_cloudwatch_refuses_is_not_sent_and_says_why() {
+    let dims31: Vec<(String, String)> =
+        (0..31).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let mut wide = point("m", &[], NOW, 1.0);
+    wide.dims = Dims::new(dims31);
+    let (datums, rejected) = fold(
+        &ids(vec![
+            point("m", &[], NOW - 15 * 86_400_000, 1.0),
+            point("m", &[], NOW + 3 * 3_600_000, 1.0),
+            point("m", &[], NOW, f64::NAN),
+            point("m", &[], NOW, f64::INFINITY),
+            wide,
+            point("m", &[], NOW - 13 * 86_400_000, 7.0), // still fine
+        ]),
+        &[],
+        NOW,
+    );
+    assert_eq!(datums.len(), 1);
+    let reasons: Vec<&str> = rejected.iter().map(|(_, w)| w.as_str()).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "older than 14 days (CloudWatch takes at most two weeks back)",
+            "more than 2 hours in the future",
+            "value NaN is not a finite number",
+            "value inf is not a finite number",
+            "31 dimensions (at most 30)",
+        ]
+    );
+    assert_eq!(
+        rejected.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+}
+
+#[test]
+fn requests_split_exactly_at_1000_datums() {
+    let check = |n: usize, want: Vec<usize>| {
+        let recs: Vec<Record> = (0..n)
+            .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
+            .collect();
+        let (datums, _) = fold(&ids(recs), &[], NOW);
+        let counts: Vec<usize> = bodies("ns", &datums)
+            .iter()
+            .map(|b| b.matches(".MetricName=").count())
+            .collect();
+        assert_eq!(counts, want, "{n} datums");
+    };
+    check(0, vec![]);
+    check(1, vec![1]);
+    check(MAX_DATUMS, vec![1000]);
+    check(MAX_DATUMS + 1, vec![1000, 1]);
+    check(2 * MAX_DATUMS + 5, vec![1000, 1000, 5]);
+    // Every body restarts member numbering at 1.
+    let recs: Vec<Record> = (0..1001)
+        .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
+        .collect();
+    let (datums, _) = fold(&ids(recs), &[], NOW);
+    let b = bodies("ns", &datums);
+    assert!(b[1].contains("&MetricData.member.1.MetricName=m1000") && !b[1].contains("member.2."));
+}
+
+#[test]
+fn requests_split_before_one_megabyte() {
+    // Wide datums (30 dimensions of 1000 characters): about 60 KB each.
+    let dims: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("k{i:02}"), "x".repeat(1000)))
+        .collect();
+    let recs: Vec<Record> = (0..40)
+        .map(|i| {
+            let mut r = point(&format!("m{i}"), &[], NOW, 1.0);
+            r.dims = Dims::new(dims.clone());
+            r
+        })
+        .collect();
+    let (datums, rejected) = fold(&ids(recs), &[], NOW);
+    assert!(rejected.is_empty());
+    let b = bodies("ns", &datums);
+    assert!(b.len() >= 2, "{} bodies", b.len());
+    assert!(
+        b.iter().all(|x| x.len() <= MAX_BODY_BYTES),
+        "{:?}",
+        b.iter().map(String::len).collect::<Vec<_>>()
+    );
+    let total: usize = b.iter().map(|x| x.matches(".MetricName=").count()).sum();
+    assert_eq!(total, 40, "no datum lost in the split");
+    // Each body but the last was full: the next datum would not have fit.
+    let one = encode_datum(99, &datums[0]).len();
+    assert!(b[0].len() + one > MAX_BODY_BYTES);
+}
+
+#[test]
+fn gzip_round_trips() {
+    let body = "Action=PutMetricData&".repeat(500);
+    let gz = gzip(body.as_bytes());
+    assert_eq!(&gz[..2], &[0x1f, 0x8b], "gzip magic");
+    assert!(gz.len() < body.len() / 10);
+    let mut back = String::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut back)
+        .expect("gunzip");
+    assert_eq!(back, body);
+}
