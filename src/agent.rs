@@ -67,7 +67,7 @@ pub fn run(config: Config, stop_after: Option<Duration>) -> Result<(), AgentErro
     let built: Vec<Box<dyn Sink>> = config
         .sinks
         .iter()
-        .map(|s| sinks::build(&s.config))
+        .map(|s| sinks::build(&s.config, &config.agent.id))
         .collect();
     let wanted: Vec<(String, KindSet)> = config
         .sinks

@@ -281,7 +281,7 @@ fn structure_mistakes() {
         &[
             "1:1: `agent` must be a table: write `[agent]`",
             "2:1: `source` must be a list of tables: write `[[source]]`",
-            "3:1: this [[sink]] has no `type`; known types: csv, cloudwatch_metrics",
+            "3:1: this [[sink]] has no `type`; known types: csv, cloudwatch_metrics, cloudwatch_logs",
         ],
     );
 }

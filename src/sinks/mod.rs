@@ -28,6 +28,7 @@
 //! - Error texts MUST NOT contain secrets (tokens, keys, signatures): they
 //!   are logged and stored in the outbox.
 
+pub mod cloudwatch_logs;
 pub mod cloudwatch_metrics;
 pub mod csv;
 pub mod delivery;
@@ -44,12 +45,13 @@ use crate::record::KindSet;
 use crate::runtime::LocalBoxFuture;
 
 /// The `type` values a `[[sink]]` may have.
-pub const TYPES: &[&str] = &["csv", "cloudwatch_metrics"];
+pub const TYPES: &[&str] = &["csv", "cloudwatch_metrics", "cloudwatch_logs"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkConfig {
     Csv(csv::Config),
     CloudWatchMetrics(cloudwatch_metrics::Config),
+    CloudWatchLogs(cloudwatch_logs::Config),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,15 +114,22 @@ pub fn parse_config(
         "cloudwatch_metrics" => {
             cloudwatch_metrics::Config::parse(base, table, p).map(SinkConfig::CloudWatchMetrics)
         }
+        "cloudwatch_logs" => {
+            cloudwatch_logs::Config::parse(base, table, p).map(SinkConfig::CloudWatchLogs)
+        }
         other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),
     }
 }
 
-pub fn build(config: &SinkConfig) -> Box<dyn Sink> {
+/// `agent_id` labels what a sink sends when a record does not say.
+pub fn build(config: &SinkConfig, agent_id: &str) -> Box<dyn Sink> {
     match config {
         SinkConfig::Csv(c) => Box::new(csv::CsvSink::new(c.clone())),
         SinkConfig::CloudWatchMetrics(c) => {
             Box::new(cloudwatch_metrics::CloudWatchMetrics::new(c.clone()))
+        }
+        SinkConfig::CloudWatchLogs(c) => {
+            Box::new(cloudwatch_logs::CloudWatchLogs::new(c.clone(), agent_id))
         }
     }
 }
