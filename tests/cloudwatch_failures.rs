@@ -1,0 +1,198 @@
+//! The CloudWatch sinks against a peer that throttles, fails, refuses and
+//! says our clock is off: the retry, dead-letter and skew paths, through the
+//! real binary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http::{Answer, Peer, http_date};
+use common::{Agent, TempDir, edgemeter};
+
+const OK: &str = "<PutMetricDataResponse><ResponseMetadata><RequestId>1</RequestId></ResponseMetadata></PutMetricDataResponse>";
+const SECRET: &str = "wJalrXUtnFEMI-TEST-SECRET-NEVER-LOGGED";
+
+fn error(code: &str, message: &str) -> String {
+    format!(
+        "<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>1</RequestId></ErrorResponse>"
+    )
+}
+
+fn setup(tag: &str, port: u16) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new(tag);
+    dir.write("aws-secret", SECRET);
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "edge-cw"
+state_dir = "state"
+flush_interval_secs = 0.05
+
+[[source]]
+type = "synthetic"
+rate_per_sec = 100
+limit = 5
+
+[[sink]]
+type = "cloudwatch_metrics"
+name = "cw"
+region = "us-west-1"
+namespace = "Edge/Test"
+endpoint = "http://127.0.0.1:{port}"
+access_key_id = "AKIDTEST"
+secret_access_key_file = "aws-secret"
+retry_initial_secs = 0.05
+retry_max_secs = 0.2
+"#
+        ),
+    );
+    (dir, cfg)
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+#[test]
+fn throttling_and_5xx_are_retried_until_delivered() {
+    let peer = Peer::start(
+        vec![
+            Answer::error(400, &error("Throttling", "Rate exceeded")),
+            Answer::error(500, &error("InternalFailure", "oops")),
+        ],
+        Answer::ok(OK),
+    );
+    let (dir, cfg) = setup("cw-retry", peer.port);
+    let mut agent = Agent::start_running(&cfg, "info");
+    let c = cfg.to_str().expect("utf-8");
+    let delivered = wait_until(Duration::from_secs(15), || {
+        let (_, out, _) = edgemeter(&["status", "-c", c]);
+        out.contains("delivered 5 records")
+    });
+    agent.stop();
+    let (_, status, _) = edgemeter(&["status", "-c", c]);
+    assert!(delivered, "{status}\n{}", agent.stderr());
+    assert!(
+        status.contains("retried 1") && status.contains("throttled 1"),
+        "{status}"
+    );
+    assert!(status.contains("requests 1"), "{status}");
+    // Each attempt was a gzip body, signed, and the same batch.
+    let reqs = peer.requests.lock().expect("requests").clone();
+    assert!(reqs.len() >= 3);
+    for r in &reqs {
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+        let auth = r.header("authorization").expect("signed");
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDTEST/")
+                && auth.contains("/us-west-1/monitoring/aws4_request")
+        );
+        assert!(!auth.contains(SECRET));
+    }
+    assert_eq!(reqs[0].body, reqs[2].body, "a retry resends the same batch");
+    let log = agent.stderr();
+    assert!(log.contains("HTTP 400 Throttling: Rate exceeded"), "{log}");
+    assert!(!log.contains(SECRET), "the secret reached the log");
+    drop(dir);
+}
+
+#[test]
+fn a_refusal_becomes_a_dead_letter_with_aws_code_and_message() {
+    let peer = Peer::start(
+        vec![Answer::error(
+            403,
+            &error(
+                "AccessDenied",
+                "User: arn:aws:iam::1:user/edge is not authorized",
+            ),
+        )],
+        Answer::ok(OK),
+    );
+    let (_dir, cfg) = setup("cw-403", peer.port);
+    let c = cfg.to_str().expect("utf-8");
+    let mut agent = Agent::start_running(&cfg, "info");
+    let listed = wait_until(Duration::from_secs(15), || {
+        edgemeter(&["outbox", "list", "-c", c])
+            .1
+            .contains("AccessDenied")
+    });
+    agent.stop();
+    let (_, out, _) = edgemeter(&["outbox", "list", "-c", c]);
+    assert!(listed, "{out}\n{}", agent.stderr());
+    assert!(
+        out.contains("\tcw\t1\t5\t")
+            && out.contains(
+                "HTTP 403 AccessDenied: User: arn:aws:iam::1:user/edge is not authorized"
+            ),
+        "{out}"
+    );
+    assert_eq!(peer.count(), 1, "a refusal is not retried by itself");
+    // The operator fixes the policy and retries: delivered, with the same body.
+    let (code, _, _) = edgemeter(&["outbox", "retry", "-c", c, "--all"]);
+    assert_eq!(code, 0);
+    let mut agent = Agent::start_running(&cfg, "info");
+    let gone = wait_until(Duration::from_secs(15), || {
+        edgemeter(&["outbox", "list", "-c", c]).1 == "no dead letters\n"
+    });
+    agent.stop();
+    assert!(gone);
+    let reqs = peer.requests.lock().expect("requests").clone();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[0].body, reqs[1].body);
+}
+
+#[test]
+fn a_skewed_clock_is_corrected_from_the_servers_date() {
+    let server_ahead = now_secs() + 3600;
+    let peer = Peer::start(
+        vec![Answer {
+            status: 400,
+            body: error("RequestExpired", "Request has expired."),
+            date: Some(http_date(server_ahead)),
+        }],
+        Answer::ok(OK),
+    );
+    let (_dir, cfg) = setup("cw-skew", peer.port);
+    let mut agent = Agent::start_running(&cfg, "info");
+    assert!(
+        wait_until(Duration::from_secs(15), || peer.count() >= 2),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let reqs = peer.requests.lock().expect("requests").clone();
+    let date = |r: &common::http::Request| r.header("x-amz-date").expect("x-amz-date").to_owned();
+    // 20261124T025051Z -> compare the hour field: the retry is an hour ahead.
+    let (first, second) = (date(&reqs[0]), date(&reqs[1]));
+    let to_secs = |d: &str| {
+        let h: i64 = d[9..11].parse().expect("hh");
+        let m: i64 = d[11..13].parse().expect("mm");
+        let day: i64 = d[6..8].parse().expect("dd");
+        day * 86_400 + h * 3600 + m * 60
+    };
+    let shift = to_secs(&second) - to_secs(&first);
+    assert!(
+        (3540..=3660).contains(&shift),
+        "signed {first} then {second}"
+    );
+    assert!(
+        agent.stderr().contains("AWS says our clock is off"),
+        "{}",
+        agent.stderr()
+    );
+}

@@ -1,0 +1,148 @@
+//! A scripted HTTP peer on loopback: answers requests in order from a
+//! script (then a default answer), records what it received. One request per
+//! connection (`Connection: close`), bounded by the test's own deadlines.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub date: Option<String>,
+}
+
+impl Answer {
+    pub fn ok(body: &str) -> Answer {
+        Answer {
+            status: 200,
+            body: body.into(),
+            date: None,
+        }
+    }
+    pub fn error(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            body: body.into(),
+            date: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct Peer {
+    pub port: u16,
+    pub requests: Arc<Mutex<Vec<Request>>>,
+    pub script: Arc<Mutex<Vec<Answer>>>,
+}
+
+impl Peer {
+    /// Serve `script` in order, then `default` for ever (until the test ends).
+    pub fn start(script: Vec<Answer>, default: Answer) -> Peer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(script));
+        let (reqs, scr) = (requests.clone(), script.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut headers = Vec::new();
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.trim_end().split_once(':') {
+                        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+                    }
+                }
+                let len: usize = headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                let answer = {
+                    let mut s = scr.lock().expect("script");
+                    if s.is_empty() {
+                        default.clone()
+                    } else {
+                        s.remove(0)
+                    }
+                };
+                reqs.lock()
+                    .expect("requests")
+                    .push(Request { headers, body });
+                let date = answer
+                    .date
+                    .map(|d| format!("Date: {d}\r\n"))
+                    .unwrap_or_default();
+                let reply = format!(
+                    "HTTP/1.1 {} X\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n{date}Connection: close\r\n\r\n{}",
+                    answer.status,
+                    answer.body.len(),
+                    answer.body
+                );
+                let _ = stream.write_all(reply.as_bytes());
+            }
+        });
+        Peer {
+            port,
+            requests,
+            script,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().expect("requests").len()
+    }
+}
+
+/// IMF-fixdate for `secs` since 1970 (`Tue, 24 Nov 2026 02:50:51 GMT`).
+pub fn http_date(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!(
+        "{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} GMT",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
