@@ -80,6 +80,13 @@ impl Settings {
             &raw.secret_access_key_file,
             &raw.profile,
         ) {
+            (id, file, Some(profile)) if id.is_some() || file.is_some() => {
+                p.push(
+                    profile.span(),
+                    "give either profile or access_key_id/secret_access_key_file, not both",
+                );
+                credentials::Source::Default
+            }
             (Some(id), Some(file), None) => credentials::Source::Files {
                 access_key_id: id.get_ref().clone(),
                 secret_access_key_file: resolve(base, file.get_ref()),
@@ -96,17 +103,10 @@ impl Settings {
                     .map(|f| resolve(base, f.get_ref())),
             },
             (None, None, None) => credentials::Source::Default,
-            (Some(_), None, _) | (None, Some(_), _) => {
+            _ => {
                 p.push(
                     span.clone(),
                     "access_key_id and secret_access_key_file go together",
-                );
-                credentials::Source::Default
-            }
-            (_, _, Some(profile)) => {
-                p.push(
-                    profile.span(),
-                    "give either profile or access_key_id/secret_access_key_file, not both",
                 );
                 credentials::Source::Default
             }
@@ -377,10 +377,6 @@ impl Client {
             agent,
             clock: SkewClock::default(),
         }
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
     }
 
     /// POST `body` with `headers`; on a skew error, correct the clock from

@@ -144,6 +144,18 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "csv_path",
         "fetch_rows",
         "id_overlap",
+        "region",
+        "endpoint",
+        "timeout_secs",
+        "access_key_id",
+        "secret_access_key_file",
+        "session_token_file",
+        "profile",
+        "credentials_file",
+        "namespace",
+        "dimensions",
+        "log_group",
+        "log_stream",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {
@@ -352,5 +364,48 @@ grace_secs = -1
             "25:11: windows must list at least one window (in epochs)",
             "26:14: grace_secs = -1 is out of range; use 0 to 86400 seconds",
         ],
+    );
+}
+
+#[test]
+fn cloudwatch_settings_are_checked() {
+    check_bad(
+        r#"[[sink]]
+type = "cloudwatch_metrics"
+name = "a"
+region = "US West"
+namespace = "AWS/EC2"
+endpoint = "ftp://x"
+access_key_id = "AKIA"
+
+[[sink]]
+type = "cloudwatch_logs"
+name = "b"
+region = "us-west-1"
+log_group = "bad group!"
+log_stream = "{node}-x"
+profile = "p"
+secret_access_key_file = "s"
+"#,
+        &[
+            "1:1: access_key_id and secret_access_key_file go together",
+            "4:10: region `US West` is not an AWS region name like `us-west-1`",
+            "5:13: namespace `AWS/EC2` must be 1 to 255 characters and not start with `AWS/` or `:`",
+            "6:12: endpoint must be an http:// or https:// URL",
+            "13:13: log_group `bad group!` must be 1 to 512 of letters, digits, `_-/.#`",
+            "14:14: log_stream may use {node_id}, {name} and {agent_id}, and no other `{`, `}`, `:` or `*`",
+            "15:11: give either profile or access_key_id/secret_access_key_file, not both",
+        ],
+    );
+    let c = check_ok(
+        "[[sink]]\ntype = \"cloudwatch_logs\"\nregion = \"eu-central-1\"\nlog_group = \"g\"\nprofile = \"edge\"\n",
+    );
+    let SinkConfig::CloudWatchLogs(l) = &c.sinks[0].config else {
+        panic!("a logs sink")
+    };
+    assert_eq!(l.log_stream, "{node_id}-{name}");
+    assert_eq!(
+        l.aws.url("logs"),
+        "https://logs.eu-central-1.amazonaws.com/"
     );
 }

@@ -146,3 +146,71 @@ pub fn http_date(secs: i64) -> String {
         sod % 60
     )
 }
+
+/// A forwarding proxy that can cut the route: while cut, new requests get
+/// 503 at once and requests already forwarded finish normally. Used to make
+/// "what the receiver had" a clean cut in restart tests.
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<Mutex<bool>>,
+    in_flight: Arc<Mutex<usize>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(Mutex::new(false));
+        let in_flight = Arc::new(Mutex::new(0usize));
+        let (c, f) = (cut.clone(), in_flight.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut client) = stream else { continue };
+                let (c, f) = (c.clone(), f.clone());
+                std::thread::spawn(move || {
+                    {
+                        let cut = c.lock().expect("cut");
+                        if *cut {
+                            let _ = client.write_all(
+                                b"HTTP/1.1 503 X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                            );
+                            return;
+                        }
+                        *f.lock().expect("in flight") += 1;
+                    }
+                    if let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) {
+                        let mut up2 = up.try_clone().expect("clone");
+                        let mut client2 = client.try_clone().expect("clone");
+                        let t = std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut client2, &mut up2);
+                            let _ = up2.shutdown(std::net::Shutdown::Write);
+                        });
+                        let _ = std::io::copy(&mut up, &mut client);
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        let _ = t.join();
+                    }
+                    *f.lock().expect("in flight") -= 1;
+                });
+            }
+        });
+        Proxy {
+            port,
+            cut,
+            in_flight,
+        }
+    }
+
+    /// Cut the route and wait (bounded) for requests in flight to finish.
+    pub fn cut(&self) {
+        *self.cut.lock().expect("cut") = true;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while *self.in_flight.lock().expect("in flight") > 0 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    pub fn restore(&self) {
+        *self.cut.lock().expect("cut") = false;
+    }
+}

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod moto;
 pub mod pg;
 
 use std::io::{BufRead, BufReader};

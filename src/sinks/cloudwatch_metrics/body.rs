@@ -27,6 +27,9 @@ pub struct Datum {
     pub values: Vec<(f64, u32)>,
 }
 
+/// (name, dims, unit, minute): points that fold into one datum.
+type SeriesMinute = (String, Vec<(String, String)>, String, i64);
+
 /// Why CloudWatch would refuse this point, if it would.
 fn refusal(r: &Record, dims: &[(String, String)], now: i64) -> Option<String> {
     if !r.value.is_finite() {
@@ -69,7 +72,7 @@ pub fn fold(
     now: i64,
 ) -> (Vec<Datum>, Vec<(i64, String)>) {
     let mut datums: Vec<Datum> = Vec::new();
-    let mut open: HashMap<(String, Vec<(String, String)>, String, i64), usize> = HashMap::new();
+    let mut open: HashMap<SeriesMinute, usize> = HashMap::new();
     let mut rejected = Vec::new();
     for (id, r) in records {
         let mut dims: Vec<(String, String)> = r.dims.pairs().to_vec();

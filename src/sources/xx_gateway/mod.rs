@@ -162,9 +162,13 @@ impl Inner {
             None => {
                 let start = newest - i64::from(c.backfill_epochs);
                 store.set("last_emitted", start)?;
+                // Windows before this were never emitted: rows for their
+                // epochs are context for the first windows, not late.
+                store.set("emitted_from", start + 1)?;
                 start
             }
         };
+        let emitted_from = store.get("emitted_from")?.unwrap_or(i64::MIN);
         let max_w = i64::from(*c.windows.iter().max().expect("windows is never empty"));
         // Keep what the next windows need, plus one more largest window so
         // late rows can still correct what was emitted.
@@ -185,13 +189,19 @@ impl Inner {
             let added = store.add(&pairs, horizon, high)?;
             expired_rows += added.expired;
             for (&epoch, &n) in added.new_ids.range(..=last_emitted) {
-                late_rows += n;
+                // Only windows that were emitted can be corrected.
+                let mut corrects = false;
                 for &w in &c.windows {
-                    for e in epoch..=(epoch + i64::from(w) - 1).min(last_emitted) {
+                    for e in epoch.max(emitted_from)..=(epoch + i64::from(w) - 1).min(last_emitted)
+                    {
                         if e.rem_euclid(i64::from(w)) == 0 {
                             late.insert((e, w));
+                            corrects = true;
                         }
                     }
+                }
+                if corrects {
+                    late_rows += n;
                 }
             }
             if rows.len() < c.fetch_rows as usize {

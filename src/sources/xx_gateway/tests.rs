@@ -241,6 +241,18 @@ fn run_source(
 
 #[track_caller]
 fn check_all_windows_exact(gw: &Gw, seen: &Seen, first: i64, last: i64) {
+    // Regression: a fresh start once "corrected" windows before the first
+    // emitted epoch (never emitted) and counted their rows as late.
+    let earliest = seen
+        .windows
+        .keys()
+        .map(|k| k.0)
+        .min()
+        .expect("some windows");
+    assert!(
+        earliest >= first,
+        "window at epoch {earliest}, before the first emitted epoch {first}"
+    );
     let mut checked = 0;
     for e in first..=last {
         for w in epochs::due(e, &WINDOWS) {
@@ -322,6 +334,11 @@ fn backfill_and_live_polling_match_the_reference_sql_under_a_read_only_role() {
         "the out-of-order case must have happened"
     );
     check_all_windows_exact(&gw, &seen, first_emitted, stop_after + 1);
+    let late = seen.counters.get("xx_late_rows").copied().unwrap_or(0.0);
+    assert!(
+        late <= late_commits as f64,
+        "{late} late rows, but only {late_commits} rows were committed late"
+    );
     let csv = std::fs::read_to_string(dir.join("active-users.csv")).expect("csv written");
     assert!(
         csv.lines().count() >= seen.windows.len(),

@@ -1,0 +1,266 @@
+//! The CloudWatch sinks against moto's server, read back through its AWS
+//! API: what arrives equals what the sources produced, and a restart of the
+//! emulator mid-run loses nothing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::http::Proxy;
+use common::moto::Moto;
+use common::pg::PgServer;
+use common::{Agent, TempDir, edgemeter};
+
+const PERIOD_MS: i64 = 2000;
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn aws_keys(dir: &TempDir) -> &'static str {
+    dir.write("aws-secret", "testing");
+    "access_key_id = \"testing\"\nsecret_access_key_file = \"aws-secret\"\nregion = \"us-west-1\"\n\
+     retry_initial_secs = 0.1\nretry_max_secs = 0.5\n"
+}
+
+#[test]
+fn an_xx_gateways_windows_arrive_as_metrics_and_its_csv_lines_as_log_events() {
+    let moto = Moto::start();
+    let pg = PgServer::start("cw-xx");
+    let mut su = pg.superuser("postgres");
+    su.batch_execute("CREATE ROLE ro LOGIN PASSWORD 'pw-ro'")
+        .expect("role");
+    su.batch_execute("CREATE DATABASE cmix_gateway")
+        .expect("db");
+    let mut gw = pg.superuser("cmix_gateway");
+    gw.batch_execute(
+        r#"CREATE TABLE "client_bloom_filters" ("id" bigserial, "recipient_id" bigint NOT NULL,
+             "epoch" bigint NOT NULL, "first_round" bigint NOT NULL, "round_range" bigint NOT NULL,
+             "filter" bytea NOT NULL, "uses" bigint NOT NULL DEFAULT 0, PRIMARY KEY ("id"));
+           CREATE TABLE "states" ("key" text, "value" text NOT NULL, PRIMARY KEY ("key"));
+           GRANT SELECT ON client_bloom_filters, states TO ro;"#,
+    )
+    .expect("ddl");
+    gw.execute(
+        "INSERT INTO states VALUES ('Period', $1)",
+        &[&(PERIOD_MS * 1_000_000).to_string()],
+    )
+    .expect("period");
+    let now_e = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+        / PERIOD_MS;
+    for e in now_e - 8..now_e {
+        gw.execute(
+            "INSERT INTO client_bloom_filters (recipient_id, epoch, first_round, round_range, filter)
+             SELECT g, $1::bigint, 1, 0, '\\x00'::bytea FROM generate_series(1, 5 + ($1::bigint % 7)) g",
+            &[&e],
+        )
+        .expect("rows");
+    }
+    let dir = TempDir::new("cw-xx");
+    dir.write(
+        "gateway.yaml",
+        &format!("dbName: cmix_gateway\ndbAddress: \"127.0.0.1:{}\"\ndbUsername: ro\ndbPassword: pw-ro\n", pg.port),
+    );
+    dir.write("gateway-IDF.json", r#"{"id":"NODE42"}"#);
+    let keys = aws_keys(&dir);
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "edge-1"
+state_dir = "state"
+flush_interval_secs = 0.1
+
+[[source]]
+type = "xx_gateway"
+gateway_config = "gateway.yaml"
+node_id_file = "gateway-IDF.json"
+windows = [1, 3]
+backfill_epochs = 6
+grace_secs = 0.2
+poll_interval_secs = 0.2
+csv_path = "active-users.csv"
+
+[[sink]]
+type = "cloudwatch_metrics"
+name = "metrics"
+namespace = "xxnetwork/gateways"
+endpoint = "http://127.0.0.1:{port}"
+dimensions = {{ network = "mainnet" }}
+{keys}
+[[sink]]
+type = "cloudwatch_logs"
+name = "logs"
+log_group = "xxnetwork-active-users-mainnet"
+endpoint = "http://127.0.0.1:{port}"
+{keys}"#,
+            port = moto.port
+        ),
+    );
+    let c = cfg.to_str().expect("utf-8");
+    let mut agent = Agent::start_running(&cfg, "info");
+    let csv_lines = || {
+        std::fs::read_to_string(dir.path("active-users.csv"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || csv_lines() >= 8),
+        "{}",
+        agent.stderr()
+    );
+    // Everything emitted so far delivered to both sinks.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (_, out, _) = edgemeter(&["status", "-c", c]);
+            out.matches("pending 0 records").count() == 2
+        }),
+        "{}",
+        edgemeter(&["status", "-c", c]).1
+    );
+    agent.stop();
+    let csv = std::fs::read_to_string(dir.path("active-users.csv")).expect("csv");
+
+    // Logs: one stream named as the script named it, one event per CSV line.
+    let logs = moto.read(&["logs", "xxnetwork-active-users-mainnet"]);
+    let events: Vec<String> = logs["NODE42-active-users.csv"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no stream NODE42-active-users.csv in {logs}"))
+        .iter()
+        .map(|m| m.as_str().expect("message").to_owned())
+        .collect();
+    let lines: Vec<String> = csv
+        .split_terminator("\r\n")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(events, lines, "the log events are the CSV lines, in order");
+
+    // Metrics: one series per (window, epochs), the values the CSV has.
+    let metrics = moto.read(&["metrics", "xxnetwork/gateways"]);
+    let series: Vec<&serde_json::Value> = metrics
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|m| m["name"] == "active_users")
+        .collect();
+    let mut want_count = std::collections::BTreeMap::new();
+    for l in csv.split_terminator("\r\n") {
+        let f: Vec<&str> = l.split(',').collect();
+        let e = want_count.entry(f[1].to_owned()).or_insert((0.0, 0.0));
+        e.0 += 1.0;
+        e.1 += f[3].parse::<f64>().expect("n");
+    }
+    assert_eq!(series.len(), want_count.len(), "{metrics}");
+    for s in series {
+        assert_eq!(s["dims"]["gateway"], "NODE42");
+        assert_eq!(s["dims"]["network"], "mainnet", "the sink's own dimension");
+        let epochs = s["dims"]["epochs"].as_str().expect("epochs");
+        let (count, sum) = want_count[epochs];
+        assert_eq!(
+            (s["count"].as_f64(), s["sum"].as_f64()),
+            (Some(count), Some(sum)),
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn restarting_the_emulator_mid_run_loses_nothing() {
+    let mut moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    let dir = TempDir::new("cw-restart");
+    let keys = aws_keys(&dir);
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "edge-r"
+state_dir = "state"
+flush_interval_secs = 0.05
+
+[[source]]
+type = "synthetic"
+metric = "points"
+rate_per_sec = 60
+series = 300
+limit = 300
+
+[[sink]]
+type = "cloudwatch_metrics"
+namespace = "Edge/Restart"
+endpoint = "http://127.0.0.1:{}"
+batch_max_records = 20
+{keys}"#,
+            proxy.port
+        ),
+    );
+    let c = cfg.to_str().expect("utf-8");
+    let mut agent = Agent::start_running(&cfg, "info");
+    let delivered = |n: usize| {
+        move || {
+            let (_, out, _) = edgemeter(&["status", "-c", c]);
+            out.split("delivered ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                >= Some(n)
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), delivered(60)),
+        "{}",
+        agent.stderr()
+    );
+    // A clean cut: nothing in flight, read what the emulator has, restart it.
+    proxy.cut();
+    let series = |m: &serde_json::Value| -> BTreeSet<String> {
+        m.as_array()
+            .expect("list")
+            .iter()
+            .map(|s| s["dims"]["series"].as_str().expect("series").to_owned())
+            .collect()
+    };
+    let before = series(&moto.read(&["metrics", "Edge/Restart"]));
+    moto.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    moto.start_again();
+    proxy.restore();
+    assert!(
+        wait_until(Duration::from_secs(60), delivered(300)),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let after = series(&moto.read(&["metrics", "Edge/Restart"]));
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "both sides of the restart received points"
+    );
+    assert!(
+        before.is_disjoint(&after),
+        "nothing was sent twice across the restart"
+    );
+    let all: BTreeSet<String> = before.union(&after).cloned().collect();
+    assert_eq!(
+        all.len(),
+        300,
+        "every point arrived: {} before, {} after",
+        before.len(),
+        after.len()
+    );
+    assert!(
+        agent.stderr().contains("HTTP 503"),
+        "the cut was seen as a retryable 503"
+    );
+}
