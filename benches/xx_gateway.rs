@@ -189,9 +189,11 @@ fn main() {
          poll_interval_secs = 1\ngrace_secs = 0\ncsv_path = \"active-users.csv\"\n",
     )
     .expect("config");
+    // Build first: a (re)build must not count as backfill time.
+    let bin = edgemeter_binary();
     reset(&mut db);
     let t = Instant::now();
-    let mut child = Command::new(edgemeter_binary())
+    let mut child = Command::new(bin)
         .args(["run", "-c"])
         .arg(dir.join("edgemeter.toml"))
         .stdout(Stdio::null())
