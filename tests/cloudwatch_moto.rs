@@ -35,25 +35,7 @@ fn aws_keys(dir: &TempDir) -> &'static str {
 fn an_xx_gateways_windows_arrive_as_metrics_and_its_csv_lines_as_log_events() {
     let moto = Moto::start();
     let pg = PgServer::start("cw-xx");
-    let mut su = pg.superuser("postgres");
-    su.batch_execute("CREATE ROLE ro LOGIN PASSWORD 'pw-ro'")
-        .expect("role");
-    su.batch_execute("CREATE DATABASE cmix_gateway")
-        .expect("db");
-    let mut gw = pg.superuser("cmix_gateway");
-    gw.batch_execute(
-        r#"CREATE TABLE "client_bloom_filters" ("id" bigserial, "recipient_id" bigint NOT NULL,
-             "epoch" bigint NOT NULL, "first_round" bigint NOT NULL, "round_range" bigint NOT NULL,
-             "filter" bytea NOT NULL, "uses" bigint NOT NULL DEFAULT 0, PRIMARY KEY ("id"));
-           CREATE TABLE "states" ("key" text, "value" text NOT NULL, PRIMARY KEY ("key"));
-           GRANT SELECT ON client_bloom_filters, states TO ro;"#,
-    )
-    .expect("ddl");
-    gw.execute(
-        "INSERT INTO states VALUES ('Period', $1)",
-        &[&(PERIOD_MS * 1_000_000).to_string()],
-    )
-    .expect("period");
+    let mut gw = pg.gateway_db(PERIOD_MS);
     let now_e = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")

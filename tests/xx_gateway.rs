@@ -20,27 +20,7 @@ fn now_ms() -> i64 {
 #[test]
 fn the_agent_counts_a_gateway_and_writes_the_script_csv() {
     let pg = PgServer::start("xx-bin");
-    let mut su = pg.superuser("postgres");
-    su.batch_execute(
-        "CREATE ROLE cmix LOGIN PASSWORD 'pw-cmix'; CREATE ROLE ro LOGIN PASSWORD 'pw-ro';",
-    )
-    .expect("roles");
-    su.batch_execute("CREATE DATABASE cmix_gateway OWNER cmix")
-        .expect("db");
-    let mut gw = pg.connect("cmix", "pw-cmix", "cmix_gateway");
-    gw.batch_execute(
-        r#"CREATE TABLE "client_bloom_filters" ("id" bigserial, "recipient_id" bigint NOT NULL,
-             "epoch" bigint NOT NULL, "first_round" bigint NOT NULL, "round_range" bigint NOT NULL,
-             "filter" bytea NOT NULL, "uses" bigint NOT NULL DEFAULT 0, PRIMARY KEY ("id"));
-           CREATE TABLE "states" ("key" text, "value" text NOT NULL, PRIMARY KEY ("key"));
-           GRANT SELECT ON client_bloom_filters, states TO ro;"#,
-    )
-    .expect("ddl");
-    gw.execute(
-        "INSERT INTO states VALUES ('Period', $1)",
-        &[&(PERIOD_MS * 1_000_000).to_string()],
-    )
-    .expect("period");
+    let mut gw = pg.gateway_db(PERIOD_MS);
     // The reference's real round-1 filter row for every row.
     let filter: Vec<u8> = (0..99)
         .map(|i| {

@@ -676,14 +676,7 @@ impl Outbox {
         let mut dead_freed = 0;
         match batch.origin {
             Origin::Pending => {
-                let last: Option<i64> = tx
-                    .query_row(
-                        "SELECT last_id FROM batches WHERE sink = ?1 AND seq = ?2",
-                        params![batch.sink, batch.seq],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(&e)?;
+                let last = open_batch_end(&tx, batch).map_err(&e)?;
                 // No row: already confirmed (a duplicate ack), nothing to do.
                 if let Some(last) = last {
                     freed = advance(&tx, &batch.sink, batch.seq, last, n).map_err(&e)?;
@@ -719,15 +712,8 @@ impl Outbox {
         let e = sql_err(&self.path, "confirming a batch with rejected records");
         let now = now_ms();
         let tx = self.conn.transaction().map_err(&e)?;
-        let Some(last) = tx
-            .query_row(
-                "SELECT last_id FROM batches WHERE sink = ?1 AND seq = ?2",
-                params![batch.sink, batch.seq],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map_err(&e)?
-        else {
+        let Some(last) = open_batch_end(&tx, batch).map_err(&e)? else {
+            // Already settled (a duplicate answer): nothing to do.
             return Ok(());
         };
         let ids: std::collections::HashSet<i64> = rejected.iter().map(|(id, _)| *id).collect();
@@ -786,15 +772,8 @@ impl Outbox {
                 .map_err(&e)?;
             }
             Origin::Pending => {
-                let Some(last) = tx
-                    .query_row(
-                        "SELECT last_id FROM batches WHERE sink = ?1 AND seq = ?2",
-                        params![batch.sink, batch.seq],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .optional()
-                    .map_err(&e)?
-                else {
+                let Some(last) = open_batch_end(&tx, batch).map_err(&e)? else {
+                    // Already settled (a duplicate answer): nothing to do.
                     return Ok(());
                 };
                 let bytes: i64 = batch
@@ -1099,6 +1078,16 @@ fn move_aside(path: &Path) -> Result<PathBuf, OutboxError> {
 }
 
 // ---------------------------------------------------------------- helpers (inside a transaction)
+
+/// The last record id of `batch` if it is still open (not yet settled).
+fn open_batch_end(tx: &Transaction, batch: &Batch) -> rusqlite::Result<Option<i64>> {
+    tx.query_row(
+        "SELECT last_id FROM batches WHERE sink = ?1 AND seq = ?2",
+        params![batch.sink, batch.seq],
+        |r| r.get(0),
+    )
+    .optional()
+}
 
 fn sink_row(tx: &Transaction, sink: &str) -> rusqlite::Result<Option<(KindSet, i64, i64)>> {
     tx.query_row(

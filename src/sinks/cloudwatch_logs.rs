@@ -25,7 +25,7 @@ use crate::outbox::Batch;
 use crate::record::{Kind, KindSet, Record};
 use crate::runtime::{LocalBoxFuture, Worker};
 use crate::sinks::cloudwatch_metrics::delivery_error;
-use crate::sinks::{Delivered, DeliveryError, Sink};
+use crate::sinks::{BatchProgress, Delivered, DeliveryError, Sink};
 
 pub const MAX_EVENTS: usize = 10_000;
 pub const MAX_BATCH_BYTES: usize = 1_048_576;
@@ -233,8 +233,7 @@ pub struct CloudWatchLogs {
     worker: Worker,
     /// Streams known to exist (created or written to in this run).
     streams: HashSet<String>,
-    /// (batch seq, calls of it already accepted): a retry does not resend them.
-    progress: (i64, usize),
+    progress: BatchProgress,
 }
 
 impl CloudWatchLogs {
@@ -248,7 +247,7 @@ impl CloudWatchLogs {
             client,
             worker: Worker::new("sink-cw-logs"),
             streams: HashSet::new(),
-            progress: (0, 0),
+            progress: BatchProgress::default(),
         }
     }
 
@@ -313,16 +312,14 @@ impl Sink for CloudWatchLogs {
                 &self.config.agent_id,
                 now_ms(),
             );
-            if self.progress.0 != batch.seq {
-                self.progress = (batch.seq, 0);
-            }
+            let skip = self.progress.start(batch.seq);
             let mut done = Delivered {
                 rejected,
                 requests: 0,
                 bytes: 0,
             };
             for (i, put) in puts.iter().enumerate() {
-                if i < self.progress.1 {
+                if i < skip {
                     continue;
                 }
                 if !self.streams.contains(&put.stream) {
@@ -346,7 +343,7 @@ impl Sink for CloudWatchLogs {
                 }
                 .map_err(delivery_error)?;
                 done.rejected.extend(rejected_by_answer(&answer, put));
-                self.progress.1 = i + 1;
+                self.progress.accepted(i);
                 done.requests += 1;
                 done.bytes += len;
             }

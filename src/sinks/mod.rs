@@ -95,6 +95,30 @@ impl Delivered {
     }
 }
 
+/// Which requests of the current batch the receiver already accepted, for
+/// receivers that cannot drop duplicates (CloudWatch): a retry of the batch
+/// skips them. Kept in memory; after a restart the batch is sent whole.
+#[derive(Debug, Default)]
+pub struct BatchProgress {
+    seq: i64,
+    done: usize,
+}
+
+impl BatchProgress {
+    /// How many requests of batch `seq` to skip.
+    pub fn start(&mut self, seq: i64) -> usize {
+        if self.seq != seq {
+            *self = BatchProgress { seq, done: 0 };
+        }
+        self.done
+    }
+
+    /// Request `i` (0-based) of the current batch was accepted.
+    pub fn accepted(&mut self, i: usize) {
+        self.done = self.done.max(i + 1);
+    }
+}
+
 pub trait Sink {
     fn accepts(&self) -> KindSet;
     fn deliver<'a>(
@@ -131,5 +155,30 @@ pub fn build(config: &SinkConfig, agent_id: &str) -> Box<dyn Sink> {
         SinkConfig::CloudWatchLogs(c) => {
             Box::new(cloudwatch_logs::CloudWatchLogs::new(c.clone(), agent_id))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BatchProgress;
+
+    #[test]
+    fn batch_progress_skips_only_what_this_batch_already_sent() {
+        let mut p = BatchProgress::default();
+        assert_eq!(p.start(7), 0);
+        p.accepted(0);
+        p.accepted(1);
+        assert_eq!(
+            p.start(7),
+            2,
+            "a retry of batch 7 skips its first two requests"
+        );
+        assert_eq!(p.start(8), 0, "a new batch starts from the beginning");
+        p.accepted(0);
+        assert_eq!(
+            p.start(7),
+            0,
+            "an older batch again (a dead letter) is sent whole"
+        );
     }
 }

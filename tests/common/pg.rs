@@ -177,6 +177,35 @@ impl PgServer {
         self.connect("postgres", SUPERUSER_PASSWORD, db)
     }
 
+    /// An xx gateway's database as GORM's AutoMigrate creates it (the
+    /// reference DDL), with `states.Period` set, and a login role `ro` with
+    /// password `pw-ro` that may only SELECT. Returns a superuser client on it.
+    pub fn gateway_db(&self, period_ms: i64) -> postgres::Client {
+        let mut su = self.superuser("postgres");
+        su.batch_execute("CREATE ROLE ro LOGIN PASSWORD 'pw-ro'")
+            .expect("role ro");
+        su.batch_execute("CREATE DATABASE cmix_gateway")
+            .expect("database");
+        let mut gw = self.superuser("cmix_gateway");
+        gw.batch_execute(
+            r#"CREATE TABLE "client_bloom_filters" (
+                 "id" bigserial, "recipient_id" bigint NOT NULL, "epoch" bigint NOT NULL,
+                 "first_round" bigint NOT NULL, "round_range" bigint NOT NULL, "filter" bytea NOT NULL,
+                 "uses" bigint NOT NULL DEFAULT 0, PRIMARY KEY ("id"));
+               CREATE INDEX "idx_client_bloom_filters_recipient_id_epoch" ON "client_bloom_filters" ("recipient_id","epoch");
+               CREATE INDEX "idx_client_bloom_filters_first_round" ON "client_bloom_filters" ("first_round");
+               CREATE TABLE "states" ("key" text, "value" text NOT NULL, PRIMARY KEY ("key"));
+               GRANT SELECT ON client_bloom_filters, states TO ro;"#,
+        )
+        .expect("gateway DDL");
+        gw.execute(
+            "INSERT INTO states VALUES ('Period', $1)",
+            &[&(period_ms * 1_000_000).to_string()],
+        )
+        .expect("period");
+        gw
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.dir
     }

@@ -29,7 +29,7 @@ use crate::config::{Problems, deserialize, split_off};
 use crate::outbox::Batch;
 use crate::record::{Kind, KindSet};
 use crate::runtime::{LocalBoxFuture, Worker};
-use crate::sinks::{Delivered, DeliveryError, Sink};
+use crate::sinks::{BatchProgress, Delivered, DeliveryError, Sink};
 
 pub use body::{bodies, fold};
 
@@ -97,8 +97,7 @@ pub struct CloudWatchMetrics {
     config: Config,
     client: Arc<Client>,
     worker: Worker,
-    /// (batch seq, requests of it already accepted).
-    progress: (i64, usize),
+    progress: BatchProgress,
 }
 
 impl CloudWatchMetrics {
@@ -108,7 +107,7 @@ impl CloudWatchMetrics {
             config,
             client,
             worker: Worker::new("sink-cw-metrics"),
-            progress: (0, 0),
+            progress: BatchProgress::default(),
         }
     }
 }
@@ -158,16 +157,14 @@ impl Sink for CloudWatchMetrics {
         Box::pin(async move {
             let (datums, rejected) = fold(&batch.records, &self.config.dimensions, now_ms());
             let requests = bodies(&self.config.namespace, &datums);
-            if self.progress.0 != batch.seq {
-                self.progress = (batch.seq, 0);
-            }
+            let skip = self.progress.start(batch.seq);
             let mut sent = Delivered {
                 rejected,
                 requests: 0,
                 bytes: 0,
             };
             for (i, body) in requests.into_iter().enumerate() {
-                if i < self.progress.1 {
+                if i < skip {
                     continue;
                 }
                 let gz = gzip(body.as_bytes());
@@ -177,7 +174,7 @@ impl Sink for CloudWatchMetrics {
                     .run(move || client.post(&HEADERS, &gz))
                     .await
                     .map_err(delivery_error)?;
-                self.progress.1 = i + 1;
+                self.progress.accepted(i);
                 sent.requests += 1;
                 sent.bytes += len;
             }
