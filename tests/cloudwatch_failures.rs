@@ -183,14 +183,24 @@ fn a_skewed_clock_is_corrected_from_the_servers_date() {
     agent.stop();
     let reqs = peer.requests.lock().expect("requests").clone();
     let date = |r: &common::http::Request| r.header("x-amz-date").expect("x-amz-date").to_owned();
-    // 20261124T025051Z -> compare the hour field: the retry is an hour ahead.
+    // 20261124T025051Z to seconds since 1970 (a real calendar: the hour
+    // ahead may fall in the next day, month or year).
     let (first, second) = (date(&reqs[0]), date(&reqs[1]));
     let to_secs = |d: &str| {
-        let h: i64 = d[9..11].parse().expect("hh");
-        let m: i64 = d[11..13].parse().expect("mm");
-        let day: i64 = d[6..8].parse().expect("dd");
-        day * 86_400 + h * 3600 + m * 60
+        let n = |a: usize, b: usize| d[a..b].parse::<i64>().expect("digits");
+        let (y, m, day) = (n(0, 4), n(4, 6), n(6, 8));
+        let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + (153 * m + 2) / 5 + day - 1;
+        let days = era * 146_097 + doe - 719_468;
+        days * 86_400 + n(9, 11) * 3600 + n(11, 13) * 60 + n(13, 15)
     };
+    assert_eq!(to_secs("19700101T000000Z"), 0);
+    assert_eq!(
+        to_secs("20261201T003000Z") - to_secs("20261130T233000Z"),
+        3600
+    );
     let shift = to_secs(&second) - to_secs(&first);
     assert!(
         (3540..=3660).contains(&shift),
