@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::http::{Answer, Peer, http_date};
-use common::{Agent, TempDir, edgemeter};
+use common::{Agent, TempDir, edgemeter, wait_until};
 
 const OK: &str = "<PutMetricDataResponse><ResponseMetadata><RequestId>1</RequestId></ResponseMetadata></PutMetricDataResponse>";
 const SECRET: &str = "wJalrXUtnFEMI-TEST-SECRET-NEVER-LOGGED";
@@ -48,17 +48,6 @@ retry_max_secs = 0.2
         ),
     );
     (dir, cfg)
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 fn now_secs() -> i64 {

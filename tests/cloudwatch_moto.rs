@@ -5,25 +5,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::http::Proxy;
 use common::moto::Moto;
 use common::pg::PgServer;
-use common::{Agent, TempDir, edgemeter};
+use common::{Agent, TempDir, edgemeter, wait_until};
 
 const PERIOD_MS: i64 = 2000;
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
 
 fn aws_keys(dir: &TempDir) -> &'static str {
     dir.write("aws-secret", "testing");
@@ -64,16 +53,7 @@ id = "edge-1"
 state_dir = "state"
 flush_interval_secs = 0.1
 
-[[source]]
-type = "xx_gateway"
-gateway_config = "gateway.yaml"
-node_id_file = "gateway-IDF.json"
-windows = [1, 3]
-backfill_epochs = 6
-grace_secs = 0.2
-poll_interval_secs = 0.2
-csv_path = "active-users.csv"
-
+{xx}
 [[sink]]
 type = "cloudwatch_metrics"
 name = "metrics"
@@ -87,7 +67,8 @@ name = "logs"
 log_group = "xxnetwork-active-users-mainnet"
 endpoint = "http://127.0.0.1:{port}"
 {keys}"#,
-            port = moto.port
+            port = moto.port,
+            xx = common::XX_SOURCE
         ),
     );
     let c = cfg.to_str().expect("utf-8");

@@ -55,28 +55,21 @@ fn the_agent_counts_a_gateway_and_writes_the_script_csv() {
     dir.write("gateway-IDF.json", r#"{"id":"gw-node-1"}"#);
     let cfg = dir.write(
         "edgemeter.toml",
-        r#"[agent]
+        &format!(
+            r#"[agent]
 id = "edge-1"
 state_dir = "state"
 flush_interval_secs = 0.1
 
-[[source]]
-type = "xx_gateway"
-name = "gateway"
-gateway_config = "gateway.yaml"
-node_id_file = "gateway-IDF.json"
-windows = [1, 3]
-backfill_epochs = 6
-grace_secs = 0.2
-poll_interval_secs = 0.2
-csv_path = "active-users.csv"
-
+{xx}
 [[sink]]
 type = "csv"
 name = "points"
 path = "points.csv"
 kinds = ["point"]
 "#,
+            xx = common::XX_SOURCE
+        ),
     );
     let c = cfg.to_str().expect("utf-8 path");
     let (code, out, err) = edgemeter(&["check", "-c", c]);

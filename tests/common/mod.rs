@@ -178,6 +178,32 @@ impl Drop for Agent {
     }
 }
 
+/// Poll `f` every 50 ms until it holds, at most `limit`; whether it held.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// An `xx_gateway` source for 2-second epochs, reading `gateway.yaml` and
+/// `gateway-IDF.json` beside the config, writing `active-users.csv`.
+pub const XX_SOURCE: &str = r#"[[source]]
+type = "xx_gateway"
+name = "gateway"
+gateway_config = "gateway.yaml"
+node_id_file = "gateway-IDF.json"
+windows = [1, 3]
+backfill_epochs = 6
+grace_secs = 0.2
+poll_interval_secs = 0.2
+csv_path = "active-users.csv"
+"#;
+
 /// Record ids in a csv sink's file (complete lines only, header skipped).
 pub fn csv_ids(path: &Path) -> Vec<i64> {
     let Ok(text) = std::fs::read_to_string(path) else {
