@@ -27,6 +27,7 @@
 //! - A source SHOULD label what it emits with the agent id or its peer's
 //!   identity so that an upstream can tell edges apart.
 
+pub mod relay;
 pub mod synthetic;
 pub mod xx_gateway;
 
@@ -39,12 +40,13 @@ use crate::config::Problems;
 use crate::runtime::{Emitter, LocalBoxFuture, Shutdown};
 
 /// The `type` values a `[[source]]` may have.
-pub const TYPES: &[&str] = &["synthetic", "xx_gateway"];
+pub const TYPES: &[&str] = &["synthetic", "xx_gateway", "relay"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     Synthetic(synthetic::Config),
     XxGateway(xx_gateway::Config),
+    Relay(relay::Config),
 }
 
 /// What a running source gets from the agent.
@@ -71,6 +73,7 @@ pub fn parse_config(
     match kind {
         "synthetic" => synthetic::Config::parse(table, p).map(SourceConfig::Synthetic),
         "xx_gateway" => xx_gateway::Config::parse(base, table, p).map(SourceConfig::XxGateway),
+        "relay" => relay::Config::parse(base, table, p).map(SourceConfig::Relay),
         other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),
     }
 }
@@ -83,5 +86,50 @@ pub fn build(config: &SourceConfig, state_dir: &Path) -> Box<dyn Source> {
         SourceConfig::XxGateway(c) => {
             Box::new(xx_gateway::XxGateway::new(c.clone(), state_dir.to_owned()))
         }
+        SourceConfig::Relay(c) => Box::new(relay::Relay::new(c.clone(), state_dir.to_owned())),
     }
+}
+
+/// Open a source's own SQLite file (WAL) with `schema`, or, if the file is
+/// unusable, move it aside (kept as `<file>.corrupt-<ms>`), log what the
+/// source does about it (`next`, e.g. "rebuilding it from the gateway") and
+/// start a fresh one. Only for derived or recoverable state.
+pub fn open_own_db(path: &Path, schema: &str, next: &str) -> Result<rusqlite::Connection, String> {
+    let attempt = |path: &Path| -> rusqlite::Result<rusqlite::Connection> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(schema)?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(rusqlite::Error::InvalidQuery);
+        }
+        Ok(conn)
+    };
+    match attempt(path) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let aside = std::path::PathBuf::from(format!(
+                "{}.corrupt-{}",
+                path.display(),
+                crate::clock::now_ms()
+            ));
+            log::error!(
+                "{} was unusable ({e}); moved it aside to {} and {next}",
+                path.display(),
+                aside.display()
+            );
+            std::fs::rename(path, &aside)
+                .map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
+            for s in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{s}", path.display()));
+            }
+            attempt(path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+        }
+    }
+}
+
+/// Where a source publishes its state for `edgemeter status` (a short text,
+/// replaced atomically).
+pub fn status_path(state_dir: &Path, name: &str) -> std::path::PathBuf {
+    state_dir.join(format!("source-{name}.status"))
 }

@@ -38,37 +38,7 @@ impl Store {
     /// Open, or start afresh if the file is unusable (it is derived state:
     /// a fresh one is rebuilt by the next backfill).
     pub fn open(path: &Path) -> Result<Store, String> {
-        let attempt = |path: &Path| -> rusqlite::Result<Connection> {
-            let conn = Connection::open(path)?;
-            conn.busy_timeout(std::time::Duration::from_secs(5))?;
-            conn.execute_batch(SCHEMA)?;
-            let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-            if check != "ok" {
-                return Err(rusqlite::Error::InvalidQuery);
-            }
-            Ok(conn)
-        };
-        let conn = match attempt(path) {
-            Ok(c) => c,
-            Err(e) => {
-                let aside = PathBuf::from(format!(
-                    "{}.corrupt-{}",
-                    path.display(),
-                    crate::clock::now_ms()
-                ));
-                log::error!(
-                    "{} was unusable ({e}); moved it aside to {} and rebuilding it from the gateway",
-                    path.display(),
-                    aside.display()
-                );
-                std::fs::rename(path, &aside)
-                    .map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
-                for s in ["-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{s}", path.display()));
-                }
-                attempt(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?
-            }
-        };
+        let conn = super::super::open_own_db(path, SCHEMA, "rebuilding it from the gateway")?;
         Ok(Store {
             conn,
             path: path.to_owned(),

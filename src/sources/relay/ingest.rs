@@ -1,0 +1,324 @@
+//! The decisions of the relay source, without IO: what a frame means
+//! (counters, analytics, events to store), and what a closed window emits.
+//! The tasks in `mod.rs` feed it frames and clock ticks and carry out what
+//! it returns.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::analytics::{Analytics, envelope, safe_name};
+use super::frame::{self, SAMPLE_BYTES};
+use super::link::Link;
+use crate::record::{Dims, Kind, Record};
+use crate::sketch::{Sketch, hash_str};
+
+/// Malformed samples kept for `edgemeter status` (all of them also go to
+/// the outbox as `relay_malformed` events).
+pub const SAMPLES_KEPT: usize = 8;
+/// Raw-file lines held between flushes; past this, lines are dropped and
+/// counted (the disk is not keeping up).
+pub const RAW_PENDING_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// One websocket message as it arrived.
+pub enum Frame<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// Lifetime counters of one stream (shown by `edgemeter status`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Totals {
+    pub frames: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    pub malformed: u64,
+    pub binary: u64,
+    pub oversized: u64,
+    /// JSON values that are not logging envelopes (data-stream lines…).
+    pub other: u64,
+    /// Envelopes not analysed: unusable names or beyond `max_users`.
+    pub untracked: u64,
+    pub zero_width: u64,
+    pub transitions: u64,
+}
+
+#[derive(Default)]
+struct WindowCounts {
+    messages: u64,
+    bytes: u64,
+    malformed: u64,
+    users: Sketch,
+}
+
+pub struct Stream {
+    pub name: String,
+    pub link: Link,
+    pub totals: Totals,
+    window: WindowCounts,
+    reconnects_at_window_start: u64,
+}
+
+/// Everything the relay source knows, shared by its tasks (one thread).
+pub struct State {
+    source: String,
+    max_frame_bytes: usize,
+    events: bool,
+    raw_files: bool,
+    pub streams: Vec<Stream>,
+    all_users: Sketch,
+    pub analytics: Analytics,
+    /// Raw-file name → lines not yet appended.
+    pub raw: BTreeMap<String, Vec<u8>>,
+    raw_bytes: usize,
+    pub raw_dropped: u64,
+    pub samples: VecDeque<String>,
+}
+
+pub struct Settings {
+    pub source: String,
+    pub max_frame_bytes: usize,
+    pub events: bool,
+    pub raw_files: bool,
+    pub max_users: usize,
+}
+
+impl State {
+    pub fn new(s: Settings, streams: Vec<(String, Link)>) -> State {
+        State {
+            source: s.source,
+            max_frame_bytes: s.max_frame_bytes,
+            events: s.events,
+            raw_files: s.raw_files,
+            streams: streams
+                .into_iter()
+                .map(|(name, link)| Stream {
+                    name,
+                    link,
+                    totals: Totals::default(),
+                    window: WindowCounts::default(),
+                    reconnects_at_window_start: 0,
+                })
+                .collect(),
+            all_users: Sketch::default(),
+            analytics: Analytics::new(s.max_users),
+            raw: BTreeMap::new(),
+            raw_bytes: 0,
+            raw_dropped: 0,
+            samples: VecDeque::new(),
+        }
+    }
+
+    fn dims(&self, stream: &str) -> Dims {
+        Dims::new([("source", self.source.as_str()), ("stream", stream)])
+    }
+
+    fn malformed(
+        &mut self,
+        i: usize,
+        now_ms: i64,
+        reason: &str,
+        bytes: usize,
+        sample: &str,
+        out: &mut Vec<Record>,
+    ) {
+        let s = &mut self.streams[i];
+        s.totals.malformed += 1;
+        s.window.malformed += 1;
+        let stream = s.name.clone();
+        let text = serde_json::json!({
+            "stream": stream,
+            "reason": reason,
+            "bytes": bytes,
+            "sample": sample,
+        })
+        .to_string();
+        if self.samples.len() == SAMPLES_KEPT {
+            self.samples.pop_front();
+        }
+        self.samples
+            .push_back(format!("{stream}: {reason}; {bytes} bytes: {sample:?}"));
+        out.push(Record {
+            kind: Kind::Event,
+            ts_ms: now_ms,
+            name: "relay_malformed".to_owned(),
+            dims: self.dims(&stream),
+            value: bytes as f64,
+            unit: "Bytes".to_owned(),
+            payload: text.into_bytes(),
+        });
+    }
+
+    /// One websocket message on stream `i`; records to store go to `out`.
+    pub fn frame(&mut self, i: usize, frame: Frame, now_ms: i64, out: &mut Vec<Record>) {
+        let len = match frame {
+            Frame::Text(t) => t.len(),
+            Frame::Binary(b) => b.len(),
+        };
+        {
+            let s = &mut self.streams[i];
+            s.totals.frames += 1;
+            s.totals.bytes += len as u64;
+            s.window.bytes += len as u64;
+        }
+        let text = match frame {
+            Frame::Binary(b) => {
+                self.streams[i].totals.binary += 1;
+                let hex: String = b.iter().take(32).map(|x| format!("{x:02x}")).collect();
+                self.malformed(i, now_ms, "binary frame", len, &hex, out);
+                return;
+            }
+            Frame::Text(t) if t.len() > self.max_frame_bytes => {
+                self.streams[i].totals.oversized += 1;
+                let reason = format!(
+                    "frame larger than max_frame_bytes = {}",
+                    self.max_frame_bytes
+                );
+                self.malformed(
+                    i,
+                    now_ms,
+                    &reason,
+                    len,
+                    frame::truncate(t, SAMPLE_BYTES),
+                    out,
+                );
+                return;
+            }
+            Frame::Text(t) => t,
+        };
+        let split = frame::split(text);
+        self.streams[i].totals.zero_width += u64::from(split.zero_width);
+        for raw in &split.values {
+            self.message(i, raw.get(), now_ms, out);
+        }
+        if let Some(g) = split.garbage {
+            self.malformed(i, now_ms, &g.reason, g.bytes, &g.sample, out);
+        }
+    }
+
+    fn message(&mut self, i: usize, text: &str, now_ms: i64, out: &mut Vec<Record>) {
+        let s = &mut self.streams[i];
+        s.totals.messages += 1;
+        s.window.messages += 1;
+        let Some(env) = envelope(text) else {
+            s.totals.other += 1;
+            return;
+        };
+        let h = hash_str(&env.user);
+        s.window.users.insert(h);
+        self.all_users.insert(h);
+        // The stream is the rig: the message's own `hardware` is cut out
+        // of a URL by the browser, so it is used only when it is a usable
+        // name (the raw files have always been named after it).
+        let hardware = match env.hardware.as_deref() {
+            Some(hw) if safe_name(hw) => std::borrow::Cow::Borrowed(hw),
+            _ => std::borrow::Cow::Owned(s.name.clone()),
+        };
+        let seen = self.analytics.observe(now_ms, &hardware, &env);
+        let s = &mut self.streams[i];
+        s.totals.untracked += u64::from(seen.untracked);
+        s.totals.transitions += u64::from(seen.transition);
+        if self.raw_files && !seen.untracked {
+            if let (Some(exp), Some(course)) = (env.exp.as_deref(), env.course.as_deref()) {
+                if safe_name(exp) && safe_name(course) {
+                    let file = format!("{}-{hardware}-{exp}-{course}.json", env.user);
+                    if self.raw_bytes + text.len() + 1 > RAW_PENDING_MAX_BYTES {
+                        self.raw_dropped += 1;
+                    } else {
+                        let buf = self.raw.entry(file).or_default();
+                        buf.extend_from_slice(text.as_bytes());
+                        buf.push(b'\n');
+                        self.raw_bytes += text.len() + 1;
+                    }
+                }
+            }
+        }
+        if self.events {
+            let name = if safe_name(&env.kind) {
+                env.kind.to_string()
+            } else {
+                "invalid_type".to_owned()
+            };
+            let stream = self.streams[i].name.clone();
+            out.push(Record {
+                kind: Kind::Event,
+                ts_ms: now_ms,
+                name,
+                dims: self.dims(&stream),
+                value: 0.0,
+                unit: "None".to_owned(),
+                payload: text.as_bytes().to_vec(),
+            });
+        }
+    }
+
+    /// A frame too big for the websocket layer to read at all.
+    pub fn unreadable(&mut self, i: usize, now_ms: i64, reason: &str, out: &mut Vec<Record>) {
+        self.streams[i].totals.frames += 1;
+        self.streams[i].totals.oversized += 1;
+        self.malformed(i, now_ms, reason, 0, "", out);
+    }
+
+    /// Raw-file lines to append now (the caller writes them).
+    pub fn take_raw(&mut self) -> BTreeMap<String, Vec<u8>> {
+        self.raw_bytes = 0;
+        std::mem::take(&mut self.raw)
+    }
+
+    /// The window ending at `end_ms` is over: its points and sketches.
+    pub fn close_window(&mut self, end_ms: i64, window_secs: u64, out: &mut Vec<Record>) {
+        let label = format!("{window_secs}s");
+        let dims = |stream: &str| {
+            Dims::new([
+                ("source", self.source.as_str()),
+                ("stream", stream),
+                ("window", label.as_str()),
+            ])
+        };
+        let mut points = Vec::new();
+        for s in &mut self.streams {
+            let w = std::mem::take(&mut s.window);
+            let reconnects = s.link.reconnects - s.reconnects_at_window_start;
+            s.reconnects_at_window_start = s.link.reconnects;
+            let d = dims(&s.name);
+            for (metric, v, unit) in [
+                ("relay_messages", w.messages as f64, "Count"),
+                ("relay_bytes", w.bytes as f64, "Bytes"),
+                ("relay_malformed", w.malformed as f64, "Count"),
+                ("relay_reconnects", reconnects as f64, "Count"),
+                (
+                    "relay_connected",
+                    if s.link.is_live() { 1.0 } else { 0.0 },
+                    "None",
+                ),
+            ] {
+                points.push(Record::point(metric, d.clone(), end_ms, v, unit));
+            }
+            points.extend(users(d, end_ms, &w.users));
+        }
+        let all = std::mem::take(&mut self.all_users);
+        points.extend(users(dims("all"), end_ms, &all));
+        out.extend(points);
+    }
+}
+
+/// Distinct active users of a window: the count as a point, and the sketch
+/// so an upstream can union edges.
+fn users(dims: Dims, end_ms: i64, sketch: &Sketch) -> [Record; 2] {
+    [
+        Record::point(
+            "relay_active_users",
+            dims.clone(),
+            end_ms,
+            sketch.estimate(),
+            "Count",
+        ),
+        Record {
+            kind: Kind::Sketch,
+            ts_ms: end_ms,
+            name: "relay_active_users".to_owned(),
+            dims,
+            value: sketch.estimate(),
+            unit: "Count".to_owned(),
+            payload: sketch.encode(),
+        },
+    ]
+}

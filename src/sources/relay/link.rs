@@ -1,0 +1,145 @@
+//! One stream's connection as a small state machine with no IO: what state
+//! it is in, and how long to wait after it drops. The task in `mod.rs`
+//! does the IO and asks this what to do next; tests drive it with fake time.
+//!
+//! Every wait is drawn with full jitter from [`Backoff`], the first one
+//! too: when the session host restarts, all streams drop in the same
+//! instant and must not all knock again in the same instant. A connection
+//! that stayed up for [`STABLE_AFTER`] starts the schedule over.
+
+use std::time::Duration;
+
+use crate::backoff::Backoff;
+
+/// A connection that lived this long was healthy: forget earlier failures.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Connecting,
+    Live,
+    BackingOff,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Live => "live",
+            State::BackingOff => "backing off",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub state: State,
+    /// When the state began, ms since the Unix epoch.
+    pub since_ms: i64,
+    /// Until when a backing-off link waits.
+    pub until_ms: i64,
+    pub last_error: Option<String>,
+    /// Connections established after the first.
+    pub reconnects: u64,
+    connected_before: bool,
+    backoff: Backoff,
+}
+
+impl Link {
+    pub fn new(initial: Duration, max: Duration, now_ms: i64) -> Link {
+        Link {
+            state: State::Connecting,
+            since_ms: now_ms,
+            until_ms: now_ms,
+            last_error: None,
+            reconnects: 0,
+            connected_before: false,
+            backoff: Backoff::new(initial, max),
+        }
+    }
+
+    pub fn connecting(&mut self, now_ms: i64) {
+        self.state = State::Connecting;
+        self.since_ms = now_ms;
+    }
+
+    /// The websocket handshake succeeded.
+    pub fn connected(&mut self, now_ms: i64) {
+        if self.connected_before {
+            self.reconnects += 1;
+        }
+        self.connected_before = true;
+        self.state = State::Live;
+        self.since_ms = now_ms;
+    }
+
+    /// A connection attempt failed, or a live connection ended. Returns how
+    /// long to wait before the next attempt, drawing jitter from `unit` in
+    /// [0, 1).
+    pub fn dropped(&mut self, now_ms: i64, error: String, unit: f64) -> Duration {
+        if self.state == State::Live && now_ms - self.since_ms >= STABLE_AFTER.as_millis() as i64 {
+            self.backoff.reset();
+        }
+        let wait = self.backoff.next_with(unit);
+        self.state = State::BackingOff;
+        self.since_ms = now_ms;
+        self.until_ms = now_ms + wait.as_millis() as i64;
+        self.last_error = Some(error);
+        wait
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.state == State::Live
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn waits_grow_with_failures_and_are_jittered_from_the_first() {
+        let mut l = Link::new(S, 8 * S, 0);
+        // The first wait is already drawn from [0, initial].
+        assert_eq!(l.dropped(0, "refused".into(), 0.5), S / 2);
+        assert_eq!(l.state, State::BackingOff);
+        assert_eq!(l.until_ms, 500);
+        l.connecting(500);
+        assert_eq!(l.dropped(500, "refused".into(), 0.5), S);
+        l.connecting(1500);
+        assert_eq!(l.dropped(1500, "refused".into(), 0.5), 2 * S);
+        for _ in 0..10 {
+            l.dropped(0, "refused".into(), 0.999);
+        }
+        assert!(l.dropped(0, "refused".into(), 0.999) <= 8 * S, "capped");
+        assert_eq!(l.last_error.as_deref(), Some("refused"));
+        assert_eq!(l.dropped(0, "x".into(), 0.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_stable_connection_starts_the_schedule_over_and_a_short_one_does_not() {
+        let mut l = Link::new(S, 64 * S, 0);
+        for _ in 0..5 {
+            l.dropped(0, "refused".into(), 0.999);
+        }
+        // Up for 2 s, then dropped: still backing off hard (a server that
+        // accepts and drops at once must not be hammered).
+        l.connected(1_000);
+        assert!(l.dropped(3_000, "closed".into(), 0.999) > 30 * S);
+        // Up for longer than STABLE_AFTER: back to [0, initial].
+        l.connected(10_000);
+        assert_eq!(l.reconnects, 1);
+        let wait = l.dropped(
+            10_000 + STABLE_AFTER.as_millis() as i64,
+            "closed".into(),
+            0.999,
+        );
+        assert!(wait < S, "{wait:?}");
+        assert_eq!(l.reconnects, 1);
+        l.connected(30_000);
+        assert_eq!(l.reconnects, 2);
+        assert!(l.is_live());
+    }
+}

@@ -1,0 +1,747 @@
+//! The `relay` source: every practable logging stream of a session host on
+//! the one event loop, replacing one Python `websocket-client` process per
+//! rig, their `<user>-<hardware>-<exp>-<course>.json` files and the
+//! `session-rules` script.
+//!
+//! # What it does
+//! - One websocket client per stream (`ws://host:8888/ws/<stream>`), each a
+//!   task on a small executor of its own inside the source's task. A
+//!   dropped or refused connection is retried forever after a full-jitter
+//!   wait ([`link`]); each stream's state and last error are published for
+//!   `edgemeter status`.
+//! - Every frame is split into JSON values without ever failing
+//!   ([`frame`]). Frames over `max_frame_bytes` are not parsed; frames over
+//!   twice that cannot be read at all (the websocket layer refuses them) and
+//!   cost a reconnect. Everything that cannot be parsed is counted and
+//!   stored as a `relay_malformed` event with a truncated sample.
+//! - Logging envelopes (`{user, t, exp, hardware, course, type, payload}`)
+//!   are stored as events (one per message, its exact text), feed the
+//!   per-window distinct-user sketches, and the analytics ([`analytics`]):
+//!   per user×hardware activity and the command-transition graph per
+//!   user×exp×course.
+//! - At each window end (`window_secs`, aligned to the clock) it emits per
+//!   stream `relay_messages`, `relay_bytes`, `relay_malformed`,
+//!   `relay_reconnects`, `relay_connected` and `relay_active_users` (point
+//!   and sketch), and `relay_active_users` over all streams (`stream=all`).
+//!   At shutdown the running window is emitted with the end it would have
+//!   had; a restart inside a window therefore gives two points with one
+//!   timestamp, which sum (and sketches union) to the right answer.
+//!
+//! # What survives what
+//! - The analytics state is saved to `relay-<name>.db` in the state dir
+//!   once a second and at shutdown, and reloaded at start: a `kill -9`
+//!   loses at most the last second of analytics (the events themselves are
+//!   in the outbox as soon as the writer commits them).
+//! - Files in `files_dir` are rewritten from that state by one writer (this
+//!   source's worker thread), each atomically (temp file, fsync, rename),
+//!   every `dump_interval_secs`; all of them at the first dump after start.
+//!   Raw per-user files are appended once a second.
+//! - Hub semantics mean a message sent while a stream is down is never
+//!   seen: the session host does not buffer or replay. The
+//!   `relay_connected` and `relay_reconnects` points say when that was.
+//!
+//! # Provisioning
+//! With a `provision` block, the session host's rules are set from
+//! `log.access.<stream>`/`log.token.<stream>` ([`provision`]) at start,
+//! checked every `check_interval_secs` and whenever a stream comes back
+//! after failing (the host forgets its rules when it restarts).
+
+pub mod analytics;
+pub mod config;
+pub mod frame;
+pub mod ingest;
+pub mod link;
+pub mod provision;
+pub mod store;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::Message;
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use smol::Async;
+use smol::stream::StreamExt;
+
+use crate::clock::{iso8601, now_ms};
+use crate::record::Record;
+use crate::runtime::{LocalBoxFuture, Worker};
+use crate::sources::{Context, Source};
+
+use analytics::GraphKey;
+pub use config::Config;
+use ingest::{Frame, Settings, State};
+use link::Link;
+use store::Store;
+
+/// How often analytics state, raw lines and the status file are written.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Bounds connecting and the websocket handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds each call to the session host's HTTP API.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read in small chunks: 86 idle streams must not hold 128 KiB each.
+const READ_CHUNK_BYTES: usize = 4096;
+
+pub struct Relay {
+    config: Config,
+    state_dir: PathBuf,
+}
+
+impl Relay {
+    pub fn new(config: Config, state_dir: PathBuf) -> Relay {
+        Relay { config, state_dir }
+    }
+}
+
+type Ws = WebSocketStream<Async<std::net::TcpStream>>;
+
+/// What the tasks of one relay source share (all on one thread).
+struct Shared {
+    name: String,
+    config: Config,
+    state: RefCell<State>,
+    /// Graphs (and whether the usage files) changed since the last dump.
+    dump_graphs: RefCell<HashSet<GraphKey>>,
+    dump_usage: RefCell<bool>,
+    /// Rung when a stream comes back after failing: re-check the rules.
+    provision_kick: smol::channel::Sender<()>,
+}
+
+impl Source for Relay {
+    fn run(self: Box<Self>, ctx: Context) -> LocalBoxFuture<'static, ()> {
+        Box::pin(run(self.config, self.state_dir, ctx))
+    }
+}
+
+async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
+    let worker = Rc::new(Worker::new(format!("src-{}", ctx.name)));
+    let store_path = state_dir.join(format!("relay-{}.db", ctx.name));
+    let opened = worker
+        .run(move || Store::open(&store_path).and_then(|s| s.load().map(|l| (s, l))))
+        .await;
+    let now = now_ms();
+    let links = config
+        .streams
+        .iter()
+        .map(|s| {
+            (
+                s.clone(),
+                Link::new(config.reconnect_initial, config.reconnect_max, now),
+            )
+        })
+        .collect();
+    let mut state = State::new(
+        Settings {
+            source: ctx.name.clone(),
+            max_frame_bytes: config.max_frame_bytes,
+            events: config.events,
+            raw_files: config.raw_files,
+            max_users: config.max_users,
+        },
+        links,
+    );
+    let store = match opened {
+        Ok((store, (activity, graphs))) => {
+            log::info!(
+                "source `{}`: {} streams on {}; analytics state: {} user×hardware rows, {} graphs",
+                ctx.name,
+                config.streams.len(),
+                config.api_base(),
+                activity.len(),
+                graphs.len()
+            );
+            state.analytics.restore(activity, graphs);
+            Some(Arc::new(Mutex::new(store)))
+        }
+        Err(e) => {
+            log::error!(
+                "source `{}`: {e}; the analytics will be kept in memory only until restart",
+                ctx.name
+            );
+            None
+        }
+    };
+    let all_graphs: HashSet<GraphKey> = state.analytics.graphs.keys().cloned().collect();
+    let (kick_tx, kick_rx) = smol::channel::bounded(1);
+    let shared = Rc::new(Shared {
+        name: ctx.name.clone(),
+        config,
+        state: RefCell::new(state),
+        dump_graphs: RefCell::new(all_graphs),
+        dump_usage: RefCell::new(true),
+        provision_kick: kick_tx,
+    });
+    let ctx = Rc::new(ctx);
+    let files = Files {
+        store,
+        status_path: crate::sources::status_path(&state_dir, &ctx.name),
+        last_status: String::new(),
+    };
+    let files = Rc::new(RefCell::new(files));
+
+    let ex = smol::LocalExecutor::new();
+    for i in 0..shared.config.streams.len() {
+        ex.spawn(stream_task(i, shared.clone(), ctx.clone()))
+            .detach();
+    }
+    ex.spawn(window_task(shared.clone(), ctx.clone())).detach();
+    ex.spawn(flush_task(
+        shared.clone(),
+        ctx.clone(),
+        worker.clone(),
+        files.clone(),
+    ))
+    .detach();
+    if let Some(p) = shared.config.provision.clone() {
+        ex.spawn(provision_task(shared.clone(), ctx.clone(), p, kick_rx))
+            .detach();
+    }
+    ex.run(ctx.shutdown.wait()).await;
+    drop(ex);
+
+    // Shutdown: the running window, then everything on disk once more.
+    let mut out = Vec::new();
+    let end = window_end(now_ms(), shared.config.window);
+    shared
+        .state
+        .borrow_mut()
+        .close_window(end, shared.config.window.as_secs(), &mut out);
+    for r in out {
+        if !ctx.emit.emit(r).await {
+            break;
+        }
+    }
+    flush(&shared, &worker, &files, true).await;
+}
+
+/// The end of the window that contains `now`, ms.
+fn window_end(now: i64, window: Duration) -> i64 {
+    let w = window.as_millis() as i64;
+    (now.div_euclid(w) + 1) * w
+}
+
+// ---------------------------------------------------------------- streams
+
+async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
+    let stream = shared.config.streams[i].clone();
+    let url = format!(
+        "ws://{}/ws/{stream}",
+        shared.config.api_base().trim_start_matches("http://")
+    );
+    let mut failing = false;
+    let mut out: Vec<Record> = Vec::new();
+    loop {
+        shared.state.borrow_mut().streams[i]
+            .link
+            .connecting(now_ms());
+        let attempt =
+            smol::future::or(async { Some(connect(&shared.config, &url).await) }, async {
+                ctx.shutdown.wait().await;
+                None
+            })
+            .await;
+        let error = match attempt {
+            None => return,
+            Some(Err(e)) => e,
+            Some(Ok(mut ws)) => {
+                shared.state.borrow_mut().streams[i]
+                    .link
+                    .connected(now_ms());
+                if failing {
+                    log::info!("source `{}`: stream {stream} is connected again", ctx.name);
+                    let _ = shared.provision_kick.try_send(());
+                } else {
+                    log::debug!("source `{}`: stream {stream} connected", ctx.name);
+                }
+                failing = false;
+                match read_frames(i, &shared, &ctx, &mut ws, &mut out).await {
+                    None => {
+                        // Shutdown: say goodbye, briefly.
+                        let _ = smol::future::or(
+                            async { ws.close(None).await.map_err(|_| ()) },
+                            async {
+                                smol::Timer::after(Duration::from_millis(200)).await;
+                                Err(())
+                            },
+                        )
+                        .await;
+                        return;
+                    }
+                    Some(e) => e,
+                }
+            }
+        };
+        let wait = shared.state.borrow_mut().streams[i].link.dropped(
+            now_ms(),
+            error.clone(),
+            fastrand::f64(),
+        );
+        if !failing {
+            log::warn!(
+                "source `{}`: stream {stream}: {error}; reconnecting in {:.1} s, and on with backoff",
+                ctx.name,
+                wait.as_secs_f64()
+            );
+            failing = true;
+        } else {
+            log::debug!(
+                "source `{}`: stream {stream}: {error}; next attempt in {:.1} s",
+                ctx.name,
+                wait.as_secs_f64()
+            );
+        }
+        if ctx.shutdown.sleep(wait).await {
+            return;
+        }
+    }
+}
+
+/// Connect and shake hands, within [`CONNECT_TIMEOUT`].
+async fn connect(config: &Config, url: &str) -> Result<Ws, String> {
+    let work = async {
+        let addr = resolve(&config.host, config.port).await?;
+        let tcp = Async::<std::net::TcpStream>::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let limit = config.max_frame_bytes.saturating_mul(2);
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_CHUNK_BYTES)
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit));
+        let (ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(ws_config))
+            .await
+            .map_err(|e| format!("websocket handshake with {url} failed: {e}"))?;
+        Ok(ws)
+    };
+    smol::future::or(work, async {
+        smol::Timer::after(CONNECT_TIMEOUT).await;
+        Err(format!("no answer from {url} within {CONNECT_TIMEOUT:?}"))
+    })
+    .await
+}
+
+/// An IP address needs no lookup; a name is resolved off the loop (a
+/// lookup can block for seconds).
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let name = host.to_owned();
+    let lookup = Worker::new("resolve");
+    lookup
+        .run(move || {
+            (name.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| format!("cannot resolve {name}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{name} has no address"))
+        })
+        .await
+}
+
+/// Read until the connection ends (the reason) or shutdown (None).
+async fn read_frames(
+    i: usize,
+    shared: &Shared,
+    ctx: &crate::sources::Context,
+    ws: &mut Ws,
+    out: &mut Vec<Record>,
+) -> Option<String> {
+    use async_tungstenite::tungstenite::Error;
+    loop {
+        let next = smol::future::or(async { Some(ws.next().await) }, async {
+            ctx.shutdown.wait().await;
+            None
+        })
+        .await?;
+        let now = now_ms();
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                shared
+                    .state
+                    .borrow_mut()
+                    .frame(i, Frame::Text(t.as_str()), now, out)
+            }
+            Some(Ok(Message::Binary(b))) => {
+                shared
+                    .state
+                    .borrow_mut()
+                    .frame(i, Frame::Binary(&b), now, out)
+            }
+            Some(Ok(Message::Close(c))) => {
+                return Some(match c {
+                    Some(c) => format!(
+                        "the session host closed the connection ({} {})",
+                        c.code, c.reason
+                    ),
+                    None => "the session host closed the connection".to_owned(),
+                });
+            }
+            Some(Ok(_)) => {} // ping, pong: answered by the websocket layer
+            Some(Err(Error::Capacity(e))) => {
+                shared
+                    .state
+                    .borrow_mut()
+                    .unreadable(i, now, &e.to_string(), out);
+                flush_records(ctx, out).await;
+                return Some(format!(
+                    "{e}; the rest of that frame cannot be skipped, so reconnecting"
+                ));
+            }
+            Some(Err(e)) => return Some(format!("connection lost: {e}")),
+            None => return Some("connection closed".to_owned()),
+        }
+        if !flush_records(ctx, out).await {
+            return None;
+        }
+    }
+}
+
+/// Hand `out` to the outbox writer; false if it has stopped.
+async fn flush_records(ctx: &crate::sources::Context, out: &mut Vec<Record>) -> bool {
+    for r in out.drain(..) {
+        if !ctx.emit.emit(r).await {
+            return false;
+        }
+    }
+    true
+}
+
+// ---------------------------------------------------------------- windows
+
+async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
+    let mut out = Vec::new();
+    loop {
+        let now = now_ms();
+        let end = window_end(now, shared.config.window);
+        // The source's final steps emit the running window at shutdown.
+        if ctx
+            .shutdown
+            .sleep(Duration::from_millis((end - now) as u64))
+            .await
+        {
+            return;
+        }
+        shared
+            .state
+            .borrow_mut()
+            .close_window(end, shared.config.window.as_secs(), &mut out);
+        if !flush_records(&ctx, &mut out).await {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- files
+
+struct Files {
+    store: Option<Arc<Mutex<Store>>>,
+    status_path: PathBuf,
+    last_status: String,
+}
+
+async fn flush_task(
+    shared: Rc<Shared>,
+    ctx: Rc<crate::sources::Context>,
+    worker: Rc<Worker>,
+    files: Rc<RefCell<Files>>,
+) {
+    let mut next_dump = now_ms() + shared.config.dump_interval.as_millis() as i64;
+    loop {
+        if ctx.shutdown.sleep(FLUSH_EVERY).await {
+            return;
+        }
+        let dump = now_ms() >= next_dump;
+        if dump {
+            next_dump = now_ms() + shared.config.dump_interval.as_millis() as i64;
+        }
+        flush(&shared, &worker, &files, dump).await;
+    }
+}
+
+/// Save what changed, append raw lines, publish the status, and with
+/// `dump` rewrite the changed analytics files: all in one job on the
+/// source's worker, the only writer of these files.
+async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: bool) {
+    let mut state = shared.state.borrow_mut();
+    let a = &mut state.analytics;
+    let activity: Vec<_> = a
+        .dirty_activity
+        .drain()
+        .filter_map(|k| a.activity.get(&k).map(|v| (k, *v)))
+        .collect();
+    let graphs: Vec<_> = a
+        .dirty_graphs
+        .drain()
+        .filter_map(|k| a.graphs.get(&k).map(|g| (k, g.clone())))
+        .collect();
+    if !activity.is_empty() {
+        *shared.dump_usage.borrow_mut() = true;
+    }
+    shared
+        .dump_graphs
+        .borrow_mut()
+        .extend(graphs.iter().map(|(k, _)| k.clone()));
+    let raw = state.take_raw();
+    let mut dumps: Vec<(String, String)> = Vec::new();
+    if dump && shared.config.files_dir.is_some() {
+        for k in shared.dump_graphs.borrow_mut().drain() {
+            if let Some(g) = state.analytics.graphs.get(&k) {
+                dumps.push((
+                    format!("{}-adjacency.csv", k.file_stem()),
+                    g.adjacency_csv(),
+                ));
+                dumps.push((format!("{}-graph.json", k.file_stem()), g.to_json(&k.exp)));
+            }
+        }
+        if std::mem::take(&mut *shared.dump_usage.borrow_mut()) {
+            dumps.push(("usage.csv".to_owned(), state.analytics.usage_csv()));
+            dumps.push(("activity.csv".to_owned(), state.analytics.activity_csv()));
+        }
+    }
+    let status = render_status(&state);
+    drop(state);
+
+    let (store, status_path, changed) = {
+        let f = files.borrow();
+        (
+            f.store.clone(),
+            f.status_path.clone(),
+            f.last_status != status,
+        )
+    };
+    if changed {
+        files.borrow_mut().last_status = status.clone();
+    }
+    let dir = shared.config.files_dir.clone();
+    let saved_keys: (Vec<_>, Vec<_>) = (
+        activity.iter().map(|(k, _)| k.clone()).collect(),
+        graphs.iter().map(|(k, _)| k.clone()).collect(),
+    );
+    let errors = worker
+        .run(move || {
+            let mut errors = Vec::new();
+            if let Some(store) = &store {
+                if !activity.is_empty() || !graphs.is_empty() {
+                    let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = s.save(&activity, &graphs) {
+                        errors.push((true, e));
+                    }
+                }
+            }
+            if let Some(dir) = &dir {
+                if let Err(e) = append_raw(dir, &raw) {
+                    errors.push((false, e));
+                }
+                for (name, text) in &dumps {
+                    if let Err(e) = write_atomically(&dir.join(name), text.as_bytes()) {
+                        errors.push((false, e));
+                    }
+                }
+            }
+            if changed {
+                if let Err(e) = write_atomically(&status_path, status.as_bytes()) {
+                    errors.push((false, e));
+                }
+            }
+            errors
+        })
+        .await;
+    for (save_failed, e) in errors {
+        if save_failed {
+            // Mark them dirty again so the next flush retries.
+            let mut state = shared.state.borrow_mut();
+            state
+                .analytics
+                .dirty_activity
+                .extend(saved_keys.0.iter().cloned());
+            state
+                .analytics
+                .dirty_graphs
+                .extend(saved_keys.1.iter().cloned());
+        }
+        log::warn!(
+            "source `{}`: {e}; trying again at the next flush",
+            shared.name
+        );
+    }
+}
+
+fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+    if raw.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    for (name, lines) in raw {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(lines))
+            .map_err(|e| format!("cannot append to {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Replace `path` with `bytes` so a reader sees the old file or the new
+/// one, never a mix: a temp file beside it, fsync, rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_data()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", path.display())
+    })
+}
+
+/// The per-stream table `edgemeter status` shows.
+fn render_status(state: &State) -> String {
+    let mut out = format!(
+        "{:<12} {:<12} {:<21} {:>10} {:>9} {:>10}  last error\n",
+        "stream", "state", "since", "messages", "malformed", "reconnects"
+    );
+    for s in &state.streams {
+        out += &format!(
+            "{:<12} {:<12} {:<21} {:>10} {:>9} {:>10}  {}\n",
+            s.name,
+            s.link.state.as_str(),
+            iso8601(s.link.since_ms),
+            s.totals.messages,
+            s.totals.malformed,
+            s.link.reconnects,
+            s.link.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    let t = state
+        .streams
+        .iter()
+        .fold(ingest::Totals::default(), |mut a, s| {
+            a.binary += s.totals.binary;
+            a.oversized += s.totals.oversized;
+            a.other += s.totals.other;
+            a.untracked += s.totals.untracked;
+            a.zero_width += s.totals.zero_width;
+            a.transitions += s.totals.transitions;
+            a
+        });
+    out += &format!(
+        "binary frames {}; oversized {}; not envelopes {}; not analysed {}; zero-width skipped {}; transitions {}; raw lines dropped {}\n",
+        t.binary, t.oversized, t.other, t.untracked, t.zero_width, t.transitions, state.raw_dropped
+    );
+    if !state.samples.is_empty() {
+        out += "latest malformed:\n";
+        for s in &state.samples {
+            out += &format!("  {s}\n");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- provisioning
+
+async fn provision_task(
+    shared: Rc<Shared>,
+    ctx: Rc<crate::sources::Context>,
+    p: config::Provision,
+    kick: smol::channel::Receiver<()>,
+) {
+    let worker = Worker::new(format!("prov-{}", ctx.name));
+    let api = Arc::new(provision::Api::new(&shared.config.api_base(), API_TIMEOUT));
+    let streams = shared.config.streams.clone();
+    let mut first = true;
+    let mut failing: Option<String> = None;
+    let mut warned_others = false;
+    loop {
+        let (dir, api2, streams2) = (p.dir.clone(), api.clone(), streams.clone());
+        let result = worker
+            .run(move || {
+                let rules = provision::read_rules(&dir, &streams2)?;
+                api2.reconcile(&rules)
+            })
+            .await;
+        match result {
+            Ok(r) => {
+                if failing.take().is_some() || first || !r.posted.is_empty() {
+                    let how = if first {
+                        "set"
+                    } else {
+                        "the session host had lost them (restarted?); set again"
+                    };
+                    log::info!(
+                        "source `{}`: session host rules: {} {how}, {} already in place",
+                        ctx.name,
+                        r.posted.len(),
+                        r.unchanged
+                    );
+                }
+                if !r.others.is_empty() && !warned_others {
+                    let list: Vec<String> = r
+                        .others
+                        .iter()
+                        .map(|(id, s)| format!("`{id}` ({s})"))
+                        .collect();
+                    log::warn!(
+                        "source `{}`: the session host also has rules {} for our streams; their messages arrive twice. Delete them with DELETE /api/destinations/<id>",
+                        ctx.name,
+                        list.join(", ")
+                    );
+                    warned_others = true;
+                }
+                first = false;
+            }
+            Err(e) => {
+                if failing.as_deref() != Some(e.as_str()) {
+                    log::warn!(
+                        "source `{}`: cannot set the session host's rules: {e}; trying again in {} s",
+                        ctx.name,
+                        p.check_interval.as_secs()
+                    );
+                    failing = Some(e);
+                }
+            }
+        }
+        let woken = smol::future::or(
+            async {
+                let _ = kick.recv().await;
+                true
+            },
+            async {
+                smol::Timer::after(p.check_interval).await;
+                false
+            },
+        );
+        let stop = smol::future::or(
+            async {
+                ctx.shutdown.wait().await;
+                true
+            },
+            async {
+                woken.await;
+                false
+            },
+        )
+        .await;
+        if stop {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

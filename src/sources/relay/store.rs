@@ -1,0 +1,161 @@
+//! The relay source's analytics state in its own SQLite file beside the
+//! outbox (`relay-<name>.db`), so counts, activity and the command chains
+//! carry on across restarts: per user×hardware activity, and per
+//! user×exp×course graph (nodes, edge counts, last command). Written as
+//! upserts of what changed, once a second and at shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use rusqlite::{Connection, params};
+
+use super::analytics::{Activity, Graph, GraphKey};
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+CREATE TABLE IF NOT EXISTS activity (
+    user     TEXT NOT NULL,
+    hardware TEXT NOT NULL,
+    first_ms INTEGER NOT NULL,
+    last_ms  INTEGER NOT NULL,
+    messages INTEGER NOT NULL,
+    minutes  INTEGER NOT NULL,
+    PRIMARY KEY (user, hardware)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS graphs (
+    user   TEXT NOT NULL,
+    exp    TEXT NOT NULL,
+    course TEXT NOT NULL,
+    nodes  TEXT NOT NULL,   -- JSON array of node names, in matrix order
+    edges  TEXT NOT NULL,   -- JSON array of [from, to, count]
+    last   TEXT,            -- the last command, which the next one continues
+    PRIMARY KEY (user, exp, course)
+) WITHOUT ROWID;
+";
+
+pub struct Store {
+    conn: Connection,
+}
+
+pub type Loaded = (
+    HashMap<(String, String), Activity>,
+    HashMap<GraphKey, Graph>,
+);
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, String> {
+        let conn = super::super::open_own_db(
+            path,
+            SCHEMA,
+            "starting the analytics afresh (the events in the outbox are unaffected)",
+        )?;
+        Ok(Store { conn })
+    }
+
+    pub fn load(&self) -> Result<Loaded, String> {
+        let err = |e: rusqlite::Error| format!("cannot read the relay analytics state: {e}");
+        let mut activity = HashMap::new();
+        let mut st = self
+            .conn
+            .prepare("SELECT user, hardware, first_ms, last_ms, messages, minutes FROM activity")
+            .map_err(err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                    Activity {
+                        first_ms: r.get(2)?,
+                        last_ms: r.get(3)?,
+                        messages: r.get::<_, i64>(4)? as u64,
+                        minutes: r.get::<_, i64>(5)? as u64,
+                    },
+                ))
+            })
+            .map_err(err)?;
+        for row in rows {
+            let (k, a) = row.map_err(err)?;
+            activity.insert(k, a);
+        }
+        let mut graphs = HashMap::new();
+        let mut st = self
+            .conn
+            .prepare("SELECT user, exp, course, nodes, edges, last FROM graphs")
+            .map_err(err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    GraphKey {
+                        user: r.get(0)?,
+                        exp: r.get(1)?,
+                        course: r.get(2)?,
+                    },
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .map_err(err)?;
+        for row in rows {
+            let (key, nodes, edges, last) = row.map_err(err)?;
+            let bad =
+                |what: &str| format!("relay analytics state: bad {what} for {}", key.file_stem());
+            let nodes: Vec<String> = serde_json::from_str(&nodes).map_err(|_| bad("nodes"))?;
+            let list: Vec<(String, String, u64)> =
+                serde_json::from_str(&edges).map_err(|_| bad("edges"))?;
+            let edges: BTreeMap<(String, String), u64> =
+                list.into_iter().map(|(f, t, n)| ((f, t), n)).collect();
+            graphs.insert(key, Graph { nodes, edges, last });
+        }
+        Ok((activity, graphs))
+    }
+
+    /// Write these rows as they are now, in one transaction.
+    pub fn save(
+        &mut self,
+        activity: &[((String, String), Activity)],
+        graphs: &[(GraphKey, Graph)],
+    ) -> Result<(), String> {
+        let err = |e: rusqlite::Error| format!("cannot save the relay analytics state: {e}");
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO activity (user, hardware, first_ms, last_ms, messages, minutes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            for ((u, h), a) in activity {
+                st.execute(params![
+                    u,
+                    h,
+                    a.first_ms,
+                    a.last_ms,
+                    a.messages as i64,
+                    a.minutes as i64
+                ])
+                .map_err(err)?;
+            }
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO graphs (user, exp, course, nodes, edges, last)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            for (k, g) in graphs {
+                let edges: Vec<(&String, &String, u64)> =
+                    g.edges.iter().map(|((f, t), n)| (f, t, *n)).collect();
+                st.execute(params![
+                    k.user,
+                    k.exp,
+                    k.course,
+                    serde_json::to_string(&g.nodes).expect("strings serialize"),
+                    serde_json::to_string(&edges).expect("strings serialize"),
+                    g.last
+                ])
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+}
