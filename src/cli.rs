@@ -35,6 +35,7 @@ Commands:
   status    Show the outbox: buffer depth, drops, sinks, dead letters
   outbox    List, retry or purge dead letters (batches a sink refused)
   verify    Check an xx gateway's bloom filter rows decode and claim their rounds
+  relay     Set (provision) or show the session host's rules for relay sources
   demo      Run the pipeline for a few seconds in a temporary directory
 
 Options (every command):
@@ -98,6 +99,23 @@ is malformed or does not claim its rounds.
 Usage: edgemeter verify [-c FILE] [--rows N]   (N: 1 to 1000000, default 1000)
 ";
 
+const HELP_RELAY: &str = "\
+For each `relay` source (or only --source NAME):
+
+  edgemeter relay provision [-c FILE] [--source NAME]
+      Read log.access.<stream> and log.token.<stream> from the source's
+      `provision.dir` and POST /api/destinations {id, stream, destination,
+      token} to its session host for every stream that lacks its rule or has
+      a different one. The rule id is the stream name, so running it again
+      changes nothing. A running agent does this by itself when the source
+      has a `provision` block (and again after the session host restarts).
+  edgemeter relay rules [-c FILE] [--source NAME]
+      List the session host's rules. Tokens are never shown: only whether
+      each one matches the token file.
+
+Exits 1 if a session host cannot be reached or a file is missing.
+";
+
 const HELP_DEMO: &str = "\
 Run the pipeline on this machine with no peers: a synthetic source feeds the
 outbox and a CSV sink, for a few seconds, in a temporary directory (kept, so
@@ -113,6 +131,13 @@ enum Command {
     Outbox(OutboxAction),
     Demo { seconds: u64, dir: Option<PathBuf> },
     Verify { rows: u32 },
+    Relay(RelayAction),
+}
+
+#[derive(Clone, Copy)]
+enum RelayAction {
+    Provision,
+    Rules,
 }
 
 enum OutboxAction {
@@ -126,6 +151,7 @@ struct Args {
     config: PathBuf,
     sink: Option<String>,
     id: Option<i64>,
+    source: Option<String>,
 }
 
 /// Parsed arguments, or the text to print and the code to exit with.
@@ -141,6 +167,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
     let mut action = None;
     let mut config = PathBuf::from(config::DEFAULT_PATH);
     let (mut sink, mut id, mut all) = (None, None, false);
+    let mut source = None;
+    let mut relay_action = None;
     let (mut seconds, mut dir) = (10u64, None);
     let mut rows = 1000u32;
     while let Some(arg) = p.next().map_err(|e| usage(e.to_string()))? {
@@ -153,6 +181,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     (Some(Command::Outbox(_)), _) | (_, Some(_)) => HELP_OUTBOX,
                     (Some(Command::Demo { .. }), _) => HELP_DEMO,
                     (Some(Command::Verify { .. }), _) => HELP_VERIFY,
+                    (Some(Command::Relay(_)), _) => HELP_RELAY,
                     (None, None) => HELP,
                 };
                 return Err((text.to_owned(), 0));
@@ -178,6 +207,14 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                 )
             }
             Long("all") => all = true,
+            Long("source") => {
+                source = Some(
+                    p.value()
+                        .map_err(|e| usage(e.to_string()))?
+                        .string()
+                        .map_err(|e| usage(e.to_string()))?,
+                )
+            }
             Long("seconds") => {
                 seconds = p
                     .value()
@@ -210,6 +247,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                         dir: None,
                     },
                     Some("verify") => Command::Verify { rows: 0 },
+                    Some("relay") => Command::Relay(RelayAction::Rules),
                     _ => return Err(usage(format!("unknown command `{}`", v.to_string_lossy()))),
                 })
             }
@@ -221,6 +259,18 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     _ => {
                         return Err(usage(format!(
                             "unknown outbox action `{}`; use list, retry or purge",
+                            v.to_string_lossy()
+                        )));
+                    }
+                })
+            }
+            Value(v) if matches!(command, Some(Command::Relay(_))) && relay_action.is_none() => {
+                relay_action = Some(match v.to_str() {
+                    Some("provision") => RelayAction::Provision,
+                    Some("rules") => RelayAction::Rules,
+                    _ => {
+                        return Err(usage(format!(
+                            "unknown relay action `{}`; use provision or rules",
                             v.to_string_lossy()
                         )));
                     }
@@ -248,6 +298,10 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
         },
         Some(Command::Demo { .. }) => Command::Demo { seconds, dir },
         Some(Command::Verify { .. }) => Command::Verify { rows },
+        Some(Command::Relay(_)) => match relay_action {
+            Some(a) => Command::Relay(a),
+            None => return Err(usage("`relay` needs an action: provision or rules".into())),
+        },
         Some(c) => c,
     };
     Ok(Args {
@@ -255,6 +309,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
         config,
         sink,
         id,
+        source,
     })
 }
 
@@ -294,6 +349,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Status => status(&config),
         Command::Outbox(action) => outbox(&config, action, args.sink.as_deref(), args.id),
         Command::Verify { rows } => verify(&config, rows),
+        Command::Relay(action) => relay(&config, action, args.source.as_deref()),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -308,6 +364,75 @@ pub fn run(config: Config) -> ExitCode {
                 agent::AgentError::Signals(_) => EXIT_FAILURE,
             })
         }
+    }
+}
+
+fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> ExitCode {
+    use crate::sources::relay::provision::{self, Api};
+    let sources: Vec<_> = config
+        .sources
+        .iter()
+        .filter_map(|s| match &s.config {
+            SourceConfig::Relay(c) if only.is_none_or(|o| o == s.name) => Some((&s.name, c)),
+            _ => None,
+        })
+        .collect();
+    if sources.is_empty() {
+        eprintln!(
+            "edgemeter relay: {} has no relay source{}",
+            config.path.display(),
+            only.map(|o| format!(" named `{o}`")).unwrap_or_default()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut ok = true;
+    for (name, c) in sources {
+        let api = Api::new(&c.api_base(), std::time::Duration::from_secs(10));
+        let rules = match &c.provision {
+            Some(p) => provision::read_rules(&p.dir, &c.streams),
+            None if matches!(action, RelayAction::Rules) => Ok(Vec::new()),
+            None => Err(
+                "it has no `provision` block; add one naming the directory of log.access.<stream> and log.token.<stream> files"
+                    .to_owned(),
+            ),
+        };
+        let result = rules.and_then(|rules| match action {
+            RelayAction::Provision => api.reconcile(&rules).map(|r| {
+                println!(
+                    "source `{name}`: {} rules posted to {}, {} already in place",
+                    r.posted.len(),
+                    c.api_base(),
+                    r.unchanged
+                );
+                for (id, stream) in &r.others {
+                    println!(
+                        "  warning: rule `{id}` also forwards {stream}; its messages arrive twice (DELETE {}/api/destinations/{id})",
+                        c.api_base()
+                    );
+                }
+            }),
+            RelayAction::Rules => api.installed(&rules).map(|list| {
+                println!("source `{name}`: {} rules at {}", list.len(), c.api_base());
+                println!("id\tstream\tdestination\ttoken");
+                for i in list {
+                    let token = match i.token_matches {
+                        Some(true) => "matches log.token",
+                        Some(false) => "DIFFERS from log.token",
+                        None => "(redacted)",
+                    };
+                    println!("{}\t{}\t{}\t{token}", i.id, i.stream, i.destination);
+                }
+            }),
+        });
+        if let Err(e) = result {
+            ok = false;
+            eprintln!("edgemeter relay: source `{name}`: {e}");
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
     }
 }
 
@@ -398,6 +523,7 @@ fn status(config: &Config) -> ExitCode {
                     now_ms()
                 )
             );
+            print!("{}", source_status(config, now_ms()));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -405,6 +531,27 @@ fn status(config: &Config) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// What sources publish about themselves (the relay's streams), with its age.
+fn source_status(config: &Config, now: i64) -> String {
+    let mut out = String::new();
+    for s in &config.sources {
+        let path = crate::sources::status_path(&config.agent.state_dir, &s.name);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let written = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64);
+        out += &format!("source {} (written {})\n", s.name, ago(now, written));
+        for line in text.lines() {
+            out += &format!("  {line}\n");
+        }
+    }
+    out
 }
 
 fn ago(now: i64, t: Option<i64>) -> String {

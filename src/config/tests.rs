@@ -269,8 +269,8 @@ type = "kafka"
 type = "csv"
 "#,
         &[
-            "1:1: this [[source]] has no `type`; known types: synthetic, xx_gateway",
-            "5:8: unknown source type `kafka`; known types: synthetic, xx_gateway",
+            "1:1: this [[source]] has no `type`; known types: synthetic, xx_gateway, relay",
+            "5:8: unknown source type `kafka`; known types: synthetic, xx_gateway, relay",
             "7:1: missing field `path`",
         ],
     );
@@ -365,6 +365,72 @@ grace_secs = -1
             "26:14: grace_secs = -1 is out of range; use 0 to 86400 seconds",
         ],
     );
+}
+
+#[test]
+fn relay_settings_are_checked() {
+    check_bad(
+        r#"[[source]]
+type = "relay"
+name = "a"
+session_host = "https://relay.example"
+streams = ["spin41..30", "pend/0", "spin0..99999", ""]
+
+[[source]]
+type = "relay"
+name = "b"
+streams = ["spin30..31", "spin31"]
+reconnect_initial_secs = 5
+reconnect_max_secs = 1
+window_secs = 7
+raw_files = true
+max_frame_bytes = 10
+
+[[source]]
+type = "relay"
+name = "c"
+streams = []
+provision = { dir = "/nonexistent/practable" }
+"#,
+        &[
+            "4:16: session_host `https://relay.example`: TLS is not supported; the session host serves plain http on its own machine (e.g. http://127.0.0.1:8888)",
+            "5:12: stream range `spin41..30` runs backwards (41 > 30)",
+            "5:26: stream `pend/0` must be letters, digits and `-` (at most 64), or a range like spin30..41",
+            "5:36: stream range `spin0..99999` has 100000 names; at most 1000 are allowed",
+            "5:52: stream `` must be letters, digits and `-` (at most 64), or a range like spin30..41",
+            "10:11: stream `spin31` is listed twice",
+            "12:22: reconnect_max_secs must be at least reconnect_initial_secs",
+            "13:15: window_secs = 7 must divide a day (60, 300, 900, 3600, ...)",
+            "14:13: raw_files = true needs files_dir",
+            "15:19: max_frame_bytes = 10 is out of range; use 1024 to 16777216",
+            "20:11: streams must name at least one stream",
+            "21:21: provision.dir `/nonexistent/practable` is not a directory (it should hold log.access.<stream> and log.token.<stream>)",
+        ],
+    );
+    let c = check_ok(
+        r#"[[source]]
+type = "relay"
+name = "lab"
+streams = ["spin08..11", "pend00..01", "extra-1"]
+files_dir = "analytics"
+"#,
+    );
+    let SourceConfig::Relay(r) = &c.sources[0].config else {
+        panic!("a relay source")
+    };
+    assert_eq!(
+        r.streams,
+        [
+            "spin08", "spin09", "spin10", "spin11", "pend00", "pend01", "extra-1"
+        ]
+    );
+    assert_eq!((r.host.as_str(), r.port), ("127.0.0.1", 8888));
+    assert_eq!(
+        r.files_dir.as_deref(),
+        Some(Path::new("/etc/edgemeter/analytics"))
+    );
+    assert_eq!(r.window, Duration::from_secs(300));
+    assert!(r.events && !r.raw_files && r.provision.is_none());
 }
 
 #[test]

@@ -125,13 +125,13 @@ impl Config {
             86_400.0,
             p,
         );
-        if reconnect_max < reconnect_initial {
-            if let Some(m) = &raw.reconnect_max_secs {
-                p.push(
-                    m.span(),
-                    "reconnect_max_secs must be at least reconnect_initial_secs",
-                );
-            }
+        if reconnect_max < reconnect_initial
+            && let Some(m) = &raw.reconnect_max_secs
+        {
+            p.push(
+                m.span(),
+                "reconnect_max_secs must be at least reconnect_initial_secs",
+            );
         }
         let max_frame_bytes = raw.max_frame_bytes.as_ref().map_or(1024 * 1024, |v| {
             int_in_range(v, "max_frame_bytes", 1024, MAX_FRAME_BYTES_LIMIT, p) as usize

@@ -216,19 +216,20 @@ impl State {
         let s = &mut self.streams[i];
         s.totals.untracked += u64::from(seen.untracked);
         s.totals.transitions += u64::from(seen.transition);
-        if self.raw_files && !seen.untracked {
-            if let (Some(exp), Some(course)) = (env.exp.as_deref(), env.course.as_deref()) {
-                if safe_name(exp) && safe_name(course) {
-                    let file = format!("{}-{hardware}-{exp}-{course}.json", env.user);
-                    if self.raw_bytes + text.len() + 1 > RAW_PENDING_MAX_BYTES {
-                        self.raw_dropped += 1;
-                    } else {
-                        let buf = self.raw.entry(file).or_default();
-                        buf.extend_from_slice(text.as_bytes());
-                        buf.push(b'\n');
-                        self.raw_bytes += text.len() + 1;
-                    }
-                }
+        if self.raw_files
+            && !seen.untracked
+            && let (Some(exp), Some(course)) = (env.exp.as_deref(), env.course.as_deref())
+            && safe_name(exp)
+            && safe_name(course)
+        {
+            let file = format!("{}-{hardware}-{exp}-{course}.json", env.user);
+            if self.raw_bytes + text.len() + 1 > RAW_PENDING_MAX_BYTES {
+                self.raw_dropped += 1;
+            } else {
+                let buf = self.raw.entry(file).or_default();
+                buf.extend_from_slice(text.as_bytes());
+                buf.push(b'\n');
+                self.raw_bytes += text.len() + 1;
             }
         }
         if self.events {

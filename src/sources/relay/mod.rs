@@ -469,7 +469,16 @@ async fn flush_task(
 /// Save what changed, append raw lines, publish the status, and with
 /// `dump` rewrite the changed analytics files: all in one job on the
 /// source's worker, the only writer of these files.
-async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: bool) {
+struct Collected {
+    activity: Vec<((String, String), analytics::Activity)>,
+    graphs: Vec<(GraphKey, analytics::Graph)>,
+    raw: BTreeMap<String, Vec<u8>>,
+    dumps: Vec<(String, String)>,
+    status: String,
+}
+
+/// Take what is to be written out of the shared state (no waiting here).
+fn collect(shared: &Shared, dump: bool) -> Collected {
     let mut state = shared.state.borrow_mut();
     let a = &mut state.analytics;
     let activity: Vec<_> = a
@@ -507,8 +516,23 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
         }
     }
     let status = render_status(&state);
-    drop(state);
+    Collected {
+        activity,
+        graphs,
+        raw,
+        dumps,
+        status,
+    }
+}
 
+async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: bool) {
+    let Collected {
+        activity,
+        graphs,
+        raw,
+        dumps,
+        status,
+    } = collect(shared, dump);
     let (store, status_path, changed) = {
         let f = files.borrow();
         (
@@ -528,12 +552,12 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
     let errors = worker
         .run(move || {
             let mut errors = Vec::new();
-            if let Some(store) = &store {
-                if !activity.is_empty() || !graphs.is_empty() {
-                    let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = s.save(&activity, &graphs) {
-                        errors.push((true, e));
-                    }
+            if let Some(store) = &store
+                && (!activity.is_empty() || !graphs.is_empty())
+            {
+                let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = s.save(&activity, &graphs) {
+                    errors.push((true, e));
                 }
             }
             if let Some(dir) = &dir {
@@ -546,10 +570,8 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
                     }
                 }
             }
-            if changed {
-                if let Err(e) = write_atomically(&status_path, status.as_bytes()) {
-                    errors.push((false, e));
-                }
+            if changed && let Err(e) = write_atomically(&status_path, status.as_bytes()) {
+                errors.push((false, e));
             }
             errors
         })

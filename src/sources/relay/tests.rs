@@ -1,1 +1,357 @@
+//! The relay source's decisions with no sockets: a scripted session through
+//! [`State`] against hand-computed files, frames of every shape, windows,
+//! and the analytics state surviving a save and reload.
 
+use std::time::Duration;
+
+use super::analytics::{Graph, GraphKey};
+use super::ingest::{Frame, Settings, State};
+use super::link::Link;
+use super::store::Store;
+use crate::record::{Kind, Record};
+use crate::sketch::Sketch;
+
+const SESSION: &str = include_str!("../../../tests/fixtures/relay/session.txt");
+
+fn expected(name: &str) -> String {
+    let path = format!(
+        "{}/tests/fixtures/relay/expected/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn state(streams: &[&str], max_frame_bytes: usize) -> State {
+    State::new(
+        Settings {
+            source: "lab".into(),
+            max_frame_bytes,
+            events: true,
+            raw_files: true,
+            max_users: 1000,
+        },
+        streams
+            .iter()
+            .map(|s| {
+                (
+                    (*s).to_owned(),
+                    Link::new(Duration::from_secs(1), Duration::from_secs(10), 0),
+                )
+            })
+            .collect(),
+    )
+}
+
+const STREAMS: [&str; 3] = ["spin30", "spin31", "pend00"];
+
+/// Feed the scripted session, one message per frame, a minute apart.
+fn play(st: &mut State, out: &mut Vec<Record>) -> usize {
+    let mut n = 0;
+    for line in SESSION.lines().filter(|l| !l.starts_with('#')) {
+        let (stream, msg) = line.split_once('\t').expect("stream TAB message");
+        let i = STREAMS
+            .iter()
+            .position(|s| *s == stream)
+            .expect("a known stream");
+        st.frame(i, Frame::Text(msg), 60_000 * n as i64, out);
+        n += 1;
+    }
+    n
+}
+
+const U1: &str = "53a6788c-0000-4000-8000-000000000001";
+const U2: &str = "53a6788c-0000-4000-8000-000000000002";
+const U3: &str = "53a6788c-0000-4000-8000-000000000003";
+
+#[test]
+fn a_scripted_session_gives_the_hand_computed_files() {
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    let n = play(&mut st, &mut out);
+    assert_eq!(n, 14);
+    let a = &st.analytics;
+    let graph = |u: &str, exp: &str| {
+        a.graphs[&GraphKey {
+            user: u.into(),
+            exp: exp.into(),
+            course: "engdes1".into(),
+        }]
+            .clone()
+    };
+    for (u, exp) in [(U1, "spinner"), (U2, "spinner"), (U3, "pendulum")] {
+        assert_eq!(
+            graph(u, exp).adjacency_csv(),
+            expected(&format!("{u}-{exp}-engdes1-adjacency.csv")),
+            "{u}"
+        );
+    }
+    assert_eq!(
+        graph(U1, "spinner").to_json("spinner"),
+        expected(&format!("{U1}-spinner-engdes1-graph.json"))
+    );
+    assert_eq!(a.usage_csv(), expected("usage.csv"));
+    // One message a minute: every message starts a new active minute.
+    assert_eq!(
+        a.activity_csv().lines().nth(1),
+        Some(format!("{U1},spin30,1970-01-01T00:00:00.000Z,1970-01-01T00:06:00.000Z,5,5").as_str())
+    );
+    // Every message is an event, with its exact text.
+    let events: Vec<&Record> = out.iter().filter(|r| r.kind == Kind::Event).collect();
+    assert_eq!(events.len(), 14);
+    assert_eq!(events[0].name, "log");
+    assert_eq!(events[13].name, "request");
+    let first = SESSION.lines().find(|l| !l.starts_with('#')).unwrap();
+    assert_eq!(
+        events[0].payload,
+        first.split_once('\t').unwrap().1.as_bytes()
+    );
+    // Raw files named as the Python client named them, one line each.
+    let raw = st.take_raw();
+    assert_eq!(raw.len(), 4, "{:?}", raw.keys().collect::<Vec<_>>());
+    let spin30 = &raw[&format!("{U1}-spin30-spinner-engdes1.json")];
+    assert_eq!(spin30.iter().filter(|b| **b == b'\n').count(), 5);
+    let t: u64 = st.streams.iter().map(|s| s.totals.transitions).sum();
+    assert_eq!(t, 4 + 1 + 3);
+}
+
+#[test]
+fn frames_of_every_shape_are_counted_and_never_lost_silently() {
+    let mut st = state(&["spin30"], 1024);
+    let mut out = Vec::new();
+    let env = |u: &str| {
+        format!(r#"{{"user":"{u}","type":"log","exp":"spinner","course":"c","payload":{{}}}}"#)
+    };
+    // Two envelopes in one frame, as the relay joins them.
+    st.frame(
+        0,
+        Frame::Text(&format!("{}{}", env("a"), env("b"))),
+        0,
+        &mut out,
+    );
+    // The firmware's zero-width space, then a valid line.
+    st.frame(0, Frame::Text("\u{200B}{\"error\":\"limit\"}"), 0, &mut out);
+    // The firmware's line with no colon.
+    st.frame(0, Frame::Text(r#"{"info","pid"}"#), 0, &mut out);
+    // Valid, then garbage in the same frame.
+    st.frame(
+        0,
+        Frame::Text(&format!("{} trailing", env("c"))),
+        0,
+        &mut out,
+    );
+    st.frame(0, Frame::Binary(&[0x47, 0x40, 0x11]), 0, &mut out);
+    let big = format!("{{\"user\":\"{}\"}}", "x".repeat(2000));
+    st.frame(0, Frame::Text(&big), 0, &mut out);
+    let t = &st.streams[0].totals;
+    assert_eq!(t.frames, 6);
+    assert_eq!(t.messages, 2 + 1 + 1);
+    assert_eq!(t.other, 1, "the firmware line is JSON but not an envelope");
+    assert_eq!(t.zero_width, 1);
+    assert_eq!((t.malformed, t.binary, t.oversized), (4, 1, 1));
+    let malformed: Vec<serde_json::Value> = out
+        .iter()
+        .filter(|r| r.name == "relay_malformed")
+        .map(|r| serde_json::from_slice(&r.payload).unwrap())
+        .collect();
+    assert_eq!(malformed.len(), 4);
+    assert_eq!(malformed[0]["sample"], r#"{"info","pid"}"#);
+    assert_eq!(malformed[1]["sample"], "trailing");
+    assert_eq!(malformed[2]["sample"], "474011");
+    assert!(malformed[3]["sample"].as_str().unwrap().len() <= 256);
+    assert_eq!(malformed[3]["bytes"], big.len());
+    assert_eq!(st.samples.len(), 4);
+    let users: Vec<String> = out
+        .iter()
+        .filter(|r| r.kind == Kind::Event && r.name == "log")
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["user"].to_string()
+        })
+        .collect();
+    assert_eq!(users, ["\"a\"", "\"b\"", "\"c\""]);
+}
+
+#[test]
+fn names_that_could_be_paths_are_counted_not_analysed() {
+    let mut st = state(&["spin30"], 1 << 20);
+    let mut out = Vec::new();
+    for user in ["../../etc/passwd", ".hidden", "a/b", ""] {
+        let msg = serde_json::json!({"user": user, "type": "analytics", "exp": "spinner",
+            "course": "c", "payload": {"log": "voltage"}})
+        .to_string();
+        st.frame(0, Frame::Text(&msg), 0, &mut out);
+    }
+    assert_eq!(st.streams[0].totals.untracked, 4);
+    assert!(st.analytics.activity.is_empty() && st.take_raw().is_empty());
+    assert_eq!(out.len(), 4, "still stored as events");
+}
+
+fn find<'a>(out: &'a [Record], metric: &str, stream: &str, kind: Kind) -> &'a Record {
+    out.iter()
+        .find(|r| {
+            r.kind == kind
+                && r.name == metric
+                && r.dims
+                    .pairs()
+                    .iter()
+                    .any(|(k, v)| k == "stream" && v == stream)
+        })
+        .unwrap_or_else(|| panic!("{metric} {stream}"))
+}
+
+#[test]
+fn a_window_emits_every_stream_and_the_union_of_users() {
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    play(&mut st, &mut out);
+    out.clear();
+    st.streams[0].link.connected(0);
+    st.close_window(300_000, 300, &mut out);
+    assert_eq!(
+        find(&out, "relay_messages", "spin30", Kind::Point).value,
+        8.0
+    );
+    assert_eq!(
+        find(&out, "relay_messages", "pend00", Kind::Point).value,
+        4.0
+    );
+    assert_eq!(
+        find(&out, "relay_connected", "spin30", Kind::Point).value,
+        1.0
+    );
+    assert_eq!(
+        find(&out, "relay_connected", "spin31", Kind::Point).value,
+        0.0
+    );
+    assert_eq!(
+        find(&out, "relay_active_users", "spin30", Kind::Point).value,
+        2.0
+    );
+    assert_eq!(
+        find(&out, "relay_active_users", "all", Kind::Point).value,
+        3.0
+    );
+    let sketch =
+        Sketch::decode(&find(&out, "relay_active_users", "all", Kind::Sketch).payload).unwrap();
+    assert_eq!(sketch.estimate(), 3.0);
+    assert!(out.iter().all(|r| r.ts_ms == 300_000));
+    // 3 streams × (5 points + users point + sketch) + the union's 2.
+    assert_eq!(out.len(), 3 * 7 + 2);
+    // The next window starts from zero.
+    out.clear();
+    st.close_window(600_000, 300, &mut out);
+    assert_eq!(
+        find(&out, "relay_messages", "spin30", Kind::Point).value,
+        0.0
+    );
+    assert_eq!(
+        find(&out, "relay_active_users", "all", Kind::Point).value,
+        0.0
+    );
+}
+
+#[test]
+fn the_analytics_state_survives_a_save_and_reload() {
+    let dir = std::env::temp_dir().join(format!("edgemeter-relay-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay-lab.db");
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    play(&mut st, &mut out);
+    {
+        let a = &mut st.analytics;
+        let activity: Vec<_> = a
+            .dirty_activity
+            .drain()
+            .map(|k| (k.clone(), a.activity[&k]))
+            .collect();
+        let graphs: Vec<_> = a
+            .dirty_graphs
+            .drain()
+            .map(|k| (k.clone(), a.graphs[&k].clone()))
+            .collect();
+        Store::open(&path)
+            .unwrap()
+            .save(&activity, &graphs)
+            .unwrap();
+    }
+    let (activity, graphs) = Store::open(&path).unwrap().load().unwrap();
+    assert_eq!(activity, st.analytics.activity);
+    assert_eq!(graphs, st.analytics.graphs);
+    // A restarted source continues the chain: U1's last command was
+    // speed_step, so `position` adds speed_step → position_step.
+    let mut again = state(&STREAMS, 1 << 20);
+    again.analytics.restore(activity, graphs);
+    let msg = format!(
+        r#"{{"user":"{U1}","type":"analytics","exp":"spinner","course":"engdes1","hardware":"spin30","payload":{{"log":"position"}}}}"#
+    );
+    again.frame(0, Frame::Text(&msg), 0, &mut out);
+    let g: &Graph = &again.analytics.graphs[&GraphKey {
+        user: U1.into(),
+        exp: "spinner".into(),
+        course: "engdes1".into(),
+    }];
+    assert_eq!(g.edges[&("speed_step".into(), "position_step".into())], 1);
+    assert_eq!(
+        again.analytics.activity[&(U1.to_owned(), "spin30".to_owned())].messages,
+        6
+    );
+    // A garbage file is moved aside, not fatal.
+    std::fs::write(&path, b"not a database at all").unwrap();
+    let _ = std::fs::remove_file(dir.join("relay-lab.db-wal"));
+    let fresh = Store::open(&path).unwrap().load().unwrap();
+    assert!(fresh.0.is_empty());
+    let kept = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".corrupt-")
+        })
+        .count();
+    assert_eq!(kept, 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn users_beyond_the_bound_are_counted_not_tracked() {
+    let mut st = State::new(
+        Settings {
+            source: "lab".into(),
+            max_frame_bytes: 1 << 20,
+            events: false,
+            raw_files: false,
+            max_users: 2,
+        },
+        vec![(
+            "spin30".into(),
+            Link::new(Duration::from_secs(1), Duration::from_secs(1), 0),
+        )],
+    );
+    let mut out = Vec::new();
+    for u in ["a", "b", "c", "a"] {
+        st.frame(
+            0,
+            Frame::Text(&format!(r#"{{"user":"{u}","type":"log"}}"#)),
+            0,
+            &mut out,
+        );
+    }
+    assert!(out.is_empty(), "events = false stores none");
+    assert_eq!(st.streams[0].totals.untracked, 1);
+    assert_eq!(st.analytics.activity.len(), 2);
+}
+
+#[test]
+fn windows_end_on_the_clock() {
+    assert_eq!(super::window_end(0, Duration::from_secs(300)), 300_000);
+    assert_eq!(
+        super::window_end(299_999, Duration::from_secs(300)),
+        300_000
+    );
+    assert_eq!(
+        super::window_end(300_000, Duration::from_secs(300)),
+        600_000
+    );
+}
