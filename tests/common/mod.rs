@@ -4,6 +4,7 @@
 pub mod http;
 pub mod moto;
 pub mod pg;
+pub mod relay;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
