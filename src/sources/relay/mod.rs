@@ -71,7 +71,7 @@ use smol::stream::StreamExt;
 
 use crate::clock::{iso8601, now_ms};
 use crate::record::Record;
-use crate::runtime::{LocalBoxFuture, Worker};
+use crate::runtime::{Doorbell, LocalBoxFuture, Wakeup, Worker, doorbell};
 use crate::sources::{Context, Source};
 
 use analytics::GraphKey;
@@ -82,6 +82,8 @@ use store::Store;
 
 /// How often analytics state, raw lines and the status file are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long the flush task sleeps when nothing changes and no dump is due.
+const IDLE_WAIT: Duration = Duration::from_secs(86_400);
 /// Bounds connecting and the websocket handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds each call to the session host's HTTP API.
@@ -112,6 +114,9 @@ struct Shared {
     dump_usage: RefCell<bool>,
     /// Rung when a stream comes back after failing: re-check the rules.
     provision_kick: smol::channel::Sender<()>,
+    /// Rung on every change, so the flush task sleeps while nothing happens
+    /// (an idle source has no timer faster than its window and dump).
+    changed: Doorbell,
 }
 
 impl Source for Relay {
@@ -170,6 +175,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     };
     let all_graphs: HashSet<GraphKey> = state.analytics.graphs.keys().cloned().collect();
     let (kick_tx, kick_rx) = smol::channel::bounded(1);
+    let (changed, wakeup) = doorbell();
     let shared = Rc::new(Shared {
         name: ctx.name.clone(),
         config,
@@ -177,6 +183,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         dump_graphs: RefCell::new(all_graphs),
         dump_usage: RefCell::new(true),
         provision_kick: kick_tx,
+        changed,
     });
     let ctx = Rc::new(ctx);
     let files = Files {
@@ -197,6 +204,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         ctx.clone(),
         worker.clone(),
         files.clone(),
+        wakeup,
     ))
     .detach();
     if let Some(p) = shared.config.provision.clone() {
@@ -283,6 +291,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
             error.clone(),
             fastrand::f64(),
         );
+        shared.changed.ring();
         if !failing {
             log::warn!(
                 "source `{}`: stream {stream}: {error}; reconnecting in {:.1} s, and on with backoff",
@@ -384,7 +393,7 @@ async fn read_frames(
                     None => "the session host closed the connection".to_owned(),
                 });
             }
-            Some(Ok(_)) => {} // ping, pong: answered by the websocket layer
+            Some(Ok(_)) => continue, // ping, pong: answered by the websocket layer
             Some(Err(Error::Capacity(e))) => {
                 shared
                     .state
@@ -398,6 +407,7 @@ async fn read_frames(
             Some(Err(e)) => return Some(format!("connection lost: {e}")),
             None => return Some("connection closed".to_owned()),
         }
+        shared.changed.ring();
         if !flush_records(ctx, out).await {
             return None;
         }
@@ -452,10 +462,29 @@ async fn flush_task(
     ctx: Rc<crate::sources::Context>,
     worker: Rc<Worker>,
     files: Rc<RefCell<Files>>,
+    wakeup: Wakeup,
 ) {
-    let mut next_dump = now_ms() + shared.config.dump_interval.as_millis() as i64;
+    let interval = shared.config.dump_interval.as_millis() as i64;
+    let mut next_dump = now_ms() + interval;
     loop {
-        if ctx.shutdown.sleep(FLUSH_EVERY).await {
+        // Sleep until something changed, or a dump of earlier changes is due.
+        let pending = shared.config.files_dir.is_some()
+            && (*shared.dump_usage.borrow() || !shared.dump_graphs.borrow().is_empty());
+        let dump_in = Duration::from_millis((next_dump - now_ms()).max(0) as u64);
+        let timeout = if pending { dump_in } else { IDLE_WAIT };
+        let stop = smol::future::or(
+            async {
+                ctx.shutdown.wait().await;
+                true
+            },
+            async {
+                wakeup.wait(timeout).await;
+                false
+            },
+        )
+        .await;
+        // Coalesce: changes come in bursts.
+        if stop || ctx.shutdown.sleep(FLUSH_EVERY).await {
             return;
         }
         let dump = now_ms() >= next_dump;

@@ -1,0 +1,440 @@
+//! The relay source against the Python clients it replaces, same machine,
+//! same run, same loopback server.
+//!
+//! Run: `cargo bench --bench relay` (add `-- --quick` for a short run).
+//! Needs `target/test-tools/venv` with websocket-client (`scripts/test`
+//! makes it).
+//!
+//! A server here plays the session host: 12 streams (`/ws/spin30..41`),
+//! logging envelopes of `analytics` type from 200 users per stream. Each
+//! subject runs through three phases:
+//! 1. idle: 12 connected streams and no traffic. RSS, CPU and wake-ups
+//!    (context switches of all threads).
+//! 2. fixed rate: 250 messages/s per stream (3,000/s). CPU time per message
+//!    and peak RSS (VmHWM).
+//! 3. sustained: the server sends as fast as the client reads (TCP
+//!    backpressure). Messages stored per second: for edgemeter, events
+//!    committed to the outbox (`sqlite_sequence`); for the baseline, lines
+//!    appended to its files.
+//!
+//! Subjects:
+//! - edgemeter: the release binary, one `relay` source for the 12 streams,
+//!   events stored, analytics dumped every 60 s, no sinks.
+//! - baseline: `benches/relay_client.py` once per stream: websocket-client's
+//!   `WebSocketApp.run_forever()`, `json.loads`, and an append per message
+//!   (learning-analytics-server's client and `AddUserLog`).
+//!
+//! Figures are per subject and as ratios, measured in the same run.
+
+use std::io::{ErrorKind, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tungstenite::Message;
+
+const STREAMS: usize = 12;
+const USERS_PER_STREAM: usize = 200;
+const RATE_PER_STREAM: u32 = 250;
+
+const IDLE: u32 = 0;
+const BLAST: u32 = u32::MAX;
+
+struct Server {
+    port: u16,
+    /// Messages per second per stream; IDLE or BLAST.
+    mode: Arc<AtomicU32>,
+    connected: Arc<AtomicUsize>,
+    sent: Arc<AtomicU64>,
+}
+
+fn messages(stream: &str) -> Vec<String> {
+    (0..1000)
+        .map(|i| {
+            let user = format!("5e1f0000-0000-4000-8000-{stream}{:06}", i % USERS_PER_STREAM);
+            let log = ["voltage", "speed", "position", "voltage_ramp", "speed_ramp"][i % 5];
+            format!(
+                r#"{{"user":"{user}","t":{},"exp":"spinner","hardware":"{stream}","course":"engdes1","type":"analytics","payload":{{"log":"{log}","data":{{"set":{}.5}}}}}}"#,
+                1_700_000_000_000u64 + i as u64 * 250,
+                i % 7
+            )
+        })
+        .collect()
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let s = Server {
+            port,
+            mode: Arc::new(AtomicU32::new(IDLE)),
+            connected: Arc::default(),
+            sent: Arc::default(),
+        };
+        let (mode, connected, sent) = (s.mode.clone(), s.connected.clone(), s.sent.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (mode, connected, sent) = (mode.clone(), connected.clone(), sent.clone());
+                std::thread::spawn(move || serve(conn, mode, connected, sent));
+            }
+        });
+        s
+    }
+}
+
+fn serve(conn: TcpStream, mode: Arc<AtomicU32>, connected: Arc<AtomicUsize>, sent: Arc<AtomicU64>) {
+    let mut path = String::new();
+    let Ok(mut ws) = tungstenite::accept_hdr(conn, |req: &tungstenite::handshake::server::Request, resp| {
+        path = req.uri().path().to_owned();
+        Ok(resp)
+    }) else {
+        return;
+    };
+    let stream = path.trim_start_matches("/ws/").to_owned();
+    let msgs: Vec<Message> = messages(&stream).into_iter().map(Message::text).collect();
+    connected.fetch_add(1, Ordering::SeqCst);
+    let mut i = 0usize;
+    let mut tick_start = Instant::now();
+    let mut due = 0.0f64;
+    loop {
+        let m = mode.load(Ordering::SeqCst);
+        let n = match m {
+            IDLE => {
+                std::thread::sleep(Duration::from_millis(20));
+                tick_start = Instant::now();
+                due = 0.0;
+                continue;
+            }
+            BLAST => 64,
+            rate => {
+                std::thread::sleep(Duration::from_millis(10));
+                let now = Instant::now();
+                due += f64::from(rate) * (now - tick_start).as_secs_f64();
+                tick_start = now;
+                let n = due.floor();
+                due -= n;
+                n as usize
+            }
+        };
+        for _ in 0..n {
+            if ws.write(msgs[i % msgs.len()].clone()).is_err() {
+                connected.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            i += 1;
+        }
+        if ws.flush().is_err() {
+            connected.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// CPU ticks (user + system, including exited threads), from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat; after the `)` they are at 11 and 12.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Context switches of all live threads: each is a wake-up.
+fn switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn ticks_per_sec() -> f64 {
+    // sysconf(_SC_CLK_TCK) is 100 on every Linux we run on.
+    100.0
+}
+
+trait Subject {
+    fn pids(&self) -> Vec<u32>;
+    /// Messages stored so far.
+    fn stored(&self) -> u64;
+    fn stop(&mut self);
+}
+
+struct Edgemeter {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Subject for Edgemeter {
+    fn pids(&self) -> Vec<u32> {
+        vec![self.child.id()]
+    }
+    fn stored(&self) -> u64 {
+        let Ok(db) = rusqlite::Connection::open_with_flags(
+            self.dir.join("state/outbox.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        ) else {
+            return 0;
+        };
+        db.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'records'", [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0) as u64
+    }
+    fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+struct Python {
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Subject for Python {
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+    fn stored(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| std::fs::read(e.path()).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count() as u64))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    fn stop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Figures {
+    idle_rss_kib: u64,
+    idle_cpu_ms: f64,
+    idle_wakeups_per_sec: f64,
+    rate_us_per_msg: f64,
+    rate_stored: u64,
+    rate_sent: u64,
+    peak_rss_kib: u64,
+    sustained_per_sec: f64,
+}
+
+fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Duration) -> Figures {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.connected.load(Ordering::SeqCst) < STREAMS {
+        assert!(Instant::now() < deadline, "the subject did not connect its {STREAMS} streams");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = subject.pids();
+    let sum = |f: &dyn Fn(u32) -> u64| pids.iter().map(|p| f(*p)).sum::<u64>();
+    // Settle after start-up, then idle.
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, w0) = (sum(&cpu_ticks), sum(&switches));
+    std::thread::sleep(idle);
+    let (c1, w1) = (sum(&cpu_ticks), sum(&switches));
+    let idle_rss_kib = sum(&|p| status_kib(p, "VmRSS:"));
+
+    // Both counters are read while the server is idle, so they agree.
+    let (s0, sent0, c0r) = (subject.stored(), server.sent.load(Ordering::SeqCst), sum(&cpu_ticks));
+    server.mode.store(RATE_PER_STREAM, Ordering::SeqCst);
+    // EDGEMETER_BENCH_PERF=FILE: profile the first subject's fixed-rate phase.
+    let perf = std::env::var("EDGEMETER_BENCH_PERF").ok().filter(|_| pids.len() == 1).map(|out| {
+        Command::new("perf")
+            .args(["record", "-F", "999", "--call-graph", "dwarf,16384", "-o", &out, "-p", &pids[0].to_string(), "--", "sleep"])
+            .arg(phase.as_secs().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf")
+    });
+    std::thread::sleep(phase);
+    server.mode.store(IDLE, Ordering::SeqCst);
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
+    // Every sender thread notices within one tick.
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = server.sent.load(Ordering::SeqCst) - sent0;
+    // Let the subject finish what was sent.
+    let settle = Instant::now();
+    while subject.stored() - s0 < sent && settle.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c1r = sum(&cpu_ticks);
+    let stored = subject.stored() - s0;
+    let peak_rss_kib = sum(&|p| status_kib(p, "VmHWM:"));
+
+    server.mode.store(BLAST, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(500));
+    let (b0, t0) = (subject.stored(), Instant::now());
+    std::thread::sleep(phase);
+    let (b1, t1) = (subject.stored(), Instant::now());
+    server.mode.store(IDLE, Ordering::SeqCst);
+    Figures {
+        idle_rss_kib,
+        idle_cpu_ms: (c1 - c0) as f64 * 1000.0 / ticks_per_sec(),
+        idle_wakeups_per_sec: (w1 - w0) as f64 / idle.as_secs_f64(),
+        rate_us_per_msg: (c1r - c0r) as f64 / ticks_per_sec() * 1e6 / stored.max(1) as f64,
+        rate_stored: stored,
+        rate_sent: sent,
+        peak_rss_kib,
+        sustained_per_sec: (b1 - b0) as f64 / (t1 - t0).as_secs_f64(),
+    }
+}
+
+fn bench_dir(tag: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-tmp")
+        .join(format!("{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (idle, phase) = if quick {
+        (Duration::from_secs(3), Duration::from_secs(4))
+    } else {
+        (Duration::from_secs(10), Duration::from_secs(10))
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/test-tools/venv/bin/python");
+    let has_client = Command::new(&python)
+        .args(["-c", "import websocket"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_client {
+        eprintln!(
+            "relay bench: the baseline needs Python with websocket-client in target/test-tools/venv; \
+             run scripts/test once, or: python3 -m venv target/test-tools/venv && \
+             target/test-tools/venv/bin/pip install websocket-client==1.8.0"
+        );
+        std::process::exit(1);
+    }
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
+        .current_dir(root)
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "could not build target/release/edgemeter");
+    let bin = root.join("target/release/edgemeter");
+    let streams: Vec<String> = (30..30 + STREAMS).map(|n| format!("spin{n}")).collect();
+    println!(
+        "relay: {STREAMS} streams on loopback, {} users each, messages of {} bytes; idle {:?}, phases {:?}",
+        USERS_PER_STREAM,
+        messages("spin30")[0].len(),
+        idle,
+        phase
+    );
+
+    let server = Server::start();
+    let dir = bench_dir("relay-edgemeter");
+    let list: Vec<String> = streams.iter().map(|s| format!("\"{s}\"")).collect();
+    std::fs::write(
+        dir.join("edgemeter.toml"),
+        format!(
+            "[agent]\nid = \"bench\"\nstate_dir = \"state\"\nflush_interval_secs = 0.1\nbuffer_max_bytes = 4294967296\nlog_level = \"warn\"\n\n\
+             [[source]]\ntype = \"relay\"\nname = \"lab\"\nsession_host = \"http://127.0.0.1:{}\"\nstreams = [{}]\nfiles_dir = \"analytics\"\n{}\n",
+            server.port,
+            list.join(", "),
+            // For experiments: more source keys, e.g. `events = false`.
+            std::env::var("EDGEMETER_BENCH_SOURCE_KEYS").unwrap_or_default()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(&bin)
+        .args(["run", "-c"])
+        .arg(dir.join("edgemeter.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start edgemeter");
+    let mut em = Edgemeter { child, dir: dir.clone() };
+    let e = measure(&server, &mut em, idle, phase);
+    em.stop();
+    std::fs::remove_dir_all(&dir).ok();
+
+    let server = Server::start();
+    let dir = bench_dir("relay-python");
+    let children = streams
+        .iter()
+        .map(|s| {
+            Command::new(&python)
+                .arg(root.join("benches/relay_client.py"))
+                .arg(format!("ws://127.0.0.1:{}/ws/{s}", server.port))
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start python")
+        })
+        .collect();
+    let mut py = Python { children, dir: dir.clone() };
+    let p = measure(&server, &mut py, idle, phase);
+    py.stop();
+    std::fs::remove_dir_all(&dir).ok();
+
+    let mib = |k: u64| k as f64 / 1024.0;
+    let row = |name: &str, f: &Figures| {
+        println!(
+            "  {name:<10} idle: RSS {:6.1} MiB, CPU {:5.0} ms, {:6.1} wake-ups/s | {} msg/s: {:5.1} µs CPU/msg ({} of {} stored), peak RSS {:6.1} MiB | sustained: {:7.0} msg/s stored",
+            mib(f.idle_rss_kib),
+            f.idle_cpu_ms,
+            f.idle_wakeups_per_sec,
+            RATE_PER_STREAM as usize * STREAMS,
+            f.rate_us_per_msg,
+            f.rate_stored,
+            f.rate_sent,
+            mib(f.peak_rss_kib),
+            f.sustained_per_sec
+        )
+    };
+    row("edgemeter", &e);
+    row("python x12", &p);
+    println!(
+        "  ratios (python / edgemeter): CPU per message {:.1}x, peak RSS {:.1}x, idle RSS {:.1}x; sustained rate (edgemeter / python) {:.1}x",
+        p.rate_us_per_msg / e.rate_us_per_msg,
+        p.peak_rss_kib as f64 / e.peak_rss_kib as f64,
+        p.idle_rss_kib as f64 / e.idle_rss_kib as f64,
+        e.sustained_per_sec / p.sustained_per_sec
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!(
+        "  targets: sustained >= 50,000 msg/s {}; <= 4 µs CPU/msg {}; peak RSS <= 16 MiB {}; idle RSS <= 8 MiB {}",
+        verdict(e.sustained_per_sec >= 50_000.0),
+        verdict(e.rate_us_per_msg <= 4.0),
+        verdict(mib(e.peak_rss_kib) <= 16.0),
+        verdict(mib(e.idle_rss_kib) <= 8.0),
+    );
+    std::io::stdout().flush().ok();
+    assert_eq!(e.rate_stored, e.rate_sent, "edgemeter must store every message sent at the fixed rate");
+}
