@@ -40,6 +40,10 @@ const STREAMS: usize = 12;
 const USERS_PER_STREAM: usize = 200;
 const RATE_PER_STREAM: u32 = 250;
 
+fn rate_per_stream() -> u32 {
+    std::env::var("EDGEMETER_BENCH_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(RATE_PER_STREAM)
+}
+
 const IDLE: u32 = 0;
 const BLAST: u32 = u32::MAX;
 
@@ -263,7 +267,7 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
 
     // Both counters are read while the server is idle, so they agree.
     let (s0, sent0, c0r) = (subject.stored(), server.sent.load(Ordering::SeqCst), sum(&cpu_ticks));
-    server.mode.store(RATE_PER_STREAM, Ordering::SeqCst);
+    server.mode.store(rate_per_stream(), Ordering::SeqCst);
     // EDGEMETER_BENCH_PERF=FILE: profile the first subject's fixed-rate phase.
     let perf = std::env::var("EDGEMETER_BENCH_PERF").ok().filter(|_| pids.len() == 1).map(|out| {
         Command::new("perf")
@@ -274,8 +278,20 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
             .spawn()
             .expect("perf")
     });
+    // EDGEMETER_BENCH_STRACE=FILE: count its system calls in that phase.
+    let strace = std::env::var("EDGEMETER_BENCH_STRACE").ok().filter(|_| pids.len() == 1).map(|out| {
+        Command::new("timeout")
+            .args([&phase.as_secs().to_string(), "strace", "-c", "-f", "-o", &out, "-p", &pids[0].to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("strace")
+    });
     std::thread::sleep(phase);
     server.mode.store(IDLE, Ordering::SeqCst);
+    if let Some(mut p) = strace {
+        let _ = p.wait();
+    }
     if let Some(mut p) = perf {
         let _ = p.wait();
     }
@@ -410,7 +426,7 @@ fn main() {
             mib(f.idle_rss_kib),
             f.idle_cpu_ms,
             f.idle_wakeups_per_sec,
-            RATE_PER_STREAM as usize * STREAMS,
+            rate_per_stream() as usize * STREAMS,
             f.rate_us_per_msg,
             f.rate_stored,
             f.rate_sent,

@@ -267,10 +267,13 @@ async fn write_records(
         }
         // Gather until the flush deadline; a closed channel or a barrier
         // commits at once.
-        let deadline = Instant::now() + flush;
+        // One timer per group, not per record: every timer registered with
+        // async-io wakes its reactor (an eventfd write), which at thousands
+        // of records a second cost more than the records themselves.
+        let mut deadline = smol::Timer::at(Instant::now() + flush);
         while !closed && barriers.is_empty() && group.len() < GROUP_MAX {
             let next = smol::future::or(async { Some(rx.recv().await) }, async {
-                smol::Timer::at(deadline).await;
+                (&mut deadline).await;
                 None
             })
             .await;

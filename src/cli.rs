@@ -534,7 +534,7 @@ fn status(config: &Config) -> ExitCode {
 }
 
 /// What sources publish about themselves (the relay's streams), with its age.
-fn source_status(config: &Config, now: i64) -> String {
+pub fn source_status(config: &Config, now: i64) -> String {
     let mut out = String::new();
     for s in &config.sources {
         let path = crate::sources::status_path(&config.agent.state_dir, &s.name);

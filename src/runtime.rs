@@ -18,7 +18,7 @@ pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 /// Records in flight between the sources and the outbox writer. Sources wait
 /// when it is full, so a stalled disk slows them instead of growing memory.
-pub const RECORD_CHANNEL_CAPACITY: usize = 16_384;
+pub const RECORD_CHANNEL_CAPACITY: usize = 8_192;
 
 /// Resolves once shutdown has begun; cheap to clone, one per task.
 #[derive(Clone)]

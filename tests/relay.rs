@@ -379,3 +379,24 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
     assert!(err.contains("posting") || err.contains("listing the rules"), "{err}");
     assert!(!err.contains("SECRET"), "{err}");
 }
+
+/// The README's first command: the demo runs the relay pipeline against its
+/// simulated session host and shows the streams and the analytics files.
+#[test]
+fn the_demo_shows_the_relay_pipeline() {
+    let dir = TempDir::new("relay-demo");
+    let out_dir = dir.path("demo");
+    let (code, out, err) = edgemeter(&["demo", "--seconds", "5", "--dir", out_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for rig in ["spin30", "spin31", "spin32"] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(rig) && l.contains("live")),
+            "{rig} is live in the status:\n{out}"
+        );
+    }
+    let usage = std::fs::read_to_string(out_dir.join("analytics/usage.csv")).expect("usage.csv");
+    assert!(usage.starts_with("user,spin30,spin31,spin32\n"), "{usage}");
+    assert!(usage.lines().count() >= 4, "several students: {usage}");
+    let points = std::fs::read_to_string(out_dir.join("points.csv")).unwrap();
+    assert!(points.contains("relay_messages"), "relay points reach the sink");
+}

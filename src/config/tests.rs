@@ -156,6 +156,18 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "dimensions",
         "log_group",
         "log_stream",
+        "session_host",
+        "streams",
+        "reconnect_initial_secs",
+        "reconnect_max_secs",
+        "max_frame_bytes",
+        "window_secs",
+        "events",
+        "max_users",
+        "files_dir",
+        "dump_interval_secs",
+        "raw_files",
+        "provision",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {

@@ -95,15 +95,17 @@ pub const PENDULUM_NODES: [&str; 8] = [
 ];
 
 /// The graph node for command `log` of experiment `exp`, if it is one.
-pub fn node(exp: &str, log: &str) -> Option<String> {
+pub fn node<'a>(exp: &str, log: &'a str) -> Option<&'a str> {
     if exp == "spinner" {
         return match log {
-            "voltage" | "position" | "speed" => Some(format!("{log}_step")),
-            "voltage_ramp" | "position_ramp" | "speed_ramp" => Some(log.to_owned()),
+            "voltage" => Some("voltage_step"),
+            "position" => Some("position_step"),
+            "speed" => Some("speed_step"),
+            "voltage_ramp" | "position_ramp" | "speed_ramp" => Some(log),
             _ => None,
         };
     }
-    safe_name(log).then(|| log.to_owned())
+    safe_name(log).then_some(log)
 }
 
 /// Fixed node positions (x, y) from the analytics server, so its graphs and
@@ -173,26 +175,6 @@ impl Graph {
         }
     }
 
-    fn add_node(&mut self, node: &str) {
-        if !self.nodes.iter().any(|n| n == node) {
-            self.nodes.push(node.to_owned());
-        }
-    }
-
-    /// Follow one command; true if it made a transition.
-    pub fn step(&mut self, node: String) -> bool {
-        self.add_node(&node);
-        let moved = match self.last.take() {
-            Some(prev) => {
-                *self.edges.entry((prev, node.clone())).or_insert(0) += 1;
-                true
-            }
-            None => false,
-        };
-        self.last = Some(node);
-        moved
-    }
-
     /// The matrix as pandas writes it (`DataFrame.to_csv`): node labels as
     /// header and index, counts as floats (`np.zeros` starts it as floats).
     pub fn adjacency_csv(&self) -> String {
@@ -250,33 +232,146 @@ impl Graph {
 /// What one message changed, for counters.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// A name (user, hardware, exp, course) was unusable, or the user is
-    /// beyond `max_users`: counted, not analysed.
+    /// A name (user, hardware, exp, course) was unusable, or a bound
+    /// (`max_users`, distinct names) was reached: counted, not analysed.
     pub untracked: bool,
     pub transition: bool,
 }
 
-/// The analytics state of one relay source. Bounded by `max_users`
-/// distinct users; beyond that, messages of new users are counted but not
-/// analysed.
+/// Strings seen in messages, each stored once and named by a number, so the
+/// per-message path looks up by `&str` and allocates nothing for what it
+/// has seen before.
+#[derive(Default)]
+struct Names {
+    ids: HashMap<Box<str>, u32>,
+    names: Vec<Box<str>>,
+}
+
+impl Names {
+    fn get(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
+    }
+
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(id) = self.get(s) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(s.into());
+        self.ids.insert(s.into(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cell {
+    a: Activity,
+    dirty: bool,
+}
+
+/// A command chain as a dense matrix over its nodes (a handful per
+/// experiment), so a step is two index lookups.
+#[derive(Debug, Clone, Default)]
+struct Chain {
+    nodes: Vec<Box<str>>,
+    /// `counts[from * n + to]`.
+    counts: Vec<u64>,
+    last: Option<usize>,
+    dirty: bool,
+}
+
+impl Chain {
+    fn from_graph(g: &Graph) -> Chain {
+        let mut c = Chain::default();
+        for n in &g.nodes {
+            c.index(n);
+        }
+        for ((from, to), n) in &g.edges {
+            let (f, t) = (c.index(from), c.index(to));
+            let len = c.nodes.len();
+            c.counts[f * len + t] += n;
+        }
+        c.last = g.last.as_deref().map(|l| c.index(l));
+        c
+    }
+
+    fn index(&mut self, node: &str) -> usize {
+        if let Some(i) = self.nodes.iter().position(|n| &**n == node) {
+            return i;
+        }
+        let n = self.nodes.len();
+        let mut grown = vec![0; (n + 1) * (n + 1)];
+        for f in 0..n {
+            grown[f * (n + 1)..f * (n + 1) + n].copy_from_slice(&self.counts[f * n..f * n + n]);
+        }
+        self.counts = grown;
+        self.nodes.push(node.into());
+        n
+    }
+
+    fn step(&mut self, node: &str) -> bool {
+        let i = self.index(node);
+        let moved = self.last.map(|prev| {
+            let n = self.nodes.len();
+            self.counts[prev * n + i] += 1;
+        });
+        self.last = Some(i);
+        self.dirty = true;
+        moved.is_some()
+    }
+
+    fn to_graph(&self) -> Graph {
+        let n = self.nodes.len();
+        let mut edges = BTreeMap::new();
+        for f in 0..n {
+            for t in 0..n {
+                let c = self.counts[f * n + t];
+                if c > 0 {
+                    edges.insert((self.nodes[f].to_string(), self.nodes[t].to_string()), c);
+                }
+            }
+        }
+        Graph {
+            nodes: self.nodes.iter().map(|n| n.to_string()).collect(),
+            edges,
+            last: self.last.map(|i| self.nodes[i].to_string()),
+        }
+    }
+}
+
+/// The analytics state of one relay source. Bounded: at most `max_users`
+/// users, and at most `4 × max_users + 1000` distinct names in all
+/// (exp and course values come from the messages too); beyond that,
+/// messages are counted but not analysed.
 pub struct Analytics {
     max_users: usize,
-    users: HashSet<String>,
-    pub activity: HashMap<(String, String), Activity>,
-    pub graphs: HashMap<GraphKey, Graph>,
-    pub dirty_activity: HashSet<(String, String)>,
-    pub dirty_graphs: HashSet<GraphKey>,
+    max_names: usize,
+    names: Names,
+    users: HashSet<u32>,
+    activity: HashMap<(u32, u32), Cell>,
+    dirty_activity: Vec<(u32, u32)>,
+    graphs: HashMap<(u32, u32, u32), Chain>,
+    dirty_graphs: Vec<(u32, u32, u32)>,
 }
+
+/// Dirty state taken for saving, with names spelled out.
+pub type Changes = (Vec<((String, String), Activity)>, Vec<(GraphKey, Graph)>);
 
 impl Analytics {
     pub fn new(max_users: usize) -> Analytics {
         Analytics {
             max_users,
+            max_names: max_users.saturating_mul(4).saturating_add(1000),
+            names: Names::default(),
             users: HashSet::new(),
             activity: HashMap::new(),
+            dirty_activity: Vec::new(),
             graphs: HashMap::new(),
-            dirty_activity: HashSet::new(),
-            dirty_graphs: HashSet::new(),
+            dirty_graphs: Vec::new(),
         }
     }
 
@@ -286,14 +381,29 @@ impl Analytics {
         activity: HashMap<(String, String), Activity>,
         graphs: HashMap<GraphKey, Graph>,
     ) {
-        for (user, _) in activity.keys() {
-            self.users.insert(user.clone());
+        for ((u, h), a) in activity {
+            let (u, h) = (self.names.intern(&u), self.names.intern(&h));
+            self.users.insert(u);
+            self.activity.insert((u, h), Cell { a, dirty: false });
         }
-        for k in graphs.keys() {
-            self.users.insert(k.user.clone());
+        for (k, g) in graphs {
+            let key = (
+                self.names.intern(&k.user),
+                self.names.intern(&k.exp),
+                self.names.intern(&k.course),
+            );
+            self.users.insert(key.0);
+            self.graphs.insert(key, Chain::from_graph(&g));
         }
-        self.activity = activity;
-        self.graphs = graphs;
+    }
+
+    /// The id of `s`, interning it if the bound allows.
+    fn id(&mut self, s: &str) -> Option<u32> {
+        match self.names.get(s) {
+            Some(id) => Some(id),
+            None if self.names.names.len() < self.max_names => Some(self.names.intern(s)),
+            None => None,
+        }
     }
 
     /// One envelope message received at `now_ms` on a stream whose rig is
@@ -305,33 +415,40 @@ impl Analytics {
             out.untracked = true;
             return out;
         }
-        if !self.users.contains(user) {
-            if self.users.len() >= self.max_users {
-                out.untracked = true;
-                return out;
-            }
-            self.users.insert(user.to_owned());
+        let known = self.names.get(user).is_some_and(|u| self.users.contains(&u));
+        if !known && self.users.len() >= self.max_users {
+            out.untracked = true;
+            return out;
         }
-        let key = (user.to_owned(), hardware.to_owned());
-        let a = self.activity.entry(key.clone()).or_insert(Activity {
-            first_ms: now_ms,
-            last_ms: now_ms,
-            messages: 0,
-            minutes: 0,
+        let (Some(u), Some(h)) = (self.id(user), self.id(hardware)) else {
+            out.untracked = true;
+            return out;
+        };
+        self.users.insert(u);
+        let cell = self.activity.entry((u, h)).or_insert(Cell {
+            a: Activity {
+                first_ms: now_ms,
+                last_ms: now_ms,
+                messages: 0,
+                minutes: 0,
+            },
+            dirty: false,
         });
+        let a = &mut cell.a;
         if a.messages == 0 || now_ms.div_euclid(60_000) > a.last_ms.div_euclid(60_000) {
             a.minutes += 1;
         }
         a.messages += 1;
         a.last_ms = a.last_ms.max(now_ms);
-        self.dirty_activity.insert(key);
+        if !cell.dirty {
+            cell.dirty = true;
+            self.dirty_activity.push((u, h));
+        }
 
         if env.kind == "analytics" {
-            let (Some(exp), Some(course), Some(log)) = (
-                env.exp.as_deref(),
-                env.course.as_deref(),
-                env.payload.as_deref(),
-            ) else {
+            let (Some(exp), Some(course), Some(log)) =
+                (env.exp.as_deref(), env.course.as_deref(), env.payload.as_deref())
+            else {
                 return out;
             };
             if !safe_name(exp) || !safe_name(course) {
@@ -339,29 +456,117 @@ impl Analytics {
                 return out;
             }
             if let Some(node) = node(exp, log) {
-                let key = GraphKey {
-                    user: user.to_owned(),
-                    exp: exp.to_owned(),
-                    course: course.to_owned(),
+                let (Some(e), Some(c)) = (self.id(exp), self.id(course)) else {
+                    out.untracked = true;
+                    return out;
                 };
-                let g = self
+                let chain = self
                     .graphs
-                    .entry(key.clone())
-                    .or_insert_with(|| Graph::new(exp));
-                out.transition = g.step(node);
-                self.dirty_graphs.insert(key);
+                    .entry((u, e, c))
+                    .or_insert_with(|| Chain::from_graph(&Graph::new(exp)));
+                if !chain.dirty {
+                    self.dirty_graphs.push((u, e, c));
+                }
+                out.transition = chain.step(node);
             }
         }
         out
     }
 
+    fn key(&self, (u, e, c): (u32, u32, u32)) -> GraphKey {
+        GraphKey {
+            user: self.names.name(u).to_owned(),
+            exp: self.names.name(e).to_owned(),
+            course: self.names.name(c).to_owned(),
+        }
+    }
+
+    /// What changed since the last call, for saving; clears the marks.
+    pub fn take_changes(&mut self) -> Changes {
+        let mut activity = Vec::with_capacity(self.dirty_activity.len());
+        for (u, h) in std::mem::take(&mut self.dirty_activity) {
+            if let Some(cell) = self.activity.get_mut(&(u, h)) {
+                cell.dirty = false;
+                let a = cell.a;
+                activity.push((
+                    (self.names.name(u).to_owned(), self.names.name(h).to_owned()),
+                    a,
+                ));
+            }
+        }
+        let mut graphs = Vec::with_capacity(self.dirty_graphs.len());
+        for k in std::mem::take(&mut self.dirty_graphs) {
+            if let Some(chain) = self.graphs.get_mut(&k) {
+                chain.dirty = false;
+                let g = chain.to_graph();
+                graphs.push((self.key(k), g));
+            }
+        }
+        (activity, graphs)
+    }
+
+    /// Mark these as changed again (their save failed).
+    pub fn unsave(&mut self, changes: &Changes) {
+        for ((u, h), _) in &changes.0 {
+            if let (Some(u), Some(h)) = (self.names.get(u), self.names.get(h)) {
+                if let Some(cell) = self.activity.get_mut(&(u, h)).filter(|c| !c.dirty) {
+                    cell.dirty = true;
+                    self.dirty_activity.push((u, h));
+                }
+            }
+        }
+        for (k, _) in &changes.1 {
+            let ids = (self.names.get(&k.user), self.names.get(&k.exp), self.names.get(&k.course));
+            if let (Some(u), Some(e), Some(c)) = ids {
+                if let Some(chain) = self.graphs.get_mut(&(u, e, c)).filter(|c| !c.dirty) {
+                    chain.dirty = true;
+                    self.dirty_graphs.push((u, e, c));
+                }
+            }
+        }
+    }
+
+    pub fn graph_keys(&self) -> Vec<GraphKey> {
+        self.graphs.keys().map(|k| self.key(*k)).collect()
+    }
+
+    pub fn graph(&self, k: &GraphKey) -> Option<Graph> {
+        let ids = (self.names.get(&k.user)?, self.names.get(&k.exp)?, self.names.get(&k.course)?);
+        self.graphs.get(&ids).map(Chain::to_graph)
+    }
+
+    #[cfg(test)]
+    pub fn activity(&self, user: &str, hardware: &str) -> Option<Activity> {
+        let ids = (self.names.get(user)?, self.names.get(hardware)?);
+        self.activity.get(&ids).map(|c| c.a)
+    }
+
+    /// Everything, with names spelled out (sorted by user, hardware).
+    pub fn all_activity(&self) -> Vec<((&str, &str), Activity)> {
+        let mut v: Vec<_> = self
+            .activity
+            .iter()
+            .map(|((u, h), c)| ((self.names.name(*u), self.names.name(*h)), c.a))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[cfg(test)]
+    pub fn all_graphs(&self) -> HashMap<GraphKey, Graph> {
+        self.graphs
+            .iter()
+            .map(|(k, c)| (self.key(*k), c.to_graph()))
+            .collect()
+    }
+
     /// The user×hardware matrix of messages: one row per user, one column
     /// per rig, both sorted.
     pub fn usage_csv(&self) -> String {
-        let hardware: std::collections::BTreeSet<&str> =
-            self.activity.keys().map(|(_, h)| h.as_str()).collect();
+        let all = self.all_activity();
+        let hardware: std::collections::BTreeSet<&str> = all.iter().map(|((_, h), _)| *h).collect();
         let mut rows: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
-        for ((u, h), a) in &self.activity {
+        for ((u, h), a) in &all {
             rows.entry(u).or_default().insert(h, a.messages);
         }
         let mut out = String::from("user");
@@ -382,15 +587,10 @@ impl Analytics {
 
     /// Per user×hardware activity, one line each, sorted.
     pub fn activity_csv(&self) -> String {
-        let mut keys: Vec<_> = self.activity.keys().collect();
-        keys.sort();
         let mut out = String::from("user,hardware,first_seen,last_seen,messages,active_minutes\n");
-        for k in keys {
-            let a = self.activity[k];
+        for ((u, h), a) in self.all_activity() {
             out.push_str(&format!(
-                "{},{},{},{},{},{}\n",
-                k.0,
-                k.1,
+                "{u},{h},{},{},{},{}\n",
                 iso8601(a.first_ms),
                 iso8601(a.last_ms),
                 a.messages,

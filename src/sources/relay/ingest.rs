@@ -51,6 +51,8 @@ struct WindowCounts {
 
 pub struct Stream {
     pub name: String,
+    /// `{source, stream}`, for this stream's events.
+    dims: Dims,
     pub link: Link,
     pub totals: Totals,
     window: WindowCounts,
@@ -84,13 +86,14 @@ pub struct Settings {
 impl State {
     pub fn new(s: Settings, streams: Vec<(String, Link)>) -> State {
         State {
-            source: s.source,
+            source: s.source.clone(),
             max_frame_bytes: s.max_frame_bytes,
             events: s.events,
             raw_files: s.raw_files,
             streams: streams
                 .into_iter()
                 .map(|(name, link)| Stream {
+                    dims: Dims::new([("source", s.source.as_str()), ("stream", name.as_str())]),
                     name,
                     link,
                     totals: Totals::default(),
@@ -107,10 +110,6 @@ impl State {
         }
     }
 
-    fn dims(&self, stream: &str) -> Dims {
-        Dims::new([("source", self.source.as_str()), ("stream", stream)])
-    }
-
     fn malformed(
         &mut self,
         i: usize,
@@ -124,6 +123,7 @@ impl State {
         s.totals.malformed += 1;
         s.window.malformed += 1;
         let stream = s.name.clone();
+        let dims = s.dims.clone();
         let text = serde_json::json!({
             "stream": stream,
             "reason": reason,
@@ -140,7 +140,7 @@ impl State {
             kind: Kind::Event,
             ts_ms: now_ms,
             name: "relay_malformed".to_owned(),
-            dims: self.dims(&stream),
+            dims,
             value: bytes as f64,
             unit: "Bytes".to_owned(),
             payload: text.into_bytes(),
@@ -238,12 +238,11 @@ impl State {
             } else {
                 "invalid_type".to_owned()
             };
-            let stream = self.streams[i].name.clone();
             out.push(Record {
                 kind: Kind::Event,
                 ts_ms: now_ms,
                 name,
-                dims: self.dims(&stream),
+                dims: self.streams[i].dims.clone(),
                 value: 0.0,
                 unit: "None".to_owned(),
                 payload: text.as_bytes().to_vec(),

@@ -173,7 +173,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             None
         }
     };
-    let all_graphs: HashSet<GraphKey> = state.analytics.graphs.keys().cloned().collect();
+    let all_graphs: HashSet<GraphKey> = state.analytics.graph_keys().into_iter().collect();
     let (kick_tx, kick_rx) = smol::channel::bounded(1);
     let (changed, wakeup) = doorbell();
     let shared = Rc::new(Shared {
@@ -509,17 +509,7 @@ struct Collected {
 /// Take what is to be written out of the shared state (no waiting here).
 fn collect(shared: &Shared, dump: bool) -> Collected {
     let mut state = shared.state.borrow_mut();
-    let a = &mut state.analytics;
-    let activity: Vec<_> = a
-        .dirty_activity
-        .drain()
-        .filter_map(|k| a.activity.get(&k).map(|v| (k, *v)))
-        .collect();
-    let graphs: Vec<_> = a
-        .dirty_graphs
-        .drain()
-        .filter_map(|k| a.graphs.get(&k).map(|g| (k, g.clone())))
-        .collect();
+    let (activity, graphs) = state.analytics.take_changes();
     if !activity.is_empty() {
         *shared.dump_usage.borrow_mut() = true;
     }
@@ -531,7 +521,7 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
     let mut dumps: Vec<(String, String)> = Vec::new();
     if dump && shared.config.files_dir.is_some() {
         for k in shared.dump_graphs.borrow_mut().drain() {
-            if let Some(g) = state.analytics.graphs.get(&k) {
+            if let Some(g) = state.analytics.graph(&k) {
                 dumps.push((
                     format!("{}-adjacency.csv", k.file_stem()),
                     g.adjacency_csv(),
@@ -574,18 +564,16 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
         files.borrow_mut().last_status = status.clone();
     }
     let dir = shared.config.files_dir.clone();
-    let saved_keys: (Vec<_>, Vec<_>) = (
-        activity.iter().map(|(k, _)| k.clone()).collect(),
-        graphs.iter().map(|(k, _)| k.clone()).collect(),
-    );
-    let errors = worker
+    let changes = (activity, graphs);
+    let (errors, changes) = worker
         .run(move || {
+            let (activity, graphs) = &changes;
             let mut errors = Vec::new();
             if let Some(store) = &store
                 && (!activity.is_empty() || !graphs.is_empty())
             {
                 let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = s.save(&activity, &graphs) {
+                if let Err(e) = s.save(activity, graphs) {
                     errors.push((true, e));
                 }
             }
@@ -602,21 +590,13 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
             if changed && let Err(e) = write_atomically(&status_path, status.as_bytes()) {
                 errors.push((false, e));
             }
-            errors
+            (errors, changes)
         })
         .await;
     for (save_failed, e) in errors {
         if save_failed {
-            // Mark them dirty again so the next flush retries.
-            let mut state = shared.state.borrow_mut();
-            state
-                .analytics
-                .dirty_activity
-                .extend(saved_keys.0.iter().cloned());
-            state
-                .analytics
-                .dirty_graphs
-                .extend(saved_keys.1.iter().cloned());
+            // Mark them changed again so the next flush retries.
+            shared.state.borrow_mut().analytics.unsave(&changes);
         }
         log::warn!(
             "source `{}`: {e}; trying again at the next flush",

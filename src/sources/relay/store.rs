@@ -14,6 +14,7 @@ use super::analytics::{Activity, Graph, GraphKey};
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = FULL;
+PRAGMA cache_size = -512;
 CREATE TABLE IF NOT EXISTS activity (
     user     TEXT NOT NULL,
     hardware TEXT NOT NULL,

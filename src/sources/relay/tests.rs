@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use super::analytics::{Graph, GraphKey};
+use std::collections::HashMap;
+
+use super::analytics::{Activity, Graph, GraphKey};
 use super::ingest::{Frame, Settings, State};
 use super::link::Link;
 use super::store::Store;
@@ -71,12 +73,12 @@ fn a_scripted_session_gives_the_hand_computed_files() {
     assert_eq!(n, 14);
     let a = &st.analytics;
     let graph = |u: &str, exp: &str| {
-        a.graphs[&GraphKey {
+        a.graph(&GraphKey {
             user: u.into(),
             exp: exp.into(),
             course: "engdes1".into(),
-        }]
-            .clone()
+        })
+        .expect("a graph")
     };
     for (u, exp) in [(U1, "spinner"), (U2, "spinner"), (U3, "pendulum")] {
         assert_eq!(
@@ -181,7 +183,7 @@ fn names_that_could_be_paths_are_counted_not_analysed() {
         st.frame(0, Frame::Text(&msg), 0, &mut out);
     }
     assert_eq!(st.streams[0].totals.untracked, 4);
-    assert!(st.analytics.activity.is_empty() && st.take_raw().is_empty());
+    assert!(st.analytics.all_activity().is_empty() && st.take_raw().is_empty());
     assert_eq!(out.len(), 4, "still stored as events");
 }
 
@@ -206,29 +208,21 @@ fn a_window_emits_every_stream_and_the_union_of_users() {
     out.clear();
     st.streams[0].link.connected(0);
     st.close_window(300_000, 300, &mut out);
-    assert_eq!(
-        find(&out, "relay_messages", "spin30", Kind::Point).value,
-        8.0
-    );
-    assert_eq!(
-        find(&out, "relay_messages", "pend00", Kind::Point).value,
-        4.0
-    );
-    assert_eq!(
-        find(&out, "relay_connected", "spin30", Kind::Point).value,
-        1.0
-    );
-    assert_eq!(
-        find(&out, "relay_connected", "spin31", Kind::Point).value,
-        0.0
-    );
-    assert_eq!(
-        find(&out, "relay_active_users", "spin30", Kind::Point).value,
-        2.0
-    );
-    assert_eq!(
-        find(&out, "relay_active_users", "all", Kind::Point).value,
-        3.0
+    let check = |out: &[Record], want: &[(&str, &str, f64)]| {
+        for (metric, stream, value) in want {
+            assert_eq!(find(out, metric, stream, Kind::Point).value, *value, "{metric} {stream}");
+        }
+    };
+    check(
+        &out,
+        &[
+            ("relay_messages", "spin30", 8.0),
+            ("relay_messages", "pend00", 4.0),
+            ("relay_connected", "spin30", 1.0),
+            ("relay_connected", "spin31", 0.0),
+            ("relay_active_users", "spin30", 2.0),
+            ("relay_active_users", "all", 3.0),
+        ],
     );
     let sketch =
         Sketch::decode(&find(&out, "relay_active_users", "all", Kind::Sketch).payload).unwrap();
@@ -239,13 +233,9 @@ fn a_window_emits_every_stream_and_the_union_of_users() {
     // The next window starts from zero.
     out.clear();
     st.close_window(600_000, 300, &mut out);
-    assert_eq!(
-        find(&out, "relay_messages", "spin30", Kind::Point).value,
-        0.0
-    );
-    assert_eq!(
-        find(&out, "relay_active_users", "all", Kind::Point).value,
-        0.0
+    check(
+        &out,
+        &[("relay_messages", "spin30", 0.0), ("relay_active_users", "all", 0.0)],
     );
 }
 
@@ -257,26 +247,18 @@ fn the_analytics_state_survives_a_save_and_reload() {
     let mut st = state(&STREAMS, 1 << 20);
     let mut out = Vec::new();
     play(&mut st, &mut out);
-    {
-        let a = &mut st.analytics;
-        let activity: Vec<_> = a
-            .dirty_activity
-            .drain()
-            .map(|k| (k.clone(), a.activity[&k]))
-            .collect();
-        let graphs: Vec<_> = a
-            .dirty_graphs
-            .drain()
-            .map(|k| (k.clone(), a.graphs[&k].clone()))
-            .collect();
-        Store::open(&path)
-            .unwrap()
-            .save(&activity, &graphs)
-            .unwrap();
-    }
+    let (activity, graphs) = st.analytics.take_changes();
+    Store::open(&path).unwrap().save(&activity, &graphs).unwrap();
+    assert!(st.analytics.take_changes().0.is_empty(), "the marks are cleared");
     let (activity, graphs) = Store::open(&path).unwrap().load().unwrap();
-    assert_eq!(activity, st.analytics.activity);
-    assert_eq!(graphs, st.analytics.graphs);
+    let want: HashMap<(String, String), Activity> = st
+        .analytics
+        .all_activity()
+        .into_iter()
+        .map(|((u, h), a)| ((u.to_owned(), h.to_owned()), a))
+        .collect();
+    assert_eq!(activity, want);
+    assert_eq!(graphs, st.analytics.all_graphs());
     // A restarted source continues the chain: U1's last command was
     // speed_step, so `position` adds speed_step → position_step.
     let mut again = state(&STREAMS, 1 << 20);
@@ -285,16 +267,16 @@ fn the_analytics_state_survives_a_save_and_reload() {
         r#"{{"user":"{U1}","type":"analytics","exp":"spinner","course":"engdes1","hardware":"spin30","payload":{{"log":"position"}}}}"#
     );
     again.frame(0, Frame::Text(&msg), 0, &mut out);
-    let g: &Graph = &again.analytics.graphs[&GraphKey {
-        user: U1.into(),
-        exp: "spinner".into(),
-        course: "engdes1".into(),
-    }];
+    let g: Graph = again
+        .analytics
+        .graph(&GraphKey {
+            user: U1.into(),
+            exp: "spinner".into(),
+            course: "engdes1".into(),
+        })
+        .expect("U1's graph");
     assert_eq!(g.edges[&("speed_step".into(), "position_step".into())], 1);
-    assert_eq!(
-        again.analytics.activity[&(U1.to_owned(), "spin30".to_owned())].messages,
-        6
-    );
+    assert_eq!(again.analytics.activity(U1, "spin30").unwrap().messages, 6);
     // A garbage file is moved aside, not fatal.
     std::fs::write(&path, b"not a database at all").unwrap();
     let _ = std::fs::remove_file(dir.join("relay-lab.db-wal"));
@@ -340,7 +322,7 @@ fn users_beyond_the_bound_are_counted_not_tracked() {
     }
     assert!(out.is_empty(), "events = false stores none");
     assert_eq!(st.streams[0].totals.untracked, 1);
-    assert_eq!(st.analytics.activity.len(), 2);
+    assert_eq!(st.analytics.all_activity().len(), 2);
 }
 
 #[test]
