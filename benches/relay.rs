@@ -26,12 +26,12 @@
 //!
 //! Figures are per subject and as ratios, measured in the same run.
 
-use std::io::{ErrorKind, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tungstenite::Message;
@@ -41,7 +41,10 @@ const USERS_PER_STREAM: usize = 200;
 const RATE_PER_STREAM: u32 = 250;
 
 fn rate_per_stream() -> u32 {
-    std::env::var("EDGEMETER_BENCH_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(RATE_PER_STREAM)
+    std::env::var("EDGEMETER_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(RATE_PER_STREAM)
 }
 
 const IDLE: u32 = 0;
@@ -91,12 +94,17 @@ impl Server {
     }
 }
 
+// The handshake callback's error type is tungstenite's, not ours to shrink.
+#[allow(clippy::result_large_err)]
 fn serve(conn: TcpStream, mode: Arc<AtomicU32>, connected: Arc<AtomicUsize>, sent: Arc<AtomicU64>) {
     let mut path = String::new();
-    let Ok(mut ws) = tungstenite::accept_hdr(conn, |req: &tungstenite::handshake::server::Request, resp| {
-        path = req.uri().path().to_owned();
-        Ok(resp)
-    }) else {
+    let Ok(mut ws) = tungstenite::accept_hdr(
+        conn,
+        |req: &tungstenite::handshake::server::Request, resp| {
+            path = req.uri().path().to_owned();
+            Ok(resp)
+        },
+    ) else {
         return;
     };
     let stream = path.trim_start_matches("/ws/").to_owned();
@@ -154,7 +162,14 @@ fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -169,7 +184,10 @@ fn switches(pid: u32) -> u64 {
             std::fs::read_to_string(t.path().join("status"))
                 .unwrap_or_default()
                 .lines()
-                .filter(|l| l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches"))
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches")
+                        || l.starts_with("nonvoluntary_ctxt_switches")
+                })
                 .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
                 .sum::<u64>()
         })
@@ -204,11 +222,17 @@ impl Subject for Edgemeter {
         ) else {
             return 0;
         };
-        db.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'records'", [], |r| r.get::<_, i64>(0))
-            .unwrap_or(0) as u64
+        db.query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'records'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(0) as u64
     }
     fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -226,7 +250,10 @@ impl Subject for Python {
         std::fs::read_dir(&self.dir)
             .map(|d| {
                 d.flatten()
-                    .map(|e| std::fs::read(e.path()).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count() as u64))
+                    .map(|e| {
+                        std::fs::read(e.path())
+                            .map_or(0, |b| b.iter().filter(|c| **c == b'\n').count() as u64)
+                    })
                     .sum()
             })
             .unwrap_or(0)
@@ -253,7 +280,10 @@ struct Figures {
 fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Duration) -> Figures {
     let deadline = Instant::now() + Duration::from_secs(30);
     while server.connected.load(Ordering::SeqCst) < STREAMS {
-        assert!(Instant::now() < deadline, "the subject did not connect its {STREAMS} streams");
+        assert!(
+            Instant::now() < deadline,
+            "the subject did not connect its {STREAMS} streams"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let pids = subject.pids();
@@ -266,27 +296,58 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     let idle_rss_kib = sum(&|p| status_kib(p, "VmRSS:"));
 
     // Both counters are read while the server is idle, so they agree.
-    let (s0, sent0, c0r) = (subject.stored(), server.sent.load(Ordering::SeqCst), sum(&cpu_ticks));
+    let (s0, sent0, c0r) = (
+        subject.stored(),
+        server.sent.load(Ordering::SeqCst),
+        sum(&cpu_ticks),
+    );
     server.mode.store(rate_per_stream(), Ordering::SeqCst);
     // EDGEMETER_BENCH_PERF=FILE: profile the first subject's fixed-rate phase.
-    let perf = std::env::var("EDGEMETER_BENCH_PERF").ok().filter(|_| pids.len() == 1).map(|out| {
-        Command::new("perf")
-            .args(["record", "-F", "999", "--call-graph", "dwarf,16384", "-o", &out, "-p", &pids[0].to_string(), "--", "sleep"])
-            .arg(phase.as_secs().to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("perf")
-    });
+    let perf = std::env::var("EDGEMETER_BENCH_PERF")
+        .ok()
+        .filter(|_| pids.len() == 1)
+        .map(|out| {
+            Command::new("perf")
+                .args([
+                    "record",
+                    "-F",
+                    "999",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-o",
+                    &out,
+                    "-p",
+                    &pids[0].to_string(),
+                    "--",
+                    "sleep",
+                ])
+                .arg(phase.as_secs().to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
     // EDGEMETER_BENCH_STRACE=FILE: count its system calls in that phase.
-    let strace = std::env::var("EDGEMETER_BENCH_STRACE").ok().filter(|_| pids.len() == 1).map(|out| {
-        Command::new("timeout")
-            .args([&phase.as_secs().to_string(), "strace", "-c", "-f", "-o", &out, "-p", &pids[0].to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("strace")
-    });
+    let strace = std::env::var("EDGEMETER_BENCH_STRACE")
+        .ok()
+        .filter(|_| pids.len() == 1)
+        .map(|out| {
+            Command::new("timeout")
+                .args([
+                    &phase.as_secs().to_string(),
+                    "strace",
+                    "-c",
+                    "-f",
+                    "-o",
+                    &out,
+                    "-p",
+                    &pids[0].to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("strace")
+        });
     std::thread::sleep(phase);
     server.mode.store(IDLE, Ordering::SeqCst);
     if let Some(mut p) = strace {
@@ -394,7 +455,10 @@ fn main() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start edgemeter");
-    let mut em = Edgemeter { child, dir: dir.clone() };
+    let mut em = Edgemeter {
+        child,
+        dir: dir.clone(),
+    };
     let e = measure(&server, &mut em, idle, phase);
     em.stop();
     std::fs::remove_dir_all(&dir).ok();
@@ -414,7 +478,10 @@ fn main() {
                 .expect("start python")
         })
         .collect();
-    let mut py = Python { children, dir: dir.clone() };
+    let mut py = Python {
+        children,
+        dir: dir.clone(),
+    };
     let p = measure(&server, &mut py, idle, phase);
     py.stop();
     std::fs::remove_dir_all(&dir).ok();
@@ -452,5 +519,8 @@ fn main() {
         verdict(mib(e.idle_rss_kib) <= 8.0),
     );
     std::io::stdout().flush().ok();
-    assert_eq!(e.rate_stored, e.rate_sent, "edgemeter must store every message sent at the fixed rate");
+    assert_eq!(
+        e.rate_stored, e.rate_sent,
+        "edgemeter must store every message sent at the fixed rate"
+    );
 }

@@ -42,6 +42,8 @@ path = "points.csv"
 
 /// A stand-in for practable's session host: `/ws/<rig>` websockets on which
 /// a few students send logging envelopes, as their browsers do.
+// The handshake callback's error type is tungstenite's, not ours to shrink.
+#[allow(clippy::result_large_err)]
 fn simulated_session_host() -> std::io::Result<u16> {
     use async_tungstenite::tungstenite::{self, Message};
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -61,7 +61,10 @@ fn wait_subscribed(hub: &Hub, streams: &[&str]) {
             .iter()
             .all(|s| hub.subscribers(s) == 1)),
         "edgemeter did not subscribe to every stream: {:?}",
-        streams.iter().map(|s| (*s, hub.subscribers(s))).collect::<Vec<_>>()
+        streams
+            .iter()
+            .map(|s| (*s, hub.subscribers(s)))
+            .collect::<Vec<_>>()
     );
 }
 
@@ -87,7 +90,11 @@ fn status(cfg: &Path) -> BTreeMap<String, (String, u64, u64, u64)> {
             continue;
         }
         // "backing off" is two words.
-        let (state, rest) = if f[1] == "backing" { ("backing off", &f[3..]) } else { (f[1], &f[2..]) };
+        let (state, rest) = if f[1] == "backing" {
+            ("backing off", &f[3..])
+        } else {
+            (f[1], &f[2..])
+        };
         rows.insert(
             f[0].to_owned(),
             (
@@ -102,7 +109,8 @@ fn status(cfg: &Path) -> BTreeMap<String, (String, u64, u64, u64)> {
 }
 
 fn num(s: &str, line: &str) -> u64 {
-    s.parse().unwrap_or_else(|_| panic!("not a number: `{s}` in status line `{line}`"))
+    s.parse()
+        .unwrap_or_else(|_| panic!("not a number: `{s}` in status line `{line}`"))
 }
 
 fn envelope(user: &str, stream: &str, kind: &str, log: &str) -> String {
@@ -125,8 +133,10 @@ fn a_scripted_session_through_the_hub_gives_the_expected_files() {
     let cfg = config(&dir, &hub, &streams, "raw_files = true");
     let mut agent = Agent::start_running(&cfg, "agent.log");
     wait_subscribed(&hub, &streams);
-    let mut students: BTreeMap<&str, Student> =
-        streams.iter().map(|s| (*s, Student::connect(&hub, s))).collect();
+    let mut students: BTreeMap<&str, Student> = streams
+        .iter()
+        .map(|s| (*s, Student::connect(&hub, s)))
+        .collect();
     let session = include_str!("fixtures/relay/session.txt");
     let before = appended(&dir);
     let mut sent = 0;
@@ -159,7 +169,10 @@ fn a_scripted_session_through_the_hub_gives_the_expected_files() {
     assert_eq!(table["spin30"].1, 8);
     assert_eq!(table["spin31"].1, 2);
     assert_eq!(table["pend00"].1, 4);
-    assert!(table.values().all(|r| r.0 == "live" && r.2 == 0), "{table:?}");
+    assert!(
+        table.values().all(|r| r.0 == "live" && r.2 == 0),
+        "{table:?}"
+    );
     agent.stop();
     assert!(!agent.stderr().contains("ERROR"), "{}", agent.stderr());
 }
@@ -175,10 +188,10 @@ fn garbage_frames_are_counted_kept_and_survived() {
     wait_subscribed(&hub, &["spin30"]);
     let e = |u: &str| envelope(u, "spin30", "log", "x");
     let frames = [
-        format!("{}{}", e("a"), e("b")),            // 2 messages
-        format!("\u{200B}{}", e("c")),              // 1 message
-        r#"{"info","pid"}"#.to_owned(),             // malformed
-        format!("{} and then garbage", e("d")),     // 1 message + malformed
+        format!("{}{}", e("a"), e("b")),                  // 2 messages
+        format!("\u{200B}{}", e("c")),                    // 1 message
+        r#"{"info","pid"}"#.to_owned(),                   // malformed
+        format!("{} and then garbage", e("d")),           // 1 message + malformed
         format!("{{\"user\":\"{}\"}}", "x".repeat(5000)), // oversized, readable: malformed
     ];
     for f in &frames {
@@ -186,22 +199,39 @@ fn garbage_frames_are_counted_kept_and_survived() {
     }
     assert_eq!(hub.send("spin30", Message::binary(vec![0x47u8; 100])), 1); // malformed
     let messages = 4;
-    assert!(wait_until(Duration::from_secs(10), || {
-        status(&cfg).get("spin30").is_some_and(|r| r.1 == messages && r.2 == 4)
-    }), "{:?}", status(&cfg));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status(&cfg)
+                .get("spin30")
+                .is_some_and(|r| r.1 == messages && r.2 == 4)
+        }),
+        "{:?}",
+        status(&cfg)
+    );
     // Twice the limit cannot even be read: counted, then a reconnect.
     hub.send_text("spin30", &"y".repeat(10_000));
-    assert!(wait_until(Duration::from_secs(10), || {
-        status(&cfg).get("spin30").is_some_and(|r| r.2 == 5 && r.3 == 1 && r.0 == "live")
-    }), "{:?}", status(&cfg));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status(&cfg)
+                .get("spin30")
+                .is_some_and(|r| r.2 == 5 && r.3 == 1 && r.0 == "live")
+        }),
+        "{:?}",
+        status(&cfg)
+    );
     wait_subscribed(&hub, &["spin30"]);
     hub.send_text("spin30", &e("after"));
     assert!(wait_until(Duration::from_secs(10), || {
-        status(&cfg).get("spin30").is_some_and(|r| r.1 == messages + 1)
+        status(&cfg)
+            .get("spin30")
+            .is_some_and(|r| r.1 == messages + 1)
     }));
     let (_, out, _) = edgemeter(&["status", "-c", cfg.to_str().unwrap()]);
     assert!(out.contains("latest malformed:"), "{out}");
-    assert!(out.contains("{\\\"info\\\",\\\"pid\\\"}"), "the sample is kept: {out}");
+    assert!(
+        out.contains("{\\\"info\\\",\\\"pid\\\"}"),
+        "the sample is kept: {out}"
+    );
     assert!(out.contains("binary frames 1; oversized 2"), "{out}");
     agent.stop();
 }
@@ -227,7 +257,10 @@ fn many_streams_survive_a_restart_and_counts_match_what_was_sent() {
         for (i, s) in live.iter().enumerate() {
             for k in 0..(5 + i) {
                 let user = format!("user-{}", (i * 7 + k + round) % 20);
-                assert_eq!(hub.send_text(s, &envelope(&user, s, "analytics", "voltage")), 1);
+                assert_eq!(
+                    hub.send_text(s, &envelope(&user, s, "analytics", "voltage")),
+                    1
+                );
                 *truth.entry((user, (*s).to_owned())).or_default() += 1;
             }
         }
@@ -235,7 +268,12 @@ fn many_streams_survive_a_restart_and_counts_match_what_was_sent() {
     send_round(&hub, 0, &mut truth);
     let sent_first: u64 = truth.values().sum();
     assert!(wait_until(Duration::from_secs(10), || {
-        status(&cfg).iter().filter(|(s, _)| *s != "spin99").map(|(_, r)| r.1).sum::<u64>() == sent_first
+        status(&cfg)
+            .iter()
+            .filter(|(s, _)| *s != "spin99")
+            .map(|(_, r)| r.1)
+            .sum::<u64>()
+            == sent_first
     }));
     hub.stop();
     std::thread::sleep(Duration::from_millis(500));
@@ -243,12 +281,25 @@ fn many_streams_survive_a_restart_and_counts_match_what_was_sent() {
     wait_subscribed(&hub, &live);
     send_round(&hub, 1, &mut truth);
     let sent: u64 = truth.values().sum();
-    assert!(wait_until(Duration::from_secs(10), || {
-        status(&cfg).iter().filter(|(s, _)| *s != "spin99").map(|(_, r)| r.1).sum::<u64>() == sent
-    }), "{:?}", status(&cfg));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status(&cfg)
+                .iter()
+                .filter(|(s, _)| *s != "spin99")
+                .map(|(_, r)| r.1)
+                .sum::<u64>()
+                == sent
+        }),
+        "{:?}",
+        status(&cfg)
+    );
     let table = status(&cfg);
     for s in &live {
-        let want: u64 = truth.iter().filter(|((_, st), _)| st == s).map(|(_, n)| n).sum();
+        let want: u64 = truth
+            .iter()
+            .filter(|((_, st), _)| st == s)
+            .map(|(_, n)| n)
+            .sum();
         assert_eq!(table[*s].1, want, "{s}");
         assert_eq!(table[*s].0, "live");
         assert!(table[*s].3 >= 1, "{s} reconnected after the restart");
@@ -262,14 +313,24 @@ fn many_streams_survive_a_restart_and_counts_match_what_was_sent() {
         for u in users {
             text += u;
             for s in &live {
-                text += &format!(",{}", truth.get(&(u.clone(), (*s).to_owned())).copied().unwrap_or(0));
+                text += &format!(
+                    ",{}",
+                    truth
+                        .get(&(u.clone(), (*s).to_owned()))
+                        .copied()
+                        .unwrap_or(0)
+                );
             }
             text += "\n";
         }
         text
     };
-    assert!(wait_until(Duration::from_secs(10), || read(&dir, "usage.csv") == want_usage),
-        "usage.csv\n{}\nexpected\n{want_usage}", read(&dir, "usage.csv"));
+    assert!(
+        wait_until(Duration::from_secs(10), || read(&dir, "usage.csv")
+            == want_usage),
+        "usage.csv\n{}\nexpected\n{want_usage}",
+        read(&dir, "usage.csv")
+    );
     let (_, out, _) = edgemeter(&["status", "-c", cfg.to_str().unwrap()]);
     assert!(out.contains("404"), "the never-up stream shows why: {out}");
     agent.stop();
@@ -298,7 +359,9 @@ fn reconnects_under_a_flapping_session_host_are_jittered() {
         drops += 1;
         // Every stream must be back within the backoff cap and a margin.
         assert!(
-            wait_until(Duration::from_secs(10), || live.iter().all(|s| hub.subscribers(s) == 1)),
+            wait_until(Duration::from_secs(10), || live
+                .iter()
+                .all(|s| hub.subscribers(s) == 1)),
             "not every stream came back after drop {drops}"
         );
         let back: Vec<Duration> = hub
@@ -312,13 +375,19 @@ fn reconnects_under_a_flapping_session_host_are_jittered() {
         std::thread::sleep(Duration::from_secs(3).saturating_sub(cut.elapsed()));
     }
     assert!(drops >= 15, "{drops}");
-    assert!(agent.wait_exit(Duration::from_millis(10)).is_none(), "the agent is still running");
+    assert!(
+        agent.wait_exit(Duration::from_millis(10)).is_none(),
+        "the agent is still running"
+    );
     // Full jitter: the reconnects after one cut are spread over a good part
     // of the first backoff window (0.2 s), not within a few ms. Median, so
     // one loaded moment cannot decide.
     spreads.sort();
     let median = spreads[spreads.len() / 2];
-    assert!(median > Duration::from_millis(50), "reconnect spreads {spreads:?}");
+    assert!(
+        median > Duration::from_millis(50),
+        "reconnect spreads {spreads:?}"
+    );
     let table = status(&cfg);
     assert!(table.values().all(|r| r.3 >= drops as u64 - 1), "{table:?}");
     agent.stop();
@@ -335,24 +404,46 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
     let streams = ["spin30", "spin31"];
     std::fs::create_dir_all(dir.path("practable")).unwrap();
     for s in streams {
-        dir.write(&format!("practable/log.access.{s}"), &format!("https://relay-access.example/session/{s}-log\n"));
-        dir.write(&format!("practable/log.token.{s}"), &format!("eyJSECRET-{s}.sig\n"));
+        dir.write(
+            &format!("practable/log.access.{s}"),
+            &format!("https://relay-access.example/session/{s}-log\n"),
+        );
+        dir.write(
+            &format!("practable/log.token.{s}"),
+            &format!("eyJSECRET-{s}.sig\n"),
+        );
     }
-    let cfg = config(&dir, &hub, &streams, "provision = { dir = \"practable\", check_interval_secs = 30 }");
+    let cfg = config(
+        &dir,
+        &hub,
+        &streams,
+        "provision = { dir = \"practable\", check_interval_secs = 30 }",
+    );
     let c = cfg.to_str().unwrap();
     let mut agent = Agent::start_running(&cfg, "agent.log");
     assert!(wait_until(Duration::from_secs(10), || hub.rules().len() == 2));
     let rules = hub.rules();
     assert_eq!(rules["spin30"]["stream"], "spin30");
-    assert_eq!(rules["spin30"]["destination"], "https://relay-access.example/session/spin30-log");
+    assert_eq!(
+        rules["spin30"]["destination"],
+        "https://relay-access.example/session/spin30-log"
+    );
     assert_eq!(rules["spin31"]["token"], "eyJSECRET-spin31.sig");
     // Idempotent: the command line finds nothing to do.
     let (code, out, err) = edgemeter(&["relay", "provision", "-c", c]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("0 rules posted") && out.contains("2 already in place"), "{out}");
+    assert!(
+        out.contains("0 rules posted") && out.contains("2 already in place"),
+        "{out}"
+    );
     let (code, out, _) = edgemeter(&["relay", "rules", "-c", c]);
     assert_eq!(code, 0);
-    assert!(out.contains("spin30\tspin30\thttps://relay-access.example/session/spin30-log\tmatches log.token"), "{out}");
+    assert!(
+        out.contains(
+            "spin30\tspin30\thttps://relay-access.example/session/spin30-log\tmatches log.token"
+        ),
+        "{out}"
+    );
     assert!(!out.contains("SECRET"), "tokens are never shown: {out}");
     // The session host restarts and forgets its rules: they come back
     // without waiting for the 30 s check, because the streams reconnect.
@@ -360,7 +451,10 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
     hub.stop();
     std::thread::sleep(Duration::from_millis(300));
     hub.restart();
-    assert!(wait_until(Duration::from_secs(15), || hub.rules().len() == 2), "rules not re-posted");
+    assert!(
+        wait_until(Duration::from_secs(15), || hub.rules().len() == 2),
+        "rules not re-posted"
+    );
     assert!(hub.posts() >= posts + 2);
     // A changed token file is noticed by the command line too.
     dir.write("practable/log.token.spin31", "eyJSECRET-rotated.sig\n");
@@ -376,7 +470,10 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
     hub.stop();
     let (code, _, err) = edgemeter(&["relay", "provision", "-c", c]);
     assert_eq!(code, 1);
-    assert!(err.contains("posting") || err.contains("listing the rules"), "{err}");
+    assert!(
+        err.contains("posting") || err.contains("listing the rules"),
+        "{err}"
+    );
     assert!(!err.contains("SECRET"), "{err}");
 }
 
@@ -386,11 +483,13 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
 fn the_demo_shows_the_relay_pipeline() {
     let dir = TempDir::new("relay-demo");
     let out_dir = dir.path("demo");
-    let (code, out, err) = edgemeter(&["demo", "--seconds", "5", "--dir", out_dir.to_str().unwrap()]);
+    let (code, out, err) =
+        edgemeter(&["demo", "--seconds", "5", "--dir", out_dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}\n{err}");
     for rig in ["spin30", "spin31", "spin32"] {
         assert!(
-            out.lines().any(|l| l.trim_start().starts_with(rig) && l.contains("live")),
+            out.lines()
+                .any(|l| l.trim_start().starts_with(rig) && l.contains("live")),
             "{rig} is live in the status:\n{out}"
         );
     }
@@ -398,5 +497,8 @@ fn the_demo_shows_the_relay_pipeline() {
     assert!(usage.starts_with("user,spin30,spin31,spin32\n"), "{usage}");
     assert!(usage.lines().count() >= 4, "several students: {usage}");
     let points = std::fs::read_to_string(out_dir.join("points.csv")).unwrap();
-    assert!(points.contains("relay_messages"), "relay points reach the sink");
+    assert!(
+        points.contains("relay_messages"),
+        "relay points reach the sink"
+    );
 }

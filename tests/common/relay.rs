@@ -50,7 +50,6 @@ impl Hub {
         }
     }
 
-
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -137,7 +136,7 @@ fn listen(listener: TcpListener, inner: Arc<Inner>) -> JoinHandle<()> {
     listener.set_nonblocking(true).unwrap();
     inner.stop.store(false, Ordering::SeqCst);
     let shared = inner.clone();
-    let accept = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         while !shared.stop.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((s, _)) => {
@@ -150,8 +149,7 @@ fn listen(listener: TcpListener, inner: Arc<Inner>) -> JoinHandle<()> {
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
-    });
-    accept
+    })
 }
 
 fn publish(inner: &Inner, stream: &str, from: u64, msg: Message) -> usize {
@@ -188,10 +186,15 @@ fn serve(mut s: TcpStream, inner: Arc<Inner>) {
     let Some(head) = peek_head(&s) else { return };
     let line = head.lines().next().unwrap_or("").to_owned();
     let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_owned());
+    let (method, path) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or("").to_owned(),
+    );
     if let Some(stream) = path.strip_prefix("/ws/") {
         if inner.refused.lock().unwrap().contains(stream) {
-            let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = s.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
             return;
         }
         websocket(s, stream.to_owned(), inner);
@@ -206,7 +209,8 @@ fn serve(mut s: TcpStream, inner: Arc<Inner>) {
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut body = vec![0u8; length];
@@ -214,15 +218,17 @@ fn serve(mut s: TcpStream, inner: Arc<Inner>) {
         return;
     }
     let (status, answer) = match (method, path.as_str()) {
-        ("POST" | "PUT", "/api/destinations") => match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(rule) if rule["id"].is_string() => {
-                inner.posts.fetch_add(1, Ordering::SeqCst);
-                let id = rule["id"].as_str().unwrap().to_owned();
-                inner.rules.lock().unwrap().insert(id, rule.clone());
-                ("200 OK", rule.to_string())
+        ("POST" | "PUT", "/api/destinations") => {
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(rule) if rule["id"].is_string() => {
+                    inner.posts.fetch_add(1, Ordering::SeqCst);
+                    let id = rule["id"].as_str().unwrap().to_owned();
+                    inner.rules.lock().unwrap().insert(id, rule.clone());
+                    ("200 OK", rule.to_string())
+                }
+                _ => ("400 Bad Request", "\"bad rule\"".to_owned()),
             }
-            _ => ("400 Bad Request", "\"bad rule\"".to_owned()),
-        },
+        }
         ("GET", "/api/destinations/all") => (
             "200 OK",
             serde_json::to_string(&*inner.rules.lock().unwrap()).unwrap(),
@@ -239,13 +245,19 @@ fn serve(mut s: TcpStream, inner: Arc<Inner>) {
 
 fn websocket(s: TcpStream, stream: String, inner: Arc<Inner>) {
     let Ok(raw) = s.try_clone() else { return };
-    let Ok(mut ws) = tungstenite::accept(s) else { return };
+    let Ok(mut ws) = tungstenite::accept(s) else {
+        return;
+    };
     if inner.stop.load(Ordering::SeqCst) {
         return;
     }
     let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mpsc::channel::<Message>();
-    inner.sockets.lock().unwrap().insert(id, raw.try_clone().unwrap());
+    inner
+        .sockets
+        .lock()
+        .unwrap()
+        .insert(id, raw.try_clone().unwrap());
     inner
         .topics
         .lock()
@@ -260,7 +272,8 @@ fn websocket(s: TcpStream, stream: String, inner: Arc<Inner>) {
         .push((stream.clone(), Instant::now()));
     // Short reads, so one thread can both write what the hub sends and
     // notice what the client sends (or that it left).
-    raw.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    raw.set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
     'conn: loop {
         if inner.stop.load(Ordering::SeqCst) && !inner.sockets.lock().unwrap().contains_key(&id) {
             break;
@@ -289,7 +302,10 @@ fn websocket(s: TcpStream, stream: String, inner: Arc<Inner>) {
             Ok(Message::Close(_)) => break,
             Ok(_) => {}
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }

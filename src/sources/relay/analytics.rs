@@ -415,7 +415,10 @@ impl Analytics {
             out.untracked = true;
             return out;
         }
-        let known = self.names.get(user).is_some_and(|u| self.users.contains(&u));
+        let known = self
+            .names
+            .get(user)
+            .is_some_and(|u| self.users.contains(&u));
         if !known && self.users.len() >= self.max_users {
             out.untracked = true;
             return out;
@@ -446,9 +449,11 @@ impl Analytics {
         }
 
         if env.kind == "analytics" {
-            let (Some(exp), Some(course), Some(log)) =
-                (env.exp.as_deref(), env.course.as_deref(), env.payload.as_deref())
-            else {
+            let (Some(exp), Some(course), Some(log)) = (
+                env.exp.as_deref(),
+                env.course.as_deref(),
+                env.payload.as_deref(),
+            ) else {
                 return out;
             };
             if !safe_name(exp) || !safe_name(course) {
@@ -508,20 +513,24 @@ impl Analytics {
     /// Mark these as changed again (their save failed).
     pub fn unsave(&mut self, changes: &Changes) {
         for ((u, h), _) in &changes.0 {
-            if let (Some(u), Some(h)) = (self.names.get(u), self.names.get(h)) {
-                if let Some(cell) = self.activity.get_mut(&(u, h)).filter(|c| !c.dirty) {
-                    cell.dirty = true;
-                    self.dirty_activity.push((u, h));
-                }
+            if let (Some(u), Some(h)) = (self.names.get(u), self.names.get(h))
+                && let Some(cell) = self.activity.get_mut(&(u, h)).filter(|c| !c.dirty)
+            {
+                cell.dirty = true;
+                self.dirty_activity.push((u, h));
             }
         }
         for (k, _) in &changes.1 {
-            let ids = (self.names.get(&k.user), self.names.get(&k.exp), self.names.get(&k.course));
-            if let (Some(u), Some(e), Some(c)) = ids {
-                if let Some(chain) = self.graphs.get_mut(&(u, e, c)).filter(|c| !c.dirty) {
-                    chain.dirty = true;
-                    self.dirty_graphs.push((u, e, c));
-                }
+            let ids = (
+                self.names.get(&k.user),
+                self.names.get(&k.exp),
+                self.names.get(&k.course),
+            );
+            if let (Some(u), Some(e), Some(c)) = ids
+                && let Some(chain) = self.graphs.get_mut(&(u, e, c)).filter(|c| !c.dirty)
+            {
+                chain.dirty = true;
+                self.dirty_graphs.push((u, e, c));
             }
         }
     }
@@ -531,7 +540,11 @@ impl Analytics {
     }
 
     pub fn graph(&self, k: &GraphKey) -> Option<Graph> {
-        let ids = (self.names.get(&k.user)?, self.names.get(&k.exp)?, self.names.get(&k.course)?);
+        let ids = (
+            self.names.get(&k.user)?,
+            self.names.get(&k.exp)?,
+            self.names.get(&k.course)?,
+        );
         self.graphs.get(&ids).map(Chain::to_graph)
     }
 

@@ -210,7 +210,11 @@ fn a_window_emits_every_stream_and_the_union_of_users() {
     st.close_window(300_000, 300, &mut out);
     let check = |out: &[Record], want: &[(&str, &str, f64)]| {
         for (metric, stream, value) in want {
-            assert_eq!(find(out, metric, stream, Kind::Point).value, *value, "{metric} {stream}");
+            assert_eq!(
+                find(out, metric, stream, Kind::Point).value,
+                *value,
+                "{metric} {stream}"
+            );
         }
     };
     check(
@@ -235,7 +239,10 @@ fn a_window_emits_every_stream_and_the_union_of_users() {
     st.close_window(600_000, 300, &mut out);
     check(
         &out,
-        &[("relay_messages", "spin30", 0.0), ("relay_active_users", "all", 0.0)],
+        &[
+            ("relay_messages", "spin30", 0.0),
+            ("relay_active_users", "all", 0.0),
+        ],
     );
 }
 
@@ -248,8 +255,14 @@ fn the_analytics_state_survives_a_save_and_reload() {
     let mut out = Vec::new();
     play(&mut st, &mut out);
     let (activity, graphs) = st.analytics.take_changes();
-    Store::open(&path).unwrap().save(&activity, &graphs).unwrap();
-    assert!(st.analytics.take_changes().0.is_empty(), "the marks are cleared");
+    Store::open(&path)
+        .unwrap()
+        .save(&activity, &graphs)
+        .unwrap();
+    assert!(
+        st.analytics.take_changes().0.is_empty(),
+        "the marks are cleared"
+    );
     let (activity, graphs) = Store::open(&path).unwrap().load().unwrap();
     let want: HashMap<(String, String), Activity> = st
         .analytics
