@@ -274,17 +274,29 @@ struct Cell {
 }
 
 /// A command chain as a dense matrix over its nodes (a handful per
-/// experiment), so a step is two index lookups.
-#[derive(Debug, Clone, Default)]
-struct Chain {
-    nodes: Vec<Box<str>>,
+/// experiment), so a step is two index lookups; also the form it is saved in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Chain {
+    pub nodes: Vec<Box<str>>,
     /// `counts[from * n + to]`.
-    counts: Vec<u64>,
-    last: Option<usize>,
+    pub counts: Vec<u64>,
+    /// Index of the last command.
+    pub last: Option<usize>,
     dirty: bool,
 }
 
 impl Chain {
+    /// A chain as saved; None if the parts do not fit together.
+    pub fn from_parts(nodes: Vec<Box<str>>, counts: Vec<u64>, last: Option<usize>) -> Option<Chain> {
+        let n = nodes.len();
+        (counts.len() == n * n && last.is_none_or(|l| l < n)).then_some(Chain {
+            nodes,
+            counts,
+            last,
+            dirty: false,
+        })
+    }
+
     fn from_graph(g: &Graph) -> Chain {
         let mut c = Chain::default();
         for n in &g.nodes {
@@ -324,7 +336,7 @@ impl Chain {
         moved.is_some()
     }
 
-    fn to_graph(&self) -> Graph {
+    pub fn to_graph(&self) -> Graph {
         let n = self.nodes.len();
         let mut edges = BTreeMap::new();
         for f in 0..n {
@@ -359,7 +371,7 @@ pub struct Analytics {
 }
 
 /// Dirty state taken for saving, with names spelled out.
-pub type Changes = (Vec<((String, String), Activity)>, Vec<(GraphKey, Graph)>);
+pub type Changes = (Vec<((String, String), Activity)>, Vec<(GraphKey, Chain)>);
 
 impl Analytics {
     pub fn new(max_users: usize) -> Analytics {
@@ -379,7 +391,7 @@ impl Analytics {
     pub fn restore(
         &mut self,
         activity: HashMap<(String, String), Activity>,
-        graphs: HashMap<GraphKey, Graph>,
+        graphs: HashMap<GraphKey, Chain>,
     ) {
         for ((u, h), a) in activity {
             let (u, h) = (self.names.intern(&u), self.names.intern(&h));
@@ -393,7 +405,7 @@ impl Analytics {
                 self.names.intern(&k.course),
             );
             self.users.insert(key.0);
-            self.graphs.insert(key, Chain::from_graph(&g));
+            self.graphs.insert(key, g);
         }
     }
 
@@ -503,8 +515,8 @@ impl Analytics {
         for k in std::mem::take(&mut self.dirty_graphs) {
             if let Some(chain) = self.graphs.get_mut(&k) {
                 chain.dirty = false;
-                let g = chain.to_graph();
-                graphs.push((self.key(k), g));
+                let saved = chain.clone();
+                graphs.push((self.key(k), saved));
             }
         }
         (activity, graphs)
@@ -566,11 +578,8 @@ impl Analytics {
     }
 
     #[cfg(test)]
-    pub fn all_graphs(&self) -> HashMap<GraphKey, Graph> {
-        self.graphs
-            .iter()
-            .map(|(k, c)| (self.key(*k), c.to_graph()))
-            .collect()
+    pub fn all_graphs(&self) -> HashMap<GraphKey, Chain> {
+        self.graphs.iter().map(|(k, c)| (self.key(*k), c.clone())).collect()
     }
 
     /// The user×hardware matrix of messages: one row per user, one column

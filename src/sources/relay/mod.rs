@@ -29,13 +29,13 @@
 //!
 //! # What survives what
 //! - The analytics state is saved to `relay-<name>.db` in the state dir
-//!   once a second and at shutdown, and reloaded at start: a `kill -9`
-//!   loses at most the last second of analytics (the events themselves are
+//!   every 2 s (after a change) and at shutdown, and reloaded at start: a `kill -9`
+//!   loses at most the last 2 s of analytics (the events themselves are
 //!   in the outbox as soon as the writer commits them).
 //! - Files in `files_dir` are rewritten from that state by one writer (this
 //!   source's worker thread), each atomically (temp file, fsync, rename),
 //!   every `dump_interval_secs`; all of them at the first dump after start.
-//!   Raw per-user files are appended once a second.
+//!   Raw per-user files are appended at the same time.
 //! - Hub semantics mean a message sent while a stream is down is never
 //!   seen: the session host does not buffer or replay. The
 //!   `relay_connected` and `relay_reconnects` points say when that was.
@@ -81,7 +81,7 @@ use link::Link;
 use store::Store;
 
 /// How often analytics state, raw lines and the status file are written.
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+const FLUSH_EVERY: Duration = Duration::from_secs(2);
 /// How long the flush task sleeps when nothing changes and no dump is due.
 const IDLE_WAIT: Duration = Duration::from_secs(86_400);
 /// Bounds connecting and the websocket handshake.
@@ -214,19 +214,21 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     ex.run(ctx.shutdown.wait()).await;
     drop(ex);
 
-    // Shutdown: the running window, then everything on disk once more.
+    // Shutdown: the analytics state and files first (on our own worker, so
+    // a backlog in the outbox writer cannot hold them up past the agent's
+    // grace period), then the running window's points.
     let mut out = Vec::new();
     let end = window_end(now_ms(), shared.config.window);
     shared
         .state
         .borrow_mut()
         .close_window(end, shared.config.window.as_secs(), &mut out);
+    flush(&shared, &worker, &files, true).await;
     for r in out {
         if !ctx.emit.emit(r).await {
             break;
         }
     }
-    flush(&shared, &worker, &files, true).await;
 }
 
 /// The end of the window that contains `now`, ms.
@@ -500,7 +502,7 @@ async fn flush_task(
 /// source's worker, the only writer of these files.
 struct Collected {
     activity: Vec<((String, String), analytics::Activity)>,
-    graphs: Vec<(GraphKey, analytics::Graph)>,
+    graphs: Vec<(GraphKey, analytics::Chain)>,
     raw: BTreeMap<String, Vec<u8>>,
     dumps: Vec<(String, String)>,
     status: String,

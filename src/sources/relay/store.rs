@@ -2,14 +2,14 @@
 //! outbox (`relay-<name>.db`), so counts, activity and the command chains
 //! carry on across restarts: per user×hardware activity, and per
 //! user×exp×course graph (nodes, edge counts, last command). Written as
-//! upserts of what changed, once a second and at shutdown.
+//! upserts of what changed, every 2 s and at shutdown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{Connection, params};
 
-use super::analytics::{Activity, Graph, GraphKey};
+use super::analytics::{Activity, Chain, GraphKey};
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -29,8 +29,8 @@ CREATE TABLE IF NOT EXISTS graphs (
     exp    TEXT NOT NULL,
     course TEXT NOT NULL,
     nodes  TEXT NOT NULL,   -- JSON array of node names, in matrix order
-    edges  TEXT NOT NULL,   -- JSON array of [from, to, count]
-    last   TEXT,            -- the last command, which the next one continues
+    counts TEXT NOT NULL,   -- JSON array: the n×n transition counts, row = previous
+    last   INTEGER,         -- index of the last command, which the next one continues
     PRIMARY KEY (user, exp, course)
 ) WITHOUT ROWID;
 ";
@@ -41,7 +41,7 @@ pub struct Store {
 
 pub type Loaded = (
     HashMap<(String, String), Activity>,
-    HashMap<GraphKey, Graph>,
+    HashMap<GraphKey, Chain>,
 );
 
 impl Store {
@@ -81,7 +81,7 @@ impl Store {
         let mut graphs = HashMap::new();
         let mut st = self
             .conn
-            .prepare("SELECT user, exp, course, nodes, edges, last FROM graphs")
+            .prepare("SELECT user, exp, course, nodes, counts, last FROM graphs")
             .map_err(err)?;
         let rows = st
             .query_map([], |r| {
@@ -93,20 +93,18 @@ impl Store {
                     },
                     r.get::<_, String>(3)?,
                     r.get::<_, String>(4)?,
-                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<i64>>(5)?,
                 ))
             })
             .map_err(err)?;
         for row in rows {
-            let (key, nodes, edges, last) = row.map_err(err)?;
-            let bad =
-                |what: &str| format!("relay analytics state: bad {what} for {}", key.file_stem());
-            let nodes: Vec<String> = serde_json::from_str(&nodes).map_err(|_| bad("nodes"))?;
-            let list: Vec<(String, String, u64)> =
-                serde_json::from_str(&edges).map_err(|_| bad("edges"))?;
-            let edges: BTreeMap<(String, String), u64> =
-                list.into_iter().map(|(f, t, n)| ((f, t), n)).collect();
-            graphs.insert(key, Graph { nodes, edges, last });
+            let (key, nodes, counts, last) = row.map_err(err)?;
+            let bad = || format!("relay analytics state: the chain of {} does not parse", key.file_stem());
+            let nodes: Vec<Box<str>> = serde_json::from_str(&nodes).map_err(|_| bad())?;
+            let counts: Vec<u64> = serde_json::from_str(&counts).map_err(|_| bad())?;
+            let last = last.and_then(|l| usize::try_from(l).ok());
+            let chain = Chain::from_parts(nodes, counts, last).ok_or_else(bad)?;
+            graphs.insert(key, chain);
         }
         Ok((activity, graphs))
     }
@@ -115,7 +113,7 @@ impl Store {
     pub fn save(
         &mut self,
         activity: &[((String, String), Activity)],
-        graphs: &[(GraphKey, Graph)],
+        graphs: &[(GraphKey, Chain)],
     ) -> Result<(), String> {
         let err = |e: rusqlite::Error| format!("cannot save the relay analytics state: {e}");
         let tx = self.conn.transaction().map_err(err)?;
@@ -139,20 +137,18 @@ impl Store {
             }
             let mut st = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO graphs (user, exp, course, nodes, edges, last)
+                    "INSERT OR REPLACE INTO graphs (user, exp, course, nodes, counts, last)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(err)?;
             for (k, g) in graphs {
-                let edges: Vec<(&String, &String, u64)> =
-                    g.edges.iter().map(|((f, t), n)| (f, t, *n)).collect();
                 st.execute(params![
                     k.user,
                     k.exp,
                     k.course,
                     serde_json::to_string(&g.nodes).expect("strings serialize"),
-                    serde_json::to_string(&edges).expect("strings serialize"),
-                    g.last
+                    serde_json::to_string(&g.counts).expect("numbers serialize"),
+                    g.last.map(|l| l as i64)
                 ])
                 .map_err(err)?;
             }
