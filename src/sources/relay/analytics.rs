@@ -287,7 +287,11 @@ pub struct Chain {
 
 impl Chain {
     /// A chain as saved; None if the parts do not fit together.
-    pub fn from_parts(nodes: Vec<Box<str>>, counts: Vec<u64>, last: Option<usize>) -> Option<Chain> {
+    pub fn from_parts(
+        nodes: Vec<Box<str>>,
+        counts: Vec<u64>,
+        last: Option<usize>,
+    ) -> Option<Chain> {
         let n = nodes.len();
         (counts.len() == n * n && last.is_none_or(|l| l < n)).then_some(Chain {
             nodes,
@@ -579,7 +583,10 @@ impl Analytics {
 
     #[cfg(test)]
     pub fn all_graphs(&self) -> HashMap<GraphKey, Chain> {
-        self.graphs.iter().map(|(k, c)| (self.key(*k), c.clone())).collect()
+        self.graphs
+            .iter()
+            .map(|(k, c)| (self.key(*k), c.clone()))
+            .collect()
     }
 
     /// The user×hardware matrix of messages: one row per user, one column

@@ -99,7 +99,12 @@ impl Store {
             .map_err(err)?;
         for row in rows {
             let (key, nodes, counts, last) = row.map_err(err)?;
-            let bad = || format!("relay analytics state: the chain of {} does not parse", key.file_stem());
+            let bad = || {
+                format!(
+                    "relay analytics state: the chain of {} does not parse",
+                    key.file_stem()
+                )
+            };
             let nodes: Vec<Box<str>> = serde_json::from_str(&nodes).map_err(|_| bad())?;
             let counts: Vec<u64> = serde_json::from_str(&counts).map_err(|_| bad())?;
             let last = last.and_then(|l| usize::try_from(l).ok());
