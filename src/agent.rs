@@ -167,6 +167,26 @@ async fn serve(
         agent.state_dir.display()
     );
 
+    // systemd: ready now, and watchdog pings from this loop, so a stalled
+    // loop is noticed and restarted.
+    let notifier = std::rc::Rc::new(crate::systemd::Notifier::from_env());
+    notifier.ready(&format!(
+        "agent {}: {} sources, {} sinks",
+        agent.id,
+        source_tasks.len(),
+        sink_tasks.len()
+    ));
+    if let Some(every) = notifier.ping_every() {
+        let n = notifier.clone();
+        ex.spawn(async move {
+            loop {
+                n.watchdog();
+                smol::Timer::after(every).await;
+            }
+        })
+        .detach();
+    }
+
     let why = smol::future::or(async { signal_name(signals.next().await) }, async {
         match stop_after {
             Some(d) => smol::Timer::after(d).await,
@@ -177,6 +197,7 @@ async fn serve(
     .await;
     let started = Instant::now();
     log::info!("received {why}; shutting down: stopping sources, committing buffered records");
+    notifier.stopping();
     trigger.fire();
     // A second signal means "now": committed records are safe regardless.
     ex.spawn(async move {

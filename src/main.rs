@@ -23,11 +23,15 @@
 //! - [`outbox`]: the durable SQLite buffer and its delivery bookkeeping.
 //! - [`state_dir`]: the state directory and its one-agent lock.
 //! - [`record`]: the data model (points, sketches, events, lines).
-//! - [`sources`]: the source contract and registry; [`sources::synthetic`].
+//! - [`sources`]: the source contract and registry; [`sources::synthetic`],
+//!   [`sources::xx_gateway`] (an xx gateway's bloom-filter table),
+//!   [`sources::relay`] (practable session-host websocket streams).
 //! - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
 //!   retry/dead-letter loop); [`sinks::csv`].
 //! - [`backoff`]: retry schedules with full jitter. [`clock`]: time formats.
 //! - [`logging`]: stderr logging. [`demo`]: `edgemeter demo`.
+//! - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
+//!   `Type=notify` units; nothing without `$NOTIFY_SOCKET`.
 //!
 //! ## Invariants
 //! - Sources never touch the outbox or sinks directly: they emit records;
@@ -81,6 +85,7 @@ mod sinks;
 mod sketch;
 mod sources;
 mod state_dir;
+mod systemd;
 
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();

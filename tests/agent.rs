@@ -341,3 +341,58 @@ fn under_load_threads_stay_within_their_bound() {
         "the load was real"
     );
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY once running,
+/// WATCHDOG pings at half the period from the event loop, STOPPING at
+/// shutdown; all to `$NOTIFY_SOCKET`, here a socket of the test's own.
+#[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("notify");
+    let cfg = config(&dir, LOAD);
+    let path = dir.path("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut agent = Agent::start_with_env(
+        &cfg,
+        "info",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut buf = [0u8; 512];
+    let mut recv = || {
+        let n = socket.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(
+        first.starts_with("READY=1\nSTATUS=agent test-agent: 1 sources, 1 sinks"),
+        "{first}"
+    );
+    let t = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(recv(), "WATCHDOG=1");
+    }
+    // Five pings at 0.2 s intervals: about a second, not a burst.
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    agent.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stopping = false;
+    while Instant::now() < deadline && !stopping {
+        stopping = recv() == "STOPPING=1";
+    }
+    assert!(stopping, "STOPPING=1 was sent");
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| s.success())
+    );
+}

@@ -66,10 +66,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(config: &Path, log: &str) -> Agent {
+        Agent::start_with_env(config, log, &[])
+    }
+
+    /// With extra environment variables (e.g. systemd's `NOTIFY_SOCKET`).
+    pub fn start_with_env(config: &Path, log: &str, env: &[(&str, &str)]) -> Agent {
         let mut child = Command::new(BIN)
             .args(["run", "-c"])
             .arg(config)
             .env("EDGEMETER_LOG", log)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
