@@ -183,7 +183,12 @@ fn a_scripted_session_through_the_hub_gives_the_expected_files() {
 fn garbage_frames_are_counted_kept_and_survived() {
     let dir = TempDir::new("relay-garbage");
     let hub = Hub::start();
+    // By name, so the lookup path (off the loop, every address tried) runs too.
     let cfg = config(&dir, &hub, &["spin30"], "max_frame_bytes = 4096");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("127.0.0.1", "localhost");
+    std::fs::write(&cfg, text).unwrap();
     let mut agent = Agent::start_running(&cfg, "agent.log");
     wait_subscribed(&hub, &["spin30"]);
     let e = |u: &str| envelope(u, "spin30", "log", "x");

@@ -317,10 +317,18 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
 /// Connect and shake hands, within [`CONNECT_TIMEOUT`].
 async fn connect(config: &Config, url: &str) -> Result<Ws, String> {
     let work = async {
-        let addr = resolve(&config.host, config.port).await?;
-        let tcp = Async::<std::net::TcpStream>::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        // Each address in turn (`localhost` may be ::1 first while the
+        // session host listens on 127.0.0.1 only).
+        let mut tcp = Err(String::new());
+        for addr in resolve(&config.host, config.port).await? {
+            tcp = Async::<std::net::TcpStream>::connect(addr)
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"));
+            if tcp.is_ok() {
+                break;
+            }
+        }
+        let tcp = tcp?;
         let limit = config.max_frame_bytes.saturating_mul(2);
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_CHUNK_BYTES)
@@ -340,19 +348,25 @@ async fn connect(config: &Config, url: &str) -> Result<Ws, String> {
 
 /// An IP address needs no lookup; a name is resolved off the loop (a
 /// lookup can block for seconds).
-async fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
+        return Ok(vec![SocketAddr::new(ip, port)]);
     }
     let name = host.to_owned();
-    let lookup = Worker::new("resolve");
-    lookup
+    // One lookup thread for all streams (86 of them knock at once after a
+    // session host restart), gone when idle.
+    static RESOLVER: std::sync::OnceLock<Worker> = std::sync::OnceLock::new();
+    RESOLVER
+        .get_or_init(|| Worker::new("resolve"))
         .run(move || {
-            (name.as_str(), port)
+            let addrs: Vec<SocketAddr> = (name.as_str(), port)
                 .to_socket_addrs()
                 .map_err(|e| format!("cannot resolve {name}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("{name} has no address"))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{name} has no address"));
+            }
+            Ok(addrs)
         })
         .await
 }
