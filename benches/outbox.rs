@@ -28,6 +28,8 @@ mod clock;
 mod outbox;
 #[path = "../src/record.rs"]
 mod record;
+#[path = "../src/state_dir.rs"]
+mod state_dir;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

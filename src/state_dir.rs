@@ -10,6 +10,26 @@ use std::time::Duration;
 
 pub const LOCK_FILE: &str = "edgemeter.lock";
 
+/// Move an unusable SQLite file out of the way, with its `-wal` and `-shm`
+/// (kept together, so it can still be inspected), to
+/// `<file>.corrupt-<ms>`; returns that path. `Err` names the file that
+/// could not be moved.
+pub fn move_aside(path: &Path) -> Result<PathBuf, (PathBuf, std::io::Error)> {
+    let aside = PathBuf::from(format!(
+        "{}.corrupt-{}",
+        path.display(),
+        crate::clock::now_ms()
+    ));
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+            std::fs::rename(&from, &to).map_err(|e| (to, e))?;
+        }
+    }
+    Ok(aside)
+}
+
 /// Held for the life of the agent; the lock goes with the process, however
 /// it ends (the kernel releases `flock` locks of a dead process).
 #[derive(Debug)]

@@ -1060,21 +1060,13 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
 }
 
 fn move_aside(path: &Path) -> Result<PathBuf, OutboxError> {
-    let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), now_ms()));
-    for suffix in ["", "-wal", "-shm"] {
-        let from = PathBuf::from(format!("{}{suffix}", path.display()));
-        if from.exists() {
-            let to = PathBuf::from(format!("{}{suffix}", aside.display()));
-            std::fs::rename(&from, &to).map_err(|e| OutboxError::Unusable {
-                path: path.to_owned(),
-                detail: format!(
-                    "it is unusable and could not be moved aside to {}: {e}",
-                    to.display()
-                ),
-            })?;
-        }
-    }
-    Ok(aside)
+    crate::state_dir::move_aside(path).map_err(|(to, e)| OutboxError::Unusable {
+        path: path.to_owned(),
+        detail: format!(
+            "it is unusable and could not be moved aside to {}: {e}",
+            to.display()
+        ),
+    })
 }
 
 // ---------------------------------------------------------------- helpers (inside a transaction)

@@ -107,22 +107,19 @@ pub fn open_own_db(path: &Path, schema: &str, next: &str) -> Result<rusqlite::Co
     };
     match attempt(path) {
         Ok(c) => Ok(c),
-        Err(e) => {
-            let aside = std::path::PathBuf::from(format!(
-                "{}.corrupt-{}",
-                path.display(),
-                crate::clock::now_ms()
-            ));
+        Err(e0) => {
+            let aside = crate::state_dir::move_aside(path).map_err(|(to, e)| {
+                format!(
+                    "{} is unusable ({e0}) and cannot be moved aside to {}: {e}",
+                    path.display(),
+                    to.display()
+                )
+            })?;
             log::error!(
-                "{} was unusable ({e}); moved it aside to {} and {next}",
+                "{} was unusable ({e0}); moved it aside to {} and {next}",
                 path.display(),
                 aside.display()
             );
-            std::fs::rename(path, &aside)
-                .map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
-            for s in ["-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{s}", path.display()));
-            }
             attempt(path).map_err(|e| format!("cannot create {}: {e}", path.display()))
         }
     }

@@ -295,17 +295,18 @@ fn the_analytics_state_survives_a_save_and_reload() {
     let _ = std::fs::remove_file(dir.join("relay-lab.db-wal"));
     let fresh = Store::open(&path).unwrap().load().unwrap();
     assert!(fresh.0.is_empty());
-    let kept = std::fs::read_dir(&dir)
+    // The file itself is kept aside, byte for byte, for inspection.
+    let kept: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains(".corrupt-")
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.strip_prefix("relay-lab.db.corrupt-")
+                .is_some_and(|ms| ms.bytes().all(|b| b.is_ascii_digit()))
         })
-        .count();
-    assert_eq!(kept, 1);
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(std::fs::read(&kept[0]).unwrap(), b"not a database at all");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
