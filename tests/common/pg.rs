@@ -108,17 +108,26 @@ impl PgServer {
         self.dir.join(name).display().to_string()
     }
 
+    /// A PostgreSQL tool, run as the cluster's owner.
+    fn command(&self, tool: &str) -> Command {
+        let exe = self.bin.join(tool);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        }
+    }
+
     fn run(&self, tool: &str, args: &[&str]) {
         let exe = self.bin.join(tool);
-        let out = match &self.run_as {
-            Some(user) => Command::new("runuser")
-                .args(["-u", user, "--"])
-                .arg(&exe)
-                .args(args)
-                .output(),
-            None => Command::new(&exe).args(args).output(),
-        }
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        let out = self
+            .command(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
         assert!(
             out.status.success(),
             "{tool} {args:?} failed:\n{}\n{}\nserver log:\n{}",
@@ -213,17 +222,11 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let exe = self.bin.join("pg_ctl");
         let data = self.path("data");
-        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
-        let _ = match &self.run_as {
-            Some(user) => Command::new("runuser")
-                .args(["-u", user, "--"])
-                .arg(&exe)
-                .args(args)
-                .output(),
-            None => Command::new(&exe).args(args).output(),
-        };
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", data.as_str(), "-m", "immediate", "stop"])
+            .output();
         std::fs::remove_dir_all(&self.dir).ok();
     }
 }
