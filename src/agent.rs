@@ -28,6 +28,7 @@ use crate::record::{KindSet, Record};
 use crate::runtime::{self, Doorbell, Item, SharedOutbox};
 use crate::sinks::Sink;
 use crate::sinks::delivery::{Driver, IDLE_RECHECK};
+use crate::sources::Source;
 use crate::state_dir::{self, LockError};
 use crate::{sinks, sources};
 
@@ -59,8 +60,13 @@ impl fmt::Display for AgentError {
 impl std::error::Error for AgentError {}
 
 /// Open the state, then run until a signal (or `stop_after`, for the demo).
-/// Errors here are fatal.
-pub fn run(config: Config, stop_after: Option<Duration>) -> Result<(), AgentError> {
+/// `extra` are sources that do not come from `[[source]]` tables (the
+/// upstream's server). Errors here are fatal.
+pub fn run(
+    config: Config,
+    extra: Vec<(String, Box<dyn Source>)>,
+    stop_after: Option<Duration>,
+) -> Result<(), AgentError> {
     let agent = &config.agent;
     let _lock =
         state_dir::lock(&agent.state_dir, Duration::from_secs(2)).map_err(AgentError::Lock)?;
@@ -77,7 +83,7 @@ pub fn run(config: Config, stop_after: Option<Duration>) -> Result<(), AgentErro
         .collect();
     let outbox = open_outbox(&config, &wanted)?;
     let ex = LocalExecutor::new();
-    smol::block_on(ex.run(serve(&ex, config, built, outbox, stop_after)))
+    smol::block_on(ex.run(serve(&ex, config, extra, built, outbox, stop_after)))
 }
 
 fn open_outbox(config: &Config, wanted: &[(String, KindSet)]) -> Result<SharedOutbox, AgentError> {
@@ -102,12 +108,13 @@ fn open_outbox(config: &Config, wanted: &[(String, KindSet)]) -> Result<SharedOu
         agent.buffer_max_bytes,
         report.open_batches
     );
-    Ok(SharedOutbox::new(outbox))
+    Ok(runtime::shared_outbox(outbox))
 }
 
 async fn serve(
     ex: &LocalExecutor<'_>,
     config: Config,
+    extra: Vec<(String, Box<dyn Source>)>,
     built: Vec<Box<dyn Sink>>,
     outbox: SharedOutbox,
     stop_after: Option<Duration>,
@@ -128,14 +135,16 @@ async fn serve(
     let source_tasks: Vec<Task<()>> = config
         .sources
         .iter()
-        .map(|s| {
+        .map(|s| (s.name.clone(), sources::build(&s.config, &agent.state_dir)))
+        .chain(extra)
+        .map(|(name, source)| {
             let ctx = sources::Context {
-                name: s.name.clone(),
+                name,
                 agent_id: agent.id.clone(),
                 emit: emitter.clone(),
                 shutdown: shutdown.clone(),
             };
-            ex.spawn(sources::build(&s.config, &agent.state_dir).run(ctx))
+            ex.spawn(source.run(ctx))
         })
         .collect();
     // Only sources hold emitters now: the channel closes when they are gone.
@@ -400,7 +409,7 @@ mod tests {
             .append(&[Record::point("m", Dims::default(), 0, -1.0, "Count")])
             .expect("seed");
         outbox.cap_pages(Some(0));
-        let outbox = SharedOutbox::new(outbox);
+        let outbox = runtime::shared_outbox(outbox);
         let (emitter, rx) = runtime::record_channel();
         let ex = LocalExecutor::new();
         let n = 3000;

@@ -15,7 +15,7 @@ use crate::clock::{human_duration, iso8601, now_ms};
 use crate::config::{self, Config};
 use crate::outbox::{DeadLetter, Outbox, Stats};
 use crate::sources::{SourceConfig, xx_gateway};
-use crate::{agent, demo, logging, state_dir};
+use crate::{agent, demo, logging, state_dir, upstream};
 
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -36,6 +36,8 @@ Commands:
   outbox    List, retry or purge dead letters (batches a sink refused)
   verify    Check an xx gateway's bloom filter rows decode and claim their rounds
   relay     Set (provision) or show the session host's rules for relay sources
+  upstream  Run the aggregator edges post to; `upstream rollup` computes daily totals
+  report    Series, events or daily totals from an upstream's store or URL
   demo      Run the pipeline for a few seconds in a temporary directory
 
 Options (every command):
@@ -116,6 +118,38 @@ For each `relay` source (or only --source NAME):
 Exits 1 if a session host cannot be reached or a file is missing.
 ";
 
+const HELP_UPSTREAM: &str = "\
+Run the aggregator: an HTTP server (`[upstream] listen`, 127.0.0.1:8650 by
+default) that stores every edge's batches exactly once, counts each active
+user once across all edges (the union of their sketches), answers queries,
+and forwards the network-wide values through its own [[sink]]s.
+
+Usage:
+  edgemeter upstream [-c FILE]
+  edgemeter upstream rollup [-c FILE] [--date YYYY-MM-DD] [--format csv|tsv|json]
+      Compute one UTC day's totals from the stored data (default: yesterday)
+      and store them, replacing that day's earlier totals: running it twice,
+      or again after a late batch, never counts anything twice.
+
+Routes: POST /v1/batches (agent token), GET /v1/series, /v1/events,
+/v1/rollups and DELETE /v1/users/<user> (admin token), GET /health, /metrics.
+";
+
+const HELP_REPORT: &str = "\
+Print a series (default), stored events (--events) or daily totals
+(--rollups), from the local store of the upstream configured in -c FILE, or
+from a running upstream at --url (with the admin token in --token-file).
+
+Usage: edgemeter report [-c FILE | --url URL --token-file FILE]
+                        [--metric NAME] [--range TODAY|1D|7D|10D|30D | --start ISO --end ISO]
+                        [--format csv|tsv|json] [--agent ID|*] [--dim KEY=VALUE]...
+                        [--events [--user U] [--type T]] [--rollups] [--limit N]
+
+The network-wide value of a series is the union of the edges' sketches
+(distinct users) where there are sketches, else the sum of their points.
+--agent ID shows that agent's own points instead; --agent '*' every agent's.
+";
+
 const HELP_DEMO: &str = "\
 Run the pipeline on this machine with no peers: a synthetic source feeds the
 outbox and a CSV sink, for a few seconds, in a temporary directory (kept, so
@@ -132,6 +166,8 @@ enum Command {
     Demo { seconds: u64, dir: Option<PathBuf> },
     Verify { rows: u32 },
     Relay(RelayAction),
+    Upstream { rollup: bool },
+    Report,
 }
 
 #[derive(Clone, Copy)]
@@ -152,6 +188,13 @@ struct Args {
     sink: Option<String>,
     id: Option<i64>,
     source: Option<String>,
+    /// `report` and `upstream rollup`: query parameters, as `key=value`.
+    query: Vec<(String, String)>,
+    /// `report --url`/`--token-file`; `upstream rollup --date`.
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    date: Option<String>,
+    report_route: &'static str,
 }
 
 /// Parsed arguments, or the text to print and the code to exit with.
@@ -171,6 +214,10 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
     let mut relay_action = None;
     let (mut seconds, mut dir) = (10u64, None);
     let mut rows = 1000u32;
+    let mut query: Vec<(String, String)> = Vec::new();
+    let (mut url, mut token_file, mut date) = (None, None, None);
+    let mut report_route = "/v1/series";
+    let mut rollup = None;
     while let Some(arg) = p.next().map_err(|e| usage(e.to_string()))? {
         match arg {
             Short('h') | Long("help") => {
@@ -182,6 +229,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     (Some(Command::Demo { .. }), _) => HELP_DEMO,
                     (Some(Command::Verify { .. }), _) => HELP_VERIFY,
                     (Some(Command::Relay(_)), _) => HELP_RELAY,
+                    (Some(Command::Upstream { .. }), _) => HELP_UPSTREAM,
+                    (Some(Command::Report), _) => HELP_REPORT,
                     (None, None) => HELP,
                 };
                 return Err((text.to_owned(), 0));
@@ -235,6 +284,50 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     return Err(usage("--rows takes 1 to 1000000".into()));
                 }
             }
+            Long(
+                key @ ("metric" | "range" | "start" | "end" | "format" | "agent" | "user" | "type"
+                | "limit"),
+            ) => {
+                let key = key.to_owned();
+                let v = p
+                    .value()
+                    .map_err(|e| usage(e.to_string()))?
+                    .string()
+                    .map_err(|e| usage(e.to_string()))?;
+                query.push((key, v));
+            }
+            Long("dim") => {
+                let v = p
+                    .value()
+                    .map_err(|e| usage(e.to_string()))?
+                    .string()
+                    .map_err(|e| usage(e.to_string()))?;
+                let (k, val) = v
+                    .split_once('=')
+                    .ok_or_else(|| usage(format!("--dim takes KEY=VALUE, not `{v}`")))?;
+                query.push((format!("dim.{k}"), val.to_owned()));
+            }
+            Long("events") => report_route = "/v1/events",
+            Long("rollups") => report_route = "/v1/rollups",
+            Long("url") => {
+                url = Some(
+                    p.value()
+                        .map_err(|e| usage(e.to_string()))?
+                        .string()
+                        .map_err(|e| usage(e.to_string()))?,
+                )
+            }
+            Long("token-file") => {
+                token_file = Some(PathBuf::from(p.value().map_err(|e| usage(e.to_string()))?))
+            }
+            Long("date") => {
+                date = Some(
+                    p.value()
+                        .map_err(|e| usage(e.to_string()))?
+                        .string()
+                        .map_err(|e| usage(e.to_string()))?,
+                )
+            }
             Long("dir") => dir = Some(PathBuf::from(p.value().map_err(|e| usage(e.to_string()))?)),
             Value(v) if command.is_none() => {
                 command = Some(match v.to_str() {
@@ -248,6 +341,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     },
                     Some("verify") => Command::Verify { rows: 0 },
                     Some("relay") => Command::Relay(RelayAction::Rules),
+                    Some("upstream") => Command::Upstream { rollup: false },
+                    Some("report") => Command::Report,
                     _ => return Err(usage(format!("unknown command `{}`", v.to_string_lossy()))),
                 })
             }
@@ -276,6 +371,17 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
                     }
                 })
             }
+            Value(v) if matches!(command, Some(Command::Upstream { .. })) && rollup.is_none() => {
+                match v.to_str() {
+                    Some("rollup") => rollup = Some(true),
+                    _ => {
+                        return Err(usage(format!(
+                            "unknown upstream action `{}`; the only one is rollup",
+                            v.to_string_lossy()
+                        )));
+                    }
+                }
+            }
             other => return Err(usage(other.unexpected().to_string())),
         }
     }
@@ -302,6 +408,12 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
             Some(a) => Command::Relay(a),
             None => return Err(usage("`relay` needs an action: provision or rules".into())),
         },
+        Some(Command::Upstream { .. }) => Command::Upstream {
+            rollup: rollup.unwrap_or(false),
+        },
+        Some(Command::Report) if url.is_some() != token_file.is_some() => {
+            return Err(usage("--url and --token-file go together".into()));
+        }
         Some(c) => c,
     };
     Ok(Args {
@@ -310,6 +422,11 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String,
         sink,
         id,
         source,
+        query,
+        url,
+        token_file,
+        date,
+        report_route,
     })
 }
 
@@ -325,6 +442,10 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let (Command::Report, Some(url), Some(token)) = (&args.command, &args.url, &args.token_file)
+    {
+        return report_remote(url, token, args.report_route, &args.query);
+    }
     if let Command::Demo { seconds, dir } = args.command {
         logging::init(logging::env_level().unwrap_or(log::LevelFilter::Info));
         return demo::run(seconds, dir);
@@ -350,12 +471,26 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Outbox(action) => outbox(&config, action, args.sink.as_deref(), args.id),
         Command::Verify { rows } => verify(&config, rows),
         Command::Relay(action) => relay(&config, action, args.source.as_deref()),
+        Command::Upstream { rollup: false } => upstream(config),
+        Command::Upstream { rollup: true } => rollup(&config, args.date.as_deref(), &args.query),
+        Command::Report => report_local(&config, args.report_route, args.query),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
 
 pub fn run(config: Config) -> ExitCode {
-    match agent::run(config, None) {
+    if config.upstream.is_some() {
+        log::error!(
+            "{} has an [upstream] table: start the aggregator with `edgemeter upstream`, not `run`",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    agent_exit(agent::run(config, Vec::new(), None))
+}
+
+fn agent_exit(result: Result<(), agent::AgentError>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -364,6 +499,168 @@ pub fn run(config: Config) -> ExitCode {
                 agent::AgentError::Signals(_) => EXIT_FAILURE,
             })
         }
+    }
+}
+
+fn upstream(config: Config) -> ExitCode {
+    let Some(up) = config.upstream.clone() else {
+        log::error!(
+            "{} has no [upstream] table; see `edgemeter upstream --help`",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let forwards = !config.sinks.is_empty();
+    let server = match upstream::Server::prepare(up, &config.agent.state_dir, forwards) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    agent_exit(agent::run(
+        config,
+        vec![("upstream".to_owned(), Box::new(server))],
+        None,
+    ))
+}
+
+fn rollup(config: &Config, date: Option<&str>, query: &[(String, String)]) -> ExitCode {
+    let Some(up) = &config.upstream else {
+        eprintln!("{} has no [upstream] table", config.path.display());
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let format = match query.iter().find(|(k, _)| k == "format") {
+        Some((_, f)) => match upstream::query::Format::parse(f) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("edgemeter: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => upstream::query::Format::Csv,
+    };
+    let now = now_ms();
+    let day = date.map_or_else(|| crate::clock::day(now - 86_400_000), str::to_owned);
+    let Some(start) = crate::clock::parse_iso8601(&day).filter(|_| day.len() == 10) else {
+        eprintln!("edgemeter: --date `{day}` must be a day as YYYY-MM-DD");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let mut store = match upstream::open_store(up, &config.agent.state_dir, false) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match store.rollup(&day, start, now) {
+        Ok(rows) => {
+            print!("{}", upstream::query::render_rollups(&rows, format));
+            eprintln!(
+                "{day}: {} totals stored (replacing any computed before)",
+                rows.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgemeter: rolling up {day}: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn report_local(config: &Config, route: &'static str, query: Vec<(String, String)>) -> ExitCode {
+    let Some(up) = &config.upstream else {
+        eprintln!(
+            "edgemeter: {} has no [upstream] table; give one that does, or --url and --token-file",
+            config.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let params = match upstream::query::Params::from_pairs(query) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let store = match upstream::open_store(up, &config.agent.state_dir, true) {
+        Ok(s) => crate::runtime::OnWorker::new("report", s),
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match smol::block_on(upstream::api::answer(&store, route, params)) {
+        Ok((_, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(upstream::api::Answer::Bad(e)) => {
+            eprintln!("edgemeter: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(upstream::api::Answer::Store(e)) => {
+            eprintln!("edgemeter: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn report_remote(
+    url: &str,
+    token_file: &std::path::Path,
+    route: &str,
+    query: &[(String, String)],
+) -> ExitCode {
+    let token = match crate::sinks::upstream::read_token(token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let agent = match crate::sinks::upstream::http_agent(None, std::time::Duration::from_secs(60)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("edgemeter: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let target = format!("{}{route}", url.trim_end_matches('/'));
+    let mut req = agent
+        .get(&target)
+        .header("authorization", format!("Bearer {token}"));
+    for (k, v) in query {
+        req = req.query(k, v);
+    }
+    let mut resp = match req.call() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgemeter: GET {target}: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_string()
+        .unwrap_or_default();
+    if (200..300).contains(&status) {
+        print!("{body}");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "edgemeter: GET {target}: HTTP {status}: {}",
+            body.trim_end()
+        );
+        ExitCode::from(if status == 400 {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILURE
+        })
     }
 }
 

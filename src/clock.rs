@@ -27,6 +27,79 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// (year, month, day) to days since 1970-01-01: Hinnant's `days_from_civil`.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `2026-11-24`, the UTC day of `ms`.
+pub fn day(ms: i64) -> String {
+    let (y, m, d) = civil_from_days(ms.div_euclid(86_400_000));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Parse `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM[:SS[.fff]]` with `Z`, `+HH:MM` or
+/// `-HH:MM` (none means UTC) into ms since the epoch. None if it is not one
+/// of those or names a day that does not exist.
+pub fn parse_iso8601(s: &str) -> Option<i64> {
+    let num = |t: &str| -> Option<i64> {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())).then(|| t.parse().ok())?
+    };
+    let (date, time) = match s.split_once(['T', ' ']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (s, None),
+    };
+    let mut dp = date.split('-');
+    let (y, m, d) = (num(dp.next()?)?, num(dp.next()?)?, num(dp.next()?)?);
+    if dp.next().is_some() || !(1..=12).contains(&m) || d < 1 {
+        return None;
+    }
+    let days = days_from_civil(y, m as u32, d as u32);
+    if civil_from_days(days) != (y, m as u32, d as u32) {
+        return None; // 2026-02-30
+    }
+    let mut ms = days * 86_400_000;
+    if let Some(t) = time {
+        let (clock, offset_ms) = if let Some(c) = t.strip_suffix('Z') {
+            (c, 0)
+        } else if let Some(i) = t.rfind(['+', '-']) {
+            let (c, off) = t.split_at(i);
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            let (oh, om) = off[1..].split_once(':')?;
+            (c, sign * (num(oh)? * 3600 + num(om)? * 60) * 1000)
+        } else {
+            (t, 0)
+        };
+        let (hms, frac) = match clock.split_once('.') {
+            Some((a, f)) => (a, Some(f)),
+            None => (clock, None),
+        };
+        let mut tp = hms.split(':');
+        let h = num(tp.next()?)?;
+        let mi = num(tp.next()?)?;
+        let sec = match tp.next() {
+            Some(x) => num(x)?,
+            None => 0,
+        };
+        if tp.next().is_some() || h > 23 || mi > 59 || sec > 59 {
+            return None;
+        }
+        let milli = match frac {
+            None => 0,
+            Some(f) if !f.is_empty() && f.len() <= 9 => num(&format!("{f:0<3}")[..3])?,
+            Some(_) => return None,
+        };
+        ms += ((h * 60 + mi) * 60 + sec) * 1000 + milli - offset_ms;
+    }
+    Some(ms)
+}
+
 fn split(ms: i64) -> (i64, u32, u32, i64, i64, i64, i64) {
     let secs = ms.div_euclid(1000);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
@@ -71,6 +144,29 @@ mod tests {
         check(951_782_400_000, "2000-02-29T00:00:00.000Z");
         check(4_107_542_399_999, "2100-02-28T23:59:59.999Z");
         check(-1, "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn iso8601_parses_what_it_prints_and_what_people_type() {
+        let check = |s: &str, want: Option<i64>| assert_eq!(parse_iso8601(s), want, "{s}");
+        for ms in [0, 1_658_779_200_000, 951_782_400_000, 4_107_542_399_999, -1] {
+            check(&iso8601(ms), Some(ms));
+        }
+        check("2022-07-25", Some(1_658_707_200_000));
+        check("2022-07-25T20:00Z", Some(1_658_779_200_000));
+        check("2022-07-25T20:00:00", Some(1_658_779_200_000));
+        check("2022-07-25T22:00:00+02:00", Some(1_658_779_200_000));
+        check("2022-07-25T19:30:00-00:30", Some(1_658_779_200_000));
+        check("2022-07-25T20:00:00.5Z", Some(1_658_779_200_500));
+        check("2026-02-30", None);
+        check("2026-13-01", None);
+        check("2026-11-24T24:00Z", None);
+        check("yesterday", None);
+        check("2026-11", None);
+        check("", None);
+        assert_eq!(day(1_658_779_200_000), "2022-07-25");
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
     }
 
     #[test]

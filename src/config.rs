@@ -47,6 +47,8 @@ pub struct Config {
     pub agent: Agent,
     pub sources: Vec<Component<SourceConfig>>,
     pub sinks: Vec<SinkSpec>,
+    /// `[upstream]`: present only in an aggregator's config.
+    pub upstream: Option<crate::upstream::Config>,
 }
 
 #[derive(Debug, Clone)]
@@ -255,12 +257,19 @@ fn parse_into(base: &Path, text: &str, p: &mut Problems) -> Option<Config> {
     let mut agent = None;
     let mut sources = Vec::new();
     let mut sinks = Vec::new();
+    let mut upstream = None;
     for (key, value) in root {
         let value_span = value.span();
         match key.get_ref().as_ref() {
             "agent" => match value.into_inner() {
                 DeValue::Table(t) => agent = parse_agent(base, Spanned::new(value_span, t), p),
                 _ => p.push(key.span(), "`agent` must be a table: write `[agent]`"),
+            },
+            "upstream" => match value.into_inner() {
+                DeValue::Table(t) => {
+                    upstream = crate::upstream::Config::parse(base, Spanned::new(value_span, t), p)
+                }
+                _ => p.push(key.span(), "`upstream` must be a table: write `[upstream]`"),
             },
             k @ ("source" | "sink") => {
                 for t in array_of_tables(k, key.span(), value, p) {
@@ -274,7 +283,7 @@ fn parse_into(base: &Path, text: &str, p: &mut Problems) -> Option<Config> {
             other => p.push(
                 key.span(),
                 format!(
-                    "unknown top-level key `{other}`; expected `[agent]`, `[[source]]` or `[[sink]]`"
+                    "unknown top-level key `{other}`; expected `[agent]`, `[[source]]`, `[[sink]]` or `[upstream]`"
                 ),
             ),
         }
@@ -295,6 +304,7 @@ fn parse_into(base: &Path, text: &str, p: &mut Problems) -> Option<Config> {
         agent,
         sources: sources.into_iter().map(|(c, _)| c).collect(),
         sinks: sinks.into_iter().map(|(c, _)| c).collect(),
+        upstream,
     })
 }
 

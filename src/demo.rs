@@ -115,7 +115,7 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
         "edgemeter demo: running for {seconds} s in {} (Ctrl-C stops early)",
         dir.display()
     );
-    if let Err(e) = agent::run(config, Some(Duration::from_secs(seconds))) {
+    if let Err(e) = agent::run(config, Vec::new(), Some(Duration::from_secs(seconds))) {
         eprintln!("edgemeter demo: {e}");
         return ExitCode::from(cli::EXIT_STATE);
     }

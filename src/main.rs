@@ -86,6 +86,7 @@ mod sketch;
 mod sources;
 mod state_dir;
 mod systemd;
+mod upstream;
 
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();

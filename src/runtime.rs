@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use smol::channel::{Receiver, Sender};
 
-use crate::outbox::Outbox;
 use crate::record::Record;
 
 /// A boxed future that stays on the local executor.
@@ -231,31 +230,43 @@ impl Worker {
     }
 }
 
-/// The outbox, shared by the writer and the sink tasks. Every call runs on
-/// the one `outbox` worker thread, so SQLite's fsyncs never stall the event
-/// loop and calls are serialised in arrival order.
-#[derive(Clone)]
-pub struct SharedOutbox(Rc<Worker>, Arc<Mutex<Outbox>>);
+/// A value that lives on its own worker thread: every call runs there, in
+/// arrival order, so blocking IO on it (SQLite's fsyncs, a PostgreSQL round
+/// trip) never stalls the event loop.
+pub struct OnWorker<T>(Rc<Worker>, Arc<Mutex<T>>);
 
-impl SharedOutbox {
-    pub fn new(outbox: Outbox) -> SharedOutbox {
-        SharedOutbox(Rc::new(Worker::new("outbox")), Arc::new(Mutex::new(outbox)))
+impl<T> Clone for OnWorker<T> {
+    fn clone(&self) -> Self {
+        OnWorker(self.0.clone(), self.1.clone())
+    }
+}
+
+impl<T: Send + 'static> OnWorker<T> {
+    pub fn new(thread_name: &str, value: T) -> OnWorker<T> {
+        OnWorker(
+            Rc::new(Worker::new(thread_name)),
+            Arc::new(Mutex::new(value)),
+        )
     }
 
-    pub async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Outbox) -> T + Send + 'static,
-    ) -> T {
+    pub async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut T) -> R + Send + 'static) -> R {
         let inner = self.1.clone();
         self.0
             .run(move || {
                 // A panic while holding the lock would leave a half-done Rust
-                // value, but the SQLite state is transactional: carry on.
+                // value, but the database state is transactional: carry on.
                 let mut guard = inner.lock().unwrap_or_else(|poison| poison.into_inner());
                 f(&mut guard)
             })
             .await
     }
+}
+
+/// The outbox, shared by the writer and the sink tasks, on the `outbox` thread.
+pub type SharedOutbox = OnWorker<crate::outbox::Outbox>;
+
+pub fn shared_outbox(outbox: crate::outbox::Outbox) -> SharedOutbox {
+    OnWorker::new("outbox", outbox)
 }
 
 #[cfg(test)]

@@ -168,6 +168,23 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "dump_interval_secs",
         "raw_files",
         "provision",
+        "token_file",
+        "ca_file",
+        "listen",
+        "store",
+        "store_password_file",
+        "tokens_dir",
+        "admin_token_file",
+        "edge_dims",
+        "max_connections",
+        "max_header_bytes",
+        "max_body_bytes",
+        "max_batch_bytes",
+        "header_timeout_secs",
+        "body_timeout_secs",
+        "idle_timeout_secs",
+        "forward_interval_secs",
+        "settle_secs",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {

@@ -82,6 +82,7 @@ const OUR_TABLES: &[&str] = &[
     "dead_records",
     "drops",
     "counters",
+    "meta",
     "sqlite_sequence",
 ];
 
@@ -148,6 +149,10 @@ CREATE TABLE IF NOT EXISTS counters (
     key   TEXT    NOT NULL,
     value INTEGER NOT NULL,
     PRIMARY KEY (sink, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS drops (
     reason TEXT    NOT NULL,
@@ -226,6 +231,9 @@ pub struct Batch {
     /// Stable across retries and restarts; grows per sink.
     pub seq: i64,
     pub origin: Origin,
+    /// Drawn when the outbox file was created: with `seq` it names the batch
+    /// for good, even after the state was wiped and `seq` began again.
+    pub outbox_id: String,
     /// This batch was handed out before (a retry, or a restart after a
     /// crash): the sink may already hold part or all of it.
     pub redelivered: bool,
@@ -295,6 +303,8 @@ pub struct Outbox {
     /// Charged bytes of `records`, kept in step with every transaction.
     bytes: i64,
     dead_bytes: i64,
+    /// See [`Batch::outbox_id`].
+    id: String,
 }
 
 fn sql_err<'a>(path: &'a Path, op: &'static str) -> impl Fn(rusqlite::Error) -> OutboxError + 'a {
@@ -334,9 +344,24 @@ impl Outbox {
             max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
             bytes: 0,
             dead_bytes: 0,
+            id: String::new(),
         };
         let path = outbox.path.clone();
         let e = sql_err(&path, "reading totals at start-up");
+        let fresh_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        outbox
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('outbox_id', ?1)",
+                [&fresh_id],
+            )
+            .map_err(&e)?;
+        outbox.id = outbox
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'outbox_id'", [], |r| {
+                r.get(0)
+            })
+            .map_err(&e)?;
         outbox.bytes = outbox
             .conn
             .query_row("SELECT COALESCE(SUM(size), 0) FROM records", [], |r| {
@@ -405,6 +430,7 @@ impl Outbox {
             max_bytes: i64::MAX,
             bytes: 0,
             dead_bytes: 0,
+            id: String::new(),
         })
     }
 
@@ -572,6 +598,7 @@ impl Outbox {
             return Ok(Some(Batch {
                 sink: sink.into(),
                 seq,
+                outbox_id: self.id.clone(),
                 origin: Origin::DeadLetter(dead_id),
                 redelivered: true,
                 records,
@@ -606,6 +633,7 @@ impl Outbox {
                 return Ok(Some(Batch {
                     sink: sink.into(),
                     seq,
+                    outbox_id: self.id.clone(),
                     origin: Origin::Pending,
                     redelivered: attempts > 0,
                     records,
@@ -661,6 +689,7 @@ impl Outbox {
         Ok(Some(Batch {
             sink: sink.into(),
             seq: next_seq,
+            outbox_id: self.id.clone(),
             origin: Origin::Pending,
             redelivered: false,
             records,

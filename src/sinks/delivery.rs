@@ -214,7 +214,7 @@ mod tests {
             .map(|i| Record::point("m", Dims::default(), 0, f64::from(i), "Count"))
             .collect();
         outbox.append(&recs).expect("append");
-        let outbox = SharedOutbox::new(outbox);
+        let outbox = crate::runtime::shared_outbox(outbox);
 
         let log = Rc::new(RefCell::new(Vec::new()));
         let kept = Rc::new(RefCell::new(Vec::new()));

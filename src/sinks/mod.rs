@@ -32,6 +32,7 @@ pub mod cloudwatch_logs;
 pub mod cloudwatch_metrics;
 pub mod csv;
 pub mod delivery;
+pub mod upstream;
 
 use std::fmt;
 use std::path::Path;
@@ -45,13 +46,14 @@ use crate::record::KindSet;
 use crate::runtime::LocalBoxFuture;
 
 /// The `type` values a `[[sink]]` may have.
-pub const TYPES: &[&str] = &["csv", "cloudwatch_metrics", "cloudwatch_logs"];
+pub const TYPES: &[&str] = &["csv", "cloudwatch_metrics", "cloudwatch_logs", "upstream"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkConfig {
     Csv(csv::Config),
     CloudWatchMetrics(cloudwatch_metrics::Config),
     CloudWatchLogs(cloudwatch_logs::Config),
+    Upstream(upstream::Config),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +143,7 @@ pub fn parse_config(
         "cloudwatch_logs" => {
             cloudwatch_logs::Config::parse(base, table, p).map(SinkConfig::CloudWatchLogs)
         }
+        "upstream" => upstream::Config::parse(base, table, p).map(SinkConfig::Upstream),
         other => unreachable!("config.rs checks the type against TYPES; got `{other}`"),
     }
 }
@@ -155,6 +158,7 @@ pub fn build(config: &SinkConfig, agent_id: &str) -> Box<dyn Sink> {
         SinkConfig::CloudWatchLogs(c) => {
             Box::new(cloudwatch_logs::CloudWatchLogs::new(c.clone(), agent_id))
         }
+        SinkConfig::Upstream(c) => Box::new(upstream::Upstream::new(c.clone(), agent_id)),
     }
 }
 

@@ -5,6 +5,7 @@ fn batch(seq: i64, ids: &[i64], redelivered: bool) -> Batch {
     Batch {
         sink: "csv".into(),
         seq,
+        outbox_id: "test".into(),
         origin: Origin::Pending,
         redelivered,
         records: ids

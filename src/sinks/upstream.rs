@@ -1,0 +1,307 @@
+//! The `upstream` sink: batches to an upstream edgemeter (`edgemeter
+//! upstream`), gzip JSON over HTTP or HTTPS with a bearer token.
+//!
+//! Each outbox batch is one POST to `<endpoint>/v1/batches` carrying the
+//! idempotency key `(agent_id, outbox_id, seq)` (see `upstream/wire.rs`):
+//! the upstream stores a key once and acknowledges it every time, so a
+//! batch resent after a lost answer, a crash or a restart is never counted
+//! twice. The upstream answers only after it committed the batch, so an
+//! `Ok` here means the records are durable there.
+//!
+//! The token is read from `token_file` for every request, so a rotated
+//! token is used at once; it never appears in a log line or an error. TLS is
+//! rustls with ring; the roots are `ca_file` when given, else the system's
+//! bundle (`/etc/ssl/certs/ca-certificates.crt`), else Mozilla's.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::DeTable;
+
+use crate::config::{Problems, deserialize, resolve, secs};
+use crate::outbox::Batch;
+use crate::record::{Kind, KindSet};
+use crate::runtime::{LocalBoxFuture, Worker};
+use crate::sinks::cloudwatch_metrics::gzip;
+use crate::sinks::{Delivered, DeliveryError, Sink};
+use crate::upstream::wire;
+
+/// Where Debian and its derivatives keep the system's trusted roots.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The longest answer we read (the upstream's are a few hundred bytes).
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+const MAX_TOKEN_BYTES: u64 = 4096;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `http://host:port` or `https://host:port`, without the path.
+    pub endpoint: String,
+    pub token_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
+    pub events: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    endpoint: Spanned<String>,
+    token_file: Spanned<String>,
+    ca_file: Option<Spanned<String>>,
+    events: Option<bool>,
+    timeout_secs: Option<Spanned<f64>>,
+}
+
+impl Config {
+    pub fn parse(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Config> {
+        let raw: Raw = deserialize(table, p)?;
+        let before = p.list().len();
+        let endpoint = raw.endpoint.get_ref().trim_end_matches('/').to_owned();
+        let rest = endpoint
+            .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("https://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.contains('/') && !host.contains('@') => {}
+            _ => p.push(
+                raw.endpoint.span(),
+                format!(
+                    "endpoint `{endpoint}` must be `http://host:port` or `https://host:port`, without a path or credentials"
+                ),
+            ),
+        }
+        if raw.token_file.get_ref().is_empty() {
+            p.push(raw.token_file.span(), "token_file must not be empty");
+        }
+        let timeout = secs(
+            raw.timeout_secs.as_ref(),
+            "timeout_secs",
+            30.0,
+            1.0,
+            600.0,
+            p,
+        );
+        (p.list().len() == before).then(|| Config {
+            endpoint,
+            token_file: resolve(base, raw.token_file.get_ref()),
+            ca_file: raw.ca_file.map(|c| resolve(base, c.get_ref())),
+            events: raw.events.unwrap_or(false),
+            timeout,
+        })
+    }
+}
+
+pub struct Upstream {
+    config: Config,
+    agent_id: String,
+    url: String,
+    /// Built on first use (reading `ca_file` is IO), then kept.
+    agent: Option<Arc<ureq::Agent>>,
+    worker: Worker,
+}
+
+impl Upstream {
+    pub fn new(config: Config, agent_id: &str) -> Upstream {
+        Upstream {
+            url: format!("{}{}", config.endpoint, wire::PATH),
+            config,
+            agent_id: agent_id.to_owned(),
+            agent: None,
+            worker: Worker::new("sink-upstream"),
+        }
+    }
+}
+
+/// The HTTP client, with the roots the config asks for.
+pub fn http_agent(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, String> {
+    use ureq::tls::{RootCerts, TlsConfig};
+    let pem_roots = |path: &Path| -> Result<RootCerts, String> {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            return Err(format!(
+                "the CA file {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+        Ok(RootCerts::new_with_certs(&certs))
+    };
+    let roots = match ca_file {
+        Some(path) => pem_roots(path)?,
+        None if Path::new(SYSTEM_CA_BUNDLE).exists() => pem_roots(Path::new(SYSTEM_CA_BUNDLE))?,
+        None => RootCerts::WebPki,
+    };
+    Ok(ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .user_agent(concat!("edgemeter/", env!("CARGO_PKG_VERSION")))
+        .tls_config(TlsConfig::builder().root_certs(roots).build())
+        .build()
+        .into())
+}
+
+/// A bearer token from a file: its first line, trimmed.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_BYTES).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.is_empty() {
+        return Err(format!("the token file {} is empty", path.display()));
+    }
+    Ok(token)
+}
+
+/// What an upstream's answer means for the batch.
+pub fn classify(status: u16, body: &[u8]) -> Result<(), DeliveryError> {
+    // The upstream's error bodies are `{"error": "..."}`, written by us and
+    // free of secrets; show at most 300 characters of anything else.
+    let why = || {
+        let text = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
+        format!("HTTP {status}: {text}")
+    };
+    match status {
+        200..=299 => Ok(()),
+        // A token problem is fixed by an operator, not by dropping data:
+        // keep the batch and retry.
+        401 | 403 => Err(DeliveryError::Retry(format!(
+            "the upstream refused our token ({}); check token_file and the upstream's tokens_dir",
+            why()
+        ))),
+        408 | 429 | 503 => Err(DeliveryError::Throttled(why())),
+        400..=499 => Err(DeliveryError::Reject(why())),
+        _ => Err(DeliveryError::Retry(why())),
+    }
+}
+
+impl Sink for Upstream {
+    fn accepts(&self) -> KindSet {
+        if self.config.events {
+            KindSet::of(&[Kind::Point, Kind::Sketch, Kind::Event])
+        } else {
+            KindSet::of(&[Kind::Point, Kind::Sketch])
+        }
+    }
+
+    fn deliver<'a>(
+        &'a mut self,
+        batch: &'a Batch,
+    ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
+        Box::pin(async move {
+            let key = wire::Key {
+                agent_id: &self.agent_id,
+                outbox_id: &batch.outbox_id,
+                seq: batch.seq,
+            };
+            let json = wire::encode(&key, batch.records.iter().map(|(_, r)| r));
+            let body = gzip(json.as_bytes());
+            let bytes = body.len() as i64;
+            let (config, url, agent) = (self.config.clone(), self.url.clone(), self.agent.clone());
+            let (agent, result) = self
+                .worker
+                .run(move || {
+                    let agent = match agent {
+                        Some(a) => a,
+                        None => match http_agent(config.ca_file.as_deref(), config.timeout) {
+                            Ok(a) => Arc::new(a),
+                            Err(e) => return (None, Err(DeliveryError::Retry(e))),
+                        },
+                    };
+                    let result = post(&agent, &url, &config.token_file, &body);
+                    (Some(agent), result)
+                })
+                .await;
+            self.agent = agent;
+            result?;
+            Ok(Delivered {
+                rejected: Vec::new(),
+                requests: 1,
+                bytes,
+            })
+        })
+    }
+}
+
+fn post(
+    agent: &ureq::Agent,
+    url: &str,
+    token_file: &Path,
+    body: &[u8],
+) -> Result<(), DeliveryError> {
+    let token = read_token(token_file).map_err(DeliveryError::Retry)?;
+    let resp = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header("authorization", format!("Bearer {token}"))
+        .send(body);
+    let mut resp = resp.map_err(|e| DeliveryError::Retry(format!("POST {url}: {e}")))?;
+    let status = resp.status().as_u16();
+    let answer = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER_BYTES)
+        .read_to_vec()
+        .unwrap_or_default();
+    classify(status, &answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_map_to_what_the_delivery_loop_does() {
+        let check = |status: u16, body: &str, want: &str| {
+            let got = match classify(status, body.as_bytes()) {
+                Ok(()) => "ok".to_owned(),
+                Err(DeliveryError::Retry(m)) => format!("retry {m}"),
+                Err(DeliveryError::Throttled(m)) => format!("throttled {m}"),
+                Err(DeliveryError::Reject(m)) => format!("reject {m}"),
+            };
+            assert!(got.starts_with(want), "{status}: {got}");
+        };
+        check(200, r#"{"stored":3}"#, "ok");
+        check(
+            400,
+            r#"{"error":"the body is not valid gzip"}"#,
+            "reject HTTP 400: the body is not valid gzip",
+        );
+        check(413, "", "reject HTTP 413");
+        check(401, "", "retry the upstream refused our token");
+        check(403, "", "retry the upstream refused our token");
+        check(429, "", "throttled");
+        check(
+            503,
+            r#"{"error":"store unavailable"}"#,
+            "throttled HTTP 503: store unavailable",
+        );
+        check(500, "boom", "retry HTTP 500: boom");
+    }
+
+    #[test]
+    fn a_token_is_the_first_line_of_its_file() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-token-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("t");
+        std::fs::write(&f, "  s3cret \nsecond line\n").expect("write");
+        assert_eq!(read_token(&f).as_deref(), Ok("s3cret"));
+        std::fs::write(&f, "\n").expect("write");
+        let e = read_token(&f).expect_err("empty");
+        assert!(e.contains("is empty"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,635 @@
+//! The upstream's HTTP API: routes, bearer-token checks and its own
+//! counters (`/metrics`). Requests arrive from `http.rs` already bounded;
+//! answers are JSON errors `{"error": ...}` that say what to fix.
+//!
+//! | route | token | what |
+//! |---|---|---|
+//! | `POST /v1/batches` | the agent's | store a batch exactly once; `200` only after commit |
+//! | `GET /v1/series` | admin | network-wide or per-agent series |
+//! | `GET /v1/events` | admin | stored relay events |
+//! | `GET /v1/rollups` | admin | stored daily totals |
+//! | `DELETE /v1/users/{user}` | admin | delete one user's events |
+//! | `GET /health` | none | store reachable? |
+//! | `GET /metrics` | none | Prometheus text of the counters below |
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use smol::channel::Sender;
+
+use crate::clock::now_ms;
+use crate::runtime::OnWorker;
+use crate::sinks::upstream::read_token;
+use crate::upstream::http::{Request, Response, query_pairs};
+use crate::upstream::query::{self, Params};
+use crate::upstream::store::{Ingested, Store};
+use crate::upstream::wire;
+
+/// How often a 401 may produce a log line; the others are counted in it.
+const AUTH_LOG_EVERY: Duration = Duration::from_secs(10);
+/// A token that matches nothing makes us re-read `tokens_dir` (a new agent
+/// was added), at most this often.
+const TOKENS_RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// `a == b` in time that depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The agents' tokens, from `<tokens_dir>/<agent_id>.token`.
+pub struct Tokens {
+    dir: PathBuf,
+    by_agent: Vec<(String, String)>,
+    loaded: Instant,
+}
+
+impl Tokens {
+    pub fn load(dir: &Path) -> Result<Tokens, String> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| format!("cannot read tokens_dir {}: {e}", dir.display()))?;
+        let mut by_agent = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(agent) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".token"))
+            else {
+                continue;
+            };
+            match read_token(&path) {
+                Ok(t) => by_agent.push((agent.to_owned(), t)),
+                Err(e) => log::warn!("agent `{agent}` cannot post until this is fixed: {e}"),
+            }
+        }
+        by_agent.sort();
+        Ok(Tokens {
+            dir: dir.to_owned(),
+            by_agent,
+            loaded: Instant::now(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_agent.len()
+    }
+
+    /// The agent whose token this is. Every token is compared, in constant
+    /// time each, whether or not one matched already.
+    pub fn agent_of(&self, token: &str) -> Option<&str> {
+        let mut found = None;
+        for (agent, t) in &self.by_agent {
+            if constant_time_eq(t.as_bytes(), token.as_bytes()) {
+                found = Some(agent.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// The upstream's own counters, exported at `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    /// (route, status) → requests
+    pub requests: RefCell<BTreeMap<(&'static str, u16), u64>>,
+    pub batches_stored: Cell<u64>,
+    pub batches_duplicate: Cell<u64>,
+    /// reason → batches refused for their content
+    pub batches_invalid: RefCell<BTreeMap<&'static str, u64>>,
+    pub records_stored: Cell<u64>,
+    pub records_late: Cell<u64>,
+    pub auth_failures: Cell<u64>,
+    pub store_errors: Cell<u64>,
+    pub connections_open: Cell<u64>,
+    pub connections_refused: Cell<u64>,
+    /// how a connection ended → count
+    pub connections_closed: RefCell<BTreeMap<&'static str, u64>>,
+    pub forwarded: Cell<u64>,
+    pub ingest_seconds: Cell<f64>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
+pub fn bump_map<K: Ord>(m: &RefCell<BTreeMap<K, u64>>, k: K) {
+    *m.borrow_mut().entry(k).or_default() += 1;
+}
+
+impl Counters {
+    pub fn prometheus(&self, store_kind: &str) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, String)>| {
+            out.push_str(&format!("# HELP edgemeter_upstream_{name} {help}\n"));
+            out.push_str(&format!("# TYPE edgemeter_upstream_{name} {kind}\n"));
+            for (labels, v) in lines {
+                out.push_str(&format!("edgemeter_upstream_{name}{labels} {v}\n"));
+            }
+        };
+        let one = |v: u64| vec![(String::new(), v.to_string())];
+        metric(
+            "requests_total",
+            "HTTP requests answered, by route and status.",
+            "counter",
+            self.requests
+                .borrow()
+                .iter()
+                .map(|((r, s), v)| (format!("{{route=\"{r}\",status=\"{s}\"}}"), v.to_string()))
+                .collect(),
+        );
+        metric(
+            "batches_stored_total",
+            "Batches committed to the store.",
+            "counter",
+            one(self.batches_stored.get()),
+        );
+        metric(
+            "batches_duplicate_total",
+            "Batches received again (a resend) and acknowledged without storing.",
+            "counter",
+            one(self.batches_duplicate.get()),
+        );
+        metric(
+            "batches_invalid_total",
+            "Batches refused for their content, by reason.",
+            "counter",
+            self.batches_invalid
+                .borrow()
+                .iter()
+                .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), v.to_string()))
+                .collect(),
+        );
+        metric(
+            "records_stored_total",
+            "Points, sketches and events stored.",
+            "counter",
+            one(self.records_stored.get()),
+        );
+        metric(
+            "records_late_total",
+            "Records for windows whose aggregate had already been forwarded.",
+            "counter",
+            one(self.records_late.get()),
+        );
+        metric(
+            "auth_failures_total",
+            "Requests with a missing or wrong token.",
+            "counter",
+            one(self.auth_failures.get()),
+        );
+        metric(
+            "store_errors_total",
+            "Store operations that failed (answered 503).",
+            "counter",
+            one(self.store_errors.get()),
+        );
+        metric(
+            "connections_open",
+            "Connections being served.",
+            "gauge",
+            one(self.connections_open.get()),
+        );
+        metric(
+            "connections_refused_total",
+            "Connections closed at once because max_connections were open.",
+            "counter",
+            one(self.connections_refused.get()),
+        );
+        metric(
+            "connections_closed_total",
+            "Connections ended, by how.",
+            "counter",
+            self.connections_closed
+                .borrow()
+                .iter()
+                .map(|(r, v)| (format!("{{how=\"{r}\"}}"), v.to_string()))
+                .collect(),
+        );
+        metric(
+            "aggregates_forwarded_total",
+            "Network-wide aggregates handed to this upstream's sinks.",
+            "counter",
+            one(self.forwarded.get()),
+        );
+        metric(
+            "ingest_seconds_total",
+            "Time spent committing batches.",
+            "counter",
+            vec![(String::new(), format!("{:.6}", self.ingest_seconds.get()))],
+        );
+        metric(
+            "info",
+            "This upstream's version and store.",
+            "gauge",
+            vec![(
+                format!(
+                    "{{version=\"{}\",store=\"{store_kind}\"}}",
+                    env!("CARGO_PKG_VERSION")
+                ),
+                "1".into(),
+            )],
+        );
+        out
+    }
+}
+
+/// A batch on its way to the group committer, with where to answer.
+pub type Commit = (wire::Batch, Sender<Result<Ingested, String>>);
+
+pub struct Api {
+    pub tokens: RefCell<Tokens>,
+    pub admin_token_file: Option<PathBuf>,
+    pub store: OnWorker<Store>,
+    pub store_kind: &'static str,
+    pub commits: Sender<Commit>,
+    pub counters: Rc<Counters>,
+    pub max_batch_bytes: usize,
+    /// (when the last line was logged, failures since)
+    auth_log: RefCell<(Option<Instant>, u64)>,
+}
+
+enum Caller {
+    Agent(String),
+    Admin,
+}
+
+impl Api {
+    pub fn new(
+        tokens: Tokens,
+        admin_token_file: Option<PathBuf>,
+        store: OnWorker<Store>,
+        store_kind: &'static str,
+        commits: Sender<Commit>,
+        counters: Rc<Counters>,
+        max_batch_bytes: usize,
+    ) -> Api {
+        Api {
+            tokens: RefCell::new(tokens),
+            admin_token_file,
+            store,
+            store_kind,
+            commits,
+            counters,
+            max_batch_bytes,
+            auth_log: RefCell::new((None, 0)),
+        }
+    }
+
+    pub async fn handle(&self, req: Request) -> Response {
+        let route = route_name(&req);
+        let resp = self.route(route, &req).await;
+        bump_map(&self.counters.requests, (route, resp.status));
+        resp
+    }
+
+    async fn route(&self, route: &'static str, req: &Request) -> Response {
+        let method = req.method.as_str();
+        match (route, method) {
+            ("/v1/batches", "POST") => self.post_batch(req).await,
+            ("/v1/series" | "/v1/events" | "/v1/rollups", "GET") => self.query(route, req).await,
+            ("/v1/users", "DELETE") => self.delete_user(req).await,
+            ("/health", "GET") => self.health().await,
+            ("/metrics", "GET") => Response::new(
+                200,
+                "text/plain; version=0.0.4",
+                self.counters.prometheus(self.store_kind),
+            ),
+            ("other", _) => Response::error(404, format!("no such path: {}", req.path)),
+            (_, m) => Response::error(405, format!("{m} is not allowed on {}", req.path)),
+        }
+    }
+
+    /// Who sent this, or the 401 to answer.
+    fn authenticate(&self, req: &Request, want_admin: bool) -> Result<Caller, Response> {
+        let token = req
+            .header("authorization")
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        if !token.is_empty() {
+            if want_admin {
+                let Some(file) = &self.admin_token_file else {
+                    return Err(Response::error(
+                        403,
+                        "queries are disabled: set [upstream] admin_token_file on the upstream",
+                    ));
+                };
+                match read_token(file) {
+                    Ok(admin) if constant_time_eq(admin.as_bytes(), token.as_bytes()) => {
+                        return Ok(Caller::Admin);
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::error!("{e}; answering 401 to every query until it is fixed"),
+                }
+            } else {
+                if let Some(agent) = self.tokens.borrow().agent_of(token) {
+                    return Ok(Caller::Agent(agent.to_owned()));
+                }
+                let stale = self.tokens.borrow().loaded.elapsed() >= TOKENS_RELOAD_EVERY;
+                if stale {
+                    let dir = self.tokens.borrow().dir.clone();
+                    match Tokens::load(&dir) {
+                        Ok(t) => *self.tokens.borrow_mut() = t,
+                        Err(e) => log::error!("{e}; keeping the tokens read before"),
+                    }
+                    if let Some(agent) = self.tokens.borrow().agent_of(token) {
+                        return Ok(Caller::Agent(agent.to_owned()));
+                    }
+                }
+            }
+        }
+        bump(&self.counters.auth_failures, 1);
+        self.log_auth_failure(req, token.is_empty());
+        let mut r = Response::error(401, "a valid bearer token is required");
+        r.headers.push(("www-authenticate", "Bearer".into()));
+        Err(r)
+    }
+
+    /// At most one line per [`AUTH_LOG_EVERY`]; the rest are counted into it.
+    fn log_auth_failure(&self, req: &Request, missing: bool) {
+        let mut log = self.auth_log.borrow_mut();
+        log.1 += 1;
+        if log.0.is_some_and(|t| t.elapsed() < AUTH_LOG_EVERY) {
+            return;
+        }
+        log::warn!(
+            "refused {} request(s) with a missing or wrong token in the last {} s (latest: {} {} from {}, token {}); \
+             see edgemeter_upstream_auth_failures_total",
+            log.1,
+            AUTH_LOG_EVERY.as_secs(),
+            req.method,
+            req.path,
+            req.peer,
+            if missing { "missing" } else { "not recognised" }
+        );
+        *log = (Some(Instant::now()), 0);
+    }
+
+    async fn post_batch(&self, req: &Request) -> Response {
+        let agent = match self.authenticate(req, false) {
+            Ok(Caller::Agent(a)) => a,
+            Ok(Caller::Admin) => unreachable!("agent authentication never answers Admin"),
+            Err(r) => return r,
+        };
+        let json = match req.header("content-encoding").map(str::to_ascii_lowercase) {
+            Some(e) if e == "gzip" => match wire::gunzip(&req.body, self.max_batch_bytes) {
+                Ok(j) => j,
+                Err(e) => return self.invalid(&e),
+            },
+            None => {
+                if req.body.len() > self.max_batch_bytes {
+                    return self.invalid(&wire::Invalid::TooLarge(self.max_batch_bytes));
+                }
+                req.body.clone()
+            }
+            Some(other) => {
+                return Response::error(
+                    415,
+                    format!("content-encoding `{other}` is not supported; send gzip"),
+                );
+            }
+        };
+        let batch = match wire::decode(&json, now_ms()) {
+            Ok(b) => b,
+            Err(e) => return self.invalid(&e),
+        };
+        if batch.agent_id != agent {
+            bump_map(&self.counters.batches_invalid, "agent_mismatch");
+            return Response::error(
+                403,
+                format!(
+                    "this token belongs to agent `{agent}`, but the batch says `{}`",
+                    batch.agent_id
+                ),
+            );
+        }
+        let (tx, rx) = smol::channel::bounded(1);
+        if self.commits.try_send((batch, tx)).is_err() {
+            return Response::error(503, "the upstream is busy; try again shortly");
+        }
+        match rx.recv().await {
+            Ok(Ok(done)) => {
+                if done.new {
+                    bump(&self.counters.batches_stored, 1);
+                    bump(&self.counters.records_stored, done.records as u64);
+                    bump(&self.counters.records_late, done.late as u64);
+                } else {
+                    bump(&self.counters.batches_duplicate, 1);
+                }
+                Response::json(
+                    200,
+                    &serde_json::json!({
+                        "stored": if done.new { done.records } else { 0 },
+                        "duplicate": !done.new,
+                        "late": done.late,
+                    }),
+                )
+            }
+            Ok(Err(e)) => {
+                bump(&self.counters.store_errors, 1);
+                log::error!(
+                    "could not store a batch from agent `{agent}`: {e}; it will be sent again"
+                );
+                Response::error(503, "the store is unavailable; the batch was not stored")
+            }
+            Err(_) => Response::error(503, "the upstream is shutting down"),
+        }
+    }
+
+    fn invalid(&self, e: &wire::Invalid) -> Response {
+        let (reason, status) = match e {
+            wire::Invalid::Gzip(_) => ("gzip", 400),
+            wire::Invalid::TooLarge(_) => ("too_large", 413),
+            wire::Invalid::Shape(_) => ("shape", 400),
+            wire::Invalid::Version(_) => ("version", 400),
+            wire::Invalid::Value(_) => ("value", 422),
+            wire::Invalid::Sketch(_) => ("sketch", 422),
+        };
+        bump_map(&self.counters.batches_invalid, reason);
+        Response::error(status, e.to_string())
+    }
+
+    async fn query(&self, route: &'static str, req: &Request) -> Response {
+        if let Err(r) = self.authenticate(req, true) {
+            return r;
+        }
+        let params = match Params::from_pairs(query_pairs(&req.query)) {
+            Ok(p) => p,
+            Err(e) => return Response::error(400, e),
+        };
+        match answer(&self.store, route, params).await {
+            Ok((content_type, body)) => Response::new(200, content_type, body),
+            Err(Answer::Bad(e)) => Response::error(400, e),
+            Err(Answer::Store(e)) => {
+                bump(&self.counters.store_errors, 1);
+                log::error!("a query failed: {e}");
+                Response::error(503, "the store is unavailable")
+            }
+        }
+    }
+
+    async fn delete_user(&self, req: &Request) -> Response {
+        if let Err(r) = self.authenticate(req, true) {
+            return r;
+        }
+        let user = crate::upstream::http::percent_decode(
+            req.path.strip_prefix("/v1/users/").unwrap_or(""),
+        );
+        if user.is_empty() || user.len() > 256 {
+            return Response::error(400, "name the user: DELETE /v1/users/<user>");
+        }
+        let u = user.clone();
+        match self.store.call(move |s| s.delete_user(&u)).await {
+            Ok(n) => {
+                log::info!("deleted {n} stored events of one user on request");
+                Response::json(
+                    200,
+                    &serde_json::json!({ "user": user, "deleted_events": n }),
+                )
+            }
+            Err(e) => {
+                bump(&self.counters.store_errors, 1);
+                log::error!("deleting a user's events failed: {e}");
+                Response::error(503, "the store is unavailable; nothing was deleted")
+            }
+        }
+    }
+
+    async fn health(&self) -> Response {
+        let agents = self.tokens.borrow().len();
+        match self.store.call(|s| s.sizes()).await {
+            Ok(sizes) => Response::json(
+                200,
+                &serde_json::json!({
+                    "status": "ok", "store": self.store_kind, "agents_with_tokens": agents,
+                    "rows": sizes,
+                }),
+            ),
+            Err(e) => Response::json(
+                503,
+                &serde_json::json!({ "status": "store unavailable", "error": e, "store": self.store_kind }),
+            ),
+        }
+    }
+}
+
+fn route_name(req: &Request) -> &'static str {
+    match req.path.as_str() {
+        "/v1/batches" => "/v1/batches",
+        "/v1/series" => "/v1/series",
+        "/v1/events" => "/v1/events",
+        "/v1/rollups" => "/v1/rollups",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        p if p.starts_with("/v1/users/") => "/v1/users",
+        _ => "other",
+    }
+}
+
+pub enum Answer {
+    /// The question is wrong (400).
+    Bad(String),
+    /// The store failed (503).
+    Store(String),
+}
+
+/// Answer a query from the store: `(content type, body)`. Shared by the
+/// HTTP API and `edgemeter report` on a local store.
+pub async fn answer(
+    store: &OnWorker<Store>,
+    route: &str,
+    params: Params,
+) -> Result<(&'static str, String), Answer> {
+    let now = now_ms();
+    let format = params.format().map_err(Answer::Bad)?;
+    match route {
+        "/v1/series" => {
+            let q = params.series(now).map_err(Answer::Bad)?;
+            let q2 = q.clone();
+            let rows = store
+                .call(move |s| s.series(&q2))
+                .await
+                .map_err(Answer::Store)?;
+            Ok((
+                format.content_type(),
+                query::render_series(&q, &rows, format),
+            ))
+        }
+        "/v1/rollups" => {
+            let (first, last) = params.days(now).map_err(Answer::Bad)?;
+            let metric = params.metric.clone();
+            let rows = store
+                .call(move |s| s.rollups(&first, &last))
+                .await
+                .map_err(Answer::Store)?
+                .into_iter()
+                .filter(|r| metric.as_ref().is_none_or(|m| *m == r.metric))
+                .collect::<Vec<_>>();
+            Ok((format.content_type(), query::render_rollups(&rows, format)))
+        }
+        _ => {
+            if format != query::Format::Json {
+                return Err(Answer::Bad("events come as JSON only (format=json)".into()));
+            }
+            let q = params.events(now).map_err(Answer::Bad)?;
+            let rows = store
+                .call(move |s| s.events(&q))
+                .await
+                .map_err(Answer::Store)?;
+            let events: Vec<serde_json::Value> = rows
+                .into_iter()
+                .map(|e| {
+                    let payload: serde_json::Value = serde_json::from_str(&e.payload)
+                        .unwrap_or(serde_json::Value::String(e.payload));
+                    let dims: serde_json::Value =
+                        serde_json::from_str(&e.dims).unwrap_or(serde_json::Value::Null);
+                    serde_json::json!({
+                        "time": crate::clock::iso8601(e.ts), "ts": e.ts, "type": e.etype,
+                        "user": e.user, "agent": e.agent, "dims": dims, "payload": payload,
+                    })
+                })
+                .collect();
+            Ok((
+                "application/json",
+                serde_json::json!({ "events": events }).to_string() + "\n",
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn tokens_come_from_one_file_per_agent() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-tokens-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("gw-1.token"), "t-one\n").expect("write");
+        std::fs::write(dir.join("gw-2.token"), "t-two").expect("write");
+        std::fs::write(dir.join("README"), "not a token").expect("write");
+        std::fs::write(dir.join("empty.token"), "").expect("write");
+        let t = Tokens::load(&dir).expect("load");
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.agent_of("t-one"), Some("gw-1"));
+        assert_eq!(t.agent_of("t-two"), Some("gw-2"));
+        assert_eq!(t.agent_of("not a token"), None);
+        assert_eq!(t.agent_of(""), None);
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(Tokens::load(&dir).is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! The `[upstream]` table: where the aggregator listens, where it stores,
+//! whom it lets in, and every bound on what a peer may send.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::DeTable;
+
+use crate::config::{Problems, deserialize, int_in_range, resolve, secs};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8650";
+/// Dimensions that name an edge rather than what it measured: left out of
+/// the network-wide series, so gateway A's and gateway B's `active_users`
+/// for the same window become one series whose value is their union.
+pub const DEFAULT_EDGE_DIMS: &[&str] = &["agent", "gateway", "host", "source"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreKind {
+    /// `<state_dir>/upstream.db`
+    Sqlite,
+    /// A `postgres://` URL (without a password; see `store_password_file`).
+    Postgres {
+        url: String,
+        password_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: StoreKind,
+    /// One `<agent_id>.token` file per edge.
+    pub tokens_dir: PathBuf,
+    /// The token for queries and deletions (`/v1/series`, `/v1/events`,
+    /// `DELETE /v1/users/…`); without it those answer 403.
+    pub admin_token_file: Option<PathBuf>,
+    pub edge_dims: Vec<String>,
+    pub limits: Limits,
+    /// How often finished windows are aggregated and forwarded.
+    pub forward_interval: Duration,
+    /// How long after a window's time its aggregate waits for late edges.
+    pub settle: Duration,
+}
+
+/// What one peer may cost the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    /// The request body as sent (gzip).
+    pub max_body_bytes: usize,
+    /// The batch once unpacked.
+    pub max_batch_bytes: usize,
+    /// From a request's first byte to the end of its headers.
+    pub header_timeout: Duration,
+    /// For the whole body.
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no request this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 256,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 8 << 20,
+            max_batch_bytes: 64 << 20,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<Spanned<String>>,
+    store: Option<Spanned<String>>,
+    store_password_file: Option<Spanned<String>>,
+    tokens_dir: Spanned<String>,
+    admin_token_file: Option<Spanned<String>>,
+    edge_dims: Option<Vec<String>>,
+    max_connections: Option<Spanned<i64>>,
+    max_header_bytes: Option<Spanned<i64>>,
+    max_body_bytes: Option<Spanned<i64>>,
+    max_batch_bytes: Option<Spanned<i64>>,
+    header_timeout_secs: Option<Spanned<f64>>,
+    body_timeout_secs: Option<Spanned<f64>>,
+    idle_timeout_secs: Option<Spanned<f64>>,
+    forward_interval_secs: Option<Spanned<f64>>,
+    settle_secs: Option<Spanned<f64>>,
+}
+
+impl Config {
+    pub fn parse(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Config> {
+        let raw: Raw = deserialize(table, p)?;
+        let before = p.list().len();
+        let listen = match &raw.listen {
+            None => DEFAULT_LISTEN.parse().expect("the default parses"),
+            Some(l) => l.get_ref().parse().unwrap_or_else(|_| {
+                p.push(
+                    l.span(),
+                    format!(
+                        "listen `{}` must be an address and port such as `{DEFAULT_LISTEN}` or `[::1]:8650`",
+                        l.get_ref()
+                    ),
+                );
+                DEFAULT_LISTEN.parse().expect("the default parses")
+            }),
+        };
+        let store = match raw.store.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("sqlite") => StoreKind::Sqlite,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                if has_password(url) {
+                    p.push(
+                        raw.store.as_ref().expect("matched Some").span(),
+                        "store must not hold a password: put it in store_password_file (or PGPASSWORD)",
+                    );
+                }
+                StoreKind::Postgres {
+                    url: url.to_owned(),
+                    password_file: raw
+                        .store_password_file
+                        .as_ref()
+                        .map(|f| resolve(base, f.get_ref())),
+                }
+            }
+            Some(other) => {
+                p.push(
+                    raw.store.as_ref().expect("matched Some").span(),
+                    format!("store `{other}` must be `sqlite` or a `postgres://` URL"),
+                );
+                StoreKind::Sqlite
+            }
+        };
+        if let (StoreKind::Sqlite, Some(f)) = (&store, &raw.store_password_file) {
+            p.push(
+                f.span(),
+                "store_password_file is only for a `postgres://` store",
+            );
+        }
+        let d = Limits::default();
+        let int = |v: &Option<Spanned<i64>>,
+                   key: &str,
+                   def: usize,
+                   min: u64,
+                   max: u64,
+                   p: &mut Problems| {
+            v.as_ref()
+                .map_or(def, |v| int_in_range(v, key, min, max, p) as usize)
+        };
+        let limits = Limits {
+            max_connections: int(
+                &raw.max_connections,
+                "max_connections",
+                d.max_connections,
+                1,
+                65_536,
+                p,
+            ),
+            max_header_bytes: int(
+                &raw.max_header_bytes,
+                "max_header_bytes",
+                d.max_header_bytes,
+                1024,
+                1 << 20,
+                p,
+            ),
+            max_body_bytes: int(
+                &raw.max_body_bytes,
+                "max_body_bytes",
+                d.max_body_bytes,
+                1024,
+                1 << 30,
+                p,
+            ),
+            max_batch_bytes: int(
+                &raw.max_batch_bytes,
+                "max_batch_bytes",
+                d.max_batch_bytes,
+                1024,
+                1 << 32,
+                p,
+            ),
+            header_timeout: secs(
+                raw.header_timeout_secs.as_ref(),
+                "header_timeout_secs",
+                10.0,
+                0.1,
+                300.0,
+                p,
+            ),
+            body_timeout: secs(
+                raw.body_timeout_secs.as_ref(),
+                "body_timeout_secs",
+                30.0,
+                0.1,
+                3600.0,
+                p,
+            ),
+            idle_timeout: secs(
+                raw.idle_timeout_secs.as_ref(),
+                "idle_timeout_secs",
+                60.0,
+                0.1,
+                3600.0,
+                p,
+            ),
+        };
+        let forward_interval = secs(
+            raw.forward_interval_secs.as_ref(),
+            "forward_interval_secs",
+            60.0,
+            0.1,
+            86_400.0,
+            p,
+        );
+        let settle = secs(
+            raw.settle_secs.as_ref(),
+            "settle_secs",
+            120.0,
+            0.0,
+            7.0 * 86_400.0,
+            p,
+        );
+        (p.list().len() == before).then(|| Config {
+            listen,
+            store,
+            tokens_dir: resolve(base, raw.tokens_dir.get_ref()),
+            admin_token_file: raw.admin_token_file.map(|f| resolve(base, f.get_ref())),
+            edge_dims: raw
+                .edge_dims
+                .unwrap_or_else(|| DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect()),
+            limits,
+            forward_interval,
+            settle,
+        })
+    }
+}
+
+/// `postgres://user:secret@host/db`: a password in the URL would sit in a
+/// world-readable place and in `ps` of anything that prints it.
+fn has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+        || url.contains("password=")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_password;
+
+    #[test]
+    fn a_password_in_the_store_url_is_noticed() {
+        assert!(has_password("postgres://u:p@h/db"));
+        assert!(has_password("postgres://h/db?password=x"));
+        assert!(!has_password("postgres://u@h/db"));
+        assert!(!has_password("postgres://u@h:5432/db"));
+        assert!(!has_password("postgresql://h:5432/db?sslmode=disable"));
+    }
+}

@@ -1,0 +1,546 @@
+//! The two databases the upstream can store in, behind one small interface:
+//! SQLite (one aggregator, the default) and PostgreSQL (several replicas
+//! sharing one database). The store's logic is written once, in `store.rs`,
+//! against [`Db`]; the SQL is written once too, with `?1`-style parameters
+//! that the PostgreSQL driver turns into `$1`. Only the schemas differ.
+//!
+//! Both run on the store's worker thread, never on the event loop.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// A value going into or coming out of either database.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Val {
+    pub fn int(&self) -> i64 {
+        match self {
+            Val::Int(i) => *i,
+            Val::Real(r) => *r as i64,
+            _ => 0,
+        }
+    }
+
+    pub fn real(&self) -> f64 {
+        match self {
+            Val::Real(r) => *r,
+            Val::Int(i) => *i as f64,
+            _ => 0.0,
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            Val::Text(s) => s,
+            _ => "",
+        }
+    }
+
+    pub fn into_text(self) -> String {
+        match self {
+            Val::Text(s) => s,
+            _ => String::new(),
+        }
+    }
+
+    pub fn into_blob(self) -> Vec<u8> {
+        match self {
+            Val::Blob(b) => b,
+            Val::Text(s) => s.into_bytes(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl From<&str> for Val {
+    fn from(s: &str) -> Val {
+        Val::Text(s.to_owned())
+    }
+}
+impl From<String> for Val {
+    fn from(s: String) -> Val {
+        Val::Text(s)
+    }
+}
+impl From<i64> for Val {
+    fn from(i: i64) -> Val {
+        Val::Int(i)
+    }
+}
+impl From<f64> for Val {
+    fn from(r: f64) -> Val {
+        Val::Real(r)
+    }
+}
+
+pub type Rows = Vec<Vec<Val>>;
+
+/// What the store needs from a database. Errors are sentences without
+/// secrets; every one means "try again later" to the caller.
+pub trait Db: Send {
+    /// `sqlite` or `postgresql`, for logs and `/health`.
+    fn kind(&self) -> &'static str;
+    fn begin(&mut self) -> Result<(), String>;
+    fn commit(&mut self) -> Result<(), String>;
+    fn rollback(&mut self);
+    /// Rows changed.
+    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, String>;
+    fn query(&mut self, sql: &str, params: &[Val]) -> Result<Rows, String>;
+}
+
+// ---------------------------------------------------------------- SQLite
+
+const SQLITE_SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+CREATE TABLE IF NOT EXISTS batches (
+    agent    TEXT    NOT NULL,
+    outbox   TEXT    NOT NULL,
+    seq      INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    records  INTEGER NOT NULL,
+    PRIMARY KEY (agent, outbox, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS points (
+    metric TEXT    NOT NULL,
+    net    TEXT    NOT NULL,
+    ts     INTEGER NOT NULL,
+    agent  TEXT    NOT NULL,
+    dims   TEXT    NOT NULL,
+    value  REAL    NOT NULL,
+    unit   TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS points_by_time ON points (metric, ts);
+CREATE TABLE IF NOT EXISTS sketches (
+    metric   TEXT    NOT NULL,
+    net      TEXT    NOT NULL,
+    ts       INTEGER NOT NULL,
+    agent    TEXT    NOT NULL,
+    dims     TEXT    NOT NULL,
+    unit     TEXT    NOT NULL,
+    estimate REAL    NOT NULL,
+    sketch   BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sketches_by_time ON sketches (metric, ts);
+CREATE TABLE IF NOT EXISTS events (
+    ts      INTEGER NOT NULL,
+    etype   TEXT    NOT NULL,
+    user_id TEXT,
+    agent   TEXT    NOT NULL,
+    dims    TEXT    NOT NULL,
+    payload TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (ts);
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id);
+CREATE TABLE IF NOT EXISTS pending (
+    metric TEXT    NOT NULL,
+    net    TEXT    NOT NULL,
+    ts     INTEGER NOT NULL,
+    PRIMARY KEY (metric, net, ts)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS forwarded (
+    metric TEXT    NOT NULL,
+    net    TEXT    NOT NULL,
+    ts     INTEGER NOT NULL,
+    owner  TEXT    NOT NULL,
+    state  TEXT    NOT NULL,
+    at     INTEGER NOT NULL,
+    PRIMARY KEY (metric, net, ts)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollups (
+    day      TEXT    NOT NULL,
+    metric   TEXT    NOT NULL,
+    net      TEXT    NOT NULL,
+    how      TEXT    NOT NULL,
+    value    REAL    NOT NULL,
+    samples  INTEGER NOT NULL,
+    agents   INTEGER NOT NULL,
+    computed INTEGER NOT NULL,
+    PRIMARY KEY (day, metric, net)
+) WITHOUT ROWID;
+";
+
+pub struct Sqlite {
+    conn: rusqlite::Connection,
+}
+
+impl Sqlite {
+    /// `read_only` is for `edgemeter report` beside a running upstream.
+    pub fn open(path: &Path, read_only: bool) -> Result<Sqlite, String> {
+        let what = |e: rusqlite::Error| format!("the upstream store {}: {e}", path.display());
+        let conn = if read_only {
+            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        } else {
+            rusqlite::Connection::open(path)
+        }
+        .map_err(what)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(what)?;
+        if !read_only {
+            conn.execute_batch(SQLITE_SCHEMA).map_err(what)?;
+        }
+        Ok(Sqlite { conn })
+    }
+}
+
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match self {
+            Val::Null => ValueRef::Null,
+            Val::Int(i) => ValueRef::Integer(*i),
+            Val::Real(r) => ValueRef::Real(*r),
+            Val::Text(s) => ValueRef::Text(s.as_bytes()),
+            Val::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+impl Db for Sqlite {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+    fn begin(&mut self) -> Result<(), String> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| format!("starting a transaction: {e}"))
+    }
+    fn commit(&mut self) -> Result<(), String> {
+        self.conn
+            .execute_batch("COMMIT")
+            .map_err(|e| format!("committing: {e}"))
+    }
+    fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, String> {
+        let mut st = self.conn.prepare_cached(sql).map_err(|e| format!("{e}"))?;
+        st.execute(rusqlite::params_from_iter(params))
+            .map(|n| n as u64)
+            .map_err(|e| format!("{e}"))
+    }
+    fn query(&mut self, sql: &str, params: &[Val]) -> Result<Rows, String> {
+        use rusqlite::types::ValueRef;
+        let mut st = self.conn.prepare_cached(sql).map_err(|e| format!("{e}"))?;
+        let n = st.column_count();
+        let mut rows = st
+            .query(rusqlite::params_from_iter(params))
+            .map_err(|e| format!("{e}"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| format!("{e}"))? {
+            let mut vals = Vec::with_capacity(n);
+            for i in 0..n {
+                vals.push(match row.get_ref(i).map_err(|e| format!("{e}"))? {
+                    ValueRef::Null => Val::Null,
+                    ValueRef::Integer(i) => Val::Int(i),
+                    ValueRef::Real(r) => Val::Real(r),
+                    ValueRef::Text(t) => Val::Text(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Blob(b) => Val::Blob(b.to_vec()),
+                });
+            }
+            out.push(vals);
+        }
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+const PG_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    agent    TEXT   NOT NULL,
+    outbox   TEXT   NOT NULL,
+    seq      BIGINT NOT NULL,
+    received BIGINT NOT NULL,
+    records  BIGINT NOT NULL,
+    PRIMARY KEY (agent, outbox, seq)
+);
+CREATE TABLE IF NOT EXISTS points (
+    metric TEXT             NOT NULL,
+    net    TEXT             NOT NULL,
+    ts     BIGINT           NOT NULL,
+    agent  TEXT             NOT NULL,
+    dims   TEXT             NOT NULL,
+    value  DOUBLE PRECISION NOT NULL,
+    unit   TEXT             NOT NULL
+);
+CREATE INDEX IF NOT EXISTS points_by_time ON points (metric, ts);
+CREATE TABLE IF NOT EXISTS sketches (
+    metric   TEXT             NOT NULL,
+    net      TEXT             NOT NULL,
+    ts       BIGINT           NOT NULL,
+    agent    TEXT             NOT NULL,
+    dims     TEXT             NOT NULL,
+    unit     TEXT             NOT NULL,
+    estimate DOUBLE PRECISION NOT NULL,
+    sketch   BYTEA            NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sketches_by_time ON sketches (metric, ts);
+CREATE TABLE IF NOT EXISTS events (
+    ts      BIGINT NOT NULL,
+    etype   TEXT   NOT NULL,
+    user_id TEXT,
+    agent   TEXT   NOT NULL,
+    dims    TEXT   NOT NULL,
+    payload TEXT   NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (ts);
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id);
+CREATE TABLE IF NOT EXISTS pending (
+    metric TEXT   NOT NULL,
+    net    TEXT   NOT NULL,
+    ts     BIGINT NOT NULL,
+    PRIMARY KEY (metric, net, ts)
+);
+CREATE TABLE IF NOT EXISTS forwarded (
+    metric TEXT   NOT NULL,
+    net    TEXT   NOT NULL,
+    ts     BIGINT NOT NULL,
+    owner  TEXT   NOT NULL,
+    state  TEXT   NOT NULL,
+    at     BIGINT NOT NULL,
+    PRIMARY KEY (metric, net, ts)
+);
+CREATE TABLE IF NOT EXISTS rollups (
+    day      TEXT             NOT NULL,
+    metric   TEXT             NOT NULL,
+    net      TEXT             NOT NULL,
+    how      TEXT             NOT NULL,
+    value    DOUBLE PRECISION NOT NULL,
+    samples  BIGINT           NOT NULL,
+    agents   BIGINT           NOT NULL,
+    computed BIGINT           NOT NULL,
+    PRIMARY KEY (day, metric, net)
+);
+";
+
+/// Replicas starting together must not race each other's `CREATE TABLE`.
+const SCHEMA_LOCK: i64 = 0x6564_6765_6d75_7073; // "edgemups"
+
+pub struct Postgres {
+    config: postgres::Config,
+    target: String,
+    client: Option<postgres::Client>,
+    statements: HashMap<String, postgres::Statement>,
+}
+
+impl Postgres {
+    /// Parse the URL now (a typo is a config error); connect on first use,
+    /// and again whenever the connection was lost.
+    pub fn new(url: &str, password: Option<String>) -> Result<Postgres, String> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| format!("store URL is not a PostgreSQL URL: {e}"))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        config.connect_timeout(Duration::from_secs(10));
+        config.application_name("edgemeter-upstream");
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                postgres::config::Host::Tcp(s) => s.clone(),
+                postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        let target = format!(
+            "{}:{}/{}",
+            hosts.join(","),
+            config.get_ports().first().copied().unwrap_or(5432),
+            config.get_dbname().unwrap_or("")
+        );
+        Ok(Postgres {
+            config,
+            target,
+            client: None,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn client(&mut self) -> Result<&mut postgres::Client, String> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.statements.clear();
+            let mut client = self.config.connect(postgres::NoTls).map_err(|e| {
+                format!(
+                    "cannot connect to PostgreSQL {}: {}",
+                    self.target,
+                    pg_msg(&e)
+                )
+            })?;
+            let mut tx = client
+                .transaction()
+                .map_err(|e| format!("PostgreSQL {}: {}", self.target, pg_msg(&e)))?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+                .and_then(|_| tx.batch_execute(PG_SCHEMA))
+                .and_then(|_| tx.commit())
+                .map_err(|e| {
+                    format!(
+                        "creating the upstream tables in {}: {}",
+                        self.target,
+                        pg_msg(&e)
+                    )
+                })?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    fn statement(&mut self, sql: &str) -> Result<postgres::Statement, String> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let text = dollar_params(sql);
+        let target = self.target.clone();
+        let st = self
+            .client()?
+            .prepare(&text)
+            .map_err(|e| format!("PostgreSQL {target}: {}", pg_msg(&e)))?;
+        self.statements.insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+
+    fn fail(&mut self, e: postgres::Error) -> String {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        format!("PostgreSQL {}: {}", self.target, pg_msg(&e))
+    }
+}
+
+/// The server's message without the client's framing (never the password:
+/// the driver does not put it in errors).
+fn pg_msg(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+/// `?1` → `$1`, outside string literals.
+pub fn dollar_params(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut quoted = false;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c == '?' && !quoted && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+mod pg_types {
+    use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+
+    use super::Val;
+
+    type BoxError = Box<dyn std::error::Error + Sync + Send>;
+
+    impl ToSql for Val {
+        fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, BoxError> {
+            match (self, ty) {
+                (Val::Null, _) => Ok(IsNull::Yes),
+                (Val::Int(i), &Type::INT8) => i.to_sql(ty, out),
+                (Val::Int(i), &Type::INT4) => i32::try_from(*i)?.to_sql(ty, out),
+                (Val::Int(i), &Type::FLOAT8) => (*i as f64).to_sql(ty, out),
+                (Val::Real(r), &Type::FLOAT8) => r.to_sql(ty, out),
+                (Val::Text(s), _) => s.as_str().to_sql(ty, out),
+                (Val::Blob(b), _) => b.as_slice().to_sql(ty, out),
+                (v, ty) => Err(format!("cannot send {v:?} as {ty}").into()),
+            }
+        }
+        fn accepts(_: &Type) -> bool {
+            true
+        }
+        to_sql_checked!();
+    }
+
+    pub fn column(row: &postgres::Row, i: usize) -> Result<Val, postgres::Error> {
+        let ty = row.columns()[i].type_().clone();
+        Ok(match ty {
+            Type::INT8 => row
+                .try_get::<_, Option<i64>>(i)?
+                .map_or(Val::Null, Val::Int),
+            Type::INT4 => row
+                .try_get::<_, Option<i32>>(i)?
+                .map_or(Val::Null, |v| Val::Int(v.into())),
+            Type::FLOAT8 => row
+                .try_get::<_, Option<f64>>(i)?
+                .map_or(Val::Null, Val::Real),
+            Type::BYTEA => row
+                .try_get::<_, Option<Vec<u8>>>(i)?
+                .map_or(Val::Null, Val::Blob),
+            _ => row
+                .try_get::<_, Option<String>>(i)?
+                .map_or(Val::Null, Val::Text),
+        })
+    }
+}
+
+impl Db for Postgres {
+    fn kind(&self) -> &'static str {
+        "postgresql"
+    }
+    fn begin(&mut self) -> Result<(), String> {
+        let r = self.client()?.batch_execute("BEGIN");
+        r.map_err(|e| self.fail(e))
+    }
+    fn commit(&mut self) -> Result<(), String> {
+        let r = self.client()?.batch_execute("COMMIT");
+        r.map_err(|e| self.fail(e))
+    }
+    fn rollback(&mut self) {
+        if let Some(c) = self.client.as_mut().filter(|c| !c.is_closed()) {
+            let _ = c.batch_execute("ROLLBACK");
+        }
+    }
+    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, String> {
+        let st = self.statement(sql)?;
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            params.iter().map(|v| v as _).collect();
+        let r = self.client()?.execute(&st, &refs);
+        r.map_err(|e| self.fail(e))
+    }
+    fn query(&mut self, sql: &str, params: &[Val]) -> Result<Rows, String> {
+        let st = self.statement(sql)?;
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            params.iter().map(|v| v as _).collect();
+        let r = self.client()?.query(&st, &refs);
+        let rows = r.map_err(|e| self.fail(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut vals = Vec::with_capacity(row.len());
+            for i in 0..row.len() {
+                vals.push(pg_types::column(row, i).map_err(|e| self.fail(e))?);
+            }
+            out.push(vals);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dollar_params;
+
+    #[test]
+    fn parameters_become_dollars_outside_literals() {
+        assert_eq!(
+            dollar_params("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND d = ?12"),
+            "SELECT a FROM t WHERE b = $1 AND c = '?2' AND d = $12"
+        );
+    }
+}

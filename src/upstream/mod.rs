@@ -1,0 +1,344 @@
+//! `edgemeter upstream`: the aggregator many edges post to.
+//!
+//! It is the agent (`agent.rs`) with one more task beside the sources: the
+//! server. Its own `[[sink]]`s receive the network-wide aggregates through
+//! its own outbox, exactly as an edge's sinks receive what its sources
+//! measured, so an upstream can post to CloudWatch or to another upstream
+//! (a tree), with the same durability and retries.
+//!
+//! ```text
+//! edges ─POST /v1/batches─► http.rs (bounded) ─► api.rs (token, decode: wire.rs)
+//!        ─► group committer ─► store.rs (exactly once; SQLite | PostgreSQL via db.rs)
+//! forwarder: settled windows ─► union / sum ─► this upstream's outbox ─► its sinks
+//! queries: /v1/series, /v1/events, /v1/rollups (query.rs) · /health · /metrics
+//! ```
+//!
+//! Threads: the event loop serves every connection; the store runs on one
+//! worker thread (`upstream-store`), where batches that arrive while a
+//! commit runs are committed together in the next transaction.
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod query;
+pub mod store;
+pub mod wire;
+
+use std::cell::Cell;
+use std::net::TcpListener;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use smol::channel::Receiver;
+use smol::{Async, LocalExecutor};
+
+pub use config::Config;
+
+use crate::clock::now_ms;
+use crate::runtime::{Emitter, LocalBoxFuture, OnWorker, Shutdown};
+use crate::sources::{Context, Source};
+use api::{Api, Commit, Counters, Tokens, bump_map};
+use store::{Group, Store};
+
+pub const STORE_FILE: &str = "upstream.db";
+/// Batches waiting for the committer; past this a POST is answered 503.
+const COMMIT_QUEUE: usize = 4_096;
+/// Batches committed in one transaction at most.
+const GROUP_MAX: usize = 512;
+/// Settled groups forwarded per round; more wait for the next.
+const FORWARD_MAX: usize = 2_000;
+
+/// Open the store `c` names. `read_only` is for `edgemeter report` beside
+/// a running upstream (SQLite only; PostgreSQL reads are reads anyway).
+pub fn open_store(c: &Config, state_dir: &Path, read_only: bool) -> Result<Store, String> {
+    let db: Box<dyn db::Db> = match &c.store {
+        config::StoreKind::Sqlite => {
+            let path = state_dir.join(STORE_FILE);
+            if !read_only {
+                std::fs::create_dir_all(state_dir)
+                    .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
+            } else if !path.exists() {
+                return Err(format!(
+                    "{} does not exist (has `edgemeter upstream` run with this state_dir?)",
+                    path.display()
+                ));
+            }
+            Box::new(db::Sqlite::open(&path, read_only)?)
+        }
+        config::StoreKind::Postgres { url, password_file } => {
+            let password = match password_file {
+                Some(f) => Some(crate::sinks::upstream::read_token(f)?),
+                None => std::env::var("PGPASSWORD").ok(),
+            };
+            Box::new(db::Postgres::new(url, password)?)
+        }
+    };
+    Ok(Store::new(db, c.edge_dims.clone()))
+}
+
+/// Everything the server task needs, prepared before the loop starts so
+/// that a port in use or an unreadable store stops `edgemeter upstream` at
+/// once with a clear message.
+pub struct Server {
+    config: Config,
+    listener: Async<TcpListener>,
+    tokens: Tokens,
+    store: Store,
+    /// Whether this upstream has sinks to forward aggregates to.
+    forwards: bool,
+}
+
+impl Server {
+    pub fn prepare(config: Config, state_dir: &Path, forwards: bool) -> Result<Server, String> {
+        let tokens = Tokens::load(&config.tokens_dir)?;
+        if tokens.len() == 0 {
+            log::warn!(
+                "no agent tokens in {} (one `<agent_id>.token` file per edge); every batch is refused until one is added",
+                config.tokens_dir.display()
+            );
+        }
+        let store = open_store(&config, state_dir, false)?;
+        let listener = Async::<TcpListener>::bind(config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        Ok(Server {
+            config,
+            listener,
+            tokens,
+            store,
+            forwards,
+        })
+    }
+}
+
+impl Source for Server {
+    fn run(self: Box<Self>, ctx: Context) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move {
+            let ex = LocalExecutor::new();
+            ex.run(serve(&ex, *self, ctx)).await
+        })
+    }
+}
+
+async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
+    let c = s.config;
+    let counters = Rc::new(Counters::default());
+    let kind = s.store.kind();
+    let listen = s
+        .listener
+        .get_ref()
+        .local_addr()
+        .map_or(c.listen.to_string(), |a| a.to_string());
+    let store = OnWorker::new("upstream-store", s.store);
+    match store.call(|s| s.sizes()).await {
+        Ok(sizes) => log::info!(
+            "upstream listening on {listen} ({} agent tokens; {kind} store with {} batches)",
+            s.tokens.len(),
+            sizes.get("batches").copied().unwrap_or(0)
+        ),
+        Err(e) => log::error!(
+            "upstream listening on {listen}, but the store is unavailable: {e}; answering 503 until it is back"
+        ),
+    }
+    let (commits, queue) = smol::channel::bounded(COMMIT_QUEUE);
+    let api = Rc::new(Api::new(
+        s.tokens,
+        c.admin_token_file.clone(),
+        store.clone(),
+        kind,
+        commits,
+        counters.clone(),
+        c.limits.max_batch_bytes,
+    ));
+    let committer = ex.spawn(commit_loop(queue, store.clone(), counters.clone()));
+    if s.forwards {
+        ex.spawn(forward_loop(
+            store.clone(),
+            ctx.emit.clone(),
+            ctx.agent_id.clone(),
+            c.forward_interval,
+            c.settle,
+            ctx.shutdown.clone(),
+            counters.clone(),
+        ))
+        .detach();
+    }
+
+    let open = Rc::new(Cell::new(0usize));
+    let limits = Rc::new(c.limits.clone());
+    loop {
+        let accepted = smol::future::or(async { Some(s.listener.accept().await) }, async {
+            ctx.shutdown.wait().await;
+            None
+        })
+        .await;
+        let (stream, peer) = match accepted {
+            None => break,
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                // Out of file descriptors, mostly: wait rather than spin.
+                log::error!("accepting a connection on {} failed: {e}", c.listen);
+                if ctx.shutdown.sleep(Duration::from_millis(100)).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if open.get() >= limits.max_connections {
+            counters
+                .connections_refused
+                .set(counters.connections_refused.get() + 1);
+            // One write that cannot block (a fresh socket's buffer is
+            // empty), then close: a full server costs nothing to refuse.
+            let busy = http::encode_response(
+                &http::Response::error(
+                    503,
+                    "too many connections (max_connections); try again shortly",
+                ),
+                true,
+            );
+            use std::io::Write;
+            let _ = stream.get_ref().write(&busy);
+            continue;
+        }
+        let _ = stream.get_ref().set_nodelay(true);
+        open.set(open.get() + 1);
+        counters.connections_open.set(open.get() as u64);
+        let (api, open, limits, counters) =
+            (api.clone(), open.clone(), limits.clone(), counters.clone());
+        ex.spawn(async move {
+            let (_, how) = http::serve_connection(stream, peer, &limits, |req| {
+                let api = api.clone();
+                async move { api.handle(req).await }
+            })
+            .await;
+            open.set(open.get() - 1);
+            counters.connections_open.set(open.get() as u64);
+            bump_map(&counters.connections_closed, how.as_str());
+        })
+        .detach();
+    }
+    // Let requests in flight finish (their batches are being committed);
+    // the agent cancels us after its grace period anyway.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while open.get() > 0 && Instant::now() < deadline {
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
+    drop(api);
+    committer.cancel().await;
+}
+
+/// The group committer: takes every batch waiting, commits them in one
+/// transaction on the store thread, answers each.
+async fn commit_loop(queue: Receiver<Commit>, store: OnWorker<Store>, counters: Rc<Counters>) {
+    while let Ok(first) = queue.recv().await {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match queue.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        let (batches, replies): (Vec<wire::Batch>, Vec<_>) = group.into_iter().unzip();
+        let started = Instant::now();
+        let results = store
+            .call(move |s| {
+                let refs: Vec<&wire::Batch> = batches.iter().collect();
+                s.ingest(&refs, now_ms())
+            })
+            .await;
+        counters
+            .ingest_seconds
+            .set(counters.ingest_seconds.get() + started.elapsed().as_secs_f64());
+        match results {
+            Ok(done) => {
+                for (reply, d) in replies.into_iter().zip(done) {
+                    let _ = reply.try_send(Ok(d));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.try_send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Forward settled windows' network-wide values through this upstream's
+/// own outbox. `owner` (the upstream's agent id) names the claims of this
+/// replica, so that after a crash it re-sends what it claimed but had not
+/// seen committed (replicas need distinct agent ids).
+async fn forward_loop(
+    store: OnWorker<Store>,
+    emit: Emitter,
+    owner: String,
+    every: Duration,
+    settle: Duration,
+    shutdown: Shutdown,
+    counters: Rc<Counters>,
+) {
+    let mut recovering = true;
+    loop {
+        let owner2 = owner.clone();
+        let until = now_ms() - settle.as_millis() as i64;
+        let round = store
+            .call(move |s| -> Result<Vec<(Group, store::Aggregate)>, String> {
+                let mut groups = if recovering {
+                    s.unsent(&owner2)?
+                } else {
+                    Vec::new()
+                };
+                for g in s.settled(until, FORWARD_MAX)? {
+                    if s.claim(&g, &owner2, now_ms())? {
+                        groups.push(g);
+                    }
+                }
+                let mut out = Vec::with_capacity(groups.len());
+                for g in groups {
+                    if let Some(a) = s.aggregate(&g)? {
+                        out.push((g, a));
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        let mut full = false;
+        match round {
+            Err(e) => log::error!(
+                "forwarding aggregates: {e}; trying again in {} s",
+                every.as_secs_f64()
+            ),
+            Ok(aggs) => {
+                recovering = false;
+                full = aggs.len() >= FORWARD_MAX;
+                let mut sent = Vec::with_capacity(aggs.len());
+                for (g, a) in aggs {
+                    if !emit.emit(a.point).await {
+                        return;
+                    }
+                    if let Some(sk) = a.sketch
+                        && !emit.emit(sk).await
+                    {
+                        return;
+                    }
+                    sent.push(g);
+                }
+                if !sent.is_empty() && emit.committed().await {
+                    let n = sent.len() as u64;
+                    match store.call(move |s| s.mark_sent(&sent)).await {
+                        Ok(()) => counters.forwarded.set(counters.forwarded.get() + n),
+                        Err(e) => log::error!(
+                            "the aggregates are in the outbox, but marking them sent failed: {e}; \
+                             they may be sent again after a restart"
+                        ),
+                    }
+                }
+            }
+        }
+        if !full && shutdown.sleep(every).await {
+            return;
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The upstream batch: what an edge's `upstream` sink POSTs to
+//! `/v1/batches` and what `edgemeter upstream` accepts. One format, used by
+//! both sides, so they cannot drift apart.
+//!
+//! Version 1 is a JSON object, sent gzip-compressed:
+//! ```text
+//! { "v": 1, "agent_id": "gw-17", "outbox_id": "5f0c…", "seq": 42,
+//!   "points":   [{"metric", "dims": {k: v}, "ts", "value", "unit"}],
+//!   "sketches": [{"metric", "dims", "ts", "unit", "sketch": "<base64 envelope>"}],
+//!   "events":   [{"type", "dims", "ts", "payload": <the event's JSON>}] }
+//! ```
+//! The idempotency key is `(agent_id, outbox_id, seq)`: `seq` is the
+//! outbox's stable batch number for this sink, and `outbox_id` is drawn when
+//! the outbox file is created, so an edge whose state was wiped (a reinstall,
+//! a corrupt file moved aside) starts a new sequence instead of having its
+//! fresh batches 1, 2, 3… dropped as duplicates of the old ones.
+//!
+//! [`decode`] is the server's gate: everything an edge can get wrong is
+//! refused here with a message that says what and where, before anything
+//! touches the store.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::record::{Dims, Kind, Record};
+use crate::sketch::Sketch;
+
+pub const VERSION: u32 = 1;
+pub const PATH: &str = "/v1/batches";
+/// Records one batch may carry (the sink's `batch_max_records` is capped to it).
+pub const MAX_RECORDS: usize = 50_000;
+const MAX_METRIC_LEN: usize = 255;
+const MAX_DIMS: usize = 30;
+const MAX_DIM_KEY_LEN: usize = 255;
+const MAX_DIM_VALUE_LEN: usize = 1024;
+const MAX_UNIT_LEN: usize = 32;
+const MAX_ID_LEN: usize = 64;
+/// A timestamp more than this far ahead of the upstream's clock is refused.
+const MAX_FUTURE_MS: i64 = 24 * 3600 * 1000;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireBatch {
+    v: u32,
+    agent_id: String,
+    outbox_id: String,
+    seq: i64,
+    #[serde(default)]
+    points: Vec<WirePoint>,
+    #[serde(default)]
+    sketches: Vec<WireSketch>,
+    #[serde(default)]
+    events: Vec<WireEvent>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WirePoint {
+    metric: String,
+    #[serde(default)]
+    dims: BTreeMap<String, String>,
+    ts: i64,
+    value: f64,
+    unit: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSketch {
+    metric: String,
+    #[serde(default)]
+    dims: BTreeMap<String, String>,
+    ts: i64,
+    unit: String,
+    sketch: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    dims: BTreeMap<String, String>,
+    ts: i64,
+    payload: Box<RawValue>,
+}
+
+/// A batch as the edge knows it.
+pub struct Key<'a> {
+    pub agent_id: &'a str,
+    pub outbox_id: &'a str,
+    pub seq: i64,
+}
+
+/// A batch the server accepted the shape of: records ready for the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub agent_id: String,
+    pub outbox_id: String,
+    pub seq: i64,
+    /// Points, sketches (payload = the envelope, value = its estimate) and
+    /// events (payload = the event's JSON), in the order sent.
+    pub records: Vec<Record>,
+}
+
+fn dims_map(d: &Dims) -> BTreeMap<String, String> {
+    d.pairs().iter().cloned().collect()
+}
+
+/// The JSON text of a batch (the sink gzips it). Records of kinds the
+/// upstream does not take (lines) are left out; the sink never asks for them.
+pub fn encode<'r>(key: &Key<'_>, records: impl IntoIterator<Item = &'r Record>) -> String {
+    let mut batch = WireBatch {
+        v: VERSION,
+        agent_id: key.agent_id.to_owned(),
+        outbox_id: key.outbox_id.to_owned(),
+        seq: key.seq,
+        points: Vec::new(),
+        sketches: Vec::new(),
+        events: Vec::new(),
+    };
+    for r in records {
+        match r.kind {
+            Kind::Point => batch.points.push(WirePoint {
+                metric: r.name.clone(),
+                dims: dims_map(&r.dims),
+                ts: r.ts_ms,
+                value: r.value,
+                unit: r.unit.clone(),
+            }),
+            Kind::Sketch => batch.sketches.push(WireSketch {
+                metric: r.name.clone(),
+                dims: dims_map(&r.dims),
+                ts: r.ts_ms,
+                unit: r.unit.clone(),
+                sketch: B64.encode(&r.payload),
+            }),
+            Kind::Event => batch.events.push(WireEvent {
+                kind: r.name.clone(),
+                dims: dims_map(&r.dims),
+                ts: r.ts_ms,
+                payload: event_payload(&r.payload),
+            }),
+            Kind::Line => {}
+        }
+    }
+    serde_json::to_string(&batch).expect("a batch of strings and numbers always serializes")
+}
+
+/// An event's payload as JSON: the bytes themselves when they are JSON (the
+/// relay stores the exact text it received), otherwise a JSON string of them.
+fn event_payload(bytes: &[u8]) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(bytes);
+    serde_json::from_str::<Box<RawValue>>(&text).unwrap_or_else(|_| {
+        let quoted = serde_json::to_string(&text).expect("a string serializes");
+        RawValue::from_string(quoted).expect("a JSON string is JSON")
+    })
+}
+
+/// Why a request body is not a batch: the text goes back to the edge in the
+/// 4xx answer, so it says what and where.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invalid {
+    /// The body is not gzip, or is cut short.
+    Gzip(String),
+    /// It unpacks to more than the server takes.
+    TooLarge(usize),
+    /// Not JSON, or not a batch's shape (with serde's line and column).
+    Shape(String),
+    /// A batch version this server does not read.
+    Version(u32),
+    /// The batch is well-formed JSON but a value is out of bounds.
+    Value(String),
+    /// A sketch this server cannot merge (version, hash, seed, precision).
+    Sketch(String),
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Gzip(e) => write!(f, "the body is not valid gzip: {e}"),
+            Invalid::TooLarge(max) => write!(f, "the body unpacks to more than {max} bytes"),
+            Invalid::Shape(e) => write!(f, "the body is not an upstream batch: {e}"),
+            Invalid::Version(v) => write!(
+                f,
+                "batch version {v} is not supported (this upstream reads version {VERSION}); upgrade the upstream"
+            ),
+            Invalid::Value(e) => write!(f, "{e}"),
+            Invalid::Sketch(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Unpack a gzip body, reading at most `max` bytes of JSON (a small body can
+/// unpack to gigabytes: the bound is on what comes out).
+pub fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, Invalid> {
+    let mut out = Vec::with_capacity((body.len() * 4).min(max));
+    let mut dec = flate2::read::GzDecoder::new(body).take(max as u64 + 1);
+    dec.read_to_end(&mut out)
+        .map_err(|e| Invalid::Gzip(e.to_string()))?;
+    if out.len() > max {
+        return Err(Invalid::TooLarge(max));
+    }
+    Ok(out)
+}
+
+/// Check a batch's JSON and turn it into records. `now_ms` is the server's
+/// clock, for refusing timestamps from the far future.
+pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
+    // Read the version first, so a future format is refused as a version,
+    // not as a confusing shape error.
+    #[derive(Deserialize)]
+    struct Version {
+        v: Option<u32>,
+    }
+    if let Ok(Version { v: Some(v) }) = serde_json::from_slice::<Version>(json)
+        && v != VERSION
+    {
+        return Err(Invalid::Version(v));
+    }
+    let w: WireBatch = serde_json::from_slice(json).map_err(|e| Invalid::Shape(e.to_string()))?;
+    let bad = |m: String| Err(Invalid::Value(m));
+    if !valid_id(&w.agent_id) {
+        return bad(format!(
+            "agent_id `{}` must be 1 to {MAX_ID_LEN} letters, digits, `-`, `_` or `.`",
+            truncate(&w.agent_id)
+        ));
+    }
+    if !valid_id(&w.outbox_id) {
+        return bad(format!(
+            "outbox_id `{}` must be 1 to {MAX_ID_LEN} letters, digits, `-`, `_` or `.`",
+            truncate(&w.outbox_id)
+        ));
+    }
+    if w.seq < 1 {
+        return bad(format!("seq {} must be 1 or more", w.seq));
+    }
+    let n = w.points.len() + w.sketches.len() + w.events.len();
+    if n > MAX_RECORDS {
+        return bad(format!("{n} records in one batch; at most {MAX_RECORDS}"));
+    }
+    let mut records = Vec::with_capacity(n);
+    for (i, p) in w.points.into_iter().enumerate() {
+        let at = || format!("points[{i}]");
+        check_series(&at(), &p.metric, &p.dims, p.ts, &p.unit, now_ms)?;
+        if !p.value.is_finite() {
+            return bad(format!("{}: value must be a finite number", at()));
+        }
+        records.push(Record {
+            kind: Kind::Point,
+            ts_ms: p.ts,
+            name: p.metric,
+            dims: Dims::new(p.dims),
+            value: p.value,
+            unit: p.unit,
+            payload: Vec::new(),
+        });
+    }
+    for (i, s) in w.sketches.into_iter().enumerate() {
+        let at = format!("sketches[{i}]");
+        check_series(&at, &s.metric, &s.dims, s.ts, &s.unit, now_ms)?;
+        let bytes = B64
+            .decode(s.sketch.as_bytes())
+            .map_err(|e| Invalid::Value(format!("{at}: sketch is not base64: {e}")))?;
+        let sketch = Sketch::decode(&bytes)
+            .map_err(|e| Invalid::Sketch(format!("{at}: cannot merge this sketch: {e}")))?;
+        records.push(Record {
+            kind: Kind::Sketch,
+            ts_ms: s.ts,
+            name: s.metric,
+            dims: Dims::new(s.dims),
+            value: sketch.estimate(),
+            unit: s.unit,
+            payload: bytes,
+        });
+    }
+    for (i, e) in w.events.into_iter().enumerate() {
+        let at = format!("events[{i}]");
+        check_series(&at, &e.kind, &e.dims, e.ts, "None", now_ms)?;
+        records.push(Record {
+            kind: Kind::Event,
+            ts_ms: e.ts,
+            name: e.kind,
+            dims: Dims::new(e.dims),
+            value: 0.0,
+            unit: "None".into(),
+            payload: e.payload.get().as_bytes().to_vec(),
+        });
+    }
+    Ok(Batch {
+        agent_id: w.agent_id,
+        outbox_id: w.outbox_id,
+        seq: w.seq,
+        records,
+    })
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// At most 64 characters of something an edge sent, for an error message.
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn check_series(
+    at: &str,
+    name: &str,
+    dims: &BTreeMap<String, String>,
+    ts: i64,
+    unit: &str,
+    now_ms: i64,
+) -> Result<(), Invalid> {
+    let fail = |m: String| Err(Invalid::Value(format!("{at}: {m}")));
+    if name.is_empty() || name.len() > MAX_METRIC_LEN {
+        return fail(format!("the name must be 1 to {MAX_METRIC_LEN} bytes"));
+    }
+    if dims.len() > MAX_DIMS {
+        return fail(format!("{} dimensions; at most {MAX_DIMS}", dims.len()));
+    }
+    for (k, v) in dims {
+        if k.is_empty() || k.len() > MAX_DIM_KEY_LEN || v.len() > MAX_DIM_VALUE_LEN {
+            return fail(format!(
+                "dimension `{}` must have a 1 to {MAX_DIM_KEY_LEN} byte name and a value of at most {MAX_DIM_VALUE_LEN} bytes",
+                truncate(k)
+            ));
+        }
+    }
+    if !(0..=now_ms + MAX_FUTURE_MS).contains(&ts) {
+        return fail(format!(
+            "ts {ts} is before 1970 or more than a day ahead of this upstream's clock"
+        ));
+    }
+    if unit.len() > MAX_UNIT_LEN {
+        return fail(format!("unit must be at most {MAX_UNIT_LEN} bytes"));
+    }
+    Ok(())
+}
