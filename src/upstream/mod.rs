@@ -342,3 +342,6 @@ async fn forward_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

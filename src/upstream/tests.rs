@@ -1,0 +1,264 @@
+//! The upstream's decisions without sockets: the wire format both ways, and
+//! the store's answers on a real SQLite file (PostgreSQL gets the same
+//! through `tests/upstream.rs`).
+
+use super::*;
+use crate::record::{Dims, Kind, Record};
+use crate::sketch::{Sketch, hash_i64};
+use crate::upstream::store::{How, SeriesQuery};
+
+const NOW: i64 = 1_795_996_800_000; // 2026-11-30T00:00Z
+
+fn sketch_of(ids: impl IntoIterator<Item = i64>) -> Sketch {
+    let mut s = Sketch::default();
+    for id in ids {
+        s.insert(hash_i64(id));
+    }
+    s
+}
+
+fn users(gateway: &str, ts: i64, ids: impl IntoIterator<Item = i64>) -> [Record; 2] {
+    let s = sketch_of(ids);
+    let dims = Dims::new([("gateway", gateway), ("window", "30m")]);
+    let point = Record::point("active_users", dims.clone(), ts, s.estimate(), "Count");
+    let sketch = Record {
+        kind: Kind::Sketch,
+        payload: s.encode(),
+        ..point.clone()
+    };
+    [point, sketch]
+}
+
+fn batch(agent: &str, seq: i64, records: &[Record]) -> wire::Batch {
+    let json = wire::encode(
+        &wire::Key {
+            agent_id: agent,
+            outbox_id: "0123abcd",
+            seq,
+        },
+        records,
+    );
+    wire::decode(json.as_bytes(), NOW).expect("a batch we encoded decodes")
+}
+
+fn sqlite_store() -> (Store, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("edgemeter-upstore-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let db = db::Sqlite::open(&dir.join(STORE_FILE), false).expect("open");
+    let edge = config::DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect();
+    (Store::new(Box::new(db), edge), dir)
+}
+
+#[test]
+fn a_batch_survives_the_wire_exactly() {
+    let mut recs = users("gw-a", NOW - 60_000, 0..5).to_vec();
+    recs.push(Record {
+        kind: Kind::Event,
+        ts_ms: NOW - 1,
+        name: "analytics".into(),
+        dims: Dims::new([("stream", "spin30")]),
+        value: 0.0,
+        unit: "None".into(),
+        payload: br#"{"user":"u1","type":"analytics","payload":{"cmd":"set_speed"}}"#.to_vec(),
+    });
+    recs.push(Record {
+        kind: Kind::Event,
+        payload: b"not json \xff".to_vec(),
+        ..recs[2].clone()
+    });
+    let b = batch("gw-a", 7, &recs);
+    assert_eq!((b.agent_id.as_str(), b.outbox_id.as_str(), b.seq), ("gw-a", "0123abcd", 7));
+    // Points first, then sketches, then events: the order the format groups them.
+    assert_eq!(b.records[0], recs[0]);
+    assert_eq!(b.records[1], recs[1]);
+    assert_eq!(b.records[2], recs[2]);
+    assert_eq!(
+        b.records[3].payload,
+        "\"not json \u{fffd}\"".as_bytes().to_vec(),
+        "a payload that is not JSON travels as a JSON string"
+    );
+}
+
+#[test]
+fn bad_batches_are_refused_with_what_is_wrong() {
+    let check = |json: &str, want: &str| {
+        let e = wire::decode(json.as_bytes(), NOW).expect_err(json).to_string();
+        assert!(e.contains(want), "{json}\n gave: {e}\n wanted: {want}");
+    };
+    let ok = |rest: &str| format!(r#"{{"v":1,"agent_id":"a","outbox_id":"o","seq":1{rest}}}"#);
+    check(r#"{"v":2,"whatever":true}"#, "batch version 2 is not supported");
+    check(r#"{"v":1}"#, "missing field `agent_id`");
+    check("[1,2,3]", "not an upstream batch");
+    check(&ok(r#","points":{"x":1}"#), "not an upstream batch");
+    check(&ok(r#","extra":1"#), "unknown field `extra`");
+    check(r#"{"v":1,"agent_id":"a b","outbox_id":"o","seq":1}"#, "agent_id `a b`");
+    check(r#"{"v":1,"agent_id":"a","outbox_id":"o","seq":0}"#, "seq 0");
+    check(
+        &ok(r#","points":[{"metric":"m","ts":1,"value":1,"unit":"Count","dims":{"":"x"}}]"#),
+        "points[0]: dimension",
+    );
+    check(
+        &ok(&format!(
+            r#","points":[{{"metric":"m","ts":{},"value":1,"unit":"Count"}}]"#,
+            NOW + 2 * 86_400_000
+        )),
+        "more than a day ahead",
+    );
+    check(
+        &ok(r#","sketches":[{"metric":"m","ts":1,"unit":"Count","sketch":"!!"}]"#),
+        "sketches[0]: sketch is not base64",
+    );
+    // A sketch envelope of a version this build cannot merge.
+    let mut env = sketch_of(0..3).encode();
+    env[4] = 9;
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&env);
+    check(
+        &ok(&format!(
+            r#","sketches":[{{"metric":"m","ts":1,"unit":"Count","sketch":"{b64}"}}]"#
+        )),
+        "sketches[0]: cannot merge this sketch: unsupported",
+    );
+    // gzip: cut short, not gzip at all, and a bomb.
+    let gz = crate::sinks::cloudwatch_metrics::gzip(ok("").as_bytes());
+    assert!(matches!(
+        wire::gunzip(&gz[..gz.len() / 2], 1 << 20),
+        Err(wire::Invalid::Gzip(_))
+    ));
+    assert!(matches!(wire::gunzip(b"plain text", 1 << 20), Err(wire::Invalid::Gzip(_))));
+    let bomb = crate::sinks::cloudwatch_metrics::gzip(&vec![b' '; 4 << 20]);
+    assert!(bomb.len() < 16 * 1024, "4 MiB of spaces pack small");
+    assert_eq!(wire::gunzip(&bomb, 1 << 20), Err(wire::Invalid::TooLarge(1 << 20)));
+    assert_eq!(wire::gunzip(&gz, 1 << 20).expect("whole"), ok("").into_bytes());
+}
+
+#[test]
+fn the_store_keeps_each_batch_once_and_unions_users_across_gateways() {
+    let (mut store, dir) = sqlite_store();
+    let t = NOW - 3_600_000;
+    // Three gateways with overlapping ids (gossip): 0..100, 50..150, 100..200.
+    let a = batch("gw-a", 1, &users("gw-a", t, 0..100));
+    let b = batch("gw-b", 1, &users("gw-b", t, 50..150));
+    let c = batch("gw-c", 1, &users("gw-c", t, 100..200));
+    let done = store.ingest(&[&a, &b, &a], NOW).expect("ingest");
+    assert_eq!(
+        done.iter().map(|d| d.new).collect::<Vec<_>>(),
+        vec![true, true, false],
+        "the same key twice in one group commit is stored once"
+    );
+    let again = store.ingest(&[&c, &b], NOW).expect("ingest");
+    assert_eq!(again.iter().map(|d| d.new).collect::<Vec<_>>(), vec![true, false]);
+
+    let q = SeriesQuery {
+        metric: "active_users".into(),
+        start_ms: t - 1,
+        end_ms: t + 1,
+        agent: None,
+        dims: vec![],
+        limit: 100,
+    };
+    let rows = store.series(&q).expect("series");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].how, How::Union);
+    assert_eq!(rows[0].value, 200.0, "the union of 0..200, each id once");
+    assert_eq!(rows[0].agents, 3);
+    assert_eq!(rows[0].dims, Dims::new([("window", "30m")]), "the gateway dim is dropped");
+    // Per agent: each gateway's own count; their sum (300) is what summing got wrong.
+    let per_agent = store
+        .series(&SeriesQuery {
+            agent: Some("*".into()),
+            ..q.clone()
+        })
+        .expect("per agent");
+    let values: Vec<f64> = per_agent.iter().map(|r| r.value).collect();
+    assert_eq!(values, vec![100.0, 100.0, 100.0]);
+
+    // Forwarding: the settled group is claimed once, even by two replicas.
+    let groups = store.settled(NOW, 10).expect("settled");
+    assert_eq!(groups.len(), 1);
+    assert!(store.claim(&groups[0], "up-1", NOW).expect("claim"));
+    assert!(!store.claim(&groups[0], "up-2", NOW).expect("claim"), "a second claim loses");
+    assert!(store.settled(NOW, 10).expect("settled").is_empty());
+    let agg = store.aggregate(&groups[0]).expect("aggregate").expect("some");
+    assert_eq!(agg.point.value, 200.0);
+    let merged = Sketch::decode(&agg.sketch.expect("a union forwards its sketch").payload).expect("decode");
+    assert_eq!(merged.estimate(), 200.0);
+    assert_eq!(store.unsent("up-1").expect("unsent"), groups, "claimed, not yet confirmed");
+    store.mark_sent(&groups).expect("sent");
+    assert!(store.unsent("up-1").expect("unsent").is_empty());
+
+    // A late gateway: stored and counted in queries, reported as late.
+    let d = batch("gw-d", 1, &users("gw-d", t, 190..260));
+    let late = store.ingest(&[&d], NOW).expect("ingest");
+    assert_eq!(late[0].late, 2, "its point and sketch came after forwarding");
+    assert_eq!(store.series(&q).expect("series")[0].value, 260.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn rollups_recompute_a_day_and_never_add_twice() {
+    let (mut store, dir) = sqlite_store();
+    let day_start = NOW - 86_400_000;
+    let counter = |agent: &str, ts: i64, v: f64| {
+        Record::point("relay_messages", Dims::new([("agent", agent), ("stream", "spin30")]), ts, v, "Count")
+    };
+    let b1 = batch("gw-a", 1, &[users("gw-a", day_start + 1_800_000, 0..10).to_vec(), vec![counter("gw-a", day_start + 5, 7.0)]].concat());
+    let b2 = batch("gw-b", 1, &[users("gw-b", day_start + 3_600_000, 5..20).to_vec(), vec![counter("gw-b", day_start + 6, 5.0)]].concat());
+    store.ingest(&[&b1, &b2], NOW).expect("ingest");
+    // Outside the day: must not count.
+    let b3 = batch("gw-a", 2, &[counter("gw-a", NOW + 5, 100.0)]);
+    store.ingest(&[&b3], NOW).expect("ingest");
+
+    let day = crate::clock::day(day_start);
+    let first = store.rollup(&day, day_start, NOW).expect("rollup");
+    let again = store.rollup(&day, day_start, NOW).expect("rollup again");
+    assert_eq!(first, again, "running it twice gives the same totals");
+    let find = |rows: &[store::RollupRow], m: &str| rows.iter().find(|r| r.metric == m).cloned().expect(m);
+    assert_eq!(find(&first, "active_users").value, 20.0, "ids 0..20 once");
+    assert_eq!(find(&first, "active_users").how, "union");
+    assert_eq!(find(&first, "relay_messages").value, 12.0);
+    assert_eq!(find(&first, "relay_messages").how, "sum");
+    assert_eq!(store.rollups(&day, &day).expect("stored").len(), first.len());
+
+    // A late batch for that day: the next rollup includes it, once.
+    let late = batch("gw-c", 1, &[counter("gw-c", day_start + 7, 3.0)]);
+    store.ingest(&[&late, &late], NOW).expect("ingest");
+    let after = store.rollup(&day, day_start, NOW).expect("rollup");
+    assert_eq!(find(&after, "relay_messages").value, 15.0);
+    assert_eq!(store.rollups(&day, &day).expect("stored"), after);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn events_are_found_by_user_and_deleted_everywhere_they_are() {
+    let (mut store, dir) = sqlite_store();
+    let ev = |user: &str, ts: i64| Record {
+        kind: Kind::Event,
+        ts_ms: ts,
+        name: "analytics".into(),
+        dims: Dims::new([("stream", "spin30")]),
+        value: 0.0,
+        unit: "None".into(),
+        payload: format!(r#"{{"user":"{user}","t":1,"type":"analytics"}}"#).into_bytes(),
+    };
+    let b = batch("host-1", 1, &[ev("alice", NOW - 10), ev("bob", NOW - 9), ev("alice", NOW - 8)]);
+    let c = batch("host-2", 1, &[ev("alice", NOW - 7)]);
+    store.ingest(&[&b, &c], NOW).expect("ingest");
+    let q = store::EventQuery {
+        start_ms: NOW - 100,
+        end_ms: NOW,
+        user: Some("alice".into()),
+        etype: None,
+        agent: None,
+        limit: 100,
+    };
+    let found = store.events(&q).expect("events");
+    assert_eq!(found.len(), 3);
+    assert!(found.iter().all(|e| e.user.as_deref() == Some("alice")));
+    assert_eq!(store.delete_user("alice").expect("delete"), 3);
+    assert!(store.events(&q).expect("events").is_empty());
+    assert_eq!(store.delete_user("alice").expect("delete"), 0);
+    let bob = store::EventQuery { user: Some("bob".into()), ..q };
+    assert_eq!(store.events(&bob).expect("events").len(), 1, "others are kept");
+    std::fs::remove_dir_all(&dir).ok();
+}
