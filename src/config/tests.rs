@@ -185,6 +185,8 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "idle_timeout_secs",
         "forward_interval_secs",
         "settle_secs",
+        "users",
+        "users_window_secs",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {

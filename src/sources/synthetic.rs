@@ -6,6 +6,12 @@
 //! `metric`, each with dims `{agent, series}` and as value the number of the
 //! point in this run (0, 1, 2, ...), which makes loss and duplication easy to
 //! see downstream. With `limit` it stops after that many points.
+//!
+//! With `users = "A..B"` it also reports ids A to B-1 as the active users of
+//! every `users_window_secs` window: a `<metric>_active_users` point and
+//! sketch at each window's end, aligned to the wall clock so that agents on
+//! different machines report the same windows. Agents given overlapping
+//! ranges are how the upstream's network-wide union is tested and shown.
 
 use std::time::{Duration, Instant};
 
@@ -15,8 +21,9 @@ use toml::de::DeTable;
 
 use crate::clock::now_ms;
 use crate::config::{Problems, deserialize, int_in_range};
-use crate::record::{Dims, Record};
+use crate::record::{Dims, Kind, Record};
 use crate::runtime::LocalBoxFuture;
+use crate::sketch::{Sketch, hash_i64};
 use crate::sources::{Context, Source};
 
 /// Points are emitted in ticks this far apart at most (fewer wake-ups than
@@ -29,6 +36,8 @@ pub struct Config {
     pub rate_per_sec: f64,
     pub series: u32,
     pub limit: Option<u64>,
+    /// Ids reported active in every window, and the window.
+    pub users: Option<(std::ops::Range<i64>, Duration)>,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +47,8 @@ struct Raw {
     rate_per_sec: Option<Spanned<f64>>,
     series: Option<Spanned<i64>>,
     limit: Option<Spanned<i64>>,
+    users: Option<Spanned<String>>,
+    users_window_secs: Option<Spanned<f64>>,
 }
 
 impl Config {
@@ -71,11 +82,37 @@ impl Config {
         let limit = raw
             .limit
             .map(|l| int_in_range(&l, "limit", 1, u64::MAX >> 1, p));
+        let window = crate::config::secs(
+            raw.users_window_secs.as_ref(),
+            "users_window_secs",
+            10.0,
+            1.0,
+            86_400.0,
+            p,
+        );
+        let users = raw.users.as_ref().and_then(|u| {
+            let range = u
+                .get_ref()
+                .split_once("..")
+                .and_then(|(a, b)| Some(a.trim().parse::<i64>().ok()?..b.trim().parse::<i64>().ok()?))
+                .filter(|r| r.start < r.end && r.end - r.start <= 10_000_000);
+            if range.is_none() {
+                p.push(
+                    u.span(),
+                    format!(
+                        "users `{}` must be a range of ids such as \"0..1000\" (at most 10000000 ids)",
+                        u.get_ref()
+                    ),
+                );
+            }
+            range.map(|r| (r, window))
+        });
         (p.list().len() == before).then_some(Config {
             metric,
             rate_per_sec,
             series,
             limit,
+            users,
         })
     }
 }
@@ -99,49 +136,102 @@ fn due(rate_per_sec: f64, elapsed: Duration, limit: Option<u64>) -> u64 {
 impl Source for Synthetic {
     fn run(self: Box<Self>, ctx: Context) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
-            let c = self.config;
-            let dims: Vec<Dims> = (0..c.series)
-                .map(|i| Dims::new([("agent", ctx.agent_id.clone()), ("series", i.to_string())]))
-                .collect();
-            let tick =
-                TICK.max(Duration::from_secs_f64(1.0 / c.rate_per_sec).min(Duration::from_secs(1)));
-            let start = Instant::now();
-            let mut sent: u64 = 0;
-            log::info!(
-                "source `{}`: emitting {} points/s over {} series of `{}`",
-                ctx.name,
-                c.rate_per_sec,
-                c.series,
-                c.metric
-            );
-            loop {
-                let target = due(c.rate_per_sec, start.elapsed(), c.limit);
-                while sent < target {
-                    let rec = Record::point(
-                        c.metric.clone(),
-                        dims[(sent % u64::from(c.series)) as usize].clone(),
-                        now_ms(),
-                        sent as f64,
-                        "Count",
-                    );
-                    if ctx.shutdown.is_started() || !ctx.emit.emit(rec).await {
-                        return;
-                    }
-                    sent += 1;
+            let users = self.config.users.clone();
+            let metric = format!("{}_active_users", self.config.metric);
+            smol::future::zip(points(self.config, &ctx), async {
+                if let Some((ids, window)) = users {
+                    active_users(ids, window, metric, &ctx).await;
                 }
-                if c.limit.is_some_and(|l| sent >= l) {
-                    log::info!(
-                        "source `{}`: emitted its limit of {sent} points; idle until shutdown",
-                        ctx.name
-                    );
-                    ctx.shutdown.wait().await;
-                    return;
-                }
-                if ctx.shutdown.sleep(tick).await {
-                    return;
-                }
-            }
+            })
+            .await;
         })
+    }
+}
+
+/// Every window, the same ids as that window's active users.
+async fn active_users(ids: std::ops::Range<i64>, window: Duration, metric: String, ctx: &Context) {
+    let mut sketch = Sketch::default();
+    for id in ids.clone() {
+        sketch.insert(hash_i64(id));
+    }
+    let (payload, estimate) = (sketch.encode(), sketch.estimate());
+    let dims = Dims::new([
+        ("agent", ctx.agent_id.clone()),
+        ("window", format!("{}s", window.as_secs())),
+    ]);
+    let w = window.as_millis() as i64;
+    log::info!(
+        "source `{}`: reporting ids {}..{} as active every {} s (`{metric}`)",
+        ctx.name,
+        ids.start,
+        ids.end,
+        window.as_secs()
+    );
+    loop {
+        let now = now_ms();
+        let end = (now.div_euclid(w) + 1) * w;
+        if ctx
+            .shutdown
+            .sleep(Duration::from_millis((end - now) as u64))
+            .await
+        {
+            return;
+        }
+        let point = Record::point(metric.clone(), dims.clone(), end, estimate, "Count");
+        let sketch = Record {
+            kind: Kind::Sketch,
+            payload: payload.clone(),
+            ..point.clone()
+        };
+        if !ctx.emit.emit(point).await || !ctx.emit.emit(sketch).await {
+            return;
+        }
+    }
+}
+
+async fn points(c: Config, ctx: &Context) {
+    {
+        let dims: Vec<Dims> = (0..c.series)
+            .map(|i| Dims::new([("agent", ctx.agent_id.clone()), ("series", i.to_string())]))
+            .collect();
+        let tick =
+            TICK.max(Duration::from_secs_f64(1.0 / c.rate_per_sec).min(Duration::from_secs(1)));
+        let start = Instant::now();
+        let mut sent: u64 = 0;
+        log::info!(
+            "source `{}`: emitting {} points/s over {} series of `{}`",
+            ctx.name,
+            c.rate_per_sec,
+            c.series,
+            c.metric
+        );
+        loop {
+            let target = due(c.rate_per_sec, start.elapsed(), c.limit);
+            while sent < target {
+                let rec = Record::point(
+                    c.metric.clone(),
+                    dims[(sent % u64::from(c.series)) as usize].clone(),
+                    now_ms(),
+                    sent as f64,
+                    "Count",
+                );
+                if ctx.shutdown.is_started() || !ctx.emit.emit(rec).await {
+                    return;
+                }
+                sent += 1;
+            }
+            if c.limit.is_some_and(|l| sent >= l) {
+                log::info!(
+                    "source `{}`: emitted its limit of {sent} points; idle until shutdown",
+                    ctx.name
+                );
+                ctx.shutdown.wait().await;
+                return;
+            }
+            if ctx.shutdown.sleep(tick).await {
+                return;
+            }
+        }
     }
 }
 

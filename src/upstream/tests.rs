@@ -45,7 +45,10 @@ fn sqlite_store() -> (Store, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("edgemeter-upstore-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).expect("dir");
     let db = db::Sqlite::open(&dir.join(STORE_FILE), false).expect("open");
-    let edge = config::DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect();
+    let edge = config::DEFAULT_EDGE_DIMS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     (Store::new(Box::new(db), edge), dir)
 }
 
@@ -67,7 +70,10 @@ fn a_batch_survives_the_wire_exactly() {
         ..recs[2].clone()
     });
     let b = batch("gw-a", 7, &recs);
-    assert_eq!((b.agent_id.as_str(), b.outbox_id.as_str(), b.seq), ("gw-a", "0123abcd", 7));
+    assert_eq!(
+        (b.agent_id.as_str(), b.outbox_id.as_str(), b.seq),
+        ("gw-a", "0123abcd", 7)
+    );
     // Points first, then sketches, then events: the order the format groups them.
     assert_eq!(b.records[0], recs[0]);
     assert_eq!(b.records[1], recs[1]);
@@ -82,16 +88,24 @@ fn a_batch_survives_the_wire_exactly() {
 #[test]
 fn bad_batches_are_refused_with_what_is_wrong() {
     let check = |json: &str, want: &str| {
-        let e = wire::decode(json.as_bytes(), NOW).expect_err(json).to_string();
+        let e = wire::decode(json.as_bytes(), NOW)
+            .expect_err(json)
+            .to_string();
         assert!(e.contains(want), "{json}\n gave: {e}\n wanted: {want}");
     };
     let ok = |rest: &str| format!(r#"{{"v":1,"agent_id":"a","outbox_id":"o","seq":1{rest}}}"#);
-    check(r#"{"v":2,"whatever":true}"#, "batch version 2 is not supported");
+    check(
+        r#"{"v":2,"whatever":true}"#,
+        "batch version 2 is not supported",
+    );
     check(r#"{"v":1}"#, "missing field `agent_id`");
     check("[1,2,3]", "not an upstream batch");
     check(&ok(r#","points":{"x":1}"#), "not an upstream batch");
     check(&ok(r#","extra":1"#), "unknown field `extra`");
-    check(r#"{"v":1,"agent_id":"a b","outbox_id":"o","seq":1}"#, "agent_id `a b`");
+    check(
+        r#"{"v":1,"agent_id":"a b","outbox_id":"o","seq":1}"#,
+        "agent_id `a b`",
+    );
     check(r#"{"v":1,"agent_id":"a","outbox_id":"o","seq":0}"#, "seq 0");
     check(
         &ok(r#","points":[{"metric":"m","ts":1,"value":1,"unit":"Count","dims":{"":"x"}}]"#),
@@ -125,11 +139,20 @@ fn bad_batches_are_refused_with_what_is_wrong() {
         wire::gunzip(&gz[..gz.len() / 2], 1 << 20),
         Err(wire::Invalid::Gzip(_))
     ));
-    assert!(matches!(wire::gunzip(b"plain text", 1 << 20), Err(wire::Invalid::Gzip(_))));
+    assert!(matches!(
+        wire::gunzip(b"plain text", 1 << 20),
+        Err(wire::Invalid::Gzip(_))
+    ));
     let bomb = crate::sinks::cloudwatch_metrics::gzip(&vec![b' '; 4 << 20]);
     assert!(bomb.len() < 16 * 1024, "4 MiB of spaces pack small");
-    assert_eq!(wire::gunzip(&bomb, 1 << 20), Err(wire::Invalid::TooLarge(1 << 20)));
-    assert_eq!(wire::gunzip(&gz, 1 << 20).expect("whole"), ok("").into_bytes());
+    assert_eq!(
+        wire::gunzip(&bomb, 1 << 20),
+        Err(wire::Invalid::TooLarge(1 << 20))
+    );
+    assert_eq!(
+        wire::gunzip(&gz, 1 << 20).expect("whole"),
+        ok("").into_bytes()
+    );
 }
 
 #[test]
@@ -147,7 +170,10 @@ fn the_store_keeps_each_batch_once_and_unions_users_across_gateways() {
         "the same key twice in one group commit is stored once"
     );
     let again = store.ingest(&[&c, &b], NOW).expect("ingest");
-    assert_eq!(again.iter().map(|d| d.new).collect::<Vec<_>>(), vec![true, false]);
+    assert_eq!(
+        again.iter().map(|d| d.new).collect::<Vec<_>>(),
+        vec![true, false]
+    );
 
     let q = SeriesQuery {
         metric: "active_users".into(),
@@ -162,7 +188,11 @@ fn the_store_keeps_each_batch_once_and_unions_users_across_gateways() {
     assert_eq!(rows[0].how, How::Union);
     assert_eq!(rows[0].value, 200.0, "the union of 0..200, each id once");
     assert_eq!(rows[0].agents, 3);
-    assert_eq!(rows[0].dims, Dims::new([("window", "30m")]), "the gateway dim is dropped");
+    assert_eq!(
+        rows[0].dims,
+        Dims::new([("window", "30m")]),
+        "the gateway dim is dropped"
+    );
     // Per agent: each gateway's own count; their sum (300) is what summing got wrong.
     let per_agent = store
         .series(&SeriesQuery {
@@ -177,20 +207,34 @@ fn the_store_keeps_each_batch_once_and_unions_users_across_gateways() {
     let groups = store.settled(NOW, 10).expect("settled");
     assert_eq!(groups.len(), 1);
     assert!(store.claim(&groups[0], "up-1", NOW).expect("claim"));
-    assert!(!store.claim(&groups[0], "up-2", NOW).expect("claim"), "a second claim loses");
+    assert!(
+        !store.claim(&groups[0], "up-2", NOW).expect("claim"),
+        "a second claim loses"
+    );
     assert!(store.settled(NOW, 10).expect("settled").is_empty());
-    let agg = store.aggregate(&groups[0]).expect("aggregate").expect("some");
+    let agg = store
+        .aggregate(&groups[0])
+        .expect("aggregate")
+        .expect("some");
     assert_eq!(agg.point.value, 200.0);
-    let merged = Sketch::decode(&agg.sketch.expect("a union forwards its sketch").payload).expect("decode");
+    let merged =
+        Sketch::decode(&agg.sketch.expect("a union forwards its sketch").payload).expect("decode");
     assert_eq!(merged.estimate(), 200.0);
-    assert_eq!(store.unsent("up-1").expect("unsent"), groups, "claimed, not yet confirmed");
+    assert_eq!(
+        store.unsent("up-1").expect("unsent"),
+        groups,
+        "claimed, not yet confirmed"
+    );
     store.mark_sent(&groups).expect("sent");
     assert!(store.unsent("up-1").expect("unsent").is_empty());
 
     // A late gateway: stored and counted in queries, reported as late.
     let d = batch("gw-d", 1, &users("gw-d", t, 190..260));
     let late = store.ingest(&[&d], NOW).expect("ingest");
-    assert_eq!(late[0].late, 2, "its point and sketch came after forwarding");
+    assert_eq!(
+        late[0].late, 2,
+        "its point and sketch came after forwarding"
+    );
     assert_eq!(store.series(&q).expect("series")[0].value, 260.0);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -200,10 +244,32 @@ fn rollups_recompute_a_day_and_never_add_twice() {
     let (mut store, dir) = sqlite_store();
     let day_start = NOW - 86_400_000;
     let counter = |agent: &str, ts: i64, v: f64| {
-        Record::point("relay_messages", Dims::new([("agent", agent), ("stream", "spin30")]), ts, v, "Count")
+        Record::point(
+            "relay_messages",
+            Dims::new([("agent", agent), ("stream", "spin30")]),
+            ts,
+            v,
+            "Count",
+        )
     };
-    let b1 = batch("gw-a", 1, &[users("gw-a", day_start + 1_800_000, 0..10).to_vec(), vec![counter("gw-a", day_start + 5, 7.0)]].concat());
-    let b2 = batch("gw-b", 1, &[users("gw-b", day_start + 3_600_000, 5..20).to_vec(), vec![counter("gw-b", day_start + 6, 5.0)]].concat());
+    let b1 = batch(
+        "gw-a",
+        1,
+        &[
+            users("gw-a", day_start + 1_800_000, 0..10).to_vec(),
+            vec![counter("gw-a", day_start + 5, 7.0)],
+        ]
+        .concat(),
+    );
+    let b2 = batch(
+        "gw-b",
+        1,
+        &[
+            users("gw-b", day_start + 3_600_000, 5..20).to_vec(),
+            vec![counter("gw-b", day_start + 6, 5.0)],
+        ]
+        .concat(),
+    );
     store.ingest(&[&b1, &b2], NOW).expect("ingest");
     // Outside the day: must not count.
     let b3 = batch("gw-a", 2, &[counter("gw-a", NOW + 5, 100.0)]);
@@ -213,12 +279,16 @@ fn rollups_recompute_a_day_and_never_add_twice() {
     let first = store.rollup(&day, day_start, NOW).expect("rollup");
     let again = store.rollup(&day, day_start, NOW).expect("rollup again");
     assert_eq!(first, again, "running it twice gives the same totals");
-    let find = |rows: &[store::RollupRow], m: &str| rows.iter().find(|r| r.metric == m).cloned().expect(m);
+    let find =
+        |rows: &[store::RollupRow], m: &str| rows.iter().find(|r| r.metric == m).cloned().expect(m);
     assert_eq!(find(&first, "active_users").value, 20.0, "ids 0..20 once");
     assert_eq!(find(&first, "active_users").how, "union");
     assert_eq!(find(&first, "relay_messages").value, 12.0);
     assert_eq!(find(&first, "relay_messages").how, "sum");
-    assert_eq!(store.rollups(&day, &day).expect("stored").len(), first.len());
+    assert_eq!(
+        store.rollups(&day, &day).expect("stored").len(),
+        first.len()
+    );
 
     // A late batch for that day: the next rollup includes it, once.
     let late = batch("gw-c", 1, &[counter("gw-c", day_start + 7, 3.0)]);
@@ -241,7 +311,15 @@ fn events_are_found_by_user_and_deleted_everywhere_they_are() {
         unit: "None".into(),
         payload: format!(r#"{{"user":"{user}","t":1,"type":"analytics"}}"#).into_bytes(),
     };
-    let b = batch("host-1", 1, &[ev("alice", NOW - 10), ev("bob", NOW - 9), ev("alice", NOW - 8)]);
+    let b = batch(
+        "host-1",
+        1,
+        &[
+            ev("alice", NOW - 10),
+            ev("bob", NOW - 9),
+            ev("alice", NOW - 8),
+        ],
+    );
     let c = batch("host-2", 1, &[ev("alice", NOW - 7)]);
     store.ingest(&[&b, &c], NOW).expect("ingest");
     let q = store::EventQuery {
@@ -258,7 +336,14 @@ fn events_are_found_by_user_and_deleted_everywhere_they_are() {
     assert_eq!(store.delete_user("alice").expect("delete"), 3);
     assert!(store.events(&q).expect("events").is_empty());
     assert_eq!(store.delete_user("alice").expect("delete"), 0);
-    let bob = store::EventQuery { user: Some("bob".into()), ..q };
-    assert_eq!(store.events(&bob).expect("events").len(), 1, "others are kept");
+    let bob = store::EventQuery {
+        user: Some("bob".into()),
+        ..q
+    };
+    assert_eq!(
+        store.events(&bob).expect("events").len(),
+        1,
+        "others are kept"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
