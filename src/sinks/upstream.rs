@@ -201,9 +201,10 @@ impl Sink for Upstream {
         batch: &'a Batch,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
+            let stream = format!("{}.{}", batch.outbox_id, batch.sink);
             let key = wire::Key {
                 agent_id: &self.agent_id,
-                outbox_id: &batch.outbox_id,
+                outbox_id: &stream,
                 seq: batch.seq,
             };
             let json = wire::encode(&key, batch.records.iter().map(|(_, r)| r));

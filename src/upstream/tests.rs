@@ -131,7 +131,7 @@ fn bad_batches_are_refused_with_what_is_wrong() {
         &ok(&format!(
             r#","sketches":[{{"metric":"m","ts":1,"unit":"Count","sketch":"{b64}"}}]"#
         )),
-        "sketches[0]: cannot merge this sketch: unsupported",
+        "sketches[0]: unsupported sketch: version 9",
     );
     // gzip: cut short, not gzip at all, and a bomb.
     let gz = crate::sinks::cloudwatch_metrics::gzip(ok("").as_bytes());

@@ -10,10 +10,12 @@
 //!   "events":   [{"type", "dims", "ts", "payload": <the event's JSON>}] }
 //! ```
 //! The idempotency key is `(agent_id, outbox_id, seq)`: `seq` is the
-//! outbox's stable batch number for this sink, and `outbox_id` is drawn when
-//! the outbox file is created, so an edge whose state was wiped (a reinstall,
-//! a corrupt file moved aside) starts a new sequence instead of having its
-//! fresh batches 1, 2, 3… dropped as duplicates of the old ones.
+//! outbox's stable batch number for this sink, and `outbox_id` is
+//! `<id>.<sink name>`, where the id is drawn when the outbox file is
+//! created. So an edge whose state was wiped (a reinstall, a corrupt file
+//! moved aside) starts a new sequence instead of having its fresh batches
+//! 1, 2, 3… dropped as duplicates of the old ones, and two upstream sinks of
+//! one edge (which batch independently) never share a key.
 //!
 //! [`decode`] is the server's gate: everything an edge can get wrong is
 //! refused here with a message that says what and where, before anything
@@ -40,6 +42,8 @@ const MAX_DIM_KEY_LEN: usize = 255;
 const MAX_DIM_VALUE_LEN: usize = 1024;
 const MAX_UNIT_LEN: usize = 32;
 const MAX_ID_LEN: usize = 64;
+/// The outbox id and the sink's name (`<32 hex>.<sink>`).
+const MAX_OUTBOX_ID_LEN: usize = 160;
 /// A timestamp more than this far ahead of the upstream's clock is refused.
 const MAX_FUTURE_MS: i64 = 24 * 3600 * 1000;
 
@@ -226,15 +230,15 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
     }
     let w: WireBatch = serde_json::from_slice(json).map_err(|e| Invalid::Shape(e.to_string()))?;
     let bad = |m: String| Err(Invalid::Value(m));
-    if !valid_id(&w.agent_id) {
+    if !valid_id(&w.agent_id, MAX_ID_LEN) {
         return bad(format!(
             "agent_id `{}` must be 1 to {MAX_ID_LEN} letters, digits, `-`, `_` or `.`",
             truncate(&w.agent_id)
         ));
     }
-    if !valid_id(&w.outbox_id) {
+    if !valid_id(&w.outbox_id, MAX_OUTBOX_ID_LEN) {
         return bad(format!(
-            "outbox_id `{}` must be 1 to {MAX_ID_LEN} letters, digits, `-`, `_` or `.`",
+            "outbox_id `{}` must be 1 to {MAX_OUTBOX_ID_LEN} letters, digits, `-`, `_` or `.`",
             truncate(&w.outbox_id)
         ));
     }
@@ -269,7 +273,7 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
             .decode(s.sketch.as_bytes())
             .map_err(|e| Invalid::Value(format!("{at}: sketch is not base64: {e}")))?;
         let sketch = Sketch::decode(&bytes)
-            .map_err(|e| Invalid::Sketch(format!("{at}: cannot merge this sketch: {e}")))?;
+            .map_err(|e| Invalid::Sketch(format!("{at}: {e}; this upstream cannot merge it")))?;
         records.push(Record {
             kind: Kind::Sketch,
             ts_ms: s.ts,
@@ -301,9 +305,9 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
     })
 }
 
-fn valid_id(s: &str) -> bool {
+fn valid_id(s: &str, max: usize) -> bool {
     !s.is_empty()
-        && s.len() <= MAX_ID_LEN
+        && s.len() <= max
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }

@@ -214,3 +214,58 @@ impl Proxy {
         *self.cut.lock().expect("cut") = false;
     }
 }
+
+/// A forwarding proxy that loses the answers to the first `lose` requests:
+/// the receiver got and handled them, the sender sees its connection close.
+/// This is the "lost acknowledgement" an idempotent receiver must absorb.
+pub struct AckDropper {
+    pub port: u16,
+    pub dropped: Arc<Mutex<usize>>,
+}
+
+impl AckDropper {
+    pub fn start(upstream: u16, lose: usize) -> AckDropper {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let dropped = Arc::new(Mutex::new(0usize));
+        let d = dropped.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut client) = stream else { continue };
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                        return;
+                    };
+                    let mut up2 = up.try_clone().expect("clone");
+                    let mut client2 = client.try_clone().expect("clone");
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut client2, &mut up2);
+                        let _ = up2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    // Our server writes each answer in one piece: one read,
+                    // one answer.
+                    while let Ok(n) = up.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let mut count = d.lock().expect("dropped");
+                        if *count < lose {
+                            *count += 1;
+                            let _ = client.shutdown(std::net::Shutdown::Both);
+                            let _ = up.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        drop(count);
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        AckDropper { port, dropped }
+    }
+}

@@ -71,8 +71,24 @@ impl Agent {
 
     /// With extra environment variables (e.g. systemd's `NOTIFY_SOCKET`).
     pub fn start_with_env(config: &Path, log: &str, env: &[(&str, &str)]) -> Agent {
+        Agent::start_command("run", config, log, env)
+    }
+
+    /// `edgemeter upstream -c config`, waiting (bounded) until it listens.
+    pub fn start_upstream(config: &Path, log: &str, env: &[(&str, &str)]) -> Agent {
+        let agent = Agent::start_command("upstream", config, log, env);
+        assert!(
+            agent.wait_for_line("upstream listening on", Duration::from_secs(15)),
+            "the upstream did not start:\n{}",
+            agent.stderr()
+        );
+        agent
+    }
+
+    /// `edgemeter <command> -c config` with its stderr collected.
+    pub fn start_command(command: &str, config: &Path, log: &str, env: &[(&str, &str)]) -> Agent {
         let mut child = Command::new(BIN)
-            .args(["run", "-c"])
+            .args([command, "-c"])
             .arg(config)
             .env("EDGEMETER_LOG", log)
             .envs(env.iter().copied())
@@ -80,7 +96,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn edgemeter run");
+            .expect("spawn edgemeter");
         let stderr = child.stderr.take().expect("stderr is piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -230,4 +246,25 @@ pub fn csv_ids(path: &Path) -> Vec<i64> {
                 .expect("csv line has an id")
         })
         .collect()
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+}
+
+/// Today's UTC date as YYYY-MM-DD (Hinnant's civil_from_days).
+pub fn today() -> String {
+    let z = now_ms().div_euclid(86_400_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }

@@ -1,0 +1,712 @@
+//! `edgemeter upstream` with real `edgemeter run` agents posting to it, on
+//! SQLite and on one real PostgreSQL shared by two replicas: network-wide
+//! distinct users, exactly-once ingest through lost acknowledgements, bad
+//! tokens, bad input, queries, reports and rollups.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::http::AckDropper;
+use common::pg::PgServer;
+use common::{Agent, TempDir, edgemeter, wait_until};
+
+const ADMIN: &str = "admin-secret-token";
+/// Each agent: its id, its users (overlapping), its small exact users.
+const AGENTS: [(&str, &str, &str); 3] = [
+    ("a1", "0..3000", "0..10"),
+    ("a2", "2000..5000", "5..15"),
+    ("a3", "4000..7000", "10..20"),
+];
+const POINTS_PER_AGENT: usize = 300;
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn token_of(agent: &str) -> String {
+    format!("token-of-{agent}-0123456789")
+}
+
+/// An upstream's config; `sinks` are appended (its forwarding).
+fn upstream_config(
+    dir: &TempDir,
+    name: &str,
+    port: u16,
+    store: &str,
+    extra: &str,
+    sinks: &str,
+) -> PathBuf {
+    let tokens = dir.path("agents");
+    std::fs::create_dir_all(&tokens).expect("tokens dir");
+    for (a, _, _) in AGENTS {
+        std::fs::write(tokens.join(format!("{a}.token")), token_of(a)).expect("token");
+    }
+    std::fs::write(tokens.join("a4.token"), token_of("a4")).expect("token");
+    dir.write("admin.token", ADMIN);
+    dir.write(
+        &format!("{name}.toml"),
+        &format!(
+            r#"
+[agent]
+id = "{name}"
+state_dir = "{state}"
+flush_interval_secs = 0.05
+
+[upstream]
+listen = "127.0.0.1:{port}"
+store = "{store}"
+tokens_dir = "agents"
+admin_token_file = "admin.token"
+forward_interval_secs = 0.3
+settle_secs = 1
+{extra}
+{sinks}
+"#,
+            state = dir.path(&format!("{name}-state")).display()
+        ),
+    )
+}
+
+/// An edge agent posting to `port` with `token`.
+fn agent_config(
+    dir: &TempDir,
+    id: &str,
+    port: u16,
+    token: &str,
+    users: &str,
+    small: &str,
+) -> PathBuf {
+    dir.write(&format!("{id}.token"), token);
+    dir.write(
+        &format!("{id}.toml"),
+        &format!(
+            r#"
+[agent]
+id = "{id}"
+state_dir = "{state}"
+flush_interval_secs = 0.05
+
+[[source]]
+type = "synthetic"
+name = "load"
+metric = "synthetic"
+rate_per_sec = 300
+series = 3
+limit = {POINTS_PER_AGENT}
+users = "{users}"
+users_window_secs = 1
+
+[[source]]
+type = "synthetic"
+name = "small"
+metric = "small"
+rate_per_sec = 1
+limit = 1
+users = "{small}"
+users_window_secs = 1
+
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:{port}"
+token_file = "{id}.token"
+batch_max_records = 40
+retry_initial_secs = 0.05
+retry_max_secs = 0.5
+"#,
+            state = dir.path(&format!("{id}-state")).display()
+        ),
+    )
+}
+
+/// One HTTP request on its own connection; (status, body).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&out)
+}
+
+fn parse_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+fn get_json(port: u16, path: &str) -> serde_json::Value {
+    let (status, body) = http(port, "GET", path, Some(ADMIN), "", b"");
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+fn post_batch(port: u16, token: &str, json: &str) -> (u16, String) {
+    http(
+        port,
+        "POST",
+        "/v1/batches",
+        Some(token),
+        "content-encoding: gzip\r\ncontent-type: application/json\r\n",
+        &gzip(json.as_bytes()),
+    )
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let (status, text) = http(port, "GET", "/metrics", None, "", b"");
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| l.starts_with(&format!("edgemeter_upstream_{name}")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Per-agent points of `synthetic`: agent → sorted values.
+fn per_agent_values(port: u16) -> BTreeMap<String, Vec<i64>> {
+    let doc = get_json(port, "/v1/series?metric=synthetic&agent=*&range=1D");
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in doc["rows"].as_array().expect("rows") {
+        out.entry(r["agent"].as_str().expect("agent").to_owned())
+            .or_default()
+            .push(r["value"].as_f64().expect("value") as i64);
+    }
+    out.values_mut().for_each(|v| v.sort());
+    out
+}
+
+/// Network-wide rows of `metric` where all three agents reported.
+fn full_windows(port: u16, metric: &str) -> Vec<serde_json::Value> {
+    let doc = get_json(port, &format!("/v1/series?metric={metric}&range=1D"));
+    doc["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["agents"] == 3)
+        .cloned()
+        .collect()
+}
+
+/// What every store must answer after the three agents ran: checked the
+/// same way for SQLite and for the PostgreSQL replicas.
+fn check_network_answers(port: u16) {
+    // Exactly once: each agent's points, values 0..N each once.
+    let values = per_agent_values(port);
+    let want: Vec<i64> = (0..POINTS_PER_AGENT as i64).collect();
+    for (a, _, _) in AGENTS {
+        assert_eq!(
+            values.get(a),
+            Some(&want),
+            "agent {a}'s points, each exactly once"
+        );
+    }
+    assert!(
+        !values.contains_key("a4"),
+        "the agent with a bad token stored nothing"
+    );
+
+    // Small sets: exact union.
+    let small = full_windows(port, "small_active_users");
+    assert!(!small.is_empty(), "no window with all three agents");
+    for r in &small {
+        assert_eq!(r["value"], 20.0, "ids 0..20, each once: {r}");
+        assert_eq!(r["how"], "union");
+        assert_eq!(r["dims"], serde_json::json!({"window": "1s"}));
+    }
+    // Large sets: HyperLogLog within 2 %, while the sum is 28.6 % off.
+    let big = full_windows(port, "synthetic_active_users");
+    assert!(!big.is_empty());
+    for r in &big {
+        let v = r["value"].as_f64().expect("value");
+        assert!(
+            (v - 7000.0).abs() / 7000.0 < 0.02,
+            "union {v} is not within 2 % of 7000"
+        );
+    }
+    let ts = big[0]["ts"].as_i64().expect("ts");
+    let per_agent = get_json(
+        port,
+        "/v1/series?metric=synthetic_active_users&agent=*&range=1D",
+    );
+    let sum: f64 = per_agent["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["ts"] == ts)
+        .map(|r| r["value"].as_f64().expect("value"))
+        .sum();
+    assert!(
+        (sum - 9000.0).abs() < 9000.0 * 0.02,
+        "the per-agent sum is about 9000, got {sum}"
+    );
+}
+
+fn start_agents(dir: &TempDir, ports: [u16; 3], bad_port: u16) -> Vec<Agent> {
+    let mut agents = Vec::new();
+    for ((id, users, small), port) in AGENTS.iter().zip(ports) {
+        let c = agent_config(dir, id, port, &token_of(id), users, small);
+        agents.push(Agent::start_running(&c, "info"));
+    }
+    let bad = agent_config(dir, "a4", bad_port, "not-the-right-token", "0..10", "0..1");
+    agents.push(Agent::start_running(&bad, "info"));
+    agents
+}
+
+fn wait_for_all_points(port: u16) {
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let v = per_agent_values(port);
+            AGENTS
+                .iter()
+                .all(|(a, _, _)| v.get(*a).is_some_and(|x| x.len() >= POINTS_PER_AGENT))
+                && full_windows(port, "small_active_users").len() >= 2
+        }),
+        "the agents' points did not all arrive: {:?}",
+        per_agent_values(port)
+            .iter()
+            .map(|(a, v)| (a.clone(), v.len()))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn agents_with_overlapping_users_are_counted_once_and_resends_stored_once() {
+    let dir = TempDir::new("upstream-sqlite");
+    let port = free_port();
+    let forwarded = dir.path("forwarded.csv");
+    let up_cfg = upstream_config(
+        &dir,
+        "up",
+        port,
+        "sqlite",
+        "",
+        &format!(
+            "[[sink]]\ntype = \"csv\"\npath = \"{}\"\n",
+            forwarded.display()
+        ),
+    );
+    let mut up = Agent::start_upstream(&up_cfg, "info", &[]);
+    // a1's first three acknowledgements are lost on the way back.
+    let dropper = AckDropper::start(port, 3);
+    let mut agents = start_agents(&dir, [dropper.port, port, port], port);
+    wait_for_all_points(port);
+    check_network_answers(port);
+    assert_eq!(*dropper.dropped.lock().expect("dropped"), 3);
+    assert!(
+        metric(port, "batches_duplicate_total") >= 3.0,
+        "the resends after lost acknowledgements were recognised"
+    );
+
+    // The bad token: refused, counted, logged without the token, and the
+    // agent keeps its records and says why.
+    assert!(metric(port, "auth_failures_total") >= 1.0);
+    assert!(
+        up.stderr().contains("missing or wrong token"),
+        "{}",
+        up.stderr()
+    );
+    assert!(!up.stderr().contains("not-the-right-token"));
+    let (_, status, _) = edgemeter(&["status", "-c", dir.path("a4.toml").to_str().expect("utf8")]);
+    assert!(status.contains("refused our token"), "{status}");
+
+    // The aggregate went through the upstream's own sink: no agent dim.
+    assert!(wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&forwarded).is_ok_and(|t| t.contains("small_active_users"))
+    }));
+    let csv = std::fs::read_to_string(&forwarded).expect("forwarded");
+    let small: Vec<&str> = csv
+        .lines()
+        .filter(|l| l.contains(",point,small_active_users,"))
+        .collect();
+    assert!(!small.is_empty(), "{csv}");
+    assert!(
+        small
+            .iter()
+            .all(|l| l.contains(",window=1s,20,") && !l.contains("agent=")),
+        "{small:?}"
+    );
+
+    // Events: a hand-made batch with two of alice's, found and deleted.
+    let ev = |t: i64| {
+        format!(
+            r#"{{"type":"analytics","dims":{{"stream":"spin30"}},"ts":{t},"payload":{{"user":"alice","t":{t}}}}}"#
+        )
+    };
+    let now = common::now_ms();
+    let events = format!(
+        r#"{{"v":1,"agent_id":"a1","outbox_id":"manual","seq":1,"events":[{},{}]}}"#,
+        ev(now - 2),
+        ev(now - 1)
+    );
+    assert_eq!(post_batch(port, &token_of("a1"), &events).0, 200);
+    let found = get_json(port, "/v1/events?user=alice&range=1D");
+    assert_eq!(
+        found["events"].as_array().expect("events").len(),
+        2,
+        "{found}"
+    );
+    let (status, body) = http(port, "DELETE", "/v1/users/alice", Some(ADMIN), "", b"");
+    assert_eq!(
+        (status, body.trim()),
+        (200, r#"{"deleted_events":2,"user":"alice"}"#)
+    );
+    let after = get_json(port, "/v1/events?user=alice&range=1D");
+    assert!(after["events"].as_array().expect("events").is_empty());
+    assert_eq!(
+        http(port, "GET", "/v1/series?metric=x", None, "", b"").0,
+        401,
+        "queries need the admin token"
+    );
+
+    for a in &mut agents {
+        a.stop();
+    }
+    // `report` from the local store gives what the API gives.
+    let cfg = up_cfg.to_str().expect("utf8");
+    let (code, local, err) = edgemeter(&[
+        "report",
+        "-c",
+        cfg,
+        "--metric",
+        "small_active_users",
+        "--range",
+        "1D",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, remote) = http(
+        port,
+        "GET",
+        "/v1/series?metric=small_active_users&range=1D&format=csv",
+        Some(ADMIN),
+        "",
+        b"",
+    );
+    assert_eq!(local, remote);
+    assert!(
+        local.starts_with("time,agent,window,value,unit,agents,how\n"),
+        "{local}"
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let admin_file = dir.path("admin.token");
+    let (code, via_url, err) = edgemeter(&[
+        "report",
+        "--url",
+        &url,
+        "--token-file",
+        admin_file.to_str().expect("utf8"),
+        "--metric",
+        "small_active_users",
+        "--range",
+        "1D",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!((code, via_url.as_str()), (0, local.as_str()), "{err}");
+
+    // Rollups: today's totals, twice, the same.
+    let today = common::today();
+    let (code, first, err) = edgemeter(&["upstream", "rollup", "-c", cfg, "--date", &today]);
+    assert_eq!(code, 0, "{err}");
+    let (_, second, _) = edgemeter(&["upstream", "rollup", "-c", cfg, "--date", &today]);
+    assert_eq!(first, second, "a rollup run twice gives the same totals");
+    let small_line = first
+        .lines()
+        .find(|l| l.contains(",small_active_users,"))
+        .unwrap_or_else(|| panic!("{first}"));
+    assert!(
+        small_line.ends_with(",1s,union,20,") || small_line.contains(",union,20,"),
+        "{small_line}"
+    );
+    let points_line = first
+        .lines()
+        .find(|l| l.contains(",synthetic,"))
+        .expect("synthetic");
+    let total: f64 = (0..POINTS_PER_AGENT).map(|v| v as f64).sum::<f64>() * 3.0;
+    assert!(
+        points_line.contains(&format!(",sum,{total},")),
+        "{points_line} (want sum {total})"
+    );
+    up.stop();
+}
+
+#[test]
+fn two_replicas_on_one_postgresql_store_each_batch_once() {
+    let pg = PgServer::start("upstream-replicas");
+    let mut su = pg.superuser("postgres");
+    su.batch_execute("CREATE ROLE ups LOGIN PASSWORD 'pw-ups'; CREATE DATABASE ups OWNER ups")
+        .expect("create role and database");
+    let dir = TempDir::new("upstream-pg");
+    dir.write("db.password", "pw-ups\n");
+    let store = format!("postgres://ups@127.0.0.1:{}/ups", pg.port);
+    let extra = "store_password_file = \"db.password\"";
+    let (p1, p2) = (free_port(), free_port());
+    let c1 = upstream_config(&dir, "r1", p1, &store, extra, "");
+    let c2 = upstream_config(&dir, "r2", p2, &store, extra, "");
+    let mut r1 = Agent::start_upstream(&c1, "info", &[]);
+    let mut r2 = Agent::start_upstream(&c2, "info", &[]);
+    // a1 through a dropper in front of r1; a2 to r2; a3 to r1.
+    let dropper = AckDropper::start(p1, 2);
+    let mut agents = start_agents(&dir, [dropper.port, p2, p1], p2);
+
+    // One batch posted to both replicas at once, ten times each.
+    let now = common::now_ms();
+    let json = format!(
+        r#"{{"v":1,"agent_id":"a2","outbox_id":"race","seq":1,"points":[{{"metric":"race","dims":{{}},"ts":{now},"value":1,"unit":"Count"}}]}}"#
+    );
+    let racers: Vec<_> = (0..20)
+        .map(|i| {
+            let json = json.clone();
+            let port = if i % 2 == 0 { p1 } else { p2 };
+            std::thread::spawn(move || post_batch(port, &token_of("a2"), &json))
+        })
+        .collect();
+    for r in racers {
+        let (status, body) = r.join().expect("racer");
+        assert_eq!(status, 200, "{body}");
+    }
+    let race = get_json(p1, "/v1/series?metric=race&range=1D");
+    assert_eq!(
+        race["rows"][0]["value"], 1.0,
+        "stored once across both replicas: {race}"
+    );
+
+    wait_for_all_points(p1);
+    check_network_answers(p1);
+    check_network_answers(p2);
+    // Both replicas answer alike.
+    let q = "/v1/series?metric=small_active_users&start=2000-01-01&end=2100-01-01";
+    let (a, b) = (get_json(p1, q), get_json(p2, q));
+    assert_eq!(a["rows"], b["rows"], "the replicas share one store");
+    let dup = metric(p1, "batches_duplicate_total") + metric(p2, "batches_duplicate_total");
+    assert!(
+        dup >= 19.0 + 2.0,
+        "19 racing copies and 2 resends were duplicates, got {dup}"
+    );
+    for a in &mut agents {
+        a.stop();
+    }
+    r1.stop();
+    r2.stop();
+}
+
+#[test]
+fn bad_input_gets_a_clear_4xx_stores_nothing_and_others_are_served() {
+    let dir = TempDir::new("upstream-bad");
+    let port = free_port();
+    let cfg = upstream_config(
+        &dir,
+        "up",
+        port,
+        "sqlite",
+        "header_timeout_secs = 1\nmax_body_bytes = 1048576\nmax_connections = 6",
+        "",
+    );
+    let mut up = Agent::start_upstream(&cfg, "info", &[]);
+    let token = token_of("a1");
+    let ok = |rest: &str| format!(r#"{{"v":1,"agent_id":"a1","outbox_id":"o","seq":1{rest}}}"#);
+    let gz = gzip(ok(r#","points":[{"metric":"m","ts":1,"value":1,"unit":"Count"}]"#).as_bytes());
+    let check = |label: &str, (status, body): (u16, String), want_status: u16, want: &str| {
+        assert_eq!(status, want_status, "{label}: {body}");
+        assert!(body.contains(want), "{label}: {body} lacks {want}");
+        let (h, health) = http(port, "GET", "/health", None, "", b"");
+        assert_eq!(h, 200, "after {label} the server still serves: {health}");
+        assert!(
+            health.contains(r#""batches":0"#),
+            "after {label} nothing is stored: {health}"
+        );
+    };
+    let post =
+        |headers: &str, body: &[u8]| http(port, "POST", "/v1/batches", Some(&token), headers, body);
+    let gzh = "content-encoding: gzip\r\n";
+    check(
+        "truncated gzip",
+        post(gzh, &gz[..gz.len() - 12]),
+        400,
+        "not valid gzip",
+    );
+    check("not gzip", post(gzh, b"{\"v\":1}"), 400, "not valid gzip");
+    check(
+        "wrong shape",
+        post(gzh, &gzip(b"{\"v\":1,\"agent_id\":\"a1\",\"seq\":\"x\"}")),
+        400,
+        "not an upstream batch",
+    );
+    check(
+        "not JSON",
+        post(gzh, &gzip(b"hello")),
+        400,
+        "not an upstream batch",
+    );
+    check(
+        "a future version",
+        post(gzh, &gzip(br#"{"v":7}"#)),
+        400,
+        "batch version 7 is not supported",
+    );
+    let mut env = vec![b'E', b'M', b'S', b'K', 9, 1];
+    env.extend_from_slice(&[0; 10]);
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&env);
+    check(
+        "unknown sketch version",
+        post(
+            gzh,
+            &gzip(
+                ok(&format!(
+                    r#","sketches":[{{"metric":"m","ts":1,"unit":"Count","sketch":"{b64}"}}]"#
+                ))
+                .as_bytes(),
+            ),
+        ),
+        422,
+        "unsupported sketch: version 9",
+    );
+    check(
+        "another agent's id",
+        post_batch(port, &token_of("a2"), &ok("")),
+        403,
+        "belongs to agent `a2`",
+    );
+    check(
+        "no token",
+        http(port, "POST", "/v1/batches", None, gzh, &gz),
+        401,
+        "bearer token",
+    );
+    check(
+        "a wrong token",
+        http(port, "POST", "/v1/batches", Some("guess"), gzh, &gz),
+        401,
+        "bearer token",
+    );
+    check(
+        "chunked",
+        post("transfer-encoding: chunked\r\n", b""),
+        411,
+        "content-length",
+    );
+    check(
+        "a zip bomb",
+        post(gzh, &gzip(&vec![b' '; 80 << 20])),
+        413,
+        "unpacks to more than",
+    );
+
+    // A giant body is refused from its header, before it is sent.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(format!("POST /v1/batches HTTP/1.1\r\nauthorization: Bearer {token}\r\ncontent-length: 104857600\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    check("giant body", parse_response(&out), 413, "max_body_bytes");
+
+    // Slow loris: a header dribbled a byte at a time is cut at 1 s, and the
+    // server answers others meanwhile.
+    let mut loris = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    loris
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    for b in b"POST /v1/batches HTTP/1.1\r\nhost: a-very-slow-peer.example\r\n"
+        .iter()
+        .take(40)
+    {
+        if loris.write_all(&[*b]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(n) = loris.read(&mut buf) {
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || !answer.is_empty() {
+                break;
+            }
+        }
+        if started.elapsed() > Duration::from_millis(300)
+            && started.elapsed() < Duration::from_millis(400)
+        {
+            let (h, _) = http(port, "GET", "/health", None, "", b"");
+            assert_eq!(h, 200, "others are served while the loris dribbles");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut rest = Vec::new();
+    loris
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = loris.read_to_end(&mut rest);
+    answer.extend(rest);
+    let elapsed = started.elapsed();
+    check("slow loris", parse_response(&answer), 408, "took too long");
+    assert!(elapsed < Duration::from_secs(4), "cut after {elapsed:?}");
+
+    // Connections past max_connections get a 503 and are closed.
+    let idle: Vec<TcpStream> = (0..6)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    let _ = extra.read_to_end(&mut out);
+    assert_eq!(parse_response(&out).0, 503);
+    drop(idle);
+    assert!(wait_until(Duration::from_secs(5), || {
+        TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.write_all(b"GET /health HTTP/1.1\r\nconnection: close\r\n\r\n")?;
+                let mut o = Vec::new();
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let _ = s.read_to_end(&mut o);
+                Ok(o.starts_with(b"HTTP/1.1 200"))
+            })
+            .unwrap_or(false)
+    }));
+    assert!(metric(port, "connections_refused_total") >= 1.0);
+    assert!(metric(port, r#"connections_closed_total{how="header_timeout"}"#) >= 1.0);
+
+    // The 401s made one log line, not one per request, and no token.
+    let log = up.stderr();
+    assert_eq!(log.matches("missing or wrong token").count(), 1, "{log}");
+    assert!(!log.contains("guess"), "{log}");
+    // And after all that, a good batch is taken.
+    assert_eq!(post_batch(port, &token, &ok("")).0, 200);
+    up.stop();
+}
