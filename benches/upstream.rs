@@ -1,0 +1,396 @@
+//! The upstream's ingest rate and sketch merging, with baselines from the
+//! same run.
+//!
+//! Run: `cargo bench --bench upstream` (add `-- --quick` for a short run).
+//!
+//! 1. Ingest: the release `edgemeter upstream` (SQLite store, fsync on every
+//!    commit) takes gzip batches of 100 points each from 8 keep-alive
+//!    clients posting as fast as it answers, for a fixed time. Reported:
+//!    batches/s acknowledged (each only after its commit), and batches per
+//!    CPU-second of the upstream process (its event loop plus its store
+//!    thread: "on one core"). The batches are encoded before the clock
+//!    starts, so the clients cost little.
+//!    Baseline, same disk, same run: the same rows INSERTed by a bare
+//!    program into the same table, one transaction per batch (what a
+//!    straightforward ingest does per request, without HTTP, gzip, JSON,
+//!    tokens or the duplicate check).
+//! 2. Merge: 1,000 agents' dense p = 14 sketches for one window.
+//!    - in process: decode the 1,000 envelopes and merge them (what a query
+//!      does per window), against a baseline of a bare byte-wise max over
+//!      the same 1,000 register arrays;
+//!    - end to end: 1,000 agents post one sketch each for the same window,
+//!      then `GET /v1/series` for it (read, decode, merge, answer).
+
+#![allow(dead_code, unused_imports)]
+
+#[path = "../src/hash.rs"]
+mod hash;
+#[path = "../src/sketch.rs"]
+mod sketch;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sketch::{Sketch, hash_i64};
+
+const POINTS: usize = 100;
+const CLIENTS: usize = 8;
+const AGENTS: usize = 1000;
+
+fn bench_dir(tag: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-tmp")
+        .join(format!("{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).expect("bench dir");
+    d
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+fn points_json(agent: &str, seq: u64, ts: i64) -> String {
+    let points: Vec<String> = (0..POINTS)
+        .map(|i| {
+            format!(
+                r#"{{"metric":"bench_counter","dims":{{"gateway":"gw-{}","window":"30m","series":"{}"}},"ts":{ts},"value":{i},"unit":"Count"}}"#,
+                seq % 50,
+                i % 10
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"v":1,"agent_id":"{agent}","outbox_id":"bench","seq":{seq},"points":[{}]}}"#,
+        points.join(",")
+    )
+}
+
+fn request(token: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST /v1/batches HTTP/1.1\r\nhost: b\r\nauthorization: Bearer {token}\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// Read one HTTP response from a keep-alive connection; its status.
+fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u16> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let status = head.get(9..12)?.parse().ok();
+                buf.drain(..end + 4 + len);
+                return status;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+struct Upstream {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Upstream {
+    fn start(bin: &Path, tag: &str, agents: &[String]) -> Upstream {
+        let dir = bench_dir(tag);
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        std::fs::create_dir_all(dir.join("agents")).expect("agents");
+        for a in agents {
+            std::fs::write(dir.join("agents").join(format!("{a}.token")), format!("t-{a}")).expect("token");
+        }
+        std::fs::write(dir.join("admin.token"), "admin").expect("admin");
+        std::fs::write(
+            dir.join("up.toml"),
+            format!(
+                "[agent]\nid = \"bench-up\"\nstate_dir = \"{}\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
+                 tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\nmax_connections = 2048\n",
+                dir.join("state").display()
+            ),
+        )
+        .expect("config");
+        let child = Command::new(bin)
+            .args(["upstream", "-c"])
+            .arg(dir.join("up.toml"))
+            .env("EDGEMETER_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the upstream");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the upstream did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Upstream { child, port, dir }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// Batches/s and batches per CPU-second of the upstream.
+fn ingest(bin: &Path, run: Duration) -> (f64, f64, u64) {
+    let up = Upstream::start(bin, "upstream-ingest", &["bench".to_owned()]);
+    // Enough batches for the run at well above the target rate.
+    let per_client = (run.as_secs_f64() * 1500.0) as usize;
+    let ts = now_ms() - 60_000;
+    println!("  encoding {} batches...", per_client * CLIENTS);
+    let requests: Vec<Vec<Vec<u8>>> = (0..CLIENTS)
+        .map(|c| {
+            (0..per_client)
+                .map(|i| {
+                    let seq = (c * 10_000_000 + i + 1) as u64;
+                    request("t-bench", &gzip(points_json("bench", seq, ts).as_bytes()))
+                })
+                .collect()
+        })
+        .collect();
+    let ok = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pid = up.child.id();
+    let (t0, cpu0) = (Instant::now(), cpu_ticks(pid));
+    let threads: Vec<_> = requests
+        .into_iter()
+        .map(|reqs| {
+            let (ok, stop, port) = (ok.clone(), stop.clone(), up.port);
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                s.set_nodelay(true).expect("nodelay");
+                s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+                let mut buf = Vec::new();
+                for r in reqs {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    s.write_all(&r).expect("write");
+                    match read_response(&mut s, &mut buf) {
+                        Some(200) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => panic!("the upstream answered {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(run);
+    stop.store(true, Ordering::Relaxed);
+    let (elapsed, cpu) = (t0.elapsed(), cpu_ticks(pid) - cpu0);
+    let done = ok.load(Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("client");
+    }
+    let rate = done as f64 / elapsed.as_secs_f64();
+    let per_cpu = done as f64 / (cpu as f64 / 100.0).max(0.01);
+    (rate, per_cpu, done)
+}
+
+/// The same rows, bare INSERTs, one transaction per batch (FULL fsync, WAL).
+fn sqlite_floor(batches: usize) -> f64 {
+    let dir = bench_dir("upstream-floor");
+    let conn = rusqlite::Connection::open(dir.join("floor.db")).expect("open");
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         CREATE TABLE points (metric TEXT NOT NULL, net TEXT NOT NULL, ts INTEGER NOT NULL,
+             agent TEXT NOT NULL, dims TEXT NOT NULL, value REAL NOT NULL, unit TEXT NOT NULL);
+         CREATE INDEX points_by_time ON points (metric, ts);",
+    )
+    .expect("schema");
+    let ts = now_ms();
+    let t0 = Instant::now();
+    for b in 0..batches {
+        conn.execute_batch("BEGIN").expect("begin");
+        {
+            let mut st = conn
+                .prepare_cached("INSERT INTO points VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+                .expect("prepare");
+            for i in 0..POINTS {
+                let dims = format!(
+                    r#"{{"gateway":"gw-{}","series":"{}","window":"30m"}}"#,
+                    b % 50,
+                    i % 10
+                );
+                st.execute(rusqlite::params![
+                    "bench_counter",
+                    r#"{"series":"0","window":"30m"}"#,
+                    ts,
+                    "bench",
+                    dims,
+                    i as f64,
+                    "Count"
+                ])
+                .expect("insert");
+            }
+        }
+        conn.execute_batch("COMMIT").expect("commit");
+    }
+    let rate = batches as f64 / t0.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&dir).ok();
+    rate
+}
+
+fn dense_sketches(n: usize) -> Vec<Sketch> {
+    (0..n)
+        .map(|a| {
+            let mut s = Sketch::default();
+            // 3,000 ids each, overlapping their neighbours: dense (> 2,048).
+            for id in (a as i64 * 1000)..(a as i64 * 1000 + 3000) {
+                s.insert(hash_i64(id));
+            }
+            assert!(!s.is_exact());
+            s
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let run = if quick { Duration::from_secs(3) } else { Duration::from_secs(10) };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
+        .current_dir(root)
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "could not build target/release/edgemeter");
+    let bin = root.join("target/release/edgemeter");
+
+    println!("upstream ingest: {CLIENTS} keep-alive clients, batches of {POINTS} points, {run:?}");
+    let (rate, per_cpu, done) = ingest(&bin, run);
+    let floor = sqlite_floor(if quick { 300 } else { 1000 });
+    println!("  edgemeter upstream: {rate:>9.0} batches/s acknowledged ({done} in all), {per_cpu:.0} per CPU-second of the upstream");
+    println!("  sqlite floor      : {floor:>9.0} batches/s (bare INSERTs, one transaction per batch)");
+    println!(
+        "  ratio             : {:.2}x the floor; target 2,000 batches/s: {}",
+        rate / floor,
+        if rate >= 2000.0 { "met" } else { "NOT met" }
+    );
+
+    println!("sketch merge: {AGENTS} agents' dense p=14 sketches for one window");
+    let sketches = dense_sketches(AGENTS);
+    let envelopes: Vec<Vec<u8>> = sketches.iter().map(Sketch::encode).collect();
+    let rounds = if quick { 3 } else { 7 };
+    let merged_estimate;
+    let ours = {
+        let mut times = Vec::new();
+        let mut est = 0.0;
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let mut m = Sketch::default();
+            for e in &envelopes {
+                m.merge(&Sketch::decode(e).expect("decode"));
+            }
+            est = m.estimate();
+            times.push(t.elapsed());
+        }
+        merged_estimate = est;
+        median(times)
+    };
+    let floor = {
+        let regs: Vec<&[u8]> = envelopes.iter().map(|e| &e[16..]).collect();
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let mut acc = vec![0u8; regs[0].len()];
+            for r in &regs {
+                for (a, b) in acc.iter_mut().zip(r.iter()) {
+                    *a = (*a).max(*b);
+                }
+            }
+            std::hint::black_box(&acc);
+            times.push(t.elapsed());
+        }
+        median(times)
+    };
+    let truth = (AGENTS * 1000 + 2000) as f64;
+    println!(
+        "  decode + merge    : {:>8.2} ms (estimate {merged_estimate:.0}, true {truth:.0}, error {:+.2} %)",
+        ours.as_secs_f64() * 1e3,
+        (merged_estimate - truth) / truth * 100.0
+    );
+    println!("  bare byte-wise max: {:>8.2} ms", floor.as_secs_f64() * 1e3);
+    println!("  ratio             : {:.2}x the floor", ours.as_secs_f64() / floor.as_secs_f64());
+
+    // End to end: 1,000 agents post one sketch each; one query merges them.
+    let agents: Vec<String> = (0..AGENTS).map(|a| format!("agent-{a}")).collect();
+    let up = Upstream::start(&bin, "upstream-merge", &agents);
+    let ts = now_ms() - 60_000;
+    use base64::Engine;
+    for (a, env) in agents.iter().zip(&envelopes) {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(env);
+        let json = format!(
+            r#"{{"v":1,"agent_id":"{a}","outbox_id":"m","seq":1,"sketches":[{{"metric":"bench_users","dims":{{"agent":"{a}","window":"30m"}},"ts":{ts},"unit":"Count","sketch":"{b64}"}}]}}"#
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", up.port)).expect("connect");
+        s.write_all(&request(&format!("t-{a}"), &gzip(json.as_bytes()))).expect("write");
+        let mut buf = Vec::new();
+        assert_eq!(read_response(&mut s, &mut buf), Some(200));
+    }
+    let mut times = Vec::new();
+    let mut body = String::new();
+    for _ in 0..rounds {
+        let mut s = TcpStream::connect(("127.0.0.1", up.port)).expect("connect");
+        let t = Instant::now();
+        s.write_all(b"GET /v1/series?metric=bench_users&range=1D HTTP/1.1\r\nauthorization: Bearer admin\r\nconnection: close\r\n\r\n")
+            .expect("write");
+        body.clear();
+        s.read_to_string(&mut body).expect("read");
+        times.push(t.elapsed());
+    }
+    assert!(body.starts_with("HTTP/1.1 200") && body.contains("\"agents\":1000"), "{body}");
+    println!(
+        "  GET /v1/series    : {:>8.2} ms for the window (read {AGENTS} sketches from SQLite, merge, answer)",
+        median(times).as_secs_f64() * 1e3
+    );
+}
