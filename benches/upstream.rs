@@ -304,7 +304,10 @@ fn main() {
         .status()
         .expect("cargo");
     assert!(status.success(), "could not build target/release/edgemeter");
-    let bin = root.join("target/release/edgemeter");
+    // EDGEMETER_BENCH_BIN: another build of the binary (one with symbols,
+    // for `perf`).
+    let bin = std::env::var_os("EDGEMETER_BENCH_BIN")
+        .map_or_else(|| root.join("target/release/edgemeter"), PathBuf::from);
 
     println!("upstream ingest: {CLIENTS} keep-alive clients, batches of {POINTS} points, {run:?}");
     let (rate, per_cpu, done) = ingest(&bin, run);

@@ -6,21 +6,23 @@
 //!
 //! Both run on the store's worker thread, never on the event loop.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-/// A value going into or coming out of either database.
+/// A value going into or coming out of either database. Borrowed going
+/// in: a batch's 100 points bind their strings without copying them.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Val {
+pub enum Val<'a> {
     Null,
     Int(i64),
     Real(f64),
-    Text(String),
-    Blob(Vec<u8>),
+    Text(Cow<'a, str>),
+    Blob(Cow<'a, [u8]>),
 }
 
-impl Val {
+impl Val<'_> {
     pub fn int(&self) -> i64 {
         match self {
             Val::Int(i) => *i,
@@ -46,42 +48,42 @@ impl Val {
 
     pub fn into_text(self) -> String {
         match self {
-            Val::Text(s) => s,
+            Val::Text(s) => s.into_owned(),
             _ => String::new(),
         }
     }
 
     pub fn into_blob(self) -> Vec<u8> {
         match self {
-            Val::Blob(b) => b,
-            Val::Text(s) => s.into_bytes(),
+            Val::Blob(b) => b.into_owned(),
+            Val::Text(s) => s.into_owned().into_bytes(),
             _ => Vec::new(),
         }
     }
 }
 
-impl From<&str> for Val {
-    fn from(s: &str) -> Val {
-        Val::Text(s.to_owned())
+impl<'a> From<&'a str> for Val<'a> {
+    fn from(s: &'a str) -> Val<'a> {
+        Val::Text(Cow::Borrowed(s))
     }
 }
-impl From<String> for Val {
-    fn from(s: String) -> Val {
-        Val::Text(s)
+impl From<String> for Val<'_> {
+    fn from(s: String) -> Self {
+        Val::Text(Cow::Owned(s))
     }
 }
-impl From<i64> for Val {
-    fn from(i: i64) -> Val {
+impl From<i64> for Val<'_> {
+    fn from(i: i64) -> Self {
         Val::Int(i)
     }
 }
-impl From<f64> for Val {
-    fn from(r: f64) -> Val {
+impl From<f64> for Val<'_> {
+    fn from(r: f64) -> Self {
         Val::Real(r)
     }
 }
 
-pub type Rows = Vec<Vec<Val>>;
+pub type Rows = Vec<Vec<Val<'static>>>;
 
 /// What the store needs from a database. Errors are sentences without
 /// secrets; every one means "try again later" to the caller.
@@ -92,8 +94,8 @@ pub trait Db: Send {
     fn commit(&mut self) -> Result<(), String>;
     fn rollback(&mut self);
     /// Rows changed.
-    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, String>;
-    fn query(&mut self, sql: &str, params: &[Val]) -> Result<Rows, String>;
+    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, String>;
+    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, String>;
 }
 
 // ---------------------------------------------------------------- SQLite
@@ -190,7 +192,7 @@ impl Sqlite {
     }
 }
 
-impl rusqlite::ToSql for Val {
+impl rusqlite::ToSql for Val<'_> {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
         use rusqlite::types::{ToSqlOutput, ValueRef};
         Ok(ToSqlOutput::Borrowed(match self {
@@ -220,13 +222,13 @@ impl Db for Sqlite {
     fn rollback(&mut self) {
         let _ = self.conn.execute_batch("ROLLBACK");
     }
-    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, String> {
+    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, String> {
         let mut st = self.conn.prepare_cached(sql).map_err(|e| format!("{e}"))?;
         st.execute(rusqlite::params_from_iter(params))
             .map(|n| n as u64)
             .map_err(|e| format!("{e}"))
     }
-    fn query(&mut self, sql: &str, params: &[Val]) -> Result<Rows, String> {
+    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, String> {
         use rusqlite::types::ValueRef;
         let mut st = self.conn.prepare_cached(sql).map_err(|e| format!("{e}"))?;
         let n = st.column_count();
@@ -241,8 +243,8 @@ impl Db for Sqlite {
                     ValueRef::Null => Val::Null,
                     ValueRef::Integer(i) => Val::Int(i),
                     ValueRef::Real(r) => Val::Real(r),
-                    ValueRef::Text(t) => Val::Text(String::from_utf8_lossy(t).into_owned()),
-                    ValueRef::Blob(b) => Val::Blob(b.to_vec()),
+                    ValueRef::Text(t) => Val::Text(Cow::Owned(String::from_utf8_lossy(t).into_owned())),
+                    ValueRef::Blob(b) => Val::Blob(Cow::Owned(b.to_vec())),
                 });
             }
             out.push(vals);
@@ -449,7 +451,7 @@ mod pg_types {
 
     type BoxError = Box<dyn std::error::Error + Sync + Send>;
 
-    impl ToSql for Val {
+    impl ToSql for Val<'_> {
         fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, BoxError> {
             match (self, ty) {
                 (Val::Null, _) => Ok(IsNull::Yes),
@@ -457,8 +459,8 @@ mod pg_types {
                 (Val::Int(i), &Type::INT4) => i32::try_from(*i)?.to_sql(ty, out),
                 (Val::Int(i), &Type::FLOAT8) => (*i as f64).to_sql(ty, out),
                 (Val::Real(r), &Type::FLOAT8) => r.to_sql(ty, out),
-                (Val::Text(s), _) => s.as_str().to_sql(ty, out),
-                (Val::Blob(b), _) => b.as_slice().to_sql(ty, out),
+                (Val::Text(s), _) => s.as_ref().to_sql(ty, out),
+                (Val::Blob(b), _) => b.as_ref().to_sql(ty, out),
                 (v, ty) => Err(format!("cannot send {v:?} as {ty}").into()),
             }
         }
@@ -468,7 +470,7 @@ mod pg_types {
         to_sql_checked!();
     }
 
-    pub fn column(row: &postgres::Row, i: usize) -> Result<Val, postgres::Error> {
+    pub fn column(row: &postgres::Row, i: usize) -> Result<Val<'static>, postgres::Error> {
         let ty = row.columns()[i].type_().clone();
         Ok(match ty {
             Type::INT8 => row
@@ -482,10 +484,10 @@ mod pg_types {
                 .map_or(Val::Null, Val::Real),
             Type::BYTEA => row
                 .try_get::<_, Option<Vec<u8>>>(i)?
-                .map_or(Val::Null, Val::Blob),
+                .map_or(Val::Null, |b| Val::Blob(b.into())),
             _ => row
                 .try_get::<_, Option<String>>(i)?
-                .map_or(Val::Null, Val::Text),
+                .map_or(Val::Null, Val::from),
         })
     }
 }
@@ -507,14 +509,14 @@ impl Db for Postgres {
             let _ = c.batch_execute("ROLLBACK");
         }
     }
-    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, String> {
+    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, String> {
         let st = self.statement(sql)?;
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             params.iter().map(|v| v as _).collect();
         let r = self.client()?.execute(&st, &refs);
         r.map_err(|e| self.fail(e))
     }
-    fn query(&mut self, sql: &str, params: &[Val]) -> Result<Rows, String> {
+    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, String> {
         let st = self.statement(sql)?;
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             params.iter().map(|v| v as _).collect();

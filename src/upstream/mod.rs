@@ -75,7 +75,7 @@ pub fn open_store(c: &Config, state_dir: &Path, read_only: bool) -> Result<Store
             Box::new(db::Postgres::new(url, password)?)
         }
     };
-    Ok(Store::new(db, c.edge_dims.clone()))
+    Ok(Store::new(db, c.edge_dims.clone(), c.settle.as_millis() as i64))
 }
 
 /// Everything the server task needs, prepared before the loop starts so

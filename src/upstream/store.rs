@@ -30,7 +30,7 @@
 //! batch for a group already forwarded is counted as late: queries and
 //! rollups include it; the forwarded value is not sent twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::Sketch;
@@ -40,7 +40,19 @@ use crate::upstream::wire;
 pub struct Store {
     db: Box<dyn Db>,
     edge_dims: Vec<String>,
+    /// A group newer than `now - settle_ms - CLOCK_MARGIN_MS` cannot have
+    /// been forwarded yet: ingest skips asking.
+    settle_ms: i64,
+    /// Groups this process put in `pending` and that are not settled yet
+    /// (at most [`PENDING_SEEN_MAX`]; cleared when full).
+    pending_seen: HashSet<Group>,
+    /// Added to `pending_seen` only once their transaction commits.
+    pending_uncommitted: Vec<Group>,
 }
+
+/// Replicas' clocks may disagree by this much.
+const CLOCK_MARGIN_MS: i64 = 60_000;
+const PENDING_SEEN_MAX: usize = 100_000;
 
 /// What storing one batch did.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +65,7 @@ pub struct Ingested {
 }
 
 /// A network-wide group: one metric, its network dims, one time.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Group {
     pub metric: String,
     pub net: String,
@@ -155,8 +167,15 @@ const SQL_INSERT_PENDING: &str =
     "INSERT INTO pending (metric, net, ts) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
 
 impl Store {
-    pub fn new(db: Box<dyn Db>, edge_dims: Vec<String>) -> Store {
-        Store { db, edge_dims }
+    /// `settle_ms`: the forwarder's `settle_secs`, in ms.
+    pub fn new(db: Box<dyn Db>, edge_dims: Vec<String>, settle_ms: i64) -> Store {
+        Store {
+            db,
+            edge_dims,
+            settle_ms,
+            pending_seen: HashSet::new(),
+            pending_uncommitted: Vec::new(),
+        }
     }
 
     pub fn kind(&self) -> &'static str {
@@ -165,12 +184,7 @@ impl Store {
 
     /// The dims without the edge-naming ones, as stored in `net`.
     pub fn net_dims(&self, dims: &Dims) -> Dims {
-        Dims::new(
-            dims.pairs()
-                .iter()
-                .filter(|(k, _)| !self.edge_dims.iter().any(|e| e == k))
-                .cloned(),
-        )
+        dims.without(&self.edge_dims)
     }
 
     /// Run `f` in one transaction; roll back on error.
@@ -268,7 +282,7 @@ impl Store {
                                 dims.into(),
                                 r.unit.as_str().into(),
                                 r.value.into(),
-                                Val::Blob(r.payload.clone()),
+                                Val::Blob(std::borrow::Cow::Borrowed(&r.payload)),
                             ],
                         )?;
                     }
@@ -282,7 +296,7 @@ impl Store {
                 }
                 Kind::Event => {
                     let payload = String::from_utf8_lossy(&r.payload).into_owned();
-                    let user = event_user(&payload).map_or(Val::Null, Val::Text);
+                    let user = event_user(&payload).map_or(Val::Null, Val::from);
                     self.db.exec(
                         SQL_INSERT_EVENT,
                         &[
@@ -299,13 +313,26 @@ impl Store {
             }
         }
         let mut late = 0;
+        let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
+        if self.pending_seen.len() > PENDING_SEEN_MAX {
+            self.pending_seen.clear();
+        }
         for (g, n) in groups {
-            let key = [g.metric.into(), g.net.into(), g.ts.into()];
-            let forwarded = self.db.query(SQL_IS_FORWARDED, &key)?;
-            if forwarded.first().is_some_and(|r| r[0].int() > 0) {
-                late += n;
-            } else {
-                self.db.exec(SQL_INSERT_PENDING, &key)?;
+            let recent = g.ts > unsettled_after;
+            if recent && self.pending_seen.contains(&g) {
+                continue;
+            }
+            let key = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
+            if !recent {
+                let forwarded = self.db.query(SQL_IS_FORWARDED, &key)?;
+                if forwarded.first().is_some_and(|r| r[0].int() > 0) {
+                    late += n;
+                    continue;
+                }
+            }
+            self.db.exec(SQL_INSERT_PENDING, &key)?;
+            if recent {
+                self.pending_uncommitted.push(g);
             }
         }
         Ok(Ingested {
@@ -461,7 +488,7 @@ impl Store {
                     ts: next().int(),
                     etype: next().into_text(),
                     user: match next() {
-                        Val::Text(s) => Some(s),
+                        Val::Text(s) => Some(s.into_owned()),
                         _ => None,
                     },
                     agent: next().into_text(),
@@ -717,7 +744,7 @@ impl Store {
     }
 }
 
-fn group_of(r: Vec<Val>) -> Group {
+fn group_of(r: Vec<Val<'static>>) -> Group {
     let mut it = r.into_iter();
     Group {
         metric: it.next().expect("3 columns").into_text(),

@@ -49,7 +49,7 @@ fn sqlite_store() -> (Store, std::path::PathBuf) {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    (Store::new(Box::new(db), edge), dir)
+    (Store::new(Box::new(db), edge, 0), dir)
 }
 
 #[test]
