@@ -160,11 +160,10 @@ async fn before<T>(deadline: Instant, f: impl Future<Output = T>) -> Option<T> {
 
 /// Read more bytes into `buf`; 0 means the peer closed.
 async fn fill<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    let len = buf.len();
-    buf.resize(len + READ_CHUNK, 0);
-    let r = s.read(&mut buf[len..]).await;
-    buf.truncate(len + *r.as_ref().unwrap_or(&0));
-    r
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = s.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 struct Head {

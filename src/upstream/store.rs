@@ -48,6 +48,8 @@ pub struct Store {
     pending_seen: HashSet<Group>,
     /// Added to `pending_seen` only once their transaction commits.
     pending_uncommitted: Vec<Group>,
+    /// The INSERT for 1, 2, ... rows of points.
+    point_sql: Vec<String>,
 }
 
 /// Replicas' clocks may disagree by this much.
@@ -155,8 +157,31 @@ pub struct Aggregate {
 
 const SQL_INSERT_BATCH: &str = "INSERT INTO batches (agent, outbox, seq, received, records) \
      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING";
-const SQL_INSERT_POINT: &str = "INSERT INTO points (metric, net, ts, agent, dims, value, unit) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+/// Points go in up to this many rows per INSERT: one statement step per
+/// row costs more than the row itself.
+const POINT_ROWS_PER_INSERT: usize = 16;
+
+/// `INSERT INTO points ... VALUES (?1..?7), (?8..?14), ...` for `rows` rows.
+fn insert_points_sql(rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO points (metric, net, ts, agent, dims, value, unit) VALUES ");
+    for r in 0..rows {
+        let b = r * 7;
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7
+        ));
+    }
+    sql
+}
 const SQL_INSERT_SKETCH: &str = "INSERT INTO sketches \
      (metric, net, ts, agent, dims, unit, estimate, sketch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 const SQL_INSERT_EVENT: &str = "INSERT INTO events (ts, etype, user_id, agent, dims, payload) \
@@ -175,6 +200,7 @@ impl Store {
             settle_ms,
             pending_seen: HashSet::new(),
             pending_uncommitted: Vec::new(),
+            point_sql: Vec::new(),
         }
     }
 
@@ -253,24 +279,26 @@ impl Store {
         let agent = Val::from(b.agent_id.as_str());
         // Groups this batch touches, and how many of its records each has.
         let mut groups: BTreeMap<Group, usize> = BTreeMap::new();
+        let mut point_rows: Vec<Val<'_>> = Vec::with_capacity(7 * POINT_ROWS_PER_INSERT);
         for r in &b.records {
             match r.kind {
                 Kind::Point | Kind::Sketch => {
                     let net = self.net_dims(&r.dims).encode();
                     let dims = r.dims.encode();
                     if r.kind == Kind::Point {
-                        self.db.exec(
-                            SQL_INSERT_POINT,
-                            &[
-                                r.name.as_str().into(),
-                                net.as_str().into(),
-                                r.ts_ms.into(),
-                                agent.clone(),
-                                dims.into(),
-                                r.value.into(),
-                                r.unit.as_str().into(),
-                            ],
-                        )?;
+                        point_rows.extend([
+                            r.name.as_str().into(),
+                            net.clone().into(),
+                            r.ts_ms.into(),
+                            agent.clone(),
+                            dims.into(),
+                            r.value.into(),
+                            r.unit.as_str().into(),
+                        ]);
+                        if point_rows.len() == 7 * POINT_ROWS_PER_INSERT {
+                            self.insert_points(&point_rows)?;
+                            point_rows.clear();
+                        }
                     } else {
                         self.db.exec(
                             SQL_INSERT_SKETCH,
@@ -295,7 +323,7 @@ impl Store {
                         .or_default() += 1;
                 }
                 Kind::Event => {
-                    let payload = String::from_utf8_lossy(&r.payload).into_owned();
+                    let payload = String::from_utf8_lossy(&r.payload);
                     let user = event_user(&payload).map_or(Val::Null, Val::from);
                     self.db.exec(
                         SQL_INSERT_EVENT,
@@ -305,12 +333,15 @@ impl Store {
                             user,
                             agent.clone(),
                             r.dims.encode().into(),
-                            payload.into(),
+                            Val::Text(payload),
                         ],
                     )?;
                 }
                 Kind::Line => {}
             }
+        }
+        if !point_rows.is_empty() {
+            self.insert_points(&point_rows)?;
         }
         let mut late = 0;
         let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
@@ -340,6 +371,18 @@ impl Store {
             records: b.records.len(),
             late,
         })
+    }
+
+    /// Insert whole rows of 7 values with one statement.
+    fn insert_points(&mut self, values: &[Val<'_>]) -> Result<(), String> {
+        let rows = values.len() / 7;
+        if self.point_sql.len() < rows {
+            self.point_sql = (1..=POINT_ROWS_PER_INSERT).map(insert_points_sql).collect();
+        }
+        let sql = std::mem::take(&mut self.point_sql[rows - 1]);
+        let result = self.db.exec(&sql, values);
+        self.point_sql[rows - 1] = sql;
+        result.map(drop)
     }
 
     // ------------------------------------------------------------ queries
