@@ -217,18 +217,25 @@ pub fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, Invalid> {
 /// Check a batch's JSON and turn it into records. `now_ms` is the server's
 /// clock, for refusing timestamps from the far future.
 pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
-    // Read the version first, so a future format is refused as a version,
-    // not as a confusing shape error.
-    #[derive(Deserialize)]
-    struct Version {
-        v: Option<u32>,
+    let w: WireBatch = match serde_json::from_slice(json) {
+        Ok(w) => w,
+        Err(e) => {
+            // A future format fails the shape: say it is a version instead.
+            #[derive(Deserialize)]
+            struct Version {
+                v: Option<u32>,
+            }
+            if let Ok(Version { v: Some(v) }) = serde_json::from_slice::<Version>(json)
+                && v != VERSION
+            {
+                return Err(Invalid::Version(v));
+            }
+            return Err(Invalid::Shape(e.to_string()));
+        }
+    };
+    if w.v != VERSION {
+        return Err(Invalid::Version(w.v));
     }
-    if let Ok(Version { v: Some(v) }) = serde_json::from_slice::<Version>(json)
-        && v != VERSION
-    {
-        return Err(Invalid::Version(v));
-    }
-    let w: WireBatch = serde_json::from_slice(json).map_err(|e| Invalid::Shape(e.to_string()))?;
     let bad = |m: String| Err(Invalid::Value(m));
     if !valid_id(&w.agent_id, MAX_ID_LEN) {
         return bad(format!(
