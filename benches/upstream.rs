@@ -136,7 +136,11 @@ impl Upstream {
         };
         std::fs::create_dir_all(dir.join("agents")).expect("agents");
         for a in agents {
-            std::fs::write(dir.join("agents").join(format!("{a}.token")), format!("t-{a}")).expect("token");
+            std::fs::write(
+                dir.join("agents").join(format!("{a}.token")),
+                format!("t-{a}"),
+            )
+            .expect("token");
         }
         std::fs::write(dir.join("admin.token"), "admin").expect("admin");
         std::fs::write(
@@ -159,7 +163,10 @@ impl Upstream {
             .expect("start the upstream");
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the upstream did not start listening");
+            assert!(
+                Instant::now() < deadline,
+                "the upstream did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Upstream { child, port, dir }
@@ -168,7 +175,9 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
         std::fs::remove_dir_all(&self.dir).ok();
     }
@@ -202,7 +211,8 @@ fn ingest(bin: &Path, run: Duration) -> (f64, f64, u64) {
             std::thread::spawn(move || {
                 let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
                 s.set_nodelay(true).expect("nodelay");
-                s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+                s.set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
                 let mut buf = Vec::new();
                 for r in reqs {
                     if stop.load(Ordering::Relaxed) {
@@ -296,7 +306,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let run = if quick { Duration::from_secs(3) } else { Duration::from_secs(10) };
+    let run = if quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let status = Command::new("cargo")
         .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
@@ -312,8 +326,12 @@ fn main() {
     println!("upstream ingest: {CLIENTS} keep-alive clients, batches of {POINTS} points, {run:?}");
     let (rate, per_cpu, done) = ingest(&bin, run);
     let floor = sqlite_floor(if quick { 300 } else { 1000 });
-    println!("  edgemeter upstream: {rate:>9.0} batches/s acknowledged ({done} in all), {per_cpu:.0} per CPU-second of the upstream");
-    println!("  sqlite floor      : {floor:>9.0} batches/s (bare INSERTs, one transaction per batch)");
+    println!(
+        "  edgemeter upstream: {rate:>9.0} batches/s acknowledged ({done} in all), {per_cpu:.0} per CPU-second of the upstream"
+    );
+    println!(
+        "  sqlite floor      : {floor:>9.0} batches/s (bare INSERTs, one transaction per batch)"
+    );
     println!(
         "  ratio             : {:.2}x the floor; target 2,000 batches/s: {}",
         rate / floor,
@@ -362,8 +380,14 @@ fn main() {
         ours.as_secs_f64() * 1e3,
         (merged_estimate - truth) / truth * 100.0
     );
-    println!("  bare byte-wise max: {:>8.2} ms", floor.as_secs_f64() * 1e3);
-    println!("  ratio             : {:.2}x the floor", ours.as_secs_f64() / floor.as_secs_f64());
+    println!(
+        "  bare byte-wise max: {:>8.2} ms",
+        floor.as_secs_f64() * 1e3
+    );
+    println!(
+        "  ratio             : {:.2}x the floor",
+        ours.as_secs_f64() / floor.as_secs_f64()
+    );
 
     // End to end: 1,000 agents post one sketch each; one query merges them.
     let agents: Vec<String> = (0..AGENTS).map(|a| format!("agent-{a}")).collect();
@@ -376,7 +400,8 @@ fn main() {
             r#"{{"v":1,"agent_id":"{a}","outbox_id":"m","seq":1,"sketches":[{{"metric":"bench_users","dims":{{"agent":"{a}","window":"30m"}},"ts":{ts},"unit":"Count","sketch":"{b64}"}}]}}"#
         );
         let mut s = TcpStream::connect(("127.0.0.1", up.port)).expect("connect");
-        s.write_all(&request(&format!("t-{a}"), &gzip(json.as_bytes()))).expect("write");
+        s.write_all(&request(&format!("t-{a}"), &gzip(json.as_bytes())))
+            .expect("write");
         let mut buf = Vec::new();
         assert_eq!(read_response(&mut s, &mut buf), Some(200));
     }
@@ -391,7 +416,10 @@ fn main() {
         s.read_to_string(&mut body).expect("read");
         times.push(t.elapsed());
     }
-    assert!(body.starts_with("HTTP/1.1 200") && body.contains("\"agents\":1000"), "{body}");
+    assert!(
+        body.starts_with("HTTP/1.1 200") && body.contains("\"agents\":1000"),
+        "{body}"
+    );
     println!(
         "  GET /v1/series    : {:>8.2} ms for the window (read {AGENTS} sketches from SQLite, merge, answer)",
         median(times).as_secs_f64() * 1e3

@@ -736,3 +736,105 @@ fn bad_input_gets_a_clear_4xx_stores_nothing_and_others_are_served() {
     assert_eq!(post_batch(port, &token, &ok("")).0, 200);
     up.stop();
 }
+
+#[test]
+fn tls_upstream_takes_batches_from_an_agent_that_trusts_its_certificate() {
+    let dir = TempDir::new("upstream-tls");
+    let port = free_port();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    dir.write("cert.pem", &ck.cert.pem());
+    dir.write("key.pem", &ck.signing_key.serialize_pem());
+    let cfg = upstream_config(
+        &dir,
+        "up",
+        port,
+        "sqlite",
+        "tls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"",
+        "",
+    );
+    let mut up = Agent::start_upstream(&cfg, "info", &[]);
+    assert!(
+        up.stderr().contains(&format!("https://127.0.0.1:{port}")),
+        "{}",
+        up.stderr()
+    );
+    // The agent trusts the certificate through ca_file.
+    let a1 = agent_config(&dir, "a1", port, &token_of("a1"), "0..10", "0..3");
+    let text = std::fs::read_to_string(&a1)
+        .expect("config")
+        .replace(
+            &format!("http://127.0.0.1:{port}"),
+            &format!("https://localhost:{port}"),
+        )
+        .replace(
+            "token_file = \"a1.token\"",
+            "token_file = \"a1.token\"\nca_file = \"cert.pem\"",
+        );
+    std::fs::write(&a1, text).expect("config");
+    // a2 does not, and must not get through.
+    let a2 = agent_config(&dir, "a2", port, &token_of("a2"), "0..10", "0..3");
+    let text = std::fs::read_to_string(&a2).expect("config").replace(
+        &format!("http://127.0.0.1:{port}"),
+        &format!("https://localhost:{port}"),
+    );
+    std::fs::write(&a2, text).expect("config");
+    let mut agents = [
+        Agent::start_running(&a1, "info"),
+        Agent::start_running(&a2, "info"),
+    ];
+
+    // Plain HTTP to the TLS port gets nowhere and stores nothing.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(b"GET /health HTTP/1.1\r\nconnection: close\r\n\r\n");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(
+        !out.starts_with(b"HTTP/1.1 200"),
+        "plain HTTP was served on the TLS port"
+    );
+
+    let admin = dir.path("admin.token");
+    let cfg_s = cfg.to_str().expect("utf8");
+    let count = || {
+        let (code, out, _) = edgemeter(&[
+            "report",
+            "-c",
+            cfg_s,
+            "--metric",
+            "synthetic",
+            "--agent",
+            "*",
+            "--format",
+            "csv",
+        ]);
+        assert_eq!(code, 0);
+        out.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || count()
+            .iter()
+            .filter(|a| *a == "a1")
+            .count()
+            == POINTS_PER_AGENT),
+        "a1's points did not arrive over TLS"
+    );
+    assert!(
+        !count().iter().any(|a| a == "a2"),
+        "a2 does not trust the certificate"
+    );
+    let (_, status, _) = edgemeter(&["status", "-c", a2.to_str().expect("utf8")]);
+    assert!(
+        status.to_lowercase().contains("certificate"),
+        "a2 says why: {status}"
+    );
+    let _ = admin;
+    for a in &mut agents {
+        a.stop();
+    }
+    up.stop();
+}

@@ -187,6 +187,8 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "settle_secs",
         "users",
         "users_window_secs",
+        "tls_cert_file",
+        "tls_key_file",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {

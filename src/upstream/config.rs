@@ -37,6 +37,8 @@ pub struct Config {
     /// The token for queries and deletions (`/v1/series`, `/v1/events`,
     /// `DELETE /v1/users/…`); without it those answer 403.
     pub admin_token_file: Option<PathBuf>,
+    /// PEM certificate chain and private key: serve HTTPS instead of HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub edge_dims: Vec<String>,
     pub limits: Limits,
     /// How often finished windows are aggregated and forwarded.
@@ -84,6 +86,8 @@ struct Raw {
     store_password_file: Option<Spanned<String>>,
     tokens_dir: Spanned<String>,
     admin_token_file: Option<Spanned<String>>,
+    tls_cert_file: Option<Spanned<String>>,
+    tls_key_file: Option<Spanned<String>>,
     edge_dims: Option<Vec<String>>,
     max_connections: Option<Spanned<i64>>,
     max_header_bytes: Option<Spanned<i64>>,
@@ -144,6 +148,17 @@ impl Config {
                 "store_password_file is only for a `postgres://` store",
             );
         }
+        let tls = match (&raw.tls_cert_file, &raw.tls_key_file) {
+            (Some(c), Some(k)) => Some((resolve(base, c.get_ref()), resolve(base, k.get_ref()))),
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => {
+                p.push(
+                    one.span(),
+                    "give both tls_cert_file and tls_key_file, or neither",
+                );
+                None
+            }
+        };
         let d = Limits::default();
         let int = |v: &Option<Spanned<i64>>,
                    key: &str,
@@ -233,6 +248,7 @@ impl Config {
             store,
             tokens_dir: resolve(base, raw.tokens_dir.get_ref()),
             admin_token_file: raw.admin_token_file.map(|f| resolve(base, f.get_ref())),
+            tls,
             edge_dims: raw
                 .edge_dims
                 .unwrap_or_else(|| DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect()),

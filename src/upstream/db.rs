@@ -243,7 +243,9 @@ impl Db for Sqlite {
                     ValueRef::Null => Val::Null,
                     ValueRef::Integer(i) => Val::Int(i),
                     ValueRef::Real(r) => Val::Real(r),
-                    ValueRef::Text(t) => Val::Text(Cow::Owned(String::from_utf8_lossy(t).into_owned())),
+                    ValueRef::Text(t) => {
+                        Val::Text(Cow::Owned(String::from_utf8_lossy(t).into_owned()))
+                    }
                     ValueRef::Blob(b) => Val::Blob(Cow::Owned(b.to_vec())),
                 });
             }

@@ -75,7 +75,11 @@ pub fn open_store(c: &Config, state_dir: &Path, read_only: bool) -> Result<Store
             Box::new(db::Postgres::new(url, password)?)
         }
     };
-    Ok(Store::new(db, c.edge_dims.clone(), c.settle.as_millis() as i64))
+    Ok(Store::new(
+        db,
+        c.edge_dims.clone(),
+        c.settle.as_millis() as i64,
+    ))
 }
 
 /// Everything the server task needs, prepared before the loop starts so
@@ -88,6 +92,36 @@ pub struct Server {
     store: Store,
     /// Whether this upstream has sinks to forward aggregates to.
     forwards: bool,
+    tls: Option<futures_rustls::TlsAcceptor>,
+}
+
+/// The HTTPS side: rustls with ring, from PEM files.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<futures_rustls::TlsAcceptor, String> {
+    use futures_rustls::rustls;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect())
+        .map_err(|e| format!("tls_cert_file {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls_cert_file {} holds no certificate",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("tls_key_file {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("TLS certificate and key do not fit together: {e}"))?;
+    Ok(futures_rustls::TlsAcceptor::from(std::sync::Arc::new(
+        config,
+    )))
 }
 
 impl Server {
@@ -99,6 +133,10 @@ impl Server {
                 config.tokens_dir.display()
             );
         }
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+            None => None,
+        };
         let store = open_store(&config, state_dir, false)?;
         let listener = Async::<TcpListener>::bind(config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -108,6 +146,7 @@ impl Server {
             tokens,
             store,
             forwards,
+            tls,
         })
     }
 }
@@ -125,6 +164,7 @@ async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
     let c = s.config;
     let counters = Rc::new(Counters::default());
     let kind = s.store.kind();
+    let scheme = if s.tls.is_some() { "https" } else { "http" };
     let listen = s
         .listener
         .get_ref()
@@ -133,12 +173,12 @@ async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
     let store = OnWorker::new("upstream-store", s.store);
     match store.call(|s| s.sizes()).await {
         Ok(sizes) => log::info!(
-            "upstream listening on {listen} ({} agent tokens; {kind} store with {} batches)",
+            "upstream listening on {scheme}://{listen} ({} agent tokens; {kind} store with {} batches)",
             s.tokens.len(),
             sizes.get("batches").copied().unwrap_or(0)
         ),
         Err(e) => log::error!(
-            "upstream listening on {listen}, but the store is unavailable: {e}; answering 503 until it is back"
+            "upstream listening on {scheme}://{listen}, but the store is unavailable: {e}; answering 503 until it is back"
         ),
     }
     let (commits, queue) = smol::channel::bounded(COMMIT_QUEUE);
@@ -207,12 +247,32 @@ async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
         counters.connections_open.set(open.get() as u64);
         let (api, open, limits, counters) =
             (api.clone(), open.clone(), limits.clone(), counters.clone());
+        let tls = s.tls.clone();
         ex.spawn(async move {
-            let (_, how) = http::serve_connection(stream, peer, &limits, |req| {
+            let handle = |req| {
                 let api = api.clone();
                 async move { api.handle(req).await }
-            })
-            .await;
+            };
+            let how = match tls {
+                None => {
+                    http::serve_connection(stream, peer, &limits, handle)
+                        .await
+                        .1
+                }
+                // The handshake counts against the header deadline.
+                Some(acceptor) => {
+                    match smol::future::or(async { Some(acceptor.accept(stream).await) }, async {
+                        smol::Timer::after(limits.header_timeout).await;
+                        None
+                    })
+                    .await
+                    {
+                        Some(Ok(tls)) => http::serve_connection(tls, peer, &limits, handle).await.1,
+                        Some(Err(_)) => http::Closed::Malformed,
+                        None => http::Closed::HeaderTimeout,
+                    }
+                }
+            };
             open.set(open.get() - 1);
             counters.connections_open.set(open.get() as u64);
             bump_map(&counters.connections_closed, how.as_str());

@@ -163,7 +163,8 @@ const POINT_ROWS_PER_INSERT: usize = 16;
 
 /// `INSERT INTO points ... VALUES (?1..?7), (?8..?14), ...` for `rows` rows.
 fn insert_points_sql(rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO points (metric, net, ts, agent, dims, value, unit) VALUES ");
+    let mut sql =
+        String::from("INSERT INTO points (metric, net, ts, agent, dims, value, unit) VALUES ");
     for r in 0..rows {
         let b = r * 7;
         if r > 0 {
