@@ -234,9 +234,9 @@ colour = "red"
 "#,
         &[
             "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`",
-            "8:1: unknown field `rate`, expected one of `metric`, `rate_per_sec`, `series`, `limit`",
+            "8:1: unknown field `rate`, expected one of `metric`, `rate_per_sec`, `series`, `limit`, `users`, `users_window_secs`",
             "13:1: unknown field `colour`, expected `path` or `kinds`",
-            "15:2: unknown top-level key `agnet`; expected `[agent]`, `[[source]]` or `[[sink]]`",
+            "15:2: unknown top-level key `agnet`; expected `[agent]`, `[[source]]`, `[[sink]]` or `[upstream]`",
         ],
     );
 }
@@ -326,7 +326,7 @@ fn structure_mistakes() {
         &[
             "1:1: `agent` must be a table: write `[agent]`",
             "2:1: `source` must be a list of tables: write `[[source]]`",
-            "3:1: this [[sink]] has no `type`; known types: csv, cloudwatch_metrics, cloudwatch_logs",
+            "3:1: this [[sink]] has no `type`; known types: csv, cloudwatch_metrics, cloudwatch_logs, upstream",
         ],
     );
 }
