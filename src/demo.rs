@@ -2,7 +2,10 @@
 //! to, for a few seconds in a directory of its own: a synthetic source, and
 //! a `relay` source reading three rigs from a simulated practable session
 //! host (a thread here, on a loopback port) where students send commands
-//! (and, now and then, a garbage frame); a CSV sink takes the points. Then
+//! (and, now and then, a garbage frame); a CSV sink takes the points. The
+//! demo process is also an upstream, and three edge agents (child
+//! processes of this binary, with overlapping sets of active users) post to
+//! it, so the network-wide union is shown beside the sum it replaces. Then
 //! it prints the status, the analytics files and where to look.
 
 use std::path::PathBuf;
@@ -38,7 +41,140 @@ dump_interval_secs = 2
 type = "csv"
 name = "local"
 path = "points.csv"
+
+[upstream]
+listen = "127.0.0.1:0"
+tokens_dir = "tokens"
+forward_interval_secs = 1
+settle_secs = 2
 "#;
+
+/// One edge posting to the demo's upstream.
+const EDGE_CONFIG: &str = r#"# Written by `edgemeter demo`: an edge posting to the demo's upstream.
+[agent]
+id = "{id}"
+state_dir = "{id}-state"
+flush_interval_secs = 0.2
+
+[[source]]
+type = "synthetic"
+name = "users"
+metric = "demo"
+rate_per_sec = 5
+users = "{users}"
+users_window_secs = 2
+
+[[sink]]
+type = "upstream"
+endpoint = "http://{listen}"
+token_file = "tokens/{id}.token"
+retry_initial_secs = 0.2
+retry_max_secs = 1
+"#;
+
+/// The edges: ids, and the users each sees (they overlap, as gossip makes
+/// xx gateways' recipient sets overlap): 3,500 distinct in all, 4,500 summed.
+const EDGES: [(&str, &str); 3] = [
+    ("edge-1", "0..1500"),
+    ("edge-2", "1000..2500"),
+    ("edge-3", "2000..3500"),
+];
+
+/// Start the edge agents; each is stopped (SIGTERM) by the returned guard.
+fn start_edges(dir: &std::path::Path, listen: std::net::SocketAddr) -> Result<Edges, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let mut children = Vec::new();
+    for (id, users) in EDGES {
+        let token = format!("demo-token-{id}-{:016x}", fastrand::u64(..));
+        let config = dir.join(format!("{id}.toml"));
+        let text = EDGE_CONFIG
+            .replace("{id}", id)
+            .replace("{users}", users)
+            .replace("{listen}", &listen.to_string());
+        std::fs::write(dir.join("tokens").join(format!("{id}.token")), &token)
+            .and_then(|()| std::fs::write(&config, text))
+            .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        let child = std::process::Command::new(&exe)
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("EDGEMETER_LOG", "error")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start edge {id}: {e}"))?;
+        children.push(child);
+    }
+    Ok(Edges(children))
+}
+
+struct Edges(Vec<std::process::Child>);
+
+impl Drop for Edges {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let term = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !term {
+                let _ = c.kill();
+            }
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What the upstream holds: per window, the union of the edges' users
+/// beside the sum of their counts.
+fn network_summary(config: &config::Config) -> String {
+    let Some(up) = &config.upstream else {
+        return String::new();
+    };
+    let mut store = match crate::upstream::open_store(up, &config.agent.state_dir, true) {
+        Ok(s) => s,
+        Err(e) => return format!("cannot read the upstream store: {e}\n"),
+    };
+    let q = crate::upstream::store::SeriesQuery {
+        metric: "demo_active_users".into(),
+        start_ms: now_ms() - 3_600_000,
+        end_ms: now_ms() + 1,
+        agent: None,
+        dims: Vec::new(),
+        limit: 1000,
+    };
+    let (Ok(union), Ok(each)) = (
+        store.series(&q),
+        store.series(&crate::upstream::store::SeriesQuery {
+            agent: Some("*".into()),
+            ..q.clone()
+        }),
+    ) else {
+        return "cannot query the upstream store\n".into();
+    };
+    let mut out = format!(
+        "\nupstream: {} edges posting users {}; per 2 s window, network-wide:\n  {:<24} {:>6} {:>8} {:>14}\n",
+        EDGES.len(),
+        EDGES.map(|e| e.1).join(", "),
+        "window",
+        "edges",
+        "union",
+        "sum of edges"
+    );
+    for r in union.iter().rev().take(5).rev() {
+        let sum: f64 = each.iter().filter(|e| e.ts == r.ts).map(|e| e.value).sum();
+        out.push_str(&format!(
+            "  {:<24} {:>6} {:>8.0} {:>14.0}\n",
+            crate::clock::iso8601(r.ts),
+            r.agents,
+            r.value,
+            sum
+        ));
+    }
+    out.push_str("  (each id counted once: 3,500 when all three edges reported the window; summing says 4,500)\n");
+    out
+}
 
 /// A stand-in for practable's session host: `/ws/<rig>` websockets on which
 /// a few students send logging envelopes, as their browsers do.
@@ -111,11 +247,47 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
         }
     };
     let state = config.agent.state_dir.clone();
+    let server = match std::fs::create_dir_all(dir.join("tokens"))
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            crate::upstream::Server::prepare(
+                config
+                    .upstream
+                    .clone()
+                    .expect("the demo config has [upstream]"),
+                &state,
+                true,
+            )
+        }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgemeter demo: cannot start the upstream: {e}");
+            return ExitCode::from(cli::EXIT_FAILURE);
+        }
+    };
+    let edges = match server
+        .local_addr()
+        .map_err(|e| e.to_string())
+        .and_then(|a| start_edges(&dir, a))
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("edgemeter demo: {e}");
+            return ExitCode::from(cli::EXIT_FAILURE);
+        }
+    };
     println!(
         "edgemeter demo: running for {seconds} s in {} (Ctrl-C stops early)",
         dir.display()
     );
-    if let Err(e) = agent::run(config, Vec::new(), Some(Duration::from_secs(seconds))) {
+    let upstream: Box<dyn crate::sources::Source> = Box::new(server);
+    let result = agent::run(
+        config,
+        vec![("upstream".to_owned(), upstream)],
+        Some(Duration::from_secs(seconds)),
+    );
+    drop(edges);
+    if let Err(e) = result {
         eprintln!("edgemeter demo: {e}");
         return ExitCode::from(cli::EXIT_STATE);
     }
@@ -147,6 +319,7 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
         files.len(),
         std::fs::read_to_string(analytics.join("usage.csv")).unwrap_or_default()
     );
+    print!("{}", network_summary(&config));
     let csv = dir.join("points.csv");
     let lines = std::fs::read_to_string(&csv).map_or(0, |t| t.lines().count().saturating_sub(1));
     println!(

@@ -151,6 +151,13 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Where it listens (the port, when the config said 0).
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.get_ref().local_addr()
+    }
+}
+
 impl Source for Server {
     fn run(self: Box<Self>, ctx: Context) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
