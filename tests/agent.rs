@@ -84,7 +84,7 @@ fn check_lists_every_problem_with_its_line_and_exits_2() {
         err,
         format!(
             "{b}:3:1: unknown field `bogus`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`\n\
-             {b}:6:8: unknown sink type `s3`; known types: csv, cloudwatch_metrics, cloudwatch_logs\n\
+             {b}:6:8: unknown sink type `s3`; known types: csv, cloudwatch_metrics, cloudwatch_logs, upstream\n\
              2 problem(s) found\n"
         )
     );
