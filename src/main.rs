@@ -14,6 +14,9 @@
 //! ## Entry points
 //! - `main` → [`cli::main`]: parse arguments, load the config, run a command.
 //! - `edgemeter run` → [`agent::run`]: the event loop.
+//! - `edgemeter upstream` → [`upstream::Server`], run by [`agent::run`] as
+//!   one more task beside the sources: the aggregator is the agent plus a
+//!   server, and its `[[sink]]`s take the network-wide values.
 //!
 //! ## Modules
 //! - [`cli`]: arguments, commands, exit codes, `status` and `outbox` output.
@@ -27,7 +30,14 @@
 //!   [`sources::xx_gateway`] (an xx gateway's bloom-filter table),
 //!   [`sources::relay`] (practable session-host websocket streams).
 //! - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
-//!   retry/dead-letter loop); [`sinks::csv`].
+//!   retry/dead-letter loop); [`sinks::csv`], the CloudWatch sinks and
+//!   [`sinks::upstream`] (batches to an upstream edgemeter).
+//! - [`upstream`]: `edgemeter upstream`: [`upstream::http`] (a bounded
+//!   HTTP/1.1 server), [`upstream::api`] (routes, tokens, `/metrics`),
+//!   [`upstream::wire`] (the batch format both sides share),
+//!   [`upstream::store`] over [`upstream::db`] (SQLite or PostgreSQL),
+//!   [`upstream::query`] (ranges and output formats).
+//! - [`sketch`]: mergeable distinct counts (exact set, then HyperLogLog p = 14).
 //! - [`backoff`]: retry schedules with full jitter. [`clock`]: time formats.
 //! - [`logging`]: stderr logging. [`demo`]: `edgemeter demo`.
 //! - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
@@ -47,6 +57,9 @@
 //!   dead letters (a quarter of it), uncommitted records while the disk is
 //!   full, batch sizes (`batch_max_records`), the config file (1 MiB).
 //! - One agent per state directory (an `flock` on `edgemeter.lock`).
+//! - The upstream acknowledges a batch only after its transaction committed,
+//!   and stores a key `(agent, outbox, seq)` at most once, whichever replica
+//!   gets it and however often.
 //!
 //! ## Cross-cutting concerns
 //! - **Errors**: one enum per boundary ([`config::ConfigError`],
