@@ -26,6 +26,9 @@
 //!
 //! Figures are per subject and as ratios, measured in the same run.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -33,6 +36,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use support::{bench_dir, cpu_ticks};
 
 use tungstenite::Message;
 
@@ -146,16 +150,6 @@ fn serve(conn: TcpStream, mode: Arc<AtomicU32>, connected: Arc<AtomicUsize>, sen
         }
         sent.fetch_add(n as u64, Ordering::Relaxed);
     }
-}
-
-/// CPU ticks (user + system, including exited threads), from /proc.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat; after the `)` they are at 11 and 12.
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
@@ -384,15 +378,6 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
         peak_rss_kib,
         sustained_per_sec: (b1 - b0) as f64 / (t1 - t0).as_secs_f64(),
     }
-}
-
-fn bench_dir(tag: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/bench-tmp")
-        .join(format!("{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn main() {

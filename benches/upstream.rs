@@ -28,6 +28,9 @@ mod hash;
 #[path = "../src/sketch.rs"]
 mod sketch;
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -35,6 +38,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use support::{bench_dir, cpu_ticks};
 
 use sketch::{Sketch, hash_i64};
 
@@ -42,28 +46,11 @@ const POINTS: usize = 100;
 const CLIENTS: usize = 8;
 const AGENTS: usize = 1000;
 
-fn bench_dir(tag: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/bench-tmp")
-        .join(format!("{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).expect("bench dir");
-    d
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
         .as_millis() as i64
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {

@@ -100,75 +100,87 @@ pub trait Db: Send {
 
 // ---------------------------------------------------------------- SQLite
 
-const SQLITE_SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = FULL;
+/// The tables, once for both databases: `{blob}` is BLOB or BYTEA, and
+/// `{key}` makes SQLite store keyed tables by their key (WITHOUT ROWID).
+/// BIGINT and DOUBLE PRECISION have the INTEGER and REAL affinity in SQLite.
+const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS batches (
-    agent    TEXT    NOT NULL,
-    outbox   TEXT    NOT NULL,
-    seq      INTEGER NOT NULL,
-    received INTEGER NOT NULL,
-    records  INTEGER NOT NULL,
+    agent    TEXT   NOT NULL,
+    outbox   TEXT   NOT NULL,
+    seq      BIGINT NOT NULL,
+    received BIGINT NOT NULL,
+    records  BIGINT NOT NULL,
     PRIMARY KEY (agent, outbox, seq)
-) WITHOUT ROWID;
+){key};
 CREATE TABLE IF NOT EXISTS points (
-    metric TEXT    NOT NULL,
-    net    TEXT    NOT NULL,
-    ts     INTEGER NOT NULL,
-    agent  TEXT    NOT NULL,
-    dims   TEXT    NOT NULL,
-    value  REAL    NOT NULL,
-    unit   TEXT    NOT NULL
+    metric TEXT             NOT NULL,
+    net    TEXT             NOT NULL,
+    ts     BIGINT           NOT NULL,
+    agent  TEXT             NOT NULL,
+    dims   TEXT             NOT NULL,
+    value  DOUBLE PRECISION NOT NULL,
+    unit   TEXT             NOT NULL
 );
 CREATE INDEX IF NOT EXISTS points_by_time ON points (metric, ts);
 CREATE TABLE IF NOT EXISTS sketches (
-    metric   TEXT    NOT NULL,
-    net      TEXT    NOT NULL,
-    ts       INTEGER NOT NULL,
-    agent    TEXT    NOT NULL,
-    dims     TEXT    NOT NULL,
-    unit     TEXT    NOT NULL,
-    estimate REAL    NOT NULL,
-    sketch   BLOB    NOT NULL
+    metric   TEXT             NOT NULL,
+    net      TEXT             NOT NULL,
+    ts       BIGINT           NOT NULL,
+    agent    TEXT             NOT NULL,
+    dims     TEXT             NOT NULL,
+    unit     TEXT             NOT NULL,
+    estimate DOUBLE PRECISION NOT NULL,
+    sketch   {blob}           NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sketches_by_time ON sketches (metric, ts);
 CREATE TABLE IF NOT EXISTS events (
-    ts      INTEGER NOT NULL,
-    etype   TEXT    NOT NULL,
+    ts      BIGINT NOT NULL,
+    etype   TEXT   NOT NULL,
     user_id TEXT,
-    agent   TEXT    NOT NULL,
-    dims    TEXT    NOT NULL,
-    payload TEXT    NOT NULL
+    agent   TEXT   NOT NULL,
+    dims    TEXT   NOT NULL,
+    payload TEXT   NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_time ON events (ts);
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id);
 CREATE TABLE IF NOT EXISTS pending (
-    metric TEXT    NOT NULL,
-    net    TEXT    NOT NULL,
-    ts     INTEGER NOT NULL,
+    metric TEXT   NOT NULL,
+    net    TEXT   NOT NULL,
+    ts     BIGINT NOT NULL,
     PRIMARY KEY (metric, net, ts)
-) WITHOUT ROWID;
+){key};
 CREATE TABLE IF NOT EXISTS forwarded (
-    metric TEXT    NOT NULL,
-    net    TEXT    NOT NULL,
-    ts     INTEGER NOT NULL,
-    owner  TEXT    NOT NULL,
-    state  TEXT    NOT NULL,
-    at     INTEGER NOT NULL,
+    metric TEXT   NOT NULL,
+    net    TEXT   NOT NULL,
+    ts     BIGINT NOT NULL,
+    owner  TEXT   NOT NULL,
+    state  TEXT   NOT NULL,
+    at     BIGINT NOT NULL,
     PRIMARY KEY (metric, net, ts)
-) WITHOUT ROWID;
+){key};
 CREATE TABLE IF NOT EXISTS rollups (
-    day      TEXT    NOT NULL,
-    metric   TEXT    NOT NULL,
-    net      TEXT    NOT NULL,
-    how      TEXT    NOT NULL,
-    value    REAL    NOT NULL,
-    samples  INTEGER NOT NULL,
-    agents   INTEGER NOT NULL,
-    computed INTEGER NOT NULL,
+    day      TEXT             NOT NULL,
+    metric   TEXT             NOT NULL,
+    net      TEXT             NOT NULL,
+    how      TEXT             NOT NULL,
+    value    DOUBLE PRECISION NOT NULL,
+    samples  BIGINT           NOT NULL,
+    agents   BIGINT           NOT NULL,
+    computed BIGINT           NOT NULL,
     PRIMARY KEY (day, metric, net)
-) WITHOUT ROWID;
+){key};
 ";
+
+fn sqlite_schema() -> String {
+    "PRAGMA journal_mode = WAL;\nPRAGMA synchronous = FULL;\n".to_owned()
+        + &SCHEMA
+            .replace("{blob}", "BLOB")
+            .replace("{key}", " WITHOUT ROWID")
+}
+
+fn pg_schema() -> String {
+    SCHEMA.replace("{blob}", "BYTEA").replace("{key}", "")
+}
 
 pub struct Sqlite {
     conn: rusqlite::Connection,
@@ -186,7 +198,7 @@ impl Sqlite {
         .map_err(what)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(what)?;
         if !read_only {
-            conn.execute_batch(SQLITE_SCHEMA).map_err(what)?;
+            conn.execute_batch(&sqlite_schema()).map_err(what)?;
         }
         Ok(Sqlite { conn })
     }
@@ -257,74 +269,6 @@ impl Db for Sqlite {
 
 // ---------------------------------------------------------------- PostgreSQL
 
-const PG_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS batches (
-    agent    TEXT   NOT NULL,
-    outbox   TEXT   NOT NULL,
-    seq      BIGINT NOT NULL,
-    received BIGINT NOT NULL,
-    records  BIGINT NOT NULL,
-    PRIMARY KEY (agent, outbox, seq)
-);
-CREATE TABLE IF NOT EXISTS points (
-    metric TEXT             NOT NULL,
-    net    TEXT             NOT NULL,
-    ts     BIGINT           NOT NULL,
-    agent  TEXT             NOT NULL,
-    dims   TEXT             NOT NULL,
-    value  DOUBLE PRECISION NOT NULL,
-    unit   TEXT             NOT NULL
-);
-CREATE INDEX IF NOT EXISTS points_by_time ON points (metric, ts);
-CREATE TABLE IF NOT EXISTS sketches (
-    metric   TEXT             NOT NULL,
-    net      TEXT             NOT NULL,
-    ts       BIGINT           NOT NULL,
-    agent    TEXT             NOT NULL,
-    dims     TEXT             NOT NULL,
-    unit     TEXT             NOT NULL,
-    estimate DOUBLE PRECISION NOT NULL,
-    sketch   BYTEA            NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sketches_by_time ON sketches (metric, ts);
-CREATE TABLE IF NOT EXISTS events (
-    ts      BIGINT NOT NULL,
-    etype   TEXT   NOT NULL,
-    user_id TEXT,
-    agent   TEXT   NOT NULL,
-    dims    TEXT   NOT NULL,
-    payload TEXT   NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (ts);
-CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id);
-CREATE TABLE IF NOT EXISTS pending (
-    metric TEXT   NOT NULL,
-    net    TEXT   NOT NULL,
-    ts     BIGINT NOT NULL,
-    PRIMARY KEY (metric, net, ts)
-);
-CREATE TABLE IF NOT EXISTS forwarded (
-    metric TEXT   NOT NULL,
-    net    TEXT   NOT NULL,
-    ts     BIGINT NOT NULL,
-    owner  TEXT   NOT NULL,
-    state  TEXT   NOT NULL,
-    at     BIGINT NOT NULL,
-    PRIMARY KEY (metric, net, ts)
-);
-CREATE TABLE IF NOT EXISTS rollups (
-    day      TEXT             NOT NULL,
-    metric   TEXT             NOT NULL,
-    net      TEXT             NOT NULL,
-    how      TEXT             NOT NULL,
-    value    DOUBLE PRECISION NOT NULL,
-    samples  BIGINT           NOT NULL,
-    agents   BIGINT           NOT NULL,
-    computed BIGINT           NOT NULL,
-    PRIMARY KEY (day, metric, net)
-);
-";
-
 /// Replicas starting together must not race each other's `CREATE TABLE`.
 const SCHEMA_LOCK: i64 = 0x6564_6765_6d75_7073; // "edgemups"
 
@@ -383,7 +327,7 @@ impl Postgres {
                 .transaction()
                 .map_err(|e| format!("PostgreSQL {}: {}", self.target, pg_msg(&e)))?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
-                .and_then(|_| tx.batch_execute(PG_SCHEMA))
+                .and_then(|_| tx.batch_execute(&pg_schema()))
                 .and_then(|_| tx.commit())
                 .map_err(|e| {
                     format!(

@@ -166,6 +166,23 @@ async fn fill<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> std::io::Re
     Ok(n)
 }
 
+enum Got {
+    More,
+    /// The peer closed, or the read failed.
+    Closed,
+    /// The deadline passed first.
+    Late,
+}
+
+/// Read more bytes into `buf` before `deadline`.
+async fn read_before<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, deadline: Instant) -> Got {
+    match before(deadline, fill(s, buf)).await {
+        None => Got::Late,
+        Some(Ok(0)) | Some(Err(_)) => Got::Closed,
+        Some(Ok(_)) => Got::More,
+    }
+}
+
 struct Head {
     method: String,
     target: String,
@@ -277,21 +294,17 @@ where
                     )
                     .await;
                 }
-                Parsed::Partial => match before(header_deadline, fill(&mut stream, &mut buf)).await
-                {
-                    None => {
-                        return refuse(
-                            &mut stream,
-                            served,
-                            Closed::HeaderTimeout,
-                            408,
-                            "the request header took too long",
-                        )
-                        .await;
+                Parsed::Partial => {
+                    match read_before(&mut stream, &mut buf, header_deadline).await {
+                        Got::More => {}
+                        Got::Closed => return (served, Closed::Io),
+                        Got::Late => {
+                            let why = "the request header took too long";
+                            return refuse(&mut stream, served, Closed::HeaderTimeout, 408, why)
+                                .await;
+                        }
                     }
-                    Some(Ok(0)) | Some(Err(_)) => return (served, Closed::Io),
-                    Some(Ok(_)) => {}
-                },
+                }
             }
         };
         buf.drain(..head.len);
@@ -344,19 +357,13 @@ where
         // The body, within body_timeout.
         let body_deadline = Instant::now() + limits.body_timeout;
         while buf.len() < length {
-            match before(body_deadline, fill(&mut stream, &mut buf)).await {
-                None => {
-                    return refuse(
-                        &mut stream,
-                        served,
-                        Closed::BodyTimeout,
-                        408,
-                        "the request body took too long",
-                    )
-                    .await;
+            match read_before(&mut stream, &mut buf, body_deadline).await {
+                Got::More => {}
+                Got::Closed => return (served, Closed::Io),
+                Got::Late => {
+                    let why = "the request body took too long";
+                    return refuse(&mut stream, served, Closed::BodyTimeout, 408, why).await;
                 }
-                Some(Ok(0)) | Some(Err(_)) => return (served, Closed::Io),
-                Some(Ok(_)) => {}
             }
         }
         let body: Vec<u8> = buf.drain(..length).collect();

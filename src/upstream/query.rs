@@ -6,7 +6,8 @@
 use std::collections::BTreeSet;
 
 use crate::clock::{iso8601, parse_iso8601};
-use crate::upstream::store::{EventQuery, RollupRow, SeriesQuery, SeriesRow};
+use crate::record::Dims;
+use crate::upstream::store::{EventQuery, How, RollupRow, SeriesQuery, SeriesRow};
 
 const DAY_MS: i64 = 86_400_000;
 /// The longest range one query may span.
@@ -230,70 +231,103 @@ pub fn number(v: f64) -> String {
     }
 }
 
+fn dims_json(d: &Dims) -> serde_json::Value {
+    serde_json::Value::Object(
+        d.pairs()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect(),
+    )
+}
+
+/// Rows as a CSV/TSV table: `lead` columns, one column per dimension name
+/// any row has, then `tail` columns.
+fn dims_table<R>(
+    format: Format,
+    rows: &[R],
+    lead: &[&str],
+    tail: &[&str],
+    cells: impl Fn(&R) -> (Vec<String>, &Dims, Vec<String>),
+) -> String {
+    let keys: BTreeSet<String> = rows
+        .iter()
+        .flat_map(|r| {
+            cells(r)
+                .1
+                .pairs()
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut header: Vec<String> = lead.iter().map(|s| s.to_string()).collect();
+    header.extend(keys.iter().cloned());
+    header.extend(tail.iter().map(|s| s.to_string()));
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let (mut row, dims, after) = cells(r);
+            row.extend(keys.iter().map(|k| {
+                dims.pairs()
+                    .iter()
+                    .find(|(dk, _)| dk == k)
+                    .map_or(String::new(), |(_, v)| v.clone())
+            }));
+            row.extend(after);
+            row
+        })
+        .collect();
+    table(format, &header, &body)
+}
+
 pub fn render_series(q: &SeriesQuery, rows: &[SeriesRow], format: Format) -> String {
-    let scope = if q.agent.is_some() {
-        "agent"
-    } else {
-        "network"
+    let agent_of = |r: &SeriesRow| match &r.how {
+        How::Agent(a) => Some(a.clone()),
+        _ => None,
     };
     if format == Format::Json {
         let rows: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
-                let dims: serde_json::Map<String, serde_json::Value> = r
-                    .dims
-                    .pairs()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone().into()))
-                    .collect();
                 let mut o = serde_json::json!({
-                    "time": iso8601(r.ts), "ts": r.ts, "dims": dims, "value": r.value,
+                    "time": iso8601(r.ts), "ts": r.ts, "dims": dims_json(&r.dims), "value": r.value,
                     "unit": r.unit, "agents": r.agents, "how": r.how.as_str(),
                 });
-                if let crate::upstream::store::How::Agent(a) = &r.how {
-                    o["agent"] = a.clone().into();
+                if let Some(a) = agent_of(r) {
+                    o["agent"] = a.into();
                 }
                 o
             })
             .collect();
+        let scope = if q.agent.is_some() {
+            "agent"
+        } else {
+            "network"
+        };
         let doc = serde_json::json!({
             "metric": q.metric, "scope": scope,
             "start": iso8601(q.start_ms), "end": iso8601(q.end_ms), "rows": rows,
         });
         return doc.to_string() + "\n";
     }
-    let keys: BTreeSet<&str> = rows
-        .iter()
-        .flat_map(|r| r.dims.pairs().iter().map(|(k, _)| k.as_str()))
-        .collect();
-    let mut header = vec!["time".to_owned(), "agent".to_owned()];
-    header.extend(keys.iter().map(|k| k.to_string()));
-    header.extend(["value", "unit", "agents", "how"].map(String::from));
-    let body: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let agent = match &r.how {
-                crate::upstream::store::How::Agent(a) => a.clone(),
-                _ => String::new(),
-            };
-            let mut row = vec![iso8601(r.ts), agent];
-            row.extend(keys.iter().map(|k| {
-                r.dims
-                    .pairs()
-                    .iter()
-                    .find(|(dk, _)| dk == k)
-                    .map_or(String::new(), |(_, v)| v.clone())
-            }));
-            row.extend([
-                number(r.value),
-                r.unit.clone(),
-                r.agents.to_string(),
-                r.how.as_str().to_owned(),
-            ]);
-            row
-        })
-        .collect();
-    table(format, &header, &body)
+    dims_table(
+        format,
+        rows,
+        &["time", "agent"],
+        &["value", "unit", "agents", "how"],
+        |r| {
+            (
+                vec![iso8601(r.ts), agent_of(r).unwrap_or_default()],
+                &r.dims,
+                vec![
+                    number(r.value),
+                    r.unit.clone(),
+                    r.agents.to_string(),
+                    r.how.as_str().to_owned(),
+                ],
+            )
+        },
+    )
 }
 
 pub fn render_rollups(rows: &[RollupRow], format: Format) -> String {
@@ -301,55 +335,37 @@ pub fn render_rollups(rows: &[RollupRow], format: Format) -> String {
         let rows: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
-                let dims: serde_json::Map<String, serde_json::Value> = r
-                    .dims
-                    .pairs()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone().into()))
-                    .collect();
                 serde_json::json!({
-                    "day": r.day, "metric": r.metric, "dims": dims, "how": r.how,
+                    "day": r.day, "metric": r.metric, "dims": dims_json(&r.dims), "how": r.how,
                     "value": r.value, "samples": r.samples, "agents": r.agents,
                 })
             })
             .collect();
         return serde_json::json!({ "rollups": rows }).to_string() + "\n";
     }
-    let keys: BTreeSet<&str> = rows
-        .iter()
-        .flat_map(|r| r.dims.pairs().iter().map(|(k, _)| k.as_str()))
-        .collect();
-    let mut header = vec!["day".to_owned(), "metric".to_owned()];
-    header.extend(keys.iter().map(|k| k.to_string()));
-    header.extend(["how", "value", "samples", "agents"].map(String::from));
-    let body: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let mut row = vec![r.day.clone(), r.metric.clone()];
-            row.extend(keys.iter().map(|k| {
-                r.dims
-                    .pairs()
-                    .iter()
-                    .find(|(dk, _)| dk == k)
-                    .map_or(String::new(), |(_, v)| v.clone())
-            }));
-            row.extend([
-                r.how.clone(),
-                number(r.value),
-                r.samples.to_string(),
-                r.agents.to_string(),
-            ]);
-            row
-        })
-        .collect();
-    table(format, &header, &body)
+    dims_table(
+        format,
+        rows,
+        &["day", "metric"],
+        &["how", "value", "samples", "agents"],
+        |r| {
+            (
+                vec![r.day.clone(), r.metric.clone()],
+                &r.dims,
+                vec![
+                    r.how.clone(),
+                    number(r.value),
+                    r.samples.to_string(),
+                    r.agents.to_string(),
+                ],
+            )
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Dims;
-    use crate::upstream::store::How;
 
     const NOW: i64 = 1_795_996_800_000 + 6 * 3_600_000; // 2026-11-30T06:00Z
 

@@ -255,9 +255,9 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// Today's UTC date as YYYY-MM-DD (Hinnant's civil_from_days).
-pub fn today() -> String {
-    let z = now_ms().div_euclid(86_400_000) + 719_468;
+/// Days since 1970-01-01 to (year, month, day): Hinnant's civil_from_days.
+pub fn civil(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -265,6 +265,11 @@ pub fn today() -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Today's UTC date as YYYY-MM-DD.
+pub fn today() -> String {
+    let (y, m, d) = civil(now_ms().div_euclid(86_400_000));
     format!("{y:04}-{m:02}-{d:02}")
 }

@@ -1,0 +1,25 @@
+//! What the benchmarks that run the real binary share (included by path).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// A fresh directory under target/bench-tmp: the project's own disk, not a
+/// tmpfs, so the figures are the disk's.
+pub fn bench_dir(tag: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-tmp")
+        .join(format!("{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).expect("create the bench directory");
+    d
+}
+
+/// CPU ticks (user + system, including exited threads), from /proc.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat; after the `)` they are at 11 and 12.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
