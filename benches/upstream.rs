@@ -15,9 +15,9 @@
 //!    straightforward ingest does per request, without HTTP, gzip, JSON,
 //!    tokens or the duplicate check).
 //! 2. Merge: 1,000 agents' dense p = 14 sketches for one window.
-//!    - in process: decode the 1,000 envelopes and merge them (what a query
-//!      does per window), against a baseline of a bare byte-wise max over
-//!      the same 1,000 register arrays;
+//!    - in process: check and merge the 1,000 envelopes as a query does per
+//!      window (`Sketch::merge_encoded`), against a baseline of a bare
+//!      byte-wise max over the same 1,000 register arrays;
 //!    - end to end: 1,000 agents post one sketch each for the same window,
 //!      then `GET /v1/series` for it (read, decode, merge, answer).
 
@@ -337,7 +337,7 @@ fn main() {
             let t = Instant::now();
             let mut m = Sketch::default();
             for e in &envelopes {
-                m.merge(&Sketch::decode(e).expect("decode"));
+                m.merge_encoded(e).expect("ours");
             }
             est = m.estimate();
             times.push(t.elapsed());
@@ -363,7 +363,7 @@ fn main() {
     };
     let truth = (AGENTS * 1000 + 2000) as f64;
     println!(
-        "  decode + merge    : {:>8.2} ms (estimate {merged_estimate:.0}, true {truth:.0}, error {:+.2} %)",
+        "  check + merge     : {:>8.2} ms (estimate {merged_estimate:.0}, true {truth:.0}, error {:+.2} %)",
         ours.as_secs_f64() * 1e3,
         (merged_estimate - truth) / truth * 100.0
     );

@@ -457,8 +457,7 @@ impl Store {
                 .or_insert_with(|| (Sketch::default(), BTreeSet::new(), unit));
             // Stored sketches were checked at ingest; one that no longer
             // decodes (a newer edgemeter's, read by an older) is skipped.
-            if let Ok(s) = Sketch::decode(&blob) {
-                e.0.merge(&s);
+            if e.0.merge_encoded(&blob).is_ok() {
                 e.1.insert(agent);
             }
         }
@@ -622,9 +621,8 @@ impl Store {
             let mut unit = String::new();
             for r in sketches {
                 let mut it = r.into_iter();
-                if let Ok(s) = Sketch::decode(&it.next().expect("2 columns").into_blob()) {
-                    merged.merge(&s);
-                }
+                // Checked at ingest; one that fails now is left out.
+                let _ = merged.merge_encoded(&it.next().expect("2 columns").into_blob());
                 unit = it.next().expect("2 columns").into_text();
             }
             let value = merged.estimate();
@@ -680,8 +678,10 @@ impl Store {
             let e = unions
                 .entry((metric, net))
                 .or_insert_with(|| (Sketch::default(), BTreeSet::new(), 0));
-            if let Ok(s) = Sketch::decode(&it.next().expect("4 columns").into_blob()) {
-                e.0.merge(&s);
+            if e.0
+                .merge_encoded(&it.next().expect("4 columns").into_blob())
+                .is_ok()
+            {
                 e.1.insert(agent);
                 e.2 += 1;
             }
