@@ -838,3 +838,77 @@ fn tls_upstream_takes_batches_from_an_agent_that_trusts_its_certificate() {
     }
     up.stop();
 }
+
+/// A tree: two upstreams, each with its own edges, forward to a third. The
+/// top counts each user once across both subtrees, because the middle ones
+/// forward their merged sketches, not just their counts.
+#[test]
+fn upstreams_form_a_tree_and_the_top_unions_the_subtrees() {
+    let dir = TempDir::new("upstream-tree");
+    let (top, m1, m2) = (free_port(), free_port(), free_port());
+    let top_cfg = upstream_config(&dir, "top", top, "sqlite", "", "");
+    // The middle upstreams post as agents `m1` and `m2`.
+    for m in ["m1", "m2"] {
+        std::fs::write(dir.path("agents").join(format!("{m}.token")), token_of(m)).expect("token");
+        dir.write(&format!("{m}-up.token"), &token_of(m));
+    }
+    let sink = |m: &str| {
+        format!(
+            "[[sink]]\ntype = \"upstream\"\nendpoint = \"http://127.0.0.1:{top}\"\ntoken_file = \"{m}-up.token\"\nretry_initial_secs = 0.05\nretry_max_secs = 0.5\n"
+        )
+    };
+    let c1 = upstream_config(&dir, "m1", m1, "sqlite", "", &sink("m1"));
+    let c2 = upstream_config(&dir, "m2", m2, "sqlite", "", &sink("m2"));
+    let mut ups = [
+        Agent::start_upstream(&top_cfg, "info", &[]),
+        Agent::start_upstream(&c1, "info", &[]),
+        Agent::start_upstream(&c2, "info", &[]),
+    ];
+    // a1 (ids 0..10) under m1; a2 (5..15) and a3 (10..20) under m2.
+    let mut agents = Vec::new();
+    for ((id, users, small), port) in AGENTS.iter().zip([m1, m2, m2]) {
+        let c = agent_config(&dir, id, port, &token_of(id), users, small);
+        agents.push(Agent::start_running(&c, "info"));
+    }
+    // Windows the top has from both middles: the union of all three agents.
+    let both = || -> Vec<serde_json::Value> {
+        get_json(top, "/v1/series?metric=small_active_users&range=1D")["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .filter(|r| r["agents"] == 2)
+            .cloned()
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || both().len() >= 2),
+        "the top never had a window from both subtrees: {}",
+        get_json(top, "/v1/series?metric=small_active_users&range=1D")
+    );
+    let m2_rows = get_json(m2, "/v1/series?metric=small_active_users&range=1D");
+    for r in both() {
+        let ts = r["ts"].as_i64().expect("ts");
+        // Only windows every agent had reached their middle before it settled.
+        let m2_value = m2_rows["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|x| x["ts"] == ts)
+            .map(|x| x["value"].as_f64().expect("value"));
+        if m2_value == Some(15.0) {
+            assert_eq!(r["value"], 20.0, "0..10 ∪ 5..20 = 0..20, each once: {r}");
+            assert_eq!(r["how"], "union");
+        }
+    }
+    assert!(
+        both().iter().any(|r| r["value"] == 20.0),
+        "no window where the top saw all 20 users: {:?}",
+        both()
+    );
+    for a in &mut agents {
+        a.stop();
+    }
+    for u in &mut ups {
+        u.stop();
+    }
+}
