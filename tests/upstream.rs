@@ -732,6 +732,13 @@ fn bad_input_gets_a_clear_4xx_stores_nothing_and_others_are_served() {
     let log = up.stderr();
     assert_eq!(log.matches("missing or wrong token").count(), 1, "{log}");
     assert!(!log.contains("guess"), "{log}");
+    // `run` on an aggregator's config says what to run instead.
+    let (code, _, err) = edgemeter(&["run", "-c", cfg.to_str().expect("utf8")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("start the aggregator with `edgemeter upstream`"),
+        "{err}"
+    );
     // And after all that, a good batch is taken.
     assert_eq!(post_batch(port, &token, &ok("")).0, 200);
     up.stop();
