@@ -36,7 +36,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{bench_dir, cpu_ticks};
+use support::{bench_dir, cpu_ticks, release_bin};
 
 use tungstenite::Message;
 
@@ -402,13 +402,7 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
-        .current_dir(root)
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "could not build target/release/edgemeter");
-    let bin = root.join("target/release/edgemeter");
+    let bin = release_bin();
     let streams: Vec<String> = (30..30 + STREAMS).map(|n| format!("spin{n}")).collect();
     println!(
         "relay: {STREAMS} streams on loopback, {} users each, messages of {} bytes; idle {:?}, phases {:?}",

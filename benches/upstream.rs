@@ -38,7 +38,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support::{bench_dir, cpu_ticks};
+use support::{bench_dir, cpu_ticks, release_bin};
 
 use sketch::{Sketch, hash_i64};
 
@@ -298,17 +298,9 @@ fn main() {
     } else {
         Duration::from_secs(10)
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
-        .current_dir(root)
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "could not build target/release/edgemeter");
     // EDGEMETER_BENCH_BIN: another build of the binary (one with symbols,
     // for `perf`).
-    let bin = std::env::var_os("EDGEMETER_BENCH_BIN")
-        .map_or_else(|| root.join("target/release/edgemeter"), PathBuf::from);
+    let bin = std::env::var_os("EDGEMETER_BENCH_BIN").map_or_else(release_bin, PathBuf::from);
 
     println!("upstream ingest: {CLIENTS} keep-alive clients, batches of {POINTS} points, {run:?}");
     let (rate, per_cpu, done) = ingest(&bin, run);

@@ -23,3 +23,15 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
+
+/// Build the release binary (the one users run) and return its path.
+pub fn release_bin() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
+        .current_dir(root)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "could not build target/release/edgemeter");
+    root.join("target/release/edgemeter")
+}

@@ -269,30 +269,20 @@ where
         // The head, within header_timeout of its first byte.
         let header_deadline = Instant::now() + limits.header_timeout;
         let head = loop {
-            match parse_head(&buf) {
-                Parsed::Complete(h) if h.len <= limits.max_header_bytes => break h,
-                Parsed::Complete(_) => {
-                    return refuse(
-                        &mut stream,
-                        served,
-                        Closed::HeaderTooLarge,
-                        431,
-                        "the request header is too large",
-                    )
-                    .await;
-                }
+            let parsed = parse_head(&buf);
+            let too_large = match &parsed {
+                Parsed::Complete(h) => h.len > limits.max_header_bytes,
+                Parsed::Partial => buf.len() > limits.max_header_bytes,
+                Parsed::Bad(_) => false,
+            };
+            if too_large {
+                let why = "the request header is too large";
+                return refuse(&mut stream, served, Closed::HeaderTooLarge, 431, why).await;
+            }
+            match parsed {
+                Parsed::Complete(h) => break h,
                 Parsed::Bad(why) => {
                     return refuse(&mut stream, served, Closed::Malformed, 400, &why).await;
-                }
-                Parsed::Partial if buf.len() > limits.max_header_bytes => {
-                    return refuse(
-                        &mut stream,
-                        served,
-                        Closed::HeaderTooLarge,
-                        431,
-                        "the request header is too large",
-                    )
-                    .await;
                 }
                 Parsed::Partial => {
                     match read_before(&mut stream, &mut buf, header_deadline).await {
