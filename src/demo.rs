@@ -33,7 +33,7 @@ type = "relay"
 name = "practable"
 session_host = "http://127.0.0.1:{port}"
 streams = ["spin30..32"]
-window_secs = 5
+window_secs = 2
 files_dir = "analytics"
 dump_interval_secs = 2
 
