@@ -697,6 +697,26 @@ pub fn int_in_range(v: &Spanned<i64>, key: &str, min: u64, max: u64, p: &mut Pro
     }
 }
 
+/// Largest secret or one-line file read (a token, a key, a rule part).
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The one reader of secret files (tokens, keys, passwords) and one-line
+/// files: bounded, trimmed, empty refused. `what` names the file for the
+/// error ("the token file", "secret_access_key_file"); the content never
+/// appears in an error.
+pub fn read_secret_file(path: &Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE_BYTES).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(format!("{what} {} is empty", path.display()));
+    }
+    Ok(s.to_owned())
+}
+
 /// A path from the config, relative ones taken relative to the config file.
 pub fn resolve(base: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::http::AckDropper;
-use common::pg::PgServer;
+use common::pg::{PgServer, free_port};
 use common::{Agent, TempDir, edgemeter, wait_until};
 
 const ADMIN: &str = "admin-secret-token";
@@ -23,11 +23,6 @@ const AGENTS: [(&str, &str, &str); 3] = [
     ("a3", "4000..7000", "10..20"),
 ];
 const POINTS_PER_AGENT: usize = 300;
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
 
 fn token_of(agent: &str) -> String {
     format!("token-of-{agent}-0123456789")

@@ -45,16 +45,6 @@ pub enum Source {
     Default,
 }
 
-fn read_secret(path: &Path, what: &str) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
-    let s = text.trim();
-    if s.is_empty() {
-        return Err(format!("{what} {} is empty", path.display()));
-    }
-    Ok(s.to_owned())
-}
-
 fn shared_file(explicit: Option<&Path>) -> Option<PathBuf> {
     explicit
         .map(Path::to_owned)
@@ -71,10 +61,13 @@ impl Source {
                 session_token_file,
             } => Ok(Credentials {
                 access_key_id: access_key_id.clone(),
-                secret_access_key: read_secret(secret_access_key_file, "secret_access_key_file")?,
+                secret_access_key: crate::config::read_secret_file(
+                    secret_access_key_file,
+                    "secret_access_key_file",
+                )?,
                 session_token: session_token_file
                     .as_deref()
-                    .map(|p| read_secret(p, "session_token_file"))
+                    .map(|p| crate::config::read_secret_file(p, "session_token_file"))
                     .transpose()?,
             }),
             Source::Profile { profile, file } => {

@@ -33,7 +33,6 @@ use crate::upstream::wire;
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The longest answer we read (the upstream's are a few hundred bytes).
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
-const MAX_TOKEN_BYTES: u64 = 4096;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -148,18 +147,9 @@ pub fn http_agent(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Age
         .into())
 }
 
-/// A bearer token from a file: its first line, trimmed.
+/// A bearer token from a file (trimmed; never logged).
 pub fn read_token(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_TOKEN_BYTES).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
-    let token = text.lines().next().unwrap_or("").trim().to_owned();
-    if token.is_empty() {
-        return Err(format!("the token file {} is empty", path.display()));
-    }
-    Ok(token)
+    crate::config::read_secret_file(path, "the token file")
 }
 
 /// What an upstream's answer means for the batch.
@@ -294,11 +284,11 @@ mod tests {
     }
 
     #[test]
-    fn a_token_is_the_first_line_of_its_file() {
+    fn a_token_is_its_file_trimmed() {
         let dir = std::env::temp_dir().join(format!("edgemeter-token-{}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).expect("dir");
         let f = dir.join("t");
-        std::fs::write(&f, "  s3cret \nsecond line\n").expect("write");
+        std::fs::write(&f, "  s3cret \n").expect("write");
         assert_eq!(read_token(&f).as_deref(), Ok("s3cret"));
         std::fs::write(&f, "\n").expect("write");
         let e = read_token(&f).expect_err("empty");

@@ -20,8 +20,6 @@ use serde::Deserialize;
 
 /// Bounds what we read back from the session host.
 const MAX_ANSWER_BYTES: u64 = 4 * 1024 * 1024;
-/// Access and token files are a line each; anything bigger is not one.
-const MAX_FILE_BYTES: u64 = 64 * 1024;
 
 #[derive(Clone, PartialEq)]
 pub struct Rule {
@@ -54,27 +52,18 @@ impl Rule {
     }
 }
 
-fn read_line_file(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_FILE_BYTES).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let line = text.trim();
-    if line.is_empty() {
-        return Err(format!("{} is empty", path.display()));
-    }
-    Ok(line.to_owned())
-}
-
 /// The rules for `streams` from the files in `dir`; every missing or bad
 /// file is named (all of them, not just the first).
 pub fn read_rules(dir: &Path, streams: &[String]) -> Result<Vec<Rule>, String> {
     let mut rules = Vec::new();
     let mut problems = Vec::new();
     for s in streams {
-        let access = read_line_file(&dir.join(format!("log.access.{s}")));
-        let token = read_line_file(&dir.join(format!("log.token.{s}")));
+        let access = crate::config::read_secret_file(
+            &dir.join(format!("log.access.{s}")),
+            "the access file",
+        );
+        let token =
+            crate::config::read_secret_file(&dir.join(format!("log.token.{s}")), "the token file");
         match (access, token) {
             (Ok(destination), Ok(token)) => {
                 if !(destination.starts_with("https://")
