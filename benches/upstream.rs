@@ -298,9 +298,7 @@ fn main() {
     } else {
         Duration::from_secs(10)
     };
-    // EDGEMETER_BENCH_BIN: another build of the binary (one with symbols,
-    // for `perf`).
-    let bin = std::env::var_os("EDGEMETER_BENCH_BIN").map_or_else(release_bin, PathBuf::from);
+    let bin = release_bin();
 
     println!("upstream ingest: {CLIENTS} keep-alive clients, batches of {POINTS} points, {run:?}");
     let (rate, per_cpu, done) = ingest(&bin, run);

@@ -121,6 +121,12 @@ pub fn iso8601(ms: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
 }
 
+/// `20220725T200000Z`: the basic ISO-8601 form AWS signs (`X-Amz-Date`).
+pub fn iso8601_basic(ms: i64) -> String {
+    let (y, mo, d, h, mi, s, _) = split(ms);
+    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+}
+
 /// A duration in words an operator reads at a glance: `45s`, `12m 3s`, `3h 2m`, `4d 1h`.
 pub fn human_duration(ms: i64) -> String {
     let s = ms.max(0) / 1000;

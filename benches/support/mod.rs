@@ -24,8 +24,13 @@ pub fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
-/// Build the release binary (the one users run) and return its path.
+/// Build the release binary (the one users run) and return its path; or
+/// EDGEMETER_BENCH_BIN, another build of it (one with symbols for `perf`, or
+/// another profile, to compare two builds on the same benchmark).
 pub fn release_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("EDGEMETER_BENCH_BIN") {
+        return PathBuf::from(bin);
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let status = std::process::Command::new("cargo")
         .args(["build", "--release", "--quiet", "--bin", "edgemeter"])

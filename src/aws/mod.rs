@@ -4,6 +4,9 @@
 //! AWS's answers into retry, throttle, skew and refusal.
 
 pub mod credentials;
+mod sigv4;
+
+pub use sigv4::sign;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -70,9 +73,9 @@ impl Settings {
             );
         }
         if let Some(e) = &raw.endpoint {
-            let ok = e.get_ref().starts_with("https://") || e.get_ref().starts_with("http://");
-            if !ok {
-                p.push(e.span(), "endpoint must be an http:// or https:// URL");
+            let url = format!("{}/", e.get_ref().trim_end_matches('/'));
+            if let Err(why) = sigv4::host_and_path(&url) {
+                p.push(e.span(), format!("endpoint {why}"));
             }
         }
         let credentials = match (
@@ -302,54 +305,6 @@ impl SkewClock {
         self.0.store(offset, Ordering::Relaxed);
         offset
     }
-}
-
-/// SigV4 headers for one request (to add to `headers`).
-pub fn sign(
-    creds: &credentials::Credentials,
-    region: &str,
-    service: &str,
-    time: SystemTime,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<Vec<(String, String)>, String> {
-    use aws_credential_types::Credentials as AwsCreds;
-    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign as sigv4};
-    use aws_sigv4::sign::v4;
-    use aws_smithy_runtime_api::client::identity::Identity;
-
-    let identity: Identity = AwsCreds::new(
-        &creds.access_key_id,
-        &creds.secret_access_key,
-        creds.session_token.clone(),
-        None,
-        "edgemeter",
-    )
-    .into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region(region)
-        .name(service)
-        .time(time)
-        .settings(SigningSettings::default())
-        .build()
-        .map_err(|e| format!("signing parameters: {e}"))?
-        .into();
-    let signable = SignableRequest::new(
-        "POST",
-        url,
-        headers.iter().copied(),
-        SignableBody::Bytes(body),
-    )
-    .map_err(|e| format!("cannot sign a request to {url}: {e}"))?;
-    let (instructions, _) = sigv4(signable, &params)
-        .map_err(|e| format!("signing failed: {e}"))?
-        .into_parts();
-    Ok(instructions
-        .headers()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect())
 }
 
 /// One signed POST, blocking (call it on a worker thread). The secret never

@@ -57,6 +57,72 @@ fn sigv4_matches_botocore() {
     );
 }
 
+/// A host with a port (an emulator's endpoint), another service and region,
+/// and a header whose value SigV4 trims and collapses: botocore 1.44.5 signed
+/// it at the X-Amz-Date below.
+#[test]
+fn sigv4_matches_botocore_with_a_port_and_spaced_values() {
+    let creds = Credentials {
+        access_key_id: "AKIDEXAMPLE".into(),
+        secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+        session_token: None,
+    };
+    let headers = [
+        ("content-type", "application/x-amz-json-1.1"),
+        ("x-amz-target", "Logs_20140328.PutLogEvents"),
+        ("X-Edge-Note", "  two   spaces  "),
+    ];
+    let body = br#"{"logGroupName":"edge","logStreamName":"a1","logEvents":[]}"#;
+    // 2026-11-24T10:37:35Z
+    let time = UNIX_EPOCH + Duration::from_secs(1_795_516_655);
+    let signed = sign(
+        &creds,
+        "eu-west-1",
+        "logs",
+        time,
+        "http://127.0.0.1:5123/",
+        &headers,
+        body,
+    )
+    .expect("sign");
+    assert_eq!(
+        signed,
+        vec![
+            ("x-amz-date".to_owned(), "20261124T103735Z".to_owned()),
+            (
+                "authorization".to_owned(),
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261124/eu-west-1/logs/aws4_request, \
+                 SignedHeaders=content-type;host;x-amz-date;x-amz-target;x-edge-note, \
+                 Signature=008c9c2a8d7ed93d5711a0a61d70f645134f2314ae1bf1236b1d232c32bbf96c"
+                    .to_owned()
+            ),
+        ]
+    );
+    // Endpoints that cannot be signed as given are refused, not mis-signed.
+    for url in [
+        "ftp://example.com/",
+        "https:///",
+        "https://user@example.com/",
+        "https://example.com/a b",
+        "https://example.com/?Action=x",
+    ] {
+        let err = sign(&creds, "eu-west-1", "logs", time, url, &headers, body).unwrap_err();
+        assert!(err.contains("cannot sign"), "{url}: {err}");
+    }
+    let twice = [("content-type", "a"), ("Content-Type", "b")];
+    let err = sign(
+        &creds,
+        "eu-west-1",
+        "logs",
+        time,
+        "https://example.com/",
+        &twice,
+        body,
+    )
+    .unwrap_err();
+    assert!(err.contains("given twice"), "{err}");
+}
+
 #[test]
 fn answers_are_classified() {
     let kind = |status, code: &str, msg: &str| match classify(status, code, msg) {
