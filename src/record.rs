@@ -4,6 +4,40 @@
 
 use std::fmt;
 
+/// How deep an event's JSON may nest (arrays and objects). Deeper
+/// messages are not kept as events: the relay counts them malformed and
+/// the upstream refuses a batch holding one (`422`), so that no reader of
+/// stored events (serde's recursion limit is 128, browsers', jq's) meets a
+/// payload it cannot parse back.
+pub const MAX_EVENT_DEPTH: usize = 64;
+
+/// The nesting depth of the JSON text `text` (0 for a scalar), counting
+/// brackets outside strings; for valid JSON, which is all it is used on.
+pub fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// What a record is. The discriminant is stored in SQLite: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -200,6 +234,18 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_depth_counts_brackets_outside_strings() {
+        let check = |text: &str, want: usize| assert_eq!(json_depth(text), want, "{text}");
+        check("1", 0);
+        check(r#""[[[""#, 0);
+        check("[]", 1);
+        check(r#"{"a":[1,{"b":[]}]}"#, 4);
+        check(r#"{"a":"\"[{"}"#, 1);
+        check(r#"[{"x":"\\"},[[]]]"#, 3);
+        check(&("[".repeat(100_000) + &"]".repeat(100_000)), 100_000);
+    }
 
     #[test]
     fn kind_codes_round_trip_and_are_stable() {

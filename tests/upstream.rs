@@ -636,9 +636,20 @@ fn bad_input_gets_a_clear_4xx_stores_nothing_and_others_are_served() {
         401,
         "bearer token",
     );
+    // (This helper always sends a content-length: with transfer-encoding
+    // that is the request-smuggling pattern, a 400; chunked alone is a 411.)
+    check(
+        "chunked beside a length",
+        post("transfer-encoding: chunked\r\n", b""),
+        400,
+        "together",
+    );
     check(
         "chunked",
-        post("transfer-encoding: chunked\r\n", b""),
+        raw_request(
+            port,
+            format!("POST /v1/batches HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n").as_bytes(),
+        ),
         411,
         "content-length",
     );
@@ -918,4 +929,286 @@ fn upstreams_form_a_tree_and_the_top_unions_the_subtrees() {
     for u in &mut ups {
         u.stop();
     }
+}
+
+/// Send `raw` on a fresh connection and read the answer; (status, body).
+fn raw_request(port: u16, raw: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(raw).expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&out)
+}
+
+/// The upstream's resident set, and its peak, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Regressions of issue 13, each as the attacker or the long-running site
+/// met it, through the real binary while a good agent delivers:
+/// 1. 150 peers without a token each announcing a 7 MiB body took the
+///    upstream from 8 to 1,064 MiB: the body was read before the token was
+///    checked (and `100 Continue` promised before it).
+/// 2. Two `Content-Length`s that differ, `+5`, and `Transfer-Encoding` with
+///    `Content-Length` were accepted: the request-smuggling pattern.
+/// 3. Connections that send nothing held every slot for the idle timeout.
+/// 4. An event payload 100,000 levels deep was stored, and came back from
+///    `/v1/events` as a string.
+/// 5. Bodies across connections had no common bound.
+#[test]
+fn hostile_peers_cost_no_memory_before_their_token_is_checked() {
+    let dir = TempDir::new("upstream-hostile");
+    let port = free_port();
+    let cfg = upstream_config(
+        &dir,
+        "up",
+        port,
+        "sqlite",
+        "header_timeout_secs = 1\nidle_timeout_secs = 60\nmax_connections = 24\n\
+         max_body_bytes = 8388608\nmax_buffered_bytes = 16777216",
+        "",
+    );
+    let mut up = Agent::start_upstream(&cfg, "info", &[]);
+    let pid = up.pid();
+    let (rss_before, _) = rss_kib(pid);
+
+    // A good agent posts throughout (60 points/s for 5 s).
+    let a1 = agent_config(&dir, "a1", port, &token_of("a1"), "0..50", "0..5");
+    let text = std::fs::read_to_string(&a1)
+        .expect("config")
+        .replace("rate_per_sec = 300", "rate_per_sec = 60");
+    std::fs::write(&a1, text).expect("config");
+    let mut agent = Agent::start_running(&a1, "info");
+
+    // 1. No token, 7 MiB announced: 401 from the head, before any body.
+    let attack_started = Instant::now();
+    let attackers: Vec<_> = (0..6)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut answered = 0;
+                for i in 0..25 {
+                    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    s.set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("timeout");
+                    let token = if (t + i) % 2 == 0 {
+                        String::new()
+                    } else {
+                        "authorization: Bearer a-guess\r\n".to_owned()
+                    };
+                    let head = format!(
+                        "POST /v1/batches HTTP/1.1\r\nhost: x\r\n{token}content-length: 7340032\r\n\r\n"
+                    );
+                    if s.write_all(head.as_bytes()).is_err() {
+                        continue;
+                    }
+                    // The answer comes before a byte of the body was sent.
+                    let mut first = [0u8; 12];
+                    if s.read_exact(&mut first).is_ok() && &first[9..12] == b"401" {
+                        answered += 1;
+                    }
+                    // Then the body anyway, as an attacker would.
+                    let chunk = vec![b'x'; 1 << 20];
+                    for _ in 0..7 {
+                        if s.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    let answered: usize = attackers
+        .into_iter()
+        .map(|t| t.join().expect("attacker"))
+        .sum();
+    assert_eq!(
+        answered, 150,
+        "every tokenless request got 401 from its head"
+    );
+    assert!(attack_started.elapsed() < Duration::from_secs(60));
+    let (rss_after, peak) = rss_kib(pid);
+    // Without the fix the peak was over 1 GiB; the bound leaves room for
+    // the good agent's batches and SQLite's cache in a debug build.
+    assert!(
+        peak < rss_before + 32 * 1024,
+        "peak RSS {peak} KiB after 150 x 7 MiB unauthenticated bodies (before: {rss_before} KiB, now {rss_after} KiB)"
+    );
+
+    // `Expect: 100-continue` without a token: 401, never `100 Continue`.
+    let (status, body) = raw_request(
+        port,
+        b"POST /v1/batches HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5000000\r\n\r\n",
+    );
+    assert_eq!(status, 401, "{body}");
+
+    // 2. Strict framing.
+    let token = token_of("a1");
+    let ok = r#"{"v":1,"agent_id":"a1","outbox_id":"manual","seq":1,"points":[{"metric":"m","ts":1,"value":1,"unit":"Count"}]}"#;
+    let with_head = |lengths: &str, body: &[u8]| {
+        let mut req = format!(
+            "POST /v1/batches HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n{lengths}connection: close\r\n\r\n"
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        raw_request(port, &req)
+    };
+    let n = ok.len();
+    for (label, lengths, want) in [
+        (
+            "two content-lengths that differ",
+            format!("content-length: {n}\r\ncontent-length: {}\r\n", n + 1),
+            "differ",
+        ),
+        (
+            "a signed length",
+            format!("content-length: +{n}\r\n"),
+            "not a number",
+        ),
+        (
+            "transfer-encoding beside content-length",
+            format!("transfer-encoding: chunked\r\ncontent-length: {n}\r\n"),
+            "together",
+        ),
+    ] {
+        let (status, body) = with_head(&lengths, ok.as_bytes());
+        assert_eq!(status, 400, "{label}: {body}");
+        assert!(body.contains(want), "{label}: {body}");
+    }
+    let (status, body) = get_json_raw(port, "/v1/series?metric=m&agent=a1&range=30D");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""rows":[]"#), "nothing stored: {body}");
+    // Two identical lengths are one.
+    let (status, body) = with_head(
+        &format!("content-length: {n}\r\ncontent-length: {n}\r\n"),
+        ok.as_bytes(),
+    );
+    assert_eq!(status, 200, "identical lengths: {body}");
+
+    // 4. Event payloads nested too deep are refused; the deepest allowed
+    // comes back from /v1/events as JSON.
+    let event = |seq: i64, depth: usize| {
+        let payload = "[".repeat(depth) + &"]".repeat(depth);
+        format!(
+            r#"{{"v":1,"agent_id":"a1","outbox_id":"manual","seq":{seq},"events":[{{"type":"deep","ts":{now},"payload":{payload}}}]}}"#,
+            now = common::now_ms()
+        )
+    };
+    let (status, body) = post_batch(port, &token, &event(2, 100_000));
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("deeper than 64"), "{body}");
+    let (status, body) = post_batch(port, &token, &event(3, 64));
+    assert_eq!(status, 200, "{body}");
+    let events = get_json(port, "/v1/events?range=1D");
+    let deep: Vec<_> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "deep")
+        .collect();
+    assert_eq!(deep.len(), 1, "{events}");
+    assert!(
+        deep[0]["payload"].is_array(),
+        "payload is JSON: {}",
+        deep[0]
+    );
+
+    // The good agent delivered everything, and never met a 503.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            per_agent_values(port)
+                .get("a1")
+                .is_some_and(|v| v.len() >= POINTS_PER_AGENT)
+        }),
+        "the good agent's points did not all arrive"
+    );
+    assert_eq!(
+        per_agent_values(port)["a1"],
+        (0..POINTS_PER_AGENT as i64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        metric(port, r#"requests_total{route="/v1/batches",status="503"}"#),
+        0.0
+    );
+    agent.stop();
+
+    // 3. 24 connections that send nothing are closed after the header
+    // timeout (1 s), not the idle timeout (60 s): the server is free again.
+    let silent: Vec<TcpStream> = (0..24)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port))
+                .and_then(|mut s| {
+                    s.write_all(b"GET /health HTTP/1.1\r\nconnection: close\r\n\r\n")?;
+                    let mut o = Vec::new();
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let _ = s.read_to_end(&mut o);
+                    Ok(o.starts_with(b"HTTP/1.1 200"))
+                })
+                .unwrap_or(false)
+        }),
+        "silent connections still hold every slot"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+
+    // 5. One budget for bodies: two stalled 7 MiB bodies (authenticated)
+    // hold 14 of the 16 MiB; a third is answered 503 at once, unread.
+    let stalled: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.write_all(
+                format!(
+                    "POST /v1/batches HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: 7340032\r\n\r\nxx"
+                )
+                .as_bytes(),
+            )
+            .expect("write");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = raw_request(
+        port,
+        format!(
+            "POST /v1/batches HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: 7340032\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("max_buffered_bytes"), "{body}");
+    assert!(metric(port, "buffered_bytes ") >= 14_680_064.0);
+    drop(stalled);
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        port,
+        "buffered_bytes "
+    ) == 0.0));
+    let (status, body) = post_batch(port, &token, &ok.replace(r#""seq":1"#, r#""seq":9"#));
+    assert_eq!(status, 200, "served again once the budget is free: {body}");
+    up.stop();
+}
+
+fn get_json_raw(port: u16, path: &str) -> (u16, String) {
+    http(port, "GET", path, Some(ADMIN), "", b"")
 }

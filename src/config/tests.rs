@@ -180,6 +180,7 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "max_header_bytes",
         "max_body_bytes",
         "max_batch_bytes",
+        "max_buffered_bytes",
         "header_timeout_secs",
         "body_timeout_secs",
         "idle_timeout_secs",

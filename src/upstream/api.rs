@@ -23,7 +23,7 @@ use smol::channel::Sender;
 use crate::clock::now_ms;
 use crate::runtime::OnWorker;
 use crate::sinks::upstream::read_token;
-use crate::upstream::http::{Request, Response, query_pairs};
+use crate::upstream::http::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::upstream::query::{self, Params};
 use crate::upstream::store::{Ingested, Store};
 use crate::upstream::wire;
@@ -112,6 +112,8 @@ pub struct Counters {
     pub connections_closed: RefCell<BTreeMap<&'static str, u64>>,
     pub forwarded: Cell<u64>,
     pub ingest_seconds: Cell<f64>,
+    /// The request-body budget, for its gauges.
+    pub budget: RefCell<Option<Rc<Budget>>>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -123,6 +125,10 @@ pub fn bump_map<K: Ord>(m: &RefCell<BTreeMap<K, u64>>, k: K) {
 }
 
 impl Counters {
+    pub fn set_budget(&self, b: Rc<Budget>) {
+        *self.budget.borrow_mut() = Some(b);
+    }
+
     pub fn prometheus(&self, store_kind: &str) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, String)>| {
@@ -211,6 +217,20 @@ impl Counters {
                 .map(|(r, v)| (format!("{{how=\"{r}\"}}"), v.to_string()))
                 .collect(),
         );
+        if let Some(b) = self.budget.borrow().as_ref() {
+            metric(
+                "buffered_bytes",
+                "Request bodies and unpacked batches held in memory now.",
+                "gauge",
+                one(b.used() as u64),
+            );
+            metric(
+                "buffered_bytes_limit",
+                "What they may hold at most (max_buffered_bytes).",
+                "gauge",
+                one(b.total() as u64),
+            );
+        }
         metric(
             "aggregates_forwarded_total",
             "Network-wide aggregates handed to this upstream's sinks.",
@@ -254,9 +274,77 @@ pub struct Api {
     auth_log: RefCell<(Option<Instant>, u64)>,
 }
 
-enum Caller {
+/// Who a request comes from, decided from its head.
+pub enum Caller {
     Agent(String),
     Admin,
+    /// Routes that need no token (`/health`, `/metrics`).
+    Anyone,
+}
+
+/// The routes, each with what it needs.
+#[derive(Clone, Copy)]
+pub enum Route {
+    Batch,
+    Query(&'static str),
+    DeleteUser,
+    Health,
+    Metrics,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Batch => "/v1/batches",
+            Route::Query(r) => r,
+            Route::DeleteUser => "/v1/users",
+            Route::Health => "/health",
+            Route::Metrics => "/metrics",
+        }
+    }
+}
+
+impl Handler for Api {
+    type Caller = (Route, Caller);
+
+    /// The route, the method and the token, from the head alone: a request
+    /// without a valid token is answered before a byte of its body is read.
+    /// Only batches have a body.
+    fn admit(&self, req: &Request) -> Result<(Self::Caller, usize), Response> {
+        let admitted = self.route(req).and_then(|route| {
+            let caller = match route {
+                Route::Batch => self.authenticate(req, false)?,
+                Route::Query(_) | Route::DeleteUser => self.authenticate(req, true)?,
+                Route::Health | Route::Metrics => Caller::Anyone,
+            };
+            let max_body = match route {
+                Route::Batch => usize::MAX,
+                _ => 0,
+            };
+            Ok(((route, caller), max_body))
+        });
+        if let Err(r) = &admitted {
+            bump_map(&self.counters.requests, (route_name(req), r.status));
+        }
+        admitted
+    }
+
+    async fn handle(&self, req: Request, (route, caller): Self::Caller) -> Response {
+        let resp = match (route, caller) {
+            (Route::Batch, Caller::Agent(agent)) => self.post_batch(req, agent).await,
+            (Route::Query(r), _) => self.query(r, &req).await,
+            (Route::DeleteUser, _) => self.delete_user(&req).await,
+            (Route::Health, _) => self.health().await,
+            (Route::Metrics, _) => Response::new(
+                200,
+                "text/plain; version=0.0.4",
+                self.counters.prometheus(self.store_kind),
+            ),
+            (Route::Batch, _) => unreachable!("admit lets batches in only with an agent's token"),
+        };
+        bump_map(&self.counters.requests, (route.name(), resp.status));
+        resp
+    }
 }
 
 impl Api {
@@ -281,30 +369,26 @@ impl Api {
         }
     }
 
-    pub async fn handle(&self, req: Request) -> Response {
-        let route = route_name(&req);
-        let resp = self.route(route, &req).await;
-        bump_map(&self.counters.requests, (route, resp.status));
-        resp
-    }
-
-    async fn route(&self, route: &'static str, req: &Request) -> Response {
+    /// What a request may be, decided from its route and method alone.
+    fn route(&self, req: &Request) -> Result<Route, Response> {
         let method = req.method.as_str();
-        match (route, method) {
-            ("/v1/batches", "POST") => self.post_batch(req).await,
-            ("/v1/series" | "/v1/events" | "/v1/rollups", "GET") => self.query(route, req).await,
-            ("/v1/users", "DELETE") => self.delete_user(req).await,
-            ("/health", "GET") => self.health().await,
-            ("/metrics", "GET") => Response::new(
-                200,
-                "text/plain; version=0.0.4",
-                self.counters.prometheus(self.store_kind),
-            ),
-            ("other", _) => Response::error(404, format!("no such path: {}", req.path)),
-            (_, m) => Response::error(405, format!("{m} is not allowed on {}", req.path)),
-        }
+        Ok(match (route_name(req), method) {
+            ("/v1/batches", "POST") => Route::Batch,
+            (r @ ("/v1/series" | "/v1/events" | "/v1/rollups"), "GET") => Route::Query(r),
+            ("/v1/users", "DELETE") => Route::DeleteUser,
+            ("/health", "GET") => Route::Health,
+            ("/metrics", "GET") => Route::Metrics,
+            ("other", _) => {
+                return Err(Response::error(404, format!("no such path: {}", req.path)));
+            }
+            (_, m) => {
+                return Err(Response::error(
+                    405,
+                    format!("{m} is not allowed on {}", req.path),
+                ));
+            }
+        })
     }
-
     /// Who sent this, or the 401 to answer.
     fn authenticate(&self, req: &Request, want_admin: bool) -> Result<Caller, Response> {
         let token = req
@@ -371,12 +455,7 @@ impl Api {
         *log = (Some(Instant::now()), 0);
     }
 
-    async fn post_batch(&self, req: &Request) -> Response {
-        let agent = match self.authenticate(req, false) {
-            Ok(Caller::Agent(a)) => a,
-            Ok(Caller::Admin) => unreachable!("agent authentication never answers Admin"),
-            Err(r) => return r,
-        };
+    async fn post_batch(&self, mut req: Request, agent: String) -> Response {
         let json = match req.header("content-encoding").map(str::to_ascii_lowercase) {
             Some(e) if e == "gzip" => match wire::gunzip(&req.body, self.max_batch_bytes) {
                 Ok(j) => j,
@@ -386,7 +465,7 @@ impl Api {
                 if req.body.len() > self.max_batch_bytes {
                     return self.invalid(&wire::Invalid::TooLarge(self.max_batch_bytes));
                 }
-                req.body.clone()
+                std::mem::take(&mut req.body)
             }
             Some(other) => {
                 return Response::error(
@@ -395,10 +474,35 @@ impl Api {
                 );
             }
         };
+        // What the batch costs until it is committed: its JSON now, and the
+        // decoded records (of the same order) while it waits for the
+        // committer; counted as twice the JSON against max_buffered_bytes.
+        match req.permit.grow(json.len().saturating_mul(2)) {
+            Ok(()) => {}
+            Err(Full::Busy) => {
+                let mut r = Response::error(
+                    503,
+                    "the upstream holds as many batches as it may (max_buffered_bytes); try again shortly",
+                );
+                r.headers.push(("retry-after", "1".into()));
+                return r;
+            }
+            Err(Full::TooLarge) => {
+                bump_map(&self.counters.batches_invalid, "too_large");
+                return Response::error(
+                    413,
+                    format!(
+                        "the batch unpacks to {} bytes, more than this upstream can hold at once (max_buffered_bytes); send smaller batches",
+                        json.len()
+                    ),
+                );
+            }
+        }
         let batch = match wire::decode(&json, now_ms()) {
             Ok(b) => b,
             Err(e) => return self.invalid(&e),
         };
+        drop(json);
         if batch.agent_id != agent {
             bump_map(&self.counters.batches_invalid, "agent_mismatch");
             return Response::error(
@@ -456,9 +560,6 @@ impl Api {
     }
 
     async fn query(&self, route: &'static str, req: &Request) -> Response {
-        if let Err(r) = self.authenticate(req, true) {
-            return r;
-        }
         let params = match Params::from_pairs(query_pairs(&req.query)) {
             Ok(p) => p,
             Err(e) => return Response::error(400, e),
@@ -475,9 +576,6 @@ impl Api {
     }
 
     async fn delete_user(&self, req: &Request) -> Response {
-        if let Err(r) = self.authenticate(req, true) {
-            return r;
-        }
         let user = crate::upstream::http::percent_decode(
             req.path.strip_prefix("/v1/users/").unwrap_or(""),
         );
@@ -582,22 +680,42 @@ pub async fn answer(
                 .call(move |s| s.events(&q))
                 .await
                 .map_err(Answer::Store)?;
-            let events: Vec<serde_json::Value> = rows
+            // Each payload goes out as the JSON text it was stored as,
+            // never re-parsed (a stored non-JSON payload as a JSON string).
+            #[derive(serde::Serialize)]
+            struct Out {
+                time: String,
+                ts: i64,
+                #[serde(rename = "type")]
+                etype: String,
+                user: Option<String>,
+                agent: String,
+                dims: serde_json::Value,
+                payload: Box<serde_json::value::RawValue>,
+            }
+            #[derive(serde::Serialize)]
+            struct Events {
+                events: Vec<Out>,
+            }
+            let events: Vec<Out> = rows
                 .into_iter()
-                .map(|e| {
-                    let payload: serde_json::Value = serde_json::from_str(&e.payload)
-                        .unwrap_or(serde_json::Value::String(e.payload));
-                    let dims: serde_json::Value =
-                        serde_json::from_str(&e.dims).unwrap_or(serde_json::Value::Null);
-                    serde_json::json!({
-                        "time": crate::clock::iso8601(e.ts), "ts": e.ts, "type": e.etype,
-                        "user": e.user, "agent": e.agent, "dims": dims, "payload": payload,
-                    })
+                .map(|e| Out {
+                    time: crate::clock::iso8601(e.ts),
+                    ts: e.ts,
+                    dims: serde_json::from_str(&e.dims).unwrap_or(serde_json::Value::Null),
+                    payload: serde_json::value::RawValue::from_string(e.payload.clone())
+                        .unwrap_or_else(|_| {
+                            serde_json::value::to_raw_value(&e.payload)
+                                .expect("a string serializes")
+                        }),
+                    etype: e.etype,
+                    user: e.user,
+                    agent: e.agent,
                 })
                 .collect();
             Ok((
                 "application/json",
-                serde_json::json!({ "events": events }).to_string() + "\n",
+                serde_json::to_string(&Events { events }).expect("events serialize") + "\n",
             ))
         }
     }

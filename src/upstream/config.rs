@@ -56,12 +56,34 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// The batch once unpacked.
     pub max_batch_bytes: usize,
+    /// Request bodies and the batches unpacked from them, held in memory
+    /// at once across all connections (past it: `503`, the body unread).
+    pub max_buffered_bytes: usize,
     /// From a request's first byte to the end of its headers.
     pub header_timeout: Duration,
     /// For the whole body.
     pub body_timeout: Duration,
     /// A kept-alive connection with no request this long is closed.
     pub idle_timeout: Duration,
+}
+
+/// `max_buffered_bytes` unless configured: 256 MiB, or a quarter of the
+/// memory limit this process runs under (the unit's `MemoryMax`, read from
+/// its cgroup) when that is smaller, so that buffered bodies leave the
+/// store, SQLite's cache and the connections room below the limit.
+pub fn default_buffered_bytes(memory_max: Option<u64>) -> usize {
+    const CAP: u64 = 256 << 20;
+    const FLOOR: u64 = 16 << 20;
+    memory_max.map_or(CAP, |m| (m / 4).clamp(FLOOR, CAP)) as usize
+}
+
+/// The cgroup v2 `memory.max` of this process, if it has one.
+fn memory_max() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let text =
+        std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", path.trim_end())).ok()?;
+    text.trim().parse().ok()
 }
 
 impl Default for Limits {
@@ -71,6 +93,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_body_bytes: 8 << 20,
             max_batch_bytes: 64 << 20,
+            max_buffered_bytes: default_buffered_bytes(memory_max()),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
@@ -93,6 +116,7 @@ struct Raw {
     max_header_bytes: Option<Spanned<i64>>,
     max_body_bytes: Option<Spanned<i64>>,
     max_batch_bytes: Option<Spanned<i64>>,
+    max_buffered_bytes: Option<Spanned<i64>>,
     header_timeout_secs: Option<Spanned<f64>>,
     body_timeout_secs: Option<Spanned<f64>>,
     idle_timeout_secs: Option<Spanned<f64>>,
@@ -202,6 +226,14 @@ impl Config {
                 1 << 32,
                 p,
             ),
+            max_buffered_bytes: int(
+                &raw.max_buffered_bytes,
+                "max_buffered_bytes",
+                d.max_buffered_bytes,
+                1 << 20,
+                1 << 40,
+                p,
+            ),
             header_timeout: secs(
                 raw.header_timeout_secs.as_ref(),
                 "header_timeout_secs",
@@ -227,6 +259,17 @@ impl Config {
                 p,
             ),
         };
+        if let Some(b) = &raw.max_buffered_bytes
+            && limits.max_buffered_bytes < limits.max_body_bytes
+        {
+            p.push(
+                b.span(),
+                format!(
+                    "max_buffered_bytes ({}) is smaller than max_body_bytes ({}): a body of the allowed size could never be taken",
+                    limits.max_buffered_bytes, limits.max_body_bytes
+                ),
+            );
+        }
         let forward_interval = secs(
             raw.forward_interval_secs.as_ref(),
             "forward_interval_secs",

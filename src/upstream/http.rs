@@ -4,19 +4,29 @@
 //! Every way a peer can hold resources is bounded, and each bound is a
 //! config key ([`Limits`]): connections (past the limit a connection gets
 //! one `503` written without waiting and is closed), header bytes (`431`),
-//! body bytes (`413`, refused from the header, before reading the body),
-//! the time from a request's first byte to its last header byte (`408`;
-//! this is what ends a slow-loris peer dribbling a header), the time for
-//! the body (`408`), and idle time between requests. Chunked request
-//! bodies are refused (`411`): every client we serve sends a length.
+//! the time from a request's first byte to its last header byte, and for a
+//! new connection's first byte (`408`; this is what ends a slow-loris peer,
+//! or one that connects and sends nothing), the time for the body (`408`),
+//! idle time between kept-alive requests, and the body bytes held in memory
+//! across all connections ([`Budget`], `503` before the body is read).
+//!
+//! A request is judged from its head alone ([`Handler::admit`]: route,
+//! method, token, the route's body size, `413`) before a byte of its body is
+//! read or `100 Continue` is promised: an unauthenticated peer costs its
+//! header bytes and nothing more. Framing is strict (RFC 9112 §6.3; see
+//! [`body_length`]) so that a proxy in front and this server always agree
+//! where a request ends. Chunked request bodies are refused (`411`): every
+//! client we serve sends a length.
 //!
 //! Why not hyper: the upstream needs a handful of routes and exact control
 //! of each bound and deadline; this is ~300 lines on `httparse` (already in
 //! the tree through ureq and tungstenite) instead of hyper, h1 and a timer
 //! adapter, which matters on a 32-bit Pi's binary size budget.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -35,6 +45,9 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub peer: SocketAddr,
+    /// The body's share of the [`Budget`]; the handler grows it for what it
+    /// unpacks, and it is given back when the request is done.
+    pub permit: Permit,
 }
 
 impl Request {
@@ -86,8 +99,13 @@ pub enum Closed {
     BodyTimeout,
     HeaderTooLarge,
     BodyTooLarge,
-    /// Not HTTP/1.x, or a body without a length.
+    /// Not HTTP/1.x, a body without a length, or framing that a proxy
+    /// could read differently.
     Malformed,
+    /// Refused from its head (route, method, token), its body unread.
+    Refused,
+    /// The body budget was full: `503` without reading the body.
+    Busy,
     /// A read or write failed (reset, broken pipe).
     Io,
 }
@@ -102,6 +120,8 @@ impl Closed {
             Closed::HeaderTooLarge => "header_too_large",
             Closed::BodyTooLarge => "body_too_large",
             Closed::Malformed => "malformed",
+            Closed::Refused => "refused",
+            Closed::Busy => "busy",
             Closed::Io => "io",
         }
     }
@@ -236,31 +256,177 @@ fn parse_head(buf: &[u8]) -> Parsed {
     }
 }
 
-/// Serve one connection until it closes or breaks a bound. `handle` answers
-/// each complete request.
-pub async fn serve_connection<S, H, F>(
+/// What the server asks of the application, in two steps, so that nothing
+/// of a request's body is read before its head was judged.
+pub trait Handler {
+    /// What [`Handler::admit`] learned from the head (who is calling),
+    /// handed on to [`Handler::handle`].
+    type Caller;
+    /// Judge a request from its head alone (`req.body` is still empty): the
+    /// route, the method, the token. `Ok` carries the caller and the most
+    /// body bytes this route takes (0 for routes that take none); `Err` is
+    /// the answer, sent before a byte of the body is read, and the
+    /// connection is closed.
+    fn admit(&self, req: &Request) -> Result<(Self::Caller, usize), Response>;
+    /// Answer a request that was admitted and whose body has arrived.
+    fn handle(&self, req: Request, caller: Self::Caller) -> impl Future<Output = Response>;
+}
+
+/// One budget for the request bodies held in memory across all connections
+/// (`max_buffered_bytes`): a body is read only once its length was taken
+/// from the budget, and the handler may take more for what it unpacks. A
+/// request that does not fit is answered `503` without reading its body, so
+/// the worst case of many peers is the budget, not connections × body size.
+#[derive(Debug)]
+pub struct Budget {
+    total: usize,
+    used: Cell<usize>,
+}
+
+impl Budget {
+    pub fn new(total: usize) -> Rc<Budget> {
+        Rc::new(Budget {
+            total,
+            used: Cell::new(0),
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes held by requests now.
+    pub fn used(&self) -> usize {
+        self.used.get()
+    }
+
+    /// Take `n` bytes, or None when they do not fit now.
+    pub fn reserve(self: &Rc<Budget>, n: usize) -> Option<Permit> {
+        let used = self.used.get();
+        if n > self.total - used {
+            return None;
+        }
+        self.used.set(used + n);
+        Some(Permit {
+            budget: Some(self.clone()),
+            held: n,
+        })
+    }
+}
+
+/// Bytes taken from a [`Budget`], given back when dropped.
+#[derive(Debug, Default)]
+pub struct Permit {
+    budget: Option<Rc<Budget>>,
+    held: usize,
+}
+
+/// Why [`Permit::grow`] failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Full {
+    /// Not now: other requests hold the budget (503, try again).
+    Busy,
+    /// Never: more than the whole budget (413).
+    TooLarge,
+}
+
+impl Permit {
+    /// Take `n` more bytes for this request.
+    pub fn grow(&mut self, n: usize) -> Result<(), Full> {
+        let Some(b) = &self.budget else {
+            return Err(Full::TooLarge);
+        };
+        if self.held.saturating_add(n) > b.total {
+            return Err(Full::TooLarge);
+        }
+        let used = b.used.get();
+        if n > b.total - used {
+            return Err(Full::Busy);
+        }
+        b.used.set(used + n);
+        self.held += n;
+        Ok(())
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.used.set(b.used.get() - self.held);
+        }
+    }
+}
+
+/// The body length a head declares, read strictly (RFC 9112 §6.3), so that
+/// a proxy in front of us and we cannot disagree on where a request ends:
+/// `Content-Length` is digits only; several are refused unless identical;
+/// `Transfer-Encoding` (we take no chunked bodies) is refused, and with a
+/// `Content-Length` it is a 400, the request-smuggling pattern.
+fn body_length(headers: &[(String, String)]) -> Result<usize, (u16, String)> {
+    let mut te = false;
+    let mut length: Option<&str> = None;
+    for (k, v) in headers {
+        match k.as_str() {
+            "transfer-encoding" => te = true,
+            "content-length" => match length {
+                Some(first) if first != v.as_str() => {
+                    return Err((400, "several content-length headers that differ".into()));
+                }
+                _ => length = Some(v.as_str()),
+            },
+            _ => {}
+        }
+    }
+    match (te, length) {
+        (true, Some(_)) => Err((
+            400,
+            "transfer-encoding and content-length together are refused".into(),
+        )),
+        (true, None) => Err((
+            411,
+            "send the body with a content-length, not chunked".into(),
+        )),
+        (false, None) => Ok(0),
+        (false, Some(v)) => {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err((
+                    400,
+                    format!("content-length `{v}` is not a number of bytes"),
+                ));
+            }
+            // All digits: only an overflow is left, and that is too large.
+            Ok(v.parse::<usize>().unwrap_or(usize::MAX))
+        }
+    }
+}
+
+/// Serve one connection until it closes or breaks a bound.
+pub async fn serve_connection<S, H>(
     mut stream: S,
     peer: SocketAddr,
     limits: &Limits,
-    handle: H,
+    budget: &Rc<Budget>,
+    handler: &H,
 ) -> (usize, Closed)
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    H: Fn(Request) -> F,
-    F: Future<Output = Response>,
+    H: Handler,
 {
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut served = 0;
     loop {
-        // Wait for the first byte of the next request.
+        // Wait for the first byte of the next request: a fresh connection
+        // gets the header timeout (a peer that connects and sends nothing
+        // must not hold a slot for the idle timeout), a kept-alive one the
+        // idle timeout.
         if buf.is_empty() {
-            match before(
-                Instant::now() + limits.idle_timeout,
-                fill(&mut stream, &mut buf),
-            )
-            .await
-            {
-                None => return (served, Closed::Idle),
+            let (wait, late) = if served == 0 {
+                (limits.header_timeout, Closed::HeaderTimeout)
+            } else {
+                (limits.idle_timeout, Closed::Idle)
+            };
+            match before(Instant::now() + wait, fill(&mut stream, &mut buf)).await {
+                None => return (served, late),
                 Some(Ok(0)) => return (served, Closed::Done),
                 Some(Ok(_)) => {}
                 Some(Err(_)) => return (served, Closed::Io),
@@ -298,45 +464,61 @@ where
             }
         };
         buf.drain(..head.len);
-        let header = |name: &str| {
-            head.headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        if header("transfer-encoding").is_some() {
-            return refuse(
-                &mut stream,
-                served,
-                Closed::Malformed,
-                411,
-                "send the body with a content-length, not chunked",
-            )
-            .await;
-        }
-        let length = match header("content-length").map(|v| v.trim().parse::<usize>()) {
-            None => 0,
-            Some(Ok(n)) => n,
-            Some(Err(_)) => {
-                return refuse(
-                    &mut stream,
-                    served,
-                    Closed::Malformed,
-                    400,
-                    "content-length is not a number",
-                )
-                .await;
+        let length = match body_length(&head.headers) {
+            Ok(n) => n,
+            Err((status, why)) => {
+                return refuse(&mut stream, served, Closed::Malformed, status, &why).await;
             }
         };
-        if length > limits.max_body_bytes {
-            let why = format!(
-                "the body is {length} bytes; this upstream takes at most {} (max_body_bytes)",
-                limits.max_body_bytes
-            );
+        let (path, query) = match head.target.split_once('?') {
+            Some((p, q)) => (p.to_owned(), q.to_owned()),
+            None => (head.target.clone(), String::new()),
+        };
+        let keep_alive = head.keep_alive;
+        let mut req = Request {
+            method: head.method,
+            path,
+            query,
+            headers: head.headers,
+            body: Vec::new(),
+            peer,
+            permit: Permit::default(),
+        };
+        // Judged from the head alone: nothing of the body is read (and no
+        // `100 Continue` promised) before the route and the token are.
+        let (caller, route_max) = match handler.admit(&req) {
+            Ok(a) => a,
+            Err(r) => {
+                served += 1;
+                return answer_and_close(&mut stream, served, Closed::Refused, &r).await;
+            }
+        };
+        let max = route_max.min(limits.max_body_bytes);
+        if length > max {
+            let why = if route_max < limits.max_body_bytes {
+                format!("{} {} takes at most {max} body bytes", req.method, req.path)
+            } else {
+                format!(
+                    "the body is {length} bytes; this upstream takes at most {max} (max_body_bytes)"
+                )
+            };
             return refuse(&mut stream, served, Closed::BodyTooLarge, 413, &why).await;
         }
+        match budget.reserve(length) {
+            Some(p) => req.permit = p,
+            None => {
+                let mut r = Response::error(
+                    503,
+                    "the upstream holds as many request bodies as it may (max_buffered_bytes); try again shortly",
+                );
+                r.headers.push(("retry-after", "1".into()));
+                return answer_and_close(&mut stream, served, Closed::Busy, &r).await;
+            }
+        }
         if length > buf.len()
-            && header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+            && req
+                .header("expect")
+                .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
             && stream
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
@@ -344,10 +526,13 @@ where
         {
             return (served, Closed::Io);
         }
-        // The body, within body_timeout.
+        // The body, within body_timeout, into a buffer of its exact size.
         let body_deadline = Instant::now() + limits.body_timeout;
-        while buf.len() < length {
-            match read_before(&mut stream, &mut buf, body_deadline).await {
+        let mut body = Vec::with_capacity(length);
+        let have = buf.len().min(length);
+        body.extend(buf.drain(..have));
+        while body.len() < length {
+            match read_before(&mut stream, &mut body, body_deadline).await {
                 Got::More => {}
                 Got::Closed => return (served, Closed::Io),
                 Got::Late => {
@@ -356,21 +541,13 @@ where
                 }
             }
         }
-        let body: Vec<u8> = buf.drain(..length).collect();
-        let (path, query) = match head.target.split_once('?') {
-            Some((p, q)) => (p.to_owned(), q.to_owned()),
-            None => (head.target.clone(), String::new()),
-        };
-        let keep_alive = head.keep_alive;
-        let response = handle(Request {
-            method: head.method,
-            path,
-            query,
-            headers: head.headers,
-            body,
-            peer,
-        })
-        .await;
+        // A read may have brought the start of a pipelined next request.
+        if body.len() > length {
+            buf.extend_from_slice(&body[length..]);
+            body.truncate(length);
+        }
+        req.body = body;
+        let response = handler.handle(req, caller).await;
         served += 1;
         let bytes = encode_response(&response, !keep_alive);
         let wrote = before(
@@ -388,6 +565,24 @@ where
     }
 }
 
+/// Send `r` and close: used where the rest of the stream (an unread body)
+/// cannot be trusted to be where a next request starts.
+async fn answer_and_close<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    served: usize,
+    why: Closed,
+    r: &Response,
+) -> (usize, Closed) {
+    let bytes = encode_response(r, true);
+    let _ = before(
+        Instant::now() + Duration::from_secs(1),
+        stream.write_all(&bytes),
+    )
+    .await;
+    let _ = stream.close().await;
+    (served, why)
+}
+
 /// Answer with an error and close: after a broken bound the rest of the
 /// stream cannot be trusted to be where a next request starts.
 async fn refuse<S: AsyncWrite + Unpin>(
@@ -397,14 +592,7 @@ async fn refuse<S: AsyncWrite + Unpin>(
     status: u16,
     text: &str,
 ) -> (usize, Closed) {
-    let bytes = encode_response(&Response::error(status, text), true);
-    let _ = before(
-        Instant::now() + Duration::from_secs(1),
-        stream.write_all(&bytes),
-    )
-    .await;
-    let _ = stream.close().await;
-    (served, why)
+    answer_and_close(stream, served, why, &Response::error(status, text)).await
 }
 
 /// The query string's `key=value` pairs, percent-decoded.
@@ -484,6 +672,71 @@ mod tests {
             parse_head(b"\x16\x03\x01garbage\r\n\r\n"),
             Parsed::Bad(_)
         ));
+    }
+
+    /// Regression (issue 13): two different lengths were taken (the first
+    /// won) and `+5` read as 5, so a proxy and this server could disagree on
+    /// where a request ends (request smuggling).
+    #[test]
+    fn body_lengths_are_read_strictly() {
+        let check = |headers: &[(&str, &str)], want: Result<usize, u16>| {
+            let h: Vec<(String, String)> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(body_length(&h).map_err(|e| e.0), want, "{headers:?}");
+        };
+        check(&[], Ok(0));
+        check(&[("content-length", "0")], Ok(0));
+        check(&[("content-length", "512")], Ok(512));
+        check(&[("content-length", "5"), ("content-length", "5")], Ok(5));
+        check(
+            &[("content-length", "5"), ("content-length", "6")],
+            Err(400),
+        );
+        check(&[("content-length", "+5")], Err(400));
+        check(&[("content-length", "-1")], Err(400));
+        check(&[("content-length", "5, 5")], Err(400));
+        check(&[("content-length", "0x10")], Err(400));
+        check(&[("content-length", "")], Err(400));
+        check(&[("content-length", "5 ")], Err(400));
+        check(
+            &[("content-length", "99999999999999999999999")],
+            Ok(usize::MAX),
+        );
+        check(&[("transfer-encoding", "chunked")], Err(411));
+        check(
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+            Err(400),
+        );
+        check(
+            &[("content-length", "5"), ("transfer-encoding", "identity")],
+            Err(400),
+        );
+    }
+
+    #[test]
+    fn the_body_budget_is_shared_and_given_back() {
+        let b = Budget::new(100);
+        let mut p1 = b.reserve(60).expect("fits");
+        assert!(b.reserve(41).is_none(), "over the budget");
+        let p2 = b.reserve(40).expect("fits exactly");
+        assert_eq!(b.used(), 100);
+        drop(p2);
+        let p3 = b.reserve(30).expect("fits");
+        assert_eq!(p1.grow(20), Err(Full::Busy), "10 left while p3 holds 30");
+        assert_eq!(
+            p1.grow(41),
+            Err(Full::TooLarge),
+            "more than the whole budget"
+        );
+        assert_eq!(p1.grow(10), Ok(()));
+        drop(p3);
+        assert_eq!(p1.grow(30), Ok(()), "p3 gave its share back");
+        assert_eq!(b.used(), 100);
+        drop(p1);
+        assert_eq!(b.used(), 0, "everything given back");
+        assert_eq!(Permit::default().grow(1), Err(Full::TooLarge));
     }
 
     #[test]

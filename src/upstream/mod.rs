@@ -137,7 +137,14 @@ impl Server {
             Some((cert, key)) => Some(tls_acceptor(cert, key)?),
             None => None,
         };
-        let store = open_store(&config, state_dir, false)?;
+        let mut store = open_store(&config, state_dir, false)?;
+        match store.set_forwarding(forwards) {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "this upstream has no [[sink]]: dropped {n} windows an earlier run had queued for forwarding"
+            ),
+            Err(e) => log::warn!("cannot drop the forwarding queue of an earlier run: {e}"),
+        }
         let listener = Async::<TcpListener>::bind(config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         Ok(Server {
@@ -214,6 +221,8 @@ async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
 
     let open = Rc::new(Cell::new(0usize));
     let limits = Rc::new(c.limits.clone());
+    let budget = http::Budget::new(c.limits.max_buffered_bytes);
+    counters.set_budget(budget.clone());
     loop {
         let accepted = smol::future::or(async { Some(s.listener.accept().await) }, async {
             ctx.shutdown.wait().await;
@@ -252,17 +261,18 @@ async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
         let _ = stream.get_ref().set_nodelay(true);
         open.set(open.get() + 1);
         counters.connections_open.set(open.get() as u64);
-        let (api, open, limits, counters) =
-            (api.clone(), open.clone(), limits.clone(), counters.clone());
+        let (api, open, limits, counters, budget) = (
+            api.clone(),
+            open.clone(),
+            limits.clone(),
+            counters.clone(),
+            budget.clone(),
+        );
         let tls = s.tls.clone();
         ex.spawn(async move {
-            let handle = |req| {
-                let api = api.clone();
-                async move { api.handle(req).await }
-            };
             let how = match tls {
                 None => {
-                    http::serve_connection(stream, peer, &limits, handle)
+                    http::serve_connection(stream, peer, &limits, &budget, &*api)
                         .await
                         .1
                 }
@@ -274,7 +284,11 @@ async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
                     })
                     .await
                     {
-                        Some(Ok(tls)) => http::serve_connection(tls, peer, &limits, handle).await.1,
+                        Some(Ok(tls)) => {
+                            http::serve_connection(tls, peer, &limits, &budget, &*api)
+                                .await
+                                .1
+                        }
                         Some(Err(_)) => http::Closed::Malformed,
                         None => http::Closed::HeaderTimeout,
                     }

@@ -43,10 +43,17 @@ pub struct Store {
     /// A group newer than `now - settle_ms - CLOCK_MARGIN_MS` cannot have
     /// been forwarded yet: ingest skips asking.
     settle_ms: i64,
-    /// Groups this process put in `pending` and that are not settled yet
-    /// (at most [`PENDING_SEEN_MAX`]; cleared when full).
+    /// Whether anything forwards aggregates: without a sink, nothing is
+    /// put in `pending` at all (it would only grow).
+    forwards: bool,
+    /// Groups this process put in `pending` and that are not settled yet,
+    /// so that the next batch for the same window skips the insert. Bounded
+    /// by design: after every ingest it holds at most [`PENDING_SEEN_MAX`]
+    /// groups (settled ones are dropped first, then all), and a group
+    /// leaves it when this process claims it.
     pending_seen: HashSet<Group>,
-    /// Added to `pending_seen` only once their transaction commits.
+    /// This transaction's new groups: moved to `pending_seen` when it
+    /// commits, dropped when it rolls back, so at most one ingest's worth.
     pending_uncommitted: Vec<Group>,
     /// The INSERT for 1, 2, ... rows of points.
     point_sql: Vec<String>,
@@ -54,7 +61,8 @@ pub struct Store {
 
 /// Replicas' clocks may disagree by this much.
 const CLOCK_MARGIN_MS: i64 = 60_000;
-const PENDING_SEEN_MAX: usize = 100_000;
+/// About 3 MiB of groups (a metric, its dims and a time each).
+pub const PENDING_SEEN_MAX: usize = 16_384;
 
 /// What storing one batch did.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +207,7 @@ impl Store {
             db,
             edge_dims,
             settle_ms,
+            forwards: true,
             pending_seen: HashSet::new(),
             pending_uncommitted: Vec::new(),
             point_sql: Vec::new(),
@@ -207,6 +216,24 @@ impl Store {
 
     pub fn kind(&self) -> &'static str {
         self.db.kind()
+    }
+
+    /// Say whether this upstream forwards (has `[[sink]]`s). Without, ingest
+    /// keeps no forwarding bookkeeping, and a SQLite store (which only this
+    /// process uses) drops what an earlier run with sinks left in `pending`;
+    /// a shared PostgreSQL store is left alone for replicas that forward.
+    pub fn set_forwarding(&mut self, forwards: bool) -> Result<u64, String> {
+        self.forwards = forwards;
+        if forwards || self.db.kind() != "sqlite" {
+            return Ok(0);
+        }
+        self.transaction(|s| s.db.exec("DELETE FROM pending", &[]))
+    }
+
+    /// Groups in memory, for tests of the bound.
+    #[cfg(test)]
+    pub fn pending_seen_len(&self) -> usize {
+        self.pending_seen.len() + self.pending_uncommitted.len()
     }
 
     /// The dims without the edge-naming ones, as stored in `net`.
@@ -247,7 +274,7 @@ impl Store {
             let key = |b: &wire::Batch| (b.agent_id.clone(), b.outbox_id.clone(), b.seq);
             key(batches[a]).cmp(&key(batches[b]))
         });
-        self.transaction(|s| {
+        let result = self.transaction(|s| {
             let mut out = vec![None; batches.len()];
             for i in order {
                 out[i] = Some(s.ingest_one(batches[i], now_ms)?);
@@ -256,7 +283,20 @@ impl Store {
                 .into_iter()
                 .map(|o| o.expect("every batch answered"))
                 .collect())
-        })
+        });
+        let fresh = std::mem::take(&mut self.pending_uncommitted);
+        if result.is_ok() {
+            self.pending_seen.extend(fresh);
+            if self.pending_seen.len() > PENDING_SEEN_MAX {
+                let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
+                self.pending_seen.retain(|g| g.ts > unsettled_after);
+            }
+            if self.pending_seen.len() > PENDING_SEEN_MAX {
+                // Only costs a redundant (no-op) insert per group later.
+                self.pending_seen.clear();
+            }
+        }
+        result
     }
 
     fn ingest_one(&mut self, b: &wire::Batch, now_ms: i64) -> Result<Ingested, String> {
@@ -346,8 +386,8 @@ impl Store {
         }
         let mut late = 0;
         let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
-        if self.pending_seen.len() > PENDING_SEEN_MAX {
-            self.pending_seen.clear();
+        if !self.forwards {
+            groups.clear();
         }
         for (g, n) in groups {
             let recent = g.ts > unsettled_after;
@@ -582,6 +622,7 @@ impl Store {
                 "DELETE FROM pending WHERE metric = ?1 AND net = ?2 AND ts = ?3",
                 &key,
             )?;
+            s.pending_seen.remove(g);
             Ok(won)
         })
     }

@@ -347,3 +347,62 @@ fn events_are_found_by_user_and_deleted_everywhere_they_are() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Regression (issue 13): every recent group was pushed into a list that was
+/// never drained, so an upstream grew by ~100 MiB in 90 s of one agent's
+/// traffic and never gave it back. The in-memory bookkeeping now stays under
+/// its bound whatever arrives, and the `pending` table holds every group.
+#[test]
+fn forwarding_bookkeeping_stays_bounded_under_many_distinct_windows() {
+    let (mut s, dir) = sqlite_store();
+    let per_batch = 5_000;
+    for seq in 0..8 {
+        let recs: Vec<Record> = (0..per_batch)
+            .map(|i| {
+                Record::point(
+                    "m",
+                    Dims::new([("gateway", "gw-a")]),
+                    NOW + seq * per_batch + i,
+                    1.0,
+                    "Count",
+                )
+            })
+            .collect();
+        s.ingest(&[&batch("gw-a", seq + 1, &recs)], NOW)
+            .expect("ingest");
+        assert!(
+            s.pending_seen_len() <= store::PENDING_SEEN_MAX,
+            "after batch {seq}: {} groups in memory",
+            s.pending_seen_len()
+        );
+    }
+    let sizes = s.sizes().expect("sizes");
+    assert_eq!(sizes["pending"], 8 * per_batch, "every window queued");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Regression (issue 13): an upstream without `[[sink]]` filled `pending`
+/// forever (2,000,000 rows after 2 M points): nothing ever drained it.
+#[test]
+fn an_upstream_without_sinks_keeps_no_forwarding_queue() {
+    let (mut s, dir) = sqlite_store();
+    let recs = users("gw-a", NOW - 60_000, 0..5);
+    s.ingest(&[&batch("gw-a", 1, &recs)], NOW).expect("ingest");
+    assert_eq!(
+        s.sizes().expect("sizes")["pending"],
+        1,
+        "queued while forwarding"
+    );
+    // Restarted without sinks: what an earlier run queued is dropped, and
+    // nothing new is queued; the data itself is all there.
+    assert_eq!(s.set_forwarding(false), Ok(1));
+    let recs = users("gw-b", NOW - 30_000, 3..9);
+    s.ingest(&[&batch("gw-b", 1, &recs)], NOW).expect("ingest");
+    let sizes = s.sizes().expect("sizes");
+    assert_eq!(
+        (sizes["pending"], sizes["points"], sizes["sketches"]),
+        (0, 2, 2)
+    );
+    assert_eq!(s.pending_seen_len(), 0);
+    std::fs::remove_dir_all(dir).ok();
+}
