@@ -38,26 +38,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support::{bench_dir, cpu_ticks, release_bin};
+use support::{bench_dir, cpu_ticks, gzip, now_ms, read_response, release_bin};
 
 use sketch::{Sketch, hash_i64};
 
 const POINTS: usize = 100;
 const CLIENTS: usize = 8;
 const AGENTS: usize = 1000;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as i64
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).expect("gzip");
-    e.finish().expect("gzip")
-}
 
 fn points_json(agent: &str, seq: u64, ts: i64) -> String {
     let points: Vec<String> = (0..POINTS)
@@ -83,29 +70,6 @@ fn request(token: &str, body: &[u8]) -> Vec<u8> {
     .into_bytes();
     r.extend_from_slice(body);
     r
-}
-
-/// Read one HTTP response from a keep-alive connection; its status.
-fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u16> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let status = head.get(9..12)?.parse().ok();
-                buf.drain(..end + 4 + len);
-                return status;
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 struct Upstream {

@@ -354,7 +354,7 @@ async fn write_records(
                 );
             }
             Err(e) => {
-                let wait = backoff.next();
+                let wait = backoff.next_wait();
                 if !failing {
                     let hint = if e.is_disk_full() {
                         " (the disk is full)"

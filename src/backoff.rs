@@ -36,7 +36,7 @@ impl Backoff {
         delay
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         self.next_with(fastrand::f64())
     }
 

@@ -51,7 +51,7 @@ impl Driver {
                     continue;
                 }
                 Err(e) => {
-                    let wait = backoff.next();
+                    let wait = backoff.next_wait();
                     log::error!(
                         "sink `{}`: {e}; trying again in {:.1} s",
                         self.name,
@@ -109,7 +109,7 @@ impl Driver {
                     };
                     self.count(&[(key, 1)]).await;
                     let why = e.to_string();
-                    let wait = backoff.next();
+                    let wait = backoff.next_wait();
                     if last_error.as_deref() != Some(why.as_str()) {
                         log::warn!(
                             "sink `{}`: could not deliver batch {} ({} records): {why}; retrying with backoff \

@@ -76,6 +76,10 @@ impl Tokens {
         })
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         self.by_agent.len()
     }

@@ -127,7 +127,7 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<futures_rustls::TlsAcceptor, 
 impl Server {
     pub fn prepare(config: Config, state_dir: &Path, forwards: bool) -> Result<Server, String> {
         let tokens = Tokens::load(&config.tokens_dir)?;
-        if tokens.len() == 0 {
+        if tokens.is_empty() {
             log::warn!(
                 "no agent tokens in {} (one `<agent_id>.token` file per edge); every batch is refused until one is added",
                 config.tokens_dir.display()

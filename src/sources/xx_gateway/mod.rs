@@ -383,7 +383,7 @@ impl Source for XxGateway {
                 let step = match step {
                     Ok(s) => s,
                     Err(e) => {
-                        let wait = backoff.next();
+                        let wait = backoff.next_wait();
                         if failing.as_deref() != Some(e.as_str()) {
                             log::warn!(
                                 "source `{}`: {e}; retrying with backoff (next in {:.1} s), resuming from the last row read",

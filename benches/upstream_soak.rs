@@ -1,0 +1,239 @@
+//! The upstream's memory over a long run: is it flat once warm?
+//!
+//! Run: `cargo bench --bench upstream_soak` (add `-- --quick` for a short
+//! run; the test command runs that).
+//!
+//! For each store (SQLite; one real PostgreSQL) and each way of running
+//! (without `[[sink]]`, and forwarding through a `csv` sink), the release
+//! `edgemeter upstream` takes gzip batches from 4 agents posting as fast as
+//! it answers. The traffic is simulated time: every batch moves the clock by
+//! one second, and each holds points for 100 series at 10 distinct
+//! timestamps in that second (10,000 points per simulated second, as one
+//! `synthetic` source at 10,000 points/s over 100 series), so a full run is
+//! 10 simulated minutes per agent: 600 s × 1,000 = 600,000 distinct (series,
+//! time) groups. The upstream's RSS is sampled after every 10 simulated
+//! seconds. Reported: RSS after the first simulated minute (warm), at the
+//! end, growth after warm-up in % (target ≤ 1 %) and the least-squares slope
+//! in KiB per simulated minute after warm-up. The baseline, same run: the
+//! RSS of the same upstream idle after start.
+//!
+//! Before issue 13 this grew without bound (7.7 → 111 MiB in 90 s of one
+//! agent; 2 M rows left in `pending` without sinks).
+
+#![allow(dead_code, unused_imports)]
+
+#[path = "../tests/common/pg.rs"]
+mod pg;
+#[path = "support/mod.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{bench_dir, gzip, read_response, release_bin};
+
+const AGENTS: usize = 4;
+const SERIES: usize = 100;
+const STAMPS_PER_SECOND: i64 = 10;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One simulated second of one agent: 100 series × 10 timestamps.
+fn batch(agent: &str, seq: u64, second_ms: i64) -> String {
+    let mut points = Vec::with_capacity(SERIES * STAMPS_PER_SECOND as usize);
+    for s in 0..SERIES {
+        for k in 0..STAMPS_PER_SECOND {
+            points.push(format!(
+                r#"{{"metric":"soak","dims":{{"gateway":"{agent}","series":"s{s}"}},"ts":{},"value":{k},"unit":"Count"}}"#,
+                second_ms + k * (1000 / STAMPS_PER_SECOND)
+            ));
+        }
+    }
+    format!(
+        r#"{{"v":1,"agent_id":"{agent}","outbox_id":"soak","seq":{seq},"points":[{}]}}"#,
+        points.join(",")
+    )
+}
+
+struct Run {
+    warm_kib: u64,
+    end_kib: u64,
+    idle_kib: u64,
+    slope_kib_per_min: f64,
+    samples: usize,
+    wall: Duration,
+}
+
+fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) -> Run {
+    let dir = bench_dir(&format!(
+        "upstream-soak-{}",
+        if sink { "sink" } else { "nosink" }
+    ));
+    std::fs::create_dir_all(dir.join("agents")).expect("agents");
+    for a in 0..AGENTS {
+        std::fs::write(dir.join(format!("agents/gw{a}.token")), format!("t-gw{a}")).expect("token");
+    }
+    std::fs::write(dir.join("db.password"), "pw-soak").expect("password");
+    let port = pg::free_port();
+    let sinks = if sink {
+        "\n[[sink]]\ntype = \"csv\"\npath = \"forwarded.csv\"\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        dir.join("up.toml"),
+        format!(
+            "[agent]\nid = \"soak-up\"\nstate_dir = \"{}\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
+             store = \"{store}\"\n{store_extra}\ntokens_dir = \"agents\"\nforward_interval_secs = 0.5\nsettle_secs = 0\n{sinks}",
+            dir.join("state").display()
+        ),
+    )
+    .expect("config");
+    let mut child: Child = Command::new(bin)
+        .args(["upstream", "-c"])
+        .arg(dir.join("up.toml"))
+        .env("EDGEMETER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the upstream");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the upstream did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = child.id();
+    let idle_kib = rss_kib(pid);
+    let started = Instant::now();
+    // Simulated time ends a minute ago: every window is settled, so the
+    // forwarder (with a sink) works through all of them as they arrive.
+    let t0 = support::now_ms() - (minutes * 60 + 60) * 1000;
+    let mut conns: Vec<(TcpStream, Vec<u8>)> = (0..AGENTS)
+        .map(|_| {
+            let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            (s, Vec::new())
+        })
+        .collect();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    for second in 0..minutes * 60 {
+        // Each agent's batch for this second, sent on its own keep-alive
+        // connection, all four in flight at once.
+        for (a, (s, _)) in conns.iter_mut().enumerate() {
+            let body =
+                gzip(batch(&format!("gw{a}"), second as u64 + 1, t0 + second * 1000).as_bytes());
+            let mut req = format!(
+                "POST /v1/batches HTTP/1.1\r\nhost: b\r\nauthorization: Bearer t-gw{a}\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            req.extend_from_slice(&body);
+            s.write_all(&req).expect("write");
+        }
+        for (s, buf) in conns.iter_mut() {
+            let status = read_response(s, buf);
+            assert_eq!(status, Some(200), "the upstream refused a batch");
+        }
+        if (second + 1) % 10 == 0 {
+            samples.push(((second + 1) as f64 / 60.0, rss_kib(pid)));
+        }
+    }
+    let wall = started.elapsed();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    let warm: Vec<(f64, u64)> = samples.iter().copied().filter(|(m, _)| *m >= 1.0).collect();
+    let n = warm.len() as f64;
+    let (mx, my) = (
+        warm.iter().map(|p| p.0).sum::<f64>() / n,
+        warm.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+    );
+    let slope = warm
+        .iter()
+        .map(|p| (p.0 - mx) * (p.1 as f64 - my))
+        .sum::<f64>()
+        / warm
+            .iter()
+            .map(|p| (p.0 - mx).powi(2))
+            .sum::<f64>()
+            .max(1e-9);
+    Run {
+        warm_kib: warm.first().map_or(0, |p| p.1),
+        end_kib: samples.last().map_or(0, |p| p.1),
+        idle_kib,
+        slope_kib_per_min: slope,
+        samples: samples.len(),
+        wall,
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let minutes = if quick { 2 } else { 10 };
+    let bin = release_bin();
+    let pg = pg::PgServer::start_with("soak", "-c fsync=off -c synchronous_commit=off");
+    let mut su = pg.superuser("postgres");
+    su.batch_execute("CREATE ROLE soak LOGIN PASSWORD 'pw-soak'; CREATE DATABASE soak OWNER soak")
+        .expect("role and database");
+    let pg_url = format!("postgres://soak@127.0.0.1:{}/soak", pg.port);
+    println!(
+        "upstream soak: {AGENTS} agents, {} simulated minutes each, {} points per simulated second per agent",
+        minutes,
+        SERIES as i64 * STAMPS_PER_SECOND
+    );
+    let mut worst: f64 = 0.0;
+    for (label, store, extra, sink) in [
+        ("sqlite, no sink", "sqlite".to_owned(), "", false),
+        ("sqlite, csv sink", "sqlite".to_owned(), "", true),
+        (
+            "postgres, no sink",
+            pg_url.clone(),
+            "store_password_file = \"db.password\"",
+            false,
+        ),
+        (
+            "postgres, csv sink",
+            pg_url.clone(),
+            "store_password_file = \"db.password\"",
+            true,
+        ),
+    ] {
+        if store != "sqlite" {
+            su.batch_execute("DROP DATABASE soak; CREATE DATABASE soak OWNER soak")
+                .expect("fresh database");
+        }
+        let r = soak(&bin, &store, extra, sink, minutes);
+        let growth = (r.end_kib as f64 - r.warm_kib as f64) / r.warm_kib.max(1) as f64 * 100.0;
+        worst = worst.max(growth);
+        println!(
+            "  {label:<19}: idle {:>6} KiB (baseline), warm {:>6} KiB, end {:>6} KiB: {growth:+.2} % after the first minute, \
+             slope {:+.1} KiB per simulated minute ({} samples, {:.0} s)",
+            r.idle_kib,
+            r.warm_kib,
+            r.end_kib,
+            r.slope_kib_per_min,
+            r.samples,
+            r.wall.as_secs_f64()
+        );
+    }
+    println!(
+        "  worst growth after warm-up: {worst:+.2} %; target <= 1 %: {}",
+        if worst <= 1.0 { "met" } else { "NOT met" }
+    );
+    pg.stop();
+}

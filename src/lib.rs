@@ -1,0 +1,106 @@
+//! # edgemeter: codemap
+//!
+//! One small binary that runs on edge machines and answers *who is active,
+//! where, and how much*. Sources observe, the SQLite outbox keeps every
+//! observation durably, sinks forward batches.
+//!
+//! ```text
+//!   sources ──emit──► record channel ──► outbox writer ──► SQLite outbox (WAL)
+//!   (tasks)           (bounded)          (group commit)        │
+//!                                                              ├─► delivery loop ─► sink (csv, …)
+//!                                                              └─► delivery loop ─► sink
+//! ```
+//!
+//! ## Entry points
+//! - `src/main.rs` (the binary, nothing else) → [`cli::main`]: parse
+//!   arguments, load the config, run a command. Tests and benchmarks use
+//!   this library (`use edgemeter::upstream::wire`).
+//! - `edgemeter run` → [`agent::run`]: the event loop.
+//! - `edgemeter upstream` → [`upstream::Server`], run by [`agent::run`] as
+//!   one more task beside the sources: the aggregator is the agent plus a
+//!   server, and its `[[sink]]`s take the network-wide values.
+//!
+//! ## Modules
+//! - [`cli`]: arguments, commands, exit codes, `status` and `outbox` output.
+//! - [`config`]: the TOML file, parsed raw then validated; every problem with its line.
+//! - [`agent`]: the event loop of `run`: spawns everything, group commits, shutdown.
+//! - [`runtime`]: what tasks share: shutdown signal, record channel, off-loop outbox calls.
+//! - [`outbox`]: the durable SQLite buffer and its delivery bookkeeping.
+//! - [`state_dir`]: the state directory and its one-agent lock.
+//! - [`record`]: the data model (points, sketches, events, lines).
+//! - [`sources`]: the source contract and registry; [`sources::synthetic`],
+//!   [`sources::xx_gateway`] (an xx gateway's bloom-filter table),
+//!   [`sources::relay`] (practable session-host websocket streams).
+//! - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
+//!   retry/dead-letter loop); [`sinks::csv`], the CloudWatch sinks and
+//!   [`sinks::upstream`] (batches to an upstream edgemeter).
+//! - [`upstream`]: `edgemeter upstream`: [`upstream::http`] (a bounded
+//!   HTTP/1.1 server), [`upstream::api`] (routes, tokens, `/metrics`),
+//!   [`upstream::wire`] (the batch format both sides share),
+//!   [`upstream::store`] over [`upstream::db`] (SQLite or PostgreSQL),
+//!   [`upstream::query`] (ranges and output formats).
+//! - [`aws`]: what the CloudWatch sinks share: settings, credentials, SigV4
+//!   ([`aws::sigv4`], on ring), the skew-corrected clock, one signed POST.
+//! - [`sketch`]: mergeable distinct counts (exact set, then HyperLogLog p = 14).
+//! - [`backoff`]: retry schedules with full jitter. [`clock`]: time formats.
+//! - [`logging`]: stderr logging. [`demo`]: `edgemeter demo`.
+//! - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
+//!   `Type=notify` units; nothing without `$NOTIFY_SOCKET`.
+//!
+//! ## Invariants
+//! - Sources never touch the outbox or sinks directly: they emit records;
+//!   the outbox writer alone appends. (A source may keep its own state file.)
+//! - Nothing is deleted from the outbox before every sink that wants it has
+//!   confirmed it, and the deletion is in the transaction that records the
+//!   confirmation.
+//! - A batch's id `(sink, seq)` never changes once handed out; retries and
+//!   restarts resend the same id with the same records (less any dropped for
+//!   space, which are counted).
+//! - Everything that grows has a bound: the record channel
+//!   ([`runtime::RECORD_CHANNEL_CAPACITY`]), the outbox (`buffer_max_bytes`),
+//!   dead letters (a quarter of it), uncommitted records while the disk is
+//!   full, batch sizes (`batch_max_records`), the config file (1 MiB).
+//! - One agent per state directory (an `flock` on `edgemeter.lock`).
+//! - The upstream acknowledges a batch only after its transaction committed,
+//!   and stores a key `(agent, outbox, seq)` at most once, whichever replica
+//!   gets it and however often.
+//!
+//! ## Cross-cutting concerns
+//! - **Errors**: one enum per boundary ([`config::ConfigError`],
+//!   [`outbox::OutboxError`], [`state_dir::LockError`],
+//!   [`agent::AgentError`], [`sinks::DeliveryError`]). Fatal: an invalid
+//!   config (exit 2), a locked or unusable state dir (exit 3). Everything
+//!   else (a failed commit, a failed delivery) is logged, counted and
+//!   retried with backoff; it never stops the loop.
+//! - **Threads**: one `LocalExecutor` on the main thread runs every task;
+//!   never `smol::spawn`, never `smol::unblock` (the `blocking` pool behind
+//!   it never shrinks). Blocking work goes to a [`runtime::Worker`]: one named
+//!   thread per role (`outbox`, and one per sink, e.g. `sink-csv`), started
+//!   when a job comes and gone after 1 s without one. So the process has at
+//!   most 2 + 1 + (number of sinks) threads; at idle, the main thread and
+//!   async-io's reactor thread (`async-io`), plus the `outbox` worker for a
+//!   moment every 5 s when the sinks look for retried dead letters.
+//! - **Secrets** come from files or the environment, never argv, and never
+//!   appear in a log line or an error stored in the outbox.
+//! - **Tests**: unit tests beside the code (`mod tests`, data-driven
+//!   `check` helpers); integration tests in `tests/` run the real binary;
+//!   benchmarks in `benches/`. `scripts/test` runs everything CI runs.
+
+pub mod agent;
+pub mod aws;
+pub mod backoff;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod hash;
+pub mod logging;
+pub mod outbox;
+pub mod record;
+pub mod runtime;
+pub mod sinks;
+pub mod sketch;
+pub mod sources;
+pub mod state_dir;
+pub mod systemd;
+pub mod upstream;
