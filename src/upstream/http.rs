@@ -400,6 +400,18 @@ fn body_length(headers: &[(String, String)]) -> Result<usize, (u16, String)> {
     }
 }
 
+/// The head parser and the framing rules on raw bytes, as the server
+/// applies them before anything else: `Ok(None)` for a head not yet
+/// complete, `Ok(Some((head bytes, body bytes)))`, or the refusal's status
+/// and reason. The entry point of the `http_head` fuzz target.
+pub fn read_head(buf: &[u8]) -> Result<Option<(usize, usize)>, (u16, String)> {
+    match parse_head(buf) {
+        Parsed::Partial => Ok(None),
+        Parsed::Bad(why) => Err((400, why)),
+        Parsed::Complete(h) => body_length(&h.headers).map(|n| Some((h.len, n))),
+    }
+}
+
 /// Serve one connection until it closes or breaks a bound.
 pub async fn serve_connection<S, H>(
     mut stream: S,
