@@ -10,7 +10,7 @@ use super::analytics::{Activity, Graph, GraphKey};
 use super::ingest::{Frame, Settings, State};
 use super::link::Link;
 use super::store::Store;
-use crate::record::{Kind, Record};
+use crate::record::{Kind, MAX_EVENT_DEPTH, Record, json_depth};
 use crate::sketch::Sketch;
 
 const SESSION: &str = include_str!("../../../tests/fixtures/relay/session.txt");
@@ -350,4 +350,48 @@ fn windows_end_on_the_clock() {
         super::window_end(300_000, Duration::from_secs(300)),
         600_000
     );
+}
+
+/// Issue 13: a message nested 100,000 levels deep was stored as an event
+/// and forwarded; no reader of events could parse it back. It is now a
+/// malformed sample, and the message at the bound is still an event.
+#[test]
+fn messages_nested_too_deep_are_malformed_not_events() {
+    let mut st = state(&["spin30"], 1 << 20);
+    let mut out = Vec::new();
+    let nested = |depth: usize| {
+        format!(
+            r#"{{"user":"u","type":"log","exp":"e","course":"c","payload":{}1{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
+    };
+    // The envelope is one level, the payload the rest.
+    st.frame(0, Frame::Text(&nested(MAX_EVENT_DEPTH - 1)), 0, &mut out);
+    st.frame(0, Frame::Text(&nested(100)), 0, &mut out);
+    // Past serde's own limit it is not even read as an envelope.
+    st.frame(0, Frame::Text(&nested(100_000)), 0, &mut out);
+    let events: Vec<&Record> = out.iter().filter(|r| r.kind == Kind::Event).collect();
+    assert_eq!(
+        events.len(),
+        2,
+        "{:?}",
+        events.iter().map(|r| &r.name).collect::<Vec<_>>()
+    );
+    assert_eq!(events[0].name, "log");
+    assert_eq!(
+        json_depth(std::str::from_utf8(&events[0].payload).unwrap()),
+        MAX_EVENT_DEPTH
+    );
+    assert_eq!(events[1].name, "relay_malformed");
+    let sample: serde_json::Value = serde_json::from_slice(&events[1].payload).expect("json");
+    assert!(
+        sample["reason"]
+            .as_str()
+            .unwrap()
+            .contains("deeper than 64"),
+        "{sample}"
+    );
+    assert_eq!(st.streams[0].totals.malformed, 1);
+    assert_eq!(st.streams[0].totals.other, 1);
 }
