@@ -188,8 +188,10 @@ fn main() {
     let bin = release_bin();
     let pg = pg::PgServer::start_with("soak", "-c fsync=off -c synchronous_commit=off");
     let mut su = pg.superuser("postgres");
-    su.batch_execute("CREATE ROLE soak LOGIN PASSWORD 'pw-soak'; CREATE DATABASE soak OWNER soak")
-        .expect("role and database");
+    su.batch_execute("CREATE ROLE soak LOGIN PASSWORD 'pw-soak'")
+        .expect("role");
+    su.batch_execute("CREATE DATABASE soak OWNER soak")
+        .expect("database");
     let pg_url = format!("postgres://soak@127.0.0.1:{}/soak", pg.port);
     println!(
         "upstream soak: {AGENTS} agents, {} simulated minutes each, {} points per simulated second per agent",
@@ -214,7 +216,9 @@ fn main() {
         ),
     ] {
         if store != "sqlite" {
-            su.batch_execute("DROP DATABASE soak; CREATE DATABASE soak OWNER soak")
+            su.batch_execute("DROP DATABASE soak")
+                .expect("drop database");
+            su.batch_execute("CREATE DATABASE soak OWNER soak")
                 .expect("fresh database");
         }
         let r = soak(&bin, &store, extra, sink, minutes);
