@@ -10,14 +10,8 @@
 //! minute (the outbox hands over what arrived since the last delivery),
 //! through the sink's real fold / split / gzip code.
 
-#![allow(dead_code, unused_imports)]
-
-#[path = "../src/sinks/cloudwatch_metrics/body.rs"]
-mod body;
-#[path = "../src/clock.rs"]
-mod clock;
-#[path = "../src/record.rs"]
-mod record;
+use edgemeter::sinks::cloudwatch_metrics::body;
+use edgemeter::record;
 
 use std::io::Write;
 

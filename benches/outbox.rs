@@ -20,16 +20,7 @@
 //!    by the records in it.
 
 // The modules are compiled in from src/ and their unit tests are not run here.
-#![allow(dead_code, unused_imports)]
-
-#[path = "../src/clock.rs"]
-mod clock;
-#[path = "../src/outbox/mod.rs"]
-mod outbox;
-#[path = "../src/record.rs"]
-mod record;
-#[path = "../src/state_dir.rs"]
-mod state_dir;
+use edgemeter::{outbox, record};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -21,12 +21,6 @@
 //!    - end to end: 1,000 agents post one sketch each for the same window,
 //!      then `GET /v1/series` for it (read, decode, merge, answer).
 
-#![allow(dead_code, unused_imports)]
-
-#[path = "../src/hash.rs"]
-mod hash;
-#[path = "../src/sketch.rs"]
-mod sketch;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -40,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::{bench_dir, cpu_ticks, gzip, now_ms, read_response, release_bin};
 
-use sketch::{Sketch, hash_i64};
+use edgemeter::sketch::{Sketch, hash_i64};
 
 const POINTS: usize = 100;
 const CLIENTS: usize = 8;

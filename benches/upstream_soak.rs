@@ -20,16 +20,14 @@
 //! Before issue 13 this grew without bound (7.7 → 111 MiB in 90 s of one
 //! agent; 2 M rows left in `pending` without sinks).
 
-#![allow(dead_code, unused_imports)]
-
 #[path = "../tests/common/pg.rs"]
 mod pg;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -13,7 +13,7 @@
 //! request of the same batch fails and the batch is retried (in the same
 //! run; after a crash between requests a datum may arrive twice).
 
-mod body;
+pub mod body;
 
 use std::io::Write;
 use std::path::Path;
