@@ -40,7 +40,7 @@
 //!   [`upstream::store`] over [`upstream::db`] (SQLite or PostgreSQL),
 //!   [`upstream::query`] (ranges and output formats).
 //! - [`aws`]: what the CloudWatch sinks share: settings, credentials, SigV4
-//!   ([`aws::sigv4`], on ring), the skew-corrected clock, one signed POST.
+//!   ([`aws::sigv4`], the aws-sigv4 crate), the skew-corrected clock, one signed POST.
 //! - [`sketch`]: mergeable distinct counts (exact set, then HyperLogLog p = 14).
 //! - [`backoff`]: retry schedules with full jitter. [`clock`]: time formats.
 //! - [`logging`]: stderr logging. [`demo`]: `edgemeter demo`.

@@ -72,11 +72,10 @@ impl Settings {
                 format!("region `{r}` is not an AWS region name like `us-west-1`"),
             );
         }
-        if let Some(e) = &raw.endpoint {
-            let url = format!("{}/", e.get_ref().trim_end_matches('/'));
-            if let Err(why) = sigv4::host_and_path(&url) {
-                p.push(e.span(), format!("endpoint {why}"));
-            }
+        if let Some(e) = &raw.endpoint
+            && let Err(why) = sigv4::check_endpoint(&endpoint_url(e.get_ref()))
+        {
+            p.push(e.span(), format!("endpoint {why}"));
         }
         let credentials = match (
             &raw.access_key_id,
@@ -124,9 +123,7 @@ impl Settings {
         );
         (p.list().len() == before).then(|| Settings {
             region: raw.region.into_inner(),
-            endpoint: raw
-                .endpoint
-                .map(|e| e.into_inner().trim_end_matches('/').to_owned()),
+            endpoint: raw.endpoint.map(Spanned::into_inner),
             credentials,
             timeout,
         })
@@ -134,9 +131,19 @@ impl Settings {
 
     pub fn url(&self, service_host: &str) -> String {
         match &self.endpoint {
-            Some(e) => format!("{e}/"),
+            Some(e) => endpoint_url(e),
             None => format!("https://{service_host}.{}.amazonaws.com/", self.region),
         }
+    }
+}
+
+/// The URL to POST to for an `endpoint` as a user wrote it: its path ends
+/// in one `/` (`http://host:4566` and `http://host:4566/` are the same), a
+/// query is kept.
+fn endpoint_url(endpoint: &str) -> String {
+    match endpoint.split_once('?') {
+        Some((path, query)) => format!("{}/?{query}", path.trim_end_matches('/')),
+        None => format!("{}/", endpoint.trim_end_matches('/')),
     }
 }
 
