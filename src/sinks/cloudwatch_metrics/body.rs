@@ -120,16 +120,19 @@ pub fn fold(
     (datums, rejected)
 }
 
+/// Everything but RFC 3986's unreserved `A-Z a-z 0-9 - _ . ~`.
+const AWS_FORM: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// `application/x-www-form-urlencoded` the way AWS signs it: everything but
-/// `A-Z a-z 0-9 - _ . ~` percent-encoded, in UTF-8.
+/// `A-Z a-z 0-9 - _ . ~` percent-encoded, in UTF-8 (by the
+/// `percent-encoding` crate; not `form_urlencoded`, which writes a space as
+/// `+` and leaves `*` as is).
 pub fn form_encode(s: &str, out: &mut String) {
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    out.extend(percent_encoding::utf8_percent_encode(s, AWS_FORM));
 }
 
 fn param(out: &mut String, key: &str, value: &str) {
