@@ -10,8 +10,8 @@
 //! minute (the outbox hands over what arrived since the last delivery),
 //! through the sink's real fold / split / gzip code.
 
-use edgemeter::sinks::cloudwatch_metrics::body;
 use edgemeter::record;
+use edgemeter::sinks::cloudwatch_metrics::body;
 
 use std::io::Write;
 

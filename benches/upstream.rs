@@ -21,7 +21,6 @@
 //!    - end to end: 1,000 agents post one sketch each for the same window,
 //!      then `GET /v1/series` for it (read, decode, merge, answer).
 
-
 #[path = "support/mod.rs"]
 mod support;
 

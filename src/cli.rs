@@ -613,14 +613,14 @@ fn report_remote(
     route: &str,
     query: &[(String, String)],
 ) -> ExitCode {
-    let token = match crate::sinks::upstream::read_token(token_file) {
+    let token = match crate::problems::read_token(token_file) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("edgemeter: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let agent = match crate::sinks::upstream::http_agent(None, std::time::Duration::from_secs(60)) {
+    let agent = match crate::http_client::agent(None, std::time::Duration::from_secs(60)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("edgemeter: {e}");

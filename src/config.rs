@@ -28,6 +28,12 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::logging::parse_level;
+use crate::problems::{
+    MAX_NAME_LEN, Problem, Problems, check_name, deserialize, int_in_range, line_col, resolve,
+    secs, split_off,
+};
+use crate::sinks::delivery::Delivery;
 use crate::sinks::{self, SinkConfig};
 use crate::sources::{self, SourceConfig};
 
@@ -38,7 +44,6 @@ const MIN_BUFFER_MAX_BYTES: u64 = 64 * 1024;
 /// Bigger than any edge box's disk we expect; a typo guard, not a policy.
 const MAX_BUFFER_MAX_BYTES: u64 = 1 << 40;
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
-const MAX_NAME_LEN: usize = 64;
 
 /// A fully validated configuration.
 #[derive(Debug)]
@@ -75,51 +80,6 @@ pub struct SinkSpec {
     pub config: SinkConfig,
 }
 
-/// How the shared delivery loop treats one sink.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Delivery {
-    pub batch_max_records: usize,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
-}
-
-// ---------------------------------------------------------------- problems
-
-/// One thing wrong with the file, and where.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Problem {
-    pub span: Option<Range<usize>>,
-    pub message: String,
-}
-
-/// Everything wrong with one config file.
-#[derive(Debug, Default)]
-pub struct Problems {
-    list: Vec<Problem>,
-}
-
-impl Problems {
-    pub fn push(&mut self, span: impl Into<Option<Range<usize>>>, message: impl Into<String>) {
-        self.list.push(Problem {
-            span: span.into(),
-            message: message.into(),
-        });
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
-    pub fn list(&self) -> &[Problem] {
-        &self.list
-    }
-
-    fn push_toml(&mut self, err: &toml::de::Error, fallback: &Range<usize>) {
-        let span = err.span().unwrap_or_else(|| fallback.clone());
-        self.push(span, err.message().trim_end().to_owned());
-    }
-}
-
 /// Why a config could not be loaded: rendered for a person, one line each.
 #[derive(Debug)]
 pub enum ConfigError {
@@ -141,19 +101,10 @@ pub enum ConfigError {
 impl ConfigError {
     pub fn problem_count(&self) -> usize {
         match self {
-            ConfigError::Invalid { problems, .. } => problems.list.len(),
+            ConfigError::Invalid { problems, .. } => problems.list().len(),
             _ => 1,
         }
     }
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..text.floor_char_boundary(offset)];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
 }
 
 impl fmt::Display for ConfigError {
@@ -176,7 +127,7 @@ impl fmt::Display for ConfigError {
                 text,
                 problems,
             } => {
-                let mut sorted: Vec<&Problem> = problems.list.iter().collect();
+                let mut sorted: Vec<&Problem> = problems.list().iter().collect();
                 sorted.sort_by_key(|p| p.span.as_ref().map_or(0, |s| s.start));
                 for (i, p) in sorted.iter().enumerate() {
                     if i > 0 {
@@ -336,40 +287,6 @@ fn array_of_tables<'i>(
     out
 }
 
-/// Deserialize one table into its raw mirror struct, reporting a failure as
-/// a problem at the offending key (or at the table when toml has no span).
-pub fn deserialize<'i, T: Deserialize<'i>>(
-    table: Spanned<DeTable<'i>>,
-    p: &mut Problems,
-) -> Option<T> {
-    let span = table.span();
-    match T::deserialize(toml::de::Deserializer::from(table)) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            p.push_toml(&e, &span);
-            None
-        }
-    }
-}
-
-/// Take the keys in `names` out of `table` into a table of their own.
-pub fn split_off<'i>(table: &mut Spanned<DeTable<'i>>, names: &[&str]) -> Spanned<DeTable<'i>> {
-    let span = table.span();
-    let mut taken = DeTable::new();
-    let keys: Vec<_> = table
-        .get_ref()
-        .keys()
-        .filter(|k| names.contains(&k.get_ref().as_ref()))
-        .cloned()
-        .collect();
-    for k in keys {
-        if let Some(v) = table.get_mut().remove(&k) {
-            taken.insert(k, v);
-        }
-    }
-    Spanned::new(span, taken)
-}
-
 // ---------------------------------------------------------------- [agent]
 
 #[derive(Deserialize)]
@@ -384,7 +301,7 @@ struct RawAgent {
 
 fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Agent> {
     let raw: RawAgent = deserialize(table, p)?;
-    let before = p.list.len();
+    let before = p.list().len();
     let id = match &raw.id {
         Some(id) => {
             check_name("agent id", id, p);
@@ -427,25 +344,13 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
         60.0,
         p,
     );
-    (p.list.len() == before).then_some(Agent {
+    (p.list().len() == before).then_some(Agent {
         id,
         state_dir,
         log_level,
         buffer_max_bytes,
         flush_interval,
     })
-}
-
-pub fn parse_level(s: &str) -> Option<LevelFilter> {
-    match s.to_ascii_lowercase().as_str() {
-        "off" => Some(LevelFilter::Off),
-        "error" => Some(LevelFilter::Error),
-        "warn" | "warning" => Some(LevelFilter::Warn),
-        "info" => Some(LevelFilter::Info),
-        "debug" => Some(LevelFilter::Debug),
-        "trace" => Some(LevelFilter::Trace),
-        _ => None,
-    }
 }
 
 fn default_agent_id() -> String {
@@ -641,91 +546,6 @@ fn check_unique_names<'a>(
 }
 
 // ---------------------------------------------------------------- value helpers
-
-/// Names key the outbox and appear in file names and logs: keep them plain.
-pub fn check_name(what: &str, name: &Spanned<String>, p: &mut Problems) {
-    let n = name.get_ref();
-    let ok = !n.is_empty()
-        && n.len() <= MAX_NAME_LEN
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
-        p.push(
-            name.span(),
-            format!(
-                "{what} `{n}` must be 1 to {MAX_NAME_LEN} characters of letters, digits, `-`, `_` or `.`"
-            ),
-        );
-    }
-}
-
-/// A `*_secs` value as a Duration within [min, max]; `default` when absent.
-pub fn secs(
-    v: Option<&Spanned<f64>>,
-    key: &str,
-    default: f64,
-    min: f64,
-    max: f64,
-    p: &mut Problems,
-) -> Duration {
-    let Some(v) = v else {
-        return Duration::from_secs_f64(default);
-    };
-    let x = *v.get_ref();
-    if !(min..=max).contains(&x) {
-        p.push(
-            v.span(),
-            format!("{key} = {x} is out of range; use {min} to {max} seconds"),
-        );
-        return Duration::from_secs_f64(default);
-    }
-    Duration::from_secs_f64(x)
-}
-
-/// An integer within [min, max]; on a problem, `min` (the caller stops anyway).
-pub fn int_in_range(v: &Spanned<i64>, key: &str, min: u64, max: u64, p: &mut Problems) -> u64 {
-    let x = *v.get_ref();
-    match u64::try_from(x) {
-        Ok(u) if (min..=max).contains(&u) => u,
-        _ => {
-            p.push(
-                v.span(),
-                format!("{key} = {x} is out of range; use {min} to {max}"),
-            );
-            min
-        }
-    }
-}
-
-/// Largest secret or one-line file read (a token, a key, a rule part).
-const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
-
-/// The one reader of secret files (tokens, keys, passwords) and one-line
-/// files: bounded, trimmed, empty refused. `what` names the file for the
-/// error ("the token file", "secret_access_key_file"); the content never
-/// appears in an error.
-pub fn read_secret_file(path: &Path, what: &str) -> Result<String, String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_SECRET_FILE_BYTES).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
-    let s = text.trim();
-    if s.is_empty() {
-        return Err(format!("{what} {} is empty", path.display()));
-    }
-    Ok(s.to_owned())
-}
-
-/// A path from the config, relative ones taken relative to the config file.
-pub fn resolve(base: &Path, path: &str) -> PathBuf {
-    let p = Path::new(path);
-    if p.is_absolute() {
-        p.to_owned()
-    } else {
-        base.join(p)
-    }
-}
 
 #[cfg(test)]
 mod tests;

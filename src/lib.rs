@@ -14,7 +14,7 @@
 //! ## Entry points
 //! - `src/main.rs` (the binary, nothing else) → [`cli::main`]: parse
 //!   arguments, load the config, run a command. Tests and benchmarks use
-//!   this library (`use edgemeter::upstream::wire`).
+//!   this library (`use edgemeter::wire`).
 //! - `edgemeter run` → [`agent::run`]: the event loop.
 //! - `edgemeter upstream` → [`upstream::Server`], run by [`agent::run`] as
 //!   one more task beside the sources: the aggregator is the agent plus a
@@ -94,8 +94,10 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod hash;
+pub mod http_client;
 pub mod logging;
 pub mod outbox;
+pub mod problems;
 pub mod record;
 pub mod runtime;
 pub mod sinks;
@@ -104,3 +106,4 @@ pub mod sources;
 pub mod state_dir;
 pub mod systemd;
 pub mod upstream;
+pub mod wire;

@@ -4,8 +4,6 @@
 use log::LevelFilter;
 use simplelog::{ConfigBuilder, WriteLogger};
 
-use crate::config::parse_level;
-
 pub const ENV: &str = "EDGEMETER_LOG";
 
 /// The level `EDGEMETER_LOG` asks for, if it is set and valid.
@@ -26,4 +24,17 @@ pub fn init(level: LevelFilter) {
     }
     // Only fails if a logger is already set (tests): keep the first.
     let _ = WriteLogger::init(level, b.build(), std::io::stderr());
+}
+
+/// A log level as written in the config or `EDGEMETER_LOG`.
+pub fn parse_level(s: &str) -> Option<LevelFilter> {
+    match s.to_ascii_lowercase().as_str() {
+        "off" => Some(LevelFilter::Off),
+        "error" => Some(LevelFilter::Error),
+        "warn" | "warning" => Some(LevelFilter::Warn),
+        "info" => Some(LevelFilter::Info),
+        "debug" => Some(LevelFilter::Debug),
+        "trace" => Some(LevelFilter::Trace),
+        _ => None,
+    }
 }

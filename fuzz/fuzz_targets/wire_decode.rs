@@ -2,7 +2,7 @@
 //! bytes, raw and as a gzip body.
 #![no_main]
 
-use edgemeter::upstream::wire;
+use edgemeter::wire;
 use libfuzzer_sys::fuzz_target;
 
 const NOW: i64 = 1_795_996_800_000;

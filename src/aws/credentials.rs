@@ -61,13 +61,13 @@ impl Source {
                 session_token_file,
             } => Ok(Credentials {
                 access_key_id: access_key_id.clone(),
-                secret_access_key: crate::config::read_secret_file(
+                secret_access_key: crate::problems::read_secret_file(
                     secret_access_key_file,
                     "secret_access_key_file",
                 )?,
                 session_token: session_token_file
                     .as_deref()
-                    .map(|p| crate::config::read_secret_file(p, "session_token_file"))
+                    .map(|p| crate::problems::read_secret_file(p, "session_token_file"))
                     .transpose()?,
             }),
             Source::Profile { profile, file } => {

@@ -8,7 +8,7 @@ mod sigv4;
 
 pub use sigv4::sign;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::{Problems, deserialize, resolve, secs};
+use crate::problems::{Problems, deserialize, resolve, secs};
 
 /// The keys every AWS sink takes, split off its table by `config::split_off`.
 pub const KEYS: &[&str] = &[
@@ -29,6 +29,7 @@ pub const KEYS: &[&str] = &[
     "profile",
     "credentials_file",
     "timeout_secs",
+    "ca_file",
 ];
 
 /// Largest error body read from AWS (they are small XML or JSON documents).
@@ -41,6 +42,9 @@ pub struct Settings {
     pub endpoint: Option<String>,
     pub credentials: credentials::Source,
     pub timeout: Duration,
+    /// PEM roots to trust instead of the system's (a private CA in front of
+    /// a VPC endpoint, an emulator with TLS).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +58,7 @@ struct Raw {
     profile: Option<Spanned<String>>,
     credentials_file: Option<Spanned<String>>,
     timeout_secs: Option<Spanned<f64>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 impl Settings {
@@ -121,11 +126,19 @@ impl Settings {
             600.0,
             p,
         );
+        let ca_file = raw.ca_file.as_ref().map(|f| {
+            let path = resolve(base, f.get_ref());
+            if let Err(e) = crate::http_client::agent(Some(&path), Duration::from_secs(1)) {
+                p.push(f.span(), e);
+            }
+            path
+        });
         (p.list().len() == before).then(|| Settings {
             region: raw.region.into_inner(),
             endpoint: raw.endpoint.map(Spanned::into_inner),
             credentials,
             timeout,
+            ca_file,
         })
     }
 
@@ -293,18 +306,15 @@ pub struct Client {
     pub settings: Settings,
     service: &'static str,
     url: String,
-    agent: ureq::Agent,
+    agent: Result<ureq::Agent, String>,
     pub clock: SkewClock,
 }
 
 impl Client {
     pub fn new(settings: Settings, service: &'static str, host_prefix: &str) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(settings.timeout))
-            .user_agent(concat!("edgemeter/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        // A CA file that went bad after `check` makes every request fail
+        // (and retry) with the reason, rather than trust other roots.
+        let agent = crate::http_client::agent(settings.ca_file.as_deref(), settings.timeout);
         Client {
             url: settings.url(host_prefix),
             settings,
@@ -368,7 +378,11 @@ impl Client {
                 None,
             )
         })?;
-        let mut req = self.agent.post(&self.url);
+        let agent = self
+            .agent
+            .as_ref()
+            .map_err(|e| (Failure::Transient(e.clone()), None))?;
+        let mut req = agent.post(&self.url);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

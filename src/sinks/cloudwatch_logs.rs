@@ -20,11 +20,10 @@ use toml::de::DeTable;
 
 use crate::aws::{self, Client, Failure};
 use crate::clock::now_ms;
-use crate::config::{Problems, deserialize, split_off};
 use crate::outbox::Batch;
+use crate::problems::{Problems, deserialize, split_off};
 use crate::record::{Kind, KindSet, Record};
 use crate::runtime::{LocalBoxFuture, Worker};
-use crate::sinks::cloudwatch_metrics::delivery_error;
 use crate::sinks::{BatchProgress, Delivered, DeliveryError, Sink};
 
 pub const MAX_EVENTS: usize = 10_000;
@@ -325,7 +324,7 @@ impl Sink for CloudWatchLogs {
                 if !self.streams.contains(&put.stream) {
                     self.ensure_stream(&put.stream)
                         .await
-                        .map_err(delivery_error)?;
+                        .map_err(crate::sinks::aws_delivery_error)?;
                     done.requests += 1;
                 }
                 let body = put_body(&self.config.log_group, put);
@@ -336,12 +335,12 @@ impl Sink for CloudWatchLogs {
                         self.streams.remove(&put.stream);
                         self.ensure_stream(&put.stream)
                             .await
-                            .map_err(delivery_error)?;
+                            .map_err(crate::sinks::aws_delivery_error)?;
                         self.call("Logs_20140328.PutLogEvents", body).await
                     }
                     other => other,
                 }
-                .map_err(delivery_error)?;
+                .map_err(crate::sinks::aws_delivery_error)?;
                 done.rejected.extend(rejected_by_answer(&answer, put));
                 self.progress.accepted(i);
                 done.requests += 1;

@@ -16,8 +16,8 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use crate::clock::iso8601;
-use crate::config::{Problems, deserialize, resolve};
 use crate::outbox::{Batch, Origin};
+use crate::problems::{Problems, deserialize, resolve};
 use crate::record::{Kind, KindSet};
 use crate::runtime::{LocalBoxFuture, Worker};
 use crate::sinks::{Delivered, DeliveryError, Sink};

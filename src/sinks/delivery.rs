@@ -5,10 +5,17 @@
 use std::time::Duration;
 
 use crate::backoff::{Backoff, jittered};
-use crate::config::Delivery;
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
 use crate::sinks::{DeliveryError, Sink};
+
+/// How the shared delivery loop treats one sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub batch_max_records: usize,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
 
 /// With nothing to send, a sink waits for the writer's doorbell; it looks
 /// anyway this often, to notice dead letters `edgemeter outbox retry`

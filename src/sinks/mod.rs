@@ -40,8 +40,8 @@ use std::path::Path;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::Problems;
 use crate::outbox::Batch;
+use crate::problems::Problems;
 use crate::record::KindSet;
 use crate::runtime::LocalBoxFuture;
 
@@ -159,6 +159,24 @@ pub fn build(config: &SinkConfig, agent_id: &str) -> Box<dyn Sink> {
             Box::new(cloudwatch_logs::CloudWatchLogs::new(c.clone(), agent_id))
         }
         SinkConfig::Upstream(c) => Box::new(upstream::Upstream::new(c.clone(), agent_id)),
+    }
+}
+
+/// An AWS failure as the delivery loop understands it.
+pub fn aws_delivery_error(f: crate::aws::Failure) -> DeliveryError {
+    match f {
+        crate::aws::Failure::Throttled(m) => DeliveryError::Throttled(m),
+        crate::aws::Failure::Transient(m) | crate::aws::Failure::Skewed(m) => {
+            DeliveryError::Retry(m)
+        }
+        crate::aws::Failure::Refused {
+            status,
+            code,
+            message,
+        } => match status {
+            0 => DeliveryError::Retry(format!("{code}: {message}")),
+            _ => DeliveryError::Reject(format!("HTTP {status} {code}: {message}")),
+        },
     }
 }
 

@@ -21,16 +21,15 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::{Problems, deserialize, resolve, secs};
+use crate::http_client::gzip;
 use crate::outbox::Batch;
+use crate::problems::{Problems, deserialize, resolve, secs};
 use crate::record::{Kind, KindSet};
 use crate::runtime::{LocalBoxFuture, Worker};
-use crate::sinks::cloudwatch_metrics::gzip;
 use crate::sinks::{Delivered, DeliveryError, Sink};
-use crate::upstream::wire;
+use crate::wire;
 
 /// Where Debian and its derivatives keep the system's trusted roots.
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The longest answer we read (the upstream's are a few hundred bytes).
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
 
@@ -113,45 +112,6 @@ impl Upstream {
     }
 }
 
-/// The HTTP client, with the roots the config asks for.
-pub fn http_agent(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, String> {
-    use ureq::tls::{RootCerts, TlsConfig};
-    let pem_roots = |path: &Path| -> Result<RootCerts, String> {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
-        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-            .filter_map(|item| match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
-        if certs.is_empty() {
-            return Err(format!(
-                "the CA file {} holds no PEM certificate",
-                path.display()
-            ));
-        }
-        Ok(RootCerts::new_with_certs(&certs))
-    };
-    let roots = match ca_file {
-        Some(path) => pem_roots(path)?,
-        None if Path::new(SYSTEM_CA_BUNDLE).exists() => pem_roots(Path::new(SYSTEM_CA_BUNDLE))?,
-        None => RootCerts::WebPki,
-    };
-    Ok(ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(timeout))
-        .user_agent(concat!("edgemeter/", env!("CARGO_PKG_VERSION")))
-        .tls_config(TlsConfig::builder().root_certs(roots).build())
-        .build()
-        .into())
-}
-
-/// A bearer token from a file (trimmed; never logged).
-pub fn read_token(path: &Path) -> Result<String, String> {
-    crate::config::read_secret_file(path, "the token file")
-}
-
 /// What an upstream's answer means for the batch.
 pub fn classify(status: u16, body: &[u8]) -> Result<(), DeliveryError> {
     // The upstream's error bodies are `{"error": "..."}`, written by us and
@@ -206,7 +166,10 @@ impl Sink for Upstream {
                 .run(move || {
                     let agent = match agent {
                         Some(a) => a,
-                        None => match http_agent(config.ca_file.as_deref(), config.timeout) {
+                        None => match crate::http_client::agent(
+                            config.ca_file.as_deref(),
+                            config.timeout,
+                        ) {
                             Ok(a) => Arc::new(a),
                             Err(e) => return (None, Err(DeliveryError::Retry(e))),
                         },
@@ -232,7 +195,7 @@ fn post(
     token_file: &Path,
     body: &[u8],
 ) -> Result<(), DeliveryError> {
-    let token = read_token(token_file).map_err(DeliveryError::Retry)?;
+    let token = crate::problems::read_token(token_file).map_err(DeliveryError::Retry)?;
     let resp = agent
         .post(url)
         .header("content-type", "application/json")
@@ -289,9 +252,9 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let f = dir.join("t");
         std::fs::write(&f, "  s3cret \n").expect("write");
-        assert_eq!(read_token(&f).as_deref(), Ok("s3cret"));
+        assert_eq!(crate::problems::read_token(&f).as_deref(), Ok("s3cret"));
         std::fs::write(&f, "\n").expect("write");
-        let e = read_token(&f).expect_err("empty");
+        let e = crate::problems::read_token(&f).expect_err("empty");
         assert!(e.contains("is empty"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -36,7 +36,7 @@ use std::path::Path;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::Problems;
+use crate::problems::Problems;
 use crate::runtime::{Emitter, LocalBoxFuture, Shutdown};
 
 /// The `type` values a `[[source]]` may have.

@@ -20,7 +20,7 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use crate::clock::now_ms;
-use crate::config::{Problems, deserialize, int_in_range};
+use crate::problems::{Problems, deserialize, int_in_range};
 use crate::record::{Dims, Kind, Record};
 use crate::runtime::LocalBoxFuture;
 use crate::sketch::{Sketch, hash_i64};
@@ -82,7 +82,7 @@ impl Config {
         let limit = raw
             .limit
             .map(|l| int_in_range(&l, "limit", 1, u64::MAX >> 1, p));
-        let window = crate::config::secs(
+        let window = crate::problems::secs(
             raw.users_window_secs.as_ref(),
             "users_window_secs",
             10.0,

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use smol::channel::Sender;
 
 use crate::clock::now_ms;
+use crate::problems::read_token;
 use crate::runtime::OnWorker;
-use crate::sinks::upstream::read_token;
 use crate::upstream::http::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::upstream::query::{self, Params};
 use crate::upstream::store::{Ingested, Store};
-use crate::upstream::wire;
+use crate::wire;
 
 /// How often a 401 may produce a log line; the others are counted in it.
 const AUTH_LOG_EVERY: Duration = Duration::from_secs(10);

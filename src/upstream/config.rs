@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::{Problems, deserialize, int_in_range, resolve, secs};
+use crate::problems::{Problems, deserialize, int_in_range, resolve, secs};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8650";
 /// Dimensions that name an edge rather than what it measured: left out of

@@ -23,7 +23,8 @@ pub mod db;
 pub mod http;
 pub mod query;
 pub mod store;
-pub mod wire;
+
+use crate::wire;
 
 use std::cell::Cell;
 use std::net::TcpListener;
@@ -69,7 +70,7 @@ pub fn open_store(c: &Config, state_dir: &Path, read_only: bool) -> Result<Store
         }
         config::StoreKind::Postgres { url, password_file } => {
             let password = match password_file {
-                Some(f) => Some(crate::sinks::upstream::read_token(f)?),
+                Some(f) => Some(crate::problems::read_token(f)?),
                 None => std::env::var("PGPASSWORD").ok(),
             };
             Box::new(db::Postgres::new(url, password)?)

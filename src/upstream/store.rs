@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::Sketch;
 use crate::upstream::db::{Db, Rows, Val};
-use crate::upstream::wire;
+use crate::wire;
 
 pub struct Store {
     db: Box<dyn Db>,

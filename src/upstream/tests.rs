@@ -134,7 +134,7 @@ fn bad_batches_are_refused_with_what_is_wrong() {
         "sketches[0]: unsupported sketch: version 9",
     );
     // gzip: cut short, not gzip at all, and a bomb.
-    let gz = crate::sinks::cloudwatch_metrics::gzip(ok("").as_bytes());
+    let gz = crate::http_client::gzip(ok("").as_bytes());
     assert!(matches!(
         wire::gunzip(&gz[..gz.len() / 2], 1 << 20),
         Err(wire::Invalid::Gzip(_))
@@ -143,7 +143,7 @@ fn bad_batches_are_refused_with_what_is_wrong() {
         wire::gunzip(b"plain text", 1 << 20),
         Err(wire::Invalid::Gzip(_))
     ));
-    let bomb = crate::sinks::cloudwatch_metrics::gzip(&vec![b' '; 4 << 20]);
+    let bomb = crate::http_client::gzip(&vec![b' '; 4 << 20]);
     assert!(bomb.len() < 16 * 1024, "4 MiB of spaces pack small");
     assert_eq!(
         wire::gunzip(&bomb, 1 << 20),

@@ -15,7 +15,6 @@
 
 pub mod body;
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,10 +22,10 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::aws::{self, Client, Failure};
+use crate::aws::{self, Client};
 use crate::clock::now_ms;
-use crate::config::{Problems, deserialize, split_off};
 use crate::outbox::Batch;
+use crate::problems::{Problems, deserialize, split_off};
 use crate::record::{Kind, KindSet};
 use crate::runtime::{LocalBoxFuture, Worker};
 use crate::sinks::{BatchProgress, Delivered, DeliveryError, Sink};
@@ -112,31 +111,6 @@ impl CloudWatchMetrics {
     }
 }
 
-pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(data.len() / 4),
-        flate2::Compression::default(),
-    );
-    enc.write_all(data).expect("writing to a Vec cannot fail");
-    enc.finish().expect("writing to a Vec cannot fail")
-}
-
-/// An AWS failure as the delivery loop understands it.
-pub fn delivery_error(f: Failure) -> DeliveryError {
-    match f {
-        Failure::Throttled(m) => DeliveryError::Throttled(m),
-        Failure::Transient(m) | Failure::Skewed(m) => DeliveryError::Retry(m),
-        Failure::Refused {
-            status,
-            code,
-            message,
-        } => match status {
-            0 => DeliveryError::Retry(format!("{code}: {message}")),
-            _ => DeliveryError::Reject(format!("HTTP {status} {code}: {message}")),
-        },
-    }
-}
-
 const HEADERS: [(&str, &str); 2] = [
     (
         "content-type",
@@ -167,13 +141,13 @@ impl Sink for CloudWatchMetrics {
                 if i < skip {
                     continue;
                 }
-                let gz = gzip(body.as_bytes());
+                let gz = crate::http_client::gzip(body.as_bytes());
                 let len = gz.len() as i64;
                 let client = self.client.clone();
                 self.worker
                     .run(move || client.post(&HEADERS, &gz))
                     .await
-                    .map_err(delivery_error)?;
+                    .map_err(crate::sinks::aws_delivery_error)?;
                 self.progress.accepted(i);
                 sent.requests += 1;
                 sent.bytes += len;

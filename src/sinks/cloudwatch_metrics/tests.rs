@@ -1,3 +1,4 @@
+use crate::http_client::gzip;
 use std::io::Read;
 
 use super::body::{MAX_BODY_BYTES, MAX_DATUMS, encode_datum, form_encode};

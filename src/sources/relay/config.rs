@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::{Problems, deserialize, int_in_range, resolve, secs};
+use crate::problems::{Problems, deserialize, int_in_range, resolve, secs};
 
 /// More streams than any site has (86 today); a bound, so a typo such as
 /// `spin0..99999` is an error rather than 100,000 connections.

@@ -58,12 +58,14 @@ pub fn read_rules(dir: &Path, streams: &[String]) -> Result<Vec<Rule>, String> {
     let mut rules = Vec::new();
     let mut problems = Vec::new();
     for s in streams {
-        let access = crate::config::read_secret_file(
+        let access = crate::problems::read_secret_file(
             &dir.join(format!("log.access.{s}")),
             "the access file",
         );
-        let token =
-            crate::config::read_secret_file(&dir.join(format!("log.token.{s}")), "the token file");
+        let token = crate::problems::read_secret_file(
+            &dir.join(format!("log.token.{s}")),
+            "the token file",
+        );
         match (access, token) {
             (Ok(destination), Ok(token)) => {
                 if !(destination.starts_with("https://")

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::{Problems, deserialize, int_in_range, resolve, secs};
+use crate::problems::{Problems, deserialize, int_in_range, resolve, secs};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
