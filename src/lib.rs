@@ -20,32 +20,50 @@
 //!   one more task beside the sources: the aggregator is the agent plus a
 //!   server, and its `[[sink]]`s take the network-wide values.
 //!
-//! ## Modules
-//! - [`cli`]: arguments, commands, exit codes, `status` and `outbox` output.
-//! - [`config`]: the TOML file, parsed raw then validated; every problem with its line.
-//! - [`agent`]: the event loop of `run`: spawns everything, group commits, shutdown.
-//! - [`runtime`]: what tasks share: shutdown signal, record channel, off-loop outbox calls.
-//! - [`outbox`]: the durable SQLite buffer and its delivery bookkeeping.
-//! - [`state_dir`]: the state directory and its one-agent lock.
-//! - [`record`]: the data model (points, sketches, events, lines).
-//! - [`sources`]: the source contract and registry; [`sources::synthetic`],
-//!   [`sources::xx_gateway`] (an xx gateway's bloom-filter table),
-//!   [`sources::relay`] (practable session-host websocket streams).
-//! - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
-//!   retry/dead-letter loop); [`sinks::csv`], the CloudWatch sinks and
-//!   [`sinks::upstream`] (batches to an upstream edgemeter).
-//! - [`upstream`]: `edgemeter upstream`: [`upstream::http`] (a bounded
-//!   HTTP/1.1 server), [`upstream::api`] (routes, tokens, `/metrics`),
-//!   [`upstream::wire`] (the batch format both sides share),
-//!   [`upstream::store`] over [`upstream::db`] (SQLite or PostgreSQL),
-//!   [`upstream::query`] (ranges and output formats).
-//! - [`aws`]: what the CloudWatch sinks share: settings, credentials, SigV4
-//!   ([`aws::sigv4`], the aws-sigv4 crate), the skew-corrected clock, one signed POST.
-//! - [`sketch`]: mergeable distinct counts (exact set, then HyperLogLog p = 14).
-//! - [`backoff`]: retry schedules with full jitter. [`clock`]: time formats.
-//! - [`logging`]: stderr logging. [`demo`]: `edgemeter demo`.
-//! - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
-//!   `Type=notify` units; nothing without `$NOTIFY_SOCKET`.
+//! ## Modules, in layers
+//! Each module uses only modules of lower layers (`tests/layers.rs` holds
+//! the table and fails on any other `use crate::` edge); a source or sink
+//! uses its registry (`sources`, `sinks`) but never another source or sink.
+//!
+//! 0. Leaves:
+//!    - [`record`]: the data model (points, sketches, events, lines).
+//!    - [`clock`]: time formats.
+//!    - [`hash`]: the fixed-seed hash of ids.
+//!    - [`backoff`]: retry schedules with full jitter.
+//!    - [`problems`]: spanned config problems, bounded values, the secret-file reader.
+//!    - [`logging`]: stderr logging.
+//!    - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
+//!      `Type=notify` units; nothing without `$NOTIFY_SOCKET`.
+//!    - [`http_client`]: the policy of every outgoing HTTP request (roots, timeout, gzip).
+//! 1. On leaves:
+//!    - [`sketch`]: mergeable distinct counts (exact set, then HyperLogLog p = 14).
+//!    - [`state_dir`]: the state directory and its one-agent lock.
+//! 2. Formats and storage:
+//!    - [`wire`]: the upstream batch format, which the sink and the aggregator share.
+//!    - [`outbox`]: the durable SQLite buffer and its delivery bookkeeping.
+//! 3. What components share:
+//!    - [`runtime`]: shutdown signal, record channel, off-loop outbox calls.
+//!    - [`aws`]: what the CloudWatch sinks share: settings, credentials, SigV4
+//!      ([`aws::sigv4`], the aws-sigv4 crate), the skew-corrected clock, one signed POST.
+//! 4. Components:
+//!    - [`sources`]: the source contract and registry; [`sources::synthetic`],
+//!      [`sources::xx_gateway`] (an xx gateway's bloom-filter table),
+//!      [`sources::relay`] (practable session-host websocket streams).
+//!    - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
+//!      retry/dead-letter loop); [`sinks::csv`], the CloudWatch sinks and
+//!      [`sinks::upstream`] (batches to an upstream edgemeter).
+//! 5. The aggregator:
+//!    - [`upstream`]: `edgemeter upstream`: [`upstream::http`] (a bounded
+//!      HTTP/1.1 server), [`upstream::api`] (routes, tokens, `/metrics`),
+//!      [`upstream::store`] over [`upstream::db`] (SQLite or PostgreSQL),
+//!      [`upstream::query`] (ranges and output formats).
+//! 6. The document:
+//!    - [`config`]: the TOML file, parsed raw then validated; every problem with its line.
+//! 7. The program:
+//!    - [`agent`]: the event loop of `run`: spawns everything, group commits, shutdown.
+//! 8. The command line:
+//!    - [`cli`]: arguments, commands, exit codes, `status` and `outbox` output;
+//!      [`cli::demo`]: `edgemeter demo`.
 //!
 //! ## Invariants
 //! - Sources never touch the outbox or sinks directly: they emit records;
@@ -92,7 +110,6 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod demo;
 pub mod hash;
 pub mod http_client;
 pub mod logging;

@@ -5,6 +5,8 @@
 //! read, ...); 2 bad usage or an invalid config; 3 the state directory is
 //! locked by another agent or unusable.
 
+pub mod demo;
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use crate::clock::{human_duration, iso8601, now_ms};
 use crate::config::{self, Config};
 use crate::outbox::{DeadLetter, Outbox, Stats};
 use crate::sources::{SourceConfig, xx_gateway};
-use crate::{agent, demo, logging, state_dir, upstream};
+use crate::{agent, logging, state_dir, upstream};
 
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
