@@ -5,13 +5,14 @@
 //! read, ...); 2 bad usage or an invalid config; 3 the state directory is
 //! locked by another agent or unusable.
 
+mod args;
 pub mod demo;
+mod help;
+
+use args::{Command, OutboxAction, RelayAction, ReportFrom, Stop, Which};
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::ExitCode;
-
-use lexopt::prelude::*;
 
 use crate::clock::{human_duration, iso8601, now_ms};
 use crate::config::{self, Config};
@@ -23,459 +24,65 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_STATE: u8 = 3;
 
-const VERSION: &str = concat!("edgemeter ", env!("CARGO_PKG_VERSION"));
-
-const HELP: &str = "\
-edgemeter: measures who is active, where and how much, buffers every
-observation in a local SQLite outbox and forwards it to its sinks.
-
-Usage: edgemeter <COMMAND> [OPTIONS]
-
-Commands:
-  run       Run the edge agent until SIGTERM or SIGINT
-  check     Validate a config file and list every problem in it
-  status    Show the outbox: buffer depth, drops, sinks, dead letters
-  outbox    List, retry or purge dead letters (batches a sink refused)
-  verify    Check an xx gateway's bloom filter rows decode and claim their rounds
-  relay     Set (provision) or show the session host's rules for relay sources
-  upstream  Run the aggregator edges post to; `upstream rollup` computes daily totals
-  report    Series, events or daily totals from an upstream's store or URL
-  demo      Run the pipeline for a few seconds in a temporary directory
-
-Options (every command):
-  -c, --config FILE   Config file [default: /etc/edgemeter/edgemeter.toml]
-  -h, --help          Show help (also `edgemeter <COMMAND> --help`)
-  -V, --version       Show the version
-
-Environment:
-  EDGEMETER_LOG       Log level (off, error, warn, info, debug, trace);
-                      overrides `[agent] log_level`
-
-Exit codes: 0 ok, 1 failure while working, 2 bad usage or config,
-3 state directory locked by another agent or unusable.
-
-The annotated example config documents every key:
-/usr/share/doc/edgemeter/edgemeter.toml (packaging/edgemeter.toml in the source).
-";
-
-const HELP_RUN: &str = "\
-Run the edge agent: sources feed the SQLite outbox, sinks deliver from it.
-Stops cleanly on SIGTERM or SIGINT (commits buffered records, exits 0 within 5 s).
-Logs go to stderr.
-
-Usage: edgemeter run [-c FILE]
-";
-
-const HELP_CHECK: &str = "\
-Validate a config file. Prints every problem as FILE:LINE:COL: message and
-exits 2 if there is any, or prints a summary and exits 0.
-
-Usage: edgemeter check [-c FILE]
-";
-
-const HELP_STATUS: &str = "\
-Show the agent's outbox: whether an agent is running on it, buffered records,
-the age of the oldest, drops by reason and sink, and per sink: pending records,
-deliveries, failures, the last error and dead letters. Safe while `run` runs.
-
-Usage: edgemeter status [-c FILE]
-";
-
-const HELP_OUTBOX: &str = "\
-Dead letters are batches a sink refused for good (for example a 4xx answer).
-They are kept with their records until you retry or purge them.
-
-Usage:
-  edgemeter outbox list  [-c FILE] [--sink NAME]
-  edgemeter outbox retry [-c FILE] (--all | --sink NAME | --id N)
-  edgemeter outbox purge [-c FILE] (--all | --sink NAME | --id N)
-
-`retry` marks them for redelivery by the running agent (or the next one
-started), with their original batch ids. `purge` deletes them.
-";
-
-const HELP_VERIFY: &str = "\
-For each `xx_gateway` source in the config: read the newest N rows of
-client_bloom_filters, decode each 99-byte filter and check that it claims its
-own first_round and first_round + round_range. Read-only. Exits 1 if any row
-is malformed or does not claim its rounds.
-
-Usage: edgemeter verify [-c FILE] [--rows N]   (N: 1 to 1000000, default 1000)
-";
-
-const HELP_RELAY: &str = "\
-For each `relay` source (or only --source NAME):
-
-  edgemeter relay provision [-c FILE] [--source NAME]
-      Read log.access.<stream> and log.token.<stream> from the source's
-      `provision.dir` and POST /api/destinations {id, stream, destination,
-      token} to its session host for every stream that lacks its rule or has
-      a different one. The rule id is the stream name, so running it again
-      changes nothing. A running agent does this by itself when the source
-      has a `provision` block (and again after the session host restarts).
-  edgemeter relay rules [-c FILE] [--source NAME]
-      List the session host's rules. Tokens are never shown: only whether
-      each one matches the token file.
-
-Exits 1 if a session host cannot be reached or a file is missing.
-";
-
-const HELP_UPSTREAM: &str = "\
-Run the aggregator: an HTTP server (`[upstream] listen`, 127.0.0.1:8650 by
-default) that stores every edge's batches exactly once, counts each active
-user once across all edges (the union of their sketches), answers queries,
-and forwards the network-wide values through its own [[sink]]s.
-
-Usage:
-  edgemeter upstream [-c FILE]
-  edgemeter upstream rollup [-c FILE] [--date YYYY-MM-DD] [--format csv|tsv|json]
-      Compute one UTC day's totals from the stored data (default: yesterday)
-      and store them, replacing that day's earlier totals: running it twice,
-      or again after a late batch, never counts anything twice.
-
-Routes: POST /v1/batches (agent token), GET /v1/series, /v1/events,
-/v1/rollups and DELETE /v1/users/<user> (admin token), GET /health, /metrics.
-";
-
-const HELP_REPORT: &str = "\
-Print a series (default), stored events (--events) or daily totals
-(--rollups), from the local store of the upstream configured in -c FILE, or
-from a running upstream at --url (with the admin token in --token-file).
-
-Usage: edgemeter report [-c FILE | --url URL --token-file FILE]
-                        [--metric NAME] [--range TODAY|1D|7D|10D|30D | --start ISO --end ISO]
-                        [--format csv|tsv|json] [--agent ID|*] [--dim KEY=VALUE]...
-                        [--events [--user U] [--type T]] [--rollups] [--limit N]
-
-The network-wide value of a series is the union of the edges' sketches
-(distinct users) where there are sketches, else the sum of their points.
---agent ID shows that agent's own points instead; --agent '*' every agent's.
-";
-
-const HELP_DEMO: &str = "\
-Run the pipeline on this machine with no peers: a synthetic source feeds the
-outbox and a CSV sink, for a few seconds, in a temporary directory (kept, so
-you can look at it). Prints what happened.
-
-Usage: edgemeter demo [--seconds N] [--dir DIR]
-";
-
-enum Command {
-    Run,
-    Check,
-    Status,
-    Outbox(OutboxAction),
-    Demo { seconds: u64, dir: Option<PathBuf> },
-    Verify { rows: u32 },
-    Relay(RelayAction),
-    Upstream { rollup: bool },
-    Report,
-}
-
-#[derive(Clone, Copy)]
-enum RelayAction {
-    Provision,
-    Rules,
-}
-
-enum OutboxAction {
-    List,
-    Retry,
-    Purge,
-}
-
-struct Args {
-    command: Command,
-    config: PathBuf,
-    sink: Option<String>,
-    id: Option<i64>,
-    source: Option<String>,
-    /// `report` and `upstream rollup`: query parameters, as `key=value`.
-    query: Vec<(String, String)>,
-    /// `report --url`/`--token-file`; `upstream rollup --date`.
-    url: Option<String>,
-    token_file: Option<PathBuf>,
-    date: Option<String>,
-    report_route: &'static str,
-}
-
-/// Parsed arguments, or the text to print and the code to exit with.
-fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, (String, u8)> {
-    let usage = |msg: String| {
-        (
-            format!("edgemeter: {msg}\nTry `edgemeter --help`."),
-            EXIT_USAGE,
-        )
-    };
-    let mut p = lexopt::Parser::from_args(args);
-    let mut command = None;
-    let mut action = None;
-    let mut config = PathBuf::from(config::DEFAULT_PATH);
-    let (mut sink, mut id, mut all) = (None, None, false);
-    let mut source = None;
-    let mut relay_action = None;
-    let (mut seconds, mut dir) = (10u64, None);
-    let mut rows = 1000u32;
-    let mut query: Vec<(String, String)> = Vec::new();
-    let (mut url, mut token_file, mut date) = (None, None, None);
-    let mut report_route = "/v1/series";
-    let mut rollup = None;
-    while let Some(arg) = p.next().map_err(|e| usage(e.to_string()))? {
-        match arg {
-            Short('h') | Long("help") => {
-                let text = match (&command, &action) {
-                    (Some(Command::Run), _) => HELP_RUN,
-                    (Some(Command::Check), _) => HELP_CHECK,
-                    (Some(Command::Status), _) => HELP_STATUS,
-                    (Some(Command::Outbox(_)), _) | (_, Some(_)) => HELP_OUTBOX,
-                    (Some(Command::Demo { .. }), _) => HELP_DEMO,
-                    (Some(Command::Verify { .. }), _) => HELP_VERIFY,
-                    (Some(Command::Relay(_)), _) => HELP_RELAY,
-                    (Some(Command::Upstream { .. }), _) => HELP_UPSTREAM,
-                    (Some(Command::Report), _) => HELP_REPORT,
-                    (None, None) => HELP,
-                };
-                return Err((text.to_owned(), 0));
-            }
-            Short('V') | Long("version") => return Err((VERSION.to_owned(), 0)),
-            Short('c') | Long("config") => {
-                config = p.value().map_err(|e| usage(e.to_string()))?.into()
-            }
-            Long("sink") => {
-                sink = Some(
-                    p.value()
-                        .map_err(|e| usage(e.to_string()))?
-                        .string()
-                        .map_err(|e| usage(e.to_string()))?,
-                )
-            }
-            Long("id") => {
-                id = Some(
-                    p.value()
-                        .map_err(|e| usage(e.to_string()))?
-                        .parse()
-                        .map_err(|e| usage(format!("--id: {e}")))?,
-                )
-            }
-            Long("all") => all = true,
-            Long("source") => {
-                source = Some(
-                    p.value()
-                        .map_err(|e| usage(e.to_string()))?
-                        .string()
-                        .map_err(|e| usage(e.to_string()))?,
-                )
-            }
-            Long("seconds") => {
-                seconds = p
-                    .value()
-                    .map_err(|e| usage(e.to_string()))?
-                    .parse()
-                    .map_err(|e| usage(format!("--seconds: {e}")))?;
-                if !(1..=3600).contains(&seconds) {
-                    return Err(usage("--seconds takes 1 to 3600".into()));
-                }
-            }
-            Long("rows") => {
-                rows = p
-                    .value()
-                    .map_err(|e| usage(e.to_string()))?
-                    .parse()
-                    .map_err(|e| usage(format!("--rows: {e}")))?;
-                if !(1..=1_000_000).contains(&rows) {
-                    return Err(usage("--rows takes 1 to 1000000".into()));
-                }
-            }
-            Long(
-                key @ ("metric" | "range" | "start" | "end" | "format" | "agent" | "user" | "type"
-                | "limit"),
-            ) => {
-                let key = key.to_owned();
-                let v = p
-                    .value()
-                    .map_err(|e| usage(e.to_string()))?
-                    .string()
-                    .map_err(|e| usage(e.to_string()))?;
-                query.push((key, v));
-            }
-            Long("dim") => {
-                let v = p
-                    .value()
-                    .map_err(|e| usage(e.to_string()))?
-                    .string()
-                    .map_err(|e| usage(e.to_string()))?;
-                let (k, val) = v
-                    .split_once('=')
-                    .ok_or_else(|| usage(format!("--dim takes KEY=VALUE, not `{v}`")))?;
-                query.push((format!("dim.{k}"), val.to_owned()));
-            }
-            Long("events") => report_route = "/v1/events",
-            Long("rollups") => report_route = "/v1/rollups",
-            Long("url") => {
-                url = Some(
-                    p.value()
-                        .map_err(|e| usage(e.to_string()))?
-                        .string()
-                        .map_err(|e| usage(e.to_string()))?,
-                )
-            }
-            Long("token-file") => {
-                token_file = Some(PathBuf::from(p.value().map_err(|e| usage(e.to_string()))?))
-            }
-            Long("date") => {
-                date = Some(
-                    p.value()
-                        .map_err(|e| usage(e.to_string()))?
-                        .string()
-                        .map_err(|e| usage(e.to_string()))?,
-                )
-            }
-            Long("dir") => dir = Some(PathBuf::from(p.value().map_err(|e| usage(e.to_string()))?)),
-            Value(v) if command.is_none() => {
-                command = Some(match v.to_str() {
-                    Some("run") => Command::Run,
-                    Some("check") => Command::Check,
-                    Some("status") => Command::Status,
-                    Some("outbox") => Command::Outbox(OutboxAction::List),
-                    Some("demo") => Command::Demo {
-                        seconds: 0,
-                        dir: None,
-                    },
-                    Some("verify") => Command::Verify { rows: 0 },
-                    Some("relay") => Command::Relay(RelayAction::Rules),
-                    Some("upstream") => Command::Upstream { rollup: false },
-                    Some("report") => Command::Report,
-                    _ => return Err(usage(format!("unknown command `{}`", v.to_string_lossy()))),
-                })
-            }
-            Value(v) if matches!(command, Some(Command::Outbox(_))) && action.is_none() => {
-                action = Some(match v.to_str() {
-                    Some("list") => OutboxAction::List,
-                    Some("retry") => OutboxAction::Retry,
-                    Some("purge") => OutboxAction::Purge,
-                    _ => {
-                        return Err(usage(format!(
-                            "unknown outbox action `{}`; use list, retry or purge",
-                            v.to_string_lossy()
-                        )));
-                    }
-                })
-            }
-            Value(v) if matches!(command, Some(Command::Relay(_))) && relay_action.is_none() => {
-                relay_action = Some(match v.to_str() {
-                    Some("provision") => RelayAction::Provision,
-                    Some("rules") => RelayAction::Rules,
-                    _ => {
-                        return Err(usage(format!(
-                            "unknown relay action `{}`; use provision or rules",
-                            v.to_string_lossy()
-                        )));
-                    }
-                })
-            }
-            Value(v) if matches!(command, Some(Command::Upstream { .. })) && rollup.is_none() => {
-                match v.to_str() {
-                    Some("rollup") => rollup = Some(true),
-                    _ => {
-                        return Err(usage(format!(
-                            "unknown upstream action `{}`; the only one is rollup",
-                            v.to_string_lossy()
-                        )));
-                    }
-                }
-            }
-            other => return Err(usage(other.unexpected().to_string())),
-        }
-    }
-    let command = match command {
-        None => return Err((HELP.to_owned(), EXIT_USAGE)),
-        Some(Command::Outbox(_)) => match action {
-            None => {
-                return Err(usage(
-                    "`outbox` needs an action: list, retry or purge".into(),
-                ));
-            }
-            Some(a) => {
-                if !matches!(a, OutboxAction::List) && !all && sink.is_none() && id.is_none() {
-                    return Err(usage(
-                        "say which dead letters: --all, --sink NAME or --id N".into(),
-                    ));
-                }
-                Command::Outbox(a)
-            }
-        },
-        Some(Command::Demo { .. }) => Command::Demo { seconds, dir },
-        Some(Command::Verify { .. }) => Command::Verify { rows },
-        Some(Command::Relay(_)) => match relay_action {
-            Some(a) => Command::Relay(a),
-            None => return Err(usage("`relay` needs an action: provision or rules".into())),
-        },
-        Some(Command::Upstream { .. }) => Command::Upstream {
-            rollup: rollup.unwrap_or(false),
-        },
-        Some(Command::Report) if url.is_some() != token_file.is_some() => {
-            return Err(usage("--url and --token-file go together".into()));
-        }
-        Some(c) => c,
-    };
-    Ok(Args {
-        command,
-        config,
-        sink,
-        id,
-        source,
-        query,
-        url,
-        token_file,
-        date,
-        report_route,
-    })
-}
-
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let args = match parse_args(args) {
-        Ok(a) => a,
-        Err((text, 0)) => {
+    let command = match args::parse(args) {
+        Ok(c) => c,
+        Err(Stop::Print(text)) => {
             println!("{}", text.trim_end());
             return ExitCode::SUCCESS;
         }
-        Err((text, code)) => {
+        Err(Stop::Usage(text)) => {
             eprintln!("{}", text.trim_end());
-            return ExitCode::from(code);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let (Command::Report, Some(url), Some(token)) = (&args.command, &args.url, &args.token_file)
-    {
-        return report_remote(url, token, args.report_route, &args.query);
-    }
-    if let Command::Demo { seconds, dir } = args.command {
-        logging::init(logging::env_level().unwrap_or(log::LevelFilter::Info));
-        return demo::run(seconds, dir);
-    }
-    let config = match config::load(&args.config) {
+    let path = match &command {
+        Command::Demo { seconds, dir } => {
+            logging::init(logging::env_level().unwrap_or(log::LevelFilter::Info));
+            return demo::run(*seconds, dir.clone());
+        }
+        Command::Report {
+            from: ReportFrom::Url { url, token_file },
+            route,
+            query,
+        } => return report_remote(url, token_file, route, query),
+        Command::Report {
+            from: ReportFrom::Config(config),
+            ..
+        }
+        | Command::Run { config }
+        | Command::Check { config }
+        | Command::Status { config }
+        | Command::Outbox { config, .. }
+        | Command::Verify { config, .. }
+        | Command::Relay { config, .. }
+        | Command::Upstream { config }
+        | Command::Rollup { config, .. } => config.clone(),
+    };
+    let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            if let Command::Check = args.command {
+            if let Command::Check { .. } = command {
                 eprintln!("{} problem(s) found", e.problem_count());
             }
             return ExitCode::from(EXIT_USAGE);
         }
     };
     logging::init(logging::env_level().unwrap_or(config.agent.log_level));
-    match args.command {
-        Command::Run => run(config),
-        Command::Check => {
+    match command {
+        Command::Run { .. } => run(config),
+        Command::Check { .. } => {
             println!("{}", summary(&config));
             ExitCode::SUCCESS
         }
-        Command::Status => status(&config),
-        Command::Outbox(action) => outbox(&config, action, args.sink.as_deref(), args.id),
-        Command::Verify { rows } => verify(&config, rows),
-        Command::Relay(action) => relay(&config, action, args.source.as_deref()),
-        Command::Upstream { rollup: false } => upstream(config),
-        Command::Upstream { rollup: true } => rollup(&config, args.date.as_deref(), &args.query),
-        Command::Report => report_local(&config, args.report_route, args.query),
+        Command::Status { .. } => status(&config),
+        Command::Outbox { action, which, .. } => outbox(&config, action, &which),
+        Command::Verify { rows, .. } => verify(&config, rows),
+        Command::Relay { action, source, .. } => relay(&config, action, source.as_deref()),
+        Command::Upstream { .. } => upstream(config),
+        Command::Rollup { date, format, .. } => rollup(&config, date.as_deref(), format.as_deref()),
+        Command::Report { route, query, .. } => report_local(&config, route, query),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -527,13 +134,13 @@ fn upstream(config: Config) -> ExitCode {
     ))
 }
 
-fn rollup(config: &Config, date: Option<&str>, query: &[(String, String)]) -> ExitCode {
+fn rollup(config: &Config, date: Option<&str>, format: Option<&str>) -> ExitCode {
     let Some(up) = &config.upstream else {
         eprintln!("{} has no [upstream] table", config.path.display());
         return ExitCode::from(EXIT_USAGE);
     };
-    let format = match query.iter().find(|(k, _)| k == "format") {
-        Some((_, f)) => match upstream::query::Format::parse(f) {
+    let format = match format {
+        Some(f) => match upstream::query::Format::parse(f) {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("edgemeter: {e}");
@@ -927,8 +534,13 @@ pub fn render_status(
     out
 }
 
-fn outbox(config: &Config, action: OutboxAction, sink: Option<&str>, id: Option<i64>) -> ExitCode {
+fn outbox(config: &Config, action: OutboxAction, which: &Which) -> ExitCode {
     let dir = &config.agent.state_dir;
+    let (sink, id) = match which {
+        Which::All => (None, None),
+        Which::Sink(s) => (Some(s.as_str()), None),
+        Which::Id(i) => (None, Some(*i)),
+    };
     let result = match action {
         OutboxAction::List => Outbox::open_read_only(dir)
             .and_then(|o| o.dead_letters(sink))
@@ -976,6 +588,3 @@ fn render_dead_letters(list: &[DeadLetter]) -> String {
     }
     out
 }
-
-#[cfg(test)]
-mod tests;
