@@ -1,0 +1,133 @@
+//! Appending records within the byte budget: the oldest dropped and counted when it is full.
+
+use super::*;
+
+impl Outbox {
+    /// Append records in one transaction, dropping the oldest first if the
+    /// bound requires it.
+    pub fn append(&mut self, records: &[Record]) -> Result<Appended, OutboxError> {
+        let e = sql_err(&self.path, "appending records");
+        let now = now_ms();
+        let encoded: Vec<String> = records.iter().map(|r| r.dims.encode()).collect();
+        let sizes: Vec<i64> = records
+            .iter()
+            .zip(&encoded)
+            .map(|(r, d)| r.charged_bytes(d))
+            .collect();
+        // A group larger than the whole buffer keeps its newest part.
+        let mut skip = 0;
+        let mut incoming: i64 = sizes.iter().sum();
+        while incoming > self.max_bytes && skip < records.len() {
+            incoming -= sizes[skip];
+            skip += 1;
+        }
+        let tx = self.conn.transaction().map_err(&e)?;
+        let mut dropped = skip as i64;
+        if skip > 0 {
+            count_drop(&tx, reason::BUFFER_FULL, NO_SINK, skip as i64).map_err(&e)?;
+        }
+        let mut freed = 0;
+        let over = self.bytes + incoming - self.max_bytes;
+        if over > 0 {
+            let (n, f) = drop_oldest(&tx, over).map_err(&e)?;
+            dropped += n;
+            freed = f;
+        }
+        let mut first = None;
+        let mut last = 0;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(&e)?;
+            for ((r, dims), size) in records.iter().zip(&encoded).zip(&sizes).skip(skip) {
+                st.execute(params![
+                    r.kind as i64,
+                    r.ts_ms,
+                    r.name,
+                    dims,
+                    r.value,
+                    r.unit,
+                    r.payload,
+                    size,
+                    now
+                ])
+                .map_err(&e)?;
+                last = tx.last_insert_rowid();
+                first.get_or_insert(last);
+            }
+        }
+        tx.commit().map_err(&e)?;
+        self.bytes += incoming - freed;
+        Ok(Appended {
+            ids: first.unwrap_or(1)..=if first.is_some() { last } else { 0 },
+            dropped,
+        })
+    }
+}
+
+/// Delete records every sink has passed. With no sinks, nothing is passed:
+/// the records stay, bounded by the buffer size.
+pub(super) fn collect_garbage(tx: &Transaction) -> rusqlite::Result<i64> {
+    let min: Option<i64> = tx.query_row("SELECT MIN(cursor) FROM sinks", [], |r| r.get(0))?;
+    let Some(min) = min else { return Ok(0) };
+    let freed: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(size), 0) FROM records WHERE id <= ?1",
+        [min],
+        |r| r.get(0),
+    )?;
+    if freed > 0 {
+        tx.execute("DELETE FROM records WHERE id <= ?1", [min])?;
+    }
+    Ok(freed)
+}
+
+/// Drop the oldest records until at least `need` bytes are freed; count the
+/// drops against every sink that had not passed them. Returns (records, bytes).
+pub(super) fn drop_oldest(tx: &Transaction, need: i64) -> rusqlite::Result<(i64, i64)> {
+    let (mut cutoff, mut freed, mut n) = (0i64, 0i64, 0i64);
+    {
+        let mut st = tx.prepare_cached("SELECT id, size FROM records ORDER BY id")?;
+        let mut rows = st.query([])?;
+        while freed < need {
+            let Some(row) = rows.next()? else { break };
+            cutoff = row.get(0)?;
+            freed += row.get::<_, i64>(1)?;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Ok((0, 0));
+    }
+    let sinks: Vec<(String, i64, i64)> = {
+        let mut st = tx.prepare_cached("SELECT name, cursor, kinds FROM sinks")?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    if sinks.is_empty() {
+        count_drop(tx, reason::BUFFER_FULL, NO_SINK, n)?;
+    }
+    for (name, cursor, kinds) in sinks {
+        let missed: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM records WHERE id > ?1 AND id <= ?2 AND ((1 << kind) & ?3) != 0",
+            params![cursor, cutoff, kinds],
+            |r| r.get(0),
+        )?;
+        if missed > 0 {
+            count_drop(tx, reason::BUFFER_FULL, &name, missed)?;
+        }
+    }
+    tx.execute("DELETE FROM records WHERE id <= ?1", [cutoff])?;
+    Ok((n, freed))
+}
+
+pub(super) fn count_drop(c: &Connection, why: &str, sink: &str, n: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO drops (reason, sink, count) VALUES (?1, ?2, ?3)
+         ON CONFLICT (reason, sink) DO UPDATE SET count = count + excluded.count",
+        params![why, sink, n],
+    )?;
+    Ok(())
+}

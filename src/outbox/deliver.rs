@@ -1,0 +1,336 @@
+//! Claiming a sink's next batch (stable ids), and confirming or failing it.
+
+use super::*;
+
+impl Outbox {
+    /// Hand the next batch to `sink` (see the module header for the order).
+    pub fn next_batch(
+        &mut self,
+        sink: &str,
+        max_records: usize,
+    ) -> Result<Option<Batch>, OutboxError> {
+        let e = sql_err(&self.path, "claiming a batch");
+        let tx = self.conn.transaction().map_err(&e)?;
+        let (kinds, cursor, next_seq) = sink_row(&tx, sink)
+            .map_err(&e)?
+            .ok_or_else(|| OutboxError::UnknownSink { name: sink.into() })?;
+
+        // 1. A dead letter an operator asked to retry.
+        let retry: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT id, seq FROM dead_letters WHERE sink = ?1 AND state = 'retry' ORDER BY id LIMIT 1",
+                [sink],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(&e)?;
+        if let Some((dead_id, seq)) = retry {
+            let records = load_records(
+                &tx,
+                "SELECT id, kind, ts, name, dims, value, unit, payload FROM dead_records
+                 WHERE dead_id = ?1 ORDER BY id",
+                params![dead_id],
+            )
+            .map_err(&e)?;
+            tx.execute(
+                "UPDATE dead_letters SET attempts = attempts + 1, updated = ?2 WHERE id = ?1",
+                params![dead_id, now_ms()],
+            )
+            .map_err(&e)?;
+            tx.commit().map_err(&e)?;
+            return Ok(Some(Batch {
+                sink: sink.into(),
+                seq,
+                outbox_id: self.id.clone(),
+                origin: Origin::DeadLetter(dead_id),
+                redelivered: true,
+                records,
+            }));
+        }
+
+        // 2. The open batch, again.
+        let open: Option<(i64, i64, i64, i64)> = tx
+            .query_row(
+                "SELECT seq, first_id, last_id, attempts FROM batches WHERE sink = ?1",
+                [sink],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(&e)?;
+        let mut freed = 0;
+        if let Some((seq, first, last, attempts)) = open {
+            let records = load_records(
+                &tx,
+                "SELECT id, kind, ts, name, dims, value, unit, payload FROM records
+                 WHERE id BETWEEN ?1 AND ?2 AND ((1 << kind) & ?3) != 0 ORDER BY id",
+                params![first, last, kinds.bits()],
+            )
+            .map_err(&e)?;
+            if !records.is_empty() {
+                tx.execute(
+                    "UPDATE batches SET attempts = attempts + 1 WHERE sink = ?1 AND seq = ?2",
+                    params![sink, seq],
+                )
+                .map_err(&e)?;
+                tx.commit().map_err(&e)?;
+                return Ok(Some(Batch {
+                    sink: sink.into(),
+                    seq,
+                    outbox_id: self.id.clone(),
+                    origin: Origin::Pending,
+                    redelivered: attempts > 0,
+                    records,
+                }));
+            }
+            // Everything in it was dropped for space: nothing to deliver.
+            freed += advance(&tx, sink, seq, last, 0).map_err(&e)?;
+        }
+
+        // 3. A new batch after the cursor.
+        let cursor = cursor.max(open.map_or(0, |o| o.2));
+        let records = load_records(
+            &tx,
+            &format!(
+                "SELECT id, kind, ts, name, dims, value, unit, payload FROM records
+                 WHERE id > ?1 AND ((1 << kind) & ?2) != 0 ORDER BY id LIMIT {max_records}"
+            ),
+            params![cursor, kinds.bits()],
+        )
+        .map_err(&e)?;
+        let Some(&(last_id, _)) = records.last() else {
+            // Nothing wanted: pass over what is there so it can be deleted.
+            let top: i64 = tx
+                .query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
+                .map_err(&e)?;
+            if top > cursor {
+                tx.execute(
+                    "UPDATE sinks SET cursor = ?2 WHERE name = ?1",
+                    params![sink, top],
+                )
+                .map_err(&e)?;
+                freed += collect_garbage(&tx).map_err(&e)?;
+            }
+            tx.commit().map_err(&e)?;
+            self.bytes -= freed;
+            return Ok(None);
+        };
+        // The batch covers everything between the cursor and its last record,
+        // including records of kinds this sink skips.
+        tx.execute(
+            "INSERT INTO batches (sink, seq, first_id, last_id, attempts, created)
+             VALUES (?1, ?2, ?3, ?4, 1, ?5)",
+            params![sink, next_seq, cursor + 1, last_id, now_ms()],
+        )
+        .map_err(&e)?;
+        tx.execute(
+            "UPDATE sinks SET next_seq = ?2 WHERE name = ?1",
+            params![sink, next_seq + 1],
+        )
+        .map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        self.bytes -= freed;
+        Ok(Some(Batch {
+            sink: sink.into(),
+            seq: next_seq,
+            outbox_id: self.id.clone(),
+            origin: Origin::Pending,
+            redelivered: false,
+            records,
+        }))
+    }
+
+    /// The sink confirmed `batch`.
+    pub fn ack(&mut self, batch: &Batch) -> Result<(), OutboxError> {
+        let n = batch.records.len() as i64;
+        let (freed, dead_freed) = self.write("confirming a batch", |tx| {
+            match batch.origin {
+                // No row: already confirmed (a duplicate ack), nothing to do.
+                Origin::Pending => match open_batch_end(tx, batch)? {
+                    Some(last) => Ok((advance(tx, &batch.sink, batch.seq, last, n)?, 0)),
+                    None => Ok((0, 0)),
+                },
+                Origin::DeadLetter(id) => {
+                    let dead_freed = delete_dead(tx, id)?;
+                    tx.execute(
+                        "UPDATE sinks SET delivered_records = delivered_records + ?2,
+                         delivered_batches = delivered_batches + 1, last_delivery = ?3, last_error = NULL
+                         WHERE name = ?1",
+                        params![batch.sink, n, now_ms()],
+                    )?;
+                    Ok((0, dead_freed))
+                }
+            }
+        })?;
+        self.bytes -= freed;
+        self.dead_bytes -= dead_freed;
+        Ok(())
+    }
+
+    /// The sink took `batch` except `rejected` (record id, why): confirm the
+    /// batch and keep those records as one dead letter, in one transaction.
+    pub fn ack_with_rejects(
+        &mut self,
+        batch: &Batch,
+        rejected: &[(i64, String)],
+    ) -> Result<(), OutboxError> {
+        if rejected.is_empty() || batch.origin != Origin::Pending {
+            return self.ack(batch);
+        }
+        let now = now_ms();
+        let (dead_before, budget) = (self.dead_bytes, self.max_bytes / 4);
+        let ids: std::collections::HashSet<i64> = rejected.iter().map(|(id, _)| *id).collect();
+        let kept: Vec<&(i64, Record)> = batch
+            .records
+            .iter()
+            .filter(|(id, _)| ids.contains(id))
+            .collect();
+        let bytes: i64 = kept
+            .iter()
+            .map(|(_, r)| r.charged_bytes(&r.dims.encode()))
+            .sum();
+        // One entry per distinct reason, with how many records it covers.
+        let mut reasons: Vec<(String, usize)> = Vec::new();
+        for (_, why) in rejected {
+            match reasons.iter_mut().find(|(w, _)| w == why) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((why.clone(), 1)),
+            }
+        }
+        let error = reasons
+            .iter()
+            .map(|(w, n)| format!("{n} record(s): {w}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let done = self.write("confirming a batch with rejected records", |tx| {
+            let Some(last) = open_batch_end(tx, batch)? else {
+                // Already settled (a duplicate answer): nothing to do.
+                return Ok(None);
+            };
+            tx.execute(
+                "INSERT INTO dead_letters (sink, seq, count, bytes, error, state, attempts, created, updated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'dead', 1, ?6, ?6)",
+                params![batch.sink, batch.seq, kept.len() as i64, bytes, error, now],
+            )?;
+            let dead_id = tx.last_insert_rowid();
+            insert_dead_records(tx, dead_id, kept.iter().map(|(id, r)| (*id, r)))?;
+            let delivered = (batch.records.len() - kept.len()) as i64;
+            let freed = advance(tx, &batch.sink, batch.seq, last, delivered)?;
+            let evicted = evict_dead(tx, dead_before + bytes - budget)?;
+            Ok(Some((freed, evicted)))
+        })?;
+        if let Some((freed, evicted)) = done {
+            self.bytes -= freed;
+            self.dead_bytes += bytes - evicted;
+        }
+        Ok(())
+    }
+
+    /// A delivery attempt failed and will be retried: remember it for status.
+    pub fn note_failure(&mut self, sink: &str, error: &str) -> Result<(), OutboxError> {
+        self.conn
+            .execute(
+                "UPDATE sinks SET failures = failures + 1, last_failure = ?2, last_error = ?3 WHERE name = ?1",
+                params![sink, now_ms(), error],
+            )
+            .map_err(sql_err(&self.path, "noting a failed delivery"))?;
+        Ok(())
+    }
+
+    /// Add to a sink's own counters (`requests`, `bytes_sent`, ...).
+    pub fn bump(&mut self, sink: &str, deltas: &[(&str, i64)]) -> Result<(), OutboxError> {
+        self.write("counting", |tx| {
+            for (key, n) in deltas.iter().filter(|(_, n)| *n != 0) {
+                tx.execute(
+                    "INSERT INTO counters (sink, key, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (sink, key) DO UPDATE SET value = value + excluded.value",
+                    params![sink, key, n],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Count records given up on before they reached the outbox.
+    pub fn count_drops(&mut self, why: &str, n: i64) -> Result<(), OutboxError> {
+        count_drop(&self.conn, why, NO_SINK, n).map_err(sql_err(&self.path, "counting drops"))
+    }
+}
+
+/// The last record id of `batch` if it is still open (not yet settled).
+pub(super) fn open_batch_end(tx: &Transaction, batch: &Batch) -> rusqlite::Result<Option<i64>> {
+    tx.query_row(
+        "SELECT last_id FROM batches WHERE sink = ?1 AND seq = ?2",
+        params![batch.sink, batch.seq],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+pub(super) fn sink_row(
+    tx: &Transaction,
+    sink: &str,
+) -> rusqlite::Result<Option<(KindSet, i64, i64)>> {
+    tx.query_row(
+        "SELECT kinds, cursor, next_seq FROM sinks WHERE name = ?1",
+        [sink],
+        |r| Ok((KindSet::from_bits(r.get(0)?), r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+}
+
+pub(super) fn load_records(
+    tx: &Transaction,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<(i64, Record)>> {
+    let mut st = tx.prepare_cached(sql)?;
+    let rows = st.query_map(args, |r| {
+        let kind_code: i64 = r.get(1)?;
+        let dims: String = r.get(4)?;
+        Ok((
+            r.get::<_, i64>(0)?,
+            Record {
+                // Written only by `append`; an unknown code means the row was
+                // tampered with, and it is still better delivered as a point.
+                kind: Kind::from_code(kind_code).unwrap_or(Kind::Point),
+                ts_ms: r.get(2)?,
+                name: r.get(3)?,
+                dims: Dims::decode(&dims).unwrap_or_default(),
+                value: r.get(5)?,
+                unit: r.get(6)?,
+                payload: r.get(7)?,
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+/// Move `sink`'s cursor past batch `seq` (ending at `last`), count `n`
+/// records as delivered (0 for a dead letter or an empty batch), and delete
+/// what every sink has passed. Returns the bytes freed.
+pub(super) fn advance(
+    tx: &Transaction,
+    sink: &str,
+    seq: i64,
+    last: i64,
+    n: i64,
+) -> rusqlite::Result<i64> {
+    tx.execute(
+        "DELETE FROM batches WHERE sink = ?1 AND seq = ?2",
+        params![sink, seq],
+    )?;
+    if n > 0 {
+        tx.execute(
+            "UPDATE sinks SET cursor = MAX(cursor, ?2), delivered_records = delivered_records + ?3,
+             delivered_batches = delivered_batches + 1, last_delivery = ?4, last_error = NULL
+             WHERE name = ?1",
+            params![sink, last, n, now_ms()],
+        )?;
+    } else {
+        tx.execute(
+            "UPDATE sinks SET cursor = MAX(cursor, ?2) WHERE name = ?1",
+            params![sink, last],
+        )?;
+    }
+    collect_garbage(tx)
+}
