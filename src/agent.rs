@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use async_signal::{Signal, Signals};
 use smol::channel::{Receiver, Sender};
 use smol::stream::StreamExt;
+use std::rc::Rc;
+
 use smol::{LocalExecutor, Task};
 
 use crate::backoff::Backoff;
@@ -82,7 +84,7 @@ pub fn run(
         .map(|(s, b)| (s.name.clone(), b.accepts()))
         .collect();
     let outbox = open_outbox(&config, &wanted)?;
-    let ex = LocalExecutor::new();
+    let ex = Rc::new(LocalExecutor::new());
     smol::block_on(ex.run(serve(&ex, config, extra, built, outbox, stop_after)))
 }
 
@@ -112,7 +114,7 @@ fn open_outbox(config: &Config, wanted: &[(String, KindSet)]) -> Result<SharedOu
 }
 
 async fn serve(
-    ex: &LocalExecutor<'_>,
+    ex: &Rc<LocalExecutor<'static>>,
     config: Config,
     extra: Vec<(String, Box<dyn Source>)>,
     built: Vec<Box<dyn Sink>>,
@@ -143,6 +145,7 @@ async fn serve(
                 agent_id: agent.id.clone(),
                 emit: emitter.clone(),
                 shutdown: shutdown.clone(),
+                spawner: runtime::Spawner::new(ex),
             };
             ex.spawn(source.run(ctx))
         })

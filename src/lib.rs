@@ -90,7 +90,9 @@
 //!   config (exit 2), a locked or unusable state dir (exit 3). Everything
 //!   else (a failed commit, a failed delivery) is logged, counted and
 //!   retried with backoff; it never stops the loop.
-//! - **Threads**: one `LocalExecutor` on the main thread runs every task;
+//! - **Threads**: one `LocalExecutor` on the main thread runs every task
+//!   (a source spawns its own, the aggregator its connections, through
+//!   [`sources::Context::spawner`]);
 //!   never `smol::spawn`, never `smol::unblock` (the `blocking` pool behind
 //!   it never shrinks). Blocking work goes to a [`runtime::Worker`]: one named
 //!   thread per role (`outbox`, and one per sink, e.g. `sink-csv`), started

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -70,6 +70,24 @@ pub enum Item {
     Record(Record),
     /// Commit everything sent before this now, then answer.
     Barrier(Sender<()>),
+}
+
+/// Spawns tasks on the agent's one executor: what a source that serves many
+/// connections or streams uses, instead of an executor of its own.
+#[derive(Clone)]
+pub struct Spawner(Weak<smol::LocalExecutor<'static>>);
+
+impl Spawner {
+    pub fn new(ex: &Rc<smol::LocalExecutor<'static>>) -> Spawner {
+        Spawner(Rc::downgrade(ex))
+    }
+
+    pub fn spawn<T: 'static>(&self, f: impl Future<Output = T> + 'static) -> smol::Task<T> {
+        self.0
+            .upgrade()
+            .expect("the agent's executor outlives every task it runs")
+            .spawn(f)
+    }
 }
 
 /// Where sources put records. Cloned per source.

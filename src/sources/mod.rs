@@ -37,7 +37,7 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use crate::problems::Problems;
-use crate::runtime::{Emitter, LocalBoxFuture, Shutdown};
+use crate::runtime::{Emitter, LocalBoxFuture, Shutdown, Spawner};
 
 /// The `type` values a `[[source]]` may have.
 pub const TYPES: &[&str] = &["synthetic", "xx_gateway", "relay"];
@@ -57,6 +57,9 @@ pub struct Context {
     pub agent_id: String,
     pub emit: Emitter,
     pub shutdown: Shutdown,
+    /// Tasks of the source's own (connections, streams) go on the agent's
+    /// executor through this: there is one executor in the process.
+    pub spawner: Spawner,
 }
 
 pub trait Source {

@@ -32,8 +32,8 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use smol::Async;
 use smol::channel::Receiver;
-use smol::{Async, LocalExecutor};
 
 pub use config::Config;
 
@@ -168,14 +168,12 @@ impl Server {
 
 impl Source for Server {
     fn run(self: Box<Self>, ctx: Context) -> LocalBoxFuture<'static, ()> {
-        Box::pin(async move {
-            let ex = LocalExecutor::new();
-            ex.run(serve(&ex, *self, ctx)).await
-        })
+        Box::pin(serve(*self, ctx))
     }
 }
 
-async fn serve(ex: &LocalExecutor<'_>, s: Server, ctx: Context) {
+async fn serve(s: Server, ctx: Context) {
+    let ex = ctx.spawner.clone();
     let c = s.config;
     let counters = Rc::new(Counters::default());
     let kind = s.store.kind();

@@ -202,13 +202,14 @@ fn run_source(
 ) -> Seen {
     let (emitter, rx) = record_channel();
     let (mut trigger, shutdown) = shutdown_pair();
+    let ex = std::rc::Rc::new(LocalExecutor::new());
     let ctx = Context {
         name: "gw".into(),
         agent_id: "agent".into(),
         emit: emitter,
         shutdown,
+        spawner: crate::runtime::Spawner::new(&ex),
     };
-    let ex = LocalExecutor::new();
     let mut seen = Seen::default();
     smol::block_on(ex.run(async {
         let task = ex.spawn(Box::new(XxGateway::new(config, state.to_owned())).run(ctx));
