@@ -110,6 +110,39 @@ struct Inner {
     period_ms: i64,
 }
 
+/// Why a step of the source failed. The variant decides what is made again:
+/// only a failure of the gateway's database drops its connection; the
+/// source's own store, its node id file and its CSV file are retried as
+/// they are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum XxError {
+    /// `gateway.yaml` or the explicit settings could not be read or used.
+    Settings(String),
+    /// Connecting to the gateway's PostgreSQL, or a query on it.
+    Gateway(String),
+    /// The source's own SQLite store of epochs and ids.
+    Store { path: PathBuf, error: String },
+    /// `node_id_file`.
+    NodeId(String),
+    /// `csv_path`.
+    Csv(String),
+}
+
+impl std::fmt::Display for XxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            XxError::Settings(e) | XxError::Gateway(e) | XxError::NodeId(e) | XxError::Csv(e) => {
+                f.write_str(e)
+            }
+            XxError::Store { path, error } => {
+                write!(f, "the source's store {}: {error}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for XxError {}
+
 fn read_node_id(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read node_id_file {}: {e}", path.display()))?;
@@ -123,27 +156,28 @@ fn read_node_id(path: &std::path::Path) -> Result<String, String> {
 }
 
 impl Inner {
-    fn step(&mut self, now: i64) -> Result<Step, String> {
+    fn step(&mut self, now: i64) -> Result<Step, XxError> {
         if self.store.is_none() {
-            self.store = Some(Store::open(&self.store_path)?);
+            self.store = Some(Store::open(&self.store_path).map_err(|e| self.store_err(e))?);
         }
         if self.node_id.is_none() {
             self.node_id = Some(match &self.config.node_id_file {
-                Some(p) => read_node_id(p)?,
+                Some(p) => read_node_id(p).map_err(XxError::NodeId)?,
                 None => self.agent_id.clone(),
             });
         }
         let mut connected = None;
         if self.gateway.is_none() {
-            let settings = self.config.db.read()?;
-            let mut gw = Gateway::connect(&settings, self.config.connect_timeout)?;
-            self.period_ms = gw.period_ms()?;
+            let settings = self.config.db.read().map_err(XxError::Settings)?;
+            let mut gw = Gateway::connect(&settings, self.config.connect_timeout)
+                .map_err(XxError::Gateway)?;
+            self.period_ms = gw.period_ms().map_err(XxError::Gateway)?;
             connected = Some(format!("{settings:?}"));
             self.gateway = Some(gw);
         }
         let result = self.poll(now);
-        if result.is_err() {
-            // Whatever failed, start from a fresh connection next time.
+        if let Err(XxError::Gateway(_)) = result {
+            // The connection may be broken: make a fresh one next time.
             self.gateway = None;
         }
         let mut step = result?;
@@ -151,42 +185,56 @@ impl Inner {
         Ok(step)
     }
 
-    fn poll(&mut self, now: i64) -> Result<Step, String> {
+    fn store_err(&self, error: String) -> XxError {
+        XxError::Store {
+            path: self.store_path.clone(),
+            error,
+        }
+    }
+
+    fn poll(&mut self, now: i64) -> Result<Step, XxError> {
+        let store_path = self.store_path.clone();
+        let se = move |error: String| XxError::Store {
+            path: store_path.clone(),
+            error,
+        };
         let c = &self.config;
         let period = self.period_ms;
         let store = self.store.as_mut().expect("opened in step");
         let gw = self.gateway.as_mut().expect("connected in step");
         let newest = epochs::newest_final(now, period, c.grace.as_millis() as i64);
-        let last_emitted = match store.get("last_emitted")? {
+        let last_emitted = match store.get("last_emitted").map_err(&se)? {
             Some(e) => e,
             None => {
                 let start = newest - i64::from(c.backfill_epochs);
-                store.set("last_emitted", start)?;
+                store.set("last_emitted", start).map_err(&se)?;
                 // Windows before this were never emitted: rows for their
                 // epochs are context for the first windows, not late.
-                store.set("emitted_from", start + 1)?;
+                store.set("emitted_from", start + 1).map_err(&se)?;
                 start
             }
         };
-        let emitted_from = store.get("emitted_from")?.unwrap_or(i64::MIN);
+        let emitted_from = store.get("emitted_from").map_err(&se)?.unwrap_or(i64::MIN);
         let max_w = i64::from(*c.windows.iter().max().expect("windows is never empty"));
         // Keep what the next windows need, plus one more largest window so
         // late rows can still correct what was emitted.
         let horizon = last_emitted + 1 - 2 * max_w;
 
-        let watermark = store.get("watermark")?.unwrap_or(0);
+        let watermark = store.get("watermark").map_err(&se)?.unwrap_or(0);
         let mut after = (watermark - i64::from(c.id_overlap)).max(0);
         let mut high = watermark;
         let (mut rows_read, mut late_rows, mut expired_rows) = (0u64, 0u64, 0u64);
         let mut late: BTreeSet<(i64, u32)> = BTreeSet::new();
         loop {
-            let rows = gw.rows_after(after, horizon, c.fetch_rows)?;
+            let rows = gw
+                .rows_after(after, horizon, c.fetch_rows)
+                .map_err(XxError::Gateway)?;
             let Some(last) = rows.last() else { break };
             after = last.id;
             high = high.max(last.id);
             rows_read += rows.len() as u64;
             let pairs: Vec<(i64, i64)> = rows.iter().map(|r| (r.epoch, r.recipient_id)).collect();
-            let added = store.add(&pairs, horizon, high)?;
+            let added = store.add(&pairs, horizon, high).map_err(&se)?;
             expired_rows += added.expired;
             for (&epoch, &n) in added.new_ids.range(..=last_emitted) {
                 // Only windows that were emitted can be corrected.
@@ -209,8 +257,8 @@ impl Inner {
             }
         }
 
-        let window = |e: i64, w: u32| -> Result<Emission, String> {
-            let ids = store.ids(epochs::window_start(e, w), e)?;
+        let window = |e: i64, w: u32| -> Result<Emission, XxError> {
+            let ids = store.ids(epochs::window_start(e, w), e).map_err(&se)?;
             let mut sketch = Sketch::default();
             for id in &ids {
                 sketch.insert(hash_i64(*id));
@@ -233,7 +281,7 @@ impl Inner {
                 emissions.push(window(e, w)?);
             }
         }
-        store.prune(horizon)?;
+        store.prune(horizon).map_err(&se)?;
         Ok(Step {
             node_id: self.node_id.clone().expect("read in step"),
             period_ms: period,
@@ -248,23 +296,28 @@ impl Inner {
     }
 
     /// The records are committed: write the CSV lines, then move on.
-    fn finish(&mut self, lines: &str, through: Option<i64>) -> Result<(), String> {
+    fn finish(&mut self, lines: &str, through: Option<i64>) -> Result<(), XxError> {
         if let (Some(path), false) = (&self.config.csv_path, lines.is_empty()) {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| format!("cannot open csv_path {}: {e}", path.display()))?;
+                .map_err(|e| {
+                    XxError::Csv(format!("cannot open csv_path {}: {e}", path.display()))
+                })?;
             f.write_all(lines.as_bytes())
                 .and_then(|()| f.sync_data())
-                .map_err(|e| format!("cannot write csv_path {}: {e}", path.display()))?;
+                .map_err(|e| {
+                    XxError::Csv(format!("cannot write csv_path {}: {e}", path.display()))
+                })?;
         }
         if let Some(e) = through {
             self.store
                 .as_ref()
                 .expect("opened")
-                .set("last_emitted", e)?;
+                .set("last_emitted", e)
+                .map_err(|e| self.store_err(e))?;
         }
         Ok(())
     }
@@ -282,11 +335,11 @@ pub struct Verified {
 /// Decode the newest `rows` filters and check that each claims its
 /// `first_round` and `first_round + round_range` (the gateway ORs every
 /// merged round in, so both must test positive).
-pub fn verify(config: &Config, rows: u32) -> Result<Verified, String> {
-    let settings = config.db.read()?;
-    let mut gw = Gateway::connect(&settings, config.connect_timeout)?;
+pub fn verify(config: &Config, rows: u32) -> Result<Verified, XxError> {
+    let settings = config.db.read().map_err(XxError::Settings)?;
+    let mut gw = Gateway::connect(&settings, config.connect_timeout).map_err(XxError::Gateway)?;
     let mut out = Verified::default();
-    for row in gw.newest_filters(rows)? {
+    for row in gw.newest_filters(rows).map_err(XxError::Gateway)? {
         out.rows += 1;
         match bloom::Filter::decode(&row.filter) {
             Err(e) => out.malformed.push((row.id, e.to_string())),
@@ -384,6 +437,7 @@ impl Source for XxGateway {
                     Ok(s) => s,
                     Err(e) => {
                         let wait = backoff.next_wait();
+                        let e = e.to_string();
                         if failing.as_deref() != Some(e.as_str()) {
                             log::warn!(
                                 "source `{}`: {e}; retrying with backoff (next in {:.1} s), resuming from the last row read",

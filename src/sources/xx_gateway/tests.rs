@@ -392,14 +392,19 @@ fn missing_rights_and_bad_passwords_are_explained_without_secrets() {
         .expect("no rights");
     assert_eq!(
         err,
-        "role `stranger` may not read `states` (permission denied). edgemeter needs only SELECT: \
-         GRANT SELECT ON client_bloom_filters, states TO \"stranger\";"
+        XxError::Gateway(
+            "role `stranger` may not read `states` (permission denied). edgemeter needs only SELECT: \
+             GRANT SELECT ON client_bloom_filters, states TO \"stranger\";"
+                .into()
+        )
     );
     let yaml = gw.yaml(&dir, "reader", "not-the-password");
     let err = inner(config(&yaml, &dir, 5), &dir)
         .step(now_ms())
         .err()
         .expect("bad password");
+    assert!(matches!(err, XxError::Gateway(_)), "{err:?}");
+    let err = err.to_string();
     assert!(err.contains("wrong user or password"), "{err}");
     assert!(
         !err.contains("not-the-password"),
@@ -416,7 +421,8 @@ fn missing_rights_and_bad_passwords_are_explained_without_secrets() {
     let err = inner(cfg, &dir)
         .step(now_ms())
         .err()
-        .expect("no password, no db");
+        .expect("no password, no db")
+        .to_string();
     assert!(err.contains("reader@127.0.0.1"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
