@@ -39,8 +39,10 @@ pub fn release_bin() -> PathBuf {
         .current_dir(root)
         .status()
         .expect("run cargo");
-    assert!(status.success(), "could not build target/release/edgemeter");
-    root.join("target/release/edgemeter")
+    assert!(status.success(), "could not build the release edgemeter");
+    // Where cargo put it: CARGO_TARGET_DIR (relative to the package) if set.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), |d| root.join(d));
+    target.join("release/edgemeter")
 }
 
 pub fn now_ms() -> i64 {

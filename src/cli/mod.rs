@@ -205,11 +205,11 @@ fn report_local(config: &Config, route: &'static str, query: Vec<(String, String
             print!("{body}");
             ExitCode::SUCCESS
         }
-        Err(upstream::api::Answer::Bad(e)) => {
+        Err(upstream::api::QueryError::Invalid(e)) => {
             eprintln!("edgemeter: {e}");
             ExitCode::from(EXIT_USAGE)
         }
-        Err(upstream::api::Answer::Store(e)) => {
+        Err(upstream::api::QueryError::Store(e)) => {
             eprintln!("edgemeter: {e}");
             ExitCode::from(EXIT_FAILURE)
         }

@@ -23,6 +23,7 @@ use smol::channel::Sender;
 use crate::clock::now_ms;
 use crate::problems::read_token;
 use crate::runtime::OnWorker;
+use crate::upstream::db::DbError;
 use crate::upstream::http::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::upstream::query::{self, Params};
 use crate::upstream::store::{Ingested, Store};
@@ -264,7 +265,7 @@ impl Counters {
 }
 
 /// A batch on its way to the group committer, with where to answer.
-pub type Commit = (wire::Batch, Sender<Result<Ingested, String>>);
+pub type Commit = (wire::Batch, Sender<Result<Ingested, DbError>>);
 
 pub struct Api {
     pub tokens: RefCell<Tokens>,
@@ -570,8 +571,8 @@ impl Api {
         };
         match answer(&self.store, route, params).await {
             Ok((content_type, body)) => Response::new(200, content_type, body),
-            Err(Answer::Bad(e)) => Response::error(400, e),
-            Err(Answer::Store(e)) => {
+            Err(QueryError::Invalid(e)) => Response::error(400, e),
+            Err(QueryError::Store(e)) => {
                 bump(&self.counters.store_errors, 1);
                 log::error!("a query failed: {e}");
                 Response::error(503, "the store is unavailable")
@@ -615,7 +616,7 @@ impl Api {
             ),
             Err(e) => Response::json(
                 503,
-                &serde_json::json!({ "status": "store unavailable", "error": e, "store": self.store_kind }),
+                &serde_json::json!({ "status": "store unavailable", "error": e.to_string(), "store": self.store_kind }),
             ),
         }
     }
@@ -634,11 +635,13 @@ fn route_name(req: &Request) -> &'static str {
     }
 }
 
-pub enum Answer {
-    /// The question is wrong (400).
-    Bad(String),
-    /// The store failed (503).
-    Store(String),
+/// Why a query got no answer: the question (400) or the store (503).
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryError {
+    /// The question is wrong: what to fix.
+    Invalid(String),
+    /// The store failed; the question may be asked again.
+    Store(DbError),
 }
 
 /// Answer a query from the store: `(content type, body)`. Shared by the
@@ -647,29 +650,29 @@ pub async fn answer(
     store: &OnWorker<Store>,
     route: &str,
     params: Params,
-) -> Result<(&'static str, String), Answer> {
+) -> Result<(&'static str, String), QueryError> {
     let now = now_ms();
-    let format = params.format().map_err(Answer::Bad)?;
+    let format = params.format().map_err(QueryError::Invalid)?;
     match route {
         "/v1/series" => {
-            let q = params.series(now).map_err(Answer::Bad)?;
+            let q = params.series(now).map_err(QueryError::Invalid)?;
             let q2 = q.clone();
             let rows = store
                 .call(move |s| s.series(&q2))
                 .await
-                .map_err(Answer::Store)?;
+                .map_err(QueryError::Store)?;
             Ok((
                 format.content_type(),
                 query::render_series(&q, &rows, format),
             ))
         }
         "/v1/rollups" => {
-            let (first, last) = params.days(now).map_err(Answer::Bad)?;
+            let (first, last) = params.days(now).map_err(QueryError::Invalid)?;
             let metric = params.metric.clone();
             let rows = store
                 .call(move |s| s.rollups(&first, &last))
                 .await
-                .map_err(Answer::Store)?
+                .map_err(QueryError::Store)?
                 .into_iter()
                 .filter(|r| metric.as_ref().is_none_or(|m| *m == r.metric))
                 .collect::<Vec<_>>();
@@ -677,13 +680,15 @@ pub async fn answer(
         }
         _ => {
             if format != query::Format::Json {
-                return Err(Answer::Bad("events come as JSON only (format=json)".into()));
+                return Err(QueryError::Invalid(
+                    "events come as JSON only (format=json)".into(),
+                ));
             }
-            let q = params.events(now).map_err(Answer::Bad)?;
+            let q = params.events(now).map_err(QueryError::Invalid)?;
             let rows = store
                 .call(move |s| s.events(&q))
                 .await
-                .map_err(Answer::Store)?;
+                .map_err(QueryError::Store)?;
             // Each payload goes out as the JSON text it was stored as,
             // never re-parsed (a stored non-JSON payload as a JSON string).
             #[derive(serde::Serialize)]

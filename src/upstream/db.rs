@@ -85,17 +85,57 @@ impl From<f64> for Val<'_> {
 
 pub type Rows = Vec<Vec<Val<'static>>>;
 
+/// Why the aggregator's database failed, with where. Every variant means
+/// "not now" to a caller that stores (the edge sends the batch again); they
+/// tell an operator what to look at. No variant holds a secret: URLs never
+/// carry the password (config refuses it) and the drivers do not print it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DbError {
+    /// Opening the SQLite file, or parsing the PostgreSQL URL.
+    Open { target: String, error: String },
+    /// PostgreSQL cannot be reached, or the connection was lost.
+    Unreachable { target: String, error: String },
+    /// Creating the tables.
+    Schema { target: String, error: String },
+    /// A statement (or begin, commit) failed on a working connection.
+    Statement { target: String, error: String },
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbError::Open { target, error } => write!(f, "the upstream store {target}: {error}"),
+            DbError::Unreachable { target, error } => {
+                write!(f, "cannot connect to PostgreSQL {target}: {error}")
+            }
+            DbError::Schema { target, error } => {
+                write!(f, "creating the upstream tables in {target}: {error}")
+            }
+            DbError::Statement { target, error } => write!(f, "{target}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for DbError {}
+
+fn sqlite_err(e: rusqlite::Error) -> DbError {
+    DbError::Statement {
+        target: "the SQLite store".into(),
+        error: e.to_string(),
+    }
+}
+
 /// What the store needs from a database. Errors are sentences without
 /// secrets; every one means "try again later" to the caller.
 pub trait Db: Send {
     /// `sqlite` or `postgresql`, for logs and `/health`.
     fn kind(&self) -> &'static str;
-    fn begin(&mut self) -> Result<(), String>;
-    fn commit(&mut self) -> Result<(), String>;
+    fn begin(&mut self) -> Result<(), DbError>;
+    fn commit(&mut self) -> Result<(), DbError>;
     fn rollback(&mut self);
     /// Rows changed.
-    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, String>;
-    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, String>;
+    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, DbError>;
+    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, DbError>;
 }
 
 // ---------------------------------------------------------------- SQLite
@@ -188,8 +228,11 @@ pub struct Sqlite {
 
 impl Sqlite {
     /// `read_only` is for `edgemeter report` beside a running upstream.
-    pub fn open(path: &Path, read_only: bool) -> Result<Sqlite, String> {
-        let what = |e: rusqlite::Error| format!("the upstream store {}: {e}", path.display());
+    pub fn open(path: &Path, read_only: bool) -> Result<Sqlite, DbError> {
+        let what = |e: rusqlite::Error| DbError::Open {
+            target: path.display().to_string(),
+            error: e.to_string(),
+        };
         let conn = if read_only {
             rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         } else {
@@ -221,37 +264,35 @@ impl Db for Sqlite {
     fn kind(&self) -> &'static str {
         "sqlite"
     }
-    fn begin(&mut self) -> Result<(), String> {
+    fn begin(&mut self) -> Result<(), DbError> {
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| format!("starting a transaction: {e}"))
+            .map_err(sqlite_err)
     }
-    fn commit(&mut self) -> Result<(), String> {
-        self.conn
-            .execute_batch("COMMIT")
-            .map_err(|e| format!("committing: {e}"))
+    fn commit(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("COMMIT").map_err(sqlite_err)
     }
     fn rollback(&mut self) {
         let _ = self.conn.execute_batch("ROLLBACK");
     }
-    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, String> {
-        let mut st = self.conn.prepare_cached(sql).map_err(|e| format!("{e}"))?;
+    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, DbError> {
+        let mut st = self.conn.prepare_cached(sql).map_err(sqlite_err)?;
         st.execute(rusqlite::params_from_iter(params))
             .map(|n| n as u64)
-            .map_err(|e| format!("{e}"))
+            .map_err(sqlite_err)
     }
-    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, String> {
+    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, DbError> {
         use rusqlite::types::ValueRef;
-        let mut st = self.conn.prepare_cached(sql).map_err(|e| format!("{e}"))?;
+        let mut st = self.conn.prepare_cached(sql).map_err(sqlite_err)?;
         let n = st.column_count();
         let mut rows = st
             .query(rusqlite::params_from_iter(params))
-            .map_err(|e| format!("{e}"))?;
+            .map_err(sqlite_err)?;
         let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(|e| format!("{e}"))? {
+        while let Some(row) = rows.next().map_err(sqlite_err)? {
             let mut vals = Vec::with_capacity(n);
             for i in 0..n {
-                vals.push(match row.get_ref(i).map_err(|e| format!("{e}"))? {
+                vals.push(match row.get_ref(i).map_err(sqlite_err)? {
                     ValueRef::Null => Val::Null,
                     ValueRef::Integer(i) => Val::Int(i),
                     ValueRef::Real(r) => Val::Real(r),
@@ -282,10 +323,11 @@ pub struct Postgres {
 impl Postgres {
     /// Parse the URL now (a typo is a config error); connect on first use,
     /// and again whenever the connection was lost.
-    pub fn new(url: &str, password: Option<String>) -> Result<Postgres, String> {
-        let mut config: postgres::Config = url
-            .parse()
-            .map_err(|e| format!("store URL is not a PostgreSQL URL: {e}"))?;
+    pub fn new(url: &str, password: Option<String>) -> Result<Postgres, DbError> {
+        let mut config: postgres::Config = url.parse().map_err(|e| DbError::Open {
+            target: "URL".into(),
+            error: format!("not a PostgreSQL URL: {e}"),
+        })?;
         if let Some(p) = password {
             config.password(p);
         }
@@ -313,35 +355,31 @@ impl Postgres {
         })
     }
 
-    fn client(&mut self) -> Result<&mut postgres::Client, String> {
+    fn client(&mut self) -> Result<&mut postgres::Client, DbError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.statements.clear();
-            let mut client = self.config.connect(postgres::NoTls).map_err(|e| {
-                format!(
-                    "cannot connect to PostgreSQL {}: {}",
-                    self.target,
-                    pg_msg(&e)
-                )
-            })?;
-            let mut tx = client
-                .transaction()
-                .map_err(|e| format!("PostgreSQL {}: {}", self.target, pg_msg(&e)))?;
+            let mut client =
+                self.config
+                    .connect(postgres::NoTls)
+                    .map_err(|e| DbError::Unreachable {
+                        target: self.target.clone(),
+                        error: pg_msg(&e),
+                    })?;
+            let schema = |e: postgres::Error| DbError::Schema {
+                target: self.target.clone(),
+                error: pg_msg(&e),
+            };
+            let mut tx = client.transaction().map_err(schema)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
                 .and_then(|_| tx.batch_execute(&pg_schema()))
                 .and_then(|_| tx.commit())
-                .map_err(|e| {
-                    format!(
-                        "creating the upstream tables in {}: {}",
-                        self.target,
-                        pg_msg(&e)
-                    )
-                })?;
+                .map_err(schema)?;
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
 
-    fn statement(&mut self, sql: &str) -> Result<postgres::Statement, String> {
+    fn statement(&mut self, sql: &str) -> Result<postgres::Statement, DbError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
@@ -350,16 +388,26 @@ impl Postgres {
         let st = self
             .client()?
             .prepare(&text)
-            .map_err(|e| format!("PostgreSQL {target}: {}", pg_msg(&e)))?;
+            .map_err(|e| DbError::Statement {
+                target: format!("PostgreSQL {target}"),
+                error: pg_msg(&e),
+            })?;
         self.statements.insert(sql.to_owned(), st.clone());
         Ok(st)
     }
 
-    fn fail(&mut self, e: postgres::Error) -> String {
-        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+    fn fail(&mut self, e: postgres::Error) -> DbError {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) || e.is_closed() {
             self.client = None;
+            return DbError::Unreachable {
+                target: self.target.clone(),
+                error: pg_msg(&e),
+            };
         }
-        format!("PostgreSQL {}: {}", self.target, pg_msg(&e))
+        DbError::Statement {
+            target: format!("PostgreSQL {}", self.target),
+            error: pg_msg(&e),
+        }
     }
 }
 
@@ -442,11 +490,11 @@ impl Db for Postgres {
     fn kind(&self) -> &'static str {
         "postgresql"
     }
-    fn begin(&mut self) -> Result<(), String> {
+    fn begin(&mut self) -> Result<(), DbError> {
         let r = self.client()?.batch_execute("BEGIN");
         r.map_err(|e| self.fail(e))
     }
-    fn commit(&mut self) -> Result<(), String> {
+    fn commit(&mut self) -> Result<(), DbError> {
         let r = self.client()?.batch_execute("COMMIT");
         r.map_err(|e| self.fail(e))
     }
@@ -455,14 +503,14 @@ impl Db for Postgres {
             let _ = c.batch_execute("ROLLBACK");
         }
     }
-    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, String> {
+    fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, DbError> {
         let st = self.statement(sql)?;
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             params.iter().map(|v| v as _).collect();
         let r = self.client()?.execute(&st, &refs);
         r.map_err(|e| self.fail(e))
     }
-    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, String> {
+    fn query(&mut self, sql: &str, params: &[Val<'_>]) -> Result<Rows, DbError> {
         let st = self.statement(sql)?;
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             params.iter().map(|v| v as _).collect();

@@ -66,14 +66,14 @@ pub fn open_store(c: &Config, state_dir: &Path, read_only: bool) -> Result<Store
                     path.display()
                 ));
             }
-            Box::new(db::Sqlite::open(&path, read_only)?)
+            Box::new(db::Sqlite::open(&path, read_only).map_err(|e| e.to_string())?)
         }
         config::StoreKind::Postgres { url, password_file } => {
             let password = match password_file {
                 Some(f) => Some(crate::problems::read_token(f)?),
                 None => std::env::var("PGPASSWORD").ok(),
             };
-            Box::new(db::Postgres::new(url, password)?)
+            Box::new(db::Postgres::new(url, password).map_err(|e| e.to_string())?)
         }
     };
     Ok(Store::new(
@@ -364,25 +364,27 @@ async fn forward_loop(
         let owner2 = owner.clone();
         let until = now_ms() - settle.as_millis() as i64;
         let round = store
-            .call(move |s| -> Result<Vec<(Group, store::Aggregate)>, String> {
-                let mut groups = if recovering {
-                    s.unsent(&owner2)?
-                } else {
-                    Vec::new()
-                };
-                for g in s.settled(until, FORWARD_MAX)? {
-                    if s.claim(&g, &owner2, now_ms())? {
-                        groups.push(g);
+            .call(
+                move |s| -> Result<Vec<(Group, store::Aggregate)>, db::DbError> {
+                    let mut groups = if recovering {
+                        s.unsent(&owner2)?
+                    } else {
+                        Vec::new()
+                    };
+                    for g in s.settled(until, FORWARD_MAX)? {
+                        if s.claim(&g, &owner2, now_ms())? {
+                            groups.push(g);
+                        }
                     }
-                }
-                let mut out = Vec::with_capacity(groups.len());
-                for g in groups {
-                    if let Some(a) = s.aggregate(&g)? {
-                        out.push((g, a));
+                    let mut out = Vec::with_capacity(groups.len());
+                    for g in groups {
+                        if let Some(a) = s.aggregate(&g)? {
+                            out.push((g, a));
+                        }
                     }
-                }
-                Ok(out)
-            })
+                    Ok(out)
+                },
+            )
             .await;
         let mut full = false;
         match round {

@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::Sketch;
-use crate::upstream::db::{Db, Rows, Val};
+use crate::upstream::db::{Db, DbError, Rows, Val};
 use crate::wire;
 
 pub struct Store {
@@ -222,7 +222,7 @@ impl Store {
     /// keeps no forwarding bookkeeping, and a SQLite store (which only this
     /// process uses) drops what an earlier run with sinks left in `pending`;
     /// a shared PostgreSQL store is left alone for replicas that forward.
-    pub fn set_forwarding(&mut self, forwards: bool) -> Result<u64, String> {
+    pub fn set_forwarding(&mut self, forwards: bool) -> Result<u64, DbError> {
         self.forwards = forwards;
         if forwards || self.db.kind() != "sqlite" {
             return Ok(0);
@@ -244,8 +244,8 @@ impl Store {
     /// Run `f` in one transaction; roll back on error.
     fn transaction<T>(
         &mut self,
-        f: impl FnOnce(&mut Store) -> Result<T, String>,
-    ) -> Result<T, String> {
+        f: impl FnOnce(&mut Store) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
         self.db.begin()?;
         match f(self) {
             Ok(v) => {
@@ -268,7 +268,7 @@ impl Store {
         &mut self,
         batches: &[&wire::Batch],
         now_ms: i64,
-    ) -> Result<Vec<Ingested>, String> {
+    ) -> Result<Vec<Ingested>, DbError> {
         let mut order: Vec<usize> = (0..batches.len()).collect();
         order.sort_by(|&a, &b| {
             let key = |b: &wire::Batch| (b.agent_id.clone(), b.outbox_id.clone(), b.seq);
@@ -299,7 +299,7 @@ impl Store {
         result
     }
 
-    fn ingest_one(&mut self, b: &wire::Batch, now_ms: i64) -> Result<Ingested, String> {
+    fn ingest_one(&mut self, b: &wire::Batch, now_ms: i64) -> Result<Ingested, DbError> {
         let inserted = self.db.exec(
             SQL_INSERT_BATCH,
             &[
@@ -415,7 +415,7 @@ impl Store {
     }
 
     /// Insert whole rows of 7 values with one statement.
-    fn insert_points(&mut self, values: &[Val<'_>]) -> Result<(), String> {
+    fn insert_points(&mut self, values: &[Val<'_>]) -> Result<(), DbError> {
         let rows = values.len() / 7;
         if self.point_sql.len() < rows {
             self.point_sql = (1..=POINT_ROWS_PER_INSERT).map(insert_points_sql).collect();
@@ -428,7 +428,7 @@ impl Store {
 
     // ------------------------------------------------------------ queries
 
-    pub fn series(&mut self, q: &SeriesQuery) -> Result<Vec<SeriesRow>, String> {
+    pub fn series(&mut self, q: &SeriesQuery) -> Result<Vec<SeriesRow>, DbError> {
         let range = [q.metric.as_str().into(), q.start_ms.into(), q.end_ms.into()];
         let keep = |d: &Dims| {
             q.dims
@@ -544,7 +544,7 @@ impl Store {
             .collect())
     }
 
-    pub fn events(&mut self, q: &EventQuery) -> Result<Vec<EventRow>, String> {
+    pub fn events(&mut self, q: &EventQuery) -> Result<Vec<EventRow>, DbError> {
         let mut sql = String::from(
             "SELECT ts, etype, user_id, agent, dims, payload FROM events WHERE ts >= ?1 AND ts < ?2",
         );
@@ -583,7 +583,7 @@ impl Store {
     }
 
     /// Delete every stored event of `user`; how many there were.
-    pub fn delete_user(&mut self, user: &str) -> Result<u64, String> {
+    pub fn delete_user(&mut self, user: &str) -> Result<u64, DbError> {
         self.transaction(|s| {
             s.db.exec("DELETE FROM events WHERE user_id = ?1", &[user.into()])
         })
@@ -592,7 +592,7 @@ impl Store {
     // ------------------------------------------------------------ forwarding
 
     /// Groups waiting to be forwarded whose time is at or before `until_ms`.
-    pub fn settled(&mut self, until_ms: i64, limit: usize) -> Result<Vec<Group>, String> {
+    pub fn settled(&mut self, until_ms: i64, limit: usize) -> Result<Vec<Group>, DbError> {
         let rows = self.db.query(
             &format!(
                 "SELECT metric, net, ts FROM pending WHERE ts <= ?1 ORDER BY ts, metric, net LIMIT {limit}"
@@ -604,7 +604,7 @@ impl Store {
 
     /// Take `g` for forwarding: true if this caller won it (another replica
     /// may have). Either way it leaves `pending`.
-    pub fn claim(&mut self, g: &Group, owner: &str, now_ms: i64) -> Result<bool, String> {
+    pub fn claim(&mut self, g: &Group, owner: &str, now_ms: i64) -> Result<bool, DbError> {
         self.transaction(|s| {
             let key: [Val; 3] = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
             let won = s.db.exec(
@@ -629,7 +629,7 @@ impl Store {
 
     /// Claimed by `owner` but not confirmed sent (a crash in between): to be
     /// emitted again.
-    pub fn unsent(&mut self, owner: &str) -> Result<Vec<Group>, String> {
+    pub fn unsent(&mut self, owner: &str) -> Result<Vec<Group>, DbError> {
         let rows = self.db.query(
             "SELECT metric, net, ts FROM forwarded WHERE owner = ?1 AND state = 'claimed' ORDER BY ts",
             &[owner.into()],
@@ -637,7 +637,7 @@ impl Store {
         Ok(rows.into_iter().map(group_of).collect())
     }
 
-    pub fn mark_sent(&mut self, groups: &[Group]) -> Result<(), String> {
+    pub fn mark_sent(&mut self, groups: &[Group]) -> Result<(), DbError> {
         self.transaction(|s| {
             for g in groups {
                 s.db.exec(
@@ -650,7 +650,7 @@ impl Store {
     }
 
     /// The network value of one group, as records for the upstream's sinks.
-    pub fn aggregate(&mut self, g: &Group) -> Result<Option<Aggregate>, String> {
+    pub fn aggregate(&mut self, g: &Group) -> Result<Option<Aggregate>, DbError> {
         let key = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
         let dims = Dims::decode(&g.net).unwrap_or_default();
         let sketches = self.db.query(
@@ -703,7 +703,7 @@ impl Store {
         day: &str,
         start_ms: i64,
         now_ms: i64,
-    ) -> Result<Vec<RollupRow>, String> {
+    ) -> Result<Vec<RollupRow>, DbError> {
         let end_ms = start_ms + 86_400_000;
         let range = [start_ms.into(), end_ms.into()];
         let mut unions: BTreeMap<(String, String), (Sketch, BTreeSet<String>, i64)> =
@@ -794,7 +794,7 @@ impl Store {
     }
 
     /// Stored rollups between two days (inclusive, `YYYY-MM-DD`).
-    pub fn rollups(&mut self, first: &str, last: &str) -> Result<Vec<RollupRow>, String> {
+    pub fn rollups(&mut self, first: &str, last: &str) -> Result<Vec<RollupRow>, DbError> {
         let rows: Rows = self.db.query(
             "SELECT day, metric, net, how, value, samples, agents FROM rollups \
              WHERE day >= ?1 AND day <= ?2 ORDER BY day, metric, net",
@@ -819,7 +819,7 @@ impl Store {
     }
 
     /// Rows per table, for `/health`.
-    pub fn sizes(&mut self) -> Result<HashMap<&'static str, i64>, String> {
+    pub fn sizes(&mut self) -> Result<HashMap<&'static str, i64>, DbError> {
         let mut out = HashMap::new();
         for t in ["batches", "points", "sketches", "events", "pending"] {
             let n = self.db.query(&format!("SELECT COUNT(*) FROM {t}"), &[])?;

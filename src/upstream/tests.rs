@@ -406,3 +406,40 @@ fn an_upstream_without_sinks_keeps_no_forwarding_queue() {
     assert_eq!(s.pending_seen_len(), 0);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Issue 14: the store's errors were strings; callers now decide by variant
+/// (an unreachable PostgreSQL is not a bad statement), and the text still
+/// says where.
+#[test]
+fn store_errors_say_what_failed_and_where() {
+    use crate::upstream::db::Db;
+    let dir = std::env::temp_dir().join(format!("edgemeter-dberr-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // A directory where the SQLite file should be.
+    match db::Sqlite::open(&dir, false) {
+        Err(e @ db::DbError::Open { .. }) => {
+            assert!(e.to_string().starts_with("the upstream store "), "{e}")
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("a directory opened as a database"),
+    }
+    assert!(matches!(
+        db::Postgres::new("not a url", None),
+        Err(db::DbError::Open { .. })
+    ));
+    // Nothing listens on port 1 of loopback: refused at once.
+    let mut pg = db::Postgres::new("postgres://edgemeter@127.0.0.1:1/up", None).expect("a URL");
+    match pg.exec("SELECT 1", &[]) {
+        Err(e @ db::DbError::Unreachable { .. }) => {
+            assert!(e.to_string().contains("127.0.0.1:1/up"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A statement SQLite cannot run is a statement error, not an outage.
+    let mut ok = db::Sqlite::open(&dir.join("up.db"), false).expect("open");
+    assert!(matches!(
+        ok.exec("SELECT * FROM no_such_table", &[]),
+        Err(db::DbError::Statement { .. })
+    ));
+    std::fs::remove_dir_all(dir).ok();
+}
