@@ -93,6 +93,55 @@ impl Link {
     }
 }
 
+/// Why a stream's connection could not be made, or ended. The text is for
+/// `status` and the log; the variant for the code that decides.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkError {
+    /// The session host's name has no address.
+    Resolve { host: String, error: String },
+    /// No TCP connection to any of its addresses.
+    Connect { addr: String, error: String },
+    /// TCP connected, the websocket handshake failed.
+    Handshake { url: String, error: String },
+    /// No answer within the connect timeout.
+    Timeout {
+        url: String,
+        after: std::time::Duration,
+    },
+    /// The session host closed the connection (with its close code, if any).
+    Closed { code: Option<String> },
+    /// The connection broke (reset, EOF without a close frame).
+    Lost(String),
+    /// A frame larger than the bound: the rest of it cannot be skipped.
+    Oversized(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Resolve { host, error } => write!(f, "cannot resolve {host}: {error}"),
+            LinkError::Connect { addr, error } => write!(f, "cannot connect to {addr}: {error}"),
+            LinkError::Handshake { url, error } => {
+                write!(f, "websocket handshake with {url} failed: {error}")
+            }
+            LinkError::Timeout { url, after } => write!(f, "no answer from {url} within {after:?}"),
+            LinkError::Closed { code: Some(c) } => {
+                write!(f, "the session host closed the connection ({c})")
+            }
+            LinkError::Closed { code: None } => {
+                f.write_str("the session host closed the connection")
+            }
+            LinkError::Lost(e) => write!(f, "connection lost: {e}"),
+            LinkError::Oversized(e) => write!(
+                f,
+                "{e}; the rest of that frame cannot be skipped, so reconnecting"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +190,38 @@ mod tests {
         l.connected(30_000);
         assert_eq!(l.reconnects, 2);
         assert!(l.is_live());
+    }
+
+    #[test]
+    fn link_errors_read_as_sentences() {
+        let check = |e: LinkError, want: &str| assert_eq!(e.to_string(), want);
+        check(
+            LinkError::Closed {
+                code: Some("1001 going away".into()),
+            },
+            "the session host closed the connection (1001 going away)",
+        );
+        check(
+            LinkError::Closed { code: None },
+            "the session host closed the connection",
+        );
+        check(
+            LinkError::Connect {
+                addr: "127.0.0.1:8888".into(),
+                error: "Connection refused".into(),
+            },
+            "cannot connect to 127.0.0.1:8888: Connection refused",
+        );
+        check(
+            LinkError::Timeout {
+                url: "ws://h/ws/spin30".into(),
+                after: std::time::Duration::from_secs(10),
+            },
+            "no answer from ws://h/ws/spin30 within 10s",
+        );
+        check(
+            LinkError::Oversized("Message too long".into()),
+            "Message too long; the rest of that frame cannot be skipped, so reconnecting",
+        );
     }
 }

@@ -77,7 +77,7 @@ use crate::sources::{Context, Source};
 use analytics::GraphKey;
 pub use config::Config;
 use ingest::{Frame, Settings, State};
-use link::Link;
+use link::{Link, LinkError};
 use store::Store;
 
 /// How often analytics state, raw lines and the status file are written.
@@ -290,7 +290,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
         };
         let wait = shared.state.borrow_mut().streams[i].link.dropped(
             now_ms(),
-            error.clone(),
+            error.to_string(),
             fastrand::f64(),
         );
         shared.changed.ring();
@@ -315,15 +315,21 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
 }
 
 /// Connect and shake hands, within [`CONNECT_TIMEOUT`].
-async fn connect(config: &Config, url: &str) -> Result<Ws, String> {
+async fn connect(config: &Config, url: &str) -> Result<Ws, LinkError> {
     let work = async {
         // Each address in turn (`localhost` may be ::1 first while the
         // session host listens on 127.0.0.1 only).
-        let mut tcp = Err(String::new());
+        let mut tcp = Err(LinkError::Resolve {
+            host: config.host.clone(),
+            error: "no address".into(),
+        });
         for addr in resolve(&config.host, config.port).await? {
             tcp = Async::<std::net::TcpStream>::connect(addr)
                 .await
-                .map_err(|e| format!("cannot connect to {addr}: {e}"));
+                .map_err(|e| LinkError::Connect {
+                    addr: addr.to_string(),
+                    error: e.to_string(),
+                });
             if tcp.is_ok() {
                 break;
             }
@@ -336,19 +342,25 @@ async fn connect(config: &Config, url: &str) -> Result<Ws, String> {
             .max_frame_size(Some(limit));
         let (ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(ws_config))
             .await
-            .map_err(|e| format!("websocket handshake with {url} failed: {e}"))?;
+            .map_err(|e| LinkError::Handshake {
+                url: url.to_owned(),
+                error: e.to_string(),
+            })?;
         Ok(ws)
     };
     smol::future::or(work, async {
         smol::Timer::after(CONNECT_TIMEOUT).await;
-        Err(format!("no answer from {url} within {CONNECT_TIMEOUT:?}"))
+        Err(LinkError::Timeout {
+            url: url.to_owned(),
+            after: CONNECT_TIMEOUT,
+        })
     })
     .await
 }
 
 /// An IP address needs no lookup; a name is resolved off the loop (a
 /// lookup can block for seconds).
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, LinkError> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
@@ -361,10 +373,16 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
         .run(move || {
             let addrs: Vec<SocketAddr> = (name.as_str(), port)
                 .to_socket_addrs()
-                .map_err(|e| format!("cannot resolve {name}: {e}"))?
+                .map_err(|e| LinkError::Resolve {
+                    host: name.clone(),
+                    error: e.to_string(),
+                })?
                 .collect();
             if addrs.is_empty() {
-                return Err(format!("{name} has no address"));
+                return Err(LinkError::Resolve {
+                    host: name,
+                    error: "no address".into(),
+                });
             }
             Ok(addrs)
         })
@@ -378,7 +396,7 @@ async fn read_frames(
     ctx: &crate::sources::Context,
     ws: &mut Ws,
     out: &mut Vec<Record>,
-) -> Option<String> {
+) -> Option<LinkError> {
     use async_tungstenite::tungstenite::Error;
     loop {
         let next = smol::future::or(async { Some(ws.next().await) }, async {
@@ -401,12 +419,8 @@ async fn read_frames(
                     .frame(i, Frame::Binary(&b), now, out)
             }
             Some(Ok(Message::Close(c))) => {
-                return Some(match c {
-                    Some(c) => format!(
-                        "the session host closed the connection ({} {})",
-                        c.code, c.reason
-                    ),
-                    None => "the session host closed the connection".to_owned(),
+                return Some(LinkError::Closed {
+                    code: c.map(|c| format!("{} {}", c.code, c.reason)),
                 });
             }
             Some(Ok(_)) => continue, // ping, pong: answered by the websocket layer
@@ -416,12 +430,10 @@ async fn read_frames(
                     .borrow_mut()
                     .unreadable(i, now, &e.to_string(), out);
                 flush_records(ctx, out).await;
-                return Some(format!(
-                    "{e}; the rest of that frame cannot be skipped, so reconnecting"
-                ));
+                return Some(LinkError::Oversized(e.to_string()));
             }
-            Some(Err(e)) => return Some(format!("connection lost: {e}")),
-            None => return Some("connection closed".to_owned()),
+            Some(Err(e)) => return Some(LinkError::Lost(e.to_string())),
+            None => return Some(LinkError::Lost("closed".to_owned())),
         }
         shared.changed.ring();
         if !flush_records(ctx, out).await {
