@@ -1,0 +1,169 @@
+//! Exactly-once ingest: a batch's key, then its points, sketches and events, and the windows it touches queued for forwarding.
+
+use super::*;
+
+impl Store {
+    /// Store batches in one transaction (a group commit): one answer per
+    /// batch, in the order given. An error means none was stored.
+    pub fn ingest(
+        &mut self,
+        batches: &[&wire::Batch],
+        now_ms: i64,
+    ) -> Result<Vec<Ingested>, DbError> {
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        order.sort_by(|&a, &b| {
+            let key = |b: &wire::Batch| (b.agent_id.clone(), b.outbox_id.clone(), b.seq);
+            key(batches[a]).cmp(&key(batches[b]))
+        });
+        let result = self.transaction(|s| {
+            let mut out = vec![None; batches.len()];
+            for i in order {
+                out[i] = Some(s.ingest_one(batches[i], now_ms)?);
+            }
+            Ok(out
+                .into_iter()
+                .map(|o| o.expect("every batch answered"))
+                .collect())
+        });
+        let fresh = std::mem::take(&mut self.pending_uncommitted);
+        if result.is_ok() {
+            self.pending_seen.extend(fresh);
+            if self.pending_seen.len() > PENDING_SEEN_MAX {
+                let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
+                self.pending_seen.retain(|g| g.ts > unsettled_after);
+            }
+            if self.pending_seen.len() > PENDING_SEEN_MAX {
+                // Only costs a redundant (no-op) insert per group later.
+                self.pending_seen.clear();
+            }
+        }
+        result
+    }
+
+    fn ingest_one(&mut self, b: &wire::Batch, now_ms: i64) -> Result<Ingested, DbError> {
+        let inserted = self.db.exec(
+            SQL_INSERT_BATCH,
+            &[
+                b.agent_id.as_str().into(),
+                b.outbox_id.as_str().into(),
+                b.seq.into(),
+                now_ms.into(),
+                (b.records.len() as i64).into(),
+            ],
+        )?;
+        if inserted == 0 {
+            return Ok(Ingested {
+                new: false,
+                records: b.records.len(),
+                late: 0,
+            });
+        }
+        let agent = Val::from(b.agent_id.as_str());
+        // Groups this batch touches, and how many of its records each has.
+        let mut groups: BTreeMap<Group, usize> = BTreeMap::new();
+        let mut point_rows: Vec<Val<'_>> = Vec::with_capacity(7 * POINT_ROWS_PER_INSERT);
+        for r in &b.records {
+            match r.kind {
+                Kind::Point | Kind::Sketch => {
+                    let net = self.net_dims(&r.dims).encode();
+                    let dims = r.dims.encode();
+                    if r.kind == Kind::Point {
+                        point_rows.extend([
+                            r.name.as_str().into(),
+                            net.clone().into(),
+                            r.ts_ms.into(),
+                            agent.clone(),
+                            dims.into(),
+                            r.value.into(),
+                            r.unit.as_str().into(),
+                        ]);
+                        if point_rows.len() == 7 * POINT_ROWS_PER_INSERT {
+                            self.insert_points(&point_rows)?;
+                            point_rows.clear();
+                        }
+                    } else {
+                        self.db.exec(
+                            SQL_INSERT_SKETCH,
+                            &[
+                                r.name.as_str().into(),
+                                net.as_str().into(),
+                                r.ts_ms.into(),
+                                agent.clone(),
+                                dims.into(),
+                                r.unit.as_str().into(),
+                                r.value.into(),
+                                Val::Blob(std::borrow::Cow::Borrowed(&r.payload)),
+                            ],
+                        )?;
+                    }
+                    *groups
+                        .entry(Group {
+                            metric: r.name.clone(),
+                            net,
+                            ts: r.ts_ms,
+                        })
+                        .or_default() += 1;
+                }
+                Kind::Event => {
+                    let payload = String::from_utf8_lossy(&r.payload);
+                    let user = event_user(&payload).map_or(Val::Null, Val::from);
+                    self.db.exec(
+                        SQL_INSERT_EVENT,
+                        &[
+                            r.ts_ms.into(),
+                            r.name.as_str().into(),
+                            user,
+                            agent.clone(),
+                            r.dims.encode().into(),
+                            Val::Text(payload),
+                        ],
+                    )?;
+                }
+                Kind::Line => {}
+            }
+        }
+        if !point_rows.is_empty() {
+            self.insert_points(&point_rows)?;
+        }
+        let mut late = 0;
+        let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
+        if !self.forwards {
+            groups.clear();
+        }
+        for (g, n) in groups {
+            let recent = g.ts > unsettled_after;
+            if recent && self.pending_seen.contains(&g) {
+                continue;
+            }
+            let key = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
+            if !recent {
+                let forwarded = self.db.query(SQL_IS_FORWARDED, &key)?;
+                if forwarded.first().is_some_and(|r| r[0].int() > 0) {
+                    late += n;
+                    continue;
+                }
+            }
+            self.db.exec(SQL_INSERT_PENDING, &key)?;
+            if recent {
+                self.pending_uncommitted.push(g);
+            }
+        }
+        Ok(Ingested {
+            new: true,
+            records: b.records.len(),
+            late,
+        })
+    }
+
+    /// Insert whole rows of 7 values with one statement.
+    fn insert_points(&mut self, values: &[Val<'_>]) -> Result<(), DbError> {
+        let rows = values.len() / 7;
+        if self.point_sql.len() < rows {
+            self.point_sql = (1..=POINT_ROWS_PER_INSERT).map(insert_points_sql).collect();
+        }
+        let sql = std::mem::take(&mut self.point_sql[rows - 1]);
+        let result = self.db.exec(&sql, values);
+        self.point_sql[rows - 1] = sql;
+        result.map(drop)
+    }
+}

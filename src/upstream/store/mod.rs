@@ -1,0 +1,306 @@
+//! What the upstream keeps, and every question asked of it: exactly-once
+//! ingest, network-wide series, events, deletion of a user, the forwarding
+//! queue and daily rollups. Written once against [`Db`], so SQLite and
+//! PostgreSQL give the same answers.
+//!
+//! # Exactly once
+//! A batch is stored in one transaction that first inserts its key
+//! `(agent, outbox, seq)` into `batches` with `ON CONFLICT DO NOTHING`. Only
+//! if that inserted a row are its records inserted. A key seen before
+//! changes nothing and is acknowledged all the same. With PostgreSQL, two
+//! replicas that receive the same batch at once serialise on the unique
+//! key: the second waits for the first to commit, then finds the key.
+//! Batches committed together are inserted in key order, so two replicas'
+//! group commits always take their locks in the same order and cannot
+//! deadlock.
+//!
+//! # Network-wide series
+//! Every point and sketch is stored under its full dimensions (the
+//! per-agent series) and under its *network* dimensions, `net`: the same
+//! without the edge-naming ones (`edge_dims`: `gateway`, `agent`, ...). For
+//! one metric, `net` and time, the network value is the **union** of the
+//! agents' sketches when there are any (distinct users: an id two gateways
+//! both saw counts once), else the **sum** of their points (counters).
+//!
+//! # Forwarding
+//! Ingest marks each (metric, net, ts) it touched in `pending`. The
+//! forwarder claims a settled group by inserting it into `forwarded` (the
+//! unique key again decides which replica wins), emits the aggregate into
+//! the upstream's own outbox, waits for that commit and marks it `sent`. A
+//! batch for a group already forwarded is counted as late: queries and
+//! rollups include it; the forwarded value is not sent twice.
+//!
+//! # Files
+//! This file holds the types, the store's handle and its transaction; one
+//! file per role holds its `impl`: `ingest.rs`, `reads.rs` (series, events,
+//! deletion), `forward.rs` (the forwarding queue), `rollup.rs`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::record::{Dims, Kind, Record};
+use crate::sketch::Sketch;
+use crate::upstream::db::{Db, DbError, Rows, Val};
+use crate::wire;
+
+mod forward;
+mod ingest;
+mod reads;
+mod rollup;
+
+pub struct Store {
+    db: Box<dyn Db>,
+    edge_dims: Vec<String>,
+    /// A group newer than `now - settle_ms - CLOCK_MARGIN_MS` cannot have
+    /// been forwarded yet: ingest skips asking.
+    settle_ms: i64,
+    /// Whether anything forwards aggregates: without a sink, nothing is
+    /// put in `pending` at all (it would only grow).
+    forwards: bool,
+    /// Groups this process put in `pending` and that are not settled yet,
+    /// so that the next batch for the same window skips the insert. Bounded
+    /// by design: after every ingest it holds at most [`PENDING_SEEN_MAX`]
+    /// groups (settled ones are dropped first, then all), and a group
+    /// leaves it when this process claims it.
+    pending_seen: HashSet<Group>,
+    /// This transaction's new groups: moved to `pending_seen` when it
+    /// commits, dropped when it rolls back, so at most one ingest's worth.
+    pending_uncommitted: Vec<Group>,
+    /// The INSERT for 1, 2, ... rows of points.
+    point_sql: Vec<String>,
+}
+
+/// Replicas' clocks may disagree by this much.
+const CLOCK_MARGIN_MS: i64 = 60_000;
+/// About 3 MiB of groups (a metric, its dims and a time each).
+pub const PENDING_SEEN_MAX: usize = 16_384;
+
+/// What storing one batch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ingested {
+    /// False: the key was stored before (a resend); nothing changed.
+    pub new: bool,
+    pub records: usize,
+    /// Records for windows whose aggregate was already forwarded.
+    pub late: usize,
+}
+
+/// A network-wide group: one metric, its network dims, one time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Group {
+    pub metric: String,
+    pub net: String,
+    pub ts: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum How {
+    /// The union of this many agents' sketches.
+    Union,
+    /// The sum of the agents' points.
+    Sum,
+    /// One agent's own point.
+    Agent(String),
+}
+
+impl How {
+    pub fn as_str(&self) -> &str {
+        match self {
+            How::Union => "union",
+            How::Sum => "sum",
+            How::Agent(_) => "agent",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesRow {
+    pub ts: i64,
+    pub dims: Dims,
+    pub value: f64,
+    pub unit: String,
+    /// How many agents contributed.
+    pub agents: i64,
+    pub how: How,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesQuery {
+    pub metric: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// None: the network-wide series. `Some("*")`: every agent's own.
+    pub agent: Option<String>,
+    /// Keep only rows whose dimensions include all of these.
+    pub dims: Vec<(String, String)>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventQuery {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub user: Option<String>,
+    pub etype: Option<String>,
+    pub agent: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub ts: i64,
+    pub etype: String,
+    pub user: Option<String>,
+    pub agent: String,
+    pub dims: String,
+    pub payload: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollupRow {
+    pub day: String,
+    pub metric: String,
+    pub dims: Dims,
+    pub how: String,
+    pub value: f64,
+    pub samples: i64,
+    pub agents: i64,
+}
+
+/// A forwarded aggregate: the point, and for unions the merged sketch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    pub point: Record,
+    pub sketch: Option<Record>,
+}
+
+const SQL_INSERT_BATCH: &str = "INSERT INTO batches (agent, outbox, seq, received, records) \
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING";
+/// Points go in up to this many rows per INSERT: one statement step per
+/// row costs more than the row itself.
+const POINT_ROWS_PER_INSERT: usize = 16;
+
+/// `INSERT INTO points ... VALUES (?1..?7), (?8..?14), ...` for `rows` rows.
+fn insert_points_sql(rows: usize) -> String {
+    let mut sql =
+        String::from("INSERT INTO points (metric, net, ts, agent, dims, value, unit) VALUES ");
+    for r in 0..rows {
+        let b = r * 7;
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7
+        ));
+    }
+    sql
+}
+const SQL_INSERT_SKETCH: &str = "INSERT INTO sketches \
+     (metric, net, ts, agent, dims, unit, estimate, sketch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const SQL_INSERT_EVENT: &str = "INSERT INTO events (ts, etype, user_id, agent, dims, payload) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const SQL_IS_FORWARDED: &str =
+    "SELECT COUNT(*) FROM forwarded WHERE metric = ?1 AND net = ?2 AND ts = ?3";
+const SQL_INSERT_PENDING: &str =
+    "INSERT INTO pending (metric, net, ts) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
+
+impl Store {
+    /// `settle_ms`: the forwarder's `settle_secs`, in ms.
+    pub fn new(db: Box<dyn Db>, edge_dims: Vec<String>, settle_ms: i64) -> Store {
+        Store {
+            db,
+            edge_dims,
+            settle_ms,
+            forwards: true,
+            pending_seen: HashSet::new(),
+            pending_uncommitted: Vec::new(),
+            point_sql: Vec::new(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.db.kind()
+    }
+
+    /// Say whether this upstream forwards (has `[[sink]]`s). Without, ingest
+    /// keeps no forwarding bookkeeping, and a SQLite store (which only this
+    /// process uses) drops what an earlier run with sinks left in `pending`;
+    /// a shared PostgreSQL store is left alone for replicas that forward.
+    pub fn set_forwarding(&mut self, forwards: bool) -> Result<u64, DbError> {
+        self.forwards = forwards;
+        if forwards || self.db.kind() != "sqlite" {
+            return Ok(0);
+        }
+        self.transaction(|s| s.db.exec("DELETE FROM pending", &[]))
+    }
+
+    /// Groups in memory, for tests of the bound.
+    #[cfg(test)]
+    pub fn pending_seen_len(&self) -> usize {
+        self.pending_seen.len() + self.pending_uncommitted.len()
+    }
+
+    /// The dims without the edge-naming ones, as stored in `net`.
+    pub fn net_dims(&self, dims: &Dims) -> Dims {
+        dims.without(&self.edge_dims)
+    }
+
+    /// Run `f` in one transaction; roll back on error.
+    fn transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        self.db.begin()?;
+        match f(self) {
+            Ok(v) => {
+                if let Err(e) = self.db.commit() {
+                    self.db.rollback();
+                    return Err(e);
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                self.db.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Rows per table, for `/health`.
+    pub fn sizes(&mut self) -> Result<HashMap<&'static str, i64>, DbError> {
+        let mut out = HashMap::new();
+        for t in ["batches", "points", "sketches", "events", "pending"] {
+            let n = self.db.query(&format!("SELECT COUNT(*) FROM {t}"), &[])?;
+            out.insert(t, n.first().map_or(0, |r| r[0].int()));
+        }
+        Ok(out)
+    }
+}
+
+fn group_of(r: Vec<Val<'static>>) -> Group {
+    let mut it = r.into_iter();
+    Group {
+        metric: it.next().expect("3 columns").into_text(),
+        net: it.next().expect("3 columns").into_text(),
+        ts: it.next().expect("3 columns").int(),
+    }
+}
+
+/// The `user` of a relay logging envelope, if the payload is one.
+pub fn event_user(payload: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        user: Option<serde_json::Value>,
+    }
+    let e: Envelope = serde_json::from_str(payload).ok()?;
+    match e.user? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
