@@ -100,7 +100,8 @@ fn usage(command: &str, msg: impl std::fmt::Display) -> Stop {
         .map_or(help, |i| &help[i..])
         .split("\n\n")
         .next()
-        .unwrap_or("");
+        .unwrap_or("")
+        .trim_end();
     let try_help = if command.is_empty() {
         "Try `edgemeter --help`.".to_owned()
     } else {

@@ -8,8 +8,8 @@
 //! it, so the network-wide union is shown beside the sum it replaces. Then
 //! it prints the status, the analytics files and where to look.
 
+use crate::cli::{Exit, Failed, Outcome};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::clock::now_ms;
@@ -223,27 +223,33 @@ fn simulated_session_host() -> std::io::Result<u16> {
     Ok(port)
 }
 
-pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
+pub fn run(seconds: u64, dir: Option<PathBuf>) -> Outcome {
     let dir =
         dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgemeter-demo-{}", now_ms())));
     let port = match simulated_session_host() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("edgemeter demo: cannot start the simulated session host on loopback: {e}");
-            return ExitCode::from(cli::EXIT_FAILURE);
+            return Err(Failed::new(
+                Exit::Failure,
+                format!("edgemeter demo: cannot start the simulated session host on loopback: {e}"),
+            ));
         }
     };
     let text = DEMO_CONFIG.replace("{port}", &port.to_string());
     let path = dir.join("edgemeter.toml");
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &text)) {
-        eprintln!("edgemeter demo: cannot write {}: {e}", path.display());
-        return ExitCode::from(cli::EXIT_FAILURE);
+        return Err(Failed::new(
+            Exit::Failure,
+            format!("edgemeter demo: cannot write {}: {e}", path.display()),
+        ));
     }
     let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("edgemeter demo: the built-in config is invalid (a bug):\n{e}");
-            return ExitCode::from(cli::EXIT_FAILURE);
+            return Err(Failed::new(
+                Exit::Failure,
+                format!("edgemeter demo: the built-in config is invalid (a bug):\n{e}"),
+            ));
         }
     };
     let state = config.agent.state_dir.clone();
@@ -261,8 +267,10 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
         }) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("edgemeter demo: cannot start the upstream: {e}");
-            return ExitCode::from(cli::EXIT_FAILURE);
+            return Err(Failed::new(
+                Exit::Failure,
+                format!("edgemeter demo: cannot start the upstream: {e}"),
+            ));
         }
     };
     let edges = match server
@@ -272,8 +280,7 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
     {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("edgemeter demo: {e}");
-            return ExitCode::from(cli::EXIT_FAILURE);
+            return Err(Failed::new(Exit::Failure, format!("edgemeter demo: {e}")));
         }
     };
     println!(
@@ -288,11 +295,10 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
     );
     drop(edges);
     if let Err(e) = result {
-        eprintln!("edgemeter demo: {e}");
-        return ExitCode::from(cli::EXIT_STATE);
+        return Err(Failed::new(Exit::State, format!("edgemeter demo: {e}")));
     }
     let Ok(config) = config::load(&path) else {
-        return ExitCode::from(cli::EXIT_FAILURE);
+        return Err(Failed::logged(Exit::Failure));
     };
     let outbox = crate::outbox::Outbox::open_read_only(&state);
     match outbox.and_then(|o| Ok((o.stats()?, o.path().display().to_string()))) {
@@ -328,5 +334,5 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> ExitCode {
         path.display(),
         path.display()
     );
-    ExitCode::SUCCESS
+    Ok(())
 }

@@ -20,21 +20,65 @@ use crate::outbox::{DeadLetter, Outbox, Stats};
 use crate::sources::{SourceConfig, xx_gateway};
 use crate::{agent, logging, state_dir, upstream};
 
-pub const EXIT_FAILURE: u8 = 1;
-pub const EXIT_USAGE: u8 = 2;
-pub const EXIT_STATE: u8 = 3;
+/// The exit codes, one per kind of ending (the README and `--help` list them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// A failure while working (the outbox could not be read, ...).
+    Failure = 1,
+    /// Bad usage or an invalid config.
+    Usage = 2,
+    /// The state directory is locked by another agent or unusable.
+    State = 3,
+}
 
+/// How a command ended badly: its exit code, and what to tell the user on
+/// stderr (`None` when it was logged or printed already).
+#[derive(Debug)]
+pub struct Failed {
+    pub exit: Exit,
+    pub message: Option<String>,
+}
+
+impl Failed {
+    pub fn new(exit: Exit, message: String) -> Failed {
+        Failed {
+            exit,
+            message: Some(message),
+        }
+    }
+
+    pub fn logged(exit: Exit) -> Failed {
+        Failed {
+            exit,
+            message: None,
+        }
+    }
+}
+
+/// What a command returns; [`main`] turns it into the exit code.
+pub type Outcome = Result<(), Failed>;
+
+/// The one exit point: parse, run, and turn the outcome into an exit code.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    match command(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if let Some(m) = f.message {
+                eprintln!("{}", m.trim_end());
+            }
+            ExitCode::from(f.exit as u8)
+        }
+    }
+}
+
+fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
     let command = match args::parse(args) {
         Ok(c) => c,
         Err(Stop::Print(text)) => {
             println!("{}", text.trim_end());
-            return ExitCode::SUCCESS;
+            return Ok(());
         }
-        Err(Stop::Usage(text)) => {
-            eprintln!("{}", text.trim_end());
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(Stop::Usage(text)) => return Err(Failed::new(Exit::Usage, text)),
     };
     let path = match &command {
         Command::Demo { seconds, dir } => {
@@ -62,11 +106,11 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            let mut message = e.to_string();
             if let Command::Check { .. } = command {
-                eprintln!("{} problem(s) found", e.problem_count());
+                message.push_str(&format!("\n{} problem(s) found", e.problem_count()));
             }
-            return ExitCode::from(EXIT_USAGE);
+            return Err(Failed::new(Exit::Usage, message));
         }
     };
     logging::init(logging::env_level().unwrap_or(config.agent.log_level));
@@ -74,7 +118,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Run { .. } => run(config),
         Command::Check { .. } => {
             println!("{}", summary(&config));
-            ExitCode::SUCCESS
+            Ok(())
         }
         Command::Status { .. } => status(&config),
         Command::Outbox { action, which, .. } => outbox(&config, action, &which),
@@ -87,44 +131,44 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
-pub fn run(config: Config) -> ExitCode {
+pub fn run(config: Config) -> Outcome {
     if config.upstream.is_some() {
         log::error!(
             "{} has an [upstream] table: start the aggregator with `edgemeter upstream`, not `run`",
             config.path.display()
         );
-        return ExitCode::from(EXIT_USAGE);
+        return Err(Failed::logged(Exit::Usage));
     }
     agent_exit(agent::run(config, Vec::new(), None))
 }
 
-fn agent_exit(result: Result<(), agent::AgentError>) -> ExitCode {
+fn agent_exit(result: Result<(), agent::AgentError>) -> Outcome {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Ok(()),
         Err(e) => {
             log::error!("{e}");
-            ExitCode::from(match e {
-                agent::AgentError::Lock(_) | agent::AgentError::Outbox(_) => EXIT_STATE,
-                agent::AgentError::Signals(_) => EXIT_FAILURE,
-            })
+            Err(Failed::logged(match e {
+                agent::AgentError::Lock(_) | agent::AgentError::Outbox(_) => Exit::State,
+                agent::AgentError::Signals(_) => Exit::Failure,
+            }))
         }
     }
 }
 
-fn upstream(config: Config) -> ExitCode {
+fn upstream(config: Config) -> Outcome {
     let Some(up) = config.upstream.clone() else {
         log::error!(
             "{} has no [upstream] table; see `edgemeter upstream --help`",
             config.path.display()
         );
-        return ExitCode::from(EXIT_USAGE);
+        return Err(Failed::logged(Exit::Usage));
     };
     let forwards = !config.sinks.is_empty();
     let server = match upstream::Server::prepare(up, &config.agent.state_dir, forwards) {
         Ok(s) => s,
         Err(e) => {
             log::error!("{e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Err(Failed::logged(Exit::Failure));
         }
     };
     agent_exit(agent::run(
@@ -134,17 +178,18 @@ fn upstream(config: Config) -> ExitCode {
     ))
 }
 
-fn rollup(config: &Config, date: Option<&str>, format: Option<&str>) -> ExitCode {
+fn rollup(config: &Config, date: Option<&str>, format: Option<&str>) -> Outcome {
     let Some(up) = &config.upstream else {
-        eprintln!("{} has no [upstream] table", config.path.display());
-        return ExitCode::from(EXIT_USAGE);
+        return Err(Failed::new(
+            Exit::Usage,
+            format!("{} has no [upstream] table", config.path.display()),
+        ));
     };
     let format = match format {
         Some(f) => match upstream::query::Format::parse(f) {
             Ok(f) => f,
             Err(e) => {
-                eprintln!("edgemeter: {e}");
-                return ExitCode::from(EXIT_USAGE);
+                return Err(Failed::new(Exit::Usage, format!("edgemeter: {e}")));
             }
         },
         None => upstream::query::Format::Csv,
@@ -152,14 +197,15 @@ fn rollup(config: &Config, date: Option<&str>, format: Option<&str>) -> ExitCode
     let now = now_ms();
     let day = date.map_or_else(|| crate::clock::day(now - 86_400_000), str::to_owned);
     let Some(start) = crate::clock::parse_iso8601(&day).filter(|_| day.len() == 10) else {
-        eprintln!("edgemeter: --date `{day}` must be a day as YYYY-MM-DD");
-        return ExitCode::from(EXIT_USAGE);
+        return Err(Failed::new(
+            Exit::Usage,
+            format!("edgemeter: --date `{day}` must be a day as YYYY-MM-DD"),
+        ));
     };
     let mut store = match upstream::open_store(up, &config.agent.state_dir, false) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("edgemeter: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")));
         }
     };
     match store.rollup(&day, start, now) {
@@ -169,49 +215,47 @@ fn rollup(config: &Config, date: Option<&str>, format: Option<&str>) -> ExitCode
                 "{day}: {} totals stored (replacing any computed before)",
                 rows.len()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(e) => {
-            eprintln!("edgemeter: rolling up {day}: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(e) => Err(Failed::new(
+            Exit::Failure,
+            format!("edgemeter: rolling up {day}: {e}"),
+        )),
     }
 }
 
-fn report_local(config: &Config, route: &'static str, query: Vec<(String, String)>) -> ExitCode {
+fn report_local(config: &Config, route: &'static str, query: Vec<(String, String)>) -> Outcome {
     let Some(up) = &config.upstream else {
-        eprintln!(
-            "edgemeter: {} has no [upstream] table; give one that does, or --url and --token-file",
-            config.path.display()
-        );
-        return ExitCode::from(EXIT_USAGE);
+        return Err(Failed::new(
+            Exit::Usage,
+            format!(
+                "edgemeter: {} has no [upstream] table; give one that does, or --url and --token-file",
+                config.path.display()
+            ),
+        ));
     };
     let params = match upstream::query::Params::from_pairs(query) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("edgemeter: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return Err(Failed::new(Exit::Usage, format!("edgemeter: {e}")));
         }
     };
     let store = match upstream::open_store(up, &config.agent.state_dir, true) {
         Ok(s) => crate::runtime::OnWorker::new("report", s),
         Err(e) => {
-            eprintln!("edgemeter: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")));
         }
     };
     match smol::block_on(upstream::api::answer(&store, route, params)) {
         Ok((_, body)) => {
             print!("{body}");
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(upstream::api::QueryError::Invalid(e)) => {
-            eprintln!("edgemeter: {e}");
-            ExitCode::from(EXIT_USAGE)
+            Err(Failed::new(Exit::Usage, format!("edgemeter: {e}")))
         }
         Err(upstream::api::QueryError::Store(e)) => {
-            eprintln!("edgemeter: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")))
         }
     }
 }
@@ -221,19 +265,17 @@ fn report_remote(
     token_file: &std::path::Path,
     route: &str,
     query: &[(String, String)],
-) -> ExitCode {
+) -> Outcome {
     let token = match crate::problems::read_token(token_file) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("edgemeter: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return Err(Failed::new(Exit::Usage, format!("edgemeter: {e}")));
         }
     };
     let agent = match crate::http_client::agent(None, std::time::Duration::from_secs(60)) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("edgemeter: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")));
         }
     };
     let target = format!("{}{route}", url.trim_end_matches('/'));
@@ -246,8 +288,10 @@ fn report_remote(
     let mut resp = match req.call() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("edgemeter: GET {target}: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Err(Failed::new(
+                Exit::Failure,
+                format!("edgemeter: GET {target}: {e}"),
+            ));
         }
     };
     let status = resp.status().as_u16();
@@ -259,21 +303,24 @@ fn report_remote(
         .unwrap_or_default();
     if (200..300).contains(&status) {
         print!("{body}");
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        eprintln!(
-            "edgemeter: GET {target}: HTTP {status}: {}",
-            body.trim_end()
-        );
-        ExitCode::from(if status == 400 {
-            EXIT_USAGE
+        let exit = if status == 400 {
+            Exit::Usage
         } else {
-            EXIT_FAILURE
-        })
+            Exit::Failure
+        };
+        Err(Failed::new(
+            exit,
+            format!(
+                "edgemeter: GET {target}: HTTP {status}: {}",
+                body.trim_end()
+            ),
+        ))
     }
 }
 
-fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> ExitCode {
+fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> Outcome {
     use crate::sources::relay::provision::{self, Api};
     let sources: Vec<_> = config
         .sources
@@ -284,12 +331,14 @@ fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> ExitCode {
         })
         .collect();
     if sources.is_empty() {
-        eprintln!(
-            "edgemeter relay: {} has no relay source{}",
-            config.path.display(),
-            only.map(|o| format!(" named `{o}`")).unwrap_or_default()
-        );
-        return ExitCode::from(EXIT_USAGE);
+        return Err(Failed::new(
+            Exit::Usage,
+            format!(
+                "edgemeter relay: {} has no relay source{}",
+                config.path.display(),
+                only.map(|o| format!(" named `{o}`")).unwrap_or_default()
+            ),
+        ));
     }
     let mut ok = true;
     for (name, c) in sources {
@@ -336,13 +385,13 @@ fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> ExitCode {
         }
     }
     if ok {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        ExitCode::from(EXIT_FAILURE)
+        Err(Failed::logged(Exit::Failure))
     }
 }
 
-fn verify(config: &Config, rows: u32) -> ExitCode {
+fn verify(config: &Config, rows: u32) -> Outcome {
     let mut ok = true;
     let mut any = false;
     for s in &config.sources {
@@ -376,16 +425,18 @@ fn verify(config: &Config, rows: u32) -> ExitCode {
         }
     }
     if !any {
-        eprintln!(
-            "edgemeter verify: {} has no xx_gateway source",
-            config.path.display()
-        );
-        return ExitCode::from(EXIT_USAGE);
+        return Err(Failed::new(
+            Exit::Usage,
+            format!(
+                "edgemeter verify: {} has no xx_gateway source",
+                config.path.display()
+            ),
+        ));
     }
     if ok {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        ExitCode::from(EXIT_FAILURE)
+        Err(Failed::logged(Exit::Failure))
     }
 }
 
@@ -407,14 +458,13 @@ fn summary(c: &Config) -> String {
     )
 }
 
-fn status(config: &Config) -> ExitCode {
+fn status(config: &Config) -> Outcome {
     let dir = &config.agent.state_dir;
     let running = state_dir::holder(dir);
     let outbox = match Outbox::open_read_only(dir) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("edgemeter: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")));
         }
     };
     match outbox.stats() {
@@ -430,12 +480,9 @@ fn status(config: &Config) -> ExitCode {
                 )
             );
             print!("{}", source_status(config, now_ms()));
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(e) => {
-            eprintln!("edgemeter: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(e) => Err(Failed::new(Exit::Failure, format!("edgemeter: {e}"))),
     }
 }
 
@@ -534,7 +581,7 @@ pub fn render_status(
     out
 }
 
-fn outbox(config: &Config, action: OutboxAction, which: &Which) -> ExitCode {
+fn outbox(config: &Config, action: OutboxAction, which: &Which) -> Outcome {
     let dir = &config.agent.state_dir;
     let (sink, id) = match which {
         Which::All => (None, None),
@@ -559,11 +606,8 @@ fn outbox(config: &Config, action: OutboxAction, which: &Which) -> ExitCode {
         }),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edgemeter: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Ok(()) => Ok(()),
+        Err(e) => Err(Failed::new(Exit::Failure, format!("edgemeter: {e}"))),
     }
 }
 
