@@ -509,3 +509,27 @@ secret_access_key_file = "s"
         "https://logs.eu-central-1.amazonaws.com/"
     );
 }
+
+/// Issue 13: one budget for request bodies across connections; a budget
+/// smaller than one allowed body would answer 503 to that body forever.
+#[test]
+fn the_body_budget_must_hold_one_body() {
+    let c = check_ok("[upstream]\ntokens_dir = \"t\"\nmax_buffered_bytes = 33554432\n");
+    assert_eq!(
+        c.upstream.expect("upstream").limits.max_buffered_bytes,
+        32 << 20
+    );
+    check_bad(
+        "[upstream]\ntokens_dir = \"t\"\nmax_body_bytes = 2097152\nmax_buffered_bytes = 1048576\n",
+        &[
+            "4:22: max_buffered_bytes (1048576, the default is a quarter of the memory limit) is smaller than max_body_bytes (2097152): a body of the allowed size could never be taken",
+        ],
+    );
+    // The default: 256 MiB, or a quarter of a smaller memory limit, never
+    // under 16 MiB.
+    use crate::upstream::config::default_buffered_bytes;
+    assert_eq!(default_buffered_bytes(None), 256 << 20);
+    assert_eq!(default_buffered_bytes(Some(1 << 30)), 256 << 20);
+    assert_eq!(default_buffered_bytes(Some(256 << 20)), 64 << 20);
+    assert_eq!(default_buffered_bytes(Some(8 << 20)), 16 << 20);
+}

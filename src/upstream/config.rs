@@ -259,13 +259,16 @@ impl Config {
                 p,
             ),
         };
-        if let Some(b) = &raw.max_buffered_bytes
-            && limits.max_buffered_bytes < limits.max_body_bytes
-        {
+        if limits.max_buffered_bytes < limits.max_body_bytes {
+            let span = raw
+                .max_buffered_bytes
+                .as_ref()
+                .or(raw.max_body_bytes.as_ref())
+                .map(|v| v.span());
             p.push(
-                b.span(),
+                span,
                 format!(
-                    "max_buffered_bytes ({}) is smaller than max_body_bytes ({}): a body of the allowed size could never be taken",
+                    "max_buffered_bytes ({}, the default is a quarter of the memory limit) is smaller than max_body_bytes ({}): a body of the allowed size could never be taken",
                     limits.max_buffered_bytes, limits.max_body_bytes
                 ),
             );

@@ -516,6 +516,13 @@ where
             };
             return refuse(&mut stream, served, Closed::BodyTooLarge, 413, &why).await;
         }
+        if length > budget.total() {
+            let why = format!(
+                "the body is {length} bytes; this upstream holds at most {} at once (max_buffered_bytes)",
+                budget.total()
+            );
+            return refuse(&mut stream, served, Closed::BodyTooLarge, 413, &why).await;
+        }
         match budget.reserve(length) {
             Some(p) => req.permit = p,
             None => {
