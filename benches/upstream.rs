@@ -27,7 +27,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -96,23 +96,7 @@ impl Upstream {
             ),
         )
         .expect("config");
-        let child = Command::new(bin)
-            .args(["upstream", "-c"])
-            .arg(dir.join("up.toml"))
-            .env("EDGEMETER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the upstream");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the upstream did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = support::start_upstream(bin, &dir.join("up.toml"), port);
         Upstream { child, port, dir }
     }
 }

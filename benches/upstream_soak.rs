@@ -28,7 +28,7 @@ mod support;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{bench_dir, gzip, read_response, release_bin};
@@ -37,13 +37,17 @@ const AGENTS: usize = 4;
 const SERIES: usize = 100;
 const STAMPS_PER_SECOND: i64 = 10;
 
-fn rss_kib(pid: u32) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
 }
 
 /// One simulated second of one agent: 100 series × 10 timestamps.
@@ -70,6 +74,11 @@ struct Run {
     slope_kib_per_min: f64,
     samples: usize,
     wall: Duration,
+    /// At the end: the heap and other private memory, and the mapped
+    /// files (SQLite's WAL index is a shared mapping), in KiB.
+    anon_kib: u64,
+    file_kib: u64,
+    shmem_kib: u64,
 }
 
 fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) -> Run {
@@ -97,20 +106,7 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         ),
     )
     .expect("config");
-    let mut child: Child = Command::new(bin)
-        .args(["upstream", "-c"])
-        .arg(dir.join("up.toml"))
-        .env("EDGEMETER_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the upstream");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the upstream did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = support::start_upstream(bin, &dir.join("up.toml"), port);
     std::thread::sleep(Duration::from_millis(300));
     let pid = child.id();
     let idle_kib = rss_kib(pid);
@@ -150,6 +146,11 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         }
     }
     let wall = started.elapsed();
+    let (anon_kib, file_kib, shmem_kib) = (
+        status_kib(pid, "RssAnon:"),
+        status_kib(pid, "RssFile:"),
+        status_kib(pid, "RssShmem:"),
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -177,6 +178,9 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         slope_kib_per_min: slope,
         samples: samples.len(),
         wall,
+        anon_kib,
+        file_kib,
+        shmem_kib,
     }
 }
 
@@ -224,13 +228,16 @@ fn main() {
         worst = worst.max(growth);
         println!(
             "  {label:<19}: idle {:>6} KiB (baseline), warm {:>6} KiB, end {:>6} KiB: {growth:+.2} % after the first minute, \
-             slope {:+.1} KiB per simulated minute ({} samples, {:.0} s)",
+             slope {:+.1} KiB per simulated minute ({} samples, {:.0} s); at the end anon {} KiB, file {} KiB, shmem {} KiB",
             r.idle_kib,
             r.warm_kib,
             r.end_kib,
             r.slope_kib_per_min,
             r.samples,
-            r.wall.as_secs_f64()
+            r.wall.as_secs_f64(),
+            r.anon_kib,
+            r.file_kib,
+            r.shmem_kib
         );
     }
     println!(

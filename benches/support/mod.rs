@@ -45,6 +45,30 @@ pub fn release_bin() -> PathBuf {
     target.join("release/edgemeter")
 }
 
+/// Start `edgemeter upstream -c config` (logging warnings to our stderr)
+/// and wait, at most 20 s, until it listens on `port`.
+pub fn start_upstream(bin: &Path, config: &Path, port: u16) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let child = Command::new(bin)
+        .args(["upstream", "-c"])
+        .arg(config)
+        .env("EDGEMETER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the upstream");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream did not start listening"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
