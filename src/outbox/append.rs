@@ -6,7 +6,6 @@ impl Outbox {
     /// Append records in one transaction, dropping the oldest first if the
     /// bound requires it.
     pub fn append(&mut self, records: &[Record]) -> Result<Appended, OutboxError> {
-        let e = sql_err(&self.path, "appending records");
         let now = now_ms();
         let encoded: Vec<String> = records.iter().map(|r| r.dims.encode()).collect();
         let sizes: Vec<i64> = records
@@ -21,27 +20,24 @@ impl Outbox {
             incoming -= sizes[skip];
             skip += 1;
         }
-        let tx = self.conn.transaction().map_err(&e)?;
-        let mut dropped = skip as i64;
-        if skip > 0 {
-            count_drop(&tx, reason::BUFFER_FULL, NO_SINK, skip as i64).map_err(&e)?;
-        }
-        let mut freed = 0;
         let over = self.bytes + incoming - self.max_bytes;
-        if over > 0 {
-            let (n, f) = drop_oldest(&tx, over).map_err(&e)?;
-            dropped += n;
-            freed = f;
-        }
-        let mut first = None;
-        let mut last = 0;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )
-                .map_err(&e)?;
+        let (dropped, freed, first, last) = self.write("appending records", |tx| {
+            let mut dropped = skip as i64;
+            if skip > 0 {
+                count_drop(tx, reason::BUFFER_FULL, NO_SINK, skip as i64)?;
+            }
+            let mut freed = 0;
+            if over > 0 {
+                let (n, f) = drop_oldest(tx, over)?;
+                dropped += n;
+                freed = f;
+            }
+            let mut first = None;
+            let mut last = 0;
+            let mut st = tx.prepare_cached(
+                "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
             for ((r, dims), size) in records.iter().zip(&encoded).zip(&sizes).skip(skip) {
                 st.execute(params![
                     r.kind as i64,
@@ -53,13 +49,12 @@ impl Outbox {
                     r.payload,
                     size,
                     now
-                ])
-                .map_err(&e)?;
+                ])?;
                 last = tx.last_insert_rowid();
                 first.get_or_insert(last);
             }
-        }
-        tx.commit().map_err(&e)?;
+            Ok((dropped, freed, first, last))
+        })?;
         self.bytes += incoming - freed;
         Ok(Appended {
             ids: first.unwrap_or(1)..=if first.is_some() { last } else { 0 },
