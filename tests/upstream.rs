@@ -723,17 +723,7 @@ fn bad_input_gets_a_clear_4xx_stores_nothing_and_others_are_served() {
     let _ = extra.read_to_end(&mut out);
     assert_eq!(parse_response(&out).0, 503);
     drop(idle);
-    assert!(wait_until(Duration::from_secs(5), || {
-        TcpStream::connect(("127.0.0.1", port))
-            .and_then(|mut s| {
-                s.write_all(b"GET /health HTTP/1.1\r\nconnection: close\r\n\r\n")?;
-                let mut o = Vec::new();
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let _ = s.read_to_end(&mut o);
-                Ok(o.starts_with(b"HTTP/1.1 200"))
-            })
-            .unwrap_or(false)
-    }));
+    assert!(wait_until(Duration::from_secs(5), || health_ok(port)));
     assert!(metric(port, "connections_refused_total") >= 1.0);
     assert!(metric(port, r#"connections_closed_total{how="header_timeout"}"#) >= 1.0);
 
@@ -1088,7 +1078,14 @@ fn hostile_peers_cost_no_memory_before_their_token_is_checked() {
         assert_eq!(status, 400, "{label}: {body}");
         assert!(body.contains(want), "{label}: {body}");
     }
-    let (status, body) = get_json_raw(port, "/v1/series?metric=m&agent=a1&range=30D");
+    let (status, body) = http(
+        port,
+        "GET",
+        "/v1/series?metric=m&agent=a1&range=30D",
+        Some(ADMIN),
+        "",
+        b"",
+    );
     assert_eq!(status, 200);
     assert!(body.contains(r#""rows":[]"#), "nothing stored: {body}");
     // Two identical lengths are one.
@@ -1153,17 +1150,7 @@ fn hostile_peers_cost_no_memory_before_their_token_is_checked() {
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port))
-                .and_then(|mut s| {
-                    s.write_all(b"GET /health HTTP/1.1\r\nconnection: close\r\n\r\n")?;
-                    let mut o = Vec::new();
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let _ = s.read_to_end(&mut o);
-                    Ok(o.starts_with(b"HTTP/1.1 200"))
-                })
-                .unwrap_or(false)
-        }),
+        wait_until(Duration::from_secs(10), || health_ok(port)),
         "silent connections still hold every slot"
     );
     assert!(
@@ -1209,6 +1196,15 @@ fn hostile_peers_cost_no_memory_before_their_token_is_checked() {
     up.stop();
 }
 
-fn get_json_raw(port: u16, path: &str) -> (u16, String) {
-    http(port, "GET", path, Some(ADMIN), "", b"")
+/// Whether a new connection is served `/health` within 2 s.
+fn health_ok(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port))
+        .and_then(|mut s| {
+            s.write_all(b"GET /health HTTP/1.1\r\nconnection: close\r\n\r\n")?;
+            let mut o = Vec::new();
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let _ = s.read_to_end(&mut o);
+            Ok(o.starts_with(b"HTTP/1.1 200"))
+        })
+        .unwrap_or(false)
 }
