@@ -78,25 +78,8 @@ impl Upstream {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr").port()
         };
-        std::fs::create_dir_all(dir.join("agents")).expect("agents");
-        for a in agents {
-            std::fs::write(
-                dir.join("agents").join(format!("{a}.token")),
-                format!("t-{a}"),
-            )
-            .expect("token");
-        }
-        std::fs::write(dir.join("admin.token"), "admin").expect("admin");
-        std::fs::write(
-            dir.join("up.toml"),
-            format!(
-                "[agent]\nid = \"bench-up\"\nstate_dir = \"{}\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
-                 tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\nmax_connections = 2048\n",
-                dir.join("state").display()
-            ),
-        )
-        .expect("config");
-        let child = support::start_upstream(bin, &dir.join("up.toml"), port);
+        let config = support::upstream_config(&dir, port, agents, "max_connections = 2048", "");
+        let child = support::start_upstream(bin, &config, port);
         Upstream { child, port, dir }
     }
 }

@@ -87,27 +87,24 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         "upstream-soak-{}",
         if sink { "sink" } else { "nosink" }
     ));
-    std::fs::create_dir_all(dir.join("agents")).expect("agents");
-    for a in 0..AGENTS {
-        std::fs::write(dir.join(format!("agents/gw{a}.token")), format!("t-gw{a}")).expect("token");
-    }
+    let agents: Vec<String> = (0..AGENTS).map(|a| format!("gw{a}")).collect();
     std::fs::write(dir.join("db.password"), "pw-soak").expect("password");
     let port = pg::free_port();
     let sinks = if sink {
-        "\n[[sink]]\ntype = \"csv\"\npath = \"forwarded.csv\"\n"
+        "[[sink]]\ntype = \"csv\"\npath = \"forwarded.csv\"\n"
     } else {
         ""
     };
-    std::fs::write(
-        dir.join("up.toml"),
-        format!(
-            "[agent]\nid = \"soak-up\"\nstate_dir = \"{}\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
-             store = \"{store}\"\n{store_extra}\ntokens_dir = \"agents\"\nforward_interval_secs = 0.5\nsettle_secs = 0\n{sinks}",
-            dir.join("state").display()
+    let config = support::upstream_config(
+        &dir,
+        port,
+        &agents,
+        &format!(
+            "store = \"{store}\"\n{store_extra}\nforward_interval_secs = 0.5\nsettle_secs = 0"
         ),
-    )
-    .expect("config");
-    let mut child = support::start_upstream(bin, &dir.join("up.toml"), port);
+        sinks,
+    );
+    let mut child = support::start_upstream(bin, &config, port);
     std::thread::sleep(Duration::from_millis(300));
     let pid = child.id();
     let idle_kib = rss_kib(pid);

@@ -45,6 +45,39 @@ pub fn release_bin() -> PathBuf {
     target.join("release/edgemeter")
 }
 
+/// Write an upstream's config into `dir` (`up.toml`, returned): listening on
+/// `port`, state in `dir/state`, a token `t-<agent>` for each of `agents`,
+/// an admin token `admin`, and `upstream` and `rest` added to the
+/// `[upstream]` table and after it.
+pub fn upstream_config(
+    dir: &Path,
+    port: u16,
+    agents: &[String],
+    upstream: &str,
+    rest: &str,
+) -> PathBuf {
+    std::fs::create_dir_all(dir.join("agents")).expect("agents");
+    for a in agents {
+        std::fs::write(
+            dir.join("agents").join(format!("{a}.token")),
+            format!("t-{a}"),
+        )
+        .expect("token");
+    }
+    std::fs::write(dir.join("admin.token"), "admin").expect("admin");
+    let path = dir.join("up.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nid = \"bench-up\"\nstate_dir = \"{}\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
+             tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\n{upstream}\n{rest}",
+            dir.join("state").display()
+        ),
+    )
+    .expect("config");
+    path
+}
+
 /// Start `edgemeter upstream -c config` (logging warnings to our stderr)
 /// and wait, at most 20 s, until it listens on `port`.
 pub fn start_upstream(bin: &Path, config: &Path, port: u16) -> std::process::Child {
