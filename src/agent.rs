@@ -2,9 +2,11 @@
 //! `LocalExecutor` on the main thread: the sources, the outbox writer, one
 //! delivery loop per sink, and the signal handler that ends it all.
 //!
-//! Shutdown (SIGTERM or SIGINT), within [`SHUTDOWN_BUDGET`]:
-//! 1. the shutdown signal fires; sources get [`SOURCE_GRACE`] to return,
-//!    then are cancelled;
+//! Shutdown (SIGTERM or SIGINT), within `[agent] shutdown_grace_secs` plus
+//! [`SINK_FINISH`]:
+//! 1. the shutdown signal fires; sources get `shutdown_grace_secs` (default
+//!    5 s) to emit their last window and save their state, then are
+//!    cancelled, and the agent says so;
 //! 2. with every source gone the record channel closes, and the writer
 //!    commits what it still holds, at once;
 //! 3. sink loops get what is left of the budget to finish the batch in
@@ -34,8 +36,10 @@ use crate::sources::Source;
 use crate::state_dir::{self, LockError};
 use crate::{sinks, sources};
 
-pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(5);
-const SOURCE_GRACE: Duration = Duration::from_millis(1500);
+/// At shutdown, what sinks get after the sources stopped to finish the
+/// batch in flight. The unit's `TimeoutStopSec` must exceed this plus
+/// `shutdown_grace_secs`.
+pub const SINK_FINISH: Duration = Duration::from_secs(3);
 /// Most records committed in one transaction; a larger backlog takes several.
 const GROUP_MAX: usize = 50_000;
 /// Records held in memory while commits fail (disk full); past this the
@@ -223,19 +227,27 @@ async fn serve(
     })
     .detach();
 
-    let stragglers = join_within(source_tasks, SOURCE_GRACE).await;
-    if stragglers > 0 {
-        log::warn!("{stragglers} sources did not stop within {SOURCE_GRACE:?}; cancelled them");
+    let grace = agent.shutdown_grace;
+    let cancelled = join_within(source_tasks, grace).await;
+    if cancelled > 0 {
+        log::warn!(
+            "{cancelled} sources did not finish within shutdown_grace_secs = {}; cancelled them: their last window's points and unsaved state are lost (raise [agent] shutdown_grace_secs)",
+            grace.as_secs_f64()
+        );
     }
     writer.await;
-    let left = SHUTDOWN_BUDGET.saturating_sub(started.elapsed() + Duration::from_millis(500));
-    let stragglers = join_within(sink_tasks, left).await;
+    let stragglers = join_within(sink_tasks, SINK_FINISH).await;
     if stragglers > 0 {
         log::info!(
             "{stragglers} sinks were still delivering; their batches will be sent again next start"
         );
     }
-    log::info!("stopped cleanly in {} ms", started.elapsed().as_millis());
+    let ms = started.elapsed().as_millis();
+    if cancelled > 0 {
+        log::warn!("stopped in {ms} ms, with {cancelled} sources cut off (see above)");
+    } else {
+        log::info!("stopped cleanly in {ms} ms");
+    }
     Ok(())
 }
 

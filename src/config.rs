@@ -63,6 +63,9 @@ pub struct Agent {
     pub log_level: LevelFilter,
     pub buffer_max_bytes: u64,
     pub flush_interval: Duration,
+    /// At shutdown, how long sources get to emit their last window and save
+    /// their state before they are cancelled.
+    pub shutdown_grace: Duration,
 }
 
 /// A named, typed component table.
@@ -297,6 +300,7 @@ struct RawAgent {
     log_level: Option<Spanned<String>>,
     buffer_max_bytes: Option<Spanned<i64>>,
     flush_interval_secs: Option<Spanned<f64>>,
+    shutdown_grace_secs: Option<Spanned<f64>>,
 }
 
 fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Agent> {
@@ -344,12 +348,21 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
         60.0,
         p,
     );
+    let shutdown_grace = secs(
+        raw.shutdown_grace_secs.as_ref(),
+        "shutdown_grace_secs",
+        5.0,
+        0.1,
+        60.0,
+        p,
+    );
     (p.list().len() == before).then_some(Agent {
         id,
         state_dir,
         log_level,
         buffer_max_bytes,
         flush_interval,
+        shutdown_grace,
     })
 }
 

@@ -118,6 +118,7 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "log_level",
         "buffer_max_bytes",
         "flush_interval_secs",
+        "shutdown_grace_secs",
         "type",
         "name",
         "metric",
@@ -160,6 +161,8 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "streams",
         "reconnect_initial_secs",
         "reconnect_max_secs",
+        "ping_interval_secs",
+        "stall_after_secs",
         "max_frame_bytes",
         "window_secs",
         "events",
@@ -234,7 +237,7 @@ colour = "red"
 [agnet]
 "#,
         &[
-            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`",
+            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `shutdown_grace_secs`",
             "8:1: unknown field `rate`, expected one of `metric`, `rate_per_sec`, `series`, `limit`, `users`, `users_window_secs`",
             "13:1: unknown field `colour`, expected `path` or `kinds`",
             "15:2: unknown top-level key `agnet`; expected `[agent]`, `[[source]]`, `[[sink]]` or `[upstream]`",

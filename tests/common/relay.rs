@@ -30,6 +30,9 @@ struct Inner {
     posts: AtomicU64,
     next_id: AtomicU64,
     stop: AtomicBool,
+    /// Hung: connections stay open, nothing is read, written or answered
+    /// (not even pings), and handshakes wait.
+    frozen: AtomicBool,
 }
 
 pub struct Hub {
@@ -87,6 +90,16 @@ impl Hub {
             let _ = s.shutdown(Shutdown::Both);
         }
         self.inner.topics.lock().unwrap().clear();
+    }
+
+    /// Hang like a stuck process: every connection stays open but nothing
+    /// is read or sent, pings included; new handshakes wait.
+    pub fn freeze(&self) {
+        self.inner.frozen.store(true, Ordering::SeqCst);
+    }
+
+    pub fn thaw(&self) {
+        self.inner.frozen.store(false, Ordering::SeqCst);
     }
 
     /// Answer 404 to websocket requests for `stream`.
@@ -183,6 +196,12 @@ fn peek_head(s: &TcpStream) -> Option<String> {
 }
 
 fn serve(mut s: TcpStream, inner: Arc<Inner>) {
+    while inner.frozen.load(Ordering::SeqCst) {
+        if inner.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let Some(head) = peek_head(&s) else { return };
     let line = head.lines().next().unwrap_or("").to_owned();
     let mut parts = line.split(' ');
@@ -277,6 +296,13 @@ fn websocket(s: TcpStream, stream: String, inner: Arc<Inner>) {
     'conn: loop {
         if inner.stop.load(Ordering::SeqCst) && !inner.sockets.lock().unwrap().contains_key(&id) {
             break;
+        }
+        if inner.frozen.load(Ordering::SeqCst) {
+            if !inner.sockets.lock().unwrap().contains_key(&id) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
         }
         match rx.recv_timeout(Duration::from_millis(5)) {
             Ok(m) => {

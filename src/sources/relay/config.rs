@@ -25,6 +25,11 @@ pub struct Config {
     pub streams: Vec<String>,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
+    /// Ping a stream that was silent this long.
+    pub ping_interval: Duration,
+    /// Reconnect a stream from which nothing (not even a pong) arrived for
+    /// this long: the host hung without closing the connection.
+    pub stall_after: Duration,
     pub max_frame_bytes: usize,
     pub window: Duration,
     /// Store every logging-envelope message as an event in the outbox.
@@ -52,6 +57,8 @@ struct Raw {
     streams: Spanned<Vec<Spanned<String>>>,
     reconnect_initial_secs: Option<Spanned<f64>>,
     reconnect_max_secs: Option<Spanned<f64>>,
+    ping_interval_secs: Option<Spanned<f64>>,
+    stall_after_secs: Option<Spanned<f64>>,
     max_frame_bytes: Option<Spanned<i64>>,
     window_secs: Option<Spanned<i64>>,
     events: Option<bool>,
@@ -133,6 +140,37 @@ impl Config {
                 "reconnect_max_secs must be at least reconnect_initial_secs",
             );
         }
+        let ping_interval = secs(
+            raw.ping_interval_secs.as_ref(),
+            "ping_interval_secs",
+            15.0,
+            0.1,
+            3600.0,
+            p,
+        );
+        let stall_after = secs(
+            raw.stall_after_secs.as_ref(),
+            "stall_after_secs",
+            45.0,
+            0.2,
+            86_400.0,
+            p,
+        );
+        if stall_after <= ping_interval
+            && let Some(s) = raw
+                .stall_after_secs
+                .as_ref()
+                .or(raw.ping_interval_secs.as_ref())
+        {
+            p.push(
+                s.span(),
+                format!(
+                    "stall_after_secs ({} s) must be longer than ping_interval_secs ({} s): a stream is pinged after that much silence and declared hung only if the pong does not come",
+                    stall_after.as_secs_f64(),
+                    ping_interval.as_secs_f64()
+                ),
+            );
+        }
         let max_frame_bytes = raw.max_frame_bytes.as_ref().map_or(1024 * 1024, |v| {
             int_in_range(v, "max_frame_bytes", 1024, MAX_FRAME_BYTES_LIMIT, p) as usize
         });
@@ -199,6 +237,8 @@ impl Config {
             streams,
             reconnect_initial,
             reconnect_max,
+            ping_interval,
+            stall_after,
             max_frame_bytes,
             window: Duration::from_secs(window),
             events: raw.events.unwrap_or(true),

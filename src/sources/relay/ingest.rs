@@ -43,6 +43,8 @@ pub struct Totals {
 
 #[derive(Default)]
 struct WindowCounts {
+    frames: u64,
+    zero_width: u64,
     messages: u64,
     bytes: u64,
     malformed: u64,
@@ -57,6 +59,7 @@ pub struct Stream {
     pub totals: Totals,
     window: WindowCounts,
     reconnects_at_window_start: u64,
+    stalls_at_window_start: u64,
 }
 
 /// Everything the relay source knows, shared by its tasks (one thread).
@@ -99,6 +102,7 @@ impl State {
                     totals: Totals::default(),
                     window: WindowCounts::default(),
                     reconnects_at_window_start: 0,
+                    stalls_at_window_start: 0,
                 })
                 .collect(),
             all_users: Sketch::default(),
@@ -156,6 +160,7 @@ impl State {
         {
             let s = &mut self.streams[i];
             s.totals.frames += 1;
+            s.window.frames += 1;
             s.totals.bytes += len as u64;
             s.window.bytes += len as u64;
         }
@@ -185,7 +190,9 @@ impl State {
             Frame::Text(t) => t,
         };
         let split = frame::split(text);
-        self.streams[i].totals.zero_width += u64::from(split.zero_width);
+        let s = &mut self.streams[i];
+        s.totals.zero_width += u64::from(split.zero_width);
+        s.window.zero_width += u64::from(split.zero_width);
         for raw in &split.values {
             self.message(i, raw.get(), now_ms, out);
         }
@@ -264,8 +271,10 @@ impl State {
 
     /// A frame too big for the websocket layer to read at all.
     pub fn unreadable(&mut self, i: usize, now_ms: i64, reason: &str, out: &mut Vec<Record>) {
-        self.streams[i].totals.frames += 1;
-        self.streams[i].totals.oversized += 1;
+        let s = &mut self.streams[i];
+        s.totals.frames += 1;
+        s.window.frames += 1;
+        s.totals.oversized += 1;
         self.malformed(i, now_ms, reason, 0, "", out);
     }
 
@@ -290,9 +299,14 @@ impl State {
             let w = std::mem::take(&mut s.window);
             let reconnects = s.link.reconnects - s.reconnects_at_window_start;
             s.reconnects_at_window_start = s.link.reconnects;
+            let stalls = s.link.stalls - s.stalls_at_window_start;
+            s.stalls_at_window_start = s.link.stalls;
             let d = dims(&s.name);
             for (metric, v, unit) in [
+                ("relay_frames", w.frames as f64, "Count"),
                 ("relay_messages", w.messages as f64, "Count"),
+                ("relay_zero_width", w.zero_width as f64, "Count"),
+                ("relay_stalls", stalls as f64, "Count"),
                 ("relay_bytes", w.bytes as f64, "Bytes"),
                 ("relay_malformed", w.malformed as f64, "Count"),
                 ("relay_reconnects", reconnects as f64, "Count"),

@@ -4,20 +4,31 @@
 //!
 //! Every wait is drawn with full jitter from [`Backoff`], the first one
 //! too: when the session host restarts, all streams drop in the same
-//! instant and must not all knock again in the same instant. A connection
-//! that stayed up for [`STABLE_AFTER`] starts the schedule over.
+//! instant and must not all knock again in the same instant.
+//!
+//! A connection that was *healthy* starts the schedule over, so a host
+//! that drops every few seconds (a flaky uplink, a proxy's idle timeout)
+//! gets each stream back within the initial wait every time. Healthy means
+//! it carried at least one frame, or it lived longer than the wait that
+//! preceded it and at least [`HEALTHY_AFTER`]. A host that accepts and
+//! drops at once, saying nothing, is not healthy: the waits still grow to
+//! the maximum.
 
 use std::time::Duration;
 
 use crate::backoff::Backoff;
 
-/// A connection that lived this long was healthy: forget earlier failures.
-pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// The least a silent connection must live to count as healthy (it must
+/// also outlive the wait before it).
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Connecting,
     Live,
+    /// Connected, but nothing (not even a pong) arrived within the
+    /// liveness deadline: being closed, to reconnect.
+    Stalled,
     BackingOff,
 }
 
@@ -26,6 +37,7 @@ impl State {
         match self {
             State::Connecting => "connecting",
             State::Live => "live",
+            State::Stalled => "stalled",
             State::BackingOff => "backing off",
         }
     }
@@ -41,7 +53,13 @@ pub struct Link {
     pub last_error: Option<String>,
     /// Connections established after the first.
     pub reconnects: u64,
+    /// Connections closed because the host stopped answering.
+    pub stalls: u64,
     connected_before: bool,
+    /// The current connection delivered a frame.
+    carried: bool,
+    /// The wait before the current attempt.
+    last_wait: Duration,
     backoff: Backoff,
 }
 
@@ -53,7 +71,10 @@ impl Link {
             until_ms: now_ms,
             last_error: None,
             reconnects: 0,
+            stalls: 0,
             connected_before: false,
+            carried: false,
+            last_wait: Duration::ZERO,
             backoff: Backoff::new(initial, max),
         }
     }
@@ -69,18 +90,34 @@ impl Link {
             self.reconnects += 1;
         }
         self.connected_before = true;
+        self.carried = false;
         self.state = State::Live;
         self.since_ms = now_ms;
     }
 
-    /// A connection attempt failed, or a live connection ended. Returns how
-    /// long to wait before the next attempt, drawing jitter from `unit` in
-    /// [0, 1).
+    /// A frame arrived on the current connection.
+    pub fn carried(&mut self) {
+        self.carried = true;
+    }
+
+    /// Nothing arrived within the liveness deadline.
+    pub fn stalled(&mut self, now_ms: i64) {
+        self.stalls += 1;
+        self.state = State::Stalled;
+        self.since_ms = now_ms;
+    }
+
+    /// A connection attempt failed, or a connection ended. Returns how long
+    /// to wait before the next attempt, drawing jitter from `unit` in [0, 1).
     pub fn dropped(&mut self, now_ms: i64, error: String, unit: f64) -> Duration {
-        if self.state == State::Live && now_ms - self.since_ms >= STABLE_AFTER.as_millis() as i64 {
-            self.backoff.reset();
+        if matches!(self.state, State::Live | State::Stalled) {
+            let lived = Duration::from_millis((now_ms - self.since_ms).max(0) as u64);
+            if self.carried || lived >= self.last_wait.max(HEALTHY_AFTER) {
+                self.backoff.reset();
+            }
         }
         let wait = self.backoff.next_with(unit);
+        self.last_wait = wait;
         self.state = State::BackingOff;
         self.since_ms = now_ms;
         self.until_ms = now_ms + wait.as_millis() as i64;
@@ -104,16 +141,15 @@ pub enum LinkError {
     /// TCP connected, the websocket handshake failed.
     Handshake { url: String, error: String },
     /// No answer within the connect timeout.
-    Timeout {
-        url: String,
-        after: std::time::Duration,
-    },
+    Timeout { url: String, after: Duration },
     /// The session host closed the connection (with its close code, if any).
     Closed { code: Option<String> },
     /// The connection broke (reset, EOF without a close frame).
     Lost(String),
     /// A frame larger than the bound: the rest of it cannot be skipped.
     Oversized(String),
+    /// Nothing, not even a pong, within the liveness deadline.
+    Stalled { after: Duration },
 }
 
 impl std::fmt::Display for LinkError {
@@ -132,6 +168,11 @@ impl std::fmt::Display for LinkError {
                 f.write_str("the session host closed the connection")
             }
             LinkError::Lost(e) => write!(f, "connection lost: {e}"),
+            LinkError::Stalled { after } => write!(
+                f,
+                "the session host sent nothing for {} s, not even a pong (hung?); reconnecting",
+                after.as_secs_f64()
+            ),
             LinkError::Oversized(e) => write!(
                 f,
                 "{e}; the rest of that frame cannot be skipped, so reconnecting"
@@ -168,28 +209,73 @@ mod tests {
     }
 
     #[test]
-    fn a_stable_connection_starts_the_schedule_over_and_a_short_one_does_not() {
+    fn a_connection_that_carried_a_frame_starts_the_schedule_over() {
         let mut l = Link::new(S, 64 * S, 0);
         for _ in 0..5 {
             l.dropped(0, "refused".into(), 0.999);
         }
-        // Up for 2 s, then dropped: still backing off hard (a server that
-        // accepts and drops at once must not be hammered).
+        // Up for 2 s after a long wait, said nothing, dropped: still backing
+        // off hard (a host that accepts and drops at once is not hammered).
         l.connected(1_000);
         assert!(l.dropped(3_000, "closed".into(), 0.999) > 30 * S);
-        // Up for longer than STABLE_AFTER: back to [0, initial].
-        l.connected(10_000);
+        // Up for 200 ms but it delivered a frame: back to [0, initial].
+        l.connected(40_000);
+        l.carried();
+        assert!(l.dropped(40_200, "closed".into(), 0.999) < S);
         assert_eq!(l.reconnects, 1);
-        let wait = l.dropped(
-            10_000 + STABLE_AFTER.as_millis() as i64,
-            "closed".into(),
-            0.999,
-        );
-        assert!(wait < S, "{wait:?}");
-        assert_eq!(l.reconnects, 1);
-        l.connected(30_000);
+        l.connected(41_000);
         assert_eq!(l.reconnects, 2);
         assert!(l.is_live());
+    }
+
+    #[test]
+    fn a_silent_connection_that_outlived_its_wait_starts_the_schedule_over() {
+        // The case: a host that drops every 10 s, a silent stream.
+        let mut l = Link::new(S, 60 * S, 0);
+        let mut now = 0;
+        for _ in 0..6 {
+            l.connected(now);
+            now += 10_000;
+            let wait = l.dropped(now, "closed".into(), 0.999);
+            assert!(
+                wait < S,
+                "every drop is followed by the initial wait: {wait:?}"
+            );
+            now += wait.as_millis() as i64;
+        }
+        // Lived 0.5 s after a 0.999 s wait: too short, the schedule grows.
+        l.connected(now);
+        let wait = l.dropped(now + 500, "closed".into(), 0.999);
+        assert!(wait > S, "{wait:?}");
+        // Under HEALTHY_AFTER even after a zero wait: grows too.
+        let mut l = Link::new(S, 60 * S, 0);
+        l.dropped(0, "refused".into(), 0.0);
+        l.connected(0);
+        let first = l.dropped(HEALTHY_AFTER.as_millis() as i64 - 1, "closed".into(), 0.999);
+        assert!(first > S, "{first:?}");
+    }
+
+    #[test]
+    fn a_refusing_host_still_meets_growing_jittered_waits_up_to_the_cap() {
+        let mut l = Link::new(S, 8 * S, 0);
+        let ceilings: Vec<Duration> = (0..6)
+            .map(|_| l.dropped(0, "refused".into(), 0.999_999))
+            .collect();
+        assert!(ceilings.windows(2).all(|w| w[0] <= w[1]), "{ceilings:?}");
+        assert!(ceilings[5] > 7 * S && ceilings[5] <= 8 * S, "{ceilings:?}");
+    }
+
+    #[test]
+    fn a_stall_is_counted_and_shown_until_the_drop() {
+        let mut l = Link::new(S, 8 * S, 0);
+        l.connected(0);
+        l.carried();
+        l.stalled(30_000);
+        assert_eq!((l.state, l.stalls, l.since_ms), (State::Stalled, 1, 30_000));
+        assert_eq!(l.state.as_str(), "stalled");
+        // It carried frames before it hung: the next try comes soon.
+        assert!(l.dropped(30_100, "stalled".into(), 0.999) < S);
+        assert_eq!(l.state, State::BackingOff);
     }
 
     #[test]
@@ -222,6 +308,12 @@ mod tests {
         check(
             LinkError::Oversized("Message too long".into()),
             "Message too long; the rest of that frame cannot be skipped, so reconnecting",
+        );
+        check(
+            LinkError::Stalled {
+                after: Duration::from_secs(45),
+            },
+            "the session host sent nothing for 45 s, not even a pong (hung?); reconnecting",
         );
     }
 }

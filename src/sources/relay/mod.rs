@@ -82,6 +82,9 @@ use store::Store;
 
 /// How often analytics state, raw lines and the status file are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(2);
+/// A stream's new connection state is in the status file this soon (the
+/// changes of many streams at once are written together).
+const STATUS_WITHIN: Duration = Duration::from_millis(200);
 /// How long the flush task sleeps when nothing changes and no dump is due.
 const IDLE_WAIT: Duration = Duration::from_secs(86_400);
 /// Bounds connecting and the websocket handshake.
@@ -117,6 +120,9 @@ struct Shared {
     /// Rung on every change, so the flush task sleeps while nothing happens
     /// (an idle source has no timer faster than its window and dump).
     changed: Doorbell,
+    /// Rung when a stream's connection state changes: `status` shows it
+    /// within [`STATUS_WITHIN`].
+    link_changed: Doorbell,
 }
 
 impl Source for Relay {
@@ -173,9 +179,20 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             None
         }
     };
+    if let Some(dir) = &config.files_dir {
+        let dir = dir.clone();
+        let removed = worker.run(move || remove_temp_files(&dir)).await;
+        if removed > 0 {
+            log::info!(
+                "source `{}`: removed {removed} temp files an earlier run left unfinished",
+                ctx.name
+            );
+        }
+    }
     let all_graphs: HashSet<GraphKey> = state.analytics.graph_keys().into_iter().collect();
     let (kick_tx, kick_rx) = smol::channel::bounded(1);
     let (changed, wakeup) = doorbell();
+    let (link_changed, link_wakeup) = doorbell();
     let shared = Rc::new(Shared {
         name: ctx.name.clone(),
         config,
@@ -184,6 +201,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         dump_usage: RefCell::new(true),
         provision_kick: kick_tx,
         changed,
+        link_changed,
     });
     let ctx = Rc::new(ctx);
     let files = Files {
@@ -207,6 +225,13 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         wakeup,
     ))
     .detach();
+    ex.spawn(status_task(
+        shared.clone(),
+        ctx.clone(),
+        files.clone(),
+        link_wakeup,
+    ))
+    .detach();
     if let Some(p) = shared.config.provision.clone() {
         ex.spawn(provision_task(shared.clone(), ctx.clone(), p, kick_rx))
             .detach();
@@ -214,21 +239,22 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     ex.run(ctx.shutdown.wait()).await;
     drop(ex);
 
-    // Shutdown: the analytics state and files first (on our own worker, so
-    // a backlog in the outbox writer cannot hold them up past the agent's
-    // grace period), then the running window's points.
+    // Shutdown, in the order the sinks need: the running window's points
+    // and sketches first, then the analytics state and files (on our own
+    // worker, off the event loop; no fsync per file, see [`Sync::No`]).
     let mut out = Vec::new();
     let end = window_end(now_ms(), shared.config.window);
     shared
         .state
         .borrow_mut()
         .close_window(end, shared.config.window.as_secs(), &mut out);
-    flush(&shared, &worker, &files, true).await;
-    for r in out {
-        if !ctx.emit.emit(r).await {
-            break;
-        }
+    if !flush_records(&ctx, &mut out).await {
+        log::warn!(
+            "source `{}`: the outbox writer had stopped; the last window's points are lost",
+            ctx.name
+        );
     }
+    flush(&shared, &worker, &files, true).await;
 }
 
 /// The end of the window that contains `now`, ms.
@@ -251,6 +277,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
         shared.state.borrow_mut().streams[i]
             .link
             .connecting(now_ms());
+        shared.link_changed.ring();
         let attempt =
             smol::future::or(async { Some(connect(&shared.config, &url).await) }, async {
                 ctx.shutdown.wait().await;
@@ -264,6 +291,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
                 shared.state.borrow_mut().streams[i]
                     .link
                     .connected(now_ms());
+                shared.link_changed.ring();
                 if failing {
                     log::info!("source `{}`: stream {stream} is connected again", ctx.name);
                     let _ = shared.provision_kick.try_send(());
@@ -293,7 +321,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
             error.to_string(),
             fastrand::f64(),
         );
-        shared.changed.ring();
+        shared.link_changed.ring();
         if !failing {
             log::warn!(
                 "source `{}`: stream {stream}: {error}; reconnecting in {:.1} s, and on with backoff",
@@ -389,7 +417,16 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, LinkError> {
         .await
 }
 
-/// Read until the connection ends (the reason) or shutdown (None).
+/// What woke the read loop.
+enum Woke {
+    Frame(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
+    Silence,
+    Shutdown,
+}
+
+/// Read until the connection ends (the reason) or shutdown (None). A
+/// stream silent for `ping_interval` is pinged; one from which nothing
+/// arrives for `stall_after` is declared hung and closed.
 async fn read_frames(
     i: usize,
     shared: &Shared,
@@ -398,25 +435,63 @@ async fn read_frames(
     out: &mut Vec<Record>,
 ) -> Option<LinkError> {
     use async_tungstenite::tungstenite::Error;
+    let (ping_interval, stall_after) = (shared.config.ping_interval, shared.config.stall_after);
+    let mut heard = std::time::Instant::now();
+    let mut pinged = false;
     loop {
-        let next = smol::future::or(async { Some(ws.next().await) }, async {
-            ctx.shutdown.wait().await;
-            None
-        })
-        .await?;
+        let due = if pinged { stall_after } else { ping_interval };
+        let woke = smol::future::or(
+            async { Woke::Frame(ws.next().await) },
+            smol::future::or(
+                async {
+                    ctx.shutdown.wait().await;
+                    Woke::Shutdown
+                },
+                async {
+                    smol::Timer::at(heard + due).await;
+                    Woke::Silence
+                },
+            ),
+        )
+        .await;
+        let next = match woke {
+            Woke::Shutdown => return None,
+            Woke::Silence if !pinged => {
+                pinged = true;
+                // Bounded: a host that does not read must not hold us here.
+                let sent = smol::future::or(
+                    async { ws.send(Message::Ping(Default::default())).await.is_ok() },
+                    async {
+                        smol::Timer::at(heard + stall_after).await;
+                        true
+                    },
+                )
+                .await;
+                if !sent {
+                    return Some(LinkError::Lost("cannot send a ping".to_owned()));
+                }
+                continue;
+            }
+            Woke::Silence => {
+                shared.state.borrow_mut().streams[i].link.stalled(now_ms());
+                shared.link_changed.ring();
+                return Some(LinkError::Stalled { after: stall_after });
+            }
+            Woke::Frame(next) => next,
+        };
+        heard = std::time::Instant::now();
+        pinged = false;
         let now = now_ms();
         match next {
             Some(Ok(Message::Text(t))) => {
-                shared
-                    .state
-                    .borrow_mut()
-                    .frame(i, Frame::Text(t.as_str()), now, out)
+                let mut state = shared.state.borrow_mut();
+                state.streams[i].link.carried();
+                state.frame(i, Frame::Text(t.as_str()), now, out)
             }
             Some(Ok(Message::Binary(b))) => {
-                shared
-                    .state
-                    .borrow_mut()
-                    .frame(i, Frame::Binary(&b), now, out)
+                let mut state = shared.state.borrow_mut();
+                state.streams[i].link.carried();
+                state.frame(i, Frame::Binary(&b), now, out)
             }
             Some(Ok(Message::Close(c))) => {
                 return Some(LinkError::Closed {
@@ -485,6 +560,56 @@ struct Files {
     last_status: String,
 }
 
+/// Publish connection changes promptly: an idle logging stream may see no
+/// frame for hours, and `status` must not show it "backing off" meanwhile.
+async fn status_task(
+    shared: Rc<Shared>,
+    ctx: Rc<crate::sources::Context>,
+    files: Rc<RefCell<Files>>,
+    wakeup: Wakeup,
+) {
+    // Its own thread, gone when idle: a dump in progress must not delay it.
+    let worker = Worker::new(format!("status-{}", ctx.name));
+    loop {
+        let stop = smol::future::or(
+            async {
+                ctx.shutdown.wait().await;
+                true
+            },
+            async {
+                wakeup.wait(IDLE_WAIT).await;
+                false
+            },
+        )
+        .await;
+        if stop || ctx.shutdown.sleep(STATUS_WITHIN / 2).await {
+            return;
+        }
+        let status = render_status(&shared.state.borrow());
+        publish_status(&worker, &files, status).await;
+    }
+}
+
+/// Write the status file if it changed (no fsync: it is rewritten from
+/// memory while the agent runs, and `status` says when it was written).
+async fn publish_status(worker: &Worker, files: &RefCell<Files>, status: String) {
+    let path = {
+        let mut f = files.borrow_mut();
+        if f.last_status == status {
+            return;
+        }
+        f.last_status = status.clone();
+        f.status_path.clone()
+    };
+    let result = worker
+        .run(move || replace_file(&path, status.as_bytes(), Sync::No))
+        .await;
+    if let Err(e) = result {
+        log::warn!("{e}; trying again at the next change");
+        files.borrow_mut().last_status.clear();
+    }
+}
+
 async fn flush_task(
     shared: Rc<Shared>,
     ctx: Rc<crate::sources::Context>,
@@ -523,15 +648,14 @@ async fn flush_task(
     }
 }
 
-/// Save what changed, append raw lines, publish the status, and with
-/// `dump` rewrite the changed analytics files: all in one job on the
-/// source's worker, the only writer of these files.
+/// Save what changed, append raw lines, and with `dump` rewrite the
+/// changed analytics files: all in one job on the source's worker, the
+/// only writer of these files; then publish the status.
 struct Collected {
     activity: Vec<((String, String), analytics::Activity)>,
     graphs: Vec<(GraphKey, analytics::Chain)>,
     raw: BTreeMap<String, Vec<u8>>,
     dumps: Vec<(String, String)>,
-    status: String,
 }
 
 /// Take what is to be written out of the shared state (no waiting here).
@@ -562,13 +686,11 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
             dumps.push(("activity.csv".to_owned(), state.analytics.activity_csv()));
         }
     }
-    let status = render_status(&state);
     Collected {
         activity,
         graphs,
         raw,
         dumps,
-        status,
     }
 }
 
@@ -578,19 +700,8 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
         graphs,
         raw,
         dumps,
-        status,
     } = collect(shared, dump);
-    let (store, status_path, changed) = {
-        let f = files.borrow();
-        (
-            f.store.clone(),
-            f.status_path.clone(),
-            f.last_status != status,
-        )
-    };
-    if changed {
-        files.borrow_mut().last_status = status.clone();
-    }
+    let store = files.borrow().store.clone();
     let dir = shared.config.files_dir.clone();
     let changes = (activity, graphs);
     let (errors, changes) = worker
@@ -610,13 +721,10 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
                     errors.push((false, e));
                 }
                 for (name, text) in &dumps {
-                    if let Err(e) = write_atomically(&dir.join(name), text.as_bytes()) {
+                    if let Err(e) = replace_file(&dir.join(name), text.as_bytes(), Sync::No) {
                         errors.push((false, e));
                     }
                 }
-            }
-            if changed && let Err(e) = write_atomically(&status_path, status.as_bytes()) {
-                errors.push((false, e));
             }
             (errors, changes)
         })
@@ -631,6 +739,8 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
             shared.name
         );
     }
+    let status = render_status(&shared.state.borrow());
+    publish_status(worker, files, status).await;
 }
 
 fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
@@ -650,17 +760,30 @@ fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String>
     Ok(())
 }
 
+/// Whether [`replace_file`] waits for the disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// fsync before the rename: the new content survives a power cut.
+    Data,
+    /// No fsync: for files rebuilt from state that is itself durable (the
+    /// analytics files are all rewritten at the first dump after a start),
+    /// so hundreds of them cost no disk flushes.
+    No,
+}
+
 /// Replace `path` with `bytes` so a reader sees the old file or the new
-/// one, never a mix: a temp file beside it, fsync, rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+/// one, never a mix: a temp file beside it, then rename.
+pub fn replace_file(path: &Path, bytes: &[u8], sync: Sync) -> Result<(), String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = temp_name(path);
     let result = std::fs::File::create(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
-            f.sync_data()
+            if sync == Sync::Data {
+                f.sync_data()?;
+            }
+            Ok(())
         })
         .and_then(|()| std::fs::rename(&tmp, path));
     result.map_err(|e| {
@@ -669,39 +792,103 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     })
 }
 
-/// The per-stream table `edgemeter status` shows.
+/// `dir/.name.tmp`: hidden, and recognised by [`remove_temp_files`].
+fn temp_name(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    dir.join(format!(".{name}{TEMP_SUFFIX}"))
+}
+
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Remove what an interrupted [`replace_file`] left in `dir` (a crash
+/// between create and rename). Returns how many.
+fn remove_temp_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.ends_with(TEMP_SUFFIX))
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
+/// The per-stream tables `edgemeter status` shows: the connection and its
+/// traffic, then what could not be used, by kind, for the streams that had
+/// any.
 fn render_status(state: &State) -> String {
     let mut out = format!(
-        "{:<12} {:<12} {:<21} {:>10} {:>9} {:>10}  last error\n",
-        "stream", "state", "since", "messages", "malformed", "reconnects"
+        "{:<12} {:<12} {:<21} {:>9} {:>10} {:>12} {:>9} {:>10} {:>6}  last error\n",
+        "stream",
+        "state",
+        "since",
+        "frames",
+        "messages",
+        "bytes",
+        "malformed",
+        "reconnects",
+        "stalls"
     );
     for s in &state.streams {
         out += &format!(
-            "{:<12} {:<12} {:<21} {:>10} {:>9} {:>10}  {}\n",
+            "{:<12} {:<12} {:<21} {:>9} {:>10} {:>12} {:>9} {:>10} {:>6}  {}\n",
             s.name,
             s.link.state.as_str(),
             iso8601(s.link.since_ms),
+            s.totals.frames,
             s.totals.messages,
+            s.totals.bytes,
             s.totals.malformed,
             s.link.reconnects,
+            s.link.stalls,
             s.link.last_error.as_deref().unwrap_or("-")
         );
     }
-    let t = state
+    let odd: Vec<&ingest::Stream> = state
         .streams
         .iter()
-        .fold(ingest::Totals::default(), |mut a, s| {
-            a.binary += s.totals.binary;
-            a.oversized += s.totals.oversized;
-            a.other += s.totals.other;
-            a.untracked += s.totals.untracked;
-            a.zero_width += s.totals.zero_width;
-            a.transitions += s.totals.transitions;
-            a
-        });
+        .filter(|s| {
+            let t = &s.totals;
+            t.malformed + t.other + t.untracked + t.zero_width > 0
+        })
+        .collect();
+    if odd.is_empty() {
+        out += "nothing malformed or skipped on any stream\n";
+    } else {
+        out += &format!(
+            "\n{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
+            "by kind",
+            "binary",
+            "oversized",
+            "garbage",
+            "not envelope",
+            "not analysed",
+            "zero-width"
+        );
+        for s in odd {
+            let t = &s.totals;
+            out += &format!(
+                "{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
+                s.name,
+                t.binary,
+                t.oversized,
+                t.malformed - t.binary - t.oversized,
+                t.other,
+                t.untracked,
+                t.zero_width
+            );
+        }
+        out += "(garbage: text that is not JSON, or nested too deep; not envelope: JSON without user and type, e.g. a data stream's lines; not analysed: unusable names or past max_users; zero-width: U+200B lines the firmware sends, skipped)\n";
+    }
+    let transitions: u64 = state.streams.iter().map(|s| s.totals.transitions).sum();
     out += &format!(
-        "binary frames {}; oversized {}; not envelopes {}; not analysed {}; zero-width skipped {}; transitions {}; raw lines dropped {}\n",
-        t.binary, t.oversized, t.other, t.untracked, t.zero_width, t.transitions, state.raw_dropped
+        "command transitions {transitions}; raw lines dropped {}\n",
+        state.raw_dropped
     );
     if !state.samples.is_empty() {
         out += "latest malformed:\n";

@@ -222,6 +222,9 @@ fn a_window_emits_every_stream_and_the_union_of_users() {
         &[
             ("relay_messages", "spin30", 8.0),
             ("relay_messages", "pend00", 4.0),
+            ("relay_zero_width", "spin30", 0.0),
+            ("relay_frames", "spin30", 8.0),
+            ("relay_stalls", "spin30", 0.0),
             ("relay_connected", "spin30", 1.0),
             ("relay_connected", "spin31", 0.0),
             ("relay_active_users", "spin30", 2.0),
@@ -232,8 +235,8 @@ fn a_window_emits_every_stream_and_the_union_of_users() {
         Sketch::decode(&find(&out, "relay_active_users", "all", Kind::Sketch).payload).unwrap();
     assert_eq!(sketch.estimate(), 3.0);
     assert!(out.iter().all(|r| r.ts_ms == 300_000));
-    // 3 streams × (5 points + users point + sketch) + the union's 2.
-    assert_eq!(out.len(), 3 * 7 + 2);
+    // 3 streams × (8 points + users point + sketch) + the union's 2.
+    assert_eq!(out.len(), 3 * 10 + 2);
     // The next window starts from zero.
     out.clear();
     st.close_window(600_000, 300, &mut out);
