@@ -683,3 +683,81 @@ fn the_demo_shows_the_relay_pipeline() {
         "relay points reach the sink"
     );
 }
+
+/// The issue's shutdown: thousands of users' graphs changed since the last
+/// dump, SIGTERM under load. The running window's points reach the outbox
+/// (they are what the sinks need), every graph file is written, no temp
+/// file is left, and the agent says it stopped cleanly because it did.
+#[test]
+fn sigterm_under_load_keeps_the_last_window_and_writes_every_file() {
+    let dir = TempDir::new("relay-sigterm");
+    let hub = Hub::start();
+    let streams = ["spin30", "spin31", "spin32", "spin33"];
+    let cfg = config(&dir, &hub, &streams, "window_secs = 3600");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("dump_interval_secs = 1", "dump_interval_secs = 3600");
+    std::fs::write(&cfg, text).unwrap();
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    wait_subscribed(&hub, &streams);
+    // 3,000 users, two commands each (one transition), about 1,000 msg/s.
+    let users = 3_000;
+    let mut sent = 0u64;
+    let start = Instant::now();
+    for (n, log) in ["voltage", "position"].iter().enumerate() {
+        for u in 0..users {
+            let s = streams[u % streams.len()];
+            let user = format!("user-{u:04}");
+            let msg = envelope(&user, s, "analytics", log);
+            sent += hub.send_text(s, &msg) as u64;
+            let k = (n * users + u + 1) as u32;
+            std::thread::sleep(
+                (start + Duration::from_millis(u64::from(k)))
+                    .saturating_duration_since(Instant::now()),
+            );
+        }
+    }
+    assert_eq!(sent, 2 * users as u64);
+    assert!(
+        wait_until(Duration::from_secs(20), || status(&cfg)
+            .values()
+            .map(|r| r.messages)
+            .sum::<u64>()
+            == sent),
+        "{:?}",
+        status(&cfg)
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert!(!log.contains("cancelled"), "{log}");
+    // The window's points, per stream, add up to what was sent (a window
+    // boundary during the run splits them in two, which still sums).
+    let db = rusqlite::Connection::open(dir.path("state/outbox.db")).unwrap();
+    let counted: f64 = db
+        .query_row(
+            "SELECT total(value) FROM records WHERE kind = 1 AND name = 'relay_messages'
+             AND dims NOT LIKE '%\"all\"%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(counted, sent as f64);
+    let files: Vec<String> = std::fs::read_dir(dir.path("analytics"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !files.iter().any(|f| f.ends_with(".tmp")),
+        "temp files left: {:?}",
+        files.iter().filter(|f| f.ends_with(".tmp")).collect::<Vec<_>>()
+    );
+    let graphs = files.iter().filter(|f| f.ends_with("-graph.json")).count();
+    assert_eq!(graphs, users);
+    assert_eq!(
+        read(&dir, "user-0042-spinner-engdes1-adjacency.csv")
+            .lines()
+            .nth(1),
+        Some("voltage_step,0.0,0.0,1.0,0.0,0.0,0.0")
+    );
+}
