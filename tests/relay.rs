@@ -750,7 +750,10 @@ fn sigterm_under_load_keeps_the_last_window_and_writes_every_file() {
     assert!(
         !files.iter().any(|f| f.ends_with(".tmp")),
         "temp files left: {:?}",
-        files.iter().filter(|f| f.ends_with(".tmp")).collect::<Vec<_>>()
+        files
+            .iter()
+            .filter(|f| f.ends_with(".tmp"))
+            .collect::<Vec<_>>()
     );
     let graphs = files.iter().filter(|f| f.ends_with("-graph.json")).count();
     assert_eq!(graphs, users);
@@ -760,4 +763,114 @@ fn sigterm_under_load_keeps_the_last_window_and_writes_every_file() {
             .nth(1),
         Some("voltage_step,0.0,0.0,1.0,0.0,0.0,0.0")
     );
+}
+
+/// Pointing `files_dir` at the old analytics client's data directory: its
+/// matrices are continued (a count of 100 stays 100 and grows), its raw
+/// messages are counted as it would have counted them, the chain goes on
+/// from its last command, and a restart does not count any of it twice.
+#[test]
+fn an_old_clients_data_directory_is_continued_not_replaced() {
+    let dir = TempDir::new("relay-adopt");
+    let hub = Hub::start();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/relay/old-client");
+    std::fs::create_dir_all(dir.path("analytics")).unwrap();
+    for e in std::fs::read_dir(&fixtures).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "README.md" {
+            std::fs::copy(e.path(), dir.path("analytics").join(e.file_name())).unwrap();
+        }
+    }
+    // A second user, as in the issue: 100 transitions so far, no raw file.
+    let old = ",voltage_step,voltage_ramp,position_step,position_ramp,speed_step,speed_ramp\n\
+        voltage_step,0.0,0.0,100.0,0.0,0.0,0.0\nvoltage_ramp,0.0,0.0,0.0,0.0,0.0,0.0\n\
+        position_step,0.0,0.0,0.0,0.0,0.0,0.0\nposition_ramp,0.0,0.0,0.0,0.0,0.0,0.0\n\
+        speed_step,0.0,0.0,0.0,0.0,0.0,0.0\nspeed_ramp,0.0,0.0,0.0,0.0,0.0,0.0\n";
+    dir.write("analytics/student-2-spinner-engdes1-adjacency.csv", old);
+    let cfg = config(&dir, &hub, &["spin30"], "");
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    wait_subscribed(&hub, &["spin30"]);
+    let u1 = "53a6788c-e689-48d4-9231-c2fbd23df009";
+    for (user, log) in [
+        (u1, "voltage"),
+        ("student-2", "voltage"),
+        ("student-2", "position"),
+    ] {
+        assert_eq!(
+            hub.send_text("spin30", &envelope(user, "spin30", "analytics", log)),
+            1
+        );
+    }
+    let m1 = format!("{u1}-spinner-engdes1-adjacency.csv");
+    let m2 = "student-2-spinner-engdes1-adjacency.csv";
+    // u1: the old matrix (9 transitions), the 9 between its 10 raw
+    // voltage_ramp commands, and voltage_ramp → voltage_step from ours.
+    let want1 = ",voltage_step,voltage_ramp,position_step,position_ramp,speed_step,speed_ramp\n\
+        voltage_step,3.0,0.0,1.0,0.0,0.0,0.0\nvoltage_ramp,2.0,9.0,0.0,0.0,0.0,0.0\n\
+        position_step,0.0,0.0,0.0,0.0,1.0,0.0\nposition_ramp,0.0,0.0,0.0,0.0,0.0,1.0\n\
+        speed_step,0.0,0.0,0.0,1.0,0.0,0.0\nspeed_ramp,0.0,1.0,0.0,0.0,0.0,0.0\n";
+    let want2 = old.replace("100.0", "101.0");
+    assert!(
+        wait_until(Duration::from_secs(15), || read(&dir, &m1) == want1
+            && read(&dir, m2) == want2),
+        "{}\n{}\n{}",
+        read(&dir, &m1),
+        read(&dir, m2),
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert!(
+        log.contains("continuing the analytics files found in")
+            && log.contains("2 user graphs")
+            && log.contains("2 adjacency matrices and 1 raw message files"),
+        "{log}"
+    );
+    // A restart: the files are edgemeter's own now; nothing counted twice.
+    let mut agent = Agent::start_running(&cfg, "agent2.log");
+    wait_subscribed(&hub, &["spin30"]);
+    assert_eq!(
+        hub.send_text(
+            "spin30",
+            &envelope("student-2", "spin30", "analytics", "voltage")
+        ),
+        1
+    );
+    let want2 = want2.replace(
+        "position_step,0.0,0.0,0.0,0.0,0.0,0.0",
+        "position_step,1.0,0.0,0.0,0.0,0.0,0.0",
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || read(&dir, m2) == want2),
+        "{}",
+        read(&dir, m2)
+    );
+    assert_eq!(read(&dir, &m1), want1);
+    agent.stop();
+    assert!(!agent.stderr().contains("continuing the analytics files"));
+}
+
+/// A matrix edgemeter cannot read is never replaced: the source stops and
+/// says which file and what to do.
+#[test]
+fn an_unreadable_old_matrix_stops_the_source_and_is_left_as_it_was() {
+    let dir = TempDir::new("relay-adopt-bad");
+    let hub = Hub::start();
+    let bad = ",voltage_step\nvoltage_step,lots\n";
+    std::fs::create_dir_all(dir.path("analytics")).unwrap();
+    dir.write("analytics/u1-spinner-engdes1-adjacency.csv", bad);
+    let cfg = config(&dir, &hub, &["spin30"], "");
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    assert!(
+        agent.wait_for_line("is not an adjacency matrix", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(hub.subscribers("spin30"), 0, "the source did not start");
+    agent.stop();
+    assert_eq!(read(&dir, "u1-spinner-engdes1-adjacency.csv"), bad);
+    let log = agent.stderr();
+    assert!(log.contains("u1-spinner-engdes1-adjacency.csv"), "{log}");
+    assert!(log.contains("move it out of files_dir"), "{log}");
 }

@@ -199,6 +199,61 @@ impl Graph {
         out
     }
 
+    /// Read a matrix [`Graph::adjacency_csv`] (or the old analytics client,
+    /// through pandas) wrote: node labels as header and index, a
+    /// non-negative whole count (written as a float) in every cell.
+    pub fn from_adjacency_csv(text: &str) -> Result<Graph, String> {
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let header = lines.next().ok_or("the file is empty")?;
+        let nodes: Vec<String> = header
+            .strip_prefix(',')
+            .ok_or("the header does not start with an empty cell (not a pandas matrix)")?
+            .split(',')
+            .map(|n| n.trim().to_owned())
+            .collect();
+        if let Some(bad) = nodes.iter().find(|n| !safe_name(n)) {
+            return Err(format!("`{bad}` in the header is not a command name"));
+        }
+        let mut edges = BTreeMap::new();
+        let mut rows = 0;
+        for (i, line) in lines.enumerate() {
+            let cells: Vec<&str> = line.split(',').collect();
+            let from = cells[0].trim();
+            if cells.len() != nodes.len() + 1 || nodes.get(i).map(String::as_str) != Some(from) {
+                return Err(format!(
+                    "row {} (`{from}`) does not match the header: the matrix must be square, rows in the header's order",
+                    i + 1
+                ));
+            }
+            for (to, cell) in nodes.iter().zip(&cells[1..]) {
+                let v: f64 = cell
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("`{cell}` in row `{from}` is not a number"))?;
+                if !(v >= 0.0 && v.fract() == 0.0 && v < 1e15) {
+                    return Err(format!(
+                        "`{cell}` in row `{from}` is not a whole count of transitions"
+                    ));
+                }
+                if v > 0.0 {
+                    edges.insert((from.to_owned(), to.clone()), v as u64);
+                }
+            }
+            rows += 1;
+        }
+        if rows != nodes.len() {
+            return Err(format!(
+                "{rows} rows for {} columns: the matrix must be square",
+                nodes.len()
+            ));
+        }
+        Ok(Graph {
+            nodes,
+            edges,
+            last: None,
+        })
+    }
+
     /// `{nodes, edges}` in the shape the dashboards draw (pyvis's network
     /// data: nodes with id, label and fixed x/y; edges with from, to, weight
     /// and a label).
@@ -500,6 +555,40 @@ impl Analytics {
             exp: self.names.name(e).to_owned(),
             course: self.names.name(c).to_owned(),
         }
+    }
+
+    /// Take a graph the old analytics client left (its matrix, then its raw
+    /// commands in time order, the first of which only starts the chain),
+    /// for a key this state does not have. Marked changed, so it is saved
+    /// and its files rewritten. False if the key exists or a bound is hit.
+    pub fn adopt(&mut self, key: &GraphKey, matrix: Option<&Graph>, commands: &[String]) -> bool {
+        let known = self
+            .names
+            .get(&key.user)
+            .is_some_and(|u| self.users.contains(&u));
+        if !known && self.users.len() >= self.max_users {
+            return false;
+        }
+        let (Some(u), Some(e), Some(c)) =
+            (self.id(&key.user), self.id(&key.exp), self.id(&key.course))
+        else {
+            return false;
+        };
+        if self.graphs.contains_key(&(u, e, c)) {
+            return false;
+        }
+        let mut chain = Chain::from_graph(matrix.unwrap_or(&Graph::new(&key.exp)));
+        chain.last = None;
+        for cmd in commands {
+            if let Some(n) = node(&key.exp, cmd) {
+                chain.step(n);
+            }
+        }
+        chain.dirty = true;
+        self.users.insert(u);
+        self.graphs.insert((u, e, c), chain);
+        self.dirty_graphs.push((u, e, c));
+        true
     }
 
     /// What changed since the last call, for saving; clears the marks.

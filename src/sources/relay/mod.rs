@@ -46,6 +46,7 @@
 //! checked every `check_interval_secs` and whenever a stream comes back
 //! after failing (the host forgets its rules when it restarts).
 
+pub mod adopt;
 pub mod analytics;
 pub mod config;
 pub mod frame;
@@ -181,12 +182,25 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     };
     if let Some(dir) = &config.files_dir {
         let dir = dir.clone();
-        let removed = worker.run(move || remove_temp_files(&dir)).await;
+        let known: HashSet<GraphKey> = state.analytics.graph_keys().into_iter().collect();
+        let (removed, found) = worker
+            .run(move || (remove_temp_files(&dir), adopt::scan(&dir, &known)))
+            .await;
         if removed > 0 {
             log::info!(
                 "source `{}`: removed {removed} temp files an earlier run left unfinished",
                 ctx.name
             );
+        }
+        match found {
+            Ok(found) => adopt_files(&ctx.name, &config, &mut state, found),
+            Err(e) => {
+                log::error!(
+                    "source `{}`: {e}. The source does not start, so nothing in files_dir is overwritten",
+                    ctx.name
+                );
+                return;
+            }
         }
     }
     let all_graphs: HashSet<GraphKey> = state.analytics.graph_keys().into_iter().collect();
@@ -255,6 +269,38 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         );
     }
     flush(&shared, &worker, &files, true).await;
+}
+
+/// Continue the old analytics client's history found in `files_dir`.
+fn adopt_files(name: &str, config: &Config, state: &mut State, found: adopt::Found) {
+    if found.graphs.is_empty() {
+        return;
+    }
+    let (mut graphs, mut transitions) = (0, 0u64);
+    for (key, (matrix, commands)) in &found.graphs {
+        if state.analytics.adopt(key, matrix.as_ref(), commands) {
+            graphs += 1;
+            transitions += state
+                .analytics
+                .graph(key)
+                .map_or(0, |g| g.edges.values().sum());
+        }
+    }
+    let dir = config.files_dir.as_deref().unwrap_or(Path::new("."));
+    log::info!(
+        "source `{name}`: continuing the analytics files found in {}: {graphs} user graphs ({transitions} transitions) from {} adjacency matrices and {} raw message files; new commands are added to them, nothing is replaced",
+        dir.display(),
+        found.matrices,
+        found.raw_files
+    );
+    if graphs < found.graphs.len() {
+        log::warn!(
+            "source `{name}`: {} graphs in {} were not taken: past max_users = {}",
+            found.graphs.len() - graphs,
+            dir.display(),
+            config.max_users
+        );
+    }
 }
 
 /// The end of the window that contains `now`, ms.

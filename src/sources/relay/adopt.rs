@@ -1,0 +1,259 @@
+//! Taking over a data directory of the old analytics client
+//! (learning-analytics-server's `client.py`), so pointing `files_dir` at
+//! `/var/analytics/data` continues its history instead of replacing it.
+//!
+//! The old client keeps, per user×exp×course:
+//! - `<user>-<exp>-<course>-adjacency.csv`: the transition counts so far;
+//! - `<user>-<hardware>-<exp>-<course>.json`: raw messages not yet counted,
+//!   one per line, of which the first may be the last command already
+//!   counted (the client keeps it "so the next transition connects").
+//!
+//! Its next step would add the transitions between the raw messages, in
+//! `t` order, to the matrix; [`scan`] does exactly that, and the chain goes
+//! on from the last raw command. Only keys the saved state does not hold
+//! are read: files edgemeter wrote itself (or adopted before) are its own
+//! state's output and are never counted twice. A matrix that cannot be
+//! read stops the source with the file named, rather than being replaced.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::BufRead;
+use std::path::Path;
+
+use super::analytics::{Graph, GraphKey, envelope, safe_name};
+
+const MATRIX_SUFFIX: &str = "-adjacency.csv";
+/// Raw lines longer than this are skipped (a message is at most a frame).
+const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// What was found for keys the state lacks.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Key → (its matrix, its raw commands in `t` order).
+    pub graphs: BTreeMap<GraphKey, (Option<Graph>, Vec<String>)>,
+    pub matrices: usize,
+    pub raw_files: usize,
+    /// Raw lines that were not an analytics message with a command.
+    pub skipped_lines: usize,
+}
+
+/// Read the old client's files in `dir` for keys not in `known`.
+pub fn scan(dir: &Path, known: &HashSet<GraphKey>) -> Result<Found, String> {
+    let mut found = Found::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    // (t, command) per key, sorted once all files are read.
+    let mut commands: BTreeMap<GraphKey, Vec<(f64, String)>> = BTreeMap::new();
+    for name in &names {
+        let path = dir.join(name);
+        if let Some(stem) = name.strip_suffix(MATRIX_SUFFIX) {
+            let Some(key) = matrix_key(stem) else {
+                continue;
+            };
+            if known.contains(&key) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let graph = Graph::from_adjacency_csv(&text).map_err(|e| {
+                format!(
+                    "{} is not an adjacency matrix edgemeter can continue ({e}); it is left as it is. Fix it, or move it out of files_dir to start that user's graph afresh, then restart",
+                    path.display()
+                )
+            })?;
+            found.matrices += 1;
+            found.graphs.entry(key).or_default().0 = Some(graph);
+        } else if name.ends_with(".json") && !name.ends_with("-graph.json") {
+            let file = std::fs::File::open(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let mut counted = false;
+            for line in std::io::BufReader::new(file).split(b'\n') {
+                let line = line.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                match raw_command(&line) {
+                    Some((key, t, cmd)) if !known.contains(&key) => {
+                        counted = true;
+                        commands.entry(key).or_default().push((t, cmd));
+                    }
+                    Some(_) => {}
+                    None => found.skipped_lines += 1,
+                }
+            }
+            found.raw_files += usize::from(counted);
+        }
+    }
+    for (key, mut list) in commands {
+        // Stable: equal times keep their order in the file.
+        list.sort_by(|a, b| a.0.total_cmp(&b.0));
+        found.graphs.entry(key).or_default().1 = list.into_iter().map(|(_, c)| c).collect();
+    }
+    Ok(found)
+}
+
+/// `<user>-<exp>-<course>` (the user itself holds dashes: a UUID).
+fn matrix_key(stem: &str) -> Option<GraphKey> {
+    let (rest, course) = stem.rsplit_once('-')?;
+    let (user, exp) = rest.rsplit_once('-')?;
+    let key = GraphKey {
+        user: user.to_owned(),
+        exp: exp.to_owned(),
+        course: course.to_owned(),
+    };
+    [&key.user, &key.exp, &key.course]
+        .iter()
+        .all(|n| safe_name(n))
+        .then_some(key)
+}
+
+/// An `analytics` message's key, `t` and command.
+fn raw_command(line: &[u8]) -> Option<(GraphKey, f64, String)> {
+    if line.len() > MAX_LINE_BYTES {
+        return None;
+    }
+    let text = std::str::from_utf8(line).ok()?.trim();
+    let env = envelope(text)?;
+    if env.kind != "analytics" {
+        return None;
+    }
+    let key = GraphKey {
+        user: env.user.to_string(),
+        exp: env.exp?.to_string(),
+        course: env.course?.to_string(),
+    };
+    if ![&key.user, &key.exp, &key.course]
+        .iter()
+        .all(|n| safe_name(n))
+    {
+        return None;
+    }
+    let t = serde_json::from_str::<serde_json::Value>(text)
+        .ok()?
+        .get("t")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0);
+    Some((key, t, env.payload?.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER: &str = "53a6788c-e689-48d4-9231-c2fbd23df009";
+    /// The old client's own test data (learning-analytics-server,
+    /// test/data/), as it left them.
+    const MATRIX: &str = include_str!(
+        "../../../tests/fixtures/relay/old-client/53a6788c-e689-48d4-9231-c2fbd23df009-spinner-engdes1-adjacency.csv"
+    );
+    const RAW: &str = include_str!(
+        "../../../tests/fixtures/relay/old-client/53a6788c-e689-48d4-9231-c2fbd23df009-spin31-spinner-engdes1.json"
+    );
+
+    fn dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "edgemeter-adopt-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn key() -> GraphKey {
+        GraphKey {
+            user: USER.into(),
+            exp: "spinner".into(),
+            course: "engdes1".into(),
+        }
+    }
+
+    #[test]
+    fn the_old_clients_matrix_and_raw_lines_are_found_for_unknown_keys_only() {
+        let d = dir("found");
+        std::fs::write(
+            d.join(format!("{USER}-spinner-engdes1-adjacency.csv")),
+            MATRIX,
+        )
+        .unwrap();
+        std::fs::write(d.join(format!("{USER}-spin31-spinner-engdes1.json")), RAW).unwrap();
+        // edgemeter's own graph file is not a raw file.
+        std::fs::write(d.join(format!("{USER}-spinner-engdes1-graph.json")), "{}").unwrap();
+        let found = scan(&d, &HashSet::new()).unwrap();
+        assert_eq!(
+            (found.matrices, found.raw_files, found.skipped_lines),
+            (1, 1, 0)
+        );
+        let (matrix, commands) = &found.graphs[&key()];
+        let m = matrix.as_ref().unwrap();
+        assert_eq!(m.edges[&("voltage_step".into(), "voltage_step".into())], 3);
+        assert_eq!(m.edges.values().sum::<u64>(), 9);
+        assert_eq!(commands, &vec!["voltage_ramp".to_owned(); 10]);
+        // Known keys (edgemeter's own, or adopted before) are not read again.
+        let known: HashSet<GraphKey> = [key()].into();
+        assert!(scan(&d, &known).unwrap().graphs.is_empty());
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn raw_commands_of_several_rigs_are_put_in_time_order() {
+        let d = dir("order");
+        let line = |t: u64, log: &str| {
+            format!(
+                "{{\"user\":\"u1\",\"t\":{t},\"exp\":\"spinner\",\"hardware\":\"x\",\"course\":\"c\",\"type\":\"analytics\",\"payload\":{{\"log\":\"{log}\"}}}}\n"
+            )
+        };
+        std::fs::write(
+            d.join("u1-spin30-spinner-c.json"),
+            line(1, "voltage") + &line(3, "speed") + "not json\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("u1-spin31-spinner-c.json"), line(2, "position")).unwrap();
+        let found = scan(&d, &HashSet::new()).unwrap();
+        let k = GraphKey {
+            user: "u1".into(),
+            exp: "spinner".into(),
+            course: "c".into(),
+        };
+        assert_eq!(found.graphs[&k].1, ["voltage", "position", "speed"]);
+        assert_eq!(found.skipped_lines, 1);
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn a_matrix_that_cannot_be_read_stops_with_its_name_and_what_to_do() {
+        let d = dir("bad");
+        let path = d.join("u1-spinner-c-adjacency.csv");
+        std::fs::write(&path, ",a,b\na,1.0,x\nb,0.0,0.0\n").unwrap();
+        let e = scan(&d, &HashSet::new()).unwrap_err();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("`x` in row `a` is not a number"), "{e}");
+        assert!(e.contains("move it out of files_dir"), "{e}");
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn matrix_text_is_checked_cell_by_cell() {
+        let ok = Graph::from_adjacency_csv(",a,b\na,0.0,2.0\nb,1.0,0.0\n").unwrap();
+        assert_eq!(ok.nodes, ["a", "b"]);
+        assert_eq!(ok.edges.len(), 2);
+        for (bad, why) in [
+            ("", "empty"),
+            ("a,b\na,1\n", "empty cell"),
+            (",a,b\na,0.0\n", "does not match the header"),
+            (",a,b\nb,0.0,0.0\na,0.0,0.0\n", "does not match the header"),
+            (",a\na,-1.0\n", "not a whole count"),
+            (",a\na,1.5\n", "not a whole count"),
+            (",a,b\na,0.0,0.0\n", "must be square"),
+            (",../x\n../x,0.0\n", "not a command name"),
+        ] {
+            let e = Graph::from_adjacency_csv(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+}
