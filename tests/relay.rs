@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::relay::{Hub, Student};
-use common::{Agent, TempDir, edgemeter, wait_until};
+use common::{Agent, TempDir, edgemeter, rss_kib, wait_until};
 use tungstenite::Message;
 
 fn config(dir: &TempDir, hub: &Hub, streams: &[&str], extra: &str) -> std::path::PathBuf {
@@ -580,17 +580,19 @@ fn a_host_that_stops_answering_without_closing_is_detected_within_the_deadline()
 fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_tokens() {
     let dir = TempDir::new("relay-provision");
     let mut hub = Hub::start();
-    let streams = ["spin30", "spin31"];
+    let streams = ["spin30", "spin31", "spin32"];
     std::fs::create_dir_all(dir.path("practable")).unwrap();
     for s in streams {
         dir.write(
             &format!("practable/log.access.{s}"),
             &format!("https://relay-access.example/session/{s}-log\n"),
         );
-        dir.write(
-            &format!("practable/log.token.{s}"),
-            &format!("eyJSECRET-{s}.sig\n"),
-        );
+        if s != "spin32" {
+            dir.write(
+                &format!("practable/log.token.{s}"),
+                &format!("eyJSECRET-{s}.sig\n"),
+            );
+        }
     }
     let cfg = config(
         &dir,
@@ -600,7 +602,22 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
     );
     let c = cfg.to_str().unwrap();
     let mut agent = Agent::start_running(&cfg, "agent.log");
+    // spin32's token file is missing: that stream is skipped and named,
+    // the others are provisioned all the same.
     assert!(wait_until(Duration::from_secs(10), || hub.rules().len() == 2));
+    assert!(
+        agent.wait_for_line(
+            "no session host rule for stream spin32: ",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.wait_for_line("session host rules: 2 rules set", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
     let rules = hub.rules();
     assert_eq!(rules["spin30"]["stream"], "spin30");
     assert_eq!(
@@ -608,11 +625,23 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
         "https://relay-access.example/session/spin30-log"
     );
     assert_eq!(rules["spin31"]["token"], "eyJSECRET-spin31.sig");
-    // Idempotent: the command line finds nothing to do.
+    // The command line does the same and says so with its exit status.
+    let (code, out, err) = edgemeter(&["relay", "provision", "-c", c]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("skipped stream spin32: "), "{err}");
+    assert!(
+        out.contains("0 rules posted") && out.contains("2 already in place"),
+        "{out}"
+    );
+    // With its file in place, idempotent: nothing to do, exit 0.
+    dir.write("practable/log.token.spin32", "eyJSECRET-spin32.sig\n");
+    let (code, out, err) = edgemeter(&["relay", "provision", "-c", c]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 rule posted"), "{out}");
     let (code, out, err) = edgemeter(&["relay", "provision", "-c", c]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("0 rules posted") && out.contains("2 already in place"),
+        out.contains("0 rules posted") && out.contains("3 already in place"),
         "{out}"
     );
     let (code, out, _) = edgemeter(&["relay", "rules", "-c", c]);
@@ -631,10 +660,15 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
     std::thread::sleep(Duration::from_millis(300));
     hub.restart();
     assert!(
-        wait_until(Duration::from_secs(15), || hub.rules().len() == 2),
+        wait_until(Duration::from_secs(15), || hub.rules().len() == 3),
         "rules not re-posted"
     );
-    assert!(hub.posts() >= posts + 2);
+    assert!(hub.posts() >= posts + 3);
+    assert!(
+        agent.wait_for_line("3 rules set again", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
     // The agent would re-post a rotated token itself at its next check; stop
     // it so that what follows tests the command line alone.
     agent.stop();
@@ -645,7 +679,7 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
     assert!(out.contains("DIFFERS from log.token"), "{out}");
     let (code, out, _) = edgemeter(&["relay", "provision", "-c", c]);
     assert_eq!(code, 0);
-    assert!(out.contains("1 rules posted"), "{out}");
+    assert!(out.contains("1 rule posted"), "{out}");
     assert_eq!(hub.rules()["spin31"]["token"], "eyJSECRET-rotated.sig");
     // A session host that is not there: a clear error, exit 1.
     hub.stop();
@@ -873,4 +907,57 @@ fn an_unreadable_old_matrix_stops_the_source_and_is_left_as_it_was() {
     let log = agent.stderr();
     assert!(log.contains("u1-spinner-engdes1-adjacency.csv"), "{log}");
     assert!(log.contains("move it out of files_dir"), "{log}");
+}
+
+/// One large frame on each of many streams: the websocket layer's buffer
+/// grown for it is given back afterwards (the connection is rebuilt around
+/// the same socket, so nothing is missed), instead of about 2 MiB kept per
+/// stream for as long as it stays connected.
+#[test]
+fn buffers_grown_for_large_frames_are_given_back() {
+    let dir = TempDir::new("relay-large");
+    let hub = Hub::start();
+    let streams: Vec<String> = (30..=53).map(|n| format!("spin{n}")).collect();
+    let live: Vec<&str> = streams.iter().map(String::as_str).collect();
+    // Events off: the large frames are not stored, only counted.
+    let cfg = config(&dir, &hub, &live, "events = false");
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    wait_subscribed(&hub, &live);
+    let before = rss_kib(agent.pid()).0;
+    // Over max_frame_bytes (1 MiB) but under twice it: read, counted as
+    // malformed, not parsed.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(1_900_000));
+    for round in 1..=2u64 {
+        for s in &live {
+            assert_eq!(hub.send_text(s, &big), 1);
+        }
+        assert!(
+            wait_until(Duration::from_secs(30), || status(&cfg)
+                .values()
+                .all(|r| r.malformed == round)),
+            "{:?}",
+            status(&cfg)
+        );
+    }
+    // Small messages still arrive on the rebuilt connections, none missed.
+    for s in &live {
+        assert_eq!(hub.send_text(s, &envelope("u1", s, "log", "x")), 1);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&cfg).values().all(|r| r
+            .messages
+            == 1
+            && r.state == "live"
+            && r.reconnects == 0)),
+        "{:?}",
+        status(&cfg)
+    );
+    let after = rss_kib(agent.pid()).0;
+    let per_stream = (after.saturating_sub(before)) as f64 / live.len() as f64;
+    eprintln!("RSS {before} KiB before, {after} KiB after: {per_stream:.0} KiB per stream");
+    assert!(
+        per_stream < 1024.0,
+        "{per_stream:.0} KiB kept per stream ({before} → {after} KiB)"
+    );
+    agent.stop();
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::http::AckDropper;
 use common::pg::{PgServer, free_port};
-use common::{Agent, TempDir, edgemeter, wait_until};
+use common::{Agent, TempDir, edgemeter, rss_kib, wait_until};
 
 const ADMIN: &str = "admin-secret-token";
 /// Each agent: its id, its users (overlapping), its small exact users.
@@ -933,18 +933,6 @@ fn raw_request(port: u16, raw: &[u8]) -> (u16, String) {
 }
 
 /// The upstream's resident set, and its peak, in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {status}"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// Regressions of issue 13, each as the attacker or the long-running site
 /// met it, through the real binary while a good agent delivers:
 /// 1. 150 peers without a token each announcing a 7 MiB body took the

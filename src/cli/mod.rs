@@ -344,7 +344,14 @@ fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> Outcome {
     for (name, c) in sources {
         let api = Api::new(&c.api_base(), std::time::Duration::from_secs(10));
         let rules = match &c.provision {
-            Some(p) => provision::read_rules(&p.dir, &c.streams),
+            Some(p) => {
+                let read = provision::read_rules(&p.dir, &c.streams);
+                for why in &read.skipped {
+                    ok = false;
+                    eprintln!("edgemeter relay: source `{name}`: skipped stream {why}");
+                }
+                Ok(read.rules)
+            }
             None if matches!(action, RelayAction::Rules) => Ok(Vec::new()),
             None => Err(
                 "it has no `provision` block; add one naming the directory of log.access.<stream> and log.token.<stream> files"
@@ -354,8 +361,8 @@ fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> Outcome {
         let result = rules.and_then(|rules| match action {
             RelayAction::Provision => api.reconcile(&rules).map(|r| {
                 println!(
-                    "source `{name}`: {} rules posted to {}, {} already in place",
-                    r.posted.len(),
+                    "source `{name}`: {} posted to {}, {} already in place",
+                    provision::rules(r.posted.len()),
                     c.api_base(),
                     r.unchanged
                 );
@@ -367,7 +374,11 @@ fn relay(config: &Config, action: RelayAction, only: Option<&str>) -> Outcome {
                 }
             }),
             RelayAction::Rules => api.installed(&rules).map(|list| {
-                println!("source `{name}`: {} rules at {}", list.len(), c.api_base());
+                println!(
+                    "source `{name}`: {} at {}",
+                    provision::rules(list.len()),
+                    c.api_base()
+                );
                 println!("id\tstream\tdestination\ttoken");
                 for i in list {
                     let token = match i.token_matches {

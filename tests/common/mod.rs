@@ -273,3 +273,16 @@ pub fn today() -> String {
     let (y, m, d) = civil(now_ms().div_euclid(86_400_000));
     format!("{y:04}-{m:02}-{d:02}")
 }
+
+/// A process's resident set now and at its peak (VmRSS, VmHWM), KiB.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}

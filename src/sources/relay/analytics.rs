@@ -37,6 +37,38 @@ pub struct Envelope<'a> {
     pub course: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "payload_log")]
     pub payload: Option<Cow<'a, str>>,
+    /// The sender's clock (`Date.now()` in the browser), if a number.
+    #[serde(default, deserialize_with = "number")]
+    pub t: Option<f64>,
+}
+
+/// A number, or nothing for any other JSON value.
+fn number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Any {
+        Number(f64),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Any::deserialize(d)? {
+        Any::Number(n) => Some(n),
+        Any::Other(_) => None,
+    })
+}
+
+/// How far a message's `t` may be from its arrival and still be taken as
+/// when it happened (the old client's first/last seen); beyond, the
+/// sender's clock is wrong and the arrival time is used.
+pub const T_USABLE_WITHIN_MS: i64 = 24 * 3600 * 1000;
+
+/// When a message happened: its `t` if usable, else `arrival_ms`.
+pub fn message_time(t: Option<f64>, arrival_ms: i64) -> i64 {
+    match t {
+        Some(t) if t.is_finite() && (t - arrival_ms as f64).abs() <= T_USABLE_WITHIN_MS as f64 => {
+            t as i64
+        }
+        _ => arrival_ms,
+    }
 }
 
 /// `payload.log` (the command of an `analytics` message), or nothing when
@@ -477,9 +509,11 @@ impl Analytics {
         }
     }
 
-    /// One envelope message received at `now_ms` on a stream whose rig is
-    /// `hardware`.
-    pub fn observe(&mut self, now_ms: i64, hardware: &str, env: &Envelope) -> Observed {
+    /// One envelope message received at `arrival_ms` on a stream whose rig
+    /// is `hardware`. First and last seen use the message's own `t` where
+    /// it is usable ([`message_time`]), as the old client did.
+    pub fn observe(&mut self, arrival_ms: i64, hardware: &str, env: &Envelope) -> Observed {
+        let now_ms = message_time(env.t, arrival_ms);
         let mut out = Observed::default();
         let user: &str = &env.user;
         if !safe_name(user) || !safe_name(hardware) {
@@ -513,6 +547,7 @@ impl Analytics {
             a.minutes += 1;
         }
         a.messages += 1;
+        a.first_ms = a.first_ms.min(now_ms);
         a.last_ms = a.last_ms.max(now_ms);
         if !cell.dirty {
             cell.dirty = true;

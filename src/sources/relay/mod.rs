@@ -53,6 +53,7 @@ pub mod frame;
 pub mod ingest;
 pub mod link;
 pub mod provision;
+pub mod release;
 pub mod store;
 
 use std::cell::RefCell;
@@ -106,7 +107,7 @@ impl Relay {
     }
 }
 
-type Ws = WebSocketStream<Async<std::net::TcpStream>>;
+type Ws = WebSocketStream<release::Counted<Async<std::net::TcpStream>>>;
 
 /// What the tasks of one relay source share (all on one thread).
 struct Shared {
@@ -333,7 +334,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
         let error = match attempt {
             None => return,
             Some(Err(e)) => e,
-            Some(Ok(mut ws)) => {
+            Some(Ok(ws)) => {
                 shared.state.borrow_mut().streams[i]
                     .link
                     .connected(now_ms());
@@ -345,8 +346,8 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
                     log::debug!("source `{}`: stream {stream} connected", ctx.name);
                 }
                 failing = false;
-                match read_frames(i, &shared, &ctx, &mut ws, &mut out).await {
-                    None => {
+                match read_frames(i, &shared, &ctx, ws, &mut out).await {
+                    Ended::Shutdown(mut ws) => {
                         // Shutdown: say goodbye, briefly.
                         let _ = smol::future::or(
                             async { ws.close(None).await.map_err(|_| ()) },
@@ -358,7 +359,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
                         .await;
                         return;
                     }
-                    Some(e) => e,
+                    Ended::Dropped(e) => e,
                 }
             }
         };
@@ -414,12 +415,15 @@ async fn connect(config: &Config, url: &str) -> Result<Ws, LinkError> {
             .read_buffer_size(READ_CHUNK_BYTES)
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
+        let tcp = release::Counted::new(tcp);
         let (ws, _) = async_tungstenite::client_async_with_config(url, tcp, Some(ws_config))
             .await
             .map_err(|e| LinkError::Handshake {
                 url: url.to_owned(),
                 error: e.to_string(),
             })?;
+        let mut ws = ws;
+        ws.get_mut().reset();
         Ok(ws)
     };
     smol::future::or(work, async {
@@ -463,6 +467,13 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, LinkError> {
         .await
 }
 
+/// How a connection's read loop ended.
+enum Ended {
+    /// Shutdown: the connection is still open, to be closed politely.
+    Shutdown(Box<Ws>),
+    Dropped(LinkError),
+}
+
 /// What woke the read loop.
 enum Woke {
     Frame(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
@@ -470,17 +481,20 @@ enum Woke {
     Shutdown,
 }
 
-/// Read until the connection ends (the reason) or shutdown (None). A
-/// stream silent for `ping_interval` is pinged; one from which nothing
-/// arrives for `stall_after` is declared hung and closed.
+/// Read until the connection ends or shutdown. A stream silent for
+/// `ping_interval` is pinged; one from which nothing arrives for
+/// `stall_after` is declared hung and closed. After a large frame the
+/// connection is rebuilt with fresh buffers ([`release`]).
 async fn read_frames(
     i: usize,
     shared: &Shared,
     ctx: &crate::sources::Context,
-    ws: &mut Ws,
+    mut ws: Ws,
     out: &mut Vec<Record>,
-) -> Option<LinkError> {
+) -> Ended {
     use async_tungstenite::tungstenite::Error;
+    use async_tungstenite::tungstenite::protocol::Role;
+    let mut ledger = release::Ledger::default();
     let (ping_interval, stall_after) = (shared.config.ping_interval, shared.config.stall_after);
     let mut heard = std::time::Instant::now();
     let mut pinged = false;
@@ -501,7 +515,7 @@ async fn read_frames(
         )
         .await;
         let next = match woke {
-            Woke::Shutdown => return None,
+            Woke::Shutdown => return Ended::Shutdown(Box::new(ws)),
             Woke::Silence if !pinged => {
                 pinged = true;
                 // Bounded: a host that does not read must not hold us here.
@@ -514,20 +528,25 @@ async fn read_frames(
                 )
                 .await;
                 if !sent {
-                    return Some(LinkError::Lost("cannot send a ping".to_owned()));
+                    return Ended::Dropped(LinkError::Lost("cannot send a ping".to_owned()));
                 }
                 continue;
             }
             Woke::Silence => {
                 shared.state.borrow_mut().streams[i].link.stalled(now_ms());
                 shared.link_changed.ring();
-                return Some(LinkError::Stalled { after: stall_after });
+                return Ended::Dropped(LinkError::Stalled { after: stall_after });
             }
             Woke::Frame(next) => next,
         };
         heard = std::time::Instant::now();
         pinged = false;
         let now = now_ms();
+        let len = match &next {
+            Some(Ok(m)) => m.len(),
+            _ => 0,
+        };
+        ledger.frame(len);
         match next {
             Some(Ok(Message::Text(t))) => {
                 let mut state = shared.state.borrow_mut();
@@ -540,7 +559,7 @@ async fn read_frames(
                 state.frame(i, Frame::Binary(&b), now, out)
             }
             Some(Ok(Message::Close(c))) => {
-                return Some(LinkError::Closed {
+                return Ended::Dropped(LinkError::Closed {
                     code: c.map(|c| format!("{} {}", c.code, c.reason)),
                 });
             }
@@ -551,14 +570,23 @@ async fn read_frames(
                     .borrow_mut()
                     .unreadable(i, now, &e.to_string(), out);
                 flush_records(ctx, out).await;
-                return Some(LinkError::Oversized(e.to_string()));
+                return Ended::Dropped(LinkError::Oversized(e.to_string()));
             }
-            Some(Err(e)) => return Some(LinkError::Lost(e.to_string())),
-            None => return Some(LinkError::Lost("closed".to_owned())),
+            Some(Err(e)) => return Ended::Dropped(LinkError::Lost(e.to_string())),
+            None => return Ended::Dropped(LinkError::Lost("closed".to_owned())),
+        }
+        if len >= release::RELEASE_ABOVE_BYTES && ledger.drained(ws.get_ref().read_bytes()) {
+            // Nothing of a next frame is buffered: the same socket with
+            // fresh buffers, the grown one freed.
+            let config = *ws.get_config();
+            let mut tcp = ws.into_inner();
+            tcp.reset();
+            ws = WebSocketStream::from_raw_socket(tcp, Role::Client, Some(config)).await;
+            ledger = release::Ledger::default();
         }
         shared.changed.ring();
         if !flush_records(ctx, out).await {
-            return None;
+            return Ended::Shutdown(Box::new(ws));
         }
     }
 }
@@ -959,28 +987,42 @@ async fn provision_task(
     let mut first = true;
     let mut failing: Option<String> = None;
     let mut warned_others = false;
+    let mut skipped_before: Vec<String> = Vec::new();
     loop {
         let (dir, api2, streams2) = (p.dir.clone(), api.clone(), streams.clone());
-        let result = worker
+        let (skipped, result) = worker
             .run(move || {
-                let rules = provision::read_rules(&dir, &streams2)?;
-                api2.reconcile(&rules)
+                let read = provision::read_rules(&dir, &streams2);
+                (read.skipped, api2.reconcile(&read.rules))
             })
             .await;
+        if skipped != skipped_before {
+            for why in &skipped {
+                log::warn!(
+                    "source `{}`: no session host rule for stream {why}; the other streams go ahead, and this one is tried again in {} s",
+                    ctx.name,
+                    p.check_interval.as_secs()
+                );
+            }
+            skipped_before = skipped;
+        }
         match result {
             Ok(r) => {
                 if failing.take().is_some() || first || !r.posted.is_empty() {
-                    let how = if first {
-                        "set"
+                    let posted = provision::rules(r.posted.len());
+                    if first {
+                        log::info!(
+                            "source `{}`: session host rules: {posted} set, {} already in place",
+                            ctx.name,
+                            r.unchanged
+                        );
                     } else {
-                        "the session host had lost them (restarted?); set again"
-                    };
-                    log::info!(
-                        "source `{}`: session host rules: {} {how}, {} already in place",
-                        ctx.name,
-                        r.posted.len(),
-                        r.unchanged
-                    );
+                        log::info!(
+                            "source `{}`: session host rules: {posted} set again (the host had lost or changed them; restarted?), {} already in place",
+                            ctx.name,
+                            r.unchanged
+                        );
+                    }
                 }
                 if !r.others.is_empty() && !warned_others {
                     let list: Vec<String> = r

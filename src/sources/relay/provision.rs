@@ -52,11 +52,18 @@ impl Rule {
     }
 }
 
-/// The rules for `streams` from the files in `dir`; every missing or bad
-/// file is named (all of them, not just the first).
-pub fn read_rules(dir: &Path, streams: &[String]) -> Result<Vec<Rule>, String> {
-    let mut rules = Vec::new();
-    let mut problems = Vec::new();
+/// The rules that could be read, and why the others could not.
+#[derive(Debug, Default)]
+pub struct Rules {
+    pub rules: Vec<Rule>,
+    /// One line per stream skipped: a missing, unreadable or bad file.
+    pub skipped: Vec<String>,
+}
+
+/// The rules for `streams` from the files in `dir`. A stream whose pair of
+/// files is missing or bad is skipped and named; the others go ahead.
+pub fn read_rules(dir: &Path, streams: &[String]) -> Rules {
+    let mut out = Rules::default();
     for s in streams {
         let access = crate::problems::read_secret_file(
             &dir.join(format!("log.access.{s}")),
@@ -73,25 +80,30 @@ pub fn read_rules(dir: &Path, streams: &[String]) -> Result<Vec<Rule>, String> {
                     || destination.starts_with("wss://")
                     || destination.starts_with("ws://"))
                 {
-                    problems.push(format!(
-                        "log.access.{s} holds `{destination}`, which is not a URL"
+                    out.skipped.push(format!(
+                        "{s}: log.access.{s} holds `{destination}`, which is not a URL"
                     ));
+                    continue;
                 }
-                rules.push(Rule {
+                out.rules.push(Rule {
                     id: s.clone(),
                     stream: s.clone(),
                     destination,
                     token,
                 });
             }
-            (a, t) => problems.extend(a.err().into_iter().chain(t.err())),
+            (a, t) => {
+                let why: Vec<String> = a.err().into_iter().chain(t.err()).collect();
+                out.skipped.push(format!("{s}: {}", why.join("; ")));
+            }
         }
     }
-    if problems.is_empty() {
-        Ok(rules)
-    } else {
-        Err(problems.join("; "))
-    }
+    out
+}
+
+/// `1 rule`, `2 rules`.
+pub fn rules(n: usize) -> String {
+    format!("{n} rule{}", if n == 1 { "" } else { "s" })
 }
 
 /// A rule as the session host lists it, token compared and dropped.
@@ -263,21 +275,38 @@ mod tests {
             "https://ra.example/session/spin31-log\n",
         )
         .unwrap();
-        let ok = read_rules(&dir, &["spin30".into()]).unwrap();
-        assert_eq!(ok[0].destination, "https://ra.example/session/spin30-log");
-        assert_eq!(ok[0].token, "eyJ.secret.sig");
+        let ok = read_rules(&dir, &["spin30".into()]);
+        assert!(ok.skipped.is_empty());
+        assert_eq!(
+            ok.rules[0].destination,
+            "https://ra.example/session/spin30-log"
+        );
+        assert_eq!(ok.rules[0].token, "eyJ.secret.sig");
         assert!(
             !format!("{ok:?}").contains("secret"),
             "Debug shows no token"
         );
-        let err =
-            read_rules(&dir, &["spin30".into(), "spin31".into(), "spin32".into()]).unwrap_err();
-        assert!(err.contains("log.token.spin31"), "{err}");
+        // Missing files skip their stream only; the others go ahead.
+        let some = read_rules(&dir, &["spin30".into(), "spin31".into(), "spin32".into()]);
+        assert_eq!(some.rules.len(), 1);
+        assert_eq!(some.rules[0].id, "spin30");
+        assert_eq!(some.skipped.len(), 2, "{:?}", some.skipped);
         assert!(
-            err.contains("log.access.spin32") && err.contains("log.token.spin32"),
-            "{err}"
+            some.skipped[0].starts_with("spin31: ") && some.skipped[0].contains("log.token.spin31"),
+            "{:?}",
+            some.skipped
         );
-        assert!(!err.contains("secret"), "{err}");
+        assert!(
+            some.skipped[1].contains("log.access.spin32")
+                && some.skipped[1].contains("log.token.spin32"),
+            "{:?}",
+            some.skipped
+        );
+        assert!(!format!("{some:?}").contains("secret"));
+        assert_eq!(
+            (rules(1), rules(2)),
+            ("1 rule".to_owned(), "2 rules".to_owned())
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

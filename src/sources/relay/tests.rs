@@ -47,6 +47,11 @@ fn state(streams: &[&str], max_frame_bytes: usize) -> State {
 const STREAMS: [&str; 3] = ["spin30", "spin31", "pend00"];
 
 /// Feed the scripted session, one message per frame, a minute apart.
+/// When [`play`] delivers its first message: two days after the
+/// fixture's `t` values (1, 2, … ms), so these are not usable as message
+/// times and arrival times count (see `message_time`).
+const PLAY_START: i64 = 2 * 86_400_000;
+
 fn play(st: &mut State, out: &mut Vec<Record>) -> usize {
     let mut n = 0;
     for line in SESSION.lines().filter(|l| !l.starts_with('#')) {
@@ -55,7 +60,7 @@ fn play(st: &mut State, out: &mut Vec<Record>) -> usize {
             .iter()
             .position(|s| *s == stream)
             .expect("a known stream");
-        st.frame(i, Frame::Text(msg), 60_000 * n as i64, out);
+        st.frame(i, Frame::Text(msg), PLAY_START + 60_000 * n as i64, out);
         n += 1;
     }
     n
@@ -95,7 +100,7 @@ fn a_scripted_session_gives_the_hand_computed_files() {
     // One message a minute: every message starts a new active minute.
     assert_eq!(
         a.activity_csv().lines().nth(1),
-        Some(format!("{U1},spin30,1970-01-01T00:00:00.000Z,1970-01-01T00:06:00.000Z,5,5").as_str())
+        Some(format!("{U1},spin30,1970-01-03T00:00:00.000Z,1970-01-03T00:06:00.000Z,5,5").as_str())
     );
     // Every message is an event, with its exact text.
     let events: Vec<&Record> = out.iter().filter(|r| r.kind == Kind::Event).collect();
@@ -397,4 +402,46 @@ fn messages_nested_too_deep_are_malformed_not_events() {
     );
     assert_eq!(st.streams[0].totals.malformed, 1);
     assert_eq!(st.streams[0].totals.other, 1);
+}
+
+#[test]
+fn first_and_last_seen_follow_the_messages_own_time_when_it_is_usable() {
+    use super::analytics::{T_USABLE_WITHIN_MS, message_time};
+    let arrival = 1_700_000_000_000;
+    assert_eq!(
+        message_time(Some(1_699_999_990_000.0), arrival),
+        1_699_999_990_000
+    );
+    assert_eq!(message_time(None, arrival), arrival);
+    assert_eq!(message_time(Some(f64::NAN), arrival), arrival);
+    // Device uptime or a wrong clock: arrival time.
+    assert_eq!(message_time(Some(12_345.0), arrival), arrival);
+    let far = (arrival + T_USABLE_WITHIN_MS + 1) as f64;
+    assert_eq!(message_time(Some(far), arrival), arrival);
+    // Out of order by `t` (a slow browser's message arrives last): first
+    // and last seen are the earliest and latest `t`, whatever the order.
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    for (t, arrive) in [(arrival + 5_000, arrival), (arrival - 90_000, arrival + 10)] {
+        let msg = format!(
+            r#"{{"user":"u1","t":{t},"exp":"spinner","hardware":"spin30","course":"c","type":"log","payload":{{}}}}"#
+        );
+        st.frame(0, Frame::Text(&msg), arrive, &mut out);
+    }
+    let a = st.analytics.activity("u1", "spin30").unwrap();
+    assert_eq!(
+        (a.first_ms, a.last_ms, a.messages),
+        (arrival - 90_000, arrival + 5_000, 2)
+    );
+    // A `t` that is a string is no time at all, and no error.
+    st.frame(
+        0,
+        Frame::Text(r#"{"user":"u2","t":"soon","exp":"spinner","hardware":"spin30","course":"c","type":"log"}"#),
+        arrival,
+        &mut out,
+    );
+    assert_eq!(
+        st.analytics.activity("u2", "spin30").unwrap().first_ms,
+        arrival
+    );
 }

@@ -1,0 +1,143 @@
+//! Giving back the memory one large frame made the websocket layer grow.
+//!
+//! tungstenite reads into one buffer per connection and grows it to hold
+//! the largest frame seen; it never shrinks it (about 2 MiB per stream
+//! after one frame at the default limit, kept for the life of the
+//! connection). Its public API cannot shrink it, but a connection can be
+//! rebuilt around the same TCP socket with fresh buffers
+//! (`WebSocketStream::from_raw_socket`): no reconnect, so no message is
+//! missed. That is only safe when the old buffer holds no byte of a next
+//! frame, so [`Counted`] counts the bytes the socket delivered and
+//! [`Ledger`] the bytes the frames received so far account for; when the
+//! two are equal, nothing is buffered.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use smol::io::{AsyncRead, AsyncWrite};
+
+/// A frame (message) at least this large is followed by a rebuild.
+pub const RELEASE_ABOVE_BYTES: usize = 64 * 1024;
+
+/// A socket that counts what it delivered to the reader.
+pub struct Counted<S> {
+    inner: S,
+    read: u64,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S) -> Counted<S> {
+        Counted { inner, read: 0 }
+    }
+
+    pub fn read_bytes(&self) -> u64 {
+        self.read
+    }
+
+    /// Count from zero: after the handshake (which may have read the start
+    /// of a first frame: then the counts never agree on this connection,
+    /// and it is simply never rebuilt), and after a rebuild.
+    pub fn reset(&mut self) {
+        self.read = 0;
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.read += *n as u64;
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// The bytes the frames received on a connection account for, counting
+/// each as one unfragmented server frame with the shortest header (RFC
+/// 6455 §5.2: 2 bytes, plus 2 or 8 of extended length). Any other framing
+/// (fragments, longer headers, a mask) only makes the real count larger,
+/// so `consumed == read` can be trusted and a mismatch means "not now".
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Ledger {
+    pub consumed: u64,
+}
+
+impl Ledger {
+    pub fn frame(&mut self, payload: usize) {
+        let header = match payload {
+            0..=125 => 2,
+            126..=65_535 => 4,
+            _ => 10,
+        };
+        self.consumed += (header + payload) as u64;
+    }
+
+    /// Whether a connection that delivered `read` bytes holds none unread.
+    pub fn drained(&self, read: u64) -> bool {
+        self.consumed == read
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortest_headers_by_payload_length() {
+        let mut l = Ledger::default();
+        for (payload, total) in [
+            (0, 2),
+            (125, 2 + 125),
+            (126, 4 + 126),
+            (65_535, 4 + 65_535),
+            (65_536, 10 + 65_536),
+        ] {
+            let before = l.consumed;
+            l.frame(payload);
+            assert_eq!(l.consumed - before, total, "{payload}");
+        }
+        assert!(l.drained(l.consumed));
+        assert!(
+            !l.drained(l.consumed + 1),
+            "a byte of a next frame is buffered"
+        );
+    }
+
+    /// Real frames, as tungstenite writes them for a server, account for
+    /// exactly the bytes on the wire.
+    #[test]
+    fn the_ledger_matches_tungstenites_own_framing() {
+        use async_tungstenite::tungstenite::Message;
+        use async_tungstenite::tungstenite::protocol::{Role, WebSocket};
+        let mut ledger = Ledger::default();
+        let wire = std::io::Cursor::new(Vec::new());
+        let mut ws = WebSocket::from_raw_socket(wire, Role::Server, None);
+        for len in [0usize, 10, 125, 126, 1000, 65_535, 65_536, 300_000] {
+            ws.send(Message::text("x".repeat(len))).unwrap();
+            ledger.frame(len);
+        }
+        assert!(ledger.drained(ws.get_ref().get_ref().len() as u64));
+    }
+}
