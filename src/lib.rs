@@ -44,7 +44,7 @@
 //! 3. What components share:
 //!    - [`runtime`]: shutdown signal, record channel, off-loop outbox calls.
 //!    - [`aws`]: what the CloudWatch sinks share: settings, credentials, SigV4
-//!      ([`aws::sigv4`], the aws-sigv4 crate), the skew-corrected clock, one signed POST.
+//!      ([`aws::sign`], the aws-sigv4 crate), the skew-corrected clock, one signed POST.
 //! 4. Components:
 //!    - [`sources`]: the source contract and registry; [`sources::synthetic`],
 //!      [`sources::xx_gateway`] (an xx gateway's bloom-filter table),

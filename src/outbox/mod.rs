@@ -64,7 +64,7 @@
 //!   open batch too), so they do not pin records forever.
 //!
 //! # Files
-//! This file holds the schema, the types and [`Outbox::write`] (one
+//! This file holds the schema, the types and `Outbox::write` (one
 //! transaction, its errors named); one file per role holds its `impl`:
 //! `open.rs` (creating, checking, recovery, moving aside), `append.rs`
 //! (appending within the budget, dropping the oldest), `deliver.rs`

@@ -14,7 +14,7 @@
 //! method, token, the route's body size, `413`) before a byte of its body is
 //! read or `100 Continue` is promised: an unauthenticated peer costs its
 //! header bytes and nothing more. Framing is strict (RFC 9112 §6.3; see
-//! [`body_length`]) so that a proxy in front and this server always agree
+//! `body_length`) so that a proxy in front and this server always agree
 //! where a request ends. Chunked request bodies are refused (`411`): every
 //! client we serve sends a length.
 //!

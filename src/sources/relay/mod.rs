@@ -7,8 +7,11 @@
 //! - One websocket client per stream (`ws://host:8888/ws/<stream>`), each a
 //!   task on a small executor of its own inside the source's task. A
 //!   dropped or refused connection is retried forever after a full-jitter
-//!   wait ([`link`]); each stream's state and last error are published for
-//!   `edgemeter status`.
+//!   wait ([`link`]); a silent stream is pinged, and one that answers
+//!   nothing within `stall_after_secs` is reconnected. Each stream's state
+//!   is published for `edgemeter status` within 0.2 s (`STATUS_WITHIN`) of every
+//!   change. After a large frame the connection is rebuilt on the same
+//!   socket to free the grown buffer ([`release`]).
 //! - Every frame is split into JSON values without ever failing
 //!   ([`frame`]). Frames over `max_frame_bytes` are not parsed; frames over
 //!   twice that cannot be read at all (the websocket layer refuses them) and
@@ -20,12 +23,13 @@
 //!   per user×hardware activity and the command-transition graph per
 //!   user×exp×course.
 //! - At each window end (`window_secs`, aligned to the clock) it emits per
-//!   stream `relay_messages`, `relay_bytes`, `relay_malformed`,
-//!   `relay_reconnects`, `relay_connected` and `relay_active_users` (point
-//!   and sketch), and `relay_active_users` over all streams (`stream=all`).
-//!   At shutdown the running window is emitted with the end it would have
-//!   had; a restart inside a window therefore gives two points with one
-//!   timestamp, which sum (and sketches union) to the right answer.
+//!   stream `relay_frames`, `relay_messages`, `relay_bytes`,
+//!   `relay_malformed`, `relay_zero_width`, `relay_reconnects`,
+//!   `relay_stalls`, `relay_connected` and `relay_active_users` (point and
+//!   sketch), and `relay_active_users` over all streams (`stream=all`).
+//!   At shutdown the running window is emitted first, with the end it would
+//!   have had; a restart inside a window therefore gives two points with
+//!   one timestamp, which sum (and sketches union) to the right answer.
 //!
 //! # What survives what
 //! - The analytics state is saved to `relay-<name>.db` in the state dir
@@ -33,9 +37,11 @@
 //!   loses at most the last 2 s of analytics (the events themselves are
 //!   in the outbox as soon as the writer commits them).
 //! - Files in `files_dir` are rewritten from that state by one writer (this
-//!   source's worker thread), each atomically (temp file, fsync, rename),
-//!   every `dump_interval_secs`; all of them at the first dump after start.
-//!   Raw per-user files are appended at the same time.
+//!   source's worker thread), each atomically (temp file, rename; no fsync,
+//!   see [`Sync::No`]), every `dump_interval_secs`; all of them at the first
+//!   dump after start. Raw per-user files are appended at the same time.
+//!   At the first start on an old analytics client's directory, its files
+//!   are continued ([`adopt`]), never replaced.
 //! - Hub semantics mean a message sent while a stream is down is never
 //!   seen: the session host does not buffer or replay. The
 //!   `relay_connected` and `relay_reconnects` points say when that was.
@@ -498,8 +504,10 @@ async fn read_frames(
     let (ping_interval, stall_after) = (shared.config.ping_interval, shared.config.stall_after);
     let mut heard = std::time::Instant::now();
     let mut pinged = false;
+    // One timer, re-armed when it fires rather than per frame: a busy
+    // stream costs one reactor timer per ping interval, not per message.
+    let mut timer = smol::Timer::at(heard + ping_interval);
     loop {
-        let due = if pinged { stall_after } else { ping_interval };
         let woke = smol::future::or(
             async { Woke::Frame(ws.next().await) },
             smol::future::or(
@@ -508,7 +516,7 @@ async fn read_frames(
                     Woke::Shutdown
                 },
                 async {
-                    smol::Timer::at(heard + due).await;
+                    (&mut timer).await;
                     Woke::Silence
                 },
             ),
@@ -516,8 +524,20 @@ async fn read_frames(
         .await;
         let next = match woke {
             Woke::Shutdown => return Ended::Shutdown(Box::new(ws)),
-            Woke::Silence if !pinged => {
+            Woke::Silence => {
+                let due = if pinged { stall_after } else { ping_interval };
+                if heard.elapsed() < due {
+                    // Heard from since the timer was set.
+                    timer.set_at(heard + due);
+                    continue;
+                }
+                if pinged {
+                    shared.state.borrow_mut().streams[i].link.stalled(now_ms());
+                    shared.link_changed.ring();
+                    return Ended::Dropped(LinkError::Stalled { after: stall_after });
+                }
                 pinged = true;
+                timer.set_at(heard + stall_after);
                 // Bounded: a host that does not read must not hold us here.
                 let sent = smol::future::or(
                     async { ws.send(Message::Ping(Default::default())).await.is_ok() },
@@ -532,15 +552,13 @@ async fn read_frames(
                 }
                 continue;
             }
-            Woke::Silence => {
-                shared.state.borrow_mut().streams[i].link.stalled(now_ms());
-                shared.link_changed.ring();
-                return Ended::Dropped(LinkError::Stalled { after: stall_after });
-            }
             Woke::Frame(next) => next,
         };
         heard = std::time::Instant::now();
-        pinged = false;
+        if pinged {
+            pinged = false;
+            timer.set_at(heard + ping_interval);
+        }
         let now = now_ms();
         let len = match &next {
             Some(Ok(m)) => m.len(),
