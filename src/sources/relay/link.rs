@@ -30,6 +30,8 @@ pub enum State {
     /// liveness deadline: being closed, to reconnect.
     Stalled,
     BackingOff,
+    /// The agent shut down.
+    Stopped,
 }
 
 impl State {
@@ -39,6 +41,7 @@ impl State {
             State::Live => "live",
             State::Stalled => "stalled",
             State::BackingOff => "backing off",
+            State::Stopped => "stopped",
         }
     }
 }
@@ -104,6 +107,12 @@ impl Link {
     pub fn stalled(&mut self, now_ms: i64) {
         self.stalls += 1;
         self.state = State::Stalled;
+        self.since_ms = now_ms;
+    }
+
+    /// The agent is shutting down.
+    pub fn stopped(&mut self, now_ms: i64) {
+        self.state = State::Stopped;
         self.since_ms = now_ms;
     }
 

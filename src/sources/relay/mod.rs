@@ -275,6 +275,13 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             ctx.name
         );
     }
+    {
+        let mut state = shared.state.borrow_mut();
+        let now = now_ms();
+        for s in &mut state.streams {
+            s.link.stopped(now);
+        }
+    }
     flush(&shared, &worker, &files, true).await;
 }
 
@@ -953,7 +960,7 @@ fn render_status(state: &State) -> String {
         out += "nothing malformed or skipped on any stream\n";
     } else {
         out += &format!(
-            "\n{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
+            "{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
             "by kind",
             "binary",
             "oversized",
@@ -975,7 +982,10 @@ fn render_status(state: &State) -> String {
                 t.zero_width
             );
         }
-        out += "(garbage: text that is not JSON, or nested too deep; not envelope: JSON without user and type, e.g. a data stream's lines; not analysed: unusable names or past max_users; zero-width: U+200B lines the firmware sends, skipped)\n";
+        out += "  garbage: text that is not JSON, or nested too deep\n";
+        out += "  not envelope: JSON without user and type (a data stream's lines)\n";
+        out += "  not analysed: unusable names, or past max_users\n";
+        out += "  zero-width: U+200B lines the firmware sends, skipped\n";
     }
     let transitions: u64 = state.streams.iter().map(|s| s.totals.transitions).sum();
     out += &format!(
