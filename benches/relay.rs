@@ -297,6 +297,9 @@ impl Subject for Python {
 
 struct Figures {
     idle_rss_kib: u64,
+    /// Of which heap and other private memory (the rest is mapped files:
+    /// the binary, libraries, SQLite's shared WAL index).
+    idle_anon_kib: u64,
     idle_cpu_ms: f64,
     idle_wakeups_per_sec: f64,
     rate_us_per_msg: f64,
@@ -325,6 +328,7 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     std::thread::sleep(idle);
     let (c1, w1) = (sum(&cpu_ticks), sum(&switches));
     let idle_rss_kib = sum(&|p| status_kib(p, "VmRSS:"));
+    let idle_anon_kib = sum(&|p| status_kib(p, "RssAnon:"));
 
     // Large frames before any traffic: later phases leave free heap that
     // would hide what a large frame keeps. Then the peak is reset
@@ -418,6 +422,7 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     Figures {
         large_kib_per_stream: (rss_after_large as f64 - idle_rss_kib as f64) / STREAMS as f64,
         idle_rss_kib,
+        idle_anon_kib,
         idle_cpu_ms: (c1 - c0) as f64 * 1000.0 / ticks_per_sec(),
         idle_wakeups_per_sec: (w1 - w0) as f64 / idle.as_secs_f64(),
         rate_us_per_msg: (c1r - c0r) as f64 / ticks_per_sec() * 1e6 / stored.max(1) as f64,
@@ -516,8 +521,9 @@ fn main() {
     let mib = |k: u64| k as f64 / 1024.0;
     let row = |name: &str, f: &Figures| {
         println!(
-            "  {name:<10} idle: RSS {:6.1} MiB, CPU {:5.0} ms, {:6.1} wake-ups/s | {} msg/s: {:5.1} µs CPU/msg ({} of {} stored), peak RSS {:6.1} MiB | sustained: {:7.0} msg/s stored | after a large frame per stream: {:+6.0} KiB RSS per stream",
+            "  {name:<10} idle: RSS {:6.1} MiB ({:.1} anon), CPU {:5.0} ms, {:6.1} wake-ups/s | {} msg/s: {:5.1} µs CPU/msg ({} of {} stored), peak RSS {:6.1} MiB | sustained: {:7.0} msg/s stored | after a large frame per stream: {:+6.0} KiB RSS per stream",
             mib(f.idle_rss_kib),
+            mib(f.idle_anon_kib),
             f.idle_cpu_ms,
             f.idle_wakeups_per_sec,
             rate_per_stream() as usize * STREAMS,

@@ -371,11 +371,8 @@ async fn forward_loop(
                     } else {
                         Vec::new()
                     };
-                    for g in s.settled(until, FORWARD_MAX)? {
-                        if s.claim(&g, &owner2, now_ms())? {
-                            groups.push(g);
-                        }
-                    }
+                    let settled = s.settled(until, FORWARD_MAX)?;
+                    groups.extend(s.claim(settled, &owner2, now_ms())?);
                     let mut out = Vec::with_capacity(groups.len());
                     for g in groups {
                         if let Some(a) = s.aggregate(&g)? {

@@ -249,6 +249,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     ex.spawn(status_task(
         shared.clone(),
         ctx.clone(),
+        worker.clone(),
         files.clone(),
         link_wakeup,
     ))
@@ -664,11 +665,13 @@ struct Files {
 async fn status_task(
     shared: Rc<Shared>,
     ctx: Rc<crate::sources::Context>,
+    worker: Rc<Worker>,
     files: Rc<RefCell<Files>>,
     wakeup: Wakeup,
 ) {
-    // Its own thread, gone when idle: a dump in progress must not delay it.
-    let worker = Worker::new(format!("status-{}", ctx.name));
+    // On the source's own worker: a thread of its own would cost its own
+    // malloc arena (1.5 MiB of idle RSS, measured); a dump in progress
+    // (no fsyncs, milliseconds) delays a status change by that much.
     loop {
         let stop = smol::future::or(
             async {

@@ -14,27 +14,40 @@ impl Store {
         Ok(rows.into_iter().map(group_of).collect())
     }
 
-    /// Take `g` for forwarding: true if this caller won it (another replica
-    /// may have). Either way it leaves `pending`.
-    pub fn claim(&mut self, g: &Group, owner: &str, now_ms: i64) -> Result<bool, DbError> {
+    /// Take `groups` for forwarding, all in one transaction (one commit,
+    /// so one fsync, per round rather than per group): returns those this
+    /// caller won (another replica may have taken some). Either way they
+    /// leave `pending`.
+    pub fn claim(
+        &mut self,
+        groups: Vec<Group>,
+        owner: &str,
+        now_ms: i64,
+    ) -> Result<Vec<Group>, DbError> {
         self.transaction(|s| {
-            let key: [Val; 3] = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
-            let won = s.db.exec(
-                "INSERT INTO forwarded (metric, net, ts, owner, state, at) \
-                 VALUES (?1, ?2, ?3, ?4, 'claimed', ?5) ON CONFLICT DO NOTHING",
-                &[
-                    key[0].clone(),
-                    key[1].clone(),
-                    key[2].clone(),
-                    owner.into(),
-                    now_ms.into(),
-                ],
-            )? == 1;
-            s.db.exec(
-                "DELETE FROM pending WHERE metric = ?1 AND net = ?2 AND ts = ?3",
-                &key,
-            )?;
-            s.pending_seen.remove(g);
+            let mut won = Vec::with_capacity(groups.len());
+            for g in groups {
+                let key: [Val; 3] = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
+                let inserted = s.db.exec(
+                    "INSERT INTO forwarded (metric, net, ts, owner, state, at) \
+                     VALUES (?1, ?2, ?3, ?4, 'claimed', ?5) ON CONFLICT DO NOTHING",
+                    &[
+                        key[0].clone(),
+                        key[1].clone(),
+                        key[2].clone(),
+                        owner.into(),
+                        now_ms.into(),
+                    ],
+                )? == 1;
+                s.db.exec(
+                    "DELETE FROM pending WHERE metric = ?1 AND net = ?2 AND ts = ?3",
+                    &key,
+                )?;
+                s.pending_seen.remove(&g);
+                if inserted {
+                    won.push(g);
+                }
+            }
             Ok(won)
         })
     }
