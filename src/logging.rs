@@ -6,6 +6,9 @@ use simplelog::{ConfigBuilder, WriteLogger};
 
 pub const ENV: &str = "EDGEMETER_LOG";
 
+/// Log targets dropped at every level: raw wire dumps with credentials.
+pub const NEVER_LOGGED: [&str; 1] = ["ureq_proto"];
+
 /// The level `EDGEMETER_LOG` asks for, if it is set and valid.
 pub fn env_level() -> Option<LevelFilter> {
     std::env::var(ENV).ok().and_then(|v| parse_level(v.trim()))
@@ -21,6 +24,12 @@ pub fn init(level: LevelFilter) {
         b.set_time_level(LevelFilter::Off);
     } else {
         b.set_time_format_rfc3339();
+    }
+    // The HTTP client's wire dumps (ureq_proto, at trace) carry every
+    // header: signatures, session tokens, the relay's rule tokens. They are
+    // never logged; what each request did is logged by our own code.
+    for target in NEVER_LOGGED {
+        b.add_filter_ignore_str(target);
     }
     // Only fails if a logger is already set (tests): keep the first.
     let _ = WriteLogger::init(level, b.build(), std::io::stderr());

@@ -201,3 +201,43 @@ fn a_skewed_clock_is_corrected_from_the_servers_date() {
         agent.stderr()
     );
 }
+
+/// `EDGEMETER_LOG=trace` shows what the sinks do, never a credential: the
+/// HTTP client's wire dumps (16 bytes a row, so a secret would be split
+/// across lines) are not logged at any level.
+#[test]
+fn trace_logging_shows_no_token_signature_or_secret() {
+    let peer = Peer::start(vec![], Answer::ok(OK));
+    let (dir, cfg) = setup("cw-trace", peer.port);
+    let token = "FwoGZXIvYXdzEXAMPLE-SESSION-TOKEN-0123456789abcdef";
+    dir.write("aws-token", token);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "secret_access_key_file = \"aws-secret\"",
+        "secret_access_key_file = \"aws-secret\"\nsession_token_file = \"aws-token\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut agent = Agent::start_running(&cfg, "trace");
+    let c = cfg.to_str().expect("utf-8");
+    assert!(wait_until(Duration::from_secs(15), || {
+        let (_, out, _) = edgemeter(&["status", "-c", c]);
+        out.contains("delivered 5 records")
+    }));
+    agent.stop();
+    let reqs = peer.requests.lock().expect("requests").clone();
+    let auth = reqs[0].header("authorization").expect("signed").to_owned();
+    let signature = auth.rsplit("Signature=").next().expect("a signature");
+    assert_eq!(reqs[0].header("x-amz-security-token"), Some(token));
+    let log = agent.stderr();
+    assert!(log.contains("[TRACE]"), "trace logging is on: {log}");
+    for secret in [token, signature, SECRET] {
+        // Any 8 characters in a row: a wire dump shows 16 a line.
+        let chars: Vec<char> = secret.chars().collect();
+        for w in chars.windows(8) {
+            let piece: String = w.iter().collect();
+            assert!(
+                !log.contains(&piece),
+                "`{piece}` of a credential is in the trace log:\n{log}"
+            );
+        }
+    }
+}
