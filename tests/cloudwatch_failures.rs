@@ -241,3 +241,59 @@ fn trace_logging_shows_no_token_signature_or_secret() {
         }
     }
 }
+
+/// Every request's signature verifies against the request as it arrived,
+/// with the endpoint written the usual way and with its default port
+/// spelled out (`http://127.0.0.1:80`): the client leaves a default port
+/// out of `Host`, so the signer must too.
+#[test]
+fn signatures_verify_for_endpoints_with_and_without_a_default_port() {
+    for explicit_port in [false, true] {
+        let peer = if explicit_port {
+            Peer::start_on(80, vec![], Answer::ok(OK))
+        } else {
+            Peer::start(vec![], Answer::ok(OK))
+        };
+        let (dir, cfg) = setup("cw-port", peer.port);
+        let endpoint = if explicit_port {
+            "http://127.0.0.1:80".to_owned()
+        } else {
+            format!("http://127.0.0.1:{}/", peer.port)
+        };
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("endpoint = \"http://127.0.0.1:{}\"", peer.port),
+            &format!("endpoint = \"{endpoint}\""),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut agent = Agent::start_running(&cfg, "info");
+        let c = cfg.to_str().expect("utf-8");
+        assert!(
+            wait_until(Duration::from_secs(15), || peer.count() >= 1),
+            "{}",
+            agent.stderr()
+        );
+        agent.stop();
+        for r in peer.requests.lock().expect("requests").iter() {
+            if let Err(e) = common::http::sigv4_valid(r, SECRET) {
+                panic!("endpoint {endpoint}: {e}");
+            }
+            // The check can fail: the same request with the port in its
+            // Host (what the signer would have had to match) does not verify.
+            let mut other = r.clone();
+            for (k, v) in &mut other.headers {
+                if k.eq_ignore_ascii_case("host") {
+                    *v = if explicit_port {
+                        "127.0.0.1:80".to_owned()
+                    } else {
+                        "127.0.0.1".to_owned()
+                    };
+                }
+            }
+            let e = common::http::sigv4_valid(&other, SECRET).unwrap_err();
+            assert!(e.starts_with("SignatureDoesNotMatch"), "{e}");
+        }
+        let (_, status, _) = edgemeter(&["status", "-c", c]);
+        assert!(status.contains("delivered 5 records"), "{status}");
+        drop(dir);
+    }
+}

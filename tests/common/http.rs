@@ -32,6 +32,8 @@ impl Answer {
 
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// The request line's target (`/`, `/edge/?x=1`).
+    pub target: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -54,7 +56,13 @@ pub struct Peer {
 impl Peer {
     /// Serve `script` in order, then `default` for ever (until the test ends).
     pub fn start(script: Vec<Answer>, default: Answer) -> Peer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        Peer::start_on(0, script, default)
+    }
+
+    /// The same on a chosen port (0: any free one).
+    pub fn start_on(port: u16, script: Vec<Answer>, default: Answer) -> Peer {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
         let port = listener.local_addr().expect("addr").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(script));
@@ -68,6 +76,7 @@ impl Peer {
                 if reader.read_line(&mut line).unwrap_or(0) == 0 {
                     continue;
                 }
+                let target = line.split(' ').nth(1).unwrap_or("").to_owned();
                 loop {
                     line.clear();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
@@ -94,9 +103,11 @@ impl Peer {
                         s.remove(0)
                     }
                 };
-                reqs.lock()
-                    .expect("requests")
-                    .push(Request { headers, body });
+                reqs.lock().expect("requests").push(Request {
+                    target,
+                    headers,
+                    body,
+                });
                 let date = answer
                     .date
                     .map(|d| format!("Date: {d}\r\n"))
@@ -260,4 +271,89 @@ impl AckDropper {
         });
         AckDropper { port, dropped }
     }
+}
+
+/// Whether `r` carries a valid SigV4 signature for `secret`, recomputed (by
+/// the aws-sigv4 crate) from the request exactly as it arrived: its `Host`
+/// header, target, signed headers and body. What AWS itself checks.
+pub fn sigv4_valid(r: &Request, secret: &str) -> Result<(), String> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings};
+    let auth = r.header("authorization").ok_or("not signed")?;
+    let field = |name: &str| {
+        auth.split([' ', ','])
+            .find_map(|p| p.strip_prefix(name))
+            .ok_or(format!("no {name} in {auth}"))
+    };
+    let credential: Vec<&str> = field("Credential=")?.split('/').collect();
+    let (key_id, region, service) = (credential[0], credential[2], credential[3]);
+    let signed: Vec<&str> = field("SignedHeaders=")?.split(';').collect();
+    let host = r.header("host").ok_or("no Host header")?;
+    let amz_date = r.header("x-amz-date").ok_or("no x-amz-date")?;
+    let time = amz_time(amz_date).ok_or(format!("bad x-amz-date {amz_date}"))?;
+    let headers: Vec<(&str, &str)> = signed
+        .iter()
+        .filter(|h| !matches!(**h, "x-amz-date" | "x-amz-security-token"))
+        .map(|h| {
+            Ok((
+                *h,
+                r.header(h).ok_or(format!("signed header {h} not sent"))?,
+            ))
+        })
+        .collect::<Result<_, String>>()?;
+    let identity = aws_credential_types::Credentials::new(
+        key_id,
+        secret,
+        r.header("x-amz-security-token").map(str::to_owned),
+        None,
+        "test",
+    )
+    .into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name(service)
+        .time(time)
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| e.to_string())?
+        .into();
+    let url = format!("http://{host}{}", r.target);
+    let signable = SignableRequest::new(
+        "POST",
+        &url,
+        headers.into_iter(),
+        SignableBody::Bytes(&r.body),
+    )
+    .map_err(|e| e.to_string())?;
+    let (instructions, _) = aws_sigv4::http_request::sign(signable, &params)
+        .map_err(|e| e.to_string())?
+        .into_parts();
+    let want = instructions
+        .headers()
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.to_owned())
+        .ok_or("the crate made no signature")?;
+    if want == auth {
+        Ok(())
+    } else {
+        Err(format!(
+            "SignatureDoesNotMatch: sent `{auth}`, the request as received (Host: {host}) needs `{want}`"
+        ))
+    }
+}
+
+/// `20261202T171400Z` as a time.
+fn amz_time(s: &str) -> Option<std::time::SystemTime> {
+    let n = |a: usize, b: usize| s.get(a..b)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0, 4)?, n(4, 6)?, n(6, 8)?);
+    let (hh, mm, ss) = (n(9, 11)?, n(11, 13)?, n(13, 15)?);
+    // Days since 1970-01-01 of a civil date (H. Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
 }
