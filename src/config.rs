@@ -101,6 +101,75 @@ pub enum ConfigError {
     },
 }
 
+impl Config {
+    /// Every secret file the configured components will read: what the
+    /// config calls it, and where it is.
+    pub fn secret_files(&self) -> Vec<(String, PathBuf)> {
+        use crate::aws::credentials::Source as Aws;
+        use crate::sinks::SinkConfig;
+        use crate::sources::SourceConfig;
+        let mut out = Vec::new();
+        for s in &self.sinks {
+            let aws = match &s.config {
+                SinkConfig::CloudWatchMetrics(c) => Some(&c.aws),
+                SinkConfig::CloudWatchLogs(c) => Some(&c.aws),
+                SinkConfig::Upstream(c) => {
+                    out.push((
+                        format!("sink `{}` token_file", s.name),
+                        c.token_file.clone(),
+                    ));
+                    None
+                }
+                SinkConfig::Csv(_) => None,
+            };
+            match aws.map(|a| &a.credentials) {
+                Some(Aws::Files {
+                    secret_access_key_file,
+                    session_token_file,
+                    ..
+                }) => {
+                    out.push((
+                        format!("sink `{}` secret_access_key_file", s.name),
+                        secret_access_key_file.clone(),
+                    ));
+                    if let Some(f) = session_token_file {
+                        out.push((format!("sink `{}` session_token_file", s.name), f.clone()));
+                    }
+                }
+                Some(Aws::Profile { file: Some(f), .. }) => {
+                    out.push((format!("sink `{}` credentials_file", s.name), f.clone()));
+                }
+                _ => {}
+            }
+        }
+        for s in &self.sources {
+            if let SourceConfig::Relay(c) = &s.config
+                && let Some(p) = &c.provision
+            {
+                for stream in &c.streams {
+                    out.push((
+                        format!("source `{}` token file", s.name),
+                        p.dir.join(format!("log.token.{stream}")),
+                    ));
+                }
+            }
+        }
+        if let Some(u) = &self.upstream {
+            if let crate::upstream::config::StoreKind::Postgres {
+                password_file: Some(f),
+                ..
+            } = &u.store
+            {
+                out.push(("[upstream] store_password_file".to_owned(), f.clone()));
+            }
+            if let Some(f) = &u.admin_token_file {
+                out.push(("[upstream] admin_token_file".to_owned(), f.clone()));
+            }
+        }
+        out
+    }
+}
+
 impl ConfigError {
     pub fn problem_count(&self) -> usize {
         match self {

@@ -168,6 +168,25 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// What `edgemeter check` asks of a secret file before the service needs
+/// it: readable, not empty, and not readable by every user on the machine.
+pub fn check_secret_file(path: &Path, what: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    read_secret_file(path, what)?;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o004 != 0 {
+        return Err(format!(
+            "{what} {} is readable by every user (mode {:o}); chmod o-r it (e.g. chmod 600, or 640 with the service's group)",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    Ok(())
+}
+
 /// A bearer token from a file (trimmed; never logged).
 pub fn read_token(path: &Path) -> Result<String, String> {
     read_secret_file(path, "the token file")

@@ -83,7 +83,7 @@ fn check_lists_every_problem_with_its_line_and_exits_2() {
     assert_eq!(
         err,
         format!(
-            "{b}:3:1: unknown field `bogus`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`\n\
+            "{b}:3:1: unknown field `bogus`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `shutdown_grace_secs`\n\
              {b}:6:8: unknown sink type `s3`; known types: csv, cloudwatch_metrics, cloudwatch_logs, upstream\n\
              2 problem(s) found\n"
         )
@@ -395,4 +395,68 @@ fn systemd_hears_ready_watchdog_and_stopping() {
             .wait_exit(Duration::from_secs(5))
             .is_some_and(|s| s.success())
     );
+}
+
+/// `check` reads every secret file the service will need, as
+/// `ExecStartPre=edgemeter check` runs it: a missing, empty or
+/// world-readable one is named with what to do, and exits 2.
+#[test]
+fn check_reads_every_secret_file_the_service_will_need() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("check-secrets");
+    let cfg = dir.write(
+        "edgemeter.toml",
+        r#"[agent]
+state_dir = "state"
+
+[[sink]]
+type = "cloudwatch_metrics"
+name = "cw"
+region = "us-west-1"
+namespace = "Edge"
+access_key_id = "AKIDTEST"
+secret_access_key_file = "aws-secret"
+session_token_file = "aws-token"
+
+[[sink]]
+type = "upstream"
+name = "up"
+endpoint = "http://127.0.0.1:8700"
+token_file = "up.token"
+"#,
+    );
+    let c = cfg.to_str().expect("utf-8 path");
+    let secret = |name: &str, text: &str, mode: u32| {
+        let p = dir.write(name, text);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    secret("aws-secret", "s3cr3t", 0o644);
+    secret("aws-token", "", 0o600);
+    let (code, _, err) = edgemeter(&["check", "-c", c]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("sink `cw` secret_access_key_file")
+            && err.contains("aws-secret is readable by every user (mode 644)")
+            && err.contains("chmod"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sink `cw` session_token_file") && err.contains("aws-token is empty"),
+        "{err}"
+    );
+    assert!(
+        err.contains("up.token") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(err.contains("3 problem(s) found"), "{err}");
+    assert!(
+        !err.contains("s3cr3t"),
+        "a secret reached the output: {err}"
+    );
+    secret("aws-secret", "s3cr3t", 0o600);
+    secret("aws-token", "FwoG", 0o640);
+    secret("up.token", "t0ken", 0o600);
+    let (code, out, err) = edgemeter(&["check", "-c", c]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok: "), "{out}");
 }

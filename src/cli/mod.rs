@@ -118,7 +118,7 @@ fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
         Command::Run { .. } => run(config),
         Command::Check { .. } => {
             println!("{}", summary(&config));
-            Ok(())
+            check_secret_files(&config)
         }
         Command::Status { .. } => status(&config),
         Command::Outbox { action, which, .. } => outbox(&config, action, &which),
@@ -129,6 +129,25 @@ fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
         Command::Report { route, query, .. } => report_local(&config, route, query),
         Command::Demo { .. } => unreachable!("handled above"),
     }
+}
+
+/// `check` reads every secret file the service will need, so that
+/// `ExecStartPre=edgemeter check` stops a start that would fail later.
+fn check_secret_files(config: &Config) -> Outcome {
+    let problems: Vec<String> = config
+        .secret_files()
+        .into_iter()
+        .filter_map(|(what, path)| crate::problems::check_secret_file(&path, &what).err())
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let mut message = format!("{}:", config.path.display());
+    for p in &problems {
+        message += &format!("\n  {p}");
+    }
+    message += &format!("\n{} problem(s) found", problems.len());
+    Err(Failed::new(Exit::Usage, message))
 }
 
 pub fn run(config: Config) -> Outcome {
