@@ -2,7 +2,8 @@
 //!
 //! Run: `cargo bench --bench upstream_soak` (add `-- --quick` for a short
 //! run, 2 simulated minutes and without the PostgreSQL-with-a-sink case;
-//! the test command runs that).
+//! the test command runs that). `-- --minutes N` runs N simulated minutes,
+//! `-- --only LABEL` one case (e.g. `--only "sqlite, csv sink"`).
 //!
 //! For each store (SQLite; one real PostgreSQL) and each way of running
 //! (without `[[sink]]`, and forwarding through a `csv` sink), the release
@@ -73,6 +74,9 @@ struct Run {
     end_kib: u64,
     idle_kib: u64,
     slope_kib_per_min: f64,
+    /// The slope over the second half of the run alone: a cache that fills
+    /// towards its bound flattens; a leak does not.
+    late_slope_kib_per_min: f64,
     samples: usize,
     wall: Duration,
     /// At the end: the heap and other private memory, and the mapped
@@ -155,25 +159,16 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).ok();
     let warm: Vec<(f64, u64)> = samples.iter().copied().filter(|(m, _)| *m >= 1.0).collect();
-    let n = warm.len() as f64;
-    let (mx, my) = (
-        warm.iter().map(|p| p.0).sum::<f64>() / n,
-        warm.iter().map(|p| p.1 as f64).sum::<f64>() / n,
-    );
-    let slope = warm
-        .iter()
-        .map(|p| (p.0 - mx) * (p.1 as f64 - my))
-        .sum::<f64>()
-        / warm
-            .iter()
-            .map(|p| (p.0 - mx).powi(2))
-            .sum::<f64>()
-            .max(1e-9);
+    let half = minutes as f64 / 2.0;
+    let late: Vec<(f64, u64)> = samples.iter().copied().filter(|(m, _)| *m >= half).collect();
+    let slope = least_squares_slope(&warm);
+    let late_slope = least_squares_slope(&late);
     Run {
         warm_kib: warm.first().map_or(0, |p| p.1),
         end_kib: samples.last().map_or(0, |p| p.1),
         idle_kib,
         slope_kib_per_min: slope,
+        late_slope_kib_per_min: late_slope,
         samples: samples.len(),
         wall,
         anon_kib,
@@ -182,9 +177,37 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
     }
 }
 
+/// KiB per minute of the least-squares line through (minute, KiB).
+fn least_squares_slope(points: &[(f64, u64)]) -> f64 {
+    let n = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+    );
+    points
+        .iter()
+        .map(|p| (p.0 - mx) * (p.1 as f64 - my))
+        .sum::<f64>()
+        / points
+            .iter()
+            .map(|p| (p.0 - mx).powi(2))
+            .sum::<f64>()
+            .max(1e-9)
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let minutes = if quick { 2 } else { 10 };
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let after = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let minutes = after("--minutes")
+        .map(|m| m.parse().expect("--minutes N"))
+        .unwrap_or(if quick { 2 } else { 10 });
+    let only = after("--only");
     let bin = release_bin();
     let pg = pg::PgServer::start_with("soak", "-c fsync=off -c synchronous_commit=off");
     let mut su = pg.superuser("postgres");
@@ -215,10 +238,12 @@ fn main() {
             true,
         ),
     ] {
+        if only.as_deref().is_some_and(|o| o != label) {
+            continue;
+        }
         if quick && store != "sqlite" && sink {
-            // Forwarding through PostgreSQL claims each window in its own
-            // transaction: minutes even for 2 simulated minutes. The full
-            // run measures it.
+            // PostgreSQL with a sink is the slowest case (minutes of wall
+            // time); the full run measures it.
             println!("  {label:<19}: left out of --quick (minutes); run without --quick");
             continue;
         }
@@ -233,11 +258,12 @@ fn main() {
         worst = worst.max(growth);
         println!(
             "  {label:<19}: idle {:>6} KiB (baseline), warm {:>6} KiB, end {:>6} KiB: {growth:+.2} % after the first minute, \
-             slope {:+.1} KiB per simulated minute ({} samples, {:.0} s); at the end anon {} KiB, file {} KiB, shmem {} KiB",
+             slope {:+.1} KiB per simulated minute ({:+.1} over the second half; {} samples, {:.0} s); at the end anon {} KiB, file {} KiB, shmem {} KiB",
             r.idle_kib,
             r.warm_kib,
             r.end_kib,
             r.slope_kib_per_min,
+            r.late_slope_kib_per_min,
             r.samples,
             r.wall.as_secs_f64(),
             r.anon_kib,
