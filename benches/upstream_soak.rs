@@ -160,7 +160,11 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
     std::fs::remove_dir_all(&dir).ok();
     let warm: Vec<(f64, u64)> = samples.iter().copied().filter(|(m, _)| *m >= 1.0).collect();
     let half = minutes as f64 / 2.0;
-    let late: Vec<(f64, u64)> = samples.iter().copied().filter(|(m, _)| *m >= half).collect();
+    let late: Vec<(f64, u64)> = samples
+        .iter()
+        .copied()
+        .filter(|(m, _)| *m >= half)
+        .collect();
     let slope = least_squares_slope(&warm);
     let late_slope = least_squares_slope(&late);
     Run {

@@ -104,21 +104,21 @@ fn throttling_and_5xx_are_retried_until_delivered() {
 fn a_refusal_becomes_a_dead_letter_with_aws_code_and_message() {
     let peer = Peer::start(
         vec![Answer::error(
-            403,
+            400,
             &error(
-                "AccessDenied",
-                "User: arn:aws:iam::1:user/edge is not authorized",
+                "InvalidParameterValue",
+                "The parameter Namespace must not start with AWS/",
             ),
         )],
         Answer::ok(OK),
     );
-    let (_dir, cfg) = setup("cw-403", peer.port);
+    let (_dir, cfg) = setup("cw-400", peer.port);
     let c = cfg.to_str().expect("utf-8");
     let mut agent = Agent::start_running(&cfg, "info");
     let listed = wait_until(Duration::from_secs(15), || {
         edgemeter(&["outbox", "list", "-c", c])
             .1
-            .contains("AccessDenied")
+            .contains("InvalidParameterValue")
     });
     agent.stop();
     let (_, out, _) = edgemeter(&["outbox", "list", "-c", c]);
@@ -126,12 +126,12 @@ fn a_refusal_becomes_a_dead_letter_with_aws_code_and_message() {
     assert!(
         out.contains("\tcw\t1\t5\t")
             && out.contains(
-                "HTTP 403 AccessDenied: User: arn:aws:iam::1:user/edge is not authorized"
+                "HTTP 400 InvalidParameterValue: The parameter Namespace must not start with AWS/"
             ),
         "{out}"
     );
     assert_eq!(peer.count(), 1, "a refusal is not retried by itself");
-    // The operator fixes the policy and retries: delivered, with the same
+    // The operator fixes the cause and retries: delivered, with the same
     // body. (Without the source this time: a synthetic `limit` counts per
     // run, and new points would add a request of their own.)
     let text = std::fs::read_to_string(&cfg).expect("config");
@@ -296,4 +296,54 @@ fn signatures_verify_for_endpoints_with_and_without_a_default_port() {
         assert!(status.contains("delivered 5 records"), "{status}");
         drop(dir);
     }
+}
+
+/// The rotation: the key is replaced at AWS while the agent runs
+/// with the old one. Every request is refused (403 SignatureDoesNotMatch,
+/// checked by a verifying peer); the sink backs off and says so in
+/// `status`, nothing becomes a dead letter, and once the new key is written
+/// to the file, delivery resumes by itself, without `outbox retry`.
+#[test]
+fn refused_credentials_pause_the_sink_until_a_rotated_key_arrives() {
+    let secret = std::sync::Arc::new(std::sync::Mutex::new("the-new-key".to_owned()));
+    let peer = Peer::start_verifying(secret.clone(), Answer::ok(OK));
+    let (dir, cfg) = setup("cw-rotate", peer.port);
+    let mut agent = Agent::start_running(&cfg, "info");
+    let c = cfg.to_str().expect("utf-8");
+    let status = || edgemeter(&["status", "-c", c]).1;
+    assert!(
+        wait_until(Duration::from_secs(15), || peer.count() >= 3),
+        "retried with backoff: {} requests\n{}",
+        peer.count(),
+        agent.stderr()
+    );
+    let s = status();
+    assert!(
+        s.contains("last error: credentials refused since ") && s.contains("SignatureDoesNotMatch"),
+        "{s}"
+    );
+    assert!(s.contains("dead letters 0"), "{s}");
+    // The operator writes the new key into the file.
+    dir.write("aws-secret", "the-new-key");
+    assert!(
+        wait_until(Duration::from_secs(15), || status()
+            .contains("delivered 5 records")),
+        "{}\n{}",
+        status(),
+        agent.stderr()
+    );
+    agent.stop();
+    let s = status();
+    assert!(s.contains("dead letters 0"), "{s}");
+    let log = agent.stderr();
+    assert_eq!(
+        log.matches("credentials refused").count(),
+        1,
+        "said once, not per try:\n{log}"
+    );
+    assert!(log.contains("delivering again"), "{log}");
+    assert!(
+        !log.contains("the-new-key") && !log.contains(SECRET),
+        "{log}"
+    );
 }

@@ -169,6 +169,10 @@ pub enum Failure {
     Transient(String),
     /// Our clock is off; the server's time when it told us, if it did.
     Skewed(String),
+    /// The credentials were refused (wrong, expired or rotated key, no
+    /// permission): not the data's fault. Retry with backoff; the
+    /// credentials are read again before each try.
+    Unauthorized(String),
     /// Refused for good: AWS's code and message.
     Refused {
         status: u16,
@@ -180,7 +184,10 @@ pub enum Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Throttled(m) | Failure::Transient(m) | Failure::Skewed(m) => f.write_str(m),
+            Failure::Throttled(m)
+            | Failure::Transient(m)
+            | Failure::Skewed(m)
+            | Failure::Unauthorized(m) => f.write_str(m),
             Failure::Refused {
                 status,
                 code,
@@ -213,6 +220,23 @@ pub fn classify(status: u16, code: &str, message: &str) -> Failure {
         format!("HTTP {status} {code}")
     };
     let text = format!("{what}: {message}");
+    // Codes that say the caller's credentials, not the request's data, are
+    // at fault (AWS's common errors, and the services' own spellings).
+    const UNAUTHORIZED: &[&str] = &[
+        "AccessDenied",
+        "AccessDeniedException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "IncompleteSignature",
+        "IncompleteSignatureException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "MissingAuthenticationToken",
+        "NotAuthorized",
+        "SignatureDoesNotMatch",
+        "UnauthorizedOperation",
+        "UnrecognizedClientException",
+    ];
     let expired = message.contains("Signature expired") || message.contains("signature expired");
     if THROTTLE.contains(&code) || status == 429 {
         Failure::Throttled(text)
@@ -223,6 +247,8 @@ pub fn classify(status: u16, code: &str, message: &str) -> Failure {
         && matches!(code, "InvalidSignatureException" | "SignatureDoesNotMatch"))
     {
         Failure::Skewed(text)
+    } else if UNAUTHORIZED.contains(&code) || status == 401 {
+        Failure::Unauthorized(text)
     } else if status >= 500 || status == 408 {
         Failure::Transient(text)
     } else {

@@ -187,6 +187,7 @@ fn answers_are_classified() {
         Failure::Throttled(_) => "throttled",
         Failure::Transient(_) => "transient",
         Failure::Skewed(_) => "skewed",
+        Failure::Unauthorized(_) => "unauthorized",
         Failure::Refused { .. } => "refused",
     };
     assert_eq!(kind(400, "Throttling", "Rate exceeded"), "throttled");
@@ -219,9 +220,20 @@ fn answers_are_classified() {
             "SignatureDoesNotMatch",
             "The request signature we calculated does not match"
         ),
-        "refused"
+        "unauthorized"
     );
-    assert_eq!(kind(403, "AccessDenied", "not authorized"), "refused");
+    // Credential trouble is never the data's fault: retried, not refused.
+    for code in [
+        "AccessDenied",
+        "AccessDeniedException",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "MissingAuthenticationToken",
+    ] {
+        assert_eq!(kind(403, code, "not authorized"), "unauthorized", "{code}");
+    }
+    assert_eq!(kind(401, "", ""), "unauthorized");
     assert_eq!(kind(400, "InvalidParameterValue", "bad"), "refused");
     match classify(400, "InvalidParameterValue", "The value NaN is invalid") {
         Failure::Refused {

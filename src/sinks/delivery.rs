@@ -31,6 +31,9 @@ enum Settle {
     Refused(String),
 }
 
+/// While credentials are refused, the log says so at most this often.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(600);
+
 pub struct Driver {
     pub name: String,
     pub sink: Box<dyn Sink>,
@@ -47,6 +50,8 @@ impl Driver {
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.delivery.retry_initial, self.delivery.retry_max);
         let mut last_error: Option<String> = None;
+        // Credentials refused: since when, and when the log last said so.
+        let mut refused_since: Option<(i64, Option<std::time::Instant>)> = None;
         while !self.shutdown.is_started() {
             let (name, max) = (self.name.clone(), self.delivery.batch_max_records);
             let claimed = self.outbox.call(move |o| o.next_batch(&name, max)).await;
@@ -72,6 +77,9 @@ impl Driver {
             };
             match self.sink.deliver(&batch).await {
                 Ok(delivered) => {
+                    if refused_since.take().is_some() {
+                        log::info!("sink `{}`: the credentials are accepted again", self.name);
+                    }
                     if last_error.take().is_some() {
                         log::info!(
                             "sink `{}`: delivering again after {} failed attempts",
@@ -107,6 +115,36 @@ impl Driver {
                         batch.records.len()
                     );
                     self.settle(batch, Settle::Refused(why)).await;
+                }
+                Err(DeliveryError::Unauthorized(m)) => {
+                    self.count(&[("credentials_refused", 1)]).await;
+                    let now = std::time::Instant::now();
+                    let (since, said) = refused_since.get_or_insert((crate::clock::now_ms(), None));
+                    let why = format!(
+                        "credentials refused since {} ({m}); read again before each try, nothing is dead-lettered",
+                        crate::clock::iso8601(*since)
+                    );
+                    let wait = backoff.next_wait();
+                    if said.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY) {
+                        *said = Some(now);
+                        log::error!(
+                            "sink `{}`: {why}; next try in {:.1} s (fix the credentials; delivery resumes by itself)",
+                            self.name,
+                            wait.as_secs_f64()
+                        );
+                    }
+                    let (name, note) = (self.name.clone(), why.clone());
+                    if let Err(e) = self
+                        .outbox
+                        .call(move |o| o.note_failure(&name, &note))
+                        .await
+                    {
+                        log::error!("sink `{}`: {e}", self.name);
+                    }
+                    last_error = Some(why);
+                    if self.shutdown.sleep(wait).await {
+                        return;
+                    }
                 }
                 Err(e @ (DeliveryError::Retry(_) | DeliveryError::Throttled(_))) => {
                     let key = if matches!(e, DeliveryError::Throttled(_)) {

@@ -63,6 +63,10 @@ pub enum DeliveryError {
     /// The receiver asked us to slow down: back off, then the same batch.
     #[cfg_attr(not(test), allow(dead_code))]
     Throttled(String),
+    /// The receiver refused our credentials, not the batch: back off and
+    /// try again (the credentials are read again each time); never a dead
+    /// letter, since new credentials may arrive at any moment.
+    Unauthorized(String),
     /// The receiver refused this batch for good: dead-letter it. (The csv
     /// sink never does; network sinks and the delivery tests do.)
     #[cfg_attr(not(test), allow(dead_code))]
@@ -72,9 +76,10 @@ pub enum DeliveryError {
 impl fmt::Display for DeliveryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeliveryError::Retry(m) | DeliveryError::Throttled(m) | DeliveryError::Reject(m) => {
-                f.write_str(m)
-            }
+            DeliveryError::Retry(m)
+            | DeliveryError::Throttled(m)
+            | DeliveryError::Unauthorized(m)
+            | DeliveryError::Reject(m) => f.write_str(m),
         }
     }
 }
@@ -169,6 +174,7 @@ pub fn aws_delivery_error(f: crate::aws::Failure) -> DeliveryError {
         crate::aws::Failure::Transient(m) | crate::aws::Failure::Skewed(m) => {
             DeliveryError::Retry(m)
         }
+        crate::aws::Failure::Unauthorized(m) => DeliveryError::Unauthorized(m),
         crate::aws::Failure::Refused {
             status,
             code,

@@ -225,6 +225,7 @@ mod tests {
                 Err(DeliveryError::Retry(m)) => format!("retry {m}"),
                 Err(DeliveryError::Throttled(m)) => format!("throttled {m}"),
                 Err(DeliveryError::Reject(m)) => format!("reject {m}"),
+                Err(DeliveryError::Unauthorized(m)) => format!("unauthorized {m}"),
             };
             assert!(got.starts_with(want), "{status}: {got}");
         };

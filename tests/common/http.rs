@@ -47,6 +47,9 @@ impl Request {
     }
 }
 
+/// Answers a request itself, or leaves it to the script (None).
+pub type Decide = Arc<dyn Fn(&Request) -> Option<Answer> + Send + Sync>;
+
 pub struct Peer {
     pub port: u16,
     pub requests: Arc<Mutex<Vec<Request>>>,
@@ -61,6 +64,39 @@ impl Peer {
 
     /// The same on a chosen port (0: any free one).
     pub fn start_on(port: u16, script: Vec<Answer>, default: Answer) -> Peer {
+        Peer::start_deciding(port, script, default, Arc::new(|_| None))
+    }
+
+    /// Like AWS: a request whose SigV4 signature does not verify with the
+    /// secret in `secret` *now* gets 403 SignatureDoesNotMatch; others get
+    /// `ok`. The secret can be changed while it runs (a rotated key).
+    pub fn start_verifying(secret: Arc<Mutex<String>>, ok: Answer) -> Peer {
+        Peer::start_deciding(
+            0,
+            vec![],
+            ok,
+            Arc::new(move |r: &Request| {
+                let key = secret.lock().expect("secret").clone();
+                sigv4_valid(r, &key).err().map(|e| {
+                    Answer::error(
+                        403,
+                        &format!(
+                            "<ErrorResponse><Error><Type>Sender</Type><Code>SignatureDoesNotMatch</Code><Message>{}</Message></Error><RequestId>1</RequestId></ErrorResponse>",
+                            e.replace('<', "(").replace('>', ")")
+                        ),
+                    )
+                })
+            }),
+        )
+    }
+
+    /// `decide` may answer a request itself (before the script).
+    pub fn start_deciding(
+        port: u16,
+        script: Vec<Answer>,
+        default: Answer,
+        decide: Decide,
+    ) -> Peer {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
         let port = listener.local_addr().expect("addr").port();
@@ -95,19 +131,20 @@ impl Peer {
                 if reader.read_exact(&mut body).is_err() {
                     continue;
                 }
-                let answer = {
+                let request = Request {
+                    target,
+                    headers,
+                    body,
+                };
+                let answer = decide(&request).unwrap_or_else(|| {
                     let mut s = scr.lock().expect("script");
                     if s.is_empty() {
                         default.clone()
                     } else {
                         s.remove(0)
                     }
-                };
-                reqs.lock().expect("requests").push(Request {
-                    target,
-                    headers,
-                    body,
                 });
+                reqs.lock().expect("requests").push(request);
                 let date = answer
                     .date
                     .map(|d| format!("Date: {d}\r\n"))
