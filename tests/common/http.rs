@@ -91,12 +91,7 @@ impl Peer {
     }
 
     /// `decide` may answer a request itself (before the script).
-    pub fn start_deciding(
-        port: u16,
-        script: Vec<Answer>,
-        default: Answer,
-        decide: Decide,
-    ) -> Peer {
+    pub fn start_deciding(port: u16, script: Vec<Answer>, default: Answer, decide: Decide) -> Peer {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
         let port = listener.local_addr().expect("addr").port();

@@ -59,9 +59,41 @@ fn refusal(r: &Record, dims: &[(String, String)], now: i64) -> Option<String> {
             dims.len()
         ));
     }
-    dims.iter()
-        .find(|(k, v)| k.is_empty() || k.len() > 255 || v.is_empty() || v.len() > 1024)
-        .map(|(k, _)| format!("dimension `{k}` is empty or too long"))
+    dims.iter().find_map(|(k, v)| dimension_problem(k, v))
+}
+
+/// Why CloudWatch refuses a dimension (its API reference, `Dimension`):
+/// the name 1 to 255 characters, the value 1 to 1024, both ASCII without
+/// control characters and with at least one non-whitespace character, and
+/// the name not starting with `:`. Such a datum would make CloudWatch
+/// refuse the whole request.
+pub fn dimension_problem(name: &str, value: &str) -> Option<String> {
+    let bad = |s: &str, max: usize| {
+        if s.is_empty() || s.len() > max {
+            Some(format!("1 to {max} characters"))
+        } else if !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            Some("ASCII without control characters".to_owned())
+        } else if s.trim().is_empty() {
+            Some("at least one character that is not a space".to_owned())
+        } else {
+            None
+        }
+    };
+    if let Some(why) = bad(name, 255) {
+        return Some(format!(
+            "dimension name `{}` must be {why}",
+            name.escape_debug()
+        ));
+    }
+    if name.starts_with(':') {
+        return Some(format!("dimension name `{name}` must not start with `:`"));
+    }
+    bad(value, 1024).map(|why| {
+        format!(
+            "dimension `{name}` value `{}` must be {why}",
+            value.escape_debug()
+        )
+    })
 }
 
 /// Fold points into datums: one per series (name, dims, unit) and minute,

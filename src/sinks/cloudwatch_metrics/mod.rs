@@ -66,15 +66,11 @@ impl Config {
         if let Some(d) = &raw.dimensions {
             for (k, v) in d.get_ref() {
                 match v.as_str() {
-                    Some(s)
-                        if !s.is_empty() && s.len() <= 1024 && !k.is_empty() && k.len() <= 255 =>
-                    {
-                        dimensions.push((k.clone(), s.to_owned()))
-                    }
-                    _ => p.push(
-                        d.span(),
-                        format!("dimension `{k}` must be a string of 1 to 1024 characters"),
-                    ),
+                    None => p.push(d.span(), format!("dimension `{k}` must be a string")),
+                    Some(s) => match body::dimension_problem(k, s) {
+                        Some(why) => p.push(d.span(), why),
+                        None => dimensions.push((k.clone(), s.to_owned())),
+                    },
                 }
             }
             if dimensions.len() > body::MAX_DIMENSIONS {

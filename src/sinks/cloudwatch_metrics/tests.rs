@@ -198,3 +198,63 @@ fn gzip_round_trips() {
         .expect("gunzip");
     assert_eq!(back, body);
 }
+
+#[test]
+fn dimensions_cloudwatch_refuses_are_named_and_not_sent() {
+    use super::body::dimension_problem;
+    assert_eq!(dimension_problem("gateway", "gw-01"), None);
+    assert_eq!(
+        dimension_problem("a b", "x y"),
+        None,
+        "inner spaces are fine"
+    );
+    for (name, value, want) in [
+        ("", "v", "dimension name `` must be 1 to 255 characters"),
+        (
+            "   ",
+            "v",
+            "dimension name `   ` must be at least one character that is not a space",
+        ),
+        (
+            "gw",
+            " ",
+            "dimension `gw` value ` ` must be at least one character that is not a space",
+        ),
+        (
+            "gw",
+            "Zürich",
+            "dimension `gw` value `Zürich` must be ASCII without control characters",
+        ),
+        (
+            "g\tw",
+            "v",
+            "dimension name `g\\tw` must be ASCII without control characters",
+        ),
+        (":gw", "v", "dimension name `:gw` must not start with `:`"),
+    ] {
+        assert_eq!(
+            dimension_problem(name, value).as_deref(),
+            Some(want),
+            "{name:?}={value:?}"
+        );
+    }
+    let long = "x".repeat(1025);
+    assert!(
+        dimension_problem("gw", &long)
+            .unwrap()
+            .ends_with("must be 1 to 1024 characters")
+    );
+    // In a batch: the point with such a dimension is refused alone, with
+    // the reason; the others are sent.
+    let (datums, rejected) = fold(
+        &ids(vec![
+            point("m", &[("site", "Zürich")], NOW, 1.0),
+            point("m", &[("site", "zurich")], NOW, 2.0),
+        ]),
+        &[],
+        NOW,
+    );
+    assert_eq!(datums.len(), 1);
+    assert_eq!(rejected.len(), 1);
+    assert!(rejected[0].1.contains("ASCII"), "{rejected:?}");
+}
