@@ -251,6 +251,13 @@ impl Outbox {
     }
 
     /// Count records given up on before they reached the outbox.
+    /// Count records a sink let go of without sending (the receiver could
+    /// never take them), under the sink's drops.
+    pub fn count_skipped(&mut self, sink: &str, why: &str, n: i64) -> Result<(), OutboxError> {
+        count_drop(&self.conn, why, sink, n)
+            .map_err(sql_err(&self.path, "counting skipped records"))
+    }
+
     pub fn count_drops(&mut self, why: &str, n: i64) -> Result<(), OutboxError> {
         count_drop(&self.conn, why, NO_SINK, n).map_err(sql_err(&self.path, "counting drops"))
     }

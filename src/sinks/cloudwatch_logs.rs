@@ -6,9 +6,12 @@
 //! Each line is one event; its message is the line as the script sent it
 //! (it read its CSV in text mode, so `\r\n` arrives as `\n`). Events go in
 //! time order, within PutLogEvents' limits (10,000 events, 1 MiB counting 26
-//! bytes per event, a 24 h span); events older than 14 days or more than 2 h
-//! ahead are dead-lettered with the reason. A missing stream (or group) is
-//! created. Events CloudWatch reports back as rejected are dead-lettered.
+//! bytes per event, a 24 h span). An event older than CloudWatch Logs takes
+//! (14 days: a first start's backfill) is sent stamped with the time it is
+//! sent, as the script stamped every line when it sent it; the line itself
+//! carries its window's time. Events more than 2 h ahead are dead-lettered
+//! with the reason. A missing stream (or group) is created. Events
+//! CloudWatch reports back as rejected are dead-lettered.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -135,9 +138,15 @@ pub fn plan(
     let mut rejected = Vec::new();
     for (id, r) in records {
         let msg = message(&r.payload);
-        let why = if r.ts_ms < now - MAX_AGE_MS {
-            Some("older than 14 days (CloudWatch Logs refuses it)".to_owned())
-        } else if r.ts_ms > now + MAX_AHEAD_MS {
+        // Older than CloudWatch Logs takes (a first start's backfill):
+        // stamped with the time it is sent, as `active-users.py` stamped
+        // every line; the line itself carries its window's time.
+        let ts = if r.ts_ms < now - MAX_AGE_MS {
+            now
+        } else {
+            r.ts_ms
+        };
+        let why = if ts > now + MAX_AHEAD_MS {
             Some("more than 2 hours in the future".to_owned())
         } else if msg.is_empty() {
             Some("an empty message".to_owned())
@@ -154,7 +163,7 @@ pub fn plan(
             None => by_stream
                 .entry(stream_name(template, r, agent_id))
                 .or_default()
-                .push((*id, r.ts_ms, msg)),
+                .push((*id, ts, msg)),
         }
     }
     let mut puts = Vec::new();
@@ -314,6 +323,7 @@ impl Sink for CloudWatchLogs {
             let skip = self.progress.start(batch.seq);
             let mut done = Delivered {
                 rejected,
+                skipped: Vec::new(),
                 requests: 0,
                 bytes: 0,
             };
@@ -405,11 +415,11 @@ mod tests {
         let (puts, rejected) = plan(&ids(recs), "{node_id}-{name}", "agent", NOW);
         assert_eq!(puts.len(), 1);
         let msgs: Vec<&str> = puts[0].events.iter().map(|e| e.2.as_str()).collect();
-        assert_eq!(msgs, vec!["a\n", "b\n"], "time order");
-        assert_eq!(
-            rejected.iter().map(|r| r.0).collect::<Vec<_>>(),
-            vec![3, 4, 5]
-        );
+        // Older than CloudWatch Logs takes: sent stamped now, as the
+        // script stamped its lines, never a dead letter.
+        assert_eq!(msgs, vec!["a\n", "b\n", "old\n"], "time order");
+        assert_eq!(puts[0].events[2].1, NOW);
+        assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), vec![4, 5]);
 
         // 10,001 events: two calls of 10,000 and 1.
         let many: Vec<Record> = (0..10_001).map(|i| line(NOW - 10_001 + i, "x\n")).collect();

@@ -98,6 +98,9 @@ impl Driver {
                             delivered.rejected[0].1
                         );
                     }
+                    if !delivered.skipped.is_empty() {
+                        self.count_skipped(&batch, &delivered.skipped).await;
+                    }
                     let counts = [
                         ("requests", delivered.requests),
                         ("bytes_sent", delivered.bytes),
@@ -179,6 +182,39 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Records the receiver can never take and that are not worth keeping:
+    /// counted under drops by reason (`status` shows them), and said once
+    /// per batch.
+    async fn count_skipped(&self, batch: &Batch, skipped: &[(i64, String)]) {
+        let mut reasons: Vec<(String, i64)> = Vec::new();
+        for (_, why) in skipped {
+            match reasons.iter_mut().find(|(w, _)| w == why) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((why.clone(), 1)),
+            }
+        }
+        for (why, n) in &reasons {
+            log::info!(
+                "sink `{}`: skipped {n} of the {} records of batch {}: {why}; counted under drops",
+                self.name,
+                batch.records.len(),
+                batch.seq
+            );
+        }
+        let name = self.name.clone();
+        let result = self
+            .outbox
+            .call(move |o| {
+                reasons
+                    .iter()
+                    .try_for_each(|(why, n)| o.count_skipped(&name, why, *n))
+            })
+            .await;
+        if let Err(e) = result {
+            log::warn!("sink `{}`: {e}", self.name);
         }
     }
 
@@ -315,6 +351,70 @@ mod tests {
         assert_eq!(
             (dead[0].seq, dead[0].count, dead[0].error.as_str()),
             (2, 2, "400 bad datum")
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Records the receiver can never take and that are not worth keeping
+    /// (too old for CloudWatch) are let go and counted under the sink's
+    /// drops; the rest of the batch is delivered; nothing is dead-lettered.
+    #[test]
+    fn skipped_records_are_counted_as_drops_not_dead_letters() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-skipped-{}", fastrand::u64(..)));
+        let (mut outbox, _) = Outbox::open(&dir, 1 << 20).expect("open");
+        outbox
+            .register_sinks(&[("s".into(), KindSet::ALL)])
+            .expect("register");
+        let recs: Vec<Record> = (0..3)
+            .map(|i| Record::point("m", Dims::default(), 0, f64::from(i), "Count"))
+            .collect();
+        outbox.append(&recs).expect("append");
+        let outbox = crate::runtime::shared_outbox(outbox);
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let too_old = "older than 14 days (CloudWatch takes at most two weeks back)";
+        let sink = Scripted {
+            script: VecDeque::from([Ok(Delivered {
+                skipped: vec![(1, too_old.into()), (2, too_old.into())],
+                ..Delivered::all()
+            })]),
+            log: log.clone(),
+            kept: Rc::default(),
+        };
+        let (mut trigger, shutdown) = shutdown_pair();
+        let driver = Driver {
+            name: "s".into(),
+            sink: Box::new(sink),
+            delivery: Delivery {
+                batch_max_records: 10,
+                retry_initial: Duration::from_millis(5),
+                retry_max: Duration::from_millis(20),
+            },
+            outbox: outbox.clone(),
+            shutdown,
+            wakeup: doorbell().1,
+            idle: Duration::from_millis(10),
+        };
+        let ex = smol::LocalExecutor::new();
+        smol::block_on(ex.run(async {
+            let task = ex.spawn(driver.run());
+            for _ in 0..200 {
+                if !log.borrow().is_empty() {
+                    break;
+                }
+                smol::Timer::after(Duration::from_millis(10)).await;
+            }
+            smol::Timer::after(Duration::from_millis(50)).await;
+            trigger.fire();
+            task.await;
+        }));
+        let (stats, dead) = smol::block_on(outbox.call(|o| (o.stats(), o.dead_letters(None))));
+        let (stats, dead) = (stats.expect("stats"), dead.expect("dead letters"));
+        assert_eq!(stats.records, 0, "the batch is settled");
+        assert!(dead.is_empty(), "{dead:?}");
+        assert_eq!(
+            stats.drops,
+            vec![(too_old.to_owned(), "s".to_owned(), 2)],
+            "counted under the sink's drops"
         );
         std::fs::remove_dir_all(&dir).ok();
     }

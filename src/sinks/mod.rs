@@ -89,8 +89,11 @@ impl fmt::Display for DeliveryError {
 /// in the transaction that confirms the rest.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Delivered {
-    /// (record id, why)
+    /// (record id, why): kept as dead letters.
     pub rejected: Vec<(i64, String)>,
+    /// (record id, why): never sendable and not worth keeping (older than
+    /// the receiver accepts): counted as drops, by reason, and let go.
+    pub skipped: Vec<(i64, String)>,
     /// Requests this delivery took, and the bytes they carried (for status).
     pub requests: i64,
     pub bytes: i64,

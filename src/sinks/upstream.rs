@@ -182,6 +182,7 @@ impl Sink for Upstream {
             result?;
             Ok(Delivered {
                 rejected: Vec::new(),
+                skipped: Vec::new(),
                 requests: 1,
                 bytes,
             })

@@ -30,6 +30,10 @@ pub struct Datum {
 /// (name, dims, unit, minute): points that fold into one datum.
 type SeriesMinute = (String, Vec<(String, String)>, String, i64);
 
+/// A point older than CloudWatch takes: skipped and counted, not kept as a
+/// dead letter (no retry can ever deliver it).
+pub const TOO_OLD: &str = "older than 14 days (CloudWatch takes at most two weeks back)";
+
 /// Why CloudWatch would refuse this point, if it would.
 fn refusal(r: &Record, dims: &[(String, String)], now: i64) -> Option<String> {
     if !r.value.is_finite() {
@@ -42,7 +46,7 @@ fn refusal(r: &Record, dims: &[(String, String)], now: i64) -> Option<String> {
         ));
     }
     if r.ts_ms < now - MAX_AGE_MS {
-        return Some("older than 14 days (CloudWatch takes at most two weeks back)".into());
+        return Some(TOO_OLD.into());
     }
     if r.ts_ms > now + MAX_AHEAD_MS {
         return Some("more than 2 hours in the future".into());

@@ -6,9 +6,10 @@
 //! points of one series within one minute fold into one datum
 //! (`Values`/`Counts`, at most 150 distinct values), and a request holds at
 //! most 1,000 datums and 1 MB of form data. Points CloudWatch can never
-//! take (older than 14 days, more than 2 h ahead, not finite, too many or
-//! too long dimensions) are not sent: they go to dead letters with the
-//! reason. CloudWatch cannot drop duplicates, so the requests of a batch
+//! take are not sent: those older than 14 days are skipped and counted
+//! under the sink's drops (no retry could deliver them); the others (more
+//! than 2 h ahead, not finite, dimensions it refuses) go to dead letters
+//! with the reason. CloudWatch cannot drop duplicates, so the requests of a batch
 //! that already succeeded are remembered and not sent again when a later
 //! request of the same batch fails and the batch is retried (in the same
 //! run; after a crash between requests a datum may arrive twice).
@@ -125,11 +126,15 @@ impl Sink for CloudWatchMetrics {
         batch: &'a Batch,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
-            let (datums, rejected) = fold(&batch.records, &self.config.dimensions, now_ms());
+            let (datums, refused) = fold(&batch.records, &self.config.dimensions, now_ms());
+            let (skipped, rejected) = refused
+                .into_iter()
+                .partition(|(_, why)| why == body::TOO_OLD);
             let requests = bodies(&self.config.namespace, &datums);
             let skip = self.progress.start(batch.seq);
             let mut sent = Delivered {
                 rejected,
+                skipped,
                 requests: 0,
                 bytes: 0,
             };

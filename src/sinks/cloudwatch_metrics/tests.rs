@@ -200,6 +200,25 @@ fn gzip_round_trips() {
 }
 
 #[test]
+fn points_too_old_for_cloudwatch_are_the_one_kind_the_sink_skips() {
+    // The sink splits fold's refusals on this reason: skipped and counted
+    // under drops, where the others become dead letters.
+    let (_, refused) = fold(
+        &ids(vec![
+            point("m", &[], NOW - 15 * 86_400_000, 1.0),
+            point("m", &[], NOW, f64::NAN),
+        ]),
+        &[],
+        NOW,
+    );
+    let (skipped, rejected): (Vec<_>, Vec<_>) = refused
+        .into_iter()
+        .partition(|(_, why)| why == super::body::TOO_OLD);
+    assert_eq!(skipped.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
 fn dimensions_cloudwatch_refuses_are_named_and_not_sent() {
     use super::body::dimension_problem;
     assert_eq!(dimension_problem("gateway", "gw-01"), None);
