@@ -52,6 +52,21 @@ fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
 
+/// SQLite's own heap in the upstream, KiB, from its `/metrics`.
+fn sqlite_kib(port: u16) -> u64 {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix("edgemeter_upstream_sqlite_memory_bytes "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(0, |b| b / 1024)
+}
+
 /// One simulated second of one agent: 100 series × 10 timestamps.
 fn batch(agent: &str, seq: u64, second_ms: i64) -> String {
     let mut points = Vec::with_capacity(SERIES * STAMPS_PER_SECOND as usize);
@@ -79,6 +94,9 @@ struct Run {
     late_slope_kib_per_min: f64,
     samples: usize,
     wall: Duration,
+    /// SQLite's heap after the first minute and at the end, KiB.
+    sqlite_warm_kib: u64,
+    sqlite_end_kib: u64,
     /// At the end: the heap and other private memory, and the mapped
     /// files (SQLite's WAL index is a shared mapping), in KiB.
     anon_kib: u64,
@@ -125,6 +143,7 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         })
         .collect();
     let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut sqlite_warm_kib = 0;
     for second in 0..minutes * 60 {
         // Each agent's batch for this second, sent on its own keep-alive
         // connection, all four in flight at once.
@@ -146,8 +165,12 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         if (second + 1) % 10 == 0 {
             samples.push(((second + 1) as f64 / 60.0, rss_kib(pid)));
         }
+        if second + 1 == 60 {
+            sqlite_warm_kib = sqlite_kib(port);
+        }
     }
     let wall = started.elapsed();
+    let sqlite_end_kib = sqlite_kib(port);
     let (anon_kib, file_kib, shmem_kib) = (
         status_kib(pid, "RssAnon:"),
         status_kib(pid, "RssFile:"),
@@ -173,6 +196,8 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         idle_kib,
         slope_kib_per_min: slope,
         late_slope_kib_per_min: late_slope,
+        sqlite_warm_kib,
+        sqlite_end_kib,
         samples: samples.len(),
         wall,
         anon_kib,
@@ -262,7 +287,7 @@ fn main() {
         worst = worst.max(growth);
         println!(
             "  {label:<19}: idle {:>6} KiB (baseline), warm {:>6} KiB, end {:>6} KiB: {growth:+.2} % after the first minute, \
-             slope {:+.1} KiB per simulated minute ({:+.1} over the second half; {} samples, {:.0} s); at the end anon {} KiB, file {} KiB, shmem {} KiB",
+             slope {:+.1} KiB per simulated minute ({:+.1} over the second half; {} samples, {:.0} s); at the end anon {} KiB, file {} KiB, shmem {} KiB; SQLite's heap {} KiB warm, {} KiB at the end",
             r.idle_kib,
             r.warm_kib,
             r.end_kib,
@@ -272,7 +297,9 @@ fn main() {
             r.wall.as_secs_f64(),
             r.anon_kib,
             r.file_kib,
-            r.shmem_kib
+            r.shmem_kib,
+            r.sqlite_warm_kib,
+            r.sqlite_end_kib
         );
     }
     println!(

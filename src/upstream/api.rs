@@ -236,6 +236,17 @@ impl Counters {
                 one(b.total() as u64),
             );
         }
+        // SQLite's own heap (page caches of every connection, schemas,
+        // statements), so a growing resident set can be told apart from
+        // ours. Bounded by each connection's cache_size.
+        // SAFETY: a plain read of SQLite's global counter, thread-safe.
+        let sqlite_bytes = unsafe { rusqlite::ffi::sqlite3_memory_used() };
+        metric(
+            "sqlite_memory_bytes",
+            "Memory SQLite holds now (page caches, schemas, statements).",
+            "gauge",
+            one(sqlite_bytes.max(0) as u64),
+        );
         metric(
             "aggregates_forwarded_total",
             "Network-wide aggregates handed to this upstream's sinks.",
