@@ -284,28 +284,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn retries_then_dead_letters_then_delivers_everything_once() {
-        let dir = std::env::temp_dir().join(format!("edgemeter-delivery-{}", fastrand::u64(..)));
+    /// Run a driver over `n` points with a scripted sink until it was
+    /// offered `offers` batches (bounded: 200 polls of 10 ms), then stop it.
+    /// Returns the outbox, the offers (seq, retry) and the values kept.
+    fn drive(
+        tag: &str,
+        n: i32,
+        batch_max_records: usize,
+        script: Vec<Result<Delivered, DeliveryError>>,
+        offers: usize,
+    ) -> (
+        crate::runtime::SharedOutbox,
+        Vec<(i64, bool)>,
+        Vec<f64>,
+        std::path::PathBuf,
+    ) {
+        let dir = std::env::temp_dir().join(format!("edgemeter-{tag}-{}", fastrand::u64(..)));
         let (mut outbox, _) = Outbox::open(&dir, 1 << 20).expect("open");
         outbox
             .register_sinks(&[("s".into(), KindSet::ALL)])
             .expect("register");
-        let recs: Vec<Record> = (0..6)
+        let recs: Vec<Record> = (0..n)
             .map(|i| Record::point("m", Dims::default(), 0, f64::from(i), "Count"))
             .collect();
         outbox.append(&recs).expect("append");
         let outbox = crate::runtime::shared_outbox(outbox);
-
         let log = Rc::new(RefCell::new(Vec::new()));
         let kept = Rc::new(RefCell::new(Vec::new()));
         let sink = Scripted {
-            script: VecDeque::from([
-                Err(DeliveryError::Retry("503".into())),
-                Err(DeliveryError::Retry("throttled".into())),
-                Ok(Delivered::all()),
-                Err(DeliveryError::Reject("400 bad datum".into())),
-            ]),
+            script: VecDeque::from(script),
             log: log.clone(),
             kept: kept.clone(),
         };
@@ -314,7 +321,7 @@ mod tests {
             name: "s".into(),
             sink: Box::new(sink),
             delivery: Delivery {
-                batch_max_records: 2,
+                batch_max_records,
                 retry_initial: Duration::from_millis(5),
                 retry_max: Duration::from_millis(20),
             },
@@ -326,22 +333,41 @@ mod tests {
         let ex = smol::LocalExecutor::new();
         smol::block_on(ex.run(async {
             let task = ex.spawn(driver.run());
-            // Bounded by count and time: at most 200 polls of 10 ms.
             for _ in 0..200 {
-                if log.borrow().len() >= 5 {
+                if log.borrow().len() >= offers {
                     break;
                 }
                 smol::Timer::after(Duration::from_millis(10)).await;
             }
+            // Let the last answer settle in the outbox.
+            smol::Timer::after(Duration::from_millis(50)).await;
             trigger.fire();
             task.await;
         }));
+        let (log, kept) = (log.borrow().clone(), kept.borrow().clone());
+        (outbox, log, kept, dir)
+    }
+
+    #[test]
+    fn retries_then_dead_letters_then_delivers_everything_once() {
+        let (outbox, log, kept, dir) = drive(
+            "delivery",
+            6,
+            2,
+            vec![
+                Err(DeliveryError::Retry("503".into())),
+                Err(DeliveryError::Retry("throttled".into())),
+                Ok(Delivered::all()),
+                Err(DeliveryError::Reject("400 bad datum".into())),
+            ],
+            5,
+        );
         // seq 1 offered three times (two retries), seq 2 refused, seq 3 delivered.
         assert_eq!(
-            *log.borrow(),
+            log,
             vec![(1, false), (1, true), (1, true), (2, false), (3, false)]
         );
-        assert_eq!(*kept.borrow(), vec![0.0, 1.0, 4.0, 5.0]);
+        assert_eq!(kept, vec![0.0, 1.0, 4.0, 5.0]);
         let (stats, dead) = smol::block_on(outbox.call(|o| (o.stats(), o.dead_letters(None))));
         let (stats, dead) = (stats.expect("stats"), dead.expect("dead letters"));
         assert_eq!(stats.records, 0);
@@ -360,53 +386,18 @@ mod tests {
     /// drops; the rest of the batch is delivered; nothing is dead-lettered.
     #[test]
     fn skipped_records_are_counted_as_drops_not_dead_letters() {
-        let dir = std::env::temp_dir().join(format!("edgemeter-skipped-{}", fastrand::u64(..)));
-        let (mut outbox, _) = Outbox::open(&dir, 1 << 20).expect("open");
-        outbox
-            .register_sinks(&[("s".into(), KindSet::ALL)])
-            .expect("register");
-        let recs: Vec<Record> = (0..3)
-            .map(|i| Record::point("m", Dims::default(), 0, f64::from(i), "Count"))
-            .collect();
-        outbox.append(&recs).expect("append");
-        let outbox = crate::runtime::shared_outbox(outbox);
-        let log = Rc::new(RefCell::new(Vec::new()));
         let too_old = "older than 14 days (CloudWatch takes at most two weeks back)";
-        let sink = Scripted {
-            script: VecDeque::from([Ok(Delivered {
+        let (outbox, log, _, dir) = drive(
+            "skipped",
+            3,
+            10,
+            vec![Ok(Delivered {
                 skipped: vec![(1, too_old.into()), (2, too_old.into())],
                 ..Delivered::all()
-            })]),
-            log: log.clone(),
-            kept: Rc::default(),
-        };
-        let (mut trigger, shutdown) = shutdown_pair();
-        let driver = Driver {
-            name: "s".into(),
-            sink: Box::new(sink),
-            delivery: Delivery {
-                batch_max_records: 10,
-                retry_initial: Duration::from_millis(5),
-                retry_max: Duration::from_millis(20),
-            },
-            outbox: outbox.clone(),
-            shutdown,
-            wakeup: doorbell().1,
-            idle: Duration::from_millis(10),
-        };
-        let ex = smol::LocalExecutor::new();
-        smol::block_on(ex.run(async {
-            let task = ex.spawn(driver.run());
-            for _ in 0..200 {
-                if !log.borrow().is_empty() {
-                    break;
-                }
-                smol::Timer::after(Duration::from_millis(10)).await;
-            }
-            smol::Timer::after(Duration::from_millis(50)).await;
-            trigger.fire();
-            task.await;
-        }));
+            })],
+            1,
+        );
+        assert_eq!(log, vec![(1, false)]);
         let (stats, dead) = smol::block_on(outbox.call(|o| (o.stats(), o.dead_letters(None))));
         let (stats, dead) = (stats.expect("stats"), dead.expect("dead letters"));
         assert_eq!(stats.records, 0, "the batch is settled");

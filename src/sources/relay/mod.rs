@@ -660,6 +660,26 @@ struct Files {
     last_status: String,
 }
 
+/// Wait for a ring on `wakeup`, at most `timeout`; true if the source is
+/// shutting down instead.
+async fn rung_or_shutdown(
+    ctx: &crate::sources::Context,
+    wakeup: &Wakeup,
+    timeout: Duration,
+) -> bool {
+    smol::future::or(
+        async {
+            ctx.shutdown.wait().await;
+            true
+        },
+        async {
+            wakeup.wait(timeout).await;
+            false
+        },
+    )
+    .await
+}
+
 /// Publish connection changes promptly: an idle logging stream may see no
 /// frame for hours, and `status` must not show it "backing off" meanwhile.
 async fn status_task(
@@ -669,21 +689,10 @@ async fn status_task(
     files: Rc<RefCell<Files>>,
     wakeup: Wakeup,
 ) {
-    // On the source's own worker: a thread of its own would cost its own
-    // malloc arena (1.5 MiB of idle RSS, measured); a dump in progress
-    // (no fsyncs, milliseconds) delays a status change by that much.
+    // On the source's own worker, not a thread of its own: a dump in
+    // progress (no fsyncs, milliseconds) delays a status change by that much.
     loop {
-        let stop = smol::future::or(
-            async {
-                ctx.shutdown.wait().await;
-                true
-            },
-            async {
-                wakeup.wait(IDLE_WAIT).await;
-                false
-            },
-        )
-        .await;
+        let stop = rung_or_shutdown(&ctx, &wakeup, IDLE_WAIT).await;
         if stop || ctx.shutdown.sleep(STATUS_WITHIN / 2).await {
             return;
         }
@@ -727,17 +736,7 @@ async fn flush_task(
             && (*shared.dump_usage.borrow() || !shared.dump_graphs.borrow().is_empty());
         let dump_in = Duration::from_millis((next_dump - now_ms()).max(0) as u64);
         let timeout = if pending { dump_in } else { IDLE_WAIT };
-        let stop = smol::future::or(
-            async {
-                ctx.shutdown.wait().await;
-                true
-            },
-            async {
-                wakeup.wait(timeout).await;
-                false
-            },
-        )
-        .await;
+        let stop = rung_or_shutdown(&ctx, &wakeup, timeout).await;
         // Coalesce: changes come in bursts.
         if stop || ctx.shutdown.sleep(FLUSH_EVERY).await {
             return;
