@@ -136,14 +136,7 @@ impl Driver {
                             wait.as_secs_f64()
                         );
                     }
-                    let (name, note) = (self.name.clone(), why.clone());
-                    if let Err(e) = self
-                        .outbox
-                        .call(move |o| o.note_failure(&name, &note))
-                        .await
-                    {
-                        log::error!("sink `{}`: {e}", self.name);
-                    }
+                    self.note_failure(&why).await;
                     last_error = Some(why);
                     if self.shutdown.sleep(wait).await {
                         return;
@@ -168,20 +161,25 @@ impl Driver {
                             wait.as_secs_f64()
                         );
                     }
-                    let (name, note) = (self.name.clone(), why.clone());
-                    if let Err(e) = self
-                        .outbox
-                        .call(move |o| o.note_failure(&name, &note))
-                        .await
-                    {
-                        log::error!("sink `{}`: {e}", self.name);
-                    }
+                    self.note_failure(&why).await;
                     last_error = Some(why);
                     if self.shutdown.sleep(wait).await {
                         return;
                     }
                 }
             }
+        }
+    }
+
+    /// Keep the failure for `status` (last error, when, how many).
+    async fn note_failure(&self, why: &str) {
+        let (name, note) = (self.name.clone(), why.to_owned());
+        if let Err(e) = self
+            .outbox
+            .call(move |o| o.note_failure(&name, &note))
+            .await
+        {
+            log::error!("sink `{}`: {e}", self.name);
         }
     }
 
