@@ -192,6 +192,14 @@ async fn serve(
         source_tasks.len(),
         sink_tasks.len()
     ));
+    // Long-lived: hand freed memory back to the system now and then.
+    ex.spawn(async {
+        loop {
+            smol::Timer::after(runtime::HEAP_TRIM_EVERY).await;
+            runtime::trim_heap();
+        }
+    })
+    .detach();
     if let Some(every) = notifier.ping_every() {
         let n = notifier.clone();
         ex.spawn(async move {
