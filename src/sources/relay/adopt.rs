@@ -133,12 +133,8 @@ fn raw_command(line: &[u8]) -> Option<(GraphKey, f64, String)> {
     {
         return None;
     }
-    let t = serde_json::from_str::<serde_json::Value>(text)
-        .ok()?
-        .get("t")
-        .and_then(serde_json::Value::as_f64)
-        .unwrap_or(0.0);
-    Some((key, t, env.payload?.to_string()))
+    // The envelope's own `t` (parsed with it, not a second time).
+    Some((key, env.t.unwrap_or(0.0), env.payload?.to_string()))
 }
 
 #[cfg(test)]
