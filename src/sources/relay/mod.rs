@@ -437,7 +437,7 @@ async fn connect(config: &Config, url: &str) -> Result<Ws, LinkError> {
                 error: e.to_string(),
             })?;
         let mut ws = ws;
-        ws.get_mut().reset();
+        ws.get_mut().handshake_done();
         Ok(ws)
     };
     smol::future::or(work, async {

@@ -19,24 +19,44 @@ use smol::io::{AsyncRead, AsyncWrite};
 /// A frame (message) at least this large is followed by a rebuild.
 pub const RELEASE_ABOVE_BYTES: usize = 64 * 1024;
 
+/// The handshake's answer is kept (this far) to find where it ends.
+const HEAD_MAX_BYTES: usize = 16 * 1024;
+
 /// A socket that counts what it delivered to the reader.
 pub struct Counted<S> {
     inner: S,
     read: u64,
+    /// What the handshake read, until [`Counted::handshake_done`].
+    head: Option<Vec<u8>>,
 }
 
 impl<S> Counted<S> {
     pub fn new(inner: S) -> Counted<S> {
-        Counted { inner, read: 0 }
+        Counted {
+            inner,
+            read: 0,
+            head: Some(Vec::new()),
+        }
     }
 
     pub fn read_bytes(&self) -> u64 {
         self.read
     }
 
-    /// Count from zero: after the handshake (which may have read the start
-    /// of a first frame: then the counts never agree on this connection,
-    /// and it is simply never rebuilt), and after a rebuild.
+    /// The handshake is over: count from the end of its answer. A read
+    /// during the handshake may already hold the start of the first frame
+    /// (the host sends at once); those bytes are frame bytes. If the end of
+    /// the answer cannot be found, the counts can never agree and this
+    /// connection is simply never rebuilt.
+    pub fn handshake_done(&mut self) {
+        let head = self.head.take().unwrap_or_default();
+        self.read = match head.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) => (head.len() - end - 4) as u64,
+            None => u64::MAX,
+        };
+    }
+
+    /// Count from zero (after a rebuild, with nothing buffered).
     pub fn reset(&mut self) {
         self.read = 0;
     }
@@ -50,7 +70,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
-            self.read += *n as u64;
+            let n = *n;
+            self.read = self.read.saturating_add(n as u64);
+            if let Some(head) = &mut self.head
+                && head.len() + n <= HEAD_MAX_BYTES
+            {
+                head.extend_from_slice(&buf[..n]);
+            }
         }
         polled
     }
@@ -103,6 +129,22 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_read_with_the_handshake_answer_count_as_frame_bytes() {
+        let mut c = Counted::new(());
+        c.head = Some(b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\n\r\n\x81\x05hel".to_vec());
+        c.handshake_done();
+        assert_eq!(c.read_bytes(), 5, "the first frame's first 5 bytes");
+        let mut c = Counted::new(());
+        c.head = Some(b"HTTP/1.1 101 Switching\r\n\r\n".to_vec());
+        c.handshake_done();
+        assert_eq!(c.read_bytes(), 0);
+        let mut c = Counted::new(());
+        c.head = Some(b"HTTP/1.1 101 cut off".to_vec());
+        c.handshake_done();
+        assert!(!Ledger::default().drained(c.read_bytes()), "never rebuilt");
+    }
 
     #[test]
     fn shortest_headers_by_payload_length() {
