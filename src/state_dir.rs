@@ -140,6 +140,64 @@ fn read_pid(file: &mut File) -> Option<u32> {
     s.trim().parse().ok()
 }
 
+/// Whether [`replace_file`] waits for the disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// fsync before the rename: the new content survives a power cut.
+    Data,
+    /// No fsync: for files rebuilt from state that is itself durable (the
+    /// analytics files are all rewritten at the first dump after a start),
+    /// so hundreds of them cost no disk flushes.
+    No,
+}
+
+/// Replace `path` with `bytes` so a reader sees the old file or the new
+/// one, never a mix: a temp file beside it, then rename.
+pub fn replace_file(path: &Path, bytes: &[u8], sync: Sync) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let tmp = temp_name(path);
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            if sync == Sync::Data {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", path.display())
+    })
+}
+
+/// `dir/.name.tmp`: hidden, and recognised by [`remove_temp_files`].
+fn temp_name(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    dir.join(format!(".{name}{TEMP_SUFFIX}"))
+}
+
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Remove what an interrupted [`replace_file`] left in `dir` (a crash
+/// between create and rename). Returns how many.
+pub fn remove_temp_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.ends_with(TEMP_SUFFIX))
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -380,8 +380,6 @@ host = "127.0.0.1"
 [[source]]
 type = "xx_gateway"
 name = "c"
-host = "127.0.0.1"
-dbname = "cmix_gateway"
 windows = [1, 12, 1]
 
 [[source]]
@@ -396,10 +394,10 @@ grace_secs = -1
         &[
             "4:18: gateway_config `/nonexistent/gateway.yaml` is not a readable file",
             "9:18: give either gateway_config or host/port/dbname/user/password_file, not both",
-            "12:1: set gateway_config, or `user` (with host, dbname, user)",
-            "17:19: window 1 is listed twice",
-            "25:11: windows must list at least one window (in epochs)",
-            "26:14: grace_secs = -1 is out of range; use 0 to 86400 seconds",
+            "12:1: say where the gateway's database is: gateway_config = \"/opt/xxnetwork/config/gateway.yaml\", or host/dbname/user (or PGHOST/PGDATABASE/PGUSER in the service's environment)",
+            "15:19: window 1 is listed twice",
+            "23:11: windows must list at least one window (in epochs)",
+            "24:14: grace_secs = -1 is out of range; use 0 to 86400 seconds",
         ],
     );
 }

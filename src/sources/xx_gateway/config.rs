@@ -20,8 +20,27 @@ pub struct Config {
     pub poll_interval: Duration,
     pub csv_path: Option<PathBuf>,
     pub fetch_rows: u32,
+    /// How far below the newest id a missing id is watched for (a gap: a
+    /// transaction that took the id and has not committed yet).
     pub id_overlap: u32,
+    /// How long a gap is watched before it is taken for a rolled-back
+    /// transaction.
+    pub gap_timeout: Duration,
+    /// How many epochs back a late row still corrects emitted windows (at
+    /// least the widest window).
+    pub late_epochs: u32,
+    /// Start after where `active-users.py` got to: `Some(true)` requires
+    /// its trace, `Some(false)` ignores it, `None` uses it when found.
+    pub after_script: Option<bool>,
+    /// The script's CSV, read for its last epoch (default: `csv_path`).
+    pub script_csv: Option<PathBuf>,
     pub connect_timeout: Duration,
+}
+
+impl Config {
+    pub fn max_window(&self) -> u32 {
+        *self.windows.iter().max().expect("windows is never empty")
+    }
 }
 
 /// Where the connection settings come from. Secrets are read when
@@ -31,11 +50,14 @@ pub struct Config {
 pub enum DbSource {
     /// The gateway's own `gateway.yaml` (`dbName`, `dbAddress`, `dbUsername`, `dbPassword`).
     GatewayYaml(PathBuf),
+    /// Keys not given come from the PostgreSQL environment (`PGHOST`,
+    /// `PGPORT`, `PGDATABASE`, `PGUSER`) at connect time, then libpq's
+    /// defaults.
     Explicit {
-        host: String,
-        port: u16,
-        dbname: String,
-        user: String,
+        host: Option<String>,
+        port: Option<u16>,
+        dbname: Option<String>,
+        user: Option<String>,
         password_file: Option<PathBuf>,
     },
 }
@@ -57,6 +79,10 @@ struct Raw {
     csv_path: Option<Spanned<String>>,
     fetch_rows: Option<Spanned<i64>>,
     id_overlap: Option<Spanned<i64>>,
+    gap_timeout_secs: Option<Spanned<f64>>,
+    late_epochs: Option<Spanned<i64>>,
+    after_script: Option<Spanned<bool>>,
+    script_csv: Option<Spanned<String>>,
     connect_timeout_secs: Option<Spanned<f64>>,
 }
 
@@ -91,24 +117,28 @@ impl Config {
             }
             (Some(g), false) => DbSource::GatewayYaml(existing_file(base, g, "gateway_config", p)),
             (None, _) => {
-                let need = |v: &Option<Spanned<String>>, key: &str, p: &mut Problems| match v {
-                    Some(s) if !s.get_ref().is_empty() => s.get_ref().clone(),
-                    _ => {
-                        p.push(
-                            span.clone(),
-                            format!("set gateway_config, or `{key}` (with host, dbname, user)"),
-                        );
-                        String::new()
-                    }
+                let given = |v: &Option<Spanned<String>>| {
+                    v.as_ref().map(|s| s.get_ref().clone()).filter(|s| !s.is_empty())
                 };
+                let (host, dbname, user) = (given(&raw.host), given(&raw.dbname), given(&raw.user));
+                let from_env = ["PGHOST", "PGDATABASE", "PGUSER", "PGSERVICE"]
+                    .iter()
+                    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
+                if host.is_none() && dbname.is_none() && user.is_none() && !from_env {
+                    p.push(
+                        span.clone(),
+                        "say where the gateway's database is: gateway_config = \"/opt/xxnetwork/config/gateway.yaml\", \
+                         or host/dbname/user (or PGHOST/PGDATABASE/PGUSER in the service's environment)",
+                    );
+                }
                 DbSource::Explicit {
-                    host: need(&raw.host, "host", p),
+                    host,
                     port: raw
                         .port
                         .as_ref()
-                        .map_or(5432, |v| int_in_range(v, "port", 1, 65535, p) as u16),
-                    dbname: need(&raw.dbname, "dbname", p),
-                    user: need(&raw.user, "user", p),
+                        .map(|v| int_in_range(v, "port", 1, 65535, p) as u16),
+                    dbname,
+                    user,
                     password_file: raw
                         .password_file
                         .as_ref()
@@ -134,6 +164,20 @@ impl Config {
                     );
                 }
                 out
+            }
+        };
+        let max_w = windows.iter().copied().max().unwrap_or(1);
+        let late_epochs = match &raw.late_epochs {
+            None => 2 * max_w,
+            Some(v) => {
+                let n = int_in_range(v, "late_epochs", 1, 100_000, p) as u32;
+                if n < max_w {
+                    p.push(
+                        v.span(),
+                        format!("late_epochs must be at least the widest window ({max_w} epochs)"),
+                    );
+                }
+                n
             }
         };
         let config = Config {
@@ -169,6 +213,17 @@ impl Config {
             id_overlap: raw.id_overlap.as_ref().map_or(10_000, |v| {
                 int_in_range(v, "id_overlap", 0, 10_000_000, p) as u32
             }),
+            gap_timeout: secs(
+                raw.gap_timeout_secs.as_ref(),
+                "gap_timeout_secs",
+                120.0,
+                1.0,
+                86_400.0,
+                p,
+            ),
+            late_epochs,
+            after_script: raw.after_script.as_ref().map(|v| *v.get_ref()),
+            script_csv: raw.script_csv.as_ref().map(|c| resolve(base, c.get_ref())),
             connect_timeout: secs(
                 raw.connect_timeout_secs.as_ref(),
                 "connect_timeout_secs",
@@ -190,6 +245,8 @@ pub struct DbSettings {
     pub dbname: String,
     pub user: String,
     pub password: Option<String>,
+    /// Where the password came from, for messages.
+    pub password_from: &'static str,
 }
 
 impl std::fmt::Debug for DbSettings {
@@ -197,13 +254,13 @@ impl std::fmt::Debug for DbSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}@{}:{}/{} (password {})",
+            "{}@{}:{}/{} (password: {})",
             self.user,
             self.host,
             self.port,
             self.dbname,
             if self.password.is_some() {
-                "set"
+                self.password_from
             } else {
                 "not set"
             }
@@ -214,11 +271,12 @@ impl std::fmt::Debug for DbSettings {
 impl DbSource {
     /// Read the settings now (files may change between reconnects).
     pub fn read(&self) -> Result<DbSettings, String> {
-        match self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mut s = match self {
             DbSource::GatewayYaml(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                parse_gateway_yaml(&text).map_err(|e| format!("{}: {e}", path.display()))
+                parse_gateway_yaml(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
             DbSource::Explicit {
                 host,
@@ -236,53 +294,88 @@ impl DbSource {
                             .to_owned(),
                     ),
                 };
-                Ok(DbSettings {
-                    host: host.clone(),
-                    port: *port,
-                    dbname: dbname.clone(),
-                    user: user.clone(),
+                let port = match port {
+                    Some(p) => *p,
+                    None => match env("PGPORT") {
+                        Some(v) => v.parse().map_err(|_| format!("PGPORT `{v}` is not a port"))?,
+                        None => 5432,
+                    },
+                };
+                // libpq's defaults: the local socket, the OS user, a
+                // database named after the user.
+                let user = user
+                    .clone()
+                    .or_else(|| env("PGUSER"))
+                    .or_else(|| env("USER"))
+                    .ok_or("no user: set `user` (or PGUSER)")?;
+                DbSettings {
+                    host: host.clone().or_else(|| env("PGHOST")).unwrap_or_else(|| {
+                        if Path::new("/var/run/postgresql").is_dir() {
+                            "/var/run/postgresql".to_owned()
+                        } else {
+                            "localhost".to_owned()
+                        }
+                    }),
+                    port,
+                    dbname: dbname.clone().or_else(|| env("PGDATABASE")).unwrap_or_else(|| user.clone()),
+                    user,
                     password,
-                })
+                    password_from: "password_file",
+                }
+            }
+        };
+        if s.password.is_none() {
+            if let Some(p) = env("PGPASSWORD") {
+                s.password = Some(p);
+                s.password_from = "PGPASSWORD";
+            } else if let Some(file) = super::pgpass::location() {
+                match super::pgpass::lookup(&file, &s.host, s.port, &s.dbname, &s.user) {
+                    Ok(Some(p)) => {
+                        s.password = Some(p);
+                        s.password_from = "the password file";
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::warn!("{e}"),
+                }
             }
         }
+        Ok(s)
     }
 }
 
-/// The four top-level scalar keys edgemeter needs from `gateway.yaml`. Not a
-/// YAML parser: top-level `key: value` lines with optional quotes and
-/// comments, which is how the gateway's sample file writes them.
+/// The four keys edgemeter needs from `gateway.yaml`, read with a YAML
+/// parser (the file is viper's YAML: quoting, escapes and comments as YAML
+/// has them). Other keys are ignored.
 pub fn parse_gateway_yaml(text: &str) -> Result<DbSettings, String> {
-    let get = |key: &str| -> Option<String> {
-        text.lines().find_map(|line| {
-            let rest = line.strip_prefix(key)?.trim_start();
-            let value = rest.strip_prefix(':')?.trim();
-            Some(unquote(value))
-        })
+    use yaml_rust2::{Yaml, YamlLoader};
+    let docs = YamlLoader::load_from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+    let doc = docs.into_iter().next().unwrap_or(Yaml::Null);
+    if !matches!(doc, Yaml::Hash(_) | Yaml::Null) {
+        return Err("not a YAML mapping of keys".to_owned());
+    }
+    // viper reads scalars as strings whatever their YAML type.
+    let get = |key: &str| -> Result<Option<String>, String> {
+        match &doc[key] {
+            Yaml::BadValue | Yaml::Null => Ok(None),
+            Yaml::String(s) | Yaml::Real(s) => Ok(Some(s.clone())),
+            Yaml::Integer(i) => Ok(Some(i.to_string())),
+            Yaml::Boolean(b) => Ok(Some(b.to_string())),
+            _ => Err(format!("{key} is not a single value")),
+        }
     };
-    let address = get("dbAddress").ok_or("no dbAddress")?;
+    let address = get("dbAddress")?.ok_or("no dbAddress")?;
     let (host, port) = split_host_port(&address)?;
-    let password = get("dbPassword").filter(|p| !p.is_empty());
+    let password = get("dbPassword")?.filter(|p| !p.is_empty());
     Ok(DbSettings {
         host,
         port,
-        dbname: get("dbName").filter(|s| !s.is_empty()).ok_or("no dbName")?,
-        user: get("dbUsername")
+        dbname: get("dbName")?.filter(|s| !s.is_empty()).ok_or("no dbName")?,
+        user: get("dbUsername")?
             .filter(|s| !s.is_empty())
             .ok_or("no dbUsername")?,
         password,
+        password_from: "dbPassword",
     })
-}
-
-fn unquote(value: &str) -> String {
-    for q in ['"', '\''] {
-        if let Some(inner) = value.strip_prefix(q)
-            && let Some(end) = inner.find(q)
-        {
-            return inner[..end].to_owned();
-        }
-    }
-    // Unquoted: a comment starts at " #".
-    value.split(" #").next().unwrap_or("").trim().to_owned()
 }
 
 /// `host:port`, `[v6]:port`; like Go's net.SplitHostPort the port is required.
@@ -358,6 +451,23 @@ mod tests {
             p("dbName: g\ndbUsername: u\n").expect_err("no address"),
             "no dbAddress"
         );
+        // YAML's own escapes: the gateway's tools quote this way.
+        assert_eq!(
+            p("dbName: g\ndbAddress: h:1\ndbUsername: u\ndbPassword: \"pa\\\"ss\\\\w0rd\"\n")
+                .expect("ok")
+                .password
+                .as_deref(),
+            Some("pa\"ss\\w0rd")
+        );
+        assert_eq!(
+            p("dbName: g\ndbAddress: h:1\ndbUsername: u\ndbPassword: 'it''s'\n")
+                .expect("ok")
+                .password
+                .as_deref(),
+            Some("it's")
+        );
+        assert_eq!(p("dbName: 12345\ndbAddress: h:1\ndbUsername: u\n").expect("ok").dbname, "12345");
+        assert!(p("dbName: [g\n").expect_err("bad yaml").starts_with("not valid YAML"));
         // Indented keys belong to another mapping, not to the top level.
         assert_eq!(
             p("x:\n  dbName: g\ndbAddress: h:1\ndbUsername: u\n").expect_err("nested"),

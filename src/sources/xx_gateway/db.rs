@@ -47,8 +47,8 @@ impl Gateway {
     fn explain(&self, e: &postgres::Error, table: &str) -> String {
         match e.code() {
             Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => format!(
-                "role `{}` may not read `{table}` (permission denied). edgemeter needs only SELECT: \
-                 GRANT SELECT ON client_bloom_filters, states TO \"{}\";",
+                "role `{}` may not read `{table}` (permission denied). edgemeter needs only SELECT \
+                 (as the tables' owner: GRANT SELECT ON client_bloom_filters, states TO \"{}\")",
                 self.user, self.user
             ),
             Some(c) if *c == SqlState::UNDEFINED_TABLE => format!(
@@ -81,30 +81,52 @@ impl Gateway {
         Ok(ns / 1_000_000)
     }
 
-    /// Up to `limit` rows with `id > after` and `epoch >= min_epoch`, in id
-    /// order: a range scan of the primary key, never a table scan.
-    pub fn rows_after(
-        &mut self,
-        after: i64,
-        min_epoch: i64,
-        limit: u32,
-    ) -> Result<Vec<Row>, String> {
+    /// Up to `limit` rows with `id > after`, in id order: a range scan of
+    /// the primary key, one index probe when there is nothing new.
+    pub fn rows_after(&mut self, after: i64, limit: u32) -> Result<Vec<Row>, String> {
         let rows = self
             .client
             .query(
                 "SELECT id, recipient_id, epoch FROM client_bloom_filters \
-                 WHERE id > $1 AND epoch >= $2 ORDER BY id LIMIT $3",
-                &[&after, &min_epoch, &i64::from(limit)],
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &i64::from(limit)],
             )
             .map_err(|e| self.explain(&e, "client_bloom_filters"))?;
-        Ok(rows
-            .iter()
-            .map(|r| Row {
-                id: r.get(0),
-                recipient_id: r.get(1),
-                epoch: r.get(2),
-            })
-            .collect())
+        Ok(rows.iter().map(row).collect())
+    }
+
+    /// The rows with these ids that are visible now (gaps whose
+    /// transaction committed): one primary-key probe per id.
+    pub fn rows_with_ids(&mut self, ids: &[i64]) -> Result<Vec<Row>, String> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, recipient_id, epoch FROM client_bloom_filters \
+                 WHERE id = ANY($1) ORDER BY id",
+                &[&ids],
+            )
+            .map_err(|e| self.explain(&e, "client_bloom_filters"))?;
+        Ok(rows.iter().map(row).collect())
+    }
+
+    /// The last epoch `active-users.py` completed, from its key in
+    /// `states` (`ActiveUsersMonitoringScript`, `ActiveUsersEpoch` before
+    /// its commit 65b03d7). Read only.
+    pub fn script_epoch(&mut self) -> Result<Option<(i64, &'static str)>, String> {
+        for key in ["ActiveUsersMonitoringScript", "ActiveUsersEpoch"] {
+            let row = self
+                .client
+                .query_opt("SELECT value FROM states WHERE key = $1", &[&key])
+                .map_err(|e| self.explain(&e, "states"))?;
+            if let Some(row) = row {
+                let text: String = row.get(0);
+                let epoch = text.trim().parse().map_err(|_| {
+                    format!("states.{key} is `{text}`, not an epoch number (left by active-users.py?)")
+                })?;
+                return Ok(Some((epoch, key)));
+            }
+        }
+        Ok(None)
     }
 
     /// The newest `limit` rows with their filters, for `edgemeter verify`.
@@ -125,6 +147,14 @@ impl Gateway {
                 filter: r.get(3),
             })
             .collect())
+    }
+}
+
+fn row(r: &postgres::Row) -> Row {
+    Row {
+        id: r.get(0),
+        recipient_id: r.get(1),
+        epoch: r.get(2),
     }
 }
 

@@ -35,6 +35,48 @@ pub fn newest_final(now_ms: i64, period_ms: i64, grace_ms: i64) -> i64 {
     epoch_of(now_ms - grace_ms, period_ms) - 1
 }
 
+/// Which epochs still matter once the windows through `last_emitted` are
+/// out, with late rows accepted `late_epochs` back and windows of up to
+/// `max_w` epochs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Horizon {
+    /// A new row for an epoch at or after this corrects the emitted
+    /// windows it is in; one before it is too late and only counted.
+    pub accept_from: i64,
+    /// Epochs at or after this are kept: every window a correction
+    /// recomputes, and every window still to come, lies within them.
+    pub keep_from: i64,
+}
+
+pub fn horizon(last_emitted: i64, late_epochs: u32, max_w: u32) -> Horizon {
+    let accept_from = last_emitted + 1 - i64::from(late_epochs);
+    Horizon {
+        accept_from,
+        keep_from: accept_from - i64::from(max_w) + 1,
+    }
+}
+
+/// The emitted windows an id in `epoch` is part of: those computed at
+/// `e` in `epoch ..= epoch + w - 1` that are due, and were emitted
+/// (`emitted_from ..= last_emitted`).
+pub fn windows_containing(
+    epoch: i64,
+    windows: &[u32],
+    emitted_from: i64,
+    last_emitted: i64,
+) -> Vec<(i64, u32)> {
+    let mut out = Vec::new();
+    for &w in windows {
+        let last = (epoch + i64::from(w) - 1).min(last_emitted);
+        for e in epoch.max(emitted_from)..=last {
+            if e.rem_euclid(i64::from(w)) == 0 {
+                out.push((e, w));
+            }
+        }
+    }
+    out
+}
+
 /// A window's length for labels: `30m`, `6h`, `24h`, `90s`.
 pub fn window_label(w: u32, period_ms: i64) -> String {
     let secs = i64::from(w) * period_ms / 1000;
@@ -96,6 +138,29 @@ mod tests {
         // 10 s after epoch 5 closed: with 60 s grace epoch 5 is not final.
         assert_eq!(newest_final(6 * P + 10_000, P, grace), 4);
         assert_eq!(newest_final(6 * P + 60_000, P, grace), 5);
+    }
+
+    #[test]
+    fn horizons_keep_every_epoch_a_correction_needs() {
+        // The case: caught up at L, windows up to 48, late rows
+        // accepted 96 epochs back; a row at L - 92 corrects the 48-epoch
+        // window at the next multiple of 48, which starts 47 epochs before.
+        let l = 48 * 1000 + 40;
+        let h = horizon(l, 96, 48);
+        assert_eq!(h.accept_from, l - 95);
+        assert_eq!(h.keep_from, l - 95 - 47);
+        for epoch in h.accept_from..=l {
+            for (e, w) in windows_containing(epoch, &[1, 12, 48], l - 500, l) {
+                assert!(window_start(e, w) >= h.keep_from, "({e}, {w}) for {epoch}");
+                assert!(e <= l && e >= epoch);
+            }
+        }
+        assert_eq!(windows_containing(l - 92, &[1, 12, 48], 0, l).len(), 1 + 1 + 1);
+        // Nothing before the first emitted epoch is corrected.
+        assert_eq!(windows_containing(96, &[1, 12, 48], 100, 200), vec![]);
+        assert_eq!(windows_containing(99, &[1, 12, 48], 100, 200), vec![(108, 12), (144, 48)]);
+        assert_eq!(windows_containing(5, &[1, 3], 0, 4), vec![]);
+        assert_eq!(windows_containing(4, &[1, 3], 0, 10), vec![(4, 1), (6, 3)]);
     }
 
     #[test]

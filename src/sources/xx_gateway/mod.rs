@@ -4,11 +4,14 @@
 //!
 //! # How it counts
 //! - **Incremental**: each poll reads only rows with `id` above the
-//!   watermark (less `id_overlap`, because ids are taken at INSERT but
-//!   become visible at COMMIT, out of order), by primary-key range, in pages
-//!   of `fetch_rows`. Re-read rows change nothing: epoch sets are sets.
-//!   Rows merged later (the gateway UPDATEs `filter`/`uses`) keep their
-//!   recipient and epoch, so they need no re-read.
+//!   watermark, by primary-key range, in pages of `fetch_rows`: one index
+//!   probe when nothing is new. Ids are taken at INSERT but become visible
+//!   at COMMIT, out of order, so every id a read skipped (within
+//!   `id_overlap` of the newest) is a gap ([`gaps`]), probed by primary key
+//!   at each poll until its row appears or `gap_timeout_secs` passes (a
+//!   rolled-back transaction). Rows merged later (the gateway UPDATEs
+//!   `filter`/`uses`) keep their recipient and epoch, so they need no
+//!   re-read.
 //! - **Exact**: the distinct recipients of every epoch still needed live in
 //!   the source's own SQLite ([`store`]). The window of W epochs computed at
 //!   epoch e is the union over `e-W+1 ..= e`, the same number as the
@@ -19,14 +22,24 @@
 //!   `active_users` {gateway, window, epochs}, a sketch of the same ids (so
 //!   an upstream can union gateways), a line for log sinks, and the CSV line
 //!   if `csv_path` is set. Progress is recorded only after the outbox has
-//!   committed the records ([`crate::runtime::Emitter::committed`]).
-//! - **Late rows** (for an epoch whose windows were already emitted): every
-//!   affected window is recomputed and emitted again with the same key
-//!   (metric, dims, timestamp), so consumers replace the old value, and a
-//!   CSV line is appended again (a later line for the same `epoch,numEpochs`
-//!   supersedes). They are counted in the point `xx_late_rows`. Rows older
-//!   than the kept horizon (two of the largest windows behind) can no longer
-//!   correct anything; they are counted in `xx_late_rows_expired`.
+//!   committed the records ([`crate::runtime::Emitter::committed`]), in
+//!   one transaction with the CSV lines to append; the file is written
+//!   from that queue, so a CSV file that cannot be written is retried on
+//!   its own with backoff and never makes a window be emitted twice.
+//! - **Late rows** (for an epoch whose windows were already emitted, up to
+//!   `late_epochs` back): every affected window is marked in the store in
+//!   the same transaction as the row's id, recomputed, and emitted again
+//!   with the same key (metric, dims, timestamp), so consumers replace the
+//!   old value, and a CSV line is appended again (a later line for the same
+//!   `epoch,numEpochs` supersedes). The mark is cleared only once the
+//!   outbox has the correction, so a crash in between re-emits it. The
+//!   store keeps `late_epochs` plus the widest window, so a recomputed
+//!   window never lacks an epoch. Counted in `xx_late_rows`; rows for
+//!   epochs further back can no longer correct anything and are counted in
+//!   `xx_late_rows_expired`.
+//! - **Switching from `active-users.py`**: on a first start the source
+//!   reads (read-only) the script's last epoch, from its key in `states` or
+//!   the last line of its CSV, and starts after it (`after_script`).
 //! - **Failures**: a lost database (restart, network, password change) is
 //!   logged once, retried with backoff (the gateway files are re-read at
 //!   each reconnect), and polling resumes from the stored watermark.
@@ -38,9 +51,11 @@ pub mod bloom;
 pub mod config;
 pub mod db;
 pub mod epochs;
+pub mod gaps;
+pub mod pgpass;
+pub mod status;
 pub mod store;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,9 +66,11 @@ use crate::record::{Dims, Kind, Record};
 use crate::runtime::{LocalBoxFuture, Worker};
 use crate::sketch::{Sketch, hash_i64};
 use crate::sources::{Context, Source};
+use crate::state_dir::Sync;
 
 pub use config::Config;
 use db::Gateway;
+use status::Health;
 use store::Store;
 
 /// Epochs whose windows are computed per step; a backfill takes several
@@ -88,13 +105,27 @@ struct Step {
     node_id: String,
     period_ms: i64,
     emissions: Vec<Emission>,
+    /// Corrected windows among `emissions`, to clear once committed.
+    corrected: Vec<(i64, u32)>,
     /// Epoch to record as emitted once the outbox has the records.
     through: Option<i64>,
-    late_rows: u64,
-    expired_rows: u64,
-    rows_read: u64,
+    tally: Tally,
+    /// Epochs between the newest closed epoch and the last emitted.
+    lag_epochs: i64,
     more: bool,
     connected: Option<String>,
+}
+
+/// Rows and gaps counted in one step.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    /// Rows seen for the first time (above the watermark, or a gap found).
+    rows_new: u64,
+    late_rows: u64,
+    expired_rows: u64,
+    gaps_given_up: u64,
+    /// Failed writes of `csv_path` since the last step.
+    csv_failures: u64,
 }
 
 /// The blocking side: the database connection and the store, used only on
@@ -104,16 +135,21 @@ struct Inner {
     name: String,
     agent_id: String,
     store_path: PathBuf,
+    status_path: PathBuf,
     store: Option<Store>,
     gateway: Option<Gateway>,
     node_id: Option<String>,
     period_ms: i64,
+    health: Health,
+    last_status: String,
+    csv_backoff: Backoff,
+    csv_retry_at: i64,
+    csv_failures_unreported: u64,
 }
 
 /// Why a step of the source failed. The variant decides what is made again:
 /// only a failure of the gateway's database drops its connection; the
-/// source's own store, its node id file and its CSV file are retried as
-/// they are.
+/// source's own store and its node id file are retried as they are.
 #[derive(Debug, Clone, PartialEq)]
 pub enum XxError {
     /// `gateway.yaml` or the explicit settings could not be read or used.
@@ -124,7 +160,7 @@ pub enum XxError {
     Store { path: PathBuf, error: String },
     /// `node_id_file`.
     NodeId(String),
-    /// `csv_path`.
+    /// The script's CSV, read on a first start.
     Csv(String),
 }
 
@@ -143,7 +179,7 @@ impl std::fmt::Display for XxError {
 
 impl std::error::Error for XxError {}
 
-fn read_node_id(path: &std::path::Path) -> Result<String, String> {
+pub fn read_node_id(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read node_id_file {}: {e}", path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)
@@ -155,16 +191,188 @@ fn read_node_id(path: &std::path::Path) -> Result<String, String> {
         .ok_or_else(|| format!("node_id_file {} has no string field `id`", path.display()))
 }
 
+/// The epoch of the last complete line of the script's CSV
+/// (`epoch,numEpochs,endTimestamp,numUnique`); a torn last line is skipped.
+pub fn last_csv_epoch(text: &str) -> Option<i64> {
+    text.lines().rev().find_map(|line| {
+        let f: Vec<&str> = line.trim_end_matches('\r').split(',').collect();
+        match f.as_slice() {
+            [e, w, _, n] if w.parse::<u32>().is_ok() && n.parse::<u64>().is_ok() => e.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// The last 64 KiB of a file: enough for its last lines.
+fn read_tail(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Where `active-users.py` got to: its key in `states`, or its CSV's last
+/// line, whichever is further (the script appends the lines, then writes
+/// the key, so a crash between leaves the CSV one epoch ahead).
+fn script_trace(c: &Config, gw: &mut Gateway) -> Result<Option<(i64, String)>, XxError> {
+    let mut found = gw
+        .script_epoch()
+        .map_err(XxError::Gateway)?
+        .map(|(e, key)| (e, format!("states.{key}")));
+    if let Some(path) = c.script_csv.as_ref().or(c.csv_path.as_ref()) {
+        match read_tail(path) {
+            Ok(text) => {
+                if let Some(e) = last_csv_epoch(&text)
+                    && found.as_ref().is_none_or(|(f, _)| e > *f)
+                {
+                    found = Some((e, format!("the last line of {}", path.display())));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(XxError::Csv(format!(
+                    "cannot read {} for the script's last epoch: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The first start: the epoch before the first to emit, and a note saying
+/// why (for the log and `status`).
+fn first_start(
+    c: &Config,
+    gw: &mut Gateway,
+    newest: i64,
+    name: &str,
+) -> Result<(i64, Option<String>), XxError> {
+    let backfill_start = newest - i64::from(c.backfill_epochs);
+    let trace = match c.after_script {
+        Some(false) => None,
+        _ => script_trace(c, gw)?,
+    };
+    match (c.after_script, trace) {
+        (Some(true), None) => Err(XxError::Settings(format!(
+            "after_script = true, but active-users.py left no trace: no ActiveUsersMonitoringScript in states{}. \
+             Remove after_script to backfill {} epochs instead",
+            c.script_csv
+                .as_ref()
+                .or(c.csv_path.as_ref())
+                .map(|p| format!(" and no complete line in {}", p.display()))
+                .unwrap_or_default(),
+            c.backfill_epochs
+        ))),
+        (_, Some((e, from))) => {
+            let start = e.max(backfill_start);
+            let mut note = format!(
+                "after active-users.py: it completed epoch {e} ({from}); starting at epoch {}, so nothing it wrote or sent is repeated",
+                start + 1
+            );
+            if start > e {
+                note += &format!(
+                    " (epochs {}..={start} are older than backfill_epochs and are not counted)",
+                    e + 1
+                );
+            }
+            log::info!("source `{name}`: {note}");
+            if e >= newest - 1 {
+                log::warn!(
+                    "source `{name}`: active-users.py completed epoch {e} within the last epoch; if it still runs, \
+                     stop it now (systemctl disable --now active-users), or both will append to the CSV and send to CloudWatch"
+                );
+            }
+            Ok((start, Some(note)))
+        }
+        (_, None) => {
+            if c.after_script == Some(false)
+                && let Some(path) = &c.csv_path
+                && let Some(e) = read_tail(path).ok().as_deref().and_then(last_csv_epoch)
+            {
+                log::warn!(
+                    "source `{name}`: {} already has lines up to epoch {e}; after_script = false, so the backfill of {} epochs is appended after them (windows may appear twice)",
+                    path.display(),
+                    c.backfill_epochs
+                );
+            }
+            Ok((backfill_start, None))
+        }
+    }
+}
+
+/// The rows whose epochs are kept, as (epoch, recipient) pairs; `fresh`
+/// rows for epochs before `accept_from` are counted as too late.
+fn kept(
+    rows: &[db::Row],
+    h: epochs::Horizon,
+    fresh: impl Fn(&db::Row) -> bool,
+    tally: &mut Tally,
+) -> Vec<(i64, i64)> {
+    let mut pairs = Vec::with_capacity(rows.len());
+    for r in rows {
+        if fresh(r) && r.epoch < h.accept_from {
+            tally.expired_rows += 1;
+        }
+        if r.epoch >= h.keep_from {
+            pairs.push((r.epoch, r.recipient_id));
+        }
+    }
+    pairs
+}
+
 impl Inner {
+    fn new(config: Config, name: String, agent_id: String, state_dir: &std::path::Path) -> Inner {
+        Inner {
+            store_path: state_dir.join(format!("xx_gateway-{name}.db")),
+            status_path: crate::sources::status_path(state_dir, &name),
+            health: Health {
+                csv_path: config.csv_path.clone(),
+                period_ms: db::DEFAULT_PERIOD_MS,
+                ..Health::default()
+            },
+            config,
+            name,
+            agent_id,
+            store: None,
+            gateway: None,
+            node_id: None,
+            period_ms: db::DEFAULT_PERIOD_MS,
+            last_status: String::new(),
+            csv_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
+            csv_retry_at: 0,
+            csv_failures_unreported: 0,
+        }
+    }
+
+    /// One poll, with the status file brought up to date after it.
     fn step(&mut self, now: i64) -> Result<Step, XxError> {
+        let result = self.try_step(now);
+        match &result {
+            Ok(_) => self.health.error = None,
+            Err(e) => Health::failing(&mut self.health.error, e.to_string(), now),
+        }
+        self.flush_csv(now);
+        self.publish(now);
+        let mut step = result?;
+        step.tally.csv_failures = std::mem::take(&mut self.csv_failures_unreported);
+        Ok(step)
+    }
+
+    fn try_step(&mut self, now: i64) -> Result<Step, XxError> {
         if self.store.is_none() {
             self.store = Some(Store::open(&self.store_path).map_err(|e| self.store_err(e))?);
         }
         if self.node_id.is_none() {
-            self.node_id = Some(match &self.config.node_id_file {
+            let id = match &self.config.node_id_file {
                 Some(p) => read_node_id(p).map_err(XxError::NodeId)?,
                 None => self.agent_id.clone(),
-            });
+            };
+            self.health.node_id = Some(id.clone());
+            self.node_id = Some(id);
         }
         let mut connected = None;
         if self.gateway.is_none() {
@@ -172,7 +380,10 @@ impl Inner {
             let mut gw = Gateway::connect(&settings, self.config.connect_timeout)
                 .map_err(XxError::Gateway)?;
             self.period_ms = gw.period_ms().map_err(XxError::Gateway)?;
-            connected = Some(format!("{settings:?}"));
+            self.health.period_ms = self.period_ms;
+            let target = format!("{settings:?}");
+            self.health.target = Some(target.clone());
+            connected = Some(target);
             self.gateway = Some(gw);
         }
         let result = self.poll(now);
@@ -192,6 +403,15 @@ impl Inner {
         }
     }
 
+    /// Whether the source has emitted before (so a failure resumes).
+    fn has_progress(&self) -> bool {
+        self.health.last_emitted.is_some()
+            || self
+                .store
+                .as_ref()
+                .is_some_and(|s| s.get("last_emitted").ok().flatten().is_some())
+    }
+
     fn poll(&mut self, now: i64) -> Result<Step, XxError> {
         let store_path = self.store_path.clone();
         let se = move |error: String| XxError::Store {
@@ -206,7 +426,8 @@ impl Inner {
         let last_emitted = match store.get("last_emitted").map_err(&se)? {
             Some(e) => e,
             None => {
-                let start = newest - i64::from(c.backfill_epochs);
+                let (start, note) = first_start(c, gw, newest, &self.name)?;
+                self.health.start_note = note;
                 store.set("last_emitted", start).map_err(&se)?;
                 // Windows before this were never emitted: rows for their
                 // epochs are context for the first windows, not late.
@@ -215,47 +436,93 @@ impl Inner {
             }
         };
         let emitted_from = store.get("emitted_from").map_err(&se)?.unwrap_or(i64::MIN);
-        let max_w = i64::from(*c.windows.iter().max().expect("windows is never empty"));
-        // Keep what the next windows need, plus one more largest window so
-        // late rows can still correct what was emitted.
-        let horizon = last_emitted + 1 - 2 * max_w;
-
-        let watermark = store.get("watermark").map_err(&se)?.unwrap_or(0);
-        let mut after = (watermark - i64::from(c.id_overlap)).max(0);
-        let mut high = watermark;
-        let (mut rows_read, mut late_rows, mut expired_rows) = (0u64, 0u64, 0u64);
-        let mut late: BTreeSet<(i64, u32)> = BTreeSet::new();
-        loop {
-            let rows = gw
-                .rows_after(after, horizon, c.fetch_rows)
-                .map_err(XxError::Gateway)?;
-            let Some(last) = rows.last() else { break };
-            after = last.id;
-            high = high.max(last.id);
-            rows_read += rows.len() as u64;
-            let pairs: Vec<(i64, i64)> = rows.iter().map(|r| (r.epoch, r.recipient_id)).collect();
-            let added = store.add(&pairs, horizon, high).map_err(&se)?;
-            expired_rows += added.expired;
-            for (&epoch, &n) in added.new_ids.range(..=last_emitted) {
-                // Only windows that were emitted can be corrected.
-                let mut corrects = false;
-                for &w in &c.windows {
-                    for e in epoch.max(emitted_from)..=(epoch + i64::from(w) - 1).min(last_emitted)
-                    {
-                        if e.rem_euclid(i64::from(w)) == 0 {
-                            late.insert((e, w));
-                            corrects = true;
-                        }
-                    }
-                }
-                if corrects {
-                    late_rows += n;
+        let h = epochs::horizon(last_emitted, c.late_epochs, c.max_window());
+        let late = |epoch: i64| {
+            if epoch >= h.accept_from && epoch <= last_emitted {
+                epochs::windows_containing(epoch, &c.windows, emitted_from, last_emitted)
+            } else {
+                Vec::new()
+            }
+        };
+        let count_late = |added: &store::Added, tally: &mut Tally| {
+            for (&epoch, &n) in &added.new_ids {
+                if !late(epoch).is_empty() {
+                    tally.late_rows += n;
                 }
             }
+        };
+        let watermark = store.get("watermark").map_err(&se)?;
+        let first_read = watermark.is_none();
+        let watermark = watermark.unwrap_or(0);
+        let overlap = i64::from(c.id_overlap);
+        let mut tally = Tally::default();
+
+        // The gaps: ids skipped by earlier reads, probed by primary key.
+        let gaps = store.gaps().map_err(&se)?;
+        if !gaps.is_empty() {
+            let oldest = now - c.gap_timeout.as_millis() as i64;
+            let (stale, live): (Vec<(i64, i64)>, Vec<(i64, i64)>) =
+                gaps.into_iter().partition(|&(_, missed)| missed < oldest);
+            let live: Vec<i64> = live.into_iter().map(|(id, _)| id).collect();
+            let rows = if live.is_empty() {
+                Vec::new()
+            } else {
+                gw.rows_with_ids(&live).map_err(XxError::Gateway)?
+            };
+            tally.gaps_given_up += stale.len() as u64;
+            tally.rows_new += rows.len() as u64;
+            let closed: Vec<i64> = stale
+                .iter()
+                .map(|&(id, _)| id)
+                .chain(rows.iter().map(|r| r.id))
+                .collect();
+            let pairs = kept(&rows, h, |_| true, &mut tally);
+            let page = store::Page {
+                pairs: &pairs,
+                closed_gaps: &closed,
+                now_ms: now,
+                ..store::Page::default()
+            };
+            let added = store.apply(&page, late).map_err(&se)?;
+            count_late(&added, &mut tally);
+        }
+
+        // New rows above the watermark. A store from before gaps were kept
+        // re-reads `id_overlap` below its watermark once, to find them.
+        let tracked = store.get("gaps_tracked").map_err(&se)?.is_some();
+        let mut after = if tracked || first_read {
+            watermark
+        } else {
+            (watermark - overlap).max(0)
+        };
+        let mut high = watermark;
+        loop {
+            let rows = gw
+                .rows_after(after, c.fetch_rows)
+                .map_err(XxError::Gateway)?;
+            let Some(last) = rows.last() else { break };
+            let holes = gaps::holes(after, rows.iter().map(|r| r.id), last.id - overlap);
+            after = last.id;
+            high = high.max(last.id);
+            tally.rows_new += rows.iter().filter(|r| r.id > watermark).count() as u64;
+            let pairs = kept(&rows, h, |r| !first_read && r.id > watermark, &mut tally);
+            let page = store::Page {
+                pairs: &pairs,
+                watermark: Some(high),
+                new_gaps: &holes,
+                closed_gaps: &[],
+                now_ms: now,
+            };
+            let added = store.apply(&page, late).map_err(&se)?;
+            count_late(&added, &mut tally);
             if rows.len() < c.fetch_rows as usize {
                 break;
             }
         }
+        if !tracked {
+            store.set("gaps_tracked", 1).map_err(&se)?;
+        }
+        tally.gaps_given_up += store.forget_gaps_below(high - overlap).map_err(&se)? as u64;
 
         let window = |e: i64, w: u32| -> Result<Emission, XxError> {
             let ids = store.ids(epochs::window_start(e, w), e).map_err(&se)?;
@@ -272,8 +539,13 @@ impl Inner {
             })
         };
         let mut emissions = Vec::new();
-        for &(e, w) in &late {
-            emissions.push(window(e, w)?);
+        let corrected = store.dirty().map_err(&se)?;
+        for &(e, w) in &corrected {
+            // Marked only within the horizon; one outside it cannot be
+            // recomputed from complete data and is dropped.
+            if epochs::window_start(e, w) >= h.keep_from && e <= last_emitted {
+                emissions.push(window(e, w)?);
+            }
         }
         let through = newest.min(last_emitted + EPOCHS_PER_STEP);
         for e in last_emitted + 1..=through {
@@ -281,46 +553,167 @@ impl Inner {
                 emissions.push(window(e, w)?);
             }
         }
-        store.prune(horizon).map_err(&se)?;
+        store.prune(h.keep_from).map_err(&se)?;
+
+        let hl = &mut self.health;
+        hl.polls += 1;
+        hl.last_poll_ms = Some(now);
+        hl.last_emitted.get_or_insert(last_emitted);
+        hl.newest_final = Some(newest);
+        hl.newest_seen = store.newest_epoch().map_err(&se)?;
+        hl.rows_new += tally.rows_new;
+        hl.late_rows += tally.late_rows;
+        hl.expired_rows += tally.expired_rows;
+        hl.gaps_given_up += tally.gaps_given_up;
+        hl.gaps_open = store.gaps().map_err(&se)?.len() as u64;
         Ok(Step {
             node_id: self.node_id.clone().expect("read in step"),
             period_ms: period,
             emissions,
+            corrected,
             through: (through > last_emitted).then_some(through),
-            late_rows,
-            expired_rows,
-            rows_read,
+            tally,
+            lag_epochs: newest - through.max(last_emitted),
             more: through < newest,
             connected: None,
         })
     }
 
-    /// The records are committed: write the CSV lines, then move on.
-    fn finish(&mut self, lines: &str, through: Option<i64>) -> Result<(), XxError> {
-        if let (Some(path), false) = (&self.config.csv_path, lines.is_empty()) {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| {
-                    XxError::Csv(format!("cannot open csv_path {}: {e}", path.display()))
-                })?;
-            f.write_all(lines.as_bytes())
-                .and_then(|()| f.sync_data())
-                .map_err(|e| {
-                    XxError::Csv(format!("cannot write csv_path {}: {e}", path.display()))
-                })?;
+    /// The records are committed: record the progress and queue the CSV
+    /// lines in one transaction, then try to write the file.
+    fn finish(&mut self, now: i64, done: Done) -> Result<(), XxError> {
+        let store = self.store.as_mut().expect("opened");
+        let lines: &[String] = match self.config.csv_path {
+            Some(_) => &done.lines,
+            None => &[],
+        };
+        let dropped = store
+            .emitted(done.through, &done.corrected, lines)
+            .map_err(|e| XxError::Store {
+                path: self.store_path.clone(),
+                error: e,
+            })?;
+        self.health.csv_dropped += dropped;
+        if let Some(e) = done.through {
+            self.health.last_emitted = Some(e);
+            self.health.last_values = done.last_values;
         }
-        if let Some(e) = through {
-            self.store
-                .as_ref()
-                .expect("opened")
-                .set("last_emitted", e)
-                .map_err(|e| self.store_err(e))?;
-        }
+        self.flush_csv(now);
+        self.publish(now);
         Ok(())
     }
+
+    /// Append the queued CSV lines, unless a failed write is backing off.
+    /// A failure is logged when it starts or changes, counted, and shown.
+    fn flush_csv(&mut self, now: i64) {
+        let (Some(path), Some(store)) = (&self.config.csv_path, &self.store) else {
+            return;
+        };
+        if now < self.csv_retry_at {
+            return;
+        }
+        let pending = match store.csv_pending() {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("source `{}`: {e}", self.name);
+                return;
+            }
+        };
+        let (seq, text) = pending;
+        let written = append_synced(path, text.as_bytes()).and_then(|()| {
+            store
+                .csv_written(seq)
+                .map_err(|e| format!("{e} (the lines are in the file and may be appended again)"))
+        });
+        match written {
+            Ok(()) => {
+                if let Some((_, since)) = self.health.csv_error.take() {
+                    log::info!(
+                        "source `{}`: {} is written again after {} of failures; {} waiting lines appended",
+                        self.name,
+                        path.display(),
+                        crate::clock::human_duration(now - since),
+                        text.matches('\n').count()
+                    );
+                }
+                self.csv_backoff.reset();
+                self.csv_retry_at = 0;
+                self.health.csv_pending = 0;
+            }
+            Err(e) => {
+                let wait = self.csv_backoff.next_wait();
+                self.csv_retry_at = now + wait.as_millis() as i64;
+                self.csv_failures_unreported += 1;
+                self.health.csv_failures += 1;
+                self.health.csv_pending = store.csv_pending_count().unwrap_or(0);
+                if self.health.csv_error.as_ref().is_none_or(|(m, _)| *m != e) {
+                    log::error!(
+                        "source `{}`: {e}; the windows are delivered to the sinks as usual, and the {} CSV lines \
+                         waiting are kept and retried with backoff (next in {:.0} s)",
+                        self.name,
+                        self.health.csv_pending,
+                        wait.as_secs_f64()
+                    );
+                }
+                Health::failing(&mut self.health.csv_error, e, now);
+            }
+        }
+    }
+
+    /// Write the status file if it changed (no fsync: it is rewritten at
+    /// every poll).
+    fn publish(&mut self, now: i64) {
+        let text = status::render(&self.health, now);
+        if text == self.last_status {
+            return;
+        }
+        match crate::state_dir::replace_file(&self.status_path, text.as_bytes(), Sync::No) {
+            Ok(()) => self.last_status = text,
+            Err(e) => log::warn!("source `{}`: {e}", self.name),
+        }
+    }
+}
+
+impl Step {
+    /// What is left to record once the step's records are committed.
+    fn done(&self) -> Done {
+        Done {
+            through: self.through,
+            corrected: self.corrected.clone(),
+            lines: self
+                .emissions
+                .iter()
+                .map(|em| epochs::csv_line(em.epoch, em.window, self.period_ms, em.unique))
+                .collect(),
+            last_values: self
+                .emissions
+                .iter()
+                .filter(|em| Some(em.epoch) == self.through)
+                .map(|em| (em.window, em.unique))
+                .collect(),
+        }
+    }
+}
+
+/// What a committed step leaves to record.
+struct Done {
+    through: Option<i64>,
+    corrected: Vec<(i64, u32)>,
+    lines: Vec<String>,
+    last_values: Vec<(u32, u64)>,
+}
+
+fn append_synced(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open csv_path {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| format!("cannot write csv_path {}: {e}", path.display()))
 }
 
 /// What `edgemeter verify` found in a gateway's newest filter rows.
@@ -398,14 +791,20 @@ fn records(step: &Step, now: i64) -> Vec<Record> {
             "Count",
         )
     };
-    if step.rows_read > 0 {
-        out.push(counter("xx_rows_read", step.rows_read));
+    let t = step.tally;
+    for (name, v) in [
+        ("xx_rows_read", t.rows_new),
+        ("xx_late_rows", t.late_rows),
+        ("xx_late_rows_expired", t.expired_rows),
+        ("xx_gaps_given_up", t.gaps_given_up),
+        ("xx_csv_failures", t.csv_failures),
+    ] {
+        if v > 0 {
+            out.push(counter(name, v));
+        }
     }
-    if step.late_rows > 0 {
-        out.push(counter("xx_late_rows", step.late_rows));
-    }
-    if step.expired_rows > 0 {
-        out.push(counter("xx_late_rows_expired", step.expired_rows));
+    if step.through.is_some() || !step.emissions.is_empty() {
+        out.push(counter("xx_lag_epochs", step.lag_epochs.max(0) as u64));
     }
     out
 }
@@ -414,16 +813,12 @@ impl Source for XxGateway {
     fn run(self: Box<Self>, ctx: Context) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
             let poll = self.config.poll_interval;
-            let inner = Arc::new(Mutex::new(Inner {
-                store_path: self.state_dir.join(format!("xx_gateway-{}.db", ctx.name)),
-                config: self.config,
-                name: ctx.name.clone(),
-                agent_id: ctx.agent_id.clone(),
-                store: None,
-                gateway: None,
-                node_id: None,
-                period_ms: db::DEFAULT_PERIOD_MS,
-            }));
+            let inner = Arc::new(Mutex::new(Inner::new(
+                self.config,
+                ctx.name.clone(),
+                ctx.agent_id.clone(),
+                &self.state_dir,
+            )));
             let worker = Worker::new(format!("src-{}", ctx.name));
             let mut backoff =
                 Backoff::new(Duration::from_secs(1), Duration::from_secs(300).max(poll));
@@ -431,18 +826,26 @@ impl Source for XxGateway {
             while !ctx.shutdown.is_started() {
                 let job = inner.clone();
                 let step = worker
-                    .run(move || job.lock().unwrap_or_else(|p| p.into_inner()).step(now_ms()))
+                    .run(move || {
+                        let mut i = job.lock().unwrap_or_else(|p| p.into_inner());
+                        i.step(now_ms()).map_err(|e| (e, i.has_progress()))
+                    })
                     .await;
                 let step = match step {
                     Ok(s) => s,
-                    Err(e) => {
+                    Err((e, resumes)) => {
                         let wait = backoff.next_wait();
                         let e = e.to_string();
                         if failing.as_deref() != Some(e.as_str()) {
                             log::warn!(
-                                "source `{}`: {e}; retrying with backoff (next in {:.1} s), resuming from the last row read",
+                                "source `{}`: {e}. Retrying with backoff (next in {:.1} s){}",
                                 ctx.name,
-                                wait.as_secs_f64()
+                                wait.as_secs_f64(),
+                                if resumes {
+                                    ", then resuming from the last row read"
+                                } else {
+                                    ""
+                                }
                             );
                             failing = Some(e);
                         }
@@ -453,15 +856,16 @@ impl Source for XxGateway {
                     }
                 };
                 if let Some(target) = &step.connected {
-                    let name = inner.lock().map(|i| i.name.clone()).unwrap_or_default();
                     if failing.take().is_some() {
                         log::info!(
-                            "source `{name}`: reading the gateway database {target} again after {} failed attempts",
+                            "source `{}`: reading the gateway database {target} again after {} failed attempts",
+                            ctx.name,
                             backoff.attempts()
                         );
                     } else {
                         log::info!(
-                            "source `{name}`: reading the gateway database {target}, epochs of {} s",
+                            "source `{}`: reading the gateway database {target}, epochs of {} s",
+                            ctx.name,
                             step.period_ms / 1000
                         );
                     }
@@ -481,22 +885,18 @@ impl Source for XxGateway {
                 if !ctx.emit.committed().await {
                     return;
                 }
-                let lines: String = step
-                    .emissions
-                    .iter()
-                    .map(|em| epochs::csv_line(em.epoch, em.window, step.period_ms, em.unique))
-                    .collect();
-                let (job, through) = (inner.clone(), step.through);
+                let done = step.done();
+                let job = inner.clone();
                 if let Err(e) = worker
                     .run(move || {
                         job.lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .finish(&lines, through)
+                            .finish(now_ms(), done)
                     })
                     .await
                 {
                     log::error!(
-                        "source `{}`: {e}; these windows will be emitted again",
+                        "source `{}`: {e}; the windows just delivered will be emitted again",
                         ctx.name
                     );
                 }

@@ -142,6 +142,10 @@ fn config(yaml: &Path, dir: &Path, backfill: u32) -> Config {
         csv_path: Some(dir.join("active-users.csv")),
         fetch_rows: 500,
         id_overlap: 200,
+        gap_timeout: Duration::from_secs(30),
+        late_epochs: 12,
+        after_script: None,
+        script_csv: None,
         connect_timeout: Duration::from_secs(2),
     }
 }
@@ -369,16 +373,7 @@ fn backfill_and_live_polling_match_the_reference_sql_under_a_read_only_role() {
 }
 
 fn inner(config: Config, state: &Path) -> Inner {
-    Inner {
-        store_path: state.join("xx_gateway-gw.db"),
-        config,
-        name: "gw".into(),
-        agent_id: "agent".into(),
-        store: None,
-        gateway: None,
-        node_id: None,
-        period_ms: db::DEFAULT_PERIOD_MS,
-    }
+    Inner::new(config, "gw".into(), "agent".into(), state)
 }
 
 #[test]
@@ -393,8 +388,8 @@ fn missing_rights_and_bad_passwords_are_explained_without_secrets() {
     assert_eq!(
         err,
         XxError::Gateway(
-            "role `stranger` may not read `states` (permission denied). edgemeter needs only SELECT: \
-             GRANT SELECT ON client_bloom_filters, states TO \"stranger\";"
+            "role `stranger` may not read `states` (permission denied). edgemeter needs only SELECT \
+             (as the tables' owner: GRANT SELECT ON client_bloom_filters, states TO \"stranger\")"
                 .into()
         )
     );
@@ -412,10 +407,10 @@ fn missing_rights_and_bad_passwords_are_explained_without_secrets() {
     );
     let mut cfg = config(&yaml, &dir, 5);
     cfg.db = config::DbSource::Explicit {
-        host: "127.0.0.1".into(),
-        port: gw.server.port,
-        dbname: "nope".into(),
-        user: "reader".into(),
+        host: Some("127.0.0.1".into()),
+        port: Some(gw.server.port),
+        dbname: Some("nope".into()),
+        user: Some("reader".into()),
         password_file: None,
     };
     let err = inner(cfg, &dir)
@@ -485,6 +480,62 @@ fn survives_a_database_restart_and_corrects_windows_for_late_rows() {
         "the late ids were counted: {:?}",
         seen.counters
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Steps until caught up, each step's records taken as committed.
+fn catch_up(i: &mut Inner) -> Vec<Emission> {
+    let mut all = Vec::new();
+    for _ in 0..50 {
+        let step = i.step(now_ms()).expect("step");
+        i.finish(now_ms(), step.done()).expect("finish");
+        all.extend(step.emissions);
+        if !step.more {
+            return all;
+        }
+    }
+    panic!("not caught up after 50 steps");
+}
+
+/// Issue 16, problem 7: a late row's id reached the source's store before
+/// its correction reached the outbox; a crash in between lost the
+/// correction, because the next start saw no new id. The mark now commits
+/// with the id and is cleared only after the outbox has the records.
+#[test]
+fn a_crash_before_the_correction_is_committed_does_not_lose_it() {
+    let gw = Gw::new("crash-late");
+    let dir = setup_dir("crash-late");
+    let start = now_epoch();
+    let mut owner = gw.owner();
+    for e in start - 10..start {
+        gw.insert(&mut owner, e, &[1, 2, 3, e], 1);
+    }
+    let yaml = gw.yaml(&dir, "reader", "reader-pass");
+    let mut a = inner(config(&yaml, &dir, 8), &dir);
+    catch_up(&mut a);
+    let late_epoch = start - 3;
+    let before = gw.reference(late_epoch, late_epoch);
+    gw.insert(&mut owner, late_epoch, &[777], 1);
+    let step = a.step(now_ms()).expect("step with the late row");
+    let fixed = |emissions: &[Emission]| {
+        emissions
+            .iter()
+            .find(|em| em.epoch == late_epoch && em.window == 1)
+            .map(|em| em.unique)
+    };
+    assert_eq!(fixed(&step.emissions), Some(before + 1), "the correction");
+    // The agent dies here: the records never reach the outbox.
+    drop(a);
+    let mut b = inner(config(&yaml, &dir, 8), &dir);
+    let step = b.step(now_ms()).expect("the step after the restart");
+    assert_eq!(
+        fixed(&step.emissions),
+        Some(before + 1),
+        "the correction is emitted again after the restart"
+    );
+    b.finish(now_ms(), step.done()).expect("committed");
+    let step = b.step(now_ms()).expect("a later step");
+    assert_eq!(fixed(&step.emissions), None, "and only until it is committed");
     std::fs::remove_dir_all(&dir).ok();
 }
 
