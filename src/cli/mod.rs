@@ -118,7 +118,7 @@ fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
         Command::Run { .. } => run(config),
         Command::Check { .. } => {
             println!("{}", summary(&config));
-            check_secret_files(&config)
+            check_files(&config)
         }
         Command::Status { .. } => status(&config),
         Command::Outbox { action, which, .. } => outbox(&config, action, &which),
@@ -131,14 +131,20 @@ fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
     }
 }
 
-/// `check` reads every secret file the service will need, so that
+/// `check` reads every secret file the service will need, and the files
+/// each source reads or writes, so that
 /// `ExecStartPre=edgemeter check` stops a start that would fail later.
-fn check_secret_files(config: &Config) -> Outcome {
-    let problems: Vec<String> = config
+fn check_files(config: &Config) -> Outcome {
+    let mut problems: Vec<String> = config
         .secret_files()
         .into_iter()
         .filter_map(|(what, path)| crate::problems::check_secret_file(&path, &what).err())
         .collect();
+    for s in &config.sources {
+        for p in crate::sources::check(&s.config) {
+            problems.push(format!("source `{}`: {p}", s.name));
+        }
+    }
     if problems.is_empty() {
         return Ok(());
     }

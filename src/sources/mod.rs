@@ -81,6 +81,15 @@ pub fn parse_config(
     }
 }
 
+/// What `edgemeter check` finds wrong in the files a source will read or
+/// write (beyond what parsing the config found), in words.
+pub fn check(config: &SourceConfig) -> Vec<String> {
+    match config {
+        SourceConfig::XxGateway(c) => xx_gateway::check(c),
+        SourceConfig::Synthetic(_) | SourceConfig::Relay(_) => Vec::new(),
+    }
+}
+
 /// `state_dir` is where a source may keep state files of its own (never
 /// the outbox).
 pub fn build(config: &SourceConfig, state_dir: &Path) -> Box<dyn Source> {

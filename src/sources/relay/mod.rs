@@ -862,7 +862,6 @@ fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String>
     Ok(())
 }
 
-
 /// The per-stream tables `edgemeter status` shows: the connection and its
 /// traffic, then what could not be used, by kind, for the streams that had
 /// any.

@@ -118,7 +118,9 @@ impl Config {
             (Some(g), false) => DbSource::GatewayYaml(existing_file(base, g, "gateway_config", p)),
             (None, _) => {
                 let given = |v: &Option<Spanned<String>>| {
-                    v.as_ref().map(|s| s.get_ref().clone()).filter(|s| !s.is_empty())
+                    v.as_ref()
+                        .map(|s| s.get_ref().clone())
+                        .filter(|s| !s.is_empty())
                 };
                 let (host, dbname, user) = (given(&raw.host), given(&raw.dbname), given(&raw.user));
                 let from_env = ["PGHOST", "PGDATABASE", "PGUSER", "PGSERVICE"]
@@ -297,7 +299,9 @@ impl DbSource {
                 let port = match port {
                     Some(p) => *p,
                     None => match env("PGPORT") {
-                        Some(v) => v.parse().map_err(|_| format!("PGPORT `{v}` is not a port"))?,
+                        Some(v) => v
+                            .parse()
+                            .map_err(|_| format!("PGPORT `{v}` is not a port"))?,
                         None => 5432,
                     },
                 };
@@ -317,7 +321,10 @@ impl DbSource {
                         }
                     }),
                     port,
-                    dbname: dbname.clone().or_else(|| env("PGDATABASE")).unwrap_or_else(|| user.clone()),
+                    dbname: dbname
+                        .clone()
+                        .or_else(|| env("PGDATABASE"))
+                        .unwrap_or_else(|| user.clone()),
                     user,
                     password,
                     password_from: "password_file",
@@ -369,7 +376,9 @@ pub fn parse_gateway_yaml(text: &str) -> Result<DbSettings, String> {
     Ok(DbSettings {
         host,
         port,
-        dbname: get("dbName")?.filter(|s| !s.is_empty()).ok_or("no dbName")?,
+        dbname: get("dbName")?
+            .filter(|s| !s.is_empty())
+            .ok_or("no dbName")?,
         user: get("dbUsername")?
             .filter(|s| !s.is_empty())
             .ok_or("no dbUsername")?,
@@ -466,8 +475,17 @@ mod tests {
                 .as_deref(),
             Some("it's")
         );
-        assert_eq!(p("dbName: 12345\ndbAddress: h:1\ndbUsername: u\n").expect("ok").dbname, "12345");
-        assert!(p("dbName: [g\n").expect_err("bad yaml").starts_with("not valid YAML"));
+        assert_eq!(
+            p("dbName: 12345\ndbAddress: h:1\ndbUsername: u\n")
+                .expect("ok")
+                .dbname,
+            "12345"
+        );
+        assert!(
+            p("dbName: [g\n")
+                .expect_err("bad yaml")
+                .starts_with("not valid YAML")
+        );
         // Indented keys belong to another mapping, not to the top level.
         assert_eq!(
             p("x:\n  dbName: g\ndbAddress: h:1\ndbUsername: u\n").expect_err("nested"),

@@ -121,7 +121,9 @@ impl Gateway {
             if let Some(row) = row {
                 let text: String = row.get(0);
                 let epoch = text.trim().parse().map_err(|_| {
-                    format!("states.{key} is `{text}`, not an epoch number (left by active-users.py?)")
+                    format!(
+                        "states.{key} is `{text}`, not an epoch number (left by active-users.py?)"
+                    )
                 })?;
                 return Ok(Some((epoch, key)));
             }

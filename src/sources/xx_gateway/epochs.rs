@@ -155,10 +155,16 @@ mod tests {
                 assert!(e <= l && e >= epoch);
             }
         }
-        assert_eq!(windows_containing(l - 92, &[1, 12, 48], 0, l).len(), 1 + 1 + 1);
+        assert_eq!(
+            windows_containing(l - 92, &[1, 12, 48], 0, l).len(),
+            1 + 1 + 1
+        );
         // Nothing before the first emitted epoch is corrected.
         assert_eq!(windows_containing(96, &[1, 12, 48], 100, 200), vec![]);
-        assert_eq!(windows_containing(99, &[1, 12, 48], 100, 200), vec![(108, 12), (144, 48)]);
+        assert_eq!(
+            windows_containing(99, &[1, 12, 48], 100, 200),
+            vec![(108, 12), (144, 48)]
+        );
         assert_eq!(windows_containing(5, &[1, 3], 0, 4), vec![]);
         assert_eq!(windows_containing(4, &[1, 3], 0, 10), vec![(4, 1), (6, 3)]);
     }

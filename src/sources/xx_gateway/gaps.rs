@@ -24,12 +24,24 @@ mod tests {
 
     #[test]
     fn holes_between_ids_above_the_floor() {
-        assert_eq!(holes(100, [101, 102, 105, 106, 109], 0), vec![103, 104, 107, 108]);
+        assert_eq!(
+            holes(100, [101, 102, 105, 106, 109], 0),
+            vec![103, 104, 107, 108]
+        );
         assert_eq!(holes(100, [101, 102, 103], 0), Vec::<i64>::new());
         assert_eq!(holes(100, [], 0), Vec::<i64>::new());
         // The first read of a table whose ids start high: nothing below
         // the floor is listed, however far the first id is.
-        assert_eq!(holes(0, [1_000_000, 1_000_002], 999_990), vec![999_991, 999_992, 999_993, 999_994, 999_995, 999_996, 999_997, 999_998, 999_999, 1_000_001]);
-        assert_eq!(holes(0, [5_000_000_000], 4_999_999_998), vec![4_999_999_999]);
+        assert_eq!(
+            holes(0, [1_000_000, 1_000_002], 999_990),
+            vec![
+                999_991, 999_992, 999_993, 999_994, 999_995, 999_996, 999_997, 999_998, 999_999,
+                1_000_001
+            ]
+        );
+        assert_eq!(
+            holes(0, [5_000_000_000], 4_999_999_998),
+            vec![4_999_999_999]
+        );
     }
 }

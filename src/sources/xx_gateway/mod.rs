@@ -461,9 +461,16 @@ impl Inner {
         let gaps = store.gaps().map_err(&se)?;
         if !gaps.is_empty() {
             let oldest = now - c.gap_timeout.as_millis() as i64;
-            let (stale, live): (Vec<(i64, i64)>, Vec<(i64, i64)>) =
-                gaps.into_iter().partition(|&(_, missed)| missed < oldest);
-            let live: Vec<i64> = live.into_iter().map(|(id, _)| id).collect();
+            let stale: Vec<i64> = gaps
+                .iter()
+                .filter(|&&(_, missed)| missed < oldest)
+                .map(|&(id, _)| id)
+                .collect();
+            let live: Vec<i64> = gaps
+                .iter()
+                .filter(|&&(_, missed)| missed >= oldest)
+                .map(|&(id, _)| id)
+                .collect();
             let rows = if live.is_empty() {
                 Vec::new()
             } else {
@@ -473,7 +480,7 @@ impl Inner {
             tally.rows_new += rows.len() as u64;
             let closed: Vec<i64> = stale
                 .iter()
-                .map(|&(id, _)| id)
+                .copied()
                 .chain(rows.iter().map(|r| r.id))
                 .collect();
             let pairs = kept(&rows, h, |_| true, &mut tally);
@@ -714,6 +721,77 @@ fn append_synced(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
     f.write_all(bytes)
         .and_then(|()| f.sync_data())
         .map_err(|e| format!("cannot write csv_path {}: {e}", path.display()))
+}
+
+/// What `edgemeter check` can find out before the service starts: the
+/// settings file parses and has the keys, the node id file parses, the
+/// CSV file can be appended to by this user (under the service's own
+/// sandbox when `check` runs as `ExecStartPre`), the script's CSV can be
+/// read. Connecting is left to `run`: a database that is down at boot is
+/// not a configuration error.
+pub fn check(c: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = c.db.read() {
+        problems.push(e);
+    }
+    if let Some(p) = &c.node_id_file
+        && let Err(e) = read_node_id(p)
+    {
+        problems.push(e);
+    }
+    if let Some(p) = &c.csv_path
+        && let Err(e) = check_appendable(p)
+    {
+        problems.push(format!("csv_path {e}"));
+    }
+    if let Some(p) = &c.script_csv
+        && let Err(e) = std::fs::File::open(p)
+    {
+        problems.push(format!("script_csv {}: {e}", p.display()));
+    }
+    problems
+}
+
+/// Whether this user can append to `path`: opened for append if it exists
+/// (nothing written), else a probe file created and removed beside it.
+fn check_appendable(path: &std::path::Path) -> Result<(), String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let hint = |e: std::io::Error| {
+        let advice = match e.raw_os_error() {
+            Some(30) => format!(
+                " (read-only here; under the packaged unit add ReadWritePaths={} with `systemctl edit edgemeter`)",
+                dir.display()
+            ),
+            Some(13) => " (permission denied for the service's user)".to_owned(),
+            _ => String::new(),
+        };
+        format!("{}: {e}{advice}", path.display())
+    };
+    if !dir.is_dir() {
+        return Err(format!(
+            "{}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        ));
+    }
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(hint);
+    }
+    let probe = dir.join(format!(".edgemeter-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(hint)?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
 }
 
 /// What `edgemeter verify` found in a gateway's newest filter rows.

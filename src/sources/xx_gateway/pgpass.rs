@@ -124,16 +124,37 @@ mod tests {
                     db.example:5432:cmix_gateway:cmix:p\\:w\\\\d\n\
                     *:*:*:cmix:fallback\n";
         let f = |h, p, d, u| find(file, h, p, d, u);
-        assert_eq!(f("db.example", "5432", "cmix_gateway", "cmix").as_deref(), Some("p:w\\d"));
-        assert_eq!(f("db.example", "5432", "other", "cmix").as_deref(), Some("wrong"));
-        assert_eq!(f("elsewhere", "1", "x", "cmix").as_deref(), Some("fallback"));
+        assert_eq!(
+            f("db.example", "5432", "cmix_gateway", "cmix").as_deref(),
+            Some("p:w\\d")
+        );
+        assert_eq!(
+            f("db.example", "5432", "other", "cmix").as_deref(),
+            Some("wrong")
+        );
+        assert_eq!(
+            f("elsewhere", "1", "x", "cmix").as_deref(),
+            Some("fallback")
+        );
         assert_eq!(f("elsewhere", "1", "x", "ro"), None);
         // Extra fields after the password end it, as in libpq.
-        assert_eq!(find("h:1:d:u:pw:extra\n", "h", "1", "d", "u").as_deref(), Some("pw"));
+        assert_eq!(
+            find("h:1:d:u:pw:extra\n", "h", "1", "d", "u").as_deref(),
+            Some("pw")
+        );
         // An escaped colon inside a field, and a short line, skipped.
-        assert_eq!(find("h\\:x:1:d:u:pw\n", "h:x", "1", "d", "u").as_deref(), Some("pw"));
-        assert_eq!(find("h:1:d\n*:*:*:*:last\n", "h", "1", "d", "u").as_deref(), Some("last"));
-        assert_eq!(find("h:1:d:u:\r\n", "h", "1", "d", "u").as_deref(), Some(""));
+        assert_eq!(
+            find("h\\:x:1:d:u:pw\n", "h:x", "1", "d", "u").as_deref(),
+            Some("pw")
+        );
+        assert_eq!(
+            find("h:1:d\n*:*:*:*:last\n", "h", "1", "d", "u").as_deref(),
+            Some("last")
+        );
+        assert_eq!(
+            find("h:1:d:u:\r\n", "h", "1", "d", "u").as_deref(),
+            Some("")
+        );
     }
 
     #[test]
@@ -143,14 +164,23 @@ mod tests {
         std::fs::write(&path, "localhost:5432:g:u:secret\n").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let e = lookup(&path, "/var/run/postgresql", 5432, "g", "u").expect_err("refused");
-        assert!(e.contains("group or world access") && !e.contains("secret"), "{e}");
+        assert!(
+            e.contains("group or world access") && !e.contains("secret"),
+            "{e}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert_eq!(
-            lookup(&path, "/var/run/postgresql", 5432, "g", "u").expect("used").as_deref(),
+            lookup(&path, "/var/run/postgresql", 5432, "g", "u")
+                .expect("used")
+                .as_deref(),
             Some("secret"),
             "a socket connection matches localhost"
         );
         std::fs::remove_file(&path).ok();
-        assert_eq!(lookup(&path, "h", 1, "g", "u"), Ok(None), "no file, no password");
+        assert_eq!(
+            lookup(&path, "h", 1, "g", "u"),
+            Ok(None),
+            "no file, no password"
+        );
     }
 }

@@ -131,7 +131,11 @@ mod tests {
             node_id: Some("gw-1".into()),
             ..Health::default()
         };
-        Health::failing(&mut h.error, "PostgreSQL refused the login".into(), now - 60_000);
+        Health::failing(
+            &mut h.error,
+            "PostgreSQL refused the login".into(),
+            now - 60_000,
+        );
         Health::failing(&mut h.error, "PostgreSQL refused the login".into(), now);
         let text = render(&h, now);
         assert!(
@@ -147,9 +151,20 @@ mod tests {
         h.csv_pending = 3;
         let text = render(&h, now);
         assert!(text.contains("state      reading ro@127.0.0.1:5432/cmix_gateway (password: dbPassword), node gw-1, epochs of 30m\n"), "{text}");
-        assert!(text.contains("emitted    through epoch 999 (ended 1970-01-21T20:00:00.000Z): 30m 10, 6h 40\n"), "{text}");
-        assert!(text.contains("lag        2 epochs behind the newest closed epoch (1001)\n"), "{text}");
+        assert!(
+            text.contains(
+                "emitted    through epoch 999 (ended 1970-01-21T20:00:00.000Z): 30m 10, 6h 40\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("lag        2 epochs behind the newest closed epoch (1001)\n"),
+            "{text}"
+        );
         assert!(text.contains("csv        au.csv: FAILING since"), "{text}");
-        assert!(text.contains("; 3 lines waiting, 0 failed writes\n"), "{text}");
+        assert!(
+            text.contains("; 3 lines waiting, 0 failed writes\n"),
+            "{text}"
+        );
     }
 }

@@ -96,14 +96,19 @@ impl Store {
     ) -> Result<Added, String> {
         let mut added = Added::default();
         let path = self.path.clone();
-        let err = |what: &str, e: rusqlite::Error| format!("{}: {what} failed: {e}", path.display());
+        let err =
+            |what: &str, e: rusqlite::Error| format!("{}: {what} failed: {e}", path.display());
         let tx = self.conn.transaction().map_err(|e| err("begin", e))?;
         {
             let mut ins = tx
                 .prepare_cached("INSERT OR IGNORE INTO epoch_ids (epoch, rid) VALUES (?1, ?2)")
                 .map_err(|e| err("prepare", e))?;
             for &(epoch, rid) in page.pairs {
-                if ins.execute(params![epoch, rid]).map_err(|e| err("insert", e))? > 0 {
+                if ins
+                    .execute(params![epoch, rid])
+                    .map_err(|e| err("insert", e))?
+                    > 0
+                {
                     *added.new_ids.entry(epoch).or_default() += 1;
                 }
             }
@@ -119,7 +124,8 @@ impl Store {
                 .prepare_cached("INSERT OR IGNORE INTO gaps (id, missed_ms) VALUES (?1, ?2)")
                 .map_err(|e| err("prepare", e))?;
             for &id in page.new_gaps {
-                gap.execute(params![id, page.now_ms]).map_err(|e| err("gap", e))?;
+                gap.execute(params![id, page.now_ms])
+                    .map_err(|e| err("gap", e))?;
             }
             let mut closed = tx
                 .prepare_cached("DELETE FROM gaps WHERE id = ?1")
@@ -177,7 +183,8 @@ impl Store {
         csv_lines: &[String],
     ) -> Result<u64, String> {
         let path = self.path.clone();
-        let err = |what: &str, e: rusqlite::Error| format!("{}: {what} failed: {e}", path.display());
+        let err =
+            |what: &str, e: rusqlite::Error| format!("{}: {what} failed: {e}", path.display());
         let tx = self.conn.transaction().map_err(|e| err("begin", e))?;
         if let Some(e) = through {
             set(&tx, "last_emitted", e).map_err(|e| err("progress", e))?;
@@ -188,7 +195,8 @@ impl Store {
                 .prepare_cached("DELETE FROM dirty WHERE epoch = ?1 AND window = ?2")
                 .map_err(|e| err("prepare", e))?;
             for &(e, w) in corrected {
-                del.execute(params![e, w]).map_err(|e| err("corrections", e))?;
+                del.execute(params![e, w])
+                    .map_err(|e| err("corrections", e))?;
             }
             let mut ins = tx
                 .prepare_cached("INSERT INTO csv_pending (line) VALUES (?1)")
@@ -225,7 +233,10 @@ impl Store {
             .and_then(|rows| rows.collect())
             .map_err(|e| self.err("reading the csv queue", e))?;
         Ok(rows.last().map(|&(seq, _)| {
-            (seq, rows.iter().map(|(_, l)| l.as_str()).collect::<String>())
+            (
+                seq,
+                rows.iter().map(|(_, l)| l.as_str()).collect::<String>(),
+            )
         }))
     }
 
@@ -290,9 +301,18 @@ mod tests {
             watermark,
             ..Page::default()
         };
-        let late = |e: i64| if e == 10 { vec![(10, 1), (12, 3)] } else { vec![] };
+        let late = |e: i64| {
+            if e == 10 {
+                vec![(10, 1), (12, 3)]
+            } else {
+                vec![]
+            }
+        };
         let a = s
-            .apply(&page(&[(10, 1), (10, 2), (10, 2), (11, 2), (11, 3)], Some(100)), late)
+            .apply(
+                &page(&[(10, 1), (10, 2), (10, 2), (11, 2), (11, 3)], Some(100)),
+                late,
+            )
             .expect("add");
         assert_eq!(a.new_ids, BTreeMap::from([(10, 2), (11, 2)]));
         assert_eq!(s.get("watermark").expect("get"), Some(100));
@@ -301,11 +321,17 @@ mod tests {
         ids.sort();
         assert_eq!(ids, vec![1, 2, 3]);
         // Re-reading the same rows changes nothing.
-        let again = s.apply(&page(&[(10, 1), (11, 3)], None), late).expect("add");
+        let again = s
+            .apply(&page(&[(10, 1), (11, 3)], None), late)
+            .expect("add");
         assert!(again.new_ids.is_empty());
         // Committed: the marks go, the CSV lines queue, in one step.
-        s.emitted(Some(12), &[(10, 1), (12, 3)], &["a\r\n".into(), "b\r\n".into()])
-            .expect("emitted");
+        s.emitted(
+            Some(12),
+            &[(10, 1), (12, 3)],
+            &["a\r\n".into(), "b\r\n".into()],
+        )
+        .expect("emitted");
         assert_eq!(s.dirty().expect("dirty"), vec![]);
         assert_eq!(s.get("last_emitted").expect("get"), Some(12));
         let (seq, text) = s.csv_pending().expect("queue").expect("lines");
@@ -313,8 +339,23 @@ mod tests {
         s.csv_written(seq).expect("written");
         assert_eq!(s.csv_pending().expect("queue"), None);
         // Gaps come and go with pages.
-        s.apply(&Page { new_gaps: &[97, 98], now_ms: 5, ..Page::default() }, late).expect("gaps");
-        s.apply(&Page { closed_gaps: &[97], ..Page::default() }, late).expect("found");
+        s.apply(
+            &Page {
+                new_gaps: &[97, 98],
+                now_ms: 5,
+                ..Page::default()
+            },
+            late,
+        )
+        .expect("gaps");
+        s.apply(
+            &Page {
+                closed_gaps: &[97],
+                ..Page::default()
+            },
+            late,
+        )
+        .expect("found");
         assert_eq!(s.gaps().expect("gaps"), vec![(98, 5)]);
         assert_eq!(s.forget_gaps_below(98).expect("forget"), 1);
         assert_eq!(s.prune(11).expect("prune"), 2);

@@ -535,7 +535,11 @@ fn a_crash_before_the_correction_is_committed_does_not_lose_it() {
     );
     b.finish(now_ms(), step.done()).expect("committed");
     let step = b.step(now_ms()).expect("a later step");
-    assert_eq!(fixed(&step.emissions), None, "and only until it is committed");
+    assert_eq!(
+        fixed(&step.emissions),
+        None,
+        "and only until it is committed"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
