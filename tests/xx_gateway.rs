@@ -315,6 +315,14 @@ fn an_unwritable_csv_path_is_caught_by_check_and_never_re_emits_windows() {
     for (&(e, w), &n) in &lines {
         assert_eq!(n, reference(&mut gw, e, w), "line {e},{w}");
     }
+    // Problem 4's count: rows read are new rows, each counted once, not
+    // a fixed re-read per poll (which reported 10,000 for every poll).
+    let read: f64 = points(&dir, "xx_rows_read").iter().map(|p| p.2).sum();
+    let rows: i64 = gw
+        .query_one("SELECT COUNT(*) FROM client_bloom_filters", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(read, rows as f64, "xx_rows_read counts each row once");
     let failures: f64 = points(&dir, "xx_csv_failures").iter().map(|p| p.2).sum();
     assert!(
         failures >= 2.0,
@@ -349,7 +357,7 @@ fn late_rows_near_the_horizon_correct_exactly_or_are_counted_as_expired() {
     // 3-epoch window at L - 4 starts at L - 6, which the old horizon
     // (L - 5) had pruned. The late rows go in while L is still the newest.
     let mut l = 0;
-    for _ in 0..20 {
+    for _ in 0..80 {
         let newest = (now_ms() - 200) / P - 1;
         let caught_up = csv_windows(&au).0.contains_key(&(newest, 1));
         if caught_up && (newest - 4) % 3 == 0 && now_ms() % P < P / 2 {
