@@ -15,6 +15,12 @@
 //!   CSV lines.
 //! - **Steady state**: then 1,000 and 10,000 new rows; the buffers of the
 //!   agent's next polls, against one script epoch (one full-scan query).
+//! - **Per poll**: the buffers per poll (every xx statement, divided by the
+//!   polls) while nothing changes, then for 10 s of live inserts (50 rows
+//!   per transaction, every fifth transaction held open across a poll, so
+//!   ids commit out of order), a third of them late rows for the two
+//!   newest emitted epochs. Afterwards every window's last CSV line must
+//!   equal the script's SQL.
 
 #[path = "../tests/common/pg.rs"]
 mod pg;
@@ -30,6 +36,9 @@ const FILTER_HEX: &str = concat!(
     "00000000000000000000000000000000004000000000000000400000000000000000000800040000",
     "000000000000000000000000000000000000000000000000100000000000000410000080004000001000"
 );
+
+/// The agent's statements on the table (the writer's INSERTs excluded).
+const AGENT_READS: &str = "SELECT id, recipient_id, epoch FROM client_bloom_filters%";
 
 fn now_epoch() -> i64 {
     std::time::SystemTime::now()
@@ -70,6 +79,40 @@ fn edgemeter_binary() -> PathBuf {
         "could not build target/release/edgemeter"
     );
     bin
+}
+
+/// 10 s of live inserts (see the module doc); returns the rows inserted.
+fn writer(pg: &pg::PgServer, last: i64) -> i64 {
+    let (mut a, mut b) = (pg.superuser("cmix_gateway"), pg.superuser("cmix_gateway"));
+    let started = Instant::now();
+    let (mut rows, mut held, mut i) = (0i64, false, 0i64);
+    while started.elapsed() < Duration::from_secs(10) && i < 10_000 {
+        i += 1;
+        // Epochs: the open one, and the two newest emitted (late rows).
+        let epoch = last + 1 - (i % 3);
+        let insert = format!(
+                "INSERT INTO client_bloom_filters (recipient_id, epoch, first_round, round_range, filter, uses)
+                 SELECT 5000 + (g * 7 + {i}) % 4000, {epoch}, 1, 0, decode('{FILTER_HEX}', 'hex'), 1
+                 FROM generate_series(1, 50) g"
+            );
+        if i % 5 == 0 && !held {
+            b.batch_execute(&format!("BEGIN; {insert}"))
+                .expect("held insert");
+            held = true;
+        } else {
+            a.batch_execute(&insert).expect("insert");
+            if held && i % 5 == 3 {
+                b.batch_execute("COMMIT").expect("commit held");
+                held = false;
+            }
+        }
+        rows += 50;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    if held {
+        b.batch_execute("COMMIT").expect("commit held");
+    }
+    rows
 }
 
 fn main() {
@@ -243,6 +286,52 @@ fn main() {
             bufs as f64 / per_scan
         );
     }
+    // Per poll, with nothing new: the polls are the `id >` statements.
+    std::thread::sleep(Duration::from_millis(1500));
+    reset(&mut db);
+    std::thread::sleep(Duration::from_secs(6));
+    let (idle_bufs, _, _) = stats(&mut db, AGENT_READS);
+    let (_, idle_polls, _) = stats(&mut db, "%FROM client_bloom_filters WHERE id >%");
+    println!(
+        "  per poll, nothing new: {idle_polls} polls, {:.1} buffers per poll",
+        idle_bufs as f64 / idle_polls.max(1) as f64
+    );
+
+    // Per poll under live inserts with out-of-order commits.
+    reset(&mut db);
+    let live_rows =
+        std::thread::scope(|scope| scope.spawn(|| writer(&pg, last)).join().expect("writer"));
+    std::thread::sleep(Duration::from_secs(3));
+    let (live_bufs, _, _) = stats(&mut db, AGENT_READS);
+    let (_, live_polls, _) = stats(&mut db, "%FROM client_bloom_filters WHERE id >%");
+    println!(
+        "  per poll, live ({live_rows} rows in 10 s, out-of-order commits): {live_polls} polls, {:.1} buffers per poll",
+        live_bufs as f64 / live_polls.max(1) as f64
+    );
+    // Every window's newest line equals the script's SQL.
+    let text = std::fs::read_to_string(&csv).expect("csv");
+    let mut newest = std::collections::BTreeMap::new();
+    for line in text.split_terminator("\r\n") {
+        let f: Vec<&str> = line.split(',').collect();
+        let key: (i64, i64) = (f[0].parse().expect("epoch"), f[1].parse().expect("window"));
+        newest.insert(key, f[3].parse::<i64>().expect("n"));
+    }
+    let mut checked = 0;
+    for (&(e, w), &n) in newest.range((last - 96, 0)..) {
+        let want: i64 = db
+            .query_one(
+                "SELECT COUNT(DISTINCT recipient_id) FROM client_bloom_filters WHERE epoch BETWEEN $1 AND $2",
+                &[&(e - w + 1), &e],
+            )
+            .expect("reference")
+            .get(0);
+        assert_eq!(n, want, "window {e},{w} differs from the script's SQL");
+        checked += 1;
+    }
+    println!(
+        "  after the live phase: {checked} windows of the last 96 epochs equal the script's SQL"
+    );
+
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
