@@ -122,7 +122,7 @@ fn main() {
         i += batch.len();
         let (datums, rejected) = body::fold(&batch, &[], now);
         assert!(rejected.is_empty());
-        for b in body::bodies("edgemeter", &datums) {
+        for (b, _) in body::bodies("edgemeter", &datums) {
             requests += 1;
             raw_bytes += b.len();
             gz_bytes += gzip(b.as_bytes());
@@ -132,7 +132,7 @@ fn main() {
     let (mut base_requests, mut base_bytes) = (0usize, 0usize);
     for (k, r) in records.iter().enumerate() {
         let (datums, _) = body::fold(&[(k as i64, r.clone())], &[], now);
-        for b in body::bodies("edgemeter", &datums) {
+        for (b, _) in body::bodies("edgemeter", &datums) {
             base_requests += 1;
             base_bytes += b.len();
         }

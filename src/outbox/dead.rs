@@ -9,10 +9,18 @@ impl Outbox {
         let (dead_before, budget) = (self.dead_bytes, self.max_bytes / 4);
         let done = self.write("dead-lettering a batch", |tx| {
             let (mut freed, mut added) = (0, 0);
+            // What the receiver accepted of it is delivered, not dead.
+            let accepted = accepted_ids(tx, batch)?;
+            forget_accepted(tx, batch)?;
             match batch.origin {
                 Origin::DeadLetter(id) => {
+                    let mut gone = tx.prepare_cached("DELETE FROM dead_records WHERE dead_id = ?1 AND id = ?2")?;
+                    for a in &accepted {
+                        gone.execute(params![id, a])?;
+                    }
                     tx.execute(
-                        "UPDATE dead_letters SET state = 'dead', error = ?2, updated = ?3 WHERE id = ?1",
+                        "UPDATE dead_letters SET state = 'dead', error = ?2, updated = ?3,
+                         count = (SELECT COUNT(*) FROM dead_records WHERE dead_id = ?1) WHERE id = ?1",
                         params![id, error, now],
                     )?;
                 }
@@ -21,19 +29,24 @@ impl Outbox {
                         // Already settled (a duplicate answer): nothing to do.
                         return Ok(None);
                     };
-                    added = batch
+                    let kept: Vec<&(i64, Record)> = batch
                         .records
+                        .iter()
+                        .filter(|(id, _)| !accepted.contains(id))
+                        .collect();
+                    added = kept
                         .iter()
                         .map(|(_, r)| r.charged_bytes(&r.dims.encode()))
                         .sum();
                     tx.execute(
                         "INSERT INTO dead_letters (sink, seq, count, bytes, error, state, attempts, created, updated)
                          VALUES (?1, ?2, ?3, ?4, ?5, 'dead', 1, ?6, ?6)",
-                        params![batch.sink, batch.seq, batch.records.len() as i64, added, error, now],
+                        params![batch.sink, batch.seq, kept.len() as i64, added, error, now],
                     )?;
                     let dead_id = tx.last_insert_rowid();
-                    insert_dead_records(tx, dead_id, batch.records.iter().map(|(id, r)| (*id, r)))?;
-                    freed = advance(tx, &batch.sink, batch.seq, last, 0)?;
+                    insert_dead_records(tx, dead_id, kept.iter().map(|(id, r)| (*id, r)))?;
+                    let delivered = (batch.records.len() - kept.len()) as i64 + batch.accepted_before;
+                    freed = advance(tx, &batch.sink, batch.seq, last, delivered)?;
                 }
             }
             tx.execute(

@@ -28,10 +28,12 @@ impl Outbox {
             let records = load_records(
                 &tx,
                 "SELECT id, kind, ts, name, dims, value, unit, payload FROM dead_records
-                 WHERE dead_id = ?1 ORDER BY id",
-                params![dead_id],
+                 WHERE dead_id = ?1 AND id NOT IN (SELECT id FROM accepted WHERE sink = ?2 AND seq = ?3)
+                 ORDER BY id",
+                params![dead_id, sink, seq],
             )
             .map_err(&e)?;
+            let accepted_before = accepted_count(&tx, sink, seq).map_err(&e)?;
             tx.execute(
                 "UPDATE dead_letters SET attempts = attempts + 1, updated = ?2 WHERE id = ?1",
                 params![dead_id, now_ms()],
@@ -45,6 +47,7 @@ impl Outbox {
                 origin: Origin::DeadLetter(dead_id),
                 redelivered: true,
                 records,
+                accepted_before,
             }));
         }
 
@@ -62,10 +65,13 @@ impl Outbox {
             let records = load_records(
                 &tx,
                 "SELECT id, kind, ts, name, dims, value, unit, payload FROM records
-                 WHERE id BETWEEN ?1 AND ?2 AND ((1 << kind) & ?3) != 0 ORDER BY id",
-                params![first, last, kinds.bits()],
+                 WHERE id BETWEEN ?1 AND ?2 AND ((1 << kind) & ?3) != 0
+                   AND id NOT IN (SELECT id FROM accepted WHERE sink = ?4 AND seq = ?5)
+                 ORDER BY id",
+                params![first, last, kinds.bits(), sink, seq],
             )
             .map_err(&e)?;
+            let accepted_before = accepted_count(&tx, sink, seq).map_err(&e)?;
             if !records.is_empty() {
                 tx.execute(
                     "UPDATE batches SET attempts = attempts + 1 WHERE sink = ?1 AND seq = ?2",
@@ -80,10 +86,11 @@ impl Outbox {
                     origin: Origin::Pending,
                     redelivered: attempts > 0,
                     records,
+                    accepted_before,
                 }));
             }
-            // Everything in it was dropped for space: nothing to deliver.
-            freed += advance(&tx, sink, seq, last, 0).map_err(&e)?;
+            // Everything in it was accepted already, or dropped for space.
+            freed += advance(&tx, sink, seq, last, accepted_before).map_err(&e)?;
         }
 
         // 3. A new batch after the cursor.
@@ -136,13 +143,31 @@ impl Outbox {
             origin: Origin::Pending,
             redelivered: false,
             records,
+            accepted_before: 0,
         }))
+    }
+
+    /// The receiver accepted these records of batch `seq` (one request of
+    /// several): kept in the transaction that records the answer, so that
+    /// no later attempt, after a restart or from a dead letter, sends them
+    /// again, and a dead letter holds only the rest.
+    pub fn accept(&mut self, sink: &str, seq: i64, ids: &[i64]) -> Result<(), OutboxError> {
+        self.write("recording accepted records", |tx| {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO accepted (sink, seq, id) VALUES (?1, ?2, ?3)",
+            )?;
+            for id in ids {
+                st.execute(params![sink, seq, id])?;
+            }
+            Ok(())
+        })
     }
 
     /// The sink confirmed `batch`.
     pub fn ack(&mut self, batch: &Batch) -> Result<(), OutboxError> {
-        let n = batch.records.len() as i64;
+        let n = batch.records.len() as i64 + batch.accepted_before;
         let (freed, dead_freed) = self.write("confirming a batch", |tx| {
+            forget_accepted(tx, batch)?;
             match batch.origin {
                 // No row: already confirmed (a duplicate ack), nothing to do.
                 Origin::Pending => match open_batch_end(tx, batch)? {
@@ -206,6 +231,7 @@ impl Outbox {
                 // Already settled (a duplicate answer): nothing to do.
                 return Ok(None);
             };
+            forget_accepted(tx, batch)?;
             tx.execute(
                 "INSERT INTO dead_letters (sink, seq, count, bytes, error, state, attempts, created, updated)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'dead', 1, ?6, ?6)",
@@ -213,7 +239,7 @@ impl Outbox {
             )?;
             let dead_id = tx.last_insert_rowid();
             insert_dead_records(tx, dead_id, kept.iter().map(|(id, r)| (*id, r)))?;
-            let delivered = (batch.records.len() - kept.len()) as i64;
+            let delivered = (batch.records.len() - kept.len()) as i64 + batch.accepted_before;
             let freed = advance(tx, &batch.sink, batch.seq, last, delivered)?;
             let evicted = evict_dead(tx, dead_before + bytes - budget)?;
             Ok(Some((freed, evicted)))
@@ -264,6 +290,32 @@ impl Outbox {
 }
 
 /// The last record id of `batch` if it is still open (not yet settled).
+fn accepted_count(tx: &Transaction, sink: &str, seq: i64) -> rusqlite::Result<i64> {
+    tx.query_row(
+        "SELECT COUNT(*) FROM accepted WHERE sink = ?1 AND seq = ?2",
+        params![sink, seq],
+        |r| r.get(0),
+    )
+}
+
+/// The ids of `batch` the receiver accepted (in this attempt or before).
+pub(super) fn accepted_ids(
+    tx: &Transaction,
+    batch: &Batch,
+) -> rusqlite::Result<std::collections::HashSet<i64>> {
+    tx.prepare_cached("SELECT id FROM accepted WHERE sink = ?1 AND seq = ?2")?
+        .query_map(params![batch.sink, batch.seq], |r| r.get(0))?
+        .collect()
+}
+
+/// The batch is settled: what was accepted of it no longer matters.
+pub(super) fn forget_accepted(tx: &Transaction, batch: &Batch) -> rusqlite::Result<usize> {
+    tx.execute(
+        "DELETE FROM accepted WHERE sink = ?1 AND seq = ?2",
+        params![batch.sink, batch.seq],
+    )
+}
+
 pub(super) fn open_batch_end(tx: &Transaction, batch: &Batch) -> rusqlite::Result<Option<i64>> {
     tx.query_row(
         "SELECT last_id FROM batches WHERE sink = ?1 AND seq = ?2",

@@ -88,11 +88,12 @@ mod stats;
 // The helpers each role's transactions share (inside a transaction).
 use append::{collect_garbage, count_drop};
 use dead::{delete_dead, evict_dead, insert_dead_records};
-use deliver::{advance, open_batch_end};
+use deliver::{accepted_ids, advance, forget_accepted, open_batch_end};
 
 pub const FILE_NAME: &str = "outbox.db";
 const APPLICATION_ID: i64 = 0x4544_4D31; // "EDM1"
-const SCHEMA_VERSION: i64 = 1;
+/// 2: `accepted`, the records of an unsettled batch a receiver took.
+const SCHEMA_VERSION: i64 = 2;
 const OUR_TABLES: &[&str] = &[
     "records",
     "sinks",
@@ -102,6 +103,7 @@ const OUR_TABLES: &[&str] = &[
     "drops",
     "counters",
     "meta",
+    "accepted",
     "sqlite_sequence",
 ];
 
@@ -172,6 +174,12 @@ CREATE TABLE IF NOT EXISTS counters (
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS accepted (
+    sink TEXT    NOT NULL,
+    seq  INTEGER NOT NULL,
+    id   INTEGER NOT NULL,
+    PRIMARY KEY (sink, seq, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS drops (
     reason TEXT    NOT NULL,
@@ -256,8 +264,12 @@ pub struct Batch {
     /// This batch was handed out before (a retry, or a restart after a
     /// crash): the sink may already hold part or all of it.
     pub redelivered: bool,
-    /// (record id, record), in id order.
+    /// (record id, record), in id order: those the receiver has not
+    /// accepted yet.
     pub records: Vec<(i64, Record)>,
+    /// Records of this batch a receiver accepted in earlier attempts (left
+    /// out of `records`, counted as delivered when the batch settles).
+    pub accepted_before: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -132,6 +132,50 @@ fn an_unconfirmed_batch_comes_back_with_the_same_seq_even_after_reopen() {
     );
 }
 
+/// Issue 17, problem 1: what the receiver accepted of a batch (one request
+/// of several) is kept with the answer: a claim after a restart leaves it
+/// out, a dead letter holds only the rest, and its retry sends only that.
+#[test]
+fn accepted_records_are_never_handed_out_again() {
+    let d = TempDir::new();
+    {
+        let mut o = open(&d, 1 << 20, &[("cw", ALL)]);
+        o.append(&(1..=6).map(|v| point(v as f64)).collect::<Vec<_>>())
+            .expect("append");
+        let b = o.next_batch("cw", 10).expect("claim").expect("batch");
+        let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
+        // The first request (records 1, 2) was accepted; then the agent died.
+        o.accept("cw", b.seq, &ids[..2]).expect("accept");
+    }
+    let (mut o, _) = Outbox::open(&d.0, 1 << 20).expect("reopen");
+    o.register_sinks(&[("cw".into(), ALL)]).expect("register");
+    let b = o.next_batch("cw", 10).expect("claim").expect("batch");
+    assert_eq!((b.seq, values(&b), b.accepted_before), (1, vec![3.0, 4.0, 5.0, 6.0], 2));
+    // The next request (3, 4) is accepted, the one after refused for good.
+    let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
+    o.accept("cw", b.seq, &ids[..2]).expect("accept");
+    o.dead_letter(&b, "HTTP 400 InvalidParameterValue").expect("dead letter");
+    let dead = o.dead_letters(None).expect("list");
+    assert_eq!((dead.len(), dead[0].count), (1, 2), "only 5 and 6 are dead");
+    assert_eq!(count(&o, "accepted"), 0, "settled: nothing kept about it");
+    let stats = o.stats().expect("stats");
+    assert_eq!(stats.sinks[0].delivered_records, 4, "1 to 4 were delivered");
+    // The operator retries it: only 5 and 6 go, and once 5 is accepted and
+    // the rest refused again, the dead letter keeps 6 alone.
+    o.retry_dead(None, None).expect("retry");
+    let r = o.next_batch("cw", 10).expect("claim").expect("dead letter");
+    assert_eq!(values(&r), vec![5.0, 6.0]);
+    o.accept("cw", r.seq, &[r.records[0].0]).expect("accept");
+    o.dead_letter(&r, "refused again").expect("dead again");
+    let dead = o.dead_letters(None).expect("list");
+    assert_eq!(dead[0].count, 1);
+    o.retry_dead(None, None).expect("retry");
+    let r = o.next_batch("cw", 10).expect("claim").expect("dead letter");
+    assert_eq!(values(&r), vec![6.0]);
+    o.ack(&r).expect("ack");
+    assert_eq!(o.dead_letters(None).expect("list").len(), 0);
+}
+
 #[test]
 fn sinks_only_see_the_kinds_they_take_and_pass_over_the_rest() {
     let d = TempDir::new();

@@ -27,7 +27,7 @@ use crate::outbox::Batch;
 use crate::problems::{Problems, deserialize, split_off};
 use crate::record::{Kind, KindSet, Record};
 use crate::runtime::{LocalBoxFuture, Worker};
-use crate::sinks::{BatchProgress, Delivered, DeliveryError, Sink};
+use crate::sinks::{Delivered, DeliveryError, Progress, Sink};
 
 pub const MAX_EVENTS: usize = 10_000;
 pub const MAX_BATCH_BYTES: usize = 1_048_576;
@@ -241,7 +241,6 @@ pub struct CloudWatchLogs {
     worker: Worker,
     /// Streams known to exist (created or written to in this run).
     streams: HashSet<String>,
-    progress: BatchProgress,
 }
 
 impl CloudWatchLogs {
@@ -255,7 +254,6 @@ impl CloudWatchLogs {
             client,
             worker: Worker::new("sink-cw-logs"),
             streams: HashSet::new(),
-            progress: BatchProgress::default(),
         }
     }
 
@@ -312,6 +310,7 @@ impl Sink for CloudWatchLogs {
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,
+        progress: &'a Progress,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
             let (puts, rejected) = plan(
@@ -320,17 +319,14 @@ impl Sink for CloudWatchLogs {
                 &self.config.agent_id,
                 now_ms(),
             );
-            let skip = self.progress.start(batch.seq);
             let mut done = Delivered {
                 rejected,
                 skipped: Vec::new(),
                 requests: 0,
                 bytes: 0,
             };
-            for (i, put) in puts.iter().enumerate() {
-                if i < skip {
-                    continue;
-                }
+            let several = puts.len() > 1;
+            for put in &puts {
                 if !self.streams.contains(&put.stream) {
                     self.ensure_stream(&put.stream)
                         .await
@@ -351,8 +347,18 @@ impl Sink for CloudWatchLogs {
                     other => other,
                 }
                 .map_err(crate::sinks::aws_delivery_error)?;
-                done.rejected.extend(rejected_by_answer(&answer, put));
-                self.progress.accepted(i);
+                let refused = rejected_by_answer(&answer, put);
+                if several {
+                    // What it refused stays unaccepted: a dead letter keeps it.
+                    let ids = put
+                        .events
+                        .iter()
+                        .map(|e| e.0)
+                        .filter(|id| !refused.iter().any(|(r, _)| r == id))
+                        .collect();
+                    progress.accepted(ids).await;
+                }
+                done.rejected.extend(refused);
                 done.requests += 1;
                 done.bytes += len;
             }

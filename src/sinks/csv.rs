@@ -99,6 +99,7 @@ impl Sink for CsvSink {
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,
+        _progress: &'a crate::sinks::Progress,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         let text = render(batch);
         let path = self.config.path.clone();

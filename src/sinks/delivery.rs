@@ -75,7 +75,8 @@ impl Driver {
                     continue;
                 }
             };
-            match self.sink.deliver(&batch).await {
+            let progress = crate::sinks::Progress::new(self.outbox.clone(), &batch);
+            match self.sink.deliver(&batch, &progress).await {
                 Ok(delivered) => {
                     if refused_since.take().is_some() {
                         log::info!("sink `{}`: the credentials are accepted again", self.name);
@@ -270,6 +271,7 @@ mod tests {
         fn deliver<'a>(
             &'a mut self,
             batch: &'a Batch,
+            _progress: &'a crate::sinks::Progress,
         ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
             self.log.borrow_mut().push((batch.seq, batch.redelivered));
             let answer = self.script.pop_front().unwrap_or(Ok(Delivered::all()));

@@ -105,35 +105,57 @@ impl Delivered {
     }
 }
 
-/// Which requests of the current batch the receiver already accepted, for
-/// receivers that cannot drop duplicates (CloudWatch): a retry of the batch
-/// skips them. Kept in memory; after a restart the batch is sent whole.
-#[derive(Debug, Default)]
-pub struct BatchProgress {
+/// Where a sink records, request by request, what the receiver accepted
+/// of a batch it sends in several requests (for receivers that cannot drop
+/// duplicates: CloudWatch). The outbox keeps it, so no later attempt, after
+/// a restart or from a dead letter, sends those records again.
+pub struct Progress {
+    outbox: Option<crate::runtime::SharedOutbox>,
+    sink: String,
     seq: i64,
-    done: usize,
 }
 
-impl BatchProgress {
-    /// How many requests of batch `seq` to skip.
-    pub fn start(&mut self, seq: i64) -> usize {
-        if self.seq != seq {
-            *self = BatchProgress { seq, done: 0 };
+impl Progress {
+    pub fn new(outbox: crate::runtime::SharedOutbox, batch: &Batch) -> Progress {
+        Progress {
+            outbox: Some(outbox),
+            sink: batch.sink.clone(),
+            seq: batch.seq,
         }
-        self.done
     }
 
-    /// Request `i` (0-based) of the current batch was accepted.
-    pub fn accepted(&mut self, i: usize) {
-        self.done = self.done.max(i + 1);
+    /// For callers without an outbox (tests of a sink alone).
+    pub fn none() -> Progress {
+        Progress {
+            outbox: None,
+            sink: String::new(),
+            seq: 0,
+        }
+    }
+
+    /// The receiver accepted the request that carried these records.
+    /// Failing to record it is logged: the records would be sent again.
+    pub async fn accepted(&self, ids: Vec<i64>) {
+        let Some(outbox) = &self.outbox else { return };
+        let (sink, seq) = (self.sink.clone(), self.seq);
+        if let Err(e) = outbox.call(move |o| o.accept(&sink, seq, &ids)).await {
+            log::warn!(
+                "sink `{}`: {e}; the records of an accepted request of batch {} may be sent again",
+                self.sink,
+                self.seq
+            );
+        }
     }
 }
 
 pub trait Sink {
     fn accepts(&self) -> KindSet;
+    /// Send `batch`. A sink that sends it in several requests reports each
+    /// accepted request to `progress` before sending the next.
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,
+        progress: &'a Progress,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>>;
 }
 
@@ -186,30 +208,5 @@ pub fn aws_delivery_error(f: crate::aws::Failure) -> DeliveryError {
             0 => DeliveryError::Retry(format!("{code}: {message}")),
             _ => DeliveryError::Reject(format!("HTTP {status} {code}: {message}")),
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::BatchProgress;
-
-    #[test]
-    fn batch_progress_skips_only_what_this_batch_already_sent() {
-        let mut p = BatchProgress::default();
-        assert_eq!(p.start(7), 0);
-        p.accepted(0);
-        p.accepted(1);
-        assert_eq!(
-            p.start(7),
-            2,
-            "a retry of batch 7 skips its first two requests"
-        );
-        assert_eq!(p.start(8), 0, "a new batch starts from the beginning");
-        p.accepted(0);
-        assert_eq!(
-            p.start(7),
-            0,
-            "an older batch again (a dead letter) is sent whole"
-        );
     }
 }

@@ -149,6 +149,7 @@ impl Sink for Upstream {
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,
+        _progress: &'a crate::sinks::Progress,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
             let stream = format!("{}.{}", batch.outbox_id, batch.sink);

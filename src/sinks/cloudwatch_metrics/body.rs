@@ -25,6 +25,8 @@ pub struct Datum {
     pub ts_ms: i64,
     /// Distinct values and how often each occurred.
     pub values: Vec<(f64, u32)>,
+    /// The records folded into it.
+    pub ids: Vec<i64>,
 }
 
 /// (name, dims, unit, minute): points that fold into one datum.
@@ -140,6 +142,7 @@ pub fn fold(
                     Some((_, n)) => *n += 1,
                     None => d.values.push((r.value, 1)),
                 }
+                d.ids.push(*id);
             }
             None => {
                 open.insert(key.clone(), datums.len());
@@ -149,6 +152,7 @@ pub fn fold(
                     unit: key.2,
                     ts_ms: r.ts_ms,
                     values: vec![(r.value, 1)],
+                    ids: vec![*id],
                 });
             }
         }
@@ -217,25 +221,30 @@ pub fn encode_datum(n: usize, d: &Datum) -> String {
     out
 }
 
-/// Request bodies for `datums`, each within [`MAX_DATUMS`] and [`MAX_BODY_BYTES`].
-pub fn bodies(namespace: &str, datums: &[Datum]) -> Vec<String> {
+/// Request bodies for `datums`, each within [`MAX_DATUMS`] and
+/// [`MAX_BODY_BYTES`], with the ids of the records each carries.
+pub fn bodies(namespace: &str, datums: &[Datum]) -> Vec<(String, Vec<i64>)> {
     let mut head = String::from("Action=PutMetricData&Version=2010-08-01");
     param(&mut head, "Namespace", namespace);
     let mut out = Vec::new();
-    let mut body = head.clone();
+    let (mut body, mut ids) = (head.clone(), Vec::new());
     let mut n = 0;
     for d in datums {
         let mut part = encode_datum(n + 1, d);
         if n == MAX_DATUMS || (n > 0 && body.len() + part.len() > MAX_BODY_BYTES) {
-            out.push(std::mem::replace(&mut body, head.clone()));
+            out.push((
+                std::mem::replace(&mut body, head.clone()),
+                std::mem::take(&mut ids),
+            ));
             n = 0;
             part = encode_datum(1, d);
         }
         body.push_str(&part);
+        ids.extend_from_slice(&d.ids);
         n += 1;
     }
     if n > 0 {
-        out.push(body);
+        out.push((body, ids));
     }
     out
 }

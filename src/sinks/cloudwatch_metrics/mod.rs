@@ -29,7 +29,7 @@ use crate::outbox::Batch;
 use crate::problems::{Problems, deserialize, split_off};
 use crate::record::{Kind, KindSet};
 use crate::runtime::{LocalBoxFuture, Worker};
-use crate::sinks::{BatchProgress, Delivered, DeliveryError, Sink};
+use crate::sinks::{Delivered, DeliveryError, Progress, Sink};
 
 pub use body::{bodies, fold};
 
@@ -93,7 +93,6 @@ pub struct CloudWatchMetrics {
     config: Config,
     client: Arc<Client>,
     worker: Worker,
-    progress: BatchProgress,
 }
 
 impl CloudWatchMetrics {
@@ -103,7 +102,6 @@ impl CloudWatchMetrics {
             config,
             client,
             worker: Worker::new("sink-cw-metrics"),
-            progress: BatchProgress::default(),
         }
     }
 }
@@ -124,6 +122,7 @@ impl Sink for CloudWatchMetrics {
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,
+        progress: &'a Progress,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
             let (datums, refused) = fold(&batch.records, &self.config.dimensions, now_ms());
@@ -131,17 +130,14 @@ impl Sink for CloudWatchMetrics {
                 .into_iter()
                 .partition(|(_, why)| why == body::TOO_OLD);
             let requests = bodies(&self.config.namespace, &datums);
-            let skip = self.progress.start(batch.seq);
             let mut sent = Delivered {
                 rejected,
                 skipped,
                 requests: 0,
                 bytes: 0,
             };
-            for (i, body) in requests.into_iter().enumerate() {
-                if i < skip {
-                    continue;
-                }
+            let several = requests.len() > 1;
+            for (body, ids) in requests {
                 let gz = crate::http_client::gzip(body.as_bytes());
                 let len = gz.len() as i64;
                 let client = self.client.clone();
@@ -149,7 +145,9 @@ impl Sink for CloudWatchMetrics {
                     .run(move || client.post(&HEADERS, &gz))
                     .await
                     .map_err(crate::sinks::aws_delivery_error)?;
-                self.progress.accepted(i);
+                if several {
+                    progress.accepted(ids).await;
+                }
                 sent.requests += 1;
                 sent.bytes += len;
             }

@@ -32,6 +32,28 @@ fn form_encoding_escapes_all_but_unreserved() {
     check("+%*", "%2B%25%2A");
 }
 
+/// The request bodies alone.
+fn texts(namespace: &str, datums: &[body::Datum]) -> Vec<String> {
+    bodies(namespace, datums).into_iter().map(|(b, _)| b).collect()
+}
+
+#[test]
+fn each_request_carries_the_ids_of_its_records() {
+    // Two records fold into one datum; 1,001 series make two requests.
+    let mut recs: Vec<Record> = (0..1001)
+        .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
+        .collect();
+    recs.push(point("m0", &[], NOW, 2.0));
+    let (datums, _) = fold(&ids(recs), &[], NOW);
+    let b = bodies("ns", &datums);
+    assert_eq!(b.len(), 2);
+    let mut all: Vec<i64> = b.iter().flat_map(|(_, ids)| ids.clone()).collect();
+    assert_eq!(b[1].1, vec![1001], "the last series alone");
+    assert!(b[0].1.contains(&1) && b[0].1.contains(&1002), "m0's two records");
+    all.sort();
+    assert_eq!(all, (1..=1002).collect::<Vec<i64>>(), "every record in exactly one request");
+}
+
 #[test]
 fn one_datum_exact_bytes() {
     let (datums, rejected) = fold(
@@ -46,7 +68,7 @@ fn one_datum_exact_bytes() {
     );
     assert!(rejected.is_empty());
     assert_eq!(
-        bodies("Edge/Test", &datums),
+        texts("Edge/Test", &datums),
         vec![
             "Action=PutMetricData&Version=2010-08-01&Namespace=Edge%2FTest\
              &MetricData.member.1.MetricName=active%20users\
@@ -137,7 +159,7 @@ fn requests_split_exactly_at_1000_datums() {
             .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
             .collect();
         let (datums, _) = fold(&ids(recs), &[], NOW);
-        let counts: Vec<usize> = bodies("ns", &datums)
+        let counts: Vec<usize> = texts("ns", &datums)
             .iter()
             .map(|b| b.matches(".MetricName=").count())
             .collect();
@@ -153,7 +175,7 @@ fn requests_split_exactly_at_1000_datums() {
         .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
         .collect();
     let (datums, _) = fold(&ids(recs), &[], NOW);
-    let b = bodies("ns", &datums);
+    let b = texts("ns", &datums);
     assert!(b[1].contains("&MetricData.member.1.MetricName=m1000") && !b[1].contains("member.2."));
 }
 
@@ -172,7 +194,7 @@ fn requests_split_before_one_megabyte() {
         .collect();
     let (datums, rejected) = fold(&ids(recs), &[], NOW);
     assert!(rejected.is_empty());
-    let b = bodies("ns", &datums);
+    let b = texts("ns", &datums);
     assert!(b.len() >= 2, "{} bodies", b.len());
     assert!(
         b.iter().all(|x| x.len() <= MAX_BODY_BYTES),

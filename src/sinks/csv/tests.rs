@@ -8,6 +8,7 @@ fn batch(seq: i64, ids: &[i64], redelivered: bool) -> Batch {
         outbox_id: "test".into(),
         origin: Origin::Pending,
         redelivered,
+        accepted_before: 0,
         records: ids
             .iter()
             .map(|&id| {
@@ -114,7 +115,7 @@ fn deliver_creates_missing_directories_and_reports_io_errors_as_retry() {
         kinds: KindSet::ALL,
     });
     let b = batch(1, &[1, 2], false);
-    smol::block_on(sink.deliver(&b)).expect("deliver");
+    smol::block_on(sink.deliver(&b, &crate::sinks::Progress::none())).expect("deliver");
     let text = std::fs::read_to_string(dir.join("a/b/out.csv")).expect("read");
     assert_eq!(text.lines().count(), 3);
 
@@ -123,7 +124,7 @@ fn deliver_creates_missing_directories_and_reports_io_errors_as_retry() {
         path: dir.clone(),
         kinds: KindSet::ALL,
     });
-    let err = smol::block_on(bad.deliver(&b)).expect_err("cannot write a directory");
+    let err = smol::block_on(bad.deliver(&b, &crate::sinks::Progress::none())).expect_err("cannot write a directory");
     assert!(matches!(err, DeliveryError::Retry(_)), "{err:?}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -213,7 +213,7 @@ impl Config {
                 int_in_range(v, "fetch_rows", 100, 1_000_000, p) as u32
             }),
             id_overlap: raw.id_overlap.as_ref().map_or(10_000, |v| {
-                int_in_range(v, "id_overlap", 0, 10_000_000, p) as u32
+                int_in_range(v, "id_overlap", 0, 1_000_000, p) as u32
             }),
             gap_timeout: secs(
                 raw.gap_timeout_secs.as_ref(),
