@@ -227,3 +227,124 @@ batch_max_records = 20
         "the cut was seen as a retryable 503"
     );
 }
+
+/// Issue 17, problem 1: a batch of 2,500 points goes in three requests; the
+/// receiver accepts the first and refuses the second for good. The dead
+/// letter once held all 2,500, and `outbox retry` after a restart sent the
+/// 1,000 accepted ones again. Now the outbox keeps what was accepted, and
+/// moto ends up with each point exactly once.
+#[test]
+fn a_partly_accepted_batch_is_dead_lettered_and_retried_without_duplicates() {
+    use common::http::{Answer, Peer, Request, forward};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let moto = Moto::start();
+    let (puts, refusing) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let (p, r, moto_port) = (puts.clone(), refusing.clone(), moto.port);
+    let peer = Peer::start_deciding(
+        0,
+        vec![],
+        Answer::ok(""),
+        Arc::new(move |req: &Request| {
+            let put = String::from_utf8_lossy(&req.body).contains("Action=PutMetricData")
+                || req.header("content-encoding") == Some("gzip");
+            if put && p.fetch_add(1, Ordering::SeqCst) == 1 && r.load(Ordering::SeqCst) {
+                return Some(Answer::error(
+                    400,
+                    "<ErrorResponse><Error><Type>Sender</Type><Code>InvalidParameterValue</Code>\
+                     <Message>refused by the test</Message></Error><RequestId>1</RequestId></ErrorResponse>",
+                ));
+            }
+            Some(forward(moto_port, req))
+        }),
+    );
+    let dir = TempDir::new("cw-partial");
+    let keys = aws_keys(&dir);
+    std::fs::set_permissions(
+        dir.path("aws-secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "edge-p"
+state_dir = "state"
+flush_interval_secs = 0.5
+
+[[source]]
+type = "synthetic"
+metric = "points"
+rate_per_sec = 100000
+series = 2500
+limit = 2500
+
+[[sink]]
+type = "cloudwatch_metrics"
+name = "metrics"
+namespace = "Edge/Partial"
+endpoint = "http://127.0.0.1:{}"
+batch_max_records = 5000
+{keys}"#,
+            peer.port
+        ),
+    );
+    let c = cfg.to_str().expect("utf-8");
+    let mut agent = Agent::start_running(&cfg, "info");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            edgemeter(&["outbox", "list", "-c", c])
+                .1
+                .contains("metrics")
+        }),
+        "no dead letter:\n{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let first_log = agent.stderr();
+    let (_, list, _) = edgemeter(&["outbox", "list", "-c", c]);
+    assert!(
+        list.contains("\tmetrics\t1\t1500\t"),
+        "the dead letter holds only the unaccepted 1,500:\n{list}"
+    );
+    refusing.store(false, Ordering::SeqCst);
+    let (code, out, err) = edgemeter(&["outbox", "retry", "--all", "-c", c]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The same agent again, without its source (a synthetic `limit`
+    // counts per run, and would add 2,500 new points).
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    let start = text.find("[[source]]").expect("source");
+    let end = text.find("[[sink]]").expect("sink");
+    std::fs::write(&cfg, format!("{}{}", &text[..start], &text[end..])).expect("config");
+    let mut agent = Agent::start_running(&cfg, "info");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (_, out, _) = edgemeter(&["status", "-c", c]);
+            out.contains("delivered 2500 records")
+        }),
+        "{}\n{}",
+        edgemeter(&["status", "-c", c]).1,
+        agent.stderr()
+    );
+    agent.stop();
+    let second_log = agent.stderr();
+    let metrics = moto.read(&["metrics", "Edge/Partial"]);
+    let series = metrics.as_array().expect("list");
+    assert_eq!(series.len(), 2500, "every series arrived");
+    let twice: Vec<&serde_json::Value> = series
+        .iter()
+        .filter(|s| s["count"].as_f64() != Some(1.0))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} series held more than once (first {}, last {}); {} PutMetricData requests\n{first_log}\n{second_log}",
+        twice.len(),
+        twice[0]["dims"]["series"],
+        twice[twice.len() - 1]["dims"]["series"],
+        puts.load(Ordering::SeqCst)
+    );
+}

@@ -150,11 +150,15 @@ fn accepted_records_are_never_handed_out_again() {
     let (mut o, _) = Outbox::open(&d.0, 1 << 20).expect("reopen");
     o.register_sinks(&[("cw".into(), ALL)]).expect("register");
     let b = o.next_batch("cw", 10).expect("claim").expect("batch");
-    assert_eq!((b.seq, values(&b), b.accepted_before), (1, vec![3.0, 4.0, 5.0, 6.0], 2));
+    assert_eq!(
+        (b.seq, values(&b), b.accepted_before),
+        (1, vec![3.0, 4.0, 5.0, 6.0], 2)
+    );
     // The next request (3, 4) is accepted, the one after refused for good.
     let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
     o.accept("cw", b.seq, &ids[..2]).expect("accept");
-    o.dead_letter(&b, "HTTP 400 InvalidParameterValue").expect("dead letter");
+    o.dead_letter(&b, "HTTP 400 InvalidParameterValue")
+        .expect("dead letter");
     let dead = o.dead_letters(None).expect("list");
     assert_eq!((dead.len(), dead[0].count), (1, 2), "only 5 and 6 are dead");
     assert_eq!(count(&o, "accepted"), 0, "settled: nothing kept about it");

@@ -389,3 +389,29 @@ fn amz_time(s: &str) -> Option<std::time::SystemTime> {
     let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
 }
+
+/// Send `r` to 127.0.0.1:`port` as it came (a POST), and return the
+/// answer: for a [`Peer`] that passes requests on to a real server
+/// (moto) except the ones it decides to refuse.
+pub fn forward(port: u16, r: &Request) -> Answer {
+    let mut up = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect upstream");
+    let mut head = format!("POST {} HTTP/1.1\r\n", r.target);
+    for (k, v) in &r.headers {
+        if !k.eq_ignore_ascii_case("connection") {
+            head += &format!("{k}: {v}\r\n");
+        }
+    }
+    head += "Connection: close\r\n\r\n";
+    up.write_all(head.as_bytes()).expect("forward head");
+    up.write_all(&r.body).expect("forward body");
+    let mut raw = Vec::new();
+    up.read_to_end(&mut raw).expect("read answer");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    Answer::error(status, body)
+}

@@ -34,7 +34,10 @@ fn form_encoding_escapes_all_but_unreserved() {
 
 /// The request bodies alone.
 fn texts(namespace: &str, datums: &[body::Datum]) -> Vec<String> {
-    bodies(namespace, datums).into_iter().map(|(b, _)| b).collect()
+    bodies(namespace, datums)
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect()
 }
 
 #[test]
@@ -49,9 +52,16 @@ fn each_request_carries_the_ids_of_its_records() {
     assert_eq!(b.len(), 2);
     let mut all: Vec<i64> = b.iter().flat_map(|(_, ids)| ids.clone()).collect();
     assert_eq!(b[1].1, vec![1001], "the last series alone");
-    assert!(b[0].1.contains(&1) && b[0].1.contains(&1002), "m0's two records");
+    assert!(
+        b[0].1.contains(&1) && b[0].1.contains(&1002),
+        "m0's two records"
+    );
     all.sort();
-    assert_eq!(all, (1..=1002).collect::<Vec<i64>>(), "every record in exactly one request");
+    assert_eq!(
+        all,
+        (1..=1002).collect::<Vec<i64>>(),
+        "every record in exactly one request"
+    );
 }
 
 #[test]

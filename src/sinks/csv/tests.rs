@@ -124,7 +124,8 @@ fn deliver_creates_missing_directories_and_reports_io_errors_as_retry() {
         path: dir.clone(),
         kinds: KindSet::ALL,
     });
-    let err = smol::block_on(bad.deliver(&b, &crate::sinks::Progress::none())).expect_err("cannot write a directory");
+    let err = smol::block_on(bad.deliver(&b, &crate::sinks::Progress::none()))
+        .expect_err("cannot write a directory");
     assert!(matches!(err, DeliveryError::Retry(_)), "{err:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
