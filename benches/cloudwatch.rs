@@ -120,7 +120,9 @@ fn main() {
             .map(|(k, r)| ((i + k) as i64, r.clone()))
             .collect();
         i += batch.len();
-        let (datums, rejected) = body::fold(&batch, &[], now);
+        let body::Folded {
+            datums, rejected, ..
+        } = body::fold(&batch, &[], now);
         assert!(rejected.is_empty());
         for (b, _) in body::bodies("edgemeter", &datums) {
             requests += 1;
@@ -131,7 +133,7 @@ fn main() {
     // Baseline: one request per datum, form-encoded, not compressed.
     let (mut base_requests, mut base_bytes) = (0usize, 0usize);
     for (k, r) in records.iter().enumerate() {
-        let (datums, _) = body::fold(&[(k as i64, r.clone())], &[], now);
+        let datums = body::fold(&[(k as i64, r.clone())], &[], now).datums;
         for (b, _) in body::bodies("edgemeter", &datums) {
             base_requests += 1;
             base_bytes += b.len();

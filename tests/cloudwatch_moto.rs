@@ -348,3 +348,121 @@ batch_max_records = 5000
         puts.load(Ordering::SeqCst)
     );
 }
+
+/// Issue 17, problem 5: a first start on a gateway backfills 21 days, and a
+/// third of its CSV lines (and points) are older than CloudWatch takes.
+/// They were dead-lettered for ever. Now the lines go stamped with the
+/// time they are sent (as the script stamped them) and the points too old
+/// for CloudWatch are counted as skipped; nothing becomes a dead letter.
+#[test]
+fn a_first_start_backfill_older_than_fourteen_days_is_sent_not_dead_lettered() {
+    const PERIOD: i64 = 1_800_000; // real 30-minute epochs
+    let moto = Moto::start();
+    let pg = PgServer::start("cw-old");
+    let mut gw = pg.gateway_db(PERIOD);
+    let newest = common::now_ms() / PERIOD - 2;
+    for e in [newest - 699, newest - 400, newest - 10, newest] {
+        gw.execute(
+            "INSERT INTO client_bloom_filters (recipient_id, epoch, first_round, round_range, filter)
+             SELECT g, $1::bigint, 1, 0, '\\x00'::bytea FROM generate_series(1, 5) g",
+            &[&e],
+        )
+        .expect("rows");
+    }
+    let dir = TempDir::new("cw-old");
+    dir.write(
+        "gateway.yaml",
+        &format!("dbName: cmix_gateway\ndbAddress: \"127.0.0.1:{}\"\ndbUsername: ro\ndbPassword: pw-ro\n", pg.port),
+    );
+    dir.write("gateway-IDF.json", r#"{"id":"NODE7"}"#);
+    let keys = aws_keys(&dir);
+    std::fs::set_permissions(
+        dir.path("aws-secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "edge-old"
+state_dir = "state"
+flush_interval_secs = 0.1
+
+[[source]]
+type = "xx_gateway"
+name = "gateway"
+gateway_config = "gateway.yaml"
+node_id_file = "gateway-IDF.json"
+windows = [1]
+backfill_epochs = 700
+grace_secs = 5
+csv_path = "active-users.csv"
+
+[[sink]]
+type = "cloudwatch_metrics"
+name = "metrics"
+namespace = "xxnetwork/old"
+endpoint = "http://127.0.0.1:{port}"
+{keys}
+[[sink]]
+type = "cloudwatch_logs"
+name = "logs"
+log_group = "xxnetwork-active-users-mainnet"
+endpoint = "http://127.0.0.1:{port}"
+{keys}"#,
+            port = moto.port
+        ),
+    );
+    let c = cfg.to_str().expect("utf-8");
+    let mut agent = Agent::start_running(&cfg, "info");
+    let csv_lines = || {
+        std::fs::read_to_string(dir.path("active-users.csv"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            csv_lines() >= 700
+                && edgemeter(&["status", "-c", c])
+                    .1
+                    .matches("pending 0 records")
+                    .count()
+                    == 2
+        }),
+        "{}\n{}",
+        edgemeter(&["status", "-c", c]).1,
+        agent.stderr()
+    );
+    agent.stop();
+    let (_, status, _) = edgemeter(&["status", "-c", c]);
+    let (_, list, _) = edgemeter(&["outbox", "list", "-c", c]);
+    assert_eq!(list.lines().count(), 1, "no dead letter:\n{list}");
+    assert!(!status.contains("dead letters 1"), "{status}");
+    // Every CSV line reached the script's stream.
+    let logs = moto.read(&["logs", "xxnetwork-active-users-mainnet"]);
+    let events = logs["NODE7-active-users.csv"]
+        .as_array()
+        .expect("stream")
+        .len();
+    let lines = csv_lines();
+    assert_eq!(
+        events, lines,
+        "one event per CSV line, the old ones included"
+    );
+    // The points older than 14 days were skipped and counted as such.
+    let too_old = (newest - 699..=newest)
+        .filter(|e| (e + 1) * PERIOD < common::now_ms() - 14 * 86_400_000)
+        .count();
+    assert!(too_old > 20, "the test needs old windows: {too_old}");
+    let skipped: usize = status
+        .lines()
+        .find(|l| l.contains("older than 14 days"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.parse().ok()))
+        .unwrap_or_else(|| panic!("no skipped count in:\n{status}"));
+    // (A window may cross the 14-day line between the sink's clock and ours.)
+    assert!(
+        skipped.abs_diff(too_old) <= 1,
+        "{skipped} skipped, {too_old} too old:\n{status}"
+    );
+}

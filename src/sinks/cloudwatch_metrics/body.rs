@@ -36,8 +36,23 @@ type SeriesMinute = (String, Vec<(String, String)>, String, i64);
 /// dead letter (no retry can ever deliver it).
 pub const TOO_OLD: &str = "older than 14 days (CloudWatch takes at most two weeks back)";
 
+/// Why a point is not sent.
+enum Refusal {
+    /// Older than CloudWatch takes: skipped and counted, never sendable.
+    TooOld,
+    /// CloudWatch would refuse it: kept as a dead letter with the reason.
+    Invalid(String),
+}
+
 /// Why CloudWatch would refuse this point, if it would.
-fn refusal(r: &Record, dims: &[(String, String)], now: i64) -> Option<String> {
+fn refusal(r: &Record, dims: &[(String, String)], now: i64) -> Option<Refusal> {
+    if r.ts_ms < now - MAX_AGE_MS {
+        return Some(Refusal::TooOld);
+    }
+    invalid(r, dims, now).map(Refusal::Invalid)
+}
+
+fn invalid(r: &Record, dims: &[(String, String)], now: i64) -> Option<String> {
     if !r.value.is_finite() {
         return Some(format!("value {} is not a finite number", r.value));
     }
@@ -46,9 +61,6 @@ fn refusal(r: &Record, dims: &[(String, String)], now: i64) -> Option<String> {
             "value {} is beyond CloudWatch's range of ±2^360",
             r.value
         ));
-    }
-    if r.ts_ms < now - MAX_AGE_MS {
-        return Some(TOO_OLD.into());
     }
     if r.ts_ms > now + MAX_AHEAD_MS {
         return Some("more than 2 hours in the future".into());
@@ -102,16 +114,22 @@ pub fn dimension_problem(name: &str, value: &str) -> Option<String> {
     })
 }
 
+/// What [`fold`] made of a batch's points.
+#[derive(Debug, Default)]
+pub struct Folded {
+    pub datums: Vec<Datum>,
+    /// (record id, why) CloudWatch would refuse: dead letters.
+    pub rejected: Vec<(i64, String)>,
+    /// (record id, [`TOO_OLD`]): skipped and counted.
+    pub skipped: Vec<(i64, String)>,
+}
+
 /// Fold points into datums: one per series (name, dims, unit) and minute,
-/// values counted. Returns the datums and the (record id, reason) refused.
-pub fn fold(
-    records: &[(i64, Record)],
-    extra: &[(String, String)],
-    now: i64,
-) -> (Vec<Datum>, Vec<(i64, String)>) {
+/// values counted; the points that cannot be sent, set aside with why.
+pub fn fold(records: &[(i64, Record)], extra: &[(String, String)], now: i64) -> Folded {
     let mut datums: Vec<Datum> = Vec::new();
     let mut open: HashMap<SeriesMinute, usize> = HashMap::new();
-    let mut rejected = Vec::new();
+    let (mut rejected, mut skipped) = (Vec::new(), Vec::new());
     for (id, r) in records {
         let mut dims: Vec<(String, String)> = r.dims.pairs().to_vec();
         for (k, v) in extra {
@@ -120,9 +138,16 @@ pub fn fold(
             }
         }
         dims.sort();
-        if let Some(why) = refusal(r, &dims, now) {
-            rejected.push((*id, why));
-            continue;
+        match refusal(r, &dims, now) {
+            Some(Refusal::TooOld) => {
+                skipped.push((*id, TOO_OLD.to_owned()));
+                continue;
+            }
+            Some(Refusal::Invalid(why)) => {
+                rejected.push((*id, why));
+                continue;
+            }
+            None => {}
         }
         let key = (
             r.name.clone(),
@@ -157,7 +182,11 @@ pub fn fold(
             }
         }
     }
-    (datums, rejected)
+    Folded {
+        datums,
+        rejected,
+        skipped,
+    }
 }
 
 /// Everything but RFC 3986's unreserved `A-Z a-z 0-9 - _ . ~`.

@@ -125,10 +125,11 @@ impl Sink for CloudWatchMetrics {
         progress: &'a Progress,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
-            let (datums, refused) = fold(&batch.records, &self.config.dimensions, now_ms());
-            let (skipped, rejected) = refused
-                .into_iter()
-                .partition(|(_, why)| why == body::TOO_OLD);
+            let body::Folded {
+                datums,
+                rejected,
+                skipped,
+            } = fold(&batch.records, &self.config.dimensions, now_ms());
             let requests = bodies(&self.config.namespace, &datums);
             let mut sent = Delivered {
                 rejected,

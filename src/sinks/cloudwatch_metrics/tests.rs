@@ -47,7 +47,7 @@ fn each_request_carries_the_ids_of_its_records() {
         .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
         .collect();
     recs.push(point("m0", &[], NOW, 2.0));
-    let (datums, _) = fold(&ids(recs), &[], NOW);
+    let body::Folded { datums, .. } = fold(&ids(recs), &[], NOW);
     let b = bodies("ns", &datums);
     assert_eq!(b.len(), 2);
     let mut all: Vec<i64> = b.iter().flat_map(|(_, ids)| ids.clone()).collect();
@@ -66,7 +66,9 @@ fn each_request_carries_the_ids_of_its_records() {
 
 #[test]
 fn one_datum_exact_bytes() {
-    let (datums, rejected) = fold(
+    let body::Folded {
+        datums, rejected, ..
+    } = fold(
         &ids(vec![point(
             "active users",
             &[("window", "30m"), ("gateway", "gw/1")],
@@ -99,7 +101,7 @@ fn one_datum_exact_bytes() {
 #[test]
 fn values_of_a_series_within_a_minute_fold_into_values_and_counts() {
     let m = NOW - NOW % 60_000;
-    let (datums, _) = fold(
+    let body::Folded { datums, .. } = fold(
         &ids(vec![
             point("m", &[("s", "a")], m + 1_000, 1.0),
             point("m", &[("s", "a")], m + 2_000, 2.0),
@@ -119,7 +121,7 @@ fn values_of_a_series_within_a_minute_fold_into_values_and_counts() {
     ));
     // 151 distinct values of one series and minute need two datums.
     let many: Vec<Record> = (0..151).map(|i| point("m", &[], m, f64::from(i))).collect();
-    let (datums, _) = fold(&ids(many), &[], NOW);
+    let body::Folded { datums, .. } = fold(&ids(many), &[], NOW);
     assert_eq!(
         datums.iter().map(|d| d.values.len()).collect::<Vec<_>>(),
         vec![150, 1]
@@ -132,7 +134,11 @@ fn what_cloudwatch_refuses_is_not_sent_and_says_why() {
         (0..31).map(|i| (format!("k{i}"), "v".to_owned())).collect();
     let mut wide = point("m", &[], NOW, 1.0);
     wide.dims = Dims::new(dims31);
-    let (datums, rejected) = fold(
+    let body::Folded {
+        datums,
+        rejected,
+        skipped,
+    } = fold(
         &ids(vec![
             point("m", &[], NOW - 15 * 86_400_000, 1.0),
             point("m", &[], NOW + 3 * 3_600_000, 1.0),
@@ -147,9 +153,16 @@ fn what_cloudwatch_refuses_is_not_sent_and_says_why() {
     assert_eq!(datums.len(), 1);
     let reasons: Vec<&str> = rejected.iter().map(|(_, w)| w.as_str()).collect();
     assert_eq!(
+        skipped,
+        vec![(
+            1,
+            "older than 14 days (CloudWatch takes at most two weeks back)".to_owned()
+        )],
+        "too old: skipped, not a dead letter"
+    );
+    assert_eq!(
         reasons,
         vec![
-            "older than 14 days (CloudWatch takes at most two weeks back)",
             "more than 2 hours in the future",
             "value NaN is not a finite number",
             "value inf is not a finite number",
@@ -158,7 +171,7 @@ fn what_cloudwatch_refuses_is_not_sent_and_says_why() {
     );
     assert_eq!(
         rejected.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5]
+        vec![2, 3, 4, 5]
     );
 }
 
@@ -168,7 +181,7 @@ fn requests_split_exactly_at_1000_datums() {
         let recs: Vec<Record> = (0..n)
             .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
             .collect();
-        let (datums, _) = fold(&ids(recs), &[], NOW);
+        let body::Folded { datums, .. } = fold(&ids(recs), &[], NOW);
         let counts: Vec<usize> = texts("ns", &datums)
             .iter()
             .map(|b| b.matches(".MetricName=").count())
@@ -184,7 +197,7 @@ fn requests_split_exactly_at_1000_datums() {
     let recs: Vec<Record> = (0..1001)
         .map(|i| point(&format!("m{i}"), &[], NOW, 1.0))
         .collect();
-    let (datums, _) = fold(&ids(recs), &[], NOW);
+    let body::Folded { datums, .. } = fold(&ids(recs), &[], NOW);
     let b = texts("ns", &datums);
     assert!(b[1].contains("&MetricData.member.1.MetricName=m1000") && !b[1].contains("member.2."));
 }
@@ -202,7 +215,9 @@ fn requests_split_before_one_megabyte() {
             r
         })
         .collect();
-    let (datums, rejected) = fold(&ids(recs), &[], NOW);
+    let body::Folded {
+        datums, rejected, ..
+    } = fold(&ids(recs), &[], NOW);
     assert!(rejected.is_empty());
     let b = texts("ns", &datums);
     assert!(b.len() >= 2, "{} bodies", b.len());
@@ -235,7 +250,9 @@ fn gzip_round_trips() {
 fn points_too_old_for_cloudwatch_are_the_one_kind_the_sink_skips() {
     // The sink splits fold's refusals on this reason: skipped and counted
     // under drops, where the others become dead letters.
-    let (_, refused) = fold(
+    let body::Folded {
+        rejected, skipped, ..
+    } = fold(
         &ids(vec![
             point("m", &[], NOW - 15 * 86_400_000, 1.0),
             point("m", &[], NOW, f64::NAN),
@@ -243,9 +260,6 @@ fn points_too_old_for_cloudwatch_are_the_one_kind_the_sink_skips() {
         &[],
         NOW,
     );
-    let (skipped, rejected): (Vec<_>, Vec<_>) = refused
-        .into_iter()
-        .partition(|(_, why)| why == super::body::TOO_OLD);
     assert_eq!(skipped.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1]);
     assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), vec![2]);
 }
@@ -297,7 +311,9 @@ fn dimensions_cloudwatch_refuses_are_named_and_not_sent() {
     );
     // In a batch: the point with such a dimension is refused alone, with
     // the reason; the others are sent.
-    let (datums, rejected) = fold(
+    let body::Folded {
+        datums, rejected, ..
+    } = fold(
         &ids(vec![
             point("m", &[("site", "Zürich")], NOW, 1.0),
             point("m", &[("site", "zurich")], NOW, 2.0),
