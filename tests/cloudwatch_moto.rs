@@ -14,8 +14,12 @@ use common::{Agent, TempDir, edgemeter, wait_until};
 
 const PERIOD_MS: i64 = 2000;
 
+/// Keys for moto, the secret in a file only its owner can read (as
+/// `check` wants it).
 fn aws_keys(dir: &TempDir) -> &'static str {
-    dir.write("aws-secret", "testing");
+    let secret = dir.write("aws-secret", "testing");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     "access_key_id = \"testing\"\nsecret_access_key_file = \"aws-secret\"\nregion = \"us-west-1\"\n\
      retry_initial_secs = 0.1\nretry_max_secs = 0.5\n"
 }
@@ -96,13 +100,7 @@ endpoint = "http://127.0.0.1:{port}"
     let csv = std::fs::read_to_string(dir.path("active-users.csv")).expect("csv");
 
     // Logs: one stream named as the script named it, one event per CSV line.
-    let logs = moto.read(&["logs", "xxnetwork-active-users-mainnet"]);
-    let events: Vec<String> = logs["NODE42-active-users.csv"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no stream NODE42-active-users.csv in {logs}"))
-        .iter()
-        .map(|m| m.as_str().expect("message").to_owned())
-        .collect();
+    let events = moto.log_events("xxnetwork-active-users-mainnet", "NODE42-active-users.csv");
     let lines: Vec<String> = csv
         .split_terminator("\r\n")
         .map(|l| format!("{l}\n"))
@@ -263,11 +261,6 @@ fn a_partly_accepted_batch_is_dead_lettered_and_retried_without_duplicates() {
     );
     let dir = TempDir::new("cw-partial");
     let keys = aws_keys(&dir);
-    std::fs::set_permissions(
-        dir.path("aws-secret"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod");
     let cfg = dir.write(
         "edgemeter.toml",
         &format!(
@@ -376,11 +369,6 @@ fn a_first_start_backfill_older_than_fourteen_days_is_sent_not_dead_lettered() {
     );
     dir.write("gateway-IDF.json", r#"{"id":"NODE7"}"#);
     let keys = aws_keys(&dir);
-    std::fs::set_permissions(
-        dir.path("aws-secret"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod");
     let cfg = dir.write(
         "edgemeter.toml",
         &format!(

@@ -225,16 +225,10 @@ fn status(cfg: &std::path::Path) -> String {
     out
 }
 
-const SOURCE: &str = r#"[[source]]
-type = "xx_gateway"
-name = "gateway"
-gateway_config = "gateway.yaml"
-node_id_file = "gateway-IDF.json"
-windows = [1, 3]
-backfill_epochs = 6
-grace_secs = 0.2
-poll_interval_secs = 0.2
-"#;
+/// The tests' source without its `csv_path` (each test sets its own).
+fn source() -> String {
+    common::XX_SOURCE.replace("csv_path = \"active-users.csv\"\n", "")
+}
 
 /// Problem 1: with a `csv_path` that cannot be written, the same windows
 /// were emitted again at every poll (4,127 times in 27 s). Now `check`
@@ -251,7 +245,7 @@ fn an_unwritable_csv_path_is_caught_by_check_and_never_re_emits_windows() {
         &dir,
         pg.port,
         "pw-ro",
-        &format!("{SOURCE}csv_path = \"no/such/dir/au.csv\"\n"),
+        &format!("{}csv_path = \"no/such/dir/au.csv\"\n", source()),
     );
     let c = cfg.to_str().expect("utf-8");
     let (code, _, err) = edgemeter(&["check", "-c", c]);
@@ -340,7 +334,7 @@ fn late_rows_near_the_horizon_correct_exactly_or_are_counted_as_expired() {
     let pg = PgServer::start("xx-late");
     let mut gw = pg.gateway_db(P);
     let dir = TempDir::new("xx-late");
-    let source = SOURCE
+    let source = source()
         .replace("windows = [1, 3]", "windows = [1, 3]\nbackfill_epochs = 12")
         .replace("backfill_epochs = 6\n", "");
     let cfg = gateway_files(
@@ -479,7 +473,7 @@ fn a_first_start_after_active_users_py_appends_and_sends_no_window_twice() {
         pg.port,
         "pw-ro",
         &format!(
-            r#"{SOURCE}csv_path = "active-users.csv"
+            r#"{source}csv_path = "active-users.csv"
 
 [[sink]]
 type = "cloudwatch_logs"
@@ -492,6 +486,7 @@ region = "us-west-1"
 retry_initial_secs = 0.1
 retry_max_secs = 0.5
 "#,
+            source = source(),
             port = moto.port
         ),
     );
@@ -528,13 +523,10 @@ retry_max_secs = 0.5
         assert_eq!(n, reference(&mut gw, e, w), "line {e},{w}");
     }
     // CloudWatch Logs got the new lines only, each once.
-    let logs = moto.read(&["logs", "xxnetwork-active-users-mainnet"]);
-    let events: Vec<String> = logs["gw-node-1-active-users.csv"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no stream gw-node-1-active-users.csv in {logs}"))
-        .iter()
-        .map(|m| m.as_str().expect("message").to_owned())
-        .collect();
+    let events = moto.log_events(
+        "xxnetwork-active-users-mainnet",
+        "gw-node-1-active-users.csv",
+    );
     let mut keys: Vec<(i64, i64)> = events
         .iter()
         .map(|l| {
@@ -570,7 +562,7 @@ fn status_shows_a_failing_source_and_yaml_escapes_are_read_as_yaml() {
     let now_e = now_ms() / PERIOD_MS;
     fill(&mut gw, now_e - 8..now_e, 5);
     let dir = TempDir::new("xx-status");
-    let cfg = gateway_files(&dir, pg.port, "\"bad-pass-123\"", SOURCE);
+    let cfg = gateway_files(&dir, pg.port, "\"bad-pass-123\"", &source());
     let c = cfg.to_str().expect("utf-8");
 
     // check reads gateway.yaml and the node id file.
@@ -648,7 +640,7 @@ fn the_postgresql_environment_fills_what_the_config_leaves_out() {
     fill(&mut gw, now_e - 8..now_e, 5);
     let dir = TempDir::new("xx-env");
     dir.write("gateway-IDF.json", r#"{"id":"gw-node-1"}"#);
-    let source = SOURCE.replace("gateway_config = \"gateway.yaml\"\n", "user = \"ro\"\n");
+    let source = source().replace("gateway_config = \"gateway.yaml\"\n", "user = \"ro\"\n");
     let cfg = dir.write(
         "edgemeter.toml",
         &format!(

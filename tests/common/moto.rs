@@ -79,6 +79,18 @@ impl Moto {
         );
         serde_json::from_slice(&out.stdout).expect("cloudwatch-read prints JSON")
     }
+
+    /// The messages of one log stream, in order (the test fails if the
+    /// stream does not exist).
+    pub fn log_events(&self, group: &str, stream: &str) -> Vec<String> {
+        let logs = self.read(&["logs", group]);
+        logs[stream]
+            .as_array()
+            .unwrap_or_else(|| panic!("no stream {stream} in {logs}"))
+            .iter()
+            .map(|m| m.as_str().expect("message").to_owned())
+            .collect()
+    }
 }
 
 impl Drop for Moto {
