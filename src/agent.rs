@@ -42,6 +42,9 @@ use crate::{sinks, sources};
 pub const SINK_FINISH: Duration = Duration::from_secs(3);
 /// Most records committed in one transaction; a larger backlog takes several.
 const GROUP_MAX: usize = 50_000;
+/// How often the writer makes its commits survive a power cut (an fsync of
+/// the WAL; a commit itself does not wait for the disk, see the outbox).
+const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Records held in memory while commits fail (disk full); past this the
 /// oldest are dropped and counted as `commit_failed`.
 const UNCOMMITTED_MAX: usize = 200_000;
@@ -135,7 +138,10 @@ async fn serve(
     let writer = ex.spawn(write_records(
         records,
         outbox.clone(),
-        agent.flush_interval,
+        Cadence {
+            flush: agent.flush_interval,
+            deliver: agent.deliver_interval,
+        },
         bells,
     ));
     let source_tasks: Vec<Task<()>> = config
@@ -290,15 +296,37 @@ async fn join_within(tasks: Vec<Task<()>>, budget: Duration) -> usize {
     cancelled
 }
 
+/// Fsync the outbox's WAL (see [`SYNC_EVERY`]); a failure is logged.
+async fn sync(outbox: &SharedOutbox) {
+    if let Err(e) = outbox.call(|o| o.sync()).await {
+        log::warn!("{e}; the last second's records would not survive a power cut");
+    }
+}
+
+/// How often the writer commits, and wakes the sinks.
+struct Cadence {
+    /// Records are committed at most this long after they arrive.
+    flush: Duration,
+    /// Caught-up sinks are woken at most this often, or at once for a
+    /// large commit: committing every 0.1 s must not mean a request to
+    /// CloudWatch or the upstream every 0.1 s.
+    deliver: Duration,
+}
+
+/// A commit this large wakes the sinks at once (about a batch's worth).
+const RING_AT_ONCE: usize = 1000;
+
 /// The outbox writer: groups what arrives within `flush` into one
-/// transaction. Ends when the channel closes (every source gone), after
-/// committing what it holds.
+/// transaction, and makes the commits durable against a power cut once a
+/// second ([`SYNC_EVERY`]). Ends when the channel closes (every source
+/// gone), after committing and syncing what it holds.
 async fn write_records(
     rx: Receiver<Item>,
     outbox: SharedOutbox,
-    flush: Duration,
+    cadence: Cadence,
     bells: Vec<Doorbell>,
 ) {
+    let flush = cadence.flush;
     let mut group: Vec<Record> = Vec::new();
     // Barriers wait for the commit of everything received before them.
     let mut barriers: Vec<Sender<()>> = Vec::new();
@@ -306,16 +334,51 @@ async fn write_records(
     let mut failing = false;
     let mut lost_uncounted: i64 = 0;
     let mut closed = false;
+    // Commits not yet synced, and when the last sync was; commits the
+    // sinks were not woken for, and when they last were.
+    let (mut unsynced, mut synced_at) = (false, Instant::now());
+    let (mut unrung, mut rung_at) = (false, Instant::now());
+    let ring = |bells: &[Doorbell]| bells.iter().for_each(Doorbell::ring);
     while !closed || !group.is_empty() {
         if group.is_empty() {
-            match rx.recv().await {
-                Ok(Item::Record(r)) => group.push(r),
-                Ok(Item::Barrier(done)) => {
+            let wake = [
+                unsynced.then(|| synced_at + SYNC_EVERY),
+                unrung.then(|| rung_at + cadence.deliver),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let next = if let Some(at) = wake {
+                let due = smol::Timer::at(at);
+                smol::future::or(async { Some(rx.recv().await) }, async {
+                    due.await;
+                    None
+                })
+                .await
+            } else {
+                Some(rx.recv().await)
+            };
+            match next {
+                Some(Ok(Item::Record(r))) => group.push(r),
+                Some(Ok(Item::Barrier(done))) => {
                     // Nothing is pending: everything before it is committed.
                     let _ = done.try_send(());
                     continue;
                 }
-                Err(_) => break,
+                Some(Err(_)) => break,
+                None => {
+                    // Idle since the last commit: wake the sinks, make it
+                    // durable, whichever is due.
+                    if unrung && rung_at.elapsed() >= cadence.deliver {
+                        ring(&bells);
+                        (unrung, rung_at) = (false, Instant::now());
+                    }
+                    if unsynced && synced_at.elapsed() >= SYNC_EVERY {
+                        sync(&outbox).await;
+                        (unsynced, synced_at) = (false, Instant::now());
+                    }
+                    continue;
+                }
             }
         }
         // Gather until the flush deadline; a closed channel or a barrier
@@ -339,19 +402,37 @@ async fn write_records(
         }
         let batch = std::mem::take(&mut group);
         let lost = std::mem::take(&mut lost_uncounted);
-        let (batch, result) = outbox
+        let sync_now = closed || synced_at.elapsed() >= SYNC_EVERY;
+        let (batch, result, synced) = outbox
             .call(move |o| {
                 let r = o.append(&batch);
                 if r.is_ok() && lost > 0 {
                     // Best effort: the count is only a statistic.
                     let _ = o.count_drops(reason::COMMIT_FAILED, lost);
                 }
-                (batch, r)
+                let synced = (r.is_ok() && sync_now).then(|| o.sync());
+                (batch, r, synced)
             })
             .await;
+        match synced {
+            Some(Ok(())) => (unsynced, synced_at) = (false, Instant::now()),
+            Some(Err(e)) => {
+                log::warn!("{e}; the last second's records would not survive a power cut");
+                synced_at = Instant::now();
+            }
+            None => unsynced |= result.is_ok(),
+        }
         match result {
             Ok(appended) => {
-                bells.iter().for_each(Doorbell::ring);
+                if closed
+                    || batch.len() >= RING_AT_ONCE
+                    || rung_at.elapsed() >= cadence.deliver
+                {
+                    ring(&bells);
+                    (unrung, rung_at) = (false, Instant::now());
+                } else {
+                    unrung = true;
+                }
                 for done in barriers.drain(..) {
                     let _ = done.try_send(());
                 }
@@ -412,6 +493,12 @@ async fn write_records(
             }
         }
     }
+    if unrung {
+        ring(&bells);
+    }
+    if unsynced {
+        sync(&outbox).await;
+    }
 }
 
 #[cfg(test)]
@@ -440,7 +527,10 @@ mod tests {
             let writer = ex.spawn(write_records(
                 rx,
                 outbox.clone(),
-                Duration::from_millis(10),
+                Cadence {
+                    flush: Duration::from_millis(10),
+                    deliver: Duration::from_millis(10),
+                },
                 Vec::new(),
             ));
             for i in 0..n {

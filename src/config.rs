@@ -63,6 +63,9 @@ pub struct Agent {
     pub log_level: LevelFilter,
     pub buffer_max_bytes: u64,
     pub flush_interval: Duration,
+    /// Sinks that are caught up are woken for new records at most this
+    /// often (a sink with a backlog keeps sending full batches).
+    pub deliver_interval: Duration,
     /// At shutdown, how long sources get to emit their last window and save
     /// their state before they are cancelled.
     pub shutdown_grace: Duration,
@@ -369,6 +372,7 @@ struct RawAgent {
     log_level: Option<Spanned<String>>,
     buffer_max_bytes: Option<Spanned<i64>>,
     flush_interval_secs: Option<Spanned<f64>>,
+    deliver_interval_secs: Option<Spanned<f64>>,
     shutdown_grace_secs: Option<Spanned<f64>>,
 }
 
@@ -412,11 +416,25 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
     let flush_interval = secs(
         raw.flush_interval_secs.as_ref(),
         "flush_interval_secs",
-        1.0,
+        0.1,
         0.01,
         60.0,
         p,
     );
+    // Unset, it is 1 s; or, in a config that sets flush_interval_secs, that
+    // interval, the delivery cadence such configs had before the two were
+    // separate.
+    let deliver_interval = match (&raw.deliver_interval_secs, &raw.flush_interval_secs) {
+        (None, Some(_)) => flush_interval,
+        (given, _) => secs(
+            given.as_ref(),
+            "deliver_interval_secs",
+            1.0,
+            0.01,
+            600.0,
+            p,
+        ),
+    };
     let shutdown_grace = secs(
         raw.shutdown_grace_secs.as_ref(),
         "shutdown_grace_secs",
@@ -431,6 +449,7 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
         log_level,
         buffer_max_bytes,
         flush_interval,
+        deliver_interval,
         shutdown_grace,
     })
 }

@@ -31,7 +31,8 @@ fn empty_file_means_all_defaults() {
     let c = check_ok("");
     assert_eq!(c.agent.state_dir, Path::new("/var/lib/edgemeter"));
     assert_eq!(c.agent.buffer_max_bytes, 256 * 1024 * 1024);
-    assert_eq!(c.agent.flush_interval, Duration::from_secs(1));
+    assert_eq!(c.agent.flush_interval, Duration::from_millis(100));
+    assert_eq!(c.agent.deliver_interval, Duration::from_secs(1));
     assert_eq!(c.agent.log_level, LevelFilter::Info);
     assert!(!c.agent.id.is_empty());
     assert!(c.sources.is_empty() && c.sinks.is_empty());
@@ -71,6 +72,8 @@ retry_max_secs = 2
     assert_eq!(c.agent.log_level, LevelFilter::Debug);
     assert_eq!(c.agent.buffer_max_bytes, 1_048_576);
     assert_eq!(c.agent.flush_interval, Duration::from_millis(100));
+    // A config that sets only the flush keeps it as its delivery cadence.
+    assert_eq!(c.agent.deliver_interval, Duration::from_millis(100));
     assert_eq!(c.sources.len(), 1);
     assert_eq!(c.sources[0].name, "load");
     let SourceConfig::Synthetic(s) = &c.sources[0].config else {
@@ -237,7 +240,7 @@ colour = "red"
 [agnet]
 "#,
         &[
-            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `shutdown_grace_secs`",
+            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`",
             "8:1: unknown field `rate`, expected one of `metric`, `rate_per_sec`, `series`, `limit`, `users`, `users_window_secs`",
             "13:1: unknown field `colour`, expected `path` or `kinds`",
             "15:2: unknown top-level key `agnet`; expected `[agent]`, `[[source]]`, `[[sink]]` or `[upstream]`",

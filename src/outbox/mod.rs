@@ -4,9 +4,20 @@
 //! # Constraints
 //! - A record is committed to SQLite before anything downstream sees it, and
 //!   it leaves the outbox only in the transaction that records the last
-//!   wanting sink's confirmation. A `kill -9` at any instant loses nothing
-//!   that was committed: WAL mode with `synchronous = FULL`, and every state
-//!   change is one transaction.
+//!   wanting sink's confirmation. Every state change is one transaction.
+//! - What each failure can lose (WAL mode, `synchronous = NORMAL`: a commit
+//!   writes the WAL without waiting for the disk; the writer fsyncs the WAL
+//!   once a second, [`Outbox::sync`], and SQLite at each checkpoint):
+//!   - **the process dies** (`kill -9`, a panic, the OOM killer): nothing
+//!     committed; the records received but not yet committed, at most
+//!     `flush_interval_secs` of them (0.1 s by default), plus a commit in
+//!     progress.
+//!   - **the machine dies** (power cut, kernel panic): also the commits of
+//!     the last second at most. The file is never corrupt: SQLite discards
+//!     a torn WAL tail at open. A lost confirmation only means a batch is
+//!     sent again, with the same `(sink, seq)`.
+//!   - The disk sees about one fsync a second at steady load, plus a
+//!     checkpoint's two every ~4 MB written: what an SD card can bear.
 //! - Delivery is at-least-once per sink with a **stable batch id**
 //!   `(sink, seq)`: a batch keeps its seq and its id range across retries and
 //!   restarts, so a receiver can drop duplicates and a file sink can repair a
@@ -20,7 +31,7 @@
 //!   ([`crate::state_dir`]); readers (`edgemeter status`) open read-only and
 //!   rely on WAL to see a consistent snapshot while the agent writes.
 //!
-//! # Schema (`PRAGMA application_id` = `EDM1`, `user_version` = 1)
+//! # Schema (`PRAGMA application_id` = `EDM1`, `user_version` = 2)
 //! - `records(id AUTOINCREMENT, kind, ts, name, dims, value, unit, payload,
 //!   size, at)`: appended by the writer. AUTOINCREMENT because sink cursors
 //!   compare ids: an id must never be reused after its row is deleted.

@@ -250,7 +250,7 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
         )));
     }
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = FULL;
+        "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = OFF;
          BEGIN;
          {SCHEMA}

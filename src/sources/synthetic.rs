@@ -220,6 +220,9 @@ async fn points(c: Config, ctx: &Context) {
                 }
                 sent += 1;
             }
+            // The crash test reads this: how many points the source had
+            // handed over, and when.
+            log::debug!("source `{}`: {sent} points emitted", ctx.name);
             if c.limit.is_some_and(|l| sent >= l) {
                 log::info!(
                     "source `{}`: emitted its limit of {sent} points; idle until shutdown",
