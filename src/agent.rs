@@ -424,10 +424,7 @@ async fn write_records(
         }
         match result {
             Ok(appended) => {
-                if closed
-                    || batch.len() >= RING_AT_ONCE
-                    || rung_at.elapsed() >= cadence.deliver
-                {
+                if closed || batch.len() >= RING_AT_ONCE || rung_at.elapsed() >= cadence.deliver {
                     ring(&bells);
                     (unrung, rung_at) = (false, Instant::now());
                 } else {

@@ -426,14 +426,7 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
     // separate.
     let deliver_interval = match (&raw.deliver_interval_secs, &raw.flush_interval_secs) {
         (None, Some(_)) => flush_interval,
-        (given, _) => secs(
-            given.as_ref(),
-            "deliver_interval_secs",
-            1.0,
-            0.01,
-            600.0,
-            p,
-        ),
+        (given, _) => secs(given.as_ref(), "deliver_interval_secs", 1.0, 0.01, 600.0, p),
     };
     let shutdown_grace = secs(
         raw.shutdown_grace_secs.as_ref(),

@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 use smol::LocalExecutor;
 
 use super::*;
+use crate::record::{Kind, Record};
 use crate::runtime::{Item, record_channel, shutdown_pair};
+use crate::sketch::Sketch;
 use crate::sources::Context;
+use step::{Emission, Inner};
+use store::Store;
 
 #[path = "../../../tests/common/pg.rs"]
 mod pg;
