@@ -24,6 +24,16 @@ fn aws_keys(dir: &TempDir) -> &'static str {
      retry_initial_secs = 0.1\nretry_max_secs = 0.5\n"
 }
 
+/// A gateway's `gateway.yaml` (the read-only role of `gateway_db`) and
+/// its node id file, beside the config.
+fn gateway_files(dir: &TempDir, port: u16, node: &str) {
+    dir.write(
+        "gateway.yaml",
+        &format!("dbName: cmix_gateway\ndbAddress: \"127.0.0.1:{port}\"\ndbUsername: ro\ndbPassword: pw-ro\n"),
+    );
+    dir.write("gateway-IDF.json", &format!(r#"{{"id":"{node}"}}"#));
+}
+
 #[test]
 fn an_xx_gateways_windows_arrive_as_metrics_and_its_csv_lines_as_log_events() {
     let moto = Moto::start();
@@ -43,11 +53,7 @@ fn an_xx_gateways_windows_arrive_as_metrics_and_its_csv_lines_as_log_events() {
         .expect("rows");
     }
     let dir = TempDir::new("cw-xx");
-    dir.write(
-        "gateway.yaml",
-        &format!("dbName: cmix_gateway\ndbAddress: \"127.0.0.1:{}\"\ndbUsername: ro\ndbPassword: pw-ro\n", pg.port),
-    );
-    dir.write("gateway-IDF.json", r#"{"id":"NODE42"}"#);
+    gateway_files(&dir, pg.port, "NODE42");
     let keys = aws_keys(&dir);
     let cfg = dir.write(
         "edgemeter.toml",
@@ -363,11 +369,7 @@ fn a_first_start_backfill_older_than_fourteen_days_is_sent_not_dead_lettered() {
         .expect("rows");
     }
     let dir = TempDir::new("cw-old");
-    dir.write(
-        "gateway.yaml",
-        &format!("dbName: cmix_gateway\ndbAddress: \"127.0.0.1:{}\"\ndbUsername: ro\ndbPassword: pw-ro\n", pg.port),
-    );
-    dir.write("gateway-IDF.json", r#"{"id":"NODE7"}"#);
+    gateway_files(&dir, pg.port, "NODE7");
     let keys = aws_keys(&dir);
     let cfg = dir.write(
         "edgemeter.toml",

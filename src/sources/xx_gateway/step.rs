@@ -349,7 +349,7 @@ impl Inner {
         hl.late_rows += tally.late_rows;
         hl.expired_rows += tally.expired_rows;
         hl.gaps_given_up += tally.gaps_given_up;
-        hl.gaps_open = store.gaps().map_err(&se)?.len() as u64;
+        hl.gaps_open = store.gap_count().map_err(&se)?;
         Ok(Step {
             node_id: self.node_id.clone().expect("read in step"),
             period_ms: period,

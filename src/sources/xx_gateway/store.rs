@@ -161,6 +161,14 @@ impl Store {
             .map_err(|e| self.err("forgetting gaps", e))
     }
 
+    /// How many gaps are watched.
+    pub fn gap_count(&self) -> Result<u64, String> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM gaps", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|e| self.err("counting gaps", e))
+    }
+
     /// Windows a late row changed, to emit again.
     pub fn dirty(&self) -> Result<Vec<(i64, u32)>, String> {
         let mut st = self
