@@ -35,6 +35,7 @@
 //!    - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
 //!      `Type=notify` units; nothing without `$NOTIFY_SOCKET`.
 //!    - [`http_client`]: the policy of every outgoing HTTP request (roots, timeout, gzip).
+//!    - [`http_server`]: a bounded HTTP/1.1 server core (the upstream's API, an agent's `http_listen`).
 //! 1. On leaves:
 //!    - [`sketch`]: mergeable distinct counts (exact set, then HyperLogLog p = 14).
 //!    - [`state_dir`]: the state directory and its one-agent lock.
@@ -53,8 +54,7 @@
 //!      retry/dead-letter loop); [`sinks::csv`], the CloudWatch sinks and
 //!      [`sinks::upstream`] (batches to an upstream edgemeter).
 //! 5. The aggregator:
-//!    - [`upstream`]: `edgemeter upstream`: [`upstream::http`] (a bounded
-//!      HTTP/1.1 server), [`upstream::api`] (routes, tokens, `/metrics`),
+//!    - [`upstream`]: `edgemeter upstream`: [`upstream::api`] (routes, tokens, `/metrics`),
 //!      [`upstream::store`] over [`upstream::db`] (SQLite or PostgreSQL),
 //!      [`upstream::query`] (ranges and output formats).
 //! 6. The document:
@@ -114,6 +114,7 @@ pub mod clock;
 pub mod config;
 pub mod hash;
 pub mod http_client;
+pub mod http_server;
 pub mod logging;
 pub mod outbox;
 pub mod problems;

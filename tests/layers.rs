@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("logging", 0),
     ("systemd", 0),
     ("http_client", 0),
+    ("http_server", 0),
     ("sketch", 1),
     ("state_dir", 1),
     ("wire", 2),

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use smol::channel::Sender;
 
 use crate::clock::now_ms;
+use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::problems::read_token;
 use crate::runtime::OnWorker;
 use crate::upstream::db::DbError;
-use crate::upstream::http::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::upstream::query::{self, Params};
 use crate::upstream::store::{Ingested, Store};
 use crate::wire;
@@ -592,9 +592,8 @@ impl Api {
     }
 
     async fn delete_user(&self, req: &Request) -> Response {
-        let user = crate::upstream::http::percent_decode(
-            req.path.strip_prefix("/v1/users/").unwrap_or(""),
-        );
+        let user =
+            crate::http_server::percent_decode(req.path.strip_prefix("/v1/users/").unwrap_or(""));
         if user.is_empty() || user.len() > 256 {
             return Response::error(400, "name the user: DELETE /v1/users/<user>");
         }

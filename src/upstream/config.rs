@@ -47,25 +47,7 @@ pub struct Config {
     pub settle: Duration,
 }
 
-/// What one peer may cost the server.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub max_connections: usize,
-    pub max_header_bytes: usize,
-    /// The request body as sent (gzip).
-    pub max_body_bytes: usize,
-    /// The batch once unpacked.
-    pub max_batch_bytes: usize,
-    /// Request bodies and the batches unpacked from them, held in memory
-    /// at once across all connections (past it: `503`, the body unread).
-    pub max_buffered_bytes: usize,
-    /// From a request's first byte to the end of its headers.
-    pub header_timeout: Duration,
-    /// For the whole body.
-    pub body_timeout: Duration,
-    /// A kept-alive connection with no request this long is closed.
-    pub idle_timeout: Duration,
-}
+pub use crate::http_server::Limits;
 
 /// `max_buffered_bytes` unless configured: 256 MiB, or a quarter of the
 /// memory limit this process runs under (the unit's `MemoryMax`, read from

@@ -7,7 +7,7 @@
 //! (a tree), with the same durability and retries.
 //!
 //! ```text
-//! edges ─POST /v1/batches─► http.rs (bounded) ─► api.rs (token, decode: wire.rs)
+//! edges ─POST /v1/batches─► http_server.rs (bounded) ─► api.rs (token, decode: wire.rs)
 //!        ─► group committer ─► store.rs (exactly once; SQLite | PostgreSQL via db.rs)
 //! forwarder: settled windows ─► union / sum ─► this upstream's outbox ─► its sinks
 //! queries: /v1/series, /v1/events, /v1/rollups (query.rs) · /health · /metrics
@@ -20,7 +20,6 @@
 pub mod api;
 pub mod config;
 pub mod db;
-pub mod http;
 pub mod query;
 pub mod store;
 
@@ -38,6 +37,7 @@ use smol::channel::Receiver;
 pub use config::Config;
 
 use crate::clock::now_ms;
+use crate::http_server;
 use crate::runtime::{Emitter, LocalBoxFuture, OnWorker, Shutdown};
 use crate::sources::{Context, Source};
 use api::{Api, Commit, Counters, Tokens, bump_map};
@@ -220,7 +220,7 @@ async fn serve(s: Server, ctx: Context) {
 
     let open = Rc::new(Cell::new(0usize));
     let limits = Rc::new(c.limits.clone());
-    let budget = http::Budget::new(c.limits.max_buffered_bytes);
+    let budget = http_server::Budget::new(c.limits.max_buffered_bytes);
     counters.set_budget(budget.clone());
     loop {
         let accepted = smol::future::or(async { Some(s.listener.accept().await) }, async {
@@ -246,8 +246,8 @@ async fn serve(s: Server, ctx: Context) {
                 .set(counters.connections_refused.get() + 1);
             // One write that cannot block (a fresh socket's buffer is
             // empty), then close: a full server costs nothing to refuse.
-            let busy = http::encode_response(
-                &http::Response::error(
+            let busy = http_server::encode_response(
+                &http_server::Response::error(
                     503,
                     "too many connections (max_connections); try again shortly",
                 ),
@@ -271,7 +271,7 @@ async fn serve(s: Server, ctx: Context) {
         ex.spawn(async move {
             let how = match tls {
                 None => {
-                    http::serve_connection(stream, peer, &limits, &budget, &*api)
+                    http_server::serve_connection(stream, peer, &limits, &budget, &*api)
                         .await
                         .1
                 }
@@ -284,12 +284,12 @@ async fn serve(s: Server, ctx: Context) {
                     .await
                     {
                         Some(Ok(tls)) => {
-                            http::serve_connection(tls, peer, &limits, &budget, &*api)
+                            http_server::serve_connection(tls, peer, &limits, &budget, &*api)
                                 .await
                                 .1
                         }
-                        Some(Err(_)) => http::Closed::Malformed,
-                        None => http::Closed::HeaderTimeout,
+                        Some(Err(_)) => http_server::Closed::Malformed,
+                        None => http_server::Closed::HeaderTimeout,
                     }
                 }
             };

@@ -1,5 +1,6 @@
-//! A bounded HTTP/1.1 server core for the upstream: one task per
-//! connection on the event loop, keep-alive, `Content-Length` bodies only.
+//! A bounded HTTP/1.1 server core: one task per connection on the event
+//! loop, keep-alive, `Content-Length` bodies only. The upstream's API and an
+//! agent's `http_listen` (metrics, health, status) are served by it.
 //!
 //! Every way a peer can hold resources is bounded, and each bound is a
 //! config key ([`Limits`]): connections (past the limit a connection gets
@@ -31,7 +32,25 @@ use std::time::{Duration, Instant};
 
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::upstream::config::Limits;
+/// What one peer may cost the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    /// The request body as sent (gzip).
+    pub max_body_bytes: usize,
+    /// The batch once unpacked.
+    pub max_batch_bytes: usize,
+    /// Request bodies and the batches unpacked from them, held in memory
+    /// at once across all connections (past it: `503`, the body unread).
+    pub max_buffered_bytes: usize,
+    /// From a request's first byte to the end of its headers.
+    pub header_timeout: Duration,
+    /// For the whole body.
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no request this long is closed.
+    pub idle_timeout: Duration,
+}
 
 const MAX_HEADERS: usize = 64;
 const READ_CHUNK: usize = 16 * 1024;
