@@ -54,6 +54,8 @@ pub enum AgentError {
     Lock(LockError),
     Outbox(OutboxError),
     Signals(std::io::Error),
+    /// `[agent] http_listen` could not be bound.
+    Listen(std::net::SocketAddr, std::io::Error),
 }
 
 impl fmt::Display for AgentError {
@@ -62,6 +64,10 @@ impl fmt::Display for AgentError {
             AgentError::Lock(e) => e.fmt(f),
             AgentError::Outbox(e) => e.fmt(f),
             AgentError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            AgentError::Listen(addr, e) => write!(
+                f,
+                "cannot listen on {addr} ([agent] http_listen): {e}; choose a free port or remove the key"
+            ),
         }
     }
 }
@@ -91,8 +97,17 @@ pub fn run(
         .map(|(s, b)| (s.name.clone(), b.accepts()))
         .collect();
     let outbox = open_outbox(&config, &wanted)?;
+    let listener = match agent.http_listen {
+        None => None,
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(smol::Async::new)
+                .map_err(|e| AgentError::Listen(addr, e))?,
+        ),
+    };
     let ex = Rc::new(LocalExecutor::new());
-    smol::block_on(ex.run(serve(&ex, config, extra, built, outbox, stop_after)))
+    let main = serve(&ex, config, extra, built, outbox, listener, stop_after);
+    smol::block_on(ex.run(main))
 }
 
 fn open_outbox(config: &Config, wanted: &[(String, KindSet)]) -> Result<SharedOutbox, AgentError> {
@@ -126,12 +141,14 @@ async fn serve(
     extra: Vec<(String, Box<dyn Source>)>,
     built: Vec<Box<dyn Sink>>,
     outbox: SharedOutbox,
+    listener: Option<smol::Async<std::net::TcpListener>>,
     stop_after: Option<Duration>,
 ) -> Result<(), AgentError> {
     let mut signals = Signals::new([Signal::Term, Signal::Int]).map_err(AgentError::Signals)?;
     let (mut trigger, shutdown) = runtime::shutdown_pair();
     let (emitter, records) = runtime::record_channel();
     let agent = config.agent.clone();
+    let scope = crate::status::Scope::of(&config);
 
     let (bells, wakeups): (Vec<_>, Vec<_>) =
         config.sinks.iter().map(|_| runtime::doorbell()).unzip();
@@ -188,6 +205,21 @@ async fn serve(
         sink_tasks.len(),
         agent.state_dir.display()
     );
+
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.get_ref().local_addr() {
+            log::info!(
+                "serving /metrics, /health, /status.json and a status page on http://{addr}/"
+            );
+        }
+        ex.spawn(crate::status::serve::serve(
+            listener,
+            scope,
+            runtime::Spawner::new(ex),
+            shutdown.clone(),
+        ))
+        .detach();
+    }
 
     // systemd: ready now, and watchdog pings from this loop, so a stalled
     // loop is noticed and restarted.

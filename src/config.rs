@@ -69,6 +69,9 @@ pub struct Agent {
     /// At shutdown, how long sources get to emit their last window and save
     /// their state before they are cancelled.
     pub shutdown_grace: Duration,
+    /// `http_listen`: where `/metrics`, `/health` and the status page are
+    /// served; off unless set (a bare port means 127.0.0.1).
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 /// A named, typed component table.
@@ -374,6 +377,7 @@ struct RawAgent {
     flush_interval_secs: Option<Spanned<f64>>,
     deliver_interval_secs: Option<Spanned<f64>>,
     shutdown_grace_secs: Option<Spanned<f64>>,
+    http_listen: Option<Spanned<String>>,
 }
 
 fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Agent> {
@@ -436,6 +440,23 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
         60.0,
         p,
     );
+    let http_listen = raw.http_listen.as_ref().and_then(|l| {
+        let text = l.get_ref().trim();
+        let parsed = match text.parse::<u16>() {
+            Ok(port) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+            Err(_) => text.parse(),
+        };
+        parsed
+            .map_err(|_| {
+                p.push(
+                    l.span(),
+                    format!(
+                        "http_listen `{text}` must be a port (served on 127.0.0.1) or an address and port such as `127.0.0.1:9464` or `[::1]:9464`"
+                    ),
+                )
+            })
+            .ok()
+    });
     (p.list().len() == before).then_some(Agent {
         id,
         state_dir,
@@ -444,6 +465,7 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
         flush_interval,
         deliver_interval,
         shutdown_grace,
+        http_listen,
     })
 }
 

@@ -59,9 +59,13 @@
 //!      [`upstream::query`] (ranges and output formats).
 //! 6. The document:
 //!    - [`config`]: the TOML file, parsed raw then validated; every problem with its line.
-//! 7. The program:
+//! 7. What the agent says about itself:
+//!    - [`status`]: one snapshot (outbox, sinks, sources' status files) as
+//!      `status` text, `status --json` and Prometheus `/metrics`; the
+//!      `[agent] http_listen` server ([`status::serve`]).
+//! 8. The program:
 //!    - [`agent`]: the event loop of `run`: spawns everything, group commits, shutdown.
-//! 8. The command line:
+//! 9. The command line:
 //!    - [`cli`]: arguments, commands, exit codes, `status` and `outbox` output;
 //!      [`cli::demo`]: `edgemeter demo`.
 //!
@@ -124,6 +128,7 @@ pub mod sinks;
 pub mod sketch;
 pub mod sources;
 pub mod state_dir;
+pub mod status;
 pub mod systemd;
 pub mod upstream;
 pub mod wire;

@@ -28,8 +28,9 @@ const LAYERS: &[(&str, u32)] = &[
     ("sinks", 4),
     ("upstream", 5),
     ("config", 6),
-    ("agent", 7),
-    ("cli", 8),
+    ("status", 7),
+    ("agent", 8),
+    ("cli", 9),
 ];
 
 fn layer(module: &str) -> u32 {

@@ -20,6 +20,7 @@ pub enum Command {
     },
     Status {
         config: PathBuf,
+        json: bool,
     },
     Outbox {
         config: PathBuf,
@@ -139,9 +140,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Parsed<Command> {
         "check" => Ok(Command::Check {
             config: c.config_only()?,
         }),
-        "status" => Ok(Command::Status {
-            config: c.config_only()?,
-        }),
+        "status" => c.status(),
         "outbox" => c.outbox(),
         "verify" => c.verify(),
         "relay" => c.relay(),
@@ -284,6 +283,19 @@ impl Cmd {
             action,
             which,
         })
+    }
+
+    fn status(&mut self) -> Parsed<Command> {
+        let mut config = PathBuf::from(config::DEFAULT_PATH);
+        let mut json = false;
+        while let Some(arg) = self.next()? {
+            match arg.long() {
+                Some("json") => json = true,
+                _ if self.common(&arg, &mut config)? => {}
+                _ => return Err(self.foreign(arg)),
+            }
+        }
+        Ok(Command::Status { config, json })
     }
 
     fn verify(&mut self) -> Parsed<Command> {
@@ -507,6 +519,14 @@ mod tests {
             &["status", "-c", "a.toml"],
             Command::Status {
                 config: c("a.toml"),
+                json: false,
+            },
+        );
+        ok(
+            &["status", "--json", "-c", "a.toml"],
+            Command::Status {
+                config: c("a.toml"),
+                json: true,
             },
         );
         ok(

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::clock::now_ms;
-use crate::{agent, cli, config, state_dir};
+use crate::{agent, config};
 
 /// The demo's config: relative paths land in the demo directory.
 const DEMO_CONFIG: &str = r#"# Written by `edgemeter demo`.
@@ -300,13 +300,9 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> Outcome {
     let Ok(config) = config::load(&path) else {
         return Err(Failed::logged(Exit::Failure));
     };
-    let outbox = crate::outbox::Outbox::open_read_only(&state);
-    match outbox.and_then(|o| Ok((o.stats()?, o.path().display().to_string()))) {
-        Ok((stats, p)) => print!(
-            "\n{}{}",
-            cli::render_status(&config, state_dir::holder(&state), &p, &stats, now_ms()),
-            cli::source_status(&config, now_ms())
-        ),
+    let scope = crate::status::Scope::of(&config);
+    match crate::status::collect(&scope, crate::status::Holder::Ask, now_ms()) {
+        Ok(s) => print!("\n{}", crate::status::text::render(&s)),
         Err(e) => eprintln!("edgemeter demo: {e}"),
     }
     let analytics = dir.join("analytics");

@@ -54,9 +54,13 @@ Usage: edgemeter check [-c FILE]
 const HELP_STATUS: &str = "\
 Show the agent's outbox: whether an agent is running on it, buffered records,
 the age of the oldest, drops by reason and sink, and per sink: pending records,
-deliveries, failures, the last error and dead letters. Safe while `run` runs.
+deliveries, failures, the last error and dead letters; then what each source
+published (relay streams, an xx source's lag and errors). Safe while `run` runs.
 
-Usage: edgemeter status [-c FILE]
+  --json   the same as JSON, schema 1 (documented in the README; the same
+           figures as an agent's /metrics with [agent] http_listen)
+
+Usage: edgemeter status [-c FILE] [--json]
 ";
 
 const HELP_OUTBOX: &str = "\

@@ -14,11 +14,11 @@ use args::{Command, OutboxAction, RelayAction, ReportFrom, Stop, Which};
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use crate::clock::{human_duration, iso8601, now_ms};
+use crate::clock::{iso8601, now_ms};
 use crate::config::{self, Config};
-use crate::outbox::{DeadLetter, Outbox, Stats};
+use crate::outbox::{DeadLetter, Outbox};
 use crate::sources::{SourceConfig, xx_gateway};
-use crate::{agent, logging, state_dir, upstream};
+use crate::{agent, logging, upstream};
 
 /// The exit codes, one per kind of ending (the README and `--help` list them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,7 @@ fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
         }
         | Command::Run { config }
         | Command::Check { config }
-        | Command::Status { config }
+        | Command::Status { config, .. }
         | Command::Outbox { config, .. }
         | Command::Verify { config, .. }
         | Command::Relay { config, .. }
@@ -120,7 +120,7 @@ fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
             println!("{}", summary(&config));
             check_files(&config)
         }
-        Command::Status { .. } => status(&config),
+        Command::Status { json, .. } => status(&config, json),
         Command::Outbox { action, which, .. } => outbox(&config, action, &which),
         Command::Verify { rows, .. } => verify(&config, rows),
         Command::Relay { action, source, .. } => relay(&config, action, source.as_deref()),
@@ -174,7 +174,7 @@ fn agent_exit(result: Result<(), agent::AgentError>) -> Outcome {
             log::error!("{e}");
             Err(Failed::logged(match e {
                 agent::AgentError::Lock(_) | agent::AgentError::Outbox(_) => Exit::State,
-                agent::AgentError::Signals(_) => Exit::Failure,
+                agent::AgentError::Signals(_) | agent::AgentError::Listen(..) => Exit::Failure,
             }))
         }
     }
@@ -494,127 +494,17 @@ fn summary(c: &Config) -> String {
     )
 }
 
-fn status(config: &Config) -> Outcome {
-    let dir = &config.agent.state_dir;
-    let running = state_dir::holder(dir);
-    let outbox = match Outbox::open_read_only(dir) {
-        Ok(o) => o,
-        Err(e) => {
-            return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")));
-        }
+fn status(config: &Config, json: bool) -> Outcome {
+    let scope = crate::status::Scope::of(config);
+    let text = match crate::status::collect(&scope, crate::status::Holder::Ask, now_ms()) {
+        Ok(s) if json => serde_json::to_string_pretty(&s).expect("a snapshot serializes") + "\n",
+        Ok(s) => crate::status::text::render(&s),
+        Err(e) => return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}"))),
     };
-    match outbox.stats() {
-        Ok(stats) => {
-            print!(
-                "{}",
-                render_status(
-                    config,
-                    running,
-                    &outbox.path().display().to_string(),
-                    &stats,
-                    now_ms()
-                )
-            );
-            print!("{}", source_status(config, now_ms()));
-            Ok(())
-        }
-        Err(e) => Err(Failed::new(Exit::Failure, format!("edgemeter: {e}"))),
-    }
-}
-
-/// What sources publish about themselves (the relay's streams), with its age.
-pub fn source_status(config: &Config, now: i64) -> String {
-    let mut out = String::new();
-    for s in &config.sources {
-        let path = crate::sources::status_path(&config.agent.state_dir, &s.name);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let written = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as i64);
-        out += &format!("source {} (written {})\n", s.name, ago(now, written));
-        for line in text.lines() {
-            out += &format!("  {line}\n");
-        }
-    }
-    out
-}
-
-fn ago(now: i64, t: Option<i64>) -> String {
-    t.map_or_else(
-        || "never".to_owned(),
-        |t| format!("{} ago", human_duration(now - t)),
-    )
-}
-
-pub fn render_status(
-    config: &Config,
-    running: Option<u32>,
-    path: &str,
-    s: &Stats,
-    now: i64,
-) -> String {
-    let mut out = String::new();
-    let state = match running {
-        Some(0) => "running".to_owned(),
-        Some(pid) => format!("running, pid {pid}"),
-        None => "not running".to_owned(),
-    };
-    let pct = 100.0 * s.bytes as f64 / config.agent.buffer_max_bytes as f64;
-    out += &format!("agent        {} ({state})\n", config.agent.id);
-    out += &format!("outbox       {path}\n");
-    out += &format!(
-        "buffered     {} records, {} of {} bytes ({pct:.1}%)\n",
-        s.records, s.bytes, config.agent.buffer_max_bytes
-    );
-    out += &format!(
-        "oldest       {}\n",
-        s.oldest_at_ms.map_or_else(
-            || "nothing pending".to_owned(),
-            |t| format!("{} old", human_duration(now - t))
-        )
-    );
-    if s.drops.is_empty() {
-        out += "drops        none\n";
-    } else {
-        for (i, (reason, sink, n)) in s.drops.iter().enumerate() {
-            let label = if i == 0 { "drops" } else { "" };
-            out += &format!("{label:<12} {n} {reason} (sink {sink})\n");
-        }
-    }
-    out += &format!("dead letters {} bytes kept\n", s.dead_letter_bytes);
-    if s.sinks.is_empty() {
-        out += "sinks        none configured\n";
-    }
-    for k in &s.sinks {
-        out += &format!(
-            "sink {}\n  pending {} records; delivered {} records in {} batches; last delivery {}\n  \
-             failures {}; last failure {}; dead letters {}\n",
-            k.name,
-            k.pending,
-            k.delivered_records,
-            k.delivered_batches,
-            ago(now, k.last_delivery_ms),
-            k.failures,
-            ago(now, k.last_failure_ms),
-            k.dead_letters
-        );
-        if !k.counters.is_empty() {
-            let list: Vec<String> = k
-                .counters
-                .iter()
-                .map(|(key, v)| format!("{key} {v}"))
-                .collect();
-            out += &format!("  {}\n", list.join("; "));
-        }
-        if let Some(e) = &k.last_error {
-            out += &format!("  last error: {e}\n");
-        }
-    }
-    out
+    // A reader that stops early (`| head`) is not an error of ours.
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(())
 }
 
 fn outbox(config: &Config, action: OutboxAction, which: &Which) -> Outcome {

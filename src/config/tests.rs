@@ -122,6 +122,7 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "buffer_max_bytes",
         "flush_interval_secs",
         "shutdown_grace_secs",
+        "http_listen",
         "type",
         "name",
         "metric",
@@ -240,7 +241,7 @@ colour = "red"
 [agnet]
 "#,
         &[
-            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`",
+            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`, `http_listen`",
             "8:1: unknown field `rate`, expected one of `metric`, `rate_per_sec`, `series`, `limit`, `users`, `users_window_secs`",
             "13:1: unknown field `colour`, expected `path` or `kinds`",
             "15:2: unknown top-level key `agnet`; expected `[agent]`, `[[source]]`, `[[sink]]` or `[upstream]`",
@@ -536,4 +537,23 @@ fn the_body_budget_must_hold_one_body() {
     assert_eq!(default_buffered_bytes(Some(1 << 30)), 256 << 20);
     assert_eq!(default_buffered_bytes(Some(256 << 20)), 64 << 20);
     assert_eq!(default_buffered_bytes(Some(8 << 20)), 16 << 20);
+}
+
+#[test]
+fn http_listen_is_loopback_unless_an_address_is_given() {
+    let at = |text: &str| {
+        check_ok(&format!("[agent]\nhttp_listen = \"{text}\"\n"))
+            .agent
+            .http_listen
+    };
+    assert_eq!(check_ok("").agent.http_listen, None);
+    assert_eq!(at("9464"), Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(at("0.0.0.0:9100"), Some("0.0.0.0:9100".parse().unwrap()));
+    assert_eq!(at("[::1]:9464"), Some("[::1]:9464".parse().unwrap()));
+    check_bad(
+        "[agent]\nhttp_listen = \"localhost:9464\"\n",
+        &[
+            "2:15: http_listen `localhost:9464` must be a port (served on 127.0.0.1) or an address and port such as `127.0.0.1:9464` or `[::1]:9464`",
+        ],
+    );
 }

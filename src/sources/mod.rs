@@ -31,7 +31,10 @@ pub mod relay;
 pub mod synthetic;
 pub mod xx_gateway;
 
+use std::collections::BTreeMap;
 use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 
 use toml::Spanned;
 use toml::de::DeTable;
@@ -47,6 +50,17 @@ pub enum SourceConfig {
     Synthetic(synthetic::Config),
     XxGateway(xx_gateway::Config),
     Relay(relay::Config),
+}
+
+impl SourceConfig {
+    /// Its `type` in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Synthetic(_) => "synthetic",
+            SourceConfig::XxGateway(_) => "xx_gateway",
+            SourceConfig::Relay(_) => "relay",
+        }
+    }
 }
 
 /// What a running source gets from the agent.
@@ -137,8 +151,66 @@ pub fn open_own_db(path: &Path, schema: &str, next: &str) -> Result<rusqlite::Co
     }
 }
 
-/// Where a source publishes its state for `edgemeter status` (a short text,
-/// replaced atomically).
+/// Where a source publishes its state (a [`Published`] document as JSON,
+/// replaced atomically) for `edgemeter status`, `status --json` and an
+/// agent's `/metrics`.
 pub fn status_path(state_dir: &Path, name: &str) -> std::path::PathBuf {
     state_dir.join(format!("source-{name}.status"))
+}
+
+/// What a source says about itself: the lines `edgemeter status` shows, and
+/// the same figures as samples for `status --json` and `/metrics`.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Published {
+    pub text: String,
+    pub samples: Vec<Sample>,
+}
+
+impl Published {
+    /// Read a status file; a plain-text one (written before samples
+    /// existed) is all text.
+    pub fn parse(bytes: &[u8]) -> Published {
+        serde_json::from_slice(bytes).unwrap_or_else(|_| Published {
+            text: String::from_utf8_lossy(bytes).into_owned(),
+            samples: Vec::new(),
+        })
+    }
+}
+
+/// One value of a [`Metric`], with its labels (the reader adds `source`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn new(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+        Sample {
+            name: name.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            value,
+        }
+    }
+}
+
+/// A figure a source publishes: its name (`/metrics` prefixes
+/// `edgemeter_`), whether it only grows, and what it means.
+#[derive(Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    pub counter: bool,
+    pub help: &'static str,
+}
+
+/// Every metric any source publishes.
+pub fn metrics() -> impl Iterator<Item = &'static Metric> {
+    relay::status::METRICS
+        .iter()
+        .chain(xx_gateway::status::METRICS)
 }

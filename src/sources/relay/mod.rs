@@ -60,6 +60,7 @@ pub mod ingest;
 pub mod link;
 pub mod provision;
 pub mod release;
+pub mod status;
 pub mod store;
 
 use std::cell::RefCell;
@@ -77,7 +78,7 @@ use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use smol::Async;
 use smol::stream::StreamExt;
 
-use crate::clock::{iso8601, now_ms};
+use crate::clock::now_ms;
 use crate::record::Record;
 use crate::runtime::{Doorbell, LocalBoxFuture, Wakeup, Worker, doorbell};
 use crate::sources::{Context, Source};
@@ -697,7 +698,7 @@ async fn status_task(
         if stop || ctx.shutdown.sleep(STATUS_WITHIN / 2).await {
             return;
         }
-        let status = render_status(&shared.state.borrow());
+        let status = status::document(&shared.state.borrow());
         publish_status(&worker, &files, status).await;
     }
 }
@@ -841,7 +842,7 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
             shared.name
         );
     }
-    let status = render_status(&shared.state.borrow());
+    let status = status::document(&shared.state.borrow());
     publish_status(worker, files, status).await;
 }
 
@@ -860,90 +861,6 @@ fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String>
             .map_err(|e| format!("cannot append to {}: {e}", path.display()))?;
     }
     Ok(())
-}
-
-/// The per-stream tables `edgemeter status` shows: the connection and its
-/// traffic, then what could not be used, by kind, for the streams that had
-/// any.
-fn render_status(state: &State) -> String {
-    let mut out = format!(
-        "{:<12} {:<12} {:<21} {:>9} {:>10} {:>12} {:>9} {:>10} {:>6}  last error\n",
-        "stream",
-        "state",
-        "since",
-        "frames",
-        "messages",
-        "bytes",
-        "malformed",
-        "reconnects",
-        "stalls"
-    );
-    for s in &state.streams {
-        out += &format!(
-            "{:<12} {:<12} {:<21} {:>9} {:>10} {:>12} {:>9} {:>10} {:>6}  {}\n",
-            s.name,
-            s.link.state.as_str(),
-            iso8601(s.link.since_ms),
-            s.totals.frames,
-            s.totals.messages,
-            s.totals.bytes,
-            s.totals.malformed,
-            s.link.reconnects,
-            s.link.stalls,
-            s.link.last_error.as_deref().unwrap_or("-")
-        );
-    }
-    let odd: Vec<&ingest::Stream> = state
-        .streams
-        .iter()
-        .filter(|s| {
-            let t = &s.totals;
-            t.malformed + t.other + t.untracked + t.zero_width > 0
-        })
-        .collect();
-    if odd.is_empty() {
-        out += "nothing malformed or skipped on any stream\n";
-    } else {
-        out += &format!(
-            "{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
-            "by kind",
-            "binary",
-            "oversized",
-            "garbage",
-            "not envelope",
-            "not analysed",
-            "zero-width"
-        );
-        for s in odd {
-            let t = &s.totals;
-            out += &format!(
-                "{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
-                s.name,
-                t.binary,
-                t.oversized,
-                t.malformed - t.binary - t.oversized,
-                t.other,
-                t.untracked,
-                t.zero_width
-            );
-        }
-        out += "  garbage: text that is not JSON, or nested too deep\n";
-        out += "  not envelope: JSON without user and type (a data stream's lines)\n";
-        out += "  not analysed: unusable names, or past max_users\n";
-        out += "  zero-width: U+200B lines the firmware sends, skipped\n";
-    }
-    let transitions: u64 = state.streams.iter().map(|s| s.totals.transitions).sum();
-    out += &format!(
-        "command transitions {transitions}; raw lines dropped {}\n",
-        state.raw_dropped
-    );
-    if !state.samples.is_empty() {
-        out += "latest malformed:\n";
-        for s in &state.samples {
-            out += &format!("  {s}\n");
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------- provisioning

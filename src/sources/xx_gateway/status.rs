@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::clock::{human_duration, iso8601};
+use crate::sources::{Metric, Published, Sample};
 
 /// The source's figures since the agent started.
 #[derive(Debug, Default, Clone)]
@@ -114,6 +115,144 @@ pub fn render(h: &Health, now: i64) -> String {
             out += &format!(", {} oldest lines dropped", h.csv_dropped);
         }
         out += "\n";
+    }
+    out
+}
+
+/// The xx source's metrics.
+pub const METRICS: &[Metric] = &[
+    Metric {
+        name: "xx_failing",
+        counter: false,
+        help: "1 while reading the gateway's database fails, else 0",
+    },
+    Metric {
+        name: "xx_failing_since_seconds",
+        counter: false,
+        help: "When the current failure began, Unix seconds (present while failing)",
+    },
+    Metric {
+        name: "xx_error_info",
+        counter: false,
+        help: "The current failure's message, as the label error (present while failing)",
+    },
+    Metric {
+        name: "xx_polls_total",
+        counter: true,
+        help: "Polls of the gateway's database since the agent started",
+    },
+    Metric {
+        name: "xx_last_poll_seconds",
+        counter: false,
+        help: "When the last poll finished, Unix seconds",
+    },
+    Metric {
+        name: "xx_emitted_epoch",
+        counter: false,
+        help: "The newest epoch whose windows were emitted",
+    },
+    Metric {
+        name: "xx_lag_epochs",
+        counter: false,
+        help: "Epochs between the newest closed epoch and the newest emitted",
+    },
+    Metric {
+        name: "xx_active_users",
+        counter: false,
+        help: "Distinct users in the last emitted window ending at xx_emitted_epoch, by window",
+    },
+    Metric {
+        name: "xx_rows_read_total",
+        counter: true,
+        help: "Gateway rows read since the agent started",
+    },
+    Metric {
+        name: "xx_late_rows_total",
+        counter: true,
+        help: "Rows that arrived after their window was emitted and corrected it",
+    },
+    Metric {
+        name: "xx_expired_rows_total",
+        counter: true,
+        help: "Rows too late to correct any window kept",
+    },
+    Metric {
+        name: "xx_gaps_open",
+        counter: false,
+        help: "Id gaps (rows not yet committed by the gateway) watched now",
+    },
+    Metric {
+        name: "xx_gaps_given_up_total",
+        counter: true,
+        help: "Id gaps given up after gap_timeout_secs",
+    },
+    Metric {
+        name: "xx_csv_failing",
+        counter: false,
+        help: "1 while appending to csv_path fails, else 0 (present with csv_path)",
+    },
+    Metric {
+        name: "xx_csv_pending_lines",
+        counter: false,
+        help: "CSV lines waiting to be appended",
+    },
+    Metric {
+        name: "xx_csv_failures_total",
+        counter: true,
+        help: "Failed appends to csv_path",
+    },
+];
+
+/// Longest error message a sample's label carries.
+const ERROR_LABEL_MAX: usize = 200;
+
+/// The status file's document, as JSON.
+pub fn document(h: &Health, now: i64) -> String {
+    let published = Published {
+        text: render(h, now),
+        samples: samples(h),
+    };
+    serde_json::to_string(&published).expect("a status document serializes")
+}
+
+fn samples(h: &Health) -> Vec<Sample> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, labels: &[(&str, &str)], v: f64| {
+        out.push(Sample::new(name, labels, v));
+    };
+    push("xx_failing", &[], f64::from(u8::from(h.error.is_some())));
+    if let Some((e, since)) = &h.error {
+        push("xx_failing_since_seconds", &[], *since as f64 / 1000.0);
+        let short: String = e.chars().take(ERROR_LABEL_MAX).collect();
+        push("xx_error_info", &[("error", &short)], 1.0);
+    }
+    push("xx_polls_total", &[], h.polls as f64);
+    if let Some(t) = h.last_poll_ms {
+        push("xx_last_poll_seconds", &[], t as f64 / 1000.0);
+    }
+    if let Some(e) = h.last_emitted {
+        push("xx_emitted_epoch", &[], e as f64);
+        if let Some(newest) = h.newest_final {
+            push("xx_lag_epochs", &[], (newest - e).max(0) as f64);
+        }
+        for (w, n) in &h.last_values {
+            let label = super::epochs::window_label(*w, h.period_ms.max(1));
+            push("xx_active_users", &[("window", &label)], *n as f64);
+        }
+    }
+    push("xx_rows_read_total", &[], h.rows_new as f64);
+    push("xx_late_rows_total", &[], h.late_rows as f64);
+    push("xx_expired_rows_total", &[], h.expired_rows as f64);
+    push("xx_gaps_open", &[], h.gaps_open as f64);
+    push("xx_gaps_given_up_total", &[], h.gaps_given_up as f64);
+    if h.csv_path.is_some() {
+        push(
+            "xx_csv_failing",
+            &[],
+            f64::from(u8::from(h.csv_error.is_some())),
+        );
+        push("xx_csv_pending_lines", &[], h.csv_pending as f64);
+        push("xx_csv_failures_total", &[], h.csv_failures as f64);
     }
     out
 }

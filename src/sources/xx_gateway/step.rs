@@ -448,7 +448,7 @@ impl Inner {
     /// Write the status file if it changed (no fsync: it is rewritten at
     /// every poll).
     fn publish(&mut self, now: i64) {
-        let text = status::render(&self.health, now);
+        let text = status::document(&self.health, now);
         if text == self.last_status {
             return;
         }

@@ -1,0 +1,205 @@
+//! What the relay source publishes about itself: the tables `edgemeter
+//! status` shows, and the same figures per stream as samples for `status
+//! --json` and an agent's `/metrics`.
+
+use crate::clock::iso8601;
+use crate::sources::{Metric, Published, Sample};
+
+use super::ingest::{self, State};
+
+/// The relay's metrics; every sample has the label `stream`.
+pub const METRICS: &[Metric] = &[
+    Metric {
+        name: "relay_stream_up",
+        counter: false,
+        help: "1 while the stream's websocket is live, else 0",
+    },
+    Metric {
+        name: "relay_stream_state_since_seconds",
+        counter: false,
+        help: "When the stream's connection state (label state) began, Unix seconds",
+    },
+    Metric {
+        name: "relay_frames_total",
+        counter: true,
+        help: "Websocket frames received",
+    },
+    Metric {
+        name: "relay_messages_total",
+        counter: true,
+        help: "Messages received (frames may carry several lines)",
+    },
+    Metric {
+        name: "relay_bytes_total",
+        counter: true,
+        help: "Bytes of frames received",
+    },
+    Metric {
+        name: "relay_unused_total",
+        counter: true,
+        help: "Messages not used, by kind (binary, oversized, garbage, not_envelope, not_analysed, zero_width)",
+    },
+    Metric {
+        name: "relay_transitions_total",
+        counter: true,
+        help: "Command transitions counted",
+    },
+    Metric {
+        name: "relay_reconnects_total",
+        counter: true,
+        help: "Connections established after the first",
+    },
+    Metric {
+        name: "relay_stalls_total",
+        counter: true,
+        help: "Connections closed because the host stopped answering",
+    },
+    Metric {
+        name: "relay_raw_lines_dropped_total",
+        counter: true,
+        help: "Raw lines not written to the raw files (over their memory bound)",
+    },
+];
+
+/// The status file's document, as JSON.
+pub fn document(state: &State) -> String {
+    let published = Published {
+        text: render(state),
+        samples: samples(state),
+    };
+    serde_json::to_string(&published).expect("a status document serializes")
+}
+
+fn samples(state: &State) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for s in &state.streams {
+        let stream = s.name.as_str();
+        let t = &s.totals;
+        let link = &s.link;
+        let live = matches!(link.state, super::link::State::Live);
+        out.push(Sample::new(
+            "relay_stream_up",
+            &[("stream", stream)],
+            f64::from(u8::from(live)),
+        ));
+        out.push(Sample::new(
+            "relay_stream_state_since_seconds",
+            &[("state", link.state.as_str()), ("stream", stream)],
+            link.since_ms as f64 / 1000.0,
+        ));
+        for (name, v) in [
+            ("relay_frames_total", t.frames),
+            ("relay_messages_total", t.messages),
+            ("relay_bytes_total", t.bytes),
+            ("relay_transitions_total", t.transitions),
+            ("relay_reconnects_total", link.reconnects),
+            ("relay_stalls_total", link.stalls),
+        ] {
+            out.push(Sample::new(name, &[("stream", stream)], v as f64));
+        }
+        for (kind, v) in [
+            ("binary", t.binary),
+            ("oversized", t.oversized),
+            ("garbage", t.malformed - t.binary - t.oversized),
+            ("not_envelope", t.other),
+            ("not_analysed", t.untracked),
+            ("zero_width", t.zero_width),
+        ] {
+            out.push(Sample::new(
+                "relay_unused_total",
+                &[("kind", kind), ("stream", stream)],
+                v as f64,
+            ));
+        }
+    }
+    out.push(Sample::new(
+        "relay_raw_lines_dropped_total",
+        &[],
+        state.raw_dropped as f64,
+    ));
+    out
+}
+
+/// The per-stream tables `edgemeter status` shows: the connection and its
+/// traffic, then what could not be used, by kind, for the streams that had
+/// any.
+pub fn render(state: &State) -> String {
+    let mut out = format!(
+        "{:<12} {:<12} {:<21} {:>9} {:>10} {:>12} {:>9} {:>10} {:>6}  last error\n",
+        "stream",
+        "state",
+        "since",
+        "frames",
+        "messages",
+        "bytes",
+        "malformed",
+        "reconnects",
+        "stalls"
+    );
+    for s in &state.streams {
+        out += &format!(
+            "{:<12} {:<12} {:<21} {:>9} {:>10} {:>12} {:>9} {:>10} {:>6}  {}\n",
+            s.name,
+            s.link.state.as_str(),
+            iso8601(s.link.since_ms),
+            s.totals.frames,
+            s.totals.messages,
+            s.totals.bytes,
+            s.totals.malformed,
+            s.link.reconnects,
+            s.link.stalls,
+            s.link.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    let odd: Vec<&ingest::Stream> = state
+        .streams
+        .iter()
+        .filter(|s| {
+            let t = &s.totals;
+            t.malformed + t.other + t.untracked + t.zero_width > 0
+        })
+        .collect();
+    if odd.is_empty() {
+        out += "nothing malformed or skipped on any stream\n";
+    } else {
+        out += &format!(
+            "{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
+            "by kind",
+            "binary",
+            "oversized",
+            "garbage",
+            "not envelope",
+            "not analysed",
+            "zero-width"
+        );
+        for s in odd {
+            let t = &s.totals;
+            out += &format!(
+                "{:<12} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10}\n",
+                s.name,
+                t.binary,
+                t.oversized,
+                t.malformed - t.binary - t.oversized,
+                t.other,
+                t.untracked,
+                t.zero_width
+            );
+        }
+        out += "  garbage: text that is not JSON, or nested too deep\n";
+        out += "  not envelope: JSON without user and type (a data stream's lines)\n";
+        out += "  not analysed: unusable names, or past max_users\n";
+        out += "  zero-width: U+200B lines the firmware sends, skipped\n";
+    }
+    let transitions: u64 = state.streams.iter().map(|s| s.totals.transitions).sum();
+    out += &format!(
+        "command transitions {transitions}; raw lines dropped {}\n",
+        state.raw_dropped
+    );
+    if !state.samples.is_empty() {
+        out += "latest malformed:\n";
+        for s in &state.samples {
+            out += &format!("  {s}\n");
+        }
+    }
+    out
+}

@@ -1,0 +1,249 @@
+//! `[agent] http_listen`: a read-only window on the running agent.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /metrics` | [`super::prometheus`] |
+//! | `GET /health` | `200 ok` while the event loop answers and the outbox is readable, else `503` with the reason |
+//! | `GET /status.json` | the [`Snapshot`] (as `edgemeter status --json`) |
+//! | `GET /` | a status page: the text of `edgemeter status`, refreshed every 10 s |
+//!
+//! No token: nothing here changes anything, and the listener binds
+//! 127.0.0.1 unless configured otherwise. Every request's snapshot is taken
+//! on the `status` worker thread (started on demand, gone after a second
+//! idle), so a scrape never blocks the event loop; requests take no body,
+//! and at most [`MAX_CONNECTIONS`] are served at once.
+
+use std::cell::Cell;
+use std::net::TcpListener;
+use std::rc::Rc;
+use std::time::Duration;
+
+use smol::Async;
+
+use crate::clock::now_ms;
+use crate::http_server::{self, Budget, Handler, Limits, Request, Response};
+use crate::runtime::{Shutdown, Spawner, Worker};
+
+use super::{Holder, Scope, Snapshot};
+
+/// Connections served at once; more are answered `503` and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+
+fn limits() -> Limits {
+    Limits {
+        max_connections: MAX_CONNECTIONS,
+        max_header_bytes: 8 * 1024,
+        max_body_bytes: 0,
+        max_batch_bytes: 0,
+        max_buffered_bytes: 0,
+        header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(30),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Route {
+    Metrics,
+    Health,
+    Json,
+    Page,
+}
+
+pub struct Local {
+    scope: Scope,
+    worker: Worker,
+}
+
+impl Local {
+    pub fn new(scope: Scope) -> Local {
+        Local {
+            scope,
+            worker: Worker::new("status"),
+        }
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, String> {
+        let scope = self.scope.clone();
+        self.worker
+            .run(move || super::collect(&scope, Holder::Me, now_ms()))
+            .await
+    }
+}
+
+impl Handler for Local {
+    type Caller = Route;
+
+    fn admit(&self, req: &Request) -> Result<(Route, usize), Response> {
+        let route = match req.path.as_str() {
+            "/metrics" => Route::Metrics,
+            "/health" => Route::Health,
+            "/status.json" => Route::Json,
+            "/" => Route::Page,
+            _ => {
+                return Err(Response::error(
+                    404,
+                    "no such page; try /, /metrics, /health or /status.json",
+                ));
+            }
+        };
+        if req.method != "GET" {
+            let mut r = Response::error(405, "read-only: only GET is served here");
+            r.headers.push(("allow", "GET".to_owned()));
+            return Err(r);
+        }
+        Ok((route, 0))
+    }
+
+    async fn handle(&self, _req: Request, route: Route) -> Response {
+        let snapshot = match self.snapshot().await {
+            Ok(s) => s,
+            Err(e) => {
+                return Response::error(503, format!("cannot read the outbox: {e}"));
+            }
+        };
+        let mut r = match route {
+            Route::Metrics => Response::new(
+                200,
+                super::prometheus::CONTENT_TYPE,
+                super::prometheus::render(&snapshot),
+            ),
+            Route::Health => Response::new(
+                200,
+                "text/plain; charset=utf-8",
+                format!(
+                    "ok: agent {}, {} records buffered\n",
+                    snapshot.agent.id, snapshot.outbox.records
+                ),
+            ),
+            Route::Json => {
+                let mut body = serde_json::to_vec_pretty(&snapshot).expect("a snapshot serializes");
+                body.push(b'\n');
+                Response::new(200, "application/json", body)
+            }
+            Route::Page => {
+                let mut r = Response::new(200, "text/html; charset=utf-8", page(&snapshot));
+                // Nothing but this page's own inline style may load or run.
+                r.headers.push((
+                    "content-security-policy",
+                    "default-src 'none'; style-src 'unsafe-inline'".to_owned(),
+                ));
+                r
+            }
+        };
+        r.headers.push(("cache-control", "no-store".to_owned()));
+        r.headers
+            .push(("x-content-type-options", "nosniff".to_owned()));
+        r
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The status page: the same text as `edgemeter status`, a headline a
+/// tired operator reads first, and links to the machine forms.
+pub fn page(s: &Snapshot) -> String {
+    let failing: Vec<&str> = s
+        .sinks
+        .iter()
+        .filter(|k| k.last_failure_ms > k.last_delivery_ms)
+        .map(|k| k.name.as_str())
+        .collect();
+    let dropped: i64 = s.drops.iter().map(|d| d.records).sum();
+    let (class, headline) = if !failing.is_empty() {
+        ("bad", format!("failing to deliver: {}", failing.join(", ")))
+    } else if dropped > 0 {
+        (
+            "warn",
+            format!("delivering; {dropped} records were dropped (see drops)"),
+        )
+    } else {
+        ("ok", "delivering; nothing dropped".to_owned())
+    };
+    let id = html_escape(&s.agent.id);
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="10">
+<title>edgemeter {id}</title>
+<style>
+body {{ font: 15px/1.4 system-ui, sans-serif; margin: 1rem auto; max-width: 70rem; padding: 0 1rem; color: #111; }}
+h1 {{ font-size: 1.3rem; margin: 0 0 .5rem; }}
+.state {{ padding: .5rem .8rem; border-radius: 4px; font-weight: 600; }}
+.ok {{ background: #e3f4e1; }} .warn {{ background: #fff3cd; }} .bad {{ background: #f8d7da; }}
+pre {{ font: 13px/1.35 ui-monospace, monospace; background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
+footer {{ color: #555; font-size: .85rem; }}
+@media print {{ footer {{ display: none; }} }}
+</style></head>
+<body>
+<h1>edgemeter agent <code>{id}</code></h1>
+<p class="state {class}">{headline}</p>
+<pre>{text}</pre>
+<footer>As <code>edgemeter status</code>, taken {at}; refreshes every 10 s.
+Machine-readable: <a href="/metrics">/metrics</a> (Prometheus), <a href="/status.json">/status.json</a>, <a href="/health">/health</a>.</footer>
+</body></html>
+"#,
+        headline = html_escape(&headline),
+        text = html_escape(&super::text::render(s)),
+        at = crate::clock::iso8601(s.at_ms),
+    )
+}
+
+/// Serve `listener` until shutdown.
+pub async fn serve(
+    listener: Async<TcpListener>,
+    scope: Scope,
+    spawner: Spawner,
+    shutdown: Shutdown,
+) {
+    let handler = Rc::new(Local::new(scope));
+    let limits = Rc::new(limits());
+    let budget = Budget::new(0);
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = smol::future::or(async { Some(listener.accept().await) }, async {
+            shutdown.wait().await;
+            None
+        })
+        .await;
+        let (stream, peer) = match accepted {
+            None => return,
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                log::warn!("http_listen: accepting a connection failed: {e}");
+                if shutdown.sleep(Duration::from_millis(100)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if open.get() >= MAX_CONNECTIONS {
+            let busy = http_server::encode_response(
+                &Response::error(503, "too many connections; try again shortly"),
+                true,
+            );
+            use std::io::Write;
+            let _ = stream.get_ref().write(&busy);
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (handler, limits, budget, open) = (
+            handler.clone(),
+            limits.clone(),
+            budget.clone(),
+            open.clone(),
+        );
+        spawner
+            .spawn(async move {
+                http_server::serve_connection(stream, peer, &limits, &budget, &*handler).await;
+                open.set(open.get() - 1);
+            })
+            .detach();
+    }
+}

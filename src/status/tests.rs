@@ -1,0 +1,147 @@
+use super::*;
+
+fn snapshot() -> Snapshot {
+    Snapshot {
+        schema: SCHEMA,
+        at_ms: 1_800_000_000_000,
+        agent: AgentInfo {
+            id: "gw-1".into(),
+            version: "0.1.0".into(),
+            running: true,
+            pid: Some(42),
+            state_dir: "/var/lib/edgemeter".into(),
+        },
+        outbox: OutboxInfo {
+            path: "/var/lib/edgemeter/outbox.db".into(),
+            records: 12,
+            bytes: 3400,
+            max_bytes: 1 << 20,
+            oldest_ms: Some(1_800_000_000_000 - 90_000),
+            dead_letter_bytes: 0,
+        },
+        drops: vec![Drop {
+            reason: "buffer_full".into(),
+            sink: "cw".into(),
+            records: 5,
+        }],
+        sinks: vec![SinkInfo {
+            name: "cw".into(),
+            pending: 12,
+            delivered_records: 1000,
+            delivered_batches: 10,
+            failures: 2,
+            last_delivery_ms: Some(1_800_000_000_000 - 1_000),
+            last_failure_ms: None,
+            last_error: Some("HTTP 500: \"oops\"".into()),
+            dead_letters: 0,
+            counters: [("points_rejected".to_owned(), 3)].into_iter().collect(),
+        }],
+        sources: vec![
+            SourceInfo {
+                name: "relay".into(),
+                kind: "relay".into(),
+                written_ms: Some(1_800_000_000_000 - 2_000),
+                text: "stream  state\nrig-1   live\n".into(),
+                samples: vec![
+                    Sample::new("relay_messages_total", &[("stream", "rig-1")], 77.0),
+                    Sample::new("relay_stream_up", &[("stream", "rig \"1\"\n")], 1.0),
+                    Sample::new("not_a_metric_we_know", &[], 1.0),
+                ],
+            },
+            SourceInfo {
+                name: "load".into(),
+                kind: "synthetic".into(),
+                written_ms: None,
+                text: String::new(),
+                samples: Vec::new(),
+            },
+        ],
+    }
+}
+
+#[test]
+fn text_is_what_status_always_printed() {
+    let text = text::render(&snapshot());
+    let want = "agent        gw-1 (running, pid 42)
+outbox       /var/lib/edgemeter/outbox.db
+buffered     12 records, 3400 of 1048576 bytes (0.3%)
+oldest       1m 30s old
+drops        5 buffer_full (sink cw)
+dead letters 0 bytes kept
+sink cw
+  pending 12 records; delivered 1000 records in 10 batches; last delivery 1s ago
+  failures 2; last failure never; dead letters 0
+  points_rejected 3
+  last error: HTTP 500: \"oops\"
+source relay (written 2s ago)
+  stream  state
+  rig-1   live
+";
+    assert_eq!(text, want);
+}
+
+#[test]
+fn metrics_group_families_and_escape_labels() {
+    let m = prometheus::render(&snapshot());
+    assert!(m.contains(
+        "# HELP edgemeter_relay_messages_total Messages received (frames may carry several lines)\n\
+         # TYPE edgemeter_relay_messages_total counter\n\
+         edgemeter_relay_messages_total{source=\"relay\",stream=\"rig-1\"} 77\n"
+    ), "{m}");
+    assert!(
+        m.contains("edgemeter_relay_stream_up{source=\"relay\",stream=\"rig \\\"1\\\"\\n\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("edgemeter_outbox_oldest_age_seconds 90\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("edgemeter_sink_last_delivery_seconds{sink=\"cw\"} 1799999999\n"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("edgemeter_sink_last_failure_seconds"),
+        "never failed: no sample\n{m}"
+    );
+    assert!(
+        m.contains("edgemeter_dropped_records_total{reason=\"buffer_full\",sink=\"cw\"} 5\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("edgemeter_sink_events_total{event=\"points_rejected\",sink=\"cw\"} 3\n"),
+        "{m}"
+    );
+    assert!(!m.contains("not_a_metric_we_know"), "{m}");
+    // Each family's HELP and TYPE once, before its samples.
+    let types = m.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    let helps = m.lines().filter(|l| l.starts_with("# HELP ")).count();
+    let names: std::collections::BTreeSet<&str> = m
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    assert_eq!((types, helps), (names.len(), names.len()), "{m}");
+}
+
+#[test]
+fn json_round_trips_and_names_its_schema() {
+    let s = snapshot();
+    let v = serde_json::to_value(&s).unwrap();
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["sources"][0]["type"], "relay");
+    assert_eq!(v["sources"][0]["samples"][0]["labels"]["stream"], "rig-1");
+    assert_eq!(v["sources"][1]["written_ms"], serde_json::Value::Null);
+    let back: Snapshot = serde_json::from_value(v).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn the_page_escapes_what_it_shows() {
+    let mut s = snapshot();
+    s.sources[0].text = "<script>alert(1)</script>\n".into();
+    let page = serve::page(&s);
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(!page.contains("<script>"));
+    assert!(page.contains("delivering; 5 records were dropped"));
+}

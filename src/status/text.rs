@@ -1,0 +1,99 @@
+//! `edgemeter status` as text: what a person reads at 3 a.m.
+
+use crate::clock::human_duration;
+
+use super::Snapshot;
+
+fn ago(now: i64, t: Option<i64>) -> String {
+    t.map_or_else(
+        || "never".to_owned(),
+        |t| format!("{} ago", human_duration(now - t)),
+    )
+}
+
+/// The agent, its outbox and sinks, then what each source published.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = render_agent(s);
+    out += &render_sources(s);
+    out
+}
+
+pub fn render_agent(s: &Snapshot) -> String {
+    let now = s.at_ms;
+    let mut out = String::new();
+    let state = match (s.agent.running, s.agent.pid) {
+        (true, None) => "running".to_owned(),
+        (true, Some(pid)) => format!("running, pid {pid}"),
+        (false, _) => "not running".to_owned(),
+    };
+    let o = &s.outbox;
+    let pct = 100.0 * o.bytes as f64 / o.max_bytes as f64;
+    out += &format!("agent        {} ({state})\n", s.agent.id);
+    out += &format!("outbox       {}\n", o.path.display());
+    out += &format!(
+        "buffered     {} records, {} of {} bytes ({pct:.1}%)\n",
+        o.records, o.bytes, o.max_bytes
+    );
+    out += &format!(
+        "oldest       {}\n",
+        o.oldest_ms.map_or_else(
+            || "nothing pending".to_owned(),
+            |t| format!("{} old", human_duration(now - t))
+        )
+    );
+    if s.drops.is_empty() {
+        out += "drops        none\n";
+    } else {
+        for (i, d) in s.drops.iter().enumerate() {
+            let label = if i == 0 { "drops" } else { "" };
+            out += &format!("{label:<12} {} {} (sink {})\n", d.records, d.reason, d.sink);
+        }
+    }
+    out += &format!("dead letters {} bytes kept\n", o.dead_letter_bytes);
+    if s.sinks.is_empty() {
+        out += "sinks        none configured\n";
+    }
+    for k in &s.sinks {
+        out += &format!(
+            "sink {}\n  pending {} records; delivered {} records in {} batches; last delivery {}\n  \
+             failures {}; last failure {}; dead letters {}\n",
+            k.name,
+            k.pending,
+            k.delivered_records,
+            k.delivered_batches,
+            ago(now, k.last_delivery_ms),
+            k.failures,
+            ago(now, k.last_failure_ms),
+            k.dead_letters
+        );
+        if !k.counters.is_empty() {
+            let list: Vec<String> = k
+                .counters
+                .iter()
+                .map(|(key, v)| format!("{key} {v}"))
+                .collect();
+            out += &format!("  {}\n", list.join("; "));
+        }
+        if let Some(e) = &k.last_error {
+            out += &format!("  last error: {e}\n");
+        }
+    }
+    out
+}
+
+/// What sources published about themselves (the relay's streams, an xx
+/// source's state), with its age; sources that publish nothing are left out.
+pub fn render_sources(s: &Snapshot) -> String {
+    let mut out = String::new();
+    for src in s.sources.iter().filter(|x| x.written_ms.is_some()) {
+        out += &format!(
+            "source {} (written {})\n",
+            src.name,
+            ago(s.at_ms, src.written_ms)
+        );
+        for line in src.text.lines() {
+            out += &format!("  {line}\n");
+        }
+    }
+    out
+}
