@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::http::Proxy;
 use common::moto::Moto;
 use common::pg::PgServer;
-use common::{Agent, TempDir, edgemeter, wait_until};
+use common::{Agent, TempDir, edgemeter, gateway_files, wait_until};
 
 const PERIOD_MS: i64 = 2000;
 
@@ -22,16 +22,6 @@ fn aws_keys(dir: &TempDir) -> &'static str {
         .expect("chmod");
     "access_key_id = \"testing\"\nsecret_access_key_file = \"aws-secret\"\nregion = \"us-west-1\"\n\
      retry_initial_secs = 0.1\nretry_max_secs = 0.5\n"
-}
-
-/// A gateway's `gateway.yaml` (the read-only role of `gateway_db`) and
-/// its node id file, beside the config.
-fn gateway_files(dir: &TempDir, port: u16, node: &str) {
-    dir.write(
-        "gateway.yaml",
-        &format!("dbName: cmix_gateway\ndbAddress: \"127.0.0.1:{port}\"\ndbUsername: ro\ndbPassword: pw-ro\n"),
-    );
-    dir.write("gateway-IDF.json", &format!(r#"{{"id":"{node}"}}"#));
 }
 
 #[test]

@@ -227,6 +227,16 @@ poll_interval_secs = 0.2
 csv_path = "active-users.csv"
 "#;
 
+/// A gateway's `gateway.yaml` (the read-only role of `gateway_db`) and
+/// its node id file, beside the config (as [`XX_SOURCE`] reads them).
+pub fn gateway_files(dir: &TempDir, port: u16, node: &str) {
+    dir.write(
+        "gateway.yaml",
+        &format!("dbName: cmix_gateway\ndbAddress: \"127.0.0.1:{port}\"\ndbUsername: ro\ndbPassword: pw-ro\n"),
+    );
+    dir.write("gateway-IDF.json", &format!(r#"{{"id":"{node}"}}"#));
+}
+
 /// Record ids in a csv sink's file (complete lines only, header skipped).
 pub fn csv_ids(path: &Path) -> Vec<i64> {
     let Ok(text) = std::fs::read_to_string(path) else {
