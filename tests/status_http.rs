@@ -476,6 +476,24 @@ path = "out.csv"
         );
     }
 
+    // The status page in a real browser: clean console, the verdict names
+    // the broken gateway, the text is status's; a phone and a laptop.
+    for (name, w, h) in [
+        ("agent-status", 1100, 900),
+        ("agent-status-phone", 390, 844),
+    ] {
+        let page = common::browser::load(&format!("http://{addr}/"), name, w, h);
+        assert!(page.console.is_empty(), "console: {:?}", page.console);
+        assert!(
+            page.dom
+                .contains("class=\"state bad\">source gone failing: cannot connect to PostgreSQL"),
+            "{}",
+            page.dom
+        );
+        assert!(page.dom.contains("sink local"), "{}", page.dom);
+        assert!(page.dom.contains("rig-a"), "{}", page.dom);
+    }
+
     // /status.json is the same document as `status --json`.
     let (code, _, served) = get(addr, "/status.json");
     assert_eq!(code, 200);

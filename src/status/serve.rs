@@ -145,26 +145,66 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The status page: the same text as `edgemeter status`, a headline a
-/// tired operator reads first, and links to the machine forms.
-pub fn page(s: &Snapshot) -> String {
-    let failing: Vec<&str> = s
+/// The page's one line: what is wrong first, else that all is well.
+/// ("bad", …) for what loses or delays data now, ("warn", …) for what did.
+pub fn verdict(s: &Snapshot) -> (&'static str, String) {
+    let mut bad = Vec::new();
+    for k in s
         .sinks
         .iter()
         .filter(|k| k.last_failure_ms > k.last_delivery_ms)
-        .map(|k| k.name.as_str())
-        .collect();
+    {
+        bad.push(format!("sink {} failing", k.name));
+    }
+    for src in &s.sources {
+        for x in &src.samples {
+            let broken = match x.name.as_str() {
+                "xx_failing" | "xx_csv_failing" => x.value == 1.0,
+                "relay_stream_up" => x.value == 0.0,
+                _ => false,
+            };
+            if broken {
+                let what = match x.labels.get("stream") {
+                    Some(stream) => format!("stream {stream} of source {} not live", src.name),
+                    None if x.name == "xx_csv_failing" => {
+                        format!("source {}: csv_path failing", src.name)
+                    }
+                    None => {
+                        let why = src
+                            .samples
+                            .iter()
+                            .find(|e| e.name == "xx_error_info")
+                            .and_then(|e| e.labels.get("error"));
+                        match why {
+                            Some(why) => format!("source {} failing: {why}", src.name),
+                            None => format!("source {} failing", src.name),
+                        }
+                    }
+                };
+                bad.push(what);
+            }
+        }
+    }
+    if !bad.is_empty() {
+        return ("bad", bad.join("; "));
+    }
     let dropped: i64 = s.drops.iter().map(|d| d.records).sum();
-    let (class, headline) = if !failing.is_empty() {
-        ("bad", format!("failing to deliver: {}", failing.join(", ")))
-    } else if dropped > 0 {
-        (
+    if dropped > 0 {
+        return (
             "warn",
-            format!("delivering; {dropped} records were dropped (see drops)"),
-        )
-    } else {
-        ("ok", "delivering; nothing dropped".to_owned())
-    };
+            format!("working; {dropped} records were dropped (see drops)"),
+        );
+    }
+    (
+        "ok",
+        "working: sources and sinks are fine, nothing dropped".to_owned(),
+    )
+}
+
+/// The status page: the same text as `edgemeter status`, a headline a
+/// tired operator reads first, and links to the machine forms.
+pub fn page(s: &Snapshot) -> String {
+    let (class, headline) = verdict(s);
     let id = html_escape(&s.agent.id);
     format!(
         r#"<!doctype html>

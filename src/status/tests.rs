@@ -143,5 +143,22 @@ fn the_page_escapes_what_it_shows() {
     let page = serve::page(&s);
     assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(!page.contains("<script>"));
-    assert!(page.contains("delivering; 5 records were dropped"));
+    assert!(page.contains("working; 5 records were dropped"));
+}
+
+#[test]
+fn the_verdict_names_what_is_wrong_first() {
+    let mut s = snapshot();
+    assert_eq!(serve::verdict(&s).0, "warn");
+    s.drops.clear();
+    assert_eq!(serve::verdict(&s).0, "ok");
+    s.sources[0].samples[1].value = 0.0;
+    s.sinks[0].last_failure_ms = Some(s.at_ms);
+    assert_eq!(
+        serve::verdict(&s),
+        (
+            "bad",
+            "sink cw failing; stream rig \"1\"\n of source relay not live".to_owned()
+        )
+    );
 }

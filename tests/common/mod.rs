@@ -1,6 +1,7 @@
 //! Helpers for tests that run the real `edgemeter` binary.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod http;
 pub mod moto;
 pub mod pg;
