@@ -31,7 +31,7 @@ pub struct Loaded {
 }
 
 fn run(profile: &Path, size: &str, extra: &[&str], url: &str) -> (String, String) {
-    let mut child = Command::new(chromium())
+    let child = Command::new(chromium())
         .args([
             "--headless",
             "--no-sandbox",
