@@ -100,6 +100,8 @@ struct Run {
     /// At the end: the heap and other private memory, and the mapped
     /// files (SQLite's WAL index is a shared mapping), in KiB.
     anon_kib: u64,
+    /// (anon, file) KiB of the resident set when warm.
+    split_warm_kib: (u64, u64),
     file_kib: u64,
     shmem_kib: u64,
 }
@@ -144,6 +146,7 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         .collect();
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut sqlite_warm_kib = 0;
+    let mut split_warm_kib = (0, 0);
     for second in 0..minutes * 60 {
         // Each agent's batch for this second, sent on its own keep-alive
         // connection, all four in flight at once.
@@ -167,6 +170,7 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         }
         if second + 1 == 60 {
             sqlite_warm_kib = sqlite_kib(port);
+            split_warm_kib = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
         }
     }
     let wall = started.elapsed();
@@ -203,6 +207,7 @@ fn soak(bin: &Path, store: &str, store_extra: &str, sink: bool, minutes: i64) ->
         anon_kib,
         file_kib,
         shmem_kib,
+        split_warm_kib,
     }
 }
 
@@ -287,7 +292,7 @@ fn main() {
         worst = worst.max(growth);
         println!(
             "  {label:<19}: idle {:>6} KiB (baseline), warm {:>6} KiB, end {:>6} KiB: {growth:+.2} % after the first minute, \
-             slope {:+.1} KiB per simulated minute ({:+.1} over the second half; {} samples, {:.0} s); at the end anon {} KiB, file {} KiB, shmem {} KiB; SQLite's heap {} KiB warm, {} KiB at the end",
+             slope {:+.1} KiB per simulated minute ({:+.1} over the second half; {} samples, {:.0} s); anon {} → {} KiB, file {} → {} KiB, shmem {} KiB at the end; SQLite's heap {} KiB warm, {} KiB at the end",
             r.idle_kib,
             r.warm_kib,
             r.end_kib,
@@ -295,7 +300,9 @@ fn main() {
             r.late_slope_kib_per_min,
             r.samples,
             r.wall.as_secs_f64(),
+            r.split_warm_kib.0,
             r.anon_kib,
+            r.split_warm_kib.1,
             r.file_kib,
             r.shmem_kib,
             r.sqlite_warm_kib,

@@ -477,13 +477,18 @@ path = "out.csv"
     }
 
     // The status page in a real browser: clean console, the verdict names
-    // the broken gateway, the text is status's; a phone and a laptop.
+    // the broken gateway, the text is status's; a laptop and a phone.
+    let mut browser = common::browser::Browser::start();
     for (name, w, h) in [
         ("agent-status", 1100, 900),
         ("agent-status-phone", 390, 844),
     ] {
-        let page = common::browser::load(&format!("http://{addr}/"), name, w, h);
-        assert!(page.console.is_empty(), "console: {:?}", page.console);
+        let page = browser.open(&format!("http://{addr}/"), w, h);
+        assert!(
+            page.problems.is_empty(),
+            "the page logged: {:?}",
+            page.problems
+        );
         assert!(
             page.dom
                 .contains("class=\"state bad\">source gone failing: cannot connect to PostgreSQL"),
@@ -492,7 +497,9 @@ path = "out.csv"
         );
         assert!(page.dom.contains("sink local"), "{}", page.dom);
         assert!(page.dom.contains("rig-a"), "{}", page.dom);
+        browser.screenshot(name);
     }
+    drop(browser);
 
     // /status.json is the same document as `status --json`.
     let (code, _, served) = get(addr, "/status.json");

@@ -11,6 +11,11 @@
 //! | `DELETE /v1/users/{user}` | admin | delete one user's events |
 //! | `GET /health` | none | store reachable? |
 //! | `GET /metrics` | none | Prometheus text of the counters below |
+//! | `GET /`, `/edges` | session cookie | the dashboard ([`crate::upstream::dashboard`]) |
+//! | `GET`/`POST /sign-in`, `POST /sign-out` | none | the dashboard's session |
+//!
+//! Admin routes take the query token as a bearer token, or the dashboard's
+//! session cookie (so a chart's CSV link works in the browser).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -24,6 +29,7 @@ use crate::clock::now_ms;
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::problems::read_token;
 use crate::runtime::OnWorker;
+use crate::upstream::dashboard;
 use crate::upstream::db::DbError;
 use crate::upstream::query::{self, Params};
 use crate::upstream::store::{Ingested, Store};
@@ -75,6 +81,11 @@ impl Tokens {
             by_agent,
             loaded: Instant::now(),
         })
+    }
+
+    /// The agents that have a token.
+    pub fn agents(&self) -> Vec<String> {
+        self.by_agent.iter().map(|(a, _)| a.clone()).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -286,6 +297,8 @@ pub struct Api {
     pub commits: Sender<Commit>,
     pub counters: Rc<Counters>,
     pub max_batch_bytes: usize,
+    /// Served over TLS: the session cookie is `Secure`.
+    pub tls: bool,
     /// (when the last line was logged, failures since)
     auth_log: RefCell<(Option<Instant>, u64)>,
 }
@@ -306,6 +319,10 @@ pub enum Route {
     DeleteUser,
     Health,
     Metrics,
+    /// A dashboard page (its path).
+    Page(&'static str),
+    SignIn,
+    SignOut,
 }
 
 impl Route {
@@ -316,6 +333,9 @@ impl Route {
             Route::DeleteUser => "/v1/users",
             Route::Health => "/health",
             Route::Metrics => "/metrics",
+            Route::Page(p) => p,
+            Route::SignIn => "/sign-in",
+            Route::SignOut => "/sign-out",
         }
     }
 }
@@ -331,10 +351,12 @@ impl Handler for Api {
             let caller = match route {
                 Route::Batch => self.authenticate(req, false)?,
                 Route::Query(_) | Route::DeleteUser => self.authenticate(req, true)?,
-                Route::Health | Route::Metrics => Caller::Anyone,
+                Route::Page(_) => self.session(req)?,
+                Route::Health | Route::Metrics | Route::SignIn | Route::SignOut => Caller::Anyone,
             };
             let max_body = match route {
                 Route::Batch => usize::MAX,
+                Route::SignIn => dashboard::SIGN_IN_MAX_BYTES,
                 _ => 0,
             };
             Ok(((route, caller), max_body))
@@ -356,6 +378,20 @@ impl Handler for Api {
                 "text/plain; version=0.0.4",
                 self.counters.prometheus(self.store_kind),
             ),
+            (Route::Page("/edges"), _) => {
+                let agents = self.tokens.borrow().agents();
+                dashboard::pages::edges(&self.store, agents, now_ms()).await
+            }
+            (Route::Page(_), _) => {
+                dashboard::pages::active_users(&self.store, &req.query, now_ms()).await
+            }
+            (Route::SignIn, _) => self.sign_in(&req),
+            (Route::SignOut, _) => {
+                let mut r = dashboard::redirect("/sign-in");
+                r.headers
+                    .push(("set-cookie", dashboard::set_cookie(None, self.tls)));
+                r
+            }
             (Route::Batch, _) => unreachable!("admit lets batches in only with an agent's token"),
         };
         bump_map(&self.counters.requests, (route.name(), resp.status));
@@ -381,6 +417,7 @@ impl Api {
             commits,
             counters,
             max_batch_bytes,
+            tls: false,
             auth_log: RefCell::new((None, 0)),
         }
     }
@@ -394,6 +431,10 @@ impl Api {
             ("/v1/users", "DELETE") => Route::DeleteUser,
             ("/health", "GET") => Route::Health,
             ("/metrics", "GET") => Route::Metrics,
+            ("/", "GET") => Route::Page("/"),
+            ("/edges", "GET") => Route::Page("/edges"),
+            ("/sign-in", "GET" | "POST") => Route::SignIn,
+            ("/sign-out", "POST") => Route::SignOut,
             ("other", _) => {
                 return Err(Response::error(404, format!("no such path: {}", req.path)));
             }
@@ -412,6 +453,9 @@ impl Api {
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or("");
+        if want_admin && token.is_empty() && matches!(self.session(req), Ok(Caller::Admin)) {
+            return Ok(Caller::Admin);
+        }
         if !token.is_empty() {
             if want_admin {
                 let Some(file) = &self.admin_token_file else {
@@ -449,6 +493,88 @@ impl Api {
         let mut r = Response::error(401, "a valid bearer token is required");
         r.headers.push(("www-authenticate", "Bearer".into()));
         Err(r)
+    }
+
+    /// The query token, if queries are enabled and it can be read.
+    fn admin_token(&self) -> Result<String, Response> {
+        let Some(file) = &self.admin_token_file else {
+            return Err(dashboard::html(
+                403,
+                dashboard::html::page(
+                    "Disabled",
+                    "",
+                    false,
+                    r#"<p class="error">The dashboard and queries are disabled: set <code>[upstream] admin_token_file</code> on the upstream.</p>"#,
+                ),
+            ));
+        };
+        read_token(file).map_err(|e| {
+            log::error!("{e}; the dashboard refuses every sign-in until it is fixed");
+            Response::error(
+                503,
+                "the query token cannot be read; see the upstream's log",
+            )
+        })
+    }
+
+    /// A dashboard page's caller: a valid session cookie, or a redirect to
+    /// the sign-in form, which then leads back here.
+    fn session(&self, req: &Request) -> Result<Caller, Response> {
+        let token = self.admin_token()?;
+        if dashboard::cookie(req).is_some_and(|c| dashboard::session_valid(&token, c, now_ms())) {
+            return Ok(Caller::Admin);
+        }
+        let next = if req.query.is_empty() {
+            req.path.clone()
+        } else {
+            format!("{}?{}", req.path, req.query)
+        };
+        let to: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("next", dashboard::local_path(&next))
+            .finish();
+        Err(dashboard::redirect(&format!("/sign-in?{to}")))
+    }
+
+    /// `GET`: the form. `POST`: check the token; a session cookie and back
+    /// to where the form came from, or the form again saying why.
+    fn sign_in(&self, req: &Request) -> Response {
+        let pairs = if req.method == "POST" {
+            query_pairs(&String::from_utf8_lossy(&req.body))
+        } else {
+            query_pairs(&req.query)
+        };
+        let field = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("")
+        };
+        let next = dashboard::local_path(field("next")).to_owned();
+        if req.method != "POST" {
+            return dashboard::html(200, dashboard::html::sign_in(&next, None));
+        }
+        let admin = match self.admin_token() {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let given = field("token").trim();
+        if !given.is_empty() && constant_time_eq(admin.as_bytes(), given.as_bytes()) {
+            let expires = now_ms() + dashboard::SESSION_SECS * 1000;
+            let mut r = dashboard::redirect(&next);
+            r.headers.push((
+                "set-cookie",
+                dashboard::set_cookie(Some(&dashboard::session(&admin, expires)), self.tls),
+            ));
+            log::info!("dashboard: signed in from {}", req.peer);
+            return r;
+        }
+        bump(&self.counters.auth_failures, 1);
+        self.log_auth_failure(req, given.is_empty());
+        dashboard::html(
+            401,
+            dashboard::html::sign_in(&next, Some("That is not the query token.")),
+        )
     }
 
     /// At most one line per [`AUTH_LOG_EVERY`]; the rest are counted into it.
@@ -640,6 +766,10 @@ fn route_name(req: &Request) -> &'static str {
         "/v1/rollups" => "/v1/rollups",
         "/health" => "/health",
         "/metrics" => "/metrics",
+        "/" => "/",
+        "/edges" => "/edges",
+        "/sign-in" => "/sign-in",
+        "/sign-out" => "/sign-out",
         p if p.starts_with("/v1/users/") => "/v1/users",
         _ => "other",
     }

@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod query;
 pub mod store;
@@ -195,7 +196,7 @@ async fn serve(s: Server, ctx: Context) {
         ),
     }
     let (commits, queue) = smol::channel::bounded(COMMIT_QUEUE);
-    let api = Rc::new(Api::new(
+    let mut api = Api::new(
         s.tokens,
         c.admin_token_file.clone(),
         store.clone(),
@@ -203,7 +204,9 @@ async fn serve(s: Server, ctx: Context) {
         commits,
         counters.clone(),
         c.limits.max_batch_bytes,
-    ));
+    );
+    api.tls = s.tls.is_some();
+    let api = Rc::new(api);
     let committer = ex.spawn(commit_loop(queue, store.clone(), counters.clone()));
     if s.forwards {
         ex.spawn(forward_loop(

@@ -1,9 +1,17 @@
-//! Debian's real `chromium`, headless: load a page, keep a screenshot, and
-//! report what the page logged to its console (errors, CSP refusals).
+//! Debian's real `chromium`, headless, driven over the DevTools protocol
+//! (a websocket, by tungstenite): open pages, fill forms, read the DOM and
+//! what the page logged (console errors, exceptions, CSP refusals, failed
+//! loads), and keep screenshots in `target/screenshots/`.
 
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tungstenite::{Message, WebSocket, stream::MaybeTlsStream};
 
 pub fn chromium() -> &'static str {
     let found = Command::new("chromium").arg("--version").output();
@@ -21,75 +29,273 @@ pub fn screenshot_path(name: &str) -> PathBuf {
     dir.join(format!("{name}.png"))
 }
 
-/// What a page did in the browser.
+/// What a page did.
 pub struct Loaded {
-    /// The DOM after scripts ran.
+    /// The DOM once loaded.
     pub dom: String,
-    /// Console lines (errors, refused loads), empty for a clean page.
-    pub console: Vec<String>,
-    pub screenshot: PathBuf,
+    /// What the page logged: console errors and warnings, exceptions, CSP
+    /// refusals, failed loads. Empty for a clean page.
+    pub problems: Vec<String>,
+    /// The page's final URL (after redirects).
+    pub url: String,
 }
 
-fn run(profile: &Path, size: &str, extra: &[&str], url: &str) -> (String, String) {
-    let child = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-extensions",
-            "--enable-logging=stderr",
-            "--v=0",
-            // Nothing but loopback: a page that tried to fetch elsewhere fails visibly.
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("--window-size={size}"))
-        .args(extra)
-        .arg(url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start chromium");
-    let pid = child.id();
-    // Bounded: a hung browser is killed by its pid after 60 s.
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let out = child.wait_with_output().expect("chromium output");
-    drop(killer);
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+pub struct Browser {
+    child: Child,
+    ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    profile: PathBuf,
+    /// Problems logged since the last navigation.
+    problems: Vec<String>,
+    loaded: bool,
 }
 
-/// Load `url` at `width`x`height`: its DOM, its console, and a screenshot
-/// kept as `target/screenshots/NAME.png`.
-pub fn load(url: &str, name: &str, width: u32, height: u32) -> Loaded {
-    let profile =
-        std::env::temp_dir().join(format!("edgemeter-chromium-{}-{name}", std::process::id()));
-    let size = format!("{width},{height}");
-    let (dom, log) = run(&profile, &size, &["--dump-dom"], url);
-    let screenshot = screenshot_path(name);
-    let _ = std::fs::remove_file(&screenshot);
-    let shot = format!("--screenshot={}", screenshot.display());
-    let (_, log2) = run(&profile, &size, &[&shot], url);
-    let _ = std::fs::remove_dir_all(&profile);
-    let console = log
-        .lines()
-        .chain(log2.lines())
-        .filter(|l| l.contains(":CONSOLE"))
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        screenshot.exists(),
-        "chromium wrote no screenshot of {url}:\n{log2}"
-    );
-    Loaded {
-        dom,
-        console,
-        screenshot,
+const WAIT: Duration = Duration::from_secs(30);
+
+impl Browser {
+    pub fn start() -> Browser {
+        let profile = std::env::temp_dir().join(format!(
+            "edgemeter-chromium-{}-{}",
+            std::process::id(),
+            super::now_ms()
+        ));
+        let mut child = Command::new(chromium())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--remote-debugging-port=0",
+                // Nothing but loopback: a page that reached elsewhere fails visibly.
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chromium");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let deadline = Instant::now() + WAIT;
+        let mut line = String::new();
+        let port = loop {
+            line.clear();
+            if Instant::now() > deadline || stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.kill();
+                panic!("chromium did not open its DevTools port");
+            }
+            if let Some(rest) = line
+                .trim()
+                .strip_prefix("DevTools listening on ws://127.0.0.1:")
+            {
+                break rest
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .parse::<u16>()
+                    .expect("port");
+            }
+        };
+        // Keep draining stderr so chromium never blocks on it.
+        std::thread::spawn(move || for _ in stderr.lines() {});
+        let list: Value = ureq::get(format!("http://127.0.0.1:{port}/json/list"))
+            .call()
+            .expect("devtools target list")
+            .body_mut()
+            .read_to_string()
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .expect("the target list");
+        let url = list
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["type"] == "page"))
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+            .expect("a page target")
+            .to_owned();
+        let (ws, _) = tungstenite::connect(url).expect("devtools websocket");
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        }
+        let mut b = Browser {
+            child,
+            ws,
+            next_id: 0,
+            profile,
+            problems: Vec::new(),
+            loaded: false,
+        };
+        b.call("Page.enable", json!({}));
+        b.call("Runtime.enable", json!({}));
+        b.call("Log.enable", json!({}));
+        b
+    }
+
+    fn note(&mut self, event: &Value) {
+        let p = &event["params"];
+        match event["method"].as_str().unwrap_or("") {
+            "Page.loadEventFired" => self.loaded = true,
+            "Runtime.consoleAPICalled" => {
+                let kind = p["type"].as_str().unwrap_or("");
+                if matches!(kind, "error" | "warning" | "assert") {
+                    self.problems.push(format!("console.{kind}: {}", p["args"]));
+                }
+            }
+            "Runtime.exceptionThrown" => {
+                self.problems
+                    .push(format!("exception: {}", p["exceptionDetails"]));
+            }
+            "Log.entryAdded" => {
+                let e = &p["entry"];
+                if matches!(e["level"].as_str(), Some("error" | "warning")) {
+                    self.problems.push(format!(
+                        "{}: {} {}",
+                        e["source"].as_str().unwrap_or(""),
+                        e["text"].as_str().unwrap_or(""),
+                        e["url"].as_str().unwrap_or("")
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Send a command and wait for its answer, noting events meanwhile.
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.ws
+            .send(Message::text(
+                json!({"id": id, "method": method, "params": params}).to_string(),
+            ))
+            .expect("send to chromium");
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let msg = match self.ws.read() {
+                Ok(Message::Text(t)) => t,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => panic!("chromium's websocket: {e}"),
+            };
+            let v: Value = serde_json::from_str(&msg).expect("devtools JSON");
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {}", v["error"]);
+                return v["result"].clone();
+            }
+            self.note(&v);
+        }
+        panic!("chromium did not answer {method} within {WAIT:?}");
+    }
+
+    /// Wait (bounded) for the page's load event.
+    fn wait_loaded(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        while !self.loaded {
+            assert!(
+                Instant::now() < deadline,
+                "the page did not load within {WAIT:?}"
+            );
+            // A cheap round trip that lets events arrive.
+            self.call("Runtime.evaluate", json!({"expression": "1"}));
+        }
+    }
+
+    /// Run `js` in the page; its value.
+    pub fn eval(&mut self, js: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({"expression": js, "returnByValue": true, "awaitPromise": true}),
+        );
+        assert!(
+            r.get("exceptionDetails").is_none(),
+            "{js}: {}",
+            r["exceptionDetails"]
+        );
+        r["result"]["value"].clone()
+    }
+
+    /// Open `url` at `width`×`height` and wait for it to load.
+    pub fn open(&mut self, url: &str, width: u32, height: u32) -> Loaded {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}),
+        );
+        self.problems.clear();
+        self.loaded = false;
+        self.call("Page.navigate", json!({"url": url}));
+        self.wait_loaded();
+        self.loaded_state()
+    }
+
+    /// Submit the form `form` (a CSS selector) after setting fields, and
+    /// wait for the next page to load.
+    pub fn submit(&mut self, form: &str, fields: &[(&str, &str)]) -> Loaded {
+        let mut js = String::new();
+        for (name, value) in fields {
+            js += &format!(
+                "document.querySelector({} + ' [name={}]').value = {};",
+                serde_json::to_string(form).unwrap(),
+                name,
+                serde_json::to_string(value).unwrap()
+            );
+        }
+        js += &format!(
+            "document.querySelector({}).submit(); true",
+            serde_json::to_string(form).unwrap()
+        );
+        self.problems.clear();
+        self.loaded = false;
+        self.eval(&js);
+        self.wait_loaded();
+        self.loaded_state()
+    }
+
+    fn loaded_state(&mut self) -> Loaded {
+        let dom = self.eval("document.documentElement.outerHTML");
+        let url = self.eval("location.href");
+        Loaded {
+            dom: dom.as_str().unwrap_or("").to_owned(),
+            problems: std::mem::take(&mut self.problems),
+            url: url.as_str().unwrap_or("").to_owned(),
+        }
+    }
+
+    /// The whole page as PNG in `target/screenshots/NAME.png`.
+    pub fn screenshot(&mut self, name: &str) -> PathBuf {
+        let r = self.call(
+            "Page.captureScreenshot",
+            json!({"format": "png", "captureBeyondViewport": true}),
+        );
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().expect("png data"))
+            .expect("base64");
+        let path = screenshot_path(name);
+        std::fs::write(&path, png).expect("write screenshot");
+        path
+    }
+
+    /// The cookies the browser holds for `url`, as DevTools reports them.
+    pub fn cookies(&mut self, url: &str) -> Vec<Value> {
+        let r = self.call("Network.getCookies", json!({"urls": [url]}));
+        r["cookies"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }

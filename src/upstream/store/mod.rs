@@ -123,6 +123,15 @@ pub struct SeriesRow {
     pub how: How,
 }
 
+/// One agent's posting history, for the dashboard's edges page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeRow {
+    pub agent: String,
+    pub batches: i64,
+    pub records: i64,
+    pub last_received_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeriesQuery {
     pub metric: String,

@@ -119,6 +119,44 @@ impl Store {
             .collect())
     }
 
+    /// Each (metric, network dimensions) with a sketch since `since_ms`:
+    /// the distinct counts the dashboard offers.
+    pub fn sketch_nets(&mut self, since_ms: i64) -> Result<Vec<(String, Dims)>, DbError> {
+        let rows = self.db.query(
+            "SELECT metric, net FROM sketches WHERE ts >= ?1 GROUP BY metric, net ORDER BY metric, net",
+            &[since_ms.into()],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                let metric = it.next().expect("2 columns").into_text();
+                let net = Dims::decode(it.next().expect("2 columns").text()).unwrap_or_default();
+                (metric, net)
+            })
+            .collect())
+    }
+
+    /// Every agent that posted: batches, records, the last one's arrival.
+    pub fn edges(&mut self) -> Result<Vec<EdgeRow>, DbError> {
+        let rows = self.db.query(
+            "SELECT agent, COUNT(*), CAST(SUM(records) AS BIGINT), MAX(received) FROM batches GROUP BY agent ORDER BY agent",
+            &[],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                EdgeRow {
+                    agent: it.next().expect("4 columns").into_text(),
+                    batches: it.next().expect("4 columns").int(),
+                    records: it.next().expect("4 columns").int(),
+                    last_received_ms: it.next().expect("4 columns").int(),
+                }
+            })
+            .collect())
+    }
+
     pub fn events(&mut self, q: &EventQuery) -> Result<Vec<EventRow>, DbError> {
         let mut sql = String::from(
             "SELECT ts, etype, user_id, agent, dims, payload FROM events WHERE ts >= ?1 AND ts < ?2",

@@ -1,0 +1,499 @@
+//! The dashboard's pages: each gathers its data in one call on the store's
+//! thread, then renders HTML here on the event loop.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::clock::{human_duration, iso8601};
+use crate::http_server::{Response, query_pairs};
+use crate::record::Dims;
+use crate::runtime::OnWorker;
+use crate::upstream::query::{self, MAX_ROWS, number};
+use crate::upstream::store::{EdgeRow, How, SeriesQuery, SeriesRow, Store};
+
+use super::chart::{Chart, Line};
+use super::html::{escape, page};
+
+/// The ranges offered as links (the query API's names).
+pub const RANGES: &[&str] = &["TODAY", "1D", "7D", "10D", "30D"];
+/// Edges drawn as their own line; the others are in the table only.
+pub const EDGE_LINES: usize = 8;
+/// How far back the page looks for the metrics it offers.
+const OFFER_SINCE_MS: i64 = 30 * 86_400_000;
+/// An edge with no batch for this long is flagged stale.
+pub const STALE_AFTER_MS: i64 = 10 * 60_000;
+
+fn error_page(status: u16, here: &str, why: &str) -> Response {
+    super::html(
+        status,
+        page(
+            "Error",
+            here,
+            true,
+            &format!(r#"<p class="error">{}</p>"#, escape(why)),
+        ),
+    )
+}
+
+/// What the active-users page was asked: the API's own parameters.
+#[derive(Debug, Clone, Default)]
+struct Ask {
+    metric: Option<String>,
+    dims: Vec<(String, String)>,
+    range: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    table: bool,
+}
+
+impl Ask {
+    fn parse(query: &str) -> Result<Ask, String> {
+        let mut a = Ask::default();
+        for (k, v) in query_pairs(query) {
+            let v = Some(v).filter(|v| !v.is_empty());
+            match k.as_str() {
+                "metric" => a.metric = v,
+                "range" => a.range = v,
+                "start" => a.start = v,
+                "end" => a.end = v,
+                "view" => a.table = v.as_deref() == Some("table"),
+                _ => match (k.strip_prefix("dim."), v) {
+                    (Some(d), Some(v)) if !d.is_empty() => a.dims.push((d.to_owned(), v)),
+                    (Some(_), None) => {}
+                    _ => return Err(format!("unknown parameter `{k}`")),
+                },
+            }
+        }
+        if a.range.is_some() && (a.start.is_some() || a.end.is_some()) {
+            a.range = None;
+        }
+        Ok(a)
+    }
+
+    /// The query string of the same series, with `extra` pairs.
+    fn link(
+        &self,
+        metric: &str,
+        dims: &[(String, String)],
+        range: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("metric", metric);
+        for (k, v) in dims {
+            q.append_pair(&format!("dim.{k}"), v);
+        }
+        match range {
+            Some(r) => {
+                q.append_pair("range", r);
+            }
+            None => {
+                if let Some(s) = &self.start {
+                    q.append_pair("start", s);
+                }
+                if let Some(e) = &self.end {
+                    q.append_pair("end", e);
+                }
+                if let (None, None, Some(r)) = (&self.start, &self.end, &self.range) {
+                    q.append_pair("range", r);
+                }
+            }
+        }
+        for (k, v) in extra {
+            q.append_pair(k, v);
+        }
+        q.finish()
+    }
+}
+
+/// What the store gives the active-users page.
+struct Active {
+    offered: Vec<(String, Dims)>,
+    network: Vec<SeriesRow>,
+    edges: Vec<(SeriesRow, Dims)>,
+}
+
+fn dims_label(d: &Dims) -> String {
+    d.pairs()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One edge's line: its rows in time order.
+struct EdgeLine {
+    name: String,
+    points: Vec<(i64, f64)>,
+    peak: f64,
+}
+
+pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -> Response {
+    let ask = match Ask::parse(query_text) {
+        Ok(a) => a,
+        Err(e) => return error_page(400, "/", &e),
+    };
+    let (start, end) = match query::time_range(
+        ask.range
+            .as_deref()
+            .or((ask.start.is_none() && ask.end.is_none()).then_some("1D")),
+        ask.start.as_deref(),
+        ask.end.as_deref(),
+        now,
+    ) {
+        Ok(r) => r,
+        Err(e) => return error_page(400, "/", &e),
+    };
+    let wanted = ask.clone();
+    let data = store
+        .call(move |s| -> Result<Active, crate::upstream::db::DbError> {
+            let offered = s.sketch_nets(now - OFFER_SINCE_MS)?;
+            // Unless asked, the first distinct count: xx's `active_users`
+            // if there is one.
+            let (metric, dims) = match &wanted.metric {
+                Some(m) => (m.clone(), wanted.dims.clone()),
+                None => match offered
+                    .iter()
+                    .find(|(m, _)| m == crate::sources::xx_gateway::METRIC)
+                    .or(offered.first())
+                {
+                    Some((m, net)) => (m.clone(), net.pairs().to_vec()),
+                    None => {
+                        return Ok(Active {
+                            offered,
+                            network: Vec::new(),
+                            edges: Vec::new(),
+                        });
+                    }
+                },
+            };
+            let q = SeriesQuery {
+                metric,
+                start_ms: start,
+                end_ms: end,
+                agent: None,
+                dims,
+                limit: MAX_ROWS,
+            };
+            let network = s.series(&q)?;
+            let edges = s
+                .series(&SeriesQuery {
+                    agent: Some("*".into()),
+                    ..q
+                })?
+                .into_iter()
+                .map(|r| {
+                    let net = s.net_dims(&r.dims);
+                    (r, net)
+                })
+                .collect();
+            Ok(Active {
+                offered,
+                network,
+                edges,
+            })
+        })
+        .await;
+    let data = match data {
+        Ok(d) => d,
+        Err(e) => {
+            log::error!("the dashboard's query failed: {e}");
+            return error_page(503, "/", "the store is unavailable; try again shortly");
+        }
+    };
+    super::html(200, render_active(&ask, start, end, &data))
+}
+
+fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
+    let (metric, dims): (String, Vec<(String, String)>) = match &ask.metric {
+        Some(m) => (m.clone(), ask.dims.clone()),
+        None => d
+            .offered
+            .iter()
+            .find(|(m, _)| m == crate::sources::xx_gateway::METRIC)
+            .or(d.offered.first())
+            .map(|(m, n)| (m.clone(), n.pairs().to_vec()))
+            .unwrap_or_default(),
+    };
+    let mut body = String::from("<h1>Active users</h1>");
+    if d.offered.is_empty() && ask.metric.is_none() {
+        body += r#"<p class="note">No distinct counts in the last 30 days yet: once edges post
+`active_users` (xx_gateway) or `relay_active_users` (relay), they appear here.</p>"#;
+        return page("Active users", "/", true, &body);
+    }
+    // What to show: each offered metric and window, as links.
+    body += r#"<div class="controls"><div class="ranges">"#;
+    for (m, net) in &d.offered {
+        let here = *m == metric && net.pairs() == dims.as_slice();
+        let _ = write!(
+            body,
+            r#"<a href="/?{}"{}>{} {}</a> "#,
+            escape(&ask.link(m, net.pairs(), None, &[])),
+            if here { r#" class="here""# } else { "" },
+            escape(m),
+            escape(&dims_label(net))
+        );
+    }
+    body += "</div></div>";
+    // Ranges, and a custom one.
+    body += r#"<div class="controls"><div class="ranges">"#;
+    let custom = ask.start.is_some() || ask.end.is_some();
+    for r in RANGES {
+        let here = !custom && ask.range.as_deref().unwrap_or("1D").eq_ignore_ascii_case(r);
+        let _ = write!(
+            body,
+            r#"<a href="/?{}"{}>{r}</a> "#,
+            escape(&ask.link(&metric, &dims, Some(r), &[])),
+            if here { r#" class="here""# } else { "" }
+        );
+    }
+    body += r#"</div><form method="get" action="/">"#;
+    let _ = write!(
+        body,
+        r#"<input type="hidden" name="metric" value="{}">"#,
+        escape(&metric)
+    );
+    for (k, v) in &dims {
+        let _ = write!(
+            body,
+            r#"<input type="hidden" name="dim.{}" value="{}">"#,
+            escape(k),
+            escape(v)
+        );
+    }
+    let _ = write!(
+        body,
+        r#"<label>from <input type="date" name="start" value="{}"></label> <label>to <input type="date" name="end" value="{}"></label> <button>Show</button></form></div>"#,
+        &iso8601(start)[..10],
+        &iso8601(end - 1)[..10]
+    );
+
+    // The lines: network-wide per net, the naive sum of edges, each edge.
+    let mut by_edge: BTreeMap<String, EdgeLine> = BTreeMap::new();
+    let mut sums: BTreeMap<(String, i64), f64> = BTreeMap::new();
+    let multi_net = d
+        .network
+        .iter()
+        .map(|r| r.dims.encode())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        > 1;
+    for (r, net) in &d.edges {
+        let How::Agent(agent) = &r.how else { continue };
+        let name = if multi_net {
+            format!("{agent} {}", dims_label(net))
+        } else {
+            agent.clone()
+        };
+        let e = by_edge.entry(name.clone()).or_insert(EdgeLine {
+            name,
+            points: Vec::new(),
+            peak: 0.0,
+        });
+        e.points.push((r.ts, r.value));
+        e.peak = e.peak.max(r.value);
+        *sums.entry((net.encode(), r.ts)).or_default() += r.value;
+    }
+    let mut lines = Vec::new();
+    let mut nets: BTreeMap<String, (Vec<(i64, f64)>, String)> = BTreeMap::new();
+    for r in &d.network {
+        let key = r.dims.encode();
+        let label = dims_label(&r.dims);
+        nets.entry(key)
+            .or_insert_with(|| (Vec::new(), label))
+            .0
+            .push((r.ts, r.value));
+    }
+    for (key, (points, label)) in &nets {
+        let suffix = if multi_net {
+            format!(" {label}")
+        } else {
+            String::new()
+        };
+        let sum: Vec<(i64, f64)> = sums
+            .range((key.clone(), i64::MIN)..=(key.clone(), i64::MAX))
+            .map(|((_, ts), v)| (*ts, *v))
+            .collect();
+        lines.push(Line {
+            name: format!("sum of edges{suffix}"),
+            class: "sum",
+            points: sum,
+        });
+        lines.push(Line {
+            name: format!("network{suffix}"),
+            class: "net",
+            points: points.clone(),
+        });
+    }
+    let mut ranked: Vec<&EdgeLine> = by_edge.values().collect();
+    ranked.sort_by(|a, b| b.peak.total_cmp(&a.peak).then(a.name.cmp(&b.name)));
+    const CLASSES: [&str; EDGE_LINES] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
+    for (e, class) in ranked.iter().zip(CLASSES) {
+        lines.insert(
+            0,
+            Line {
+                name: format!("edge {}", e.name),
+                class,
+                points: e.points.clone(),
+            },
+        );
+    }
+    let title = format!("{metric} {}", dims_label(&Dims::new(dims.clone())));
+    let _ = write!(
+        body,
+        "<h2>{}, {} to {} UTC</h2>",
+        escape(&title),
+        minute(start),
+        minute(end)
+    );
+    if d.network.is_empty() {
+        body += r#"<p class="note">No values in this range.</p>"#;
+    }
+    body += r#"<div class="legend">"#;
+    for l in lines.iter().rev() {
+        let _ = write!(
+            body,
+            r#"<span class="{}">{}</span>"#,
+            l.class,
+            escape(&l.name)
+        );
+    }
+    body += "</div>";
+    let csv = ask.link(&metric, &dims, None, &[("format", "csv")]);
+    let csv_edges = ask.link(&metric, &dims, None, &[("format", "csv"), ("agent", "*")]);
+    if ask.table {
+        body += &values_table(&nets, &sums, multi_net);
+    } else {
+        body += &Chart {
+            title: &title,
+            start_ms: start,
+            end_ms: end,
+            lines,
+        }
+        .svg();
+    }
+    let _ = write!(
+        body,
+        r#"<p class="note noprint">The network line is the union of the edges' sketches: a user two edges saw counts once, so it is at most the dashed sum.
+{} · CSV: <a href="/v1/series?{}">network</a>, <a href="/v1/series?{}">each edge</a></p>"#,
+        if ask.table {
+            format!(
+                r#"<a href="/?{}">chart</a>"#,
+                escape(&ask.link(&metric, &dims, None, &[]))
+            )
+        } else {
+            format!(
+                r#"<a href="/?{}">exact values</a>"#,
+                escape(&ask.link(&metric, &dims, None, &[("view", "table")]))
+            )
+        },
+        escape(&csv),
+        escape(&csv_edges)
+    );
+    // Every edge, drawn or not.
+    let _ = write!(
+        body,
+        r#"<h2>Edges ({})</h2><table><tr><th>edge</th><th class="n">peak</th><th class="n">latest</th><th>latest at</th><th class="n">values</th></tr>"#,
+        ranked.len()
+    );
+    for e in &ranked {
+        let (t, v) = e.points.last().copied().unwrap_or((0, 0.0));
+        let _ = write!(
+            body,
+            r#"<tr><td>{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td></tr>"#,
+            escape(&e.name),
+            number(e.peak),
+            number(v),
+            iso8601(t),
+            e.points.len()
+        );
+    }
+    body += "</table>";
+    page("Active users", "/", true, &body)
+}
+
+/// `2026-12-02 23:24`: a range's ends as people read them.
+fn minute(ms: i64) -> String {
+    iso8601(ms)[..16].replace('T', " ")
+}
+
+type Nets = BTreeMap<String, (Vec<(i64, f64)>, String)>;
+
+fn values_table(nets: &Nets, sums: &BTreeMap<(String, i64), f64>, multi_net: bool) -> String {
+    let mut out = String::from(
+        r#"<table class="values"><tr><th>window end</th><th class="n">network</th><th class="n">sum of edges</th></tr>"#,
+    );
+    for (key, (points, label)) in nets {
+        if multi_net {
+            let _ = write!(out, r#"<tr><th colspan="3">{}</th></tr>"#, escape(label));
+        }
+        for (ts, v) in points {
+            let sum = sums.get(&(key.clone(), *ts)).copied();
+            let _ = write!(
+                out,
+                r#"<tr><td>{}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
+                iso8601(*ts),
+                number(*v),
+                sum.map_or_else(|| "–".to_owned(), number)
+            );
+        }
+    }
+    out + "</table>"
+}
+
+pub async fn edges(store: &OnWorker<Store>, with_tokens: Vec<String>, now: i64) -> Response {
+    match store.call(|s| s.edges()).await {
+        Ok(rows) => super::html(200, render_edges(&rows, &with_tokens, now)),
+        Err(e) => {
+            log::error!("the dashboard's edges query failed: {e}");
+            error_page(503, "/edges", "the store is unavailable; try again shortly")
+        }
+    }
+}
+
+fn render_edges(rows: &[EdgeRow], with_tokens: &[String], now: i64) -> String {
+    let never: Vec<&String> = with_tokens
+        .iter()
+        .filter(|a| !rows.iter().any(|r| &r.agent == *a))
+        .collect();
+    let stale: Vec<&EdgeRow> = rows
+        .iter()
+        .filter(|r| now - r.last_received_ms > STALE_AFTER_MS)
+        .collect();
+    let mut body = format!(
+        "<h1>Edges</h1><p>{} edges have posted: {} current, <b>{} stale</b> (no batch for {}); {} with a token never posted.</p>",
+        rows.len(),
+        rows.len() - stale.len(),
+        stale.len(),
+        human_duration(STALE_AFTER_MS),
+        never.len()
+    );
+    body += r#"<table><tr><th>edge</th><th>state</th><th>last batch</th><th class="n">ago</th><th class="n">batches</th><th class="n">records</th></tr>"#;
+    // Trouble first: stale, then never posted, then the rest.
+    let mut sorted: Vec<&EdgeRow> = rows.iter().collect();
+    sorted.sort_by_key(|r| (now - r.last_received_ms <= STALE_AFTER_MS, r.agent.clone()));
+    for r in sorted {
+        let is_stale = now - r.last_received_ms > STALE_AFTER_MS;
+        let _ = write!(
+            body,
+            r#"<tr{}><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
+            if is_stale { r#" class="stale""# } else { "" },
+            escape(&r.agent),
+            if is_stale { "STALE" } else { "current" },
+            iso8601(r.last_received_ms),
+            human_duration(now - r.last_received_ms),
+            r.batches,
+            r.records
+        );
+    }
+    for a in never {
+        let _ = write!(
+            body,
+            r#"<tr class="stale"><td>{}</td><td>never posted</td><td>–</td><td class="n">–</td><td class="n">0</td><td class="n">0</td></tr>"#,
+            escape(a)
+        );
+    }
+    body += "</table>";
+    body += r#"<p class="note">From the batches this upstream stored. An edge's own buffer, drops and delivery failures are on that edge: <code>edgemeter status</code> or its <code>/metrics</code>.</p>"#;
+    page("Edges", "/edges", true, &body)
+}

@@ -1,0 +1,378 @@
+//! The upstream's dashboard, from outside: the real binary as aggregator,
+//! real agents posting real batches, the pages loaded in a real headless
+//! Chromium (tests/common/browser.rs), signed in through the form.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::browser::Browser;
+use common::pg::free_port;
+use common::{Agent, TempDir, wait_until};
+
+const ADMIN: &str = "dash-admin-token-0123456789abcdef";
+/// (agent, the user ids it sees); they overlap, so the union is less than the sum.
+const EDGES: [(&str, &str); 3] = [("e1", "0..30"), ("e2", "20..50"), ("e3", "40..70")];
+
+fn token_of(agent: &str) -> String {
+    format!("token-of-{agent}-0123456789")
+}
+
+/// One request on its own connection: (status, head, body).
+fn http(port: u16, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_owned(), body.to_owned())
+}
+
+fn get(port: u16, path: &str, auth: &str) -> (u16, String, String) {
+    http(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n"),
+    )
+}
+
+fn post_form(port: u16, path: &str, form: &str) -> (u16, String, String) {
+    http(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Rows of a CSV body (without its header), by the `agent` column.
+fn csv_rows(body: &str) -> BTreeMap<String, usize> {
+    let mut lines = body.lines();
+    let head: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let col = head
+        .iter()
+        .position(|c| *c == "agent")
+        .expect("an agent column");
+    let mut out = BTreeMap::new();
+    for l in lines.filter(|l| !l.is_empty()) {
+        *out.entry(l.split(',').nth(col).unwrap_or("").to_owned())
+            .or_default() += 1;
+    }
+    out
+}
+
+struct Site {
+    _dir: TempDir,
+    upstream: Agent,
+    port: u16,
+}
+
+/// An upstream with four agent tokens (e9 never posts) and three agents
+/// that post overlapping users every second until enough windows arrived;
+/// then the agents stop, so what the pages show holds still.
+fn site() -> Site {
+    let dir = TempDir::new("dashboard");
+    let port = free_port();
+    let tokens = dir.path("agents");
+    std::fs::create_dir_all(&tokens).unwrap();
+    for a in ["e1", "e2", "e3", "e9"] {
+        std::fs::write(tokens.join(format!("{a}.token")), token_of(a)).unwrap();
+    }
+    dir.write("admin.token", ADMIN);
+    let up = dir.write(
+        "upstream.toml",
+        &format!(
+            "[agent]\nid = \"hub\"\nstate_dir = \"hub-state\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
+             tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\n"
+        ),
+    );
+    let upstream = Agent::start_upstream(&up, "info", &[]);
+    let mut agents = Vec::new();
+    for (id, users) in EDGES {
+        dir.write(&format!("{id}.token"), &token_of(id));
+        let cfg = dir.write(
+            &format!("{id}.toml"),
+            &format!(
+                r#"[agent]
+id = "{id}"
+state_dir = "{id}-state"
+flush_interval_secs = 0.05
+deliver_interval_secs = 0.2
+
+[[source]]
+type = "synthetic"
+name = "load"
+metric = "demo"
+rate_per_sec = 2
+series = 1
+users = "{users}"
+users_window_secs = 1
+
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:{port}"
+token_file = "{id}.token"
+retry_initial_secs = 0.05
+retry_max_secs = 0.5
+"#
+            ),
+        );
+        agents.push(Agent::start_running(&cfg, "info"));
+    }
+    let bearer = format!("authorization: Bearer {ADMIN}\r\n");
+    let windows = |agent: &str| {
+        let (_, _, body) = get(
+            port,
+            &format!("/v1/series?metric=demo_active_users&agent={agent}&format=csv"),
+            &bearer,
+        );
+        body.lines().count().saturating_sub(1)
+    };
+    assert!(
+        wait_until(Duration::from_secs(40), || EDGES
+            .iter()
+            .all(|(a, _)| windows(a) >= 6)),
+        "the agents' windows did not arrive:\n{}",
+        upstream.stderr()
+    );
+    for mut a in agents {
+        a.stop();
+    }
+    Site {
+        _dir: dir,
+        upstream,
+        port,
+    }
+}
+
+#[test]
+fn sign_in_is_required_and_the_cookie_is_right() {
+    let s = site();
+    let port = s.port;
+
+    // No session: to the form, which comes back here; the API refuses too.
+    let (code, head, _) = get(port, "/edges?x=1", "");
+    assert_eq!(code, 303, "{head}");
+    assert_eq!(
+        header(&head, "location"),
+        Some("/sign-in?next=%2Fedges%3Fx%3D1")
+    );
+    let (code, head, body) = get(port, "/sign-in?next=%2Fedges%3Fx%3D1", "");
+    assert_eq!(code, 200);
+    assert!(body.contains(r#"name="next" value="/edges?x=1""#), "{body}");
+    assert!(
+        header(&head, "content-security-policy").is_some_and(|c| c.contains("default-src 'none'"))
+    );
+    assert_eq!(get(port, "/v1/series?metric=demo_active_users", "").0, 401);
+
+    // A wrong token: the form again, and no cookie.
+    let (code, head, body) = post_form(port, "/sign-in", "token=nope&next=%2Fedges");
+    assert_eq!(code, 401);
+    assert!(body.contains("That is not the query token."), "{body}");
+    assert!(header(&head, "set-cookie").is_none(), "{head}");
+
+    // The right one: a cookie with every flag, and back where the form came from.
+    let (code, head, _) = post_form(port, "/sign-in", &format!("token={ADMIN}&next=%2Fedges"));
+    assert_eq!(code, 303, "{head}");
+    assert_eq!(header(&head, "location"), Some("/edges"));
+    let set = header(&head, "set-cookie").expect("a cookie").to_owned();
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set.contains(flag), "{set}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP: not Secure ({set})");
+    assert!(
+        !set.contains(ADMIN) && !head.contains(ADMIN),
+        "the token itself is never sent back"
+    );
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let with = format!("cookie: {cookie}\r\n");
+
+    // The cookie opens the pages and the query API's GETs.
+    let (code, _, body) = get(port, "/edges", &with);
+    assert_eq!(code, 200);
+    for a in ["e1", "e2", "e3"] {
+        assert!(
+            body.contains(&format!("<td>{a}</td><td>current</td>")),
+            "{a}:\n{body}"
+        );
+    }
+    assert!(body.contains("<td>e9</td><td>never posted</td>"), "{body}");
+    assert_eq!(
+        get(
+            port,
+            "/v1/series?metric=demo_active_users&format=csv",
+            &with
+        )
+        .0,
+        200
+    );
+    // A forged or altered cookie is nothing.
+    let forged = format!("cookie: {}0\r\n", cookie);
+    assert_eq!(get(port, "/edges", &forged).0, 303);
+    assert_eq!(
+        get(
+            port,
+            "/edges",
+            "cookie: edgemeter_session=v1.99999999999999.00\r\n"
+        )
+        .0,
+        303
+    );
+    // Only local places after sign-in.
+    let (_, head, _) = post_form(
+        port,
+        "/sign-in",
+        &format!("token={ADMIN}&next=%2F%2Fevil.example%2F"),
+    );
+    assert_eq!(header(&head, "location"), Some("/"));
+    // Sign-out clears it.
+    let (code, head, _) = post_form(port, "/sign-out", "");
+    assert_eq!(code, 303);
+    assert!(
+        header(&head, "set-cookie").is_some_and(|c| c.contains("Max-Age=0")),
+        "{head}"
+    );
+
+    // The log says who signed in and that one try failed, never the token.
+    let log = s.upstream.stderr();
+    assert!(log.contains("dashboard: signed in from 127.0.0.1"), "{log}");
+    assert!(!log.contains(ADMIN), "the token is in the log:\n{log}");
+}
+
+#[test]
+fn pages_render_in_chromium_and_plot_what_the_csv_holds() {
+    let s = site();
+    let port = s.port;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut b = Browser::start();
+
+    // The harness sees a page's errors (else "no problems" would mean nothing).
+    let bad = b.open(
+        "data:text/html,<script>console.error('planted')</script>",
+        800,
+        600,
+    );
+    assert!(
+        bad.problems.iter().any(|p| p.contains("planted")),
+        "{:?}",
+        bad.problems
+    );
+
+    // Not signed in: the form, which leads back to the page asked for.
+    let form = b.open(&format!("{base}/"), 1200, 900);
+    assert_eq!(form.url, format!("{base}/sign-in?next=%2F"));
+    assert!(form.dom.contains("Query token"), "{}", form.dom);
+    assert!(form.problems.is_empty(), "{:?}", form.problems);
+    b.screenshot("dashboard-sign-in");
+    let page = b.submit("form[action='/sign-in']", &[("token", ADMIN)]);
+    assert_eq!(
+        page.url,
+        format!("{base}/"),
+        "back on the page asked for, no token in the URL"
+    );
+    assert!(
+        page.problems.is_empty(),
+        "the page logged: {:?}",
+        page.problems
+    );
+    let cookies = b.cookies(&base);
+    let c = cookies
+        .iter()
+        .find(|c| c["name"] == "edgemeter_session")
+        .expect("the session cookie");
+    assert_eq!(
+        (
+            c["httpOnly"].as_bool(),
+            c["sameSite"].as_str(),
+            c["secure"].as_bool()
+        ),
+        (Some(true), Some("Strict"), Some(false))
+    );
+    let left = c["expires"].as_f64().unwrap() - common::now_ms() as f64 / 1000.0;
+    assert!((43_000.0..=43_300.0).contains(&left), "expires in {left} s");
+    b.screenshot("dashboard-active-users");
+
+    // Every plotted point is a row of the page's own CSV links.
+    let plotted: BTreeMap<String, usize> = serde_json::from_value(b.eval(
+        "Object.fromEntries([...document.querySelectorAll('polyline')].map(p => [p.dataset.series, p.points.numberOfItems]))",
+    ))
+    .unwrap();
+    let links: Vec<String> = serde_json::from_value(b.eval(
+        "[...document.querySelectorAll('a')].map(a => a.getAttribute('href')).filter(h => h.startsWith('/v1/series'))",
+    ))
+    .unwrap();
+    assert_eq!(links.len(), 2, "{links:?}");
+    let bearer = format!("authorization: Bearer {ADMIN}\r\n");
+    let (code, _, network_csv) = get(port, &links[0], &bearer);
+    assert_eq!(code, 200);
+    let network = network_csv.lines().count() - 1;
+    assert!(network >= 6, "{network_csv}");
+    assert_eq!(plotted.get("network"), Some(&network), "{plotted:?}");
+    let (_, _, edges_csv) = get(port, &links[1], &bearer);
+    let per_edge = csv_rows(&edges_csv);
+    for (a, _) in EDGES {
+        assert_eq!(
+            plotted.get(&format!("edge {a}")),
+            per_edge.get(a),
+            "{a}: {plotted:?} {per_edge:?}"
+        );
+    }
+    // The naive sum is drawn at every window an edge reported, and the
+    // union is below it where users overlap.
+    let times = |csv: &str| {
+        csv.lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap().to_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(plotted.get("sum of edges"), Some(&times(&edges_csv).len()));
+
+    // Exact values: the table view has a row per network value.
+    let table = b.eval("document.querySelector('a[href*=\"view=table\"]').getAttribute('href')");
+    let t = b.open(&format!("{base}{}", table.as_str().unwrap()), 1200, 900);
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+    let rows = b.eval("document.querySelectorAll('table.values td:first-child').length");
+    assert_eq!(rows.as_u64(), Some(network as u64));
+
+    // Another range, by its link.
+    let week =
+        b.eval("document.querySelector('.ranges a[href*=\"range=7D\"]').getAttribute('href')");
+    let w = b.open(&format!("{base}{}", week.as_str().unwrap()), 1200, 900);
+    assert!(w.problems.is_empty(), "{:?}", w.problems);
+    assert!(
+        w.dom.contains(r#"class="here">7D"#),
+        "the 7D link is marked"
+    );
+
+    // Edges, on a laptop; active users on a phone.
+    let e = b.open(&format!("{base}/edges"), 1200, 700);
+    assert!(e.problems.is_empty(), "{:?}", e.problems);
+    assert!(e.dom.contains("e9") && e.dom.contains("never posted"));
+    b.screenshot("dashboard-edges");
+    let phone = b.open(&format!("{base}/"), 390, 844);
+    assert!(phone.problems.is_empty(), "{:?}", phone.problems);
+    b.screenshot("dashboard-active-users-phone");
+
+    // Sign out: the form again, everywhere.
+    let out = b.submit("form[action='/sign-out']", &[]);
+    assert_eq!(out.url, format!("{base}/sign-in"));
+    let again = b.open(&format!("{base}/edges"), 1200, 700);
+    assert!(again.dom.contains("Query token"), "signed out");
+}
