@@ -708,6 +708,19 @@ fn the_demo_shows_the_relay_pipeline() {
     let (code, out, err) =
         edgemeter(&["demo", "--seconds", "5", "--dir", out_dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}\n{err}");
+    // It starts quietly (the edges' tokens exist before the upstream reads
+    // them) and says where its dashboard is and how to sign in.
+    let noisy: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("[WARN]") || l.contains("[ERROR]"))
+        .collect();
+    assert!(noisy.is_empty(), "the demo warned: {noisy:?}");
+    let token = std::fs::read_to_string(out_dir.join("admin.token")).expect("admin.token");
+    assert!(
+        out.contains(&format!("(sign in with the token {token}, also in "))
+            && out.contains("dashboard:  http://127.0.0.1:"),
+        "{out}"
+    );
     for rig in ["spin30", "spin31", "spin32"] {
         assert!(
             out.lines().any(|l| {

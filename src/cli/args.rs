@@ -422,8 +422,11 @@ impl Cmd {
         while let Some(arg) = self.next()? {
             match arg.long() {
                 Some("seconds") => {
-                    seconds =
-                        self.number("--seconds", |n: &u64| (1..=3600).contains(n), "1 to 3600")?
+                    seconds = self.number(
+                        "--seconds",
+                        |n: &u64| *n <= 3600,
+                        "0 (until Ctrl-C) to 3600",
+                    )?
                 }
                 Some("dir") => dir = Some(self.path()?),
                 _ if self.help_or_version(&arg)? => {}
@@ -758,7 +761,7 @@ mod tests {
         );
         refused(
             &["demo", "--seconds", "9999"],
-            "--seconds takes 1 to 3600",
+            "--seconds takes 0 (until Ctrl-C) to 3600",
             "demo",
         );
         refused(&["report", "--url", "http://u"], "go together", "report");

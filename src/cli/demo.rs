@@ -21,6 +21,7 @@ const DEMO_CONFIG: &str = r#"# Written by `edgemeter demo`.
 id = "demo"
 state_dir = "state"
 flush_interval_secs = 0.5
+http_listen = "127.0.0.1:0"
 
 [[source]]
 type = "synthetic"
@@ -45,6 +46,7 @@ path = "points.csv"
 [upstream]
 listen = "127.0.0.1:0"
 tokens_dir = "tokens"
+admin_token_file = "admin.token"
 forward_interval_secs = 1
 settle_secs = 2
 "#;
@@ -80,19 +82,45 @@ const EDGES: [(&str, &str); 3] = [
     ("edge-3", "2000..3500"),
 ];
 
+/// A fresh random token (the demo's only: real deployments make their own).
+fn demo_token(what: &str) -> String {
+    format!(
+        "demo-{what}-{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    )
+}
+
+/// The edges' tokens and the dashboard's, written before the upstream
+/// starts so that it reads them at once; the dashboard's is returned.
+fn write_tokens(dir: &std::path::Path) -> Result<String, String> {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens)
+        .map_err(|e| format!("cannot create {}: {e}", tokens.display()))?;
+    let mut files: Vec<(PathBuf, String)> = EDGES
+        .iter()
+        .map(|(id, _)| (tokens.join(format!("{id}.token")), demo_token(id)))
+        .collect();
+    let admin = demo_token("dashboard");
+    files.push((dir.join("admin.token"), admin.clone()));
+    for (path, token) in files {
+        std::fs::write(&path, token)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(admin)
+}
+
 /// Start the edge agents; each is stopped (SIGTERM) by the returned guard.
 fn start_edges(dir: &std::path::Path, listen: std::net::SocketAddr) -> Result<Edges, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut children = Vec::new();
     for (id, users) in EDGES {
-        let token = format!("demo-token-{id}-{:016x}", fastrand::u64(..));
         let config = dir.join(format!("{id}.toml"));
         let text = EDGE_CONFIG
             .replace("{id}", id)
             .replace("{users}", users)
             .replace("{listen}", &listen.to_string());
-        std::fs::write(dir.join("tokens").join(format!("{id}.token")), &token)
-            .and_then(|()| std::fs::write(&config, text))
+        std::fs::write(&config, text)
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
         let child = std::process::Command::new(&exe)
             .args(["run", "-c"])
@@ -253,18 +281,20 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> Outcome {
         }
     };
     let state = config.agent.state_dir.clone();
-    let server = match std::fs::create_dir_all(dir.join("tokens"))
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            crate::upstream::Server::prepare(
-                config
-                    .upstream
-                    .clone()
-                    .expect("the demo config has [upstream]"),
-                &state,
-                true,
-            )
-        }) {
+    let admin = match write_tokens(&dir) {
+        Ok(t) => t,
+        Err(e) => return Err(Failed::new(Exit::Failure, format!("edgemeter demo: {e}"))),
+    };
+    let server = match Ok::<(), String>(()).and_then(|()| {
+        crate::upstream::Server::prepare(
+            config
+                .upstream
+                .clone()
+                .expect("the demo config has [upstream]"),
+            &state,
+            true,
+        )
+    }) {
         Ok(s) => s,
         Err(e) => {
             return Err(Failed::new(
@@ -273,25 +303,32 @@ pub fn run(seconds: u64, dir: Option<PathBuf>) -> Outcome {
             ));
         }
     };
-    let edges = match server
-        .local_addr()
-        .map_err(|e| e.to_string())
-        .and_then(|a| start_edges(&dir, a))
-    {
+    let listen = match server.local_addr() {
+        Ok(a) => a,
+        Err(e) => return Err(Failed::new(Exit::Failure, format!("edgemeter demo: {e}"))),
+    };
+    let edges = match start_edges(&dir, listen) {
         Ok(e) => e,
         Err(e) => {
             return Err(Failed::new(Exit::Failure, format!("edgemeter demo: {e}")));
         }
     };
+    let how_long = if seconds == 0 {
+        "until Ctrl-C".to_owned()
+    } else {
+        format!("for {seconds} s (Ctrl-C stops early; --seconds 0 runs until Ctrl-C)")
+    };
     println!(
-        "edgemeter demo: running for {seconds} s in {} (Ctrl-C stops early)",
-        dir.display()
+        "edgemeter demo: running {how_long} in {}\n\
+         dashboard:  http://{listen}/  (sign in with the token {admin}, also in {})",
+        dir.display(),
+        dir.join("admin.token").display()
     );
     let upstream: Box<dyn crate::sources::Source> = Box::new(server);
     let result = agent::run(
         config,
         vec![("upstream".to_owned(), upstream)],
-        Some(Duration::from_secs(seconds)),
+        (seconds > 0).then(|| Duration::from_secs(seconds)),
     );
     drop(edges);
     if let Err(e) = result {

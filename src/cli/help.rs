@@ -137,9 +137,14 @@ The network-wide value of a series is the union of the edges' sketches
 ";
 
 const HELP_DEMO: &str = "\
-Run the pipeline on this machine with no peers: a synthetic source feeds the
-outbox and a CSV sink, for a few seconds, in a temporary directory (kept, so
-you can look at it). Prints what happened.
+Run the pipeline on this machine with no peers, in a temporary directory
+(kept, so you can look at it): a synthetic source and a simulated practable
+session host feed the outbox and a CSV sink; three edge agents post to the
+demo's upstream. Prints the dashboard's address and a sign-in token, then,
+at the end, what happened.
+
+  --seconds N   how long to run (default 10); 0 runs until Ctrl-C
+  --dir DIR     where (default: a new directory under the temp dir)
 
 Usage: edgemeter demo [--seconds N] [--dir DIR]
 ";
