@@ -28,20 +28,7 @@ fn aws_keys(dir: &TempDir) -> &'static str {
 fn an_xx_gateways_windows_arrive_as_metrics_and_its_csv_lines_as_log_events() {
     let moto = Moto::start();
     let pg = PgServer::start("cw-xx");
-    let mut gw = pg.gateway_db(PERIOD_MS);
-    let now_e = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64
-        / PERIOD_MS;
-    for e in now_e - 8..now_e {
-        gw.execute(
-            "INSERT INTO client_bloom_filters (recipient_id, epoch, first_round, round_range, filter)
-             SELECT g, $1::bigint, 1, 0, '\\x00'::bytea FROM generate_series(1, 5 + ($1::bigint % 7)) g",
-            &[&e],
-        )
-        .expect("rows");
-    }
+    let _gw = pg.gateway_with_recent_rows(PERIOD_MS);
     let dir = TempDir::new("cw-xx");
     gateway_files(&dir, pg.port, "NODE42");
     let keys = aws_keys(&dir);

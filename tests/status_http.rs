@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -19,21 +19,8 @@ use serde_json::Value;
 
 const PERIOD_MS: i64 = 2000;
 
-/// One HTTP/1.1 exchange: (status, head, body).
 fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).expect("send");
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
+    common::http_exchange(addr, request)
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
@@ -249,16 +236,7 @@ fn without_clock(j: &Value) -> Value {
 fn metrics_pass_promtool_and_equal_status_json() {
     let promtool = promtool();
     let pg = PgServer::start("status-http");
-    let mut gw = pg.gateway_db(PERIOD_MS);
-    let now_e = common::now_ms() / PERIOD_MS;
-    for e in now_e - 8..now_e {
-        gw.execute(
-            "INSERT INTO client_bloom_filters (recipient_id, epoch, first_round, round_range, filter)
-             SELECT g, $1::bigint, 1, 0, '\\x00'::bytea FROM generate_series(1, 5 + ($1::bigint % 7)) g",
-            &[&e],
-        )
-        .expect("rows");
-    }
+    let _gw = pg.gateway_with_recent_rows(PERIOD_MS);
     let hub = Hub::start();
     let dir = TempDir::new("status-http");
     gateway_files(&dir, pg.port, "NODE1");

@@ -238,6 +238,25 @@ pub fn gateway_files(dir: &TempDir, port: u16, node: &str) {
     dir.write("gateway-IDF.json", &format!(r#"{{"id":"{node}"}}"#));
 }
 
+/// One raw HTTP/1.1 exchange on its own connection (the request should say
+/// `connection: close`): (status, head, body).
+pub fn http_exchange(addr: std::net::SocketAddr, request: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
 /// Record ids in a csv sink's file (complete lines only, header skipped).
 pub fn csv_ids(path: &Path) -> Vec<i64> {
     let Ok(text) = std::fs::read_to_string(path) else {

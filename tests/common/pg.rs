@@ -216,6 +216,26 @@ impl PgServer {
         gw
     }
 
+    /// The `gateway_db` with rows for the 8 epochs before now (5 to 11
+    /// recipients each): a gateway that has been running a while.
+    pub fn gateway_with_recent_rows(&self, period_ms: i64) -> postgres::Client {
+        let mut gw = self.gateway_db(period_ms);
+        let now_e = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64
+            / period_ms;
+        for e in now_e - 8..now_e {
+            gw.execute(
+                "INSERT INTO client_bloom_filters (recipient_id, epoch, first_round, round_range, filter)
+                 SELECT g, $1::bigint, 1, 0, '\\x00'::bytea FROM generate_series(1, 5 + ($1::bigint % 7)) g",
+                &[&e],
+            )
+            .expect("rows");
+        }
+        gw
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.dir
     }
