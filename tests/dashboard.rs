@@ -361,3 +361,124 @@ fn pages_render_in_chromium_and_plot_what_the_csv_holds() {
     let again = b.open(&format!("{base}/edges"), 1200, 700);
     assert!(again.dom.contains("Query token"), "signed out");
 }
+
+#[test]
+fn the_relay_page_draws_each_stream_from_a_real_relay_agent() {
+    let dir = TempDir::new("dashboard-relay");
+    let hub = common::relay::Hub::start();
+    let port = free_port();
+    let tokens = dir.path("agents");
+    std::fs::create_dir_all(&tokens).unwrap();
+    std::fs::write(tokens.join("lab.token"), token_of("lab")).unwrap();
+    dir.write("lab.token", &token_of("lab"));
+    dir.write("admin.token", ADMIN);
+    let up = dir.write(
+        "upstream.toml",
+        &format!(
+            "[agent]\nid = \"hub\"\nstate_dir = \"hub-state\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
+             tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\n"
+        ),
+    );
+    let _upstream = Agent::start_upstream(&up, "info", &[]);
+    let cfg = dir.write(
+        "lab.toml",
+        &format!(
+            r#"[agent]
+id = "lab"
+state_dir = "lab-state"
+flush_interval_secs = 0.05
+deliver_interval_secs = 0.2
+
+[[source]]
+type = "relay"
+name = "practable"
+session_host = "{}"
+streams = ["rig-a", "rig-b"]
+window_secs = 1
+
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:{port}"
+token_file = "lab.token"
+retry_initial_secs = 0.05
+retry_max_secs = 0.5
+"#,
+            hub.url()
+        ),
+    );
+    let mut lab = Agent::start_running(&cfg, "info");
+    assert!(wait_until(Duration::from_secs(15), || hub
+        .subscribers("rig-a")
+        == 1
+        && hub.subscribers("rig-b") == 1));
+    let bearer = format!("authorization: Bearer {ADMIN}\r\n");
+    let csv = |metric: &str, stream: &str| {
+        get(
+            port,
+            &format!("/v1/series?metric={metric}&dim.stream={stream}&format=csv"),
+            &bearer,
+        )
+        .2
+    };
+    // Students on both rigs for a few windows; rig-b busier.
+    for round in 0..6 {
+        for (stream, n) in [("rig-a", 2), ("rig-b", 5)] {
+            for i in 0..n {
+                let m = serde_json::json!({"user": format!("s{i}"), "t": round, "exp": "spinner",
+                    "hardware": stream, "course": "c1", "type": "log",
+                    "payload": {"log": "start", "data": {}}});
+                hub.send_text(stream, &m.to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || csv("relay_messages", "rig-b")
+            .lines()
+            .count()
+            > 3),
+        "no relay points upstream"
+    );
+    lab.stop();
+
+    let base = format!("http://127.0.0.1:{port}");
+    let mut b = Browser::start();
+    b.open(&format!("{base}/relay"), 1200, 900);
+    let page = b.submit("form[action='/sign-in']", &[("token", ADMIN)]);
+    assert_eq!(page.url, format!("{base}/relay"));
+    assert!(
+        page.problems.is_empty(),
+        "the page logged: {:?}",
+        page.problems
+    );
+    b.screenshot("dashboard-relay");
+    // Two charts (messages, users), a line per stream in each; every vertex
+    // is a row of the same series' CSV.
+    let charts: Vec<Vec<(String, usize)>> = serde_json::from_value(b.eval(
+        "[...document.querySelectorAll('svg.chart')].map(svg => [...svg.querySelectorAll('polyline')].map(p => [p.dataset.series, p.points.numberOfItems]))",
+    ))
+    .unwrap();
+    assert_eq!(charts.len(), 2, "{charts:?}");
+    let (messages, users) = (&charts[0], &charts[1]);
+    for stream in ["rig-a", "rig-b"] {
+        let rows = csv("relay_messages", stream).lines().count() - 1;
+        assert!(
+            messages.contains(&(stream.to_owned(), rows)),
+            "{stream}: {rows} rows, plotted {messages:?}"
+        );
+        let rows = csv("relay_active_users", stream).lines().count() - 1;
+        assert!(
+            users.contains(&(stream.to_owned(), rows)),
+            "{stream}: {rows} user rows, plotted {users:?}"
+        );
+    }
+    let all = csv("relay_active_users", "all").lines().count() - 1;
+    assert!(users.contains(&("all".to_owned(), all)), "{users:?}");
+    // The busier rig is drawn first (its colour and legend lead).
+    assert_eq!(messages[0].0, "rig-b", "{messages:?}");
+    assert!(
+        page.dom.contains("<td>rig-a</td>"),
+        "{}",
+        page.dom
+    );
+}

@@ -11,7 +11,7 @@
 //! | `DELETE /v1/users/{user}` | admin | delete one user's events |
 //! | `GET /health` | none | store reachable? |
 //! | `GET /metrics` | none | Prometheus text of the counters below |
-//! | `GET /`, `/edges` | session cookie | the dashboard ([`crate::upstream::dashboard`]) |
+//! | `GET /`, `/relay`, `/edges` | session cookie | the dashboard ([`crate::upstream::dashboard`]) |
 //! | `GET`/`POST /sign-in`, `POST /sign-out` | none | the dashboard's session |
 //!
 //! Admin routes take the query token as a bearer token, or the dashboard's
@@ -382,6 +382,9 @@ impl Handler for Api {
                 let agents = self.tokens.borrow().agents();
                 dashboard::pages::edges(&self.store, agents, now_ms()).await
             }
+            (Route::Page("/relay"), _) => {
+                dashboard::pages::relay(&self.store, &req.query, now_ms()).await
+            }
             (Route::Page(_), _) => {
                 dashboard::pages::active_users(&self.store, &req.query, now_ms()).await
             }
@@ -433,6 +436,7 @@ impl Api {
             ("/metrics", "GET") => Route::Metrics,
             ("/", "GET") => Route::Page("/"),
             ("/edges", "GET") => Route::Page("/edges"),
+            ("/relay", "GET") => Route::Page("/relay"),
             ("/sign-in", "GET" | "POST") => Route::SignIn,
             ("/sign-out", "POST") => Route::SignOut,
             ("other", _) => {
@@ -768,6 +772,7 @@ fn route_name(req: &Request) -> &'static str {
         "/metrics" => "/metrics",
         "/" => "/",
         "/edges" => "/edges",
+        "/relay" => "/relay",
         "/sign-in" => "/sign-in",
         "/sign-out" => "/sign-out",
         p if p.starts_with("/v1/users/") => "/v1/users",

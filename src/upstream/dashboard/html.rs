@@ -63,7 +63,11 @@ tr.stale td { background: #fdecea; }
 "#;
 
 /// Pages in the navigation bar: (path, label).
-pub const PAGES: &[(&str, &str)] = &[("/", "Active users"), ("/edges", "Edges")];
+pub const PAGES: &[(&str, &str)] = &[
+    ("/", "Active users"),
+    ("/relay", "Relay"),
+    ("/edges", "Edges"),
+];
 
 /// A whole page. `here` is the current path (for the bar); `signed_in`
 /// adds the bar's links and the sign-out button.

@@ -5,6 +5,7 @@
 //! | path | what |
 //! |---|---|
 //! | `GET /` | active users: the network-wide distinct count of a metric's window beside each edge's own count and the naive sum of edges; ranges `TODAY` … `30D` or start/end; `view=table` for exact values |
+//! | `GET /relay` | relay streams: messages and distinct users per window by stream, and per stream the totals and whether the last window was connected |
 //! | `GET /edges` | every agent that ever posted (and every token that never did): last batch, how long ago, batches, records; stale ones flagged |
 //! | `GET/POST /sign-in`, `POST /sign-out` | the session |
 //!

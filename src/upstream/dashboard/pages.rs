@@ -441,6 +441,199 @@ fn values_table(nets: &Nets, sums: &BTreeMap<(String, i64), f64>, multi_net: boo
     out + "</table>"
 }
 
+/// What the store gives the relay page: per metric, the network rows.
+struct Relay {
+    messages: Vec<SeriesRow>,
+    users: Vec<SeriesRow>,
+    connected: Vec<SeriesRow>,
+}
+
+/// The relay's streams: messages and distinct users per window, by stream
+/// (the network value: summed, or the union of the edges' sketches).
+pub async fn relay(store: &OnWorker<Store>, query_text: &str, now: i64) -> Response {
+    let ask = match Ask::parse(query_text) {
+        Ok(a) => a,
+        Err(e) => return error_page(400, "/relay", &e),
+    };
+    let (start, end) = match query::time_range(
+        ask.range
+            .as_deref()
+            .or((ask.start.is_none() && ask.end.is_none()).then_some("1D")),
+        ask.start.as_deref(),
+        ask.end.as_deref(),
+        now,
+    ) {
+        Ok(r) => r,
+        Err(e) => return error_page(400, "/relay", &e),
+    };
+    let data = store
+        .call(move |s| -> Result<Relay, crate::upstream::db::DbError> {
+            let q = |metric: &str| SeriesQuery {
+                metric: metric.to_owned(),
+                start_ms: start,
+                end_ms: end,
+                agent: None,
+                dims: Vec::new(),
+                limit: MAX_ROWS,
+            };
+            Ok(Relay {
+                messages: s.series(&q("relay_messages"))?,
+                users: s.series(&q("relay_active_users"))?,
+                connected: s.series(&q("relay_connected"))?,
+            })
+        })
+        .await;
+    match data {
+        Ok(d) => super::html(200, render_relay(&ask, start, end, &d)),
+        Err(e) => {
+            log::error!("the dashboard's relay query failed: {e}");
+            error_page(503, "/relay", "the store is unavailable; try again shortly")
+        }
+    }
+}
+
+/// A relay row's stream: `stream`, or `source/stream` when the upstream
+/// keeps sources apart (`source` not among its `edge_dims`).
+fn stream_of(d: &Dims) -> String {
+    let get = |k: &str| {
+        d.pairs()
+            .iter()
+            .find(|(dk, _)| dk == k)
+            .map(|(_, v)| v.as_str())
+    };
+    match (get("source"), get("stream")) {
+        (Some(source), Some(stream)) => format!("{source}/{stream}"),
+        (None, Some(stream)) => stream.to_owned(),
+        _ => "?".to_owned(),
+    }
+}
+
+/// Values by stream, in time order.
+type ByStream = BTreeMap<String, Vec<(i64, f64)>>;
+
+/// One line per stream (the busiest [`EDGE_LINES`]), in time order.
+fn stream_lines(rows: &[SeriesRow]) -> (Vec<Line>, ByStream) {
+    let mut by = ByStream::new();
+    for r in rows {
+        by.entry(stream_of(&r.dims))
+            .or_default()
+            .push((r.ts, r.value));
+    }
+    let mut ranked: Vec<(&String, f64)> = by
+        .iter()
+        .map(|(k, v)| (k, v.iter().map(|p| p.1).sum::<f64>()))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+    const CLASSES: [&str; EDGE_LINES] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
+    let lines = ranked
+        .iter()
+        .zip(CLASSES)
+        .map(|((name, _), class)| Line {
+            name: (*name).clone(),
+            class,
+            points: by[*name].clone(),
+        })
+        .collect();
+    (lines, by)
+}
+
+fn render_relay(ask: &Ask, start: i64, end: i64, d: &Relay) -> String {
+    let mut body = String::from("<h1>Relay streams</h1>");
+    body += r#"<div class="controls"><div class="ranges">"#;
+    let custom = ask.start.is_some() || ask.end.is_some();
+    for r in RANGES {
+        let here = !custom && ask.range.as_deref().unwrap_or("1D").eq_ignore_ascii_case(r);
+        let _ = write!(
+            body,
+            r#"<a href="/relay?range={r}"{}>{r}</a> "#,
+            if here { r#" class="here""# } else { "" }
+        );
+    }
+    body += "</div></div>";
+    if d.messages.is_empty() && d.users.is_empty() {
+        body += r#"<p class="note">No relay figures in this range: edges with a <code>relay</code> source send
+`relay_messages` and `relay_active_users` per stream and window.</p>"#;
+        return page("Relay", "/relay", true, &body);
+    }
+    let range = match (&ask.start, &ask.end) {
+        (None, None) => format!("range={}", ask.range.as_deref().unwrap_or("1D")),
+        _ => form_urlencoded::Serializer::new(String::new())
+            .append_pair("start", ask.start.as_deref().unwrap_or(""))
+            .append_pair("end", ask.end.as_deref().unwrap_or(""))
+            .finish(),
+    };
+    for (title, metric, rows) in [
+        ("Messages per window", "relay_messages", &d.messages),
+        ("Distinct users per window", "relay_active_users", &d.users),
+    ] {
+        let (lines, _) = stream_lines(rows);
+        let _ = write!(
+            body,
+            "<h2>{title}, {} to {} UTC</h2>",
+            minute(start),
+            minute(end)
+        );
+        body += r#"<div class="legend">"#;
+        for l in &lines {
+            let _ = write!(
+                body,
+                r#"<span class="{}">{}</span>"#,
+                l.class,
+                escape(&l.name)
+            );
+        }
+        body += "</div>";
+        body += &Chart {
+            title,
+            start_ms: start,
+            end_ms: end,
+            lines,
+        }
+        .svg();
+        let _ = write!(
+            body,
+            r#"<p class="note noprint">CSV: <a href="/v1/series?metric={metric}&amp;{}&amp;format=csv">{metric}</a></p>"#,
+            escape(&range)
+        );
+    }
+    // Per stream: totals in the range and the last window's connection.
+    let (_, messages) = stream_lines(&d.messages);
+    let (_, users) = stream_lines(&d.users);
+    let (_, connected) = stream_lines(&d.connected);
+    let mut streams: Vec<&String> = messages.keys().chain(users.keys()).collect();
+    streams.sort();
+    streams.dedup();
+    body += r#"<h2>Streams</h2><table><tr><th>stream</th><th class="n">messages</th><th class="n">peak users</th><th>last window</th><th>connected then</th></tr>"#;
+    for s in streams {
+        let total: f64 = messages.get(s).map_or(0.0, |v| v.iter().map(|p| p.1).sum());
+        let peak = users
+            .get(s)
+            .map_or(0.0, |v| v.iter().map(|p| p.1).fold(0.0, f64::max));
+        let last = connected.get(s).and_then(|v| v.last().copied());
+        let _ = write!(
+            body,
+            r#"<tr{}><td>{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td>{}</td></tr>"#,
+            if last.is_some_and(|(_, c)| c == 0.0) {
+                r#" class="stale""#
+            } else {
+                ""
+            },
+            escape(s),
+            number(total),
+            number(peak),
+            last.map_or_else(|| "–".to_owned(), |(t, _)| iso8601(t)),
+            match last {
+                Some((_, c)) if c > 0.0 => "yes",
+                Some(_) => "NO",
+                None => "–",
+            }
+        );
+    }
+    body += "</table>";
+    body += r#"<p class="note">The stream <code>all</code> counts each user once across a source's streams. Who used which rig (the user × hardware table) and each student's command graph are kept by the edge (<code>files_dir</code>), not here yet.</p>"#;
+    page("Relay", "/relay", true, &body)
+}
+
 pub async fn edges(store: &OnWorker<Store>, with_tokens: Vec<String>, now: i64) -> Response {
     match store.call(|s| s.edges()).await {
         Ok(rows) => super::html(200, render_edges(&rows, &with_tokens, now)),
