@@ -476,9 +476,5 @@ retry_max_secs = 0.5
     assert!(users.contains(&("all".to_owned(), all)), "{users:?}");
     // The busier rig is drawn first (its colour and legend lead).
     assert_eq!(messages[0].0, "rig-b", "{messages:?}");
-    assert!(
-        page.dom.contains("<td>rig-a</td>"),
-        "{}",
-        page.dom
-    );
+    assert!(page.dom.contains("<td>rig-a</td>"), "{}", page.dom);
 }
