@@ -63,6 +63,27 @@ fn csv_rows(body: &str) -> BTreeMap<String, usize> {
     out
 }
 
+/// A real upstream on `port` with the query token [`ADMIN`] and a token
+/// for each of `agents` (as `agents/<id>.token`, and `<id>.token` beside
+/// the config for the agent's sink).
+fn start_upstream(dir: &TempDir, port: u16, agents: &[&str]) -> Agent {
+    let tokens = dir.path("agents");
+    std::fs::create_dir_all(&tokens).unwrap();
+    for a in agents {
+        std::fs::write(tokens.join(format!("{a}.token")), token_of(a)).unwrap();
+        dir.write(&format!("{a}.token"), &token_of(a));
+    }
+    dir.write("admin.token", ADMIN);
+    let up = dir.write(
+        "upstream.toml",
+        &format!(
+            "[agent]\nid = \"hub\"\nstate_dir = \"hub-state\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
+             tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\n"
+        ),
+    );
+    Agent::start_upstream(&up, "info", &[])
+}
+
 struct Site {
     _dir: TempDir,
     upstream: Agent,
@@ -75,23 +96,9 @@ struct Site {
 fn site() -> Site {
     let dir = TempDir::new("dashboard");
     let port = free_port();
-    let tokens = dir.path("agents");
-    std::fs::create_dir_all(&tokens).unwrap();
-    for a in ["e1", "e2", "e3", "e9"] {
-        std::fs::write(tokens.join(format!("{a}.token")), token_of(a)).unwrap();
-    }
-    dir.write("admin.token", ADMIN);
-    let up = dir.write(
-        "upstream.toml",
-        &format!(
-            "[agent]\nid = \"hub\"\nstate_dir = \"hub-state\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
-             tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\n"
-        ),
-    );
-    let upstream = Agent::start_upstream(&up, "info", &[]);
+    let upstream = start_upstream(&dir, port, &["e1", "e2", "e3", "e9"]);
     let mut agents = Vec::new();
     for (id, users) in EDGES {
-        dir.write(&format!("{id}.token"), &token_of(id));
         let cfg = dir.write(
             &format!("{id}.toml"),
             &format!(
@@ -367,19 +374,7 @@ fn the_relay_page_draws_each_stream_from_a_real_relay_agent() {
     let dir = TempDir::new("dashboard-relay");
     let hub = common::relay::Hub::start();
     let port = free_port();
-    let tokens = dir.path("agents");
-    std::fs::create_dir_all(&tokens).unwrap();
-    std::fs::write(tokens.join("lab.token"), token_of("lab")).unwrap();
-    dir.write("lab.token", &token_of("lab"));
-    dir.write("admin.token", ADMIN);
-    let up = dir.write(
-        "upstream.toml",
-        &format!(
-            "[agent]\nid = \"hub\"\nstate_dir = \"hub-state\"\n\n[upstream]\nlisten = \"127.0.0.1:{port}\"\n\
-             tokens_dir = \"agents\"\nadmin_token_file = \"admin.token\"\n"
-        ),
-    );
-    let _upstream = Agent::start_upstream(&up, "info", &[]);
+    let _upstream = start_upstream(&dir, port, &["lab"]);
     let cfg = dir.write(
         "lab.toml",
         &format!(

@@ -70,6 +70,20 @@ impl Ask {
         Ok(a)
     }
 
+    /// The question and its `[start, end)`: the API's ranges, 1D unless
+    /// told.
+    fn with_range(query_text: &str, now: i64) -> Result<(Ask, i64, i64), String> {
+        let ask = Ask::parse(query_text)?;
+        let default = (ask.start.is_none() && ask.end.is_none()).then_some("1D");
+        let (start, end) = query::time_range(
+            ask.range.as_deref().or(default),
+            ask.start.as_deref(),
+            ask.end.as_deref(),
+            now,
+        )?;
+        Ok((ask, start, end))
+    }
+
     /// The query string of the same series, with `extra` pairs.
     fn link(
         &self,
@@ -108,6 +122,9 @@ impl Ask {
 
 /// What the store gives the active-users page.
 struct Active {
+    /// The series shown: asked for, or the default one.
+    metric: String,
+    dims: Vec<(String, String)>,
     offered: Vec<(String, Dims)>,
     network: Vec<SeriesRow>,
     edges: Vec<(SeriesRow, Dims)>,
@@ -129,19 +146,8 @@ struct EdgeLine {
 }
 
 pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -> Response {
-    let ask = match Ask::parse(query_text) {
+    let (ask, start, end) = match Ask::with_range(query_text, now) {
         Ok(a) => a,
-        Err(e) => return error_page(400, "/", &e),
-    };
-    let (start, end) = match query::time_range(
-        ask.range
-            .as_deref()
-            .or((ask.start.is_none() && ask.end.is_none()).then_some("1D")),
-        ask.start.as_deref(),
-        ask.end.as_deref(),
-        now,
-    ) {
-        Ok(r) => r,
         Err(e) => return error_page(400, "/", &e),
     };
     let wanted = ask.clone();
@@ -160,6 +166,8 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
                     Some((m, net)) => (m.clone(), net.pairs().to_vec()),
                     None => {
                         return Ok(Active {
+                            metric: String::new(),
+                            dims: Vec::new(),
                             offered,
                             network: Vec::new(),
                             edges: Vec::new(),
@@ -168,11 +176,11 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
                 },
             };
             let q = SeriesQuery {
-                metric,
+                metric: metric.clone(),
                 start_ms: start,
                 end_ms: end,
                 agent: None,
-                dims,
+                dims: dims.clone(),
                 limit: MAX_ROWS,
             };
             let network = s.series(&q)?;
@@ -188,6 +196,8 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
                 })
                 .collect();
             Ok(Active {
+                metric,
+                dims,
                 offered,
                 network,
                 edges,
@@ -205,16 +215,7 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
 }
 
 fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
-    let (metric, dims): (String, Vec<(String, String)>) = match &ask.metric {
-        Some(m) => (m.clone(), ask.dims.clone()),
-        None => d
-            .offered
-            .iter()
-            .find(|(m, _)| m == crate::sources::xx_gateway::METRIC)
-            .or(d.offered.first())
-            .map(|(m, n)| (m.clone(), n.pairs().to_vec()))
-            .unwrap_or_default(),
-    };
+    let (metric, dims) = (d.metric.clone(), d.dims.clone());
     let mut body = String::from("<h1>Active users</h1>");
     if d.offered.is_empty() && ask.metric.is_none() {
         body += r#"<p class="note">No distinct counts in the last 30 days yet: once edges post
@@ -451,19 +452,8 @@ struct Relay {
 /// The relay's streams: messages and distinct users per window, by stream
 /// (the network value: summed, or the union of the edges' sketches).
 pub async fn relay(store: &OnWorker<Store>, query_text: &str, now: i64) -> Response {
-    let ask = match Ask::parse(query_text) {
+    let (ask, start, end) = match Ask::with_range(query_text, now) {
         Ok(a) => a,
-        Err(e) => return error_page(400, "/relay", &e),
-    };
-    let (start, end) = match query::time_range(
-        ask.range
-            .as_deref()
-            .or((ask.start.is_none() && ask.end.is_none()).then_some("1D")),
-        ask.start.as_deref(),
-        ask.end.as_deref(),
-        now,
-    ) {
-        Ok(r) => r,
         Err(e) => return error_page(400, "/relay", &e),
     };
     let data = store
