@@ -115,7 +115,7 @@ pub const SPINNER_NODES: [&str; 6] = [
     "speed_ramp",
 ];
 
-pub const PENDULUM_NODES: [&str; 8] = [
+pub const PENDULUM_NODES: [&str; 9] = [
     "start",
     "brake",
     "load",
@@ -124,6 +124,7 @@ pub const PENDULUM_NODES: [&str; 8] = [
     "drive_perc",
     "brake_perc",
     "measuring_tools",
+    "record",
 ];
 
 /// The graph node for command `log` of experiment `exp`, if it is one.
@@ -137,31 +138,11 @@ pub fn node<'a>(exp: &str, log: &'a str) -> Option<&'a str> {
             _ => None,
         };
     }
+    if exp == "pendulum" {
+        // The client counts only its nine pendulum commands.
+        return PENDULUM_NODES.contains(&log).then_some(log);
+    }
     safe_name(log).then_some(log)
-}
-
-/// Fixed node positions (x, y) from the analytics server, so its graphs and
-/// ours look the same.
-fn position(exp: &str, node: &str) -> Option<(f64, f64)> {
-    let s = 200.0 * (std::f64::consts::PI / 3.0).sin();
-    let p = match (exp, node) {
-        ("spinner", "voltage_step") => (100.0, -s),
-        ("spinner", "voltage_ramp") => (-100.0, -s),
-        ("spinner", "position_step") => (200.0, 0.0),
-        ("spinner", "position_ramp") => (-200.0, 0.0),
-        ("spinner", "speed_step") => (100.0, s),
-        ("spinner", "speed_ramp") => (-100.0, s),
-        ("pendulum", "start") => (-100.0, 200.0),
-        ("pendulum", "brake") => (100.0, 200.0),
-        ("pendulum", "free") => (200.0, 100.0),
-        ("pendulum", "load") => (200.0, -100.0),
-        ("pendulum", "sampling") => (100.0, -200.0),
-        ("pendulum", "drive_perc") => (-100.0, -200.0),
-        ("pendulum", "brake_perc") => (-200.0, -100.0),
-        ("pendulum", "measuring_tools") => (-200.0, 100.0),
-        _ => return None,
-    };
-    Some(p)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -295,9 +276,9 @@ impl Graph {
             .iter()
             .map(|n| {
                 let mut o = serde_json::json!({"id": n, "label": n});
-                if let Some((x, y)) = position(exp, n) {
-                    o["x"] = x.into();
-                    o["y"] = y.into();
+                if let Some((x, y)) = super::answers::node_position(exp, n) {
+                    o["x"] = x;
+                    o["y"] = y;
                     o["physics"] = false.into();
                 }
                 o

@@ -54,6 +54,7 @@
 
 pub mod adopt;
 pub mod analytics;
+pub mod answers;
 pub mod config;
 pub mod frame;
 pub mod ingest;
