@@ -20,8 +20,10 @@ use std::io::BufRead;
 use std::path::Path;
 
 use super::analytics::{Graph, GraphKey, envelope, safe_name};
+use super::answers::Feedback;
 
 const MATRIX_SUFFIX: &str = "-adjacency.csv";
+pub const FEEDBACK_SUFFIX: &str = "-feedback.csv";
 /// Raw lines longer than this are skipped (a message is at most a frame).
 const MAX_LINE_BYTES: usize = 1 << 20;
 
@@ -98,6 +100,46 @@ pub fn scan(dir: &Path, known: &HashSet<GraphKey>) -> Result<Found, String> {
 }
 
 /// `<user>-<exp>-<course>` (the user itself holds dashes: a UUID).
+/// The old client's `<user>-<exp>-<course>-feedback.csv` files in `dir`, for
+/// keys not in `known`; a file that does not read as a feedback matrix is
+/// reported and left alone (never replaced: its key is not taken).
+pub fn scan_feedback(
+    dir: &Path,
+    known: &HashSet<GraphKey>,
+) -> (Vec<(GraphKey, Feedback)>, Vec<String>) {
+    let (mut found, mut problems) = (Vec::new(), Vec::new());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (found, problems);
+    };
+    for e in entries.flatten() {
+        let Ok(name) = e.file_name().into_string() else {
+            continue;
+        };
+        let Some(key) = name.strip_suffix(FEEDBACK_SUFFIX).and_then(matrix_key) else {
+            continue;
+        };
+        if known.contains(&key) {
+            continue;
+        }
+        let read = std::fs::metadata(e.path())
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                if m.len() > MAX_LINE_BYTES as u64 {
+                    Err("too large for a feedback matrix".to_owned())
+                } else {
+                    std::fs::read_to_string(e.path()).map_err(|e| e.to_string())
+                }
+            })
+            .and_then(|t| Feedback::from_csv(&t));
+        match read {
+            Ok(f) => found.push((key, f)),
+            Err(why) => problems.push(format!("{}: {why}", e.path().display())),
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    (found, problems)
+}
+
 fn matrix_key(stem: &str) -> Option<GraphKey> {
     let (rest, course) = stem.rsplit_once('-')?;
     let (user, exp) = rest.rsplit_once('-')?;

@@ -40,6 +40,10 @@ pub struct Config {
     pub raw_files: bool,
     pub max_users: usize,
     pub provision: Option<Provision>,
+    /// Answer the students' dashboards as the old analytics client did,
+    /// from the comparison graphs in this directory
+    /// (`answer_requests = true`, `comparison_dir = ...`).
+    pub answer_from: Option<PathBuf>,
 }
 
 /// Where `log.access.<stream>` / `log.token.<stream>` live, and how often the
@@ -67,6 +71,8 @@ struct Raw {
     raw_files: Option<Spanned<bool>>,
     max_users: Option<Spanned<i64>>,
     provision: Option<RawProvision>,
+    answer_requests: Option<Spanned<bool>>,
+    comparison_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +237,36 @@ impl Config {
                 ),
             }
         });
+        let answer_from = match (&raw.answer_requests, &raw.comparison_dir) {
+            (Some(on), None) if *on.get_ref() => {
+                p.push(
+                    on.span(),
+                    "answer_requests = true needs comparison_dir (the old client's COMP_PATH, e.g. /opt/analytics/comparison_graphs)",
+                );
+                None
+            }
+            (Some(on), Some(d)) if *on.get_ref() => {
+                let dir = resolve(base, d.get_ref());
+                if !dir.is_dir() {
+                    p.push(
+                        d.span(),
+                        format!(
+                            "comparison_dir `{}` is not a directory (it should hold the comparison graphs, <exp>-<course>-<task>.csv)",
+                            dir.display()
+                        ),
+                    );
+                }
+                Some(dir)
+            }
+            (_, Some(d)) => {
+                p.push(
+                    d.span(),
+                    "comparison_dir is used only with answer_requests = true",
+                );
+                None
+            }
+            _ => None,
+        };
         (p.list().len() == before).then_some(Config {
             host,
             port,
@@ -247,6 +283,7 @@ impl Config {
             raw_files,
             max_users,
             provision,
+            answer_from,
         })
     }
 

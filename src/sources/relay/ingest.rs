@@ -76,6 +76,8 @@ pub struct State {
     raw_bytes: usize,
     pub raw_dropped: u64,
     pub samples: VecDeque<String>,
+    /// With `answer_requests = true`: the dashboards' requests and feedback.
+    pub desk: Option<super::desk::Desk>,
 }
 
 pub struct Settings {
@@ -111,6 +113,7 @@ impl State {
             raw_bytes: 0,
             raw_dropped: 0,
             samples: VecDeque::new(),
+            desk: None,
         }
     }
 
@@ -219,6 +222,13 @@ impl State {
             Some(hw) if safe_name(hw) => std::borrow::Cow::Borrowed(hw),
             _ => std::borrow::Cow::Owned(s.name.clone()),
         };
+        if let Some(desk) = &mut self.desk {
+            match &*env.kind {
+                "request" => desk.request(i, text, &self.analytics, now_ms),
+                "feedback" => desk.feedback(text),
+                _ => {}
+            }
+        }
         let seen = self.analytics.observe(now_ms, &hardware, &env);
         let s = &mut self.streams[i];
         s.totals.untracked += u64::from(seen.untracked);
@@ -322,6 +332,34 @@ impl State {
         }
         let all = std::mem::take(&mut self.all_users);
         points.extend(users(dims("all"), end_ms, &all));
+        if let Some(desk) = &mut self.desk {
+            let (answered, refused) = desk.close_window();
+            let d = |k: &str, v: &str| {
+                Dims::new([
+                    ("source", self.source.as_str()),
+                    (k, v),
+                    ("window", label.as_str()),
+                ])
+            };
+            for (c, n) in answered {
+                points.push(Record::point(
+                    "relay_requests_answered",
+                    d("content", c.as_str()),
+                    end_ms,
+                    n as f64,
+                    "Count",
+                ));
+            }
+            for (r, n) in refused {
+                points.push(Record::point(
+                    "relay_requests_refused",
+                    d("reason", r.as_str()),
+                    end_ms,
+                    n as f64,
+                    "Count",
+                ));
+            }
+        }
         out.extend(points);
     }
 }

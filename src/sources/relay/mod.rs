@@ -56,6 +56,7 @@ pub mod adopt;
 pub mod analytics;
 pub mod answers;
 pub mod config;
+pub mod desk;
 pub mod frame;
 pub mod ingest;
 pub mod link;
@@ -213,6 +214,9 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             }
         }
     }
+    if let Some(dir) = config.answer_from.clone() {
+        state.desk = Some(open_desk(&ctx.name, &config, dir, &worker, store.clone()).await);
+    }
     let all_graphs: HashSet<GraphKey> = state.analytics.graph_keys().into_iter().collect();
     let (kick_tx, kick_rx) = smol::channel::bounded(1);
     let (changed, wakeup) = doorbell();
@@ -287,6 +291,74 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         }
     }
     flush(&shared, &worker, &files, true).await;
+}
+
+/// The answering desk: the comparison graphs, the feedback saved, and the
+/// old client's feedback files in `files_dir` for users not saved.
+async fn open_desk(
+    name: &str,
+    config: &Config,
+    comparison_dir: PathBuf,
+    worker: &Worker,
+    store: Option<Arc<Mutex<Store>>>,
+) -> desk::Desk {
+    let files_dir = config.files_dir.clone();
+    let (comparisons, saved, adopted, problems) = worker
+        .run(move || {
+            let mut problems = Vec::new();
+            let comparisons = match answers::Comparisons::load(&comparison_dir) {
+                Ok((c, p)) => {
+                    problems.extend(p);
+                    c
+                }
+                Err(e) => {
+                    problems.push(e);
+                    answers::Comparisons::default()
+                }
+            };
+            let saved = match &store {
+                Some(s) => s
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .load_feedback()
+                    .unwrap_or_else(|e| {
+                        problems.push(e);
+                        Default::default()
+                    }),
+                None => Default::default(),
+            };
+            let known = saved.keys().cloned().collect();
+            let adopted = match &files_dir {
+                Some(d) => {
+                    let (found, p) = adopt::scan_feedback(d, &known);
+                    problems.extend(p);
+                    found
+                }
+                None => Vec::new(),
+            };
+            (comparisons, saved, adopted, problems)
+        })
+        .await;
+    for p in &problems {
+        log::warn!("source `{name}`: {p}; requests that need it are not answered");
+    }
+    log::info!(
+        "source `{name}`: answering the dashboards' requests from {} comparison graphs; feedback of {} users kept",
+        comparisons.graphs.len(),
+        saved.len()
+    );
+    let mut desk = desk::Desk::new(comparisons, saved, config.streams.len(), config.max_users);
+    let n = adopted.len();
+    let taken = adopted
+        .into_iter()
+        .filter(|(k, f)| desk.adopt_feedback(k.clone(), f.clone()))
+        .count();
+    if n > 0 {
+        log::info!(
+            "source `{name}`: continuing {taken} of {n} feedback files found in files_dir; new feedback is added to them"
+        );
+    }
+    desk
 }
 
 /// Continue the old analytics client's history found in `files_dir`.
@@ -604,6 +676,18 @@ async fn read_frames(
             Some(Err(e)) => return Ended::Dropped(LinkError::Lost(e.to_string())),
             None => return Ended::Dropped(LinkError::Lost("closed".to_owned())),
         }
+        let answers = shared
+            .state
+            .borrow_mut()
+            .desk
+            .as_mut()
+            .filter(|d| d.has_outgoing(i))
+            .map(|d| d.take_outgoing(i));
+        if let Some(frames) = answers
+            && let Err(e) = send_answers(shared, &mut ws, frames).await
+        {
+            return Ended::Dropped(e);
+        }
         if len >= release::RELEASE_ABOVE_BYTES && ledger.drained(ws.get_ref().read_bytes()) {
             // Nothing of a next frame is buffered: the same socket with
             // fresh buffers, the grown one freed.
@@ -616,6 +700,45 @@ async fn read_frames(
         shared.changed.ring();
         if !flush_records(ctx, out).await {
             return Ended::Shutdown(Box::new(ws));
+        }
+    }
+}
+
+/// How long answers to one frame's requests may take to send: a host that
+/// does not read must not hold the stream's reading for long.
+const ANSWER_SEND_WITHIN: Duration = Duration::from_secs(2);
+
+/// Send the dashboards' answers on the stream they asked on. A host that
+/// does not take them within [`ANSWER_SEND_WITHIN`] is counted, not waited
+/// for (what was handed to the websocket goes out with its next write).
+async fn send_answers(
+    shared: &Shared,
+    ws: &mut Ws,
+    frames: std::collections::VecDeque<String>,
+) -> Result<(), LinkError> {
+    let n = frames.len() as u64;
+    let sent = smol::future::or(
+        async {
+            for f in frames {
+                if let Err(e) = ws.send(Message::Text(f.into())).await {
+                    return Some(Err(LinkError::Lost(format!("cannot send an answer: {e}"))));
+                }
+            }
+            Some(Ok(()))
+        },
+        async {
+            smol::Timer::after(ANSWER_SEND_WITHIN).await;
+            None
+        },
+    )
+    .await;
+    match sent {
+        Some(r) => r,
+        None => {
+            if let Some(d) = shared.state.borrow_mut().desk.as_mut() {
+                d.counts.frames_unsent += n;
+            }
+            Ok(())
         }
     }
 }
@@ -760,6 +883,10 @@ struct Collected {
     graphs: Vec<(GraphKey, analytics::Chain)>,
     raw: BTreeMap<String, Vec<u8>>,
     dumps: Vec<(String, String)>,
+    /// Changed feedback matrices (saved, and written to files_dir at once:
+    /// they change a few times per user, and the dashboards' old readers
+    /// look at the files).
+    feedback: Vec<(GraphKey, String)>,
 }
 
 /// Take what is to be written out of the shared state (no waiting here).
@@ -774,6 +901,11 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
         .borrow_mut()
         .extend(graphs.iter().map(|(k, _)| k.clone()));
     let raw = state.take_raw();
+    let feedback = state
+        .desk
+        .as_mut()
+        .map(|d| d.take_changed_feedback())
+        .unwrap_or_default();
     let mut dumps: Vec<(String, String)> = Vec::new();
     if dump && shared.config.files_dir.is_some() {
         for k in shared.dump_graphs.borrow_mut().drain() {
@@ -795,6 +927,7 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
         graphs,
         raw,
         dumps,
+        feedback,
     }
 }
 
@@ -804,7 +937,9 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
         graphs,
         raw,
         dumps,
+        feedback,
     } = collect(shared, dump);
+    let feedback_keys: Vec<GraphKey> = feedback.iter().map(|(k, _)| k.clone()).collect();
     let store = files.borrow().store.clone();
     let dir = shared.config.files_dir.clone();
     let changes = (activity, graphs);
@@ -818,6 +953,22 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
                 let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
                 if let Err(e) = s.save(activity, graphs) {
                     errors.push((true, e));
+                }
+            }
+            if let Some(store) = &store
+                && !feedback.is_empty()
+            {
+                let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = s.save_feedback(&feedback) {
+                    errors.push((true, e));
+                }
+            }
+            if let Some(dir) = &dir {
+                for (k, csv) in &feedback {
+                    let path = dir.join(format!("{}{}", k.file_stem(), adopt::FEEDBACK_SUFFIX));
+                    if let Err(e) = replace_file(&path, csv.as_bytes(), Sync::No) {
+                        errors.push((false, e));
+                    }
                 }
             }
             if let Some(dir) = &dir {
@@ -836,7 +987,11 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
     for (save_failed, e) in errors {
         if save_failed {
             // Mark them changed again so the next flush retries.
-            shared.state.borrow_mut().analytics.unsave(&changes);
+            let mut state = shared.state.borrow_mut();
+            state.analytics.unsave(&changes);
+            if let Some(d) = state.desk.as_mut() {
+                d.unsave(feedback_keys.iter().cloned());
+            }
         }
         log::warn!(
             "source `{}`: {e}; trying again at the next flush",

@@ -59,6 +59,26 @@ pub const METRICS: &[Metric] = &[
         counter: true,
         help: "Raw lines not written to the raw files (over their memory bound)",
     },
+    Metric {
+        name: "relay_requests_answered_total",
+        counter: true,
+        help: "Dashboard requests answered in full, by content (answer_requests = true)",
+    },
+    Metric {
+        name: "relay_requests_refused_total",
+        counter: true,
+        help: "Dashboard requests not answered, by reason (malformed, user_rate, stream_rate, queue_full, unanswerable)",
+    },
+    Metric {
+        name: "relay_feedback_total",
+        counter: true,
+        help: "Dashboard feedback messages, by outcome (kept, refused)",
+    },
+    Metric {
+        name: "relay_answer_frames_unsent_total",
+        counter: true,
+        help: "Answer frames the session host did not take within 2 s",
+    },
 ];
 
 /// The status file's document, as JSON.
@@ -117,6 +137,37 @@ fn samples(state: &State) -> Vec<Sample> {
         &[],
         state.raw_dropped as f64,
     ));
+    if let Some(d) = &state.desk {
+        let c = &d.counts;
+        for content in super::answers::Content::ALL {
+            let n = c.answered.get(&content).copied().unwrap_or(0);
+            out.push(Sample::new(
+                "relay_requests_answered_total",
+                &[("content", content.as_str())],
+                n as f64,
+            ));
+        }
+        for reason in super::desk::Refused::ALL {
+            let n = c.refused.get(&reason).copied().unwrap_or(0);
+            out.push(Sample::new(
+                "relay_requests_refused_total",
+                &[("reason", reason.as_str())],
+                n as f64,
+            ));
+        }
+        for (outcome, n) in [("kept", c.feedback_kept), ("refused", c.feedback_refused)] {
+            out.push(Sample::new(
+                "relay_feedback_total",
+                &[("outcome", outcome)],
+                n as f64,
+            ));
+        }
+        out.push(Sample::new(
+            "relay_answer_frames_unsent_total",
+            &[],
+            c.frames_unsent as f64,
+        ));
+    }
     out
 }
 
@@ -195,6 +246,31 @@ pub fn render(state: &State) -> String {
         "command transitions {transitions}; raw lines dropped {}\n",
         state.raw_dropped
     );
+    if let Some(d) = &state.desk {
+        let c = &d.counts;
+        let answered: u64 = c.answered.values().sum();
+        let list = |v: Vec<(&str, u64)>| {
+            let v: Vec<String> = v
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            if v.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", v.join(", "))
+            }
+        };
+        let refused: u64 = c.refused.values().sum();
+        out += &format!(
+            "dashboard requests: answered {answered}{}; not answered {refused}{}; feedback kept {}, refused {}; answer frames unsent {}\n",
+            list(c.answered.iter().map(|(k, n)| (k.as_str(), *n)).collect()),
+            list(c.refused.iter().map(|(k, n)| (k.as_str(), *n)).collect()),
+            c.feedback_kept,
+            c.feedback_refused,
+            c.frames_unsent
+        );
+    }
     if !state.samples.is_empty() {
         out += "latest malformed:\n";
         for s in &state.samples {

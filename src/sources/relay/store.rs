@@ -10,6 +10,7 @@ use std::path::Path;
 use rusqlite::{Connection, params};
 
 use super::analytics::{Activity, Chain, GraphKey};
+use super::answers::Feedback;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -31,6 +32,13 @@ CREATE TABLE IF NOT EXISTS graphs (
     nodes  TEXT NOT NULL,   -- JSON array of node names, in matrix order
     counts TEXT NOT NULL,   -- JSON array: the n×n transition counts, row = previous
     last   INTEGER,         -- index of the last command, which the next one continues
+    PRIMARY KEY (user, exp, course)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS feedback (
+    user   TEXT NOT NULL,
+    exp    TEXT NOT NULL,
+    course TEXT NOT NULL,
+    csv    TEXT NOT NULL,   -- the client's <user>-<exp>-<course>-feedback.csv
     PRIMARY KEY (user, exp, course)
 ) WITHOUT ROWID;
 ";
@@ -112,6 +120,52 @@ impl Store {
             graphs.insert(key, chain);
         }
         Ok((activity, graphs))
+    }
+
+    /// The dashboards' feedback counts, per user×exp×course.
+    pub fn load_feedback(&self) -> Result<HashMap<GraphKey, Feedback>, String> {
+        let err = |e: rusqlite::Error| format!("cannot read the relay feedback state: {e}");
+        let mut st = self
+            .conn
+            .prepare("SELECT user, exp, course, csv FROM feedback")
+            .map_err(err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    GraphKey {
+                        user: r.get(0)?,
+                        exp: r.get(1)?,
+                        course: r.get(2)?,
+                    },
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(err)?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (key, csv) = row.map_err(err)?;
+            let f = Feedback::from_csv(&csv)
+                .map_err(|e| format!("relay feedback state of {}: {e}", key.file_stem()))?;
+            out.insert(key, f);
+        }
+        Ok(out)
+    }
+
+    pub fn save_feedback(&mut self, changed: &[(GraphKey, String)]) -> Result<(), String> {
+        let err = |e: rusqlite::Error| format!("cannot save the relay feedback state: {e}");
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO feedback (user, exp, course, csv) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            for (k, csv) in changed {
+                st.execute(params![k.user, k.exp, k.course, csv])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
     }
 
     /// Write these rows as they are now, in one transaction.
