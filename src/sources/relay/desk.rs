@@ -107,6 +107,9 @@ pub struct Counts {
     pub frames_unsent: u64,
 }
 
+/// Per content answered, per reason refused, in one window.
+pub type WindowCounts = (Vec<(Content, u64)>, Vec<(Refused, u64)>);
+
 pub struct Desk {
     comparisons: Comparisons,
     feedback: HashMap<GraphKey, Feedback>,
@@ -233,7 +236,7 @@ impl Desk {
 
     /// Requests answered (by content) and refused (by reason) since the
     /// last call: every content and reason, zeros included.
-    pub fn close_window(&mut self) -> (Vec<(Content, u64)>, Vec<(Refused, u64)>) {
+    pub fn close_window(&mut self) -> WindowCounts {
         let (now, then) = (&self.counts, &self.at_window_start);
         let get = |m: &BTreeMap<Content, u64>, c| m.get(&c).copied().unwrap_or(0);
         let answered = Content::ALL
