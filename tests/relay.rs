@@ -984,3 +984,129 @@ fn buffers_grown_for_large_frames_are_given_back() {
     );
     agent.stop();
 }
+
+/// `answer_requests = true`: a dashboard on a rig's stream sends the old
+/// client's test user's commands, feedback and every kind of request, and
+/// gets back what the client itself answers (the fixture written by
+/// `scripts/relay-answers-expected`), on its own stream only; garbage
+/// requests are counted and answered by nothing; the feedback file is the
+/// client's.
+#[test]
+fn dashboards_are_answered_on_their_own_stream_as_the_old_client_did() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/relay/answers");
+    let case: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("test-spinner-engdes1.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = TempDir::new("relay-answers");
+    let hub = Hub::start();
+    let streams = ["spin30", "spin31"];
+    let extra = format!(
+        "answer_requests = true\ncomparison_dir = \"{}\"",
+        fixtures.join("comparison_graphs").display()
+    );
+    let cfg = config(&dir, &hub, &streams, &extra);
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    wait_subscribed(&hub, &streams);
+    let mut dashboard = Student::connect(&hub, "spin30");
+    let mut other = Student::connect(&hub, "spin31");
+    let quiet = Duration::from_millis(300);
+
+    // Each kind of request once (the per-user burst is 10), and the
+    // commands and feedback before them, in the fixture's order.
+    let mut asked = std::collections::BTreeSet::new();
+    let (mut requests, mut frames) = (0, 0);
+    for step in case["steps"].as_array().unwrap() {
+        let text = step["send"].as_str().unwrap();
+        let m: serde_json::Value = serde_json::from_str(text).unwrap();
+        let expect = step["expect"].as_array().unwrap();
+        if m["type"] == "request" {
+            let content = m["payload"]["content"].as_str().unwrap().to_owned();
+            if expect.is_empty() || !asked.insert(content) {
+                continue;
+            }
+            requests += 1;
+        }
+        dashboard.send(text);
+        for want in expect {
+            let got = dashboard
+                .recv_within(Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("no answer to {text}"));
+            let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+            // As values: the client's `29` and our `29.0` are one number
+            // to every JSON reader.
+            assert_eq!(as_floats(&got), as_floats(want), "the answer to {text}");
+            frames += 1;
+        }
+        if m["type"] != "request" {
+            continue;
+        }
+        assert_eq!(
+            dashboard.recv_within(quiet),
+            None,
+            "one answer per request: {text}"
+        );
+    }
+    assert_eq!(requests, 7, "every kind of request was asked");
+    assert_eq!(frames, 11, "all_feedback is five frames");
+    // A request naming a graph that does not exist, or a path: nothing.
+    for graph in ["spinner-engdes1-missing", "../data/x"] {
+        let req = serde_json::json!({"user": "test", "exp": "spinner", "course": "engdes1",
+            "type": "request", "payload": {"content": "comparison_graph", "graph": graph}});
+        dashboard.send(&req.to_string());
+    }
+    // Garbage: no payload, an unknown content, a user that is a path.
+    for bad in [
+        r#"{"user":"test","type":"request","exp":"spinner","course":"engdes1"}"#,
+        r#"{"user":"test","type":"request","exp":"spinner","course":"engdes1","payload":{"content":"everything"}}"#,
+        r#"{"user":"../x","type":"request","exp":"spinner","course":"engdes1","payload":{"content":"indicators"}}"#,
+    ] {
+        dashboard.send(bad);
+    }
+    assert_eq!(dashboard.recv_within(Duration::from_secs(1)), None);
+    assert_eq!(
+        other.recv_within(quiet),
+        None,
+        "another rig's stream hears nothing"
+    );
+
+    let want_csv = case["feedback_csv"].as_str().unwrap();
+    let name = "test-spinner-engdes1-feedback.csv";
+    assert!(
+        wait_until(Duration::from_secs(10), || read(&dir, name) == want_csv),
+        "analytics/{name} is\n{}\nexpected\n{want_csv}",
+        read(&dir, name)
+    );
+    let line = |out: &str| {
+        out.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("dashboard requests:"))
+            .map(str::to_owned)
+    };
+    let want = "dashboard requests: answered 7 (student_graph 1, comparison_graph 1, task_identification 1, indicators 1, centroids 1, task_feedback 1, all_feedback 1); not answered 5 (malformed 3, unanswerable 2); feedback kept 5, refused 2; answer frames unsent 0";
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            line(&edgemeter(&["status", "--config", cfg.to_str().unwrap()]).1).as_deref()
+                == Some(want)
+        }),
+        "{}",
+        edgemeter(&["status", "--config", cfg.to_str().unwrap()]).1
+    );
+    agent.stop();
+    assert!(!agent.stderr().contains("ERROR"), "{}", agent.stderr());
+}
+
+/// Every number as a float, so JSON values compare as numbers.
+fn as_floats(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => {
+            serde_json::Number::from_f64(n.as_f64().unwrap()).map_or(Value::Null, Value::Number)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(as_floats).collect()),
+        Value::Object(o) => {
+            Value::Object(o.iter().map(|(k, v)| (k.clone(), as_floats(v))).collect())
+        }
+        other => other.clone(),
+    }
+}

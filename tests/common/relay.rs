@@ -355,4 +355,18 @@ impl Student {
     pub fn send(&mut self, text: &str) {
         self.0.send(Message::text(text)).expect("student sends");
     }
+
+    /// The next text frame within `wait`, if one comes.
+    pub fn recv_within(&mut self, wait: Duration) -> Option<String> {
+        if let tungstenite::stream::MaybeTlsStream::Plain(tcp) = self.0.get_mut() {
+            tcp.set_read_timeout(Some(wait)).expect("a read timeout");
+        }
+        loop {
+            match self.0.read() {
+                Ok(Message::Text(t)) => return Some(t.to_string()),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
 }
