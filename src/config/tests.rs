@@ -430,6 +430,25 @@ type = "relay"
 name = "c"
 streams = []
 provision = { dir = "/nonexistent/practable" }
+
+[[source]]
+type = "relay"
+name = "d"
+streams = ["spin30"]
+answer_requests = true
+
+[[source]]
+type = "relay"
+name = "e"
+streams = ["spin30"]
+answer_requests = true
+comparison_dir = "/nonexistent/comparison_graphs"
+
+[[source]]
+type = "relay"
+name = "f"
+streams = ["spin30"]
+comparison_dir = "/tmp"
 "#,
         &[
             "4:16: session_host `https://relay.example`: TLS is not supported; the session host serves plain http on its own machine (e.g. http://127.0.0.1:8888)",
@@ -444,6 +463,9 @@ provision = { dir = "/nonexistent/practable" }
             "15:19: max_frame_bytes = 10 is out of range; use 1024 to 16777216",
             "20:11: streams must name at least one stream",
             "21:21: provision.dir `/nonexistent/practable` is not a directory (it should hold log.access.<stream> and log.token.<stream>)",
+            "27:19: answer_requests = true needs comparison_dir (the old client's COMP_PATH, e.g. /opt/analytics/comparison_graphs)",
+            "34:18: comparison_dir `/nonexistent/comparison_graphs` is not a directory (it should hold the comparison graphs, <exp>-<course>-<task>.csv)",
+            "40:18: comparison_dir is used only with answer_requests = true",
         ],
     );
     let c = check_ok(
