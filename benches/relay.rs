@@ -29,6 +29,10 @@
 //!   `WebSocketApp.run_forever()`, `json.loads`, and an append per message
 //!   (learning-analytics-server's client and `AddUserLog`).
 //!
+//! - edgemeter +1% reqs (not with `--quick`): the same, with `answer_requests = true` and every
+//!   100th message a dashboard's `all_feedback` request (five answer frames,
+//!   read and dropped by the server between its sends).
+//!
 //! Figures are per subject and as ratios, measured in the same run.
 
 #[path = "support/mod.rs"]
@@ -71,9 +75,18 @@ struct Server {
 
 const LARGE_FRAME_BYTES: usize = 1_900_000;
 
-fn messages(stream: &str) -> Vec<String> {
+/// With `requests`, every 100th message is a dashboard's `all_feedback`
+/// request (ten users a stream), answered with five frames.
+fn messages(stream: &str, requests: bool) -> Vec<String> {
     (0..1000)
         .map(|i| {
+            if requests && i % 100 == 99 {
+                return format!(
+                    r#"{{"user":"5e1f0000-0000-4000-8000-{stream}{:06}","t":{},"exp":"spinner","hardware":"{stream}","course":"engdes1","type":"request","payload":{{"content":"all_feedback","graph":"spinner-engdes1-2"}}}}"#,
+                    i / 100,
+                    1_700_000_000_000u64 + i as u64 * 250
+                );
+            }
             let user = format!("5e1f0000-0000-4000-8000-{stream}{:06}", i % USERS_PER_STREAM);
             let log = ["voltage", "speed", "position", "voltage_ramp", "speed_ramp"][i % 5];
             format!(
@@ -86,7 +99,7 @@ fn messages(stream: &str) -> Vec<String> {
 }
 
 impl Server {
-    fn start() -> Server {
+    fn start(requests: bool) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let s = Server {
@@ -106,7 +119,7 @@ impl Server {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let counters = counters.clone();
-                std::thread::spawn(move || serve(conn, counters));
+                std::thread::spawn(move || serve(conn, counters, requests));
             }
         });
         s
@@ -123,6 +136,7 @@ fn serve(
         Arc<AtomicU64>,
         Arc<AtomicU64>,
     ),
+    requests: bool,
 ) {
     let mut path = String::new();
     let Ok(mut ws) = tungstenite::accept_hdr(
@@ -135,7 +149,11 @@ fn serve(
         return;
     };
     let stream = path.trim_start_matches("/ws/").to_owned();
-    let msgs: Vec<Message> = messages(&stream).into_iter().map(Message::text).collect();
+    let msgs: Vec<Message> = messages(&stream, requests)
+        .into_iter()
+        .map(Message::text)
+        .collect();
+
     connected.fetch_add(1, Ordering::SeqCst);
     let mut i = 0usize;
     let mut tick_start = Instant::now();
@@ -184,6 +202,30 @@ fn serve(
             return;
         }
         sent.fetch_add(n as u64, Ordering::Relaxed);
+        // Answers are read (and dropped) between sends, never waited for.
+        if requests {
+            ws.get_mut().set_nonblocking(true).unwrap();
+        }
+        while requests {
+            match ws.read() {
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(_) => {
+                    connected.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+        if requests {
+            ws.get_mut().set_nonblocking(false).unwrap();
+        }
     }
 }
 
@@ -433,6 +475,77 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     }
 }
 
+/// Measure the release binary with one relay source on a fresh server;
+/// with `requests`, 1 % of the messages are dashboard requests it answers.
+fn run_edgemeter(
+    bin: &Path,
+    streams: &[String],
+    requests: bool,
+    idle: Duration,
+    phase: Duration,
+) -> Figures {
+    let server = Server::start(requests);
+    let dir = bench_dir(if requests {
+        "relay-edgemeter-requests"
+    } else {
+        "relay-edgemeter"
+    });
+    let list: Vec<String> = streams.iter().map(|s| format!("\"{s}\"")).collect();
+    let answering = if requests {
+        format!(
+            "answer_requests = true\ncomparison_dir = \"{}\"\n",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/relay/answers/comparison_graphs")
+                .display()
+        )
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        dir.join("edgemeter.toml"),
+        format!(
+            "[agent]\nid = \"bench\"\nstate_dir = \"state\"\nflush_interval_secs = 0.1\nbuffer_max_bytes = 4294967296\nlog_level = \"warn\"\n\n\
+             [[source]]\ntype = \"relay\"\nname = \"lab\"\nsession_host = \"http://127.0.0.1:{}\"\nstreams = [{}]\nfiles_dir = \"analytics\"\n{answering}{}\n",
+            server.port,
+            list.join(", "),
+            // For experiments: more source keys, e.g. `events = false`.
+            std::env::var("EDGEMETER_BENCH_SOURCE_KEYS").unwrap_or_default()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .args(["run", "-c"])
+        .arg(dir.join("edgemeter.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start edgemeter");
+    let mut em = Edgemeter {
+        child,
+        dir: dir.clone(),
+    };
+    let f = measure(&server, &mut em, idle, phase);
+    if requests {
+        // Show that the requests were answered (and how many the bounds
+        // refused at the sustained rate).
+        let out = Command::new(bin)
+            .args(["status", "-c"])
+            .arg(dir.join("edgemeter.toml"))
+            .output()
+            .expect("edgemeter status");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("dashboard requests:"))
+            .expect("status shows the dashboard requests");
+        println!("  +1% reqs: {line}");
+    }
+    em.stop();
+    std::fs::remove_dir_all(&dir).ok();
+    f
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (idle, phase) = if quick {
@@ -460,42 +573,16 @@ fn main() {
     println!(
         "relay: {STREAMS} streams on loopback, {} users each, messages of {} bytes; idle {:?}, phases {:?}",
         USERS_PER_STREAM,
-        messages("spin30")[0].len(),
+        messages("spin30", false)[0].len(),
         idle,
         phase
     );
 
-    let server = Server::start();
-    let dir = bench_dir("relay-edgemeter");
-    let list: Vec<String> = streams.iter().map(|s| format!("\"{s}\"")).collect();
-    std::fs::write(
-        dir.join("edgemeter.toml"),
-        format!(
-            "[agent]\nid = \"bench\"\nstate_dir = \"state\"\nflush_interval_secs = 0.1\nbuffer_max_bytes = 4294967296\nlog_level = \"warn\"\n\n\
-             [[source]]\ntype = \"relay\"\nname = \"lab\"\nsession_host = \"http://127.0.0.1:{}\"\nstreams = [{}]\nfiles_dir = \"analytics\"\n{}\n",
-            server.port,
-            list.join(", "),
-            // For experiments: more source keys, e.g. `events = false`.
-            std::env::var("EDGEMETER_BENCH_SOURCE_KEYS").unwrap_or_default()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(&bin)
-        .args(["run", "-c"])
-        .arg(dir.join("edgemeter.toml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start edgemeter");
-    let mut em = Edgemeter {
-        child,
-        dir: dir.clone(),
-    };
-    let e = measure(&server, &mut em, idle, phase);
-    em.stop();
-    std::fs::remove_dir_all(&dir).ok();
+    let e = run_edgemeter(&bin, &streams, false, idle, phase);
+    // The requests case only in the full run: it adds a subject's minute.
+    let r = (!quick).then(|| run_edgemeter(&bin, &streams, true, idle, phase));
 
-    let server = Server::start();
+    let server = Server::start(false);
     let dir = bench_dir("relay-python");
     let children = streams
         .iter()
@@ -536,7 +623,18 @@ fn main() {
         )
     };
     row("edgemeter", &e);
+    if let Some(r) = &r {
+        row("+1% reqs", r);
+    }
     row("python x12", &p);
+    if let Some(r) = &r {
+        println!(
+            "  1% of messages all_feedback requests (answer_requests = true, five frames each), against none: CPU per message {:.2}x, sustained rate {:.2}x, peak RSS {:+.1} MiB",
+            r.rate_us_per_msg / e.rate_us_per_msg,
+            r.sustained_per_sec / e.sustained_per_sec,
+            mib(r.peak_rss_kib) - mib(e.peak_rss_kib)
+        );
+    }
     println!(
         "  ratios (python / edgemeter): CPU per message {:.1}x, peak RSS {:.1}x, idle RSS {:.1}x; sustained rate (edgemeter / python) {:.1}x",
         p.rate_us_per_msg / e.rate_us_per_msg,
