@@ -203,30 +203,28 @@ fn serve(
         }
         sent.fetch_add(n as u64, Ordering::Relaxed);
         // Answers are read (and dropped) between sends, never waited for.
-        if requests {
-            ws.get_mut().set_nonblocking(true).unwrap();
-        }
-        while requests {
-            match ws.read() {
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break;
-                }
-                Err(_) => {
-                    connected.fetch_sub(1, Ordering::SeqCst);
-                    return;
-                }
-            }
-        }
-        if requests {
-            ws.get_mut().set_nonblocking(false).unwrap();
+        if requests && !drain(&mut ws) {
+            connected.fetch_sub(1, Ordering::SeqCst);
+            return;
         }
     }
+}
+
+/// Read and drop what the subject sent (its answers) without waiting;
+/// false if the connection is gone.
+fn drain(ws: &mut tungstenite::WebSocket<TcpStream>) -> bool {
+    ws.get_mut().set_nonblocking(true).unwrap();
+    let alive = loop {
+        match ws.read() {
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                break true;
+            }
+            Err(_) => break false,
+        }
+    };
+    ws.get_mut().set_nonblocking(false).unwrap();
+    alive
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
