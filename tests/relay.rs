@@ -1110,3 +1110,60 @@ fn as_floats(v: &serde_json::Value) -> serde_json::Value {
         other => other.clone(),
     }
 }
+
+/// The old client's `-feedback.csv` files are continued, not replaced, and
+/// feedback counts survive a restart (from the saved state, without
+/// reading the file again).
+#[test]
+fn old_feedback_files_are_continued_and_counts_survive_a_restart() {
+    let dir = TempDir::new("relay-feedback");
+    let hub = Hub::start();
+    let comparisons = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/relay/answers/comparison_graphs");
+    let header = ",Workbook,Remote work,Hardware,UI,LA,Other,spinner-engdes1-1-core,spinner-engdes1-1-ext,spinner-engdes1-2\n";
+    let rows = |engaged: &str, bored: &str| {
+        let zero = ",0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0";
+        format!(
+            "{header}Engaged{engaged}\nCurious{zero}\nDelighted{zero}\nBored{bored}\nConfused{zero}\nFrustrated{zero}\nSurprised{zero}\nAnxious{zero}\n"
+        )
+    };
+    // What the old client left: 3 × Engaged/Workbook, 1 × Bored/UI.
+    let old = rows(
+        ",3.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0",
+        ",0.0,0.0,0.0,1.0,0.0,0.0,0.0,0.0,0.0",
+    );
+    std::fs::create_dir_all(dir.path("analytics")).unwrap();
+    dir.write("analytics/student-7-spinner-engdes1-feedback.csv", &old);
+    let extra = format!(
+        "answer_requests = true\ncomparison_dir = \"{}\"",
+        comparisons.display()
+    );
+    let cfg = config(&dir, &hub, &["spin30"], &extra);
+    let name = "student-7-spinner-engdes1-feedback.csv";
+    let feedback = serde_json::json!({"user": "student-7", "exp": "spinner",
+        "hardware": "spin30", "course": "engdes1", "type": "feedback",
+        "payload": {"state": "Engaged", "subject": "Workbook"}})
+    .to_string();
+    for (round, engaged) in [(1, "4.0"), (2, "5.0")] {
+        let mut agent = Agent::start_running(&cfg, "agent.log");
+        wait_subscribed(&hub, &["spin30"]);
+        assert_eq!(hub.send_text("spin30", &feedback), 1);
+        let want = rows(
+            &format!(",{engaged},0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0"),
+            ",0.0,0.0,0.0,1.0,0.0,0.0,0.0,0.0,0.0",
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || read(&dir, name) == want),
+            "round {round}: analytics/{name} is\n{}\nexpected\n{want}",
+            read(&dir, name)
+        );
+        agent.stop();
+        let log = agent.stderr();
+        assert!(!log.contains("ERROR"), "{log}");
+        assert_eq!(
+            log.contains("continuing 1 of 1 feedback files"),
+            round == 1,
+            "round {round}: {log}"
+        );
+    }
+}
