@@ -397,6 +397,7 @@ endpoint = "http://127.0.0.1:{port}"
 token_file = "lab.token"
 retry_initial_secs = 0.05
 retry_max_secs = 0.5
+events = true
 "#,
             hub.url()
         ),
@@ -427,6 +428,35 @@ retry_max_secs = 0.5
         }
         std::thread::sleep(Duration::from_millis(400));
     }
+    // Student s0's commands on rig-a: voltage_step twice, then position,
+    // speed_ramp, position: four distinct transitions.
+    for (i, log) in ["voltage", "voltage", "position", "speed_ramp", "position"]
+        .iter()
+        .enumerate()
+    {
+        let m = serde_json::json!({"user": "s0", "t": 1_700_000_000_000u64 + i as u64, "exp": "spinner",
+            "hardware": "rig-a", "course": "c1", "type": "analytics",
+            "payload": {"log": log, "data": {"set": 1}}});
+        hub.send_text("rig-a", &m.to_string());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let analytics_events = || {
+        let body = get(
+            port,
+            "/v1/events?user=s0&type=analytics&format=json",
+            &bearer,
+        )
+        .2;
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["events"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || analytics_events() == 5),
+        "the commands did not reach the upstream: {}",
+        analytics_events()
+    );
     assert!(
         wait_until(Duration::from_secs(20), || csv("relay_messages", "rig-b")
             .lines()
@@ -472,4 +502,47 @@ retry_max_secs = 0.5
     // The busier rig is drawn first (its colour and legend lead).
     assert_eq!(messages[0].0, "rig-b", "{messages:?}");
     assert!(page.dom.contains("<td>rig-a</td>"), "{}", page.dom);
+    // The heat map: every message of each user on each rig, in its cell.
+    let cells: BTreeMap<String, String> = serde_json::from_value(b.eval(
+        "Object.fromEntries([...document.querySelectorAll('table.heat td.n[title]')].map(td => [td.title, td.textContent]))",
+    ))
+    .unwrap();
+    let mut want = BTreeMap::new();
+    for (stream, n) in [("rig-a", 2), ("rig-b", 5)] {
+        for i in 0..n {
+            let extra = if (i, stream) == (0, "rig-a") { 5 } else { 0 };
+            // Events keep the edge's whole dims: the source names the rig too.
+            want.insert(
+                format!("s{i} on practable/{stream}: {}", 6 + extra),
+                (6 + extra).to_string(),
+            );
+        }
+    }
+    assert_eq!(cells, want.into_iter().collect::<BTreeMap<_, _>>());
+
+    // The command graphs: s0 is listed, and their graph has one arrow or
+    // loop per transition counted.
+    let list = b.open(&format!("{base}/graphs"), 1200, 900);
+    assert!(list.problems.is_empty(), "{:?}", list.problems);
+    assert!(
+        list.dom.contains("/graphs?user=s0&amp;range=30D"),
+        "{}",
+        list.dom
+    );
+    let graphs = b.open(&format!("{base}/graphs?user=s0&range=1D"), 1200, 1000);
+    assert!(graphs.problems.is_empty(), "{:?}", graphs.problems);
+    b.screenshot("dashboard-graphs");
+    let edges: Vec<String> = serde_json::from_value(
+        b.eval("[...document.querySelectorAll('svg.graph g.edge title')].map(t => t.textContent)"),
+    )
+    .unwrap();
+    assert_eq!(
+        edges,
+        [
+            "position_step → speed_ramp: 1",
+            "speed_ramp → position_step: 1",
+            "voltage_step → position_step: 1",
+            "voltage_step → voltage_step: 1",
+        ]
+    );
 }

@@ -385,6 +385,9 @@ impl Handler for Api {
             (Route::Page("/relay"), _) => {
                 dashboard::pages::relay(&self.store, &req.query, now_ms()).await
             }
+            (Route::Page("/graphs"), _) => {
+                dashboard::pages::command_graphs(&self.store, &req.query, now_ms()).await
+            }
             (Route::Page(_), _) => {
                 dashboard::pages::active_users(&self.store, &req.query, now_ms()).await
             }
@@ -437,6 +440,7 @@ impl Api {
             ("/", "GET") => Route::Page("/"),
             ("/edges", "GET") => Route::Page("/edges"),
             ("/relay", "GET") => Route::Page("/relay"),
+            ("/graphs", "GET") => Route::Page("/graphs"),
             ("/sign-in", "GET" | "POST") => Route::SignIn,
             ("/sign-out", "POST") => Route::SignOut,
             ("other", _) => {
@@ -773,6 +777,7 @@ fn route_name(req: &Request) -> &'static str {
         "/" => "/",
         "/edges" => "/edges",
         "/relay" => "/relay",
+        "/graphs" => "/graphs",
         "/sign-in" => "/sign-in",
         "/sign-out" => "/sign-out",
         p if p.starts_with("/v1/users/") => "/v1/users",

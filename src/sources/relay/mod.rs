@@ -57,6 +57,7 @@ pub mod analytics;
 pub mod answers;
 pub mod config;
 pub mod desk;
+pub mod draw;
 pub mod frame;
 pub mod ingest;
 pub mod link;

@@ -50,6 +50,11 @@ polyline.e6 { stroke: #a0785a; } polyline.e7 { stroke: #7f7f7f; }
 .legend .e0::before { border-color: #2a9d8f; } .legend .e1::before { border-color: #e9a23b; } .legend .e2::before { border-color: #8e6fbf; }
 .legend .e3::before { border-color: #6a994e; } .legend .e4::before { border-color: #c05780; } .legend .e5::before { border-color: #4f7ca8; }
 .legend .e6::before { border-color: #a0785a; } .legend .e7::before { border-color: #7f7f7f; }
+svg.graph { width: 100%; max-width: 34rem; height: auto; display: block; background: #fff; border: 1px solid #ddd; }
+svg.graph text { font-size: 13px; fill: var(--ink); }
+.scroll { overflow-x: auto; }
+table.heat th, table.heat td { border: 1px solid #eee; padding: .15rem .35rem; white-space: nowrap; }
+table.compact { width: auto; }
 table { border-collapse: collapse; width: 100%; font-size: .9rem; }
 th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid #e3e3e3; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
@@ -66,6 +71,7 @@ tr.stale td { background: #fdecea; }
 pub const PAGES: &[(&str, &str)] = &[
     ("/", "Active users"),
     ("/relay", "Relay"),
+    ("/graphs", "Command graphs"),
     ("/edges", "Edges"),
 ];
 

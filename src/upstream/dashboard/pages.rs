@@ -9,7 +9,9 @@ use crate::http_server::{Response, query_pairs};
 use crate::record::Dims;
 use crate::runtime::OnWorker;
 use crate::upstream::query::{self, MAX_ROWS, number};
-use crate::upstream::store::{EdgeRow, How, SeriesQuery, SeriesRow, Store};
+use crate::upstream::store::{
+    EdgeRow, EventQuery, EventRow, How, SeriesQuery, SeriesRow, Store, UsageRow, UserRow,
+};
 
 use super::chart::{Chart, Line};
 use super::html::{escape, page};
@@ -20,6 +22,12 @@ pub const RANGES: &[&str] = &["TODAY", "1D", "7D", "10D", "30D"];
 pub const EDGE_LINES: usize = 8;
 /// How far back the page looks for the metrics it offers.
 const OFFER_SINCE_MS: i64 = 30 * 86_400_000;
+/// User × stream cells read for the heat map (the busiest first).
+const USAGE_ROWS: usize = 20_000;
+/// Users drawn in the heat map (the busiest).
+pub const HEAT_USERS: usize = 40;
+/// Users listed on the command graphs page (the latest first).
+pub const GRAPH_USERS: usize = 500;
 /// An edge with no batch for this long is flagged stale.
 pub const STALE_AFTER_MS: i64 = 10 * 60_000;
 
@@ -447,6 +455,7 @@ struct Relay {
     messages: Vec<SeriesRow>,
     users: Vec<SeriesRow>,
     connected: Vec<SeriesRow>,
+    usage: Vec<UsageRow>,
 }
 
 /// The relay's streams: messages and distinct users per window, by stream
@@ -470,6 +479,7 @@ pub async fn relay(store: &OnWorker<Store>, query_text: &str, now: i64) -> Respo
                 messages: s.series(&q("relay_messages"))?,
                 users: s.series(&q("relay_active_users"))?,
                 connected: s.series(&q("relay_connected"))?,
+                usage: s.usage(start, end, USAGE_ROWS)?,
             })
         })
         .await;
@@ -620,8 +630,253 @@ fn render_relay(ask: &Ask, start: i64, end: i64, d: &Relay) -> String {
         );
     }
     body += "</table>";
-    body += r#"<p class="note">The stream <code>all</code> counts each user once across a source's streams. Who used which rig (the user × hardware table) and each student's command graph are kept by the edge (<code>files_dir</code>), not here yet.</p>"#;
+    body += r#"<p class="note">The stream <code>all</code> counts each user once across a source's streams.</p>"#;
+    body += &heat_map(&d.usage, &range);
     page("Relay", "/relay", true, &body)
+}
+
+/// Who used which rig: messages per user (rows, the busiest
+/// [`HEAT_USERS`]) and stream (columns), shaded by count, with the exact
+/// count in each cell; from the relay events the edges forwarded.
+fn heat_map(rows: &[UsageRow], range: &str) -> String {
+    let mut out = String::from("<h2>Who used which rig: messages per user and stream</h2>");
+    if rows.is_empty() {
+        out += r#"<p class="note">No relay events in this range: edges keep them with <code>events = true</code> (the default) and forward them to a sink that takes events.</p>"#;
+        return out;
+    }
+    let mut cells: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut per_user: BTreeMap<String, i64> = BTreeMap::new();
+    for r in rows {
+        *cells
+            .entry((r.user.clone(), stream_of(&r.dims)))
+            .or_default() += r.events;
+        *per_user.entry(r.user.clone()).or_default() += r.events;
+    }
+    let mut users: Vec<(&String, &i64)> = per_user.iter().collect();
+    users.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    users.truncate(HEAT_USERS);
+    let mut streams: Vec<&String> = cells.keys().map(|(_, s)| s).collect();
+    streams.sort();
+    streams.dedup();
+    let max = cells.values().copied().max().unwrap_or(1).max(1) as f64;
+    out += r#"<div class="scroll"><table class="heat"><tr><th>user</th>"#;
+    for st in &streams {
+        let _ = write!(out, "<th>{}</th>", escape(st));
+    }
+    out += r#"<th class="n">total</th></tr>"#;
+    for (user, total) in &users {
+        let short: String = user.chars().take(13).collect();
+        let _ = write!(
+            out,
+            r#"<tr><td title="{}"><a href="/graphs?user={}&amp;{}">{}</a></td>"#,
+            escape(user),
+            form_urlencoded::byte_serialize(user.as_bytes()).collect::<String>(),
+            escape(range),
+            escape(&short)
+        );
+        for st in &streams {
+            match cells.get(&((*user).clone(), (*st).clone())) {
+                Some(n) => {
+                    // Shade by the square root, so a few heavy users do not
+                    // wash out everyone else.
+                    let alpha = (*n as f64 / max).sqrt() * 0.85 + 0.1;
+                    let _ = write!(
+                        out,
+                        r#"<td class="n" style="background: rgba(43, 124, 233, {alpha:.2})" title="{} on {}: {n}">{n}</td>"#,
+                        escape(user),
+                        escape(st)
+                    );
+                }
+                None => out += "<td></td>",
+            }
+        }
+        let _ = write!(out, r#"<td class="n">{total}</td></tr>"#);
+    }
+    out += "</table></div>";
+    let _ = write!(
+        out,
+        r#"<p class="note">{} of {} users, the busiest. A user's name opens their command graphs. Events: <a href="/v1/events?{}&amp;format=json">JSON</a> (at most 10,000 per request).</p>"#,
+        users.len(),
+        per_user.len(),
+        escape(range)
+    );
+    out
+}
+
+/// The command graphs page: without `user`, the users with commands in
+/// the range; with it, one graph per exp × course built from their
+/// `analytics` events in time order, as the edge's own analytics does.
+pub async fn command_graphs(store: &OnWorker<Store>, query_text: &str, now: i64) -> Response {
+    let mut user = None;
+    let mut rest = Vec::new();
+    for (k, v) in query_pairs(query_text) {
+        match k.as_str() {
+            "user" if !v.is_empty() => user = Some(v),
+            "user" => {}
+            "range" | "start" | "end" => rest.push((k, v)),
+            _ => return error_page(400, "/graphs", &format!("unknown parameter `{k}`")),
+        }
+    }
+    let range_query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(rest.iter().filter(|(_, v)| !v.is_empty()))
+        .finish();
+    let (_, start, end) = match Ask::with_range(&range_query, now) {
+        Ok(a) => a,
+        Err(e) => return error_page(400, "/graphs", &e),
+    };
+    let range = if range_query.is_empty() {
+        "range=30D".to_owned()
+    } else {
+        range_query.clone()
+    };
+    // The list looks back 30 days unless told.
+    let (start, end) = if range_query.is_empty() {
+        (end - OFFER_SINCE_MS, end)
+    } else {
+        (start, end)
+    };
+    let who = user.clone();
+    let data = store
+        .call(
+            move |s| -> Result<(Vec<UserRow>, Vec<EventRow>), crate::upstream::db::DbError> {
+                match &who {
+                    None => Ok((s.command_users(start, end, GRAPH_USERS)?, Vec::new())),
+                    Some(u) => Ok((
+                        Vec::new(),
+                        s.events(&EventQuery {
+                            start_ms: start,
+                            end_ms: end,
+                            user: Some(u.clone()),
+                            etype: Some("analytics".to_owned()),
+                            agent: None,
+                            limit: query::MAX_EVENTS,
+                        })?,
+                    )),
+                }
+            },
+        )
+        .await;
+    match data {
+        Ok((users, events)) => super::html(
+            200,
+            render_graphs(user.as_deref(), &range, start, end, &users, &events),
+        ),
+        Err(e) => {
+            log::error!("the dashboard's command graphs query failed: {e}");
+            error_page(
+                503,
+                "/graphs",
+                "the store is unavailable; try again shortly",
+            )
+        }
+    }
+}
+
+fn render_graphs(
+    user: Option<&str>,
+    range: &str,
+    start: i64,
+    end: i64,
+    users: &[UserRow],
+    events: &[EventRow],
+) -> String {
+    use crate::sources::relay::analytics::{Analytics, envelope, safe_name};
+    let mut body = String::new();
+    let Some(user) = user else {
+        let _ = write!(
+            body,
+            "<h1>Command graphs</h1><p>Students with commands from {} to {} UTC, the latest first. Each opens their command-transition graphs.</p>",
+            minute(start),
+            minute(end)
+        );
+        if users.is_empty() {
+            body += r#"<p class="note">No relay <code>analytics</code> events in this range: the edges' relay sources store them with <code>events = true</code> (the default) and forward them to a sink that takes events.</p>"#;
+            return page("Command graphs", "/graphs", true, &body);
+        }
+        body += r#"<table><tr><th>user</th><th class="n">commands</th><th>last</th></tr>"#;
+        for u in users {
+            let _ = write!(
+                body,
+                r#"<tr><td><a href="/graphs?user={}&amp;{}">{}</a></td><td class="n">{}</td><td>{}</td></tr>"#,
+                form_urlencoded::byte_serialize(u.user.as_bytes()).collect::<String>(),
+                escape(range),
+                escape(&u.user),
+                u.events,
+                iso8601(u.last_ms)
+            );
+        }
+        body += "</table>";
+        return page("Command graphs", "/graphs", true, &body);
+    };
+    let _ = write!(
+        body,
+        r#"<h1>Command graphs of <code>{}</code></h1><p>From {} to {} UTC: {} commands. <a href="/graphs?{}">All students</a></p>"#,
+        escape(user),
+        minute(start),
+        minute(end),
+        events.len(),
+        escape(range)
+    );
+    let mut a = Analytics::new(1);
+    for e in events {
+        if let Some(env) = envelope(&e.payload) {
+            let hw = env
+                .hardware
+                .as_deref()
+                .filter(|h| safe_name(h))
+                .unwrap_or("upstream")
+                .to_owned();
+            a.observe(e.ts, &hw, &env);
+        }
+    }
+    let mut keys = a.graph_keys();
+    keys.sort();
+    if keys.is_empty() {
+        body += r#"<p class="note">No commands of this user in this range.</p>"#;
+    }
+    for (n, k) in keys.iter().enumerate() {
+        let Some(g) = a.graph(k) else { continue };
+        let transitions: u64 = g.edges.values().sum();
+        let title = format!(
+            "{} in {} ({}): {transitions} transitions",
+            k.user, k.exp, k.course
+        );
+        let _ = write!(
+            body,
+            "<h2>{} · {}</h2><p>{transitions} transitions between {} commands; arrows widen with the count, a loop is a command repeated.</p>",
+            escape(&k.exp),
+            escape(&k.course),
+            g.nodes.len()
+        );
+        body += &crate::sources::relay::draw::command_graph_svg(&g, &k.exp, &title, n);
+        body +=
+            r#"<table class="compact"><tr><th>from</th><th>to</th><th class="n">count</th></tr>"#;
+        for ((f, t), n) in &g.edges {
+            let _ = write!(
+                body,
+                r#"<tr><td>{}</td><td>{}</td><td class="n">{n}</td></tr>"#,
+                escape(f),
+                escape(t)
+            );
+        }
+        body += "</table>";
+    }
+    let _ = write!(
+        body,
+        r#"<p class="note noprint">Events: <a href="/v1/events?user={}&amp;type=analytics&amp;{}&amp;limit={}&amp;format=json">JSON</a>{}</p>"#,
+        form_urlencoded::byte_serialize(user.as_bytes()).collect::<String>(),
+        escape(range),
+        query::MAX_EVENTS,
+        if events.len() >= query::MAX_EVENTS {
+            format!(
+                " · only the first {} commands of the range are drawn; narrow the range for the rest",
+                query::MAX_EVENTS
+            )
+        } else {
+            String::new()
+        }
+    );
+    page("Command graphs", "/graphs", true, &body)
 }
 
 pub async fn edges(store: &OnWorker<Store>, with_tokens: Vec<String>, now: i64) -> Response {

@@ -132,6 +132,24 @@ pub struct EdgeRow {
     pub last_received_ms: i64,
 }
 
+/// A user with relay `analytics` events in a range, for the command
+/// graphs page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRow {
+    pub user: String,
+    pub events: i64,
+    pub last_ms: i64,
+}
+
+/// Events of one user on one stream (the dims of the edge that sent them),
+/// for the user × hardware heat map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub user: String,
+    pub dims: Dims,
+    pub events: i64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeriesQuery {
     pub metric: String,

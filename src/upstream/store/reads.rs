@@ -195,6 +195,62 @@ impl Store {
             .collect())
     }
 
+    /// Users with `analytics` events in `[start, end)`, the latest first.
+    pub fn command_users(
+        &mut self,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<UserRow>, DbError> {
+        let rows = self.db.query(
+            &format!(
+                "SELECT user_id, COUNT(*), MAX(ts) FROM events \
+                 WHERE ts >= ?1 AND ts < ?2 AND etype = 'analytics' AND user_id IS NOT NULL \
+                 GROUP BY user_id ORDER BY MAX(ts) DESC, user_id LIMIT {limit}"
+            ),
+            &[start_ms.into(), end_ms.into()],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                UserRow {
+                    user: it.next().expect("3 columns").into_text(),
+                    events: it.next().expect("3 columns").int(),
+                    last_ms: it.next().expect("3 columns").int(),
+                }
+            })
+            .collect())
+    }
+
+    /// Events per user and stream in `[start, end)`, the most first.
+    pub fn usage(
+        &mut self,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<UsageRow>, DbError> {
+        let rows = self.db.query(
+            &format!(
+                "SELECT user_id, dims, COUNT(*) FROM events \
+                 WHERE ts >= ?1 AND ts < ?2 AND user_id IS NOT NULL \
+                 GROUP BY user_id, dims ORDER BY COUNT(*) DESC, user_id LIMIT {limit}"
+            ),
+            &[start_ms.into(), end_ms.into()],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                UsageRow {
+                    user: it.next().expect("3 columns").into_text(),
+                    dims: Dims::decode(it.next().expect("3 columns").text()).unwrap_or_default(),
+                    events: it.next().expect("3 columns").int(),
+                }
+            })
+            .collect())
+    }
+
     /// Delete every stored event of `user`; how many there were.
     pub fn delete_user(&mut self, user: &str) -> Result<u64, DbError> {
         self.transaction(|s| {
