@@ -302,11 +302,18 @@ path = "out.csv"
             "payload": {"log": "start", "data": {}}});
         assert_eq!(hub.send_text("rig-a", &m.to_string()), 1);
     }
+    // u0's commands: voltage, position, position (two transitions).
+    for (i, log) in ["voltage", "position", "position"].iter().enumerate() {
+        let m = serde_json::json!({"user": "u0", "t": 100 + i, "exp": "spinner",
+            "hardware": "rig-a", "course": "c1", "type": "analytics",
+            "payload": {"log": log, "data": {"set": 1}}});
+        assert_eq!(hub.send_text("rig-a", &m.to_string()), 1);
+    }
     for _ in 0..3 {
         hub.send_text("rig-b", "not json {");
     }
     let ready = |j: &Value| {
-        sample(j, "lab", "relay_messages_total", &[("stream", "rig-a")]) == Some(25.0)
+        sample(j, "lab", "relay_messages_total", &[("stream", "rig-a")]) == Some(28.0)
             && sample(
                 j,
                 "lab",
@@ -477,6 +484,39 @@ path = "out.csv"
         assert!(page.dom.contains("rig-a"), "{}", page.dom);
         browser.screenshot(name);
     }
+    // The relay's command graphs: listed, and u0's drawn with one arrow or
+    // loop per transition (the state is saved every 2 s).
+    assert!(
+        wait_until(Duration::from_secs(10), || get(addr, "/graphs")
+            .2
+            .contains("user=u0&amp;exp=spinner&amp;course=c1")),
+        "{}",
+        get(addr, "/graphs").2
+    );
+    let page = browser.open(
+        &format!("http://{addr}/graphs?source=lab&user=u0&exp=spinner&course=c1"),
+        900,
+        900,
+    );
+    assert!(
+        page.problems.is_empty(),
+        "the page logged: {:?}",
+        page.problems
+    );
+    let edges: Vec<String> =
+        serde_json::from_value(browser.eval(
+            "[...document.querySelectorAll('svg.graph g.edge title')].map(t => t.textContent)",
+        ))
+        .unwrap();
+    assert_eq!(
+        edges,
+        [
+            "position_step → position_step: 1",
+            "voltage_step → position_step: 1"
+        ]
+    );
+    browser.screenshot("agent-graphs");
+    assert_eq!(get(addr, "/graphs?bogus=1").0, 400);
     drop(browser);
 
     // /status.json is the same document as `status --json`.

@@ -30,6 +30,7 @@
 //! | `sinks[]` | `{name, pending, delivered_records, delivered_batches, failures, last_delivery_ms, last_failure_ms, last_error, dead_letters, counters}` |
 //! | `sources[]` | `{name, type, written_ms, text, samples}`: `written_ms` is when the source last wrote its status (`null`: never, as for `synthetic`), `text` what `status` shows, `samples[]` `{name, labels, value}` its figures (`/metrics` shows them as `edgemeter_<name>{source=…}`) |
 
+pub mod graphs;
 pub mod prometheus;
 pub mod serve;
 pub mod text;

@@ -6,6 +6,7 @@
 //! | `GET /health` | `200 ok` while the event loop answers and the outbox is readable, else `503` with the reason |
 //! | `GET /status.json` | the [`Snapshot`] (as `edgemeter status --json`) |
 //! | `GET /` | a status page: the text of `edgemeter status`, refreshed every 10 s |
+//! | `GET /graphs` | the relay sources' command graphs ([`super::graphs`]) |
 //!
 //! No token: nothing here changes anything, and the listener binds
 //! 127.0.0.1 unless configured otherwise. Every request's snapshot is taken
@@ -48,6 +49,7 @@ pub enum Route {
     Health,
     Json,
     Page,
+    Graphs,
 }
 
 pub struct Local {
@@ -80,10 +82,11 @@ impl Handler for Local {
             "/health" => Route::Health,
             "/status.json" => Route::Json,
             "/" => Route::Page,
+            "/graphs" => Route::Graphs,
             _ => {
                 return Err(Response::error(
                     404,
-                    "no such page; try /, /metrics, /health or /status.json",
+                    "no such page; try /, /graphs, /metrics, /health or /status.json",
                 ));
             }
         };
@@ -95,7 +98,16 @@ impl Handler for Local {
         Ok((route, 0))
     }
 
-    async fn handle(&self, _req: Request, route: Route) -> Response {
+    async fn handle(&self, req: Request, route: Route) -> Response {
+        if let Route::Graphs = route {
+            let scope = self.scope.clone();
+            let query = req.query.clone();
+            let (status, body) = self
+                .worker
+                .run(move || super::graphs::page(&scope, &query))
+                .await;
+            return page_response(status, body);
+        }
         let snapshot = match self.snapshot().await {
             Ok(s) => s,
             Err(e) => {
@@ -121,21 +133,27 @@ impl Handler for Local {
                 body.push(b'\n');
                 Response::new(200, "application/json", body)
             }
-            Route::Page => {
-                let mut r = Response::new(200, "text/html; charset=utf-8", page(&snapshot));
-                // Nothing but this page's own inline style may load or run.
-                r.headers.push((
-                    "content-security-policy",
-                    "default-src 'none'; style-src 'unsafe-inline'".to_owned(),
-                ));
-                r
-            }
+            Route::Page => return page_response(200, page(&snapshot)),
+            Route::Graphs => unreachable!("answered above"),
         };
         r.headers.push(("cache-control", "no-store".to_owned()));
         r.headers
             .push(("x-content-type-options", "nosniff".to_owned()));
         r
     }
+}
+
+/// An HTML page: nothing but its own inline style may load or run.
+fn page_response(status: u16, body: String) -> Response {
+    let mut r = Response::new(status, "text/html; charset=utf-8", body);
+    r.headers.push((
+        "content-security-policy",
+        "default-src 'none'; style-src 'unsafe-inline'".to_owned(),
+    ));
+    r.headers.push(("cache-control", "no-store".to_owned()));
+    r.headers
+        .push(("x-content-type-options", "nosniff".to_owned()));
+    r
 }
 
 fn html_escape(s: &str) -> String {
@@ -226,7 +244,7 @@ footer {{ color: #555; font-size: .85rem; }}
 <p class="state {class}">{headline}</p>
 <pre>{text}</pre>
 <footer>As <code>edgemeter status</code>, taken {at}; refreshes every 10 s.
-Machine-readable: <a href="/metrics">/metrics</a> (Prometheus), <a href="/status.json">/status.json</a>, <a href="/health">/health</a>.</footer>
+Command graphs: <a href="/graphs">/graphs</a>. Machine-readable: <a href="/metrics">/metrics</a> (Prometheus), <a href="/status.json">/status.json</a>, <a href="/health">/health</a>.</footer>
 </body></html>
 "#,
         headline = html_escape(&headline),

@@ -46,11 +46,11 @@ pub fn command_graph_svg(g: &Graph, exp: &str, title: &str, id: usize) -> String
     let at = places(g, exp);
     let index = |name: &str| g.nodes.iter().position(|n| n == name);
     let max = g.edges.values().copied().max().unwrap_or(1).max(1) as f64;
-    let width = |c: u64| 1.5 + 6.5 * (c as f64 / max);
+    let width = |c: u64| 1.5 + 4.0 * (c as f64 / max);
     let mut s = String::new();
     let _ = write!(
         s,
-        r##"<svg class="graph" viewBox="{} {} {} {}" role="img" aria-label="{}" xmlns="http://www.w3.org/2000/svg"><title>{}</title><defs><marker id="arrow{}" viewBox="0 0 10 10" refX="9" refY="5" markerUnits="userSpaceOnUse" markerWidth="14" markerHeight="14" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>"##,
+        r##"<svg class="graph" viewBox="{} {} {} {}" role="img" aria-label="{}" xmlns="http://www.w3.org/2000/svg"><title>{}</title><defs><marker id="arrow{}" viewBox="0 0 10 10" refX="9" refY="5" markerUnits="userSpaceOnUse" markerWidth="16" markerHeight="16" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>"##,
         -HALF,
         -HALF,
         2.0 * HALF,
@@ -143,7 +143,7 @@ mod tests {
         assert!(svg.contains("<title>voltage_step → voltage_step: 4</title>"));
         assert!(svg.contains("u&lt;1&gt;") && !svg.contains("u<1>"));
         // The busiest transition is drawn widest.
-        assert!(svg.contains(r#"stroke-width="8.0""#), "{svg}");
+        assert!(svg.contains(r#"stroke-width="5.5""#), "{svg}");
         // Fixed positions: position_step at (200, 0).
         assert!(svg.contains(r#"<circle cx="200.0" cy="0.0" r="20""#));
     }

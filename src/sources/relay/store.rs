@@ -9,7 +9,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, params};
 
-use super::analytics::{Activity, Chain, GraphKey};
+use super::analytics::{Activity, Chain, Graph, GraphKey};
 use super::answers::Feedback;
 
 const SCHEMA: &str = "
@@ -42,6 +42,51 @@ CREATE TABLE IF NOT EXISTS feedback (
     PRIMARY KEY (user, exp, course)
 ) WITHOUT ROWID;
 ";
+
+/// The command graphs of a relay source's state file, read without
+/// writing (for the agent's status page, beside the running source): at
+/// most `limit`, by user. Missing file: none.
+pub fn read_graphs(path: &Path, limit: usize) -> Result<Vec<(GraphKey, Graph)>, String> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let err = |e: rusqlite::Error| format!("cannot read {}: {e}", path.display());
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(2))
+        .map_err(err)?;
+    let mut st = conn
+        .prepare(&format!(
+            "SELECT user, exp, course, nodes, counts, last FROM graphs ORDER BY user, exp, course LIMIT {limit}"
+        ))
+        .map_err(err)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                GraphKey {
+                    user: r.get(0)?,
+                    exp: r.get(1)?,
+                    course: r.get(2)?,
+                },
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+            ))
+        })
+        .map_err(err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (key, nodes, counts, last) = row.map_err(err)?;
+        let chain = serde_json::from_str(&nodes)
+            .ok()
+            .zip(serde_json::from_str(&counts).ok())
+            .and_then(|(n, c)| Chain::from_parts(n, c, last.and_then(|l| usize::try_from(l).ok())));
+        if let Some(c) = chain {
+            out.push((key, c.to_graph()));
+        }
+    }
+    Ok(out)
+}
 
 pub struct Store {
     conn: Connection,
