@@ -173,6 +173,31 @@ CREATE TABLE IF NOT EXISTS sketches (
     sketch   {blob}           NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sketches_by_time ON sketches (metric, ts);
+CREATE INDEX IF NOT EXISTS sketches_by_agent ON sketches (metric, agent, ts);
+CREATE TABLE IF NOT EXISTS unions (
+    metric   TEXT             NOT NULL,
+    net      TEXT             NOT NULL,
+    ts       BIGINT           NOT NULL,
+    sketches BIGINT           NOT NULL,
+    summed   DOUBLE PRECISION NOT NULL,
+    merged   BIGINT           NOT NULL,
+    estimate DOUBLE PRECISION NOT NULL,
+    agents   BIGINT           NOT NULL,
+    unit     TEXT             NOT NULL,
+    PRIMARY KEY (metric, net, ts)
+){key};
+CREATE INDEX IF NOT EXISTS unions_by_time ON unions (metric, ts);
+CREATE TABLE IF NOT EXISTS edge_days (
+    metric     TEXT             NOT NULL,
+    net        TEXT             NOT NULL,
+    agent      TEXT             NOT NULL,
+    day        BIGINT           NOT NULL,
+    peak       DOUBLE PRECISION NOT NULL,
+    windows    BIGINT           NOT NULL,
+    last_ts    BIGINT           NOT NULL,
+    last_value DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (metric, net, agent, day)
+){key};
 CREATE TABLE IF NOT EXISTS events (
     ts      BIGINT NOT NULL,
     etype   TEXT   NOT NULL,

@@ -77,11 +77,20 @@ pub fn open_store(c: &Config, state_dir: &Path, read_only: bool) -> Result<Store
             Box::new(db::Postgres::new(url, password).map_err(|e| e.to_string())?)
         }
     };
-    Ok(Store::new(
-        db,
-        c.edge_dims.clone(),
-        c.settle.as_millis() as i64,
-    ))
+    let mut store = Store::new(db, c.edge_dims.clone(), c.settle.as_millis() as i64);
+    if !read_only {
+        let started = std::time::Instant::now();
+        let n = store
+            .prepare_caches()
+            .map_err(|e| format!("cannot prepare the store's union cache: {e}"))?;
+        if n > 0 {
+            log::info!(
+                "counted {n} windows' sketches into the union cache (once, after an upgrade) in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(store)
 }
 
 /// Everything the server task needs, prepared before the loop starts so

@@ -449,3 +449,94 @@ fn store_errors_say_what_failed_and_where() {
     ));
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The union of a window is cached once computed; a late sketch for that
+/// window makes the cached union stale and the next read merges it in.
+/// The naive sum and each edge's summary follow every sketch at ingest.
+#[test]
+fn cached_unions_take_late_sketches_and_edge_summaries_match_the_windows() {
+    let (mut s, dir) = sqlite_store();
+    let t = NOW - 3 * 86_400_000 + 1_800_000;
+    s.ingest(&[&batch("gw-a", 1, &users("gw-a", t, 0..10))], NOW)
+        .unwrap();
+    s.ingest(&[&batch("gw-b", 1, &users("gw-b", t, 5..15))], NOW)
+        .unwrap();
+    let q = SeriesQuery {
+        metric: "active_users".into(),
+        start_ms: t - 86_400_000 * 2,
+        end_ms: NOW,
+        agent: None,
+        dims: Vec::new(),
+        limit: 100,
+    };
+    let first = s.series(&q).unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].value.round(), first[0].agents), (15.0, 2));
+    // Cached now: the same answer again.
+    assert_eq!(s.series(&q).unwrap(), first);
+    // A late edge for the same window: 10 more users.
+    s.ingest(&[&batch("gw-c", 1, &users("gw-c", t, 100..110))], NOW)
+        .unwrap();
+    let late = s.series(&q).unwrap();
+    assert_eq!((late[0].value.round(), late[0].agents), (25.0, 3));
+    let sums = s.naive_sums("active_users", q.start_ms, q.end_ms).unwrap();
+    assert_eq!(sums.values().map(|v| v.round()).collect::<Vec<_>>(), [30.0]);
+    // Two more windows for gw-a, on later days; a range that cuts days.
+    for (seq, (ts, n)) in [(2, (t + 86_400_000, 20)), (3, (t + 2 * 86_400_000, 5))] {
+        s.ingest(&[&batch("gw-a", seq, &users("gw-a", ts, 0..n))], NOW)
+            .unwrap();
+    }
+    for (start, end, windows, peak, last) in [
+        (q.start_ms, NOW, 3, 20.0, 5.0),
+        (t + 1, NOW, 2, 20.0, 5.0),
+        (t, t + 86_400_000 + 1, 2, 20.0, 20.0),
+    ] {
+        let e = s.edge_summaries("active_users", start, end).unwrap();
+        let a = e.iter().find(|e| e.agent == "gw-a").unwrap();
+        assert_eq!(
+            (a.windows, a.peak.round(), a.last_value.round()),
+            (windows, peak, last),
+            "[{start}, {end})"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A store written before the caches existed gets them counted once at
+/// start, and answers as before.
+#[test]
+fn a_store_from_before_the_union_cache_is_counted_once() {
+    let (mut s, dir) = sqlite_store();
+    let t = NOW - 86_400_000;
+    s.ingest(&[&batch("gw-a", 1, &users("gw-a", t, 0..10))], NOW)
+        .unwrap();
+    s.ingest(&[&batch("gw-b", 1, &users("gw-b", t, 5..15))], NOW)
+        .unwrap();
+    drop(s);
+    let conn = rusqlite::Connection::open(dir.join(STORE_FILE)).unwrap();
+    conn.execute_batch("DELETE FROM unions; DELETE FROM edge_days;")
+        .unwrap();
+    drop(conn);
+    let db = db::Sqlite::open(&dir.join(STORE_FILE), false).expect("open");
+    let mut s = Store::new(Box::new(db), vec!["gateway".into()], 0);
+    assert_eq!(s.prepare_caches().unwrap(), 1);
+    assert_eq!(s.prepare_caches().unwrap(), 0, "only once");
+    let rows = s
+        .series(&SeriesQuery {
+            metric: "active_users".into(),
+            start_ms: t - 1,
+            end_ms: NOW,
+            agent: None,
+            dims: Vec::new(),
+            limit: 100,
+        })
+        .unwrap();
+    assert_eq!((rows[0].value.round(), rows[0].agents), (15.0, 2));
+    let e = s.edge_summaries("active_users", t - 1, NOW).unwrap();
+    assert_eq!(e.len(), 2);
+    assert!(
+        e.iter()
+            .all(|e| e.windows == 1 && e.last_value.round() == 10.0)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

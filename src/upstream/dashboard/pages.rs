@@ -10,7 +10,7 @@ use crate::record::Dims;
 use crate::runtime::OnWorker;
 use crate::upstream::query::{self, MAX_ROWS, number};
 use crate::upstream::store::{
-    EdgeRow, EventQuery, EventRow, How, SeriesQuery, SeriesRow, Store, UsageRow, UserRow,
+    EdgeRow, EdgeSummary, EventQuery, EventRow, SeriesQuery, SeriesRow, Store, UsageRow, UserRow,
 };
 
 use super::chart::{Chart, Line};
@@ -135,7 +135,12 @@ struct Active {
     dims: Vec<(String, String)>,
     offered: Vec<(String, Dims)>,
     network: Vec<SeriesRow>,
-    edges: Vec<(SeriesRow, Dims)>,
+    /// (net, ts) → the sum of the edges' own estimates.
+    sums: BTreeMap<(String, i64), f64>,
+    /// Every edge's figures over the range.
+    summaries: Vec<EdgeSummary>,
+    /// The drawn edges' values: agent → (ts, net, value).
+    drawn: BTreeMap<String, Vec<(i64, Dims, f64)>>,
 }
 
 fn dims_label(d: &Dims) -> String {
@@ -149,8 +154,11 @@ fn dims_label(d: &Dims) -> String {
 /// One edge's line: its rows in time order.
 struct EdgeLine {
     name: String,
+    /// Drawn edges only.
     points: Vec<(i64, f64)>,
     peak: f64,
+    windows: i64,
+    last: (i64, f64),
 }
 
 pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -> Response {
@@ -178,7 +186,9 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
                             dims: Vec::new(),
                             offered,
                             network: Vec::new(),
-                            edges: Vec::new(),
+                            sums: BTreeMap::new(),
+                            summaries: Vec::new(),
+                            drawn: BTreeMap::new(),
                         });
                     }
                 },
@@ -191,24 +201,40 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
                 dims: dims.clone(),
                 limit: MAX_ROWS,
             };
+            let keep = |d: &Dims| {
+                dims.iter()
+                    .all(|(k, v)| d.pairs().iter().any(|(dk, dv)| dk == k && dv == v))
+            };
             let network = s.series(&q)?;
-            let edges = s
-                .series(&SeriesQuery {
-                    agent: Some("*".into()),
-                    ..q
-                })?
+            let sums = s
+                .naive_sums(&metric, start, end)?
                 .into_iter()
-                .map(|r| {
-                    let net = s.net_dims(&r.dims);
-                    (r, net)
-                })
+                .filter(|((net, _), _)| keep(&Dims::decode(net).unwrap_or_default()))
                 .collect();
+            let mut summaries = s.edge_summaries(&metric, start, end)?;
+            summaries.retain(|e| keep(&e.net));
+            // The edges drawn as lines: the highest peaks (ties by name).
+            let mut peaks: BTreeMap<&str, f64> = BTreeMap::new();
+            for e in &summaries {
+                let p = peaks.entry(e.agent.as_str()).or_insert(e.peak);
+                *p = p.max(e.peak);
+            }
+            let mut ranked: Vec<(&str, f64)> = peaks.into_iter().collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+            let mut drawn = BTreeMap::new();
+            for (agent, _) in ranked.into_iter().take(EDGE_LINES) {
+                let mut v = s.edge_estimates(&metric, agent, start, end)?;
+                v.retain(|(_, net, _)| keep(net));
+                drawn.insert(agent.to_owned(), v);
+            }
             Ok(Active {
                 metric,
                 dims,
                 offered,
                 network,
-                edges,
+                sums,
+                summaries,
+                drawn,
             })
         })
         .await;
@@ -278,8 +304,6 @@ fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
     );
 
     // The lines: network-wide per net, the naive sum of edges, each edge.
-    let mut by_edge: BTreeMap<String, EdgeLine> = BTreeMap::new();
-    let mut sums: BTreeMap<(String, i64), f64> = BTreeMap::new();
     let multi_net = d
         .network
         .iter()
@@ -287,22 +311,37 @@ fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
         .collect::<std::collections::BTreeSet<_>>()
         .len()
         > 1;
-    for (r, net) in &d.edges {
-        let How::Agent(agent) = &r.how else { continue };
-        let name = if multi_net {
+    let edge_name = |agent: &str, net: &Dims| {
+        if multi_net {
             format!("{agent} {}", dims_label(net))
         } else {
-            agent.clone()
-        };
-        let e = by_edge.entry(name.clone()).or_insert(EdgeLine {
+            agent.to_owned()
+        }
+    };
+    let mut by_edge: BTreeMap<String, EdgeLine> = BTreeMap::new();
+    for e in &d.summaries {
+        let name = edge_name(&e.agent, &e.net);
+        let line = by_edge.entry(name.clone()).or_insert(EdgeLine {
             name,
             points: Vec::new(),
-            peak: 0.0,
+            peak: e.peak,
+            windows: 0,
+            last: (e.last_ts, e.last_value),
         });
-        e.points.push((r.ts, r.value));
-        e.peak = e.peak.max(r.value);
-        *sums.entry((net.encode(), r.ts)).or_default() += r.value;
+        line.peak = line.peak.max(e.peak);
+        line.windows += e.windows;
+        if e.last_ts >= line.last.0 {
+            line.last = (e.last_ts, e.last_value);
+        }
     }
+    for (agent, values) in &d.drawn {
+        for (ts, net, v) in values {
+            if let Some(line) = by_edge.get_mut(&edge_name(agent, net)) {
+                line.points.push((*ts, *v));
+            }
+        }
+    }
+    let sums = &d.sums;
     let mut lines = Vec::new();
     let mut nets: BTreeMap<String, (Vec<(i64, f64)>, String)> = BTreeMap::new();
     for r in &d.network {
@@ -337,7 +376,7 @@ fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
     let mut ranked: Vec<&EdgeLine> = by_edge.values().collect();
     ranked.sort_by(|a, b| b.peak.total_cmp(&a.peak).then(a.name.cmp(&b.name)));
     const CLASSES: [&str; EDGE_LINES] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
-    for (e, class) in ranked.iter().zip(CLASSES) {
+    for (e, class) in ranked.iter().filter(|e| !e.points.is_empty()).zip(CLASSES) {
         lines.insert(
             0,
             Line {
@@ -371,7 +410,7 @@ fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
     let csv = ask.link(&metric, &dims, None, &[("format", "csv")]);
     let csv_edges = ask.link(&metric, &dims, None, &[("format", "csv"), ("agent", "*")]);
     if ask.table {
-        body += &values_table(&nets, &sums, multi_net);
+        body += &values_table(&nets, sums, multi_net);
     } else {
         body += &Chart {
             title: &title,
@@ -406,7 +445,7 @@ fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
         ranked.len()
     );
     for e in &ranked {
-        let (t, v) = e.points.last().copied().unwrap_or((0, 0.0));
+        let (t, v) = e.last;
         let _ = write!(
             body,
             r#"<tr><td>{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td></tr>"#,
@@ -414,7 +453,7 @@ fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
             number(e.peak),
             number(v),
             iso8601(t),
-            e.points.len()
+            e.windows
         );
     }
     body += "</table>";

@@ -95,6 +95,27 @@ impl Store {
                                 Val::Blob(std::borrow::Cow::Borrowed(&r.payload)),
                             ],
                         )?;
+                        self.db.exec(
+                            SQL_COUNT_UNION,
+                            &[
+                                r.name.as_str().into(),
+                                net.as_str().into(),
+                                r.ts_ms.into(),
+                                r.value.into(),
+                                r.unit.as_str().into(),
+                            ],
+                        )?;
+                        self.db.exec(
+                            SQL_COUNT_EDGE_DAY,
+                            &[
+                                r.name.as_str().into(),
+                                net.as_str().into(),
+                                agent.clone(),
+                                r.ts_ms.div_euclid(DAY_MS).saturating_mul(DAY_MS).into(),
+                                r.value.into(),
+                                r.ts_ms.into(),
+                            ],
+                        )?;
                     }
                     *groups
                         .entry(Group {

@@ -123,6 +123,18 @@ pub struct SeriesRow {
     pub how: How,
 }
 
+/// One edge's figures for a distinct count over a range: the dashboard's
+/// per-edge table, without reading every window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeSummary {
+    pub agent: String,
+    pub net: Dims,
+    pub peak: f64,
+    pub windows: i64,
+    pub last_ts: i64,
+    pub last_value: f64,
+}
+
 /// One agent's posting history, for the dashboard's edges page.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdgeRow {
@@ -230,6 +242,25 @@ fn insert_points_sql(rows: usize) -> String {
 }
 const SQL_INSERT_SKETCH: &str = "INSERT INTO sketches \
      (metric, net, ts, agent, dims, unit, estimate, sketch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+/// Each sketch counts itself into its window's union row: how many
+/// sketches the window has (so a cached union that merged fewer is known
+/// stale) and the sum of their estimates (the naive sum of edges).
+const SQL_COUNT_UNION: &str = "INSERT INTO unions \
+     (metric, net, ts, sketches, summed, merged, estimate, agents, unit) \
+     VALUES (?1, ?2, ?3, 1, ?4, -1, 0, 0, ?5) \
+     ON CONFLICT (metric, net, ts) DO UPDATE SET sketches = unions.sketches + 1, \
+     summed = unions.summed + excluded.summed";
+/// And into its edge's day: peak, windows, latest (for the dashboard's
+/// per-edge table without reading every window).
+const SQL_COUNT_EDGE_DAY: &str = "INSERT INTO edge_days \
+     (metric, net, agent, day, peak, windows, last_ts, last_value) \
+     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?5) \
+     ON CONFLICT (metric, net, agent, day) DO UPDATE SET \
+     peak = CASE WHEN excluded.peak > edge_days.peak THEN excluded.peak ELSE edge_days.peak END, \
+     windows = edge_days.windows + 1, \
+     last_value = CASE WHEN excluded.last_ts >= edge_days.last_ts THEN excluded.last_value ELSE edge_days.last_value END, \
+     last_ts = CASE WHEN excluded.last_ts > edge_days.last_ts THEN excluded.last_ts ELSE edge_days.last_ts END";
+pub const DAY_MS: i64 = 86_400_000;
 const SQL_INSERT_EVENT: &str = "INSERT INTO events (ts, etype, user_id, agent, dims, payload) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 const SQL_IS_FORWARDED: &str =

@@ -52,50 +52,54 @@ impl Store {
             }
             return Ok(rows);
         }
-        // Unions first: a group with sketches is a distinct count.
-        let mut unions: BTreeMap<(i64, String), (Sketch, BTreeSet<String>, String)> =
-            BTreeMap::new();
-        let sketches = self.db.query(
-            "SELECT ts, net, agent, unit, sketch FROM sketches \
+        // Unions first: a group with sketches is a distinct count. Each
+        // window's union is cached in `unions`, valid while it merged as
+        // many sketches as the window has (ingest counts them).
+        let mut all: BTreeMap<(i64, String), SeriesRow> = BTreeMap::new();
+        let cached = self.db.query(
+            "SELECT net, ts, sketches, merged, estimate, agents, unit FROM unions \
              WHERE metric = ?1 AND ts >= ?2 AND ts < ?3",
             &range,
         )?;
-        for r in sketches {
+        let any_sketch = !cached.is_empty();
+        for r in cached {
             let mut it = r.into_iter();
-            let ts = it.next().expect("5 columns").int();
-            let net = it.next().expect("5 columns").into_text();
-            let agent = it.next().expect("5 columns").into_text();
-            let unit = it.next().expect("5 columns").into_text();
-            let blob = it.next().expect("5 columns").into_blob();
-            let e = unions
-                .entry((ts, net))
-                .or_insert_with(|| (Sketch::default(), BTreeSet::new(), unit));
-            // Stored sketches were checked at ingest; one that no longer
-            // decodes (a newer edgemeter's, read by an older) is skipped.
-            if e.0.merge_encoded(&blob).is_ok() {
-                e.1.insert(agent);
+            let net = it.next().expect("7 columns").into_text();
+            let ts = it.next().expect("7 columns").int();
+            let sketches = it.next().expect("7 columns").int();
+            let merged = it.next().expect("7 columns").int();
+            let mut estimate = it.next().expect("7 columns").real();
+            let mut agents = it.next().expect("7 columns").int();
+            let mut unit = it.next().expect("7 columns").into_text();
+            let dims = Dims::decode(&net).unwrap_or_default();
+            if !keep(&dims) {
+                continue;
             }
+            if merged != sketches {
+                (estimate, agents, unit) = self.union_of(&q.metric, &net, ts, sketches)?;
+            }
+            all.insert(
+                (ts, net),
+                SeriesRow {
+                    ts,
+                    dims,
+                    value: estimate,
+                    unit,
+                    agents,
+                    how: How::Union,
+                },
+            );
+        }
+        if any_sketch {
+            // A distinct count: its points are the edges' own estimates,
+            // already in `summed`; there is nothing to add up.
+            return Ok(all.into_values().take(q.limit).collect());
         }
         let sums = self.db.query(
             "SELECT ts, net, SUM(value), COUNT(DISTINCT agent), MIN(unit) FROM points \
              WHERE metric = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY ts, net",
             &range,
         )?;
-        let mut all: BTreeMap<(i64, String), SeriesRow> = BTreeMap::new();
-        for ((ts, net), (sketch, agents, unit)) in unions {
-            let dims = Dims::decode(&net).unwrap_or_default();
-            all.insert(
-                (ts, net),
-                SeriesRow {
-                    ts,
-                    dims,
-                    value: sketch.estimate(),
-                    unit,
-                    agents: agents.len() as i64,
-                    how: How::Union,
-                },
-            );
-        }
         for r in sums {
             let mut it = r.into_iter();
             let ts = it.next().expect("5 columns").int();
@@ -119,11 +123,221 @@ impl Store {
             .collect())
     }
 
+    /// The union of one window's sketches: (estimate, agents, unit), and
+    /// the cache updated unless the window gained a sketch meanwhile (or
+    /// the store is read-only: then it is only computed).
+    fn union_of(
+        &mut self,
+        metric: &str,
+        net: &str,
+        ts: i64,
+        counted: i64,
+    ) -> Result<(f64, i64, String), DbError> {
+        let rows = self.db.query(
+            "SELECT agent, unit, sketch FROM sketches WHERE metric = ?1 AND ts = ?2 AND net = ?3",
+            &[metric.into(), ts.into(), net.into()],
+        )?;
+        let merged = rows.len() as i64;
+        let mut sketch = Sketch::default();
+        let mut agents = BTreeSet::new();
+        let mut unit = String::new();
+        for r in rows {
+            let mut it = r.into_iter();
+            let agent = it.next().expect("3 columns").into_text();
+            unit = it.next().expect("3 columns").into_text();
+            // Stored sketches were checked at ingest; one that no longer
+            // decodes (a newer edgemeter's, read by an older) is skipped.
+            if sketch
+                .merge_encoded(&it.next().expect("3 columns").into_blob())
+                .is_ok()
+            {
+                agents.insert(agent);
+            }
+        }
+        let estimate = sketch.estimate();
+        if merged == counted {
+            let _ = self.db.exec(
+                "UPDATE unions SET merged = ?1, estimate = ?2, agents = ?3, unit = ?4 \
+                 WHERE metric = ?5 AND net = ?6 AND ts = ?7 AND sketches = ?1",
+                &[
+                    merged.into(),
+                    estimate.into(),
+                    (agents.len() as i64).into(),
+                    unit.as_str().into(),
+                    metric.into(),
+                    net.into(),
+                    ts.into(),
+                ],
+            );
+        }
+        Ok((estimate, agents.len() as i64, unit))
+    }
+
+    /// Per window and network dims, the sum of the edges' own estimates of
+    /// a distinct count (the dashboard's naive sum): (net, ts) → sum.
+    pub fn naive_sums(
+        &mut self,
+        metric: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<BTreeMap<(String, i64), f64>, DbError> {
+        let rows = self.db.query(
+            "SELECT net, ts, summed FROM unions WHERE metric = ?1 AND ts >= ?2 AND ts < ?3",
+            &[metric.into(), start_ms.into(), end_ms.into()],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                let net = it.next().expect("3 columns").into_text();
+                let ts = it.next().expect("3 columns").int();
+                ((net, ts), it.next().expect("3 columns").real())
+            })
+            .collect())
+    }
+
+    /// Each edge's peak, windows and latest value of a distinct count in
+    /// `[start, end)`: whole days from `edge_days`, the partial days at
+    /// either end from the sketches themselves.
+    pub fn edge_summaries(
+        &mut self,
+        metric: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Vec<EdgeSummary>, DbError> {
+        let first_day = start_ms.div_euclid(DAY_MS) * DAY_MS;
+        let first_full = if first_day == start_ms {
+            start_ms
+        } else {
+            first_day + DAY_MS
+        };
+        let last_full = end_ms.div_euclid(DAY_MS) * DAY_MS;
+        let mut by: BTreeMap<(String, String), EdgeSummary> = BTreeMap::new();
+        let mut add = |agent: String, net: String, peak: f64, windows: i64, ts: i64, v: f64| {
+            let e = by
+                .entry((agent.clone(), net.clone()))
+                .or_insert(EdgeSummary {
+                    agent,
+                    net: Dims::decode(&net).unwrap_or_default(),
+                    peak,
+                    windows: 0,
+                    last_ts: ts,
+                    last_value: v,
+                });
+            e.peak = e.peak.max(peak);
+            e.windows += windows;
+            if ts >= e.last_ts {
+                e.last_ts = ts;
+                e.last_value = v;
+            }
+        };
+        let mut partial = vec![(start_ms, end_ms)];
+        if first_full < last_full {
+            let rows = self.db.query(
+                "SELECT agent, net, peak, windows, last_ts, last_value FROM edge_days \
+                 WHERE metric = ?1 AND day >= ?2 AND day < ?3",
+                &[metric.into(), first_full.into(), last_full.into()],
+            )?;
+            for r in rows {
+                let mut it = r.into_iter();
+                let mut next = || it.next().expect("6 columns");
+                let (agent, net) = (next().into_text(), next().into_text());
+                let (peak, windows, ts, v) =
+                    (next().real(), next().int(), next().int(), next().real());
+                add(agent, net, peak, windows, ts, v);
+            }
+            partial = vec![(start_ms, first_full), (last_full, end_ms)];
+        }
+        for (from, to) in partial.into_iter().filter(|(a, b)| a < b) {
+            let rows = self.db.query(
+                "SELECT agent, net, ts, estimate FROM sketches WHERE metric = ?1 AND ts >= ?2 AND ts < ?3",
+                &[metric.into(), from.into(), to.into()],
+            )?;
+            for r in rows {
+                let mut it = r.into_iter();
+                let mut next = || it.next().expect("4 columns");
+                let (agent, net, ts, v) = (
+                    next().into_text(),
+                    next().into_text(),
+                    next().int(),
+                    next().real(),
+                );
+                add(agent, net, v, 1, ts, v);
+            }
+        }
+        Ok(by.into_values().collect())
+    }
+
+    /// One edge's own estimates of a distinct count in `[start, end)`, in
+    /// time order, with their network dims.
+    pub fn edge_estimates(
+        &mut self,
+        metric: &str,
+        agent: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Vec<(i64, Dims, f64)>, DbError> {
+        let rows = self.db.query(
+            // `+ts`: the time bounds must not steer the planner to the
+            // by-time index (a scan of every edge's rows) instead of the
+            // by-agent one.
+            "SELECT ts, net, estimate FROM sketches \
+             WHERE metric = ?1 AND agent = ?2 AND +ts >= ?3 AND +ts < ?4 ORDER BY ts",
+            &[metric.into(), agent.into(), start_ms.into(), end_ms.into()],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                let ts = it.next().expect("3 columns").int();
+                let net = Dims::decode(it.next().expect("3 columns").text()).unwrap_or_default();
+                (ts, net, it.next().expect("3 columns").real())
+            })
+            .collect())
+    }
+
+    /// Fill `unions` and `edge_days` from the sketches an earlier version
+    /// stored without them (once: when `unions` is empty and sketches are
+    /// not). How many windows were counted.
+    pub fn prepare_caches(&mut self) -> Result<u64, DbError> {
+        let has = |s: &mut Store, table: &str| -> Result<bool, DbError> {
+            Ok(!s
+                .db
+                .query(&format!("SELECT 1 FROM {table} LIMIT 1"), &[])?
+                .is_empty())
+        };
+        if has(self, "unions")? || !has(self, "sketches")? {
+            return Ok(0);
+        }
+        self.transaction(|s| {
+            let n = s.db.exec(
+                "INSERT INTO unions (metric, net, ts, sketches, summed, merged, estimate, agents, unit) \
+                 SELECT metric, net, ts, COUNT(*), SUM(estimate), -1, 0, 0, MIN(unit) FROM sketches \
+                 WHERE 1 = 1 GROUP BY metric, net, ts ON CONFLICT DO NOTHING",
+                &[],
+            )?;
+            s.db.exec(
+                "INSERT INTO edge_days (metric, net, agent, day, peak, windows, last_ts, last_value) \
+                 SELECT metric, net, agent, (ts / 86400000) * 86400000, MAX(estimate), COUNT(*), MAX(ts), 0 \
+                 FROM sketches WHERE 1 = 1 GROUP BY metric, net, agent, (ts / 86400000) * 86400000 \
+                 ON CONFLICT DO NOTHING",
+                &[],
+            )?;
+            s.db.exec(
+                "UPDATE edge_days SET last_value = (SELECT MAX(s.estimate) FROM sketches s \
+                 WHERE s.metric = edge_days.metric AND s.agent = edge_days.agent \
+                 AND s.ts = edge_days.last_ts AND s.net = edge_days.net)",
+                &[],
+            )?;
+            Ok(n)
+        })
+    }
+
     /// Each (metric, network dimensions) with a sketch since `since_ms`:
     /// the distinct counts the dashboard offers.
     pub fn sketch_nets(&mut self, since_ms: i64) -> Result<Vec<(String, Dims)>, DbError> {
         let rows = self.db.query(
-            "SELECT metric, net FROM sketches WHERE ts >= ?1 GROUP BY metric, net ORDER BY metric, net",
+            "SELECT metric, net FROM unions WHERE ts >= ?1 GROUP BY metric, net ORDER BY metric, net",
             &[since_ms.into()],
         )?;
         Ok(rows
