@@ -43,6 +43,28 @@ CREATE TABLE IF NOT EXISTS feedback (
 ) WITHOUT ROWID;
 ";
 
+const GRAPH_ROWS: &str = "SELECT user, exp, course, nodes, counts, last FROM graphs";
+
+/// A saved chain as stored: key, nodes (JSON), counts (JSON), last.
+type GraphRow = (GraphKey, String, String, Option<i64>);
+
+fn graph_rows(conn: &Connection, sql: &str) -> rusqlite::Result<Vec<GraphRow>> {
+    let mut st = conn.prepare(sql)?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            GraphKey {
+                user: r.get(0)?,
+                exp: r.get(1)?,
+                course: r.get(2)?,
+            },
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })?;
+    rows.collect()
+}
+
 /// The command graphs of a relay source's state file, read without
 /// writing (for the agent's status page, beside the running source): at
 /// most `limit`, by user. Missing file: none.
@@ -55,28 +77,13 @@ pub fn read_graphs(path: &Path, limit: usize) -> Result<Vec<(GraphKey, Graph)>, 
         .map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(2))
         .map_err(err)?;
-    let mut st = conn
-        .prepare(&format!(
-            "SELECT user, exp, course, nodes, counts, last FROM graphs ORDER BY user, exp, course LIMIT {limit}"
-        ))
-        .map_err(err)?;
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                GraphKey {
-                    user: r.get(0)?,
-                    exp: r.get(1)?,
-                    course: r.get(2)?,
-                },
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<i64>>(5)?,
-            ))
-        })
-        .map_err(err)?;
+    let rows = graph_rows(
+        &conn,
+        &format!("{GRAPH_ROWS} ORDER BY user, exp, course LIMIT {limit}"),
+    )
+    .map_err(err)?;
     let mut out = Vec::new();
-    for row in rows {
-        let (key, nodes, counts, last) = row.map_err(err)?;
+    for (key, nodes, counts, last) in rows {
         let chain = serde_json::from_str(&nodes)
             .ok()
             .zip(serde_json::from_str(&counts).ok())
@@ -132,26 +139,7 @@ impl Store {
             activity.insert(k, a);
         }
         let mut graphs = HashMap::new();
-        let mut st = self
-            .conn
-            .prepare("SELECT user, exp, course, nodes, counts, last FROM graphs")
-            .map_err(err)?;
-        let rows = st
-            .query_map([], |r| {
-                Ok((
-                    GraphKey {
-                        user: r.get(0)?,
-                        exp: r.get(1)?,
-                        course: r.get(2)?,
-                    },
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                ))
-            })
-            .map_err(err)?;
-        for row in rows {
-            let (key, nodes, counts, last) = row.map_err(err)?;
+        for (key, nodes, counts, last) in graph_rows(&self.conn, GRAPH_ROWS).map_err(err)? {
             let bad = || {
                 format!(
                     "relay analytics state: the chain of {} does not parse",
