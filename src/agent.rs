@@ -161,11 +161,20 @@ async fn serve(
         },
         bells,
     ));
+    // The agent's own health, as points from a source named `agent`.
+    let health = agent.health_interval.map(|interval| {
+        let h: Box<dyn Source> = Box::new(crate::status::health::Health {
+            scope: scope.clone(),
+            interval,
+        });
+        ("agent".to_owned(), h)
+    });
     let source_tasks: Vec<Task<()>> = config
         .sources
         .iter()
         .map(|s| (s.name.clone(), sources::build(&s.config, &agent.state_dir)))
         .chain(extra)
+        .chain(health)
         .map(|(name, source)| {
             let ctx = sources::Context {
                 name,
@@ -197,13 +206,18 @@ async fn serve(
             ex.spawn(driver.run())
         })
         .collect();
+    let n_sources = source_tasks.len() - usize::from(agent.health_interval.is_some());
     log::info!(
-        "edgemeter {} running as agent `{}`: {} sources, {} sinks, state in {}",
+        "edgemeter {} running as agent `{}`: {} sources, {} sinks, state in {}{}",
         env!("CARGO_PKG_VERSION"),
         agent.id,
-        source_tasks.len(),
+        n_sources,
         sink_tasks.len(),
-        agent.state_dir.display()
+        agent.state_dir.display(),
+        match agent.health_interval {
+            Some(d) => format!("; its health as points every {} s", d.as_secs()),
+            None => String::new(),
+        }
     );
 
     if let Some(listener) = listener {
@@ -227,7 +241,7 @@ async fn serve(
     notifier.ready(&format!(
         "agent {}: {} sources, {} sinks",
         agent.id,
-        source_tasks.len(),
+        n_sources,
         sink_tasks.len()
     ));
     // Long-lived: hand freed memory back to the system now and then.

@@ -72,7 +72,15 @@ pub struct Agent {
     /// `http_listen`: where `/metrics`, `/health` and the status page are
     /// served; off unless set (a bare port means 127.0.0.1).
     pub http_listen: Option<std::net::SocketAddr>,
+    /// `health_interval_secs`: how often the agent emits its own health as
+    /// points (`agent_*`), for an upstream's edges page. Unset, every 60 s
+    /// when a sink is an `upstream`, else never; 0 turns it off.
+    pub health_interval: Option<Duration>,
 }
+
+/// Unless set, agents that forward to an upstream tell it their health
+/// this often.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A named, typed component table.
 #[derive(Debug)]
@@ -317,10 +325,18 @@ fn parse_into(base: &Path, text: &str, p: &mut Problems) -> Option<Config> {
             ),
         }
     }
-    let agent = match agent {
+    let mut agent = match agent {
         Some(a) => a,
         // A missing [agent] table means every agent default.
         None => parse_agent(base, Spanned::new(0..0, DeTable::new()), p)?,
+    };
+    agent.health_interval = match agent.health_interval {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => sinks
+            .iter()
+            .any(|(c, _)| matches!(c.config, SinkConfig::Upstream(_)))
+            .then_some(DEFAULT_HEALTH_INTERVAL),
     };
     check_unique_names(
         "source",
@@ -378,6 +394,7 @@ struct RawAgent {
     deliver_interval_secs: Option<Spanned<f64>>,
     shutdown_grace_secs: Option<Spanned<f64>>,
     http_listen: Option<Spanned<String>>,
+    health_interval_secs: Option<Spanned<f64>>,
 }
 
 fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Option<Agent> {
@@ -457,6 +474,14 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
             })
             .ok()
     });
+    // Decided with the sinks known (see `parse`), unless given here.
+    let health_interval = raw.health_interval_secs.as_ref().map(|v| {
+        if *v.get_ref() == 0.0 {
+            Duration::ZERO
+        } else {
+            secs(Some(v), "health_interval_secs", 60.0, 1.0, 3600.0, p)
+        }
+    });
     (p.list().len() == before).then_some(Agent {
         id,
         state_dir,
@@ -466,6 +491,7 @@ fn parse_agent(base: &Path, table: Spanned<DeTable<'_>>, p: &mut Problems) -> Op
         deliver_interval,
         shutdown_grace,
         http_listen,
+        health_interval,
     })
 }
 

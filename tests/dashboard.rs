@@ -107,6 +107,7 @@ id = "{id}"
 state_dir = "{id}-state"
 flush_interval_secs = 0.05
 deliver_interval_secs = 0.2
+health_interval_secs = 1
 
 [[source]]
 type = "synthetic"
@@ -137,10 +138,18 @@ retry_max_secs = 0.5
         );
         body.lines().count().saturating_sub(1)
     };
+    let health = |agent: &str| {
+        let (_, _, body) = get(
+            port,
+            &format!("/v1/series?metric=agent_sink_failures&agent={agent}&format=csv"),
+            &bearer,
+        );
+        body.lines().count().saturating_sub(1)
+    };
     assert!(
         wait_until(Duration::from_secs(40), || EDGES
             .iter()
-            .all(|(a, _)| windows(a) >= 6)),
+            .all(|(a, _)| windows(a) >= 6 && health(a) >= 2)),
         "the agents' windows did not arrive:\n{}",
         upstream.stderr()
     );
@@ -357,6 +366,18 @@ fn pages_render_in_chromium_and_plot_what_the_csv_holds() {
     let e = b.open(&format!("{base}/edges"), 1200, 700);
     assert!(e.problems.is_empty(), "{:?}", e.problems);
     assert!(e.dom.contains("e9") && e.dom.contains("never posted"));
+    // Each edge's own health, as it sent it: buffered, oldest, dropped, to
+    // deliver and failures are figures for the agents, "–" for e9.
+    let cells: BTreeMap<String, Vec<String>> = serde_json::from_value(b.eval(
+        "Object.fromEntries([...document.querySelectorAll('main table tr')].slice(1).map(tr => [tr.cells[0].textContent, [...tr.cells].slice(6).map(c => c.textContent)]))",
+    ))
+    .unwrap();
+    for (agent, _) in EDGES {
+        let c = &cells[agent];
+        assert!(c.iter().all(|v| v != "–"), "{agent}: {c:?}");
+        assert_eq!(c[2], "0", "{agent} dropped nothing: {c:?}");
+    }
+    assert!(cells["e9"].iter().all(|v| v == "–"), "{:?}", cells["e9"]);
     b.screenshot("dashboard-edges");
     let phone = b.open(&format!("{base}/"), 390, 844);
     assert!(phone.problems.is_empty(), "{:?}", phone.problems);

@@ -241,7 +241,7 @@ colour = "red"
 [agnet]
 "#,
         &[
-            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`, `http_listen`",
+            "4:1: unknown field `buffer_size`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`, `http_listen`, `health_interval_secs`",
             "8:1: unknown field `rate`, expected one of `metric`, `rate_per_sec`, `series`, `limit`, `users`, `users_window_secs`",
             "13:1: unknown field `colour`, expected `path` or `kinds`",
             "15:2: unknown top-level key `agnet`; expected `[agent]`, `[[source]]`, `[[sink]]` or `[upstream]`",
@@ -577,5 +577,28 @@ fn http_listen_is_loopback_unless_an_address_is_given() {
         &[
             "2:15: http_listen `localhost:9464` must be a port (served on 127.0.0.1) or an address and port such as `127.0.0.1:9464` or `[::1]:9464`",
         ],
+    );
+}
+
+#[test]
+fn agents_that_forward_upstream_send_their_health_unless_told() {
+    let upstream = "[[sink]]\ntype = \"upstream\"\nname = \"up\"\nendpoint = \"http://127.0.0.1:8650\"\ntoken_file = \"/etc/edgemeter/up.token\"\n";
+    let csv = "[[sink]]\ntype = \"csv\"\nname = \"c\"\npath = \"out.csv\"\n";
+    for (agent, sinks, want) in [
+        ("", upstream, Some(60)),
+        ("", csv, None),
+        ("health_interval_secs = 0\n", upstream, None),
+        ("health_interval_secs = 5\n", csv, Some(5)),
+    ] {
+        let c = check_ok(&format!("[agent]\n{agent}\n{sinks}"));
+        assert_eq!(
+            c.agent.health_interval,
+            want.map(Duration::from_secs),
+            "{agent} {sinks}"
+        );
+    }
+    check_bad(
+        "[agent]\nhealth_interval_secs = 0.5\n",
+        &["2:24: health_interval_secs = 0.5 is out of range; use 1 to 3600 seconds"],
     );
 }

@@ -64,6 +64,17 @@ impl SourceConfig {
 }
 
 /// What a running source gets from the agent.
+/// The points an agent emits about itself (`status::health`), which an
+/// upstream's edges page reads: in this order, the last two per `sink`.
+pub const AGENT_HEALTH_METRICS: [&str; 6] = [
+    "agent_buffered_records",
+    "agent_buffered_bytes",
+    "agent_oldest_record_age_seconds",
+    "agent_dropped_records",
+    "agent_sink_pending_records",
+    "agent_sink_failures",
+];
+
 pub struct Context {
     /// The source's `name` from the config (for logs and labels).
     pub name: String,

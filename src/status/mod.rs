@@ -31,6 +31,7 @@
 //! | `sources[]` | `{name, type, written_ms, text, samples}`: `written_ms` is when the source last wrote its status (`null`: never, as for `synthetic`), `text` what `status` shows, `samples[]` `{name, labels, value}` its figures (`/metrics` shows them as `edgemeter_<name>{source=…}`) |
 
 pub mod graphs;
+pub mod health;
 pub mod prometheus;
 pub mod serve;
 pub mod text;

@@ -162,3 +162,29 @@ fn the_verdict_names_what_is_wrong_first() {
         )
     );
 }
+
+#[test]
+fn health_points_carry_the_snapshots_figures() {
+    let s = snapshot();
+    let got: Vec<(String, String, f64)> = health::points(&s, s.at_ms)
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.ts_ms, s.at_ms);
+            (r.name, r.dims.encode(), r.value)
+        })
+        .collect();
+    let sink = crate::record::Dims::new([("sink", "cw")]).encode();
+    let want = [
+        ("agent_buffered_records", "{}", 12.0),
+        ("agent_buffered_bytes", "{}", 3400.0),
+        ("agent_oldest_record_age_seconds", "{}", 90.0),
+        ("agent_dropped_records", "{}", 5.0),
+        ("agent_sink_pending_records", sink.as_str(), 12.0),
+        ("agent_sink_failures", sink.as_str(), 2.0),
+    ];
+    let want: Vec<(String, String, f64)> = want
+        .iter()
+        .map(|(n, d, v)| ((*n).to_owned(), (*d).to_owned(), *v))
+        .collect();
+    assert_eq!(got, want);
+}

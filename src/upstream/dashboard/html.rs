@@ -55,6 +55,7 @@ svg.graph text { font-size: 13px; fill: var(--ink); }
 .scroll { overflow-x: auto; }
 table.heat th, table.heat td { border: 1px solid #eee; padding: .15rem .35rem; white-space: nowrap; }
 table.compact { width: auto; }
+table.edges td { white-space: nowrap; }
 table { border-collapse: collapse; width: 100%; font-size: .9rem; }
 th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid #e3e3e3; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }

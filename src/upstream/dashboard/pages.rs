@@ -8,9 +8,11 @@ use crate::clock::{human_duration, iso8601};
 use crate::http_server::{Response, query_pairs};
 use crate::record::Dims;
 use crate::runtime::OnWorker;
+use crate::sources::AGENT_HEALTH_METRICS;
 use crate::upstream::query::{self, MAX_ROWS, number};
 use crate::upstream::store::{
-    EdgeRow, EdgeSummary, EventQuery, EventRow, SeriesQuery, SeriesRow, Store, UsageRow, UserRow,
+    AgentHealth, EdgeRow, EdgeSummary, EventQuery, EventRow, Health, SeriesQuery, SeriesRow, Store,
+    UsageRow, UserRow,
 };
 
 use super::chart::{Chart, Line};
@@ -919,8 +921,14 @@ fn render_graphs(
 }
 
 pub async fn edges(store: &OnWorker<Store>, with_tokens: Vec<String>, now: i64) -> Response {
-    match store.call(|s| s.edges()).await {
-        Ok(rows) => super::html(200, render_edges(&rows, &with_tokens, now)),
+    let since = now - HEALTH_WITHIN_MS;
+    match store
+        .call(move |s| -> Result<_, crate::upstream::db::DbError> {
+            Ok((s.edges()?, s.agent_health(since)?))
+        })
+        .await
+    {
+        Ok((rows, health)) => super::html(200, render_edges(&rows, &health, &with_tokens, now)),
         Err(e) => {
             log::error!("the dashboard's edges query failed: {e}");
             error_page(503, "/edges", "the store is unavailable; try again shortly")
@@ -928,7 +936,51 @@ pub async fn edges(store: &OnWorker<Store>, with_tokens: Vec<String>, now: i64) 
     }
 }
 
-fn render_edges(rows: &[EdgeRow], with_tokens: &[String], now: i64) -> String {
+/// An edge's health points older than this are not shown (it sends them
+/// every minute by default).
+const HEALTH_WITHIN_MS: i64 = 15 * 60_000;
+
+/// The health columns of one edge: buffered, oldest, dropped, pending,
+/// failures; "–" for what it did not send.
+fn health_cells(h: Option<&Health>) -> [String; 5] {
+    let dash = || "–".to_owned();
+    let Some(h) = h else {
+        return [dash(), dash(), dash(), dash(), dash()];
+    };
+    let one = |m: &str| {
+        h.iter()
+            .filter(|((metric, _), _)| metric == m)
+            .map(|(_, (_, v))| *v)
+            .reduce(f64::max)
+    };
+    let summed = |m: &str| {
+        let v: Vec<f64> = h
+            .iter()
+            .filter(|((metric, _), _)| metric == m)
+            .map(|(_, (_, v))| *v)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>())
+    };
+    let [buffered, bytes, oldest, dropped, pending, failures] = AGENT_HEALTH_METRICS;
+    [
+        match (one(buffered), one(bytes)) {
+            (Some(n), Some(b)) => format!("{} ({:.1} MB)", number(n), b / 1e6),
+            (Some(n), None) => number(n),
+            _ => dash(),
+        },
+        one(oldest).map_or_else(dash, |s| human_duration((s * 1000.0) as i64)),
+        one(dropped).map_or_else(dash, number),
+        summed(pending).map_or_else(dash, number),
+        summed(failures).map_or_else(dash, number),
+    ]
+}
+
+fn render_edges(
+    rows: &[EdgeRow],
+    health: &AgentHealth,
+    with_tokens: &[String],
+    now: i64,
+) -> String {
     let never: Vec<&String> = with_tokens
         .iter()
         .filter(|a| !rows.iter().any(|r| &r.agent == *a))
@@ -945,32 +997,38 @@ fn render_edges(rows: &[EdgeRow], with_tokens: &[String], now: i64) -> String {
         human_duration(STALE_AFTER_MS),
         never.len()
     );
-    body += r#"<table><tr><th>edge</th><th>state</th><th>last batch</th><th class="n">ago</th><th class="n">batches</th><th class="n">records</th></tr>"#;
+    body += r#"<div class="scroll"><table class="edges"><tr><th>edge</th><th>state</th><th>last batch (UTC)</th><th class="n">ago</th><th class="n">batches</th><th class="n">records</th><th class="n">buffered</th><th class="n">oldest buffered</th><th class="n">dropped</th><th class="n">to deliver</th><th class="n">delivery failures</th></tr>"#;
     // Trouble first: stale, then never posted, then the rest.
     let mut sorted: Vec<&EdgeRow> = rows.iter().collect();
     sorted.sort_by_key(|r| (now - r.last_received_ms <= STALE_AFTER_MS, r.agent.clone()));
     for r in sorted {
         let is_stale = now - r.last_received_ms > STALE_AFTER_MS;
+        let h = health_cells(health.get(&r.agent));
         let _ = write!(
             body,
-            r#"<tr{}><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
+            r#"<tr{}><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
             if is_stale { r#" class="stale""# } else { "" },
             escape(&r.agent),
             if is_stale { "STALE" } else { "current" },
-            iso8601(r.last_received_ms),
+            minute(r.last_received_ms),
             human_duration(now - r.last_received_ms),
             r.batches,
-            r.records
+            r.records,
+            h[0],
+            h[1],
+            h[2],
+            h[3],
+            h[4]
         );
     }
     for a in never {
         let _ = write!(
             body,
-            r#"<tr class="stale"><td>{}</td><td>never posted</td><td>–</td><td class="n">–</td><td class="n">0</td><td class="n">0</td></tr>"#,
+            r#"<tr class="stale"><td>{}</td><td>never posted</td><td>–</td><td class="n">–</td><td class="n">0</td><td class="n">0</td><td class="n">–</td><td class="n">–</td><td class="n">–</td><td class="n">–</td><td class="n">–</td></tr>"#,
             escape(a)
         );
     }
-    body += "</table>";
-    body += r#"<p class="note">From the batches this upstream stored. An edge's own buffer, drops and delivery failures are on that edge: <code>edgemeter status</code> or its <code>/metrics</code>.</p>"#;
+    body += "</table></div>";
+    body += r#"<p class="note">Last batch, batches and records: from the batches this upstream stored. Buffered, oldest buffered, dropped, to deliver (summed over the edge's sinks) and delivery failures (attempts so far): the edge's own health points (<code>health_interval_secs</code>, every minute by default when it forwards here), the latest of the last 15 minutes; "–" when it sent none.</p>"#;
     page("Edges", "/edges", true, &body)
 }

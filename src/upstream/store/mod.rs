@@ -135,6 +135,11 @@ pub struct EdgeSummary {
     pub last_value: f64,
 }
 
+/// One agent's latest health: (metric, encoded dims) → (ts, value).
+pub type Health = BTreeMap<(String, String), (i64, f64)>;
+/// Every agent's latest health.
+pub type AgentHealth = BTreeMap<String, Health>;
+
 /// One agent's posting history, for the dashboard's edges page.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdgeRow {

@@ -437,6 +437,37 @@ impl Store {
             .collect())
     }
 
+    /// Each agent's latest health points (`agent_*`, see
+    /// `sources::AGENT_HEALTH_METRICS`) since `since_ms`: agent → (metric, dims) → (ts, value).
+    pub fn agent_health(&mut self, since_ms: i64) -> Result<AgentHealth, DbError> {
+        let mut out = AgentHealth::new();
+        for metric in crate::sources::AGENT_HEALTH_METRICS {
+            let rows = self.db.query(
+                "SELECT agent, dims, ts, value FROM points WHERE metric = ?1 AND ts >= ?2",
+                &[metric.into(), since_ms.into()],
+            )?;
+            for r in rows {
+                let mut it = r.into_iter();
+                let mut next = || it.next().expect("4 columns");
+                let (agent, dims, ts, v) = (
+                    next().into_text(),
+                    next().into_text(),
+                    next().int(),
+                    next().real(),
+                );
+                let e = out
+                    .entry(agent)
+                    .or_default()
+                    .entry((metric.to_owned(), dims))
+                    .or_insert((ts, v));
+                if ts >= e.0 {
+                    *e = (ts, v);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Events per user and stream in `[start, end)`, the most first.
     pub fn usage(
         &mut self,
