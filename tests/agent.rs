@@ -83,7 +83,7 @@ fn check_lists_every_problem_with_its_line_and_exits_2() {
     assert_eq!(
         err,
         format!(
-            "{b}:3:1: unknown field `bogus`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`, `http_listen`\n\
+            "{b}:3:1: unknown field `bogus`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`, `http_listen`, `health_interval_secs`\n\
              {b}:6:8: unknown sink type `s3`; known types: csv, cloudwatch_metrics, cloudwatch_logs, upstream\n\
              2 problem(s) found\n"
         )
