@@ -651,6 +651,16 @@ pub fn percent_decode(s: &str) -> String {
         .into_owned()
 }
 
+/// Text made safe inside HTML (and SVG) text and quoted attributes: every
+/// page these servers answer with escapes with this one function.
+pub fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

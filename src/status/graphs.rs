@@ -4,20 +4,13 @@
 
 use std::fmt::Write;
 
-use crate::http_server::query_pairs;
+use crate::http_server::{escape_html, query_pairs};
 use crate::sources::relay::{draw, store};
 
 use super::Scope;
 
 /// Graphs listed per source at most.
 pub const MAX_LISTED: usize = 2_000;
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
 
 fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
@@ -37,7 +30,7 @@ pub fn page(scope: &Scope, query: &str) -> (u16, String) {
                     400,
                     frame(
                         "Command graphs",
-                        &format!("<p>unknown parameter <code>{}</code></p>", esc(&k)),
+                        &format!("<p>unknown parameter <code>{}</code></p>", escape_html(&k)),
                     ),
                 );
             }
@@ -66,8 +59,8 @@ pub fn page(scope: &Scope, query: &str) -> (u16, String) {
                 let _ = write!(
                     body,
                     "<p class=\"bad\">source {}: {}</p>",
-                    esc(name),
-                    esc(&e)
+                    escape_html(name),
+                    escape_html(&e)
                 );
                 continue;
             }
@@ -82,17 +75,21 @@ pub fn page(scope: &Scope, query: &str) -> (u16, String) {
             .collect();
         if want[1].is_some() {
             if picked.is_empty() {
-                let _ = write!(body, "<p>Source {}: no graph of this user.</p>", esc(name));
+                let _ = write!(
+                    body,
+                    "<p>Source {}: no graph of this user.</p>",
+                    escape_html(name)
+                );
             }
             for (n, (k, g)) in picked.iter().enumerate() {
                 let transitions: u64 = g.edges.values().sum();
                 let _ = write!(
                     body,
                     "<h2>{} · {} · {}</h2><p>{transitions} transitions (source {}).</p>",
-                    esc(&k.user),
-                    esc(&k.exp),
-                    esc(&k.course),
-                    esc(name)
+                    escape_html(&k.user),
+                    escape_html(&k.exp),
+                    escape_html(&k.course),
+                    escape_html(name)
                 );
                 body += &draw::command_graph_svg(
                     g,
@@ -106,7 +103,7 @@ pub fn page(scope: &Scope, query: &str) -> (u16, String) {
         let _ = write!(
             body,
             "<h2>Source {}</h2><table><tr><th>user</th><th>exp</th><th>course</th><th class=\"n\">transitions</th></tr>",
-            esc(name)
+            escape_html(name)
         );
         for (k, g) in &graphs {
             let transitions: u64 = g.edges.values().sum();
@@ -117,9 +114,9 @@ pub fn page(scope: &Scope, query: &str) -> (u16, String) {
                 enc(&k.user),
                 enc(&k.exp),
                 enc(&k.course),
-                esc(&k.user),
-                esc(&k.exp),
-                esc(&k.course)
+                escape_html(&k.user),
+                escape_html(&k.exp),
+                escape_html(&k.course)
             );
         }
         body += "</table>";

@@ -22,7 +22,7 @@ use std::time::Duration;
 use smol::Async;
 
 use crate::clock::now_ms;
-use crate::http_server::{self, Budget, Handler, Limits, Request, Response};
+use crate::http_server::{self, Budget, Handler, Limits, Request, Response, escape_html};
 use crate::runtime::{Shutdown, Spawner, Worker};
 
 use super::{Holder, Scope, Snapshot};
@@ -156,13 +156,6 @@ fn page_response(status: u16, body: String) -> Response {
     r
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// The page's one line: what is wrong first, else that all is well.
 /// ("bad", …) for what loses or delays data now, ("warn", …) for what did.
 pub fn verdict(s: &Snapshot) -> (&'static str, String) {
@@ -223,7 +216,7 @@ pub fn verdict(s: &Snapshot) -> (&'static str, String) {
 /// tired operator reads first, and links to the machine forms.
 pub fn page(s: &Snapshot) -> String {
     let (class, headline) = verdict(s);
-    let id = html_escape(&s.agent.id);
+    let id = escape_html(&s.agent.id);
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -247,8 +240,8 @@ footer {{ color: #555; font-size: .85rem; }}
 Command graphs: <a href="/graphs">/graphs</a>. Machine-readable: <a href="/metrics">/metrics</a> (Prometheus), <a href="/status.json">/status.json</a>, <a href="/health">/health</a>.</footer>
 </body></html>
 "#,
-        headline = html_escape(&headline),
-        text = html_escape(&super::text::render(s)),
+        headline = escape_html(&headline),
+        text = escape_html(&super::text::render(s)),
         at = crate::clock::iso8601(s.at_ms),
     )
 }

@@ -64,6 +64,7 @@ pub enum Content {
 }
 
 impl Content {
+    /// In this order: the first five are what `all_feedback` sends.
     pub const ALL: [Content; 7] = [
         Content::StudentGraph,
         Content::ComparisonGraph,
@@ -737,22 +738,10 @@ pub fn answer(req: &Request, inputs: &Inputs) -> (Vec<String>, Option<Failed>) {
         }
     };
     let user = Matrix::from_graph(graph);
+    // `all_feedback` is the first five answers in a row.
     let steps: &[Content] = match req.content {
-        Content::AllFeedback => &[
-            Content::StudentGraph,
-            Content::ComparisonGraph,
-            Content::TaskIdentification,
-            Content::Indicators,
-            Content::Centroids,
-        ],
-        c => match c {
-            Content::StudentGraph => &[Content::StudentGraph],
-            Content::ComparisonGraph => &[Content::ComparisonGraph],
-            Content::TaskIdentification => &[Content::TaskIdentification],
-            Content::Indicators => &[Content::Indicators],
-            Content::Centroids => &[Content::Centroids],
-            _ => &[Content::TaskFeedback],
-        },
+        Content::AllFeedback => &Content::ALL[..5],
+        _ => std::slice::from_ref(&req.content),
     };
     let mut frames = Vec::new();
     for step in steps {

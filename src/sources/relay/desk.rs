@@ -103,7 +103,8 @@ pub struct Counts {
     pub refused: BTreeMap<Refused, u64>,
     pub feedback_kept: u64,
     pub feedback_refused: u64,
-    /// Answer frames that could not be sent in time (the host not reading).
+    /// Answer frames not sent: over the size or queue bound, or not taken
+    /// by the host in time.
     pub frames_unsent: u64,
 }
 
@@ -218,11 +219,14 @@ impl Desk {
         };
         let (frames, failed) = answers::answer(&req, &inputs);
         let room = MAX_QUEUED_FRAMES - self.outgoing[i].len();
+        let n = frames.len() as u64;
         let frames: Vec<String> = frames
             .into_iter()
             .filter(|f| f.len() <= MAX_ANSWER_BYTES)
             .take(room)
             .collect();
+        // Too large, or past the queue's room: counted, never sent.
+        self.counts.frames_unsent += n - frames.len() as u64;
         self.outgoing[i].extend(frames);
         match failed {
             None => *self.counts.answered.entry(req.content).or_default() += 1,
@@ -390,7 +394,9 @@ mod tests {
             d.request(0, &request(&format!("u{u}"), "all_feedback"), &a, 0);
         }
         assert_eq!(d.take_outgoing(0).len(), MAX_QUEUED_FRAMES);
-        assert!(d.counts.refused[&Refused::QueueFull] > 0);
+        // 12 requests fit whole, the 13th has room for 4 of its 5 frames.
+        assert_eq!(d.counts.frames_unsent, 1);
+        assert_eq!(d.counts.refused[&Refused::QueueFull], 27);
     }
 
     #[test]

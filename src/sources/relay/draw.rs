@@ -6,6 +6,8 @@
 
 use std::fmt::Write;
 
+use crate::http_server::escape_html;
+
 use super::analytics::Graph;
 use super::answers::node_position;
 
@@ -13,14 +15,6 @@ use super::answers::node_position;
 const HALF: f64 = 270.0;
 const NODE_R: f64 = 20.0;
 const LOOP_R: f64 = 16.0;
-
-/// Escape text for SVG/HTML.
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
 
 /// Where each node is drawn: the client's position where it has one, else
 /// evenly on a circle.
@@ -55,8 +49,8 @@ pub fn command_graph_svg(g: &Graph, exp: &str, title: &str, id: usize) -> String
         -HALF,
         2.0 * HALF,
         2.0 * HALF,
-        esc(title),
-        esc(title),
+        escape_html(title),
+        escape_html(title),
         id
     );
     for ((from, to), &count) in &g.edges {
@@ -76,7 +70,7 @@ pub fn command_graph_svg(g: &Graph, exp: &str, title: &str, id: usize) -> String
             let _ = write!(
                 s,
                 r##"<g class="edge"><title>{}</title><circle cx="{cx:.1}" cy="{cy:.1}" r="{LOOP_R}" fill="none" stroke="#555" stroke-width="{:.1}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" dominant-baseline="middle">{count}</text></g>"##,
-                esc(&label),
+                escape_html(&label),
                 width(count),
                 cx + ux * (LOOP_R + 10.0),
                 cy + uy * (LOOP_R + 10.0),
@@ -95,7 +89,7 @@ pub fn command_graph_svg(g: &Graph, exp: &str, title: &str, id: usize) -> String
         let _ = write!(
             s,
             r##"<g class="edge"><title>{}</title><line x1="{ax:.1}" y1="{ay:.1}" x2="{bx:.1}" y2="{by:.1}" stroke="#555" stroke-width="{:.1}" marker-end="url(#arrow{id})"/><text x="{:.1}" y="{:.1}" text-anchor="middle" dominant-baseline="middle">{count}</text></g>"##,
-            esc(&label),
+            escape_html(&label),
             width(count),
             ax + (bx - ax) / 3.0 + ox * 1.8,
             ay + (by - ay) / 3.0 + oy * 1.8,
@@ -105,9 +99,9 @@ pub fn command_graph_svg(g: &Graph, exp: &str, title: &str, id: usize) -> String
         let _ = write!(
             s,
             r##"<g class="node"><title>{}</title><circle cx="{x:.1}" cy="{y:.1}" r="{NODE_R}" fill="#97c2fc" stroke="#2b7ce9"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text></g>"##,
-            esc(name),
+            escape_html(name),
             y + NODE_R + 14.0,
-            esc(name)
+            escape_html(name)
         );
     }
     s.push_str("</svg>");

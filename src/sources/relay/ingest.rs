@@ -341,23 +341,14 @@ impl State {
                     ("window", label.as_str()),
                 ])
             };
-            for (c, n) in answered {
-                points.push(Record::point(
-                    "relay_requests_answered",
-                    d("content", c.as_str()),
-                    end_ms,
-                    n as f64,
-                    "Count",
-                ));
-            }
-            for (r, n) in refused {
-                points.push(Record::point(
-                    "relay_requests_refused",
-                    d("reason", r.as_str()),
-                    end_ms,
-                    n as f64,
-                    "Count",
-                ));
+            let answered = answered
+                .into_iter()
+                .map(|(c, n)| ("relay_requests_answered", d("content", c.as_str()), n));
+            let refused = refused
+                .into_iter()
+                .map(|(r, n)| ("relay_requests_refused", d("reason", r.as_str()), n));
+            for (metric, dims, n) in answered.chain(refused) {
+                points.push(Record::point(metric, dims, end_ms, n as f64, "Count"));
             }
         }
         out.extend(points);

@@ -77,7 +77,7 @@ pub const METRICS: &[Metric] = &[
     Metric {
         name: "relay_answer_frames_unsent_total",
         counter: true,
-        help: "Answer frames the session host did not take within 2 s",
+        help: "Answer frames not sent: over the size or queue bound, or not taken by the session host within 2 s",
     },
 ];
 

@@ -1,13 +1,7 @@
 //! The dashboard's HTML frame: one stylesheet inline, a navigation bar, no
 //! script, and the content security policy that keeps it that way.
 
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
+pub use crate::http_server::escape_html as escape;
 
 /// Nothing loads but this page's own inline style; forms post here only;
 /// no page may frame it.
