@@ -445,6 +445,15 @@ async fn write_records(
                 Some(Err(_)) => closed = true,
                 None => break,
             }
+            // Take what else is waiting without a future and a wake-up per
+            // record: a source that reads a burst sends it before it yields.
+            while barriers.is_empty() && group.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(Item::Record(r)) => group.push(r),
+                    Ok(Item::Barrier(done)) => barriers.push(done),
+                    Err(_) => break,
+                }
+            }
         }
         let batch = std::mem::take(&mut group);
         let lost = std::mem::take(&mut lost_uncounted);

@@ -38,6 +38,14 @@ pub fn json_depth(text: &str) -> usize {
     max
 }
 
+/// Whether `text` nests deeper than `max` ([`json_depth`]). Runs for every
+/// event, so it first counts the opening brackets in one pass the compiler
+/// vectorises: the depth is never more than their number.
+pub fn nests_deeper_than(text: &str, max: usize) -> bool {
+    let opening = text.bytes().filter(|&b| b == b'{' || b == b'[').count();
+    opening > max && json_depth(text) > max
+}
+
 /// What a record is. The discriminant is stored in SQLite: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -106,8 +114,24 @@ impl KindSet {
 }
 
 /// Dimension pairs, kept sorted by key so that equal series compare equal.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Dims(Vec<(String, String)>);
+/// Shared, not copied: every event of a stream carries the stream's dims,
+/// so a clone is a reference count, and the canonical text the outbox
+/// stores is built once, when the dims are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dims(std::sync::Arc<DimsInner>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct DimsInner {
+    pairs: Vec<(String, String)>,
+    /// [`Dims::encode`]'s text.
+    encoded: String,
+}
+
+impl Default for Dims {
+    fn default() -> Dims {
+        Dims::from_sorted(Vec::new())
+    }
+}
 
 impl Dims {
     pub fn new<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Dims {
@@ -117,37 +141,33 @@ impl Dims {
             .collect();
         v.sort();
         v.dedup_by(|a, b| a.0 == b.0);
-        Dims(v)
+        Dims::from_sorted(v)
+    }
+
+    fn from_sorted(pairs: Vec<(String, String)>) -> Dims {
+        let encoded = encode(&pairs);
+        Dims(std::sync::Arc::new(DimsInner { pairs, encoded }))
     }
 
     pub fn pairs(&self) -> &[(String, String)] {
-        &self.0
+        &self.0.pairs
     }
 
-    /// Canonical text form stored in the outbox: a JSON object with sorted keys.
-    /// Written by hand: this runs for every point the outbox and the
-    /// upstream store, and building a `serde_json::Map` for it cost more
-    /// than the insert. The bytes are exactly serde_json's.
+    /// Canonical text form stored in the outbox: a JSON object with sorted
+    /// keys, exactly serde_json's bytes.
+    pub fn encoded(&self) -> &str {
+        &self.0.encoded
+    }
+
+    /// [`Dims::encoded`], owned.
     pub fn encode(&self) -> String {
-        let len: usize = self.0.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
-        let mut out = String::with_capacity(len + 2);
-        out.push('{');
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            json_string(&mut out, k);
-            out.push(':');
-            json_string(&mut out, v);
-        }
-        out.push('}');
-        out
+        self.0.encoded.clone()
     }
 
     /// These dims without the keys in `drop` (still sorted).
     pub fn without(&self, drop: &[String]) -> Dims {
-        Dims(
-            self.0
+        Dims::from_sorted(
+            self.pairs()
                 .iter()
                 .filter(|(k, _)| !drop.iter().any(|d| d == k))
                 .cloned()
@@ -163,6 +183,25 @@ impl Dims {
         }
         Some(Dims::new(pairs))
     }
+}
+
+/// Sorted pairs as a JSON object. Written by hand: this ran for every
+/// point the outbox and the upstream stored, and building a
+/// `serde_json::Map` for it cost more than the insert.
+fn encode(pairs: &[(String, String)]) -> String {
+    let len: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    let mut out = String::with_capacity(len + 2);
+    out.push('{');
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        json_string(&mut out, k);
+        out.push(':');
+        json_string(&mut out, v);
+    }
+    out.push('}');
+    out
 }
 
 /// `s` as a JSON string, escaped as serde_json escapes it.
@@ -237,7 +276,15 @@ mod tests {
 
     #[test]
     fn json_depth_counts_brackets_outside_strings() {
-        let check = |text: &str, want: usize| assert_eq!(json_depth(text), want, "{text}");
+        let check = |text: &str, want: usize| {
+            assert_eq!(json_depth(text), want, "{text}");
+            assert!(!nests_deeper_than(text, want), "{text}");
+            assert_eq!(
+                nests_deeper_than(text, want.saturating_sub(1)),
+                want > 0,
+                "{text}"
+            );
+        };
         check("1", 0);
         check(r#""[[[""#, 0);
         check("[]", 1);

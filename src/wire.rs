@@ -29,7 +29,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, json_depth};
+use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, nests_deeper_than};
 use crate::sketch::Sketch;
 
 pub const VERSION: u32 = 1;
@@ -294,7 +294,7 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
     for (i, e) in w.events.into_iter().enumerate() {
         let at = format!("events[{i}]");
         check_series(&at, &e.kind, &e.dims, e.ts, "None", now_ms)?;
-        if json_depth(e.payload.get()) > MAX_EVENT_DEPTH {
+        if nests_deeper_than(e.payload.get(), MAX_EVENT_DEPTH) {
             return Err(Invalid::Value(format!(
                 "{at}: payload nests deeper than {MAX_EVENT_DEPTH} levels"
             )));

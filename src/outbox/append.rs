@@ -24,7 +24,7 @@ impl Outbox {
 
     pub fn append(&mut self, records: &[Record]) -> Result<Appended, OutboxError> {
         let now = now_ms();
-        let encoded: Vec<String> = records.iter().map(|r| r.dims.encode()).collect();
+        let encoded: Vec<&str> = records.iter().map(|r| r.dims.encoded()).collect();
         let sizes: Vec<i64> = records
             .iter()
             .zip(&encoded)

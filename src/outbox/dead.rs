@@ -36,7 +36,7 @@ impl Outbox {
                         .collect();
                     added = kept
                         .iter()
-                        .map(|(_, r)| r.charged_bytes(&r.dims.encode()))
+                        .map(|(_, r)| r.charged_bytes(r.dims.encoded()))
                         .sum();
                     tx.execute(
                         "INSERT INTO dead_letters (sink, seq, count, bytes, error, state, attempts, created, updated)

@@ -211,7 +211,7 @@ impl Outbox {
             .collect();
         let bytes: i64 = kept
             .iter()
-            .map(|(_, r)| r.charged_bytes(&r.dims.encode()))
+            .map(|(_, r)| r.charged_bytes(r.dims.encoded()))
             .sum();
         // One entry per distinct reason, with how many records it covers.
         let mut reasons: Vec<(String, usize)> = Vec::new();

@@ -13,9 +13,10 @@
 //! message continues the chain across dumps and restarts.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::clock::iso8601;
@@ -42,18 +43,44 @@ pub struct Envelope<'a> {
     pub t: Option<f64>,
 }
 
-/// A number, or nothing for any other JSON value.
-fn number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Any {
-        Number(f64),
-        Other(serde::de::IgnoredAny),
+/// A number, or nothing for any other JSON value. Read with a visitor
+/// rather than serde's untagged enums, which buffer the value (allocating)
+/// before they try each variant: this runs for every message.
+fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    struct Number;
+    impl<'de> Visitor<'de> for Number {
+        type Value = Option<f64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
     }
-    Ok(match Any::deserialize(d)? {
-        Any::Number(n) => Some(n),
-        Any::Other(_) => None,
-    })
+    d.deserialize_any(Number)
 }
 
 /// How far a message's `t` may be from its arrival and still be taken as
@@ -72,24 +99,124 @@ pub fn message_time(t: Option<f64>, arrival_ms: i64) -> i64 {
 }
 
 /// `payload.log` (the command of an `analytics` message), or nothing when
-/// the payload is not an object with a string `log`.
-fn payload_log<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
-    #[derive(Deserialize)]
-    struct Payload<'a> {
-        #[serde(borrow, default)]
-        log: Option<Cow<'a, str>>,
+/// the payload is not an object with one `log` that is a string (or null).
+/// A visitor, not an untagged enum, for the reason [`number`] gives.
+fn payload_log<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    /// A key: whether it is `log`.
+    struct IsLog(bool);
+    impl<'de> Deserialize<'de> for IsLog {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<IsLog, D::Error> {
+            struct Key;
+            impl Visitor<'_> for Key {
+                type Value = IsLog;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_str<E>(self, v: &str) -> Result<IsLog, E> {
+                    Ok(IsLog(v == "log"))
+                }
+            }
+            d.deserialize_str(Key)
+        }
     }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Any<'a> {
-        #[serde(borrow)]
-        Payload(Payload<'a>),
-        Other(serde::de::IgnoredAny),
+    /// `log`'s value: a string (borrowed where it has no escapes), null,
+    /// or anything else (which makes the payload unusable).
+    enum Log<'a> {
+        Text(Cow<'a, str>),
+        Null,
+        Invalid,
     }
-    Ok(match Any::deserialize(d)? {
-        Any::Payload(p) => p.log,
-        Any::Other(_) => None,
-    })
+    impl<'de> Deserialize<'de> for Log<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Log<'de>, D::Error> {
+            struct Value;
+            impl<'de> Visitor<'de> for Value {
+                type Value = Log<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Log<'de>, E> {
+                    Ok(Log::Text(Cow::Borrowed(v)))
+                }
+                fn visit_string<E>(self, v: String) -> Result<Log<'de>, E> {
+                    Ok(Log::Text(Cow::Owned(v)))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Log<'de>, E> {
+                    Ok(Log::Invalid)
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Log<'de>, E> {
+                    Ok(Log::Invalid)
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Log<'de>, E> {
+                    Ok(Log::Invalid)
+                }
+                fn visit_unit<E>(self) -> Result<Log<'de>, E> {
+                    Ok(Log::Null)
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Log<'de>, E> {
+                    Ok(Log::Invalid)
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Log<'de>, E> {
+                    Ok(Log::Text(Cow::Owned(v.to_owned())))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Log<'de>, A::Error> {
+                    while a.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Log::Invalid)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Log<'de>, A::Error> {
+                    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Log::Invalid)
+                }
+            }
+            d.deserialize_any(Value)
+        }
+    }
+    struct Payload;
+    impl<'de> Visitor<'de> for Payload {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            // As a struct with one field: a second `log` spoils it.
+            let (mut log, mut usable, mut seen) = (None, true, false);
+            while let Some(IsLog(is_log)) = a.next_key()? {
+                if !is_log {
+                    a.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                match a.next_value::<Log>()? {
+                    Log::Text(t) if !seen => log = Some(t),
+                    Log::Null if !seen => {}
+                    _ => usable = false,
+                }
+                seen = true;
+            }
+            Ok(log.filter(|_| usable))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Payload)
 }
 
 pub fn envelope(text: &str) -> Option<Envelope<'_>> {
@@ -306,12 +433,18 @@ pub struct Observed {
     pub transition: bool,
 }
 
+/// The maps every message looks up: foldhash, seeded per process, in place
+/// of std's SipHash, which cost a fifth of the per-message analytics
+/// (perf, relay benchmark). Keys are user ids anyone can send, hence a
+/// seeded hash and not an unseeded one.
+type Fast<K, V> = foldhash::HashMap<K, V>;
+
 /// Strings seen in messages, each stored once and named by a number, so the
 /// per-message path looks up by `&str` and allocates nothing for what it
 /// has seen before.
 #[derive(Default)]
 struct Names {
-    ids: HashMap<Box<str>, u32>,
+    ids: Fast<Box<str>, u32>,
     names: Vec<Box<str>>,
 }
 
@@ -435,10 +568,10 @@ pub struct Analytics {
     max_users: usize,
     max_names: usize,
     names: Names,
-    users: HashSet<u32>,
-    activity: HashMap<(u32, u32), Cell>,
+    users: foldhash::HashSet<u32>,
+    activity: Fast<(u32, u32), Cell>,
     dirty_activity: Vec<(u32, u32)>,
-    graphs: HashMap<(u32, u32, u32), Chain>,
+    graphs: Fast<(u32, u32, u32), Chain>,
     dirty_graphs: Vec<(u32, u32, u32)>,
 }
 
@@ -451,10 +584,10 @@ impl Analytics {
             max_users,
             max_names: max_users.saturating_mul(4).saturating_add(1000),
             names: Names::default(),
-            users: HashSet::new(),
-            activity: HashMap::new(),
+            users: Default::default(),
+            activity: Fast::default(),
             dirty_activity: Vec::new(),
-            graphs: HashMap::new(),
+            graphs: Fast::default(),
             dirty_graphs: Vec::new(),
         }
     }
@@ -501,19 +634,19 @@ impl Analytics {
             out.untracked = true;
             return out;
         }
-        let known = self
-            .names
-            .get(user)
-            .is_some_and(|u| self.users.contains(&u));
+        let seen = self.names.get(user);
+        let known = seen.is_some_and(|u| self.users.contains(&u));
         if !known && self.users.len() >= self.max_users {
             out.untracked = true;
             return out;
         }
-        let (Some(u), Some(h)) = (self.id(user), self.id(hardware)) else {
+        let (Some(u), Some(h)) = (seen.or_else(|| self.id(user)), self.id(hardware)) else {
             out.untracked = true;
             return out;
         };
-        self.users.insert(u);
+        if !known {
+            self.users.insert(u);
+        }
         let cell = self.activity.entry((u, h)).or_insert(Cell {
             a: Activity {
                 first_ms: now_ms,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::analytics::{Analytics, envelope, safe_name};
 use super::frame::{self, SAMPLE_BYTES};
 use super::link::Link;
-use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, json_depth};
+use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, nests_deeper_than};
 use crate::sketch::{Sketch, hash_str};
 
 /// Malformed samples kept for `edgemeter status` (all of them also go to
@@ -249,7 +249,7 @@ impl State {
                 self.raw_bytes += text.len() + 1;
             }
         }
-        if self.events && json_depth(text) > MAX_EVENT_DEPTH {
+        if self.events && nests_deeper_than(text, MAX_EVENT_DEPTH) {
             // Kept as a malformed sample instead: no reader of stored
             // events could parse it back.
             let why = format!("a message nested deeper than {MAX_EVENT_DEPTH} levels");

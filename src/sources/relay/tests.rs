@@ -377,31 +377,29 @@ fn messages_nested_too_deep_are_malformed_not_events() {
     // The envelope is one level, the payload the rest.
     st.frame(0, Frame::Text(&nested(MAX_EVENT_DEPTH - 1)), 0, &mut out);
     st.frame(0, Frame::Text(&nested(100)), 0, &mut out);
-    // Past serde's own limit it is not even read as an envelope.
+    // Past serde's own recursion limit too: the envelope's fields are read
+    // and the payload skipped without recursion, so it is the same case.
     st.frame(0, Frame::Text(&nested(100_000)), 0, &mut out);
     let events: Vec<&Record> = out.iter().filter(|r| r.kind == Kind::Event).collect();
-    assert_eq!(
-        events.len(),
-        2,
-        "{:?}",
-        events.iter().map(|r| &r.name).collect::<Vec<_>>()
-    );
-    assert_eq!(events[0].name, "log");
+    let names: Vec<&str> = events.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["log", "relay_malformed", "relay_malformed"]);
     assert_eq!(
         json_depth(std::str::from_utf8(&events[0].payload).unwrap()),
         MAX_EVENT_DEPTH
     );
-    assert_eq!(events[1].name, "relay_malformed");
-    let sample: serde_json::Value = serde_json::from_slice(&events[1].payload).expect("json");
-    assert!(
-        sample["reason"]
-            .as_str()
-            .unwrap()
-            .contains("deeper than 64"),
-        "{sample}"
-    );
-    assert_eq!(st.streams[0].totals.malformed, 1);
-    assert_eq!(st.streams[0].totals.other, 1);
+    for e in &events[1..] {
+        let sample: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+        assert!(
+            sample["reason"]
+                .as_str()
+                .unwrap()
+                .contains("deeper than 64"),
+            "{sample}"
+        );
+        assert!(e.payload.len() < 1024, "only a sample is kept");
+    }
+    assert_eq!(st.streams[0].totals.malformed, 2);
+    assert_eq!(st.streams[0].totals.other, 0);
 }
 
 #[test]
@@ -444,4 +442,50 @@ fn first_and_last_seen_follow_the_messages_own_time_when_it_is_usable() {
         st.analytics.activity("u2", "spin30").unwrap().first_ms,
         arrival
     );
+}
+
+#[test]
+fn envelope_fields_are_read_from_payloads_of_any_shape() {
+    use super::analytics::envelope;
+    let head = r#"{"user":"u1","type":"analytics","exp":"spinner","course":"c","#;
+    // (rest of the object, payload.log, t)
+    let cases: &[(&str, Option<&str>, Option<f64>)] = &[
+        (
+            r#""payload":{"log":"voltage","data":{"set":1}},"t":5}"#,
+            Some("voltage"),
+            Some(5.0),
+        ),
+        (
+            r#""payload":{"data":[1,{"log":"x"}],"log":"speed"},"t":-2}"#,
+            Some("speed"),
+            Some(-2.0),
+        ),
+        (
+            r#""payload":{"log":"a\"b"},"t":1.5}"#,
+            Some("a\"b"),
+            Some(1.5),
+        ),
+        (r#""payload":{"log":7},"t":"5"}"#, None, None),
+        (r#""payload":{"log":null},"t":null}"#, None, None),
+        (
+            r#""payload":{"log":"a","log":"b"},"t":{"x":[1]}}"#,
+            None,
+            None,
+        ),
+        (r#""payload":{"log":["a"]},"t":[1,2]}"#, None, None),
+        (r#""payload":"voltage","t":true}"#, None, None),
+        (r#""payload":["log","voltage"]}"#, None, None),
+        (r#""payload":null}"#, None, None),
+        (r#""payload":{}}"#, None, None),
+    ];
+    for (rest, log, t) in cases {
+        let text = format!("{head}{rest}");
+        let env = envelope(&text).unwrap_or_else(|| panic!("an envelope: {text}"));
+        assert_eq!(env.payload.as_deref(), *log, "payload.log of {text}");
+        assert_eq!(env.t, *t, "t of {text}");
+        assert_eq!((&*env.user, &*env.kind), ("u1", "analytics"));
+    }
+    // Broken JSON inside the payload spoils the whole message.
+    assert!(envelope(&format!(r#"{head}"payload":{{"log":}}}}"#)).is_none());
+    assert!(envelope(r#"{"type":"analytics","payload":{"log":"x"}}"#).is_none());
 }

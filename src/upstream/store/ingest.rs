@@ -66,7 +66,7 @@ impl Store {
             match r.kind {
                 Kind::Point | Kind::Sketch => {
                     let net = self.net_dims(&r.dims).encode();
-                    let dims = r.dims.encode();
+                    let dims = r.dims.encoded();
                     if r.kind == Kind::Point {
                         point_rows.extend([
                             r.name.as_str().into(),
@@ -135,7 +135,7 @@ impl Store {
                             r.name.as_str().into(),
                             user,
                             agent.clone(),
-                            r.dims.encode().into(),
+                            r.dims.encoded().into(),
                             Val::Text(payload),
                         ],
                     )?;
