@@ -31,7 +31,8 @@
 //!   (learning-analytics-server's client and `AddUserLog`).
 //!
 //! - floor: this bench run as `--floor`, the least the same work costs
-//!   here (see [`floor`]).
+//!   here (see [`floor`]). Its CPU is the floor; its RSS is not: it keeps
+//!   the buffers the large frames grew.
 //! - asyncio: `benches/relay_asyncio.py`, one asyncio process for all
 //!   streams (`websockets`), `json.loads` and a count per message, storing
 //!   nothing.
@@ -431,9 +432,10 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     );
     server.mode.store(rate_per_stream(), Ordering::SeqCst);
     // EDGEMETER_BENCH_PERF=FILE: profile the first subject's fixed-rate phase.
+    static PROFILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let perf = std::env::var("EDGEMETER_BENCH_PERF")
         .ok()
-        .filter(|_| pids.len() == 1)
+        .filter(|_| pids.len() == 1 && !PROFILED.swap(true, Ordering::SeqCst))
         .map(|out| {
             Command::new("perf")
                 .args([

@@ -252,6 +252,7 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
     conn.execute_batch(&format!(
         "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = OFF;
+         PRAGMA cache_size = -{CACHE_KIB};
          BEGIN;
          {SCHEMA}
          PRAGMA application_id = {APPLICATION_ID};
@@ -261,6 +262,14 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
     .map_err(classify)?;
     Ok(conn)
 }
+
+/// SQLite's page cache for the outbox, in KiB (its default is 2,000). The
+/// outbox appends at the end and reads what it appended moments ago, both
+/// hot in the system's page cache; a larger cache of ours only adds to the
+/// agent's resident memory (relay benchmark at 20,000 msg/s: peak RSS 16.7
+/// to 17.3 MiB in three runs with the default, 15.8 MiB with 512; CPU per
+/// message within the runs' noise).
+const CACHE_KIB: u32 = 512;
 
 fn move_aside(path: &Path) -> Result<PathBuf, OutboxError> {
     crate::state_dir::move_aside(path).map_err(|(to, e)| OutboxError::Unusable {
