@@ -8,6 +8,6 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let split = frame::split(&text);
-    let taken: usize = split.values.iter().map(|v| v.get().len()).sum();
+    let taken: usize = split.values.iter().map(|v| v.0.len()).sum();
     assert!(taken <= text.len(), "values longer than the frame");
 });

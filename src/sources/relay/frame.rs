@@ -7,16 +7,19 @@
 //! zero-width characters between them, and reports what it could not parse
 //! (kept truncated for inspection, never the whole frame).
 
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 
 /// How much of an unparseable frame is kept for inspection.
 pub const SAMPLE_BYTES: usize = 256;
 
 /// Values decoded from one frame, with whatever could not be.
-#[derive(Debug, Default)]
-pub struct Split<'a> {
-    /// Each value's exact text, borrowed from the frame.
-    pub values: Vec<&'a RawValue>,
+#[derive(Debug)]
+pub struct Split<'a, T = IgnoredAny> {
+    /// Each value's exact text, borrowed from the frame, and the value read
+    /// as a `T` (`None`: JSON, but not a `T`).
+    pub values: Vec<(&'a str, Option<T>)>,
     /// Leading zero-width characters that were skipped (U+200B, U+FEFF).
     pub zero_width: u32,
     pub garbage: Option<Garbage>,
@@ -41,7 +44,18 @@ fn is_skippable(c: char) -> bool {
 /// thing that is not JSON; the rest of the frame is reported as garbage
 /// (there is no reliable way to resynchronise inside broken JSON).
 pub fn split(frame: &str) -> Split<'_> {
-    let mut out = Split::default();
+    split_as(frame)
+}
+
+/// [`split`], reading each value as a `T` in the same pass: one parse of
+/// the text for a value that is a `T`, the common case. A value that is
+/// not is parsed again, only to find where it ends.
+pub fn split_as<'a, T: Deserialize<'a>>(frame: &'a str) -> Split<'a, T> {
+    let mut out = Split {
+        values: Vec::new(),
+        zero_width: 0,
+        garbage: None,
+    };
     let mut pos = 0;
     loop {
         let rest = &frame[pos..];
@@ -54,10 +68,17 @@ pub fn split(frame: &str) -> Split<'_> {
         if trimmed.is_empty() {
             return out;
         }
+        let mut typed = serde_json::Deserializer::from_str(trimmed).into_iter::<T>();
+        if let Some(Ok(v)) = typed.next() {
+            let end = typed.byte_offset();
+            out.values.push((&trimmed[..end], Some(v)));
+            pos += end;
+            continue;
+        }
         let mut stream = serde_json::Deserializer::from_str(trimmed).into_iter::<&RawValue>();
         match stream.next() {
             Some(Ok(v)) => {
-                out.values.push(v);
+                out.values.push((v.get(), None));
                 pos += stream.byte_offset();
             }
             None => return out,
@@ -92,7 +113,7 @@ mod tests {
 
     fn check(frame: &str, values: &[&str], zero_width: u32, garbage: Option<&str>) {
         let got = split(frame);
-        let texts: Vec<&str> = got.values.iter().map(|v| v.get()).collect();
+        let texts: Vec<&str> = got.values.iter().map(|v| v.0).collect();
         assert_eq!(texts, values, "values of {frame:?}");
         assert_eq!(got.zero_width, zero_width, "zero-width count of {frame:?}");
         assert_eq!(

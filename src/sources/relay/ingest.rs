@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::analytics::{Analytics, envelope, safe_name};
+use super::analytics::{Analytics, Envelope, safe_name};
 use super::frame::{self, SAMPLE_BYTES};
 use super::link::Link;
 use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, nests_deeper_than};
@@ -192,23 +192,31 @@ impl State {
             }
             Frame::Text(t) => t,
         };
-        let split = frame::split(text);
+        let split = frame::split_as::<Envelope>(text);
         let s = &mut self.streams[i];
         s.totals.zero_width += u64::from(split.zero_width);
         s.window.zero_width += u64::from(split.zero_width);
-        for raw in &split.values {
-            self.message(i, raw.get(), now_ms, out);
+        for (raw, env) in split.values {
+            self.message(i, raw, env, now_ms, out);
         }
         if let Some(g) = split.garbage {
             self.malformed(i, now_ms, &g.reason, g.bytes, &g.sample, out);
         }
     }
 
-    fn message(&mut self, i: usize, text: &str, now_ms: i64, out: &mut Vec<Record>) {
+    /// One JSON value of a frame, `env` if it is a logging envelope.
+    fn message(
+        &mut self,
+        i: usize,
+        text: &str,
+        env: Option<Envelope>,
+        now_ms: i64,
+        out: &mut Vec<Record>,
+    ) {
         let s = &mut self.streams[i];
         s.totals.messages += 1;
         s.window.messages += 1;
-        let Some(env) = envelope(text) else {
+        let Some(env) = env else {
             s.totals.other += 1;
             return;
         };
