@@ -182,6 +182,7 @@ async fn serve(
                 emit: emitter.clone(),
                 shutdown: shutdown.clone(),
                 spawner: runtime::Spawner::new(ex),
+                io: outbox.worker(),
             };
             ex.spawn(source.run(ctx))
         })

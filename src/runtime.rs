@@ -267,6 +267,12 @@ impl<T: Send + 'static> OnWorker<T> {
         )
     }
 
+    /// The thread the value lives on, for other small jobs that may share
+    /// it (they run in turn with this value's calls).
+    pub fn worker(&self) -> Rc<Worker> {
+        self.0.clone()
+    }
+
     pub async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut T) -> R + Send + 'static) -> R {
         let inner = self.1.clone();
         self.0

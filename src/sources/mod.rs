@@ -40,7 +40,8 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use crate::problems::Problems;
-use crate::runtime::{Emitter, LocalBoxFuture, Shutdown, Spawner};
+use crate::runtime::{Emitter, LocalBoxFuture, Shutdown, Spawner, Worker};
+use std::rc::Rc;
 
 /// The `type` values a `[[source]]` may have.
 pub const TYPES: &[&str] = &["synthetic", "xx_gateway", "relay"];
@@ -85,6 +86,12 @@ pub struct Context {
     /// Tasks of the source's own (connections, streams) go on the agent's
     /// executor through this: there is one executor in the process.
     pub spawner: Spawner,
+    /// The agent's IO thread (the outbox's): for small, frequent file jobs
+    /// (a status file, a save of what changed) that must leave the event
+    /// loop but do not warrant a thread of their own that never idles.
+    /// They run in turn with the outbox's commits, so nothing long goes
+    /// here (a source's large dumps keep a worker of its own).
+    pub io: Rc<Worker>,
 }
 
 pub trait Source {

@@ -36,10 +36,13 @@
 //!   every 2 s (after a change) and at shutdown, and reloaded at start: a `kill -9`
 //!   loses at most the last 2 s of analytics (the events themselves are
 //!   in the outbox as soon as the writer commits them).
-//! - Files in `files_dir` are rewritten from that state by one writer (this
-//!   source's worker thread), each atomically (temp file, rename; no fsync,
-//!   see [`Sync::No`]), every `dump_interval_secs`; all of them at the first
-//!   dump after start. Raw per-user files are appended at the same time.
+//! - Files in `files_dir` are rewritten from that state by one flush at a
+//!   time, each atomically (temp file, rename; no fsync, see [`Sync::No`]),
+//!   every `dump_interval_secs`, on this source's worker thread; all of them
+//!   at the first dump after start. Saves, raw per-user appends and the
+//!   status file, small and frequent, go on the agent's IO thread between
+//!   dumps ([`crate::sources::Context::io`]), so a streaming relay keeps no
+//!   thread of its own busy.
 //!   At the first start on an old analytics client's directory, its files
 //!   are continued ([`adopt`]), never replaced.
 //! - Hub semantics mean a message sent while a stream is down is never
@@ -257,7 +260,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     ex.spawn(status_task(
         shared.clone(),
         ctx.clone(),
-        worker.clone(),
+        ctx.io.clone(),
         files.clone(),
         link_wakeup,
     ))
@@ -291,7 +294,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             s.link.stopped(now);
         }
     }
-    flush(&shared, &worker, &files, true).await;
+    flush(&shared, &worker, &ctx.io, &files, true).await;
 }
 
 /// The answering desk: the comparison graphs, the feedback saved, and the
@@ -816,8 +819,8 @@ async fn status_task(
     files: Rc<RefCell<Files>>,
     wakeup: Wakeup,
 ) {
-    // On the source's own worker, not a thread of its own: a dump in
-    // progress (no fsyncs, milliseconds) delays a status change by that much.
+    // On the agent's IO thread, not a thread of its own: a commit in
+    // progress delays a status change by that much.
     loop {
         let stop = rung_or_shutdown(&ctx, &wakeup, IDLE_WAIT).await;
         if stop || ctx.shutdown.sleep(STATUS_WITHIN / 2).await {
@@ -872,7 +875,7 @@ async fn flush_task(
         if dump {
             next_dump = now_ms() + shared.config.dump_interval.as_millis() as i64;
         }
-        flush(&shared, &worker, &files, dump).await;
+        flush(&shared, &worker, &ctx.io, &files, dump).await;
     }
 }
 
@@ -932,7 +935,11 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
     }
 }
 
-async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: bool) {
+/// The job runs on the source's own worker when it dumps (every
+/// `dump_interval_secs`, possibly many files), else on the agent's IO
+/// thread: a save and raw appends every few seconds then cost no thread of
+/// their own while streaming (issue 18: at most 3 threads).
+async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Files>, dump: bool) {
     let Collected {
         activity,
         graphs,
@@ -944,7 +951,7 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
     let store = files.borrow().store.clone();
     let dir = shared.config.files_dir.clone();
     let changes = (activity, graphs);
-    let (errors, changes) = worker
+    let (errors, changes) = if dump { worker } else { io }
         .run(move || {
             let (activity, graphs) = &changes;
             let mut errors = Vec::new();
@@ -1000,7 +1007,7 @@ async fn flush(shared: &Shared, worker: &Worker, files: &RefCell<Files>, dump: b
         );
     }
     let status = status::document(&shared.state.borrow());
-    publish_status(worker, files, status).await;
+    publish_status(io, files, status).await;
 }
 
 fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {

@@ -217,6 +217,7 @@ fn run_source(
         emit: emitter,
         shutdown,
         spawner: crate::runtime::Spawner::new(&ex),
+        io: std::rc::Rc::new(crate::runtime::Worker::new("io")),
     };
     let mut seen = Seen::default();
     smol::block_on(ex.run(async {
