@@ -43,44 +43,82 @@ pub struct Envelope<'a> {
     pub t: Option<f64>,
 }
 
-/// A number, or nothing for any other JSON value. Read with a visitor
-/// rather than serde's untagged enums, which buffer the value (allocating)
-/// before they try each variant: this runs for every message.
-fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    struct Number;
-    impl<'de> Visitor<'de> for Number {
-        type Value = Option<f64>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-            Ok(Some(v))
-        }
-        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-            Ok(Some(v as f64))
-        }
-        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-            Ok(Some(v as f64))
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-            while a.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-            while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
+/// What an envelope field is, read without keeping what is not used: the
+/// number, the string (borrowed where it has no escapes), null, an object
+/// as `M` reads it, or any other value, skipped. A visitor rather than
+/// serde's untagged enums, which buffer the value (allocating) before
+/// trying each variant: this runs for every message.
+enum Shape<'a, M = ()> {
+    Number(f64),
+    Text(Cow<'a, str>),
+    Null,
+    Object(M),
+    Other,
+}
+
+/// How [`Shape`] reads an object.
+trait FromMap<'de>: Sized {
+    fn from_map<A: MapAccess<'de>>(a: A) -> Result<Self, A::Error>;
+}
+
+/// Skipped.
+impl<'de> FromMap<'de> for () {
+    fn from_map<A: MapAccess<'de>>(mut a: A) -> Result<(), A::Error> {
+        while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
     }
-    d.deserialize_any(Number)
+}
+
+impl<'de, M: FromMap<'de>> Deserialize<'de> for Shape<'de, M> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Shape<'de, M>, D::Error> {
+        struct Any<M>(std::marker::PhantomData<M>);
+        impl<'de, M: FromMap<'de>> Visitor<'de> for Any<M> {
+            type Value = Shape<'de, M>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Shape::Number(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Shape::Number(v as f64))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Shape::Number(v as f64))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Shape::Text(Cow::Borrowed(v)))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Shape::Text(Cow::Owned(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Shape::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Shape::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Shape::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+                Ok(Shape::Object(M::from_map(a)?))
+            }
+        }
+        d.deserialize_any(Any(std::marker::PhantomData))
+    }
+}
+
+/// A number, or nothing for any other JSON value.
+fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(match Shape::<()>::deserialize(d)? {
+        Shape::Number(n) => Some(n),
+        _ => None,
+    })
 }
 
 /// How far a message's `t` may be from its arrival and still be taken as
@@ -100,7 +138,6 @@ pub fn message_time(t: Option<f64>, arrival_ms: i64) -> i64 {
 
 /// `payload.log` (the command of an `analytics` message), or nothing when
 /// the payload is not an object with one `log` that is a string (or null).
-/// A visitor, not an untagged enum, for the reason [`number`] gives.
 fn payload_log<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
     /// A key: whether it is `log`.
     struct IsLog(bool);
@@ -119,104 +156,31 @@ fn payload_log<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>,
             d.deserialize_str(Key)
         }
     }
-    /// `log`'s value: a string (borrowed where it has no escapes), null,
-    /// or anything else (which makes the payload unusable).
-    enum Log<'a> {
-        Text(Cow<'a, str>),
-        Null,
-        Invalid,
-    }
-    impl<'de> Deserialize<'de> for Log<'de> {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Log<'de>, D::Error> {
-            struct Value;
-            impl<'de> Visitor<'de> for Value {
-                type Value = Log<'de>;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("any JSON value")
-                }
-                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Log<'de>, E> {
-                    Ok(Log::Text(Cow::Borrowed(v)))
-                }
-                fn visit_string<E>(self, v: String) -> Result<Log<'de>, E> {
-                    Ok(Log::Text(Cow::Owned(v)))
-                }
-                fn visit_u64<E>(self, _: u64) -> Result<Log<'de>, E> {
-                    Ok(Log::Invalid)
-                }
-                fn visit_i64<E>(self, _: i64) -> Result<Log<'de>, E> {
-                    Ok(Log::Invalid)
-                }
-                fn visit_f64<E>(self, _: f64) -> Result<Log<'de>, E> {
-                    Ok(Log::Invalid)
-                }
-                fn visit_unit<E>(self) -> Result<Log<'de>, E> {
-                    Ok(Log::Null)
-                }
-                fn visit_bool<E>(self, _: bool) -> Result<Log<'de>, E> {
-                    Ok(Log::Invalid)
-                }
-                fn visit_str<E>(self, v: &str) -> Result<Log<'de>, E> {
-                    Ok(Log::Text(Cow::Owned(v.to_owned())))
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Log<'de>, A::Error> {
-                    while a.next_element::<IgnoredAny>()?.is_some() {}
-                    Ok(Log::Invalid)
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Log<'de>, A::Error> {
-                    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(Log::Invalid)
-                }
-            }
-            d.deserialize_any(Value)
-        }
-    }
-    struct Payload;
-    impl<'de> Visitor<'de> for Payload {
-        type Value = Option<Cow<'de, str>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-            // As a struct with one field: a second `log` spoils it.
+    /// The object's `log`, as a struct with that one field reads it: a
+    /// second `log`, or one that is not a string or null, spoils it.
+    struct Log<'a>(Option<Cow<'a, str>>);
+    impl<'de> FromMap<'de> for Log<'de> {
+        fn from_map<A: MapAccess<'de>>(mut a: A) -> Result<Log<'de>, A::Error> {
             let (mut log, mut usable, mut seen) = (None, true, false);
             while let Some(IsLog(is_log)) = a.next_key()? {
                 if !is_log {
                     a.next_value::<IgnoredAny>()?;
                     continue;
                 }
-                match a.next_value::<Log>()? {
-                    Log::Text(t) if !seen => log = Some(t),
-                    Log::Null if !seen => {}
+                match a.next_value::<Shape>()? {
+                    Shape::Text(t) if !seen => log = Some(t),
+                    Shape::Null if !seen => {}
                     _ => usable = false,
                 }
                 seen = true;
             }
-            Ok(log.filter(|_| usable))
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-            while a.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(None)
+            Ok(Log(log.filter(|_| usable)))
         }
     }
-    d.deserialize_any(Payload)
+    Ok(match Shape::<Log>::deserialize(d)? {
+        Shape::Object(Log(log)) => log,
+        _ => None,
+    })
 }
 
 pub fn envelope(text: &str) -> Option<Envelope<'_>> {
