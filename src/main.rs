@@ -12,13 +12,22 @@ fn main() -> std::process::ExitCode {
 ///   worker threads that costs megabytes of resident memory for nothing.
 ///   Our threads take turns (one event loop, workers one job at a time), so
 ///   two arenas lose no speed (measured in the relay benchmark).
-/// - A fixed mmap threshold (256 KiB): by default glibc raises it to the
+/// - A fixed mmap threshold of 64 KiB: by default glibc raises it to the
 ///   size of each large block freed, so the next large buffers (a relay
 ///   frame of 1.9 MB on each of 24 streams) come from the heap and stay
 ///   resident after they are freed; with it fixed they are mapped and given
 ///   back at once. Without it, one CI run of the relay test of large frames
 ///   kept 1,741 KiB per stream; locally it kept 86-254 KiB per stream in
-///   six runs without it and 30-119 KiB in four with it.
+///   six runs without it and 30-119 KiB in four with it (at 256 KiB).
+///   64 KiB, not 256: an upstream request's buffers (a 1,000-point batch is
+///   about 100 KiB of JSON, and its decoded records more) then stay out of
+///   the arenas too. Between 64 and 256 KiB they were carved from an arena
+///   around longer-lived blocks and left holes that the next ones did not
+///   fit, so the arena crept. In the 10-minute upstream soak with a sink
+///   (`benches/upstream_soak.rs`), growth after the first minute was +2.29 %
+///   and +1.07 % at 256 KiB (+0.60 % and +4.06 % with one arena instead of
+///   two), and +0.22 % and +0.09 % at 64 KiB, ending with 8.2 MiB of
+///   anonymous memory instead of 8.7 to 9.0.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -31,7 +40,7 @@ fn tune_malloc() {
         // any other thread exists.
         unsafe {
             mallopt(M_ARENA_MAX, 2);
-            mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+            mallopt(M_MMAP_THRESHOLD, 64 * 1024);
         }
     }
 }
