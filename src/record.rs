@@ -149,6 +149,11 @@ impl Dims {
         Dims(std::sync::Arc::new(DimsInner { pairs, encoded }))
     }
 
+    /// Whether `other` is the same shared dims (not merely equal ones).
+    pub fn same(&self, other: &Dims) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub fn pairs(&self) -> &[(String, String)] {
         &self.0.pairs
     }

@@ -21,6 +21,7 @@
 //! refused here with a message that says what and where, before anything
 //! touches the store.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Read;
 
@@ -47,52 +48,91 @@ const MAX_OUTBOX_ID_LEN: usize = 160;
 /// A timestamp more than this far ahead of the upstream's clock is refused.
 const MAX_FUTURE_MS: i64 = 24 * 3600 * 1000;
 
+/// The batch's JSON, both ways. Read, its strings borrow from the body
+/// where they have no escapes, and each record's dims are kept as their raw
+/// text until [`decode`] turns each distinct text into [`Dims`] once: a
+/// point then costs two allocations (its name and unit), where a map per
+/// point cost a dozen, freed on the store's thread.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireBatch {
+struct WireBatch<'a> {
     v: u32,
-    agent_id: String,
-    outbox_id: String,
+    #[serde(borrow)]
+    agent_id: Cow<'a, str>,
+    #[serde(borrow)]
+    outbox_id: Cow<'a, str>,
     seq: i64,
-    #[serde(default)]
-    points: Vec<WirePoint>,
-    #[serde(default)]
-    sketches: Vec<WireSketch>,
-    #[serde(default)]
-    events: Vec<WireEvent>,
+    #[serde(default, borrow)]
+    points: Vec<WirePoint<'a>>,
+    #[serde(default, borrow)]
+    sketches: Vec<WireSketch<'a>>,
+    #[serde(default, borrow)]
+    events: Vec<WireEvent<'a>>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WirePoint {
-    metric: String,
-    #[serde(default)]
-    dims: BTreeMap<String, String>,
+struct WirePoint<'a> {
+    #[serde(borrow)]
+    metric: Cow<'a, str>,
+    #[serde(default, borrow)]
+    dims: WireDims<'a>,
     ts: i64,
     value: f64,
-    unit: String,
+    #[serde(borrow)]
+    unit: Cow<'a, str>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireSketch {
-    metric: String,
-    #[serde(default)]
-    dims: BTreeMap<String, String>,
+struct WireSketch<'a> {
+    #[serde(borrow)]
+    metric: Cow<'a, str>,
+    #[serde(default, borrow)]
+    dims: WireDims<'a>,
     ts: i64,
-    unit: String,
-    sketch: String,
+    #[serde(borrow)]
+    unit: Cow<'a, str>,
+    #[serde(borrow)]
+    sketch: Cow<'a, str>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    dims: BTreeMap<String, String>,
+struct WireEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    dims: WireDims<'a>,
     ts: i64,
-    payload: Box<RawValue>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// A record's dims: written from its [`Dims`] as an object, read as the
+/// object's raw text (checked and parsed by [`decode`]).
+#[derive(Default)]
+enum WireDims<'a> {
+    #[default]
+    Absent,
+    Pairs(&'a Dims),
+    Raw(&'a RawValue),
+}
+
+impl Serialize for WireDims<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            WireDims::Absent => s.collect_map(std::iter::empty::<(&str, &str)>()),
+            WireDims::Pairs(d) => s.collect_map(d.pairs().iter().map(|(k, v)| (k, v))),
+            WireDims::Raw(r) => r.serialize(s),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireDims<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(WireDims::Raw)
+    }
 }
 
 /// A batch as the edge knows it.
@@ -113,17 +153,20 @@ pub struct Batch {
     pub records: Vec<Record>,
 }
 
-fn dims_map(d: &Dims) -> BTreeMap<String, String> {
-    d.pairs().iter().cloned().collect()
-}
-
 /// The JSON text of a batch (the sink gzips it). Records of kinds the
 /// upstream does not take (lines) are left out; the sink never asks for them.
 pub fn encode<'r>(key: &Key<'_>, records: impl IntoIterator<Item = &'r Record>) -> String {
+    let records: Vec<&Record> = records.into_iter().collect();
+    let payloads: Vec<Box<RawValue>> = records
+        .iter()
+        .filter(|r| r.kind == Kind::Event)
+        .map(|r| event_payload(&r.payload))
+        .collect();
+    let mut payloads = payloads.iter();
     let mut batch = WireBatch {
         v: VERSION,
-        agent_id: key.agent_id.to_owned(),
-        outbox_id: key.outbox_id.to_owned(),
+        agent_id: key.agent_id.into(),
+        outbox_id: key.outbox_id.into(),
         seq: key.seq,
         points: Vec::new(),
         sketches: Vec::new(),
@@ -132,24 +175,24 @@ pub fn encode<'r>(key: &Key<'_>, records: impl IntoIterator<Item = &'r Record>) 
     for r in records {
         match r.kind {
             Kind::Point => batch.points.push(WirePoint {
-                metric: r.name.clone(),
-                dims: dims_map(&r.dims),
+                metric: r.name.as_str().into(),
+                dims: WireDims::Pairs(&r.dims),
                 ts: r.ts_ms,
                 value: r.value,
-                unit: r.unit.clone(),
+                unit: r.unit.as_str().into(),
             }),
             Kind::Sketch => batch.sketches.push(WireSketch {
-                metric: r.name.clone(),
-                dims: dims_map(&r.dims),
+                metric: r.name.as_str().into(),
+                dims: WireDims::Pairs(&r.dims),
                 ts: r.ts_ms,
-                unit: r.unit.clone(),
-                sketch: B64.encode(&r.payload),
+                unit: r.unit.as_str().into(),
+                sketch: B64.encode(&r.payload).into(),
             }),
             Kind::Event => batch.events.push(WireEvent {
-                kind: r.name.clone(),
-                dims: dims_map(&r.dims),
+                kind: r.name.as_str().into(),
+                dims: WireDims::Pairs(&r.dims),
                 ts: r.ts_ms,
-                payload: event_payload(&r.payload),
+                payload: payloads.next().expect("one payload per event"),
             }),
             Kind::Line => {}
         }
@@ -256,65 +299,92 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
     if n > MAX_RECORDS {
         return bad(format!("{n} records in one batch; at most {MAX_RECORDS}"));
     }
+    let mut dims = DimsSeen::default();
     let mut records = Vec::with_capacity(n);
     for (i, p) in w.points.into_iter().enumerate() {
         let at = || format!("points[{i}]");
-        check_series(&at(), &p.metric, &p.dims, p.ts, &p.unit, now_ms)?;
+        check_series(&at, &p.metric, p.ts, &p.unit, now_ms)?;
         if !p.value.is_finite() {
             return bad(format!("{}: value must be a finite number", at()));
         }
         records.push(Record {
             kind: Kind::Point,
             ts_ms: p.ts,
-            name: p.metric,
-            dims: Dims::new(p.dims),
+            name: p.metric.into_owned(),
+            dims: dims.get(&p.dims, &at)?,
             value: p.value,
-            unit: p.unit,
+            unit: p.unit.into_owned(),
             payload: Vec::new(),
         });
     }
     for (i, s) in w.sketches.into_iter().enumerate() {
-        let at = format!("sketches[{i}]");
-        check_series(&at, &s.metric, &s.dims, s.ts, &s.unit, now_ms)?;
+        let at = || format!("sketches[{i}]");
+        check_series(&at, &s.metric, s.ts, &s.unit, now_ms)?;
         let bytes = B64
             .decode(s.sketch.as_bytes())
-            .map_err(|e| Invalid::Value(format!("{at}: sketch is not base64: {e}")))?;
-        let sketch = Sketch::decode(&bytes)
-            .map_err(|e| Invalid::Sketch(format!("{at}: {e}; this upstream cannot merge it")))?;
+            .map_err(|e| Invalid::Value(format!("{}: sketch is not base64: {e}", at())))?;
+        let sketch = Sketch::decode(&bytes).map_err(|e| {
+            Invalid::Sketch(format!("{}: {e}; this upstream cannot merge it", at()))
+        })?;
         records.push(Record {
             kind: Kind::Sketch,
             ts_ms: s.ts,
-            name: s.metric,
-            dims: Dims::new(s.dims),
+            name: s.metric.into_owned(),
+            dims: dims.get(&s.dims, &at)?,
             value: sketch.estimate(),
-            unit: s.unit,
+            unit: s.unit.into_owned(),
             payload: bytes,
         });
     }
     for (i, e) in w.events.into_iter().enumerate() {
-        let at = format!("events[{i}]");
-        check_series(&at, &e.kind, &e.dims, e.ts, "None", now_ms)?;
+        let at = || format!("events[{i}]");
+        check_series(&at, &e.kind, e.ts, "None", now_ms)?;
         if nests_deeper_than(e.payload.get(), MAX_EVENT_DEPTH) {
             return Err(Invalid::Value(format!(
-                "{at}: payload nests deeper than {MAX_EVENT_DEPTH} levels"
+                "{}: payload nests deeper than {MAX_EVENT_DEPTH} levels",
+                at()
             )));
         }
         records.push(Record {
             kind: Kind::Event,
             ts_ms: e.ts,
-            name: e.kind,
-            dims: Dims::new(e.dims),
+            name: e.kind.into_owned(),
+            dims: dims.get(&e.dims, &at)?,
             value: 0.0,
             unit: "None".into(),
             payload: e.payload.get().as_bytes().to_vec(),
         });
     }
     Ok(Batch {
-        agent_id: w.agent_id,
-        outbox_id: w.outbox_id,
+        agent_id: w.agent_id.into_owned(),
+        outbox_id: w.outbox_id.into_owned(),
         seq: w.seq,
         records,
     })
+}
+
+/// The distinct dims of one batch, by their raw text: an edge sends the
+/// same few dims on many records, so each text is parsed and checked once
+/// and its records share one [`Dims`].
+#[derive(Default)]
+struct DimsSeen<'a>(foldhash::HashMap<&'a str, Dims>);
+
+impl<'a> DimsSeen<'a> {
+    fn get(&mut self, wire: &WireDims<'a>, at: &dyn Fn() -> String) -> Result<Dims, Invalid> {
+        let raw = match wire {
+            WireDims::Raw(raw) => raw.get(),
+            WireDims::Absent | WireDims::Pairs(_) => return Ok(Dims::default()),
+        };
+        if let Some(d) = self.0.get(raw) {
+            return Ok(d.clone());
+        }
+        let map: BTreeMap<String, String> =
+            serde_json::from_str(raw).map_err(|e| Invalid::Shape(format!("{}.dims: {e}", at())))?;
+        check_dims(&map).map_err(|m| Invalid::Value(format!("{}: {m}", at())))?;
+        let d = Dims::new(map);
+        self.0.insert(raw, d.clone());
+        Ok(d)
+    }
 }
 
 fn valid_id(s: &str, max: usize) -> bool {
@@ -330,27 +400,15 @@ fn truncate(s: &str) -> String {
 }
 
 fn check_series(
-    at: &str,
+    at: &dyn Fn() -> String,
     name: &str,
-    dims: &BTreeMap<String, String>,
     ts: i64,
     unit: &str,
     now_ms: i64,
 ) -> Result<(), Invalid> {
-    let fail = |m: String| Err(Invalid::Value(format!("{at}: {m}")));
+    let fail = |m: String| Err(Invalid::Value(format!("{}: {m}", at())));
     if name.is_empty() || name.len() > MAX_METRIC_LEN {
         return fail(format!("the name must be 1 to {MAX_METRIC_LEN} bytes"));
-    }
-    if dims.len() > MAX_DIMS {
-        return fail(format!("{} dimensions; at most {MAX_DIMS}", dims.len()));
-    }
-    for (k, v) in dims {
-        if k.is_empty() || k.len() > MAX_DIM_KEY_LEN || v.len() > MAX_DIM_VALUE_LEN {
-            return fail(format!(
-                "dimension `{}` must have a 1 to {MAX_DIM_KEY_LEN} byte name and a value of at most {MAX_DIM_VALUE_LEN} bytes",
-                truncate(k)
-            ));
-        }
     }
     if !(0..=now_ms + MAX_FUTURE_MS).contains(&ts) {
         return fail(format!(
@@ -359,6 +417,21 @@ fn check_series(
     }
     if unit.len() > MAX_UNIT_LEN {
         return fail(format!("unit must be at most {MAX_UNIT_LEN} bytes"));
+    }
+    Ok(())
+}
+
+fn check_dims(dims: &BTreeMap<String, String>) -> Result<(), String> {
+    if dims.len() > MAX_DIMS {
+        return Err(format!("{} dimensions; at most {MAX_DIMS}", dims.len()));
+    }
+    for (k, v) in dims {
+        if k.is_empty() || k.len() > MAX_DIM_KEY_LEN || v.len() > MAX_DIM_VALUE_LEN {
+            return Err(format!(
+                "dimension `{}` must have a 1 to {MAX_DIM_KEY_LEN} byte name and a value of at most {MAX_DIM_VALUE_LEN} bytes",
+                truncate(k)
+            ));
+        }
     }
     Ok(())
 }

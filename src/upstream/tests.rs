@@ -86,6 +86,35 @@ fn a_batch_survives_the_wire_exactly() {
 }
 
 #[test]
+fn records_with_the_same_dims_share_them_and_escapes_survive() {
+    let json = r#"{"v":1,"agent_id":"a","outbox_id":"o","seq":1,"points":[
+        {"metric":"m\u00e9","dims":{"window":"30m","gateway":"gw-\"1\""},"ts":1,"value":1,"unit":"Count"},
+        {"metric":"m","dims":{"window":"30m","gateway":"gw-\"1\""},"ts":2,"value":2,"unit":"Count"},
+        {"metric":"m","dims":{"gateway":"gw-\"1\"","window":"30m"},"ts":3,"value":3,"unit":"Count"},
+        {"metric":"m","ts":4,"value":4,"unit":"Count"}]}"#;
+    let b = wire::decode(json.as_bytes(), NOW).expect("decodes");
+    let want = Dims::new([("gateway", "gw-\"1\""), ("window", "30m")]);
+    assert_eq!(b.records[0].name, "m\u{e9}", "an escaped name is unescaped");
+    for r in &b.records[..3] {
+        assert_eq!(r.dims, want, "{r:?}: the same dims, whatever the key order");
+    }
+    assert!(
+        b.records[0].dims.same(&b.records[1].dims),
+        "records whose dims have the same text share one Dims"
+    );
+    assert_eq!(b.records[3].dims, Dims::default(), "no dims are no dims");
+    // A bad dims object is refused with the record it is on, even when an
+    // earlier record had good ones.
+    let bad = json.replace(r#""ts":4,"#, r#""dims":{"x":5},"ts":4,"#);
+    let e = wire::decode(bad.as_bytes(), NOW).expect_err("dims of a number");
+    assert!(matches!(e, wire::Invalid::Shape(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("points[3].dims: invalid type"),
+        "{e}"
+    );
+}
+
+#[test]
 fn bad_batches_are_refused_with_what_is_wrong() {
     let check = |json: &str, want: &str| {
         let e = wire::decode(json.as_bytes(), NOW)

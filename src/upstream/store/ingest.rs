@@ -59,18 +59,28 @@ impl Store {
             });
         }
         let agent = Val::from(b.agent_id.as_str());
-        // Groups this batch touches, and how many of its records each has.
+        // Groups this batch touches, and how many of its records each has
+        // (only kept when something forwards).
         let mut groups: BTreeMap<Group, usize> = BTreeMap::new();
+        // Each distinct dims' network dims, by their text: a batch carries
+        // a few dims on many records.
+        let mut nets: foldhash::HashMap<&str, String> = foldhash::HashMap::default();
+        for r in &b.records {
+            if matches!(r.kind, Kind::Point | Kind::Sketch) {
+                nets.entry(r.dims.encoded())
+                    .or_insert_with(|| self.net_dims(&r.dims).encode());
+            }
+        }
         let mut point_rows: Vec<Val<'_>> = Vec::with_capacity(7 * POINT_ROWS_PER_INSERT);
         for r in &b.records {
             match r.kind {
                 Kind::Point | Kind::Sketch => {
-                    let net = self.net_dims(&r.dims).encode();
                     let dims = r.dims.encoded();
+                    let net = &nets[dims];
                     if r.kind == Kind::Point {
                         point_rows.extend([
                             r.name.as_str().into(),
-                            net.clone().into(),
+                            net.as_str().into(),
                             r.ts_ms.into(),
                             agent.clone(),
                             dims.into(),
@@ -117,13 +127,15 @@ impl Store {
                             ],
                         )?;
                     }
-                    *groups
-                        .entry(Group {
-                            metric: r.name.clone(),
-                            net,
-                            ts: r.ts_ms,
-                        })
-                        .or_default() += 1;
+                    if self.forwards {
+                        *groups
+                            .entry(Group {
+                                metric: r.name.clone(),
+                                net: net.clone(),
+                                ts: r.ts_ms,
+                            })
+                            .or_default() += 1;
+                    }
                 }
                 Kind::Event => {
                     let payload = String::from_utf8_lossy(&r.payload);
@@ -148,9 +160,6 @@ impl Store {
         }
         let mut late = 0;
         let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
-        if !self.forwards {
-            groups.clear();
-        }
         for (g, n) in groups {
             let recent = g.ts > unsettled_after;
             if recent && self.pending_seen.contains(&g) {
