@@ -14,6 +14,11 @@
 //!    program into the same table, one transaction per batch (what a
 //!    straightforward ingest does per request, without HTTP, gzip, JSON,
 //!    tokens or the duplicate check).
+//!    Where a batch's CPU goes: the same batches gunzipped and decoded
+//!    (`wire::gunzip`, `wire::decode`), then stored in groups of 4
+//!    (`Store::ingest`, SQLite, same disk) in this process; what the
+//!    upstream spent beyond the two is its HTTP server, the sockets and
+//!    the hand-offs between its threads.
 //! 2. Merge: 1,000 agents' dense p = 14 sketches for one window.
 //!    - in process: check and merge the 1,000 envelopes as a query does per
 //!      window (`Sketch::merge_encoded`), against a baseline of a bare
@@ -34,6 +39,8 @@ use std::time::{Duration, Instant};
 use support::{bench_dir, cpu_ticks, gzip, now_ms, read_response, release_bin};
 
 use edgemeter::sketch::{Sketch, hash_i64};
+use edgemeter::upstream::{db, store::Store};
+use edgemeter::wire;
 
 const POINTS: usize = 100;
 const CLIENTS: usize = 8;
@@ -152,6 +159,42 @@ fn ingest(bin: &Path, run: Duration) -> (f64, f64, u64) {
     (rate, per_cpu, done)
 }
 
+/// CPU µs per batch of `wire::gunzip` + `wire::decode`, and of
+/// `Store::ingest` in groups of 4, in this process (nothing else runs in it
+/// meanwhile).
+fn split(batches: usize) -> (f64, f64) {
+    let ts = now_ms() - 60_000;
+    let bodies: Vec<Vec<u8>> = (0..batches)
+        .map(|i| gzip(points_json("bench", i as u64 + 1, ts).as_bytes()))
+        .collect();
+    let dir = bench_dir("upstream-split");
+    let sqlite = db::Sqlite::open(&dir.join("split.db"), false).expect("open");
+    let edge_dims = edgemeter::upstream::config::DEFAULT_EDGE_DIMS
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    let mut store = Store::new(Box::new(sqlite), edge_dims, 30_000);
+    let me = std::process::id();
+    let cpu0 = cpu_ticks(me);
+    let decoded: Vec<wire::Batch> = bodies
+        .iter()
+        .map(|b| {
+            let json = wire::gunzip(b, 8 << 20).expect("gunzip");
+            wire::decode(&json, now_ms()).expect("decode")
+        })
+        .collect();
+    let cpu1 = cpu_ticks(me);
+    for group in decoded.chunks(4) {
+        let refs: Vec<&wire::Batch> = group.iter().collect();
+        store.ingest(&refs, now_ms()).expect("ingest");
+    }
+    let cpu2 = cpu_ticks(me);
+    drop(store);
+    std::fs::remove_dir_all(&dir).ok();
+    let per_batch = |ticks: u64| ticks as f64 * 1e4 / batches as f64;
+    (per_batch(cpu1 - cpu0), per_batch(cpu2 - cpu1))
+}
+
 /// The same rows, bare INSERTs, one transaction per batch (FULL fsync, WAL):
 /// batches per second, and per CPU-second of this process (nothing else
 /// runs in it meanwhile).
@@ -242,6 +285,12 @@ fn main() {
         rate / floor,
         per_cpu / floor_per_cpu,
         if per_cpu >= 2000.0 { "met" } else { "NOT met" }
+    );
+    let (decode_us, store_us) = split(if quick { 2000 } else { 6000 });
+    let total_us = 1e6 / per_cpu;
+    println!(
+        "  where it goes     : {total_us:.0} µs of CPU per batch in the upstream; in process: gunzip + decode {decode_us:.0} µs, store {store_us:.0} µs (groups of 4); the HTTP server, sockets and thread hand-offs the other {:.0} µs",
+        total_us - decode_us - store_us
     );
 
     println!("sketch merge: {AGENTS} agents' dense p=14 sketches for one window");
