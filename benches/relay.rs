@@ -78,6 +78,10 @@ struct Server {
     mode: Arc<AtomicU32>,
     connected: Arc<AtomicUsize>,
     sent: Arc<AtomicU64>,
+    /// Senders between reading the mode and counting what they sent: a
+    /// sender blocked in a write (the subject reading slowly) has sent
+    /// messages it has not counted yet.
+    busy: Arc<AtomicUsize>,
     /// Raised by one: every connection sends one large frame.
     large: Arc<AtomicU64>,
 }
@@ -116,12 +120,13 @@ impl Server {
             mode: Arc::new(AtomicU32::new(IDLE)),
             connected: Arc::default(),
             sent: Arc::default(),
+            busy: Arc::default(),
             large: Arc::default(),
         };
         let counters = (
             s.mode.clone(),
             s.connected.clone(),
-            s.sent.clone(),
+            (s.sent.clone(), s.busy.clone()),
             s.large.clone(),
         );
         std::thread::spawn(move || {
@@ -135,18 +140,17 @@ impl Server {
     }
 }
 
+/// A connection's view of [`Server`]: mode, connected, (sent, busy), large.
+type Counters = (
+    Arc<AtomicU32>,
+    Arc<AtomicUsize>,
+    (Arc<AtomicU64>, Arc<AtomicUsize>),
+    Arc<AtomicU64>,
+);
+
 // The handshake callback's error type is tungstenite's, not ours to shrink.
 #[allow(clippy::result_large_err)]
-fn serve(
-    conn: TcpStream,
-    (mode, connected, sent, large): (
-        Arc<AtomicU32>,
-        Arc<AtomicUsize>,
-        Arc<AtomicU64>,
-        Arc<AtomicU64>,
-    ),
-    requests: bool,
-) {
+fn serve(conn: TcpStream, (mode, connected, (sent, busy), large): Counters, requests: bool) {
     let mut path = String::new();
     let Ok(mut ws) = tungstenite::accept_hdr(
         conn,
@@ -180,9 +184,11 @@ fn serve(
                 return;
             }
         }
+        let counted = Busy::enter(&busy);
         let m = mode.load(Ordering::SeqCst);
         let n = match m {
             IDLE => {
+                drop(counted);
                 std::thread::sleep(Duration::from_millis(20));
                 tick_start = Instant::now();
                 due = 0.0;
@@ -216,6 +222,22 @@ fn serve(
             connected.fetch_sub(1, Ordering::SeqCst);
             return;
         }
+    }
+}
+
+/// A sender counted in [`Server::busy`] until dropped (on every way out).
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn enter(n: &'a AtomicUsize) -> Busy<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        Busy(n)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -493,8 +515,13 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     if let Some(mut p) = perf {
         let _ = p.wait();
     }
-    // Every sender thread notices within one tick.
-    std::thread::sleep(Duration::from_millis(200));
+    // Every sender notices within one tick, unless it is blocked writing
+    // to a subject that reads slowly: wait until none is between reading
+    // the mode and counting what it sent (at most 10 s).
+    let quiet = Instant::now();
+    while server.busy.load(Ordering::SeqCst) > 0 && quiet.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let sent = server.sent.load(Ordering::SeqCst) - sent0;
     // Let the subject finish what was sent.
     let settle = Instant::now();
