@@ -75,8 +75,11 @@ fn fill(db: &std::path::Path, edges: usize, days: i64, now: i64) -> usize {
     let first = start - start.rem_euclid(WINDOW_MS) + WINDOW_MS;
     let mut rows = 0;
     {
+        let mut series = tx
+            .prepare("INSERT INTO series (id, metric, net, agent, dims, unit) VALUES (?1, 'active_users', ?2, ?3, ?4, 'Count') ON CONFLICT DO NOTHING")
+            .unwrap();
         let mut point = tx
-            .prepare("INSERT INTO points (metric, net, ts, agent, dims, value, unit) VALUES ('active_users', ?1, ?2, ?3, ?4, ?5, 'Count')")
+            .prepare("INSERT INTO points (series, metric, ts, value) VALUES (?1, 'active_users', ?2, ?3)")
             .unwrap();
         let mut sketch = tx
             .prepare("INSERT INTO sketches (metric, net, ts, agent, dims, unit, estimate, sketch) VALUES ('active_users', ?1, ?2, ?3, ?4, 'Count', ?5, ?6)")
@@ -95,9 +98,11 @@ fn fill(db: &std::path::Path, edges: usize, days: i64, now: i64) -> usize {
                     sk.insert(h);
                 }
                 let v = sk.estimate();
-                point
-                    .execute(rusqlite::params![net, ts, agent, dims, v])
+                let id = e as i64 + 1;
+                series
+                    .execute(rusqlite::params![id, net, agent, dims])
                     .unwrap();
+                point.execute(rusqlite::params![id, ts, v]).unwrap();
                 sketch
                     .execute(rusqlite::params![net, ts, agent, dims, v, sk.encode()])
                     .unwrap();

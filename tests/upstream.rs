@@ -1196,3 +1196,132 @@ fn health_ok(port: u16) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Issue 18: points are stored per series. A PostgreSQL store written by
+/// an upstream before that (every point carrying its series' columns) is
+/// moved by the first upstream that connects, in the schema's transaction,
+/// and every answer is as before; the next start moves nothing.
+#[test]
+fn a_postgresql_store_from_before_series_is_moved_and_answers_the_same() {
+    let pg = PgServer::start("upstream-move");
+    let mut su = pg.superuser("postgres");
+    su.batch_execute("CREATE ROLE ups LOGIN PASSWORD 'pw-ups'")
+        .expect("create role");
+    su.batch_execute("CREATE DATABASE ups OWNER ups")
+        .expect("create database");
+    let mut old = pg.connect("ups", "pw-ups", "ups");
+    old.batch_execute(
+        "CREATE TABLE points (metric TEXT NOT NULL, net TEXT NOT NULL, ts BIGINT NOT NULL,
+             agent TEXT NOT NULL, dims TEXT NOT NULL, value DOUBLE PRECISION NOT NULL,
+             unit TEXT NOT NULL);
+         CREATE INDEX points_by_time ON points (metric, ts);",
+    )
+    .expect("the layout before series");
+    let now = common::now_ms();
+    let (t1, t2) = (now - 120_000, now - 60_000);
+    let rows: [(&str, i64, f64); 4] = [
+        ("a1", t1, 3.0),
+        ("a2", t1, 4.0),
+        ("a1", t2, 5.0),
+        ("a1", t2, 6.0),
+    ];
+    for (agent, ts, v) in rows {
+        let dims = format!(r#"{{"gateway":"{agent}","window":"30m"}}"#);
+        old.execute(
+            "INSERT INTO points VALUES ('moved', '{\"window\":\"30m\"}', $1, $2, $3, $4, 'Count')",
+            &[&ts, &agent, &dims, &v],
+        )
+        .expect("old row");
+    }
+    drop(old);
+
+    let dir = TempDir::new("upstream-move");
+    dir.write("db.password", "pw-ups\n");
+    let store = format!("postgres://ups@127.0.0.1:{}/ups", pg.port);
+    let port = free_port();
+    let cfg = upstream_config(
+        &dir,
+        "r1",
+        port,
+        &store,
+        "store_password_file = \"db.password\"",
+        "",
+    );
+    let answers = |port: u16| {
+        let net = get_json(port, "/v1/series?metric=moved&range=1D");
+        let own = get_json(port, "/v1/series?metric=moved&range=1D&agent=*");
+        (net["rows"].clone(), own["rows"].clone())
+    };
+    let mut up = Agent::start_upstream(&cfg, "info", &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || health_ok(port)),
+        "the upstream came up: {}",
+        up.stderr()
+    );
+    let (net, own) = answers(port);
+    let sums: Vec<(i64, f64, i64)> = net
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["ts"].as_i64().unwrap_or_default(),
+                r["value"].as_f64().unwrap_or_default(),
+                r["agents"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(sums, [(t1, 7.0, 2), (t2, 11.0, 1)], "{net}");
+    let mut values: Vec<(String, f64)> = own
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["agent"].as_str().unwrap_or("").to_owned(),
+                r["value"].as_f64().unwrap_or(-1.0),
+            )
+        })
+        .collect();
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(
+        values,
+        [
+            ("a1".into(), 3.0),
+            ("a1".into(), 5.0),
+            ("a1".into(), 6.0),
+            ("a2".into(), 4.0)
+        ],
+        "{own}"
+    );
+    assert!(
+        up.stderr()
+            .contains("moving points to per-series rows (once)"),
+        "{}",
+        up.stderr()
+    );
+    up.stop();
+
+    let mut again = Agent::start_upstream(&cfg, "info", &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || health_ok(port)),
+        "restarted"
+    );
+    assert_eq!(
+        answers(port),
+        (net, own),
+        "the same answers after a restart"
+    );
+    assert!(
+        !again.stderr().contains("moving points"),
+        "moved once: {}",
+        again.stderr()
+    );
+    again.stop();
+    let mut c = pg.connect("ups", "pw-ups", "ups");
+    let series: i64 = c
+        .query_one("SELECT COUNT(*) FROM series", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(series, 2, "a1's and a2's series, each once");
+}

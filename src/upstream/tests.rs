@@ -569,3 +569,212 @@ fn a_store_from_before_the_union_cache_is_counted_once() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Every agent's own points of `metric` in the day before NOW, as
+/// (agent, dims, ts, value).
+fn own_points(s: &mut Store, metric: &str) -> Vec<(String, String, i64, f64)> {
+    s.series(&SeriesQuery {
+        metric: metric.into(),
+        start_ms: NOW - 86_400_000,
+        end_ms: NOW + 86_400_000,
+        agent: Some("*".into()),
+        dims: Vec::new(),
+        limit: usize::MAX,
+    })
+    .expect("series")
+    .into_iter()
+    .map(|r| {
+        let agent = match r.how {
+            How::Agent(a) => a,
+            other => panic!("an agent's own point, got {other:?}"),
+        };
+        (agent, r.dims.encoded().to_owned(), r.ts, r.value)
+    })
+    .collect()
+}
+
+/// Points are stored per series (issue 18). A store written before that
+/// (every point carrying its series' columns) is moved when opened for
+/// writing, once, and answers as before; opened read-only first, it says
+/// what to do.
+#[test]
+fn a_store_from_before_series_is_moved_once_and_answers_the_same() {
+    let dir = std::env::temp_dir().join(format!("edgemeter-upstore-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join(STORE_FILE);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE points (metric TEXT NOT NULL, net TEXT NOT NULL, ts BIGINT NOT NULL,
+             agent TEXT NOT NULL, dims TEXT NOT NULL, value DOUBLE PRECISION NOT NULL,
+             unit TEXT NOT NULL);
+         CREATE INDEX points_by_time ON points (metric, ts);",
+    )
+    .unwrap();
+    let (t1, t2) = (NOW - 120_000, NOW - 60_000);
+    let a = r#"{"gateway":"gw-a","window":"30m"}"#;
+    let b = r#"{"gateway":"gw-b","window":"30m"}"#;
+    let old = [
+        ("gw-a", a, t1, 3.0),
+        ("gw-b", b, t1, 4.0),
+        ("gw-a", a, t2, 5.0),
+        ("gw-a", a, t2, 6.0), // the same series twice at one time: both kept
+    ];
+    for (agent, dims, ts, v) in old {
+        conn.execute(
+            "INSERT INTO points VALUES ('m', '{\"window\":\"30m\"}', ?1, ?2, ?3, ?4, 'Count')",
+            rusqlite::params![ts, agent, dims, v],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let refused = db::Sqlite::open(&path, true)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        refused.contains("layout before series") && refused.contains("edgemeter upstream"),
+        "{refused}"
+    );
+    let db = db::Sqlite::open(&path, false).expect("open and move");
+    let mut s = Store::new(Box::new(db), vec!["gateway".into()], 0);
+    let mut expected: Vec<(String, String, i64, f64)> = old
+        .iter()
+        .map(|&(agent, dims, ts, v)| (agent.to_owned(), dims.to_owned(), ts, v))
+        .collect();
+    expected.sort_by(|x, y| (x.2, &x.0, x.3).partial_cmp(&(y.2, &y.0, y.3)).unwrap());
+    let mut got = own_points(&mut s, "m");
+    got.sort_by(|x, y| (x.2, &x.0, x.3).partial_cmp(&(y.2, &y.0, y.3)).unwrap());
+    assert_eq!(got, expected);
+    let network = s
+        .series(&SeriesQuery {
+            metric: "m".into(),
+            start_ms: t1,
+            end_ms: NOW,
+            agent: None,
+            dims: Vec::new(),
+            limit: 100,
+        })
+        .unwrap();
+    let sums: Vec<(i64, f64, i64)> = network.iter().map(|r| (r.ts, r.value, r.agents)).collect();
+    assert_eq!(sums, [(t1, 7.0, 2), (t2, 11.0, 1)]);
+
+    // New points of an old series join it; reopening moves nothing again.
+    let recs = [Record::point(
+        "m",
+        Dims::new([("gateway", "gw-b"), ("window", "30m")]),
+        t2,
+        1.0,
+        "Count",
+    )];
+    s.ingest(&[&batch("gw-b", 1, &recs)], NOW).unwrap();
+    drop(s);
+    let db = db::Sqlite::open(&path, false).expect("reopen");
+    let mut s = Store::new(Box::new(db), vec!["gateway".into()], 0);
+    assert_eq!(own_points(&mut s, "m").len(), 5);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let series: i64 = conn
+        .query_row("SELECT COUNT(*) FROM series", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(series, 2, "gw-a's and gw-b's series, each once");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// The series ids kept in memory stay within their bound however many
+/// series arrive; past it they are looked up again, never duplicated, and
+/// every point keeps its own series.
+#[test]
+fn series_ids_in_memory_stay_bounded_and_points_keep_their_series() {
+    let (mut s, dir) = sqlite_store();
+    let series = 30_000; // about 3 MiB of keys: past the bound once
+    let per_batch = 5_000;
+    for seq in 0..(series / per_batch) as i64 {
+        let recs: Vec<Record> = (0..per_batch)
+            .map(|i| {
+                let n = (seq as usize * per_batch + i).to_string();
+                Record::point("m", Dims::new([("n", n.as_str())]), NOW, i as f64, "Count")
+            })
+            .collect();
+        s.ingest(&[&batch("gw-a", seq + 1, &recs)], NOW).unwrap();
+        assert!(
+            s.series_ids_bytes() <= store::SERIES_IDS_MAX_BYTES,
+            "after batch {seq}: {} bytes",
+            s.series_ids_bytes()
+        );
+    }
+    // The first series again, after the memory was emptied.
+    let again: Vec<Record> = (0..100)
+        .map(|i| {
+            let n = i.to_string();
+            Record::point("m", Dims::new([("n", n.as_str())]), NOW + 1, 7.0, "Count")
+        })
+        .collect();
+    s.ingest(&[&batch("gw-a", 99, &again)], NOW).unwrap();
+    let points = own_points(&mut s, "m");
+    assert_eq!(points.len(), series + 100);
+    let dims_of_n = |n: usize| {
+        Dims::new([("n", n.to_string().as_str())])
+            .encoded()
+            .to_owned()
+    };
+    for (_, dims, ts, v) in &points {
+        let n: usize = dims
+            .trim_start_matches(r#"{"n":""#)
+            .trim_end_matches(r#""}"#)
+            .parse()
+            .expect("dims n");
+        assert_eq!(dims, &dims_of_n(n));
+        if *ts == NOW {
+            assert_eq!(*v, (n % per_batch) as f64, "point of series {n}");
+        } else {
+            assert!(n < 100 && *v == 7.0, "series {n} at {ts}: {v}");
+        }
+    }
+    let conn = rusqlite::Connection::open(dir.join(STORE_FILE)).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT COUNT(*) FROM series", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows as usize, series, "no series stored twice");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A transaction that inserted a new series and then failed leaves no id
+/// behind: SQLite gives the same id to the next series, and the points of
+/// the first must not land in it.
+#[test]
+fn a_series_from_a_rolled_back_batch_is_not_remembered() {
+    let (mut s, dir) = sqlite_store();
+    let conn = rusqlite::Connection::open(dir.join(STORE_FILE)).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    let point =
+        |gw: &str, v: f64| Record::point("m", Dims::new([("gateway", gw)]), NOW, v, "Count");
+    let event = Record {
+        kind: Kind::Event,
+        name: "analytics".into(),
+        payload: b"{}".to_vec(),
+        ..point("gw-a", 0.0)
+    };
+    let failed = s.ingest(&[&batch("gw-a", 1, &[point("gw-a", 1.0), event])], NOW);
+    assert!(failed.is_err(), "the trigger refused the event");
+    conn.execute_batch("DROP TRIGGER refuse").unwrap();
+    s.ingest(&[&batch("gw-b", 1, &[point("gw-b", 2.0)])], NOW)
+        .unwrap();
+    s.ingest(&[&batch("gw-a", 1, &[point("gw-a", 1.0)])], NOW)
+        .unwrap();
+    let mut got: Vec<(String, String, f64)> = own_points(&mut s, "m")
+        .into_iter()
+        .map(|(a, d, _, v)| (a, d, v))
+        .collect();
+    got.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        got,
+        [
+            ("gw-a".into(), r#"{"gateway":"gw-a"}"#.into(), 1.0),
+            ("gw-b".into(), r#"{"gateway":"gw-b"}"#.into(), 2.0)
+        ]
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

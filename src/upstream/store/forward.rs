@@ -104,7 +104,8 @@ impl Store {
             }));
         }
         let sums = self.db.query(
-            "SELECT SUM(value), COUNT(*), MIN(unit) FROM points WHERE metric = ?1 AND net = ?2 AND ts = ?3",
+            "SELECT SUM(p.value), COUNT(*), MIN(s.unit) FROM points p JOIN series s ON s.id = p.series \
+             WHERE p.metric = ?1 AND s.net = ?2 AND p.ts = ?3",
             &key,
         )?;
         Ok(sums

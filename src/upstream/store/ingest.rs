@@ -26,7 +26,9 @@ impl Store {
                 .collect())
         });
         let fresh = std::mem::take(&mut self.pending_uncommitted);
+        let new_series = std::mem::take(&mut self.series_uncommitted);
         if result.is_ok() {
+            self.remember_series(new_series);
             self.pending_seen.extend(fresh);
             if self.pending_seen.len() > PENDING_SEEN_MAX {
                 let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
@@ -71,23 +73,22 @@ impl Store {
                     .or_insert_with(|| self.net_dims(&r.dims).encode());
             }
         }
-        let mut point_rows: Vec<Val<'_>> = Vec::with_capacity(7 * POINT_ROWS_PER_INSERT);
+        let mut point_rows: Vec<Val<'_>> =
+            Vec::with_capacity(POINT_COLUMNS * POINT_ROWS_PER_INSERT);
         for r in &b.records {
             match r.kind {
                 Kind::Point | Kind::Sketch => {
                     let dims = r.dims.encoded();
                     let net = &nets[dims];
                     if r.kind == Kind::Point {
+                        let series = self.series_id(&b.agent_id, r, net)?;
                         point_rows.extend([
+                            series.into(),
                             r.name.as_str().into(),
-                            net.as_str().into(),
                             r.ts_ms.into(),
-                            agent.clone(),
-                            dims.into(),
                             r.value.into(),
-                            r.unit.as_str().into(),
                         ]);
-                        if point_rows.len() == 7 * POINT_ROWS_PER_INSERT {
+                        if point_rows.len() == POINT_COLUMNS * POINT_ROWS_PER_INSERT {
                             self.insert_points(&point_rows)?;
                             point_rows.clear();
                         }
@@ -185,9 +186,62 @@ impl Store {
         })
     }
 
-    /// Insert whole rows of 7 values with one statement.
+    /// The id of point `r`'s series (`agent`'s, network dims `net`):
+    /// from memory, else from `series`, inserted there if new.
+    fn series_id(&mut self, agent: &str, r: &Record, net: &str) -> Result<i64, DbError> {
+        let mut key = std::mem::take(&mut self.series_key);
+        let (metric, dims, unit) = (r.name.as_str(), r.dims.encoded(), r.unit.as_str());
+        series_key(&mut key, agent, metric, dims, unit);
+        let known = self
+            .series_ids
+            .get(key.as_str())
+            .or_else(|| self.series_uncommitted.get(key.as_str()))
+            .copied();
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let named = [
+                    metric.into(),
+                    net.into(),
+                    agent.into(),
+                    dims.into(),
+                    unit.into(),
+                ];
+                self.db.exec(SQL_INSERT_SERIES, &named)?;
+                let id = self
+                    .db
+                    .query(SQL_SERIES_ID, &named)?
+                    .first()
+                    .map(|row| row[0].int())
+                    .ok_or_else(|| DbError::Statement {
+                        target: format!("the {} store", self.db.kind()),
+                        error: format!(
+                            "series {metric} {dims} of {agent} not found after its insert"
+                        ),
+                    })?;
+                self.series_uncommitted.insert(key.as_str().into(), id);
+                id
+            }
+        };
+        self.series_key = key;
+        Ok(id)
+    }
+
+    /// Keep the ids of series a transaction committed, within the bound.
+    fn remember_series(&mut self, new: foldhash::HashMap<Box<str>, i64>) {
+        for (key, id) in new {
+            self.series_bytes += key.len() + SERIES_ENTRY_BYTES;
+            self.series_ids.insert(key, id);
+        }
+        if self.series_bytes > SERIES_IDS_MAX_BYTES {
+            self.series_ids = Default::default();
+            self.series_bytes = 0;
+        }
+    }
+
+    /// Insert whole rows of [`POINT_COLUMNS`] values with one statement.
     fn insert_points(&mut self, values: &[Val<'_>]) -> Result<(), DbError> {
-        let rows = values.len() / 7;
+        let rows = values.len() / POINT_COLUMNS;
         if self.point_sql.len() < rows {
             self.point_sql = (1..=POINT_ROWS_PER_INSERT).map(insert_points_sql).collect();
         }

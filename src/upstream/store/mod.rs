@@ -65,6 +65,18 @@ pub struct Store {
     /// This transaction's new groups: moved to `pending_seen` when it
     /// commits, dropped when it rolls back, so at most one ingest's worth.
     pending_uncommitted: Vec<Group>,
+    /// Series ids by their key (see [`series_key`]): what this process
+    /// committed. Bounded by design: past [`SERIES_IDS_MAX_BYTES`] it is
+    /// emptied, and a series then costs one lookup in `series` again. Rows
+    /// of `series` are never deleted, so a committed id stays right.
+    series_ids: foldhash::HashMap<Box<str>, i64>,
+    /// What `series_ids` holds, in bytes (keys and their entries).
+    series_bytes: usize,
+    /// This transaction's new series: moved to `series_ids` when it
+    /// commits, dropped when it rolls back (their ids may be given again).
+    series_uncommitted: foldhash::HashMap<Box<str>, i64>,
+    /// The buffer a point's series key is written into.
+    series_key: String,
     /// The INSERT for 1, 2, ... rows of points.
     point_sql: Vec<String>,
 }
@@ -73,6 +85,12 @@ pub struct Store {
 const CLOCK_MARGIN_MS: i64 = 60_000;
 /// About 3 MiB of groups (a metric, its dims and a time each).
 pub const PENDING_SEEN_MAX: usize = 16_384;
+/// Series ids kept in memory, in bytes: some 20,000 series of 100-byte
+/// keys, more than a network of a thousand edges sends.
+pub const SERIES_IDS_MAX_BYTES: usize = 2 << 20;
+/// What a `series_ids` entry costs beside its key's bytes: the boxed key
+/// and the id, the table's control byte, the allocation's header.
+const SERIES_ENTRY_BYTES: usize = 48;
 
 /// What storing one batch did.
 #[derive(Debug, Clone, PartialEq)]
@@ -223,27 +241,36 @@ const SQL_INSERT_BATCH: &str = "INSERT INTO batches (agent, outbox, seq, receive
 /// row costs more than the row itself.
 const POINT_ROWS_PER_INSERT: usize = 16;
 
-/// `INSERT INTO points ... VALUES (?1..?7), (?8..?14), ...` for `rows` rows.
+/// Values bound per point row: its series, metric, time and value.
+const POINT_COLUMNS: usize = 4;
+
+/// `INSERT INTO points ... VALUES (?1..?4), (?5..?8), ...` for `rows` rows.
 fn insert_points_sql(rows: usize) -> String {
-    let mut sql =
-        String::from("INSERT INTO points (metric, net, ts, agent, dims, value, unit) VALUES ");
+    let mut sql = String::from("INSERT INTO points (series, metric, ts, value) VALUES ");
     for r in 0..rows {
-        let b = r * 7;
+        let b = r * POINT_COLUMNS;
         if r > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!(
-            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5,
-            b + 6,
-            b + 7
-        ));
+        sql.push_str(&format!("(?{}, ?{}, ?{}, ?{})", b + 1, b + 2, b + 3, b + 4));
     }
     sql
+}
+/// A series is named by these; its network dims follow from its dims.
+const SQL_INSERT_SERIES: &str = "INSERT INTO series (metric, net, agent, dims, unit) \
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING";
+const SQL_SERIES_ID: &str = "SELECT id FROM series \
+     WHERE metric = ?1 AND net = ?2 AND agent = ?3 AND dims = ?4 AND unit = ?5";
+
+/// A series' key in memory: its agent, metric, dims and unit, each after
+/// its length (so that no two series share a key, whatever their text).
+fn series_key(key: &mut String, agent: &str, metric: &str, dims: &str, unit: &str) {
+    use std::fmt::Write;
+    key.clear();
+    for part in [agent, metric, dims, unit] {
+        let _ = write!(key, "{}:", part.len());
+        key.push_str(part);
+    }
 }
 const SQL_INSERT_SKETCH: &str = "INSERT INTO sketches \
      (metric, net, ts, agent, dims, unit, estimate, sketch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
@@ -283,6 +310,10 @@ impl Store {
             forwards: true,
             pending_seen: HashSet::new(),
             pending_uncommitted: Vec::new(),
+            series_ids: Default::default(),
+            series_bytes: 0,
+            series_uncommitted: Default::default(),
+            series_key: String::new(),
             point_sql: Vec::new(),
         }
     }
@@ -307,6 +338,12 @@ impl Store {
     #[cfg(test)]
     pub fn pending_seen_len(&self) -> usize {
         self.pending_seen.len() + self.pending_uncommitted.len()
+    }
+
+    /// Series ids in memory, in bytes, for tests of the bound.
+    #[cfg(test)]
+    pub fn series_ids_bytes(&self) -> usize {
+        self.series_bytes
     }
 
     /// The dims without the edge-naming ones, as stored in `net`.

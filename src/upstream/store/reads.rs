@@ -14,16 +14,20 @@ impl Store {
         if let Some(agent) = &q.agent {
             let (sql, params): (&str, Vec<Val>) = if agent == "*" {
                 (
-                    "SELECT ts, dims, value, unit, agent FROM points \
-                     WHERE metric = ?1 AND ts >= ?2 AND ts < ?3 ORDER BY ts, agent, dims",
+                    "SELECT p.ts, s.dims, p.value, s.unit, s.agent \
+                     FROM points p JOIN series s ON s.id = p.series \
+                     WHERE p.metric = ?1 AND p.ts >= ?2 AND p.ts < ?3 \
+                     ORDER BY p.ts, s.agent, s.dims",
                     range.to_vec(),
                 )
             } else {
                 let mut p = range.to_vec();
                 p.push(agent.as_str().into());
                 (
-                    "SELECT ts, dims, value, unit, agent FROM points \
-                     WHERE metric = ?1 AND ts >= ?2 AND ts < ?3 AND agent = ?4 ORDER BY ts, dims",
+                    "SELECT p.ts, s.dims, p.value, s.unit, s.agent \
+                     FROM points p JOIN series s ON s.id = p.series \
+                     WHERE p.metric = ?1 AND p.ts >= ?2 AND p.ts < ?3 AND s.agent = ?4 \
+                     ORDER BY p.ts, s.dims",
                     p,
                 )
             };
@@ -96,8 +100,9 @@ impl Store {
             return Ok(all.into_values().take(q.limit).collect());
         }
         let sums = self.db.query(
-            "SELECT ts, net, SUM(value), COUNT(DISTINCT agent), MIN(unit) FROM points \
-             WHERE metric = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY ts, net",
+            "SELECT p.ts, s.net, SUM(p.value), COUNT(DISTINCT s.agent), MIN(s.unit) \
+             FROM points p JOIN series s ON s.id = p.series \
+             WHERE p.metric = ?1 AND p.ts >= ?2 AND p.ts < ?3 GROUP BY p.ts, s.net",
             &range,
         )?;
         for r in sums {
@@ -443,7 +448,8 @@ impl Store {
         let mut out = AgentHealth::new();
         for metric in crate::sources::AGENT_HEALTH_METRICS {
             let rows = self.db.query(
-                "SELECT agent, dims, ts, value FROM points WHERE metric = ?1 AND ts >= ?2",
+                "SELECT s.agent, s.dims, p.ts, p.value FROM points p JOIN series s ON s.id = p.series \
+                 WHERE p.metric = ?1 AND p.ts >= ?2",
                 &[metric.into(), since_ms.into()],
             )?;
             for r in rows {

@@ -52,8 +52,9 @@ impl Store {
             );
         }
         for r in self.db.query(
-            "SELECT metric, net, SUM(value), COUNT(*), COUNT(DISTINCT agent) FROM points \
-             WHERE ts >= ?1 AND ts < ?2 GROUP BY metric, net",
+            "SELECT p.metric, s.net, SUM(p.value), COUNT(*), COUNT(DISTINCT s.agent) \
+             FROM points p JOIN series s ON s.id = p.series \
+             WHERE p.ts >= ?1 AND p.ts < ?2 GROUP BY p.metric, s.net",
             &range,
         )? {
             let mut it = r.into_iter();
