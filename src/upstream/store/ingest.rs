@@ -16,9 +16,10 @@ impl Store {
             key(batches[a]).cmp(&key(batches[b]))
         });
         let result = self.transaction(|s| {
+            let series = s.series_of(batches)?;
             let mut out = vec![None; batches.len()];
             for i in order {
-                out[i] = Some(s.ingest_one(batches[i], now_ms)?);
+                out[i] = Some(s.ingest_one(batches[i], &series[i], now_ms)?);
             }
             Ok(out
                 .into_iter()
@@ -42,7 +43,13 @@ impl Store {
         result
     }
 
-    fn ingest_one(&mut self, b: &wire::Batch, now_ms: i64) -> Result<Ingested, DbError> {
+    /// `series`: the series id of each of `b`'s points, in record order.
+    fn ingest_one(
+        &mut self,
+        b: &wire::Batch,
+        series: &[i64],
+        now_ms: i64,
+    ) -> Result<Ingested, DbError> {
         let inserted = self.db.exec(
             SQL_INSERT_BATCH,
             &[
@@ -75,15 +82,16 @@ impl Store {
         }
         let mut point_rows: Vec<Val<'_>> =
             Vec::with_capacity(POINT_COLUMNS * POINT_ROWS_PER_INSERT);
+        let mut series = series.iter();
         for r in &b.records {
             match r.kind {
                 Kind::Point | Kind::Sketch => {
                     let dims = r.dims.encoded();
                     let net = &nets[dims];
                     if r.kind == Kind::Point {
-                        let series = self.series_id(&b.agent_id, r, net)?;
+                        let id = *series.next().expect("an id for each point");
                         point_rows.extend([
-                            series.into(),
+                            id.into(),
                             r.name.as_str().into(),
                             r.ts_ms.into(),
                             r.value.into(),
@@ -186,45 +194,85 @@ impl Store {
         })
     }
 
-    /// The id of point `r`'s series (`agent`'s, network dims `net`):
-    /// from memory, else from `series`, inserted there if new.
-    fn series_id(&mut self, agent: &str, r: &Record, net: &str) -> Result<i64, DbError> {
+    /// The series id of every point of `batches`, in record order. Series
+    /// not in memory are inserted or looked up first, in key order: two
+    /// replicas' transactions then take their locks in `series` in the
+    /// same order (as they do in `batches`) and cannot deadlock.
+    fn series_of(&mut self, batches: &[&wire::Batch]) -> Result<Vec<Vec<i64>>, DbError> {
+        let mut ids: Vec<Vec<i64>> = Vec::with_capacity(batches.len());
+        /// A series not in memory: its agent, one of its points, and where
+        /// its id goes (batch, point).
+        struct Unknown<'a> {
+            agent: &'a str,
+            point: &'a Record,
+            places: Vec<(usize, usize)>,
+        }
+        let mut unknown: BTreeMap<String, Unknown> = BTreeMap::new();
         let mut key = std::mem::take(&mut self.series_key);
-        let (metric, dims, unit) = (r.name.as_str(), r.dims.encoded(), r.unit.as_str());
-        series_key(&mut key, agent, metric, dims, unit);
-        let known = self
-            .series_ids
-            .get(key.as_str())
-            .or_else(|| self.series_uncommitted.get(key.as_str()))
-            .copied();
-        let id = match known {
-            Some(id) => id,
-            None => {
-                let named = [
-                    metric.into(),
-                    net.into(),
-                    agent.into(),
-                    dims.into(),
-                    unit.into(),
-                ];
-                self.db.exec(SQL_INSERT_SERIES, &named)?;
-                let id = self
-                    .db
-                    .query(SQL_SERIES_ID, &named)?
-                    .first()
-                    .map(|row| row[0].int())
-                    .ok_or_else(|| DbError::Statement {
-                        target: format!("the {} store", self.db.kind()),
-                        error: format!(
-                            "series {metric} {dims} of {agent} not found after its insert"
-                        ),
-                    })?;
-                self.series_uncommitted.insert(key.as_str().into(), id);
-                id
+        for (i, b) in batches.iter().enumerate() {
+            let mut these = Vec::with_capacity(b.records.len());
+            for r in b.records.iter().filter(|r| r.kind == Kind::Point) {
+                let (agent, metric) = (b.agent_id.as_str(), r.name.as_str());
+                series_key(&mut key, agent, metric, r.dims.encoded(), &r.unit);
+                match self.series_ids.get(key.as_str()) {
+                    Some(&id) => these.push(id),
+                    None => {
+                        let at = (i, these.len());
+                        these.push(0);
+                        match unknown.get_mut(key.as_str()) {
+                            Some(u) => u.places.push(at),
+                            None => {
+                                let places = vec![at];
+                                unknown.insert(
+                                    key.clone(),
+                                    Unknown {
+                                        agent,
+                                        point: r,
+                                        places,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
             }
-        };
+            ids.push(these);
+        }
         self.series_key = key;
-        Ok(id)
+        for (
+            key,
+            Unknown {
+                agent,
+                point: r,
+                places,
+            },
+        ) in unknown
+        {
+            let net = self.net_dims(&r.dims).encode();
+            let (metric, dims, unit) = (r.name.as_str(), r.dims.encoded(), r.unit.as_str());
+            let named = [
+                metric.into(),
+                net.as_str().into(),
+                agent.into(),
+                dims.into(),
+                unit.into(),
+            ];
+            self.db.exec(SQL_INSERT_SERIES, &named)?;
+            let id = self
+                .db
+                .query(SQL_SERIES_ID, &named)?
+                .first()
+                .map(|row| row[0].int())
+                .ok_or_else(|| DbError::Statement {
+                    target: format!("the {} store", self.db.kind()),
+                    error: format!("series {metric} {dims} of {agent} not found after its insert"),
+                })?;
+            for (b, p) in places {
+                ids[b][p] = id;
+            }
+            self.series_uncommitted.insert(key.into_boxed_str(), id);
+        }
+        Ok(ids)
     }
 
     /// Keep the ids of series a transaction committed, within the bound.

@@ -10,9 +10,9 @@
 //! changes nothing and is acknowledged all the same. With PostgreSQL, two
 //! replicas that receive the same batch at once serialise on the unique
 //! key: the second waits for the first to commit, then finds the key.
-//! Batches committed together are inserted in key order, so two replicas'
-//! group commits always take their locks in the same order and cannot
-//! deadlock.
+//! Batches committed together are inserted in key order, after the series
+//! new to them (in their key order), so two replicas' group commits always
+//! take their locks in the same order and cannot deadlock.
 //!
 //! # Network-wide series
 //! Every point and sketch is stored under its full dimensions (the
@@ -72,8 +72,9 @@ pub struct Store {
     series_ids: foldhash::HashMap<Box<str>, i64>,
     /// What `series_ids` holds, in bytes (keys and their entries).
     series_bytes: usize,
-    /// This transaction's new series: moved to `series_ids` when it
-    /// commits, dropped when it rolls back (their ids may be given again).
+    /// This transaction's new series (at most one group's points): moved
+    /// to `series_ids` when it commits, dropped when it rolls back (their
+    /// ids may be given again).
     series_uncommitted: foldhash::HashMap<Box<str>, i64>,
     /// The buffer a point's series key is written into.
     series_key: String,
