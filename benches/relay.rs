@@ -74,16 +74,22 @@ const BLAST: u32 = u32::MAX;
 
 struct Server {
     port: u16,
+    shared: Arc<Shared>,
+}
+
+/// What the bench and every connection's sender share.
+#[derive(Default)]
+struct Shared {
     /// Messages per second per stream; IDLE or BLAST.
-    mode: Arc<AtomicU32>,
-    connected: Arc<AtomicUsize>,
-    sent: Arc<AtomicU64>,
+    mode: AtomicU32,
+    connected: AtomicUsize,
+    sent: AtomicU64,
     /// Senders between reading the mode and counting what they sent: a
     /// sender blocked in a write (the subject reading slowly) has sent
     /// messages it has not counted yet.
-    busy: Arc<AtomicUsize>,
+    busy: AtomicUsize,
     /// Raised by one: every connection sends one large frame.
-    large: Arc<AtomicU64>,
+    large: AtomicU64,
 }
 
 const LARGE_FRAME_BYTES: usize = 1_900_000;
@@ -115,42 +121,35 @@ impl Server {
     fn start(requests: bool) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            mode: AtomicU32::new(IDLE),
+            ..Shared::default()
+        });
         let s = Server {
             port,
-            mode: Arc::new(AtomicU32::new(IDLE)),
-            connected: Arc::default(),
-            sent: Arc::default(),
-            busy: Arc::default(),
-            large: Arc::default(),
+            shared: shared.clone(),
         };
-        let counters = (
-            s.mode.clone(),
-            s.connected.clone(),
-            (s.sent.clone(), s.busy.clone()),
-            s.large.clone(),
-        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let counters = counters.clone();
-                std::thread::spawn(move || serve(conn, counters, requests));
+                let shared = shared.clone();
+                std::thread::spawn(move || serve(conn, &shared, requests));
             }
         });
         s
     }
 }
 
-/// A connection's view of [`Server`]: mode, connected, (sent, busy), large.
-type Counters = (
-    Arc<AtomicU32>,
-    Arc<AtomicUsize>,
-    (Arc<AtomicU64>, Arc<AtomicUsize>),
-    Arc<AtomicU64>,
-);
-
 // The handshake callback's error type is tungstenite's, not ours to shrink.
 #[allow(clippy::result_large_err)]
-fn serve(conn: TcpStream, (mode, connected, (sent, busy), large): Counters, requests: bool) {
+fn serve(conn: TcpStream, shared: &Shared, requests: bool) {
+    let Shared {
+        mode,
+        connected,
+        sent,
+        busy,
+        large,
+    } = shared;
     let mut path = String::new();
     let Ok(mut ws) = tungstenite::accept_hdr(
         conn,
@@ -184,7 +183,7 @@ fn serve(conn: TcpStream, (mode, connected, (sent, busy), large): Counters, requ
                 return;
             }
         }
-        let counted = Busy::enter(&busy);
+        let counted = Busy::enter(busy);
         let m = mode.load(Ordering::SeqCst);
         let n = match m {
             IDLE => {
@@ -225,7 +224,7 @@ fn serve(conn: TcpStream, (mode, connected, (sent, busy), large): Counters, requ
     }
 }
 
-/// A sender counted in [`Server::busy`] until dropped (on every way out).
+/// A sender counted in [`Shared::busy`] until dropped (on every way out).
 struct Busy<'a>(&'a AtomicUsize);
 
 impl<'a> Busy<'a> {
@@ -417,7 +416,7 @@ struct Figures {
 
 fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Duration) -> Figures {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while server.connected.load(Ordering::SeqCst) < STREAMS {
+    while server.shared.connected.load(Ordering::SeqCst) < STREAMS {
         assert!(
             Instant::now() < deadline,
             "the subject did not connect its {STREAMS} streams"
@@ -439,7 +438,7 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     // Large frames before any traffic: later phases leave free heap that
     // would hide what a large frame keeps. Then the peak is reset
     // (clear_refs 5), so the fixed-rate phase's peak is its own.
-    server.large.fetch_add(1, Ordering::SeqCst);
+    server.shared.large.fetch_add(1, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs(2));
     let rss_after_large = sum(&|p| status_kib(p, "VmRSS:"));
     for p in &pids {
@@ -449,10 +448,13 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     // Both counters are read while the server is idle, so they agree.
     let (s0, sent0, c0r) = (
         subject.stored(),
-        server.sent.load(Ordering::SeqCst),
+        server.shared.sent.load(Ordering::SeqCst),
         sum(&cpu_ticks),
     );
-    server.mode.store(rate_per_stream(), Ordering::SeqCst);
+    server
+        .shared
+        .mode
+        .store(rate_per_stream(), Ordering::SeqCst);
     // EDGEMETER_BENCH_PERF=FILE: profile the first subject's fixed-rate phase.
     static PROFILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let perf = std::env::var("EDGEMETER_BENCH_PERF")
@@ -508,7 +510,7 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
         threads_streaming = threads_streaming.max(threads());
         std::thread::sleep(Duration::from_millis(50));
     }
-    server.mode.store(IDLE, Ordering::SeqCst);
+    server.shared.mode.store(IDLE, Ordering::SeqCst);
     if let Some(mut p) = strace {
         let _ = p.wait();
     }
@@ -519,10 +521,11 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     // to a subject that reads slowly: wait until none is between reading
     // the mode and counting what it sent (at most 10 s).
     let quiet = Instant::now();
-    while server.busy.load(Ordering::SeqCst) > 0 && quiet.elapsed() < Duration::from_secs(10) {
+    while server.shared.busy.load(Ordering::SeqCst) > 0 && quiet.elapsed() < Duration::from_secs(10)
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let sent = server.sent.load(Ordering::SeqCst) - sent0;
+    let sent = server.shared.sent.load(Ordering::SeqCst) - sent0;
     // Let the subject finish what was sent.
     let settle = Instant::now();
     while subject.stored() - s0 < sent && settle.elapsed() < Duration::from_secs(10) {
@@ -532,12 +535,12 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
     let stored = subject.stored() - s0;
     let peak_rss_kib = sum(&|p| status_kib(p, "VmHWM:"));
 
-    server.mode.store(BLAST, Ordering::SeqCst);
+    server.shared.mode.store(BLAST, Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(500));
     let (b0, t0) = (subject.stored(), Instant::now());
     std::thread::sleep(phase);
     let (b1, t1) = (subject.stored(), Instant::now());
-    server.mode.store(IDLE, Ordering::SeqCst);
+    server.shared.mode.store(IDLE, Ordering::SeqCst);
     Figures {
         large_kib_per_stream: (rss_after_large as f64 - idle_rss_kib as f64) / STREAMS as f64,
         idle_rss_kib,
