@@ -1325,3 +1325,91 @@ fn a_postgresql_store_from_before_series_is_moved_and_answers_the_same() {
         .get(0);
     assert_eq!(series, 2, "a1's and a2's series, each once");
 }
+
+/// With PostgreSQL and a sink: a batch of old points queues its windows
+/// (checked and queued in a few statements, not two per window), the
+/// windows are forwarded once, and a later batch for the same windows is
+/// stored, counted late and not forwarded again.
+#[test]
+fn late_batches_on_postgresql_are_stored_counted_late_and_forwarded_once() {
+    let pg = PgServer::start("upstream-late");
+    let mut su = pg.superuser("postgres");
+    su.batch_execute("CREATE ROLE ups LOGIN PASSWORD 'pw-ups'")
+        .expect("create role");
+    su.batch_execute("CREATE DATABASE ups OWNER ups")
+        .expect("create database");
+    let dir = TempDir::new("upstream-late");
+    dir.write("db.password", "pw-ups\n");
+    let store = format!("postgres://ups@127.0.0.1:{}/ups", pg.port);
+    let port = free_port();
+    let forwarded = dir.path("forwarded.csv");
+    let cfg = upstream_config(
+        &dir,
+        "r1",
+        port,
+        &store,
+        "store_password_file = \"db.password\"",
+        &format!(
+            "[[sink]]\ntype = \"csv\"\npath = \"{}\"\n",
+            forwarded.display()
+        ),
+    );
+    let mut up = Agent::start_upstream(&cfg, "info", &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || health_ok(port)),
+        "the upstream came up: {}",
+        up.stderr()
+    );
+    // 300 windows, ten minutes old (settled): more than one statement's worth.
+    let t0 = (common::now_ms() - 600_000) / 1000 * 1000;
+    let points = |agent: &str, value: i64| {
+        (0..300)
+            .map(|i| {
+                format!(
+                    r#"{{"metric":"late","dims":{{"gateway":"{agent}","window":"1s"}},"ts":{},"value":{value},"unit":"Count"}}"#,
+                    t0 + i * 1000
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let post = |agent: &str, value: i64| {
+        let json = format!(
+            r#"{{"v":1,"agent_id":"{agent}","outbox_id":"late","seq":1,"points":[{}]}}"#,
+            points(agent, value)
+        );
+        let (status, body) = post_batch(port, &token_of(agent), &json);
+        assert_eq!(status, 200, "{body}");
+    };
+    post("a1", 2);
+    let lines = || {
+        std::fs::read_to_string(&forwarded)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(",point,late,"))
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || lines() == 300),
+        "every window forwarded once: {} lines; {}",
+        lines(),
+        up.stderr()
+    );
+    assert_eq!(metric(port, "records_late_total"), 0.0);
+    post("a2", 3);
+    assert_eq!(
+        metric(port, "records_late_total"),
+        300.0,
+        "a2's points are late"
+    );
+    std::thread::sleep(Duration::from_secs(2)); // two forwarding rounds
+    assert_eq!(lines(), 300, "nothing forwarded twice");
+    let sums = get_json(port, "/v1/series?metric=late&range=1D");
+    let rows = sums["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 300);
+    assert!(
+        rows.iter().all(|r| r["value"] == 5.0),
+        "late points are in queries: {sums}"
+    );
+    up.stop();
+}

@@ -167,26 +167,32 @@ impl Store {
         if !point_rows.is_empty() {
             self.insert_points(&point_rows)?;
         }
-        let mut late = 0;
         let unsettled_after = now_ms - self.settle_ms - CLOCK_MARGIN_MS;
-        for (g, n) in groups {
-            let recent = g.ts > unsettled_after;
-            if recent && self.pending_seen.contains(&g) {
-                continue;
-            }
-            let key = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
-            if !recent {
-                let forwarded = self.db.query(SQL_IS_FORWARDED, &key)?;
-                if forwarded.first().is_some_and(|r| r[0].int() > 0) {
-                    late += n;
-                    continue;
-                }
-            }
-            self.db.exec(SQL_INSERT_PENDING, &key)?;
-            if recent {
-                self.pending_uncommitted.push(g);
-            }
-        }
+        let mut queue: Vec<(Group, usize)> = groups
+            .into_iter()
+            .filter(|(g, _)| g.ts <= unsettled_after || !self.pending_seen.contains(g))
+            .collect();
+        // Only a settled group can have been forwarded already.
+        let settled: Vec<&Group> = queue
+            .iter()
+            .map(|(g, _)| g)
+            .filter(|g| g.ts <= unsettled_after)
+            .collect();
+        let forwarded = self.forwarded_among(&settled)?;
+        let mut late = 0;
+        queue.retain(|(g, n)| {
+            let sent = forwarded.contains(g);
+            late += if sent { *n } else { 0 };
+            !sent
+        });
+        let queued: Vec<&Group> = queue.iter().map(|(g, _)| g).collect();
+        self.queue_pending(&queued)?;
+        self.pending_uncommitted.extend(
+            queue
+                .into_iter()
+                .map(|(g, _)| g)
+                .filter(|g| g.ts > unsettled_after),
+        );
         Ok(Ingested {
             new: true,
             records: b.records.len(),
@@ -285,6 +291,29 @@ impl Store {
             self.series_ids = Default::default();
             self.series_bytes = 0;
         }
+    }
+
+    /// Which of `groups` were forwarded already: a few statements, not one
+    /// per group (with PostgreSQL each is a round trip, and a batch of old
+    /// points touches a thousand groups).
+    fn forwarded_among(&mut self, groups: &[&Group]) -> Result<HashSet<Group>, DbError> {
+        let mut out = HashSet::new();
+        for chunk in groups.chunks(GROUPS_PER_STATEMENT) {
+            let (sql, params) = groups_sql(SQL_FORWARDED_AMONG, SQL_FORWARDED_AMONG_END, chunk);
+            for row in self.db.query(&sql, &params)? {
+                out.insert(group_of(row));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queue `groups` for forwarding, a few statements for all.
+    fn queue_pending(&mut self, groups: &[&Group]) -> Result<(), DbError> {
+        for chunk in groups.chunks(GROUPS_PER_STATEMENT) {
+            let (sql, params) = groups_sql(SQL_QUEUE_PENDING, SQL_QUEUE_PENDING_END, chunk);
+            self.db.exec(&sql, &params)?;
+        }
+        Ok(())
     }
 
     /// Insert whole rows of [`POINT_COLUMNS`] values with one statement.

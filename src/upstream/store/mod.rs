@@ -247,15 +247,8 @@ const POINT_COLUMNS: usize = 4;
 
 /// `INSERT INTO points ... VALUES (?1..?4), (?5..?8), ...` for `rows` rows.
 fn insert_points_sql(rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO points (series, metric, ts, value) VALUES ");
-    for r in 0..rows {
-        let b = r * POINT_COLUMNS;
-        if r > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("(?{}, ?{}, ?{}, ?{})", b + 1, b + 2, b + 3, b + 4));
-    }
-    sql
+    "INSERT INTO points (series, metric, ts, value) VALUES ".to_owned()
+        + &value_rows(rows, &["?"; POINT_COLUMNS])
 }
 /// A series is named by these; its network dims follow from its dims.
 const SQL_INSERT_SERIES: &str = "INSERT INTO series (metric, net, agent, dims, unit) \
@@ -296,10 +289,53 @@ const SQL_COUNT_EDGE_DAY: &str = "INSERT INTO edge_days \
 pub const DAY_MS: i64 = 86_400_000;
 const SQL_INSERT_EVENT: &str = "INSERT INTO events (ts, etype, user_id, agent, dims, payload) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-const SQL_IS_FORWARDED: &str =
-    "SELECT COUNT(*) FROM forwarded WHERE metric = ?1 AND net = ?2 AND ts = ?3";
-const SQL_INSERT_PENDING: &str =
-    "INSERT INTO pending (metric, net, ts) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
+/// Groups checked or queued per statement at most.
+const GROUPS_PER_STATEMENT: usize = 256;
+/// Followed by the groups as `VALUES` rows (columns `column1..3` in both
+/// databases; the time cast, or PostgreSQL would take it for text).
+const SQL_FORWARDED_AMONG: &str = "SELECT f.metric, f.net, f.ts FROM forwarded f JOIN (VALUES ";
+const SQL_FORWARDED_AMONG_END: &str =
+    ") AS g ON f.metric = g.column1 AND f.net = g.column2 AND f.ts = g.column3";
+const SQL_QUEUE_PENDING: &str = "INSERT INTO pending (metric, net, ts) VALUES ";
+const SQL_QUEUE_PENDING_END: &str = " ON CONFLICT DO NOTHING";
+
+/// `head`, then `groups` as rows of parameters, then `tail`; the rows are
+/// padded with the last group to a power of two, so that a handful of
+/// statements serve every size (a repeated group changes nothing either
+/// way).
+fn groups_sql<'g>(head: &str, tail: &str, groups: &[&'g Group]) -> (String, Vec<Val<'g>>) {
+    let rows = groups.len().next_power_of_two();
+    let mut sql = String::from(head);
+    sql.push_str(&value_rows(rows, &["?", "?", "CAST(? AS BIGINT)"]));
+    sql.push_str(tail);
+    let last = groups.last().copied();
+    let params = groups
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(last, rows - groups.len()).flatten())
+        .flat_map(|g| [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()])
+        .collect();
+    (sql, params)
+}
+
+/// `(?1, ?2), (?3, ?4), ...`: `rows` rows, each of `columns` with its `?`
+/// numbered.
+fn value_rows(rows: usize, columns: &[&str]) -> String {
+    let mut sql = String::new();
+    let mut n = 0;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for (c, column) in columns.iter().enumerate() {
+            n += 1;
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&column.replace('?', &format!("?{n}")));
+        }
+        sql.push(')');
+    }
+    sql
+}
 
 impl Store {
     /// `settle_ms`: the forwarder's `settle_secs`, in ms.
