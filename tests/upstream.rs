@@ -484,21 +484,38 @@ fn agents_with_overlapping_users_are_counted_once_and_resends_stored_once() {
     up.stop();
 }
 
-#[test]
-fn two_replicas_on_one_postgresql_store_each_batch_once() {
-    let pg = PgServer::start("upstream-replicas");
+/// The config line that names the password `ups_store` wrote.
+const UPS_PASSWORD_FILE: &str = "store_password_file = \"db.password\"";
+
+/// A database `ups` owned by a login role `ups` on `pg`, its password in
+/// `dir`'s `db.password`: returns the store URL an upstream is given.
+fn ups_store(pg: &PgServer, dir: &TempDir) -> String {
     let mut su = pg.superuser("postgres");
     su.batch_execute("CREATE ROLE ups LOGIN PASSWORD 'pw-ups'")
         .expect("create role");
     su.batch_execute("CREATE DATABASE ups OWNER ups")
         .expect("create database");
-    let dir = TempDir::new("upstream-pg");
     dir.write("db.password", "pw-ups\n");
-    let store = format!("postgres://ups@127.0.0.1:{}/ups", pg.port);
-    let extra = "store_password_file = \"db.password\"";
+    format!("postgres://ups@127.0.0.1:{}/ups", pg.port)
+}
+
+#[test]
+fn two_replicas_on_one_postgresql_store_each_batch_once() {
+    let pg = PgServer::start("upstream-replicas");
+    let dir = TempDir::new("upstream-pg");
+    let store = ups_store(&pg, &dir);
+    let extra = UPS_PASSWORD_FILE;
     let (p1, p2) = (free_port(), free_port());
-    let c1 = upstream_config(&dir, "r1", p1, &store, extra, "");
-    let c2 = upstream_config(&dir, "r2", p2, &store, extra, "");
+    // Each replica forwards through its own csv sink: a window goes out
+    // through exactly one of them.
+    let sink = |name: &str| {
+        let path = dir.path(&format!("forwarded-{name}.csv"));
+        let toml = format!("[[sink]]\ntype = \"csv\"\npath = \"{}\"\n", path.display());
+        (path, toml)
+    };
+    let ((f1, s1), (f2, s2)) = (sink("r1"), sink("r2"));
+    let c1 = upstream_config(&dir, "r1", p1, &store, extra, &s1);
+    let c2 = upstream_config(&dir, "r2", p2, &store, extra, &s2);
     let mut r1 = Agent::start_upstream(&c1, "info", &[]);
     let mut r2 = Agent::start_upstream(&c2, "info", &[]);
     // a1 through a dropper in front of r1; a2 to r2; a3 to r1.
@@ -539,6 +556,46 @@ fn two_replicas_on_one_postgresql_store_each_batch_once() {
         dup >= 19.0 + 2.0,
         "19 racing copies and 2 resends were duplicates, got {dup}"
     );
+
+    // Forwarded on PostgreSQL: the union of the agents' sketches, each
+    // window by one replica only, at the value the store holds.
+    let forwarded = || {
+        let mut by_time: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for f in [&f1, &f2] {
+            for line in std::fs::read_to_string(f).unwrap_or_default().lines() {
+                let cells: Vec<&str> = line.split(',').collect();
+                if cells.get(4) == Some(&"small_active_users") && cells[3] == "point" {
+                    by_time
+                        .entry(cells[2].to_owned())
+                        .or_default()
+                        .push(cells[6].parse().expect("value"));
+                }
+            }
+        }
+        by_time
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || forwarded()
+            .values()
+            .any(|v| v == &[20.0])),
+        "a window with all three agents forwarded: {:?}",
+        forwarded()
+    );
+    let stored: BTreeMap<String, f64> = get_json(p1, q)["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["time"].as_str().expect("time").to_owned(),
+                r["value"].as_f64().expect("value"),
+            )
+        })
+        .collect();
+    for (time, values) in forwarded() {
+        assert_eq!(values.len(), 1, "{time} forwarded once, not {values:?}");
+        assert_eq!(Some(&values[0]), stored.get(&time), "{time}");
+    }
     for a in &mut agents {
         a.stop();
     }
@@ -1204,11 +1261,8 @@ fn health_ok(port: u16) -> bool {
 #[test]
 fn a_postgresql_store_from_before_series_is_moved_and_answers_the_same() {
     let pg = PgServer::start("upstream-move");
-    let mut su = pg.superuser("postgres");
-    su.batch_execute("CREATE ROLE ups LOGIN PASSWORD 'pw-ups'")
-        .expect("create role");
-    su.batch_execute("CREATE DATABASE ups OWNER ups")
-        .expect("create database");
+    let dir = TempDir::new("upstream-move");
+    let store = ups_store(&pg, &dir);
     let mut old = pg.connect("ups", "pw-ups", "ups");
     old.batch_execute(
         "CREATE TABLE points (metric TEXT NOT NULL, net TEXT NOT NULL, ts BIGINT NOT NULL,
@@ -1235,18 +1289,8 @@ fn a_postgresql_store_from_before_series_is_moved_and_answers_the_same() {
     }
     drop(old);
 
-    let dir = TempDir::new("upstream-move");
-    dir.write("db.password", "pw-ups\n");
-    let store = format!("postgres://ups@127.0.0.1:{}/ups", pg.port);
     let port = free_port();
-    let cfg = upstream_config(
-        &dir,
-        "r1",
-        port,
-        &store,
-        "store_password_file = \"db.password\"",
-        "",
-    );
+    let cfg = upstream_config(&dir, "r1", port, &store, UPS_PASSWORD_FILE, "");
     let answers = |port: u16| {
         let net = get_json(port, "/v1/series?metric=moved&range=1D");
         let own = get_json(port, "/v1/series?metric=moved&range=1D&agent=*");
@@ -1333,14 +1377,8 @@ fn a_postgresql_store_from_before_series_is_moved_and_answers_the_same() {
 #[test]
 fn late_batches_on_postgresql_are_stored_counted_late_and_forwarded_once() {
     let pg = PgServer::start("upstream-late");
-    let mut su = pg.superuser("postgres");
-    su.batch_execute("CREATE ROLE ups LOGIN PASSWORD 'pw-ups'")
-        .expect("create role");
-    su.batch_execute("CREATE DATABASE ups OWNER ups")
-        .expect("create database");
     let dir = TempDir::new("upstream-late");
-    dir.write("db.password", "pw-ups\n");
-    let store = format!("postgres://ups@127.0.0.1:{}/ups", pg.port);
+    let store = ups_store(&pg, &dir);
     let port = free_port();
     let forwarded = dir.path("forwarded.csv");
     let cfg = upstream_config(
@@ -1348,7 +1386,7 @@ fn late_batches_on_postgresql_are_stored_counted_late_and_forwarded_once() {
         "r1",
         port,
         &store,
-        "store_password_file = \"db.password\"",
+        UPS_PASSWORD_FILE,
         &format!(
             "[[sink]]\ntype = \"csv\"\npath = \"{}\"\n",
             forwarded.display()

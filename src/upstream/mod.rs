@@ -385,13 +385,7 @@ async fn forward_loop(
                     };
                     let settled = s.settled(until, FORWARD_MAX)?;
                     groups.extend(s.claim(settled, &owner2, now_ms())?);
-                    let mut out = Vec::with_capacity(groups.len());
-                    for g in groups {
-                        if let Some(a) = s.aggregate(&g)? {
-                            out.push((g, a));
-                        }
-                    }
-                    Ok(out)
+                    s.aggregates(&groups)
                 },
             )
             .await;

@@ -247,9 +247,10 @@ fn the_store_keeps_each_batch_once_and_unions_users_across_gateways() {
         "a second claim loses"
     );
     assert!(store.settled(NOW, 10).expect("settled").is_empty());
-    let agg = store
-        .aggregate(&groups[0])
+    let (_, agg) = store
+        .aggregates(&groups)
         .expect("aggregate")
+        .pop()
         .expect("some");
     assert_eq!(agg.point.value, 200.0);
     let merged =
@@ -413,6 +414,95 @@ fn forwarding_bookkeeping_stays_bounded_under_many_distinct_windows() {
     }
     let sizes = s.sizes().expect("sizes");
     assert_eq!(sizes["pending"], 8 * per_batch, "every window queued");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Forwarding works a round's groups a few statements at a time (with
+/// PostgreSQL one per group was the bottleneck): more groups than one
+/// statement takes, some already claimed by another replica, sums and
+/// unions side by side, each group's value as if asked alone.
+#[test]
+fn a_round_of_many_groups_is_claimed_aggregated_and_marked_sent_exactly() {
+    let (mut s, dir) = sqlite_store();
+    let t0 = NOW - 3_600_000;
+    let (nets, times) = (7, 50);
+    let mut want: std::collections::BTreeMap<(String, i64), f64> = Default::default();
+    for (a, gw) in ["gw-a", "gw-b", "gw-c"].into_iter().enumerate() {
+        let mut recs = Vec::new();
+        for n in 0..nets {
+            for k in 0..times {
+                let net = format!("s{n}");
+                let v = (a * 1000 + n * 100 + k) as f64;
+                let ts = t0 + k as i64 * 1000;
+                recs.push(Record::point(
+                    "m",
+                    Dims::new([("gateway", gw), ("series", net.as_str())]),
+                    ts,
+                    v,
+                    "Count",
+                ));
+                *want.entry((net, ts)).or_default() += v;
+            }
+        }
+        // Users at two times: the union across gateways is forwarded.
+        recs.extend(users(gw, t0, a as i64 * 50..a as i64 * 50 + 100));
+        recs.extend(users(gw, t0 + 1000, 0..10));
+        s.ingest(&[&batch(gw, 1, &recs)], NOW).expect("ingest");
+    }
+    let groups = s.settled(NOW, 10_000).expect("settled");
+    assert_eq!(groups.len(), nets * times + 2);
+    // Another replica took every ninth group first.
+    let theirs: Vec<Group> = groups.iter().step_by(9).cloned().collect();
+    assert_eq!(s.claim(theirs.clone(), "up-2", NOW).expect("claim"), theirs);
+    let won = s.claim(groups.clone(), "up-1", NOW).expect("claim");
+    let mine: Vec<Group> = groups
+        .iter()
+        .filter(|g| !theirs.contains(g))
+        .cloned()
+        .collect();
+    assert_eq!(won, mine, "the rest, in order");
+    assert!(s.settled(NOW, 10_000).expect("settled").is_empty());
+
+    let aggs = s.aggregates(&won).expect("aggregates");
+    assert_eq!(
+        aggs.iter().map(|(g, _)| g).collect::<Vec<_>>(),
+        won.iter().collect::<Vec<_>>(),
+        "one aggregate per group won, in order"
+    );
+    for (g, a) in &aggs {
+        if g.metric == "active_users" {
+            let ids = if g.ts == t0 { 200.0 } else { 10.0 };
+            assert_eq!(a.point.value, ids, "{g:?}: the union");
+            assert!(a.sketch.is_some(), "{g:?}");
+            continue;
+        }
+        let net = Dims::decode(&g.net).expect("net dims");
+        let series = net
+            .pairs()
+            .iter()
+            .find(|(k, _)| k == "series")
+            .map(|(_, v)| v.clone())
+            .expect("a series dim");
+        assert_eq!(a.point.value, want[&(series, g.ts)], "{g:?}: the sum");
+        assert_eq!((a.point.unit.as_str(), a.sketch.is_none()), ("Count", true));
+    }
+    assert!(
+        s.aggregates(&[Group {
+            metric: "m".into(),
+            net: "{}".into(),
+            ts: t0,
+        }])
+        .expect("aggregates")
+        .is_empty(),
+        "a group without points or sketches is left out"
+    );
+    s.mark_sent(&won).expect("mark sent");
+    assert!(s.unsent("up-1").expect("unsent").is_empty());
+    assert_eq!(
+        s.unsent("up-2").expect("unsent"),
+        theirs,
+        "not ours to mark"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 

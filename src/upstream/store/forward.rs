@@ -15,41 +15,31 @@ impl Store {
     }
 
     /// Take `groups` for forwarding, all in one transaction (one commit,
-    /// so one fsync, per round rather than per group): returns those this
-    /// caller won (another replica may have taken some). Either way they
-    /// leave `pending`.
+    /// so one fsync, per round rather than per group) and a few statements
+    /// (not one per group: with PostgreSQL each is a round trip): returns
+    /// those this caller won, in their order (another replica may have
+    /// taken some). Either way they leave `pending`.
     pub fn claim(
         &mut self,
         groups: Vec<Group>,
         owner: &str,
         now_ms: i64,
     ) -> Result<Vec<Group>, DbError> {
-        self.transaction(|s| {
-            let mut won = Vec::with_capacity(groups.len());
-            for g in groups {
-                let key: [Val; 3] = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
-                let inserted = s.db.exec(
-                    "INSERT INTO forwarded (metric, net, ts, owner, state, at) \
-                     VALUES (?1, ?2, ?3, ?4, 'claimed', ?5) ON CONFLICT DO NOTHING",
-                    &[
-                        key[0].clone(),
-                        key[1].clone(),
-                        key[2].clone(),
-                        owner.into(),
-                        now_ms.into(),
-                    ],
-                )? == 1;
-                s.db.exec(
-                    "DELETE FROM pending WHERE metric = ?1 AND net = ?2 AND ts = ?3",
-                    &key,
-                )?;
-                s.pending_seen.remove(&g);
-                if inserted {
-                    won.push(g);
-                }
+        let won = self.transaction(|s| {
+            let mut won = HashSet::new();
+            let refs: Vec<&Group> = groups.iter().collect();
+            for chunk in refs.chunks(GROUPS_PER_STATEMENT) {
+                let (sql, params) = CLAIM.bind(vec![owner.into(), now_ms.into()], chunk);
+                won.extend(s.db.query(&sql, &params)?.into_iter().map(group_of));
+                let (sql, params) = UNQUEUE.bind(Vec::new(), chunk);
+                s.db.exec(&sql, &params)?;
             }
             Ok(won)
-        })
+        })?;
+        for g in &groups {
+            self.pending_seen.remove(g);
+        }
+        Ok(groups.into_iter().filter(|g| won.contains(g)).collect())
     }
 
     /// Claimed by `owner` but not confirmed sent (a crash in between): to be
@@ -64,57 +54,103 @@ impl Store {
 
     pub fn mark_sent(&mut self, groups: &[Group]) -> Result<(), DbError> {
         self.transaction(|s| {
-            for g in groups {
-                s.db.exec(
-                    "UPDATE forwarded SET state = 'sent' WHERE metric = ?1 AND net = ?2 AND ts = ?3",
-                    &[g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()],
-                )?;
+            let refs: Vec<&Group> = groups.iter().collect();
+            for chunk in refs.chunks(GROUPS_PER_STATEMENT) {
+                let (sql, params) = MARK_SENT.bind(Vec::new(), chunk);
+                s.db.exec(&sql, &params)?;
             }
             Ok(())
         })
     }
 
-    /// The network value of one group, as records for the upstream's sinks.
-    pub fn aggregate(&mut self, g: &Group) -> Result<Option<Aggregate>, DbError> {
-        let key = [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()];
-        let dims = Dims::decode(&g.net).unwrap_or_default();
-        let sketches = self.db.query(
-            "SELECT sketch, unit FROM sketches WHERE metric = ?1 AND net = ?2 AND ts = ?3",
-            &key,
-        )?;
-        if !sketches.is_empty() {
-            let mut merged = Sketch::default();
-            let mut unit = String::new();
-            for r in sketches {
+    /// The network values of `groups`, as records for the upstream's
+    /// sinks, in their order: a group with sketches forwards their union
+    /// (and the merged sketch), else the sum of its points; a group with
+    /// neither is left out. A few statements for all the groups.
+    pub fn aggregates(&mut self, groups: &[Group]) -> Result<Vec<(Group, Aggregate)>, DbError> {
+        let wanted: HashSet<&Group> = groups.iter().collect();
+        let mut unions: HashMap<Group, (Sketch, String)> = HashMap::new();
+        let mut sums: HashMap<Group, (f64, String)> = HashMap::new();
+        let refs: Vec<&Group> = groups.iter().collect();
+        for chunk in refs.chunks(GROUPS_PER_STATEMENT) {
+            let (sql, params) = SKETCHES_OF.bind(Vec::new(), chunk);
+            for r in self.db.query(&sql, &params)? {
                 let mut it = r.into_iter();
+                let g = group_of(it.by_ref().take(3).collect());
+                let sketch = it.next().expect("5 columns").into_blob();
+                let unit = it.next().expect("5 columns").into_text();
+                let (merged, u) = unions.entry(g).or_default();
                 // Checked at ingest; one that fails now is left out.
-                let _ = merged.merge_encoded(&it.next().expect("2 columns").into_blob());
-                unit = it.next().expect("2 columns").into_text();
+                let _ = merged.merge_encoded(&sketch);
+                *u = unit;
             }
-            let value = merged.estimate();
-            let point = Record::point(g.metric.clone(), dims.clone(), g.ts, value, &unit);
-            let sketch = Record {
-                kind: Kind::Sketch,
-                payload: merged.encode(),
-                ..point.clone()
-            };
-            return Ok(Some(Aggregate {
-                point,
-                sketch: Some(sketch),
-            }));
+            // Points are read by (metric, time), the index's key: every
+            // network series of that time at once, those not asked for
+            // dropped here (a query per group read them all each time).
+            let times: BTreeSet<(&str, i64)> =
+                chunk.iter().map(|g| (g.metric.as_str(), g.ts)).collect();
+            let (sql, params) = sums_sql(&times);
+            for r in self.db.query(&sql, &params)? {
+                let mut it = r.into_iter();
+                let g = group_of(it.by_ref().take(3).collect());
+                let sum = it.next().expect("6 columns").real();
+                let count = it.next().expect("6 columns").int();
+                let unit = it.next().expect("6 columns").into_text();
+                if count > 0 && wanted.contains(&g) {
+                    sums.insert(g, (sum, unit));
+                }
+            }
         }
-        let sums = self.db.query(
-            "SELECT SUM(p.value), COUNT(*), MIN(s.unit) FROM points p JOIN series s ON s.id = p.series \
-             WHERE p.metric = ?1 AND s.net = ?2 AND p.ts = ?3",
-            &key,
-        )?;
-        Ok(sums
-            .into_iter()
-            .next()
-            .filter(|r| r[1].int() > 0)
-            .map(|r| Aggregate {
-                point: Record::point(g.metric.clone(), dims, g.ts, r[0].real(), r[2].text()),
-                sketch: None,
-            }))
+        let mut out = Vec::with_capacity(groups.len());
+        for g in groups {
+            let dims = Dims::decode(&g.net).unwrap_or_default();
+            if let Some((merged, unit)) = unions.remove(g) {
+                let point = Record::point(g.metric.clone(), dims, g.ts, merged.estimate(), &unit);
+                let sketch = Record {
+                    kind: Kind::Sketch,
+                    payload: merged.encode(),
+                    ..point.clone()
+                };
+                out.push((
+                    g.clone(),
+                    Aggregate {
+                        point,
+                        sketch: Some(sketch),
+                    },
+                ));
+            } else if let Some((sum, unit)) = sums.remove(g) {
+                let point = Record::point(g.metric.clone(), dims, g.ts, sum, &unit);
+                out.push((
+                    g.clone(),
+                    Aggregate {
+                        point,
+                        sketch: None,
+                    },
+                ));
+            }
+        }
+        Ok(out)
     }
+}
+
+/// Each network series' sum, count and unit at the (metric, time) pairs
+/// `times` (padded with the last to a power of two; read once each).
+fn sums_sql<'t>(times: &BTreeSet<(&'t str, i64)>) -> (String, Vec<Val<'t>>) {
+    let rows = times.len().next_power_of_two();
+    let sql = format!(
+        "SELECT p.metric, s.net, p.ts, SUM(p.value), COUNT(*), MIN(s.unit) FROM \
+         (SELECT DISTINCT column1, column2 FROM (VALUES {}) AS v) AS g \
+         JOIN points p ON p.metric = g.column1 AND p.ts = g.column2 \
+         JOIN series s ON s.id = p.series \
+         GROUP BY p.metric, s.net, p.ts",
+        numbered(rows, "(?, CAST(? AS BIGINT))", ", ", 1)
+    );
+    let last = times.last().copied();
+    let params = times
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(last, rows - times.len()).flatten())
+        .flat_map(|(metric, ts)| [metric.into(), ts.into()])
+        .collect();
+    (sql, params)
 }

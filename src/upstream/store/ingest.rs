@@ -299,7 +299,7 @@ impl Store {
     fn forwarded_among(&mut self, groups: &[&Group]) -> Result<HashSet<Group>, DbError> {
         let mut out = HashSet::new();
         for chunk in groups.chunks(GROUPS_PER_STATEMENT) {
-            let (sql, params) = groups_sql(SQL_FORWARDED_AMONG, SQL_FORWARDED_AMONG_END, chunk);
+            let (sql, params) = FORWARDED_AMONG.bind(Vec::new(), chunk);
             for row in self.db.query(&sql, &params)? {
                 out.insert(group_of(row));
             }
@@ -310,7 +310,7 @@ impl Store {
     /// Queue `groups` for forwarding, a few statements for all.
     fn queue_pending(&mut self, groups: &[&Group]) -> Result<(), DbError> {
         for chunk in groups.chunks(GROUPS_PER_STATEMENT) {
-            let (sql, params) = groups_sql(SQL_QUEUE_PENDING, SQL_QUEUE_PENDING_END, chunk);
+            let (sql, params) = QUEUE_PENDING.bind(Vec::new(), chunk);
             self.db.exec(&sql, &params)?;
         }
         Ok(())

@@ -289,50 +289,133 @@ const SQL_COUNT_EDGE_DAY: &str = "INSERT INTO edge_days \
 pub const DAY_MS: i64 = 86_400_000;
 const SQL_INSERT_EVENT: &str = "INSERT INTO events (ts, etype, user_id, agent, dims, payload) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-/// Groups checked or queued per statement at most.
+/// Groups per statement at most, where a statement names many: with
+/// PostgreSQL each statement is a round trip, and one per group made
+/// forwarding (a thousand groups a second in the soak) the upstream's
+/// bottleneck.
 const GROUPS_PER_STATEMENT: usize = 256;
-/// Followed by the groups as `VALUES` rows (columns `column1..3` in both
-/// databases; the time cast, or PostgreSQL would take it for text).
-const SQL_FORWARDED_AMONG: &str = "SELECT f.metric, f.net, f.ts FROM forwarded f JOIN (VALUES ";
-const SQL_FORWARDED_AMONG_END: &str =
-    ") AS g ON f.metric = g.column1 AND f.net = g.column2 AND f.ts = g.column3";
-const SQL_QUEUE_PENDING: &str = "INSERT INTO pending (metric, net, ts) VALUES ";
-const SQL_QUEUE_PENDING_END: &str = " ON CONFLICT DO NOTHING";
 
-/// `head`, then `groups` as rows of parameters, then `tail`; the rows are
-/// padded with the last group to a power of two, so that a handful of
-/// statements serve every size (a repeated group changes nothing either
-/// way).
-fn groups_sql<'g>(head: &str, tail: &str, groups: &[&'g Group]) -> (String, Vec<Val<'g>>) {
-    let rows = groups.len().next_power_of_two();
-    let mut sql = String::from(head);
-    sql.push_str(&value_rows(rows, &["?", "?", "CAST(? AS BIGINT)"]));
-    sql.push_str(tail);
-    let last = groups.last().copied();
-    let params = groups
-        .iter()
-        .copied()
-        .chain(std::iter::repeat_n(last, rows - groups.len()).flatten())
-        .flat_map(|g| [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()])
-        .collect();
-    (sql, params)
+/// A statement about many groups: `head`, then one `row` per group (each
+/// `?` in it a parameter, in turn: metric, net, time) joined by `sep`,
+/// then `tail`. The rows are padded with the last group to a power of
+/// two, so that a handful of statements serve every size: each statement
+/// must give the same answer when a group is named twice.
+struct GroupsSql {
+    head: &'static str,
+    row: &'static str,
+    sep: &'static str,
+    tail: &'static str,
+    /// Parameters before the groups' (`?1`, `?2` in `head`).
+    leading: usize,
 }
 
-/// `(?1, ?2), (?3, ?4), ...`: `rows` rows, each of `columns` with its `?`
-/// numbered.
+/// As `VALUES` rows (columns `column1..3` in both databases; the time
+/// cast, or PostgreSQL would take it for text).
+const GROUP_VALUES: &str = "(?, ?, CAST(? AS BIGINT))";
+/// Which groups were forwarded already (ingest, for late batches).
+const FORWARDED_AMONG: GroupsSql = GroupsSql {
+    head: "SELECT f.metric, f.net, f.ts FROM forwarded f JOIN (VALUES ",
+    row: GROUP_VALUES,
+    sep: ", ",
+    tail: ") AS g ON f.metric = g.column1 AND f.net = g.column2 AND f.ts = g.column3",
+    leading: 0,
+};
+const QUEUE_PENDING: GroupsSql = GroupsSql {
+    head: "INSERT INTO pending (metric, net, ts) VALUES ",
+    row: GROUP_VALUES,
+    sep: ", ",
+    tail: " ON CONFLICT DO NOTHING",
+    leading: 0,
+};
+/// Claim for owner `?1` at time `?2`: returns the groups this statement
+/// inserted, so those no other replica had claimed. (`WHERE true` tells
+/// SQLite that `ON CONFLICT` is not a join's.)
+const CLAIM: GroupsSql = GroupsSql {
+    head: "INSERT INTO forwarded (metric, net, ts, owner, state, at) \
+           SELECT column1, column2, column3, CAST(?1 AS TEXT), 'claimed', CAST(?2 AS BIGINT) \
+           FROM (VALUES ",
+    row: GROUP_VALUES,
+    sep: ", ",
+    tail: ") AS g WHERE true ON CONFLICT DO NOTHING RETURNING metric, net, ts",
+    leading: 2,
+};
+/// Row values `IN` a subquery, not an `OR` per group: PostgreSQL took 6 to
+/// 9 ms for 256 groups so, 40 to 47 ms with an `OR` each (120,000 rows in
+/// `forwarded`). SQLite looks up (metric, net) in the key and checks the
+/// few times `pending` has for it.
+const UNQUEUE: GroupsSql = GroupsSql {
+    head: "DELETE FROM pending WHERE (metric, net, ts) IN \
+           (SELECT column1, column2, column3 FROM (VALUES ",
+    row: GROUP_VALUES,
+    sep: ", ",
+    tail: ") AS g)",
+    leading: 0,
+};
+/// A join (both databases look each group up by the whole key; `forwarded`
+/// holds every forwarded time, too many to scan per (metric, net)).
+const MARK_SENT: GroupsSql = GroupsSql {
+    head: "UPDATE forwarded SET state = 'sent' FROM (VALUES ",
+    row: GROUP_VALUES,
+    sep: ", ",
+    tail: ") AS g WHERE forwarded.metric = g.column1 AND forwarded.net = g.column2 \
+           AND forwarded.ts = g.column3",
+    leading: 0,
+};
+/// The sketches of the groups (a group named twice is read once).
+const SKETCHES_OF: GroupsSql = GroupsSql {
+    head: "SELECT k.metric, k.net, k.ts, k.sketch, k.unit FROM \
+           (SELECT DISTINCT column1, column2, column3 FROM (VALUES ",
+    row: GROUP_VALUES,
+    sep: ", ",
+    tail: ") AS v) AS g \
+           JOIN sketches k ON k.metric = g.column1 AND k.ts = g.column3 AND k.net = g.column2",
+    leading: 0,
+};
+
+impl GroupsSql {
+    /// The statement for `groups` (at most [`GROUPS_PER_STATEMENT`]) and
+    /// its parameters, `leading` first.
+    fn bind<'g>(&self, leading: Vec<Val<'g>>, groups: &[&'g Group]) -> (String, Vec<Val<'g>>) {
+        debug_assert_eq!(leading.len(), self.leading);
+        let rows = groups.len().next_power_of_two();
+        let mut sql = String::from(self.head);
+        sql.push_str(&numbered(rows, self.row, self.sep, self.leading + 1));
+        sql.push_str(self.tail);
+        let last = groups.last().copied();
+        let mut params = leading;
+        params.extend(
+            groups
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(last, rows - groups.len()).flatten())
+                .flat_map(|g| [g.metric.as_str().into(), g.net.as_str().into(), g.ts.into()]),
+        );
+        (sql, params)
+    }
+}
+
+/// `(?1, ?2), (?3, ?4), ...`: `rows` rows of `columns`, each `?` numbered.
 fn value_rows(rows: usize, columns: &[&str]) -> String {
-    let mut sql = String::new();
-    let mut n = 0;
+    numbered(rows, &format!("({})", columns.join(", ")), ", ", 1)
+}
+
+/// `rows` copies of `row` joined by `sep`, each `?` in them numbered in
+/// turn from `?{first}`: `numbered(2, "(?, ?)", ", ", 1)` is
+/// `(?1, ?2), (?3, ?4)`.
+fn numbered(rows: usize, row: &str, sep: &str, first: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(rows * (row.len() + sep.len() + 8));
+    let mut n = first;
     for r in 0..rows {
-        sql.push_str(if r == 0 { "(" } else { ", (" });
-        for (c, column) in columns.iter().enumerate() {
-            n += 1;
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&column.replace('?', &format!("?{n}")));
+        if r > 0 {
+            sql.push_str(sep);
         }
-        sql.push(')');
+        let mut parts = row.split('?');
+        sql.push_str(parts.next().unwrap_or_default());
+        for part in parts {
+            let _ = write!(sql, "?{n}{part}");
+            n += 1;
+        }
     }
     sql
 }
