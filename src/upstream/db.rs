@@ -312,6 +312,11 @@ impl Sqlite {
         }
         .map_err(what)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(what)?;
+        // Every statement the store runs stays prepared: at rusqlite's 16,
+        // ingest and forwarding together (with their sizes of many-row
+        // statements) pushed each other out, and a 256-group statement was
+        // parsed and planned again each round.
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
         let before_series = |conn: &rusqlite::Connection| {
             conn.query_row(SQLITE_BEFORE_SERIES, [], |r| r.get::<_, i64>(0))
                 .map(|n| n > 0)
@@ -413,6 +418,9 @@ impl Db for Sqlite {
 }
 
 // ---------------------------------------------------------------- PostgreSQL
+
+/// Prepared statements a SQLite store keeps (see `Sqlite::open`).
+const STATEMENTS_CACHED: usize = 64;
 
 /// Replicas starting together must not race each other's `CREATE TABLE`.
 const SCHEMA_LOCK: i64 = 0x6564_6765_6d75_7073; // "edgemups"

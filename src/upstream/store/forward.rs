@@ -134,14 +134,15 @@ impl Store {
 }
 
 /// Each network series' sum, count and unit at the (metric, time) pairs
-/// `times` (padded with the last to a power of two; read once each).
-fn sums_sql<'t>(times: &BTreeSet<(&'t str, i64)>) -> (String, Vec<Val<'t>>) {
-    let rows = times.len().next_power_of_two();
+/// `times` (padded with the last as [`GroupsSql`] are; read once each;
+/// the times the outer loop, as in [`FORWARDED_AMONG`]).
+pub(super) fn sums_sql<'t>(times: &BTreeSet<(&'t str, i64)>) -> (String, Vec<Val<'t>>) {
+    let rows = padded_rows(times.len());
     let sql = format!(
         "SELECT p.metric, s.net, p.ts, SUM(p.value), COUNT(*), MIN(s.unit) FROM \
          (SELECT DISTINCT column1, column2 FROM (VALUES {}) AS v) AS g \
-         JOIN points p ON p.metric = g.column1 AND p.ts = g.column2 \
-         JOIN series s ON s.id = p.series \
+         CROSS JOIN points p JOIN series s ON s.id = p.series \
+         WHERE p.metric = g.column1 AND p.ts = g.column2 \
          GROUP BY p.metric, s.net, p.ts",
         numbered(rows, "(?, CAST(? AS BIGINT))", ", ", 1)
     );

@@ -295,11 +295,24 @@ const SQL_INSERT_EVENT: &str = "INSERT INTO events (ts, etype, user_id, agent, d
 /// bottleneck.
 const GROUPS_PER_STATEMENT: usize = 256;
 
+/// A statement naming many groups names one of these many (the last
+/// repeated): few distinct statements, so that each stays prepared.
+const ROWS_PER_STATEMENT: [usize; 3] = [16, 64, GROUPS_PER_STATEMENT];
+
+/// The rows a statement for `n` groups has (`n` at most
+/// [`GROUPS_PER_STATEMENT`]).
+fn padded_rows(n: usize) -> usize {
+    ROWS_PER_STATEMENT
+        .into_iter()
+        .find(|&rows| rows >= n)
+        .unwrap_or(n)
+}
+
 /// A statement about many groups: `head`, then one `row` per group (each
 /// `?` in it a parameter, in turn: metric, net, time) joined by `sep`,
-/// then `tail`. The rows are padded with the last group to a power of
-/// two, so that a handful of statements serve every size: each statement
-/// must give the same answer when a group is named twice.
+/// then `tail`. The rows are padded with the last group to one of
+/// [`ROWS_PER_STATEMENT`], so that three statements serve every size:
+/// each must give the same answer when a group is named twice.
 struct GroupsSql {
     head: &'static str,
     row: &'static str,
@@ -313,11 +326,18 @@ struct GroupsSql {
 /// cast, or PostgreSQL would take it for text).
 const GROUP_VALUES: &str = "(?, ?, CAST(? AS BIGINT))";
 /// Which groups were forwarded already (ingest, for late batches).
+///
+/// `CROSS JOIN` keeps the groups the outer loop in SQLite: with a plain
+/// join of 256 groups, SQLite 3.54 chose to scan the whole table and look
+/// each row up in an index it built on the groups (a scan of `forwarded`
+/// per ingest: the soak's SQLite run with a sink slowed as the table
+/// grew, 24 s for 2 simulated minutes, 381 s for 10).
 const FORWARDED_AMONG: GroupsSql = GroupsSql {
-    head: "SELECT f.metric, f.net, f.ts FROM forwarded f JOIN (VALUES ",
+    head: "SELECT f.metric, f.net, f.ts FROM (VALUES ",
     row: GROUP_VALUES,
     sep: ", ",
-    tail: ") AS g ON f.metric = g.column1 AND f.net = g.column2 AND f.ts = g.column3",
+    tail: ") AS g CROSS JOIN forwarded f \
+           WHERE f.metric = g.column1 AND f.net = g.column2 AND f.ts = g.column3",
     leading: 0,
 };
 const QUEUE_PENDING: GroupsSql = GroupsSql {
@@ -341,8 +361,8 @@ const CLAIM: GroupsSql = GroupsSql {
 };
 /// Row values `IN` a subquery, not an `OR` per group: PostgreSQL took 6 to
 /// 9 ms for 256 groups so, 40 to 47 ms with an `OR` each (120,000 rows in
-/// `forwarded`). SQLite looks up (metric, net) in the key and checks the
-/// few times `pending` has for it.
+/// `forwarded`). Both databases look each group up by the whole key (a
+/// join in `UPDATE ... FROM` made SQLite scan `forwarded`, as above).
 const UNQUEUE: GroupsSql = GroupsSql {
     head: "DELETE FROM pending WHERE (metric, net, ts) IN \
            (SELECT column1, column2, column3 FROM (VALUES ",
@@ -351,14 +371,12 @@ const UNQUEUE: GroupsSql = GroupsSql {
     tail: ") AS g)",
     leading: 0,
 };
-/// A join (both databases look each group up by the whole key; `forwarded`
-/// holds every forwarded time, too many to scan per (metric, net)).
 const MARK_SENT: GroupsSql = GroupsSql {
-    head: "UPDATE forwarded SET state = 'sent' FROM (VALUES ",
+    head: "UPDATE forwarded SET state = 'sent' WHERE (metric, net, ts) IN \
+           (SELECT column1, column2, column3 FROM (VALUES ",
     row: GROUP_VALUES,
     sep: ", ",
-    tail: ") AS g WHERE forwarded.metric = g.column1 AND forwarded.net = g.column2 \
-           AND forwarded.ts = g.column3",
+    tail: ") AS g)",
     leading: 0,
 };
 /// The sketches of the groups (a group named twice is read once).
@@ -367,8 +385,8 @@ const SKETCHES_OF: GroupsSql = GroupsSql {
            (SELECT DISTINCT column1, column2, column3 FROM (VALUES ",
     row: GROUP_VALUES,
     sep: ", ",
-    tail: ") AS v) AS g \
-           JOIN sketches k ON k.metric = g.column1 AND k.ts = g.column3 AND k.net = g.column2",
+    tail: ") AS v) AS g CROSS JOIN sketches k \
+           WHERE k.metric = g.column1 AND k.ts = g.column3 AND k.net = g.column2",
     leading: 0,
 };
 
@@ -377,7 +395,7 @@ impl GroupsSql {
     /// its parameters, `leading` first.
     fn bind<'g>(&self, leading: Vec<Val<'g>>, groups: &[&'g Group]) -> (String, Vec<Val<'g>>) {
         debug_assert_eq!(leading.len(), self.leading);
-        let rows = groups.len().next_power_of_two();
+        let rows = padded_rows(groups.len());
         let mut sql = String::from(self.head);
         sql.push_str(&numbered(rows, self.row, self.sep, self.leading + 1));
         sql.push_str(self.tail);
@@ -523,4 +541,24 @@ pub fn event_user(payload: &str) -> Option<String> {
         serde_json::Value::String(s) if !s.is_empty() => Some(s),
         _ => None,
     }
+}
+
+/// Each statement that names many groups, for `groups`: for tests of
+/// their plans.
+#[cfg(test)]
+pub fn many_group_statements(groups: &[&Group]) -> Vec<String> {
+    let mut out: Vec<String> = [
+        &FORWARDED_AMONG,
+        &QUEUE_PENDING,
+        &UNQUEUE,
+        &MARK_SENT,
+        &SKETCHES_OF,
+    ]
+    .iter()
+    .map(|s| s.bind(Vec::new(), groups).0)
+    .collect();
+    out.push(CLAIM.bind(vec!["owner".into(), 0.into()], groups).0);
+    let times: BTreeSet<(&str, i64)> = groups.iter().map(|g| (g.metric.as_str(), g.ts)).collect();
+    out.push(forward::sums_sql(&times).0);
+    out
 }
