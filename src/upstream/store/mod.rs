@@ -313,15 +313,12 @@ fn padded_rows(n: usize) -> usize {
         .unwrap_or(n)
 }
 
-/// A statement about many groups: `head`, then one `row` per group (each
-/// `?` in it a parameter, in turn: metric, net, time) joined by `sep`,
-/// then `tail`. The rows are padded with the last group to one of
+/// A statement about many groups: `head`, then one [`GROUP_VALUES`] row
+/// per group (metric, net, time), then `tail`. The rows are padded with the last group to one of
 /// [`ROWS_PER_STATEMENT`], so that three statements serve every size:
 /// each must give the same answer when a group is named twice.
 struct GroupsSql {
     head: &'static str,
-    row: &'static str,
-    sep: &'static str,
     tail: &'static str,
     /// Parameters before the groups' (`?1`, `?2` in `head`).
     leading: usize,
@@ -339,16 +336,12 @@ const GROUP_VALUES: &str = "(?, ?, CAST(? AS BIGINT))";
 /// grew, 24 s for 2 simulated minutes, 381 s for 10).
 const FORWARDED_AMONG: GroupsSql = GroupsSql {
     head: "SELECT f.metric, f.net, f.ts FROM (VALUES ",
-    row: GROUP_VALUES,
-    sep: ", ",
     tail: ") AS g CROSS JOIN forwarded f \
            WHERE f.metric = g.column1 AND f.net = g.column2 AND f.ts = g.column3",
     leading: 0,
 };
 const QUEUE_PENDING: GroupsSql = GroupsSql {
     head: "INSERT INTO pending (metric, net, ts) VALUES ",
-    row: GROUP_VALUES,
-    sep: ", ",
     tail: " ON CONFLICT DO NOTHING",
     leading: 0,
 };
@@ -359,8 +352,6 @@ const CLAIM: GroupsSql = GroupsSql {
     head: "INSERT INTO forwarded (metric, net, ts, owner, state, at) \
            SELECT column1, column2, column3, CAST(?1 AS TEXT), 'claimed', CAST(?2 AS BIGINT) \
            FROM (VALUES ",
-    row: GROUP_VALUES,
-    sep: ", ",
     tail: ") AS g WHERE true ON CONFLICT DO NOTHING RETURNING metric, net, ts",
     leading: 2,
 };
@@ -371,16 +362,12 @@ const CLAIM: GroupsSql = GroupsSql {
 const UNQUEUE: GroupsSql = GroupsSql {
     head: "DELETE FROM pending WHERE (metric, net, ts) IN \
            (SELECT column1, column2, column3 FROM (VALUES ",
-    row: GROUP_VALUES,
-    sep: ", ",
     tail: ") AS g)",
     leading: 0,
 };
 const MARK_SENT: GroupsSql = GroupsSql {
     head: "UPDATE forwarded SET state = 'sent' WHERE (metric, net, ts) IN \
            (SELECT column1, column2, column3 FROM (VALUES ",
-    row: GROUP_VALUES,
-    sep: ", ",
     tail: ") AS g)",
     leading: 0,
 };
@@ -388,8 +375,6 @@ const MARK_SENT: GroupsSql = GroupsSql {
 const SKETCHES_OF: GroupsSql = GroupsSql {
     head: "SELECT k.metric, k.net, k.ts, k.sketch, k.unit FROM \
            (SELECT DISTINCT column1, column2, column3 FROM (VALUES ",
-    row: GROUP_VALUES,
-    sep: ", ",
     tail: ") AS v) AS g CROSS JOIN sketches k \
            WHERE k.metric = g.column1 AND k.ts = g.column3 AND k.net = g.column2",
     leading: 0,
@@ -402,7 +387,7 @@ impl GroupsSql {
         debug_assert_eq!(leading.len(), self.leading);
         let rows = padded_rows(groups.len());
         let mut sql = String::from(self.head);
-        sql.push_str(&numbered(rows, self.row, self.sep, self.leading + 1));
+        sql.push_str(&numbered(rows, GROUP_VALUES, ", ", self.leading + 1));
         sql.push_str(self.tail);
         let last = groups.last().copied();
         let mut params = leading;
