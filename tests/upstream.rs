@@ -345,18 +345,7 @@ fn agents_with_overlapping_users_are_counted_once_and_resends_stored_once() {
     let csv = std::fs::read_to_string(&forwarded).expect("forwarded");
     // Each forwarded value is the network value the store holds for that
     // window (a window before every agent was up has fewer users, rightly).
-    let stored = get_json(port, "/v1/series?metric=small_active_users&range=1D");
-    let by_time: BTreeMap<String, f64> = stored["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            (
-                r["time"].as_str().expect("time").to_owned(),
-                r["value"].as_f64().expect("value"),
-            )
-        })
-        .collect();
+    let by_time = values_by_time(port, "/v1/series?metric=small_active_users&range=1D");
     let small: Vec<&str> = csv
         .lines()
         .filter(|l| l.contains(",point,small_active_users,"))
@@ -484,6 +473,21 @@ fn agents_with_overlapping_users_are_counted_once_and_resends_stored_once() {
     up.stop();
 }
 
+/// The rows of a `/v1/series` answer as time → value.
+fn values_by_time(port: u16, query: &str) -> BTreeMap<String, f64> {
+    get_json(port, query)["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["time"].as_str().expect("time").to_owned(),
+                r["value"].as_f64().expect("value"),
+            )
+        })
+        .collect()
+}
+
 /// The config line that names the password `ups_store` wrote.
 const UPS_PASSWORD_FILE: &str = "store_password_file = \"db.password\"";
 
@@ -581,17 +585,7 @@ fn two_replicas_on_one_postgresql_store_each_batch_once() {
         "a window with all three agents forwarded: {:?}",
         forwarded()
     );
-    let stored: BTreeMap<String, f64> = get_json(p1, q)["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            (
-                r["time"].as_str().expect("time").to_owned(),
-                r["value"].as_f64().expect("value"),
-            )
-        })
-        .collect();
+    let stored = values_by_time(p1, q);
     for (time, values) in forwarded() {
         assert_eq!(values.len(), 1, "{time} forwarded once, not {values:?}");
         assert_eq!(Some(&values[0]), stored.get(&time), "{time}");
