@@ -12,7 +12,10 @@
 //!    (context switches of all threads).
 //! 2. fixed rate: 1,667 messages/s per stream (20,004/s; EDGEMETER_BENCH_RATE
 //!    sets another). CPU time per message, peak RSS (VmHWM), and the most
-//!    threads seen.
+//!    threads seen. Each stream's sender writes what is due every 10 ms
+//!    (EDGEMETER_BENCH_TICK_MS): about 17 messages in one write. A session
+//!    host writes each message as it comes; `EDGEMETER_BENCH_TICK_MS=1`
+//!    comes closer to that, and costs every reader more wake-ups.
 //! 3. sustained: the server sends as fast as the client reads (TCP
 //!    backpressure). Messages stored per second: for edgemeter, events
 //!    committed to the outbox (`sqlite_sequence`); for the baseline, lines
@@ -67,6 +70,17 @@ fn rate_per_stream() -> u32 {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(RATE_PER_STREAM)
+}
+
+/// How often each stream's sender writes what is due (10 ms;
+/// EDGEMETER_BENCH_TICK_MS sets another): the frames of one tick reach the
+/// subject together.
+fn tick() -> Duration {
+    let ms = std::env::var("EDGEMETER_BENCH_TICK_MS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(10);
+    Duration::from_millis(ms)
 }
 
 const IDLE: u32 = 0;
@@ -195,7 +209,7 @@ fn serve(conn: TcpStream, shared: &Shared, requests: bool) {
             }
             BLAST => 64,
             rate => {
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(tick());
                 let now = Instant::now();
                 due += f64::from(rate) * (now - tick_start).as_secs_f64();
                 tick_start = now;

@@ -11,7 +11,9 @@
 //!   - **the process dies** (`kill -9`, a panic, the OOM killer): nothing
 //!     committed; the records received but not yet committed, at most
 //!     `flush_interval_secs` of them (0.1 s by default), plus a commit in
-//!     progress.
+//!     progress. Bytes still in a socket's kernel buffer were never received:
+//!     the relay source leaves a busy stream's bytes there for up to 20 ms
+//!     between reads (`sources::relay::rest`).
 //!   - **the machine dies** (power cut, kernel panic): also the commits of
 //!     the last second at most. The file is never corrupt: SQLite discards
 //!     a torn WAL tail at open. A lost confirmation only means a batch is

@@ -1,0 +1,203 @@
+//! Reading a busy stream in bursts: one wake-up for many messages.
+//!
+//! A session host writes each message as it comes, so a stream carrying
+//! 1,700 messages a second would wake the thread, read a few hundred bytes
+//! and go back to the reactor 1,700 times a second, and the wake-up, the
+//! system calls and the executor's bookkeeping cost more than the messages
+//! themselves. [`Resting`] sits under the websocket layer: once a read finds
+//! the socket drained while data has been flowing, it rests for
+//! [`READ_REST`] on a timer instead of asking the reactor to wake it at the
+//! next byte, and then takes whatever the kernel gathered meanwhile in one
+//! read. A read that finds nothing after a rest goes back to waiting on the
+//! socket, so an idle stream costs nothing and its first message is read at
+//! once.
+//!
+//! What it costs: a message waits at most [`READ_REST`] in the kernel's
+//! socket buffer before it is read. Those bytes are not the agent's yet: a
+//! `kill -9` loses them as it loses everything in that buffer, so the
+//! window in which a crash can lose a message grows by at most this much
+//! (the outbox's header says what each failure can lose). Pings, pongs and
+//! closes wait the same; every timeout of the relay source is seconds.
+
+use std::future::Future;
+use std::io::Read;
+use std::net::TcpStream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use smol::io::{AsyncRead, AsyncWrite};
+use smol::{Async, Timer};
+
+/// How long a stream that was just drained rests before it is read again.
+/// At 1,700 messages a second that is about 34 messages per read.
+pub const READ_REST: Duration = Duration::from_millis(20);
+
+/// A TCP socket whose reads rest after draining it (see the module).
+pub struct Resting {
+    inner: Async<TcpStream>,
+    rest: Duration,
+    /// The last read returned data: if the next finds nothing, rest.
+    flowing: bool,
+    /// Resting until this fires (only the timer is registered meanwhile).
+    resting: Option<Timer>,
+}
+
+impl Resting {
+    pub fn new(inner: Async<TcpStream>, rest: Duration) -> Resting {
+        Resting {
+            inner,
+            rest,
+            flowing: false,
+            resting: None,
+        }
+    }
+}
+
+impl AsyncRead for Resting {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if let Some(timer) = &mut this.resting {
+            if Pin::new(timer).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.resting = None;
+        }
+        if !this.flowing || buf.is_empty() {
+            // Idle: wait on the socket itself, woken at its first byte.
+            let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+            this.flowing = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
+            return polled;
+        }
+        // Flowing: read without registering with the reactor (the socket
+        // is non-blocking); drained means rest, not wait for the next byte.
+        match this.inner.get_ref().read(buf) {
+            Ok(n) => {
+                this.flowing = n > 0;
+                Poll::Ready(Ok(n))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                this.flowing = false;
+                let mut timer = Timer::after(this.rest);
+                if Pin::new(&mut timer).poll(cx).is_ready() {
+                    // A zero rest: wait on the socket as when idle.
+                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
+                this.resting = Some(timer);
+                Poll::Pending
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Resting {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smol::io::AsyncReadExt;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// A connected pair: the reading end as a [`Resting`], and the writing end.
+    fn pair(rest: Duration) -> (Resting, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (reader, _) = listener.accept().unwrap();
+        writer.set_nodelay(true).unwrap();
+        (Resting::new(Async::new(reader).unwrap(), rest), writer)
+    }
+
+    /// 300 messages written 1 ms apart; returns the bytes read, in order,
+    /// and how many reads returned data.
+    fn read_a_trickle(rest: Duration) -> (Vec<u8>, usize) {
+        let (mut reader, mut writer) = pair(rest);
+        let sender = std::thread::spawn(move || {
+            for i in 0..300 {
+                writer
+                    .write_all(format!("message {i}\n").as_bytes())
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let (mut got, mut reads) = (Vec::new(), 0);
+        smol::block_on(async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                reads += 1;
+                got.extend_from_slice(&buf[..n]);
+            }
+        });
+        sender.join().unwrap();
+        (got, reads)
+    }
+
+    #[test]
+    fn a_flowing_stream_is_read_in_bursts_and_nothing_is_lost() {
+        let expected: String = (0..300).map(|i| format!("message {i}\n")).collect();
+        let (got, reads) = read_a_trickle(READ_REST);
+        assert_eq!(String::from_utf8(got).unwrap(), expected);
+        // 300 ms or more of writing, 20 ms rests: about 15 reads; one per
+        // message if the rest did nothing.
+        assert!(reads <= 60, "{reads} reads for 300 messages");
+        let (got, reads_unrested) = read_a_trickle(Duration::ZERO);
+        assert_eq!(String::from_utf8(got).unwrap(), expected);
+        assert!(
+            reads_unrested > reads,
+            "without a rest: {reads_unrested} reads, with: {reads}"
+        );
+    }
+
+    #[test]
+    fn a_rest_that_finds_nothing_goes_back_to_waiting_on_the_socket() {
+        let (mut reader, mut writer) = pair(Duration::from_millis(20));
+        let mut buf = [0u8; 64];
+        writer.write_all(b"a").unwrap();
+        let n = smol::block_on(reader.read(&mut buf)).unwrap();
+        assert_eq!(&buf[..n], b"a");
+        assert!(reader.flowing);
+        // Drained while flowing: rests on the timer.
+        assert!(smol::block_on(smol::future::poll_once(reader.read(&mut buf))).is_none());
+        assert!(reader.resting.is_some() && !reader.flowing);
+        std::thread::sleep(Duration::from_millis(40));
+        // The rest is over and nothing came: waiting on the socket again,
+        // so the next byte of an idle stream is read when it comes.
+        assert!(smol::block_on(smol::future::poll_once(reader.read(&mut buf))).is_none());
+        assert!(reader.resting.is_none() && !reader.flowing);
+        writer.write_all(b"b").unwrap();
+        let n = smol::block_on(reader.read(&mut buf)).unwrap();
+        assert_eq!(&buf[..n], b"b");
+        drop(writer);
+        let n = smol::block_on(reader.read(&mut buf)).unwrap();
+        assert_eq!(n, 0, "the end of the stream");
+    }
+}
