@@ -19,7 +19,9 @@
 //! 4. On-disk bytes per record: the database file after a checkpoint, divided
 //!    by the records in it.
 
-// The modules are compiled in from src/ and their unit tests are not run here.
+#[path = "support/mod.rs"]
+mod support;
+
 use edgemeter::{outbox, record};
 
 use std::path::{Path, PathBuf};
@@ -182,19 +184,9 @@ fn bench_commit_per_record(n: usize) -> Measured {
 
 /// The real binary, synthetic source flat out, for `secs` seconds.
 fn bench_end_to_end(secs: u64) -> Option<Measured> {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/edgemeter");
-    // What `cargo bench` left there is the binary built with the bench
-    // profile: build (or put back) the release one, which is measured.
-    let ok = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("end to end: could not build target/release/edgemeter");
-        return None;
-    }
+    // Not what `cargo bench` leaves at target/release/edgemeter (its own
+    // build, with the bench profile): the release binary.
+    let bin = support::release_bin();
     let dir = TempDir::new("e2e");
     let cfg = dir.0.join("edgemeter.toml");
     std::fs::write(

@@ -24,8 +24,10 @@
 
 #[path = "../tests/common/pg.rs"]
 mod pg;
+#[path = "support/mod.rs"]
+mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -64,21 +66,6 @@ fn stats(c: &mut postgres::Client, like: &str) -> (i64, i64, f64) {
 fn reset(c: &mut postgres::Client) {
     c.batch_execute("SELECT pg_stat_statements_reset()")
         .expect("reset");
-}
-
-fn edgemeter_binary() -> PathBuf {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/edgemeter");
-    let ok = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok && bin.exists(),
-        "could not build target/release/edgemeter"
-    );
-    bin
 }
 
 /// 10 s of live inserts (see the module doc); returns the rows inserted.
@@ -233,7 +220,7 @@ fn main() {
     )
     .expect("config");
     // Build first: a (re)build must not count as backfill time.
-    let bin = edgemeter_binary();
+    let bin = support::release_bin();
     reset(&mut db);
     let t = Instant::now();
     let mut child = Command::new(bin)
