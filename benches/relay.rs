@@ -185,6 +185,7 @@ fn serve(conn: TcpStream, shared: &Shared, requests: bool) {
     let mut tick_start = Instant::now();
     let mut due = 0.0f64;
     let mut large_sent = large.load(Ordering::SeqCst);
+    let tick = tick();
     loop {
         if large.load(Ordering::SeqCst) > large_sent {
             large_sent = large.load(Ordering::SeqCst);
@@ -209,7 +210,7 @@ fn serve(conn: TcpStream, shared: &Shared, requests: bool) {
             }
             BLAST => 64,
             rate => {
-                std::thread::sleep(tick());
+                std::thread::sleep(tick);
                 let now = Instant::now();
                 due += f64::from(rate) * (now - tick_start).as_secs_f64();
                 tick_start = now;
