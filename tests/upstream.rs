@@ -1535,3 +1535,116 @@ fn replicas_claiming_the_same_windows_at_once_on_postgresql_win_each_once() {
         won_b.len()
     );
 }
+
+/// Regression (the PostgreSQL soak with a sink, 2026-12-03: `DELETE FROM
+/// pending` took 30 to 380 ms for 256 windows). `pending` is a queue: its
+/// rows are deleted as fast as they come, so ANALYZE can find its pages
+/// with no live row in them, and PostgreSQL then takes the table for one
+/// row whatever it holds. To unqueue the windows a claim won, it compared
+/// every queued row with every claimed window (a nested-loop semi join:
+/// 479,104 comparisons for 2,000 queued rows). Each claimed window must be
+/// looked up by its key whatever the statistics say. The server's
+/// `auto_explain` logs each statement's real plan; the test reads it.
+#[test]
+fn unqueueing_claimed_windows_on_postgresql_looks_each_up_whatever_the_statistics_say() {
+    use edgemeter::record::{Dims, Record};
+    use edgemeter::upstream::{config::DEFAULT_EDGE_DIMS, db, store::Store};
+
+    let pg = PgServer::start_with(
+        "upstream-unqueue",
+        "-c session_preload_libraries=auto_explain -c auto_explain.log_min_duration=0 \
+         -c auto_explain.log_analyze=on",
+    );
+    let dir = TempDir::new("upstream-unqueue");
+    let url = ups_store(&pg, &dir);
+    let db = db::Postgres::new(&url, Some("pw-ups".to_owned())).expect("a URL");
+    let edge = DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect();
+    let mut store = Store::new(Box::new(db), edge, 0);
+    let now = common::now_ms();
+    let queued = 20_000;
+    let batch_of = |seq: i64, t0: i64| {
+        let records: Vec<Record> = (0..queued)
+            .map(|k| {
+                let dims = Dims::new([("series", "s")]);
+                Record::point("unqueue", dims, t0 + k * 1000, 1.0, "Count")
+            })
+            .collect();
+        let key = edgemeter::wire::Key {
+            agent_id: "a1",
+            outbox_id: "unqueue",
+            seq,
+        };
+        edgemeter::wire::decode(edgemeter::wire::encode(&key, &records).as_bytes(), now)
+            .expect("decodes")
+    };
+    // A queue that was full and then emptied, analyzed in that moment: its
+    // pages are there, no row is live.
+    store
+        .ingest(&[&batch_of(1, now - 2 * queued * 1000)], now)
+        .expect("ingest");
+    let mut su = pg.superuser("ups");
+    su.batch_execute(
+        "ALTER TABLE pending SET (autovacuum_enabled = false); \
+         DELETE FROM pending; ANALYZE pending;",
+    )
+    .expect("an emptied queue, analyzed");
+    let (tuples, pages): (f32, i32) = su
+        .query_one(
+            "SELECT reltuples, relpages FROM pg_class WHERE relname = 'pending'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("pg_class");
+    assert!(
+        tuples == 0.0 && pages > 40,
+        "{tuples} rows on {pages} pages"
+    );
+    // Full again; the statistics still say empty.
+    store
+        .ingest(&[&batch_of(2, now - queued * 1000 - 60_000)], now)
+        .expect("ingest");
+    let first = store.settled(now, 256).expect("settled");
+    assert_eq!(first.len(), 256);
+    let won = store.claim(first.clone(), "up", now).expect("claim");
+    assert_eq!(won, first, "one replica wins every window");
+
+    // The plan of the statement that unqueued them, as it ran.
+    let log = std::fs::read_to_string(pg.dir.join("log")).expect("the server's log");
+    let entries: Vec<&str> = log
+        .split('\n')
+        .fold(Vec::<(usize, usize)>::new(), |mut spans, line| {
+            let start = line.as_ptr() as usize - log.as_ptr() as usize;
+            if line.starts_with(|c: char| c.is_ascii_digit()) || spans.is_empty() {
+                spans.push((start, start + line.len()));
+            } else if let Some(last) = spans.last_mut() {
+                last.1 = start + line.len();
+            }
+            spans
+        })
+        .into_iter()
+        .map(|(a, b)| &log[a..b])
+        .filter(|e| e.contains("Query Text: DELETE FROM pending"))
+        .collect();
+    assert_eq!(entries.len(), 1, "one unqueue statement, its plan logged");
+    let plan = entries[0]
+        .lines()
+        .filter(|l| !l.contains("Query Text:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("the unqueue's plan, as it ran:\n{plan}");
+    let compared: u64 = plan
+        .lines()
+        .filter_map(|l| l.split_once("Rows Removed by ").map(|(_, rest)| rest))
+        .filter_map(|rest| rest.rsplit(": ").next()?.trim().parse::<u64>().ok())
+        .sum();
+    assert!(
+        compared <= 2 * 256,
+        "unqueueing 256 of {queued} queued windows passed over {compared} rows"
+    );
+    // And the windows left the queue; the others are still in it.
+    let left: i64 = su
+        .query_one("SELECT COUNT(*) FROM pending", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(left, queued - 256);
+}

@@ -25,13 +25,18 @@ impl Store {
         owner: &str,
         now_ms: i64,
     ) -> Result<Vec<Group>, DbError> {
+        let unqueue = if self.db.kind() == "postgresql" {
+            &UNQUEUE_PG
+        } else {
+            &UNQUEUE
+        };
         let won = self.transaction(|s| {
             let mut won = HashSet::new();
             let refs: Vec<&Group> = groups.iter().collect();
             for chunk in refs.chunks(GROUPS_PER_STATEMENT) {
                 let (sql, params) = CLAIM.bind(vec![owner.into(), now_ms.into()], chunk);
                 won.extend(s.db.query(&sql, &params)?.into_iter().map(group_of));
-                let (sql, params) = UNQUEUE.bind(Vec::new(), chunk);
+                let (sql, params) = unqueue.bind(Vec::new(), chunk);
                 s.db.exec(&sql, &params)?;
             }
             Ok(won)
