@@ -34,7 +34,30 @@ pub fn release_bin() -> PathBuf {
         return PathBuf::from(bin);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new("cargo")
+    // Not with the variables cargo sets for a running bench (the package's
+    // name, version and directory): ring's build script asks to be rerun
+    // when they change, so a build with them and one without (the test
+    // command's, cargo-deb's) each rebuilt ring and everything above it,
+    // the binary's LTO included, about 90 s each time
+    // (`CARGO_LOG=cargo::core::compiler::fingerprint=info`:
+    // "EnvVarChanged CARGO_MANIFEST_DIR", then "CARGO_PKG_NAME").
+    let mut cargo = std::process::Command::new("cargo");
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            cargo.env_remove(name.as_ref());
+        }
+    }
+    let status = cargo
         .args(["build", "--release", "--quiet", "--bin", "edgemeter"])
         .current_dir(root)
         .status()
