@@ -1446,6 +1446,39 @@ fn late_batches_on_postgresql_are_stored_counted_late_and_forwarded_once() {
     up.stop();
 }
 
+/// A `Store` of its own on the PostgreSQL database [`ups_store`] made, as
+/// a replica opens one (no sink configured: forwarding is driven by hand).
+fn pg_store(url: &str) -> edgemeter::upstream::store::Store {
+    use edgemeter::upstream::{config::DEFAULT_EDGE_DIMS, db, store::Store};
+    let db = db::Postgres::new(url, Some("pw-ups".to_owned())).expect("a URL");
+    let edge = DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect();
+    Store::new(Box::new(db), edge, 0)
+}
+
+/// Batch `seq` of agent `a1`: `n` points of `metric` for one series, a
+/// second apart from `t0`, so `n` windows; as the upstream decodes it.
+fn one_series_batch(metric: &str, seq: i64, t0: i64, n: i64, now: i64) -> edgemeter::wire::Batch {
+    use edgemeter::record::{Dims, Record};
+    let records: Vec<Record> = (0..n)
+        .map(|k| {
+            Record::point(
+                metric,
+                Dims::new([("series", "s")]),
+                t0 + k * 1000,
+                1.0,
+                "Count",
+            )
+        })
+        .collect();
+    let key = edgemeter::wire::Key {
+        agent_id: "a1",
+        outbox_id: metric,
+        seq,
+    };
+    edgemeter::wire::decode(edgemeter::wire::encode(&key, &records).as_bytes(), now)
+        .expect("decodes")
+}
+
 /// Two replicas claim the same windows at the same moment on one PostgreSQL
 /// store, round after round: each window is won by exactly one of them.
 /// (A claim is `INSERT … ON CONFLICT DO NOTHING RETURNING` in a transaction;
@@ -1455,35 +1488,15 @@ fn late_batches_on_postgresql_are_stored_counted_late_and_forwarded_once() {
 /// same list, 300 groups a round, more than one statement's worth.
 #[test]
 fn replicas_claiming_the_same_windows_at_once_on_postgresql_win_each_once() {
-    use edgemeter::record::{Dims, Record};
-    use edgemeter::upstream::{config::DEFAULT_EDGE_DIMS, db, store::Store};
     use std::collections::BTreeSet;
 
     let pg = PgServer::start("upstream-claims");
     let dir = TempDir::new("upstream-claims");
     let url = ups_store(&pg, &dir);
-    let open = || {
-        let db = db::Postgres::new(&url, Some("pw-ups".to_owned())).expect("a URL");
-        let edge = DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect();
-        Store::new(Box::new(db), edge, 0)
-    };
-    let (mut a, mut b) = (open(), open());
+    let (mut a, mut b) = (pg_store(&url), pg_store(&url));
     let now = common::now_ms();
-    let t0 = now - 3_600_000;
     let (rounds, per_round) = (4, 300);
-    let records: Vec<Record> = (0..rounds * per_round)
-        .map(|k| {
-            let dims = Dims::new([("series", "s")]);
-            Record::point("race", dims, t0 + k as i64 * 1000, 1.0, "Count")
-        })
-        .collect();
-    let key = edgemeter::wire::Key {
-        agent_id: "a1",
-        outbox_id: "claims",
-        seq: 1,
-    };
-    let json = edgemeter::wire::encode(&key, &records);
-    let batch = edgemeter::wire::decode(json.as_bytes(), now).expect("decodes");
+    let batch = one_series_batch("race", 1, now - 3_600_000, (rounds * per_round) as i64, now);
     a.ingest(&[&batch], now).expect("ingest");
     let all = a.settled(now, 10_000).expect("settled");
     assert_eq!(all.len(), rounds * per_round);
@@ -1547,9 +1560,6 @@ fn replicas_claiming_the_same_windows_at_once_on_postgresql_win_each_once() {
 /// `auto_explain` logs each statement's real plan; the test reads it.
 #[test]
 fn unqueueing_claimed_windows_on_postgresql_looks_each_up_whatever_the_statistics_say() {
-    use edgemeter::record::{Dims, Record};
-    use edgemeter::upstream::{config::DEFAULT_EDGE_DIMS, db, store::Store};
-
     let pg = PgServer::start_with(
         "upstream-unqueue",
         "-c session_preload_libraries=auto_explain -c auto_explain.log_min_duration=0 \
@@ -1557,26 +1567,10 @@ fn unqueueing_claimed_windows_on_postgresql_looks_each_up_whatever_the_statistic
     );
     let dir = TempDir::new("upstream-unqueue");
     let url = ups_store(&pg, &dir);
-    let db = db::Postgres::new(&url, Some("pw-ups".to_owned())).expect("a URL");
-    let edge = DEFAULT_EDGE_DIMS.iter().map(|s| s.to_string()).collect();
-    let mut store = Store::new(Box::new(db), edge, 0);
+    let mut store = pg_store(&url);
     let now = common::now_ms();
     let queued = 20_000;
-    let batch_of = |seq: i64, t0: i64| {
-        let records: Vec<Record> = (0..queued)
-            .map(|k| {
-                let dims = Dims::new([("series", "s")]);
-                Record::point("unqueue", dims, t0 + k * 1000, 1.0, "Count")
-            })
-            .collect();
-        let key = edgemeter::wire::Key {
-            agent_id: "a1",
-            outbox_id: "unqueue",
-            seq,
-        };
-        edgemeter::wire::decode(edgemeter::wire::encode(&key, &records).as_bytes(), now)
-            .expect("decodes")
-    };
+    let batch_of = |seq, t0| one_series_batch("unqueue", seq, t0, queued, now);
     // A queue that was full and then emptied, analyzed in that moment: its
     // pages are there, no row is live.
     store
@@ -1608,27 +1602,16 @@ fn unqueueing_claimed_windows_on_postgresql_looks_each_up_whatever_the_statistic
     let won = store.claim(first.clone(), "up", now).expect("claim");
     assert_eq!(won, first, "one replica wins every window");
 
-    // The plan of the statement that unqueued them, as it ran.
+    // The plan of the statement that unqueued them, as it ran: the log
+    // entry after its query text, up to the next entry's timestamp.
     let log = std::fs::read_to_string(pg.dir.join("log")).expect("the server's log");
-    let entries: Vec<&str> = log
-        .split('\n')
-        .fold(Vec::<(usize, usize)>::new(), |mut spans, line| {
-            let start = line.as_ptr() as usize - log.as_ptr() as usize;
-            if line.starts_with(|c: char| c.is_ascii_digit()) || spans.is_empty() {
-                spans.push((start, start + line.len()));
-            } else if let Some(last) = spans.last_mut() {
-                last.1 = start + line.len();
-            }
-            spans
-        })
-        .into_iter()
-        .map(|(a, b)| &log[a..b])
-        .filter(|e| e.contains("Query Text: DELETE FROM pending"))
-        .collect();
-    assert_eq!(entries.len(), 1, "one unqueue statement, its plan logged");
-    let plan = entries[0]
+    const UNQUEUE: &str = "Query Text: DELETE FROM pending";
+    let at = log.find(UNQUEUE).expect("the unqueue's plan logged");
+    assert!(!log[at + 1..].contains(UNQUEUE), "one unqueue statement");
+    let plan = log[at..]
         .lines()
-        .filter(|l| !l.contains("Query Text:"))
+        .skip(1)
+        .take_while(|l| !l.starts_with(|c: char| c.is_ascii_digit()))
         .collect::<Vec<_>>()
         .join("\n");
     eprintln!("the unqueue's plan, as it ran:\n{plan}");
