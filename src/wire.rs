@@ -46,7 +46,7 @@ const MAX_ID_LEN: usize = 64;
 /// The outbox id and the sink's name (`<32 hex>.<sink>`).
 const MAX_OUTBOX_ID_LEN: usize = 160;
 /// A timestamp more than this far ahead of the upstream's clock is refused.
-const MAX_FUTURE_MS: i64 = 24 * 3600 * 1000;
+pub const MAX_FUTURE_MS: i64 = 24 * 3600 * 1000;
 
 /// The batch's JSON, both ways. Read, its strings borrow from the body
 /// where they have no escapes, and each record's dims are kept as their raw

@@ -1446,6 +1446,117 @@ fn late_batches_on_postgresql_are_stored_counted_late_and_forwarded_once() {
     up.stop();
 }
 
+/// Retention as an operator turns it on: an upstream that kept everything
+/// is restarted with `retention_days`. At start it rolls up and deletes the
+/// days older than that (their daily totals stay), and records for those
+/// days that arrive afterwards are dropped and counted, never stored or
+/// forwarded a second time.
+#[test]
+fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_twice() {
+    const DAY: i64 = 86_400_000;
+    let dir = TempDir::new("upstream-retention");
+    let port = free_port();
+    let forwarded = dir.path("forwarded.csv");
+    let sink = format!(
+        "[[sink]]\ntype = \"csv\"\npath = \"{}\"\n",
+        forwarded.display()
+    );
+    let now = common::now_ms();
+    let old = (now - 10 * DAY) / DAY * DAY + 3_600_000;
+    let recent = (now - 600_000) / 1000 * 1000;
+    let points = |t0: i64| {
+        (0..5)
+            .map(|i| {
+                format!(
+                    r#"{{"metric":"kept","dims":{{"gateway":"a1","window":"1s"}},"ts":{},"value":2,"unit":"Count"}}"#,
+                    t0 + i * 1000
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let post = |seq: i64, points: String| {
+        let json = format!(
+            r#"{{"v":1,"agent_id":"a1","outbox_id":"keep","seq":{seq},"points":[{points}]}}"#
+        );
+        let (status, body) = post_batch(port, &token_of("a1"), &json);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("a JSON answer")
+    };
+    let lines = || {
+        std::fs::read_to_string(&forwarded)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(",point,kept,"))
+            .count()
+    };
+    let start = |extra: &str| {
+        let cfg = upstream_config(&dir, "r1", port, "sqlite", extra, &sink);
+        let up = Agent::start_upstream(&cfg, "info", &[]);
+        assert!(
+            wait_until(Duration::from_secs(20), || health_ok(port)),
+            "the upstream came up: {}",
+            up.stderr()
+        );
+        up
+    };
+
+    // Kept forever: ten days ago and ten minutes ago, both forwarded.
+    let mut up = start("");
+    post(1, format!("{},{}", points(old), points(recent)));
+    assert!(
+        wait_until(Duration::from_secs(30), || lines() == 10),
+        "every window forwarded: {} lines; {}",
+        lines(),
+        up.stderr()
+    );
+    up.stop();
+
+    let mut up = start("retention_days = 3");
+    assert!(
+        wait_until(Duration::from_secs(20), || metric(
+            port,
+            "records_pruned_total"
+        ) == 5.0),
+        "the old day's five points deleted at start: {}",
+        up.stderr()
+    );
+    let old_day = get_json(port, "/v1/rollups?range=30D&format=json")["rollups"]
+        .as_array()
+        .expect("rollups")
+        .iter()
+        .filter(|r| r["metric"] == "kept")
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(old_day.len(), 1, "the old day's total: {old_day:?}");
+    assert_eq!(old_day[0]["value"], 10.0);
+    let series = get_json(port, "/v1/series?metric=kept&range=30D&format=json");
+    let times: Vec<i64> = series["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["ts"].as_i64().expect("ts"))
+        .collect();
+    assert_eq!(times, (0..5).map(|i| recent + i * 1000).collect::<Vec<_>>());
+
+    // The old day again, as a new batch: dropped and counted.
+    let answer = post(2, points(old));
+    assert_eq!(
+        (answer["stored"].as_i64(), answer["expired"].as_i64()),
+        (Some(0), Some(5))
+    );
+    assert_eq!(metric(port, "records_expired_total"), 5.0);
+    std::thread::sleep(Duration::from_secs(2)); // several forwarding rounds
+    assert_eq!(lines(), 10, "nothing forwarded twice");
+    let log = up.stderr();
+    assert!(
+        log.contains("(retention_days = 3): 5 points, 0 sketches, 0 events")
+            && log.contains("dropped 5 record(s) older than retention_days"),
+        "{log}"
+    );
+    up.stop();
+}
+
 /// A `Store` of its own on the PostgreSQL database [`ups_store`] made, as
 /// a replica opens one (no sink configured: forwarding is driven by hand).
 fn pg_store(url: &str) -> edgemeter::upstream::store::Store {
@@ -1630,4 +1741,97 @@ fn unqueueing_claimed_windows_on_postgresql_looks_each_up_whatever_the_statistic
         .expect("count")
         .get(0);
     assert_eq!(left, queued - 256);
+}
+
+/// Retention on one PostgreSQL store shared by replicas: two prune the same
+/// old days at the same moment. Each day's data is deleted once and its
+/// total computed from all of it: the second replica waits on the advisory
+/// lock, finds the day empty and leaves the total alone (were it replaced
+/// by a total of nothing, the day would read 0).
+#[test]
+fn replicas_pruning_one_postgresql_store_at_once_keep_each_days_total() {
+    const DAY: i64 = 86_400_000;
+    let pg = PgServer::start("upstream-retention");
+    let dir = TempDir::new("upstream-retention-pg");
+    let url = ups_store(&pg, &dir);
+    let (mut a, mut b) = (pg_store(&url), pg_store(&url));
+    let now = common::now_ms();
+    let days: Vec<i64> = [10, 9, 8]
+        .into_iter()
+        .map(|d| (now - d * DAY) / DAY * DAY)
+        .collect();
+    for (seq, &day) in days.iter().enumerate() {
+        let batch = one_series_batch("aged", seq as i64 + 1, day + 3_600_000, 50, now);
+        a.ingest(&[&batch], now).expect("ingest");
+    }
+    let recent = one_series_batch("aged", 9, now - 600_000, 5, now);
+    a.ingest(&[&recent], now).expect("ingest");
+    a.set_retention(Some(3));
+    b.set_retention(Some(3));
+
+    // Both replicas find the oldest day, then wait for its lock, which the
+    // test holds until both wait: the second to get it finds the day empty.
+    let mut holder = pg.superuser("ups");
+    let mut held = holder.transaction().expect("begin");
+    held.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&edgemeter::upstream::store::PRUNE_LOCK],
+    )
+    .expect("the pruning lock");
+    let replica_b = std::thread::spawn(move || b.prune(now, usize::MAX).expect("prune b"));
+    let replica_a = std::thread::spawn(move || {
+        let p = a.prune(now, usize::MAX).expect("prune a");
+        (a, p)
+    });
+    let waiting = || {
+        pg.superuser("ups")
+            .query_one(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .expect("pg_locks")
+            .get::<_, i64>(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || waiting() == 2),
+        "both replicas wait for the lock"
+    );
+    held.commit().expect("release the lock");
+    let (mut a, mine) = replica_a.join().expect("replica a");
+    let theirs = replica_b.join().expect("replica b");
+    eprintln!("replica a pruned {mine:?}; replica b {theirs:?}");
+    assert_eq!(
+        mine.points + theirs.points,
+        150,
+        "each old point deleted once"
+    );
+    let mut pruned: Vec<String> = mine.days.iter().chain(&theirs.days).cloned().collect();
+    pruned.sort();
+    let names: Vec<String> = days.iter().map(|&d| day_name(d)).collect();
+    assert_eq!(pruned, names, "each day deleted by one replica");
+    let totals = a.rollups(&names[0], &names[2]).expect("rollups");
+    let aged: Vec<(String, f64)> = totals
+        .into_iter()
+        .filter(|r| r.metric == "aged")
+        .map(|r| (r.day, r.value))
+        .collect();
+    assert_eq!(
+        aged,
+        names.iter().map(|n| (n.clone(), 50.0)).collect::<Vec<_>>(),
+        "each day's total, from all of its points"
+    );
+    assert_eq!(
+        a.sizes().expect("sizes")["points"],
+        5,
+        "the recent points stay"
+    );
+    // A late batch for a deleted day is dropped.
+    let late = one_series_batch("aged", 10, days[0] + 7_200_000, 3, now);
+    let done = a.ingest(&[&late], now).expect("ingest");
+    assert_eq!((done[0].records, done[0].expired), (0, 3));
+}
+
+/// `YYYY-MM-DD` of a time in ms (UTC).
+fn day_name(ms: i64) -> String {
+    edgemeter::clock::day(ms)
 }

@@ -193,6 +193,7 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "idle_timeout_secs",
         "forward_interval_secs",
         "settle_secs",
+        "retention_days",
         "users",
         "users_window_secs",
         "tls_cert_file",
@@ -559,6 +560,30 @@ fn the_body_budget_must_hold_one_body() {
     assert_eq!(default_buffered_bytes(Some(1 << 30)), 256 << 20);
     assert_eq!(default_buffered_bytes(Some(256 << 20)), 64 << 20);
     assert_eq!(default_buffered_bytes(Some(8 << 20)), 16 << 20);
+}
+
+/// Retention is whole days, and must outlast the settle delay: a window
+/// deleted before it settled would never be forwarded.
+#[test]
+fn retention_is_days_and_outlasts_the_settle_delay() {
+    let up = |extra: &str| {
+        check_ok(&format!("[upstream]\ntokens_dir = \"t\"\n{extra}"))
+            .upstream
+            .expect("upstream")
+            .retention_days
+    };
+    assert_eq!(up(""), None, "kept forever unless configured");
+    assert_eq!(up("retention_days = 400\n"), Some(400));
+    check_bad(
+        "[upstream]\ntokens_dir = \"t\"\nretention_days = 0\n",
+        &["3:18: retention_days = 0 is out of range; use 1 to 36500"],
+    );
+    check_bad(
+        "[upstream]\ntokens_dir = \"t\"\nsettle_secs = 86400\nretention_days = 2\n",
+        &[
+            "4:18: retention_days (2) must be more than a day longer than settle_secs (86400 s): windows would be deleted before their aggregates are forwarded",
+        ],
+    );
 }
 
 #[test]

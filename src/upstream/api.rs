@@ -35,8 +35,29 @@ use crate::upstream::query::{self, Params};
 use crate::upstream::store::{Ingested, Store};
 use crate::wire;
 
-/// How often a 401 may produce a log line; the others are counted in it.
-const AUTH_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often something a peer can cause on every request (a 401, expired
+/// records) may produce a log line; the others are counted in it.
+const PEER_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Something a peer can make happen on every request, logged at most once
+/// per [`PEER_LOG_EVERY`] with how many times it happened since.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Throttled {
+    /// Count `n` more; the count to log now, if a line is due.
+    fn note(&mut self, n: u64) -> Option<u64> {
+        self.since += n;
+        if self.last.is_some_and(|t| t.elapsed() < PEER_LOG_EVERY) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
+}
 /// A token that matches nothing makes us re-read `tokens_dir` (a new agent
 /// was added), at most this often.
 const TOKENS_RELOAD_EVERY: Duration = Duration::from_secs(5);
@@ -120,6 +141,9 @@ pub struct Counters {
     pub batches_invalid: RefCell<BTreeMap<&'static str, u64>>,
     pub records_stored: Cell<u64>,
     pub records_late: Cell<u64>,
+    pub records_expired: Cell<u64>,
+    /// Deleted by `retention_days`.
+    pub records_pruned: Cell<u64>,
     pub auth_failures: Cell<u64>,
     pub store_errors: Cell<u64>,
     pub connections_open: Cell<u64>,
@@ -198,6 +222,18 @@ impl Counters {
             "Records for windows whose aggregate had already been forwarded.",
             "counter",
             one(self.records_late.get()),
+        );
+        metric(
+            "records_expired_total",
+            "Records older than retention_days, dropped at ingest.",
+            "counter",
+            one(self.records_expired.get()),
+        );
+        metric(
+            "records_pruned_total",
+            "Points, sketches and events deleted as older than retention_days.",
+            "counter",
+            one(self.records_pruned.get()),
         );
         metric(
             "auth_failures_total",
@@ -299,8 +335,8 @@ pub struct Api {
     pub max_batch_bytes: usize,
     /// Served over TLS: the session cookie is `Secure`.
     pub tls: bool,
-    /// (when the last line was logged, failures since)
-    auth_log: RefCell<(Option<Instant>, u64)>,
+    auth_log: RefCell<Throttled>,
+    expired_log: RefCell<Throttled>,
 }
 
 /// Who a request comes from, decided from its head.
@@ -424,7 +460,8 @@ impl Api {
             counters,
             max_batch_bytes,
             tls: false,
-            auth_log: RefCell::new((None, 0)),
+            auth_log: RefCell::default(),
+            expired_log: RefCell::default(),
         }
     }
 
@@ -585,24 +622,21 @@ impl Api {
         )
     }
 
-    /// At most one line per [`AUTH_LOG_EVERY`]; the rest are counted into it.
+    /// At most one line per [`PEER_LOG_EVERY`]; the rest are counted into it.
     fn log_auth_failure(&self, req: &Request, missing: bool) {
-        let mut log = self.auth_log.borrow_mut();
-        log.1 += 1;
-        if log.0.is_some_and(|t| t.elapsed() < AUTH_LOG_EVERY) {
+        let Some(failures) = self.auth_log.borrow_mut().note(1) else {
             return;
-        }
+        };
         log::warn!(
             "refused {} request(s) with a missing or wrong token in the last {} s (latest: {} {} from {}, token {}); \
              see edgemeter_upstream_auth_failures_total",
-            log.1,
-            AUTH_LOG_EVERY.as_secs(),
+            failures,
+            PEER_LOG_EVERY.as_secs(),
             req.method,
             req.path,
             req.peer,
             if missing { "missing" } else { "not recognised" }
         );
-        *log = (Some(Instant::now()), 0);
     }
 
     async fn post_batch(&self, mut req: Request, agent: String) -> Response {
@@ -673,6 +707,17 @@ impl Api {
                     bump(&self.counters.batches_stored, 1);
                     bump(&self.counters.records_stored, done.records as u64);
                     bump(&self.counters.records_late, done.late as u64);
+                    bump(&self.counters.records_expired, done.expired as u64);
+                    if done.expired > 0
+                        && let Some(n) = self.expired_log.borrow_mut().note(done.expired as u64)
+                    {
+                        log::warn!(
+                            "dropped {n} record(s) older than retention_days in the last {} s \
+                             (latest from agent `{agent}`): their days are deleted from the store; \
+                             see edgemeter_upstream_records_expired_total",
+                            PEER_LOG_EVERY.as_secs()
+                        );
+                    }
                 } else {
                     bump(&self.counters.batches_duplicate, 1);
                 }
@@ -682,6 +727,7 @@ impl Api {
                         "stored": if done.new { done.records } else { 0 },
                         "duplicate": !done.new,
                         "late": done.late,
+                        "expired": done.expired,
                     }),
                 )
             }

@@ -45,6 +45,9 @@ pub struct Config {
     pub forward_interval: Duration,
     /// How long after a window's time its aggregate waits for late edges.
     pub settle: Duration,
+    /// How long raw data (points, sketches, events) is kept, in whole UTC
+    /// days; `None`: forever. Daily totals (`rollups`) are kept forever.
+    pub retention_days: Option<u32>,
 }
 
 pub use crate::http_server::Limits;
@@ -104,6 +107,7 @@ struct Raw {
     idle_timeout_secs: Option<Spanned<f64>>,
     forward_interval_secs: Option<Spanned<f64>>,
     settle_secs: Option<Spanned<f64>>,
+    retention_days: Option<Spanned<i64>>,
 }
 
 impl Config {
@@ -271,6 +275,24 @@ impl Config {
             7.0 * 86_400.0,
             p,
         );
+        let problems_before_retention = p.list().len();
+        let retention_days = raw
+            .retention_days
+            .as_ref()
+            .map(|v| int_in_range(v, "retention_days", 1, 36_500, p) as u32);
+        if let Some(days) = retention_days
+            && p.list().len() == problems_before_retention
+            && u64::from(days) * 86_400 <= settle.as_secs() + 86_400
+        {
+            p.push(
+                raw.retention_days.as_ref().map(|v| v.span()),
+                format!(
+                    "retention_days ({days}) must be more than a day longer than settle_secs ({} s): \
+                     windows would be deleted before their aggregates are forwarded",
+                    settle.as_secs()
+                ),
+            );
+        }
         (p.list().len() == before).then(|| Config {
             listen,
             store,
@@ -283,6 +305,7 @@ impl Config {
             limits,
             forward_interval,
             settle,
+            retention_days,
         })
     }
 }

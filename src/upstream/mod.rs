@@ -51,6 +51,9 @@ const COMMIT_QUEUE: usize = 4_096;
 const GROUP_MAX: usize = 512;
 /// Settled groups forwarded per round; more wait for the next.
 const FORWARD_MAX: usize = 2_000;
+/// How often the store is pruned to `retention_days` (a pass that finds
+/// the line where it left it costs nothing).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Open the store `c` names. `read_only` is for `edgemeter report` beside
 /// a running upstream (SQLite only; PostgreSQL reads are reads anyway).
@@ -78,6 +81,7 @@ pub fn open_store(c: &Config, state_dir: &Path, read_only: bool) -> Result<Store
         }
     };
     let mut store = Store::new(db, c.edge_dims.clone(), c.settle.as_millis() as i64);
+    store.set_retention(c.retention_days);
     if !read_only {
         let started = std::time::Instant::now();
         let n = store
@@ -224,6 +228,15 @@ async fn serve(s: Server, ctx: Context) {
             ctx.agent_id.clone(),
             c.forward_interval,
             c.settle,
+            ctx.shutdown.clone(),
+            counters.clone(),
+        ))
+        .detach();
+    }
+    if let Some(days) = c.retention_days {
+        ex.spawn(prune_loop(
+            store.clone(),
+            days,
             ctx.shutdown.clone(),
             counters.clone(),
         ))
@@ -423,6 +436,67 @@ async fn forward_loop(
             }
         }
         if !full && shutdown.sleep(every).await {
+            return;
+        }
+    }
+}
+
+/// Delete raw data older than `days`, at start and every [`PRUNE_EVERY`],
+/// a day per call on the store's thread so that batches are stored in
+/// between.
+async fn prune_loop(store: OnWorker<Store>, days: u32, shutdown: Shutdown, counters: Rc<Counters>) {
+    loop {
+        let started = Instant::now();
+        let mut total = store::Pruned::default();
+        let result = loop {
+            match store.call(|s| s.prune(now_ms(), 1)).await {
+                Err(e) => break Err(e),
+                Ok(p) => {
+                    counters
+                        .records_pruned
+                        .set(counters.records_pruned.get() + p.points + p.sketches + p.events);
+                    total.days.extend(p.days);
+                    total.points += p.points;
+                    total.sketches += p.sketches;
+                    total.events += p.events;
+                    total.unforwarded += p.unforwarded;
+                    total.batch_keys += p.batch_keys;
+                    if p.finished || shutdown.is_started() {
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        if let (Some(first), Some(last)) = (total.days.first(), total.days.last()) {
+            let which = match total.days.len() {
+                1 => first.clone(),
+                n => format!("{n} days, {first} to {last}"),
+            };
+            log::info!(
+                "deleted the raw data of {which} (retention_days = {days}): \
+                 {} points, {} sketches, {} events, {} batch keys, in {:.1} s; \
+                 their daily totals are kept (/v1/rollups)",
+                total.points,
+                total.sketches,
+                total.events,
+                total.batch_keys,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if total.unforwarded > 0 {
+            log::warn!(
+                "{} window(s) older than retention_days = {days} were deleted before their \
+                 aggregates were forwarded: the sinks are behind by more than the retention",
+                total.unforwarded
+            );
+        }
+        if let Err(e) = result {
+            log::error!(
+                "pruning the store to retention_days = {days}: {e}; trying again in {} s",
+                PRUNE_EVERY.as_secs()
+            );
+        }
+        if shutdown.sleep(PRUNE_EVERY).await {
             return;
         }
     }

@@ -5,7 +5,7 @@
 use super::*;
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::{Sketch, hash_i64};
-use crate::upstream::store::{How, SeriesQuery};
+use crate::upstream::store::{DAY_MS, How, SeriesQuery};
 
 const NOW: i64 = 1_795_996_800_000; // 2026-11-30T00:00Z
 
@@ -332,6 +332,134 @@ fn rollups_recompute_a_day_and_never_add_twice() {
     let after = store.rollup(&day, day_start, NOW).expect("rollup");
     assert_eq!(find(&after, "relay_messages").value, 15.0);
     assert_eq!(store.rollups(&day, &day).expect("stored"), after);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Retention: old days are rolled up, then deleted whole; what arrives for
+/// them afterwards (a late record, a batch sent again after its key was
+/// deleted) is dropped as expired, so it is neither counted nor forwarded a
+/// second time.
+#[test]
+fn retention_deletes_old_days_after_their_rollup_and_takes_nothing_for_them_again() {
+    let (mut store, dir) = sqlite_store();
+    let old_day = NOW - 10 * DAY_MS;
+    let recent_day = NOW - DAY_MS;
+    let counter = |agent: &str, ts: i64, v: f64| {
+        Record::point(
+            "relay_messages",
+            Dims::new([("agent", agent), ("stream", "spin30")]),
+            ts,
+            v,
+            "Count",
+        )
+    };
+    let event = |ts: i64| Record {
+        kind: Kind::Event,
+        ts_ms: ts,
+        name: "analytics".into(),
+        dims: Dims::new([("stream", "spin30")]),
+        value: 0.0,
+        unit: "None".into(),
+        payload: br#"{"user":"u1","type":"analytics"}"#.to_vec(),
+    };
+    let day_of = |t: i64| {
+        [
+            users("gw-a", t + 1_800_000, 0..10).to_vec(),
+            vec![counter("gw-a", t + 5, 7.0), event(t + 6)],
+        ]
+        .concat()
+    };
+    // Received when they happened; forwarded.
+    let old = batch("gw-a", 1, &day_of(old_day));
+    store.ingest(&[&old], old_day + DAY_MS).expect("ingest");
+    let recent = batch("gw-a", 2, &day_of(recent_day));
+    store.ingest(&[&recent], NOW).expect("ingest");
+    let groups = store.settled(NOW, 100).expect("settled");
+    assert_eq!(groups.len(), 4, "two windows of each metric: {groups:?}");
+    let won = store.claim(groups, "up-1", NOW).expect("claim");
+    store.mark_sent(&won).expect("sent");
+    let before = store.sizes().expect("sizes");
+
+    store.set_retention(Some(3));
+    // A day per call, as the server prunes (batches are stored between).
+    let pruned = store.prune(NOW, 1).expect("prune");
+    assert_eq!(pruned.days, vec![crate::clock::day(old_day)]);
+    let counts = (pruned.points, pruned.sketches, pruned.events);
+    assert_eq!(
+        counts,
+        (2, 1, 1),
+        "the old day's two points (users, counter), sketch and event"
+    );
+    assert_eq!(pruned.unforwarded, 0, "both its windows were forwarded");
+    assert!(
+        !pruned.finished,
+        "one day per call: it has not looked further"
+    );
+    let rest = store.prune(NOW, 1).expect("prune");
+    assert!(rest.finished && rest.days.is_empty(), "{rest:?}");
+    assert_eq!(
+        rest.batch_keys, 1,
+        "the old batch's key, once the days are done"
+    );
+    let after = store.sizes().expect("sizes");
+    assert_eq!(after["points"], before["points"] - 2);
+    assert_eq!(after["events"], before["events"] - 1);
+    assert_eq!(after["batches"], 1);
+    // The old day's totals were kept; the recent day's data is untouched.
+    let old_name = crate::clock::day(old_day);
+    let totals = store.rollups(&old_name, &old_name).expect("rollups");
+    let value = |m: &str| totals.iter().find(|r| r.metric == m).map(|r| r.value);
+    assert_eq!(value("active_users"), Some(10.0));
+    assert_eq!(value("relay_messages"), Some(7.0));
+    let q = |start: i64| SeriesQuery {
+        metric: "relay_messages".into(),
+        start_ms: start,
+        end_ms: start + DAY_MS,
+        agent: None,
+        dims: vec![],
+        limit: 100,
+    };
+    assert!(store.series(&q(old_day)).expect("series").is_empty());
+    assert_eq!(store.series(&q(recent_day)).expect("series")[0].value, 7.0);
+
+    // The old batch again (its key is gone) and a late record for the old
+    // day: dropped, not stored, not queued.
+    let late = batch("gw-b", 1, &[counter("gw-b", old_day + 9, 1.0)]);
+    let done = store.ingest(&[&old, &late], NOW).expect("ingest");
+    assert_eq!(
+        done.iter()
+            .map(|d| (d.new, d.records, d.expired))
+            .collect::<Vec<_>>(),
+        vec![(true, 0, 4), (true, 0, 1)]
+    );
+    assert!(store.series(&q(old_day)).expect("series").is_empty());
+    assert!(store.settled(i64::MAX, 100).expect("settled").is_empty());
+    // The line is the start of the day `retention_days` before now.
+    let keep_from = NOW - 3 * DAY_MS;
+    let edge = batch(
+        "gw-b",
+        2,
+        &[
+            counter("gw-b", keep_from - 1, 1.0),
+            counter("gw-b", keep_from, 1.0),
+        ],
+    );
+    let done = store.ingest(&[&edge], NOW).expect("ingest");
+    assert_eq!((done[0].records, done[0].expired), (1, 1));
+
+    // Pruning again, here or in another process (a replica), changes
+    // nothing: the kept totals are not replaced by the now empty day's.
+    let again = store.prune(NOW, usize::MAX).expect("prune");
+    assert!(again.finished && again.days.is_empty() && again.batch_keys == 0);
+    let db = db::Sqlite::open(&dir.join(STORE_FILE), false).expect("open");
+    let mut other = Store::new(Box::new(db), Vec::new(), 0);
+    other.set_retention(Some(3));
+    let other_pass = other.prune(NOW + 3_600_000, usize::MAX).expect("prune");
+    assert!(other_pass.days.is_empty(), "{other_pass:?}");
+    assert_eq!(
+        store.rollups(&old_name, &old_name).expect("rollups"),
+        totals
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -888,26 +1016,49 @@ fn statements_about_many_groups_look_them_up_and_scan_no_table() {
             .collect();
         let refs: Vec<&Group> = groups.iter().collect();
         for sql in store::many_group_statements(&refs) {
-            let mut st = c
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .expect("prepare");
-            let params = (0..st.parameter_count()).map(|i| match i % 3 {
-                2 => rusqlite::types::Value::Integer(i as i64),
-                _ => rusqlite::types::Value::Text(format!("x{i}")),
-            });
-            let plan: Vec<String> = st
-                .query_map(rusqlite::params_from_iter(params), |r| r.get(3))
-                .expect("plan")
-                .map(|r| r.expect("row"))
-                .collect();
-            let scans_a_table = plan.iter().any(|step| {
-                step.contains("AUTOMATIC")
-                    || step.strip_prefix("SCAN ").is_some_and(|what| {
-                        !(what == "g" || what == "v" || what.ends_with("CONSTANT ROWS"))
-                    })
-            });
-            assert!(!scans_a_table, "{n} groups: {plan:?}\n{sql:.200}");
+            let plan = plan_of(&c, &sql);
+            assert!(!scans_a_table(&plan), "{n} groups: {plan:?}\n{sql:.200}");
         }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// SQLite's plan for `sql`, one line per step, with made-up parameters.
+fn plan_of(c: &rusqlite::Connection, sql: &str) -> Vec<String> {
+    let mut st = c
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .expect("prepare");
+    let params = (0..st.parameter_count()).map(|i| match i % 3 {
+        2 => rusqlite::types::Value::Integer(i as i64),
+        _ => rusqlite::types::Value::Text(format!("x{i}")),
+    });
+    st.query_map(rusqlite::params_from_iter(params), |r| r.get(3))
+        .expect("plan")
+        .map(|r| r.expect("row"))
+        .collect()
+}
+
+/// Whether a plan reads a whole table (a scan of a `VALUES` list or of a
+/// recursive query's own rows is not one).
+fn scans_a_table(plan: &[String]) -> bool {
+    plan.iter().any(|step| {
+        step.contains("AUTOMATIC")
+            || step.strip_prefix("SCAN ").is_some_and(|what| {
+                !(what == "g" || what == "v" || what == "m" || what.ends_with("CONSTANT ROWS"))
+            })
+    })
+}
+
+/// Pruning and rollups run these per day or per metric: on a store of a
+/// year, a scan in any of them would read the year each time. (Found
+/// writing retention: a day's rollup read every sketch and every point.)
+#[test]
+fn pruning_and_rollup_statements_reach_their_rows_by_an_index() {
+    let (_store, dir) = sqlite_store();
+    let c = rusqlite::Connection::open(dir.join(STORE_FILE)).expect("open");
+    for sql in store::indexed_statements() {
+        let plan = plan_of(&c, &sql);
+        assert!(!scans_a_table(&plan), "{plan:?}\n{sql}");
     }
     std::fs::remove_dir_all(dir).ok();
 }

@@ -65,6 +65,7 @@ impl Store {
                 new: false,
                 records: b.records.len(),
                 late: 0,
+                expired: 0,
             });
         }
         let agent = Val::from(b.agent_id.as_str());
@@ -83,7 +84,18 @@ impl Store {
         let mut point_rows: Vec<Val<'_>> =
             Vec::with_capacity(POINT_COLUMNS * POINT_ROWS_PER_INSERT);
         let mut series = series.iter();
+        // Older than the retention: a window that may be deleted already
+        // (see `retention.rs`), so taking it in could forward it again.
+        let keep_from = self.keep_from(now_ms);
+        let mut expired = 0;
         for r in &b.records {
+            if r.ts_ms < keep_from && r.kind != Kind::Line {
+                expired += 1;
+                if r.kind == Kind::Point {
+                    series.next().expect("an id for each point");
+                }
+                continue;
+            }
             match r.kind {
                 Kind::Point | Kind::Sketch => {
                     let dims = r.dims.encoded();
@@ -195,8 +207,9 @@ impl Store {
         );
         Ok(Ingested {
             new: true,
-            records: b.records.len(),
+            records: b.records.len() - expired,
             late,
+            expired,
         })
     }
 

@@ -35,10 +35,18 @@
 //! PostgreSQL each statement is a round trip, and at one per group the
 //! forwarder fell behind a thousand groups a second.
 //!
+//! # Retention
+//! With `retention_days`, raw data older than that many whole UTC days is
+//! deleted, a day at a time, after that day's rollup is computed; rollups
+//! stay. Ingest drops records older than the same line (counted as
+//! expired), so a deleted window is never queued, or forwarded, again.
+//! See `retention.rs`.
+//!
 //! # Files
 //! This file holds the types, the store's handle and its transaction; one
 //! file per role holds its `impl`: `ingest.rs`, `reads.rs` (series, events,
-//! deletion), `forward.rs` (the forwarding queue), `rollup.rs`.
+//! deletion), `forward.rs` (the forwarding queue), `rollup.rs`,
+//! `retention.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -50,7 +58,12 @@ use crate::wire;
 mod forward;
 mod ingest;
 mod reads;
+mod retention;
 mod rollup;
+
+#[cfg(test)]
+pub use retention::indexed_statements;
+pub use retention::{PRUNE_LOCK, Pruned};
 
 pub struct Store {
     db: Box<dyn Db>,
@@ -61,6 +74,10 @@ pub struct Store {
     /// Whether anything forwards aggregates: without a sink, nothing is
     /// put in `pending` at all (it would only grow).
     forwards: bool,
+    /// `retention_days`: raw data older is deleted, and not taken in.
+    retention_days: Option<u32>,
+    /// Everything before this time is pruned already (by this process).
+    pruned_before: i64,
     /// Groups this process put in `pending` and that are not settled yet,
     /// so that the next batch for the same window skips the insert. Bounded
     /// by design: after every ingest it holds at most [`PENDING_SEEN_MAX`]
@@ -106,6 +123,8 @@ pub struct Ingested {
     pub records: usize,
     /// Records for windows whose aggregate was already forwarded.
     pub late: usize,
+    /// Records older than the retention: dropped, not stored.
+    pub expired: usize,
 }
 
 /// A network-wide group: one metric, its network dims, one time.
@@ -452,6 +471,8 @@ impl Store {
             edge_dims,
             settle_ms,
             forwards: true,
+            retention_days: None,
+            pruned_before: i64::MIN,
             pending_seen: HashSet::new(),
             pending_uncommitted: Vec::new(),
             series_ids: Default::default(),
@@ -516,6 +537,15 @@ impl Store {
         }
     }
 
+    /// The distinct metrics of `points` or `sketches`.
+    pub(super) fn metrics(&mut self, table: &str) -> Result<Vec<String>, DbError> {
+        let rows = self.db.query(&metrics_sql(table), &[])?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().map(Val::into_text))
+            .collect())
+    }
+
     /// Rows per table, for `/health`.
     pub fn sizes(&mut self) -> Result<HashMap<&'static str, i64>, DbError> {
         let mut out = HashMap::new();
@@ -525,6 +555,16 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The distinct metrics of a table with a `(metric, ts)` index, one index
+/// step each (a loose index scan; `SELECT DISTINCT` would read every row).
+fn metrics_sql(table: &str) -> String {
+    format!(
+        "WITH RECURSIVE m(metric) AS (SELECT MIN(metric) FROM {table} UNION ALL \
+         SELECT (SELECT MIN(metric) FROM {table} WHERE metric > m.metric) FROM m \
+         WHERE m.metric IS NOT NULL) SELECT metric FROM m WHERE metric IS NOT NULL"
+    )
 }
 
 fn group_of(r: Vec<Val<'static>>) -> Group {
