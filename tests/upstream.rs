@@ -1498,11 +1498,11 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
             "the upstream came up: {}",
             up.stderr()
         );
-        up
+        (up, cfg)
     };
 
     // Kept forever: ten days ago and ten minutes ago, both forwarded.
-    let mut up = start("");
+    let (mut up, _) = start("");
     post(1, format!("{},{}", points(old), points(recent)));
     assert!(
         wait_until(Duration::from_secs(30), || lines() == 10),
@@ -1512,7 +1512,7 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
     );
     up.stop();
 
-    let mut up = start("retention_days = 3");
+    let (mut up, cfg) = start("retention_days = 3");
     assert!(
         wait_until(Duration::from_secs(20), || metric(
             port,
@@ -1530,6 +1530,21 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
         .collect::<Vec<_>>();
     assert_eq!(old_day.len(), 1, "the old day's total: {old_day:?}");
     assert_eq!(old_day[0]["value"], 10.0);
+    // Rolling that day up again by hand keeps the total (there is no data
+    // left to recompute it from) and says so.
+    let day = old_day[0]["day"].as_str().expect("day").to_owned();
+    let cfg = cfg.to_str().expect("a UTF-8 path");
+    let (code, out, err) = edgemeter(&["upstream", "rollup", "-c", cfg, "--date", &day]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(",kept,") && out.contains(",10,"), "{out}");
+    assert!(err.contains("older than retention_days"), "{err}");
+    let again = get_json(port, "/v1/rollups?range=30D&format=json");
+    let kept = again["rollups"].as_array().expect("rollups");
+    assert!(
+        kept.iter()
+            .any(|r| r["metric"] == "kept" && r["value"] == 10.0),
+        "{again}"
+    );
     let series = get_json(port, "/v1/series?metric=kept&range=30D&format=json");
     let times: Vec<i64> = series["rows"]
         .as_array()

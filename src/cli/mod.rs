@@ -233,13 +233,22 @@ fn rollup(config: &Config, date: Option<&str>, format: Option<&str>) -> Outcome 
             return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")));
         }
     };
+    let expired = store.expired(start, now);
     match store.rollup(&day, start, now) {
         Ok(rows) => {
             print!("{}", upstream::query::render_rollups(&rows, format));
-            eprintln!(
-                "{day}: {} totals stored (replacing any computed before)",
-                rows.len()
-            );
+            if expired {
+                eprintln!(
+                    "{day} is older than retention_days: its raw data was deleted, so these {} \
+                     totals are the ones kept then, not recomputed",
+                    rows.len()
+                );
+            } else {
+                eprintln!(
+                    "{day}: {} totals stored (replacing any computed before)",
+                    rows.len()
+                );
+            }
             Ok(())
         }
         Err(e) => Err(Failed::new(

@@ -95,6 +95,12 @@ impl Store {
         }
     }
 
+    /// Whether the UTC day starting at `day_ms` is older than the
+    /// retention: its raw data is deleted, or about to be.
+    pub fn expired(&self, day_ms: i64, now_ms: i64) -> bool {
+        day_ms < self.keep_from(now_ms)
+    }
+
     /// Delete the raw data older than the retention, a day per transaction
     /// and at most `max_days` days per call (so that batches are stored in
     /// between), each day's rollup computed first. `finished` says whether

@@ -16,12 +16,17 @@ impl Store {
     /// `start_ms`) from the stored data and replace that day's rollups.
     /// Recomputed from scratch every time: running it twice, or again after
     /// a late batch, gives the right totals and never adds twice.
+    /// A day older than the retention keeps the totals computed before its
+    /// data was deleted: those are returned, not recomputed from nothing.
     pub fn rollup(
         &mut self,
         day: &str,
         start_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<RollupRow>, DbError> {
+        if self.expired(start_ms, now_ms) {
+            return self.rollups(day, day);
+        }
         let rows = self.rollup_rows(day, start_ms)?;
         self.transaction(|s| s.replace_rollups(day, &rows, now_ms))?;
         Ok(rows)
