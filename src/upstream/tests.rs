@@ -41,6 +41,30 @@ fn batch(agent: &str, seq: i64, records: &[Record]) -> wire::Batch {
     wire::decode(json.as_bytes(), NOW).expect("a batch we encoded decodes")
 }
 
+/// An edge's relay message counter.
+fn counter(agent: &str, ts: i64, v: f64) -> Record {
+    Record::point(
+        "relay_messages",
+        Dims::new([("agent", agent), ("stream", "spin30")]),
+        ts,
+        v,
+        "Count",
+    )
+}
+
+/// A relay `analytics` event of `user`.
+fn ev(user: &str, ts: i64) -> Record {
+    Record {
+        kind: Kind::Event,
+        ts_ms: ts,
+        name: "analytics".into(),
+        dims: Dims::new([("stream", "spin30")]),
+        value: 0.0,
+        unit: "None".into(),
+        payload: format!(r#"{{"user":"{user}","t":1,"type":"analytics"}}"#).into_bytes(),
+    }
+}
+
 fn sqlite_store() -> (Store, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("edgemeter-upstore-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -279,15 +303,6 @@ fn the_store_keeps_each_batch_once_and_unions_users_across_gateways() {
 fn rollups_recompute_a_day_and_never_add_twice() {
     let (mut store, dir) = sqlite_store();
     let day_start = NOW - 86_400_000;
-    let counter = |agent: &str, ts: i64, v: f64| {
-        Record::point(
-            "relay_messages",
-            Dims::new([("agent", agent), ("stream", "spin30")]),
-            ts,
-            v,
-            "Count",
-        )
-    };
     let b1 = batch(
         "gw-a",
         1,
@@ -344,28 +359,10 @@ fn retention_deletes_old_days_after_their_rollup_and_takes_nothing_for_them_agai
     let (mut store, dir) = sqlite_store();
     let old_day = NOW - 10 * DAY_MS;
     let recent_day = NOW - DAY_MS;
-    let counter = |agent: &str, ts: i64, v: f64| {
-        Record::point(
-            "relay_messages",
-            Dims::new([("agent", agent), ("stream", "spin30")]),
-            ts,
-            v,
-            "Count",
-        )
-    };
-    let event = |ts: i64| Record {
-        kind: Kind::Event,
-        ts_ms: ts,
-        name: "analytics".into(),
-        dims: Dims::new([("stream", "spin30")]),
-        value: 0.0,
-        unit: "None".into(),
-        payload: br#"{"user":"u1","type":"analytics"}"#.to_vec(),
-    };
     let day_of = |t: i64| {
         [
             users("gw-a", t + 1_800_000, 0..10).to_vec(),
-            vec![counter("gw-a", t + 5, 7.0), event(t + 6)],
+            vec![counter("gw-a", t + 5, 7.0), ev("u1", t + 6)],
         ]
         .concat()
     };
@@ -466,15 +463,6 @@ fn retention_deletes_old_days_after_their_rollup_and_takes_nothing_for_them_agai
 #[test]
 fn events_are_found_by_user_and_deleted_everywhere_they_are() {
     let (mut store, dir) = sqlite_store();
-    let ev = |user: &str, ts: i64| Record {
-        kind: Kind::Event,
-        ts_ms: ts,
-        name: "analytics".into(),
-        dims: Dims::new([("stream", "spin30")]),
-        value: 0.0,
-        unit: "None".into(),
-        payload: format!(r#"{{"user":"{user}","t":1,"type":"analytics"}}"#).into_bytes(),
-    };
     let b = batch(
         "host-1",
         1,
