@@ -1554,6 +1554,47 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
         .collect();
     assert_eq!(times, (0..5).map(|i| recent + i * 1000).collect::<Vec<_>>());
 
+    // The dashboard says why a range reaching back past the line has no
+    // windows there.
+    let addr = ([127, 0, 0, 1], port).into();
+    let form = format!("token={ADMIN}&next=%2F");
+    let (code, head, _) = common::http_exchange(
+        addr,
+        &format!(
+            "POST /sign-in HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{form}",
+            form.len()
+        ),
+    );
+    assert_eq!(code, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie:")
+                .then(|| l[11..].trim())
+        })
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let page = |path: &str| {
+        let (code, _, body) = common::http_exchange(
+            addr,
+            &format!(
+                "GET {path} HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\nconnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(code, 200, "{path}: {body}");
+        body
+    };
+    let note = "are deleted (<code>retention_days</code>)";
+    for path in ["/?metric=kept&range=30D", "/relay?range=30D"] {
+        assert!(page(path).contains(note), "{path}");
+    }
+    assert!(
+        !page("/relay?range=1D").contains(note),
+        "1D is within the retention"
+    );
+
     // The old day again, as a new batch: dropped and counted.
     let answer = post(2, points(old));
     assert_eq!(

@@ -130,6 +130,18 @@ impl Ask {
     }
 }
 
+/// Said where a range reaches back past `retention_days`, so that the
+/// windows there read as deleted, not as missing.
+fn retention_note(deleted_before: Option<i64>, start: i64) -> String {
+    match deleted_before {
+        Some(line) if start < line => format!(
+            r#"<p class="note">Windows before {} are deleted (<code>retention_days</code>); each day's totals stay in <code>/v1/rollups</code>.</p>"#,
+            crate::clock::day(line)
+        ),
+        _ => String::new(),
+    }
+}
+
 /// What the store gives the active-users page.
 struct Active {
     /// The series shown: asked for, or the default one.
@@ -143,6 +155,8 @@ struct Active {
     summaries: Vec<EdgeSummary>,
     /// The drawn edges' values: agent → (ts, net, value).
     drawn: BTreeMap<String, Vec<(i64, Dims, f64)>>,
+    /// Raw data before this is deleted (`retention_days`).
+    deleted_before: Option<i64>,
 }
 
 fn dims_label(d: &Dims) -> String {
@@ -191,6 +205,7 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
                             sums: BTreeMap::new(),
                             summaries: Vec::new(),
                             drawn: BTreeMap::new(),
+                            deleted_before: s.deleted_before(now),
                         });
                     }
                 },
@@ -237,6 +252,7 @@ pub async fn active_users(store: &OnWorker<Store>, query_text: &str, now: i64) -
                 sums,
                 summaries,
                 drawn,
+                deleted_before: s.deleted_before(now),
             })
         })
         .await;
@@ -304,6 +320,7 @@ fn render_active(ask: &Ask, start: i64, end: i64, d: &Active) -> String {
         &iso8601(start)[..10],
         &iso8601(end - 1)[..10]
     );
+    body += &retention_note(d.deleted_before, start);
 
     // The lines: network-wide per net, the naive sum of edges, each edge.
     let multi_net = d
@@ -497,6 +514,8 @@ struct Relay {
     users: Vec<SeriesRow>,
     connected: Vec<SeriesRow>,
     usage: Vec<UsageRow>,
+    /// Raw data before this is deleted (`retention_days`).
+    deleted_before: Option<i64>,
 }
 
 /// The relay's streams: messages and distinct users per window, by stream
@@ -521,6 +540,7 @@ pub async fn relay(store: &OnWorker<Store>, query_text: &str, now: i64) -> Respo
                 users: s.series(&q("relay_active_users"))?,
                 connected: s.series(&q("relay_connected"))?,
                 usage: s.usage(start, end, USAGE_ROWS)?,
+                deleted_before: s.deleted_before(now),
             })
         })
         .await;
@@ -591,6 +611,7 @@ fn render_relay(ask: &Ask, start: i64, end: i64, d: &Relay) -> String {
         );
     }
     body += "</div></div>";
+    body += &retention_note(d.deleted_before, start);
     if d.messages.is_empty() && d.users.is_empty() {
         body += r#"<p class="note">No relay figures in this range: edges with a <code>relay</code> source send
 `relay_messages` and `relay_active_users` per stream and window.</p>"#;

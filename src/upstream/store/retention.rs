@@ -101,6 +101,12 @@ impl Store {
         day_ms < self.keep_from(now_ms)
     }
 
+    /// With a retention, the time before which raw data is deleted (or
+    /// about to be): for pages that show a range reaching past it.
+    pub fn deleted_before(&self, now_ms: i64) -> Option<i64> {
+        self.retention_days.map(|_| self.keep_from(now_ms))
+    }
+
     /// Delete the raw data older than the retention, a day per transaction
     /// and at most `max_days` days per call (so that batches are stored in
     /// between), each day's rollup computed first. `finished` says whether
