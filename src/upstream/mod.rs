@@ -11,6 +11,7 @@
 //!        ─► group committer ─► store.rs (exactly once; SQLite | PostgreSQL via db.rs)
 //! forwarder: settled windows ─► union / sum ─► this upstream's outbox ─► its sinks
 //! queries: /v1/series, /v1/events, /v1/rollups (query.rs) · /health · /metrics
+//! retention (optional): hourly, old days rolled up, then deleted (store/retention.rs)
 //! ```
 //!
 //! Threads: the event loop serves every connection; the store runs on one
