@@ -1503,6 +1503,7 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
 
     // Kept forever: ten days ago and ten minutes ago, both forwarded.
     let (mut up, _) = start("");
+    assert!(get_json(port, "/health")["raw_data_from"].is_null());
     post(1, format!("{},{}", points(old), points(recent)));
     assert!(
         wait_until(Duration::from_secs(30), || lines() == 10),
@@ -1553,6 +1554,13 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
         .map(|r| r["ts"].as_i64().expect("ts"))
         .collect();
     assert_eq!(times, (0..5).map(|i| recent + i * 1000).collect::<Vec<_>>());
+
+    let line = (now - 3 * DAY) / DAY * DAY;
+    assert_eq!(
+        get_json(port, "/health")["raw_data_from"].as_str(),
+        Some(day_name(line).as_str()),
+        "/health says where the kept raw data starts"
+    );
 
     // The dashboard says why a range reaching back past the line has no
     // windows there.

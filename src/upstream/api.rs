@@ -796,12 +796,19 @@ impl Api {
 
     async fn health(&self) -> Response {
         let agents = self.tokens.borrow().len();
-        match self.store.call(|s| s.sizes()).await {
-            Ok(sizes) => Response::json(
+        let now = now_ms();
+        match self
+            .store
+            .call(move |s| s.sizes().map(|sizes| (sizes, s.deleted_before(now))))
+            .await
+        {
+            Ok((sizes, deleted_before)) => Response::json(
                 200,
                 &serde_json::json!({
                     "status": "ok", "store": self.store_kind, "agents_with_tokens": agents,
                     "rows": sizes,
+                    // null: kept forever; else the first day not deleted by retention_days.
+                    "raw_data_from": deleted_before.map(crate::clock::day),
                 }),
             ),
             Err(e) => Response::json(
