@@ -445,6 +445,10 @@ impl Postgres {
         }
         config.connect_timeout(Duration::from_secs(10));
         config.application_name("edgemeter-upstream");
+        // Every (re)connection runs the schema's `CREATE ... IF NOT EXISTS`,
+        // which PostgreSQL answers with a NOTICE per table that exists: 16
+        // lines at info on every start. They say nothing is wrong.
+        config.notice_callback(|n| log::debug!("PostgreSQL: {}: {}", n.severity(), n.message()));
         let hosts: Vec<String> = config
             .get_hosts()
             .iter()
