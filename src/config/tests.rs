@@ -562,8 +562,8 @@ fn the_body_budget_must_hold_one_body() {
     assert_eq!(default_buffered_bytes(Some(8 << 20)), 16 << 20);
 }
 
-/// Retention is whole days, and must outlast the settle delay: a window
-/// deleted before it settled would never be forwarded.
+/// Retention is whole days, and must outlast the settle delay and a
+/// forwarding round: a window deleted before then would never be forwarded.
 #[test]
 fn retention_is_days_and_outlasts_the_settle_delay() {
     let up = |extra: &str| {
@@ -578,12 +578,18 @@ fn retention_is_days_and_outlasts_the_settle_delay() {
         "[upstream]\ntokens_dir = \"t\"\nretention_days = 0\n",
         &["3:18: retention_days = 0 is out of range; use 1 to 36500"],
     );
+    assert_eq!(
+        up("retention_days = 1\n"),
+        Some(1),
+        "with the default settle"
+    );
     check_bad(
-        "[upstream]\ntokens_dir = \"t\"\nsettle_secs = 86400\nretention_days = 2\n",
+        "[upstream]\ntokens_dir = \"t\"\nsettle_secs = 86400\nretention_days = 1\n",
         &[
-            "4:18: retention_days (2) must be more than a day longer than settle_secs (86400 s): windows would be deleted before their aggregates are forwarded",
+            "4:18: retention_days (1) must be longer than settle_secs + forward_interval_secs + an hour (90060 s): windows would be deleted before their aggregates are forwarded",
         ],
     );
+    assert_eq!(up("settle_secs = 86400\nretention_days = 2\n"), Some(2));
 }
 
 #[test]

@@ -280,16 +280,20 @@ impl Config {
             .retention_days
             .as_ref()
             .map(|v| int_in_range(v, "retention_days", 1, 36_500, p) as u32);
+        // A window is deleted once it is `retention_days` old at the least,
+        // and forwarded `settle_secs` after its time, in the next round; an
+        // hour more for the pruning pass and clocks.
+        let forwarded_within = settle.as_secs() + forward_interval.as_secs() + 3600;
         if let Some(days) = retention_days
             && p.list().len() == problems_before_retention
-            && u64::from(days) * 86_400 <= settle.as_secs() + 86_400
+            && u64::from(days) * 86_400 <= forwarded_within
         {
             p.push(
                 raw.retention_days.as_ref().map(|v| v.span()),
                 format!(
-                    "retention_days ({days}) must be more than a day longer than settle_secs ({} s): \
-                     windows would be deleted before their aggregates are forwarded",
-                    settle.as_secs()
+                    "retention_days ({days}) must be longer than settle_secs + forward_interval_secs \
+                     + an hour ({forwarded_within} s): windows would be deleted before their \
+                     aggregates are forwarded"
                 ),
             );
         }
