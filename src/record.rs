@@ -39,10 +39,12 @@ pub fn json_depth(text: &str) -> usize {
 }
 
 /// Whether `text` nests deeper than `max` ([`json_depth`]). Runs for every
-/// event, so it first counts the opening brackets in one pass the compiler
-/// vectorises: the depth is never more than their number.
+/// event, so it first counts the opening brackets (the depth is never more
+/// than their number) with `memchr`'s SIMD search. The release build is
+/// optimised for size, which leaves a plain counting loop byte-at-a-time:
+/// that was 3.7 % of the relay's CPU in `perf`.
 pub fn nests_deeper_than(text: &str, max: usize) -> bool {
-    let opening = text.bytes().filter(|&b| b == b'{' || b == b'[').count();
+    let opening = memchr::memchr2_iter(b'{', b'[', text.as_bytes()).count();
     opening > max && json_depth(text) > max
 }
 
@@ -297,6 +299,9 @@ mod tests {
         check(r#"{"a":"\"[{"}"#, 1);
         check(r#"[{"x":"\\"},[[]]]"#, 3);
         check(&("[".repeat(100_000) + &"]".repeat(100_000)), 100_000);
+        // Brackets far apart; brackets only in a string.
+        check(&format!("[{}[[]]]", "1,".repeat(100)), 3);
+        check(&format!("[\"{}\"]", "{[".repeat(100)), 1);
     }
 
     #[test]
