@@ -179,6 +179,40 @@ fn post_batch(port: u16, token: &str, json: &str) -> (u16, String) {
     )
 }
 
+/// `n` points of `metric` from gateway `agent`, a second apart from `t0`,
+/// each `value`: the `points` of a batch's JSON.
+fn points_json(metric: &str, agent: &str, t0: i64, n: i64, value: i64) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"metric":"{metric}","dims":{{"gateway":"{agent}","window":"1s"}},"ts":{},"value":{value},"unit":"Count"}}"#,
+                t0 + i * 1000
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Post batch `seq` of `agent`'s outbox `outbox` holding `points`; it must
+/// be taken. The upstream's answer.
+fn post_points(port: u16, agent: &str, outbox: &str, seq: i64, points: &str) -> serde_json::Value {
+    let json = format!(
+        r#"{{"v":1,"agent_id":"{agent}","outbox_id":"{outbox}","seq":{seq},"points":[{points}]}}"#
+    );
+    let (status, body) = post_batch(port, &token_of(agent), &json);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("a JSON answer")
+}
+
+/// The points of `metric` a csv sink wrote to `path` so far.
+fn forwarded_points(path: &std::path::Path, metric: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!(",point,{metric},")))
+        .count()
+}
+
 fn metric(port: u16, name: &str) -> f64 {
     let (status, text) = http(port, "GET", "/metrics", None, "", b"");
     assert_eq!(status, 200);
@@ -1394,33 +1428,12 @@ fn late_batches_on_postgresql_are_stored_counted_late_and_forwarded_once() {
     );
     // 300 windows, ten minutes old (settled): more than one statement's worth.
     let t0 = (common::now_ms() - 600_000) / 1000 * 1000;
-    let points = |agent: &str, value: i64| {
-        (0..300)
-            .map(|i| {
-                format!(
-                    r#"{{"metric":"late","dims":{{"gateway":"{agent}","window":"1s"}},"ts":{},"value":{value},"unit":"Count"}}"#,
-                    t0 + i * 1000
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    };
     let post = |agent: &str, value: i64| {
-        let json = format!(
-            r#"{{"v":1,"agent_id":"{agent}","outbox_id":"late","seq":1,"points":[{}]}}"#,
-            points(agent, value)
-        );
-        let (status, body) = post_batch(port, &token_of(agent), &json);
-        assert_eq!(status, 200, "{body}");
+        let points = points_json("late", agent, t0, 300, value);
+        post_points(port, agent, "late", 1, &points);
     };
     post("a1", 2);
-    let lines = || {
-        std::fs::read_to_string(&forwarded)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(",point,late,"))
-            .count()
-    };
+    let lines = || forwarded_points(&forwarded, "late");
     assert!(
         wait_until(Duration::from_secs(30), || lines() == 300),
         "every window forwarded once: {} lines; {}",
@@ -1464,32 +1477,9 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
     let now = common::now_ms();
     let old = (now - 10 * DAY) / DAY * DAY + 3_600_000;
     let recent = (now - 600_000) / 1000 * 1000;
-    let points = |t0: i64| {
-        (0..5)
-            .map(|i| {
-                format!(
-                    r#"{{"metric":"kept","dims":{{"gateway":"a1","window":"1s"}},"ts":{},"value":2,"unit":"Count"}}"#,
-                    t0 + i * 1000
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let post = |seq: i64, points: String| {
-        let json = format!(
-            r#"{{"v":1,"agent_id":"a1","outbox_id":"keep","seq":{seq},"points":[{points}]}}"#
-        );
-        let (status, body) = post_batch(port, &token_of("a1"), &json);
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str::<serde_json::Value>(&body).expect("a JSON answer")
-    };
-    let lines = || {
-        std::fs::read_to_string(&forwarded)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(",point,kept,"))
-            .count()
-    };
+    let points = |t0: i64| points_json("kept", "a1", t0, 5, 2);
+    let post = |seq: i64, points: String| post_points(port, "a1", "keep", seq, &points);
+    let lines = || forwarded_points(&forwarded, "kept");
     let start = |extra: &str| {
         let cfg = upstream_config(&dir, "r1", port, "sqlite", extra, &sink);
         let up = Agent::start_upstream(&cfg, "info", &[]);

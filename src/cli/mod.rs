@@ -233,7 +233,7 @@ fn rollup(config: &Config, date: Option<&str>, format: Option<&str>) -> Outcome 
             return Err(Failed::new(Exit::Failure, format!("edgemeter: {e}")));
         }
     };
-    let expired = store.expired(start, now);
+    let expired = store.deleted_before(now).is_some_and(|line| start < line);
     match store.rollup(&day, start, now) {
         Ok(rows) => {
             print!("{}", upstream::query::render_rollups(&rows, format));

@@ -189,18 +189,51 @@ impl Counters {
                 .map(|((r, s), v)| (format!("{{route=\"{r}\",status=\"{s}\"}}"), v.to_string()))
                 .collect(),
         );
-        metric(
-            "batches_stored_total",
-            "Batches committed to the store.",
-            "counter",
-            one(self.batches_stored.get()),
-        );
-        metric(
-            "batches_duplicate_total",
-            "Batches received again (a resend) and acknowledged without storing.",
-            "counter",
-            one(self.batches_duplicate.get()),
-        );
+        // The plain counters, one number each.
+        for (name, help, value) in [
+            (
+                "batches_stored_total",
+                "Batches committed to the store.",
+                self.batches_stored.get(),
+            ),
+            (
+                "batches_duplicate_total",
+                "Batches received again (a resend) and acknowledged without storing.",
+                self.batches_duplicate.get(),
+            ),
+            (
+                "records_stored_total",
+                "Points, sketches and events stored.",
+                self.records_stored.get(),
+            ),
+            (
+                "records_late_total",
+                "Records for windows whose aggregate had already been forwarded.",
+                self.records_late.get(),
+            ),
+            (
+                "records_expired_total",
+                "Records older than retention_days, dropped at ingest.",
+                self.records_expired.get(),
+            ),
+            (
+                "records_pruned_total",
+                "Points, sketches and events deleted as older than retention_days.",
+                self.records_pruned.get(),
+            ),
+            (
+                "auth_failures_total",
+                "Requests with a missing or wrong token.",
+                self.auth_failures.get(),
+            ),
+            (
+                "store_errors_total",
+                "Store operations that failed (answered 503).",
+                self.store_errors.get(),
+            ),
+        ] {
+            metric(name, help, "counter", one(value));
+        }
         metric(
             "batches_invalid_total",
             "Batches refused for their content, by reason.",
@@ -210,42 +243,6 @@ impl Counters {
                 .iter()
                 .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), v.to_string()))
                 .collect(),
-        );
-        metric(
-            "records_stored_total",
-            "Points, sketches and events stored.",
-            "counter",
-            one(self.records_stored.get()),
-        );
-        metric(
-            "records_late_total",
-            "Records for windows whose aggregate had already been forwarded.",
-            "counter",
-            one(self.records_late.get()),
-        );
-        metric(
-            "records_expired_total",
-            "Records older than retention_days, dropped at ingest.",
-            "counter",
-            one(self.records_expired.get()),
-        );
-        metric(
-            "records_pruned_total",
-            "Points, sketches and events deleted as older than retention_days.",
-            "counter",
-            one(self.records_pruned.get()),
-        );
-        metric(
-            "auth_failures_total",
-            "Requests with a missing or wrong token.",
-            "counter",
-            one(self.auth_failures.get()),
-        );
-        metric(
-            "store_errors_total",
-            "Store operations that failed (answered 503).",
-            "counter",
-            one(self.store_errors.get()),
         );
         metric(
             "connections_open",

@@ -455,14 +455,9 @@ async fn prune_loop(store: OnWorker<Store>, days: u32, shutdown: Shutdown, count
                 Ok(p) => {
                     counters
                         .records_pruned
-                        .set(counters.records_pruned.get() + p.points + p.sketches + p.events);
-                    total.days.extend(p.days);
-                    total.points += p.points;
-                    total.sketches += p.sketches;
-                    total.events += p.events;
-                    total.unforwarded += p.unforwarded;
-                    total.batch_keys += p.batch_keys;
-                    if p.finished || shutdown.is_started() {
+                        .set(counters.records_pruned.get() + p.records());
+                    total.absorb(p);
+                    if total.finished || shutdown.is_started() {
                         break Ok(());
                     }
                 }

@@ -47,6 +47,24 @@ pub struct Pruned {
     pub finished: bool,
 }
 
+impl Pruned {
+    /// Add what a later call deleted (its `finished` wins).
+    pub fn absorb(&mut self, later: Pruned) {
+        self.days.extend(later.days);
+        self.points += later.points;
+        self.sketches += later.sketches;
+        self.events += later.events;
+        self.unforwarded += later.unforwarded;
+        self.batch_keys += later.batch_keys;
+        self.finished = later.finished;
+    }
+
+    /// Points, sketches and events.
+    pub fn records(&self) -> u64 {
+        self.points + self.sketches + self.events
+    }
+}
+
 /// The oldest time of one metric in `points` or `sketches`.
 fn oldest_sql(table: &str) -> String {
     format!("SELECT MIN(ts) FROM {table} WHERE metric = ?1")
@@ -95,14 +113,8 @@ impl Store {
         }
     }
 
-    /// Whether the UTC day starting at `day_ms` is older than the
-    /// retention: its raw data is deleted, or about to be.
-    pub fn expired(&self, day_ms: i64, now_ms: i64) -> bool {
-        day_ms < self.keep_from(now_ms)
-    }
-
     /// With a retention, the time before which raw data is deleted (or
-    /// about to be): for pages that show a range reaching past it.
+    /// about to be): for rollups and pages that reach past it.
     pub fn deleted_before(&self, now_ms: i64) -> Option<i64> {
         self.retention_days.map(|_| self.keep_from(now_ms))
     }

@@ -24,7 +24,10 @@ impl Store {
         start_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<RollupRow>, DbError> {
-        if self.expired(start_ms, now_ms) {
+        if self
+            .deleted_before(now_ms)
+            .is_some_and(|line| start_ms < line)
+        {
             return self.rollups(day, day);
         }
         let rows = self.rollup_rows(day, start_ms)?;
