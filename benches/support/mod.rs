@@ -101,13 +101,46 @@ pub fn upstream_config(
     path
 }
 
+/// The `Environment=` settings of one of our systemd units (`unit` is its
+/// file name under `systemd/`), so that a benchmark runs the binary as the
+/// unit does.
+pub fn unit_environment(unit: &str) -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("systemd")
+        .join(unit);
+    let text = std::fs::read_to_string(&path).expect("read the systemd unit");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .expect("Environment=NAME=value in the unit");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
 /// Start `edgemeter upstream -c config` (logging warnings to our stderr)
-/// and wait, at most 20 s, until it listens on `port`.
+/// and wait, at most 20 s, until it listens on `port`. It runs with its
+/// unit's environment (systemd/edgemeter-upstream.service), as installed.
 pub fn start_upstream(bin: &Path, config: &Path, port: u16) -> std::process::Child {
+    start_upstream_with(bin, config, port, &unit_environment(UPSTREAM_UNIT))
+}
+
+pub const UPSTREAM_UNIT: &str = "edgemeter-upstream.service";
+
+/// [`start_upstream`] with the given environment instead of the unit's.
+pub fn start_upstream_with(
+    bin: &Path,
+    config: &Path,
+    port: u16,
+    env: &[(String, String)],
+) -> std::process::Child {
     use std::process::{Command, Stdio};
     let child = Command::new(bin)
         .args(["upstream", "-c"])
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("EDGEMETER_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
