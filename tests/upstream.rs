@@ -1889,3 +1889,49 @@ fn replicas_pruning_one_postgresql_store_at_once_keep_each_days_total() {
 fn day_name(ms: i64) -> String {
     edgemeter::clock::day(ms)
 }
+
+/// PostgreSQL's half of `pruning_and_rollup_statements_reach_their_rows_by_an_index`
+/// (`src/upstream/tests.rs`, SQLite's plans): pruning and rollups run these
+/// per day or per metric, so on a store of a year a statement without an
+/// index path would read the year each time. The planner here has
+/// sequential scans turned off and plans each statement generically (the
+/// values unknown): it takes a `Seq Scan` only where no index can serve.
+#[test]
+fn pruning_and_rollup_statements_have_an_index_path_on_postgresql() {
+    use edgemeter::upstream::{db::dollar_params, store::indexed_statements};
+    let pg = PgServer::start("upstream-prune-plans");
+    let dir = TempDir::new("upstream-prune-plans");
+    let url = ups_store(&pg, &dir);
+    let mut store = pg_store(&url);
+    // The schema is made on first use.
+    store.sizes().expect("the store's tables");
+    let mut su = pg.superuser("ups");
+    su.batch_execute("SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan")
+        .expect("planner settings");
+    let statements = indexed_statements();
+    assert!(statements.len() >= 10, "{statements:?}");
+    for (i, sql) in statements.iter().enumerate() {
+        let sql = dollar_params(sql);
+        su.batch_execute(&format!("PREPARE s{i} AS {sql}"))
+            .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+        let params = (1..=9)
+            .take_while(|k| sql.contains(&format!("${k}")))
+            .count();
+        let args = match params {
+            0 => String::new(),
+            n => format!("({})", vec!["NULL"; n].join(", ")),
+        };
+        let plan: Vec<String> = su
+            .query(&format!("EXPLAIN EXECUTE s{i}{args}"), &[])
+            .expect("explain")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            !plan.iter().any(|step| step.contains("Seq Scan")),
+            "{sql}\n{}",
+            plan.join("\n")
+        );
+    }
+    pg.stop();
+}

@@ -61,7 +61,6 @@ mod reads;
 mod retention;
 mod rollup;
 
-#[cfg(test)]
 pub use retention::indexed_statements;
 pub use retention::{PRUNE_LOCK, Pruned};
 

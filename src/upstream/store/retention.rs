@@ -80,7 +80,7 @@ const SQL_DELETE_EVENTS: &str = "DELETE FROM events WHERE ts < ?1";
 /// The statements pruning and rollups run for each day or metric, for a
 /// test that each reaches its rows by an index. (The rest scan on
 /// purpose: `batches`, once a day; `pending` and `edge_days`, small.)
-#[cfg(test)]
+/// Public for the PostgreSQL test in `tests/upstream.rs`.
 pub fn indexed_statements() -> Vec<String> {
     let mut out = vec![
         SQL_OLDEST_EVENT.to_owned(),
