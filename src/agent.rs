@@ -209,11 +209,11 @@ async fn serve(
         .collect();
     let n_sources = source_tasks.len() - usize::from(agent.health_interval.is_some());
     log::info!(
-        "edgemeter {} running as agent `{}`: {} sources, {} sinks, state in {}{}",
+        "edgemeter {} running as agent `{}`: {}, {}, state in {}{}",
         env!("CARGO_PKG_VERSION"),
         agent.id,
-        n_sources,
-        sink_tasks.len(),
+        crate::logging::counted(n_sources, "source", "sources"),
+        crate::logging::counted(sink_tasks.len(), "sink", "sinks"),
         agent.state_dir.display(),
         match agent.health_interval {
             Some(d) => format!("; its health as points every {} s", d.as_secs()),
@@ -240,10 +240,10 @@ async fn serve(
     // loop is noticed and restarted.
     let notifier = std::rc::Rc::new(crate::systemd::Notifier::from_env());
     notifier.ready(&format!(
-        "agent {}: {} sources, {} sinks",
+        "agent {}: {}, {}",
         agent.id,
-        n_sources,
-        sink_tasks.len()
+        crate::logging::counted(n_sources, "source", "sources"),
+        crate::logging::counted(sink_tasks.len(), "sink", "sinks")
     ));
     // Long-lived: hand freed memory back to the system now and then.
     ex.spawn(async {

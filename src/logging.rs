@@ -47,3 +47,8 @@ pub fn parse_level(s: &str) -> Option<LevelFilter> {
         _ => None,
     }
 }
+
+/// `1 source`, `2 sources`: a count in a sentence of the log.
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}

@@ -370,7 +370,7 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     };
     let first = recv();
     assert!(
-        first.starts_with("READY=1\nSTATUS=agent test-agent: 1 sources, 1 sinks"),
+        first.starts_with("READY=1\nSTATUS=agent test-agent: 1 source, 1 sink"),
         "{first}"
     );
     let t = Instant::now();

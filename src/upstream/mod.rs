@@ -200,14 +200,15 @@ async fn serve(s: Server, ctx: Context) {
         .map_or(c.listen.to_string(), |a| a.to_string());
     let store = OnWorker::new("upstream-store", s.store);
     match store.call(|s| s.sizes()).await {
-        Ok(sizes) => {
-            let (tokens, batches) = (s.tokens.len(), sizes.get("batches").copied().unwrap_or(0));
-            log::info!(
-                "upstream listening on {scheme}://{listen} ({tokens} agent token{}; {kind} store with {batches} batch{})",
-                if tokens == 1 { "" } else { "s" },
-                if batches == 1 { "" } else { "es" }
+        Ok(sizes) => log::info!(
+            "upstream listening on {scheme}://{listen} ({}; {kind} store with {})",
+            crate::logging::counted(s.tokens.len(), "agent token", "agent tokens"),
+            crate::logging::counted(
+                sizes.get("batches").map_or(0, |&n| n as usize),
+                "batch",
+                "batches"
             )
-        }
+        ),
         Err(e) => log::error!(
             "upstream listening on {scheme}://{listen}, but the store is unavailable: {e}; answering 503 until it is back"
         ),

@@ -103,7 +103,7 @@ pub fn read_rules(dir: &Path, streams: &[String]) -> Rules {
 
 /// `1 rule`, `2 rules`.
 pub fn rules(n: usize) -> String {
-    format!("{n} rule{}", if n == 1 { "" } else { "s" })
+    crate::logging::counted(n, "rule", "rules")
 }
 
 /// A rule as the session host lists it, token compared and dropped.
