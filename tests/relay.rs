@@ -953,6 +953,12 @@ fn buffers_grown_for_large_frames_are_given_back() {
     for round in 1..=2u64 {
         for s in &live {
             assert_eq!(hub.send_text(s, &big), 1);
+            // A ping right behind it, as when the host answers a ping or
+            // pings while the large frame is still arriving: it reaches the
+            // agent in the same read as the frame's last bytes. (Seen in CI:
+            // 1,621 KiB kept per stream when the rebuild waited for a
+            // moment with nothing buffered and none came after the frame.)
+            assert_eq!(hub.send(s, Message::Ping(Default::default())), 1);
         }
         assert!(
             wait_until(Duration::from_secs(30), || status(&cfg)
@@ -978,8 +984,11 @@ fn buffers_grown_for_large_frames_are_given_back() {
     let after = rss_kib(agent.pid()).0;
     let per_stream = (after.saturating_sub(before)) as f64 / live.len() as f64;
     eprintln!("RSS {before} KiB before, {after} KiB after: {per_stream:.0} KiB per stream");
+    // Kept with a rebuild after every large frame: 52 to 109 KiB per
+    // stream in three runs; 491 to 770 when the rebuild missed the frames
+    // a ping followed, 1,621 in that CI run.
     assert!(
-        per_stream < 1024.0,
+        per_stream < 384.0,
         "{per_stream:.0} KiB kept per stream ({before} → {after} KiB)"
     );
     agent.stop();

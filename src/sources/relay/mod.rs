@@ -597,7 +597,22 @@ async fn read_frames(
     // One timer, re-armed when it fires rather than per frame: a busy
     // stream costs one reactor timer per ping interval, not per message.
     let mut timer = smol::Timer::at(heard + ping_interval);
+    // A large frame was read and its grown buffer is not given back yet.
+    let mut grown = false;
     loop {
+        if grown && ledger.drained(ws.get_ref().read_bytes()) {
+            // Nothing of a next frame is buffered: the same socket with
+            // fresh buffers, the grown one freed. Checked after every frame,
+            // control frames too: the frame after a large one (a ping, say)
+            // can arrive in the read that finished it, and then the moment
+            // with nothing buffered comes only after that one.
+            let config = *ws.get_config();
+            let mut tcp = ws.into_inner();
+            tcp.reset();
+            ws = WebSocketStream::from_raw_socket(tcp, Role::Client, Some(config)).await;
+            ledger = release::Ledger::default();
+            grown = false;
+        }
         let woke = smol::future::or(
             async { Woke::Frame(ws.next().await) },
             smol::future::or(
@@ -655,6 +670,7 @@ async fn read_frames(
             _ => 0,
         };
         ledger.frame(len);
+        grown |= len >= release::RELEASE_ABOVE_BYTES;
         match next {
             Some(Ok(Message::Text(t))) => {
                 let mut state = shared.state.borrow_mut();
@@ -694,15 +710,6 @@ async fn read_frames(
             && let Err(e) = send_answers(shared, &mut ws, frames).await
         {
             return Ended::Dropped(e);
-        }
-        if len >= release::RELEASE_ABOVE_BYTES && ledger.drained(ws.get_ref().read_bytes()) {
-            // Nothing of a next frame is buffered: the same socket with
-            // fresh buffers, the grown one freed.
-            let config = *ws.get_config();
-            let mut tcp = ws.into_inner();
-            tcp.reset();
-            ws = WebSocketStream::from_raw_socket(tcp, Role::Client, Some(config)).await;
-            ledger = release::Ledger::default();
         }
         shared.changed.ring();
         if !flush_records(ctx, out).await {
