@@ -183,6 +183,7 @@ async fn serve(
                 shutdown: shutdown.clone(),
                 spawner: runtime::Spawner::new(ex),
                 io: outbox.worker(),
+                grace: agent.shutdown_grace,
             };
             ex.spawn(source.run(ctx))
         })
@@ -292,7 +293,8 @@ async fn serve(
     let cancelled = join_within(source_tasks, grace).await;
     if cancelled > 0 {
         log::warn!(
-            "{cancelled} sources did not finish within shutdown_grace_secs = {}; cancelled them: their last window's points and unsaved state are lost (raise [agent] shutdown_grace_secs)",
+            "{} not finish within shutdown_grace_secs = {}; cancelled, losing the last window's points and the unsaved state (raise [agent] shutdown_grace_secs)",
+            crate::logging::counted(cancelled, "source did", "sources did"),
             grace.as_secs_f64()
         );
     }
@@ -300,12 +302,16 @@ async fn serve(
     let stragglers = join_within(sink_tasks, SINK_FINISH).await;
     if stragglers > 0 {
         log::info!(
-            "{stragglers} sinks were still delivering; their batches will be sent again next start"
+            "{} still delivering; their batches will be sent again next start",
+            crate::logging::counted(stragglers, "sink was", "sinks were")
         );
     }
     let ms = started.elapsed().as_millis();
     if cancelled > 0 {
-        log::warn!("stopped in {ms} ms, with {cancelled} sources cut off (see above)");
+        log::warn!(
+            "stopped in {ms} ms, with {} cut off (see above)",
+            crate::logging::counted(cancelled, "source", "sources")
+        );
     } else {
         log::info!("stopped cleanly in {ms} ms");
     }

@@ -92,6 +92,10 @@ pub struct Context {
     /// They run in turn with the outbox's commits, so nothing long goes
     /// here (a source's large dumps keep a worker of its own).
     pub io: Rc<Worker>,
+    /// How long the source has, once shutdown begins, before it is
+    /// cancelled (`[agent] shutdown_grace_secs`): what it writes at the end
+    /// must fit in it.
+    pub grace: std::time::Duration,
 }
 
 pub trait Source {

@@ -128,9 +128,12 @@ impl Agent {
     /// SIGTERM, and insist on a clean exit within the 5 s the agent promises.
     pub fn stop(&mut self) {
         self.signal("TERM");
-        let status = self
-            .wait_exit(Duration::from_secs(5))
-            .expect("must exit within 5 s of SIGTERM");
+        let Some(status) = self.wait_exit(Duration::from_secs(5)) else {
+            panic!(
+                "must exit within 5 s of SIGTERM; its log so far:\n{}",
+                self.stderr()
+            );
+        };
         assert!(status.success(), "exit status {status}:\n{}", self.stderr());
     }
 

@@ -41,9 +41,10 @@
 //! - Files in `files_dir` are rewritten from that state by one flush at a
 //!   time, each atomically (temp file, rename; no fsync, see [`Sync::No`]),
 //!   every `dump_interval_secs`, on this source's worker thread; all of them
-//!   at the first dump after start. Saves, raw per-user appends and the
-//!   status file, small and frequent, go on the agent's IO thread between
-//!   dumps ([`crate::sources::Context::io`]), so a streaming relay keeps no
+//!   at the first dump after start. At shutdown they get half the grace
+//!   (`Dump::Until`); that first dump writes any left. Saves, raw per-user
+//!   appends and the status file, small and frequent, go on the agent's IO
+//!   thread between dumps ([`crate::sources::Context::io`]), so a streaming relay keeps no
 //!   thread of its own busy.
 //!   At the first start on an old analytics client's directory, its files
 //!   are continued ([`adopt`]), never replaced.
@@ -79,7 +80,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::Message;
@@ -297,7 +298,12 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             s.link.stopped(now);
         }
     }
-    flush(&shared, &worker, &ctx.io, &files, true).await;
+    // Files only within half the grace: a directory of thousands of users
+    // takes seconds on a slow disk (0.7 ms a file here), and they can wait
+    // for the next start, which rewrites them all from the state saved
+    // first (the old client's files are a view of it, not the record).
+    let until = Instant::now() + ctx.grace / 2;
+    flush(&shared, &worker, &ctx.io, &files, Dump::Until(until)).await;
 }
 
 /// The answering desk: the comparison graphs, the feedback saved, and the
@@ -881,12 +887,26 @@ async fn flush_task(
         if stop || ctx.shutdown.sleep(FLUSH_EVERY).await {
             return;
         }
-        let dump = now_ms() >= next_dump;
-        if dump {
+        let dump = if now_ms() >= next_dump {
             next_dump = now_ms() + shared.config.dump_interval.as_millis() as i64;
-        }
+            Dump::All
+        } else {
+            Dump::No
+        };
         flush(&shared, &worker, &ctx.io, &files, dump).await;
     }
+}
+
+/// Which analytics files a flush rewrites.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Dump {
+    /// None: a save, raw appends and feedback files only.
+    No,
+    /// Every changed one.
+    All,
+    /// Every changed one until the instant (at shutdown). The rest wait for
+    /// the next start's first dump, which rewrites all from the saved state.
+    Until(Instant),
 }
 
 /// Save what changed, append raw lines, and with `dump` rewrite the
@@ -904,7 +924,7 @@ struct Collected {
 }
 
 /// Take what is to be written out of the shared state (no waiting here).
-fn collect(shared: &Shared, dump: bool) -> Collected {
+fn collect(shared: &Shared, dump: Dump) -> Collected {
     let mut state = shared.state.borrow_mut();
     let (activity, graphs) = state.analytics.take_changes();
     if !activity.is_empty() {
@@ -921,7 +941,12 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
         .map(|d| d.take_changed_feedback())
         .unwrap_or_default();
     let mut dumps: Vec<(String, String)> = Vec::new();
-    if dump && shared.config.files_dir.is_some() {
+    if dump != Dump::No && shared.config.files_dir.is_some() {
+        // The summaries first: at shutdown they are the ones worth the time.
+        if std::mem::take(&mut *shared.dump_usage.borrow_mut()) {
+            dumps.push(("usage.csv".to_owned(), state.analytics.usage_csv()));
+            dumps.push(("activity.csv".to_owned(), state.analytics.activity_csv()));
+        }
         for k in shared.dump_graphs.borrow_mut().drain() {
             if let Some(g) = state.analytics.graph(&k) {
                 dumps.push((
@@ -930,10 +955,6 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
                 ));
                 dumps.push((format!("{}-graph.json", k.file_stem()), g.to_json(&k.exp)));
             }
-        }
-        if std::mem::take(&mut *shared.dump_usage.borrow_mut()) {
-            dumps.push(("usage.csv".to_owned(), state.analytics.usage_csv()));
-            dumps.push(("activity.csv".to_owned(), state.analytics.activity_csv()));
         }
     }
     Collected {
@@ -949,7 +970,7 @@ fn collect(shared: &Shared, dump: bool) -> Collected {
 /// `dump_interval_secs`, possibly many files), else on the agent's IO
 /// thread: a save and raw appends every few seconds then cost no thread of
 /// their own while streaming (issue 18: at most 3 threads).
-async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Files>, dump: bool) {
+async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Files>, dump: Dump) {
     let Collected {
         activity,
         graphs,
@@ -961,7 +982,11 @@ async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Fi
     let store = files.borrow().store.clone();
     let dir = shared.config.files_dir.clone();
     let changes = (activity, graphs);
-    let (errors, changes) = if dump { worker } else { io }
+    let until = match dump {
+        Dump::Until(t) => Some(t),
+        _ => None,
+    };
+    let (errors, left, changes) = if dump == Dump::No { io } else { worker }
         .run(move || {
             let (activity, graphs) = &changes;
             let mut errors = Vec::new();
@@ -993,13 +1018,11 @@ async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Fi
                 if let Err(e) = append_raw(dir, &raw) {
                     errors.push((false, e));
                 }
-                for (name, text) in &dumps {
-                    if let Err(e) = replace_file(&dir.join(name), text.as_bytes(), Sync::No) {
-                        errors.push((false, e));
-                    }
-                }
+                let (e, left) = write_files(dir, &dumps, until);
+                errors.extend(e.into_iter().map(|e| (false, e)));
+                return (errors, left, changes);
             }
-            (errors, changes)
+            (errors, 0, changes)
         })
         .await;
     for (save_failed, e) in errors {
@@ -1016,8 +1039,43 @@ async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Fi
             shared.name
         );
     }
+    if left > 0 {
+        log::warn!(
+            "source `{}`: {left} analytics files not rewritten at shutdown, within half of shutdown_grace_secs; the first dump after the next start (dump_interval_secs after it) rewrites them from the saved state",
+            shared.name
+        );
+    }
     let status = status::document(&shared.state.borrow());
     publish_status(io, files, status).await;
+}
+
+/// Rewrite `files` in `dir` in order, each atomically, stopping at `until`.
+/// Returns the errors (the first, and how many more: a full disk fails
+/// them all) and how many were left for want of time.
+fn write_files(
+    dir: &Path,
+    files: &[(String, String)],
+    until: Option<Instant>,
+) -> (Option<String>, usize) {
+    let mut first_error = None;
+    let mut failed = 0;
+    for (n, (name, text)) in files.iter().enumerate() {
+        if until.is_some_and(|t| Instant::now() >= t) {
+            return (summed(first_error, failed), files.len() - n);
+        }
+        if let Err(e) = replace_file(&dir.join(name), text.as_bytes(), Sync::No) {
+            first_error.get_or_insert(e);
+            failed += 1;
+        }
+    }
+    (summed(first_error, failed), 0)
+}
+
+fn summed(first_error: Option<String>, failed: usize) -> Option<String> {
+    first_error.map(|e| match failed {
+        1 => e,
+        n => format!("{e} (and {} more analytics files)", n - 1),
+    })
 }
 
 fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {

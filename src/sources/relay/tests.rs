@@ -489,3 +489,39 @@ fn envelope_fields_are_read_from_payloads_of_any_shape() {
     assert!(envelope(&format!(r#"{head}"payload":{{"log":}}}}"#)).is_none());
     assert!(envelope(r#"{"type":"analytics","payload":{"log":"x"}}"#).is_none());
 }
+
+/// At shutdown files are written until the deadline and the rest counted
+/// (the next start rewrites them); a failing directory gives one error that
+/// says how many more failed, not one line per file.
+#[test]
+fn files_written_at_shutdown_stop_at_the_deadline_and_failures_are_summed() {
+    use std::time::Instant;
+    let dir = std::env::temp_dir().join(format!("edgemeter-relay-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files: Vec<(String, String)> = (0..5)
+        .map(|n| (format!("f{n}.csv"), format!("{n}\n")))
+        .collect();
+    let written = |dir: &std::path::Path| {
+        (0..5)
+            .filter(|n| dir.join(format!("f{n}.csv")).exists())
+            .count()
+    };
+
+    // Past the deadline before the first: none written, all five left.
+    let (error, left) = super::write_files(&dir, &files, Some(Instant::now()));
+    assert_eq!((error, left, written(&dir)), (None, 5, 0));
+
+    // Time enough: all written, none left.
+    let later = Instant::now() + Duration::from_secs(60);
+    let (error, left) = super::write_files(&dir, &files, Some(later));
+    assert_eq!((error, left, written(&dir)), (None, 0, 5));
+    assert_eq!(std::fs::read_to_string(dir.join("f3.csv")).unwrap(), "3\n");
+
+    // The directory is a file: five failures, one message.
+    let blocked = dir.join("f0.csv");
+    let (error, left) = super::write_files(&blocked, &files, None);
+    let error = error.expect("writing under a file fails");
+    assert!(error.contains("and 4 more analytics files"), "{error}");
+    assert_eq!(left, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

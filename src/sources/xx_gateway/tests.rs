@@ -218,6 +218,7 @@ fn run_source(
         shutdown,
         spawner: crate::runtime::Spawner::new(&ex),
         io: std::rc::Rc::new(crate::runtime::Worker::new("io")),
+        grace: Duration::from_secs(5),
     };
     let mut seen = Seen::default();
     smol::block_on(ex.run(async {
