@@ -38,7 +38,8 @@ The annotated example config documents every key:
 
 const HELP_RUN: &str = "\
 Run the edge agent: sources feed the SQLite outbox, sinks deliver from it.
-Stops cleanly on SIGTERM or SIGINT (commits buffered records, exits 0 within 5 s).
+Stops cleanly on SIGTERM or SIGINT: commits buffered records and exits 0, at
+most [agent] shutdown_grace_secs (5) plus 3 s later, usually within a second.
 Logs go to stderr.
 
 Usage: edgemeter run [-c FILE]
