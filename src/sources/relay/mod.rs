@@ -303,7 +303,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     // for the next start, which rewrites them all from the state saved
     // first (the old client's files are a view of it, not the record).
     let until = Instant::now() + ctx.grace / 2;
-    flush(&shared, &worker, &ctx.io, &files, Dump::Until(until)).await;
+    flush(&shared, &worker, &ctx, &files, Dump::Until(until)).await;
 }
 
 /// The answering desk: the comparison graphs, the feedback saved, and the
@@ -893,7 +893,7 @@ async fn flush_task(
         } else {
             Dump::No
         };
-        flush(&shared, &worker, &ctx.io, &files, dump).await;
+        flush(&shared, &worker, &ctx, &files, dump).await;
     }
 }
 
@@ -902,7 +902,8 @@ async fn flush_task(
 enum Dump {
     /// None: a save, raw appends and feedback files only.
     No,
-    /// Every changed one.
+    /// Every changed one, or until shutdown begins: the shutdown's own
+    /// flush waits for this one, on the same worker.
     All,
     /// Every changed one until the instant (at shutdown). The rest wait for
     /// the next start's first dump, which rewrites all from the saved state.
@@ -970,7 +971,14 @@ fn collect(shared: &Shared, dump: Dump) -> Collected {
 /// `dump_interval_secs`, possibly many files), else on the agent's IO
 /// thread: a save and raw appends every few seconds then cost no thread of
 /// their own while streaming (issue 18: at most 3 threads).
-async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Files>, dump: Dump) {
+async fn flush(
+    shared: &Shared,
+    worker: &Worker,
+    ctx: &crate::sources::Context,
+    files: &RefCell<Files>,
+    dump: Dump,
+) {
+    let io = &ctx.io;
     let Collected {
         activity,
         graphs,
@@ -982,11 +990,13 @@ async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Fi
     let store = files.borrow().store.clone();
     let dir = shared.config.files_dir.clone();
     let changes = (activity, graphs);
-    let until = match dump {
-        Dump::Until(t) => Some(t),
-        _ => None,
+    let shutdown = ctx.shutdown.clone();
+    let stop = move || match dump {
+        Dump::Until(t) => Instant::now() >= t,
+        _ => shutdown.is_started(),
     };
-    let (errors, left, changes) = if dump == Dump::No { io } else { worker }
+    let name = shared.name.clone();
+    let (errors, changes) = if dump == Dump::No { io } else { worker }
         .run(move || {
             let (activity, graphs) = &changes;
             let mut errors = Vec::new();
@@ -1018,11 +1028,17 @@ async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Fi
                 if let Err(e) = append_raw(dir, &raw) {
                     errors.push((false, e));
                 }
-                let (e, left) = write_files(dir, &dumps, until);
+                let (e, left) = write_files(dir, &dumps, stop);
                 errors.extend(e.into_iter().map(|e| (false, e)));
-                return (errors, left, changes);
+                // Said here: a dump that shutdown cut short has nobody
+                // waiting for its answer (its task is gone by then).
+                if left > 0 {
+                    log::warn!(
+                        "source `{name}`: {left} analytics files not rewritten before shutdown (files get at most half of shutdown_grace_secs); the first dump after the next start (dump_interval_secs after it) rewrites them from the saved state"
+                    );
+                }
             }
-            (errors, 0, changes)
+            (errors, changes)
         })
         .await;
     for (save_failed, e) in errors {
@@ -1039,28 +1055,22 @@ async fn flush(shared: &Shared, worker: &Worker, io: &Worker, files: &RefCell<Fi
             shared.name
         );
     }
-    if left > 0 {
-        log::warn!(
-            "source `{}`: {left} analytics files not rewritten at shutdown, within half of shutdown_grace_secs; the first dump after the next start (dump_interval_secs after it) rewrites them from the saved state",
-            shared.name
-        );
-    }
     let status = status::document(&shared.state.borrow());
     publish_status(io, files, status).await;
 }
 
-/// Rewrite `files` in `dir` in order, each atomically, stopping at `until`.
-/// Returns the errors (the first, and how many more: a full disk fails
-/// them all) and how many were left for want of time.
+/// Rewrite `files` in `dir` in order, each atomically, until `stop` says
+/// so. Returns the errors (the first, and how many more: a full disk fails
+/// them all) and how many were left.
 fn write_files(
     dir: &Path,
     files: &[(String, String)],
-    until: Option<Instant>,
+    stop: impl Fn() -> bool,
 ) -> (Option<String>, usize) {
     let mut first_error = None;
     let mut failed = 0;
     for (n, (name, text)) in files.iter().enumerate() {
-        if until.is_some_and(|t| Instant::now() >= t) {
+        if stop() {
             return (summed(first_error, failed), files.len() - n);
         }
         if let Err(e) = replace_file(&dir.join(name), text.as_bytes(), Sync::No) {

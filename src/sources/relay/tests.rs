@@ -508,18 +508,19 @@ fn files_written_at_shutdown_stop_at_the_deadline_and_failures_are_summed() {
     };
 
     // Past the deadline before the first: none written, all five left.
-    let (error, left) = super::write_files(&dir, &files, Some(Instant::now()));
+    let now = Instant::now();
+    let (error, left) = super::write_files(&dir, &files, || Instant::now() >= now);
     assert_eq!((error, left, written(&dir)), (None, 5, 0));
 
     // Time enough: all written, none left.
     let later = Instant::now() + Duration::from_secs(60);
-    let (error, left) = super::write_files(&dir, &files, Some(later));
+    let (error, left) = super::write_files(&dir, &files, || Instant::now() >= later);
     assert_eq!((error, left, written(&dir)), (None, 0, 5));
     assert_eq!(std::fs::read_to_string(dir.join("f3.csv")).unwrap(), "3\n");
 
     // The directory is a file: five failures, one message.
     let blocked = dir.join("f0.csv");
-    let (error, left) = super::write_files(&blocked, &files, None);
+    let (error, left) = super::write_files(&blocked, &files, || false);
     let error = error.expect("writing under a file fails");
     assert!(error.contains("and 4 more analytics files"), "{error}");
     assert_eq!(left, 0);
