@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::http::AckDropper;
 use common::pg::{PgServer, free_port};
-use common::{Agent, TempDir, edgemeter, rss_kib, wait_until};
+use common::{Agent, TempDir, edgemeter, now_ms, rss_kib, wait_until};
 
 const ADMIN: &str = "admin-secret-token";
 /// Each agent: its id, its users (overlapping), its small exact users.
@@ -1007,6 +1007,88 @@ fn upstreams_form_a_tree_and_the_top_unions_the_subtrees() {
 }
 
 /// Send `raw` on a fresh connection and read the answer; (status, body).
+/// SIGTERM with an agent's kept-alive connection idle and another agent's
+/// batch half sent. The upstream waits for the batch: the rest of its body
+/// comes 300 ms after the signal, and it is answered and stored. It does
+/// not wait for the idle connection: with only that one open, every stop
+/// took the whole second the wait allows (1,009 ms in the demo).
+#[test]
+fn sigterm_waits_for_a_batch_in_flight_and_not_for_idle_connections() {
+    let dir = TempDir::new("upstream-sigterm");
+    let port = free_port();
+    let cfg = upstream_config(&dir, "ups", port, "sqlite", "", "");
+    let stopped_in = |log: &str| -> u64 {
+        let line = log
+            .lines()
+            .find(|l| l.contains("stopped cleanly in "))
+            .unwrap_or_else(|| panic!("no clean stop:\n{log}"));
+        let ms = line.split("stopped cleanly in ").nth(1).unwrap();
+        ms.trim_end_matches(" ms").parse().unwrap()
+    };
+    let idle = || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut got = [0u8; 4096];
+        let n = s.read(&mut got).unwrap();
+        assert!(
+            got[..n].starts_with(b"HTTP/1.1 200"),
+            "kept alive after /health"
+        );
+        s
+    };
+
+    // Only an idle connection open: no wait for it.
+    let mut ups = Agent::start_upstream(&cfg, "info", &[]);
+    let kept = idle();
+    ups.stop();
+    let ms = stopped_in(&ups.stderr());
+    assert!(ms < 800, "the stop waited for an idle connection: {ms} ms");
+    drop(kept);
+
+    // A batch half sent when the signal comes is waited for and stored.
+    let mut ups = Agent::start_upstream(&cfg, "info", &[]);
+    let kept = idle();
+    let json = format!(
+        r#"{{"v":1,"agent_id":"a1","outbox_id":"o1","seq":1,"points":[{}]}}"#,
+        points_json("m", "a1", now_ms() - 60_000, 5, 1)
+    );
+    let body = gzip(json.as_bytes());
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /v1/batches HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-encoding: gzip\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        token_of("a1"),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let half = body.len() / 2;
+    s.write_all(&body[..half]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    ups.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(&body[half..]).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let (status, answer) = parse_response(&out);
+    assert_eq!(
+        (status, answer.contains(r#""stored":5"#)),
+        (200, true),
+        "{answer}"
+    );
+    let status = ups.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert!(status.success(), "{}", ups.stderr());
+    drop(kept);
+    // Stored: the next start has it.
+    let _ups = Agent::start_upstream(&cfg, "info", &[]);
+    let stored = get_json(port, "/v1/series?metric=m&range=1D")["rows"]
+        .as_array()
+        .expect("rows")
+        .len();
+    assert_eq!(stored, 5);
+}
+
 fn raw_request(port: u16, raw: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))

@@ -329,10 +329,13 @@ async fn serve(s: Server, ctx: Context) {
         })
         .detach();
     }
-    // Let requests in flight finish (their batches are being committed);
-    // the agent cancels us after its grace period anyway.
+    // Let batches in flight finish, for at most a second: a body being read
+    // or committed holds bytes of the budget until it is answered. Kept-alive
+    // connections with no request are not waited for (an agent's pool keeps
+    // them open: every stop took the whole second). An edge whose batch is
+    // cut off sends it again; its key makes that harmless.
     let deadline = Instant::now() + Duration::from_secs(1);
-    while open.get() > 0 && Instant::now() < deadline {
+    while budget.used() > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(20)).await;
     }
     drop(api);
