@@ -42,9 +42,10 @@
 //!   time, each atomically (temp file, rename; no fsync, see [`Sync::No`]),
 //!   every `dump_interval_secs`, on this source's worker thread; all of them
 //!   at the first dump after start. At shutdown they get half the grace
-//!   (`Dump::Until`); that first dump writes any left. Saves, raw per-user
-//!   appends and the status file, small and frequent, go on the agent's IO
-//!   thread between dumps ([`crate::sources::Context::io`]), so a streaming relay keeps no
+//!   (`Dump::Until`), and a dump in progress stops; that first dump writes
+//!   any left. Saves, raw per-user appends and the status file, small and
+//!   frequent, go on the agent's IO thread between dumps
+//!   ([`crate::sources::Context::io`]), so a streaming relay keeps no
 //!   thread of its own busy.
 //!   At the first start on an old analytics client's directory, its files
 //!   are continued ([`adopt`]), never replaced.
