@@ -26,6 +26,21 @@ pub fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
+/// CPU time of the calling thread (user + system), with nanosecond
+/// resolution: for work done in the benchmark's own thread, where /proc's
+/// 10 ms ticks are too coarse.
+pub fn thread_cpu() -> std::time::Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; the clock id is a constant
+    // every Linux has.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 /// Build the release binary (the one users run) and return its path; or
 /// EDGEMETER_BENCH_BIN, another build of it (one with symbols for `perf`, or
 /// another profile, to compare two builds on the same benchmark).

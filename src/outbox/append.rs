@@ -49,27 +49,13 @@ impl Outbox {
                 dropped += n;
                 freed = f;
             }
-            let mut first = None;
-            let mut last = 0;
-            let mut st = tx.prepare_cached(
-                "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            for ((r, dims), size) in records.iter().zip(&encoded).zip(&sizes).skip(skip) {
-                st.execute(params![
-                    r.kind as i64,
-                    r.ts_ms,
-                    r.name,
-                    dims,
-                    r.value,
-                    r.unit,
-                    r.payload,
-                    size,
-                    now
-                ])?;
-                last = tx.last_insert_rowid();
-                first.get_or_insert(last);
-            }
+            let rows: Vec<Row> = records
+                .iter()
+                .zip(&encoded)
+                .zip(&sizes)
+                .skip(skip)
+                .collect();
+            let (first, last) = insert_records(tx, &rows, now)?;
             Ok((dropped, freed, first, last))
         })?;
         self.bytes += incoming - freed;
@@ -78,6 +64,62 @@ impl Outbox {
             dropped,
         })
     }
+}
+
+/// Rows per INSERT statement. A statement per row spends more time starting
+/// and finishing the statement (and, for AUTOINCREMENT, updating
+/// `sqlite_sequence`) than storing the row: with 32 to a statement an append
+/// takes about half the CPU per record (`benches/outbox.rs`: 0.92-1.13
+/// against 1.83-2.21 µs); 8 did about as well, 128 worse.
+pub(super) const ROWS_PER_INSERT: usize = 32;
+
+/// A record as inserted: its encoded dims and its charged size beside it.
+type Row<'a> = ((&'a Record, &'a &'a str), &'a i64);
+
+/// Insert rows, [`ROWS_PER_INSERT`] to a statement; returns the first and
+/// last id given (None and 0 for none). The ids of one statement are
+/// consecutive: the writer is the only one, and AUTOINCREMENT counts up.
+fn insert_records(
+    tx: &Transaction,
+    rows: &[Row],
+    now: i64,
+) -> rusqlite::Result<(Option<i64>, i64)> {
+    const COLUMNS: usize = 9;
+    let sql = |n: usize| {
+        let row = format!("({})", ["?"; COLUMNS].join(", "));
+        format!(
+            "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at) VALUES {}",
+            vec![row; n].join(", ")
+        )
+    };
+    let (full, one) = (sql(ROWS_PER_INSERT), sql(1));
+    let insert = |sql: &str, rows: &[Row]| -> rusqlite::Result<i64> {
+        let mut st = tx.prepare_cached(sql)?;
+        for (k, ((r, dims), size)) in rows.iter().enumerate() {
+            let at = |column: usize| k * COLUMNS + column;
+            st.raw_bind_parameter(at(1), r.kind as i64)?;
+            st.raw_bind_parameter(at(2), r.ts_ms)?;
+            st.raw_bind_parameter(at(3), &r.name)?;
+            st.raw_bind_parameter(at(4), **dims)?;
+            st.raw_bind_parameter(at(5), r.value)?;
+            st.raw_bind_parameter(at(6), &r.unit)?;
+            st.raw_bind_parameter(at(7), &r.payload)?;
+            st.raw_bind_parameter(at(8), **size)?;
+            st.raw_bind_parameter(at(9), now)?;
+        }
+        st.raw_execute()?;
+        Ok(tx.last_insert_rowid())
+    };
+    let mut last = 0;
+    let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+    for chunk in chunks.by_ref() {
+        last = insert(&full, chunk)?;
+    }
+    for row in chunks.remainder() {
+        last = insert(&one, std::slice::from_ref(row))?;
+    }
+    let first = (!rows.is_empty()).then(|| last - rows.len() as i64 + 1);
+    Ok((first, last))
 }
 
 /// Delete records every sink has passed. With no sinks, nothing is passed:

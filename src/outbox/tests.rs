@@ -555,3 +555,36 @@ fn a_partly_refused_batch_is_confirmed_and_the_rest_dead_lettered_together() {
         .expect("ack");
     assert_eq!(o.stats().expect("stats").sinks[0].delivered_records, 4);
 }
+
+#[test]
+fn a_group_inserted_many_rows_to_a_statement_keeps_every_field_order_and_id() {
+    // Two full statements and the rest one row each, after ids a deleted
+    // group used (AUTOINCREMENT must not hand them out again).
+    let d = TempDir::new();
+    let mut o = open(&d, 1 << 30, &[("a", ALL)]);
+    let first = o.append(&[point(0.0), point(0.5)]).expect("append");
+    let b = o.next_batch("a", 10).expect("claim").expect("batch");
+    o.ack(&b).expect("ack");
+    assert_eq!(count(&o, "records"), 0, "confirmed records are deleted");
+
+    let n = 2 * super::append::ROWS_PER_INSERT + 5;
+    let group: Vec<Record> = (0..n)
+        .map(|i| Record {
+            kind: if i % 2 == 0 { Kind::Event } else { Kind::Point },
+            name: format!("name-{i}"),
+            dims: Dims::new([("i", i.to_string().as_str())]),
+            unit: if i % 3 == 0 { "None" } else { "Count" }.to_owned(),
+            payload: format!("payload {i}").into_bytes(),
+            ..point(i as f64)
+        })
+        .collect();
+    let app = o.append(&group).expect("append");
+    let after = *first.ids.end();
+    assert_eq!(app.ids, after + 1..=after + n as i64);
+
+    let b = o.next_batch("a", 1000).expect("claim").expect("batch");
+    let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, app.ids.clone().collect::<Vec<_>>());
+    let back: Vec<&Record> = b.records.iter().map(|(_, r)| r).collect();
+    assert_eq!(back, group.iter().collect::<Vec<_>>());
+}
