@@ -436,6 +436,10 @@ struct Figures {
     rate_stored: u64,
     rate_sent: u64,
     peak_rss_kib: u64,
+    /// The most anonymous memory seen in the fixed-rate phase (sampled
+    /// every 50 ms): the peak's heap part; the rest is mapped files, mostly
+    /// the binary's code.
+    peak_anon_kib: u64,
     sustained_per_sec: f64,
     /// RSS after one large frame per stream minus before, per stream.
     large_kib_per_stream: f64,
@@ -531,10 +535,11 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
                 .expect("strace")
         });
     // The most threads seen while streaming, sampled every 50 ms.
-    let mut threads_streaming = 0;
+    let (mut threads_streaming, mut peak_anon_kib) = (0, 0);
     let end = Instant::now() + phase;
     while Instant::now() < end {
         threads_streaming = threads_streaming.max(threads());
+        peak_anon_kib = peak_anon_kib.max(sum(&|p| status_kib(p, "RssAnon:")));
         std::thread::sleep(Duration::from_millis(50));
     }
     server.shared.mode.store(IDLE, Ordering::SeqCst);
@@ -581,6 +586,7 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
         rate_stored: stored,
         rate_sent: sent,
         peak_rss_kib,
+        peak_anon_kib,
         sustained_per_sec: (b1 - b0) as f64 / (t1 - t0).as_secs_f64(),
     }
 }
@@ -761,7 +767,7 @@ fn main() {
     let mib = |k: u64| k as f64 / 1024.0;
     let row = |name: &str, f: &Figures| {
         println!(
-            "  {name:<10} idle: RSS {:6.1} MiB ({:.1} anon), {} threads, CPU {:5.0} ms, {:6.1} wake-ups/s | {} msg/s: {:5.1} µs CPU/msg ({} of {} stored), peak RSS {:6.1} MiB, {} threads | sustained: {:7.0} msg/s stored | after a large frame per stream: {:+6.0} KiB RSS per stream",
+            "  {name:<10} idle: RSS {:6.1} MiB ({:.1} anon), {} threads, CPU {:5.0} ms, {:6.1} wake-ups/s | {} msg/s: {:5.1} µs CPU/msg ({} of {} stored), peak RSS {:6.1} MiB ({:.1} anon), {} threads | sustained: {:7.0} msg/s stored | after a large frame per stream: {:+6.0} KiB RSS per stream",
             mib(f.idle_rss_kib),
             mib(f.idle_anon_kib),
             f.threads_idle,
@@ -772,6 +778,7 @@ fn main() {
             f.rate_stored,
             f.rate_sent,
             mib(f.peak_rss_kib),
+            mib(f.peak_anon_kib),
             f.threads_streaming,
             f.sustained_per_sec,
             f.large_kib_per_stream
