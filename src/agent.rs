@@ -401,6 +401,11 @@ async fn write_records(
             .into_iter()
             .flatten()
             .min();
+            if wake.is_none() {
+                // Nothing due until a record comes: give back the group's
+                // buffer, kept from commit to commit while records flow.
+                group = Vec::new();
+            }
             let next = if let Some(at) = wake {
                 let due = smol::Timer::at(at);
                 smol::future::or(async { Some(rx.recv().await) }, async {
@@ -515,6 +520,11 @@ async fn write_records(
                     appended.ids.start(),
                     appended.ids.end()
                 );
+                // The next group fills the same buffer: a new one grew by
+                // doubling for every group, each step past malloc's mmap
+                // threshold a fresh mapping and its page faults.
+                group = batch;
+                group.clear();
             }
             Err(e) => {
                 let wait = backoff.next_wait();
