@@ -204,7 +204,8 @@ mod tests {
 
     #[test]
     fn second_lock_names_the_holder() {
-        let dir = tempdir();
+        let temp = TempDir::new();
+        let dir = temp.0.clone();
         let first = lock(&dir, Duration::ZERO).expect("first lock");
         assert_eq!(holder(&dir), Some(std::process::id()));
         let err = lock(&dir, Duration::from_millis(120)).expect_err("second lock must fail");
@@ -218,13 +219,25 @@ mod tests {
         lock(&dir, Duration::ZERO).expect("lock after release");
     }
 
-    fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "edgemeter-lock-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&d).expect("create temp dir");
-        d
+    /// A directory of its own under the temp dir, removed when dropped
+    /// (also when the test fails).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            let d = std::env::temp_dir().join(format!(
+                "edgemeter-lock-{}-{}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            std::fs::create_dir_all(&d).expect("create temp dir");
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
     }
 }
