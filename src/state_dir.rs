@@ -198,13 +198,39 @@ pub fn remove_temp_files(dir: &Path) -> usize {
         .count()
 }
 
+/// A directory of its own under the temp dir for a unit test
+/// (`edgemeter-<tag>-<pid>-<random>`), removed when dropped, also when the
+/// test fails.
+#[cfg(test)]
+pub(crate) struct TempDir(pub PathBuf);
+
+#[cfg(test)]
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!(
+            "edgemeter-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&d).expect("create temp dir");
+        TempDir(d)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn second_lock_names_the_holder() {
-        let temp = TempDir::new();
+        let temp = TempDir::new("lock");
         let dir = temp.0.clone();
         let first = lock(&dir, Duration::ZERO).expect("first lock");
         assert_eq!(holder(&dir), Some(std::process::id()));
@@ -217,27 +243,5 @@ mod tests {
         drop(first);
         assert_eq!(holder(&dir), None);
         lock(&dir, Duration::ZERO).expect("lock after release");
-    }
-
-    /// A directory of its own under the temp dir, removed when dropped
-    /// (also when the test fails).
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> TempDir {
-            let d = std::env::temp_dir().join(format!(
-                "edgemeter-lock-{}-{}",
-                std::process::id(),
-                fastrand::u64(..)
-            ));
-            std::fs::create_dir_all(&d).expect("create temp dir");
-            TempDir(d)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
     }
 }

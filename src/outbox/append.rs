@@ -1,5 +1,7 @@
 //! Appending records within the byte budget: the oldest dropped and counted when it is full.
 
+use std::sync::LazyLock;
+
 use super::*;
 
 impl Outbox {
@@ -84,15 +86,8 @@ fn insert_records(
     rows: &[Row],
     now: i64,
 ) -> rusqlite::Result<(Option<i64>, i64)> {
-    const COLUMNS: usize = 9;
-    let sql = |n: usize| {
-        let row = format!("({})", ["?"; COLUMNS].join(", "));
-        format!(
-            "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at) VALUES {}",
-            vec![row; n].join(", ")
-        )
-    };
-    let (full, one) = (sql(ROWS_PER_INSERT), sql(1));
+    static MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
+    static ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
     let insert = |sql: &str, rows: &[Row]| -> rusqlite::Result<i64> {
         let mut st = tx.prepare_cached(sql)?;
         for (k, ((r, dims), size)) in rows.iter().enumerate() {
@@ -113,13 +108,24 @@ fn insert_records(
     let mut last = 0;
     let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
     for chunk in chunks.by_ref() {
-        last = insert(&full, chunk)?;
+        last = insert(&MANY, chunk)?;
     }
     for row in chunks.remainder() {
-        last = insert(&one, std::slice::from_ref(row))?;
+        last = insert(&ONE, std::slice::from_ref(row))?;
     }
     let first = (!rows.is_empty()).then(|| last - rows.len() as i64 + 1);
     Ok((first, last))
+}
+
+const COLUMNS: usize = 9;
+
+/// `INSERT INTO records (…) VALUES (?, …), …` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    let row = format!("({})", ["?"; COLUMNS].join(", "));
+    format!(
+        "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at) VALUES {}",
+        vec![row; rows].join(", ")
+    )
 }
 
 /// Delete records every sink has passed. With no sinks, nothing is passed:

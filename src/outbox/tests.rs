@@ -1,27 +1,6 @@
-use std::path::PathBuf;
-
 use super::*;
 use crate::record::{Dims, Kind, KindSet, Record};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let d = std::env::temp_dir().join(format!(
-            "edgemeter-outbox-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&d).expect("create temp dir");
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
+use crate::state_dir::TempDir;
 
 fn point(v: f64) -> Record {
     Record::point(
@@ -58,7 +37,7 @@ const ALL: KindSet = KindSet::ALL;
 
 #[test]
 fn append_claim_ack_deletes_only_after_every_sink_confirmed() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let mut o = open(&d, 1 << 20, &[("a", ALL), ("b", ALL)]);
     let app = o
         .append(&[point(1.0), point(2.0), point(3.0)])
@@ -99,7 +78,7 @@ fn append_claim_ack_deletes_only_after_every_sink_confirmed() {
 
 #[test]
 fn an_unconfirmed_batch_comes_back_with_the_same_seq_even_after_reopen() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     {
         let mut o = open(&d, 1 << 20, &[("a", ALL)]);
         o.append(&[point(1.0), point(2.0)]).expect("append");
@@ -137,7 +116,7 @@ fn an_unconfirmed_batch_comes_back_with_the_same_seq_even_after_reopen() {
 /// out, a dead letter holds only the rest, and its retry sends only that.
 #[test]
 fn accepted_records_are_never_handed_out_again() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     {
         let mut o = open(&d, 1 << 20, &[("cw", ALL)]);
         o.append(&(1..=6).map(|v| point(v as f64)).collect::<Vec<_>>())
@@ -182,7 +161,7 @@ fn accepted_records_are_never_handed_out_again() {
 
 #[test]
 fn sinks_only_see_the_kinds_they_take_and_pass_over_the_rest() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let points = KindSet::of(&[Kind::Point]);
     let events = KindSet::of(&[Kind::Event]);
     let mut o = open(&d, 1 << 20, &[("p", points), ("e", events)]);
@@ -217,7 +196,7 @@ fn sinks_only_see_the_kinds_they_take_and_pass_over_the_rest() {
 
 #[test]
 fn drop_oldest_keeps_the_bound_and_counts_per_sink() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let size = point(0.0).charged_bytes(&point(0.0).dims.encode());
     // Room for exactly 10 records.
     let max = (size * 10) as u64;
@@ -246,7 +225,7 @@ fn drop_oldest_keeps_the_bound_and_counts_per_sink() {
 
 #[test]
 fn a_group_larger_than_the_buffer_keeps_its_newest_part() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let size = point(0.0).charged_bytes(&point(0.0).dims.encode());
     let mut o = open(&d, (size * 5) as u64, &[]);
     let app = o
@@ -264,7 +243,7 @@ fn a_group_larger_than_the_buffer_keeps_its_newest_part() {
 
 #[test]
 fn an_open_batch_whose_records_were_all_dropped_is_passed_over() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let size = point(0.0).charged_bytes(&point(0.0).dims.encode());
     let mut o = open(&d, (size * 4) as u64, &[("a", ALL)]);
     o.append(&[point(0.0), point(1.0)]).expect("append");
@@ -278,7 +257,7 @@ fn an_open_batch_whose_records_were_all_dropped_is_passed_over() {
 
 #[test]
 fn with_no_sinks_records_stay_until_the_bound() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let mut o = open(&d, 1 << 20, &[]);
     o.append(&[point(1.0)]).expect("append");
     assert_eq!(count(&o, "records"), 1);
@@ -286,7 +265,7 @@ fn with_no_sinks_records_stay_until_the_bound() {
 
 #[test]
 fn dead_letters_keep_their_records_and_can_be_retried_or_purged() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let mut o = open(&d, 1 << 20, &[("a", ALL)]);
     o.append(&[point(1.0), point(2.0)]).expect("append");
     let b = o.next_batch("a", 10).expect("claim").expect("batch");
@@ -341,7 +320,7 @@ fn dead_letters_keep_their_records_and_can_be_retried_or_purged() {
 
 #[test]
 fn dead_letters_past_their_budget_evict_the_oldest() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let size = point(0.0).charged_bytes(&point(0.0).dims.encode());
     // Dead-letter budget: a quarter of 40 records = 10 records.
     let mut o = open(&d, (size * 40) as u64, &[("a", ALL)]);
@@ -370,7 +349,7 @@ fn dead_letters_past_their_budget_evict_the_oldest() {
 
 #[test]
 fn removed_sinks_release_their_records() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     {
         let mut o = open(&d, 1 << 20, &[("a", ALL), ("old", ALL)]);
         o.append(&[point(1.0)]).expect("append");
@@ -387,7 +366,7 @@ fn removed_sinks_release_their_records() {
 
 #[test]
 fn unknown_sink_is_an_error_not_a_panic() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let mut o = open(&d, 1 << 20, &[]);
     let err = o.next_batch("nope", 1).expect_err("unknown sink");
     assert_eq!(err.to_string(), "no sink named `nope` in the outbox");
@@ -396,7 +375,7 @@ fn unknown_sink_is_an_error_not_a_panic() {
 /// A file that is not ours is moved aside, never deleted and never a crash loop.
 #[track_caller]
 fn check_moved_aside(prepare: impl FnOnce(&Path), why_contains: &str) {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let path = d.0.join(FILE_NAME);
     prepare(&path);
     let before = std::fs::read(&path).expect("read prepared file");
@@ -485,7 +464,7 @@ fn recovery_moves_aside_a_corrupted_page() {
 
 #[test]
 fn an_empty_file_is_a_fresh_outbox() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     std::fs::write(d.0.join(FILE_NAME), b"").expect("touch");
     let (_, report) = Outbox::open(&d.0, 1 << 20).expect("open");
     assert!(report.moved_aside.is_none());
@@ -493,7 +472,7 @@ fn an_empty_file_is_a_fresh_outbox() {
 
 #[test]
 fn a_full_database_is_a_retryable_error_that_loses_nothing_committed() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let mut o = open(&d, 1 << 30, &[("a", ALL)]);
     o.append(&[point(1.0)]).expect("append");
     // SQLite's own "disk full": cap the file at its current size.
@@ -523,7 +502,7 @@ fn a_full_database_is_a_retryable_error_that_loses_nothing_committed() {
 
 #[test]
 fn a_partly_refused_batch_is_confirmed_and_the_rest_dead_lettered_together() {
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let mut o = open(&d, 1 << 20, &[("cw", ALL)]);
     o.append(&[point(1.0), point(2.0), point(3.0), point(4.0)])
         .expect("append");
@@ -560,7 +539,7 @@ fn a_partly_refused_batch_is_confirmed_and_the_rest_dead_lettered_together() {
 fn a_group_inserted_many_rows_to_a_statement_keeps_every_field_order_and_id() {
     // Two full statements and the rest one row each, after ids a deleted
     // group used (AUTOINCREMENT must not hand them out again).
-    let d = TempDir::new();
+    let d = TempDir::new("outbox");
     let mut o = open(&d, 1 << 30, &[("a", ALL)]);
     let first = o.append(&[point(0.0), point(0.5)]).expect("append");
     let b = o.next_batch("a", 10).expect("claim").expect("batch");
