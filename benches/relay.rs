@@ -433,6 +433,9 @@ struct Figures {
     idle_cpu_ms: f64,
     idle_wakeups_per_sec: f64,
     rate_us_per_msg: f64,
+    /// `rate_us_per_msg` by thread name, for a single-process subject:
+    /// where the CPU goes (edgemeter's main thread against its outbox).
+    by_thread: Vec<(String, f64)>,
     rate_stored: u64,
     rate_sent: u64,
     peak_rss_kib: u64,
@@ -443,6 +446,23 @@ struct Figures {
     sustained_per_sec: f64,
     /// RSS after one large frame per stream minus before, per stream.
     large_kib_per_stream: f64,
+}
+
+/// CPU ticks by thread name (`/proc/PID/task/TID/comm`), for one
+/// process; threads of one name are summed. Empty for several processes.
+fn thread_ticks(pids: &[u32]) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let [pid] = pids else { return by_name };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        *by_name.entry(name.trim().to_owned()).or_default() += support::stat_ticks(&stat);
+    }
+    by_name
 }
 
 fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Duration) -> Figures {
@@ -482,6 +502,7 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
         server.shared.sent.load(Ordering::SeqCst),
         sum(&cpu_ticks),
     );
+    let threads0 = thread_ticks(&pids);
     server
         .shared
         .mode
@@ -564,7 +585,19 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
         std::thread::sleep(Duration::from_millis(50));
     }
     let c1r = sum(&cpu_ticks);
+    let threads1 = thread_ticks(&pids);
     let stored = subject.stored() - s0;
+    let per_msg = |ticks: u64| ticks as f64 / ticks_per_sec() * 1e6 / sent.max(1) as f64;
+    // A thread that ended in the phase took its ticks with it; one that
+    // started counts from zero.
+    let by_thread = threads1
+        .iter()
+        .map(|(name, t1)| {
+            let t0 = threads0.get(name).copied().unwrap_or(0);
+            (name.clone(), per_msg(t1.saturating_sub(t0)))
+        })
+        .filter(|(_, us)| *us > 0.0)
+        .collect();
     let peak_rss_kib = sum(&|p| status_kib(p, "VmHWM:"));
 
     server.shared.mode.store(BLAST, Ordering::SeqCst);
@@ -582,7 +615,8 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
         idle_cpu_ms: (c1 - c0) as f64 * 1000.0 / ticks_per_sec(),
         idle_wakeups_per_sec: (w1 - w0) as f64 / idle.as_secs_f64(),
         // Per message received: with `events = false` nothing is stored.
-        rate_us_per_msg: (c1r - c0r) as f64 / ticks_per_sec() * 1e6 / sent.max(1) as f64,
+        rate_us_per_msg: per_msg(c1r - c0r),
+        by_thread,
         rate_stored: stored,
         rate_sent: sent,
         peak_rss_kib,
@@ -785,6 +819,15 @@ fn main() {
         )
     };
     row("edgemeter", &e);
+    let split: Vec<String> = e
+        .by_thread
+        .iter()
+        .map(|(name, us)| format!("{name} {us:.1}"))
+        .collect();
+    println!(
+        "  edgemeter's CPU per message by thread, µs: {}",
+        split.join(", ")
+    );
     if let Some(r) = &r {
         row("+1% reqs", r);
     }

@@ -18,7 +18,12 @@ pub fn bench_dir(tag: &str) -> PathBuf {
 
 /// CPU ticks (user + system, including exited threads), from /proc.
 pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// User + system ticks from the text of a `/proc/.../stat` file (a
+/// process's or one of its threads').
+pub fn stat_ticks(stat: &str) -> u64 {
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat; after the `)` they are at 11 and 12.
