@@ -18,11 +18,12 @@ pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 /// Records in flight between the sources and the outbox writer. Sources wait
 /// when it is full, so a stalled disk slows them instead of growing memory.
 ///
-/// The channel's ring of slots (about 120 bytes each) is allocated whole and
-/// cycled through, so all of it becomes resident once records flow: 8,192
-/// slots were a megabyte of the relay benchmark's peak (16.0-16.2 MiB;
-/// 14.8-15.0 with 2,048). The writer takes everything waiting whenever it is
-/// not committing, so the channel only has to hold what arrives during one
+/// The channel's ring of slots (112 bytes each, a [`Record`] and a stamp)
+/// is allocated whole and every slot initialised when it is made, so all
+/// of it is resident from the start: 8,192 slots were 0.9 MB of the relay
+/// benchmark's idle and peak RSS (peak 16.0-16.2 MiB; 14.8-15.0 with
+/// 2,048). The writer takes everything waiting whenever it is not
+/// committing, so the channel only has to hold what arrives during one
 /// commit: 2,048 records are 100 ms at 20,000 a second, and the sustained
 /// rate was the same (188,000-189,000 records/s against 198,000-215,000).
 pub const RECORD_CHANNEL_CAPACITY: usize = 2_048;
