@@ -895,9 +895,8 @@ fn main() {
 /// envelope's `user` and `type` parsed, the messages appended to SQLite
 /// [`FLOOR_ROWS_PER_INSERT`] to a prepared insert, committed every 100 ms in
 /// WAL mode with `synchronous = NORMAL`; reads in 4 KiB chunks, as
-/// edgemeter does. No analytics,
-/// no sketches, no status, no sinks: the work edgemeter adds is its ratio
-/// to this.
+/// edgemeter does. No analytics, no sketches, no status, no sinks: the work
+/// edgemeter adds is its ratio to this.
 struct Floor {
     child: Child,
     db: PathBuf,
@@ -944,7 +943,8 @@ fn run_floor(streams: &[String], idle: Duration, phase: Duration) -> Figures {
 
 /// Rows to one INSERT in the floor: the outbox's own number
 /// (`outbox::append`), so that the floor is not slower than the code it
-/// bounds (one row per statement cost twice the CPU per row).
+/// bounds (one row per statement cost 1.65x the CPU per row in
+/// `benches/outbox.rs`).
 const FLOOR_ROWS_PER_INSERT: usize = 32;
 
 /// The floor process: `--floor PORT DB STREAM…`.
