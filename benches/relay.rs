@@ -56,12 +56,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{bench_dir, cpu_ticks, release_bin};
+use support::{USERS_PER_STREAM, bench_dir, cpu_ticks, release_bin};
 
 use tungstenite::Message;
 
 const STREAMS: usize = 12;
-const USERS_PER_STREAM: usize = 200;
 /// 20,004 messages/s over the 12 streams (issue 18's load).
 const RATE_PER_STREAM: u32 = 1667;
 
@@ -108,29 +107,6 @@ struct Shared {
 
 const LARGE_FRAME_BYTES: usize = 1_900_000;
 
-/// With `requests`, every 100th message is a dashboard's `all_feedback`
-/// request (ten users a stream), answered with five frames.
-fn messages(stream: &str, requests: bool) -> Vec<String> {
-    (0..1000)
-        .map(|i| {
-            if requests && i % 100 == 99 {
-                return format!(
-                    r#"{{"user":"5e1f0000-0000-4000-8000-{stream}{:06}","t":{},"exp":"spinner","hardware":"{stream}","course":"engdes1","type":"request","payload":{{"content":"all_feedback","graph":"spinner-engdes1-2"}}}}"#,
-                    i / 100,
-                    1_700_000_000_000u64 + i as u64 * 250
-                );
-            }
-            let user = format!("5e1f0000-0000-4000-8000-{stream}{:06}", i % USERS_PER_STREAM);
-            let log = ["voltage", "speed", "position", "voltage_ramp", "speed_ramp"][i % 5];
-            format!(
-                r#"{{"user":"{user}","t":{},"exp":"spinner","hardware":"{stream}","course":"engdes1","type":"analytics","payload":{{"log":"{log}","data":{{"set":{}.5}}}}}}"#,
-                1_700_000_000_000u64 + i as u64 * 250,
-                i % 7
-            )
-        })
-        .collect()
-}
-
 impl Server {
     fn start(requests: bool) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -175,7 +151,7 @@ fn serve(conn: TcpStream, shared: &Shared, requests: bool) {
         return;
     };
     let stream = path.trim_start_matches("/ws/").to_owned();
-    let msgs: Vec<Message> = messages(&stream, requests)
+    let msgs: Vec<Message> = support::relay_messages(&stream, requests)
         .into_iter()
         .map(Message::text)
         .collect();
@@ -745,7 +721,7 @@ fn main() {
     println!(
         "relay: {STREAMS} streams on loopback, {} users each, messages of {} bytes; idle {:?}, phases {:?}",
         USERS_PER_STREAM,
-        messages("spin30", false)[0].len(),
+        support::relay_messages("spin30", false)[0].len(),
         idle,
         phase
     );

@@ -213,3 +213,32 @@ pub fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u16> {
         }
     }
 }
+
+/// Users a relay stream's messages come from.
+pub const USERS_PER_STREAM: usize = 200;
+
+/// The relay benchmarks' 1,000 messages of one stream, sent round and
+/// round: logging envelopes of `analytics` type, 186 bytes, from
+/// [`USERS_PER_STREAM`] users, as the session host relays them.
+/// With `requests`, every 100th message is a dashboard's `all_feedback`
+/// request (ten users a stream), answered with five frames.
+pub fn relay_messages(stream: &str, requests: bool) -> Vec<String> {
+    (0..1000)
+        .map(|i| {
+            if requests && i % 100 == 99 {
+                return format!(
+                    r#"{{"user":"5e1f0000-0000-4000-8000-{stream}{:06}","t":{},"exp":"spinner","hardware":"{stream}","course":"engdes1","type":"request","payload":{{"content":"all_feedback","graph":"spinner-engdes1-2"}}}}"#,
+                    i / 100,
+                    1_700_000_000_000u64 + i as u64 * 250
+                );
+            }
+            let user = format!("5e1f0000-0000-4000-8000-{stream}{:06}", i % USERS_PER_STREAM);
+            let log = ["voltage", "speed", "position", "voltage_ramp", "speed_ramp"][i % 5];
+            format!(
+                r#"{{"user":"{user}","t":{},"exp":"spinner","hardware":"{stream}","course":"engdes1","type":"analytics","payload":{{"log":"{log}","data":{{"set":{}.5}}}}}}"#,
+                1_700_000_000_000u64 + i as u64 * 250,
+                i % 7
+            )
+        })
+        .collect()
+}

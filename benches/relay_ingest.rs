@@ -1,0 +1,154 @@
+//! The relay source's work per message, in process: what the main thread
+//! does between reading a frame and handing its records on, without the
+//! network, the executor or the outbox, so that a change to it shows
+//! above this machine's noise (the whole-process relay bench moves by
+//! ±15 % between runs; this one by a few percent).
+//!
+//! Run: `cargo bench --bench relay_ingest` (add `-- --quick` for a short run).
+//!
+//! Subjects, each fed the relay bench's messages (12 streams, 200 users
+//! each, 186-byte `analytics` envelopes) round-robin, on this thread, timed
+//! by the thread's own CPU clock; alternated, the median of the rounds:
+//! - `parse floor`: what the relay bench's floor does with a message: read
+//!   its user and type (borrowed), then keep the arrival time, user, type
+//!   and a copy of the message as a row. No counters, no sketches, no
+//!   analytics;
+//! - `ingest, events = false`: edgemeter's `ingest::State::frame`, the
+//!   counters, sketches and analytics, storing no events;
+//! - `ingest`: the same with events, the default: each message becomes a
+//!   `Record`.
+//!
+//! Both keep what they made in groups of 2,000 (100 ms at 20,000 msg/s, the
+//! outbox's flush interval) and drop a group when it is full, here on this
+//! thread (in edgemeter the outbox thread drops them after committing).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use edgemeter::record::Record;
+use edgemeter::sources::relay::ingest::{Frame, Settings, State};
+use edgemeter::sources::relay::link::Link;
+
+/// As the relay bench.
+const STREAMS: usize = 12;
+/// Records held before a group is dropped.
+const GROUP: usize = 2_000;
+
+fn state(events: bool) -> State {
+    let streams = (0..STREAMS)
+        .map(|n| {
+            let link = Link::new(Duration::from_secs(1), Duration::from_secs(60), 0);
+            (format!("spin{}", 30 + n), link)
+        })
+        .collect();
+    State::new(
+        Settings {
+            source: "lab".to_owned(),
+            max_frame_bytes: 1 << 20,
+            events,
+            raw_files: false,
+            max_users: 100_000,
+        },
+        streams,
+    )
+}
+
+/// Milliseconds at message `k`: 20 messages a millisecond, 20,000 a second.
+fn arrival(k: usize) -> i64 {
+    1_700_000_000_000 + (k / 20) as i64
+}
+
+/// CPU µs per message of `edgemeter`'s ingest over `n` messages.
+fn ingest(msgs: &[Vec<String>], n: usize, events: bool) -> f64 {
+    let mut state = state(events);
+    let mut out: Vec<Record> = Vec::with_capacity(GROUP);
+    let mut held: Vec<Record> = Vec::with_capacity(GROUP);
+    let mut made = 0usize;
+    let cpu = support::thread_cpu();
+    for k in 0..n {
+        let (i, m) = (k % STREAMS, (k / STREAMS) % msgs[0].len());
+        state.frame(i, Frame::Text(&msgs[i][m]), arrival(k), &mut out);
+        made += out.len();
+        held.append(&mut out);
+        if held.len() >= GROUP {
+            held.clear();
+        }
+    }
+    let us = (support::thread_cpu() - cpu).as_secs_f64() * 1e6 / n as f64;
+    assert_eq!(
+        state.streams.iter().map(|s| s.totals.messages).sum::<u64>(),
+        n as u64,
+        "every message was read"
+    );
+    assert_eq!(made, if events { n } else { 0 }, "one event a message");
+    us
+}
+
+/// CPU µs per message of the relay bench floor's per-message work.
+fn parse_floor(msgs: &[Vec<String>], n: usize) -> f64 {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        user: std::borrow::Cow<'a, str>,
+        #[serde(borrow, rename = "type")]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    let mut rows: Vec<(i64, String, String, Vec<u8>)> = Vec::with_capacity(GROUP);
+    let mut kept = 0usize;
+    let cpu = support::thread_cpu();
+    for k in 0..n {
+        let (i, m) = (k % STREAMS, (k / STREAMS) % msgs[0].len());
+        let t = &msgs[i][m];
+        if let Ok(e) = serde_json::from_str::<Envelope>(t) {
+            rows.push((
+                arrival(k),
+                e.user.into_owned(),
+                e.kind.into_owned(),
+                t.as_bytes().to_vec(),
+            ));
+            kept += 1;
+        }
+        if rows.len() >= GROUP {
+            rows.clear();
+        }
+    }
+    let us = (support::thread_cpu() - cpu).as_secs_f64() * 1e6 / n as f64;
+    assert_eq!(kept, n, "every message parsed");
+    us
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, rounds) = if quick { (240_000, 3) } else { (1_200_000, 5) };
+    let msgs: Vec<Vec<String>> = (0..STREAMS)
+        .map(|s| support::relay_messages(&format!("spin{}", 30 + s), false))
+        .collect();
+    println!(
+        "relay ingest: {STREAMS} streams, {} users each, messages of {} bytes; {n} messages a round, median of {rounds} alternating rounds, this thread's CPU",
+        support::USERS_PER_STREAM,
+        msgs[0][0].len()
+    );
+    let (mut floor, mut quiet, mut full) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        floor.push(parse_floor(&msgs, n));
+        quiet.push(ingest(&msgs, n, false));
+        full.push(ingest(&msgs, n, true));
+    }
+    let (floor, quiet, full) = (median(floor), median(quiet), median(full));
+    println!("  parse floor             {floor:6.3} µs CPU/msg");
+    println!(
+        "  ingest, events = false  {quiet:6.3} µs CPU/msg ({:.2}x the floor)",
+        quiet / floor
+    );
+    println!(
+        "  ingest                  {full:6.3} µs CPU/msg ({:.2}x the floor)",
+        full / floor
+    );
+}
