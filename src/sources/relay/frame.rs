@@ -51,8 +51,31 @@ pub fn split(frame: &str) -> Split<'_> {
 /// the text for a value that is a `T`, the common case. A value that is
 /// not is parsed again, only to find where it ends.
 pub fn split_as<'a, T: Deserialize<'a>>(frame: &'a str) -> Split<'a, T> {
-    let mut out = Split {
-        values: Vec::new(),
+    let mut values = Vec::new();
+    let rest = split_each(frame, |text, value| values.push((text, value)));
+    Split {
+        values,
+        zero_width: rest.zero_width,
+        garbage: rest.garbage,
+    }
+}
+
+/// What [`split_each`] reports once it has handed over every value.
+#[derive(Debug)]
+pub struct Rest {
+    /// Leading zero-width characters that were skipped (U+200B, U+FEFF).
+    pub zero_width: u32,
+    pub garbage: Option<Garbage>,
+}
+
+/// [`split_as`], handing each value to `each` as it is read instead of
+/// collecting them: what the relay source does for every frame, where a
+/// list would be an allocation and a copy of each value per frame.
+pub fn split_each<'a, T: Deserialize<'a>>(
+    frame: &'a str,
+    mut each: impl FnMut(&'a str, Option<T>),
+) -> Rest {
+    let mut out = Rest {
         zero_width: 0,
         garbage: None,
     };
@@ -71,14 +94,14 @@ pub fn split_as<'a, T: Deserialize<'a>>(frame: &'a str) -> Split<'a, T> {
         let mut typed = serde_json::Deserializer::from_str(trimmed).into_iter::<T>();
         if let Some(Ok(v)) = typed.next() {
             let end = typed.byte_offset();
-            out.values.push((&trimmed[..end], Some(v)));
+            each(&trimmed[..end], Some(v));
             pos += end;
             continue;
         }
         let mut stream = serde_json::Deserializer::from_str(trimmed).into_iter::<&RawValue>();
         match stream.next() {
             Some(Ok(v)) => {
-                out.values.push((v.get(), None));
+                each(v.get(), None);
                 pos += stream.byte_offset();
             }
             None => return out,

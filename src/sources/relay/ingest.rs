@@ -192,14 +192,12 @@ impl State {
             }
             Frame::Text(t) => t,
         };
-        let split = frame::split_as::<Envelope>(text);
+        let rest =
+            frame::split_each::<Envelope>(text, |raw, env| self.message(i, raw, env, now_ms, out));
         let s = &mut self.streams[i];
-        s.totals.zero_width += u64::from(split.zero_width);
-        s.window.zero_width += u64::from(split.zero_width);
-        for (raw, env) in split.values {
-            self.message(i, raw, env, now_ms, out);
-        }
-        if let Some(g) = split.garbage {
+        s.totals.zero_width += u64::from(rest.zero_width);
+        s.window.zero_width += u64::from(rest.zero_width);
+        if let Some(g) = rest.garbage {
             self.malformed(i, now_ms, &g.reason, g.bytes, &g.sample, out);
         }
     }
