@@ -2,6 +2,7 @@
 //! sketches, events and lines, all carried as one [`Record`] shape so the
 //! outbox can store them in one table and deliver them in one order.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// How deep an event's JSON may nest (arrays and objects). Deeper
@@ -240,21 +241,23 @@ pub struct Record {
     /// Observation time, ms since the Unix epoch (UTC).
     pub ts_ms: i64,
     /// Metric name, event type or log stream, depending on `kind`.
-    pub name: String,
+    /// Borrowed where it is a constant (most are), so a record made per
+    /// message allocates only its payload.
+    pub name: Cow<'static, str>,
     pub dims: Dims,
     pub value: f64,
     /// CloudWatch-style unit name (`Count`, `Bytes`, `None`, ...).
-    pub unit: String,
+    pub unit: Cow<'static, str>,
     pub payload: Vec<u8>,
 }
 
 impl Record {
     pub fn point(
-        name: impl Into<String>,
+        name: impl Into<Cow<'static, str>>,
         dims: Dims,
         ts_ms: i64,
         value: f64,
-        unit: &str,
+        unit: impl Into<Cow<'static, str>>,
     ) -> Record {
         Record {
             kind: Kind::Point,
@@ -262,7 +265,7 @@ impl Record {
             name: name.into(),
             dims,
             value,
-            unit: unit.to_owned(),
+            unit: unit.into(),
             payload: Vec::new(),
         }
     }

@@ -175,21 +175,21 @@ pub fn encode<'r>(key: &Key<'_>, records: impl IntoIterator<Item = &'r Record>) 
     for r in records {
         match r.kind {
             Kind::Point => batch.points.push(WirePoint {
-                metric: r.name.as_str().into(),
+                metric: r.name.as_ref().into(),
                 dims: WireDims::Pairs(&r.dims),
                 ts: r.ts_ms,
                 value: r.value,
-                unit: r.unit.as_str().into(),
+                unit: r.unit.as_ref().into(),
             }),
             Kind::Sketch => batch.sketches.push(WireSketch {
-                metric: r.name.as_str().into(),
+                metric: r.name.as_ref().into(),
                 dims: WireDims::Pairs(&r.dims),
                 ts: r.ts_ms,
-                unit: r.unit.as_str().into(),
+                unit: r.unit.as_ref().into(),
                 sketch: B64.encode(&r.payload).into(),
             }),
             Kind::Event => batch.events.push(WireEvent {
-                kind: r.name.as_str().into(),
+                kind: r.name.as_ref().into(),
                 dims: WireDims::Pairs(&r.dims),
                 ts: r.ts_ms,
                 payload: payloads.next().expect("one payload per event"),
@@ -310,10 +310,10 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
         records.push(Record {
             kind: Kind::Point,
             ts_ms: p.ts,
-            name: p.metric.into_owned(),
+            name: p.metric.into_owned().into(),
             dims: dims.get(&p.dims, &at)?,
             value: p.value,
-            unit: p.unit.into_owned(),
+            unit: p.unit.into_owned().into(),
             payload: Vec::new(),
         });
     }
@@ -329,10 +329,10 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
         records.push(Record {
             kind: Kind::Sketch,
             ts_ms: s.ts,
-            name: s.metric.into_owned(),
+            name: s.metric.into_owned().into(),
             dims: dims.get(&s.dims, &at)?,
             value: sketch.estimate(),
-            unit: s.unit.into_owned(),
+            unit: s.unit.into_owned().into(),
             payload: bytes,
         });
     }
@@ -348,7 +348,7 @@ pub fn decode(json: &[u8], now_ms: i64) -> Result<Batch, Invalid> {
         records.push(Record {
             kind: Kind::Event,
             ts_ms: e.ts,
-            name: e.kind.into_owned(),
+            name: e.kind.into_owned().into(),
             dims: dims.get(&e.dims, &at)?,
             value: 0.0,
             unit: "None".into(),

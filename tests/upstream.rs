@@ -1709,7 +1709,7 @@ fn one_series_batch(metric: &str, seq: i64, t0: i64, n: i64, now: i64) -> edgeme
     let records: Vec<Record> = (0..n)
         .map(|k| {
             Record::point(
-                metric,
+                metric.to_owned(),
                 Dims::new([("series", "s")]),
                 t0 + k * 1000,
                 1.0,

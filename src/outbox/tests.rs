@@ -550,9 +550,9 @@ fn a_group_inserted_many_rows_to_a_statement_keeps_every_field_order_and_id() {
     let group: Vec<Record> = (0..n)
         .map(|i| Record {
             kind: if i % 2 == 0 { Kind::Event } else { Kind::Point },
-            name: format!("name-{i}"),
+            name: format!("name-{i}").into(),
             dims: Dims::new([("i", i.to_string().as_str())]),
-            unit: if i % 3 == 0 { "None" } else { "Count" }.to_owned(),
+            unit: if i % 3 == 0 { "None" } else { "Count" }.into(),
             payload: format!("payload {i}").into_bytes(),
             ..point(i as f64)
         })

@@ -170,7 +170,7 @@ fn health_points_carry_the_snapshots_figures() {
         .into_iter()
         .map(|r| {
             assert_eq!(r.ts_ms, s.at_ms);
-            (r.name, r.dims.encode(), r.value)
+            (r.name.into_owned(), r.dims.encode(), r.value)
         })
         .collect();
     let sink = crate::record::Dims::new([("sink", "cw")]).encode();

@@ -600,7 +600,7 @@ fn a_round_of_many_groups_is_claimed_aggregated_and_marked_sent_exactly() {
             .map(|(_, v)| v.clone())
             .expect("a series dim");
         assert_eq!(a.point.value, want[&(series, g.ts)], "{g:?}: the sum");
-        assert_eq!((a.point.unit.as_str(), a.sketch.is_none()), ("Count", true));
+        assert_eq!((a.point.unit.as_ref(), a.sketch.is_none()), ("Count", true));
     }
     assert!(
         s.aggregates(&[Group {

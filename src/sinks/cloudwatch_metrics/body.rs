@@ -150,9 +150,9 @@ pub fn fold(records: &[(i64, Record)], extra: &[(String, String)], now: i64) -> 
             None => {}
         }
         let key = (
-            r.name.clone(),
+            r.name.to_string(),
             dims,
-            r.unit.clone(),
+            r.unit.to_string(),
             r.ts_ms.div_euclid(60_000),
         );
         let slot = open.get(&key).copied().filter(|&i| {

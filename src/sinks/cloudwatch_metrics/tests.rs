@@ -8,7 +8,13 @@ use crate::record::{Dims, Record};
 const NOW: i64 = 1_795_488_651_000; // 2026-11-24T02:50:51Z
 
 fn point(name: &str, dims: &[(&str, &str)], ts: i64, v: f64) -> Record {
-    Record::point(name, Dims::new(dims.iter().copied()), ts, v, "Count")
+    Record::point(
+        name.to_owned(),
+        Dims::new(dims.iter().copied()),
+        ts,
+        v,
+        "Count",
+    )
 }
 
 fn ids(rs: Vec<Record>) -> Vec<(i64, Record)> {

@@ -3,6 +3,7 @@
 //! The tasks in `mod.rs` feed it frames and clock ticks and carry out what
 //! it returns.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 
 use super::analytics::{Analytics, Envelope, safe_name};
@@ -146,10 +147,10 @@ impl State {
         out.push(Record {
             kind: Kind::Event,
             ts_ms: now_ms,
-            name: "relay_malformed".to_owned(),
+            name: "relay_malformed".into(),
             dims,
             value: bytes as f64,
-            unit: "Bytes".to_owned(),
+            unit: "Bytes".into(),
             payload: text.into_bytes(),
         });
     }
@@ -268,18 +269,13 @@ impl State {
                 out,
             );
         } else if self.events {
-            let name = if safe_name(&env.kind) {
-                env.kind.to_string()
-            } else {
-                "invalid_type".to_owned()
-            };
             out.push(Record {
                 kind: Kind::Event,
                 ts_ms: now_ms,
-                name,
+                name: event_name(&env.kind),
                 dims: self.streams[i].dims.clone(),
                 value: 0.0,
-                unit: "None".to_owned(),
+                unit: "None".into(),
                 payload: text.as_bytes().to_vec(),
             });
         }
@@ -361,6 +357,22 @@ impl State {
     }
 }
 
+/// The `type` values of practable's logging envelopes: the UI's `log` and
+/// `analytics`, the dashboards' `request` and `feedback`, the analytics
+/// server's `response`.
+const KNOWN_TYPES: [&str; 5] = ["analytics", "log", "request", "feedback", "response"];
+
+/// An event's name: its envelope's type. A known type is named by a
+/// constant, not a copy (an allocation less per message); another usable
+/// name is copied; anything else is `invalid_type`.
+fn event_name(kind: &str) -> Cow<'static, str> {
+    match KNOWN_TYPES.iter().find(|k| **k == kind) {
+        Some(k) => Cow::Borrowed(k),
+        None if safe_name(kind) => Cow::Owned(kind.to_owned()),
+        None => Cow::Borrowed("invalid_type"),
+    }
+}
+
 /// Distinct active users of a window: the count as a point, and the sketch
 /// so an upstream can union edges.
 fn users(dims: Dims, end_ms: i64, sketch: &Sketch) -> [Record; 2] {
@@ -375,11 +387,30 @@ fn users(dims: Dims, end_ms: i64, sketch: &Sketch) -> [Record; 2] {
         Record {
             kind: Kind::Sketch,
             ts_ms: end_ms,
-            name: "relay_active_users".to_owned(),
+            name: "relay_active_users".into(),
             dims,
             value: sketch.estimate(),
-            unit: "Count".to_owned(),
+            unit: "Count".into(),
             payload: sketch.encode(),
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_named_by_their_type_or_invalid_type() {
+        let borrowed = |c: &Cow<'static, str>| matches!(c, Cow::Borrowed(_));
+        for t in KNOWN_TYPES {
+            let name = event_name(t);
+            assert_eq!(name, t);
+            assert!(borrowed(&name), "{t} is a constant");
+        }
+        assert_eq!(event_name("heartbeat"), "heartbeat");
+        assert_eq!(event_name("x y"), "invalid_type");
+        assert_eq!(event_name(""), "invalid_type");
+        assert_eq!(event_name("Analytics"), "Analytics");
+    }
 }

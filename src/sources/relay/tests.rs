@@ -381,7 +381,7 @@ fn messages_nested_too_deep_are_malformed_not_events() {
     // and the payload skipped without recursion, so it is the same case.
     st.frame(0, Frame::Text(&nested(100_000)), 0, &mut out);
     let events: Vec<&Record> = out.iter().filter(|r| r.kind == Kind::Event).collect();
-    let names: Vec<&str> = events.iter().map(|r| r.name.as_str()).collect();
+    let names: Vec<&str> = events.iter().map(|r| r.name.as_ref()).collect();
     assert_eq!(names, ["log", "relay_malformed", "relay_malformed"]);
     assert_eq!(
         json_depth(std::str::from_utf8(&events[0].payload).unwrap()),

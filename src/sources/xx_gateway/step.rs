@@ -507,23 +507,23 @@ pub(super) fn records(step: &Step, now: i64) -> Vec<Record> {
         out.push(Record {
             kind: Kind::Sketch,
             ts_ms: em.end_ms,
-            name: METRIC.to_owned(),
+            name: METRIC.into(),
             dims,
             value: em.sketch.estimate(),
-            unit: "Count".to_owned(),
+            unit: "Count".into(),
             payload: em.sketch.encode(),
         });
         out.push(Record {
             kind: Kind::Line,
             ts_ms: em.end_ms,
-            name: CSV_STREAM.to_owned(),
+            name: CSV_STREAM.into(),
             dims: Dims::new([("gateway", gateway)]),
             value: 0.0,
-            unit: "None".to_owned(),
+            unit: "None".into(),
             payload: epochs::csv_line(em.epoch, em.window, step.period_ms, em.unique).into_bytes(),
         });
     }
-    let counter = |name: &str, v: u64| {
+    let counter = |name: &'static str, v: u64| {
         Record::point(
             name,
             Dims::new([("gateway", gateway)]),

@@ -181,7 +181,7 @@ impl Seen {
                 .expect("n");
             (r.ts_ms / PERIOD_MS - 1, epochs)
         };
-        match (r.kind, r.name.as_str()) {
+        match (r.kind, r.name.as_ref()) {
             (Kind::Point, METRIC) => {
                 assert_eq!(
                     r.dims.pairs()[1],

@@ -110,7 +110,7 @@ impl Store {
         for g in groups {
             let dims = Dims::decode(&g.net).unwrap_or_default();
             if let Some((merged, unit)) = unions.remove(g) {
-                let point = Record::point(g.metric.clone(), dims, g.ts, merged.estimate(), &unit);
+                let point = Record::point(g.metric.clone(), dims, g.ts, merged.estimate(), unit);
                 let sketch = Record {
                     kind: Kind::Sketch,
                     payload: merged.encode(),
@@ -124,7 +124,7 @@ impl Store {
                     },
                 ));
             } else if let Some((sum, unit)) = sums.remove(g) {
-                let point = Record::point(g.metric.clone(), dims, g.ts, sum, &unit);
+                let point = Record::point(g.metric.clone(), dims, g.ts, sum, unit);
                 out.push((
                     g.clone(),
                     Aggregate {

@@ -104,7 +104,7 @@ impl Store {
                         let id = *series.next().expect("an id for each point");
                         point_rows.extend([
                             id.into(),
-                            r.name.as_str().into(),
+                            r.name.as_ref().into(),
                             r.ts_ms.into(),
                             r.value.into(),
                         ]);
@@ -116,12 +116,12 @@ impl Store {
                         self.db.exec(
                             SQL_INSERT_SKETCH,
                             &[
-                                r.name.as_str().into(),
+                                r.name.as_ref().into(),
                                 net.as_str().into(),
                                 r.ts_ms.into(),
                                 agent.clone(),
                                 dims.into(),
-                                r.unit.as_str().into(),
+                                r.unit.as_ref().into(),
                                 r.value.into(),
                                 Val::Blob(std::borrow::Cow::Borrowed(&r.payload)),
                             ],
@@ -129,17 +129,17 @@ impl Store {
                         self.db.exec(
                             SQL_COUNT_UNION,
                             &[
-                                r.name.as_str().into(),
+                                r.name.as_ref().into(),
                                 net.as_str().into(),
                                 r.ts_ms.into(),
                                 r.value.into(),
-                                r.unit.as_str().into(),
+                                r.unit.as_ref().into(),
                             ],
                         )?;
                         self.db.exec(
                             SQL_COUNT_EDGE_DAY,
                             &[
-                                r.name.as_str().into(),
+                                r.name.as_ref().into(),
                                 net.as_str().into(),
                                 agent.clone(),
                                 r.ts_ms.div_euclid(DAY_MS).saturating_mul(DAY_MS).into(),
@@ -151,7 +151,7 @@ impl Store {
                     if self.forwards {
                         *groups
                             .entry(Group {
-                                metric: r.name.clone(),
+                                metric: r.name.to_string(),
                                 net: net.clone(),
                                 ts: r.ts_ms,
                             })
@@ -165,7 +165,7 @@ impl Store {
                         SQL_INSERT_EVENT,
                         &[
                             r.ts_ms.into(),
-                            r.name.as_str().into(),
+                            r.name.as_ref().into(),
                             user,
                             agent.clone(),
                             r.dims.encoded().into(),
@@ -231,7 +231,7 @@ impl Store {
         for (i, b) in batches.iter().enumerate() {
             let mut these = Vec::with_capacity(b.records.len());
             for r in b.records.iter().filter(|r| r.kind == Kind::Point) {
-                let (agent, metric) = (b.agent_id.as_str(), r.name.as_str());
+                let (agent, metric) = (b.agent_id.as_str(), r.name.as_ref());
                 series_key(&mut key, agent, metric, r.dims.encoded(), &r.unit);
                 match self.series_ids.get(key.as_str()) {
                     Some(&id) => these.push(id),
@@ -268,7 +268,7 @@ impl Store {
         ) in unknown
         {
             let net = self.net_dims(&r.dims).encode();
-            let (metric, dims, unit) = (r.name.as_str(), r.dims.encoded(), r.unit.as_str());
+            let (metric, dims, unit) = (r.name.as_ref(), r.dims.encoded(), r.unit.as_ref());
             let named = [
                 metric.into(),
                 net.as_str().into(),
