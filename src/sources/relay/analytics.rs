@@ -438,6 +438,35 @@ struct Cell {
     dirty: bool,
 }
 
+/// Which names are users: a flag per name id, so that asking is an index,
+/// not a hash lookup, for every message.
+#[derive(Default)]
+struct Users {
+    flags: Vec<bool>,
+    count: usize,
+}
+
+impl Users {
+    fn contains(&self, id: u32) -> bool {
+        self.flags.get(id as usize).copied().unwrap_or(false)
+    }
+
+    fn insert(&mut self, id: u32) {
+        let i = id as usize;
+        if i >= self.flags.len() {
+            self.flags.resize(i + 1, false);
+        }
+        if !self.flags[i] {
+            self.flags[i] = true;
+            self.count += 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+}
+
 /// A command chain as a dense matrix over its nodes (a handful per
 /// experiment), so a step is two index lookups; also the form it is saved in.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -532,7 +561,7 @@ pub struct Analytics {
     max_users: usize,
     max_names: usize,
     names: Names,
-    users: foldhash::HashSet<u32>,
+    users: Users,
     activity: Fast<(u32, u32), Cell>,
     dirty_activity: Vec<(u32, u32)>,
     graphs: Fast<(u32, u32, u32), Chain>,
@@ -599,7 +628,7 @@ impl Analytics {
             return out;
         }
         let seen = self.names.get(user);
-        let known = seen.is_some_and(|u| self.users.contains(&u));
+        let known = seen.is_some_and(|u| self.users.contains(u));
         if !known && self.users.len() >= self.max_users {
             out.untracked = true;
             return out;
@@ -678,7 +707,7 @@ impl Analytics {
         let known = self
             .names
             .get(&key.user)
-            .is_some_and(|u| self.users.contains(&u));
+            .is_some_and(|u| self.users.contains(u));
         if !known && self.users.len() >= self.max_users {
             return false;
         }
