@@ -928,13 +928,6 @@ fn floor(args: &[String]) {
     use smol::stream::StreamExt;
     use std::cell::RefCell;
     use std::rc::Rc;
-    #[derive(serde::Deserialize)]
-    struct Envelope<'a> {
-        #[serde(borrow)]
-        user: std::borrow::Cow<'a, str>,
-        #[serde(borrow, rename = "type")]
-        kind: std::borrow::Cow<'a, str>,
-    }
     let (port, db, streams) = (&args[0], &args[1], &args[2..]);
     let db = rusqlite::Connection::open(db).expect("floor db");
     db.execute_batch(
@@ -942,9 +935,7 @@ fn floor(args: &[String]) {
          CREATE TABLE m (ts INTEGER, user TEXT, type TEXT, payload BLOB);",
     )
     .expect("floor schema");
-    /// Arrival, user, type, the message.
-    type Row = (i64, String, String, Vec<u8>);
-    let pending: Rc<RefCell<Vec<Row>>> = Rc::default();
+    let pending: Rc<RefCell<Vec<support::FloorRow>>> = Rc::default();
     let ex = smol::LocalExecutor::new();
     for s in streams {
         let url = format!("ws://127.0.0.1:{port}/ws/{s}");
@@ -970,18 +961,9 @@ fn floor(args: &[String]) {
                     smol::future::yield_now().await;
                 }
                 if let async_tungstenite::tungstenite::Message::Text(t) = m
-                    && let Ok(e) = serde_json::from_str::<Envelope>(&t)
+                    && let Some(row) = support::floor_row(&t, support::now_ms())
                 {
-                    let ts = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap()
-                        .as_millis() as i64;
-                    pending.borrow_mut().push((
-                        ts,
-                        e.user.into_owned(),
-                        e.kind.into_owned(),
-                        t.as_bytes().to_vec(),
-                    ));
+                    pending.borrow_mut().push(row);
                 }
             }
         })

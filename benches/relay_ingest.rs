@@ -88,26 +88,13 @@ fn ingest(msgs: &[Vec<String>], n: usize, events: bool) -> f64 {
 
 /// CPU µs per message of the relay bench floor's per-message work.
 fn parse_floor(msgs: &[Vec<String>], n: usize) -> f64 {
-    #[derive(serde::Deserialize)]
-    struct Envelope<'a> {
-        #[serde(borrow)]
-        user: std::borrow::Cow<'a, str>,
-        #[serde(borrow, rename = "type")]
-        kind: std::borrow::Cow<'a, str>,
-    }
-    let mut rows: Vec<(i64, String, String, Vec<u8>)> = Vec::with_capacity(GROUP);
+    let mut rows: Vec<support::FloorRow> = Vec::with_capacity(GROUP);
     let mut kept = 0usize;
     let cpu = support::thread_cpu();
     for k in 0..n {
         let (i, m) = (k % STREAMS, (k / STREAMS) % msgs[0].len());
-        let t = &msgs[i][m];
-        if let Ok(e) = serde_json::from_str::<Envelope>(t) {
-            rows.push((
-                arrival(k),
-                e.user.into_owned(),
-                e.kind.into_owned(),
-                t.as_bytes().to_vec(),
-            ));
+        if let Some(row) = support::floor_row(&msgs[i][m], arrival(k)) {
+            rows.push(row);
             kept += 1;
         }
         if rows.len() >= GROUP {

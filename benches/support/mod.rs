@@ -242,3 +242,27 @@ pub fn relay_messages(stream: &str, requests: bool) -> Vec<String> {
         })
         .collect()
 }
+
+/// A relay floor's row: arrival (ms), user, type, the message.
+pub type FloorRow = (i64, String, String, Vec<u8>);
+
+/// The relay floors' work on one message (`benches/relay.rs --floor` and
+/// `relay_ingest`'s parse floor): its `user` and `type` read, borrowed,
+/// then kept as a row with a copy of the message. None if it is not a
+/// logging envelope.
+pub fn floor_row(message: &str, arrival_ms: i64) -> Option<FloorRow> {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        user: std::borrow::Cow<'a, str>,
+        #[serde(borrow, rename = "type")]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    let e = serde_json::from_str::<Envelope>(message).ok()?;
+    Some((
+        arrival_ms,
+        e.user.into_owned(),
+        e.kind.into_owned(),
+        message.as_bytes().to_vec(),
+    ))
+}
