@@ -60,6 +60,12 @@ fn arrival(k: usize) -> i64 {
     1_700_000_000_000 + (k / 20) as i64
 }
 
+/// Message `k` of the round-robin: its stream and its text.
+fn nth(msgs: &[Vec<String>], k: usize) -> (usize, &str) {
+    let i = k % STREAMS;
+    (i, &msgs[i][(k / STREAMS) % msgs[i].len()])
+}
+
 /// CPU µs per message of `edgemeter`'s ingest over `n` messages.
 fn ingest(msgs: &[Vec<String>], n: usize, events: bool) -> f64 {
     let mut state = state(events);
@@ -68,8 +74,8 @@ fn ingest(msgs: &[Vec<String>], n: usize, events: bool) -> f64 {
     let mut made = 0usize;
     let cpu = support::thread_cpu();
     for k in 0..n {
-        let (i, m) = (k % STREAMS, (k / STREAMS) % msgs[0].len());
-        state.frame(i, Frame::Text(&msgs[i][m]), arrival(k), &mut out);
+        let (i, text) = nth(msgs, k);
+        state.frame(i, Frame::Text(text), arrival(k), &mut out);
         made += out.len();
         held.append(&mut out);
         if held.len() >= GROUP {
@@ -92,8 +98,7 @@ fn parse_floor(msgs: &[Vec<String>], n: usize) -> f64 {
     let mut kept = 0usize;
     let cpu = support::thread_cpu();
     for k in 0..n {
-        let (i, m) = (k % STREAMS, (k / STREAMS) % msgs[0].len());
-        if let Some(row) = support::floor_row(&msgs[i][m], arrival(k)) {
+        if let Some(row) = support::floor_row(nth(msgs, k).1, arrival(k)) {
             rows.push(row);
             kept += 1;
         }
