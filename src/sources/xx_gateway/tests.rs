@@ -250,10 +250,18 @@ fn run_source(
     seen
 }
 
+/// The first epoch a source with `cfg` emits if it starts at `before_ms`:
+/// the source's own rule (`newest final epoch - backfill_epochs + 1`), not
+/// `now_epoch() - backfill_epochs`, which is one too late within the grace
+/// after an epoch begins (the newest final epoch is then the one before).
+fn first_emitted_at(cfg: &Config, before_ms: i64) -> i64 {
+    let newest = epochs::newest_final(before_ms, PERIOD_MS, cfg.grace.as_millis() as i64);
+    newest - i64::from(cfg.backfill_epochs) + 1
+}
+
 /// The first epoch the source emitted, from its own state. It is fixed at the
-/// source's first step (`newest final epoch - backfill_epochs + 1`); on a
-/// loaded machine that can be an epoch or two after the test's own guess,
-/// `expected`, made before the source started.
+/// source's first step; on a loaded machine that can be an epoch or two
+/// after `expected` ([`first_emitted_at`] a moment before it started).
 #[track_caller]
 fn emitted_from(dir: &Path, expected: i64) -> i64 {
     let store = Store::open(&dir.join("xx_gateway-gw.db")).expect("the source's store");
@@ -318,6 +326,7 @@ fn setup_dir(tag: &str) -> std::path::PathBuf {
 fn backfill_and_live_polling_match_the_reference_sql_under_a_read_only_role() {
     let gw = Gw::new("live");
     let dir = setup_dir("live");
+    let before_ms = now_ms();
     let start = now_epoch();
     let mut owner = gw.owner();
     // History: 20 epochs before now, overlapping recipients, several rows each.
@@ -327,6 +336,7 @@ fn backfill_and_live_polling_match_the_reference_sql_under_a_read_only_role() {
     }
     let yaml = gw.yaml(&dir, "reader", "reader-pass");
     let cfg = config(&yaml, &dir, 18);
+    let expected_first = first_emitted_at(&cfg, before_ms);
     // Live: keep writing into the current epoch. Now and then an id is
     // taken (as an INSERT does) and its row committed only polls later, after
     // higher ids: the out-of-order commit the id overlap exists for.
@@ -361,7 +371,7 @@ fn backfill_and_live_polling_match_the_reference_sql_under_a_read_only_role() {
         late_commits >= 2,
         "the out-of-order case must have happened"
     );
-    let first_emitted = emitted_from(&dir, start - 18);
+    let first_emitted = emitted_from(&dir, expected_first);
     check_all_windows_exact(&gw, &seen, first_emitted, stop_after + 1);
     let late = seen.counters.get("xx_late_rows").copied().unwrap_or(0.0);
     assert!(
@@ -432,6 +442,7 @@ fn missing_rights_and_bad_passwords_are_explained_without_secrets() {
 fn survives_a_database_restart_and_corrects_windows_for_late_rows() {
     let gw = Gw::new("restart");
     let dir = setup_dir("restart");
+    let before_ms = now_ms();
     let start = now_epoch();
     let mut owner = gw.owner();
     for e in start - 12..start {
@@ -441,6 +452,7 @@ fn survives_a_database_restart_and_corrects_windows_for_late_rows() {
     drop(owner);
     let yaml = gw.yaml(&dir, "reader", "reader-pass");
     let cfg = config(&yaml, &dir, 10);
+    let expected_first = first_emitted_at(&cfg, before_ms);
     let mut phase = 0;
     let mut phase_at = Instant::now();
     let mut late_epoch = 0;
@@ -479,7 +491,7 @@ fn survives_a_database_restart_and_corrects_windows_for_late_rows() {
     });
     assert_eq!(phase, 2, "the restart happened");
     let newest = seen.windows.keys().map(|k| k.0).max().expect("windows");
-    let first_emitted = emitted_from(&dir, start - 10);
+    let first_emitted = emitted_from(&dir, expected_first);
     check_all_windows_exact(&gw, &seen, first_emitted, newest);
     assert!(
         seen.counters["xx_late_rows"] >= 3.0,
