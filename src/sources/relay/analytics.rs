@@ -218,6 +218,16 @@ pub const PENDULUM_NODES: [&str; 9] = [
     "record",
 ];
 
+/// The nodes a new graph of experiment `exp` starts with: all its commands
+/// for the client's two experiments, none (they come as used) for others.
+fn exp_nodes(exp: &str) -> &'static [&'static str] {
+    match exp {
+        "spinner" => &SPINNER_NODES,
+        "pendulum" => &PENDULUM_NODES,
+        _ => &[],
+    }
+}
+
 /// The graph node for command `log` of experiment `exp`, if it is one.
 pub fn node<'a>(exp: &str, log: &'a str) -> Option<&'a str> {
     if exp == "spinner" {
@@ -268,13 +278,8 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(exp: &str) -> Graph {
-        let nodes: &[&str] = match exp {
-            "spinner" => &SPINNER_NODES,
-            "pendulum" => &PENDULUM_NODES,
-            _ => &[],
-        };
         Graph {
-            nodes: nodes.iter().map(|s| (*s).to_owned()).collect(),
+            nodes: exp_nodes(exp).iter().map(|s| (*s).to_owned()).collect(),
             ..Graph::default()
         }
     }
@@ -468,16 +473,24 @@ impl Users {
 }
 
 /// A command chain as a dense matrix over its nodes (a handful per
-/// experiment), so a step is two index lookups; also the form it is saved in.
+/// experiment), so a step is two index lookups. Saved and restored with
+/// the nodes spelled out (`Chain`); in memory, the nodes are name ids
+/// (`Chain<u32>`), so finding a message's node compares numbers in one
+/// cache line, not strings each in its own allocation (the string compares
+/// were a tenth of the relay's main thread, perf, relay benchmark).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Chain {
-    pub nodes: Vec<Box<str>>,
+pub struct Chain<N = Box<str>> {
+    pub nodes: Vec<N>,
     /// `counts[from * n + to]`.
     pub counts: Vec<u64>,
     /// Index of the last command.
     pub last: Option<usize>,
-    dirty: bool,
 }
+
+/// Most nodes a chain takes from messages. The client's experiments have
+/// 6 and 9; without a bound, a sender inventing commands for another
+/// experiment would grow one matrix (n² counts) without end.
+pub const MAX_CHAIN_NODES: usize = 64;
 
 impl Chain {
     /// A chain as saved; None if the parts do not fit together.
@@ -491,47 +504,30 @@ impl Chain {
             nodes,
             counts,
             last,
-            dirty: false,
         })
     }
 
     fn from_graph(g: &Graph) -> Chain {
         let mut c = Chain::default();
+        let index = |c: &mut Chain, node: &str| c.index_of(node);
         for n in &g.nodes {
-            c.index(n);
+            index(&mut c, n);
         }
         for ((from, to), n) in &g.edges {
-            let (f, t) = (c.index(from), c.index(to));
+            let (f, t) = (index(&mut c, from), index(&mut c, to));
             let len = c.nodes.len();
             c.counts[f * len + t] += n;
         }
-        c.last = g.last.as_deref().map(|l| c.index(l));
+        c.last = g.last.as_deref().map(|l| index(&mut c, l));
         c
     }
 
-    fn index(&mut self, node: &str) -> usize {
-        if let Some(i) = self.nodes.iter().position(|n| &**n == node) {
-            return i;
+    /// The index of `node`, added if it is not there.
+    fn index_of(&mut self, node: &str) -> usize {
+        match self.nodes.iter().position(|n| &**n == node) {
+            Some(i) => i,
+            None => self.add(node.into()),
         }
-        let n = self.nodes.len();
-        let mut grown = vec![0; (n + 1) * (n + 1)];
-        for f in 0..n {
-            grown[f * (n + 1)..f * (n + 1) + n].copy_from_slice(&self.counts[f * n..f * n + n]);
-        }
-        self.counts = grown;
-        self.nodes.push(node.into());
-        n
-    }
-
-    fn step(&mut self, node: &str) -> bool {
-        let i = self.index(node);
-        let moved = self.last.map(|prev| {
-            let n = self.nodes.len();
-            self.counts[prev * n + i] += 1;
-        });
-        self.last = Some(i);
-        self.dirty = true;
-        moved.is_some()
     }
 
     pub fn to_graph(&self) -> Graph {
@@ -553,6 +549,51 @@ impl Chain {
     }
 }
 
+impl<N> Chain<N> {
+    /// A node with no transitions yet; its index.
+    fn add(&mut self, node: N) -> usize {
+        let n = self.nodes.len();
+        let mut grown = vec![0; (n + 1) * (n + 1)];
+        for f in 0..n {
+            grown[f * (n + 1)..f * (n + 1) + n].copy_from_slice(&self.counts[f * n..f * n + n]);
+        }
+        self.counts = grown;
+        self.nodes.push(node);
+        n
+    }
+
+    /// The command at index `i` follows the last one; whether it made a
+    /// transition (false for the first command of a chain).
+    fn step_to(&mut self, i: usize) -> bool {
+        let moved = self.last.map(|prev| {
+            let n = self.nodes.len();
+            self.counts[prev * n + i] += 1;
+        });
+        self.last = Some(i);
+        moved.is_some()
+    }
+
+    /// The same chain with each node `f` of what it was.
+    fn map_nodes<M>(&self, f: impl FnMut(&N) -> M) -> Chain<M> {
+        Chain {
+            nodes: self.nodes.iter().map(f).collect(),
+            counts: self.counts.clone(),
+            last: self.last,
+        }
+    }
+}
+
+/// A chain in memory, and whether it changed since it was last saved.
+struct Tracked {
+    chain: Chain<u32>,
+    dirty: bool,
+}
+
+/// A chain in memory with its nodes spelled out, as it is saved.
+fn spelled(names: &Names, chain: &Chain<u32>) -> Chain {
+    chain.map_nodes(|&n| names.name(n).into())
+}
+
 /// The analytics state of one relay source. Bounded: at most `max_users`
 /// users, and at most `4 × max_users + 1000` distinct names in all
 /// (exp and course values come from the messages too); beyond that,
@@ -564,7 +605,7 @@ pub struct Analytics {
     users: Users,
     activity: Fast<(u32, u32), Cell>,
     dirty_activity: Vec<(u32, u32)>,
-    graphs: Fast<(u32, u32, u32), Chain>,
+    graphs: Fast<(u32, u32, u32), Tracked>,
     dirty_graphs: Vec<(u32, u32, u32)>,
 }
 
@@ -603,7 +644,14 @@ impl Analytics {
                 self.names.intern(&k.course),
             );
             self.users.insert(key.0);
-            self.graphs.insert(key, g);
+            let chain = g.map_nodes(|n| self.names.intern(n));
+            self.graphs.insert(
+                key,
+                Tracked {
+                    chain,
+                    dirty: false,
+                },
+            );
         }
     }
 
@@ -674,18 +722,36 @@ impl Analytics {
                 return out;
             }
             if let Some(node) = node(exp, log) {
-                let (Some(e), Some(c)) = (self.id(exp), self.id(course)) else {
+                let (Some(e), Some(c), Some(n)) = (self.id(exp), self.id(course), self.id(node))
+                else {
                     out.untracked = true;
                     return out;
                 };
-                let chain = self
-                    .graphs
-                    .entry((u, e, c))
-                    .or_insert_with(|| Chain::from_graph(&Graph::new(exp)));
-                if !chain.dirty {
+                let names = &mut self.names;
+                let t = self.graphs.entry((u, e, c)).or_insert_with(|| {
+                    let nodes: Vec<u32> = exp_nodes(exp).iter().map(|n| names.intern(n)).collect();
+                    Tracked {
+                        chain: Chain {
+                            counts: vec![0; nodes.len() * nodes.len()],
+                            nodes,
+                            last: None,
+                        },
+                        dirty: false,
+                    }
+                });
+                let i = match t.chain.nodes.iter().position(|&x| x == n) {
+                    Some(i) => i,
+                    None if t.chain.nodes.len() < MAX_CHAIN_NODES => t.chain.add(n),
+                    None => {
+                        out.untracked = true;
+                        return out;
+                    }
+                };
+                if !t.dirty {
+                    t.dirty = true;
                     self.dirty_graphs.push((u, e, c));
                 }
-                out.transition = chain.step(node);
+                out.transition = t.chain.step_to(i);
             }
         }
         out
@@ -723,12 +789,14 @@ impl Analytics {
         chain.last = None;
         for cmd in commands {
             if let Some(n) = node(&key.exp, cmd) {
-                chain.step(n);
+                let i = chain.index_of(n);
+                chain.step_to(i);
             }
         }
-        chain.dirty = true;
+        let chain = chain.map_nodes(|n| self.names.intern(n));
         self.users.insert(u);
-        self.graphs.insert((u, e, c), chain);
+        self.graphs
+            .insert((u, e, c), Tracked { chain, dirty: true });
         self.dirty_graphs.push((u, e, c));
         true
     }
@@ -748,9 +816,9 @@ impl Analytics {
         }
         let mut graphs = Vec::with_capacity(self.dirty_graphs.len());
         for k in std::mem::take(&mut self.dirty_graphs) {
-            if let Some(chain) = self.graphs.get_mut(&k) {
-                chain.dirty = false;
-                let saved = chain.clone();
+            if let Some(t) = self.graphs.get_mut(&k) {
+                t.dirty = false;
+                let saved = spelled(&self.names, &t.chain);
                 graphs.push((self.key(k), saved));
             }
         }
@@ -774,9 +842,9 @@ impl Analytics {
                 self.names.get(&k.course),
             );
             if let (Some(u), Some(e), Some(c)) = ids
-                && let Some(chain) = self.graphs.get_mut(&(u, e, c)).filter(|c| !c.dirty)
+                && let Some(t) = self.graphs.get_mut(&(u, e, c)).filter(|t| !t.dirty)
             {
-                chain.dirty = true;
+                t.dirty = true;
                 self.dirty_graphs.push((u, e, c));
             }
         }
@@ -792,7 +860,9 @@ impl Analytics {
             self.names.get(&k.exp)?,
             self.names.get(&k.course)?,
         );
-        self.graphs.get(&ids).map(Chain::to_graph)
+        self.graphs
+            .get(&ids)
+            .map(|t| spelled(&self.names, &t.chain).to_graph())
     }
 
     #[cfg(test)]
@@ -816,7 +886,7 @@ impl Analytics {
     pub fn all_graphs(&self) -> HashMap<GraphKey, Chain> {
         self.graphs
             .iter()
-            .map(|(k, c)| (self.key(*k), c.clone()))
+            .map(|(k, t)| (self.key(*k), spelled(&self.names, &t.chain)))
             .collect()
     }
 

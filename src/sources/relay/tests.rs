@@ -347,6 +347,52 @@ fn users_beyond_the_bound_are_counted_not_tracked() {
     assert_eq!(st.analytics.all_activity().len(), 2);
 }
 
+/// A sender inventing a new command with every message of an experiment
+/// other than the client's two grew that chain's matrix (n² counts) without
+/// bound. A chain now takes at most `MAX_CHAIN_NODES` nodes from messages;
+/// commands past it are counted as untracked, and the known ones still
+/// count.
+#[test]
+fn a_chain_takes_a_bounded_number_of_commands() {
+    use super::analytics::MAX_CHAIN_NODES;
+    let mut st = State::new(
+        Settings {
+            source: "lab".into(),
+            max_frame_bytes: 1 << 20,
+            events: false,
+            raw_files: false,
+            max_users: 10,
+        },
+        vec![(
+            "rig1".into(),
+            Link::new(Duration::from_secs(1), Duration::from_secs(1), 0),
+        )],
+    );
+    let send = |st: &mut State, log: &str| {
+        let m = format!(
+            r#"{{"user":"u1","type":"analytics","exp":"turbine","course":"c1","payload":{{"log":"{log}"}}}}"#
+        );
+        st.frame(0, Frame::Text(&m), 0, &mut Vec::new());
+    };
+    for i in 0..MAX_CHAIN_NODES + 36 {
+        send(&mut st, &format!("cmd{i}"));
+    }
+    assert_eq!(st.streams[0].totals.untracked, 36);
+    // Back to a command it knows: the chain goes on from the last one kept.
+    send(&mut st, "cmd0");
+    let key = GraphKey {
+        user: "u1".into(),
+        exp: "turbine".into(),
+        course: "c1".into(),
+    };
+    let g = st.analytics.graph(&key).expect("the chain");
+    assert_eq!(g.nodes.len(), MAX_CHAIN_NODES);
+    let last = format!("cmd{}", MAX_CHAIN_NODES - 1);
+    assert_eq!(g.edges.get(&(last, "cmd0".to_owned())), Some(&1));
+    assert_eq!(g.edges.values().sum::<u64>(), MAX_CHAIN_NODES as u64);
+    assert_eq!(st.streams[0].totals.untracked, 36);
+}
+
 #[test]
 fn windows_end_on_the_clock() {
     assert_eq!(super::window_end(0, Duration::from_secs(300)), 300_000);
