@@ -12,8 +12,9 @@
 //!   is published for `edgemeter status` within 0.2 s (`STATUS_WITHIN`) of every
 //!   change. After a large frame the connection is rebuilt on the same
 //!   socket to free the grown buffer ([`release`]). A busy stream is read
-//!   in bursts: drained, it rests 20 ms before the next read, so that one
-//!   wake-up reads many messages ([`rest`]).
+//!   in bursts: drained, it rests until the next 20 ms tick, the same for
+//!   every stream, so that one wake-up reads many messages of all of them
+//!   ([`rest`]).
 //! - Every frame is split into JSON values without ever failing
 //!   ([`frame`]). Frames over `max_frame_bytes` are not parsed; frames over
 //!   twice that cannot be read at all (the websocket layer refuses them) and

@@ -5,12 +5,13 @@
 //! and go back to the reactor 1,700 times a second, and the wake-up, the
 //! system calls and the executor's bookkeeping cost more than the messages
 //! themselves. [`Resting`] sits under the websocket layer: once a read finds
-//! the socket drained while data has been flowing, it rests for
-//! [`READ_REST`] on a timer instead of asking the reactor to wake it at the
-//! next byte, and then takes whatever the kernel gathered meanwhile in one
-//! read. A read that finds nothing after a rest goes back to waiting on the
-//! socket, so an idle stream costs nothing and its first message is read at
-//! once.
+//! the socket drained while data has been flowing, it rests on a timer
+//! until the next tick (every [`READ_REST`], the same ticks for every
+//! stream, so one wake-up reads them all) instead of asking the reactor to
+//! wake it at the next byte, and then takes whatever the kernel gathered
+//! meanwhile in one read. A read that finds nothing after a rest goes back
+//! to waiting on the socket, so an idle stream costs nothing and its first
+//! message is read at once.
 //!
 //! What it costs: a message waits at most [`READ_REST`] in the kernel's
 //! socket buffer before it is read. Those bytes are not the agent's yet: a
@@ -23,8 +24,9 @@ use std::future::Future;
 use std::io::Read;
 use std::net::TcpStream;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use smol::io::{AsyncRead, AsyncWrite};
 use smol::{Async, Timer};
@@ -32,6 +34,22 @@ use smol::{Async, Timer};
 /// How long a stream that was just drained rests before it is read again.
 /// At 1,700 messages a second that is about 34 messages per read.
 pub const READ_REST: Duration = Duration::from_millis(20);
+
+/// When a rest that begins at `now` ends: at the next tick, a multiple of
+/// `rest` counted from one moment for the whole process. Every stream
+/// resting in the same period then wakes at the same moment, and the
+/// thread reads them all in one turn of the reactor instead of waking for
+/// each stream on its own: at 20,000 messages a second over 12 streams, 50
+/// wake-ups a second instead of 600, and the analytics state stays in the
+/// cache from one stream's messages to the next. A rest is never longer
+/// than `rest`.
+fn rest_until(now: Instant, rest: Duration) -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| now);
+    let period = rest.as_nanos().max(1);
+    let next = (now.duration_since(epoch).as_nanos() / period + 1) * period;
+    epoch + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
+}
 
 /// A TCP socket whose reads rest after draining it (see the module).
 pub struct Resting {
@@ -82,9 +100,13 @@ impl AsyncRead for Resting {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 this.flowing = false;
-                let mut timer = Timer::after(this.rest);
+                if this.rest.is_zero() {
+                    // No rest: wait on the socket as when idle.
+                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
+                let mut timer = Timer::at(rest_until(Instant::now(), this.rest));
                 if Pin::new(&mut timer).poll(cx).is_ready() {
-                    // A zero rest: wait on the socket as when idle.
+                    // The tick came meanwhile: wait on the socket.
                     return Pin::new(&mut this.inner).poll_read(cx, buf);
                 }
                 this.resting = Some(timer);
@@ -175,6 +197,25 @@ mod tests {
             reads_unrested > reads,
             "without a rest: {reads_unrested} reads, with: {reads}"
         );
+    }
+
+    #[test]
+    fn rests_end_on_shared_ticks_and_never_last_longer_than_the_rest() {
+        let rest = Duration::from_millis(10);
+        let start = Instant::now();
+        let first = rest_until(start, rest);
+        assert!(first > start && first <= start + rest);
+        for us in [1, 700, 3_000, 9_999, 10_000, 10_001, 25_000, 123_456] {
+            let now = start + Duration::from_micros(us);
+            let end = rest_until(now, rest);
+            assert!(end > now && end <= now + rest, "{us} µs: {end:?}");
+            // Streams that begin resting in the same period wake together.
+            let later = (now + Duration::from_micros(1)).min(end - Duration::from_nanos(1));
+            assert_eq!(rest_until(later, rest), end, "{us} µs");
+            // Ticks are whole periods apart.
+            let apart = end.duration_since(first).as_nanos() % rest.as_nanos();
+            assert_eq!(apart, 0, "{us} µs");
+        }
     }
 
     #[test]
