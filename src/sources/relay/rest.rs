@@ -20,12 +20,14 @@
 //! (the outbox's header says what each failure can lose). Pings, pongs and
 //! closes wait the same; every timeout of the relay source is seconds.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::Read;
 use std::net::TcpStream;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
+use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use smol::io::{AsyncRead, AsyncWrite};
@@ -51,14 +53,95 @@ fn rest_until(now: Instant, rest: Duration) -> Instant {
     epoch + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
 }
 
+/// A tick that resting streams of this thread wait for: one timer for all
+/// of them, not one each. Every timer is an operation the reactor takes
+/// from a queue it shares with other threads, and a write to its eventfd.
+struct Tick {
+    at: Instant,
+    timer: Timer,
+    waiters: Arc<Waiters>,
+}
+
+/// The tasks waiting for a tick; its timer wakes them all.
+#[derive(Default)]
+struct Waiters(Mutex<Vec<Waker>>);
+
+impl Wake for Waiters {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let waiting = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        waiting.into_iter().for_each(Waker::wake);
+    }
+}
+
+thread_local! {
+    /// The ticks this thread's streams wait for: one, but for a moment
+    /// around each tick (and in tests that rest for different periods).
+    static TICKS: RefCell<Vec<Tick>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Ready once the tick at `at` has come; until then the task is woken by
+/// the one timer of that tick.
+fn poll_tick(at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    let now = Instant::now();
+    TICKS.with(|ticks| {
+        let mut ticks = ticks.borrow_mut();
+        // Ticks that have come: their waiters are woken now even if the
+        // reactor has not fired the timer yet, as it is dropped.
+        ticks.retain(|t| {
+            let passed = t.at <= now;
+            if passed {
+                Waker::from(t.waiters.clone()).wake();
+            }
+            !passed
+        });
+        if at <= now {
+            return Poll::Ready(());
+        }
+        let i = match ticks.iter().position(|t| t.at == at) {
+            Some(i) => i,
+            None => {
+                ticks.push(Tick {
+                    at,
+                    timer: Timer::at(at),
+                    waiters: Arc::default(),
+                });
+                ticks.len() - 1
+            }
+        };
+        let tick = &mut ticks[i];
+        {
+            let mut waiting = tick
+                .waiters
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                waiting.push(cx.waker().clone());
+            }
+        }
+        let all = Waker::from(tick.waiters.clone());
+        match Pin::new(&mut tick.timer).poll(&mut Context::from_waker(&all)) {
+            Poll::Ready(_) => {
+                ticks.remove(i).waiters.wake_by_ref();
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+}
+
 /// A TCP socket whose reads rest after draining it (see the module).
 pub struct Resting {
     inner: Async<TcpStream>,
     rest: Duration,
     /// The last read returned data: if the next finds nothing, rest.
     flowing: bool,
-    /// Resting until this fires (only the timer is registered meanwhile).
-    resting: Option<Timer>,
+    /// Resting until this tick (only its timer is registered meanwhile).
+    resting: Option<Instant>,
 }
 
 impl Resting {
@@ -79,8 +162,8 @@ impl AsyncRead for Resting {
         buf: &mut [u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        if let Some(timer) = &mut this.resting {
-            if Pin::new(timer).poll(cx).is_pending() {
+        if let Some(at) = this.resting {
+            if poll_tick(at, cx).is_pending() {
                 return Poll::Pending;
             }
             this.resting = None;
@@ -104,12 +187,12 @@ impl AsyncRead for Resting {
                     // No rest: wait on the socket as when idle.
                     return Pin::new(&mut this.inner).poll_read(cx, buf);
                 }
-                let mut timer = Timer::at(rest_until(Instant::now(), this.rest));
-                if Pin::new(&mut timer).poll(cx).is_ready() {
+                let at = rest_until(Instant::now(), this.rest);
+                if poll_tick(at, cx).is_ready() {
                     // The tick came meanwhile: wait on the socket.
                     return Pin::new(&mut this.inner).poll_read(cx, buf);
                 }
-                this.resting = Some(timer);
+                this.resting = Some(at);
                 Poll::Pending
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
@@ -216,6 +299,42 @@ mod tests {
             let apart = end.duration_since(first).as_nanos() % rest.as_nanos();
             assert_eq!(apart, 0, "{us} µs");
         }
+    }
+
+    #[test]
+    fn streams_resting_together_share_one_timer_and_all_wake() {
+        let rest = Duration::from_millis(50);
+        let mut streams: Vec<(Resting, TcpStream)> = (0..3).map(|_| pair(rest)).collect();
+        let mut buf = [0u8; 64];
+        for (i, (reader, writer)) in streams.iter_mut().enumerate() {
+            writer.write_all(format!("{i}").as_bytes()).unwrap();
+            // Idle: read as soon as the byte comes; then drained: rests.
+            assert_eq!(smol::block_on(reader.read(&mut buf)).unwrap(), 1);
+            assert!(smol::block_on(smol::future::poll_once(reader.read(&mut buf))).is_none());
+            assert!(reader.resting.is_some());
+        }
+        let mut ticks: Vec<Instant> = streams.iter().filter_map(|(r, _)| r.resting).collect();
+        ticks.dedup();
+        // One timer per tick, not per stream (the three began resting
+        // within microseconds, so in one period unless a tick fell between).
+        assert_eq!(TICKS.with(|t| t.borrow().len()), ticks.len());
+        assert!(ticks.len() <= 2);
+        for (i, (reader, writer)) in streams.iter_mut().enumerate() {
+            writer.write_all(format!("again {i}").as_bytes()).unwrap();
+        }
+        // Every stream wakes at its tick and reads what came meanwhile.
+        for (i, (reader, _)) in streams.iter_mut().enumerate() {
+            let read = smol::block_on(smol::future::or(
+                async { Some(reader.read(&mut buf).await.unwrap()) },
+                async {
+                    Timer::after(Duration::from_secs(5)).await;
+                    None
+                },
+            ));
+            let n = read.unwrap_or_else(|| panic!("stream {i} did not wake within 5 s"));
+            assert_eq!(&buf[..n], format!("again {i}").as_bytes());
+        }
+        assert!(streams.iter().all(|(r, _)| r.resting.is_none()));
     }
 
     #[test]
