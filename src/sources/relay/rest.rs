@@ -319,7 +319,7 @@ mod tests {
         // within microseconds, so in one period unless a tick fell between).
         assert_eq!(TICKS.with(|t| t.borrow().len()), ticks.len());
         assert!(ticks.len() <= 2);
-        for (i, (reader, writer)) in streams.iter_mut().enumerate() {
+        for (i, (_, writer)) in streams.iter_mut().enumerate() {
             writer.write_all(format!("again {i}").as_bytes()).unwrap();
         }
         // Every stream wakes at its tick and reads what came meanwhile.
