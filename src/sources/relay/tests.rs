@@ -318,21 +318,26 @@ fn the_analytics_state_survives_a_save_and_reload() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn users_beyond_the_bound_are_counted_not_tracked() {
-    let mut st = State::new(
+/// One stream whose messages are analysed only: no events, no raw files.
+fn analysing_only(stream: &str, max_users: usize) -> State {
+    State::new(
         Settings {
             source: "lab".into(),
             max_frame_bytes: 1 << 20,
             events: false,
             raw_files: false,
-            max_users: 2,
+            max_users,
         },
         vec![(
-            "spin30".into(),
+            stream.to_owned(),
             Link::new(Duration::from_secs(1), Duration::from_secs(1), 0),
         )],
-    );
+    )
+}
+
+#[test]
+fn users_beyond_the_bound_are_counted_not_tracked() {
+    let mut st = analysing_only("spin30", 2);
     let mut out = Vec::new();
     for u in ["a", "b", "c", "a"] {
         st.frame(
@@ -355,19 +360,7 @@ fn users_beyond_the_bound_are_counted_not_tracked() {
 #[test]
 fn a_chain_takes_a_bounded_number_of_commands() {
     use super::analytics::MAX_CHAIN_NODES;
-    let mut st = State::new(
-        Settings {
-            source: "lab".into(),
-            max_frame_bytes: 1 << 20,
-            events: false,
-            raw_files: false,
-            max_users: 10,
-        },
-        vec![(
-            "rig1".into(),
-            Link::new(Duration::from_secs(1), Duration::from_secs(1), 0),
-        )],
-    );
+    let mut st = analysing_only("rig1", 10);
     let send = |st: &mut State, log: &str| {
         let m = format!(
             r#"{{"user":"u1","type":"analytics","exp":"turbine","course":"c1","payload":{{"log":"{log}"}}}}"#
