@@ -521,12 +521,11 @@ impl Chain {
         c
     }
 
-    /// The index of `node`, added if it is not there.
+    /// The index of `node`, added if it is not there (from saved files and
+    /// the old client's: not bounded).
     fn index_of(&mut self, node: &str) -> usize {
-        match self.nodes.iter().position(|n| &**n == node) {
-            Some(i) => i,
-            None => self.add(node.into()),
-        }
+        let found = self.nodes.iter().position(|n| &**n == node);
+        found.unwrap_or_else(|| self.add(node.into()))
     }
 
     pub fn to_graph(&self) -> Graph {
@@ -548,7 +547,26 @@ impl Chain {
     }
 }
 
-impl<N> Chain<N> {
+impl<N: PartialEq> Chain<N> {
+    /// A chain over `nodes` with no transitions yet.
+    fn with_nodes(nodes: Vec<N>) -> Chain<N> {
+        Chain {
+            counts: vec![0; nodes.len() * nodes.len()],
+            nodes,
+            last: None,
+        }
+    }
+
+    /// The index of `node`, added if it is not there and the chain has
+    /// fewer than `max` nodes.
+    fn find_or_add(&mut self, node: N, max: usize) -> Option<usize> {
+        match self.nodes.iter().position(|n| *n == node) {
+            Some(i) => Some(i),
+            None if self.nodes.len() < max => Some(self.add(node)),
+            None => None,
+        }
+    }
+
     /// A node with no transitions yet; its index.
     fn add(&mut self, node: N) -> usize {
         let n = self.nodes.len();
@@ -728,24 +746,15 @@ impl Analytics {
                     return out;
                 };
                 let names = &mut self.names;
-                let t = self.graphs.entry((u, e, c)).or_insert_with(|| {
-                    let nodes: Vec<u32> = exp_nodes(exp).iter().map(|n| names.intern(n)).collect();
-                    Tracked {
-                        chain: Chain {
-                            counts: vec![0; nodes.len() * nodes.len()],
-                            nodes,
-                            last: None,
-                        },
-                        dirty: false,
-                    }
+                let t = self.graphs.entry((u, e, c)).or_insert_with(|| Tracked {
+                    chain: Chain::with_nodes(
+                        exp_nodes(exp).iter().map(|n| names.intern(n)).collect(),
+                    ),
+                    dirty: false,
                 });
-                let i = match t.chain.nodes.iter().position(|&x| x == n) {
-                    Some(i) => i,
-                    None if t.chain.nodes.len() < MAX_CHAIN_NODES => t.chain.add(n),
-                    None => {
-                        out.untracked = true;
-                        return out;
-                    }
+                let Some(i) = t.chain.find_or_add(n, MAX_CHAIN_NODES) else {
+                    out.untracked = true;
+                    return out;
                 };
                 if !t.dirty {
                     t.dirty = true;
