@@ -402,7 +402,7 @@ pub struct Observed {
     pub transition: bool,
 }
 
-/// The maps every message looks up: foldhash, seeded per process, in place
+/// The maps messages look up: foldhash, seeded per process, in place
 /// of std's SipHash, which cost a fifth of the per-message analytics
 /// (perf, relay benchmark). Keys are user ids anyone can send, hence a
 /// seeded hash and not an unseeded one.
@@ -443,32 +443,126 @@ struct Cell {
     dirty: bool,
 }
 
-/// Which names are users: a flag per name id, so that asking is an index,
-/// not a hash lookup, for every message.
+/// Which names are users, and where each user's last message went: a slot
+/// per name id, so that asking is an index, not a hash lookup.
 #[derive(Default)]
 struct Users {
-    flags: Vec<bool>,
+    slots: Vec<UserSlot>,
     count: usize,
+}
+
+/// A name's slot in [`Users`].
+#[derive(Clone, Copy, Default)]
+struct UserSlot {
+    user: bool,
+    recent: Recent,
+}
+
+/// Where a user's last message went: the place of its activity cell and of
+/// its chain. The next message from the same rig (and course) finds them
+/// there by comparing the names it carries with the interned ones, without
+/// a name lookup or a hash probe; any other message looks them up.
+#[derive(Clone, Copy, Default)]
+struct Recent {
+    cell: Option<u32>,
+    chain: Option<u32>,
 }
 
 impl Users {
     fn contains(&self, id: u32) -> bool {
-        self.flags.get(id as usize).copied().unwrap_or(false)
+        self.slots.get(id as usize).is_some_and(|s| s.user)
     }
 
     fn insert(&mut self, id: u32) {
         let i = id as usize;
-        if i >= self.flags.len() {
-            self.flags.resize(i + 1, false);
+        if i >= self.slots.len() {
+            self.slots.resize(i + 1, UserSlot::default());
         }
-        if !self.flags[i] {
-            self.flags[i] = true;
+        if !self.slots[i].user {
+            self.slots[i].user = true;
             self.count += 1;
         }
     }
 
     fn len(&self) -> usize {
         self.count
+    }
+
+    /// Nothing for a name that is not a user.
+    fn recent(&self, id: u32) -> Recent {
+        self.slots
+            .get(id as usize)
+            .map_or_else(Recent::default, |s| s.recent)
+    }
+
+    /// For a user only (inserted before).
+    fn recent_mut(&mut self, id: u32) -> &mut Recent {
+        &mut self.slots[id as usize].recent
+    }
+}
+
+/// A hash map whose entries also have a place, an index that never
+/// changes (nothing is removed): found by key with a hash probe, or by a
+/// place remembered from before with none.
+struct Placed<K, V> {
+    places: Fast<K, u32>,
+    entries: Vec<(K, V)>,
+}
+
+impl<K, V> Default for Placed<K, V> {
+    fn default() -> Self {
+        Placed {
+            places: Fast::default(),
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy, V> Placed<K, V> {
+    fn get(&self, k: &K) -> Option<&V> {
+        self.places.get(k).map(|&p| &self.entries[p as usize].1)
+    }
+
+    fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        self.places.get(k).map(|&p| &mut self.entries[p as usize].1)
+    }
+
+    fn contains_key(&self, k: &K) -> bool {
+        self.places.contains_key(k)
+    }
+
+    /// The place of `k`, its value made by `new` if it is not there.
+    fn place(&mut self, k: K, new: impl FnOnce() -> V) -> u32 {
+        let entries = &mut self.entries;
+        *self.places.entry(k).or_insert_with(|| {
+            entries.push((k, new()));
+            (entries.len() - 1) as u32
+        })
+    }
+
+    /// Set `k`'s value, replacing any.
+    fn insert(&mut self, k: K, v: V) {
+        let mut v = Some(v);
+        let p = self.place(k, || v.take().expect("taken once"));
+        if let Some(v) = v {
+            self.entries[p as usize].1 = v;
+        }
+    }
+
+    fn at(&self, place: u32) -> &(K, V) {
+        &self.entries[place as usize]
+    }
+
+    fn at_mut(&mut self, place: u32) -> &mut (K, V) {
+        &mut self.entries[place as usize]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.entries.iter().map(|(k, _)| k)
     }
 }
 
@@ -621,9 +715,9 @@ pub struct Analytics {
     max_names: usize,
     names: Names,
     users: Users,
-    activity: Fast<(u32, u32), Cell>,
+    activity: Placed<(u32, u32), Cell>,
     dirty_activity: Vec<(u32, u32)>,
-    graphs: Fast<(u32, u32, u32), Tracked>,
+    graphs: Placed<(u32, u32, u32), Tracked>,
     dirty_graphs: Vec<(u32, u32, u32)>,
 }
 
@@ -637,9 +731,9 @@ impl Analytics {
             max_names: max_users.saturating_mul(4).saturating_add(1000),
             names: Names::default(),
             users: Default::default(),
-            activity: Fast::default(),
+            activity: Placed::default(),
             dirty_activity: Vec::new(),
-            graphs: Fast::default(),
+            graphs: Placed::default(),
             dirty_graphs: Vec::new(),
         }
     }
@@ -699,22 +793,34 @@ impl Analytics {
             out.untracked = true;
             return out;
         }
-        let (Some(u), Some(h)) = (seen.or_else(|| self.id(user)), self.id(hardware)) else {
-            out.untracked = true;
-            return out;
+        let recent = seen.map_or_else(Recent::default, |u| self.users.recent(u));
+        let same_rig = recent
+            .cell
+            .filter(|&p| self.names.name(self.activity.at(p).0.1) == hardware);
+        let (u, place) = match (seen, same_rig) {
+            (Some(u), Some(place)) => (u, place),
+            _ => {
+                let (Some(u), Some(h)) = (seen.or_else(|| self.id(user)), self.id(hardware)) else {
+                    out.untracked = true;
+                    return out;
+                };
+                if !known {
+                    self.users.insert(u);
+                }
+                let place = self.activity.place((u, h), || Cell {
+                    a: Activity {
+                        first_ms: now_ms,
+                        last_ms: now_ms,
+                        messages: 0,
+                        minutes: 0,
+                    },
+                    dirty: false,
+                });
+                self.users.recent_mut(u).cell = Some(place);
+                (u, place)
+            }
         };
-        if !known {
-            self.users.insert(u);
-        }
-        let cell = self.activity.entry((u, h)).or_insert(Cell {
-            a: Activity {
-                first_ms: now_ms,
-                last_ms: now_ms,
-                messages: 0,
-                minutes: 0,
-            },
-            dirty: false,
-        });
+        let (key, cell) = self.activity.at_mut(place);
         let a = &mut cell.a;
         if a.messages == 0 || now_ms.div_euclid(60_000) > a.last_ms.div_euclid(60_000) {
             a.minutes += 1;
@@ -724,7 +830,7 @@ impl Analytics {
         a.last_ms = a.last_ms.max(now_ms);
         if !cell.dirty {
             cell.dirty = true;
-            self.dirty_activity.push((u, h));
+            self.dirty_activity.push(*key);
         }
 
         if env.kind == "analytics" {
@@ -740,25 +846,44 @@ impl Analytics {
                 return out;
             }
             if let Some(node) = node(exp, log) {
-                let (Some(e), Some(c), Some(n)) = (self.id(exp), self.id(course), self.id(node))
-                else {
-                    out.untracked = true;
-                    return out;
-                };
-                let names = &mut self.names;
-                let t = self.graphs.entry((u, e, c)).or_insert_with(|| Tracked {
-                    chain: Chain::with_nodes(
-                        exp_nodes(exp).iter().map(|n| names.intern(n)).collect(),
-                    ),
-                    dirty: false,
+                let same_course = recent.chain.filter(|&p| {
+                    let &(_, e, c) = &self.graphs.at(p).0;
+                    self.names.name(e) == exp && self.names.name(c) == course
                 });
+                let (place, n) = match same_course {
+                    Some(place) => {
+                        let Some(n) = self.id(node) else {
+                            out.untracked = true;
+                            return out;
+                        };
+                        (place, n)
+                    }
+                    None => {
+                        let (Some(e), Some(c), Some(n)) =
+                            (self.id(exp), self.id(course), self.id(node))
+                        else {
+                            out.untracked = true;
+                            return out;
+                        };
+                        let names = &mut self.names;
+                        let place = self.graphs.place((u, e, c), || Tracked {
+                            chain: Chain::with_nodes(
+                                exp_nodes(exp).iter().map(|n| names.intern(n)).collect(),
+                            ),
+                            dirty: false,
+                        });
+                        self.users.recent_mut(u).chain = Some(place);
+                        (place, n)
+                    }
+                };
+                let (key, t) = self.graphs.at_mut(place);
                 let Some(i) = t.chain.find_or_add(n, MAX_CHAIN_NODES) else {
                     out.untracked = true;
                     return out;
                 };
                 if !t.dirty {
                     t.dirty = true;
-                    self.dirty_graphs.push((u, e, c));
+                    self.dirty_graphs.push(*key);
                 }
                 out.transition = t.chain.step_to(i);
             }

@@ -386,6 +386,62 @@ fn a_chain_takes_a_bounded_number_of_commands() {
     assert_eq!(st.streams[0].totals.untracked, 36);
 }
 
+/// A user's next message usually comes from the same rig and course as
+/// its last, and is found where the last one went without a lookup. One
+/// that comes from another rig or course must still be counted there: two
+/// users here move between two rigs and two courses at different paces,
+/// and every count is checked against one made by hand from the same
+/// messages.
+#[test]
+fn a_user_moving_between_rigs_and_courses_is_counted_at_each() {
+    let mut st = analysing_only("spin30", 10);
+    let mut messages: HashMap<(String, String), u64> = HashMap::new();
+    let mut chains: HashMap<(String, String), Vec<String>> = HashMap::new();
+    let logs = ["voltage", "speed", "position"];
+    for i in 0..60 {
+        let user = ["u1", "u2"][i % 2];
+        let hardware = ["rigA", "rigB"][(i / 3) % 2];
+        let course = ["c1", "c2"][(i / 5) % 2];
+        let log = logs[(i / 2) % 3];
+        let m = format!(
+            r#"{{"user":"{user}","type":"analytics","exp":"spinner","hardware":"{hardware}","course":"{course}","payload":{{"log":"{log}"}}}}"#
+        );
+        st.frame(0, Frame::Text(&m), 0, &mut Vec::new());
+        *messages.entry((user.into(), hardware.into())).or_default() += 1;
+        chains
+            .entry((user.into(), course.into()))
+            .or_default()
+            .push(format!("{log}_step"));
+    }
+    assert_eq!(st.streams[0].totals.untracked, 0);
+    assert_eq!(st.analytics.all_activity().len(), 4);
+    for ((user, hardware), n) in &messages {
+        let a = st.analytics.activity(user, hardware).expect("counted");
+        assert_eq!(a.messages, *n, "{user} on {hardware}");
+    }
+    assert_eq!(st.analytics.graph_keys().len(), 4);
+    for ((user, course), steps) in &chains {
+        let key = GraphKey {
+            user: user.clone(),
+            exp: "spinner".into(),
+            course: course.clone(),
+        };
+        let mut want: HashMap<(String, String), u64> = HashMap::new();
+        for w in steps.windows(2) {
+            *want.entry((w[0].clone(), w[1].clone())).or_default() += 1;
+        }
+        let got: HashMap<(String, String), u64> = st
+            .analytics
+            .graph(&key)
+            .expect("a chain")
+            .edges
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(got, want, "{user} in {course}");
+    }
+}
+
 #[test]
 fn windows_end_on_the_clock() {
     assert_eq!(super::window_end(0, Duration::from_secs(300)), 300_000);
