@@ -667,12 +667,14 @@ async fn read_frames(
             }
             Woke::Frame(next) => next,
         };
-        heard = std::time::Instant::now();
+        // When the read that brought this frame was: one clock read for
+        // the frames of a read.
+        let now;
+        (heard, now) = ws.get_ref().read_at();
         if pinged {
             pinged = false;
             timer.set_at(heard + ping_interval);
         }
-        let now = now_ms();
         let len = match &next {
             Some(Ok(m)) => m.len(),
             _ => 0,

@@ -13,8 +13,11 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use smol::io::{AsyncRead, AsyncWrite};
+
+use crate::clock::now_ms;
 
 /// A frame (message) at least this large is followed by a rebuild.
 pub const RELEASE_ABOVE_BYTES: usize = 64 * 1024;
@@ -22,10 +25,15 @@ pub const RELEASE_ABOVE_BYTES: usize = 64 * 1024;
 /// The handshake's answer is kept (this far) to find where it ends.
 const HEAD_MAX_BYTES: usize = 16 * 1024;
 
-/// A socket that counts what it delivered to the reader.
+/// A socket that counts what it delivered to the reader, and remembers
+/// when it last delivered.
 pub struct Counted<S> {
     inner: S,
     read: u64,
+    /// When the last read returned data: the clock and the wall clock (ms
+    /// since the epoch). The frames of a read arrived by then; they are
+    /// stamped with it, the clocks read once a read, not once a frame.
+    read_at: Option<(Instant, i64)>,
     /// What the handshake read, until [`Counted::handshake_done`].
     head: Option<Vec<u8>>,
 }
@@ -35,6 +43,7 @@ impl<S> Counted<S> {
         Counted {
             inner,
             read: 0,
+            read_at: None,
             head: Some(Vec::new()),
         }
     }
@@ -60,6 +69,11 @@ impl<S> Counted<S> {
     pub fn reset(&mut self) {
         self.read = 0;
     }
+
+    /// When the last read that returned data was (now if none was).
+    pub fn read_at(&self) -> (Instant, i64) {
+        self.read_at.unwrap_or_else(|| (Instant::now(), now_ms()))
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -72,6 +86,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         if let Poll::Ready(Ok(n)) = &polled {
             let n = *n;
             self.read = self.read.saturating_add(n as u64);
+            if n > 0 {
+                self.read_at = Some((Instant::now(), now_ms()));
+            }
             if let Some(head) = &mut self.head
                 && head.len() + n <= HEAD_MAX_BYTES
             {
@@ -144,6 +161,26 @@ mod tests {
         c.head = Some(b"HTTP/1.1 101 cut off".to_vec());
         c.handshake_done();
         assert!(!Ledger::default().drained(c.read_bytes()), "never rebuilt");
+    }
+
+    /// Frames are stamped with the time of the read that brought them: a
+    /// read that returns data sets it, an empty one (end of stream) not.
+    #[test]
+    fn reads_are_stamped_when_they_return_data() {
+        use smol::io::AsyncReadExt;
+        let mut c = Counted::new(smol::io::Cursor::new(b"abc".to_vec()));
+        let mut buf = [0u8; 2];
+        let before = (Instant::now(), now_ms());
+        assert_eq!(smol::block_on(c.read(&mut buf)).unwrap(), 2);
+        let first = c.read_at.expect("stamped");
+        assert!(first.0 >= before.0 && first.1 >= before.1);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(smol::block_on(c.read(&mut buf)).unwrap(), 1);
+        let second = c.read_at.expect("stamped");
+        assert!(second.0 >= first.0 + std::time::Duration::from_millis(5));
+        assert_eq!(c.read_at(), second);
+        assert_eq!(smol::block_on(c.read(&mut buf)).unwrap(), 0);
+        assert_eq!(c.read_at, Some(second), "an empty read delivers nothing");
     }
 
     #[test]
