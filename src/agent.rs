@@ -28,7 +28,7 @@ use smol::{LocalExecutor, Task};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError, reason};
-use crate::record::{KindSet, Record};
+use crate::record::{KindSet, Record, payloads};
 use crate::runtime::{self, Doorbell, Item, SharedOutbox};
 use crate::sinks::Sink;
 use crate::sinks::delivery::{Driver, IDLE_RECHECK};
@@ -397,6 +397,9 @@ async fn write_records(
             let wake = [
                 unsynced.then(|| synced_at + SYNC_EVERY),
                 unrung.then(|| rung_at + cadence.deliver),
+                // Payload buffers are kept while records flow, freed
+                // below at the first wake-up without one (within a second).
+                (payloads::kept().0 > 0).then(|| Instant::now() + SYNC_EVERY),
             ]
             .into_iter()
             .flatten()
@@ -426,7 +429,8 @@ async fn write_records(
                 Some(Err(_)) => break,
                 None => {
                     // Idle since the last commit: wake the sinks, make it
-                    // durable, whichever is due.
+                    // durable, whichever is due; free the kept payloads.
+                    payloads::release();
                     if unrung && rung_at.elapsed() >= cadence.deliver {
                         ring(&bells);
                         (unrung, rung_at) = (false, Instant::now());
@@ -524,7 +528,8 @@ async fn write_records(
                 // doubling for every group, each step past malloc's mmap
                 // threshold a fresh mapping and its page faults.
                 group = batch;
-                group.clear();
+                // Their payload buffers hold the next messages' copies.
+                payloads::recycle(&mut group);
             }
             Err(e) => {
                 let wait = backoff.next_wait();
@@ -629,6 +634,56 @@ mod tests {
             "every record held in memory was committed"
         );
         assert!(stats.drops.is_empty(), "{:?}", stats.drops);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The writer keeps the payload buffers of what it committed, for the
+    /// relay's next copies (`record::payloads`), and frees them at its first
+    /// wake-up with no record since its last commit (a sync or a ring come
+    /// due, or a second): an agent whose traffic stopped holds none.
+    #[test]
+    fn kept_payload_buffers_are_freed_once_records_stop() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-pool-{}", fastrand::u64(..)));
+        let (outbox, _) = Outbox::open(&dir, 1 << 30).expect("open");
+        let outbox = runtime::shared_outbox(outbox);
+        let (emitter, rx) = runtime::record_channel();
+        let ex = LocalExecutor::new();
+        // The test thread runs the writer, so its pool is this thread's.
+        smol::block_on(ex.run(async {
+            let writer = ex.spawn(write_records(
+                rx,
+                outbox.clone(),
+                Cadence {
+                    flush: Duration::from_millis(10),
+                    deliver: Duration::from_millis(10),
+                },
+                Vec::new(),
+            ));
+            for i in 0..100 {
+                let r = Record {
+                    kind: crate::record::Kind::Event,
+                    ts_ms: i,
+                    name: "log".into(),
+                    dims: Dims::default(),
+                    value: 0.0,
+                    unit: "None".into(),
+                    payload: payloads::copy_of(&[b'x'; 200]),
+                };
+                assert!(emitter.emit(r).await);
+            }
+            assert!(emitter.committed().await);
+            assert_eq!(payloads::kept().0, 100, "kept once committed");
+            // Bounded: 100 waits of 50 ms.
+            for _ in 0..100 {
+                if payloads::kept().0 == 0 {
+                    break;
+                }
+                smol::Timer::after(Duration::from_millis(50)).await;
+            }
+            assert_eq!(payloads::kept(), (0, 0), "freed after the traffic stopped");
+            drop(emitter);
+            writer.await;
+        }));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

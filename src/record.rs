@@ -5,6 +5,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
+pub mod payloads;
+
 /// How deep an event's JSON may nest (arrays and objects). Deeper
 /// messages are not kept as events: the relay counts them malformed and
 /// the upstream refuses a batch holding one (`422`), so that no reader of

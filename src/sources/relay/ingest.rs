@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::analytics::{Analytics, Envelope, safe_name};
 use super::frame::{self, SAMPLE_BYTES};
 use super::link::Link;
-use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, nests_deeper_than};
+use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, nests_deeper_than, payloads};
 use crate::sketch::{Sketch, hash_str};
 
 /// Malformed samples kept for `edgemeter status` (all of them also go to
@@ -276,7 +276,7 @@ impl State {
                 dims: self.streams[i].dims.clone(),
                 value: 0.0,
                 unit: "None".into(),
-                payload: text.as_bytes().to_vec(),
+                payload: payloads::copy_of(text.as_bytes()),
             });
         }
     }
