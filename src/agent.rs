@@ -580,6 +580,22 @@ mod tests {
     use super::*;
     use crate::record::{Dims, KindSet};
 
+    /// The writer with no sinks, committing and waking every 10 ms.
+    fn fast_writer(
+        rx: Receiver<Item>,
+        outbox: SharedOutbox,
+    ) -> impl std::future::Future<Output = ()> {
+        write_records(
+            rx,
+            outbox,
+            Cadence {
+                flush: Duration::from_millis(10),
+                deliver: Duration::from_millis(10),
+            },
+            Vec::new(),
+        )
+    }
+
     /// A full disk: commits fail, the writer keeps what it holds, says so
     /// once, and commits everything when space returns. Nothing is lost.
     #[test]
@@ -598,15 +614,7 @@ mod tests {
         let ex = LocalExecutor::new();
         let n = 3000;
         smol::block_on(ex.run(async {
-            let writer = ex.spawn(write_records(
-                rx,
-                outbox.clone(),
-                Cadence {
-                    flush: Duration::from_millis(10),
-                    deliver: Duration::from_millis(10),
-                },
-                Vec::new(),
-            ));
+            let writer = ex.spawn(fast_writer(rx, outbox.clone()));
             for i in 0..n {
                 let r = Record::point(
                     "m",
@@ -650,15 +658,7 @@ mod tests {
         let ex = LocalExecutor::new();
         // The test thread runs the writer, so its pool is this thread's.
         smol::block_on(ex.run(async {
-            let writer = ex.spawn(write_records(
-                rx,
-                outbox.clone(),
-                Cadence {
-                    flush: Duration::from_millis(10),
-                    deliver: Duration::from_millis(10),
-                },
-                Vec::new(),
-            ));
+            let writer = ex.spawn(fast_writer(rx, outbox.clone()));
             for i in 0..100 {
                 let r = Record {
                     kind: crate::record::Kind::Event,

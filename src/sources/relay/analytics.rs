@@ -542,10 +542,12 @@ impl<K: std::hash::Hash + Eq + Copy, V> Placed<K, V> {
 
     /// Set `k`'s value, replacing any.
     fn insert(&mut self, k: K, v: V) {
-        let mut v = Some(v);
-        let p = self.place(k, || v.take().expect("taken once"));
-        if let Some(v) = v {
-            self.entries[p as usize].1 = v;
+        match self.places.get(&k) {
+            Some(&p) => self.entries[p as usize].1 = v,
+            None => {
+                self.places.insert(k, self.entries.len() as u32);
+                self.entries.push((k, v));
+            }
         }
     }
 
