@@ -400,6 +400,8 @@ pub struct Observed {
     /// (`max_users`, distinct names) was reached: counted, not analysed.
     pub untracked: bool,
     pub transition: bool,
+    /// The user's id, where it is a tracked user (for [`Analytics::mark`]).
+    pub user: Option<u32>,
 }
 
 /// The maps messages look up: foldhash, seeded per process, in place
@@ -456,6 +458,8 @@ struct Users {
 struct UserSlot {
     user: bool,
     recent: Recent,
+    /// The last mark set for this user ([`Analytics::mark`]).
+    mark: Option<u32>,
 }
 
 /// Where a user's last message went: the place of its activity cell and of
@@ -822,6 +826,7 @@ impl Analytics {
                 (u, place)
             }
         };
+        out.user = Some(u);
         let (key, cell) = self.activity.at_mut(place);
         let a = &mut cell.a;
         if a.messages == 0 || now_ms.div_euclid(60_000) > a.last_ms.div_euclid(60_000) {
@@ -891,6 +896,17 @@ impl Analytics {
             }
         }
         out
+    }
+
+    /// Set `user`'s mark to `mark`; false if it was set already. The
+    /// caller's meaning: the relay marks a user once its id is in a
+    /// window's sketch of a stream, so that its next messages there skip
+    /// the sketch (a binary search each, twice a message).
+    pub fn mark(&mut self, user: u32, mark: u32) -> bool {
+        let slot = &mut self.users.slots[user as usize];
+        let fresh = slot.mark != Some(mark);
+        slot.mark = Some(mark);
+        fresh
     }
 
     fn key(&self, (u, e, c): (u32, u32, u32)) -> GraphKey {

@@ -71,6 +71,9 @@ pub struct State {
     raw_files: bool,
     pub streams: Vec<Stream>,
     all_users: Sketch,
+    /// Windows closed so far: with a stream's index, the mark of a user
+    /// already in that stream's sketch of the running window.
+    windows_closed: u32,
     pub analytics: Analytics,
     /// Raw-file name → lines not yet appended.
     pub raw: BTreeMap<String, Vec<u8>>,
@@ -109,6 +112,7 @@ impl State {
                 })
                 .collect(),
             all_users: Sketch::default(),
+            windows_closed: 0,
             analytics: Analytics::new(s.max_users),
             raw: BTreeMap::new(),
             raw_bytes: 0,
@@ -219,9 +223,6 @@ impl State {
             s.totals.other += 1;
             return;
         };
-        let h = hash_str(&env.user);
-        s.window.users.insert(h);
-        self.all_users.insert(h);
         // The stream is the rig: the message's own `hardware` is cut out
         // of a URL by the browser, so it is used only when it is a usable
         // name (the raw files have always been named after it).
@@ -237,6 +238,14 @@ impl State {
             }
         }
         let seen = self.analytics.observe(now_ms, &hardware, &env);
+        // A tracked user already in this window's sketch of this stream
+        // (and so in all streams') is not inserted again.
+        let mark = self.windows_closed.wrapping_mul(self.streams.len() as u32) + i as u32;
+        if seen.user.is_none_or(|u| self.analytics.mark(u, mark)) {
+            let h = hash_str(&env.user);
+            self.streams[i].window.users.insert(h);
+            self.all_users.insert(h);
+        }
         let s = &mut self.streams[i];
         s.totals.untracked += u64::from(seen.untracked);
         s.totals.transitions += u64::from(seen.transition);
@@ -333,6 +342,7 @@ impl State {
             points.extend(users(d, end_ms, &w.users));
         }
         let all = std::mem::take(&mut self.all_users);
+        self.windows_closed = self.windows_closed.wrapping_add(1);
         points.extend(users(dims("all"), end_ms, &all));
         if let Some(desk) = &mut self.desk {
             let (answered, refused) = desk.close_window();

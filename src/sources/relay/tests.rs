@@ -254,6 +254,39 @@ fn a_window_emits_every_stream_and_the_union_of_users() {
     );
 }
 
+/// A user already in a window's sketch of a stream skips the sketch for
+/// its next messages there. It must still be counted on another stream in
+/// the same window, and again in the next window on the stream it was
+/// last counted on.
+#[test]
+fn active_users_are_counted_per_stream_and_window_when_they_repeat() {
+    let mut st = state(&["spin30", "spin31"], 1 << 20);
+    let mut out = Vec::new();
+    let send = |st: &mut State, stream: usize, user: &str| {
+        let m = format!(r#"{{"user":"{user}","type":"log"}}"#);
+        st.frame(stream, Frame::Text(&m), 0, &mut Vec::new());
+    };
+    let users =
+        |out: &[Record], stream: &str| find(out, "relay_active_users", stream, Kind::Point).value;
+    for _ in 0..3 {
+        send(&mut st, 0, "a");
+        send(&mut st, 1, "a");
+        send(&mut st, 0, "b");
+    }
+    st.close_window(300_000, 300, &mut out);
+    assert_eq!(users(&out, "spin30"), 2.0);
+    assert_eq!(users(&out, "spin31"), 1.0);
+    assert_eq!(users(&out, "all"), 2.0);
+    out.clear();
+    for _ in 0..3 {
+        send(&mut st, 0, "b");
+    }
+    st.close_window(600_000, 300, &mut out);
+    assert_eq!(users(&out, "spin30"), 1.0, "b again, in a new window");
+    assert_eq!(users(&out, "spin31"), 0.0);
+    assert_eq!(users(&out, "all"), 1.0);
+}
+
 #[test]
 fn the_analytics_state_survives_a_save_and_reload() {
     let dir = std::env::temp_dir().join(format!("edgemeter-relay-store-{}", std::process::id()));
