@@ -507,68 +507,33 @@ impl Users {
 
 /// A hash map whose entries also have a place, an index that never
 /// changes (nothing is removed): found by key with a hash probe, or by a
-/// place remembered from before with none.
-struct Placed<K, V> {
-    places: Fast<K, u32>,
-    entries: Vec<(K, V)>,
-}
+/// place remembered from before with none. `indexmap`, which `toml`
+/// already builds, with the seeded hash of [`Fast`].
+type Placed<K, V> = indexmap::IndexMap<K, V, foldhash::fast::RandomState>;
 
-impl<K, V> Default for Placed<K, V> {
-    fn default() -> Self {
-        Placed {
-            places: Fast::default(),
-            entries: Vec::new(),
-        }
-    }
-}
-
-impl<K: std::hash::Hash + Eq + Copy, V> Placed<K, V> {
-    fn get(&self, k: &K) -> Option<&V> {
-        self.places.get(k).map(|&p| &self.entries[p as usize].1)
-    }
-
-    fn get_mut(&mut self, k: &K) -> Option<&mut V> {
-        self.places.get(k).map(|&p| &mut self.entries[p as usize].1)
-    }
-
-    fn contains_key(&self, k: &K) -> bool {
-        self.places.contains_key(k)
-    }
-
+/// A [`Placed`] map's entries by place.
+trait Places<K, V> {
     /// The place of `k`, its value made by `new` if it is not there.
+    fn place(&mut self, k: K, new: impl FnOnce() -> V) -> u32;
+    fn at(&self, place: u32) -> (&K, &V);
+    fn at_mut(&mut self, place: u32) -> (&K, &mut V);
+}
+
+impl<K: std::hash::Hash + Eq, V> Places<K, V> for Placed<K, V> {
     fn place(&mut self, k: K, new: impl FnOnce() -> V) -> u32 {
-        let entries = &mut self.entries;
-        *self.places.entry(k).or_insert_with(|| {
-            entries.push((k, new()));
-            (entries.len() - 1) as u32
-        })
+        let entry = self.entry(k);
+        let place = entry.index() as u32;
+        entry.or_insert_with(new);
+        place
     }
 
-    /// Set `k`'s value, replacing any.
-    fn insert(&mut self, k: K, v: V) {
-        match self.places.get(&k) {
-            Some(&p) => self.entries[p as usize].1 = v,
-            None => {
-                self.places.insert(k, self.entries.len() as u32);
-                self.entries.push((k, v));
-            }
-        }
+    fn at(&self, place: u32) -> (&K, &V) {
+        self.get_index(place as usize).expect("a place given out")
     }
 
-    fn at(&self, place: u32) -> &(K, V) {
-        &self.entries[place as usize]
-    }
-
-    fn at_mut(&mut self, place: u32) -> &mut (K, V) {
-        &mut self.entries[place as usize]
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.entries.iter().map(|(k, v)| (k, v))
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &K> {
-        self.entries.iter().map(|(k, _)| k)
+    fn at_mut(&mut self, place: u32) -> (&K, &mut V) {
+        self.get_index_mut(place as usize)
+            .expect("a place given out")
     }
 }
 
@@ -854,7 +819,7 @@ impl Analytics {
             }
             if let Some(node) = node(exp, log) {
                 let same_course = recent.chain.filter(|&p| {
-                    let &(_, e, c) = &self.graphs.at(p).0;
+                    let &(_, e, c) = self.graphs.at(p).0;
                     self.names.name(e) == exp && self.names.name(c) == course
                 });
                 let (place, n) = match same_course {
