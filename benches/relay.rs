@@ -510,10 +510,12 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
                 .spawn()
                 .expect("perf")
         });
-    // EDGEMETER_BENCH_STRACE=FILE: count its system calls in that phase.
+    // EDGEMETER_BENCH_STRACE=FILE: count the first subject's system calls
+    // in that phase (each later one would overwrite the file).
+    static TRACED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let strace = std::env::var("EDGEMETER_BENCH_STRACE")
         .ok()
-        .filter(|_| pids.len() == 1)
+        .filter(|_| pids.len() == 1 && !TRACED.swap(true, Ordering::SeqCst))
         .map(|out| {
             Command::new("timeout")
                 .args([
