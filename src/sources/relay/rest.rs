@@ -155,9 +155,7 @@ impl Resting {
             resting: None,
         }
     }
-}
 
-impl Resting {
     /// A read returned `n` bytes into a buffer of `len`. Fewer than asked
     /// for means the kernel had no more at that moment, which is what the
     /// next read would find out with one more system call (a quarter of
