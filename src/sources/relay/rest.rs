@@ -9,11 +9,9 @@
 //! until the next tick (every [`READ_REST`], the same ticks for every
 //! stream, so one wake-up reads them all) instead of asking the reactor to
 //! wake it at the next byte, and then takes whatever the kernel gathered
-//! meanwhile in one read. A read that returns less than it asked for has
-//! drained the socket too (the kernel gave all it had), and rests at once
-//! rather than finding that out with one more system call. A read that
-//! finds nothing after a rest goes back to waiting on the socket, so an
-//! idle stream costs nothing and its first message is read at once.
+//! meanwhile in one read. A read that finds nothing after a rest goes back
+//! to waiting on the socket, so an idle stream costs nothing and its first
+//! message is read at once.
 //!
 //! What it costs: a message waits at most [`READ_REST`] in the kernel's
 //! socket buffer before it is read. Those bytes are not the agent's yet: a
@@ -155,18 +153,6 @@ impl Resting {
             resting: None,
         }
     }
-
-    /// A read returned `n` bytes into a buffer of `len`. Fewer than asked
-    /// for means the kernel had no more at that moment, which is what the
-    /// next read would find out with one more system call (a quarter of
-    /// this thread's reads in the relay bench): the stream rests from now.
-    fn took(&mut self, n: usize, len: usize) {
-        self.flowing = n > 0;
-        if n > 0 && n < len && !self.rest.is_zero() {
-            self.flowing = false;
-            self.resting = Some(rest_until(Instant::now(), self.rest));
-        }
-    }
 }
 
 impl AsyncRead for Resting {
@@ -185,16 +171,14 @@ impl AsyncRead for Resting {
         if !this.flowing || buf.is_empty() {
             // Idle: wait on the socket itself, woken at its first byte.
             let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-            if let Poll::Ready(Ok(n)) = polled {
-                this.took(n, buf.len());
-            }
+            this.flowing = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
             return polled;
         }
         // Flowing: read without registering with the reactor (the socket
         // is non-blocking); drained means rest, not wait for the next byte.
         match this.inner.get_ref().read(buf) {
             Ok(n) => {
-                this.took(n, buf.len());
+                this.flowing = n > 0;
                 Poll::Ready(Ok(n))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -350,54 +334,7 @@ mod tests {
             let n = read.unwrap_or_else(|| panic!("stream {i} did not wake within 5 s"));
             assert_eq!(&buf[..n], format!("again {i}").as_bytes());
         }
-        // Each read was short (all there was), so each rests again, until
-        // a later tick.
-        let last = *ticks.iter().max().unwrap();
-        assert!(
-            streams
-                .iter()
-                .all(|(r, _)| r.resting.is_some_and(|at| at > last))
-        );
-    }
-
-    #[test]
-    fn a_full_read_reads_on_and_a_short_one_rests_without_another_read() {
-        let rest = Duration::from_secs(1);
-        let (mut reader, mut writer) = pair(rest);
-        writer.write_all(&[b'x'; 100]).unwrap();
-        let start = Instant::now();
-        while reader.inner.get_ref().peek(&mut [0u8; 128]).unwrap() < 100 {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "100 bytes on loopback"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Begin early in a period, so the rest below lasts half a second
-        // or more and the read that must wait cannot meet the tick.
-        let now = Instant::now();
-        let tick = rest_until(now, rest);
-        if tick - now < rest / 2 {
-            std::thread::sleep(tick - now);
-        }
-        let mut buf = [0u8; 64];
-        assert_eq!(smol::block_on(reader.read(&mut buf)).unwrap(), 64);
-        assert!(
-            reader.flowing && reader.resting.is_none(),
-            "a full read reads on"
-        );
-        assert_eq!(smol::block_on(reader.read(&mut buf)).unwrap(), 36);
-        let at = reader.resting.expect("a short read rests at once");
-        // What comes now waits for the tick: the next read does not reach
-        // the socket (with a read, this byte would be returned here).
-        writer.write_all(b"y").unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(smol::block_on(smol::future::poll_once(reader.read(&mut buf))).is_none());
-        assert!(Instant::now() < at, "the tick came too early for this test");
-        // At the tick it is read, and nothing is lost.
-        let n = smol::block_on(reader.read(&mut buf)).unwrap();
-        assert_eq!(&buf[..n], b"y");
-        assert!(Instant::now() >= at);
+        assert!(streams.iter().all(|(r, _)| r.resting.is_none()));
     }
 
     #[test]
@@ -407,7 +344,8 @@ mod tests {
         writer.write_all(b"a").unwrap();
         let n = smol::block_on(reader.read(&mut buf)).unwrap();
         assert_eq!(&buf[..n], b"a");
-        // Drained (a short read): rests on the timer.
+        assert!(reader.flowing);
+        // Drained while flowing: rests on the timer.
         assert!(smol::block_on(smol::future::poll_once(reader.read(&mut buf))).is_none());
         assert!(reader.resting.is_some() && !reader.flowing);
         std::thread::sleep(Duration::from_millis(40));
