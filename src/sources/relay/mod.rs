@@ -741,23 +741,22 @@ async fn send_answers(
     frames: std::collections::VecDeque<String>,
 ) -> Result<(), LinkError> {
     let n = frames.len() as u64;
-    let sent = smol::future::or(
-        async {
-            for f in frames {
-                if let Err(e) = ws.send(Message::Text(f.into())).await {
-                    return Some(Err(LinkError::Lost(format!("cannot send an answer: {e}"))));
-                }
-            }
-            Some(Ok(()))
-        },
-        async {
-            smol::Timer::after(ANSWER_SEND_WITHIN).await;
-            None
-        },
-    )
-    .await;
+    let mut sending = std::pin::pin!(write_answers(ws, frames));
+    // Nearly always the socket takes them at once, and then no timer is
+    // set (each one is a registration with the reactor).
+    let sent = match smol::future::poll_once(&mut sending).await {
+        Some(done) => Some(done),
+        None => {
+            smol::future::or(async { Some(sending.await) }, async {
+                smol::Timer::after(ANSWER_SEND_WITHIN).await;
+                None
+            })
+            .await
+        }
+    };
     match sent {
-        Some(r) => r,
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(LinkError::Lost(format!("cannot send an answer: {e}"))),
         None => {
             if let Some(d) = shared.state.borrow_mut().desk.as_mut() {
                 d.counts.frames_unsent += n;
@@ -765,6 +764,21 @@ async fn send_answers(
             Ok(())
         }
     }
+}
+
+/// Hand every answer frame to the websocket, then flush once: one write to
+/// the socket for all of them when it takes them. `send` flushes each
+/// frame, and an answer is five (`all_feedback`); on loopback, each write
+/// also costs the receiving side's TCP work on this thread.
+async fn write_answers<S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    frames: std::collections::VecDeque<String>,
+) -> Result<(), async_tungstenite::tungstenite::Error> {
+    use futures_util::SinkExt;
+    for f in frames {
+        SinkExt::feed(ws, Message::Text(f.into())).await?;
+    }
+    SinkExt::flush(ws).await
 }
 
 /// Hand `out` to the outbox writer; false if it has stopped.

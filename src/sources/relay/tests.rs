@@ -654,3 +654,73 @@ fn files_written_at_shutdown_stop_at_the_deadline_and_failures_are_summed() {
     assert_eq!(left, 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A socket for the websocket layer that has nothing to read, keeps what
+/// is written to it and counts the writes.
+#[derive(Default)]
+struct Wire {
+    bytes: Vec<u8>,
+    writes: usize,
+}
+
+impl smol::io::AsyncRead for Wire {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl smol::io::AsyncWrite for Wire {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.writes += 1;
+        self.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[test]
+fn an_answers_frames_go_to_the_socket_in_one_write_and_in_order() {
+    use async_tungstenite::tungstenite::protocol::{Role, WebSocket};
+    use async_tungstenite::tungstenite::{Message, Utf8Bytes};
+    let frames: std::collections::VecDeque<String> = (0..5)
+        .map(|i| format!(r#"{{"content":"answer {i}"}}"#))
+        .collect();
+    let wire = smol::block_on(async {
+        let mut ws = async_tungstenite::WebSocketStream::from_raw_socket(
+            Wire::default(),
+            Role::Client,
+            None,
+        )
+        .await;
+        super::write_answers(&mut ws, frames.clone()).await.unwrap();
+        ws.into_inner()
+    });
+    // Sent with a flush each (`send`), five frames took five writes.
+    assert_eq!(wire.writes, 1);
+    // The session host reads them as five frames, in order.
+    let mut host = WebSocket::from_raw_socket(std::io::Cursor::new(wire.bytes), Role::Server, None);
+    for f in frames {
+        assert_eq!(host.read().unwrap(), Message::Text(Utf8Bytes::from(f)));
+    }
+}
