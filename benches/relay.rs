@@ -41,9 +41,10 @@
 //!   nothing.
 //!
 //! - edgemeter +1% reqs (not with `--quick`; with EDGEMETER_BENCH_REQUESTS=1
-//!   in place of the plain edgemeter, quick or not): the same, with `answer_requests = true` and every
-//!   100th message a dashboard's `all_feedback` request (five answer frames,
-//!   read and dropped by the server between its sends).
+//!   in place of the plain edgemeter, quick or not): the same, with
+//!   `answer_requests = true` and every 100th message a dashboard's
+//!   `all_feedback` request (five answer frames, read and dropped by the
+//!   server between its sends).
 //!
 //! Figures are per subject and as ratios, measured in the same run.
 
