@@ -329,13 +329,19 @@ impl Subject for Edgemeter {
         ) else {
             return count;
         };
-        let new = db.query_row(
-            "SELECT count(*) FILTER (WHERE kind = 3 AND name != 'relay_malformed'),
-                    max(id)
-             FROM records WHERE id > ?1",
-            [last],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
-        );
+        // A row holds `n` records (schema 3; a build before it has no `n`).
+        let query = |records: &str| {
+            db.query_row(
+                &format!(
+                    "SELECT coalesce({records} FILTER (WHERE kind = 3 AND name != 'relay_malformed'), 0),
+                            max(id)
+                     FROM records WHERE id > ?1"
+                ),
+                [last],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
+            )
+        };
+        let new = query("sum(n)").or_else(|_| query("count(*)"));
         if let Ok((n, Some(max))) = new {
             self.counted.set((count + n as u64, max));
         }

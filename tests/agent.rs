@@ -125,10 +125,7 @@ fn sigterm_stops_cleanly_within_five_seconds_with_everything_committed() {
         .max()
         .expect("at least one commit");
     let db = rusqlite::Connection::open(dir.path("state/outbox.db")).expect("open outbox");
-    let mut ids: Vec<i64> = db
-        .prepare("SELECT id FROM records")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .expect("read ids");
+    let mut ids = common::outbox_ids(&db);
     ids.extend(csv_ids(&dir.path("out.csv")));
     ids.sort_unstable();
     ids.dedup();

@@ -95,10 +95,7 @@ fn check_state(dir: &TempDir, reported: &BTreeSet<i64>, round: usize) -> usize {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity_check");
     assert_eq!(integrity, "ok", "round {round}: the outbox is damaged");
-    let buffered: BTreeSet<i64> = db
-        .prepare("SELECT id FROM records")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .expect("read ids");
+    let buffered: BTreeSet<i64> = common::outbox_ids(&db).into_iter().collect();
     drop(db);
     let delivered = csv_ids(&dir.path("out.csv"));
     let unique: BTreeSet<i64> = delivered.iter().copied().collect();

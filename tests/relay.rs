@@ -1254,3 +1254,136 @@ fn old_feedback_files_are_continued_and_counts_survive_a_restart() {
         );
     }
 }
+
+/// Relay messages arriving in bursts are stored several to an outbox row
+/// (src/outbox: "Rows"); an upstream sink with `events = true` must still
+/// get every message once, as it was sent, in batches that end inside rows.
+/// The upstream starts only after everything is committed, so the test
+/// sees the rows before they are delivered and deleted.
+#[test]
+fn messages_stored_several_to_a_row_reach_the_upstream_each_once() {
+    const STREAMS: [&str; 3] = ["r1", "r2", "r3"];
+    const BURSTS: usize = 10;
+    const PER_BURST: usize = 20;
+    let dir = TempDir::new("relay-rows");
+    let hub = Hub::start();
+    let port = common::pg::free_port();
+    dir.write("edge.token", "token-of-edge-0123456789");
+    dir.write("admin.token", "admin-token-0123456789");
+    std::fs::create_dir_all(dir.path("agents")).expect("tokens dir");
+    dir.write("agents/lab-host.token", "token-of-edge-0123456789");
+    let cfg = config(
+        &dir,
+        &hub,
+        &STREAMS,
+        &format!(
+            r#"
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:{port}"
+token_file = "edge.token"
+events = true
+batch_max_records = 25
+retry_initial_secs = 0.05
+retry_max_secs = 0.2
+"#
+        ),
+    );
+    let mut agent = Agent::start(&cfg, "info");
+    wait_subscribed(&hub, &STREAMS);
+    let mut sent: Vec<serde_json::Value> = Vec::new();
+    for burst in 0..BURSTS {
+        for s in STREAMS {
+            for k in 0..PER_BURST {
+                let text = envelope(
+                    &format!("u{k}"),
+                    s,
+                    "analytics",
+                    &format!("{s}-{burst}-{k}"),
+                );
+                sent.push(serde_json::from_str(&text).expect("json"));
+                hub.send_text(s, &text);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let events = STREAMS.len() * BURSTS * PER_BURST;
+    let rows = || -> Option<(i64, i64, i64)> {
+        let db = rusqlite::Connection::open_with_flags(
+            dir.path("state/outbox.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .ok()?;
+        db.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(n), 0), COALESCE(MAX(n), 0) FROM records
+             WHERE kind = 3 AND name != 'relay_malformed'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ok()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || rows()
+            .is_some_and(|(_, n, _)| n == events as i64)),
+        "not every message was committed: {:?}\n{}",
+        rows(),
+        agent.stderr()
+    );
+    let (stored_rows, _, most) = rows().expect("rows");
+    eprintln!("{events} messages in {stored_rows} rows, at most {most} to a row");
+    assert!(
+        most > 1 && stored_rows < events as i64 / 2,
+        "bursts were not stored several to a row: {stored_rows} rows, at most {most}"
+    );
+
+    let up_cfg = dir.write(
+        "up.toml",
+        &format!(
+            r#"[agent]
+id = "up"
+state_dir = "up-state"
+flush_interval_secs = 0.05
+
+[upstream]
+listen = "127.0.0.1:{port}"
+store = "sqlite"
+tokens_dir = "agents"
+admin_token_file = "admin.token"
+"#
+        ),
+    );
+    let mut up = Agent::start_upstream(&up_cfg, "info", &[]);
+    let fetch = || -> Vec<serde_json::Value> {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return Vec::new();
+        };
+        let req = "GET /v1/events?range=1D&limit=10000 HTTP/1.1\r\nHost: x\r\n\
+                   Authorization: Bearer admin-token-0123456789\r\nConnection: close\r\n\r\n";
+        let mut raw = Vec::new();
+        if std::io::Write::write_all(&mut s, req.as_bytes()).is_err()
+            || std::io::Read::read_to_end(&mut s, &mut raw).is_err()
+        {
+            return Vec::new();
+        }
+        let raw = String::from_utf8_lossy(&raw);
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["events"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || fetch().len() >= events),
+        "the upstream has {} of {events} events\n{}",
+        fetch().len(),
+        agent.stderr()
+    );
+    let mut got: Vec<String> = fetch().iter().map(|e| e["payload"].to_string()).collect();
+    let mut want: Vec<String> = sent.iter().map(|v| v.to_string()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got.len(), want.len(), "an event arrived twice");
+    assert_eq!(got, want);
+    agent.stop();
+    up.stop();
+}

@@ -75,12 +75,50 @@ impl Outbox {
 /// against 1.83-2.21 µs); 8 did about as well, 128 worse.
 pub(super) const ROWS_PER_INSERT: usize = 32;
 
+/// Events in one row at most (see the module header's "Rows").
+pub(super) const BUNDLE_MAX: usize = 64;
+/// A row's packed payloads at most, in bytes: a larger event is a row of
+/// its own.
+const BUNDLE_MAX_BYTES: usize = 3_800;
+/// Bytes in front of each event in a row of several: its time (i64) and
+/// its payload's length (u32), little-endian.
+pub(super) const PACKED_HEADER: usize = 12;
+
 /// A record as inserted: its encoded dims and its charged size beside it.
 type Row<'a> = ((&'a Record, &'a &'a str), &'a i64);
 
-/// Insert rows, [`ROWS_PER_INSERT`] to a statement; returns the first and
-/// last id given (None and 0 for none). The ids of one statement are
-/// consecutive: the writer is the only one, and AUTOINCREMENT counts up.
+/// How many of `rows`, from the first, go into one stored row: a run of
+/// events of one series (name, dims, unit) arriving together, or one record.
+fn run_length(rows: &[Row]) -> usize {
+    let (((first, dims), _), rest) = match rows.split_first() {
+        Some(split) => split,
+        None => return 0,
+    };
+    if first.kind != Kind::Event || first.payload.len() > BUNDLE_MAX_BYTES {
+        return 1;
+    }
+    let mut bytes = first.payload.len();
+    let mut n = 1;
+    for ((r, d), _) in rest.iter().take(BUNDLE_MAX - 1) {
+        bytes += r.payload.len() + PACKED_HEADER;
+        if r.kind != Kind::Event
+            || bytes > BUNDLE_MAX_BYTES
+            || **d != **dims
+            || r.name != first.name
+            || r.unit != first.unit
+            || r.value.to_bits() != first.value.to_bits()
+        {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Insert rows, [`ROWS_PER_INSERT`] stored rows to a statement, a run of
+/// events as one stored row; returns the first and last id given (None
+/// and 0 for none). Ids are given here, the next after the highest ever
+/// given (`sqlite_sequence`): a stored row's id is its last record's.
 fn insert_records(
     tx: &Transaction,
     rows: &[Row],
@@ -88,42 +126,75 @@ fn insert_records(
 ) -> rusqlite::Result<(Option<i64>, i64)> {
     static MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
     static ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
-    let insert = |sql: &str, rows: &[Row]| -> rusqlite::Result<i64> {
+    if rows.is_empty() {
+        return Ok((None, 0));
+    }
+    let top: i64 = tx
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'records'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while at < rows.len() {
+        let n = run_length(&rows[at..]);
+        runs.push(&rows[at..at + n]);
+        at += n;
+    }
+    let mut packed = Vec::new();
+    let mut last = top;
+    let mut insert = |sql: &str, runs: &[&[Row]]| -> rusqlite::Result<()> {
         let mut st = tx.prepare_cached(sql)?;
-        for (k, ((r, dims), size)) in rows.iter().enumerate() {
+        for (k, run) in runs.iter().enumerate() {
+            let ((r, dims), _) = run[0];
             let at = |column: usize| k * COLUMNS + column;
-            st.raw_bind_parameter(at(1), r.kind as i64)?;
-            st.raw_bind_parameter(at(2), r.ts_ms)?;
-            st.raw_bind_parameter(at(3), &r.name)?;
-            st.raw_bind_parameter(at(4), **dims)?;
-            st.raw_bind_parameter(at(5), r.value)?;
-            st.raw_bind_parameter(at(6), &r.unit)?;
-            st.raw_bind_parameter(at(7), &r.payload)?;
-            st.raw_bind_parameter(at(8), **size)?;
-            st.raw_bind_parameter(at(9), now)?;
+            last += run.len() as i64;
+            st.raw_bind_parameter(at(1), last)?;
+            st.raw_bind_parameter(at(2), r.kind as i64)?;
+            st.raw_bind_parameter(at(3), r.ts_ms)?;
+            st.raw_bind_parameter(at(4), &r.name)?;
+            st.raw_bind_parameter(at(5), *dims)?;
+            st.raw_bind_parameter(at(6), r.value)?;
+            st.raw_bind_parameter(at(7), &r.unit)?;
+            if run.len() == 1 {
+                st.raw_bind_parameter(at(8), &r.payload)?;
+            } else {
+                packed.clear();
+                for ((r, _), _) in *run {
+                    packed.extend_from_slice(&r.ts_ms.to_le_bytes());
+                    packed.extend_from_slice(&(r.payload.len() as u32).to_le_bytes());
+                    packed.extend_from_slice(&r.payload);
+                }
+                // Bound as a copy (SQLITE_TRANSIENT): the buffer is reused.
+                st.raw_bind_parameter(at(8), &packed)?;
+            }
+            st.raw_bind_parameter(at(9), run.iter().map(|(_, size)| **size).sum::<i64>())?;
+            st.raw_bind_parameter(at(10), now)?;
+            st.raw_bind_parameter(at(11), run.len() as i64)?;
         }
         st.raw_execute()?;
-        Ok(tx.last_insert_rowid())
+        Ok(())
     };
-    let mut last = 0;
-    let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+    let mut chunks = runs.chunks_exact(ROWS_PER_INSERT);
     for chunk in chunks.by_ref() {
-        last = insert(&MANY, chunk)?;
+        insert(&MANY, chunk)?;
     }
-    for row in chunks.remainder() {
-        last = insert(&ONE, std::slice::from_ref(row))?;
+    for run in chunks.remainder() {
+        insert(&ONE, std::slice::from_ref(run))?;
     }
-    let first = (!rows.is_empty()).then(|| last - rows.len() as i64 + 1);
-    Ok((first, last))
+    Ok((Some(top + 1), last))
 }
 
-const COLUMNS: usize = 9;
+const COLUMNS: usize = 11;
 
 /// `INSERT INTO records (…) VALUES (?, …), …` for `rows` rows.
 fn insert_sql(rows: usize) -> String {
     let row = format!("({})", ["?"; COLUMNS].join(", "));
     format!(
-        "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at) VALUES {}",
+        "INSERT INTO records (id, kind, ts, name, dims, value, unit, payload, size, at, n) VALUES {}",
         vec![row; rows].join(", ")
     )
 }
@@ -149,13 +220,13 @@ pub(super) fn collect_garbage(tx: &Transaction) -> rusqlite::Result<i64> {
 pub(super) fn drop_oldest(tx: &Transaction, need: i64) -> rusqlite::Result<(i64, i64)> {
     let (mut cutoff, mut freed, mut n) = (0i64, 0i64, 0i64);
     {
-        let mut st = tx.prepare_cached("SELECT id, size FROM records ORDER BY id")?;
+        let mut st = tx.prepare_cached("SELECT id, size, n FROM records ORDER BY id")?;
         let mut rows = st.query([])?;
         while freed < need {
             let Some(row) = rows.next()? else { break };
             cutoff = row.get(0)?;
             freed += row.get::<_, i64>(1)?;
-            n += 1;
+            n += row.get::<_, i64>(2)?;
         }
     }
     if n == 0 {
@@ -171,7 +242,10 @@ pub(super) fn drop_oldest(tx: &Transaction, need: i64) -> rusqlite::Result<(i64,
     }
     for (name, cursor, kinds) in sinks {
         let missed: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM records WHERE id > ?1 AND id <= ?2 AND ((1 << kind) & ?3) != 0",
+            // A sink's cursor may be inside a row: only its records after
+            // the cursor were missed.
+            "SELECT COALESCE(SUM(MIN(n, id - ?1)), 0) FROM records
+             WHERE id > ?1 AND id <= ?2 AND ((1 << kind) & ?3) != 0",
             params![cursor, cutoff, kinds],
             |r| r.get(0),
         )?;

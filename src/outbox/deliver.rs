@@ -25,12 +25,14 @@ impl Outbox {
             .optional()
             .map_err(&e)?;
         if let Some((dead_id, seq)) = retry {
+            // A dead letter keeps one row per record (`n` = 1).
             let records = load_records(
                 &tx,
-                "SELECT id, kind, ts, name, dims, value, unit, payload FROM dead_records
+                "SELECT id, kind, ts, name, dims, value, unit, payload, 1 FROM dead_records
                  WHERE dead_id = ?1 AND id NOT IN (SELECT id FROM accepted WHERE sink = ?2 AND seq = ?3)
                  ORDER BY id",
                 params![dead_id, sink, seq],
+                &Span::all(),
             )
             .map_err(&e)?;
             let accepted_before = accepted_count(&tx, sink, seq).map_err(&e)?;
@@ -62,13 +64,21 @@ impl Outbox {
             .map_err(&e)?;
         let mut freed = 0;
         if let Some((seq, first, last, attempts)) = open {
+            // The rows that hold a record of the batch: a row's id is its
+            // last record's, and it holds at most BUNDLE_MAX.
+            let span = Span {
+                after: first - 1,
+                until: last,
+                max: usize::MAX,
+                skip: accepted_in(&tx, sink, seq).map_err(&e)?,
+            };
             let records = load_records(
                 &tx,
-                "SELECT id, kind, ts, name, dims, value, unit, payload FROM records
-                 WHERE id BETWEEN ?1 AND ?2 AND ((1 << kind) & ?3) != 0
-                   AND id NOT IN (SELECT id FROM accepted WHERE sink = ?4 AND seq = ?5)
+                "SELECT id, kind, ts, name, dims, value, unit, payload, n FROM records
+                 WHERE id BETWEEN ?1 AND ?2 + ?3 AND id - n < ?2 AND ((1 << kind) & ?4) != 0
                  ORDER BY id",
-                params![first, last, kinds.bits(), sink, seq],
+                params![first, last, BUNDLE_MAX as i64, kinds.bits()],
+                &span,
             )
             .map_err(&e)?;
             let accepted_before = accepted_count(&tx, sink, seq).map_err(&e)?;
@@ -95,13 +105,20 @@ impl Outbox {
 
         // 3. A new batch after the cursor.
         let cursor = cursor.max(open.map_or(0, |o| o.2));
+        // Rows are read one at a time until the batch is full; the cursor
+        // may be inside a row (a batch that ended in the middle of one).
+        let span = Span {
+            after: cursor,
+            until: i64::MAX,
+            max: max_records,
+            skip: Default::default(),
+        };
         let records = load_records(
             &tx,
-            &format!(
-                "SELECT id, kind, ts, name, dims, value, unit, payload FROM records
-                 WHERE id > ?1 AND ((1 << kind) & ?2) != 0 ORDER BY id LIMIT {max_records}"
-            ),
+            "SELECT id, kind, ts, name, dims, value, unit, payload, n FROM records
+             WHERE id > ?1 AND ((1 << kind) & ?2) != 0 ORDER BY id",
             params![cursor, kinds.bits()],
+            &span,
         )
         .map_err(&e)?;
         let Some(&(last_id, _)) = records.last() else {
@@ -303,9 +320,7 @@ pub(super) fn accepted_ids(
     tx: &Transaction,
     batch: &Batch,
 ) -> rusqlite::Result<std::collections::HashSet<i64>> {
-    tx.prepare_cached("SELECT id FROM accepted WHERE sink = ?1 AND seq = ?2")?
-        .query_map(params![batch.sink, batch.seq], |r| r.get(0))?
-        .collect()
+    accepted_in(tx, &batch.sink, batch.seq)
 }
 
 /// The batch is settled: what was accepted of it no longer matters.
@@ -337,31 +352,121 @@ pub(super) fn sink_row(
     .optional()
 }
 
+/// Which records of the rows read [`load_records`] keeps: ids in
+/// `after + 1 ..= until` and not in `skip`, the first `max` of them.
+pub(super) struct Span {
+    pub after: i64,
+    pub until: i64,
+    pub max: usize,
+    pub skip: std::collections::HashSet<i64>,
+}
+
+impl Span {
+    fn all() -> Span {
+        Span {
+            after: i64::MIN,
+            until: i64::MAX,
+            max: usize::MAX,
+            skip: Default::default(),
+        }
+    }
+}
+
+/// The records of the rows `sql` selects (`id, kind, ts, name, dims,
+/// value, unit, payload, n`, in id order) that `span` keeps. A row of
+/// several records is unpacked (see the module header's "Rows").
 pub(super) fn load_records(
     tx: &Transaction,
     sql: &str,
     args: impl rusqlite::Params,
+    span: &Span,
 ) -> rusqlite::Result<Vec<(i64, Record)>> {
     let mut st = tx.prepare_cached(sql)?;
-    let rows = st.query_map(args, |r| {
+    let mut rows = st.query(args)?;
+    let mut out = Vec::new();
+    while out.len() < span.max {
+        let Some(r) = rows.next()? else { break };
+        let (last, n): (i64, i64) = (r.get(0)?, r.get(8)?);
         let kind_code: i64 = r.get(1)?;
         let dims: String = r.get(4)?;
-        Ok((
-            r.get::<_, i64>(0)?,
-            Record {
-                // Written only by `append`; an unknown code means the row was
-                // tampered with, and it is still better delivered as a point.
-                kind: Kind::from_code(kind_code).unwrap_or(Kind::Point),
-                ts_ms: r.get(2)?,
-                name: r.get(3)?,
-                dims: Dims::decode(&dims).unwrap_or_default(),
-                value: r.get(5)?,
-                unit: r.get(6)?,
-                payload: r.get(7)?,
-            },
-        ))
-    })?;
-    rows.collect()
+        let record = Record {
+            // Written only by `append`; an unknown code means the row was
+            // tampered with, and it is still better delivered as a point.
+            kind: Kind::from_code(kind_code).unwrap_or(Kind::Point),
+            ts_ms: r.get(2)?,
+            name: r.get(3)?,
+            dims: Dims::decode(&dims).unwrap_or_default(),
+            value: r.get(5)?,
+            unit: r.get(6)?,
+            payload: Vec::new(),
+        };
+        let payload = r.get_ref(7)?.as_blob_or_null()?.unwrap_or_default();
+        let keep = |id: i64| id > span.after && id <= span.until && !span.skip.contains(&id);
+        if n <= 1 {
+            if keep(last) {
+                let payload = payload.to_vec();
+                out.push((last, Record { payload, ..record }));
+            }
+            continue;
+        }
+        let events = unpack(payload).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                7,
+                rusqlite::types::Type::Blob,
+                format!("row {last}: {n} records do not unpack from its payload").into(),
+            )
+        })?;
+        if events.len() as i64 != n {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                7,
+                rusqlite::types::Type::Blob,
+                format!(
+                    "row {last}: {} records unpacked, {n} expected",
+                    events.len()
+                )
+                .into(),
+            ));
+        }
+        for ((ts_ms, payload), id) in events.into_iter().zip(last - n + 1..) {
+            if out.len() < span.max && keep(id) {
+                out.push((
+                    id,
+                    Record {
+                        ts_ms,
+                        payload: payload.to_vec(),
+                        ..record.clone()
+                    },
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The (time, payload) of each event packed in a row, or None if the bytes
+/// are not a packing (see the module header's "Rows").
+pub(super) fn unpack(mut packed: &[u8]) -> Option<Vec<(i64, &[u8])>> {
+    let mut events = Vec::new();
+    while !packed.is_empty() {
+        let (header, rest) = packed.split_at_checked(PACKED_HEADER)?;
+        let ts = i64::from_le_bytes(header[..8].try_into().ok()?);
+        let len = u32::from_le_bytes(header[8..].try_into().ok()?) as usize;
+        let (payload, rest) = rest.split_at_checked(len)?;
+        events.push((ts, payload));
+        packed = rest;
+    }
+    Some(events)
+}
+
+/// The ids of batch `seq` of `sink` that its receiver accepted.
+fn accepted_in(
+    tx: &Transaction,
+    sink: &str,
+    seq: i64,
+) -> rusqlite::Result<std::collections::HashSet<i64>> {
+    tx.prepare_cached("SELECT id FROM accepted WHERE sink = ?1 AND seq = ?2")?
+        .query_map(params![sink, seq], |r| r.get(0))?
+        .collect()
 }
 
 /// Move `sink`'s cursor past batch `seq` (ending at `last`), count `n`

@@ -33,10 +33,11 @@
 //!   ([`crate::state_dir`]); readers (`edgemeter status`) open read-only and
 //!   rely on WAL to see a consistent snapshot while the agent writes.
 //!
-//! # Schema (`PRAGMA application_id` = `EDM1`, `user_version` = 2)
+//! # Schema (`PRAGMA application_id` = `EDM1`, `user_version` = 3)
 //! - `records(id AUTOINCREMENT, kind, ts, name, dims, value, unit, payload,
-//!   size, at)`: appended by the writer. AUTOINCREMENT because sink cursors
-//!   compare ids: an id must never be reused after its row is deleted.
+//!   size, at, n)`: appended by the writer, a row holding `n` records (see
+//!   "Rows"). AUTOINCREMENT because sink cursors compare ids: an id must
+//!   never be reused after its row is deleted.
 //! - `sinks(name, kinds, cursor, next_seq, counters…)`: one row per configured
 //!   sink. `cursor` is the highest record id the sink has confirmed (records
 //!   of kinds it does not take count as confirmed when it passes them).
@@ -48,6 +49,27 @@
 //! - `drops(reason, sink, count)`: every record the outbox gave up on.
 //! - `counters(sink, key, value)`: what sinks report of their own work
 //!   (requests, bytes sent, retries, throttles), for `edgemeter status`.
+//!
+//! # Rows
+//! Every record has its own id; a row holds one record or several.
+//! - A run of events of one series (kind, name, dims, unit, value) that
+//!   arrive together, as a relay stream's messages of one read do, is one
+//!   row: at most [`BUNDLE_MAX`] events and about 3.8 KB of payload, so that
+//!   the row fits its 4 KiB page. SQLite's work per row (the statement, the
+//!   b-tree cell) is then shared, and the series' columns are stored once:
+//!   at 20,000 relay messages a second this was ~20 % of the outbox
+//!   thread's CPU and a quarter of the bytes written.
+//! - The row's id is its **last** record's id and `n` its count: it holds
+//!   ids `id - n + 1 ..= id`. Its `ts` is the first record's, its `size` the
+//!   sum of its records' charged bytes.
+//! - With `n > 1` the payload is the records' `(ts, payload)` one after the
+//!   other: the time as 8 bytes and the payload's length as 4 (both
+//!   little-endian), then the payload.
+//! - Reading unpacks rows into records, so sinks, batches, dead letters and
+//!   every count see records, never rows. A batch may end inside a row; a
+//!   sink's cursor is then inside it too, and the row is deleted once every
+//!   sink's cursor has passed its last id. Dropping for space drops whole
+//!   rows, counting each record.
 //!
 //! # Flow
 //! 1. **append**: one transaction inserts a group of records (the writer task
@@ -99,14 +121,15 @@ mod open;
 mod stats;
 
 // The helpers each role's transactions share (inside a transaction).
-use append::{collect_garbage, count_drop};
+use append::{BUNDLE_MAX, PACKED_HEADER, collect_garbage, count_drop};
 use dead::{delete_dead, evict_dead, insert_dead_records};
 use deliver::{accepted_ids, advance, forget_accepted, open_batch_end};
 
 pub const FILE_NAME: &str = "outbox.db";
 const APPLICATION_ID: i64 = 0x4544_4D31; // "EDM1"
 /// 2: `accepted`, the records of an unsettled batch a receiver took.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: `records.n`, a row of several events (see "Rows" above).
+const SCHEMA_VERSION: i64 = 3;
 const OUR_TABLES: &[&str] = &[
     "records",
     "sinks",
@@ -131,7 +154,8 @@ CREATE TABLE IF NOT EXISTS records (
     unit    TEXT    NOT NULL,
     payload BLOB    NOT NULL,
     size    INTEGER NOT NULL,
-    at      INTEGER NOT NULL
+    at      INTEGER NOT NULL,
+    n       INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS sinks (
     name              TEXT PRIMARY KEY,
@@ -349,6 +373,10 @@ pub struct Outbox {
     dead_bytes: i64,
     /// See [`Batch::outbox_id`].
     id: String,
+    /// SQL for the records a row holds: `n`, or `1` in an outbox of a schema
+    /// before 3 opened without upgrading it (`edgemeter status` while an
+    /// older agent runs).
+    per_row: &'static str,
 }
 
 impl Outbox {

@@ -32,6 +32,7 @@ impl Outbox {
             bytes: 0,
             dead_bytes: 0,
             id: String::new(),
+            per_row: "n",
         };
         let path = outbox.path.clone();
         let e = sql_err(&path, "reading totals at start-up");
@@ -65,7 +66,7 @@ impl Outbox {
             .map_err(&e)?;
         report.records = outbox
             .conn
-            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(SUM(n), 0) FROM records", [], |r| r.get(0))
             .map_err(&e)?;
         report.open_batches = outbox
             .conn
@@ -111,6 +112,13 @@ impl Outbox {
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql_err(&path, "setting busy timeout"))?;
+        let has_n: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'n'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql_err(&path, "reading the schema"))?;
         Ok(Outbox {
             conn,
             path,
@@ -118,6 +126,7 @@ impl Outbox {
             bytes: 0,
             dead_bytes: 0,
             id: String::new(),
+            per_row: if has_n { "n" } else { "1" },
         })
     }
 
@@ -254,8 +263,24 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
          PRAGMA foreign_keys = OFF;
          PRAGMA cache_size = -{CACHE_KIB};
          BEGIN;
-         {SCHEMA}
-         PRAGMA application_id = {APPLICATION_ID};
+         {SCHEMA}"
+    ))
+    .map_err(classify)?;
+    // Schema 3: a row may hold several records (`n`). An older outbox's
+    // rows each hold one, the column's default.
+    let has_n: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'n'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(classify)?;
+    if !has_n {
+        conn.execute_batch("ALTER TABLE records ADD COLUMN n INTEGER NOT NULL DEFAULT 1;")
+            .map_err(classify)?;
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA application_id = {APPLICATION_ID};
          PRAGMA user_version = {SCHEMA_VERSION};
          COMMIT;"
     ))

@@ -6,21 +6,25 @@ impl Outbox {
     pub fn stats(&self) -> Result<Stats, OutboxError> {
         let e = sql_err(&self.path, "reading status");
         let c = &self.conn;
+        let n = self.per_row;
         let (records, bytes, oldest) = c
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(at) FROM records",
+                &format!(
+                    "SELECT COALESCE(SUM({n}), 0), COALESCE(SUM(size), 0), MIN(at) FROM records"
+                ),
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(&e)?;
         let mut st = c
-            .prepare(
+            .prepare(&format!(
                 "SELECT s.name,
-                   (SELECT COUNT(*) FROM records r WHERE r.id > s.cursor AND ((1 << r.kind) & s.kinds) != 0),
+                   (SELECT COALESCE(SUM(MIN({n}, r.id - s.cursor)), 0) FROM records r
+                    WHERE r.id > s.cursor AND ((1 << r.kind) & s.kinds) != 0),
                    s.delivered_records, s.delivered_batches, s.failures, s.last_delivery, s.last_failure,
                    s.last_error, (SELECT COUNT(*) FROM dead_letters d WHERE d.sink = s.name)
                  FROM sinks s ORDER BY s.name",
-            )
+            ))
             .map_err(&e)?;
         let mut sinks: Vec<SinkStats> = st
             .query_map([], |r| {

@@ -567,3 +567,227 @@ fn a_group_inserted_many_rows_to_a_statement_keeps_every_field_order_and_id() {
     let back: Vec<&Record> = b.records.iter().map(|(_, r)| r).collect();
     assert_eq!(back, group.iter().collect::<Vec<_>>());
 }
+
+/// An event of stream `s` at `ts` with payload `text`.
+fn event(s: &str, ts: i64, text: &str) -> Record {
+    Record {
+        kind: Kind::Event,
+        ts_ms: ts,
+        name: "relay_message".into(),
+        dims: Dims::new([("stream", s)]),
+        value: 0.0,
+        unit: "None".into(),
+        payload: text.as_bytes().to_vec(),
+    }
+}
+
+/// Rows as stored: (id, n).
+fn rows(o: &Outbox) -> Vec<(i64, i64)> {
+    o.conn
+        .prepare("SELECT id, n FROM records ORDER BY id")
+        .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .expect("rows")
+}
+
+/// A group the way the relay sends one: runs of events per stream, a point
+/// between them, a run longer than a row holds, an event too large to
+/// share a row, and a run split by another series.
+fn relay_group() -> Vec<Record> {
+    let mut g: Vec<Record> = (0..3)
+        .map(|i| event("a", 100 + i, &format!("{{\"a\":{i}}}")))
+        .collect();
+    g.push(point(7.0));
+    g.extend((0..70).map(|i| event("a", 200 + i, &format!("{{\"m\":{i}}}"))));
+    g.extend((0..2).map(|i| event("b", 300 + i, &format!("{{\"b\":{i}}}"))));
+    g.push(event("b", 302, &"x".repeat(5000)));
+    g.push(event("b", 303, "{}"));
+    g.push(Record {
+        name: "other".into(),
+        ..event("b", 304, "{}")
+    });
+    g
+}
+
+#[test]
+fn events_arriving_together_share_a_row_and_come_back_as_records() {
+    let d = TempDir::new("outbox");
+    let mut o = open(&d, 1 << 30, &[("a", ALL)]);
+    let group = relay_group();
+    let app = o.append(&group).expect("append");
+    assert_eq!(app.ids, 1..=group.len() as i64);
+    // 3 events, the point, 64 + 6 events, 2 events of `b`, the large one
+    // alone, the next one (its run starts anew), one of another name.
+    assert_eq!(
+        rows(&o),
+        vec![
+            (3, 3),
+            (4, 1),
+            (68, 64),
+            (74, 6),
+            (76, 2),
+            (77, 1),
+            (78, 1),
+            (79, 1)
+        ]
+    );
+    let s = o.stats().expect("stats");
+    assert_eq!((s.records, s.sinks[0].pending), (79, 79));
+    let charged: i64 = group
+        .iter()
+        .map(|r| r.charged_bytes(r.dims.encoded()))
+        .sum();
+    assert_eq!((s.bytes, o.bytes()), (charged, charged));
+
+    // Batches of 10 end inside rows; every record comes back once, in
+    // order, with its own id, time and payload.
+    let mut back: Vec<(i64, Record)> = Vec::new();
+    for _ in 0..20 {
+        let Some(b) = o.next_batch("a", 10).expect("claim") else {
+            break;
+        };
+        assert!(b.records.len() <= 10);
+        back.extend(b.records.iter().cloned());
+        o.ack(&b).expect("ack");
+        let pending = o.stats().expect("stats").sinks[0].pending;
+        assert_eq!(
+            pending,
+            79 - back.len() as i64,
+            "pending counts records, not rows"
+        );
+    }
+    let ids: Vec<i64> = back.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (1..=79).collect::<Vec<_>>());
+    let records: Vec<&Record> = back.iter().map(|(_, r)| r).collect();
+    assert_eq!(records, group.iter().collect::<Vec<_>>());
+    assert_eq!((count(&o, "records"), o.bytes()), (0, 0));
+    assert_eq!(o.stats().expect("stats").sinks[0].delivered_records, 79);
+}
+
+#[test]
+fn a_batch_ending_inside_a_row_is_redelivered_without_what_was_accepted() {
+    let d = TempDir::new("outbox");
+    {
+        let mut o = open(&d, 1 << 30, &[("a", ALL), ("b", ALL)]);
+        o.append(&relay_group()).expect("append");
+        let b = o.next_batch("a", 6).expect("claim").expect("batch");
+        let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, (1..=6).collect::<Vec<_>>());
+        // Records 5 and 6 (inside the row of 64) were accepted; then the
+        // agent died.
+        o.accept("a", b.seq, &[5, 6]).expect("accept");
+    }
+    let (mut o, _) = Outbox::open(&d.0, 1 << 30).expect("reopen");
+    o.register_sinks(&[("a".into(), ALL), ("b".into(), ALL)])
+        .expect("register");
+    let b = o.next_batch("a", 6).expect("claim").expect("batch");
+    let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
+    assert_eq!((b.seq, ids, b.accepted_before), (1, vec![1, 2, 3, 4], 2));
+    o.ack(&b).expect("ack");
+    let next = o.next_batch("a", 3).expect("claim").expect("batch");
+    let ids: Vec<i64> = next.records.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, vec![7, 8, 9], "after the cursor, inside the row");
+    // `b` has confirmed nothing: every row stays.
+    assert_eq!(count(&o, "records"), 8);
+}
+
+#[test]
+fn dropping_a_row_counts_each_record_a_sink_had_not_passed() {
+    let d = TempDir::new("outbox");
+    let group = relay_group();
+    let charged = |r: &Record| r.charged_bytes(r.dims.encoded());
+    let total: i64 = group.iter().map(charged).sum();
+    let mut o = open(&d, total as u64, &[("fast", ALL), ("slow", ALL)]);
+    o.append(&group).expect("append");
+    // `fast` passes 10 records: the first two rows and 6 of the row of 64.
+    let b = o.next_batch("fast", 10).expect("claim").expect("batch");
+    o.ack(&b).expect("ack");
+    // One more record makes room by dropping the oldest rows: the first
+    // (3 records) is not enough, the point (1) neither, the 64 are.
+    let large = event("c", 400, &"y".repeat(1000));
+    assert!(charged(&large) > charged(&group[0]) * 3 + charged(&group[3]));
+    let app = o.append(&[large]).expect("append");
+    assert_eq!(app.dropped, 68);
+    let s = o.stats().expect("stats");
+    assert_eq!(s.records, 79 + 1 - 68);
+    assert_eq!(
+        s.drops,
+        vec![
+            (reason::BUFFER_FULL.to_owned(), "fast".to_owned(), 58),
+            (reason::BUFFER_FULL.to_owned(), "slow".to_owned(), 68),
+        ]
+    );
+    let rest = o.next_batch("fast", 100).expect("claim").expect("batch");
+    assert_eq!(rest.records.first().map(|(id, _)| *id), Some(69));
+    assert_eq!(rest.records.len(), 12);
+}
+
+#[test]
+fn a_dead_letter_of_packed_rows_keeps_each_record() {
+    let d = TempDir::new("outbox");
+    let mut o = open(&d, 1 << 30, &[("a", ALL)]);
+    let group: Vec<Record> = (0..5)
+        .map(|i| event("a", 10 + i, &format!("[{i}]")))
+        .collect();
+    o.append(&group).expect("append");
+    assert_eq!(rows(&o), vec![(5, 5)]);
+    let b = o.next_batch("a", 10).expect("claim").expect("batch");
+    o.ack_with_rejects(&b, &[(2, "too old".into()), (4, "too old".into())])
+        .expect("ack with rejects");
+    assert_eq!(count(&o, "records"), 0);
+    o.retry_dead(None, None).expect("retry");
+    let again = o.next_batch("a", 10).expect("claim").expect("dead letter");
+    let back: Vec<(i64, &Record)> = again.records.iter().map(|(id, r)| (*id, r)).collect();
+    assert_eq!(back, vec![(2, &group[1]), (4, &group[3])]);
+}
+
+#[test]
+fn an_outbox_of_schema_2_is_read_and_upgraded_in_place() {
+    let d = TempDir::new("outbox");
+    let path = d.0.join(FILE_NAME);
+    {
+        // What an edgemeter of schema 2 left: two records, a sink part
+        // of the way through them.
+        let (mut o, _) = Outbox::open(&d.0, 1 << 20).expect("open");
+        o.register_sinks(&[("a".into(), ALL)]).expect("register");
+        o.append(&[point(1.0), point(2.0), point(3.0)])
+            .expect("append");
+        let b = o.next_batch("a", 1).expect("claim").expect("batch");
+        o.ack(&b).expect("ack");
+        o.conn
+            .execute_batch(
+                "BEGIN;
+                 CREATE TABLE old AS SELECT id, kind, ts, name, dims, value, unit, payload, size, at FROM records;
+                 DROP TABLE records;
+                 CREATE TABLE records (
+                     id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER NOT NULL, ts INTEGER NOT NULL,
+                     name TEXT NOT NULL, dims TEXT NOT NULL, value REAL NOT NULL, unit TEXT NOT NULL,
+                     payload BLOB NOT NULL, size INTEGER NOT NULL, at INTEGER NOT NULL);
+                 INSERT INTO records SELECT * FROM old;
+                 DROP TABLE old;
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )
+            .expect("make it schema 2");
+    }
+    // `edgemeter status` while the old agent still runs: read as it is.
+    let o = Outbox::open_read_only(&d.0).expect("read only");
+    let s = o.stats().expect("stats of schema 2");
+    assert_eq!((s.records, s.sinks[0].pending), (2, 2));
+    drop(o);
+    // The new agent starts: the file is upgraded, nothing is lost.
+    let mut o = open(&d, 1 << 20, &[("a", ALL)]);
+    let version: i64 = o
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, SCHEMA_VERSION);
+    assert!(path.exists());
+    o.append(&[event("x", 1, "{}"), event("x", 2, "{}")])
+        .expect("append");
+    let b = o.next_batch("a", 10).expect("claim").expect("batch");
+    let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        (values(&b)[..2].to_vec(), ids),
+        (vec![2.0, 3.0], vec![2, 3, 4, 5])
+    );
+}

@@ -319,3 +319,17 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// The ids of the records buffered in an outbox, read from its rows: a row
+/// holds the records `id - n + 1 ..= id` (src/outbox: "Rows").
+pub fn outbox_ids(db: &rusqlite::Connection) -> Vec<i64> {
+    db.prepare("SELECT id, n FROM records ORDER BY id")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .expect("read the outbox's ids")
+        .into_iter()
+        .flat_map(|(id, n)| id - n + 1..=id)
+        .collect()
+}
