@@ -115,17 +115,15 @@ fn run_length(rows: &[Row]) -> usize {
     n
 }
 
-/// Insert rows, [`ROWS_PER_INSERT`] stored rows to a statement, a run of
-/// events as one stored row; returns the first and last id given (None
-/// and 0 for none). Ids are given here, the next after the highest ever
-/// given (`sqlite_sequence`): a stored row's id is its last record's.
+/// Insert rows: a record alone in its row [`ROWS_PER_INSERT`] to a
+/// statement, with the id SQLite gives (the next after the highest ever
+/// given); a run of events as one row, with the id of its last record.
+/// Returns the first and last id given (None and 0 for none).
 fn insert_records(
     tx: &Transaction,
     rows: &[Row],
     now: i64,
 ) -> rusqlite::Result<(Option<i64>, i64)> {
-    static MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
-    static ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
     if rows.is_empty() {
         return Ok((None, 0));
     }
@@ -137,64 +135,105 @@ fn insert_records(
         )
         .optional()?
         .unwrap_or(0);
-    let mut runs = Vec::new();
+    let mut last = top;
+    // Rows of one record not inserted yet, fewer than a statement's.
+    let mut singles: Vec<&Row> = Vec::with_capacity(ROWS_PER_INSERT);
+    let mut packed = Vec::new();
     let mut at = 0;
     while at < rows.len() {
         let n = run_length(&rows[at..]);
-        runs.push(&rows[at..at + n]);
+        if n == 1 {
+            singles.push(&rows[at]);
+            if singles.len() == ROWS_PER_INSERT {
+                insert_singles(tx, &singles, now)?;
+                singles.clear();
+            }
+        } else {
+            insert_singles(tx, &singles, now)?;
+            singles.clear();
+            insert_run(tx, &rows[at..at + n], last + n as i64, now, &mut packed)?;
+        }
+        last += n as i64;
         at += n;
     }
-    let mut packed = Vec::new();
-    let mut last = top;
-    let mut insert = |sql: &str, runs: &[&[Row]]| -> rusqlite::Result<()> {
+    insert_singles(tx, &singles, now)?;
+    Ok((Some(top + 1), last))
+}
+
+/// Rows of one record each, in order: a full statement's worth in one, else
+/// one at a time (a statement of every other length would be prepared anew).
+fn insert_singles(tx: &Transaction, rows: &[&Row], now: i64) -> rusqlite::Result<()> {
+    static MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
+    static ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
+    let insert = |sql: &str, rows: &[&Row]| -> rusqlite::Result<()> {
         let mut st = tx.prepare_cached(sql)?;
-        for (k, run) in runs.iter().enumerate() {
-            let ((r, dims), _) = run[0];
+        for (k, ((r, dims), size)) in rows.iter().enumerate() {
             let at = |column: usize| k * COLUMNS + column;
-            last += run.len() as i64;
-            st.raw_bind_parameter(at(1), last)?;
-            st.raw_bind_parameter(at(2), r.kind as i64)?;
-            st.raw_bind_parameter(at(3), r.ts_ms)?;
-            st.raw_bind_parameter(at(4), &r.name)?;
-            st.raw_bind_parameter(at(5), *dims)?;
-            st.raw_bind_parameter(at(6), r.value)?;
-            st.raw_bind_parameter(at(7), &r.unit)?;
-            if run.len() == 1 {
-                st.raw_bind_parameter(at(8), &r.payload)?;
-            } else {
-                packed.clear();
-                for ((r, _), _) in *run {
-                    packed.extend_from_slice(&r.ts_ms.to_le_bytes());
-                    packed.extend_from_slice(&(r.payload.len() as u32).to_le_bytes());
-                    packed.extend_from_slice(&r.payload);
-                }
-                // Bound as a copy (SQLITE_TRANSIENT): the buffer is reused.
-                st.raw_bind_parameter(at(8), &packed)?;
-            }
-            st.raw_bind_parameter(at(9), run.iter().map(|(_, size)| **size).sum::<i64>())?;
-            st.raw_bind_parameter(at(10), now)?;
-            st.raw_bind_parameter(at(11), run.len() as i64)?;
+            st.raw_bind_parameter(at(1), r.kind as i64)?;
+            st.raw_bind_parameter(at(2), r.ts_ms)?;
+            st.raw_bind_parameter(at(3), &r.name)?;
+            st.raw_bind_parameter(at(4), **dims)?;
+            st.raw_bind_parameter(at(5), r.value)?;
+            st.raw_bind_parameter(at(6), &r.unit)?;
+            st.raw_bind_parameter(at(7), &r.payload)?;
+            st.raw_bind_parameter(at(8), **size)?;
+            st.raw_bind_parameter(at(9), now)?;
         }
         st.raw_execute()?;
         Ok(())
     };
-    let mut chunks = runs.chunks_exact(ROWS_PER_INSERT);
-    for chunk in chunks.by_ref() {
-        insert(&MANY, chunk)?;
+    if rows.len() == ROWS_PER_INSERT {
+        return insert(&MANY, rows);
     }
-    for run in chunks.remainder() {
-        insert(&ONE, std::slice::from_ref(run))?;
-    }
-    Ok((Some(top + 1), last))
+    rows.iter()
+        .try_for_each(|row| insert(&ONE, std::slice::from_ref(row)))
 }
 
-const COLUMNS: usize = 11;
+/// A run of events as one row with id `last` (see the module header's
+/// "Rows"); `packed` is a buffer to reuse.
+fn insert_run(
+    tx: &Transaction,
+    run: &[Row],
+    last: i64,
+    now: i64,
+    packed: &mut Vec<u8>,
+) -> rusqlite::Result<()> {
+    let ((r, dims), _) = run[0];
+    packed.clear();
+    for ((r, _), _) in run {
+        packed.extend_from_slice(&r.ts_ms.to_le_bytes());
+        packed.extend_from_slice(&(r.payload.len() as u32).to_le_bytes());
+        packed.extend_from_slice(&r.payload);
+    }
+    let size: i64 = run.iter().map(|(_, size)| **size).sum();
+    let mut st = tx.prepare_cached(
+        "INSERT INTO records (id, kind, ts, name, dims, value, unit, payload, size, at, n)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    st.execute(params![
+        last,
+        r.kind as i64,
+        r.ts_ms,
+        r.name,
+        *dims,
+        r.value,
+        r.unit,
+        &packed[..],
+        size,
+        now,
+        run.len() as i64
+    ])?;
+    Ok(())
+}
 
-/// `INSERT INTO records (…) VALUES (?, …), …` for `rows` rows.
+const COLUMNS: usize = 9;
+
+/// `INSERT INTO records (…) VALUES (?, …), …` for `rows` rows of one
+/// record each (`n` is 1, its default).
 fn insert_sql(rows: usize) -> String {
     let row = format!("({})", ["?"; COLUMNS].join(", "));
     format!(
-        "INSERT INTO records (id, kind, ts, name, dims, value, unit, payload, size, at, n) VALUES {}",
+        "INSERT INTO records (kind, ts, name, dims, value, unit, payload, size, at) VALUES {}",
         vec![row; rows].join(", ")
     )
 }
