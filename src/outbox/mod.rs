@@ -57,8 +57,10 @@
 //!   row: at most [`BUNDLE_MAX`] events and about 3.8 KB of payload, so that
 //!   the row fits its 4 KiB page. SQLite's work per row (the statement, the
 //!   b-tree cell) is then shared, and the series' columns are stored once:
-//!   at 20,000 relay messages a second this was ~20 % of the outbox
-//!   thread's CPU and a quarter of the bytes written.
+//!   an append of relay messages took 0.44 µs of CPU per message against
+//!   0.73 one to a row, and 242 bytes on disk against 274
+//!   (`benches/outbox.rs`); the relay bench's outbox thread, 0.7 µs per
+//!   message against 1.3.
 //! - The row's id is its **last** record's id and `n` its count: it holds
 //!   ids `id - n + 1 ..= id`. Its `ts` is the first record's, its `size` the
 //!   sum of its records' charged bytes.
