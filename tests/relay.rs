@@ -1354,22 +1354,18 @@ admin_token_file = "admin.token"
     );
     let mut up = Agent::start_upstream(&up_cfg, "info", &[]);
     let fetch = || -> Vec<serde_json::Value> {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            return Vec::new();
-        };
-        let req = "GET /v1/events?range=1D&limit=10000 HTTP/1.1\r\nHost: x\r\n\
-                   Authorization: Bearer admin-token-0123456789\r\nConnection: close\r\n\r\n";
-        let mut raw = Vec::new();
-        if std::io::Write::write_all(&mut s, req.as_bytes()).is_err()
-            || std::io::Read::read_to_end(&mut s, &mut raw).is_err()
-        {
-            return Vec::new();
-        }
-        let raw = String::from_utf8_lossy(&raw);
-        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        serde_json::from_str::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["events"].as_array().cloned())
+        let (status, body) = common::http::http(
+            port,
+            "GET",
+            "/v1/events?range=1D&limit=10000",
+            Some("admin-token-0123456789"),
+            "",
+            b"",
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["events"]
+            .as_array()
+            .cloned()
             .unwrap_or_default()
     };
     assert!(

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::http::AckDropper;
+use common::http::{AckDropper, http, parse_response};
 use common::pg::{PgServer, free_port};
 use common::{Agent, TempDir, edgemeter, now_ms, rss_kib, wait_until};
 
@@ -117,43 +117,6 @@ retry_max_secs = 0.5
             state = dir.path(&format!("{id}-state")).display()
         ),
     )
-}
-
-/// One HTTP request on its own connection; (status, body).
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    headers: &str,
-    body: &[u8],
-) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}{headers}content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body).expect("write");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    parse_response(&out)
-}
-
-fn parse_response(raw: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
 }
 
 fn get_json(port: u16, path: &str) -> serde_json::Value {

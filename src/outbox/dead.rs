@@ -10,7 +10,7 @@ impl Outbox {
         let done = self.write("dead-lettering a batch", |tx| {
             let (mut freed, mut added) = (0, 0);
             // What the receiver accepted of it is delivered, not dead.
-            let accepted = accepted_ids(tx, batch)?;
+            let accepted = accepted_ids(tx, &batch.sink, batch.seq)?;
             forget_accepted(tx, batch)?;
             match batch.origin {
                 Origin::DeadLetter(id) => {

@@ -70,7 +70,7 @@ impl Outbox {
                 after: first - 1,
                 until: last,
                 max: usize::MAX,
-                skip: accepted_in(&tx, sink, seq).map_err(&e)?,
+                skip: accepted_ids(&tx, sink, seq).map_err(&e)?,
             };
             let records = load_records(
                 &tx,
@@ -315,12 +315,16 @@ fn accepted_count(tx: &Transaction, sink: &str, seq: i64) -> rusqlite::Result<i6
     )
 }
 
-/// The ids of `batch` the receiver accepted (in this attempt or before).
+/// The ids of batch `seq` of `sink` the receiver accepted (in this attempt
+/// or before).
 pub(super) fn accepted_ids(
     tx: &Transaction,
-    batch: &Batch,
+    sink: &str,
+    seq: i64,
 ) -> rusqlite::Result<std::collections::HashSet<i64>> {
-    accepted_in(tx, &batch.sink, batch.seq)
+    tx.prepare_cached("SELECT id FROM accepted WHERE sink = ?1 AND seq = ?2")?
+        .query_map(params![sink, seq], |r| r.get(0))?
+        .collect()
 }
 
 /// The batch is settled: what was accepted of it no longer matters.
@@ -409,24 +413,15 @@ pub(super) fn load_records(
             }
             continue;
         }
-        let events = unpack(payload).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(
-                7,
-                rusqlite::types::Type::Blob,
-                format!("row {last}: {n} records do not unpack from its payload").into(),
-            )
-        })?;
-        if events.len() as i64 != n {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                7,
-                rusqlite::types::Type::Blob,
-                format!(
-                    "row {last}: {} records unpacked, {n} expected",
-                    events.len()
+        let events = unpack(payload)
+            .filter(|events| events.len() as i64 == n)
+            .ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    7,
+                    rusqlite::types::Type::Blob,
+                    format!("row {last}: its payload is not {n} packed records").into(),
                 )
-                .into(),
-            ));
-        }
+            })?;
         for ((ts_ms, payload), id) in events.into_iter().zip(last - n + 1..) {
             if out.len() < span.max && keep(id) {
                 out.push((
@@ -456,17 +451,6 @@ pub(super) fn unpack(mut packed: &[u8]) -> Option<Vec<(i64, &[u8])>> {
         packed = rest;
     }
     Some(events)
-}
-
-/// The ids of batch `seq` of `sink` that its receiver accepted.
-fn accepted_in(
-    tx: &Transaction,
-    sink: &str,
-    seq: i64,
-) -> rusqlite::Result<std::collections::HashSet<i64>> {
-    tx.prepare_cached("SELECT id FROM accepted WHERE sink = ?1 AND seq = ?2")?
-        .query_map(params![sink, seq], |r| r.get(0))?
-        .collect()
 }
 
 /// Move `sink`'s cursor past batch `seq` (ending at `last`), count `n`

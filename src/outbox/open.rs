@@ -112,13 +112,7 @@ impl Outbox {
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql_err(&path, "setting busy timeout"))?;
-        let has_n: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'n'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(sql_err(&path, "reading the schema"))?;
+        let has_n = rows_hold_many(&conn).map_err(sql_err(&path, "reading the schema"))?;
         Ok(Outbox {
             conn,
             path,
@@ -268,14 +262,7 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
     .map_err(classify)?;
     // Schema 3: a row may hold several records (`n`). An older outbox's
     // rows each hold one, the column's default.
-    let has_n: bool = conn
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'n'",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(classify)?;
-    if !has_n {
+    if !rows_hold_many(&conn).map_err(classify)? {
         conn.execute_batch("ALTER TABLE records ADD COLUMN n INTEGER NOT NULL DEFAULT 1;")
             .map_err(classify)?;
     }
@@ -286,6 +273,15 @@ fn open_checked(path: &Path) -> Result<Connection, Verdict> {
     ))
     .map_err(classify)?;
     Ok(conn)
+}
+
+/// Whether `records` has schema 3's `n` (a row of several records).
+fn rows_hold_many(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'n'",
+        [],
+        |r| r.get(0),
+    )
 }
 
 /// SQLite's page cache for the outbox, in KiB (its default is 2,000). The
