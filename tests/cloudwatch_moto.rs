@@ -227,10 +227,38 @@ batch_max_records = 20
         before.len(),
         after.len()
     );
+    let log = agent.stderr();
     assert!(
-        agent.stderr().contains("HTTP 503"),
-        "the cut was seen as a retryable 503"
+        log.contains("HTTP 503"),
+        "the cut was seen as a retryable 503: {log}"
     );
+}
+
+/// CI run of `4aaacc7`: the restart test above failed on its last line; the
+/// agent never logged the proxy's 503. The cut proxy answered and closed
+/// without reading the request, so a sender still writing its body got a
+/// reset (an I/O error) instead of the answer. A cut must look like a real
+/// server's 503 to a request of any size.
+#[test]
+fn a_cut_route_answers_503_to_a_request_of_any_size() {
+    let proxy = Proxy::start(1);
+    proxy.cut();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    for size in [0usize, 2_000, 200_000, 2_000_000] {
+        for round in 0..3 {
+            let answer = agent
+                .post(&format!("http://127.0.0.1:{}/", proxy.port))
+                .send(&vec![b'x'; size][..]);
+            match answer {
+                Ok(r) => assert_eq!(r.status().as_u16(), 503, "{size} bytes, round {round}"),
+                Err(e) => panic!("{size} bytes, round {round}: {e}, not a 503"),
+            }
+        }
+    }
 }
 
 /// Issue 17, problem 1: a batch of 2,500 points goes in three requests; the

@@ -101,35 +101,8 @@ impl Peer {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut headers = Vec::new();
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                let Some(request) = read_request(&stream) else {
                     continue;
-                }
-                let target = line.split(' ').nth(1).unwrap_or("").to_owned();
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some((k, v)) = line.trim_end().split_once(':') {
-                        headers.push((k.trim().to_owned(), v.trim().to_owned()));
-                    }
-                }
-                let len: usize = headers
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                    .and_then(|(_, v)| v.parse().ok())
-                    .unwrap_or(0);
-                let mut body = vec![0; len];
-                if reader.read_exact(&mut body).is_err() {
-                    continue;
-                }
-                let request = Request {
-                    target,
-                    headers,
-                    body,
                 };
                 let answer = decide(&request).unwrap_or_else(|| {
                     let mut s = scr.lock().expect("script");
@@ -165,6 +138,39 @@ impl Peer {
     }
 }
 
+/// One HTTP/1.1 request read whole (headers, then `Content-Length` bytes of
+/// body); None if the peer closed or sent less.
+pub fn read_request(stream: &std::net::TcpStream) -> Option<Request> {
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut headers = Vec::new();
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let target = line.split(' ').nth(1).unwrap_or("").to_owned();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.trim_end().split_once(':') {
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(Request {
+        target,
+        headers,
+        body,
+    })
+}
+
 /// IMF-fixdate for `secs` since 1970 (`Tue, 24 Nov 2026 02:50:51 GMT`).
 pub fn http_date(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -182,8 +188,10 @@ pub fn http_date(secs: i64) -> String {
     )
 }
 
-/// A forwarding proxy that can cut the route: while cut, new requests get
-/// 503 at once and requests already forwarded finish normally. Used to make
+/// A forwarding proxy that can cut the route: while cut, a new request is
+/// read whole and answered 503 (answering before the sender has written its
+/// body would reset the connection, which the sender sees as an I/O error,
+/// not a 503); requests already forwarded finish normally. Used to make
 /// "what the receiver had" a clean cut in restart tests.
 pub struct Proxy {
     pub port: u16,
@@ -206,6 +214,10 @@ impl Proxy {
                     {
                         let cut = c.lock().expect("cut");
                         if *cut {
+                            drop(cut);
+                            let _ =
+                                client.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                            let _ = read_request(&client);
                             let _ = client.write_all(
                                 b"HTTP/1.1 503 X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                             );
