@@ -19,7 +19,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use async_signal::{Signal, Signals};
-use smol::channel::{Receiver, Sender};
+use smol::channel::Sender;
 use smol::stream::StreamExt;
 use std::rc::Rc;
 
@@ -29,7 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record, payloads};
-use crate::runtime::{self, Doorbell, Item, SharedOutbox};
+use crate::runtime::{self, Doorbell, Inbox, Item, SharedOutbox};
 use crate::sinks::Sink;
 use crate::sinks::delivery::{Driver, IDLE_RECHECK};
 use crate::sources::Source;
@@ -373,12 +373,7 @@ const RING_AT_ONCE: usize = 1000;
 /// transaction, and makes the commits durable against a power cut once a
 /// second ([`SYNC_EVERY`]). Ends when the channel closes (every source
 /// gone), after committing and syncing what it holds.
-async fn write_records(
-    rx: Receiver<Item>,
-    outbox: SharedOutbox,
-    cadence: Cadence,
-    bells: Vec<Doorbell>,
-) {
+async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells: Vec<Doorbell>) {
     let flush = cadence.flush;
     let mut group: Vec<Record> = Vec::new();
     // Barriers wait for the commit of everything received before them.
@@ -421,6 +416,7 @@ async fn write_records(
             };
             match next {
                 Some(Ok(Item::Record(r))) => group.push(r),
+                Some(Ok(Item::Records(mut rs))) => group.append(&mut rs),
                 Some(Ok(Item::Barrier(done))) => {
                     // Nothing is pending: everything before it is committed.
                     let _ = done.try_send(());
@@ -457,6 +453,7 @@ async fn write_records(
             .await;
             match next {
                 Some(Ok(Item::Record(r))) => group.push(r),
+                Some(Ok(Item::Records(mut rs))) => group.append(&mut rs),
                 Some(Ok(Item::Barrier(done))) => barriers.push(done),
                 Some(Err(_)) => closed = true,
                 None => break,
@@ -466,6 +463,7 @@ async fn write_records(
             while barriers.is_empty() && group.len() < GROUP_MAX {
                 match rx.try_recv() {
                     Ok(Item::Record(r)) => group.push(r),
+                    Ok(Item::Records(mut rs)) => group.append(&mut rs),
                     Ok(Item::Barrier(done)) => barriers.push(done),
                     Err(_) => break,
                 }
@@ -581,10 +579,7 @@ mod tests {
     use crate::record::{Dims, KindSet};
 
     /// The writer with no sinks, committing and waking every 10 ms.
-    fn fast_writer(
-        rx: Receiver<Item>,
-        outbox: SharedOutbox,
-    ) -> impl std::future::Future<Output = ()> {
+    fn fast_writer(rx: Inbox, outbox: SharedOutbox) -> impl std::future::Future<Output = ()> {
         write_records(
             rx,
             outbox,

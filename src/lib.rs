@@ -79,7 +79,9 @@
 //!   restarts resend the same id with the same records (less any dropped for
 //!   space, which are counted).
 //! - Everything that grows has a bound: the record channel
-//!   ([`runtime::RECORD_CHANNEL_CAPACITY`]), the outbox (`buffer_max_bytes`),
+//!   ([`runtime::RECORD_CHANNEL_CAPACITY`] items, and
+//!   [`runtime::RECORDS_IN_GROUPS_MAX`] records in items of several), the
+//!   outbox (`buffer_max_bytes`),
 //!   dead letters (a quarter of it), uncommitted records while the disk is
 //!   full, batch sizes (`batch_max_records`), the config file (1 MiB).
 //! - One agent per state directory (an `flock` on `edgemeter.lock`).

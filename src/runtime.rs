@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -77,9 +78,17 @@ impl Shutdown {
 /// What travels to the outbox writer.
 pub enum Item {
     Record(Record),
+    /// Records that arrived together, in order ([`Emitter::emit_all`]).
+    Records(Vec<Record>),
     /// Commit everything sent before this now, then answer.
     Barrier(Sender<()>),
 }
+
+/// At most this many records travel in [`Item::Records`] at a time, on top
+/// of the channel's [`RECORD_CHANNEL_CAPACITY`] items: the channel counts
+/// items, not records, so this is what keeps the records in flight bounded
+/// (at most twice the capacity) when the writer falls behind.
+pub const RECORDS_IN_GROUPS_MAX: usize = RECORD_CHANNEL_CAPACITY;
 
 /// Spawns tasks on the agent's one executor: what a source that serves many
 /// connections or streams uses, instead of an executor of its own.
@@ -101,11 +110,28 @@ impl Spawner {
 
 /// Where sources put records. Cloned per source.
 #[derive(Clone)]
-pub struct Emitter(Sender<Item>);
+pub struct Emitter {
+    tx: Sender<Item>,
+    /// Records in [`Item::Records`] sent and not yet received.
+    grouped: Arc<AtomicUsize>,
+}
 
-pub fn record_channel() -> (Emitter, Receiver<Item>) {
+/// The outbox writer's end of the record channel.
+pub struct Inbox {
+    rx: Receiver<Item>,
+    grouped: Arc<AtomicUsize>,
+}
+
+pub fn record_channel() -> (Emitter, Inbox) {
     let (tx, rx) = smol::channel::bounded(RECORD_CHANNEL_CAPACITY);
-    (Emitter(tx), rx)
+    let grouped = Arc::new(AtomicUsize::new(0));
+    (
+        Emitter {
+            tx,
+            grouped: grouped.clone(),
+        },
+        Inbox { rx, grouped },
+    )
 }
 
 impl Emitter {
@@ -113,7 +139,33 @@ impl Emitter {
     /// Returns false once the writer has stopped (shutdown): drop the record
     /// and return.
     pub async fn emit(&self, record: Record) -> bool {
-        self.0.send(Item::Record(record)).await.is_ok()
+        self.tx.send(Item::Record(record)).await.is_ok()
+    }
+
+    /// Hand over all of `records` (left empty), as one item when the bound
+    /// on grouped records allows, else one by one (which waits while the
+    /// channel is full). One item is one wake-up of the writer and one lock
+    /// of the channel's waiters on each side, instead of one per record: at
+    /// a relay's 17 messages a read, that was 12 % of the reading thread.
+    /// False once the writer has stopped, as for [`Emitter::emit`].
+    pub async fn emit_all(&self, records: &mut Vec<Record>) -> bool {
+        let n = records.len();
+        if n > 1 {
+            if self.grouped.fetch_add(n, Ordering::Relaxed) + n <= RECORDS_IN_GROUPS_MAX {
+                // An exact-size copy: `records` keeps its buffer for the
+                // next read, and the writer frees this one on its thread.
+                let mut group = Vec::with_capacity(n);
+                group.append(records);
+                return self.tx.send(Item::Records(group)).await.is_ok();
+            }
+            self.grouped.fetch_sub(n, Ordering::Relaxed);
+        }
+        for r in records.drain(..) {
+            if !self.emit(r).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Wait until everything emitted before is committed to the outbox (the
@@ -122,7 +174,26 @@ impl Emitter {
     /// if the writer stopped first (shutdown, or commits failing at exit).
     pub async fn committed(&self) -> bool {
         let (tx, rx) = smol::channel::bounded(1);
-        self.0.send(Item::Barrier(tx)).await.is_ok() && rx.recv().await.is_ok()
+        self.tx.send(Item::Barrier(tx)).await.is_ok() && rx.recv().await.is_ok()
+    }
+}
+
+impl Inbox {
+    /// The next item, waiting for one; an error once every emitter is gone.
+    pub async fn recv(&self) -> Result<Item, smol::channel::RecvError> {
+        self.rx.recv().await.map(|item| self.taken(item))
+    }
+
+    /// The next item if one is waiting.
+    pub fn try_recv(&self) -> Result<Item, smol::channel::TryRecvError> {
+        self.rx.try_recv().map(|item| self.taken(item))
+    }
+
+    fn taken(&self, item: Item) -> Item {
+        if let Item::Records(group) = &item {
+            self.grouped.fetch_sub(group.len(), Ordering::Relaxed);
+        }
+        item
     }
 }
 
@@ -362,5 +433,72 @@ mod tests {
             t.elapsed() >= Duration::from_millis(100),
             "no ring was left over"
         );
+    }
+
+    fn numbered(from: usize, n: usize) -> Vec<Record> {
+        (from..from + n)
+            .map(|i| {
+                let dims = crate::record::Dims::default();
+                Record::point("m", dims, i as i64, i as f64, "Count")
+            })
+            .collect()
+    }
+
+    /// Records handed over together travel as one item while the records
+    /// in such items stay within `RECORDS_IN_GROUPS_MAX`; past it they go
+    /// one by one, which waits on the channel's bound, so a writer that
+    /// falls behind never lets memory grow past twice the channel's size.
+    /// Order is kept either way.
+    #[test]
+    fn records_handed_over_together_are_one_item_within_a_bound() {
+        let (emitter, inbox) = record_channel();
+        let half = RECORDS_IN_GROUPS_MAX / 2;
+        let mut sent = 0;
+        smol::block_on(async {
+            for n in [half, half, 3] {
+                let mut rs = numbered(sent, n);
+                assert!(emitter.emit_all(&mut rs).await);
+                assert!(rs.is_empty(), "handed over whole");
+                sent += n;
+            }
+            let mut one = numbered(sent, 1);
+            assert!(emitter.emit_all(&mut one).await);
+            sent += 1;
+        });
+        let mut shapes = Vec::new();
+        let mut got = Vec::new();
+        while let Ok(item) = inbox.try_recv() {
+            match item {
+                Item::Records(rs) => {
+                    shapes.push(rs.len());
+                    got.extend(rs);
+                }
+                Item::Record(r) => {
+                    shapes.push(1);
+                    got.push(r);
+                }
+                Item::Barrier(_) => panic!("no barrier was sent"),
+            }
+        }
+        assert_eq!(
+            shapes,
+            [half, half, 1, 1, 1, 1],
+            "two groups fill the bound; what follows goes one by one"
+        );
+        let order: Vec<i64> = got.iter().map(|r| r.ts_ms).collect();
+        assert_eq!(order, (0..sent as i64).collect::<Vec<_>>());
+        assert_eq!(
+            emitter.grouped.load(Ordering::Relaxed),
+            0,
+            "received groups are off the count"
+        );
+        // With the count back to zero, groups travel as one item again.
+        let mut rs = numbered(0, 5);
+        assert!(smol::block_on(emitter.emit_all(&mut rs)));
+        assert!(matches!(inbox.try_recv(), Ok(Item::Records(g)) if g.len() == 5));
+        // A writer that has stopped: false, as for `emit`.
+        drop(inbox);
+        let mut rs = numbered(0, 5);
+        assert!(!smol::block_on(emitter.emit_all(&mut rs)));
     }
 }

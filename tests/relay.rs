@@ -1383,3 +1383,165 @@ admin_token_file = "admin.token"
     agent.stop();
     up.stop();
 }
+
+/// A read's records go to the outbox writer together, once its frames are
+/// used up (`Emitter::emit_all`). A host that sends a burst and closes in
+/// one write ends the connection with that read's records still held: they
+/// must be handed over before the reconnect wait (5 s here), not after.
+#[test]
+fn a_burst_that_ends_with_the_hosts_close_is_committed_before_the_reconnect_wait() {
+    const BURST: usize = 40;
+    let dir = TempDir::new("relay-close");
+    let hub = Hub::start();
+    let cfg = config(
+        &dir,
+        &hub,
+        &["c1"],
+        r#"
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:9"
+token_file = "edge.token"
+events = true
+"#,
+    );
+    dir.write("edge.token", "token-of-edge-0123456789");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "reconnect_initial_secs = 0.2\nreconnect_max_secs = 1\n",
+        "reconnect_initial_secs = 5\nreconnect_max_secs = 5\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let agent = Agent::start(&cfg, "info");
+    wait_subscribed(&hub, &["c1"]);
+    // Frozen, the hub queues; thawed, it writes the queue in one go.
+    hub.freeze();
+    for k in 0..BURST {
+        let text = envelope(&format!("u{k}"), "c1", "log", &format!("m{k}"));
+        assert_eq!(hub.send_text("c1", &text), 1);
+    }
+    assert_eq!(hub.send("c1", Message::Close(None)), 1);
+    let closed = Instant::now();
+    hub.thaw();
+    let events = || -> i64 {
+        rusqlite::Connection::open_with_flags(
+            dir.path("state/outbox.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|db| {
+            db.query_row(
+                "SELECT COALESCE(SUM(n), 0) FROM records WHERE kind = 3 AND name != 'relay_malformed'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), || events() == BURST as i64),
+        "{} of {BURST} messages committed {:.1} s after the close\n{}",
+        events(),
+        closed.elapsed().as_secs_f64(),
+        agent.stderr()
+    );
+    assert!(
+        hub.connects().len() == 1,
+        "committed before the reconnect: {:?}",
+        hub.connects()
+    );
+}
+
+/// A stream whose socket never runs dry: a host writing faster than we
+/// read. A read's records wait to be handed over together only while the
+/// next frame is ready; at first they also waited without bound, and the
+/// relay bench's sustained phase stored nothing while it lasted. Now at
+/// most 64 wait, so records are committed while the host is still writing.
+#[test]
+fn a_stream_that_never_runs_dry_is_committed_while_it_flows() {
+    const MESSAGES: usize = 100_000;
+    let dir = TempDir::new("relay-flood");
+    let hub = Hub::start();
+    let cfg = config(
+        &dir,
+        &hub,
+        &["f1"],
+        r#"
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:9"
+token_file = "edge.token"
+events = true
+"#,
+    );
+    dir.write("edge.token", "token-of-edge-0123456789");
+    let agent = Agent::start(&cfg, "info");
+    wait_subscribed(&hub, &["f1"]);
+    // Unmasked server text frames (RFC 6455 §5.2), written in one go. The
+    // first frame is 243 bytes and every other 244: the frames then never
+    // end where a read of 4 KiB does, so the only moment with no frame
+    // ready is the end.
+    let mut bytes = Vec::new();
+    for k in 0..MESSAGES {
+        let user = format!("u{}", k % 200);
+        let len = if k == 0 { 239 } else { 240 };
+        let short = envelope(&user, "f1", "log", &format!("m{k}-"));
+        let pad = "x".repeat(len - short.len());
+        let text = envelope(&user, "f1", "log", &format!("m{k}-{pad}"));
+        assert_eq!(text.len(), len);
+        bytes.push(0x81);
+        if text.len() < 126 {
+            bytes.push(text.len() as u8);
+        } else {
+            bytes.push(126);
+            bytes.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        }
+        bytes.extend_from_slice(text.as_bytes());
+    }
+    let total = bytes.len();
+    let mut sockets = hub.raw_sockets("f1");
+    assert_eq!(sockets.len(), 1);
+    let mut socket = sockets.remove(0);
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        socket.write_all(&bytes).map(|()| Instant::now())
+    });
+    let events = || -> i64 {
+        rusqlite::Connection::open_with_flags(
+            dir.path("state/outbox.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|db| {
+            db.query_row(
+                "SELECT COALESCE(SUM(n), 0) FROM records WHERE kind = 3 AND name != 'relay_malformed'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(0)
+    };
+    // While the host still writes, the socket is never empty.
+    let started = Instant::now();
+    let mut while_writing = 0;
+    while !writer.is_finished() && started.elapsed() < Duration::from_secs(120) {
+        while_writing = events();
+        if while_writing > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let done = writer
+        .join()
+        .expect("writer")
+        .expect("the agent read it all");
+    assert!(
+        while_writing > 0,
+        "nothing was committed while the host wrote {total} bytes ({:.1} s)\n{}",
+        (done - started).as_secs_f64(),
+        agent.stderr()
+    );
+    assert!(
+        wait_until(Duration::from_secs(120), || events() == MESSAGES as i64),
+        "{} of {MESSAGES} messages committed\n{}",
+        events(),
+        agent.stderr()
+    );
+}

@@ -122,6 +122,24 @@ impl Hub {
         publish(&self.inner, stream, u64::MAX, msg)
     }
 
+    /// The raw sockets of `stream`'s clients, to write frames encoded by
+    /// the test itself as fast as the kernel takes them (the hub's own
+    /// writer is slower than any reader).
+    pub fn raw_sockets(&self, stream: &str) -> Vec<TcpStream> {
+        let ids: Vec<u64> = self
+            .inner
+            .topics
+            .lock()
+            .unwrap()
+            .get(stream)
+            .map(|l| l.iter().map(|(id, _)| *id).collect())
+            .unwrap_or_default();
+        let sockets = self.inner.sockets.lock().unwrap();
+        ids.iter()
+            .filter_map(|id| sockets.get(id)?.try_clone().ok())
+            .collect()
+    }
+
     pub fn send_text(&self, stream: &str, text: &str) -> usize {
         self.send(stream, Message::text(text))
     }

@@ -115,6 +115,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read in small chunks: 86 idle streams must not hold 128 KiB each.
 const READ_CHUNK_BYTES: usize = 4096;
+/// At most this many records of a stream's frames wait to be handed to
+/// the outbox writer together (a 4 KiB read brings about 17 messages).
+const HELD_MAX: usize = 64;
 
 pub struct Relay {
     config: Config,
@@ -450,7 +453,11 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
                     log::debug!("source `{}`: stream {stream} connected", ctx.name);
                 }
                 failing = false;
-                match read_frames(i, &shared, &ctx, ws, &mut out).await {
+                let ended = read_frames(i, &shared, &ctx, ws, &mut out).await;
+                // What the last read's frames gave (a dropped link's last
+                // frames, an oversized frame's mark) before anything waits.
+                flush_records(&ctx, &mut out).await;
+                match ended {
                     Ended::Shutdown(mut ws) => {
                         // Shutdown: say goodbye, briefly.
                         let _ = smol::future::or(
@@ -621,20 +628,42 @@ async fn read_frames(
             ledger = release::Ledger::default();
             grown = false;
         }
-        let woke = smol::future::or(
-            async { Woke::Frame(ws.next().await) },
-            smol::future::or(
-                async {
-                    ctx.shutdown.wait().await;
-                    Woke::Shutdown
-                },
-                async {
-                    (&mut timer).await;
-                    Woke::Silence
-                },
-            ),
-        )
-        .await;
+        let read = ws.get_ref().read_bytes();
+        let woke = {
+            let mut next = std::pin::pin!(ws.next());
+            // The records of a read's frames go to the writer together
+            // (see `Emitter::emit_all`), once no next frame is ready without
+            // waiting, or [`HELD_MAX`] are held: a stream whose socket never
+            // runs dry must not hold them long. With bytes buffered the next
+            // frame is usually whole, and taken without a system call; with
+            // none, asking would cost one.
+            let buffered = !out.is_empty() && out.len() < HELD_MAX && !ledger.drained(read);
+            let ready = if buffered {
+                smol::future::poll_once(&mut next).await
+            } else {
+                None
+            };
+            match ready {
+                Some(frame) => Woke::Frame(frame),
+                None if !flush_records(ctx, out).await => Woke::Shutdown,
+                None => {
+                    smol::future::or(
+                        async { Woke::Frame(next.await) },
+                        smol::future::or(
+                            async {
+                                ctx.shutdown.wait().await;
+                                Woke::Shutdown
+                            },
+                            async {
+                                (&mut timer).await;
+                                Woke::Silence
+                            },
+                        ),
+                    )
+                    .await
+                }
+            }
+        };
         let next = match woke {
             Woke::Shutdown => return Ended::Shutdown(Box::new(ws)),
             Woke::Silence => {
@@ -703,7 +732,6 @@ async fn read_frames(
                     .state
                     .borrow_mut()
                     .unreadable(i, now, &e.to_string(), out);
-                flush_records(ctx, out).await;
                 return Ended::Dropped(LinkError::Oversized(e.to_string()));
             }
             Some(Err(e)) => return Ended::Dropped(LinkError::Lost(e.to_string())),
@@ -716,15 +744,16 @@ async fn read_frames(
             .as_mut()
             .filter(|d| d.has_outgoing(i))
             .map(|d| d.take_outgoing(i));
-        if let Some(frames) = answers
-            && let Err(e) = send_answers(shared, &mut ws, frames).await
-        {
-            return Ended::Dropped(e);
+        if let Some(frames) = answers {
+            // Records are not held while a slow host takes its answers.
+            if !flush_records(ctx, out).await {
+                return Ended::Shutdown(Box::new(ws));
+            }
+            if let Err(e) = send_answers(shared, &mut ws, frames).await {
+                return Ended::Dropped(e);
+            }
         }
         shared.changed.ring();
-        if !flush_records(ctx, out).await {
-            return Ended::Shutdown(Box::new(ws));
-        }
     }
 }
 
@@ -783,12 +812,7 @@ async fn write_answers<S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin>(
 
 /// Hand `out` to the outbox writer; false if it has stopped.
 async fn flush_records(ctx: &crate::sources::Context, out: &mut Vec<Record>) -> bool {
-    for r in out.drain(..) {
-        if !ctx.emit.emit(r).await {
-            return false;
-        }
-    }
-    true
+    ctx.emit.emit_all(out).await
 }
 
 // ---------------------------------------------------------------- windows

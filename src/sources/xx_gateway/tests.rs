@@ -229,6 +229,7 @@ fn run_source(
             while let Ok(item) = rx.try_recv() {
                 match item {
                     Item::Record(r) => seen.take(r),
+                    Item::Records(rs) => rs.into_iter().for_each(|r| seen.take(r)),
                     Item::Barrier(done) => {
                         let _ = done.try_send(());
                     }
@@ -241,8 +242,10 @@ fn run_source(
         }
         trigger.fire();
         while let Ok(item) = rx.try_recv() {
-            if let Item::Record(r) = item {
-                seen.take(r);
+            match item {
+                Item::Record(r) => seen.take(r),
+                Item::Records(rs) => rs.into_iter().for_each(|r| seen.take(r)),
+                Item::Barrier(_) => {}
             }
         }
         task.await;
