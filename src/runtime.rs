@@ -16,8 +16,10 @@ use crate::record::Record;
 /// A boxed future that stays on the local executor.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
-/// Records in flight between the sources and the outbox writer. Sources wait
-/// when it is full, so a stalled disk slows them instead of growing memory.
+/// Items in flight between the sources and the outbox writer: a record, or
+/// the records of one read ([`Item::Records`], bounded on their own by
+/// [`RECORDS_IN_GROUPS_MAX`]). Sources wait when it is full, so a stalled
+/// disk slows them instead of growing memory.
 ///
 /// The channel's ring of slots (112 bytes each, a [`Record`] and a stamp)
 /// is allocated whole and every slot initialised when it is made, so all
@@ -146,7 +148,8 @@ impl Emitter {
     /// on grouped records allows, else one by one (which waits while the
     /// channel is full). One item is one wake-up of the writer and one lock
     /// of the channel's waiters on each side, instead of one per record: at
-    /// a relay's 17 messages a read, that was 12 % of the reading thread.
+    /// a relay's 17 messages a read, 7.5 % of the reading thread in `perf`
+    /// before, 1.9 % after.
     /// False once the writer has stopped, as for [`Emitter::emit`].
     pub async fn emit_all(&self, records: &mut Vec<Record>) -> bool {
         let n = records.len();

@@ -1384,6 +1384,40 @@ admin_token_file = "admin.token"
     up.stop();
 }
 
+/// A config whose one sink takes events but never delivers them (nothing
+/// listens on port 9): every message stays in the outbox to be counted.
+fn keeping_events(dir: &TempDir, hub: &Hub, stream: &str) -> std::path::PathBuf {
+    dir.write("edge.token", "token-of-edge-0123456789");
+    config(
+        dir,
+        hub,
+        &[stream],
+        r#"
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:9"
+token_file = "edge.token"
+events = true
+"#,
+    )
+}
+
+/// Relay messages committed to the outbox (a row may hold several).
+fn committed_messages(dir: &TempDir) -> i64 {
+    rusqlite::Connection::open_with_flags(
+        dir.path("state/outbox.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .and_then(|db| {
+        db.query_row(
+            "SELECT COALESCE(SUM(n), 0) FROM records WHERE kind = 3 AND name != 'relay_malformed'",
+            [],
+            |r| r.get(0),
+        )
+    })
+    .unwrap_or(0)
+}
+
 /// A read's records go to the outbox writer together, once its frames are
 /// used up (`Emitter::emit_all`). A host that sends a burst and closes in
 /// one write ends the connection with that read's records still held: they
@@ -1393,19 +1427,7 @@ fn a_burst_that_ends_with_the_hosts_close_is_committed_before_the_reconnect_wait
     const BURST: usize = 40;
     let dir = TempDir::new("relay-close");
     let hub = Hub::start();
-    let cfg = config(
-        &dir,
-        &hub,
-        &["c1"],
-        r#"
-[[sink]]
-type = "upstream"
-endpoint = "http://127.0.0.1:9"
-token_file = "edge.token"
-events = true
-"#,
-    );
-    dir.write("edge.token", "token-of-edge-0123456789");
+    let cfg = keeping_events(&dir, &hub, "c1");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "reconnect_initial_secs = 0.2\nreconnect_max_secs = 1\n",
         "reconnect_initial_secs = 5\nreconnect_max_secs = 5\n",
@@ -1422,20 +1444,7 @@ events = true
     assert_eq!(hub.send("c1", Message::Close(None)), 1);
     let closed = Instant::now();
     hub.thaw();
-    let events = || -> i64 {
-        rusqlite::Connection::open_with_flags(
-            dir.path("state/outbox.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .and_then(|db| {
-            db.query_row(
-                "SELECT COALESCE(SUM(n), 0) FROM records WHERE kind = 3 AND name != 'relay_malformed'",
-                [],
-                |r| r.get(0),
-            )
-        })
-        .unwrap_or(0)
-    };
+    let events = || committed_messages(&dir);
     assert!(
         wait_until(Duration::from_secs(3), || events() == BURST as i64),
         "{} of {BURST} messages committed {:.1} s after the close\n{}",
@@ -1460,19 +1469,7 @@ fn a_stream_that_never_runs_dry_is_committed_while_it_flows() {
     const MESSAGES: usize = 100_000;
     let dir = TempDir::new("relay-flood");
     let hub = Hub::start();
-    let cfg = config(
-        &dir,
-        &hub,
-        &["f1"],
-        r#"
-[[sink]]
-type = "upstream"
-endpoint = "http://127.0.0.1:9"
-token_file = "edge.token"
-events = true
-"#,
-    );
-    dir.write("edge.token", "token-of-edge-0123456789");
+    let cfg = keeping_events(&dir, &hub, "f1");
     let agent = Agent::start(&cfg, "info");
     wait_subscribed(&hub, &["f1"]);
     // Unmasked server text frames (RFC 6455 §5.2), written in one go. The
@@ -1504,20 +1501,7 @@ events = true
         use std::io::Write;
         socket.write_all(&bytes).map(|()| Instant::now())
     });
-    let events = || -> i64 {
-        rusqlite::Connection::open_with_flags(
-            dir.path("state/outbox.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .and_then(|db| {
-            db.query_row(
-                "SELECT COALESCE(SUM(n), 0) FROM records WHERE kind = 3 AND name != 'relay_malformed'",
-                [],
-                |r| r.get(0),
-            )
-        })
-        .unwrap_or(0)
-    };
+    let events = || committed_messages(&dir);
     // While the host still writes, the socket is never empty.
     let started = Instant::now();
     let mut while_writing = 0;

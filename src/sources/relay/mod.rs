@@ -24,7 +24,10 @@
 //!   are stored as events (one per message, its exact text), feed the
 //!   per-window distinct-user sketches, and the analytics ([`analytics`]):
 //!   per user×hardware activity and the command-transition graph per
-//!   user×exp×course.
+//!   user×exp×course. A stream's records go to the outbox writer together
+//!   ([`crate::runtime::Emitter::emit_all`]) once no next frame is ready
+//!   without waiting, or `HELD_MAX` (64) are held, and before anything
+//!   waits (answers to a slow host, a reconnect): never held across a wait.
 //! - At each window end (`window_secs`, aligned to the clock) it emits per
 //!   stream `relay_frames`, `relay_messages`, `relay_bytes`,
 //!   `relay_malformed`, `relay_zero_width`, `relay_reconnects`,
