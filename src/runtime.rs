@@ -156,7 +156,8 @@ impl Emitter {
         if n > 1 {
             if self.grouped.fetch_add(n, Ordering::Relaxed) + n <= RECORDS_IN_GROUPS_MAX {
                 // An exact-size copy: `records` keeps its buffer for the
-                // next read, and the writer frees this one on its thread.
+                // next read; the writer frees this one once it has taken
+                // the records out.
                 let mut group = Vec::with_capacity(n);
                 group.append(records);
                 return self.tx.send(Item::Records(group)).await.is_ok();
