@@ -293,7 +293,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         .state
         .borrow_mut()
         .close_window(end, shared.config.window.as_secs(), &mut out);
-    if !flush_records(&ctx, &mut out).await {
+    if !ctx.emit.emit_all(&mut out).await {
         log::warn!(
             "source `{}`: the outbox writer had stopped; the last window's points are lost",
             ctx.name
@@ -459,7 +459,7 @@ async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sources::Conte
                 let ended = read_frames(i, &shared, &ctx, ws, &mut out).await;
                 // What the last read's frames gave (a dropped link's last
                 // frames, an oversized frame's mark) before anything waits.
-                flush_records(&ctx, &mut out).await;
+                ctx.emit.emit_all(&mut out).await;
                 match ended {
                     Ended::Shutdown(mut ws) => {
                         // Shutdown: say goodbye, briefly.
@@ -648,7 +648,7 @@ async fn read_frames(
             };
             match ready {
                 Some(frame) => Woke::Frame(frame),
-                None if !flush_records(ctx, out).await => Woke::Shutdown,
+                None if !ctx.emit.emit_all(out).await => Woke::Shutdown,
                 None => {
                     smol::future::or(
                         async { Woke::Frame(next.await) },
@@ -749,7 +749,7 @@ async fn read_frames(
             .map(|d| d.take_outgoing(i));
         if let Some(frames) = answers {
             // Records are not held while a slow host takes its answers.
-            if !flush_records(ctx, out).await {
+            if !ctx.emit.emit_all(out).await {
                 return Ended::Shutdown(Box::new(ws));
             }
             if let Err(e) = send_answers(shared, &mut ws, frames).await {
@@ -813,11 +813,6 @@ async fn write_answers<S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin>(
     SinkExt::flush(ws).await
 }
 
-/// Hand `out` to the outbox writer; false if it has stopped.
-async fn flush_records(ctx: &crate::sources::Context, out: &mut Vec<Record>) -> bool {
-    ctx.emit.emit_all(out).await
-}
-
 // ---------------------------------------------------------------- windows
 
 async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
@@ -837,7 +832,7 @@ async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
             .state
             .borrow_mut()
             .close_window(end, shared.config.window.as_secs(), &mut out);
-        if !flush_records(&ctx, &mut out).await {
+        if !ctx.emit.emit_all(&mut out).await {
             return;
         }
     }
