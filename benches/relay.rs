@@ -497,20 +497,22 @@ fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Du
         .ok()
         .filter(|_| pids.len() == 1 && !PROFILED.swap(true, Ordering::SeqCst))
         .map(|out| {
+            // EDGEMETER_BENCH_PERF_HZ=N: sample N times a second with no
+            // call stacks instead (flat, but enough samples of a thread that
+            // is busy a few per cent of the time).
+            let flat = std::env::var("EDGEMETER_BENCH_PERF_HZ").ok();
+            let sampling = match &flat {
+                Some(hz) => vec!["-F", hz.as_str()],
+                None => vec!["-F", "999", "--call-graph", "dwarf,16384"],
+            };
             Command::new("perf")
+                .arg("record")
+                .args(sampling)
                 .args([
-                    "record",
-                    "-F",
-                    "999",
-                    "--call-graph",
-                    "dwarf,16384",
-                    "-o",
-                    &out,
+                    "-o", &out,
                     // Every CPU: `-p` misses threads started later (the
                     // outbox's worker); read it with `perf report --pid`.
-                    "-a",
-                    "--",
-                    "sleep",
+                    "-a", "--", "sleep",
                 ])
                 .arg(phase.as_secs().to_string())
                 .stdout(Stdio::null())
