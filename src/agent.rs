@@ -369,6 +369,17 @@ struct Cadence {
 /// A commit this large wakes the sinks at once (about a batch's worth).
 const RING_AT_ONCE: usize = 1000;
 
+/// Records of `item` onto the writer's `group`, in order; a barrier is
+/// returned for the caller to keep or answer.
+fn gather(item: Item, group: &mut Vec<Record>) -> Option<Sender<()>> {
+    match item {
+        Item::Record(r) => group.push(r),
+        Item::Records(mut rs) => group.append(&mut rs),
+        Item::Barrier(done) => return Some(done),
+    }
+    None
+}
+
 /// The outbox writer: groups what arrives within `flush` into one
 /// transaction, and makes the commits durable against a power cut once a
 /// second ([`SYNC_EVERY`]). Ends when the channel closes (every source
@@ -415,12 +426,12 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
                 Some(rx.recv().await)
             };
             match next {
-                Some(Ok(Item::Record(r))) => group.push(r),
-                Some(Ok(Item::Records(mut rs))) => group.append(&mut rs),
-                Some(Ok(Item::Barrier(done))) => {
-                    // Nothing is pending: everything before it is committed.
-                    let _ = done.try_send(());
-                    continue;
+                Some(Ok(item)) => {
+                    if let Some(done) = gather(item, &mut group) {
+                        // Nothing is pending: everything before it is committed.
+                        let _ = done.try_send(());
+                        continue;
+                    }
                 }
                 Some(Err(_)) => break,
                 None => {
@@ -452,9 +463,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
             })
             .await;
             match next {
-                Some(Ok(Item::Record(r))) => group.push(r),
-                Some(Ok(Item::Records(mut rs))) => group.append(&mut rs),
-                Some(Ok(Item::Barrier(done))) => barriers.push(done),
+                Some(Ok(item)) => barriers.extend(gather(item, &mut group)),
                 Some(Err(_)) => closed = true,
                 None => break,
             }
@@ -462,9 +471,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
             // record: a source that reads a burst sends it before it yields.
             while barriers.is_empty() && group.len() < GROUP_MAX {
                 match rx.try_recv() {
-                    Ok(Item::Record(r)) => group.push(r),
-                    Ok(Item::Records(mut rs)) => group.append(&mut rs),
-                    Ok(Item::Barrier(done)) => barriers.push(done),
+                    Ok(item) => barriers.extend(gather(item, &mut group)),
                     Err(_) => break,
                 }
             }

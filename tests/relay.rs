@@ -1384,13 +1384,16 @@ admin_token_file = "admin.token"
     up.stop();
 }
 
-/// A config whose one sink takes events but never delivers them (nothing
-/// listens on port 9): every message stays in the outbox to be counted.
-fn keeping_events(dir: &TempDir, hub: &Hub, stream: &str) -> std::path::PathBuf {
+/// An agent on one stream of a fresh hub, subscribed, whose one sink takes
+/// events but never delivers them (nothing listens on port 9): every
+/// message stays in the outbox to be counted.
+fn agent_keeping_events(tag: &str, stream: &str) -> (TempDir, Hub, Agent) {
+    let dir = TempDir::new(tag);
+    let hub = Hub::start();
     dir.write("edge.token", "token-of-edge-0123456789");
-    config(
-        dir,
-        hub,
+    let cfg = config(
+        &dir,
+        &hub,
         &[stream],
         r#"
 [[sink]]
@@ -1399,7 +1402,10 @@ endpoint = "http://127.0.0.1:9"
 token_file = "edge.token"
 events = true
 "#,
-    )
+    );
+    let agent = Agent::start(&cfg, "info");
+    wait_subscribed(&hub, &[stream]);
+    (dir, hub, agent)
 }
 
 /// Relay messages committed to the outbox (a row may hold several).
@@ -1426,11 +1432,7 @@ fn committed_messages(dir: &TempDir) -> i64 {
 #[test]
 fn a_burst_that_ends_with_the_hosts_close_is_committed_though_the_stream_never_returns() {
     const BURST: usize = 40;
-    let dir = TempDir::new("relay-close");
-    let hub = Hub::start();
-    let cfg = keeping_events(&dir, &hub, "c1");
-    let agent = Agent::start(&cfg, "info");
-    wait_subscribed(&hub, &["c1"]);
+    let (dir, hub, agent) = agent_keeping_events("relay-close", "c1");
     // Frozen, the hub queues; thawed, it writes the queue in one go.
     hub.freeze();
     for k in 0..BURST {
@@ -1464,11 +1466,7 @@ fn a_burst_that_ends_with_the_hosts_close_is_committed_though_the_stream_never_r
 #[test]
 fn a_stream_that_never_runs_dry_is_committed_while_it_flows() {
     const MESSAGES: usize = 100_000;
-    let dir = TempDir::new("relay-flood");
-    let hub = Hub::start();
-    let cfg = keeping_events(&dir, &hub, "f1");
-    let agent = Agent::start(&cfg, "info");
-    wait_subscribed(&hub, &["f1"]);
+    let (dir, hub, agent) = agent_keeping_events("relay-flood", "f1");
     // Unmasked server text frames (RFC 6455 §5.2), written in one go. The
     // first frame is 243 bytes and every other 244: the frames then never
     // end where a read of 4 KiB does, so the only moment with no frame

@@ -433,13 +433,17 @@ struct Names {
 
 impl Names {
     fn get(&self, s: &str) -> Option<u32> {
-        let hash = self.hash.hash_one(s);
+        self.find(self.hash.hash_one(s), s)
+    }
+
+    /// The id of `s`, whose hash is `hash`.
+    fn find(&self, hash: u64, s: &str) -> Option<u32> {
         self.ids.find(hash, |&id| self.name(id) == s).copied()
     }
 
     fn intern(&mut self, s: &str) -> u32 {
         let hash = self.hash.hash_one(s);
-        if let Some(&id) = self.ids.find(hash, |&id| self.name(id) == s) {
+        if let Some(id) = self.find(hash, s) {
             return id;
         }
         let id = self.ends.len() as u32;
