@@ -702,10 +702,13 @@ impl<N: PartialEq> Chain<N> {
     }
 }
 
-/// A chain in memory, and whether it changed since it was last saved.
+/// A chain in memory, whether it changed since it was last saved, and
+/// whether its files are yet to be rewritten (a change saved since the
+/// last dump, or restored at start).
 struct Tracked {
     chain: Chain<u32>,
     dirty: bool,
+    undumped: bool,
 }
 
 /// A chain in memory with its nodes spelled out, as it is saved.
@@ -727,6 +730,10 @@ pub struct Analytics {
     dirty_activity: Vec<(u32, u32)>,
     graphs: Placed<(u32, u32, u32), Tracked>,
     dirty_graphs: Vec<(u32, u32, u32)>,
+    /// The graphs whose `undumped` is set. Kept here by id, not spelled
+    /// into a set of keys at every save (7,200 strings every 2 s in the
+    /// relay benchmark), since a dump comes only once a minute.
+    undumped: Vec<(u32, u32, u32)>,
 }
 
 /// Dirty state taken for saving, with names spelled out.
@@ -743,10 +750,12 @@ impl Analytics {
             dirty_activity: Vec::new(),
             graphs: Placed::default(),
             dirty_graphs: Vec::new(),
+            undumped: Vec::new(),
         }
     }
 
-    /// Take state loaded from disk (not marked dirty).
+    /// Take state loaded from disk (not marked dirty; its graphs marked
+    /// undumped, so the first dump rewrites every graph's files).
     pub fn restore(
         &mut self,
         activity: HashMap<(String, String), Activity>,
@@ -765,13 +774,14 @@ impl Analytics {
             );
             self.users.insert(key.0);
             let chain = g.map_nodes(|n| self.names.intern(n));
-            self.graphs.insert(
-                key,
-                Tracked {
-                    chain,
-                    dirty: false,
-                },
-            );
+            let tracked = Tracked {
+                chain,
+                dirty: false,
+                undumped: true,
+            };
+            if self.graphs.insert(key, tracked).is_none() {
+                self.undumped.push(key);
+            }
         }
     }
 
@@ -880,6 +890,7 @@ impl Analytics {
                                 exp_nodes(exp).iter().map(|n| names.intern(n)).collect(),
                             ),
                             dirty: false,
+                            undumped: false,
                         });
                         self.users.recent_mut(u).chain = Some(place);
                         (place, n)
@@ -949,13 +960,18 @@ impl Analytics {
         }
         let chain = chain.map_nodes(|n| self.names.intern(n));
         self.users.insert(u);
-        self.graphs
-            .insert((u, e, c), Tracked { chain, dirty: true });
+        let tracked = Tracked {
+            chain,
+            dirty: true,
+            undumped: false,
+        };
+        self.graphs.insert((u, e, c), tracked);
         self.dirty_graphs.push((u, e, c));
         true
     }
 
-    /// What changed since the last call, for saving; clears the marks.
+    /// What changed since the last call, for saving; clears the marks. The
+    /// graphs among them are undumped from now on ([`Self::take_undumped`]).
     pub fn take_changes(&mut self) -> Changes {
         let mut activity = Vec::with_capacity(self.dirty_activity.len());
         for (u, h) in std::mem::take(&mut self.dirty_activity) {
@@ -972,6 +988,10 @@ impl Analytics {
         for k in std::mem::take(&mut self.dirty_graphs) {
             if let Some(t) = self.graphs.get_mut(&k) {
                 t.dirty = false;
+                if !t.undumped {
+                    t.undumped = true;
+                    self.undumped.push(k);
+                }
                 let saved = spelled(&self.names, &t.chain);
                 graphs.push((self.key(k), saved));
             }
@@ -1002,6 +1022,25 @@ impl Analytics {
                 self.dirty_graphs.push((u, e, c));
             }
         }
+    }
+
+    /// Whether some graph's files are yet to be rewritten.
+    pub fn has_undumped(&self) -> bool {
+        !self.undumped.is_empty()
+    }
+
+    /// The graphs whose files are yet to be rewritten, spelled out as they
+    /// are written; they count as dumped from now on.
+    pub fn take_undumped(&mut self) -> Vec<(GraphKey, Graph)> {
+        let mut out = Vec::with_capacity(self.undumped.len());
+        for k in std::mem::take(&mut self.undumped) {
+            if let Some(t) = self.graphs.get_mut(&k) {
+                t.undumped = false;
+                let graph = spelled(&self.names, &t.chain).to_graph();
+                out.push((self.key(k), graph));
+            }
+        }
+        out
     }
 
     pub fn graph_keys(&self) -> Vec<GraphKey> {

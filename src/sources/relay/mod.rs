@@ -140,8 +140,8 @@ struct Shared {
     name: String,
     config: Config,
     state: RefCell<State>,
-    /// Graphs (and whether the usage files) changed since the last dump.
-    dump_graphs: RefCell<HashSet<GraphKey>>,
+    /// Whether the usage files changed since the last dump (the graphs
+    /// that did are kept by the analytics).
     dump_usage: RefCell<bool>,
     /// Rung when a stream comes back after failing: re-check the rules.
     provision_kick: smol::channel::Sender<()>,
@@ -233,7 +233,6 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     if let Some(dir) = config.answer_from.clone() {
         state.desk = Some(open_desk(&ctx.name, &config, dir, &worker, store.clone()).await);
     }
-    let all_graphs: HashSet<GraphKey> = state.analytics.graph_keys().into_iter().collect();
     let (kick_tx, kick_rx) = smol::channel::bounded(1);
     let (changed, wakeup) = doorbell();
     let (link_changed, link_wakeup) = doorbell();
@@ -241,7 +240,6 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         name: ctx.name.clone(),
         config,
         state: RefCell::new(state),
-        dump_graphs: RefCell::new(all_graphs),
         dump_usage: RefCell::new(true),
         provision_kick: kick_tx,
         changed,
@@ -919,7 +917,7 @@ async fn flush_task(
     loop {
         // Sleep until something changed, or a dump of earlier changes is due.
         let pending = shared.config.files_dir.is_some()
-            && (*shared.dump_usage.borrow() || !shared.dump_graphs.borrow().is_empty());
+            && (*shared.dump_usage.borrow() || shared.state.borrow().analytics.has_undumped());
         let dump_in = Duration::from_millis((next_dump - now_ms()).max(0) as u64);
         let timeout = if pending { dump_in } else { IDLE_WAIT };
         let stop = rung_or_shutdown(&ctx, &wakeup, timeout).await;
@@ -971,10 +969,6 @@ fn collect(shared: &Shared, dump: Dump) -> Collected {
     if !activity.is_empty() {
         *shared.dump_usage.borrow_mut() = true;
     }
-    shared
-        .dump_graphs
-        .borrow_mut()
-        .extend(graphs.iter().map(|(k, _)| k.clone()));
     let raw = state.take_raw();
     let feedback = state
         .desk
@@ -988,14 +982,12 @@ fn collect(shared: &Shared, dump: Dump) -> Collected {
             dumps.push(("usage.csv".to_owned(), state.analytics.usage_csv()));
             dumps.push(("activity.csv".to_owned(), state.analytics.activity_csv()));
         }
-        for k in shared.dump_graphs.borrow_mut().drain() {
-            if let Some(g) = state.analytics.graph(&k) {
-                dumps.push((
-                    format!("{}-adjacency.csv", k.file_stem()),
-                    g.adjacency_csv(),
-                ));
-                dumps.push((format!("{}-graph.json", k.file_stem()), g.to_json(&k.exp)));
-            }
+        for (k, g) in state.analytics.take_undumped() {
+            dumps.push((
+                format!("{}-adjacency.csv", k.file_stem()),
+                g.adjacency_csv(),
+            ));
+            dumps.push((format!("{}-graph.json", k.file_stem()), g.to_json(&k.exp)));
         }
     }
     Collected {

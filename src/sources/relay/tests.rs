@@ -351,6 +351,65 @@ fn the_analytics_state_survives_a_save_and_reload() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn sorted<'a>(keys: impl Iterator<Item = &'a GraphKey>) -> Vec<GraphKey> {
+    let mut v: Vec<GraphKey> = keys.cloned().collect();
+    v.sort_by_key(GraphKey::file_stem);
+    v
+}
+
+/// Which graphs a dump rewrites: each graph whose change was saved since
+/// the last dump, once, spelled as `graph` gives it; every graph of the
+/// saved state after a restart; none twice.
+#[test]
+fn a_dump_rewrites_each_graph_saved_since_the_last_one_once() {
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    play(&mut st, &mut out);
+    assert!(
+        !st.analytics.has_undumped(),
+        "nothing is due before its change is taken for saving"
+    );
+    let (activity, graphs) = st.analytics.take_changes();
+    assert!(graphs.len() >= 2, "the session makes graphs: {graphs:?}");
+    let keys = |v: &[(GraphKey, Graph)]| sorted(v.iter().map(|(k, _)| k));
+    let saved = sorted(graphs.iter().map(|(k, _)| k));
+    // A second save before the dump adds nothing twice.
+    st.analytics.unsave(&(activity.clone(), graphs.clone()));
+    st.analytics.take_changes();
+    assert!(st.analytics.has_undumped());
+    let dumped = st.analytics.take_undumped();
+    assert_eq!(keys(&dumped), saved, "each saved graph, once");
+    for (k, g) in &dumped {
+        assert_eq!(
+            Some(g),
+            st.analytics.graph(k).as_ref(),
+            "{k:?} as it is now"
+        );
+    }
+    assert!(!st.analytics.has_undumped());
+    assert!(st.analytics.take_undumped().is_empty(), "none twice");
+    // One more message changes U1's graph: only it is due next time.
+    let msg = format!(
+        r#"{{"user":"{U1}","type":"analytics","exp":"spinner","course":"engdes1","hardware":"spin30","payload":{{"log":"position"}}}}"#
+    );
+    st.frame(0, Frame::Text(&msg), PLAY_START, &mut out);
+    st.analytics.take_changes();
+    let u1 = GraphKey {
+        user: U1.into(),
+        exp: "spinner".into(),
+        course: "engdes1".into(),
+    };
+    assert_eq!(keys(&st.analytics.take_undumped()), vec![u1]);
+    // After a restart, every restored graph is due (the files may be older
+    // than the state), although none is to be saved.
+    let mut again = state(&STREAMS, 1 << 20);
+    again
+        .analytics
+        .restore(HashMap::new(), st.analytics.all_graphs());
+    assert!(again.analytics.take_changes().1.is_empty());
+    assert_eq!(keys(&again.analytics.take_undumped()), saved);
+}
+
 /// One stream whose messages are analysed only: no events, no raw files.
 fn analysing_only(stream: &str, max_users: usize) -> State {
     State::new(
