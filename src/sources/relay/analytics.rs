@@ -736,8 +736,22 @@ pub struct Analytics {
     undumped: Vec<(u32, u32, u32)>,
 }
 
+/// A chain as its row in the saved state holds it (see `store`): nodes and
+/// counts as JSON arrays, encoded from the chain in memory, with no spelled
+/// copy of it between (eleven allocations per graph and save, for the two
+/// the row needs anyway).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedChain {
+    pub nodes: String,
+    pub counts: String,
+    pub last: Option<usize>,
+}
+
 /// Dirty state taken for saving, with names spelled out.
-pub type Changes = (Vec<((String, String), Activity)>, Vec<(GraphKey, Chain)>);
+pub type Changes = (
+    Vec<((String, String), Activity)>,
+    Vec<(GraphKey, SavedChain)>,
+);
 
 impl Analytics {
     pub fn new(max_users: usize) -> Analytics {
@@ -985,6 +999,7 @@ impl Analytics {
             }
         }
         let mut graphs = Vec::with_capacity(self.dirty_graphs.len());
+        let mut nodes: Vec<&str> = Vec::new();
         for k in std::mem::take(&mut self.dirty_graphs) {
             if let Some(t) = self.graphs.get_mut(&k) {
                 t.dirty = false;
@@ -992,7 +1007,13 @@ impl Analytics {
                     t.undumped = true;
                     self.undumped.push(k);
                 }
-                let saved = spelled(&self.names, &t.chain);
+                nodes.clear();
+                nodes.extend(t.chain.nodes.iter().map(|&n| self.names.name(n)));
+                let saved = SavedChain {
+                    nodes: serde_json::to_string(&nodes).expect("strings serialize"),
+                    counts: serde_json::to_string(&t.chain.counts).expect("numbers serialize"),
+                    last: t.chain.last,
+                };
                 graphs.push((self.key(k), saved));
             }
         }

@@ -953,7 +953,7 @@ enum Dump {
 /// only writer of these files; then publish the status.
 struct Collected {
     activity: Vec<((String, String), analytics::Activity)>,
-    graphs: Vec<(GraphKey, analytics::Chain)>,
+    graphs: Vec<(GraphKey, analytics::SavedChain)>,
     raw: BTreeMap<String, Vec<u8>>,
     dumps: Vec<(String, String)>,
     /// Changed feedback matrices (saved, and written to files_dir at once:

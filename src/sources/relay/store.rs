@@ -9,7 +9,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, params};
 
-use super::analytics::{Activity, Chain, Graph, GraphKey};
+use super::analytics::{Activity, Chain, Graph, GraphKey, SavedChain};
 use super::answers::Feedback;
 
 const SCHEMA: &str = "
@@ -205,7 +205,7 @@ impl Store {
     pub fn save(
         &mut self,
         activity: &[((String, String), Activity)],
-        graphs: &[(GraphKey, Chain)],
+        graphs: &[(GraphKey, SavedChain)],
     ) -> Result<(), String> {
         let err = |e: rusqlite::Error| format!("cannot save the relay analytics state: {e}");
         let tx = self.conn.transaction().map_err(err)?;
@@ -238,8 +238,8 @@ impl Store {
                     k.user,
                     k.exp,
                     k.course,
-                    serde_json::to_string(&g.nodes).expect("strings serialize"),
-                    serde_json::to_string(&g.counts).expect("numbers serialize"),
+                    g.nodes,
+                    g.counts,
                     g.last.map(|l| l as i64)
                 ])
                 .map_err(err)?;
