@@ -31,11 +31,11 @@ pub struct Envelope<'a> {
     pub user: Cow<'a, str>,
     #[serde(borrow, rename = "type")]
     pub kind: Cow<'a, str>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     pub exp: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     pub hardware: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     pub course: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "payload_log")]
     pub payload: Option<Cow<'a, str>>,
@@ -120,6 +120,17 @@ fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
         Shape::Number(n) => Some(n),
         _ => None,
     })
+}
+
+/// A string, borrowed where it has no escapes, or nothing for null; any
+/// other value is an error. serde's own `Option<Cow<str>>` copies every
+/// string, even under `#[serde(borrow)]`: three allocations a message.
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    match Shape::<()>::deserialize(d)? {
+        Shape::Text(t) => Ok(Some(t)),
+        Shape::Null => Ok(None),
+        _ => Err(serde::de::Error::custom("expected a string or null")),
+    }
 }
 
 /// How far a message's `t` may be from its arrival and still be taken as

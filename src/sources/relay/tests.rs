@@ -677,6 +677,47 @@ fn envelope_fields_are_read_from_payloads_of_any_shape() {
     assert!(envelope(r#"{"type":"analytics","payload":{"log":"x"}}"#).is_none());
 }
 
+/// Every string of an envelope is borrowed from the message where it has
+/// no escapes: reading one allocates nothing. serde's own `Option<Cow<str>>`
+/// copies each string even under `#[serde(borrow)]`, which cost three
+/// allocations a message (exp, hardware, course; callgrind of the ingest).
+#[test]
+fn an_envelopes_strings_are_borrowed_from_the_message_unless_escaped() {
+    use super::analytics::envelope;
+    use std::borrow::Cow;
+    let borrowed = |c: &Cow<str>| matches!(c, Cow::Borrowed(_));
+    let text = r#"{"user":"u1","type":"analytics","exp":"spinner","hardware":"spin30","course":"c","payload":{"log":"voltage"},"t":5}"#;
+    let env = envelope(text).expect("an envelope");
+    let fields = [
+        ("user", Some(&env.user)),
+        ("type", Some(&env.kind)),
+        ("exp", env.exp.as_ref()),
+        ("hardware", env.hardware.as_ref()),
+        ("course", env.course.as_ref()),
+        ("payload.log", env.payload.as_ref()),
+    ];
+    for (name, value) in fields {
+        let value = value.unwrap_or_else(|| panic!("{name} is read"));
+        assert!(borrowed(value), "{name} ({value:?}) is borrowed");
+    }
+    // Escaped: read as the text it stands for.
+    let text = r#"{"user":"u1","type":"analytics","exp":"spin\u006eer","hardware":"a\"b","course":"c\/d"}"#;
+    let env = envelope(text).expect("an envelope");
+    assert_eq!(env.exp.as_deref(), Some("spinner"));
+    assert_eq!(env.hardware.as_deref(), Some("a\"b"));
+    assert_eq!(env.course.as_deref(), Some("c/d"));
+    // Null or absent is none; any other value spoils the envelope, as a
+    // field that is not a string did before.
+    let env = envelope(r#"{"user":"u1","type":"x","exp":null}"#).expect("an envelope");
+    assert_eq!((env.exp, env.hardware, env.course), (None, None, None));
+    for value in ["5", "true", "[\"spinner\"]", "{\"a\":\"b\"}"] {
+        for field in ["exp", "hardware", "course"] {
+            let text = format!(r#"{{"user":"u1","type":"x","{field}":{value}}}"#);
+            assert_eq!(envelope(&text), None, "{text}");
+        }
+    }
+}
+
 /// At shutdown files are written until the deadline and the rest counted
 /// (the next start rewrites them); a failing directory gives one error that
 /// says how many more failed, not one line per file.
