@@ -205,8 +205,26 @@ pub fn safe_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 100
         && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && s.bytes().all(|b| NAME_BYTES[b as usize])
+}
+
+/// The bytes [`safe_name`] allows, by value: a table, as five names a
+/// message (user, rig twice, experiment, course) checked by comparisons
+/// took a tenth of the relay's per-message instructions (cachegrind of the
+/// ingest).
+static NAME_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = name_byte(b as u8);
+        b += 1;
+    }
+    t
+};
+
+/// A byte [`safe_name`] allows: ASCII letters and digits, `_`, `-`, `.`.
+const fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
 }
 
 pub const SPINNER_NODES: [&str; 6] = [
@@ -1158,7 +1176,37 @@ impl Analytics {
 
 #[cfg(test)]
 mod tests {
-    use super::Names;
+    use super::{Names, safe_name};
+
+    /// The byte test allows exactly the bytes its plain definition does,
+    /// all 256 of them; names of each kind are judged as before.
+    #[test]
+    fn a_safe_name_is_letters_digits_and_three_marks_and_never_a_path() {
+        for b in 0..=255u8 {
+            let plain = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
+            assert_eq!(super::NAME_BYTES[b as usize], plain, "byte {b:#04x}");
+            let name = [b'a', b, b'z'];
+            if let Ok(name) = std::str::from_utf8(&name) {
+                assert_eq!(safe_name(name), plain, "{name:?}");
+            }
+        }
+        let long = "u".repeat(100);
+        for ok in [
+            "spin30",
+            "53a6788c-0000-4000-8000-000000000001",
+            "a.b_c-D",
+            &long,
+        ] {
+            assert!(safe_name(ok), "{ok:?}");
+        }
+        let too_long = "u".repeat(101);
+        let late = format!("{}/", "u".repeat(40));
+        for bad in [
+            "", ".", "..", ".hidden", "a/b", "a\\b", "a b", "é", "a\0", &too_long, &late,
+        ] {
+            assert!(!safe_name(bad), "{bad:?}");
+        }
+    }
 
     /// Names end to end in one buffer: each spelled back exactly (prefixes
     /// of each other, the empty one, multi-byte ones), found again by its
