@@ -6,6 +6,13 @@
 //!
 //! Run: `cargo bench --bench relay_ingest` (add `-- --quick` for a short run).
 //!
+//! `--instructions`: one round of the `ingest` subject alone, for a counter
+//! of instructions and cache misses that this machine's noise does not
+//! move, such as `valgrind --tool=cachegrind --cache-sim=yes
+//! target/release/deps/relay_ingest-<hash> --instructions` (divide its
+//! totals by the messages it prints; `--LL=524288,8,64` for a cache as
+//! small as what the whole agent leaves the ingest).
+//!
 //! Subjects, each fed the relay bench's messages (12 streams, 200 users
 //! each, 186-byte `analytics` envelopes) round-robin, on this thread, timed
 //! by the thread's own CPU clock; alternated, the median of the rounds:
@@ -125,6 +132,11 @@ fn main() {
     let msgs: Vec<Vec<String>> = (0..STREAMS)
         .map(|s| support::relay_messages(&format!("spin{}", 30 + s), false))
         .collect();
+    if std::env::args().any(|a| a == "--instructions") {
+        let us = ingest(&msgs, 240_000, true);
+        println!("relay ingest: 240000 messages, {us:.3} µs CPU/msg (one round, events stored)");
+        return;
+    }
     println!(
         "relay ingest: {STREAMS} streams, {} users each, messages of {} bytes; {n} messages a round, median of {rounds} alternating rounds, this thread's CPU",
         support::USERS_PER_STREAM,
