@@ -656,11 +656,7 @@ impl Chain {
             return i;
         }
         let n = self.nodes.len();
-        let mut grown = vec![0; (n + 1) * (n + 1)];
-        for f in 0..n {
-            grown[f * (n + 1)..f * (n + 1) + n].copy_from_slice(&self.counts[f * n..f * n + n]);
-        }
-        self.counts = grown;
+        self.counts = grown(&self.counts, n);
         self.nodes.push(node.into());
         n
     }
@@ -692,6 +688,16 @@ impl Chain {
     }
 }
 
+/// The `n × n` counts of a chain with one more node: each row gains a
+/// column and a row is added, all zero.
+fn grown(counts: &[u64], n: usize) -> Vec<u64> {
+    let mut grown = vec![0; (n + 1) * (n + 1)];
+    for f in 0..n {
+        grown[f * (n + 1)..f * (n + 1) + n].copy_from_slice(&counts[f * n..f * n + n]);
+    }
+    grown
+}
+
 /// A chain in memory: its nodes as name ids and its counts in one
 /// allocation, so that a message's step reaches the cache line with its
 /// nodes and then the one with its count, and no vector headers between.
@@ -711,7 +717,7 @@ impl Matrix {
     fn new(nodes: &[u32], counts: impl IntoIterator<Item = u64>, last: Option<usize>) -> Matrix {
         let n = nodes.len();
         let mut words = Vec::with_capacity(1 + n.div_ceil(2) + n * n);
-        words.push(n as u64 | (last.map_or(0, |l| l as u64 + 1) << 32));
+        words.push(Matrix::header(n, last));
         words.extend(
             nodes
                 .chunks(2)
@@ -720,6 +726,11 @@ impl Matrix {
         words.extend(counts);
         words.resize(1 + n.div_ceil(2) + n * n, 0);
         Matrix(words.into_boxed_slice())
+    }
+
+    /// The first word: `n`, and `last` plus one (0 for none).
+    fn header(n: usize, last: Option<usize>) -> u64 {
+        n as u64 | (last.map_or(0, |l| l as u64 + 1) << 32)
     }
 
     /// The chain as saved, its nodes named by `id`.
@@ -761,11 +772,7 @@ impl Matrix {
             None if n < max => {
                 let mut nodes: Vec<u32> = self.nodes().collect();
                 nodes.push(node);
-                let old = self.counts();
-                // Each row gains a column, and a row of zeros is added.
-                let rows = old.chunks(n.max(1)).take(n);
-                let counts = rows.flat_map(|row| row.iter().copied().chain([0]));
-                *self = Matrix::new(&nodes, counts.collect::<Vec<_>>(), self.last());
+                *self = Matrix::new(&nodes, grown(self.counts(), n), self.last());
                 Some(n)
             }
             None => None,
@@ -780,7 +787,7 @@ impl Matrix {
             let at = self.counts_start() + prev * n + i;
             self.0[at] += 1;
         }
-        self.0[0] = n as u64 | ((i as u64 + 1) << 32);
+        self.0[0] = Matrix::header(n, Some(i));
         prev.is_some()
     }
 
