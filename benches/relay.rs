@@ -46,6 +46,12 @@
 //!   `all_feedback` request (five answer frames, read and dropped by the
 //!   server between its sends).
 //!
+//! Edgemeter and the floor run in alternating rounds (3 in a full run, 1
+//! with `--quick`; EDGEMETER_BENCH_ROUNDS sets another): one run's CPU per
+//! message reads 10 to 20 % apart from the next on a shared machine. Their
+//! rows show the round of median CPU; the targets take that CPU and, for
+//! memory, threads and rates, the worst round.
+//!
 //! Figures are per subject and as ratios, measured in the same run.
 
 #[path = "support/mod.rs"]
@@ -741,11 +747,25 @@ fn main() {
     // EDGEMETER_BENCH_REQUESTS=1: the first subject is the one with 1 %
     // requests (so a quick run, perf and strace measure answering).
     let requests_first = std::env::var("EDGEMETER_BENCH_REQUESTS").is_ok_and(|v| v == "1");
-    let e = run_edgemeter(&bin, &streams, requests_first, idle, phase);
+    // Edgemeter and the floor in alternating rounds: one run of each reads
+    // 10 to 20 % apart from the next on this shared machine, more than
+    // most changes move them.
+    let rounds = rounds(quick);
+    let (mut es, mut fs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        es.push(run_edgemeter(&bin, &streams, requests_first, idle, phase));
+        fs.push(run_floor(&streams, idle, phase));
+    }
     // The requests case only in the full run: it adds a subject's minute.
     let r = (!quick && !requests_first).then(|| run_edgemeter(&bin, &streams, true, idle, phase));
-
-    let f = run_floor(&streams, idle, phase);
+    let cpus = |all: &[Figures]| -> Vec<String> {
+        all.iter()
+            .map(|f| format!("{:.1}", f.rate_us_per_msg))
+            .collect()
+    };
+    let (e_cpus, f_cpus) = (cpus(&es), cpus(&fs));
+    let worst = Worst::of(&es);
+    let (e, f) = (median_round(es), median_round(fs));
 
     let server = Server::start(false);
     let dir = bench_dir("relay-python");
@@ -809,6 +829,13 @@ fn main() {
             f.large_kib_per_stream
         )
     };
+    if rounds > 1 {
+        println!(
+            "  {rounds} alternating rounds, CPU per message, µs: edgemeter [{}], floor [{}]; each row below is its median round, the targets' memory, threads and rate the worst round's",
+            e_cpus.join(" "),
+            f_cpus.join(" ")
+        );
+    }
     row("edgemeter", &e);
     let split: Vec<String> = e
         .by_thread
@@ -857,13 +884,13 @@ fn main() {
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     println!(
         "  targets: sustained >= 50,000 msg/s {}; <= 2.5 µs CPU/msg with events stored {}; peak RSS <= 16 MiB {}; idle RSS <= 8 MiB {}; threads <= 3 streaming {}, <= 2 idle {}; RSS back within 1 MiB per stream after large frames {}",
-        verdict(e.sustained_per_sec >= 50_000.0),
+        verdict(worst.sustained_per_sec >= 50_000.0),
         verdict(e.rate_us_per_msg <= 2.5),
-        verdict(mib(e.peak_rss_kib) <= 16.0),
-        verdict(mib(e.idle_rss_kib) <= 8.0),
-        verdict(e.threads_streaming <= 3),
-        verdict(e.threads_idle <= 2),
-        verdict(e.large_kib_per_stream <= 1024.0),
+        verdict(mib(worst.peak_rss_kib) <= 16.0),
+        verdict(mib(worst.idle_rss_kib) <= 8.0),
+        verdict(worst.threads_streaming <= 3),
+        verdict(worst.threads_idle <= 2),
+        verdict(worst.large_kib_per_stream <= 1024.0),
     );
     std::io::stdout().flush().ok();
     // EDGEMETER_BENCH_SOURCE_KEYS='events = false' measures the relay
@@ -871,10 +898,61 @@ fn main() {
     let events_off = std::env::var("EDGEMETER_BENCH_SOURCE_KEYS")
         .is_ok_and(|k| k.replace(' ', "").contains("events=false"));
     if !events_off {
-        assert_eq!(
-            e.rate_stored, e.rate_sent,
+        assert!(
+            worst.all_stored,
             "edgemeter must store every message sent at the fixed rate"
         );
+    }
+}
+
+/// How many alternating rounds of edgemeter and the floor: 3 in a full
+/// run, 1 with `--quick`; EDGEMETER_BENCH_ROUNDS sets another.
+fn rounds(quick: bool) -> usize {
+    std::env::var("EDGEMETER_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(if quick { 1 } else { 3 })
+}
+
+/// The round whose CPU per message is the median (of an even count, the
+/// higher of the middle two: never the kinder figure).
+fn median_round(mut all: Vec<Figures>) -> Figures {
+    all.sort_by(|a, b| a.rate_us_per_msg.total_cmp(&b.rate_us_per_msg));
+    all.swap_remove(all.len() / 2)
+}
+
+/// The worst of edgemeter's rounds for each target but CPU: a round's
+/// memory, threads and rate move little from run to run, so one bad round
+/// is a finding, not noise.
+struct Worst {
+    sustained_per_sec: f64,
+    peak_rss_kib: u64,
+    idle_rss_kib: u64,
+    threads_streaming: u64,
+    threads_idle: u64,
+    large_kib_per_stream: f64,
+    all_stored: bool,
+}
+
+impl Worst {
+    fn of(rounds: &[Figures]) -> Worst {
+        let most = |f: fn(&Figures) -> u64| rounds.iter().map(f).max().unwrap_or(0);
+        Worst {
+            sustained_per_sec: rounds
+                .iter()
+                .map(|f| f.sustained_per_sec)
+                .fold(f64::INFINITY, f64::min),
+            peak_rss_kib: most(|f| f.peak_rss_kib),
+            idle_rss_kib: most(|f| f.idle_rss_kib),
+            threads_streaming: most(|f| f.threads_streaming),
+            threads_idle: most(|f| f.threads_idle),
+            large_kib_per_stream: rounds
+                .iter()
+                .map(|f| f.large_kib_per_stream)
+                .fold(f64::NEG_INFINITY, f64::max),
+            all_stored: rounds.iter().all(|f| f.rate_stored == f.rate_sent),
+        }
     }
 }
 
