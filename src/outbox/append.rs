@@ -7,23 +7,6 @@ use super::*;
 impl Outbox {
     /// Append records in one transaction, dropping the oldest first if the
     /// bound requires it.
-    /// Make every commit so far survive a power cut: fsync the WAL (a
-    /// commit does not wait for the disk, see the module header). Cheap
-    /// when nothing was written since the last call.
-    pub fn sync(&mut self) -> Result<(), String> {
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        match std::fs::File::open(&wal).and_then(|f| f.sync_data()) {
-            Ok(()) => Ok(()),
-            // No WAL: nothing was written since the last checkpoint.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!(
-                "outbox {}: syncing the WAL failed: {e}",
-                self.path.display()
-            )),
-        }
-    }
-
     pub fn append(&mut self, records: &[Record]) -> Result<Appended, OutboxError> {
         let now = now_ms();
         let encoded: Vec<&str> = records.iter().map(|r| r.dims.encoded()).collect();

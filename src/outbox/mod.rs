@@ -7,7 +7,8 @@
 //!   wanting sink's confirmation. Every state change is one transaction.
 //! - What each failure can lose (WAL mode, `synchronous = NORMAL`: a commit
 //!   writes the WAL without waiting for the disk; the writer fsyncs the WAL
-//!   once a second, [`Outbox::sync`], and SQLite at each checkpoint):
+//!   once a second, [`Outbox::sync`], as part of a checkpoint when one is
+//!   due):
 //!   - **the process dies** (`kill -9`, a panic, the OOM killer): nothing
 //!     committed; the records received but not yet committed, at most
 //!     `flush_interval_secs` of them (0.1 s by default), plus a commit in
@@ -18,8 +19,9 @@
 //!     the last second at most. The file is never corrupt: SQLite discards
 //!     a torn WAL tail at open. A lost confirmation only means a batch is
 //!     sent again, with the same `(sink, seq)`.
-//!   - The disk sees about one fsync a second at steady load, plus a
-//!     checkpoint's two every ~4 MB written: what an SD card can bear.
+//!   - The disk sees one fsync a second at steady load, and one more at
+//!     each checkpoint, which the writer takes at a sync once 16 MiB of WAL
+//!     are written: what an SD card can bear.
 //! - Delivery is at-least-once per sink with a **stable batch id**
 //!   `(sink, seq)`: a batch keeps its seq and its id range across retries and
 //!   restarts, so a receiver can drop duplicates and a file sink can repair a
@@ -104,7 +106,8 @@
 //! This file holds the schema, the types and `Outbox::write` (one
 //! transaction, its errors named); one file per role holds its `impl`:
 //! `open.rs` (creating, checking, recovery, moving aside), `append.rs`
-//! (appending within the budget, dropping the oldest), `deliver.rs`
+//! (appending within the budget, dropping the oldest), `durable.rs`
+//! (the WAL's sync and the checkpoints), `deliver.rs`
 //! (claiming, confirming and failing batches), `dead.rs` (dead letters and
 //! their budget), `stats.rs` (what `status` shows).
 
@@ -119,6 +122,7 @@ use crate::record::{Dims, Kind, KindSet, Record};
 mod append;
 mod dead;
 mod deliver;
+mod durable;
 mod open;
 mod stats;
 
@@ -379,6 +383,9 @@ pub struct Outbox {
     /// before 3 opened without upgrading it (`edgemeter status` while an
     /// older agent runs).
     per_row: &'static str,
+    /// The WAL's length in pages after the last commit, for the writer,
+    /// which checkpoints at its syncs (`durable.rs`); 0 for other handles.
+    wal_pages: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Outbox {

@@ -33,8 +33,11 @@ impl Outbox {
             dead_bytes: 0,
             id: String::new(),
             per_row: "n",
+            wal_pages: Default::default(),
         };
         let path = outbox.path.clone();
+        outbox.wal_pages = durable::own_checkpoints(&mut outbox.conn)
+            .map_err(sql_err(&path, "taking over its checkpoints"))?;
         let e = sql_err(&path, "reading totals at start-up");
         let fresh_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         outbox
@@ -121,6 +124,7 @@ impl Outbox {
             dead_bytes: 0,
             id: String::new(),
             per_row: if has_n { "n" } else { "1" },
+            wal_pages: Default::default(),
         })
     }
 

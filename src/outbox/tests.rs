@@ -791,3 +791,65 @@ fn an_outbox_of_schema_2_is_read_and_upgraded_in_place() {
         (vec![2.0, 3.0], vec![2, 3, 4, 5])
     );
 }
+
+/// SQLite's own checkpoints came every 4 MB of WAL, at whichever commit
+/// crossed it, two fsyncs on top of the writer's one a second
+/// (`durable.rs`). The outbox's come at a sync once 16 MiB are written,
+/// or at a commit once 64 MiB are, if no sync comes.
+#[test]
+fn checkpoints_wait_for_a_sync_unless_the_wal_passes_its_bound() {
+    use std::sync::atomic::Ordering;
+    let d = TempDir::new("outbox");
+    let mut o = open(&d, 1 << 30, &[]);
+    let len = |name: &str| std::fs::metadata(d.0.join(name)).map_or(0, |m| m.len());
+    const MIB: u64 = 1 << 20;
+    // Events of 3,000 bytes: a row, about a page, each.
+    let mut ts = 0;
+    let mut append_mib = |o: &mut Outbox, mib: u64| {
+        let text = "x".repeat(3_000);
+        for _ in 0..mib * MIB / 3_000 / 256 {
+            let group: Vec<Record> = (0..256)
+                .map(|_| {
+                    ts += 1;
+                    event("a", ts, &text)
+                })
+                .collect();
+            o.append(&group).expect("append");
+        }
+    };
+    let db_at_start = len(FILE_NAME);
+    append_mib(&mut o, 24);
+    assert!(len("outbox.db-wal") > 16 * MIB, "the WAL holds the 24 MiB");
+    assert!(
+        len(FILE_NAME) < db_at_start + MIB,
+        "no checkpoint before a sync: the database grew from {db_at_start} to {} bytes",
+        len(FILE_NAME)
+    );
+
+    o.sync().expect("sync");
+    assert!(
+        len(FILE_NAME) > 20 * MIB,
+        "the sync checkpointed: the database is {} bytes",
+        len(FILE_NAME)
+    );
+    assert_eq!(o.wal_pages.load(Ordering::Relaxed), 0);
+
+    // No sync: a commit checkpoints once the WAL passes 64 MiB, and the
+    // WAL starts again from its beginning after it.
+    append_mib(&mut o, 80);
+    assert!(
+        len(FILE_NAME) > (24 + 60) * MIB,
+        "a commit past 64 MiB checkpointed: the database is {} bytes",
+        len(FILE_NAME)
+    );
+    assert!(
+        len("outbox.db-wal") < 66 * MIB,
+        "the WAL stays within its bound: {} bytes",
+        len("outbox.db-wal")
+    );
+    let total: i64 = o
+        .conn
+        .query_row("SELECT SUM(n) FROM records", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(total, ts, "every record is there");
+}
