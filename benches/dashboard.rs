@@ -63,9 +63,8 @@ fn get(port: u16, path: &str, extra: &str) -> (u16, String, Vec<u8>, Duration) {
     )
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn median(v: Vec<Duration>) -> Duration {
+    support::median_by(v, Duration::as_secs_f64)
 }
 
 fn fill(db: &std::path::Path, edges: usize, days: i64, now: i64) -> usize {

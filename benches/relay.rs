@@ -765,6 +765,7 @@ fn main() {
     };
     let (e_cpus, f_cpus) = (cpus(&es), cpus(&fs));
     let worst = Worst::of(&es);
+    let median_round = |all| support::median_by(all, |f: &Figures| f.rate_us_per_msg);
     let (e, f) = (median_round(es), median_round(fs));
 
     let server = Server::start(false);
@@ -913,13 +914,6 @@ fn rounds(quick: bool) -> usize {
         .and_then(|r| r.parse().ok())
         .filter(|&r| r > 0)
         .unwrap_or(if quick { 1 } else { 3 })
-}
-
-/// The round whose CPU per message is the median (of an even count, the
-/// higher of the middle two: never the kinder figure).
-fn median_round(mut all: Vec<Figures>) -> Figures {
-    all.sort_by(|a, b| a.rate_us_per_msg.total_cmp(&b.rate_us_per_msg));
-    all.swap_remove(all.len() / 2)
 }
 
 /// The worst of edgemeter's rounds for each target but CPU: a round's

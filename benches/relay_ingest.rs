@@ -121,9 +121,8 @@ fn parse_floor(msgs: &[Vec<String>], n: usize) -> f64 {
     us
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    support::median_by(v, |&us| us)
 }
 
 fn main() {

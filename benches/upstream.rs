@@ -248,9 +248,8 @@ fn dense_sketches(n: usize) -> Vec<Sketch> {
         .collect()
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn median(v: Vec<Duration>) -> Duration {
+    support::median_by(v, Duration::as_secs_f64)
 }
 
 fn main() {

@@ -178,6 +178,13 @@ pub fn start_upstream_with(
     child
 }
 
+/// The middle one of `v` by `key`; of an even count, the higher of the two
+/// in the middle (a cost's median is then never the kinder figure).
+pub fn median_by<T>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    v.swap_remove(v.len() / 2)
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
