@@ -74,9 +74,14 @@ fn records(n: usize, start: usize) -> Vec<Record> {
         .collect()
 }
 
+/// Relay events in a read (see [`relay_events`]).
+const RELAY_RUN: usize = 11;
+
 /// Relay messages as the relay source hands them over at 20,000 a second
-/// from 12 streams: runs of 17 events of one stream (a read's worth), the
-/// streams in turn, each a 186-byte logging envelope.
+/// from 12 streams: runs of [`RELAY_RUN`] events of one stream (a read's worth: the
+/// relay bench's 80,219 messages came in 7,123 reads that returned data,
+/// by `EDGEMETER_BENCH_STRACE`), the streams in turn, each a 186-byte
+/// logging envelope.
 fn relay_events(n: usize, start: usize) -> Vec<Record> {
     let dims: Vec<Dims> = (0..12)
         .map(|s| {
@@ -88,7 +93,7 @@ fn relay_events(n: usize, start: usize) -> Vec<Record> {
         .collect();
     (start..start + n)
         .map(|i| {
-            let stream = (i / 17) % 12;
+            let stream = (i / RELAY_RUN) % 12;
             let payload = format!(
                 r#"{{"user":"u{:05}","t":{},"exp":"spinner","hardware":"spin{}","course":"engdes1","type":"analytics","payload":{{"log":"start","data":{{"set":1}}}}}}"#,
                 i % 200,
@@ -97,7 +102,7 @@ fn relay_events(n: usize, start: usize) -> Vec<Record> {
             );
             Record {
                 kind: record::Kind::Event,
-                ts_ms: 1_700_000_000_000 + (i / 17) as i64,
+                ts_ms: 1_700_000_000_000 + (i / RELAY_RUN) as i64,
                 name: "analytics".into(),
                 dims: dims[stream].clone(),
                 value: 0.0,
@@ -333,7 +338,7 @@ fn main() {
     let events_floor = bench_floor(groups, group, 32, relay_events);
     let (events, bytes_per_event) = bench_outbox(groups, group, relay_events);
     println!(
-        "  relay messages (events of 186 bytes, runs of 17 from one of 12 streams): sqlite floor CPU {:.2} µs/record, \
+        "  relay messages (events of 186 bytes, runs of {RELAY_RUN} from one of 12 streams): sqlite floor CPU {:.2} µs/record, \
          outbox.append {:.2} µs/record ({:.2}x the floor's), {:.0} records/s; on disk {:.1} bytes per record",
         events_floor.cpu_us,
         events.cpu_us,

@@ -1,12 +1,14 @@
 //! Appending records within the byte budget: the oldest dropped and counted when it is full.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use super::*;
 
 impl Outbox {
     /// Append records in one transaction, dropping the oldest first if the
-    /// bound requires it.
+    /// bound requires it. Each series' events are stored together (the
+    /// module header's "Rows"), and their ids follow that order.
     pub fn append(&mut self, records: &[Record]) -> Result<Appended, OutboxError> {
         let now = now_ms();
         let encoded: Vec<&str> = records.iter().map(|r| r.dims.encoded()).collect();
@@ -34,12 +36,14 @@ impl Outbox {
                 dropped += n;
                 freed = f;
             }
-            let rows: Vec<Row> = records
-                .iter()
-                .zip(&encoded)
-                .zip(&sizes)
-                .skip(skip)
-                .collect();
+            let rows = by_series(
+                records
+                    .iter()
+                    .zip(&encoded)
+                    .zip(&sizes)
+                    .skip(skip)
+                    .collect(),
+            );
             let (first, last) = insert_records(tx, &rows, now)?;
             Ok((dropped, freed, first, last))
         })?;
@@ -70,6 +74,59 @@ pub(super) const PACKED_HEADER: usize = 12;
 
 /// A record as inserted: its encoded dims and its charged size beside it.
 type Row<'a> = ((&'a Record, &'a &'a str), &'a i64);
+
+/// What makes events one series, and so able to share a row.
+type Series<'a> = (&'a str, &'a str, &'a str, u64);
+
+/// `rows` in the order they are stored: each series' events together, at the
+/// place of the series' first event and in the order they arrived; any other
+/// record where it arrived. A relay source hands over a stream's messages a
+/// read at a time, a dozen or so, and the dozen streams' reads interleave:
+/// gathered, a stream's messages of one commit fill rows of up to
+/// [`BUNDLE_MAX_BYTES`] instead of a read's worth each, and so fill their
+/// pages (`benches/outbox.rs`).
+fn by_series(rows: Vec<Row>) -> Vec<Row> {
+    let mut first: HashMap<Series, u32> = HashMap::new();
+    let mut places = 0u32;
+    let mut last: Option<(Series, u32)> = None;
+    let place: Vec<u32> = rows
+        .iter()
+        .map(|((r, dims), _)| {
+            let mut new_place = || {
+                places += 1;
+                places - 1
+            };
+            if r.kind != Kind::Event {
+                last = None;
+                return new_place();
+            }
+            let series = (&*r.name, **dims, &*r.unit, r.value.to_bits());
+            let at = match last {
+                Some((s, at)) if s == series => at,
+                _ => *first.entry(series).or_insert_with(new_place),
+            };
+            last = Some((series, at));
+            at
+        })
+        .collect();
+    if place.is_sorted() {
+        return rows;
+    }
+    // A counting sort by place, stable.
+    let mut next = vec![0usize; places as usize + 1];
+    for &p in &place {
+        next[p as usize + 1] += 1;
+    }
+    for i in 1..next.len() {
+        next[i] += next[i - 1];
+    }
+    let mut sorted = rows.clone();
+    for (row, &p) in rows.iter().zip(&place) {
+        sorted[next[p as usize]] = *row;
+        next[p as usize] += 1;
+    }
+    sorted
+}
 
 /// How many of `rows`, from the first, go into one stored row: a run of
 /// events of one series (name, dims, unit) arriving together, or one record.

@@ -608,17 +608,18 @@ fn relay_group() -> Vec<Record> {
     g
 }
 
-#[test]
-fn events_arriving_together_share_a_row_and_come_back_as_records() {
-    let d = TempDir::new("outbox");
-    let mut o = open(&d, 1 << 30, &[("a", ALL)]);
+/// `relay_group()` appended as three groups (its first run, the point, the
+/// rest), so that its rows are the runs as they arrived: one append gathers
+/// a series' events wherever they are in the group.
+fn append_relay_group_in_three(o: &mut Outbox) {
     let group = relay_group();
-    let app = o.append(&group).expect("append");
-    assert_eq!(app.ids, 1..=group.len() as i64);
+    for part in [&group[..3], &group[3..4], &group[4..]] {
+        o.append(part).expect("append");
+    }
     // 3 events, the point, 64 + 6 events, 2 events of `b`, the large one
     // alone, the next one (its run starts anew), one of another name.
     assert_eq!(
-        rows(&o),
+        rows(o),
         vec![
             (3, 3),
             (4, 1),
@@ -630,6 +631,36 @@ fn events_arriving_together_share_a_row_and_come_back_as_records() {
             (79, 1)
         ]
     );
+}
+
+#[test]
+fn events_arriving_together_share_a_row_and_come_back_as_records() {
+    let d = TempDir::new("outbox");
+    let mut o = open(&d, 1 << 30, &[("a", ALL)]);
+    let group = relay_group();
+    let app = o.append(&group).expect("append");
+    assert_eq!(app.ids, 1..=group.len() as i64);
+    // The 3 + 70 events of `a` gathered (64 and 9), the point, 2 events of
+    // `b`, the large one alone, the next one (its run starts anew), one of
+    // another name.
+    assert_eq!(
+        rows(&o),
+        vec![
+            (64, 64),
+            (73, 9),
+            (74, 1),
+            (76, 2),
+            (77, 1),
+            (78, 1),
+            (79, 1)
+        ]
+    );
+    let stored: Vec<&Record> = group[..3]
+        .iter()
+        .chain(&group[4..74])
+        .chain(&group[3..4])
+        .chain(&group[74..])
+        .collect();
     let s = o.stats().expect("stats");
     assert_eq!((s.records, s.sinks[0].pending), (79, 79));
     let charged: i64 = group
@@ -658,9 +689,69 @@ fn events_arriving_together_share_a_row_and_come_back_as_records() {
     let ids: Vec<i64> = back.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, (1..=79).collect::<Vec<_>>());
     let records: Vec<&Record> = back.iter().map(|(_, r)| r).collect();
-    assert_eq!(records, group.iter().collect::<Vec<_>>());
+    assert_eq!(records, stored);
     assert_eq!((count(&o, "records"), o.bytes()), (0, 0));
     assert_eq!(o.stats().expect("stats").sinks[0].delivered_records, 79);
+}
+
+#[test]
+fn an_append_gathers_each_series_events_into_rows_in_arrival_order() {
+    let d = TempDir::new("outbox");
+    let mut o = open(&d, 1 << 30, &[("a", ALL)]);
+    // Reads of two streams interleaved, a point between them, and an event
+    // of stream `a` in another unit (another series).
+    let ev = |s: &str, i: i64| event(s, 100 + i, &format!("{{\"{s}\":{i}}}"));
+    let other_unit = Record {
+        unit: "Count".into(),
+        ..ev("a", 9)
+    };
+    let group = vec![
+        ev("a", 0),
+        ev("a", 1),
+        ev("b", 0),
+        ev("b", 1),
+        point(5.0),
+        ev("a", 2),
+        ev("a", 3),
+        ev("b", 2),
+        other_unit,
+        ev("a", 4),
+    ];
+    let app = o.append(&group).expect("append");
+    assert_eq!(app.ids, 1..=10);
+    // `a`'s five events, `b`'s three, the point, the other series.
+    assert_eq!(rows(&o), vec![(5, 5), (8, 3), (9, 1), (10, 1)]);
+    let b = o.next_batch("a", 100).expect("claim").expect("batch");
+    let back: Vec<&Record> = b.records.iter().map(|(_, r)| r).collect();
+    let order = [0, 1, 5, 6, 9, 2, 3, 7, 4, 8];
+    assert_eq!(back, order.map(|i| &group[i]).to_vec());
+    o.ack(&b).expect("ack");
+
+    // Twelve streams, two reads of five each, interleaved as the relay
+    // hands them over: a row per stream, not one per read.
+    let streams: Vec<String> = (0..12).map(|s| format!("spin{s}")).collect();
+    let reads: Vec<Record> = (0..2)
+        .flat_map(|read| {
+            streams.iter().flat_map(move |s| {
+                (0..5).map(move |i| event(s, 1000 + read * 5 + i, &format!("[{read},{i}]")))
+            })
+        })
+        .collect();
+    o.append(&reads).expect("append");
+    let runs: Vec<i64> = rows(&o).iter().map(|(_, n)| *n).collect();
+    assert_eq!(runs, vec![10; 12], "a row per stream");
+    let b = o.next_batch("a", 200).expect("claim").expect("batch");
+    for s in &streams {
+        let dims = Dims::new([("stream", s.as_str())]);
+        let of_s = |rs: Vec<&Record>| -> Vec<Record> {
+            rs.into_iter().filter(|r| r.dims == dims).cloned().collect()
+        };
+        assert_eq!(
+            of_s(b.records.iter().map(|(_, r)| r).collect()),
+            of_s(reads.iter().collect()),
+            "stream {s} in arrival order"
+        );
+    }
 }
 
 #[test]
@@ -668,7 +759,7 @@ fn a_batch_ending_inside_a_row_is_redelivered_without_what_was_accepted() {
     let d = TempDir::new("outbox");
     {
         let mut o = open(&d, 1 << 30, &[("a", ALL), ("b", ALL)]);
-        o.append(&relay_group()).expect("append");
+        append_relay_group_in_three(&mut o);
         let b = o.next_batch("a", 6).expect("claim").expect("batch");
         let ids: Vec<i64> = b.records.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, (1..=6).collect::<Vec<_>>());
@@ -697,7 +788,7 @@ fn dropping_a_row_counts_each_record_a_sink_had_not_passed() {
     let charged = |r: &Record| r.charged_bytes(r.dims.encoded());
     let total: i64 = group.iter().map(charged).sum();
     let mut o = open(&d, total as u64, &[("fast", ALL), ("slow", ALL)]);
-    o.append(&group).expect("append");
+    append_relay_group_in_three(&mut o);
     // `fast` passes 10 records: the first two rows and 6 of the row of 64.
     let b = o.next_batch("fast", 10).expect("claim").expect("batch");
     o.ack(&b).expect("ack");
