@@ -36,7 +36,7 @@ impl Outbox {
                 dropped += n;
                 freed = f;
             }
-            let rows = by_series(
+            let (rows, place) = by_series(
                 records
                     .iter()
                     .zip(&encoded)
@@ -44,7 +44,7 @@ impl Outbox {
                     .skip(skip)
                     .collect(),
             );
-            let (first, last) = insert_records(tx, &rows, now)?;
+            let (first, last) = insert_records(tx, &rows, &place, now)?;
             Ok((dropped, freed, first, last))
         })?;
         self.bytes += incoming - freed;
@@ -78,14 +78,15 @@ type Row<'a> = ((&'a Record, &'a &'a str), &'a i64);
 /// What makes events one series, and so able to share a row.
 type Series<'a> = (&'a str, &'a str, &'a str, u64);
 
-/// `rows` in the order they are stored: each series' events together, at the
-/// place of the series' first event and in the order they arrived; any other
-/// record where it arrived. A relay source hands over a stream's messages a
-/// read at a time, a dozen or so, and the dozen streams' reads interleave:
-/// gathered, a stream's messages of one commit fill rows of up to
-/// [`BUNDLE_MAX_BYTES`] instead of a read's worth each, and so fill their
-/// pages (`benches/outbox.rs`).
-fn by_series(rows: Vec<Row>) -> Vec<Row> {
+/// `rows` in the order they are stored, each with its series' place: each
+/// series' events together, at the place of the series' first event and in
+/// the order they arrived; any other record where it arrived, at a place of
+/// its own. A relay source hands over a stream's messages a read at a time,
+/// a dozen or so, and the dozen streams' reads interleave: gathered, a
+/// stream's messages of one commit fill rows of up to [`BUNDLE_MAX_BYTES`]
+/// instead of a read's worth each, and so fill their pages
+/// (`benches/outbox.rs`).
+fn by_series(rows: Vec<Row>) -> (Vec<Row>, Vec<u32>) {
     let mut first: HashMap<Series, u32> = HashMap::new();
     let mut places = 0u32;
     let mut last: Option<(Series, u32)> = None;
@@ -110,7 +111,7 @@ fn by_series(rows: Vec<Row>) -> Vec<Row> {
         })
         .collect();
     if place.is_sorted() {
-        return rows;
+        return (rows, place);
     }
     // A counting sort by place, stable.
     let mut next = vec![0usize; places as usize + 1];
@@ -120,35 +121,30 @@ fn by_series(rows: Vec<Row>) -> Vec<Row> {
     for i in 1..next.len() {
         next[i] += next[i - 1];
     }
-    let mut sorted = rows.clone();
+    let (mut sorted, mut sorted_place) = (rows.clone(), place.clone());
     for (row, &p) in rows.iter().zip(&place) {
-        sorted[next[p as usize]] = *row;
-        next[p as usize] += 1;
+        let at = &mut next[p as usize];
+        (sorted[*at], sorted_place[*at]) = (*row, p);
+        *at += 1;
     }
-    sorted
+    (sorted, sorted_place)
 }
 
 /// How many of `rows`, from the first, go into one stored row: a run of
-/// events of one series (name, dims, unit) arriving together, or one record.
-fn run_length(rows: &[Row]) -> usize {
-    let (((first, dims), _), rest) = match rows.split_first() {
-        Some(split) => split,
-        None => return 0,
+/// events of one series (one `place` from [`by_series`]) within a row's
+/// bounds, or one record.
+fn run_length(rows: &[Row], place: &[u32]) -> usize {
+    let Some((((first, _), _), rest)) = rows.split_first() else {
+        return 0;
     };
     let mut bytes = first.payload.len() + PACKED_HEADER;
     if first.kind != Kind::Event || bytes > BUNDLE_MAX_BYTES {
         return 1;
     }
     let mut n = 1;
-    for ((r, d), _) in rest.iter().take(BUNDLE_MAX - 1) {
+    for (((r, _), _), &p) in rest.iter().zip(&place[1..]).take(BUNDLE_MAX - 1) {
         bytes += r.payload.len() + PACKED_HEADER;
-        if r.kind != Kind::Event
-            || bytes > BUNDLE_MAX_BYTES
-            || **d != **dims
-            || r.name != first.name
-            || r.unit != first.unit
-            || r.value.to_bits() != first.value.to_bits()
-        {
+        if p != place[0] || bytes > BUNDLE_MAX_BYTES {
             break;
         }
         n += 1;
@@ -159,10 +155,12 @@ fn run_length(rows: &[Row]) -> usize {
 /// Insert rows: a record alone in its row [`ROWS_PER_INSERT`] to a
 /// statement, with the id SQLite gives (the next after the highest ever
 /// given); a run of events as one row, with the id of its last record.
-/// Returns the first and last id given (None and 0 for none).
+/// `place` is each row's series place ([`by_series`]). Returns the first
+/// and last id given (None and 0 for none).
 fn insert_records(
     tx: &Transaction,
     rows: &[Row],
+    place: &[u32],
     now: i64,
 ) -> rusqlite::Result<(Option<i64>, i64)> {
     if rows.is_empty() {
@@ -182,7 +180,7 @@ fn insert_records(
     let mut packed = Vec::new();
     let mut at = 0;
     while at < rows.len() {
-        let n = run_length(&rows[at..]);
+        let n = run_length(&rows[at..], &place[at..]);
         if n == 1 {
             singles.push(&rows[at]);
             if singles.len() == ROWS_PER_INSERT {
