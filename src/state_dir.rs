@@ -172,6 +172,19 @@ pub fn replace_file(path: &Path, bytes: &[u8], sync: Sync) -> Result<(), String>
     })
 }
 
+/// Make the commits in an SQLite database's WAL (`<db>-wal`) survive a
+/// power cut: one fdatasync, for a database opened with `synchronous =
+/// NORMAL`, whose commits do not wait for the disk. No WAL means nothing
+/// was written since the last checkpoint, which synced it all.
+pub fn sync_wal(db: &Path) -> std::io::Result<()> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    match std::fs::File::open(&wal).and_then(|f| f.sync_data()) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// `dir/.name.tmp`: hidden, and recognised by [`remove_temp_files`].
 fn temp_name(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -66,16 +66,11 @@ impl Outbox {
                 return Ok(());
             }
         }
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        match std::fs::File::open(&wal).and_then(|f| f.sync_data()) {
-            Ok(()) => Ok(()),
-            // No WAL: nothing was written since the last checkpoint.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!(
+        crate::state_dir::sync_wal(&self.path).map_err(|e| {
+            format!(
                 "outbox {}: syncing the WAL failed: {e}",
                 self.path.display()
-            )),
-        }
+            )
+        })
     }
 }

@@ -41,7 +41,11 @@
 //! - The analytics state is saved to `relay-<name>.db` in the state dir
 //!   every 2 s (after a change) and at shutdown, and reloaded at start: a `kill -9`
 //!   loses at most the last 2 s of analytics (the events themselves are
-//!   in the outbox as soon as the writer commits them).
+//!   in the outbox as soon as the writer commits them). A power cut loses
+//!   at most [`store::SYNC_EVERY`] (30 s) more: saves do not wait for the
+//!   disk, and the file is fsynced that long after the first unsynced one
+//!   and at shutdown, so the disk sees the outbox's fsync a second and
+//!   hardly any of this file's.
 //! - Files in `files_dir` are rewritten from that state by one flush at a
 //!   time, each atomically (temp file, rename; no fsync, see [`Sync::No`]),
 //!   every `dump_interval_secs`, on this source's worker thread; all of them
@@ -248,6 +252,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     let ctx = Rc::new(ctx);
     let files = Files {
         store,
+        sync_due: None,
         status_path: crate::sources::status_path(&state_dir, &ctx.name),
         last_status: String::new(),
     };
@@ -840,6 +845,9 @@ async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
 
 struct Files {
     store: Option<Arc<Mutex<Store>>>,
+    /// When the store's saves not yet synced are due to be
+    /// ([`Store::sync_due`]): the flush task wakes for it.
+    sync_due: Option<Instant>,
     status_path: PathBuf,
     last_status: String,
 }
@@ -915,11 +923,17 @@ async fn flush_task(
     let interval = shared.config.dump_interval.as_millis() as i64;
     let mut next_dump = now_ms() + interval;
     loop {
-        // Sleep until something changed, or a dump of earlier changes is due.
+        // Sleep until something changed, or a dump of earlier changes is
+        // due, or the sync of earlier saves.
         let pending = shared.config.files_dir.is_some()
             && (*shared.dump_usage.borrow() || shared.state.borrow().analytics.has_undumped());
         let dump_in = Duration::from_millis((next_dump - now_ms()).max(0) as u64);
+        let sync_in = files
+            .borrow()
+            .sync_due
+            .map(|at| at.saturating_duration_since(Instant::now()));
         let timeout = if pending { dump_in } else { IDLE_WAIT };
+        let timeout = sync_in.map_or(timeout, |s| s.min(timeout));
         let stop = rung_or_shutdown(&ctx, &wakeup, timeout).await;
         // Coalesce: changes come in bursts.
         if stop || ctx.shutdown.sleep(FLUSH_EVERY).await {
@@ -1028,7 +1042,8 @@ async fn flush(
         _ => shutdown.is_started(),
     };
     let name = shared.name.clone();
-    let (errors, changes) = if dump == Dump::No { io } else { worker }
+    let last = matches!(dump, Dump::Until(_));
+    let (errors, changes, sync_due) = if dump == Dump::No { io } else { worker }
         .run(move || {
             let (activity, graphs) = &changes;
             let mut errors = Vec::new();
@@ -1048,6 +1063,15 @@ async fn flush(
                     errors.push((true, e));
                 }
             }
+            // What was saved survives a power cut within SYNC_EVERY, and
+            // at shutdown at once.
+            let sync_due = store.as_ref().and_then(|store| {
+                let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = s.sync(last) {
+                    errors.push((false, e));
+                }
+                s.sync_due()
+            });
             if let Some(dir) = &dir {
                 for (k, csv) in &feedback {
                     let path = dir.join(format!("{}{}", k.file_stem(), adopt::FEEDBACK_SUFFIX));
@@ -1070,9 +1094,10 @@ async fn flush(
                     );
                 }
             }
-            (errors, changes)
+            (errors, changes, sync_due)
         })
         .await;
+    files.borrow_mut().sync_due = sync_due;
     for (save_failed, e) in errors {
         if save_failed {
             // Mark them changed again so the next flush retries.

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::analytics::{Activity, Graph, GraphKey};
 use super::ingest::{Frame, Settings, State};
 use super::link::Link;
-use super::store::Store;
+use super::store::{self, Store};
 use crate::record::{Kind, MAX_EVENT_DEPTH, Record, json_depth};
 use crate::sketch::Sketch;
 
@@ -348,6 +348,51 @@ fn the_analytics_state_survives_a_save_and_reload() {
         .collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(std::fs::read(&kept[0]).unwrap(), b"not a database at all");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Saves do not wait for the disk; the first one not yet synced sets when
+/// the sync is due (saves every 2 s must not put it off for ever), and
+/// shutdown syncs at once.
+#[test]
+fn a_save_is_synced_within_the_bound_counted_from_the_first_unsynced_one() {
+    let dir = std::env::temp_dir().join(format!("edgemeter-relay-sync-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut st = state(&STREAMS, 1 << 20);
+    play(&mut st, &mut Vec::new());
+    let (activity, graphs) = st.analytics.take_changes();
+    let mut store = Store::open(&dir.join("relay-lab.db")).unwrap();
+    assert_eq!(store.sync_due(), None, "nothing saved, nothing to sync");
+    let before = std::time::Instant::now();
+    store.save(&activity, &graphs).unwrap();
+    let due = store.sync_due().expect("a save waits for a sync");
+    assert!(
+        due >= before + store::SYNC_EVERY && due <= std::time::Instant::now() + store::SYNC_EVERY,
+        "due {:?} after the save",
+        due - before
+    );
+    store.sync(false).unwrap();
+    assert_eq!(store.sync_due(), Some(due), "not due yet: not synced");
+    std::thread::sleep(Duration::from_millis(20));
+    store.save(&activity, &graphs).unwrap();
+    store
+        .save_feedback(&[(
+            GraphKey {
+                user: U1.into(),
+                exp: "spinner".into(),
+                course: "engdes1".into(),
+            },
+            "a,b\n".into(),
+        )])
+        .unwrap();
+    assert_eq!(
+        store.sync_due(),
+        Some(due),
+        "later saves keep the first one's due time"
+    );
+    store.sync(true).unwrap();
+    assert_eq!(store.sync_due(), None, "at shutdown: synced at once");
+    store.sync(true).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
