@@ -42,10 +42,11 @@
 //!   every 2 s (after a change) and at shutdown, and reloaded at start: a `kill -9`
 //!   loses at most the last 2 s of analytics (the events themselves are
 //!   in the outbox as soon as the writer commits them). A power cut loses
-//!   at most [`store::SYNC_EVERY`] (30 s) more: saves do not wait for the
-//!   disk, and the file is fsynced that long after the first unsynced one
-//!   and at shutdown, so the disk sees the outbox's fsync a second and
-//!   hardly any of this file's.
+//!   up to [`store::SYNC_EVERY`] (30 s) more, and the 2 s this task
+//!   gathers changes for: saves do not wait for the disk, and the file is
+//!   fsynced that long after the first unsynced one and at shutdown, so
+//!   the disk sees the outbox's fsync a second and hardly any of this
+//!   file's.
 //! - Files in `files_dir` are rewritten from that state by one flush at a
 //!   time, each atomically (temp file, rename; no fsync, see [`Sync::No`]),
 //!   every `dump_interval_secs`, on this source's worker thread; all of them
