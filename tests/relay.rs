@@ -1645,10 +1645,11 @@ fn the_whole_agent_fsyncs_once_a_second_at_steady_load_and_the_analytics_at_shut
         of(&steady, "state/outbox.db-wal"),
         all.iter().filter(|(t, _)| *t >= stopping).count()
     );
-    // The outbox's once a second: proof that the trace sees the agent's
-    // fsyncs at all, so that the bound below cannot pass by seeing none.
+    // The outbox's once a second (half of them, on a loaded machine):
+    // proof that the trace sees the agent's fsyncs at all, so that the
+    // bound below cannot pass by seeing none.
     assert!(
-        of(&steady, "state/outbox.db-wal") as f64 >= secs - 2.0,
+        of(&steady, "state/outbox.db-wal") as f64 >= secs / 2.0,
         "the outbox's WAL was synced {} times in {secs:.1} s; every fsync:\n{}",
         of(&steady, "state/outbox.db-wal"),
         listing()
