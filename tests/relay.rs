@@ -1554,12 +1554,18 @@ fn epoch_secs() -> f64 {
 /// Issue 18: an SD card sees about one fsync a second from the whole agent
 /// at steady load, not one from the outbox plus one per save of the relay
 /// analytics (every 2 s, with `synchronous = FULL` until then). The agent
-/// is traced (`strace`, every fsync with its file) for 10 s of 2,000
-/// messages a second kept as events, and through its shutdown, which must
-/// make the analytics saved since the last sync durable.
+/// is traced (`strace`, every fsync with its file) through 10 s of 2,000
+/// messages a second kept as events, then a quiet spell in which the
+/// analytics saved must be synced once, 30 s after the first save (no
+/// later change wakes the source for it), then its shutdown.
 #[test]
-fn the_whole_agent_fsyncs_once_a_second_at_steady_load_and_the_analytics_at_shutdown() {
+fn the_whole_agent_fsyncs_once_a_second_and_the_analytics_30_s_after_a_save() {
     const STEADY_SECS: u64 = 10;
+    // `store::SYNC_EVERY`, and what may come before and after it: the
+    // first change waits up to 2 s for its save, and the sync, once due,
+    // waits the 2 s in which the flush gathers changes (plus a margin).
+    const SYNC_AFTER: f64 = 30.0;
+    const SYNC_LATE: f64 = 2.0 + 2.0 + 3.0;
     const PER_TICK: usize = 20; // every 10 ms: 2,000 messages a second
     let strace = std::process::Command::new("strace").arg("-V").output();
     assert!(
@@ -1588,6 +1594,7 @@ fn the_whole_agent_fsyncs_once_a_second_at_steady_load_and_the_analytics_at_shut
     };
     let mut sent = 0;
     // Warm up: the first saves, a first dump and a checkpoint-free WAL.
+    let first_message = epoch_secs();
     send_for(Duration::from_secs(3), &mut sent);
     let trace = dir.path("fsyncs.trace");
     let mut tracer = std::process::Command::new("strace")
@@ -1616,6 +1623,11 @@ fn the_whole_agent_fsyncs_once_a_second_at_steady_load_and_the_analytics_at_shut
     let from = epoch_secs();
     send_for(Duration::from_secs(STEADY_SECS), &mut sent);
     let to = epoch_secs();
+    // Quiet: no message, so only the flush task's timer can bring the sync.
+    let quiet_until = first_message + SYNC_AFTER + SYNC_LATE + 1.0;
+    std::thread::sleep(Duration::from_secs_f64(
+        (quiet_until - epoch_secs()).clamp(0.0, 40.0),
+    ));
     let stopping = epoch_secs();
     agent.stop();
     let traced = wait_until(Duration::from_secs(10), || {
@@ -1633,7 +1645,7 @@ fn the_whole_agent_fsyncs_once_a_second_at_steady_load_and_the_analytics_at_shut
     let listing = || {
         let said = std::fs::read_to_string(dir.path("strace.err")).unwrap_or_default();
         all.iter()
-            .map(|(t, f)| format!("{:+.3} {f}", t - from))
+            .map(|(t, f)| format!("{:.3} s after the first message: {f}", t - first_message))
             .chain((!said.is_empty()).then(|| format!("strace said: {said}")))
             .collect::<Vec<_>>()
             .join("\n")
@@ -1666,10 +1678,29 @@ fn the_whole_agent_fsyncs_once_a_second_at_steady_load_and_the_analytics_at_shut
         steady.len(),
         listing()
     );
+    // The saves began with the first messages and were never synced: one
+    // sync, once due, and none while nothing is saved.
+    let quiet: Vec<f64> = all
+        .iter()
+        .filter(|(t, f)| (to..stopping).contains(t) && f.ends_with("relay-lab.db-wal"))
+        .map(|(t, _)| t - first_message)
+        .collect();
+    eprintln!(
+        "the analytics' WAL synced in the quiet spell at {quiet:.1?} s after the first message"
+    );
+    assert!(
+        quiet.len() == 1 && (SYNC_AFTER..SYNC_AFTER + SYNC_LATE).contains(&quiet[0]),
+        "the analytics' WAL must be synced once, {SYNC_AFTER} to {} s after the first message; it was at {quiet:.1?} s; every fsync:\n{}",
+        SYNC_AFTER + SYNC_LATE,
+        listing()
+    );
+    // At shutdown the file is synced, by the source's last sync (when
+    // saves wait for one) or by SQLite's checkpoint as the connection
+    // closes: this checks that it is, not which.
     let at_stop: Vec<&(f64, String)> = all.iter().filter(|(t, _)| *t >= stopping).collect();
     assert!(
         of(&at_stop, "relay-lab.db-wal") >= 1,
-        "the analytics saved since the last sync were not synced at shutdown; every fsync:\n{}",
+        "the analytics' file was not synced at shutdown; every fsync:\n{}",
         listing()
     );
     assert!(committed_messages(&dir) > 0, "no message was committed");
