@@ -1593,7 +1593,7 @@ fn the_whole_agent_fsyncs_once_a_second_and_the_analytics_30_s_after_a_save() {
         }
     };
     let mut sent = 0;
-    // Warm up: the first saves, a first dump and a checkpoint-free WAL.
+    // Warm up: the first saves and dumps come before the trace begins.
     let first_message = epoch_secs();
     send_for(Duration::from_secs(3), &mut sent);
     let trace = dir.path("fsyncs.trace");
