@@ -27,6 +27,7 @@ use smol::{LocalExecutor, Task};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::logging::{Say, Spell, again};
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record, payloads};
 use crate::runtime::{self, Doorbell, Inbox, Item, SharedOutbox};
@@ -350,9 +351,31 @@ async fn join_within(tasks: Vec<Task<()>>, budget: Duration) -> usize {
 }
 
 /// Fsync the outbox's WAL (see [`SYNC_EVERY`]); a failure is logged.
-async fn sync(outbox: &SharedOutbox) {
-    if let Err(e) = outbox.call(|o| o.sync()).await {
-        log::warn!("{e}; the last second's records would not survive a power cut");
+async fn sync(outbox: &SharedOutbox, spell: &mut Spell) {
+    said_sync(outbox.call(|o| o.sync()).await, spell);
+}
+
+/// Log what a sync came to: a failing disk fails one a second, said once a
+/// spell ([`Spell`]), and when syncs work again.
+fn said_sync(result: Result<(), String>, spell: &mut Spell) {
+    let now = Instant::now();
+    match result {
+        Ok(()) => {
+            if let Say::Ended { failed, lasted } = spell.worked(now) {
+                log::info!(
+                    "the outbox's WAL is synced again, after {failed} failed syncs in a row ({:.0} s)",
+                    lasted.as_secs_f64()
+                );
+            }
+        }
+        Err(e) => {
+            if let Say::Failure { attempts } = spell.failed(now) {
+                log::warn!(
+                    "{}{e}; the last second's records would not survive a power cut",
+                    again(attempts)
+                );
+            }
+        }
     }
 }
 
@@ -391,6 +414,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
     let mut barriers: Vec<Sender<()>> = Vec::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut failing = false;
+    let mut sync_spell = Spell::default();
     let mut lost_uncounted: i64 = 0;
     let mut closed = false;
     // Commits not yet synced, and when the last sync was; commits the
@@ -443,7 +467,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
                         (unrung, rung_at) = (false, Instant::now());
                     }
                     if unsynced && synced_at.elapsed() >= SYNC_EVERY {
-                        sync(&outbox).await;
+                        sync(&outbox, &mut sync_spell).await;
                         (unsynced, synced_at) = (false, Instant::now());
                     }
                     continue;
@@ -491,10 +515,12 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
             })
             .await;
         match synced {
-            Some(Ok(())) => (unsynced, synced_at) = (false, Instant::now()),
-            Some(Err(e)) => {
-                log::warn!("{e}; the last second's records would not survive a power cut");
+            Some(r) => {
+                // A failed sync is tried again a second later, with the
+                // next commit's.
+                unsynced &= r.is_err();
                 synced_at = Instant::now();
+                said_sync(r, &mut sync_spell);
             }
             None => unsynced |= result.is_ok(),
         }
@@ -576,7 +602,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
         ring(&bells);
     }
     if unsynced {
-        sync(&outbox).await;
+        sync(&outbox, &mut sync_spell).await;
     }
 }
 

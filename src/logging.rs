@@ -1,6 +1,8 @@
 //! Logging to stderr (journald keeps it), one sentence per event. The level
 //! comes from `EDGEMETER_LOG` if set, else from the config.
 
+use std::time::{Duration, Instant};
+
 use log::LevelFilter;
 use simplelog::{ConfigBuilder, WriteLogger};
 
@@ -51,4 +53,103 @@ pub fn parse_level(s: &str) -> Option<LevelFilter> {
 /// `1 source`, `2 sources`: a count in a sentence of the log.
 pub fn counted(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// A failure that may repeat at every attempt (a full disk fails a flush
+/// every 2 s, a sync every second): the log says it when it begins, again
+/// at most every [`Spell::SAY_EVERY`] while it lasts, and when an attempt
+/// works again, instead of a line per attempt.
+#[derive(Debug, Default)]
+pub struct Spell {
+    /// Since when attempts fail, when the log last said so, and how many.
+    failing: Option<(Instant, Instant, u64)>,
+}
+
+/// What the log is to say of one attempt.
+#[derive(Debug, PartialEq)]
+pub enum Say {
+    Nothing,
+    /// The failure: the first of its spell, or a reminder.
+    Failure {
+        /// The attempts of the spell so far, this one included.
+        attempts: u64,
+    },
+    /// An attempt worked after a spell of failures.
+    Ended {
+        failed: u64,
+        lasted: Duration,
+    },
+}
+
+impl Spell {
+    pub const SAY_EVERY: Duration = Duration::from_secs(600);
+
+    /// An attempt failed at `now`.
+    pub fn failed(&mut self, now: Instant) -> Say {
+        let (_, said, attempts) = self.failing.get_or_insert((now, now, 0));
+        *attempts += 1;
+        if *attempts == 1 || now.duration_since(*said) >= Spell::SAY_EVERY {
+            *said = now;
+            return Say::Failure {
+                attempts: *attempts,
+            };
+        }
+        Say::Nothing
+    }
+
+    /// An attempt worked at `now`.
+    pub fn worked(&mut self, now: Instant) -> Say {
+        match self.failing.take() {
+            Some((since, _, failed)) => Say::Ended {
+                failed,
+                lasted: now.duration_since(since),
+            },
+            None => Say::Nothing,
+        }
+    }
+}
+
+/// How a failure said again by a [`Spell`] begins: `""` for the first of
+/// its spell, `"still failing (N attempts in a row): "` after.
+pub fn again(attempts: u64) -> String {
+    match attempts {
+        1 => String::new(),
+        n => format!("still failing ({n} attempts in a row, said every 10 minutes): "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spell_of_failures_is_said_at_its_start_every_ten_minutes_and_at_its_end() {
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut spell = Spell::default();
+        assert_eq!(
+            spell.worked(at(0)),
+            Say::Nothing,
+            "no spell, nothing to end"
+        );
+        assert_eq!(spell.failed(at(0)), Say::Failure { attempts: 1 });
+        // Every 2 s for ten minutes: said again only once the ten are up.
+        for k in 1..300 {
+            assert_eq!(spell.failed(at(2 * k)), Say::Nothing, "attempt {}", k + 1);
+        }
+        assert_eq!(spell.failed(at(600)), Say::Failure { attempts: 301 });
+        assert_eq!(spell.failed(at(602)), Say::Nothing);
+        assert_eq!(
+            spell.worked(at(604)),
+            Say::Ended {
+                failed: 302,
+                lasted: Duration::from_secs(604)
+            }
+        );
+        assert_eq!(spell.worked(at(606)), Say::Nothing, "said once");
+        // A new spell is said at once.
+        assert_eq!(spell.failed(at(700)), Say::Failure { attempts: 1 });
+        assert_eq!(again(1), "");
+        assert!(again(301).starts_with("still failing (301 attempts"));
+    }
 }

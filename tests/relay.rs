@@ -1705,3 +1705,150 @@ fn the_whole_agent_fsyncs_once_a_second_and_the_analytics_30_s_after_a_save() {
     );
     assert!(committed_messages(&dir) > 0, "no message was committed");
 }
+
+/// The N of the log line with `needle` that ends a spell of failures:
+/// "… again, after N failed …".
+fn failures_before(log: &str, needle: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line says `{needle}`:\n{log}"));
+    eprintln!("{line}");
+    line.split("after ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in `{line}`"))
+}
+
+/// The analytics' file cannot be written for a while (here another process
+/// holds its write lock; a full disk fails a flush the same way, every
+/// 2 s): the log says so once, not once per flush, and says when a flush
+/// works again; the changes of the failed flushes are saved then.
+#[test]
+fn a_failing_analytics_flush_is_said_once_a_spell_and_nothing_is_lost() {
+    let (dir, hub, mut agent) = agent_keeping_events("relay-spell", "s1");
+    let db = dir.path("state/relay-lab.db");
+    let mut sent = 0u64;
+    let mut send = |n: usize| {
+        for _ in 0..n {
+            let text = envelope(&format!("u{}", sent % 5), "s1", "log", "x");
+            assert_eq!(hub.send_text("s1", &text), 1);
+            sent += 1;
+        }
+    };
+    let saved = |db: &Path| -> i64 {
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| {
+                c.query_row("SELECT COALESCE(SUM(messages), 0) FROM activity", [], |r| {
+                    r.get(0)
+                })
+            })
+            .unwrap_or(0)
+    };
+    send(10);
+    assert!(
+        wait_until(Duration::from_secs(15), || saved(&db) == 10),
+        "the first save did not come: {} saved\n{}",
+        saved(&db),
+        agent.stderr()
+    );
+    let lock = rusqlite::Connection::open(&db).expect("open the analytics' file");
+    lock.execute_batch("BEGIN EXCLUSIVE")
+        .expect("take its write lock");
+    // Each flush now waits the store's 5 s busy timeout and fails: at
+    // least two fail in 25 s.
+    let locked = Instant::now();
+    let mut rounds = 0;
+    while locked.elapsed() < Duration::from_secs(25) && rounds < 100 {
+        send(5);
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    lock.execute_batch("ROLLBACK").expect("release the lock");
+    drop(lock);
+    send(5);
+    let sent_all = sent as i64;
+    assert!(
+        wait_until(Duration::from_secs(20), || agent
+            .stderr()
+            .contains("the analytics flush works again")),
+        "no line said the flush works again\n{}",
+        agent.stderr()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || saved(&db) == sent_all),
+        "{} of {sent_all} messages in the saved analytics\n{}",
+        saved(&db),
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("database is locked"))
+        .count();
+    let failed = failures_before(&log, "the analytics flush works again");
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("database is locked") || l.contains("works again"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        failed >= 2 && said == 1,
+        "{failed} flushes failed and the log said so {said} times (once is right)\n{log}"
+    );
+}
+
+/// The status file cannot be replaced (here a directory stands in its
+/// place; a full disk fails it the same way, at every change): the log
+/// says so once, and says when it is written again.
+#[test]
+fn a_status_file_that_cannot_be_written_is_said_once_a_spell() {
+    let dir = TempDir::new("relay-status-spell");
+    let hub = Hub::start();
+    let blocker = dir.path("state/source-lab.status/in-the-way");
+    std::fs::create_dir_all(&blocker).expect("a directory where the status file goes");
+    let cfg = config(&dir, &hub, &["s1"], "");
+    let mut agent = Agent::start(&cfg, "info");
+    wait_subscribed(&hub, &["s1"]);
+    let failures = |agent: &Agent| {
+        agent
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("source-lab.status") && l.contains("[WARN]"))
+            .count()
+    };
+    // Every flush (2 s) changes the counts, so the status is written again.
+    let started = Instant::now();
+    let mut k = 0;
+    while started.elapsed() < Duration::from_secs(9) && k < 1000 {
+        assert_eq!(
+            hub.send_text("s1", &envelope(&format!("u{k}"), "s1", "log", "x")),
+            1
+        );
+        k += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(failures(&agent), 1, "said once\n{}", agent.stderr());
+    std::fs::remove_dir_all(dir.path("state/source-lab.status")).expect("clear the way");
+    assert_eq!(hub.send_text("s1", &envelope("again", "s1", "log", "x")), 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || agent
+            .stderr()
+            .contains("source-lab.status written again, after")),
+        "no line said the status is written again\n{}",
+        agent.stderr()
+    );
+    assert!(dir.path("state/source-lab.status").is_file());
+    agent.stop();
+    let log = agent.stderr();
+    let failed = failures_before(&log, "written again, after");
+    assert!(
+        failed >= 2 && failures(&agent) == 1,
+        "{failed} writes failed and the log said so {} times (once is right)\n{log}",
+        failures(&agent)
+    );
+}

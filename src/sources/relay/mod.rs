@@ -99,6 +99,7 @@ use smol::Async;
 use smol::stream::StreamExt;
 
 use crate::clock::now_ms;
+use crate::logging::{Say, Spell, again};
 use crate::record::Record;
 use crate::runtime::{Doorbell, LocalBoxFuture, Wakeup, Worker, doorbell};
 use crate::sources::{Context, Source};
@@ -253,6 +254,8 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     let ctx = Rc::new(ctx);
     let files = Files {
         store,
+        flush_spell: Spell::default(),
+        status_spell: Spell::default(),
         sync_due: None,
         status_path: crate::sources::status_path(&state_dir, &ctx.name),
         last_status: String::new(),
@@ -846,6 +849,10 @@ async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
 
 struct Files {
     store: Option<Arc<Mutex<Store>>>,
+    /// Failing flushes and status writes (a full disk fails one every
+    /// 2 s) are said once a spell, not once each.
+    flush_spell: Spell,
+    status_spell: Spell,
     /// When the store's saves not yet synced are due to be
     /// ([`Store::sync_due`]): the flush task wakes for it.
     sync_due: Option<Instant>,
@@ -908,9 +915,23 @@ async fn publish_status(worker: &Worker, files: &RefCell<Files>, status: String)
     let result = worker
         .run(move || replace_file(&path, status.as_bytes(), Sync::No))
         .await;
-    if let Err(e) = result {
-        log::warn!("{e}; trying again at the next change");
-        files.borrow_mut().last_status.clear();
+    let mut f = files.borrow_mut();
+    match result {
+        Ok(()) => {
+            if let Say::Ended { failed, lasted } = f.status_spell.worked(Instant::now()) {
+                log::info!(
+                    "{} written again, after {failed} failed writes in a row ({:.0} s)",
+                    f.status_path.display(),
+                    lasted.as_secs_f64()
+                );
+            }
+        }
+        Err(e) => {
+            if let Say::Failure { attempts } = f.status_spell.failed(Instant::now()) {
+                log::warn!("{}{e}; trying again at the next change", again(attempts));
+            }
+            f.last_status.clear();
+        }
     }
 }
 
@@ -1098,7 +1119,23 @@ async fn flush(
             (errors, changes, sync_due)
         })
         .await;
-    files.borrow_mut().sync_due = sync_due;
+    let say = {
+        let mut f = files.borrow_mut();
+        f.sync_due = sync_due;
+        let now = Instant::now();
+        if errors.is_empty() {
+            f.flush_spell.worked(now)
+        } else {
+            f.flush_spell.failed(now)
+        }
+    };
+    if let Say::Ended { failed, lasted } = say {
+        log::info!(
+            "source `{}`: the analytics flush works again, after {failed} failed flushes in a row ({:.0} s)",
+            shared.name,
+            lasted.as_secs_f64()
+        );
+    }
     for (save_failed, e) in errors {
         if save_failed {
             // Mark them changed again so the next flush retries.
@@ -1108,10 +1145,13 @@ async fn flush(
                 d.unsave(feedback_keys.iter().cloned());
             }
         }
-        log::warn!(
-            "source `{}`: {e}; trying again at the next flush",
-            shared.name
-        );
+        if let Say::Failure { attempts } = say {
+            log::warn!(
+                "source `{}`: {}{e}; trying again at the next flush",
+                shared.name,
+                again(attempts)
+            );
+        }
     }
     let status = status::document(&shared.state.borrow());
     publish_status(io, files, status).await;
