@@ -114,7 +114,10 @@ impl Spell {
 pub fn again(attempts: u64) -> String {
     match attempts {
         1 => String::new(),
-        n => format!("still failing ({n} attempts in a row, said every 10 minutes): "),
+        n => format!(
+            "still failing ({n} attempts in a row, said every {} minutes): ",
+            Spell::SAY_EVERY.as_secs() / 60
+        ),
     }
 }
 

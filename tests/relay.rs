@@ -1544,11 +1544,9 @@ fn fsyncs(trace: &str) -> Vec<(f64, String)> {
         .collect()
 }
 
+/// The wall clock as `strace -ttt` prints it.
 fn epoch_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
+    common::now_ms() as f64 / 1000.0
 }
 
 /// Issue 18: an SD card sees about one fsync a second from the whole agent

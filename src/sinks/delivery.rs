@@ -2,9 +2,10 @@
 //! it to the sink, then confirm it, retry it with backoff, or dead-letter it.
 //! Sinks only implement [`Sink::deliver`]; the policy lives here once.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, jittered};
+use crate::logging::{Say, Spell};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
 use crate::sinks::{DeliveryError, Sink};
@@ -31,9 +32,6 @@ enum Settle {
     Refused(String),
 }
 
-/// While credentials are refused, the log says so at most this often.
-const REFUSED_LOG_EVERY: Duration = Duration::from_secs(600);
-
 pub struct Driver {
     pub name: String,
     pub sink: Box<dyn Sink>,
@@ -50,8 +48,9 @@ impl Driver {
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.delivery.retry_initial, self.delivery.retry_max);
         let mut last_error: Option<String> = None;
-        // Credentials refused: since when, and when the log last said so.
-        let mut refused_since: Option<(i64, Option<std::time::Instant>)> = None;
+        // Credentials refused: since when (for `status`), said once a spell.
+        let mut refused_since: Option<i64> = None;
+        let mut refused = Spell::default();
         while !self.shutdown.is_started() {
             let (name, max) = (self.name.clone(), self.delivery.batch_max_records);
             let claimed = self.outbox.call(move |o| o.next_batch(&name, max)).await;
@@ -78,8 +77,13 @@ impl Driver {
             let progress = crate::sinks::Progress::new(self.outbox.clone(), &batch);
             match self.sink.deliver(&batch, &progress).await {
                 Ok(delivered) => {
-                    if refused_since.take().is_some() {
-                        log::info!("sink `{}`: the credentials are accepted again", self.name);
+                    refused_since = None;
+                    if let Say::Ended { failed, lasted } = refused.worked(Instant::now()) {
+                        log::info!(
+                            "sink `{}`: the credentials are accepted again, after {failed} refused tries ({:.0} s)",
+                            self.name,
+                            lasted.as_secs_f64()
+                        );
                     }
                     if last_error.take().is_some() {
                         log::info!(
@@ -122,15 +126,13 @@ impl Driver {
                 }
                 Err(DeliveryError::Unauthorized(m)) => {
                     self.count(&[("credentials_refused", 1)]).await;
-                    let now = std::time::Instant::now();
-                    let (since, said) = refused_since.get_or_insert((crate::clock::now_ms(), None));
+                    let since = *refused_since.get_or_insert_with(crate::clock::now_ms);
                     let why = format!(
                         "credentials refused since {} ({m}); read again before each try, nothing is dead-lettered",
-                        crate::clock::iso8601(*since)
+                        crate::clock::iso8601(since)
                     );
                     let wait = backoff.next_wait();
-                    if said.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY) {
-                        *said = Some(now);
+                    if let Say::Failure { .. } = refused.failed(Instant::now()) {
                         log::error!(
                             "sink `{}`: {why}; next try in {:.1} s (fix the credentials; delivery resumes by itself)",
                             self.name,
