@@ -85,6 +85,17 @@ impl From<f64> for Val<'_> {
 
 pub type Rows = Vec<Vec<Val<'static>>>;
 
+/// A row's first `N` columns, named in the order the query selects them:
+/// `let [ts, net, value] = columns(row);`. A row with fewer is a reader
+/// that does not match its query: a bug, not a database error.
+pub fn columns<const N: usize>(row: Vec<Val<'static>>) -> [Val<'static>; N] {
+    let mut it = row.into_iter();
+    std::array::from_fn(|_| {
+        it.next()
+            .expect("the query selects every column its reader names")
+    })
+}
+
 /// Why the aggregator's database failed, with where. Every variant means
 /// "not now" to a caller that stores (the edge sends the batch again); they
 /// tell an operator what to look at. No variant holds a secret: URLs never

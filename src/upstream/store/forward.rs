@@ -80,14 +80,11 @@ impl Store {
         for chunk in refs.chunks(GROUPS_PER_STATEMENT) {
             let (sql, params) = SKETCHES_OF.bind(Vec::new(), chunk);
             for r in self.db.query(&sql, &params)? {
-                let mut it = r.into_iter();
-                let g = group_of(it.by_ref().take(3).collect());
-                let sketch = it.next().expect("5 columns").into_blob();
-                let unit = it.next().expect("5 columns").into_text();
-                let (merged, u) = unions.entry(g).or_default();
+                let [metric, net, ts, sketch, unit] = columns(r);
+                let (merged, u) = unions.entry(group(metric, net, ts)).or_default();
                 // Checked at ingest; one that fails now is left out.
-                let _ = merged.merge_encoded(&sketch);
-                *u = unit;
+                let _ = merged.merge_encoded(&sketch.into_blob());
+                *u = unit.into_text();
             }
             // Points are read by (metric, time), the index's key: every
             // network series of that time at once, those not asked for
@@ -96,13 +93,10 @@ impl Store {
                 chunk.iter().map(|g| (g.metric.as_str(), g.ts)).collect();
             let (sql, params) = sums_sql(&times);
             for r in self.db.query(&sql, &params)? {
-                let mut it = r.into_iter();
-                let g = group_of(it.by_ref().take(3).collect());
-                let sum = it.next().expect("6 columns").real();
-                let count = it.next().expect("6 columns").int();
-                let unit = it.next().expect("6 columns").into_text();
-                if count > 0 && wanted.contains(&g) {
-                    sums.insert(g, (sum, unit));
+                let [metric, net, ts, sum, count, unit] = columns(r);
+                let g = group(metric, net, ts);
+                if count.int() > 0 && wanted.contains(&g) {
+                    sums.insert(g, (sum.real(), unit.into_text()));
                 }
             }
         }

@@ -52,7 +52,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::Sketch;
-use crate::upstream::db::{Db, DbError, Rows, Val};
+use crate::upstream::db::{Db, DbError, Rows, Val, columns};
 use crate::wire;
 
 mod forward;
@@ -566,12 +566,17 @@ fn metrics_sql(table: &str) -> String {
     )
 }
 
+/// A group from a row of its three columns: metric, net, ts.
 fn group_of(r: Vec<Val<'static>>) -> Group {
-    let mut it = r.into_iter();
+    let [metric, net, ts] = columns(r);
+    group(metric, net, ts)
+}
+
+fn group(metric: Val<'static>, net: Val<'static>, ts: Val<'static>) -> Group {
     Group {
-        metric: it.next().expect("3 columns").into_text(),
-        net: it.next().expect("3 columns").into_text(),
-        ts: it.next().expect("3 columns").int(),
+        metric: metric.into_text(),
+        net: net.into_text(),
+        ts: ts.int(),
     }
 }
 

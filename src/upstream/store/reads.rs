@@ -36,19 +36,14 @@ impl Store {
                 if !keep(&dims) {
                     continue;
                 }
-                let mut it = r.into_iter();
-                let ts = it.next().expect("5 columns").int();
-                let _ = it.next();
-                let value = it.next().expect("5 columns").real();
-                let unit = it.next().expect("5 columns").into_text();
-                let agent = it.next().expect("5 columns").into_text();
+                let [ts, _, value, unit, agent] = columns(r);
                 rows.push(SeriesRow {
-                    ts,
+                    ts: ts.int(),
                     dims,
-                    value,
-                    unit,
+                    value: value.real(),
+                    unit: unit.into_text(),
                     agents: 1,
-                    how: How::Agent(agent),
+                    how: How::Agent(agent.into_text()),
                 });
                 if rows.len() >= q.limit {
                     break;
@@ -67,19 +62,15 @@ impl Store {
         )?;
         let any_sketch = !cached.is_empty();
         for r in cached {
-            let mut it = r.into_iter();
-            let net = it.next().expect("7 columns").into_text();
-            let ts = it.next().expect("7 columns").int();
-            let sketches = it.next().expect("7 columns").int();
-            let merged = it.next().expect("7 columns").int();
-            let mut estimate = it.next().expect("7 columns").real();
-            let mut agents = it.next().expect("7 columns").int();
-            let mut unit = it.next().expect("7 columns").into_text();
+            let [net, ts, sketches, merged, estimate, agents, unit] = columns(r);
+            let (net, ts, sketches) = (net.into_text(), ts.int(), sketches.int());
+            let (mut estimate, mut agents, mut unit) =
+                (estimate.real(), agents.int(), unit.into_text());
             let dims = Dims::decode(&net).unwrap_or_default();
             if !keep(&dims) {
                 continue;
             }
-            if merged != sketches {
+            if merged.int() != sketches {
                 (estimate, agents, unit) = self.union_of(&q.metric, &net, ts, sketches)?;
             }
             all.insert(
@@ -106,18 +97,14 @@ impl Store {
             &range,
         )?;
         for r in sums {
-            let mut it = r.into_iter();
-            let ts = it.next().expect("5 columns").int();
-            let net = it.next().expect("5 columns").into_text();
-            let value = it.next().expect("5 columns").real();
-            let agents = it.next().expect("5 columns").int();
-            let unit = it.next().expect("5 columns").into_text();
+            let [ts, net, value, agents, unit] = columns(r);
+            let (ts, net) = (ts.int(), net.into_text());
             all.entry((ts, net.clone())).or_insert_with(|| SeriesRow {
                 ts,
                 dims: Dims::decode(&net).unwrap_or_default(),
-                value,
-                unit,
-                agents,
+                value: value.real(),
+                unit: unit.into_text(),
+                agents: agents.int(),
                 how: How::Sum,
             });
         }
@@ -147,16 +134,12 @@ impl Store {
         let mut agents = BTreeSet::new();
         let mut unit = String::new();
         for r in rows {
-            let mut it = r.into_iter();
-            let agent = it.next().expect("3 columns").into_text();
-            unit = it.next().expect("3 columns").into_text();
+            let [agent, its_unit, encoded] = columns(r);
+            unit = its_unit.into_text();
             // Stored sketches were checked at ingest; one that no longer
             // decodes (a newer edgemeter's, read by an older) is skipped.
-            if sketch
-                .merge_encoded(&it.next().expect("3 columns").into_blob())
-                .is_ok()
-            {
-                agents.insert(agent);
+            if sketch.merge_encoded(&encoded.into_blob()).is_ok() {
+                agents.insert(agent.into_text());
             }
         }
         let estimate = sketch.estimate();
@@ -193,10 +176,8 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
-                let net = it.next().expect("3 columns").into_text();
-                let ts = it.next().expect("3 columns").int();
-                ((net, ts), it.next().expect("3 columns").real())
+                let [net, ts, summed] = columns(r);
+                ((net.into_text(), ts.int()), summed.real())
             })
             .collect())
     }
@@ -244,12 +225,9 @@ impl Store {
                 &[metric.into(), first_full.into(), last_full.into()],
             )?;
             for r in rows {
-                let mut it = r.into_iter();
-                let mut next = || it.next().expect("6 columns");
-                let (agent, net) = (next().into_text(), next().into_text());
-                let (peak, windows, ts, v) =
-                    (next().real(), next().int(), next().int(), next().real());
-                add(agent, net, peak, windows, ts, v);
+                let [agent, net, peak, windows, ts, v] = columns(r);
+                let (agent, net) = (agent.into_text(), net.into_text());
+                add(agent, net, peak.real(), windows.int(), ts.int(), v.real());
             }
             partial = vec![(start_ms, first_full), (last_full, end_ms)];
         }
@@ -259,15 +237,9 @@ impl Store {
                 &[metric.into(), from.into(), to.into()],
             )?;
             for r in rows {
-                let mut it = r.into_iter();
-                let mut next = || it.next().expect("4 columns");
-                let (agent, net, ts, v) = (
-                    next().into_text(),
-                    next().into_text(),
-                    next().int(),
-                    next().real(),
-                );
-                add(agent, net, v, 1, ts, v);
+                let [agent, net, ts, v] = columns(r);
+                let v = v.real();
+                add(agent.into_text(), net.into_text(), v, 1, ts.int(), v);
             }
         }
         Ok(by.into_values().collect())
@@ -293,10 +265,9 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
-                let ts = it.next().expect("3 columns").int();
-                let net = Dims::decode(it.next().expect("3 columns").text()).unwrap_or_default();
-                (ts, net, it.next().expect("3 columns").real())
+                let [ts, net, estimate] = columns(r);
+                let net = Dims::decode(net.text()).unwrap_or_default();
+                (ts.int(), net, estimate.real())
             })
             .collect())
     }
@@ -348,10 +319,9 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
-                let metric = it.next().expect("2 columns").into_text();
-                let net = Dims::decode(it.next().expect("2 columns").text()).unwrap_or_default();
-                (metric, net)
+                let [metric, net] = columns(r);
+                let net = Dims::decode(net.text()).unwrap_or_default();
+                (metric.into_text(), net)
             })
             .collect())
     }
@@ -365,12 +335,12 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
+                let [agent, batches, records, last_received] = columns(r);
                 EdgeRow {
-                    agent: it.next().expect("4 columns").into_text(),
-                    batches: it.next().expect("4 columns").int(),
-                    records: it.next().expect("4 columns").int(),
-                    last_received_ms: it.next().expect("4 columns").int(),
+                    agent: agent.into_text(),
+                    batches: batches.int(),
+                    records: records.int(),
+                    last_received_ms: last_received.int(),
                 }
             })
             .collect())
@@ -397,18 +367,17 @@ impl Store {
             .query(&sql, &params)?
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
-                let mut next = || it.next().expect("6 columns");
+                let [ts, etype, user, agent, dims, payload] = columns(r);
                 EventRow {
-                    ts: next().int(),
-                    etype: next().into_text(),
-                    user: match next() {
+                    ts: ts.int(),
+                    etype: etype.into_text(),
+                    user: match user {
                         Val::Text(s) => Some(s.into_owned()),
                         _ => None,
                     },
-                    agent: next().into_text(),
-                    dims: next().into_text(),
-                    payload: next().into_text(),
+                    agent: agent.into_text(),
+                    dims: dims.into_text(),
+                    payload: payload.into_text(),
                 }
             })
             .collect())
@@ -432,11 +401,11 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
+                let [user, events, last] = columns(r);
                 UserRow {
-                    user: it.next().expect("3 columns").into_text(),
-                    events: it.next().expect("3 columns").int(),
-                    last_ms: it.next().expect("3 columns").int(),
+                    user: user.into_text(),
+                    events: events.int(),
+                    last_ms: last.int(),
                 }
             })
             .collect())
@@ -453,18 +422,12 @@ impl Store {
                 &[metric.into(), since_ms.into()],
             )?;
             for r in rows {
-                let mut it = r.into_iter();
-                let mut next = || it.next().expect("4 columns");
-                let (agent, dims, ts, v) = (
-                    next().into_text(),
-                    next().into_text(),
-                    next().int(),
-                    next().real(),
-                );
+                let [agent, dims, ts, v] = columns(r);
+                let (ts, v) = (ts.int(), v.real());
                 let e = out
-                    .entry(agent)
+                    .entry(agent.into_text())
                     .or_default()
-                    .entry((metric.to_owned(), dims))
+                    .entry((metric.to_owned(), dims.into_text()))
                     .or_insert((ts, v));
                 if ts >= e.0 {
                     *e = (ts, v);
@@ -492,11 +455,11 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
+                let [user, dims, events] = columns(r);
                 UsageRow {
-                    user: it.next().expect("3 columns").into_text(),
-                    dims: Dims::decode(it.next().expect("3 columns").text()).unwrap_or_default(),
-                    events: it.next().expect("3 columns").int(),
+                    user: user.into_text(),
+                    dims: Dims::decode(dims.text()).unwrap_or_default(),
+                    events: events.int(),
                 }
             })
             .collect())

@@ -58,15 +58,10 @@ impl Store {
             let params = [metric.as_str().into(), start_ms.into(), end_ms.into()];
             let mut unions: BTreeMap<String, (Sketch, BTreeSet<String>, i64)> = BTreeMap::new();
             for r in self.db.query(SQL_DAY_SKETCHES, &params)? {
-                let mut it = r.into_iter();
-                let net = it.next().expect("3 columns").into_text();
-                let agent = it.next().expect("3 columns").into_text();
-                let e = unions.entry(net).or_default();
-                if e.0
-                    .merge_encoded(&it.next().expect("3 columns").into_blob())
-                    .is_ok()
-                {
-                    e.1.insert(agent);
+                let [net, agent, sketch] = columns(r);
+                let e = unions.entry(net.into_text()).or_default();
+                if e.0.merge_encoded(&sketch.into_blob()).is_ok() {
+                    e.1.insert(agent.into_text());
                     e.2 += 1;
                 }
             }
@@ -85,20 +80,15 @@ impl Store {
         for metric in self.metrics("points")? {
             let params = [metric.as_str().into(), start_ms.into(), end_ms.into()];
             for r in self.db.query(SQL_DAY_SUMS, &params)? {
-                let mut it = r.into_iter();
-                let net = it.next().expect("4 columns").into_text();
-                let (value, samples, agents) = (
-                    it.next().expect("4 columns").real(),
-                    it.next().expect("4 columns").int(),
-                    it.next().expect("4 columns").int(),
-                );
+                let [net, value, samples, agents] = columns(r);
+                let net = net.into_text();
                 // A series with sketches is a distinct count: its union
                 // is the total, not the sum of its points.
                 rows.entry((metric.clone(), net.clone()))
                     .or_insert_with(|| RollupRow {
-                        value,
-                        samples,
-                        agents,
+                        value: value.real(),
+                        samples: samples.int(),
+                        agents: agents.int(),
                         ..row(&metric, net, "sum")
                     });
             }
@@ -148,16 +138,15 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let mut it = r.into_iter();
-                let mut next = || it.next().expect("7 columns");
+                let [day, metric, net, how, value, samples, agents] = columns(r);
                 RollupRow {
-                    day: next().into_text(),
-                    metric: next().into_text(),
-                    dims: Dims::decode(next().text()).unwrap_or_default(),
-                    how: next().into_text(),
-                    value: next().real(),
-                    samples: next().int(),
-                    agents: next().int(),
+                    day: day.into_text(),
+                    metric: metric.into_text(),
+                    dims: Dims::decode(net.text()).unwrap_or_default(),
+                    how: how.into_text(),
+                    value: value.real(),
+                    samples: samples.int(),
+                    agents: agents.int(),
                 }
             })
             .collect())
