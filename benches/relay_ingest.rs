@@ -25,6 +25,13 @@
 //! - `ingest`: the same with events, the default: each message becomes a
 //!   `Record`.
 //!
+//! `--users N`: the memory the analytics keep per tracked user, for
+//! sizing `max_users`: N users (36-character ids, as practable's) each send
+//! 20 `analytics` commands on one rig, the streams' windows are closed (a
+//! window's sketches are not kept per user), and glibc's count of the bytes
+//! allocated, before and after, is divided by N. The full run measures
+//! 100,000 users (the default `max_users`), `--quick` 20,000.
+//!
 //! Both keep what they made in groups of 2,000 (100 ms at 20,000 msg/s, the
 //! outbox's flush interval) and drop a group when it is full, here on this
 //! thread, as edgemeter's writer does once the group is committed: the
@@ -121,6 +128,75 @@ fn parse_floor(msgs: &[Vec<String>], n: usize) -> f64 {
     us
 }
 
+/// Commands each user sends in `--users`.
+const MESSAGES_PER_USER: usize = 20;
+
+/// Bytes the heap has handed out and not had back: glibc's own count, over
+/// every arena and the chunks it mapped, so that measuring costs the code
+/// measured nothing (a counting allocator would add to every allocation).
+fn heap_in_use() -> usize {
+    /// glibc's `struct mallinfo2` (malloc.h): ten `size_t`.
+    #[repr(C)]
+    struct Mallinfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    unsafe extern "C" {
+        fn mallinfo2() -> Mallinfo2;
+    }
+    // SAFETY: a glibc function with no arguments that returns a struct by
+    // value (glibc 2.33 and later; Debian 12 has 2.36).
+    let m = unsafe { mallinfo2() };
+    m.uordblks + m.hblkhd
+}
+
+/// `--users N`: bytes of heap the analytics keep per tracked user.
+fn memory_per_user(users: usize) -> f64 {
+    let before = heap_in_use();
+    let mut state = state(false);
+    let mut out: Vec<Record> = Vec::new();
+    let mut text = String::new();
+    let logs = ["voltage", "speed", "position", "voltage_ramp", "speed_ramp"];
+    // Every user's first command, then every user's second, and so on: as
+    // a term's students come and go, not one user's session at a time.
+    for k in 0..users * MESSAGES_PER_USER {
+        let (u, m) = (k % users, k / users);
+        let i = u % STREAMS;
+        text.clear();
+        use std::fmt::Write;
+        write!(
+            text,
+            r#"{{"user":"5e1f0000-0000-4000-8000-{u:012}","t":{},"exp":"spinner","hardware":"spin{}","course":"engdes1","type":"analytics","payload":{{"log":"{}","data":{{"set":1.5}}}}}}"#,
+            1_700_000_000_000u64 + k as u64,
+            30 + i,
+            logs[m % logs.len()],
+        )
+        .expect("a String takes any write");
+        state.frame(i, Frame::Text(&text), arrival(k), &mut out);
+        out.clear();
+    }
+    state.close_window(arrival(users * MESSAGES_PER_USER), 300, &mut out);
+    drop(out);
+    drop(text);
+    let analysed = state
+        .streams
+        .iter()
+        .map(|s| s.totals.untracked)
+        .sum::<u64>();
+    assert_eq!(analysed, 0, "every user is tracked (max_users is 100,000)");
+    let kept = heap_in_use().saturating_sub(before);
+    drop(state);
+    kept as f64 / users as f64
+}
+
 fn median(v: Vec<f64>) -> f64 {
     support::median_by(v, |&us| us)
 }
@@ -131,6 +207,15 @@ fn main() {
     let msgs: Vec<Vec<String>> = (0..STREAMS)
         .map(|s| support::relay_messages(&format!("spin{}", 30 + s), false))
         .collect();
+    if let Some(users) = std::env::args()
+        .skip_while(|a| a != "--users")
+        .nth(1)
+        .map(|n| n.parse::<usize>().expect("--users N"))
+    {
+        let per_user = memory_per_user(users);
+        println!("relay analytics: {users} users, {per_user:.0} bytes of heap kept per user");
+        return;
+    }
     if std::env::args().any(|a| a == "--instructions") {
         let us = ingest(&msgs, 240_000, true);
         println!("relay ingest: 240000 messages, {us:.3} µs CPU/msg (one round, events stored)");
@@ -156,5 +241,11 @@ fn main() {
     println!(
         "  ingest                  {full:6.3} µs CPU/msg ({:.2}x the floor)",
         full / floor
+    );
+    let users = if quick { 20_000 } else { 100_000 };
+    let per_user = memory_per_user(users);
+    println!(
+        "  analytics' memory: {per_user:.0} bytes of heap per tracked user ({users} users of {MESSAGES_PER_USER} commands each); at max_users = 100,000: {:.0} MiB",
+        per_user * 100_000.0 / (1024.0 * 1024.0)
     );
 }
