@@ -13,7 +13,7 @@
 //! message continues the chain across dumps and restarts.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 
 use serde::Deserialize;
@@ -824,10 +824,10 @@ pub struct Analytics {
     dirty_activity: Vec<(u32, u32)>,
     graphs: Placed<(u32, u32, u32), Tracked>,
     dirty_graphs: Vec<(u32, u32, u32)>,
-    /// The graphs whose `undumped` is set. Kept here by id, not spelled
-    /// into a set of keys at every save (7,200 strings every 2 s in the
-    /// relay benchmark), since a dump comes only once a minute.
-    undumped: Vec<(u32, u32, u32)>,
+    /// The graphs whose `undumped` is set, oldest first. Kept here by id,
+    /// not spelled into a set of keys at every save (7,200 strings every
+    /// 2 s in the relay benchmark), since a dump comes only once a minute.
+    undumped: VecDeque<(u32, u32, u32)>,
 }
 
 /// A chain as its row in the saved state holds it (see `store`): nodes and
@@ -858,7 +858,7 @@ impl Analytics {
             dirty_activity: Vec::new(),
             graphs: Placed::default(),
             dirty_graphs: Vec::new(),
-            undumped: Vec::new(),
+            undumped: VecDeque::new(),
         }
     }
 
@@ -888,7 +888,7 @@ impl Analytics {
                 undumped: true,
             };
             if self.graphs.insert(key, tracked).is_none() {
-                self.undumped.push(key);
+                self.undumped.push_back(key);
             }
         }
     }
@@ -1101,7 +1101,7 @@ impl Analytics {
                 t.dirty = false;
                 if !t.undumped {
                     t.undumped = true;
-                    self.undumped.push(k);
+                    self.undumped.push_back(k);
                 }
                 nodes.clear();
                 nodes.extend(t.chain.nodes().map(|n| self.names.name(n)));
@@ -1146,11 +1146,19 @@ impl Analytics {
         !self.undumped.is_empty()
     }
 
-    /// The graphs whose files are yet to be rewritten, spelled out as they
-    /// are written; they count as dumped from now on.
-    pub fn take_undumped(&mut self) -> Vec<(GraphKey, Graph)> {
-        let mut out = Vec::with_capacity(self.undumped.len());
-        for k in std::mem::take(&mut self.undumped) {
+    /// How many graphs' files are yet to be rewritten.
+    pub fn undumped(&self) -> usize {
+        self.undumped.len()
+    }
+
+    /// At most `most` of the graphs whose files are yet to be rewritten,
+    /// the longest waiting first, spelled out as they are written; they
+    /// count as dumped from now on.
+    pub fn take_undumped(&mut self, most: usize) -> Vec<(GraphKey, Graph)> {
+        let n = most.min(self.undumped.len());
+        let mut out = Vec::with_capacity(n);
+        let keys: Vec<(u32, u32, u32)> = self.undumped.drain(..n).collect();
+        for k in keys {
             if let Some(t) = self.graphs.get_mut(&k) {
                 t.undumped = false;
                 let graph = t.chain.spelled(&self.names).to_graph();
