@@ -1066,6 +1066,7 @@ async fn flush(
     // busy the streams are.
     let mut due = match dump {
         Dump::No => 0,
+        _ if shared.config.files_dir.is_none() => 0,
         _ => shared.state.borrow().analytics.undumped(),
     };
     for _ in 0..=due.div_ceil(DUMP_GRAPHS_PER_JOB) {
