@@ -1008,10 +1008,19 @@ struct Collected {
     remaining: usize,
 }
 
+/// What a dump has yet to write.
+struct Due {
+    /// `usage.csv` and `activity.csv`, in its first job only: while
+    /// messages come, each job's save would make them due again.
+    summaries: bool,
+    /// Graphs due when the dump began, not yet taken.
+    graphs: usize,
+}
+
 /// Take what is to be written out of the shared state (no waiting here):
-/// of a dump, at most [`DUMP_GRAPHS_PER_JOB`] of the `due` graphs still
-/// to be written, which it counts down.
-fn collect(shared: &Shared, dump: Dump, due: &mut usize) -> Collected {
+/// of a dump, at most [`DUMP_GRAPHS_PER_JOB`] of the graphs still `due`,
+/// which it counts down.
+fn collect(shared: &Shared, dump: Dump, due: &mut Due) -> Collected {
     let mut state = shared.state.borrow_mut();
     let (activity, graphs) = state.analytics.take_changes();
     if !activity.is_empty() {
@@ -1026,12 +1035,14 @@ fn collect(shared: &Shared, dump: Dump, due: &mut usize) -> Collected {
     let mut dumps: Vec<(String, String)> = Vec::new();
     if dump != Dump::No && shared.config.files_dir.is_some() {
         // The summaries first: at shutdown they are the ones worth the time.
-        if std::mem::take(&mut *shared.dump_usage.borrow_mut()) {
+        if std::mem::take(&mut due.summaries)
+            && std::mem::take(&mut *shared.dump_usage.borrow_mut())
+        {
             dumps.push(("usage.csv".to_owned(), state.analytics.usage_csv()));
             dumps.push(("activity.csv".to_owned(), state.analytics.activity_csv()));
         }
-        let part = (*due).min(DUMP_GRAPHS_PER_JOB);
-        *due -= part;
+        let part = due.graphs.min(DUMP_GRAPHS_PER_JOB);
+        due.graphs -= part;
         for (k, g) in state.analytics.take_undumped(part) {
             dumps.push((
                 format!("{}-adjacency.csv", k.file_stem()),
@@ -1046,7 +1057,7 @@ fn collect(shared: &Shared, dump: Dump, due: &mut usize) -> Collected {
         raw,
         dumps,
         feedback,
-        remaining: *due,
+        remaining: due.graphs,
     }
 }
 
@@ -1064,12 +1075,16 @@ async fn flush(
     // A dump writes the graphs due when it begins, a part at a time; those
     // that change meanwhile wait for the next one, so a dump ends however
     // busy the streams are.
-    let mut due = match dump {
+    let graphs = match dump {
         Dump::No => 0,
         _ if shared.config.files_dir.is_none() => 0,
         _ => shared.state.borrow().analytics.undumped(),
     };
-    for _ in 0..=due.div_ceil(DUMP_GRAPHS_PER_JOB) {
+    let mut due = Due {
+        summaries: true,
+        graphs,
+    };
+    for _ in 0..=graphs.div_ceil(DUMP_GRAPHS_PER_JOB) {
         if !flush_part(shared, worker, ctx, files, dump, &mut due).await {
             break;
         }
@@ -1090,7 +1105,7 @@ async fn flush_part(
     ctx: &crate::sources::Context,
     files: &RefCell<Files>,
     dump: Dump,
-    due: &mut usize,
+    due: &mut Due,
 ) -> bool {
     let io = &ctx.io;
     let Collected {
