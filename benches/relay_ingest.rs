@@ -191,7 +191,7 @@ fn memory_per_user(users: usize) -> f64 {
         .iter()
         .map(|s| s.totals.untracked)
         .sum::<u64>();
-    assert_eq!(analysed, 0, "every user is tracked (max_users is 100,000)");
+    assert_eq!(untracked, 0, "every user is tracked (max_users is 100,000)");
     let kept = heap_in_use().saturating_sub(before);
     drop(state);
     kept as f64 / users as f64
