@@ -186,7 +186,7 @@ fn memory_per_user(users: usize) -> f64 {
     state.close_window(arrival(users * MESSAGES_PER_USER), 300, &mut out);
     drop(out);
     drop(text);
-    let analysed = state
+    let untracked = state
         .streams
         .iter()
         .map(|s| s.totals.untracked)
