@@ -743,10 +743,10 @@ fn the_demo_shows_the_relay_pipeline() {
 
 /// A restart's first dump rewrites every user's files from the saved
 /// state. It spelled them all out before writing the first: 20,000 users
-/// (one rig and one command graph each) took the agent from 28 to 126 MiB
-/// resident in the release build, 144 MiB in the debug build this test
-/// runs, and 85 MiB stayed resident after. A dump now spells and writes its
-/// graphs a part at a time (`DUMP_GRAPHS_PER_JOB`): 31 and 45 MiB. The
+/// (one rig and one command graph each) took the agent from 27 to 126 MiB
+/// resident in the release build, 141 MiB in the debug build this test
+/// runs, and 83 MiB stayed resident after. A dump now spells and writes its
+/// graphs a part at a time (`DUMP_GRAPHS_PER_JOB`): 32 and 44 MiB. The
 /// files are all written, and say what the state says.
 #[test]
 fn a_restarts_dump_of_20000_users_never_holds_all_their_files_in_memory() {

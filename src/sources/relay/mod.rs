@@ -118,7 +118,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(2);
 /// Graphs a dump spells out and writes in one job on the worker, before
 /// it spells the next ones: about 5 KiB of text and structure each while
 /// they wait to be written. Every graph at once took a restart with 20,000
-/// users' saved state from 28 to 126 MiB resident; 500 take about 2.5 MiB
+/// users' saved state from 27 to 126 MiB resident; 500 take about 2.5 MiB
 /// and about half a second of a dump's writing here (0.7 ms a file).
 const DUMP_GRAPHS_PER_JOB: usize = 500;
 /// A stream's new connection state is in the status file this soon (the

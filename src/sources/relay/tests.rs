@@ -460,7 +460,7 @@ fn a_dump_rewrites_each_graph_saved_since_the_last_one_once() {
 
 /// A dump takes its graphs a part at a time, so that a restart with
 /// thousands of users does not spell out every user's files at once
-/// (20,000 users took the agent from 28 to 126 MiB): the longest waiting
+/// (20,000 users took the agent from 27 to 126 MiB): the longest waiting
 /// first, each once, until none is left.
 #[test]
 fn a_dump_takes_its_graphs_a_part_at_a_time_the_longest_waiting_first() {
