@@ -485,6 +485,78 @@ fn a_dump_takes_its_graphs_a_part_at_a_time_the_longest_waiting_first() {
     assert!(!st.analytics.has_undumped());
 }
 
+/// Only a dump's first part writes `usage.csv` and `activity.csv`. Each
+/// part saves what changed meanwhile, which makes them due again: a long
+/// dump under load rewrote them (every user's row) in every part. They
+/// wait for the next dump instead.
+#[test]
+fn only_a_dumps_first_part_writes_the_summaries() {
+    use super::{Collected, Due, Dump, Shared, collect};
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    play(&mut st, &mut out);
+    let shared = Shared {
+        name: "lab".to_owned(),
+        config: super::config::Config {
+            host: "127.0.0.1".to_owned(),
+            port: 8888,
+            streams: STREAMS.iter().map(|s| s.to_string()).collect(),
+            reconnect_initial: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(15),
+            stall_after: Duration::from_secs(45),
+            max_frame_bytes: 1 << 20,
+            window: Duration::from_secs(300),
+            events: true,
+            files_dir: Some("analytics".into()),
+            dump_interval: Duration::from_secs(60),
+            raw_files: false,
+            max_users: 1000,
+            provision: None,
+            answer_from: None,
+        },
+        state: std::cell::RefCell::new(st),
+        dump_usage: std::cell::RefCell::new(false),
+        provision_kick: smol::channel::unbounded().0,
+        changed: crate::runtime::doorbell().0,
+        link_changed: crate::runtime::doorbell().0,
+    };
+    let names = |c: &Collected| -> Vec<String> { c.dumps.iter().map(|(n, _)| n.clone()).collect() };
+    // A save between dumps: the graphs are due, and so are the summaries.
+    let mut none = Due {
+        summaries: true,
+        graphs: 0,
+    };
+    let saved = collect(&shared, Dump::No, &mut none);
+    assert!(saved.dumps.is_empty() && !saved.graphs.is_empty());
+    assert!(*shared.dump_usage.borrow());
+    let due = shared.state.borrow().analytics.undumped();
+    assert!(due >= 2, "the session makes graphs: {due}");
+    // A dump's first part: the summaries, then graphs.
+    let mut dump = Due {
+        summaries: true,
+        graphs: 1,
+    };
+    let first = collect(&shared, Dump::All, &mut dump);
+    let first = names(&first);
+    assert_eq!(first[..2], ["usage.csv", "activity.csv"], "{first:?}");
+    assert_eq!(first.len(), 4, "and one graph's two files: {first:?}");
+    // A later part, after a save that made the summaries due again.
+    *shared.dump_usage.borrow_mut() = true;
+    dump.graphs = due - 1;
+    let later = collect(&shared, Dump::All, &mut dump);
+    assert_eq!(later.dumps.len(), 2 * (due - 1), "{:?}", names(&later));
+    assert!(
+        !names(&later)
+            .iter()
+            .any(|n| n == "usage.csv" || n == "activity.csv"),
+        "{:?}",
+        names(&later)
+    );
+    assert_eq!(later.remaining, 0);
+    assert!(*shared.dump_usage.borrow(), "left for the next dump");
+}
+
 /// One stream whose messages are analysed only: no events, no raw files.
 fn analysing_only(stream: &str, max_users: usize) -> State {
     State::new(
