@@ -753,37 +753,42 @@ fn a_restarts_dump_of_20000_users_never_holds_all_their_files_in_memory() {
     let dir = TempDir::new("relay-dump-memory");
     let hub = Hub::start();
     let users = 20_000;
-    // The saved state a previous run left (src/sources/relay/store.rs).
+    // The saved state a previous run left, written by the source's own store.
+    use edgemeter::sources::relay::analytics::{Activity, GraphKey, SavedChain};
     std::fs::create_dir_all(dir.path("state")).unwrap();
-    let mut db = rusqlite::Connection::open(dir.path("state/relay-lab.db")).unwrap();
-    db.execute_batch(
-        "CREATE TABLE activity (user TEXT NOT NULL, hardware TEXT NOT NULL,
-             first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, messages INTEGER NOT NULL,
-             minutes INTEGER NOT NULL, PRIMARY KEY (user, hardware)) WITHOUT ROWID;
-         CREATE TABLE graphs (user TEXT NOT NULL, exp TEXT NOT NULL, course TEXT NOT NULL,
-             nodes TEXT NOT NULL, counts TEXT NOT NULL, last INTEGER,
-             PRIMARY KEY (user, exp, course)) WITHOUT ROWID;",
-    )
-    .unwrap();
-    let nodes = r#"["voltage_step","position_step","speed_step","voltage_ramp","speed_ramp"]"#;
+    let user = |u: usize| format!("5e1f0000-0000-4000-8000-{u:012}");
+    let activity: Vec<_> = (0..users)
+        .map(|u| {
+            let a = Activity {
+                first_ms: 1_700_000_000_000,
+                last_ms: 1_700_000_600_000,
+                messages: 20,
+                minutes: 3,
+            };
+            ((user(u), "spin30".to_owned()), a)
+        })
+        .collect();
     let counts: Vec<String> = (0..25).map(|i| (i % 3).to_string()).collect();
-    let counts = format!("[{}]", counts.join(","));
-    let tx = db.transaction().unwrap();
-    for u in 0..users {
-        let user = format!("5e1f0000-0000-4000-8000-{u:012}");
-        tx.execute(
-            "INSERT INTO activity VALUES (?1, 'spin30', 1700000000000, 1700000600000, 20, 3)",
-            [&user],
-        )
-        .unwrap();
-        tx.execute(
-            "INSERT INTO graphs VALUES (?1, 'spinner', 'engdes1', ?2, ?3, 1)",
-            [&user, nodes, &counts],
-        )
-        .unwrap();
-    }
-    tx.commit().unwrap();
-    drop(db);
+    let chain = SavedChain {
+        nodes: r#"["voltage_step","position_step","speed_step","voltage_ramp","speed_ramp"]"#
+            .to_owned(),
+        counts: format!("[{}]", counts.join(",")),
+        last: Some(1),
+    };
+    let graphs: Vec<_> = (0..users)
+        .map(|u| {
+            let key = GraphKey {
+                user: user(u),
+                exp: "spinner".to_owned(),
+                course: "engdes1".to_owned(),
+            };
+            (key, chain.clone())
+        })
+        .collect();
+    edgemeter::sources::relay::store::Store::open(&dir.path("state/relay-lab.db"))
+        .and_then(|mut store| store.save(&activity, &graphs))
+        .expect("the saved state");
+    drop((activity, graphs));
     let cfg = config(&dir, &hub, &["spin30"], "");
     let mut agent = Agent::start_running(&cfg, "agent.log");
     let graphs = || {
