@@ -13,7 +13,7 @@
 //! message continues the chain across dumps and restarts.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::BuildHasher;
 
 use serde::Deserialize;
@@ -862,34 +862,29 @@ impl Analytics {
         }
     }
 
-    /// Take state loaded from disk (not marked dirty; its graphs marked
-    /// undumped, so the first dump rewrites every graph's files).
-    pub fn restore(
-        &mut self,
-        activity: HashMap<(String, String), Activity>,
-        graphs: HashMap<GraphKey, Chain>,
-    ) {
-        for ((u, h), a) in activity {
-            let (u, h) = (self.names.intern(&u), self.names.intern(&h));
-            self.users.insert(u);
-            self.activity.insert((u, h), Cell { a, dirty: false });
-        }
-        for (k, g) in graphs {
-            let key = (
-                self.names.intern(&k.user),
-                self.names.intern(&k.exp),
-                self.names.intern(&k.course),
-            );
-            self.users.insert(key.0);
-            let chain = Matrix::from_chain(&g, |n| self.names.intern(n));
-            let tracked = Tracked {
-                chain,
-                dirty: false,
-                undumped: true,
-            };
-            if self.graphs.insert(key, tracked).is_none() {
-                self.undumped.push_back(key);
-            }
+    /// One user×hardware row of the saved state, as a restart reads it.
+    pub fn restore_activity(&mut self, user: &str, hardware: &str, a: Activity) {
+        let (u, h) = (self.names.intern(user), self.names.intern(hardware));
+        self.users.insert(u);
+        self.activity.insert((u, h), Cell { a, dirty: false });
+    }
+
+    /// One saved chain, as a restart reads it: due for the first dump (the
+    /// files may be older than the state), not for the next save.
+    pub fn restore_graph(&mut self, user: &str, exp: &str, course: &str, chain: &Chain) {
+        let key = (
+            self.names.intern(user),
+            self.names.intern(exp),
+            self.names.intern(course),
+        );
+        self.users.insert(key.0);
+        let tracked = Tracked {
+            chain: Matrix::from_chain(chain, |n| self.names.intern(n)),
+            dirty: false,
+            undumped: true,
+        };
+        if self.graphs.insert(key, tracked).is_none() {
+            self.undumped.push_back(key);
         }
     }
 
@@ -1201,7 +1196,7 @@ impl Analytics {
     }
 
     #[cfg(test)]
-    pub fn all_graphs(&self) -> HashMap<GraphKey, Chain> {
+    pub fn all_graphs(&self) -> std::collections::HashMap<GraphKey, Chain> {
         self.graphs
             .iter()
             .map(|(k, t)| (self.key(*k), t.chain.spelled(&self.names)))

@@ -107,7 +107,7 @@ use crate::runtime::{Doorbell, LocalBoxFuture, Wakeup, Worker, doorbell};
 use crate::sources::{Context, Source};
 use crate::state_dir::{Sync, remove_temp_files, replace_file};
 
-use analytics::GraphKey;
+use analytics::{Analytics, GraphKey};
 pub use config::Config;
 use ingest::{Frame, Settings, State};
 use link::{Link, LinkError};
@@ -176,8 +176,14 @@ impl Source for Relay {
 async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     let worker = Rc::new(Worker::new(format!("src-{}", ctx.name)));
     let store_path = state_dir.join(format!("relay-{}.db", ctx.name));
+    let max_users = config.max_users;
     let opened = worker
-        .run(move || Store::open(&store_path).and_then(|s| s.load().map(|l| (s, l))))
+        .run(move || {
+            let store = Store::open(&store_path)?;
+            let mut analytics = Analytics::new(max_users);
+            let loaded = store.load(&mut analytics)?;
+            Ok::<_, String>((store, analytics, loaded))
+        })
         .await;
     let now = now_ms();
     let links = config
@@ -201,16 +207,16 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         links,
     );
     let store = match opened {
-        Ok((store, (activity, graphs))) => {
+        Ok((store, analytics, loaded)) => {
             log::info!(
                 "source `{}`: {} streams on {}; analytics state: {} user×hardware rows, {} graphs",
                 ctx.name,
                 config.streams.len(),
                 config.api_base(),
-                activity.len(),
-                graphs.len()
+                loaded.activity,
+                loaded.graphs
             );
-            state.analytics.restore(activity, graphs);
+            state.analytics = analytics;
             Some(Arc::new(Mutex::new(store)))
         }
         Err(e) => {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
-use super::analytics::{Activity, Chain, Graph, GraphKey, SavedChain};
+use super::analytics::{Activity, Analytics, Chain, Graph, GraphKey, SavedChain};
 use super::answers::Feedback;
 
 const SCHEMA: &str = "
@@ -54,24 +54,29 @@ CREATE TABLE IF NOT EXISTS feedback (
 
 const GRAPH_ROWS: &str = "SELECT user, exp, course, nodes, counts, last FROM graphs";
 
-/// A saved chain as stored: key, nodes (JSON), counts (JSON), last.
-type GraphRow = (GraphKey, String, String, Option<i64>);
-
-fn graph_rows(conn: &Connection, sql: &str) -> rusqlite::Result<Vec<GraphRow>> {
-    let mut st = conn.prepare(sql)?;
-    let rows = st.query_map([], |r| {
-        Ok((
-            GraphKey {
-                user: r.get(0)?,
-                exp: r.get(1)?,
-                course: r.get(2)?,
-            },
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-        ))
-    })?;
-    rows.collect()
+/// Each saved chain of `sql` (over [`GRAPH_ROWS`]) handed to `each` as it
+/// is read, borrowed from SQLite's row: user, exp, course and the chain,
+/// or `None` for a chain whose columns do not parse. SQLite's errors are
+/// told by `err`, `each`'s own as it says them.
+fn each_graph(
+    conn: &Connection,
+    sql: &str,
+    err: impl Fn(rusqlite::Error) -> String,
+    mut each: impl FnMut([&str; 3], Option<Chain>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut st = conn.prepare(sql).map_err(&err)?;
+    let mut rows = st.query([]).map_err(&err)?;
+    while let Some(r) = rows.next().map_err(&err)? {
+        let text = |i| r.get_ref(i).and_then(|v| Ok(v.as_str()?)).map_err(&err);
+        let key = [text(0)?, text(1)?, text(2)?];
+        let last: Option<i64> = r.get(5).map_err(&err)?;
+        let chain = serde_json::from_str(text(3)?)
+            .ok()
+            .zip(serde_json::from_str(text(4)?).ok())
+            .and_then(|(n, c)| Chain::from_parts(n, c, last.and_then(|l| usize::try_from(l).ok())));
+        each(key, chain)?;
+    }
+    Ok(())
 }
 
 /// The command graphs of a relay source's state file, read without
@@ -86,21 +91,23 @@ pub fn read_graphs(path: &Path, limit: usize) -> Result<Vec<(GraphKey, Graph)>, 
         .map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(2))
         .map_err(err)?;
-    let rows = graph_rows(
+    let mut out = Vec::new();
+    each_graph(
         &conn,
         &format!("{GRAPH_ROWS} ORDER BY user, exp, course LIMIT {limit}"),
-    )
-    .map_err(err)?;
-    let mut out = Vec::new();
-    for (key, nodes, counts, last) in rows {
-        let chain = serde_json::from_str(&nodes)
-            .ok()
-            .zip(serde_json::from_str(&counts).ok())
-            .and_then(|(n, c)| Chain::from_parts(n, c, last.and_then(|l| usize::try_from(l).ok())));
-        if let Some(c) = chain {
-            out.push((key, c.to_graph()));
-        }
-    }
+        err,
+        |[user, exp, course], chain| {
+            if let Some(c) = chain {
+                let key = GraphKey {
+                    user: user.to_owned(),
+                    exp: exp.to_owned(),
+                    course: course.to_owned(),
+                };
+                out.push((key, c.to_graph()));
+            }
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
@@ -115,10 +122,13 @@ pub struct Store {
     unsynced_since: Option<Instant>,
 }
 
-pub type Loaded = (
-    HashMap<(String, String), Activity>,
-    HashMap<GraphKey, Chain>,
-);
+/// Rows [`Store::load`] restored.
+#[derive(Debug, Default, PartialEq)]
+pub struct Loaded {
+    /// User×hardware activity rows.
+    pub activity: usize,
+    pub graphs: usize,
+}
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, String> {
@@ -163,45 +173,36 @@ impl Store {
         self.unsynced_since.get_or_insert_with(Instant::now);
     }
 
-    pub fn load(&self) -> Result<Loaded, String> {
+    /// Restore the saved state into `into`, a row at a time: a restart
+    /// with many users never holds their rows beside what they become.
+    pub fn load(&self, into: &mut Analytics) -> Result<Loaded, String> {
         let err = |e: rusqlite::Error| format!("cannot read the relay analytics state: {e}");
-        let mut activity = HashMap::new();
+        let mut loaded = Loaded::default();
         let mut st = self
             .conn
             .prepare("SELECT user, hardware, first_ms, last_ms, messages, minutes FROM activity")
             .map_err(err)?;
-        let rows = st
-            .query_map([], |r| {
-                Ok((
-                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                    Activity {
-                        first_ms: r.get(2)?,
-                        last_ms: r.get(3)?,
-                        messages: r.get::<_, i64>(4)? as u64,
-                        minutes: r.get::<_, i64>(5)? as u64,
-                    },
-                ))
-            })
-            .map_err(err)?;
-        for row in rows {
-            let (k, a) = row.map_err(err)?;
-            activity.insert(k, a);
-        }
-        let mut graphs = HashMap::new();
-        for (key, nodes, counts, last) in graph_rows(&self.conn, GRAPH_ROWS).map_err(err)? {
-            let bad = || {
-                format!(
-                    "relay analytics state: the chain of {} does not parse",
-                    key.file_stem()
-                )
+        let mut rows = st.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let text = |i| r.get_ref(i).and_then(|v| Ok(v.as_str()?)).map_err(err);
+            let a = Activity {
+                first_ms: r.get(2).map_err(err)?,
+                last_ms: r.get(3).map_err(err)?,
+                messages: r.get::<_, i64>(4).map_err(err)? as u64,
+                minutes: r.get::<_, i64>(5).map_err(err)? as u64,
             };
-            let nodes: Vec<Box<str>> = serde_json::from_str(&nodes).map_err(|_| bad())?;
-            let counts: Vec<u64> = serde_json::from_str(&counts).map_err(|_| bad())?;
-            let last = last.and_then(|l| usize::try_from(l).ok());
-            let chain = Chain::from_parts(nodes, counts, last).ok_or_else(bad)?;
-            graphs.insert(key, chain);
+            into.restore_activity(text(0)?, text(1)?, a);
+            loaded.activity += 1;
         }
-        Ok((activity, graphs))
+        each_graph(&self.conn, GRAPH_ROWS, err, |[user, exp, course], chain| {
+            let chain = chain.ok_or_else(|| {
+                format!("relay analytics state: the chain of {user}-{exp}-{course} does not parse")
+            })?;
+            into.restore_graph(user, exp, course, &chain);
+            loaded.graphs += 1;
+            Ok(())
+        })?;
+        Ok(loaded)
     }
 
     /// The dashboards' feedback counts, per user×exp×course.

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use super::analytics::{Activity, Graph, GraphKey};
+use super::analytics::{Graph, GraphKey};
 use super::ingest::{Frame, Settings, State};
 use super::link::Link;
-use super::store::{self, Store};
+use super::store::{self, Loaded, Store};
 use crate::record::{Kind, MAX_EVENT_DEPTH, Record, json_depth};
 use crate::sketch::Sketch;
 
@@ -304,19 +304,23 @@ fn the_analytics_state_survives_a_save_and_reload() {
         st.analytics.take_changes().0.is_empty(),
         "the marks are cleared"
     );
-    let (activity, graphs) = Store::open(&path).unwrap().load().unwrap();
-    let want: HashMap<(String, String), Activity> = st
-        .analytics
-        .all_activity()
-        .into_iter()
-        .map(|((u, h), a)| ((u.to_owned(), h.to_owned()), a))
-        .collect();
-    assert_eq!(activity, want);
-    assert_eq!(graphs, st.analytics.all_graphs());
-    // A restarted source continues the chain: U1's last command was
-    // speed_step, so `position` adds speed_step → position_step.
+    // A restarted source has every row as it was, and continues the
+    // chain: U1's last command was speed_step, so `position` adds
+    // speed_step → position_step.
     let mut again = state(&STREAMS, 1 << 20);
-    again.analytics.restore(activity, graphs);
+    let loaded = Store::open(&path)
+        .unwrap()
+        .load(&mut again.analytics)
+        .unwrap();
+    assert_eq!(
+        loaded,
+        Loaded {
+            activity: st.analytics.all_activity().len(),
+            graphs: st.analytics.all_graphs().len(),
+        }
+    );
+    assert_eq!(again.analytics.all_activity(), st.analytics.all_activity());
+    assert_eq!(again.analytics.all_graphs(), st.analytics.all_graphs());
     let msg = format!(
         r#"{{"user":"{U1}","type":"analytics","exp":"spinner","course":"engdes1","hardware":"spin30","payload":{{"log":"position"}}}}"#
     );
@@ -334,8 +338,13 @@ fn the_analytics_state_survives_a_save_and_reload() {
     // A garbage file is moved aside, not fatal.
     std::fs::write(&path, b"not a database at all").unwrap();
     let _ = std::fs::remove_file(dir.join("relay-lab.db-wal"));
-    let fresh = Store::open(&path).unwrap().load().unwrap();
-    assert!(fresh.0.is_empty());
+    let mut fresh = state(&STREAMS, 1 << 20);
+    let loaded = Store::open(&path)
+        .unwrap()
+        .load(&mut fresh.analytics)
+        .unwrap();
+    assert_eq!(loaded, Loaded::default());
+    assert!(fresh.analytics.all_activity().is_empty());
     // The file itself is kept aside, byte for byte, for inspection.
     let kept: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
@@ -451,9 +460,11 @@ fn a_dump_rewrites_each_graph_saved_since_the_last_one_once() {
     // After a restart, every restored graph is due (the files may be older
     // than the state), although none is to be saved.
     let mut again = state(&STREAMS, 1 << 20);
-    again
-        .analytics
-        .restore(HashMap::new(), st.analytics.all_graphs());
+    for (k, chain) in st.analytics.all_graphs() {
+        again
+            .analytics
+            .restore_graph(&k.user, &k.exp, &k.course, &chain);
+    }
     assert!(again.analytics.take_changes().1.is_empty());
     assert_eq!(keys(&again.analytics.take_undumped(usize::MAX)), saved);
 }
