@@ -38,8 +38,11 @@ pub struct Found {
     pub skipped_lines: usize,
 }
 
-/// Read the old client's files in `dir` for keys not in `known`.
-pub fn scan(dir: &Path, known: &HashSet<GraphKey>) -> Result<Found, String> {
+/// Read the old client's files in `dir` for keys not `known`. Only the
+/// names of files to read are kept (sorted, to read them in order): a
+/// directory of 100,000 users' own files would otherwise be 200,000
+/// names held at once.
+pub fn scan(dir: &Path, known: impl Fn(&GraphKey) -> bool) -> Result<Found, String> {
     let mut found = Found::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -50,6 +53,10 @@ pub fn scan(dir: &Path, known: &HashSet<GraphKey>) -> Result<Found, String> {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| !n.starts_with('.'))
+        .filter(|n| match n.strip_suffix(MATRIX_SUFFIX) {
+            Some(stem) => matrix_key(stem).is_some_and(|k| !known(&k)),
+            None => n.ends_with(".json") && !n.ends_with("-graph.json"),
+        })
         .collect();
     names.sort();
     // (t, command) per key, sorted once all files are read.
@@ -60,9 +67,6 @@ pub fn scan(dir: &Path, known: &HashSet<GraphKey>) -> Result<Found, String> {
             let Some(key) = matrix_key(stem) else {
                 continue;
             };
-            if known.contains(&key) {
-                continue;
-            }
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let graph = Graph::from_adjacency_csv(&text).map_err(|e| {
@@ -80,7 +84,7 @@ pub fn scan(dir: &Path, known: &HashSet<GraphKey>) -> Result<Found, String> {
             for line in std::io::BufReader::new(file).split(b'\n') {
                 let line = line.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                 match raw_command(&line) {
-                    Some((key, t, cmd)) if !known.contains(&key) => {
+                    Some((key, t, cmd)) if !known(&key) => {
                         counted = true;
                         commands.entry(key).or_default().push((t, cmd));
                     }
@@ -222,7 +226,7 @@ mod tests {
         std::fs::write(d.join(format!("{USER}-spin31-spinner-engdes1.json")), RAW).unwrap();
         // edgemeter's own graph file is not a raw file.
         std::fs::write(d.join(format!("{USER}-spinner-engdes1-graph.json")), "{}").unwrap();
-        let found = scan(&d, &HashSet::new()).unwrap();
+        let found = scan(&d, |_| false).unwrap();
         assert_eq!(
             (found.matrices, found.raw_files, found.skipped_lines),
             (1, 1, 0)
@@ -234,7 +238,7 @@ mod tests {
         assert_eq!(commands, &vec!["voltage_ramp".to_owned(); 10]);
         // Known keys (edgemeter's own, or adopted before) are not read again.
         let known: HashSet<GraphKey> = [key()].into();
-        assert!(scan(&d, &known).unwrap().graphs.is_empty());
+        assert!(scan(&d, |k| known.contains(k)).unwrap().graphs.is_empty());
         std::fs::remove_dir_all(&d).ok();
     }
 
@@ -252,7 +256,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.join("u1-spin31-spinner-c.json"), line(2, "position")).unwrap();
-        let found = scan(&d, &HashSet::new()).unwrap();
+        let found = scan(&d, |_| false).unwrap();
         let k = GraphKey {
             user: "u1".into(),
             exp: "spinner".into(),
@@ -268,7 +272,7 @@ mod tests {
         let d = dir("bad");
         let path = d.join("u1-spinner-c-adjacency.csv");
         std::fs::write(&path, ",a,b\na,1.0,x\nb,0.0,0.0\n").unwrap();
-        let e = scan(&d, &HashSet::new()).unwrap_err();
+        let e = scan(&d, |_| false).unwrap_err();
         assert!(e.contains(&path.display().to_string()), "{e}");
         assert!(e.contains("`x` in row `a` is not a number"), "{e}");
         assert!(e.contains("move it out of files_dir"), "{e}");

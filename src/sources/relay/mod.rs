@@ -86,7 +86,7 @@ pub mod status;
 pub mod store;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -229,9 +229,12 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     };
     if let Some(dir) = &config.files_dir {
         let dir = dir.clone();
-        let known: HashSet<GraphKey> = state.analytics.graph_keys().into_iter().collect();
+        let known = state.analytics.known_graphs();
         let (removed, found) = worker
-            .run(move || (remove_temp_files(&dir), adopt::scan(&dir, &known)))
+            .run(move || {
+                let removed = remove_temp_files(&dir);
+                (removed, adopt::scan(&dir, |k| known.contains(k)))
+            })
             .await;
         if removed > 0 {
             log::info!(

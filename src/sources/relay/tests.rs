@@ -102,6 +102,22 @@ fn a_scripted_session_gives_the_hand_computed_files() {
         a.activity_csv().lines().nth(1),
         Some(format!("{U1},spin30,1970-01-03T00:00:00.000Z,1970-01-03T00:06:00.000Z,5,5").as_str())
     );
+    // A line per user×hardware, sorted by user, then hardware.
+    let keys: Vec<String> = a
+        .activity_csv()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').take(2).collect::<Vec<_>>().join(","))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            format!("{U1},spin30"),
+            format!("{U1},spin31"),
+            format!("{U2},spin30"),
+            format!("{U3},pend00")
+        ]
+    );
     // Every message is an event, with its exact text.
     let events: Vec<&Record> = out.iter().filter(|r| r.kind == Kind::Event).collect();
     assert_eq!(events.len(), 14);
