@@ -316,22 +316,29 @@ impl Graph {
 
     /// The matrix as pandas writes it (`DataFrame.to_csv`): node labels as
     /// header and index, counts as floats (`np.zeros` starts it as floats).
+    /// Written from a dense copy of the counts: a dump writes one per
+    /// changed graph, and a lookup of each cell by its two names cost two
+    /// string copies and a `format!` a cell.
     pub fn adjacency_csv(&self) -> String {
+        use std::fmt::Write;
+        let n = self.nodes.len();
+        let at = |name: &str| self.nodes.iter().position(|x| x == name);
+        let mut dense = vec![0u64; n * n];
+        for ((from, to), c) in &self.edges {
+            if let (Some(f), Some(t)) = (at(from), at(to)) {
+                dense[f * n + t] = *c;
+            }
+        }
         let mut out = String::new();
-        for n in &self.nodes {
+        for name in &self.nodes {
             out.push(',');
-            out.push_str(n);
+            out.push_str(name);
         }
         out.push('\n');
-        for from in &self.nodes {
-            out.push_str(from);
-            for to in &self.nodes {
-                let n = self
-                    .edges
-                    .get(&(from.clone(), to.clone()))
-                    .copied()
-                    .unwrap_or(0);
-                out.push_str(&format!(",{n}.0"));
+        for (name, row) in self.nodes.iter().zip(dense.chunks(n.max(1))) {
+            out.push_str(name);
+            for c in row {
+                let _ = write!(out, ",{c}.0");
             }
             out.push('\n');
         }
@@ -395,29 +402,63 @@ impl Graph {
 
     /// `{nodes, edges}` in the shape the dashboards draw (pyvis's network
     /// data: nodes with id, label and fixed x/y; edges with from, to, weight
-    /// and a label).
+    /// and a label), keys in order as `serde_json::Map` sorts them. Written
+    /// from borrowed fields, without building a `Value` tree first.
     pub fn to_json(&self, exp: &str) -> String {
-        let nodes: Vec<Value> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                let mut o = serde_json::json!({"id": n, "label": n});
-                if let Some((x, y)) = super::answers::node_position(exp, n) {
-                    o["x"] = x;
-                    o["y"] = y;
-                    o["physics"] = false.into();
-                }
-                o
-            })
-            .collect();
-        let edges: Vec<Value> = self
-            .edges
-            .iter()
-            .map(|((from, to), n)| {
-                serde_json::json!({"from": from, "to": to, "weight": n, "label": n.to_string()})
-            })
-            .collect();
-        let mut s = serde_json::json!({"nodes": nodes, "edges": edges}).to_string();
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            edges: Vec<Edge<'a>>,
+            nodes: Vec<Node<'a>>,
+        }
+        #[derive(serde::Serialize)]
+        struct Edge<'a> {
+            from: &'a str,
+            #[serde(serialize_with = "as_text")]
+            label: u64,
+            to: &'a str,
+            weight: u64,
+        }
+        #[derive(serde::Serialize)]
+        struct Node<'a> {
+            id: &'a str,
+            label: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            physics: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            x: Option<Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            y: Option<Value>,
+        }
+        fn as_text<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(n)
+        }
+        let doc = Doc {
+            edges: self
+                .edges
+                .iter()
+                .map(|((from, to), &n)| Edge {
+                    from,
+                    label: n,
+                    to,
+                    weight: n,
+                })
+                .collect(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let (x, y) = super::answers::node_position(exp, n).unzip();
+                    Node {
+                        id: n,
+                        label: n,
+                        physics: x.as_ref().map(|_| false),
+                        x,
+                        y,
+                    }
+                })
+                .collect(),
+        };
+        let mut s = serde_json::to_string(&doc).expect("a graph serializes");
         s.push('\n');
         s
     }
