@@ -1026,6 +1026,23 @@ struct Due {
     graphs: usize,
 }
 
+impl Due {
+    /// What a flush writes, as it begins: of a dump, the graphs waiting
+    /// then. Without `files_dir` there are none, for graphs are never
+    /// written: counting them ran an empty job per 500 of them.
+    fn at_start(shared: &Shared, dump: Dump) -> Due {
+        let graphs = match dump {
+            Dump::No => 0,
+            _ if shared.config.files_dir.is_none() => 0,
+            _ => shared.state.borrow().analytics.undumped(),
+        };
+        Due {
+            summaries: true,
+            graphs,
+        }
+    }
+}
+
 /// Take what is to be written out of the shared state (no waiting here):
 /// of a dump, at most [`DUMP_GRAPHS_PER_JOB`] of the graphs still `due`,
 /// which it counts down.
@@ -1084,16 +1101,8 @@ async fn flush(
     // A dump writes the graphs due when it begins, a part at a time; those
     // that change meanwhile wait for the next one, so a dump ends however
     // busy the streams are.
-    let graphs = match dump {
-        Dump::No => 0,
-        _ if shared.config.files_dir.is_none() => 0,
-        _ => shared.state.borrow().analytics.undumped(),
-    };
-    let mut due = Due {
-        summaries: true,
-        graphs,
-    };
-    for _ in 0..=graphs.div_ceil(DUMP_GRAPHS_PER_JOB) {
+    let mut due = Due::at_start(shared, dump);
+    for _ in 0..=due.graphs.div_ceil(DUMP_GRAPHS_PER_JOB) {
         if !flush_part(shared, worker, ctx, files, dump, &mut due).await {
             break;
         }

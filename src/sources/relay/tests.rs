@@ -512,17 +512,9 @@ fn a_dump_takes_its_graphs_a_part_at_a_time_the_longest_waiting_first() {
     assert!(!st.analytics.has_undumped());
 }
 
-/// Only a dump's first part writes `usage.csv` and `activity.csv`. Each
-/// part saves what changed meanwhile, which makes them due again: a long
-/// dump under load rewrote them (every user's row) in every part. They
-/// wait for the next dump instead.
-#[test]
-fn only_a_dumps_first_part_writes_the_summaries() {
-    use super::{Collected, Due, Dump, Shared, collect};
-    let mut st = state(&STREAMS, 1 << 20);
-    let mut out = Vec::new();
-    play(&mut st, &mut out);
-    let shared = Shared {
+/// The relay source's shared state around `st`, as its tasks see it.
+fn shared(st: State, files_dir: Option<&str>) -> super::Shared {
+    super::Shared {
         name: "lab".to_owned(),
         config: super::config::Config {
             host: "127.0.0.1".to_owned(),
@@ -535,7 +527,7 @@ fn only_a_dumps_first_part_writes_the_summaries() {
             max_frame_bytes: 1 << 20,
             window: Duration::from_secs(300),
             events: true,
-            files_dir: Some("analytics".into()),
+            files_dir: files_dir.map(Into::into),
             dump_interval: Duration::from_secs(60),
             raw_files: false,
             max_users: 1000,
@@ -547,7 +539,42 @@ fn only_a_dumps_first_part_writes_the_summaries() {
         provision_kick: smol::channel::unbounded().0,
         changed: crate::runtime::doorbell().0,
         link_changed: crate::runtime::doorbell().0,
-    };
+    }
+}
+
+/// Without `files_dir` a dump has no graph to write, however many wait:
+/// it counted them all, and ran an empty job for every 500.
+#[test]
+fn a_dump_without_files_dir_has_no_graphs_to_write() {
+    use super::{Due, Dump};
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    play(&mut st, &mut out);
+    // Saved: what changed is then due for the next dump.
+    st.analytics.take_changes();
+    let waiting = st.analytics.undumped();
+    assert!(waiting >= 2, "the session makes graphs: {waiting}");
+    let with_files = shared(st, Some("analytics"));
+    assert_eq!(Due::at_start(&with_files, Dump::All).graphs, waiting);
+    assert_eq!(Due::at_start(&with_files, Dump::No).graphs, 0);
+    let st = with_files.state.into_inner();
+    let without = shared(st, None);
+    for dump in [Dump::All, Dump::Until(std::time::Instant::now()), Dump::No] {
+        assert_eq!(Due::at_start(&without, dump).graphs, 0);
+    }
+}
+
+/// Only a dump's first part writes `usage.csv` and `activity.csv`. Each
+/// part saves what changed meanwhile, which makes them due again: a long
+/// dump under load rewrote them (every user's row) in every part. They
+/// wait for the next dump instead.
+#[test]
+fn only_a_dumps_first_part_writes_the_summaries() {
+    use super::{Collected, Due, Dump, collect};
+    let mut st = state(&STREAMS, 1 << 20);
+    let mut out = Vec::new();
+    play(&mut st, &mut out);
+    let shared = shared(st, Some("analytics"));
     let names = |c: &Collected| -> Vec<String> { c.dumps.iter().map(|(n, _)| n.clone()).collect() };
     // A save between dumps: the graphs are due, and so are the summaries.
     let mut none = Due {
