@@ -154,12 +154,24 @@ pub enum Sync {
 /// Replace `path` with `bytes` so a reader sees the old file or the new
 /// one, never a mix: a temp file beside it, then rename.
 pub fn replace_file(path: &Path, bytes: &[u8], sync: Sync) -> Result<(), String> {
+    replace_file_with(path, sync, |f| f.write_all(bytes))
+}
+
+/// [`replace_file`] with what `write` writes (buffered): a file made as it
+/// is written, never held whole.
+pub fn replace_file_with(
+    path: &Path,
+    sync: Sync,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let tmp = temp_name(path);
     let result = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
+        .and_then(|f| {
+            let mut out = std::io::BufWriter::new(f);
+            write(&mut out)?;
+            let f = out.into_inner().map_err(|e| e.into_error())?;
             if sync == Sync::Data {
                 f.sync_data()?;
             }

@@ -1951,8 +1951,9 @@ fn a_status_file_that_cannot_be_written_is_said_once_a_spell() {
 ///   rows and a tree of cells per user.
 ///
 /// Rows now go into the analytics as SQLite hands them over, the scan asks
-/// a copy of the names and the keys' ids, and the summaries are written
-/// straight from the analytics: 67 MiB at the summaries (release), 81 here.
+/// a copy of the names and the keys' ids, and the summaries are written on
+/// the worker as they are spelled, from a copy of the names and the cells:
+/// 62 MiB at the summaries (release), 75 here.
 #[test]
 fn a_restart_of_100000_users_holds_little_beyond_their_analytics() {
     let users = 100_000;

@@ -105,7 +105,7 @@ use crate::logging::{Say, Spell, again};
 use crate::record::Record;
 use crate::runtime::{Doorbell, LocalBoxFuture, Wakeup, Worker, doorbell};
 use crate::sources::{Context, Source};
-use crate::state_dir::{Sync, remove_temp_files, replace_file};
+use crate::state_dir::{Sync, remove_temp_files, replace_file, replace_file_with};
 
 use analytics::{Analytics, GraphKey};
 pub use config::Config;
@@ -1008,6 +1008,8 @@ struct Collected {
     activity: Vec<((String, String), analytics::Activity)>,
     graphs: Vec<(GraphKey, analytics::SavedChain)>,
     raw: BTreeMap<String, Vec<u8>>,
+    /// `usage.csv` and `activity.csv`, written on the worker.
+    summaries: Option<analytics::Summaries>,
     dumps: Vec<(String, String)>,
     /// Changed feedback matrices (saved, and written to files_dir at once:
     /// they change a few times per user, and the dashboards' old readers
@@ -1059,13 +1061,13 @@ fn collect(shared: &Shared, dump: Dump, due: &mut Due) -> Collected {
         .map(|d| d.take_changed_feedback())
         .unwrap_or_default();
     let mut dumps: Vec<(String, String)> = Vec::new();
+    let mut summaries = None;
     if dump != Dump::No && shared.config.files_dir.is_some() {
         // The summaries first: at shutdown they are the ones worth the time.
         if std::mem::take(&mut due.summaries)
             && std::mem::take(&mut *shared.dump_usage.borrow_mut())
         {
-            dumps.push(("usage.csv".to_owned(), state.analytics.usage_csv()));
-            dumps.push(("activity.csv".to_owned(), state.analytics.activity_csv()));
+            summaries = Some(state.analytics.summaries());
         }
         let part = due.graphs.min(DUMP_GRAPHS_PER_JOB);
         due.graphs -= part;
@@ -1081,6 +1083,7 @@ fn collect(shared: &Shared, dump: Dump, due: &mut Due) -> Collected {
         activity,
         graphs,
         raw,
+        summaries,
         dumps,
         feedback,
         remaining: due.graphs,
@@ -1130,6 +1133,7 @@ async fn flush_part(
         activity,
         graphs,
         raw,
+        summaries,
         dumps,
         feedback,
         remaining,
@@ -1187,8 +1191,15 @@ async fn flush_part(
                 if let Err(e) = append_raw(dir, &raw) {
                     errors.push((false, e));
                 }
-                let e;
-                (e, left) = write_files(dir, &dumps, stop);
+                if let Some(summaries) = summaries {
+                    if stop() {
+                        left += 2;
+                    } else if let Some(e) = write_summaries(dir, summaries) {
+                        errors.push((false, e));
+                    }
+                }
+                let (e, files_left) = write_files(dir, &dumps, &stop);
+                left += files_left;
                 errors.extend(e.into_iter().map(|e| (false, e)));
                 // Said here: a dump that shutdown cut short has nobody
                 // waiting for its answer (its task is gone by then). The
@@ -1243,6 +1254,23 @@ async fn flush_part(
         }
     }
     dump != Dump::No && left == 0 && remaining > 0
+}
+
+/// Rewrite `usage.csv` and `activity.csv` in `dir`, each atomically, as
+/// they are spelled. The errors, the first for both.
+fn write_summaries(dir: &Path, mut summaries: analytics::Summaries) -> Option<String> {
+    summaries.sort();
+    let usage = replace_file_with(&dir.join("usage.csv"), Sync::No, |out| {
+        summaries.write_usage(out)
+    });
+    let activity = replace_file_with(&dir.join("activity.csv"), Sync::No, |out| {
+        summaries.write_activity(out)
+    });
+    match (usage, activity) {
+        (Ok(()), Ok(())) => None,
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Some(e),
+        (Err(e), Err(_)) => Some(format!("{e} (and activity.csv)")),
+    }
 }
 
 /// Rewrite `files` in `dir` in order, each atomically, until `stop` says
