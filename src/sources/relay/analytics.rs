@@ -1256,6 +1256,7 @@ impl Analytics {
     }
 
     /// Everything, with names spelled out (sorted by user, hardware).
+    #[cfg(test)]
     pub fn all_activity(&self) -> Vec<((&str, &str), Activity)> {
         let mut v: Vec<_> = self
             .activity

@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS feedback (
 
 const GRAPH_ROWS: &str = "SELECT user, exp, course, nodes, counts, last FROM graphs";
 
+/// Column `i` of a row as text borrowed from SQLite, not copied.
+fn text_at<'r>(r: &'r rusqlite::Row, i: usize) -> rusqlite::Result<&'r str> {
+    Ok(r.get_ref(i)?.as_str()?)
+}
+
 /// Each saved chain of `sql` (over [`GRAPH_ROWS`]) handed to `each` as it
 /// is read, borrowed from SQLite's row: user, exp, course and the chain,
 /// or `None` for a chain whose columns do not parse. SQLite's errors are
@@ -67,7 +72,7 @@ fn each_graph(
     let mut st = conn.prepare(sql).map_err(&err)?;
     let mut rows = st.query([]).map_err(&err)?;
     while let Some(r) = rows.next().map_err(&err)? {
-        let text = |i| r.get_ref(i).and_then(|v| Ok(v.as_str()?)).map_err(&err);
+        let text = |i| text_at(r, i).map_err(&err);
         let key = [text(0)?, text(1)?, text(2)?];
         let last: Option<i64> = r.get(5).map_err(&err)?;
         let chain = serde_json::from_str(text(3)?)
@@ -184,7 +189,7 @@ impl Store {
             .map_err(err)?;
         let mut rows = st.query([]).map_err(err)?;
         while let Some(r) = rows.next().map_err(err)? {
-            let text = |i| r.get_ref(i).and_then(|v| Ok(v.as_str()?)).map_err(err);
+            let text = |i| text_at(r, i).map_err(err);
             let a = Activity {
                 first_ms: r.get(2).map_err(err)?,
                 last_ms: r.get(3).map_err(err)?,
