@@ -252,8 +252,21 @@ fn sign_in_is_required_and_the_cookie_is_right() {
     );
 
     // The log says who signed in and that one try failed, never the token.
+    // The line is written before the answer, but the test's reader thread
+    // may take it from the pipe after the answer came: wait for it.
+    assert!(
+        s.upstream.wait_for_line(
+            "dashboard: signed in from 127.0.0.1",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        s.upstream.stderr()
+    );
     let log = s.upstream.stderr();
-    assert!(log.contains("dashboard: signed in from 127.0.0.1"), "{log}");
+    assert!(
+        log.contains("refused 1 request(s) with a missing or wrong token"),
+        "{log}"
+    );
     assert!(!log.contains(ADMIN), "the token is in the log:\n{log}");
 }
 

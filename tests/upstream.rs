@@ -324,7 +324,7 @@ fn agents_with_overlapping_users_are_counted_once_and_resends_stored_once() {
     // agent keeps its records and says why.
     assert!(metric(port, "auth_failures_total") >= 1.0);
     assert!(
-        up.stderr().contains("missing or wrong token"),
+        up.wait_for_line("missing or wrong token", Duration::from_secs(5)),
         "{}",
         up.stderr()
     );
@@ -775,7 +775,13 @@ fn bad_input_gets_a_clear_4xx_stores_nothing_and_others_are_served() {
     assert!(metric(port, "connections_refused_total") >= 1.0);
     assert!(metric(port, r#"connections_closed_total{how="header_timeout"}"#) >= 1.0);
 
-    // The 401s made one log line, not one per request, and no token.
+    // The 401s made one log line, not one per request, and no token (the
+    // test's reader thread may still be behind the process: wait for it).
+    assert!(
+        up.wait_for_line("missing or wrong token", Duration::from_secs(5)),
+        "{}",
+        up.stderr()
+    );
     let log = up.stderr();
     assert_eq!(log.matches("missing or wrong token").count(), 1, "{log}");
     assert!(!log.contains("guess"), "{log}");

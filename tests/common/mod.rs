@@ -190,6 +190,9 @@ impl Agent {
             .expect("exit after SIGKILL");
     }
 
+    /// The lines the reader thread took from the pipe so far. While the
+    /// process runs, a line it wrote a moment ago may not be here yet (CI
+    /// once failed so): to assert that a line is written, `wait_for_line`.
     pub fn stderr(&self) -> String {
         self.lines.lock().expect("lines lock").join("\n")
     }
