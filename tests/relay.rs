@@ -1990,3 +1990,122 @@ fn a_restart_of_100000_users_holds_little_beyond_their_analytics() {
         "peak {peak} KiB (now {rss} KiB) restarting with {users} users' state: more than 96 MiB"
     );
 }
+
+/// Bytes the process has read through read(2) and the like (`rchar`).
+fn bytes_read(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+    let line = io.lines().find(|l| l.starts_with("rchar:")).expect("rchar");
+    line["rchar:".len()..].trim().parse().expect("a number")
+}
+
+/// Raw files grow with every message (`raw_files = true`), and the old
+/// client's are left where it wrote them: a host up for months would read
+/// them all at each start, before its streams connect. A restart reads
+/// only those something else changed since edgemeter last wrote or read
+/// them, and what such a file adds is still continued.
+#[test]
+fn a_restart_reads_again_only_the_raw_files_something_else_changed() {
+    let dir = TempDir::new("relay-raw-marks");
+    let hub = Hub::start();
+    // The old client's raw lines of one user, 20 MB of them.
+    let line = |user: &str, log: &str| {
+        format!(
+            "{{\"user\": \"{user}\", \"t\": 1673351988407, \"exp\": \"spinner\", \"hardware\":\"spin31\", \"course\": \"engdes1\", \"type\": \"analytics\", \"payload\": {{\"log\": \"{log}\", \"data\": {{\"set\": 1}}}}}}\n"
+        )
+    };
+    let old = line("old-user", "voltage_ramp").repeat(100_000);
+    std::fs::create_dir_all(dir.path("analytics")).unwrap();
+    dir.write("analytics/old-user-spin31-spinner-engdes1.json", &old);
+    let cfg = config(&dir, &hub, &["spin30"], "raw_files = true");
+
+    // The first start adopts them; edgemeter's own raw files are written.
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    wait_subscribed(&hub, &["spin30"]);
+    let users = ["u-1", "u-2", "u-3"];
+    for u in users {
+        for log in ["voltage", "position"] {
+            assert_eq!(
+                hub.send_text("spin30", &envelope(u, "spin30", "analytics", log)),
+                1
+            );
+        }
+    }
+    let own = |u: &str| read(&dir, &format!("{u}-spin30-spinner-engdes1.json"));
+    assert!(
+        wait_until(Duration::from_secs(15), || users
+            .iter()
+            .all(|u| own(u).lines().count() == 2)),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert!(
+        log.contains(
+            "1 user graphs (99999 transitions) from 0 adjacency matrices and 1 raw message files"
+        ) && log.contains("0 raw message files in")
+            && log.contains("; 1 were read"),
+        "{log}"
+    );
+
+    // The second reads none of them: not the 20 MB, nor its own.
+    let mut agent = Agent::start_running(&cfg, "agent2.log");
+    assert!(
+        agent.wait_for_line("were read", Duration::from_secs(15)),
+        "{}",
+        agent.stderr()
+    );
+    wait_subscribed(&hub, &["spin30"]);
+    let read_at_start = bytes_read(agent.pid());
+    assert!(
+        read_at_start < old.len() as u64 / 4,
+        "{read_at_start} bytes read at start, with {} in raw files:\n{}",
+        old.len(),
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert!(
+        log.contains("4 raw message files in") && log.contains("; 0 were read"),
+        "{log}"
+    );
+    assert!(!log.contains("continuing the analytics files"), "{log}");
+
+    // Something else adds a user's line to one of edgemeter's files: that
+    // file is read again, and only that user is new.
+    let path = dir.path("analytics/u-2-spin30-spinner-engdes1.json");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, line("late-user", "speed").as_bytes()).unwrap();
+    drop(f);
+    let mut agent = Agent::start_running(&cfg, "agent3.log");
+    wait_subscribed(&hub, &["spin30"]);
+    assert_eq!(
+        hub.send_text(
+            "spin30",
+            &envelope("late-user", "spin30", "analytics", "voltage")
+        ),
+        1
+    );
+    let late = "late-user-spinner-engdes1-adjacency.csv";
+    assert!(
+        wait_until(Duration::from_secs(15), || read(&dir, late)
+            .lines()
+            .any(|l| l.starts_with("speed_step,1.0,"))),
+        "{}\n{}",
+        read(&dir, late),
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert!(
+        log.contains("3 raw message files in")
+            && log.contains("; 1 were read")
+            && log.contains(
+                "1 user graphs (0 transitions) from 0 adjacency matrices and 1 raw message files"
+            ),
+        "{log}"
+    );
+}

@@ -14,9 +14,19 @@
 //! are read: files edgemeter wrote itself (or adopted before) are its own
 //! state's output and are never counted twice. A matrix that cannot be
 //! read stops the source with the file named, rather than being replaced.
+//!
+//! Raw files are read line by line to learn their keys, and edgemeter's
+//! own (`raw_files = true`) grow with every message: a host that ran for
+//! months would read them all at each start, before its streams connect.
+//! So the state keeps each raw file's [`RawMark`], its size and
+//! modification time when edgemeter last appended to it or read it, and
+//! the scan reads again only a file whose mark differs (the quick check of
+//! make and rsync): one that something else wrote since.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fs::Metadata;
 use std::io::BufRead;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::analytics::{Graph, GraphKey, envelope, safe_name};
@@ -27,6 +37,26 @@ pub const FEEDBACK_SUFFIX: &str = "-feedback.csv";
 /// Raw lines longer than this are skipped (a message is at most a frame).
 const MAX_LINE_BYTES: usize = 1 << 20;
 
+/// A raw file as edgemeter last appended to it or read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawMark {
+    /// The file's name in `files_dir`.
+    pub name: String,
+    pub bytes: u64,
+    /// Its modification time, ns since 1970.
+    pub mtime_ns: i64,
+}
+
+impl RawMark {
+    pub fn of(name: &str, m: &Metadata) -> RawMark {
+        RawMark {
+            name: name.to_owned(),
+            bytes: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        }
+    }
+}
+
 /// What was found for keys the state lacks.
 #[derive(Debug, Default)]
 pub struct Found {
@@ -36,28 +66,52 @@ pub struct Found {
     pub raw_files: usize,
     /// Raw lines that were not an analytics message with a command.
     pub skipped_lines: usize,
+    /// The raw files read, as they were when read: recorded once what they
+    /// gave is saved, so the next start reads them only if they change.
+    pub read: Vec<RawMark>,
+    /// Raw files as edgemeter left them ([`RawMark`]), not read.
+    pub unchanged: usize,
 }
 
-/// Read the old client's files in `dir` for keys not `known`. Only the
-/// names of files to read are kept (sorted, to read them in order): a
-/// directory of 100,000 users' own files would otherwise be 200,000
-/// names held at once.
-pub fn scan(dir: &Path, known: impl Fn(&GraphKey) -> bool) -> Result<Found, String> {
+/// Read the old client's files in `dir` for keys not `known`, but not the
+/// raw files `unchanged` says are as edgemeter left them. Only the names
+/// of files to read are kept (sorted, to read them in order): a directory
+/// of 100,000 users' own files would otherwise be 200,000 names held at
+/// once.
+pub fn scan(
+    dir: &Path,
+    known: impl Fn(&GraphKey) -> bool,
+    mut unchanged: impl FnMut(&RawMark) -> bool,
+) -> Result<Found, String> {
     let mut found = Found::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
         Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
     };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| !n.starts_with('.'))
-        .filter(|n| match n.strip_suffix(MATRIX_SUFFIX) {
+    let mut names: Vec<String> = Vec::new();
+    for e in entries.flatten() {
+        let Ok(n) = e.file_name().into_string() else {
+            continue;
+        };
+        if n.starts_with('.') {
+            continue;
+        }
+        let read = match n.strip_suffix(MATRIX_SUFFIX) {
             Some(stem) => matrix_key(stem).is_some_and(|k| !known(&k)),
-            None => n.ends_with(".json") && !n.ends_with("-graph.json"),
-        })
-        .collect();
+            None if is_raw(&n) => {
+                // A file that cannot be looked at is read (and fails there).
+                let same =
+                    std::fs::metadata(e.path()).is_ok_and(|m| unchanged(&RawMark::of(&n, &m)));
+                found.unchanged += usize::from(same);
+                !same
+            }
+            None => false,
+        };
+        if read {
+            names.push(n);
+        }
+    }
     names.sort();
     // (t, command) per key, sorted once all files are read.
     let mut commands: BTreeMap<GraphKey, Vec<(f64, String)>> = BTreeMap::new();
@@ -77,9 +131,14 @@ pub fn scan(dir: &Path, known: impl Fn(&GraphKey) -> bool) -> Result<Found, Stri
             })?;
             found.matrices += 1;
             found.graphs.entry(key).or_default().0 = Some(graph);
-        } else if name.ends_with(".json") && !name.ends_with("-graph.json") {
-            let file = std::fs::File::open(&path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        } else if is_raw(name) {
+            let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+            let file = std::fs::File::open(&path).map_err(cannot)?;
+            // As it was before reading: a line written meanwhile makes the
+            // next start read it again.
+            found
+                .read
+                .push(RawMark::of(name, &file.metadata().map_err(cannot)?));
             let mut counted = false;
             for line in std::io::BufReader::new(file).split(b'\n') {
                 let line = line.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -103,7 +162,12 @@ pub fn scan(dir: &Path, known: impl Fn(&GraphKey) -> bool) -> Result<Found, Stri
     Ok(found)
 }
 
-/// `<user>-<exp>-<course>` (the user itself holds dashes: a UUID).
+/// A raw message file: `<user>-<hardware>-<exp>-<course>.json`, not
+/// edgemeter's own `-graph.json`.
+pub fn is_raw(name: &str) -> bool {
+    name.ends_with(".json") && !name.ends_with("-graph.json")
+}
+
 /// The old client's `<user>-<exp>-<course>-feedback.csv` files in `dir`, for
 /// keys not in `known`; a file that does not read as a feedback matrix is
 /// reported and left alone (never replaced: its key is not taken).
@@ -144,6 +208,7 @@ pub fn scan_feedback(
     (found, problems)
 }
 
+/// `<user>-<exp>-<course>` (the user itself holds dashes: a UUID).
 fn matrix_key(stem: &str) -> Option<GraphKey> {
     let (rest, course) = stem.rsplit_once('-')?;
     let (user, exp) = rest.rsplit_once('-')?;
@@ -226,7 +291,7 @@ mod tests {
         std::fs::write(d.join(format!("{USER}-spin31-spinner-engdes1.json")), RAW).unwrap();
         // edgemeter's own graph file is not a raw file.
         std::fs::write(d.join(format!("{USER}-spinner-engdes1-graph.json")), "{}").unwrap();
-        let found = scan(&d, |_| false).unwrap();
+        let found = scan(&d, |_| false, |_| false).unwrap();
         assert_eq!(
             (found.matrices, found.raw_files, found.skipped_lines),
             (1, 1, 0)
@@ -238,7 +303,12 @@ mod tests {
         assert_eq!(commands, &vec!["voltage_ramp".to_owned(); 10]);
         // Known keys (edgemeter's own, or adopted before) are not read again.
         let known: HashSet<GraphKey> = [key()].into();
-        assert!(scan(&d, |k| known.contains(k)).unwrap().graphs.is_empty());
+        assert!(
+            scan(&d, |k| known.contains(k), |_| false)
+                .unwrap()
+                .graphs
+                .is_empty()
+        );
         std::fs::remove_dir_all(&d).ok();
     }
 
@@ -256,7 +326,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.join("u1-spin31-spinner-c.json"), line(2, "position")).unwrap();
-        let found = scan(&d, |_| false).unwrap();
+        let found = scan(&d, |_| false, |_| false).unwrap();
         let k = GraphKey {
             user: "u1".into(),
             exp: "spinner".into(),
@@ -272,7 +342,7 @@ mod tests {
         let d = dir("bad");
         let path = d.join("u1-spinner-c-adjacency.csv");
         std::fs::write(&path, ",a,b\na,1.0,x\nb,0.0,0.0\n").unwrap();
-        let e = scan(&d, |_| false).unwrap_err();
+        let e = scan(&d, |_| false, |_| false).unwrap_err();
         assert!(e.contains(&path.display().to_string()), "{e}");
         assert!(e.contains("`x` in row `a` is not a number"), "{e}");
         assert!(e.contains("move it out of files_dir"), "{e}");

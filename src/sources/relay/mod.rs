@@ -107,11 +107,12 @@ use crate::runtime::{Doorbell, LocalBoxFuture, Wakeup, Worker, doorbell};
 use crate::sources::{Context, Source};
 use crate::state_dir::{Sync, remove_temp_files, replace_file, replace_file_with};
 
+use adopt::RawMark;
 use analytics::{Analytics, GraphKey};
 pub use config::Config;
 use ingest::{Frame, Settings, State};
 use link::{Link, LinkError};
-use store::Store;
+use store::{Appended, Store};
 
 /// How often analytics state, raw lines and the status file are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(2);
@@ -227,13 +228,26 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             None
         }
     };
+    let mut raw_read = Vec::new();
     if let Some(dir) = &config.files_dir {
         let dir = dir.clone();
         let known = state.analytics.known_graphs();
+        let marks = store.clone();
         let (removed, found) = worker
             .run(move || {
                 let removed = remove_temp_files(&dir);
-                (removed, adopt::scan(&dir, |k| known.contains(k)))
+                let Some(marks) = marks else {
+                    return (removed, adopt::scan(&dir, |k| known.contains(k), |_| false));
+                };
+                let mut marks = marks.lock().unwrap_or_else(|p| p.into_inner());
+                let found = adopt::scan(&dir, |k| known.contains(k), |m| marks.raw_unchanged(m));
+                if let Ok(f) = &found {
+                    let present = f.unchanged + f.read.len();
+                    if let Err(e) = marks.forget_gone_raw(present, |n| dir.join(n).exists()) {
+                        log::warn!("{e}");
+                    }
+                }
+                (removed, found)
             })
             .await;
         if removed > 0 {
@@ -243,7 +257,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             );
         }
         match found {
-            Ok(found) => adopt_files(&ctx.name, &config, &mut state, found),
+            Ok(found) => raw_read = adopt_files(&ctx.name, &config, &mut state, found),
             Err(e) => {
                 log::error!(
                     "source `{}`: {e}. The source does not start, so nothing in files_dir is overwritten",
@@ -271,6 +285,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     let ctx = Rc::new(ctx);
     let files = Files {
         store,
+        raw_read,
         flush_spell: Spell::default(),
         status_spell: Spell::default(),
         sync_due: None,
@@ -406,10 +421,27 @@ async fn open_desk(
     desk
 }
 
-/// Continue the old analytics client's history found in `files_dir`.
-fn adopt_files(name: &str, config: &Config, state: &mut State, found: adopt::Found) {
+/// Continue the old analytics client's history found in `files_dir`; the
+/// raw files read, to be marked once what they gave is saved. None if a
+/// graph was not taken (past `max_users`): its files are read again at the
+/// next start, which may have room.
+fn adopt_files(
+    name: &str,
+    config: &Config,
+    state: &mut State,
+    found: adopt::Found,
+) -> Vec<RawMark> {
+    let dir = config.files_dir.as_deref().unwrap_or(Path::new("."));
+    if found.unchanged > 0 || !found.read.is_empty() {
+        log::info!(
+            "source `{name}`: {} raw message files in {} are as edgemeter last wrote or read them and were not read again; {} were read",
+            found.unchanged,
+            dir.display(),
+            found.read.len()
+        );
+    }
     if found.graphs.is_empty() {
-        return;
+        return found.read;
     }
     let (mut graphs, mut transitions) = (0, 0u64);
     for (key, (matrix, commands)) in &found.graphs {
@@ -421,7 +453,6 @@ fn adopt_files(name: &str, config: &Config, state: &mut State, found: adopt::Fou
                 .map_or(0, |g| g.edges.values().sum());
         }
     }
-    let dir = config.files_dir.as_deref().unwrap_or(Path::new("."));
     log::info!(
         "source `{name}`: continuing the analytics files found in {}: {graphs} user graphs ({transitions} transitions) from {} adjacency matrices and {} raw message files; new commands are added to them, nothing is replaced",
         dir.display(),
@@ -435,7 +466,9 @@ fn adopt_files(name: &str, config: &Config, state: &mut State, found: adopt::Fou
             dir.display(),
             config.max_users
         );
+        return Vec::new();
     }
+    found.read
 }
 
 /// The end of the window that contains `now`, ms.
@@ -866,6 +899,10 @@ async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
 
 struct Files {
     store: Option<Arc<Mutex<Store>>>,
+    /// The raw files the start's scan read, marked by the first save (which
+    /// holds what they gave): never before, or a crash between would
+    /// leave them unread and their users lost.
+    raw_read: Vec<RawMark>,
     /// Failing flushes and status writes (a full disk fails one every
     /// 2 s) are said once a spell, not once each.
     flush_spell: Spell,
@@ -1139,7 +1176,10 @@ async fn flush_part(
         remaining,
     } = collect(shared, dump, due);
     let feedback_keys: Vec<GraphKey> = feedback.iter().map(|(k, _)| k.clone()).collect();
-    let store = files.borrow().store.clone();
+    let (store, raw_read) = {
+        let mut f = files.borrow_mut();
+        (f.store.clone(), std::mem::take(&mut f.raw_read))
+    };
     let dir = shared.config.files_dir.clone();
     let changes = (activity, graphs);
     let shutdown = ctx.shutdown.clone();
@@ -1161,6 +1201,8 @@ async fn flush_part(
                     errors.push((true, e));
                 }
             }
+            // Unmarked after a failed save: read again at the next start.
+            let saved = errors.is_empty();
             if let Some(store) = &store
                 && !feedback.is_empty()
             {
@@ -1188,8 +1230,18 @@ async fn flush_part(
             }
             let mut left = 0;
             if let Some(dir) = &dir {
-                if let Err(e) = append_raw(dir, &raw) {
+                let mut appended = Vec::new();
+                if let Err(e) = append_raw(dir, &raw, &mut appended) {
                     errors.push((false, e));
+                }
+                if let Some(store) = &store
+                    && (saved && !raw_read.is_empty() || !appended.is_empty())
+                {
+                    let read = if saved { &raw_read[..] } else { &[] };
+                    let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = s.mark_raw(read, &appended) {
+                        errors.push((false, e));
+                    }
                 }
                 if let Some(summaries) = summaries {
                     if stop() {
@@ -1302,19 +1354,38 @@ fn summed(first_error: Option<String>, failed: usize) -> Option<String> {
     })
 }
 
-fn append_raw(dir: &Path, raw: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+/// Append each file's lines, noting in `appended` how each file was just
+/// before and after (for its [`RawMark`]).
+fn append_raw(
+    dir: &Path,
+    raw: &BTreeMap<String, Vec<u8>>,
+    appended: &mut Vec<Appended>,
+) -> Result<(), String> {
     if raw.is_empty() {
         return Ok(());
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     for (name, lines) in raw {
         let path = dir.join(name);
-        std::fs::OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .and_then(|mut f| f.write_all(lines))
             .map_err(|e| format!("cannot append to {}: {e}", path.display()))?;
+        let cannot = |e: std::io::Error| format!("cannot append to {}: {e}", path.display());
+        let before = f.metadata().map_err(cannot)?;
+        f.write_all(lines).map_err(cannot)?;
+        let after = f.metadata().map_err(cannot)?;
+        if after.len() != before.len() + lines.len() as u64 {
+            // Someone else wrote too: left unmarked, so read at the next start.
+            continue;
+        }
+        appended.push(Appended {
+            // Empty: made now (or emptied by someone; a mark of an empty
+            // file hides nothing).
+            before: (before.len() > 0).then(|| RawMark::of(name, &before)),
+            after: RawMark::of(name, &after),
+        });
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
+use super::adopt::RawMark;
 use super::analytics::{Activity, Analytics, Chain, Graph, GraphKey, SavedChain};
 use super::answers::Feedback;
 
@@ -42,6 +43,11 @@ CREATE TABLE IF NOT EXISTS graphs (
     counts TEXT NOT NULL,   -- JSON array: the n×n transition counts, row = previous
     last   INTEGER,         -- index of the last command, which the next one continues
     PRIMARY KEY (user, exp, course)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS raw_files (
+    name     TEXT PRIMARY KEY,  -- a raw message file in files_dir
+    bytes    INTEGER NOT NULL,  -- its size and modification time when
+    mtime_ns INTEGER NOT NULL   -- edgemeter last appended to it or read it
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS feedback (
     user   TEXT NOT NULL,
@@ -125,6 +131,14 @@ pub struct Store {
     path: PathBuf,
     /// When the first commit not yet synced was made.
     unsynced_since: Option<Instant>,
+}
+
+/// A raw file edgemeter appended to: as it was just before (None: it did
+/// not exist) and just after.
+#[derive(Debug)]
+pub struct Appended {
+    pub before: Option<RawMark>,
+    pub after: RawMark,
 }
 
 /// Rows [`Store::load`] restored.
@@ -256,6 +270,90 @@ impl Store {
         tx.commit().map_err(err)?;
         self.committed();
         Ok(())
+    }
+
+    /// Whether the raw file is as edgemeter last appended to it or read it
+    /// (no: when the state cannot tell).
+    pub fn raw_unchanged(&self, now: &RawMark) -> bool {
+        self.conn
+            .prepare_cached(
+                "SELECT 1 FROM raw_files WHERE name = ?1 AND bytes = ?2 AND mtime_ns = ?3",
+            )
+            .and_then(|mut st| st.exists(params![now.name, now.bytes as i64, now.mtime_ns]))
+            .unwrap_or(false)
+    }
+
+    /// Record the raw files `read` as they were read, and those `appended`
+    /// as they are now, where they were as recorded before (or new): a file
+    /// something else also wrote keeps its old mark, so the next start
+    /// reads it. Not synced: a mark lost makes a start read a file again.
+    pub fn mark_raw(&mut self, read: &[RawMark], appended: &[Appended]) -> Result<(), String> {
+        let err = |e: rusqlite::Error| format!("cannot save the relay's raw file marks: {e}");
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO raw_files (name, bytes, mtime_ns) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(err)?;
+            for m in read {
+                put.execute(params![m.name, m.bytes as i64, m.mtime_ns])
+                    .map_err(err)?;
+            }
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE raw_files SET bytes = ?2, mtime_ns = ?3
+                     WHERE name = ?1 AND bytes = ?4 AND mtime_ns = ?5",
+                )
+                .map_err(err)?;
+            for Appended { before, after } in appended {
+                let (n, b, t) = (&after.name, after.bytes as i64, after.mtime_ns);
+                match before {
+                    None => put.execute(params![n, b, t]),
+                    Some(was) => update.execute(params![n, b, t, was.bytes as i64, was.mtime_ns]),
+                }
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Forget the marks of raw files that are gone, if there are more
+    /// marks than the `present` raw files.
+    pub fn forget_gone_raw(
+        &mut self,
+        present: usize,
+        exists: impl Fn(&str) -> bool,
+    ) -> Result<usize, String> {
+        let err = |e: rusqlite::Error| format!("cannot prune the relay's raw file marks: {e}");
+        let marks: usize = self
+            .conn
+            .query_row("SELECT count(*) FROM raw_files", [], |r| r.get::<_, i64>(0))
+            .map_err(err)? as usize;
+        if marks <= present {
+            return Ok(0);
+        }
+        let mut gone = Vec::new();
+        {
+            let mut st = self
+                .conn
+                .prepare("SELECT name FROM raw_files")
+                .map_err(err)?;
+            let mut rows = st.query([]).map_err(err)?;
+            while let Some(r) = rows.next().map_err(err)? {
+                let name = text_at(r, 0).map_err(err)?;
+                if !exists(name) {
+                    gone.push(name.to_owned());
+                }
+            }
+        }
+        let tx = self.conn.transaction().map_err(err)?;
+        for name in &gone {
+            tx.execute("DELETE FROM raw_files WHERE name = ?1", [name])
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(gone.len())
     }
 
     /// Write these rows as they are now, in one transaction.

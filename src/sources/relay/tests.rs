@@ -1027,3 +1027,92 @@ fn an_answers_frames_go_to_the_socket_in_one_write_and_in_order() {
         assert_eq!(host.read().unwrap(), Message::Text(Utf8Bytes::from(f)));
     }
 }
+
+/// A raw file's mark follows edgemeter's own appends, and only them: a
+/// file something else wrote keeps its old mark (so the next start reads
+/// it), and so does one written by both at once.
+#[test]
+fn a_raw_files_mark_follows_only_edgemeters_own_appends() {
+    use super::adopt::{self, RawMark};
+    let dir = std::env::temp_dir().join(format!(
+        "edgemeter-relay-marks-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut store = Store::open(&dir.join("relay-lab.db")).unwrap();
+    let files = dir.join("files");
+    let now = |name: &str| RawMark::of(name, &std::fs::metadata(files.join(name)).unwrap());
+    let append = |store: &mut Store, name: &str, lines: &str| {
+        let raw = std::collections::BTreeMap::from([(name.to_owned(), lines.as_bytes().to_vec())]);
+        let mut appended = Vec::new();
+        super::append_raw(&files, &raw, &mut appended).unwrap();
+        store.mark_raw(&[], &appended).unwrap();
+    };
+    // Made by edgemeter, appended to by it: unchanged each time.
+    append(&mut store, "a.json", "1\n");
+    assert!(store.raw_unchanged(&now("a.json")));
+    std::thread::sleep(Duration::from_millis(20));
+    append(&mut store, "a.json", "2\n");
+    assert!(store.raw_unchanged(&now("a.json")));
+    // Something else appends: changed, and edgemeter's next append does
+    // not hide it.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(files.join("a.json"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"theirs\n").unwrap();
+    drop(f);
+    assert!(!store.raw_unchanged(&now("a.json")));
+    append(&mut store, "a.json", "3\n");
+    assert!(!store.raw_unchanged(&now("a.json")));
+    // A file the scan read is marked as it was read; the scan then skips it.
+    std::fs::write(files.join("old-u-spin30-spinner-c.json"), "x\n").unwrap();
+    let found = adopt::scan(&files, |_| false, |m| store.raw_unchanged(m)).unwrap();
+    assert_eq!((found.unchanged, found.read.len()), (0, 2));
+    store.mark_raw(&found.read, &[]).unwrap();
+    let found = adopt::scan(&files, |_| false, |m| store.raw_unchanged(m)).unwrap();
+    assert_eq!((found.unchanged, found.read.len()), (2, 0));
+    assert!(found.graphs.is_empty());
+    // A file that is gone loses its mark; one still there keeps it.
+    std::fs::remove_file(files.join("a.json")).unwrap();
+    let exists = |n: &str| files.join(n).exists();
+    assert_eq!(store.forget_gone_raw(1, exists), Ok(1));
+    assert_eq!(store.forget_gone_raw(1, exists), Ok(0));
+    assert!(store.raw_unchanged(&now("old-u-spin30-spinner-c.json")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Raw files whose users were not all taken (past `max_users`) are not
+/// marked: the next start, which may have room, reads them again.
+#[test]
+fn raw_files_of_users_not_taken_are_read_again_at_the_next_start() {
+    use super::adopt::{Found, RawMark};
+    let found = |users: &[&str]| Found {
+        graphs: users
+            .iter()
+            .map(|u| {
+                let key = GraphKey {
+                    user: u.to_string(),
+                    exp: "spinner".into(),
+                    course: "engdes1".into(),
+                };
+                (key, (None, vec!["voltage".to_owned()]))
+            })
+            .collect(),
+        raw_files: 1,
+        read: vec![RawMark {
+            name: "a-spin30-spinner-engdes1.json".into(),
+            bytes: 10,
+            mtime_ns: 1,
+        }],
+        ..Found::default()
+    };
+    let config = shared(state(&STREAMS, 1 << 20), Some("files")).config;
+    let mut roomy = analysing_only("spin30", 10);
+    let marks = super::adopt_files("lab", &config, &mut roomy, found(&["a", "b"]));
+    assert_eq!(marks.len(), 1, "all taken: marked");
+    let mut full = analysing_only("spin30", 1);
+    let marks = super::adopt_files("lab", &config, &mut full, found(&["a", "b"]));
+    assert!(marks.is_empty(), "b not taken: {marks:?}");
+}
