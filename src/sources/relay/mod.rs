@@ -1230,19 +1230,8 @@ async fn flush_part(
             }
             let mut left = 0;
             if let Some(dir) = &dir {
-                let mut appended = Vec::new();
-                if let Err(e) = append_raw(dir, &raw, &mut appended) {
-                    errors.push((false, e));
-                }
-                if let Some(store) = &store
-                    && (saved && !raw_read.is_empty() || !appended.is_empty())
-                {
-                    let read = if saved { &raw_read[..] } else { &[] };
-                    let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = s.mark_raw(read, &appended) {
-                        errors.push((false, e));
-                    }
-                }
+                let read = if saved { &raw_read[..] } else { &[] };
+                errors.extend(append_raw_marked(dir, store.as_deref(), &raw, read));
                 if let Some(summaries) = summaries {
                     if stop() {
                         left += 2;
@@ -1352,6 +1341,31 @@ fn summed(first_error: Option<String>, failed: usize) -> Option<String> {
         1 => e,
         n => format!("{e} (and {} more analytics files)", n - 1),
     })
+}
+
+/// Append the raw lines, then mark the raw files as edgemeter leaves them:
+/// those appended to, and those the start's scan `read`. Errors, as the
+/// flush counts them (none about the saved state).
+fn append_raw_marked(
+    dir: &Path,
+    store: Option<&Mutex<Store>>,
+    raw: &BTreeMap<String, Vec<u8>>,
+    read: &[RawMark],
+) -> Vec<(bool, String)> {
+    let mut errors = Vec::new();
+    let mut appended = Vec::new();
+    if let Err(e) = append_raw(dir, raw, &mut appended) {
+        errors.push((false, e));
+    }
+    if let Some(store) = store
+        && (!read.is_empty() || !appended.is_empty())
+    {
+        let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = s.mark_raw(read, &appended) {
+            errors.push((false, e));
+        }
+    }
+    errors
 }
 
 /// Append each file's lines, noting in `appended` how each file was just

@@ -1040,21 +1040,21 @@ fn a_raw_files_mark_follows_only_edgemeters_own_appends() {
         fastrand::u64(..)
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut store = Store::open(&dir.join("relay-lab.db")).unwrap();
+    let store = std::sync::Mutex::new(Store::open(&dir.join("relay-lab.db")).unwrap());
     let files = dir.join("files");
     let now = |name: &str| RawMark::of(name, &std::fs::metadata(files.join(name)).unwrap());
-    let append = |store: &mut Store, name: &str, lines: &str| {
+    let append = |name: &str, lines: &str| {
         let raw = std::collections::BTreeMap::from([(name.to_owned(), lines.as_bytes().to_vec())]);
-        let mut appended = Vec::new();
-        super::append_raw(&files, &raw, &mut appended).unwrap();
-        store.mark_raw(&[], &appended).unwrap();
+        let errors = super::append_raw_marked(&files, Some(&store), &raw, &[]);
+        assert!(errors.is_empty(), "{errors:?}");
     };
+    let unchanged = |m: &RawMark| store.lock().unwrap().raw_unchanged(m);
     // Made by edgemeter, appended to by it: unchanged each time.
-    append(&mut store, "a.json", "1\n");
-    assert!(store.raw_unchanged(&now("a.json")));
+    append("a.json", "1\n");
+    assert!(unchanged(&now("a.json")));
     std::thread::sleep(Duration::from_millis(20));
-    append(&mut store, "a.json", "2\n");
-    assert!(store.raw_unchanged(&now("a.json")));
+    append("a.json", "2\n");
+    assert!(unchanged(&now("a.json")));
     // Something else appends: changed, and edgemeter's next append does
     // not hide it.
     let mut f = std::fs::OpenOptions::new()
@@ -1063,23 +1063,26 @@ fn a_raw_files_mark_follows_only_edgemeters_own_appends() {
         .unwrap();
     std::io::Write::write_all(&mut f, b"theirs\n").unwrap();
     drop(f);
-    assert!(!store.raw_unchanged(&now("a.json")));
-    append(&mut store, "a.json", "3\n");
-    assert!(!store.raw_unchanged(&now("a.json")));
+    assert!(!unchanged(&now("a.json")));
+    append("a.json", "3\n");
+    assert!(!unchanged(&now("a.json")));
     // A file the scan read is marked as it was read; the scan then skips it.
     std::fs::write(files.join("old-u-spin30-spinner-c.json"), "x\n").unwrap();
-    let found = adopt::scan(&files, |_| false, |m| store.raw_unchanged(m)).unwrap();
+    let found = adopt::scan(&files, |_| false, unchanged).unwrap();
     assert_eq!((found.unchanged, found.read.len()), (0, 2));
-    store.mark_raw(&found.read, &[]).unwrap();
-    let found = adopt::scan(&files, |_| false, |m| store.raw_unchanged(m)).unwrap();
+    let errors = super::append_raw_marked(&files, Some(&store), &Default::default(), &found.read);
+    assert!(errors.is_empty(), "{errors:?}");
+    let found = adopt::scan(&files, |_| false, unchanged).unwrap();
     assert_eq!((found.unchanged, found.read.len()), (2, 0));
     assert!(found.graphs.is_empty());
     // A file that is gone loses its mark; one still there keeps it.
     std::fs::remove_file(files.join("a.json")).unwrap();
     let exists = |n: &str| files.join(n).exists();
-    assert_eq!(store.forget_gone_raw(1, exists), Ok(1));
-    assert_eq!(store.forget_gone_raw(1, exists), Ok(0));
-    assert!(store.raw_unchanged(&now("old-u-spin30-spinner-c.json")));
+    let mut s = store.lock().unwrap();
+    assert_eq!(s.forget_gone_raw(1, exists), Ok(1));
+    assert_eq!(s.forget_gone_raw(1, exists), Ok(0));
+    drop(s);
+    assert!(unchanged(&now("old-u-spin30-spinner-c.json")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
