@@ -434,10 +434,10 @@ fn adopt_files(
     let dir = config.files_dir.as_deref().unwrap_or(Path::new("."));
     if found.unchanged > 0 || !found.read.is_empty() {
         log::info!(
-            "source `{name}`: {} raw message files in {} are as edgemeter last wrote or read them and were not read again; {} were read",
-            found.unchanged,
+            "source `{name}`: raw message files in {}: {} read, {} not read again (unchanged since edgemeter last wrote or read them)",
             dir.display(),
-            found.read.len()
+            found.read.len(),
+            found.unchanged
         );
     }
     if found.graphs.is_empty() {
