@@ -197,6 +197,23 @@ pub fn sync_wal(db: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Make every file written on the filesystem that holds `dir` survive a
+/// power cut (`syncfs`): one call for thousands of files written without
+/// an fsync of their own.
+pub fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    unsafe extern "C" {
+        fn syncfs(fd: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    // SAFETY: syncfs reads no memory of ours; `d` is an open descriptor
+    // for the call's duration.
+    match unsafe { syncfs(d.as_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// `dir/.name.tmp`: hidden, and recognised by [`remove_temp_files`].
 fn temp_name(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -33,6 +33,7 @@ use super::analytics::{Graph, GraphKey, envelope, safe_name};
 use super::answers::Feedback;
 
 const MATRIX_SUFFIX: &str = "-adjacency.csv";
+const GRAPH_SUFFIX: &str = "-graph.json";
 pub const FEEDBACK_SUFFIX: &str = "-feedback.csv";
 /// Raw lines longer than this are skipped (a message is at most a frame).
 const MAX_LINE_BYTES: usize = 1 << 20;
@@ -71,6 +72,17 @@ pub struct Found {
     pub read: Vec<RawMark>,
     /// Raw files as edgemeter left them ([`RawMark`]), not read.
     pub unchanged: usize,
+    /// Edgemeter's own files there: matrices and graphs of `known` keys,
+    /// and the two summaries.
+    pub own: OwnFiles,
+}
+
+/// How many of edgemeter's own files a directory holds.
+#[derive(Debug, Default, PartialEq)]
+pub struct OwnFiles {
+    pub matrices: usize,
+    pub graphs: usize,
+    pub summaries: usize,
 }
 
 /// Read the old client's files in `dir` for keys not `known`, but not the
@@ -97,8 +109,24 @@ pub fn scan(
         if n.starts_with('.') {
             continue;
         }
+        let own = &mut found.own;
         let read = match n.strip_suffix(MATRIX_SUFFIX) {
-            Some(stem) => matrix_key(stem).is_some_and(|k| !known(&k)),
+            Some(stem) => match matrix_key(stem) {
+                Some(k) if known(&k) => {
+                    own.matrices += 1;
+                    false
+                }
+                k => k.is_some(),
+            },
+            None if n == "usage.csv" || n == "activity.csv" => {
+                own.summaries += 1;
+                false
+            }
+            None if n.ends_with(GRAPH_SUFFIX) => {
+                let stem = &n[..n.len() - GRAPH_SUFFIX.len()];
+                own.graphs += usize::from(matrix_key(stem).is_some_and(|k| known(&k)));
+                false
+            }
             None if is_raw(&n) => {
                 // A file that cannot be looked at is read (and fails there).
                 let same =
@@ -165,7 +193,7 @@ pub fn scan(
 /// A raw message file: `<user>-<hardware>-<exp>-<course>.json`, not
 /// edgemeter's own `-graph.json`.
 pub fn is_raw(name: &str) -> bool {
-    name.ends_with(".json") && !name.ends_with("-graph.json")
+    name.ends_with(".json") && !name.ends_with(GRAPH_SUFFIX)
 }
 
 /// The old client's `<user>-<exp>-<course>-feedback.csv` files in `dir`, for

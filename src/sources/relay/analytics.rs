@@ -1224,6 +1224,16 @@ impl Analytics {
         out
     }
 
+    /// The files of every graph are as written (at a start, when the last
+    /// run wrote them all): none is due until it changes.
+    pub fn all_dumped(&mut self) {
+        for k in std::mem::take(&mut self.undumped) {
+            if let Some(t) = self.graphs.get_mut(&k) {
+                t.undumped = false;
+            }
+        }
+    }
+
     /// Which graphs these analytics hold, to be asked on another thread.
     pub fn known_graphs(&self) -> KnownGraphs {
         let mut keys: Vec<_> = self.graphs.keys().copied().collect();

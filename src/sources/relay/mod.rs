@@ -50,7 +50,10 @@
 //! - Files in `files_dir` are rewritten from that state by one flush at a
 //!   time, each atomically (temp file, rename; no fsync, see [`Sync::No`]),
 //!   every `dump_interval_secs`, on this source's worker thread; all of them
-//!   at the first dump after start. A dump spells out and writes
+//!   at the first dump after a start, unless the last run stopped having
+//!   written them all and synced them with one `syncfs`
+//!   ([`mark_files_complete`]: the state says so, and none is missing). A
+//!   dump spells out and writes
 //!   [`DUMP_GRAPHS_PER_JOB`] graphs at a time, so its memory does not grow
 //!   with the users. At shutdown they get half the grace
 //!   (`Dump::Until`), and a dump in progress stops; that first dump writes
@@ -180,10 +183,16 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     let max_users = config.max_users;
     let opened = worker
         .run(move || {
-            let store = Store::open(&store_path)?;
+            let mut store = Store::open(&store_path)?;
             let mut analytics = Analytics::new(max_users);
             let loaded = store.load(&mut analytics)?;
-            Ok::<_, String>((store, analytics, loaded))
+            // Taken at every start: a run without files_dir changes what
+            // the files should hold too.
+            let complete = store.take_files_complete().unwrap_or_else(|e| {
+                log::warn!("{e}; every analytics file is rewritten");
+                false
+            });
+            Ok::<_, String>((store, analytics, loaded, complete))
         })
         .await;
     let now = now_ms();
@@ -207,8 +216,11 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         },
         links,
     );
+    let mut files_complete = false;
+    let mut graphs_loaded = 0;
     let store = match opened {
-        Ok((store, analytics, loaded)) => {
+        Ok((store, analytics, loaded, complete)) => {
+            (files_complete, graphs_loaded) = (complete, loaded.graphs);
             log::info!(
                 "source `{}`: {} streams on {}; analytics state: {} user×hardware rows, {} graphs",
                 ctx.name,
@@ -229,8 +241,11 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         }
     };
     let mut raw_read = Vec::new();
-    if let Some(dir) = &config.files_dir {
-        let dir = dir.clone();
+    // usage.csv and activity.csv: written by the first dump unless the last
+    // run left every file as the state holds it.
+    let mut usage_due = true;
+    if let Some(files_dir) = &config.files_dir {
+        let dir = files_dir.clone();
         let known = state.analytics.known_graphs();
         let marks = store.clone();
         let (removed, found) = worker
@@ -257,7 +272,14 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             );
         }
         match found {
-            Ok(found) => raw_read = adopt_files(&ctx.name, &config, &mut state, found),
+            Ok(found) => {
+                let name = &ctx.name;
+                if files_as_saved(name, files_dir, files_complete, graphs_loaded, &found.own) {
+                    state.analytics.all_dumped();
+                    usage_due = false;
+                }
+                raw_read = adopt_files(&ctx.name, &config, &mut state, found)
+            }
             Err(e) => {
                 log::error!(
                     "source `{}`: {e}. The source does not start, so nothing in files_dir is overwritten",
@@ -277,7 +299,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         name: ctx.name.clone(),
         config,
         state: RefCell::new(state),
-        dump_usage: RefCell::new(true),
+        dump_usage: RefCell::new(usage_due),
         provision_kick: kick_tx,
         changed,
         link_changed,
@@ -286,6 +308,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     let files = Files {
         store,
         raw_read,
+        unwritten: false,
         flush_spell: Spell::default(),
         status_spell: Spell::default(),
         sync_due: None,
@@ -351,6 +374,55 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     // first (the old client's files are a view of it, not the record).
     let until = Instant::now() + ctx.grace / 2;
     flush(&shared, &worker, &ctx, &files, Dump::Until(until)).await;
+    mark_files_complete(&shared, &worker, &files, until).await;
+}
+
+/// After the shutdown's flush: if this run wrote every analytics file it
+/// had to, without an error, sync them (one `syncfs`) and say so in the
+/// state, so the next start does not rewrite them all (two files a graph:
+/// 200,000 at 100,000 users). Within the files' half of the grace; past
+/// it, the next start rewrites them.
+async fn mark_files_complete(
+    shared: &Shared,
+    worker: &Worker,
+    files: &RefCell<Files>,
+    until: Instant,
+) {
+    let (Some(dir), Some(store)) = (
+        shared.config.files_dir.clone(),
+        files.borrow().store.clone(),
+    ) else {
+        return;
+    };
+    if files.borrow().unwritten
+        || shared.state.borrow().analytics.has_undumped()
+        || *shared.dump_usage.borrow()
+    {
+        return;
+    }
+    let shown = dir.display().to_string();
+    let job = worker.run(move || {
+        crate::state_dir::sync_filesystem(&dir)
+            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+        store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_files_complete()
+    });
+    let late = async {
+        smol::Timer::at(until).await;
+        Err("the grace for files was over before they were synced".to_owned())
+    };
+    match smol::future::or(job, late).await {
+        Ok(()) => log::info!(
+            "source `{}`: every analytics file in {shown} is written and synced; the next start does not rewrite them",
+            shared.name
+        ),
+        Err(e) => log::warn!(
+            "source `{}`: {e}; the next start rewrites every analytics file in {shown}",
+            shared.name
+        ),
+    }
 }
 
 /// The answering desk: the comparison graphs, the feedback saved, and the
@@ -419,6 +491,37 @@ async fn open_desk(
         );
     }
     desk
+}
+
+/// Whether the analytics files in `dir` are as the saved state holds them,
+/// so that the first dump need not rewrite them all: the last run said so
+/// (`marked`, [`mark_files_complete`]) and none of the `graphs`' files is
+/// missing. Said in the log either way.
+fn files_as_saved(
+    name: &str,
+    dir: &Path,
+    marked: bool,
+    graphs: usize,
+    own: &adopt::OwnFiles,
+) -> bool {
+    let all_there = own.matrices == graphs && own.graphs == graphs && own.summaries == 2;
+    let why = match (marked, all_there) {
+        (true, true) => None,
+        (false, _) => Some("the last run did not write them all and sync them"),
+        (true, false) => Some("some are missing"),
+    };
+    match why {
+        _ if graphs == 0 && own.summaries == 0 => {}
+        None => log::info!(
+            "source `{name}`: the analytics files of {graphs} graphs in {} are as the last run wrote them; not rewritten",
+            dir.display()
+        ),
+        Some(why) => log::info!(
+            "source `{name}`: the first dump rewrites the analytics files of all {graphs} graphs in {} from the saved state: {why}",
+            dir.display()
+        ),
+    }
+    why.is_none()
 }
 
 /// Continue the old analytics client's history found in `files_dir`; the
@@ -903,6 +1006,9 @@ struct Files {
     /// holds what they gave): never before, or a crash between would
     /// leave them unread and their users lost.
     raw_read: Vec<RawMark>,
+    /// Some flush of this run failed or left files: they are not all as
+    /// the state holds them ([`mark_files_complete`]).
+    unwritten: bool,
     /// Failing flushes and status writes (a full disk fails one every
     /// 2 s) are said once a spell, not once each.
     flush_spell: Spell,
@@ -1263,6 +1369,7 @@ async fn flush_part(
     let say = {
         let mut f = files.borrow_mut();
         f.sync_due = sync_due;
+        f.unwritten |= !errors.is_empty() || left > 0;
         let now = Instant::now();
         if errors.is_empty() {
             f.flush_spell.worked(now)

@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS raw_files (
     bytes    INTEGER NOT NULL,  -- its size and modification time when
     mtime_ns INTEGER NOT NULL   -- edgemeter last appended to it or read it
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS feedback (
     user   TEXT NOT NULL,
     exp    TEXT NOT NULL,
@@ -222,6 +226,38 @@ impl Store {
             Ok(())
         })?;
         Ok(loaded)
+    }
+
+    /// Whether the last run wrote every analytics file in `files_dir` and
+    /// synced them before it stopped ([`Store::set_files_complete`]). Taken:
+    /// cleared, and the clear synced, before this run writes any file, so
+    /// that a crash in it never leaves the mark standing over files a
+    /// power cut may have torn.
+    pub fn take_files_complete(&mut self) -> Result<bool, String> {
+        let err = |e: rusqlite::Error| format!("cannot read the relay analytics state: {e}");
+        let removed = self
+            .conn
+            .execute("DELETE FROM meta WHERE key = 'files_complete'", [])
+            .map_err(err)?;
+        if removed > 0 {
+            self.committed();
+            self.sync(true)?;
+        }
+        Ok(removed > 0)
+    }
+
+    /// Every analytics file is written and synced as this state holds it:
+    /// the next start need not rewrite them. Synced at once.
+    pub fn set_files_complete(&mut self) -> Result<(), String> {
+        let err = |e: rusqlite::Error| format!("cannot save the relay analytics state: {e}");
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('files_complete', 1)",
+                [],
+            )
+            .map_err(err)?;
+        self.committed();
+        self.sync(true)
     }
 
     /// The dashboards' feedback counts, per user×exp×course.

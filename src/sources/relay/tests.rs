@@ -1119,3 +1119,28 @@ fn raw_files_of_users_not_taken_are_read_again_at_the_next_start() {
     let marks = super::adopt_files("lab", &config, &mut full, found(&["a", "b"]));
     assert!(marks.is_empty(), "b not taken: {marks:?}");
 }
+
+/// The mark that the files are complete is taken once: a start clears it
+/// (for good, as reopening shows) before it writes any file.
+#[test]
+fn the_files_complete_mark_is_taken_once() {
+    let dir = std::env::temp_dir().join(format!(
+        "edgemeter-relay-complete-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay-lab.db");
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.take_files_complete(), Ok(false), "a new state");
+    store.set_files_complete().unwrap();
+    assert_eq!(store.sync_due(), None, "synced at once");
+    drop(store);
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.take_files_complete(), Ok(true));
+    assert_eq!(store.sync_due(), None, "the clear is synced at once");
+    drop(store);
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.take_files_complete(), Ok(false), "taken");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
