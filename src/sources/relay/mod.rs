@@ -381,39 +381,61 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
 /// had to, without an error, sync them (one `syncfs`) and say so in the
 /// state, so the next start does not rewrite them all (two files a graph:
 /// 200,000 at 100,000 users). Within the files' half of the grace; past
-/// it, the next start rewrites them.
+/// it, the next start rewrites them. Whether the state says so now.
 async fn mark_files_complete(
     shared: &Shared,
     worker: &Worker,
     files: &RefCell<Files>,
     until: Instant,
-) {
+) -> bool {
     let (Some(dir), Some(store)) = (
         shared.config.files_dir.clone(),
         files.borrow().store.clone(),
     ) else {
-        return;
+        return false;
     };
     if files.borrow().unwritten
         || shared.state.borrow().analytics.has_undumped()
         || *shared.dump_usage.borrow()
     {
-        return;
+        return false;
     }
+    use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+    // Which comes first, the mark or the end of the grace, is decided once:
+    // a job that goes on after the grace never marks, so the log is right.
+    const WAITING: u8 = 0;
+    const MARKING: u8 = 1;
+    const LATE: u8 = 2;
+    let turn = Arc::new(AtomicU8::new(WAITING));
+    let late = || "the grace for files was over before they were synced".to_owned();
     let shown = dir.display().to_string();
-    let job = worker.run(move || {
+    let job_turn = turn.clone();
+    let mut job = std::pin::pin!(worker.run(move || {
         crate::state_dir::sync_filesystem(&dir)
             .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+        if job_turn
+            .compare_exchange(WAITING, MARKING, SeqCst, SeqCst)
+            .is_err()
+        {
+            return Err(late());
+        }
         store
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_files_complete()
-    });
-    let late = async {
+    }));
+    let in_time = smol::future::or(async { Some(job.as_mut().await) }, async {
         smol::Timer::at(until).await;
-        Err("the grace for files was over before they were synced".to_owned())
+        None
+    })
+    .await;
+    let outcome = match in_time {
+        Some(r) => r,
+        None if turn.compare_exchange(WAITING, LATE, SeqCst, SeqCst).is_ok() => Err(late()),
+        // Marking already: one commit, waited for.
+        None => job.await,
     };
-    match smol::future::or(job, late).await {
+    match &outcome {
         Ok(()) => log::info!(
             "source `{}`: every analytics file in {shown} is written and synced; the next start does not rewrite them",
             shared.name
@@ -423,6 +445,7 @@ async fn mark_files_complete(
             shared.name
         ),
     }
+    outcome.is_ok()
 }
 
 /// The answering desk: the comparison graphs, the feedback saved, and the

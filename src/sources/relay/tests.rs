@@ -1144,3 +1144,50 @@ fn the_files_complete_mark_is_taken_once() {
     assert_eq!(store.take_files_complete(), Ok(false), "taken");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The shutdown's mark that every file is written is made only when none
+/// is left, and what it answers is what the state holds, however the race
+/// with the end of the grace goes.
+#[test]
+fn the_files_are_marked_complete_only_in_time_and_as_said() {
+    let dir = std::env::temp_dir().join(format!(
+        "edgemeter-relay-mark-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(dir.join("files")).unwrap();
+    let path = dir.join("relay-lab.db");
+    let files_dir = dir.join("files");
+    let shared = shared(state(&STREAMS, 1 << 20), files_dir.to_str());
+    let worker = crate::runtime::Worker::new("test");
+    let files = |unwritten| {
+        std::cell::RefCell::new(super::Files {
+            store: Some(std::sync::Arc::new(std::sync::Mutex::new(
+                Store::open(&path).unwrap(),
+            ))),
+            raw_read: Vec::new(),
+            unwritten,
+            flush_spell: Default::default(),
+            status_spell: Default::default(),
+            sync_due: None,
+            status_path: dir.join("status"),
+            last_status: String::new(),
+        })
+    };
+    let taken = || Store::open(&path).unwrap().take_files_complete().unwrap();
+    let mark = |f: &std::cell::RefCell<super::Files>, until| {
+        smol::block_on(super::mark_files_complete(&shared, &worker, f, until))
+    };
+    let later = std::time::Instant::now() + Duration::from_secs(60);
+    assert!(!mark(&files(true), later), "a flush left files");
+    assert!(!taken());
+    assert!(mark(&files(false), later));
+    assert!(taken());
+    // The grace already over: either answer, but the state agrees with it.
+    for _ in 0..20 {
+        let said = mark(&files(false), std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(50)); // a late job's turn
+        assert_eq!(said, taken());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
