@@ -2205,46 +2205,34 @@ fn a_restart_after_a_clean_stop_rewrites_only_the_files_that_change() {
         "{log}"
     );
 
+    // Starts, waits until every file is rewritten, stops: the log says why.
+    let rewrites_all = |log_file: &str, why: &str| {
+        let before = file_times(&dir);
+        let mut agent = Agent::start_running(&cfg, log_file);
+        assert!(
+            wait_until(Duration::from_secs(60), || rewritten(&before, &dir).len()
+                == files),
+            "{} of {files} rewritten:\n{}",
+            rewritten(&before, &dir).len(),
+            agent.stderr()
+        );
+        agent.stop();
+        assert!(agent.stderr().contains(why), "{}", agent.stderr());
+    };
+
     // A crash: the next start rewrites them all.
     let mut agent = Agent::start_running(&cfg, "agent3.log");
     wait_subscribed(&hub, &["spin30"]);
     agent.kill9();
-    let before = file_times(&dir);
-    let mut agent = Agent::start_running(&cfg, "agent4.log");
-    assert!(
-        wait_until(Duration::from_secs(60), || rewritten(&before, &dir).len()
-            == files),
-        "{} of {files} rewritten:\n{}",
-        rewritten(&before, &dir).len(),
-        agent.stderr()
-    );
-    agent.stop();
-    assert!(
-        agent
-            .stderr()
-            .contains("the last run did not write them all and sync them"),
-        "{}",
-        agent.stderr()
+    rewrites_all(
+        "agent4.log",
+        "the last run did not write them all and sync them",
     );
 
     // A file removed after a clean stop: all are rewritten, it among them.
     let gone = format!("{user}-spinner-engdes1-graph.json");
     std::fs::remove_file(dir.path(&format!("analytics/{gone}"))).unwrap();
-    let before = file_times(&dir);
-    let mut agent = Agent::start_running(&cfg, "agent5.log");
-    assert!(
-        wait_until(Duration::from_secs(60), || rewritten(&before, &dir).len()
-            == files),
-        "{} of {files} rewritten:\n{}",
-        rewritten(&before, &dir).len(),
-        agent.stderr()
-    );
-    agent.stop();
-    assert!(
-        agent.stderr().contains("some are missing"),
-        "{}",
-        agent.stderr()
-    );
+    rewrites_all("agent5.log", "some are missing");
     assert!(
         read(&dir, &gone).contains("\"nodes\""),
         "{}",

@@ -1028,18 +1028,24 @@ fn an_answers_frames_go_to_the_socket_in_one_write_and_in_order() {
     }
 }
 
+/// A new directory of its own for a test, in the temp dir.
+fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "edgemeter-relay-{tag}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A raw file's mark follows edgemeter's own appends, and only them: a
 /// file something else wrote keeps its old mark (so the next start reads
 /// it), and so does one written by both at once.
 #[test]
 fn a_raw_files_mark_follows_only_edgemeters_own_appends() {
     use super::adopt::{self, RawMark};
-    let dir = std::env::temp_dir().join(format!(
-        "edgemeter-relay-marks-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("marks");
     let store = std::sync::Mutex::new(Store::open(&dir.join("relay-lab.db")).unwrap());
     let files = dir.join("files");
     let now = |name: &str| RawMark::of(name, &std::fs::metadata(files.join(name)).unwrap());
@@ -1124,12 +1130,7 @@ fn raw_files_of_users_not_taken_are_read_again_at_the_next_start() {
 /// (for good, as reopening shows) before it writes any file.
 #[test]
 fn the_files_complete_mark_is_taken_once() {
-    let dir = std::env::temp_dir().join(format!(
-        "edgemeter-relay-complete-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("complete");
     let path = dir.join("relay-lab.db");
     let mut store = Store::open(&path).unwrap();
     assert_eq!(store.take_files_complete(), Ok(false), "a new state");
@@ -1150,11 +1151,7 @@ fn the_files_complete_mark_is_taken_once() {
 /// with the end of the grace goes.
 #[test]
 fn the_files_are_marked_complete_only_in_time_and_as_said() {
-    let dir = std::env::temp_dir().join(format!(
-        "edgemeter-relay-mark-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
+    let dir = scratch_dir("mark");
     std::fs::create_dir_all(dir.join("files")).unwrap();
     let path = dir.join("relay-lab.db");
     let files_dir = dir.join("files");
