@@ -291,13 +291,7 @@ mod tests {
     );
 
     fn dir(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "edgemeter-adopt-{tag}-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        super::super::tests::scratch_dir(&format!("adopt-{tag}"))
     }
 
     fn key() -> GraphKey {

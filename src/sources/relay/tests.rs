@@ -1028,8 +1028,9 @@ fn an_answers_frames_go_to_the_socket_in_one_write_and_in_order() {
     }
 }
 
-/// A new directory of its own for a test, in the temp dir.
-fn scratch_dir(tag: &str) -> std::path::PathBuf {
+/// A new directory of its own for a test, in the temp dir (the relay
+/// source's unit tests, its submodules' among them).
+pub(super) fn scratch_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "edgemeter-relay-{tag}-{}-{}",
         std::process::id(),
