@@ -554,7 +554,7 @@ fn shared(st: State, files_dir: Option<&str>) -> super::Shared {
 /// it counted them all, and ran an empty job for every 500.
 #[test]
 fn a_dump_without_files_dir_has_no_graphs_to_write() {
-    use super::{Due, Dump};
+    use super::flush::{Due, Dump};
     let mut st = state(&STREAMS, 1 << 20);
     let mut out = Vec::new();
     play(&mut st, &mut out);
@@ -578,7 +578,7 @@ fn a_dump_without_files_dir_has_no_graphs_to_write() {
 /// wait for the next dump instead.
 #[test]
 fn only_a_dumps_first_part_writes_the_summaries() {
-    use super::{Collected, Due, Dump, collect};
+    use super::flush::{Collected, Due, Dump, collect};
     let mut st = state(&STREAMS, 1 << 20);
     let mut out = Vec::new();
     play(&mut st, &mut out);
@@ -940,18 +940,18 @@ fn files_written_at_shutdown_stop_at_the_deadline_and_failures_are_summed() {
 
     // Past the deadline before the first: none written, all five left.
     let now = Instant::now();
-    let (error, left) = super::write_files(&dir, &files, || Instant::now() >= now);
+    let (error, left) = super::flush::write_files(&dir, &files, || Instant::now() >= now);
     assert_eq!((error, left, written(&dir)), (None, 5, 0));
 
     // Time enough: all written, none left.
     let later = Instant::now() + Duration::from_secs(60);
-    let (error, left) = super::write_files(&dir, &files, || Instant::now() >= later);
+    let (error, left) = super::flush::write_files(&dir, &files, || Instant::now() >= later);
     assert_eq!((error, left, written(&dir)), (None, 0, 5));
     assert_eq!(std::fs::read_to_string(dir.join("f3.csv")).unwrap(), "3\n");
 
     // The directory is a file: five failures, one message.
     let blocked = dir.join("f0.csv");
-    let (error, left) = super::write_files(&blocked, &files, || false);
+    let (error, left) = super::flush::write_files(&blocked, &files, || false);
     let error = error.expect("writing under a file fails");
     assert!(error.contains("and 4 more analytics files"), "{error}");
     assert_eq!(left, 0);
@@ -1016,7 +1016,9 @@ fn an_answers_frames_go_to_the_socket_in_one_write_and_in_order() {
             None,
         )
         .await;
-        super::write_answers(&mut ws, frames.clone()).await.unwrap();
+        super::stream::write_answers(&mut ws, frames.clone())
+            .await
+            .unwrap();
         ws.into_inner()
     });
     // Sent with a flush each (`send`), five frames took five writes.
@@ -1052,7 +1054,7 @@ fn a_raw_files_mark_follows_only_edgemeters_own_appends() {
     let now = |name: &str| RawMark::of(name, &std::fs::metadata(files.join(name)).unwrap());
     let append = |name: &str, lines: &str| {
         let raw = std::collections::BTreeMap::from([(name.to_owned(), lines.as_bytes().to_vec())]);
-        let errors = super::append_raw_marked(&files, Some(&store), &raw, &[]);
+        let errors = super::flush::append_raw_marked(&files, Some(&store), &raw, &[]);
         assert!(errors.is_empty(), "{errors:?}");
     };
     let unchanged = |m: &RawMark| store.lock().unwrap().raw_unchanged(m);
@@ -1077,7 +1079,8 @@ fn a_raw_files_mark_follows_only_edgemeters_own_appends() {
     std::fs::write(files.join("old-u-spin30-spinner-c.json"), "x\n").unwrap();
     let found = adopt::scan(&files, |_| false, unchanged).unwrap();
     assert_eq!((found.unchanged, found.read.len()), (0, 2));
-    let errors = super::append_raw_marked(&files, Some(&store), &Default::default(), &found.read);
+    let errors =
+        super::flush::append_raw_marked(&files, Some(&store), &Default::default(), &found.read);
     assert!(errors.is_empty(), "{errors:?}");
     let found = adopt::scan(&files, |_| false, unchanged).unwrap();
     assert_eq!((found.unchanged, found.read.len()), (2, 0));
@@ -1159,22 +1162,21 @@ fn the_files_are_marked_complete_only_in_time_and_as_said() {
     let shared = shared(state(&STREAMS, 1 << 20), files_dir.to_str());
     let worker = crate::runtime::Worker::new("test");
     let files = |unwritten| {
-        std::cell::RefCell::new(super::Files {
-            store: Some(std::sync::Arc::new(std::sync::Mutex::new(
+        let mut f = super::flush::Files::new(
+            Some(std::sync::Arc::new(std::sync::Mutex::new(
                 Store::open(&path).unwrap(),
             ))),
-            raw_read: Vec::new(),
-            unwritten,
-            flush_spell: Default::default(),
-            status_spell: Default::default(),
-            sync_due: None,
-            status_path: dir.join("status"),
-            last_status: String::new(),
-        })
+            Vec::new(),
+            dir.join("status"),
+        );
+        f.unwritten = unwritten;
+        std::cell::RefCell::new(f)
     };
     let taken = || Store::open(&path).unwrap().take_files_complete().unwrap();
-    let mark = |f: &std::cell::RefCell<super::Files>, until| {
-        smol::block_on(super::mark_files_complete(&shared, &worker, f, until))
+    let mark = |f: &std::cell::RefCell<super::flush::Files>, until| {
+        smol::block_on(super::flush::mark_files_complete(
+            &shared, &worker, f, until,
+        ))
     };
     let later = std::time::Instant::now() + Duration::from_secs(60);
     assert!(!mark(&files(true), later), "a flush left files");
