@@ -3,7 +3,7 @@
 //! the splitting pass, and as plain JSON values.
 #![no_main]
 
-use edgemeter::sources::relay::analytics::Envelope;
+use edgemeter::sources::relay::envelope::Envelope;
 use edgemeter::sources::relay::frame;
 use libfuzzer_sys::fuzz_target;
 

@@ -29,8 +29,9 @@ use std::io::BufRead;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use super::analytics::{Graph, GraphKey, envelope, safe_name};
+use super::analytics::{Graph, GraphKey, safe_name};
 use super::answers::Feedback;
+use super::envelope::envelope;
 
 const MATRIX_SUFFIX: &str = "-adjacency.csv";
 const GRAPH_SUFFIX: &str = "-graph.json";

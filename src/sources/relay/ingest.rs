@@ -6,7 +6,8 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 
-use super::analytics::{Analytics, Envelope, safe_name};
+use super::analytics::{Analytics, safe_name};
+use super::envelope::Envelope;
 use super::frame::{self, SAMPLE_BYTES};
 use super::link::Link;
 use crate::record::{Dims, Kind, MAX_EVENT_DEPTH, Record, nests_deeper_than, payloads};

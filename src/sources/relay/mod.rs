@@ -81,6 +81,7 @@ pub mod analytics; // activity and command graphs from the envelopes
 pub mod answers; // the dashboards' answers, as the old client computed them
 pub mod config; // `[[source]] type = "relay"`, validated
 pub mod desk; // requests and feedback with `answer_requests = true`
+pub mod envelope; // the logging envelope read from a message
 pub mod frame; // a frame split into JSON values, never failing
 pub mod ingest; // what a frame means: counters, analytics, records
 pub mod link; // a stream's connection state machine

@@ -794,7 +794,7 @@ fn messages_nested_too_deep_are_malformed_not_events() {
 
 #[test]
 fn first_and_last_seen_follow_the_messages_own_time_when_it_is_usable() {
-    use super::analytics::{T_USABLE_WITHIN_MS, message_time};
+    use super::envelope::{T_USABLE_WITHIN_MS, message_time};
     let arrival = 1_700_000_000_000;
     assert_eq!(
         message_time(Some(1_699_999_990_000.0), arrival),
@@ -836,7 +836,7 @@ fn first_and_last_seen_follow_the_messages_own_time_when_it_is_usable() {
 
 #[test]
 fn envelope_fields_are_read_from_payloads_of_any_shape() {
-    use super::analytics::envelope;
+    use super::envelope::envelope;
     let head = r#"{"user":"u1","type":"analytics","exp":"spinner","course":"c","#;
     // (rest of the object, payload.log, t)
     let cases: &[(&str, Option<&str>, Option<f64>)] = &[
@@ -886,7 +886,7 @@ fn envelope_fields_are_read_from_payloads_of_any_shape() {
 /// allocations a message (exp, hardware, course; callgrind of the ingest).
 #[test]
 fn an_envelopes_strings_are_borrowed_from_the_message_unless_escaped() {
-    use super::analytics::envelope;
+    use super::envelope::envelope;
     use std::borrow::Cow;
     let borrowed = |c: &Cow<str>| matches!(c, Cow::Borrowed(_));
     let text = r#"{"user":"u1","type":"analytics","exp":"spinner","hardware":"spin30","course":"c","payload":{"log":"voltage"},"t":5}"#;

@@ -842,7 +842,8 @@ fn render_graphs(
     users: &[UserRow],
     events: &[EventRow],
 ) -> String {
-    use crate::sources::relay::analytics::{Analytics, envelope, safe_name};
+    use crate::sources::relay::analytics::{Analytics, safe_name};
+    use crate::sources::relay::envelope::envelope;
     let mut body = String::new();
     let Some(user) = user else {
         let _ = write!(

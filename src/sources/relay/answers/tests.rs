@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::*;
-use crate::sources::relay::analytics::{Analytics, GraphKey, envelope};
+use crate::sources::relay::analytics::{Analytics, GraphKey};
+use crate::sources::relay::envelope::envelope;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/relay/answers")
