@@ -2239,3 +2239,63 @@ fn a_restart_after_a_clean_stop_rewrites_only_the_files_that_change() {
         read(&dir, &gone)
     );
 }
+
+/// Analytics that reached `max_users` kept counting new users as "not
+/// analysed" and said nothing else: an operator whose Pi was set to a small
+/// bound saw files stop growing with no line in the log and no figure to
+/// alert on. Now the first new user refused in a run is said once (not
+/// once per user), `status` shows the users against the bound, and the
+/// users analysed stay the first ones.
+#[test]
+fn analytics_at_max_users_say_so_once_a_run() {
+    let dir = TempDir::new("relay-full");
+    let hub = Hub::start();
+    let cfg = config(&dir, &hub, &["spin30"], "max_users = 3");
+    let said = "the analytics track 3 users, as many as max_users = 3 allows";
+    let send_users = |from: usize, to: usize| {
+        for u in from..to {
+            let msg = envelope(&format!("user-{u}"), "spin30", "analytics", "voltage");
+            assert_eq!(hub.send_text("spin30", &msg), 1);
+        }
+    };
+    let messages = |cfg: &Path| status(cfg).values().map(|r| r.messages).sum::<u64>();
+    for (run, log) in ["agent.log", "agent2.log"].into_iter().enumerate() {
+        let mut agent = Agent::start_running(&cfg, log);
+        wait_subscribed(&hub, &["spin30"]);
+        // Three users fit; then new ones, in two bursts a flush apart.
+        let first = if run == 0 { 0 } else { 5 };
+        send_users(first, first + 5);
+        assert!(
+            agent.wait_for_line(said, Duration::from_secs(10)),
+            "not said:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        send_users(first + 5, first + 8);
+        let sent = (first + 8) as u64 - if run == 0 { 0 } else { 5 };
+        assert!(
+            wait_until(Duration::from_secs(10), || messages(&cfg) == sent),
+            "{:?}",
+            status(&cfg)
+        );
+        let (code, text, err) = edgemeter(&["status", "-c", cfg.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            text.contains("users analysed 3 of max_users = 3;")
+                && text.contains("the analytics are full"),
+            "{text}"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        agent.stop();
+        let log = agent.stderr();
+        assert_eq!(log.matches(said).count(), 1, "said once a run:\n{log}");
+    }
+    // The three users analysed are the first three, across the restart.
+    let usage = read(&dir, "usage.csv");
+    let users: Vec<&str> = usage
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    assert_eq!(users, ["user-0", "user-1", "user-2"], "{usage}");
+}

@@ -291,6 +291,10 @@ pub struct Observed {
     /// A name (user, hardware, exp, course) was unusable, or a bound
     /// (`max_users`, distinct names) was reached: counted, not analysed.
     pub untracked: bool,
+    /// The bound that kept it out, if one did: the analytics are full,
+    /// which an operator must hear of (a name that is unusable is the
+    /// sender's business).
+    pub full: Option<Bound>,
     pub transition: bool,
     /// The user's id, where it is a tracked user (for [`Analytics::mark`]).
     pub user: Option<u32>,
@@ -692,6 +696,15 @@ struct Tracked {
     undumped: bool,
 }
 
+/// Which of the analytics' bounds kept a message out ([`Analytics`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// `max_users` users are tracked, and this one is new.
+    Users,
+    /// `4 × max_users + 1000` distinct names are known, and this one is new.
+    Names,
+}
+
 /// The analytics state of one relay source. Bounded: at most `max_users`
 /// users, at most `4 × max_users + 1000` distinct names in all (exp,
 /// course and command values come from the messages too), and at most
@@ -794,6 +807,7 @@ impl Analytics {
         let known = seen.is_some_and(|u| self.users.contains(u));
         if !known && self.users.len() >= self.max_users {
             out.untracked = true;
+            out.full = Some(Bound::Users);
             return out;
         }
         let recent = seen.map_or_else(Recent::default, |u| self.users.recent(u));
@@ -805,6 +819,7 @@ impl Analytics {
             _ => {
                 let (Some(u), Some(h)) = (seen.or_else(|| self.id(user)), self.id(hardware)) else {
                     out.untracked = true;
+                    out.full = Some(Bound::Names);
                     return out;
                 };
                 if !known {
@@ -858,6 +873,7 @@ impl Analytics {
                     Some(place) => {
                         let Some(n) = self.id(node) else {
                             out.untracked = true;
+                            out.full = Some(Bound::Names);
                             return out;
                         };
                         (place, n)
@@ -867,6 +883,7 @@ impl Analytics {
                             (self.id(exp), self.id(course), self.id(node))
                         else {
                             out.untracked = true;
+                            out.full = Some(Bound::Names);
                             return out;
                         };
                         let names = &mut self.names;
@@ -1016,6 +1033,16 @@ impl Analytics {
                 self.dirty_graphs.push((u, e, c));
             }
         }
+    }
+
+    /// Users tracked, and how many may be (`max_users`).
+    pub fn users(&self) -> (usize, usize) {
+        (self.users.len(), self.max_users)
+    }
+
+    /// Distinct names known, and how many may be.
+    pub fn names(&self) -> (usize, usize) {
+        (self.names.len(), self.max_names)
     }
 
     /// Whether some graph's files are yet to be rewritten.

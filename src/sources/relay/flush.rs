@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::adopt::{self, RawMark};
-use super::analytics::{self, GraphKey};
+use super::analytics::{self, Bound, GraphKey};
 use super::store::{Appended, Store};
 use super::{Shared, status};
 use crate::clock::now_ms;
@@ -402,6 +402,7 @@ pub(super) async fn flush(
     files: &RefCell<Files>,
     dump: Dump,
 ) {
+    say_full(shared);
     // A dump writes the graphs due when it begins, a part at a time; those
     // that change meanwhile wait for the next one, so a dump ends however
     // busy the streams are.
@@ -417,6 +418,27 @@ pub(super) async fn flush(
     }
     let status = status::document(&shared.state.borrow());
     publish_status(&ctx.io, files, status).await;
+}
+
+/// Say, once a run each, that the analytics met a bound: from then on new
+/// users (or new names) are counted, not analysed, and nothing else would
+/// tell an operator why their files stopped growing.
+fn say_full(shared: &Shared) {
+    let mut state = shared.state.borrow_mut();
+    let (users, max_users) = state.analytics.users();
+    let (names, max_names) = state.analytics.names();
+    for bound in state.newly_full() {
+        match bound {
+            Bound::Users => log::warn!(
+                "source `{}`: the analytics track {users} users, as many as max_users = {max_users} allows: from now on the messages of users not seen before are counted (\"not analysed\" in `edgemeter status`) but not analysed. Raise max_users (about 0.6 KiB of memory a user) and restart to analyse more users",
+                shared.name
+            ),
+            Bound::Names => log::warn!(
+                "source `{}`: the analytics know {names} distinct names (users, rigs, experiments, courses, commands), as many as they may (4 × max_users + 1000 = {max_names}): from now on messages with a name not seen before are counted (\"not analysed\" in `edgemeter status`) but not analysed. Raise max_users and restart to analyse more",
+                shared.name
+            ),
+        }
+    }
 }
 
 /// One job of a flush: the save of what changed, and of a dump the next

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 
-use super::analytics::{Analytics, safe_name};
+use super::analytics::{Analytics, Bound, safe_name};
 use super::envelope::Envelope;
 use super::frame::{self, SAMPLE_BYTES};
 use super::link::Link;
@@ -83,6 +83,10 @@ pub struct State {
     pub samples: VecDeque<String>,
     /// With `answer_requests = true`: the dashboards' requests and feedback.
     pub desk: Option<super::desk::Desk>,
+    /// The analytics' bounds met this run, in the order met, and how many
+    /// of them were said ([`State::newly_full`]).
+    full: Vec<Bound>,
+    full_said: usize,
 }
 
 pub struct Settings {
@@ -120,6 +124,8 @@ impl State {
             raw_dropped: 0,
             samples: VecDeque::new(),
             desk: None,
+            full: Vec::new(),
+            full_said: 0,
         }
     }
 
@@ -247,6 +253,11 @@ impl State {
             self.streams[i].window.users.insert(h);
             self.all_users.insert(h);
         }
+        if let Some(bound) = seen.full
+            && !self.full.contains(&bound)
+        {
+            self.full.push(bound);
+        }
         let s = &mut self.streams[i];
         s.totals.untracked += u64::from(seen.untracked);
         s.totals.transitions += u64::from(seen.transition);
@@ -298,6 +309,19 @@ impl State {
         s.window.frames += 1;
         s.totals.oversized += 1;
         self.malformed(i, now_ms, reason, 0, "", out);
+    }
+
+    /// The analytics' bounds met since this was last asked, each once a
+    /// run: from then on, messages of new users (or with new names) are
+    /// counted, not analysed, which the caller says in the log.
+    pub fn newly_full(&mut self) -> &[Bound] {
+        let from = std::mem::replace(&mut self.full_said, self.full.len());
+        &self.full[from..]
+    }
+
+    /// Whether the analytics refused a message for a bound this run.
+    pub fn is_full(&self) -> bool {
+        !self.full.is_empty()
     }
 
     /// Raw-file lines to append now (the caller writes them).

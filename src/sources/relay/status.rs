@@ -7,7 +7,7 @@ use crate::sources::{Metric, Published, Sample};
 
 use super::ingest::{self, State};
 
-/// The relay's metrics; every sample has the label `stream`.
+/// The relay's metrics; a stream's samples have the label `stream`.
 pub const METRICS: &[Metric] = &[
     Metric {
         name: "relay_stream_up",
@@ -53,6 +53,16 @@ pub const METRICS: &[Metric] = &[
         name: "relay_stalls_total",
         counter: true,
         help: "Connections closed because the host stopped answering",
+    },
+    Metric {
+        name: "relay_analytics_users",
+        counter: false,
+        help: "Users the analytics track; new users past relay_analytics_max_users are counted as not_analysed",
+    },
+    Metric {
+        name: "relay_analytics_max_users",
+        counter: false,
+        help: "max_users: the most users the analytics track",
     },
     Metric {
         name: "relay_raw_lines_dropped_total",
@@ -132,6 +142,13 @@ fn samples(state: &State) -> Vec<Sample> {
             ));
         }
     }
+    let (users, max_users) = state.analytics.users();
+    out.push(Sample::new("relay_analytics_users", &[], users as f64));
+    out.push(Sample::new(
+        "relay_analytics_max_users",
+        &[],
+        max_users as f64,
+    ));
     out.push(Sample::new(
         "relay_raw_lines_dropped_total",
         &[],
@@ -242,10 +259,14 @@ pub fn render(state: &State) -> String {
         out += "  zero-width: U+200B lines the firmware sends, skipped\n";
     }
     let transitions: u64 = state.streams.iter().map(|s| s.totals.transitions).sum();
+    let (users, max_users) = state.analytics.users();
     out += &format!(
-        "command transitions {transitions}; raw lines dropped {}\n",
+        "users analysed {users} of max_users = {max_users}; command transitions {transitions}; raw lines dropped {}\n",
         state.raw_dropped
     );
+    if state.is_full() {
+        out += "  the analytics are full: messages of new users (or with new names) are counted as not analysed; raise max_users and restart\n";
+    }
     if let Some(d) = &state.desk {
         let c = &d.counts;
         let answered: u64 = c.answered.values().sum();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use super::analytics::{Graph, GraphKey};
+use super::analytics::{Bound, Graph, GraphKey};
 use super::ingest::{Frame, Settings, State};
 use super::link::Link;
 use super::store::{self, Loaded, Store};
@@ -645,6 +645,37 @@ fn users_beyond_the_bound_are_counted_not_tracked() {
     assert!(out.is_empty(), "events = false stores none");
     assert_eq!(st.streams[0].totals.untracked, 1);
     assert_eq!(st.analytics.all_activity().len(), 2);
+    // Said once a run: the log must not repeat it for every new user.
+    assert_eq!(st.newly_full(), [Bound::Users]);
+    assert!(st.is_full());
+    st.frame(0, Frame::Text(r#"{"user":"d","type":"log"}"#), 0, &mut out);
+    assert_eq!(st.streams[0].totals.untracked, 2);
+    assert_eq!(st.newly_full(), []);
+}
+
+/// The bound on distinct names (users, rigs, experiments, courses and
+/// commands: 4 × max_users + 1000) is said apart from the users': one user
+/// on ever new rigs meets it with room for users left.
+#[test]
+fn the_names_bound_is_said_once_and_apart_from_the_users() {
+    let mut st = analysing_only("spin30", 2);
+    let mut out = Vec::new();
+    let (_, max_names) = st.analytics.names();
+    for rig in 0..max_names + 10 {
+        let m = format!(r#"{{"user":"a","type":"log","hardware":"rig{rig}"}}"#);
+        st.frame(0, Frame::Text(&m), 0, &mut out);
+    }
+    assert_eq!(st.analytics.names(), (max_names, max_names));
+    assert_eq!(st.analytics.users(), (1, 2));
+    assert_eq!(st.streams[0].totals.untracked, 11);
+    assert_eq!(st.newly_full(), [Bound::Names]);
+    assert_eq!(st.newly_full(), []);
+    let text = super::status::render(&st);
+    assert!(
+        text.contains("users analysed 1 of max_users = 2;")
+            && text.contains("the analytics are full"),
+        "{text}"
+    );
 }
 
 /// A sender inventing a new command with every message of an experiment
