@@ -97,6 +97,12 @@ impl Spell {
         Say::Nothing
     }
 
+    /// How long the spell has lasted at `now` (zero when none is on).
+    pub fn since(&self, now: Instant) -> Duration {
+        self.failing
+            .map_or(Duration::ZERO, |(since, _, _)| now.duration_since(since))
+    }
+
     /// An attempt worked at `now`.
     pub fn worked(&mut self, now: Instant) -> Say {
         match self.failing.take() {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::adopt::{self, RawMark};
 use super::analytics::{self, Bound, GraphKey};
+use super::ingest::RAW_PENDING_MAX_BYTES;
 use super::store::{Appended, Store};
 use super::{Shared, status};
 use crate::clock::now_ms;
@@ -157,6 +158,8 @@ pub(super) struct Files {
     pub(super) sync_due: Option<Instant>,
     pub(super) status_path: PathBuf,
     pub(super) last_status: String,
+    /// Raw lines dropped over their memory bound, said a spell at a time.
+    pub(super) raw_drops: RawDrops,
 }
 
 impl Files {
@@ -174,6 +177,7 @@ impl Files {
             sync_due: None,
             status_path,
             last_status: String::new(),
+            raw_drops: RawDrops::default(),
         }
     }
 }
@@ -403,6 +407,15 @@ pub(super) async fn flush(
     dump: Dump,
 ) {
     say_full(shared);
+    let dropped = shared.state.borrow().raw_dropped;
+    let dir = shared.config.files_dir.as_deref().unwrap_or(Path::new("."));
+    let said = files
+        .borrow_mut()
+        .raw_drops
+        .said(dir, dropped, Instant::now());
+    if let Some((level, what)) = said {
+        log::log!(level, "source `{}`: {what}", shared.name);
+    }
     // A dump writes the graphs due when it begins, a part at a time; those
     // that change meanwhile wait for the next one, so a dump ends however
     // busy the streams are.
@@ -418,6 +431,68 @@ pub(super) async fn flush(
     }
     let status = status::document(&shared.state.borrow());
     publish_status(&ctx.io, files, status).await;
+}
+
+/// Raw lines dropped because [`RAW_PENDING_MAX_BYTES`] of them were
+/// waiting for the disk: the raw files miss them (the outbox and the
+/// analytics do not). Said when it begins, as a reminder while it lasts,
+/// and when it ends, like a failing flush.
+#[derive(Debug, Default)]
+pub(super) struct RawDrops {
+    /// Lines dropped in all when the last flush looked.
+    seen: u64,
+    /// Dropped in the spell so far.
+    spell_dropped: u64,
+    spell: Spell,
+}
+
+impl RawDrops {
+    /// At a flush, with `dropped` lines dropped in all so far: what the
+    /// log says, and at which level.
+    pub(super) fn said(
+        &mut self,
+        dir: &Path,
+        dropped: u64,
+        now: Instant,
+    ) -> Option<(log::Level, String)> {
+        let new = dropped - std::mem::replace(&mut self.seen, dropped);
+        if new == 0 {
+            return match self.spell.worked(now) {
+                Say::Ended { lasted, .. } => Some((
+                    log::Level::Info,
+                    format!(
+                        "raw lines are appended to the raw files in {} again, after {} were dropped over {:.0} s",
+                        dir.display(),
+                        std::mem::take(&mut self.spell_dropped),
+                        lasted.as_secs_f64()
+                    ),
+                )),
+                _ => None,
+            };
+        }
+        self.spell_dropped += new;
+        match self.spell.failed(now) {
+            Say::Failure { attempts: 1 } => Some((
+                log::Level::Warn,
+                format!(
+                    "{new} raw lines were not appended to the raw files in {}: {} MiB of them were waiting for the disk already (it is not keeping up, or the flushes fail). The messages are in the outbox and the analytics; the raw files miss them (relay_raw_lines_dropped_total counts them)",
+                    dir.display(),
+                    RAW_PENDING_MAX_BYTES >> 20
+                ),
+            )),
+            Say::Failure { .. } => Some((
+                log::Level::Warn,
+                format!(
+                    "raw lines for {} are still dropped: {} since it began, {:.0} minutes ago (said every {} minutes)",
+                    dir.display(),
+                    self.spell_dropped,
+                    self.spell.since(now).as_secs_f64() / 60.0,
+                    Spell::SAY_EVERY.as_secs() / 60
+                ),
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Say, once a run each, that the analytics met a bound: from then on new

@@ -1222,3 +1222,77 @@ fn the_files_are_marked_complete_only_in_time_and_as_said() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Raw lines wait in memory between flushes up to `RAW_PENDING_MAX_BYTES`;
+/// past it they are dropped and counted (the disk is not keeping up), never
+/// held without bound, and taken again once a flush took what waited.
+#[test]
+fn raw_lines_past_their_memory_bound_are_dropped_and_counted() {
+    use super::ingest::RAW_PENDING_MAX_BYTES;
+    let mut st = state(&["spin30"], 1 << 20);
+    let payload = "x".repeat(256 * 1024);
+    let message = |u: usize| {
+        format!(
+            r#"{{"user":"u{u:03}","type":"log","exp":"spinner","course":"c1","payload":"{payload}"}}"#
+        )
+    };
+    let line = message(0).len() + 1;
+    let fit = RAW_PENDING_MAX_BYTES / line;
+    let mut out = Vec::new();
+    for u in 0..fit + 5 {
+        st.frame(0, Frame::Text(&message(u)), 0, &mut out);
+    }
+    assert_eq!(st.raw_dropped, 5);
+    let taken = st.take_raw();
+    let pending: usize = taken.values().map(Vec::len).sum();
+    assert_eq!(pending, fit * line);
+    assert_eq!(out.len(), fit + 5, "every message is an event all the same");
+    // A flush took them: there is room again.
+    st.frame(0, Frame::Text(&message(0)), 0, &mut out);
+    assert_eq!(st.raw_dropped, 5);
+    assert_eq!(st.take_raw().values().map(Vec::len).sum::<usize>(), line);
+}
+
+/// Raw lines dropped are said when it begins, reminded every ten minutes
+/// while flushes go on dropping, and said when a flush drops none.
+#[test]
+fn dropped_raw_lines_are_said_a_spell_at_a_time() {
+    use super::flush::RawDrops;
+    use crate::logging::Spell;
+    let t0 = std::time::Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let mut drops = RawDrops::default();
+    let said = |d: &mut RawDrops, dropped, s| {
+        d.said(
+            std::path::Path::new("/var/lib/edgemeter/analytics"),
+            dropped,
+            at(s),
+        )
+        .map(|(level, what)| format!("{level}: {what}"))
+    };
+    assert_eq!(said(&mut drops, 0, 0), None, "nothing dropped");
+    let first = said(&mut drops, 5, 2).expect("said when it begins");
+    assert!(
+        first.starts_with(
+            "WARN: 5 raw lines were not appended to the raw files in /var/lib/edgemeter/analytics: 16 MiB"
+        ),
+        "{first}"
+    );
+    assert_eq!(said(&mut drops, 9, 4), None, "not at every flush");
+    let reminder = Spell::SAY_EVERY.as_secs() + 10;
+    let again = said(&mut drops, 12, reminder).expect("a reminder");
+    assert!(
+        again.contains("are still dropped: 12 since it began"),
+        "{again}"
+    );
+    let ended = said(&mut drops, 12, reminder + 2).expect("said when it ends");
+    assert!(
+        ended.starts_with(
+            "INFO: raw lines are appended to the raw files in /var/lib/edgemeter/analytics again, after 12 were dropped"
+        ),
+        "{ended}"
+    );
+    assert_eq!(said(&mut drops, 12, reminder + 4), None);
+    let next = said(&mut drops, 13, reminder + 6).expect("a new spell");
+    assert!(next.starts_with("WARN: 1 raw lines"), "{next}");
+}
