@@ -27,7 +27,7 @@ use smol::{LocalExecutor, Task};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::logging::{Say, Spell, again};
+use crate::logging::{Losses, Lost, Say, Spell, again};
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record, payloads};
 use crate::runtime::{self, Doorbell, Inbox, Item, SharedOutbox};
@@ -379,6 +379,37 @@ fn said_sync(result: Result<(), String>, spell: &mut Spell) {
     }
 }
 
+/// What the log says of the records a commit dropped because the outbox
+/// was full: said when it begins, every ten minutes while it lasts (a
+/// full outbox drops at every commit, ten times a second), and when a
+/// commit drops none again ([`Losses`]).
+fn said_full(lost: Lost) -> Option<(log::Level, String)> {
+    match lost {
+        Lost::Nothing => None,
+        Lost::Began(n) => Some((
+            log::Level::Warn,
+            format!(
+                "outbox full (buffer_max_bytes): dropped the {n} oldest records to make room, and drops the oldest at every commit until the sinks take more (see `edgemeter status`)"
+            ),
+        )),
+        Lost::Still { lost, since } => Some((
+            log::Level::Warn,
+            format!(
+                "outbox still full (buffer_max_bytes): {lost} oldest records dropped since it began, {:.0} minutes ago (said every {} minutes)",
+                since.as_secs_f64() / 60.0,
+                Spell::SAY_EVERY.as_secs() / 60
+            ),
+        )),
+        Lost::Ended { lost, lasted } => Some((
+            log::Level::Info,
+            format!(
+                "outbox has room again: {lost} oldest records were dropped over {:.0} s",
+                lasted.as_secs_f64()
+            ),
+        )),
+    }
+}
+
 /// How often the writer commits, and wakes the sinks.
 struct Cadence {
     /// Records are committed at most this long after they arrive.
@@ -415,6 +446,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut failing = false;
     let mut sync_spell = Spell::default();
+    let mut full = Losses::default();
     let mut lost_uncounted: i64 = 0;
     let mut closed = false;
     // Commits not yet synced, and when the last sync was; commits the
@@ -543,11 +575,9 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
                     failing = false;
                     backoff.reset();
                 }
-                if appended.dropped > 0 {
-                    log::warn!(
-                        "outbox full (buffer_max_bytes): dropped the {} oldest records to make room",
-                        appended.dropped
-                    );
+                let lost = full.lost(appended.dropped.max(0) as u64, Instant::now());
+                if let Some((level, what)) = said_full(lost) {
+                    log::log!(level, "{what}");
                 }
                 // The crash test reads this line: these ids are durable now.
                 log::debug!(

@@ -115,6 +115,58 @@ impl Spell {
     }
 }
 
+/// Things lost again and again, a few at each attempt (records dropped at
+/// every commit while the outbox is full, raw lines while the disk lags):
+/// said as a [`Spell`] is, with how many were lost.
+#[derive(Debug, Default)]
+pub struct Losses {
+    spell: Spell,
+    /// Lost in the spell so far.
+    lost: u64,
+}
+
+/// What the log is to say of one attempt's losses.
+#[derive(Debug, PartialEq)]
+pub enum Lost {
+    Nothing,
+    /// The first losses of a spell: how many.
+    Began(u64),
+    /// A reminder while it lasts: how many in all, since when.
+    Still {
+        lost: u64,
+        since: Duration,
+    },
+    /// An attempt lost none after a spell: how many it lost, how long.
+    Ended {
+        lost: u64,
+        lasted: Duration,
+    },
+}
+
+impl Losses {
+    /// `n` lost at an attempt at `now` (0: none).
+    pub fn lost(&mut self, n: u64, now: Instant) -> Lost {
+        if n == 0 {
+            return match self.spell.worked(now) {
+                Say::Ended { lasted, .. } => Lost::Ended {
+                    lost: std::mem::take(&mut self.lost),
+                    lasted,
+                },
+                _ => Lost::Nothing,
+            };
+        }
+        self.lost += n;
+        match self.spell.failed(now) {
+            Say::Failure { attempts: 1 } => Lost::Began(n),
+            Say::Failure { .. } => Lost::Still {
+                lost: self.lost,
+                since: self.spell.since(now),
+            },
+            _ => Lost::Nothing,
+        }
+    }
+}
+
 /// How a failure said again by a [`Spell`] begins: `""` for the first of
 /// its spell, `"still failing (N attempts in a row): "` after.
 pub fn again(attempts: u64) -> String {
@@ -130,6 +182,33 @@ pub fn again(attempts: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn losses_are_said_with_their_count_at_the_start_every_ten_minutes_and_at_the_end() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut l = Losses::default();
+        assert_eq!(l.lost(0, at(0)), Lost::Nothing);
+        assert_eq!(l.lost(5, at(1)), Lost::Began(5));
+        assert_eq!(l.lost(4, at(2)), Lost::Nothing, "not at every attempt");
+        let later = Spell::SAY_EVERY.as_secs() + 1;
+        assert_eq!(
+            l.lost(3, at(later)),
+            Lost::Still {
+                lost: 12,
+                since: Duration::from_secs(later - 1)
+            }
+        );
+        assert_eq!(
+            l.lost(0, at(later + 1)),
+            Lost::Ended {
+                lost: 12,
+                lasted: Duration::from_secs(later)
+            }
+        );
+        assert_eq!(l.lost(0, at(later + 2)), Lost::Nothing);
+        assert_eq!(l.lost(1, at(later + 3)), Lost::Began(1), "a new spell");
+    }
 
     #[test]
     fn a_spell_of_failures_is_said_at_its_start_every_ten_minutes_and_at_its_end() {

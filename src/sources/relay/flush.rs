@@ -20,7 +20,7 @@ use super::ingest::RAW_PENDING_MAX_BYTES;
 use super::store::{Appended, Store};
 use super::{Shared, status};
 use crate::clock::now_ms;
-use crate::logging::{Say, Spell, again};
+use crate::logging::{Losses, Lost, Say, Spell, again};
 use crate::runtime::{Wakeup, Worker};
 use crate::state_dir::{Sync, replace_file, replace_file_with};
 
@@ -436,14 +436,12 @@ pub(super) async fn flush(
 /// Raw lines dropped because [`RAW_PENDING_MAX_BYTES`] of them were
 /// waiting for the disk: the raw files miss them (the outbox and the
 /// analytics do not). Said when it begins, as a reminder while it lasts,
-/// and when it ends, like a failing flush.
+/// and when it ends ([`Losses`]).
 #[derive(Debug, Default)]
 pub(super) struct RawDrops {
     /// Lines dropped in all when the last flush looked.
     seen: u64,
-    /// Dropped in the spell so far.
-    spell_dropped: u64,
-    spell: Spell,
+    losses: Losses,
 }
 
 impl RawDrops {
@@ -456,41 +454,31 @@ impl RawDrops {
         now: Instant,
     ) -> Option<(log::Level, String)> {
         let new = dropped - std::mem::replace(&mut self.seen, dropped);
-        if new == 0 {
-            return match self.spell.worked(now) {
-                Say::Ended { lasted, .. } => Some((
-                    log::Level::Info,
-                    format!(
-                        "raw lines are appended to the raw files in {} again, after {} were dropped over {:.0} s",
-                        dir.display(),
-                        std::mem::take(&mut self.spell_dropped),
-                        lasted.as_secs_f64()
-                    ),
-                )),
-                _ => None,
-            };
-        }
-        self.spell_dropped += new;
-        match self.spell.failed(now) {
-            Say::Failure { attempts: 1 } => Some((
+        let dir = dir.display();
+        match self.losses.lost(new, now) {
+            Lost::Nothing => None,
+            Lost::Began(n) => Some((
                 log::Level::Warn,
                 format!(
-                    "{new} raw lines were not appended to the raw files in {}: {} MiB of them were waiting for the disk already (it is not keeping up, or the flushes fail). The messages are in the outbox and the analytics; the raw files miss them (relay_raw_lines_dropped_total counts them)",
-                    dir.display(),
+                    "{n} raw lines were not appended to the raw files in {dir}: {} MiB of them were waiting for the disk already (it is not keeping up, or the flushes fail). The messages are in the outbox and the analytics; the raw files miss them (relay_raw_lines_dropped_total counts them)",
                     RAW_PENDING_MAX_BYTES >> 20
                 ),
             )),
-            Say::Failure { .. } => Some((
+            Lost::Still { lost, since } => Some((
                 log::Level::Warn,
                 format!(
-                    "raw lines for {} are still dropped: {} since it began, {:.0} minutes ago (said every {} minutes)",
-                    dir.display(),
-                    self.spell_dropped,
-                    self.spell.since(now).as_secs_f64() / 60.0,
+                    "raw lines for {dir} are still dropped: {lost} since it began, {:.0} minutes ago (said every {} minutes)",
+                    since.as_secs_f64() / 60.0,
                     Spell::SAY_EVERY.as_secs() / 60
                 ),
             )),
-            _ => None,
+            Lost::Ended { lost, lasted } => Some((
+                log::Level::Info,
+                format!(
+                    "raw lines are appended to the raw files in {dir} again, after {lost} were dropped over {:.0} s",
+                    lasted.as_secs_f64()
+                ),
+            )),
         }
     }
 }
