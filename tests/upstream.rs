@@ -1986,3 +1986,73 @@ fn pruning_and_rollup_statements_have_an_index_path_on_postgresql() {
     }
     pg.stop();
 }
+
+/// The upstream's PostgreSQL goes away while agents post: every batch is
+/// answered 503 and sent again once it is back, so nothing is lost or
+/// stored twice. Each refused batch was an error line of its own (one per
+/// agent's retry, several a second for as long as the database was down:
+/// 34 in 3 s here), and so was each failed round of forwarding; the log
+/// now says each when it begins, every ten minutes while it lasts, and
+/// when it works again.
+#[test]
+fn a_postgresql_store_that_goes_away_loses_nothing_and_is_said_once() {
+    let pg = PgServer::start("upstream-pg-away");
+    let dir = TempDir::new("upstream-pg-away");
+    let store = ups_store(&pg, &dir);
+    let port = free_port();
+    let forwarded = dir.path("forwarded.csv");
+    let sink = format!(
+        "[[sink]]\ntype = \"csv\"\npath = \"{}\"\n",
+        forwarded.display()
+    );
+    let cfg = upstream_config(&dir, "up", port, &store, UPS_PASSWORD_FILE, &sink);
+    let mut up = Agent::start_upstream(&cfg, "info", &[]);
+    // The database goes away before the agents post anything.
+    pg.stop();
+    let mut agents = start_agents(&dir, [port, port, port], port);
+    let refused = || metric(port, "store_errors_total");
+    assert!(
+        wait_until(Duration::from_secs(20), || refused() >= 10.0),
+        "batches refused while the database is away: {}\n{}",
+        refused(),
+        up.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    pg.start_again();
+    wait_for_all_points(port);
+    check_network_answers(port);
+    for back in [
+        "the store takes batches again",
+        "forwarding aggregates works again",
+    ] {
+        assert!(
+            up.wait_for_line(back, Duration::from_secs(10)),
+            "{back}:\n{}",
+            up.stderr()
+        );
+    }
+    for a in &mut agents {
+        a.stop();
+    }
+    up.stop();
+    let log = up.stderr();
+    assert_eq!(
+        log.matches("could not store a batch").count(),
+        1,
+        "said once, not for each of {} batches:\n{log}",
+        refused()
+    );
+    let again = log
+        .lines()
+        .find(|l| l.contains("the store takes batches again"))
+        .expect("said when it is back");
+    assert!(again.contains(" were refused over "), "{again}");
+    // Forwarding (every 0.3 s) failed through the outage, said once too.
+    assert_eq!(log.matches("forwarding aggregates: ").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("forwarding aggregates works again, after ")
+            .count(),
+        1,
+        "{log}"
+    );
+}

@@ -27,6 +27,7 @@ use smol::channel::Sender;
 
 use crate::clock::now_ms;
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
+use crate::logging::{Losses, Lost, Spell};
 use crate::problems::read_token;
 use crate::runtime::OnWorker;
 use crate::upstream::dashboard;
@@ -334,6 +335,9 @@ pub struct Api {
     pub tls: bool,
     auth_log: RefCell<Throttled>,
     expired_log: RefCell<Throttled>,
+    /// Batches the store could not take, said a spell at a time: while a
+    /// database is away every agent's every retry fails.
+    store_failures: RefCell<Losses>,
 }
 
 /// Who a request comes from, decided from its head.
@@ -459,6 +463,7 @@ impl Api {
             tls: false,
             auth_log: RefCell::default(),
             expired_log: RefCell::default(),
+            store_failures: RefCell::default(),
         }
     }
 
@@ -698,7 +703,31 @@ impl Api {
         if self.commits.try_send((batch, tx)).is_err() {
             return Response::error(503, "the upstream is busy; try again shortly");
         }
-        match rx.recv().await {
+        let result = rx.recv().await;
+        let failed = match &result {
+            Ok(Err(e)) => Some(e),
+            _ => None,
+        };
+        let lost = self
+            .store_failures
+            .borrow_mut()
+            .lost(u64::from(failed.is_some()), Instant::now());
+        match (failed, lost) {
+            (Some(e), Lost::Began(_)) => log::error!(
+                "could not store a batch from agent `{agent}`: {e}; answering 503 to batches until the store takes them again (their agents send them again)"
+            ),
+            (Some(e), Lost::Still { lost, since }) => log::error!(
+                "the store still fails: {lost} batches refused since it began, {:.0} minutes ago (said every {} minutes); the latest, from agent `{agent}`: {e}",
+                since.as_secs_f64() / 60.0,
+                Spell::SAY_EVERY.as_secs() / 60
+            ),
+            (_, Lost::Ended { lost, lasted }) => log::info!(
+                "the store takes batches again: {lost} were refused over {:.0} s, and their agents send them again",
+                lasted.as_secs_f64()
+            ),
+            _ => {}
+        }
+        match result {
             Ok(Ok(done)) => {
                 if done.new {
                     bump(&self.counters.batches_stored, 1);
@@ -728,11 +757,8 @@ impl Api {
                     }),
                 )
             }
-            Ok(Err(e)) => {
+            Ok(Err(_)) => {
                 bump(&self.counters.store_errors, 1);
-                log::error!(
-                    "could not store a batch from agent `{agent}`: {e}; it will be sent again"
-                );
                 Response::error(503, "the store is unavailable; the batch was not stored")
             }
             Err(_) => Response::error(503, "the upstream is shutting down"),

@@ -40,6 +40,7 @@ pub use config::Config;
 
 use crate::clock::now_ms;
 use crate::http_server;
+use crate::logging::{Say, Spell, again};
 use crate::runtime::{Emitter, LocalBoxFuture, OnWorker, Shutdown};
 use crate::sources::{Context, Source};
 use api::{Api, Commit, Counters, Tokens, bump_map};
@@ -393,6 +394,8 @@ async fn forward_loop(
     counters: Rc<Counters>,
 ) {
     let mut recovering = true;
+    // A store that is away fails every round: said once a spell.
+    let mut failing = Spell::default();
     loop {
         let owner2 = owner.clone();
         let until = now_ms() - settle.as_millis() as i64;
@@ -412,11 +415,22 @@ async fn forward_loop(
             .await;
         let mut full = false;
         match round {
-            Err(e) => log::error!(
-                "forwarding aggregates: {e}; trying again in {} s",
-                every.as_secs_f64()
-            ),
+            Err(e) => {
+                if let Say::Failure { attempts } = failing.failed(Instant::now()) {
+                    log::error!(
+                        "{}forwarding aggregates: {e}; trying again every {} s",
+                        again(attempts),
+                        every.as_secs_f64()
+                    );
+                }
+            }
             Ok(aggs) => {
+                if let Say::Ended { failed, lasted } = failing.worked(Instant::now()) {
+                    log::info!(
+                        "forwarding aggregates works again, after {failed} failed rounds ({:.0} s)",
+                        lasted.as_secs_f64()
+                    );
+                }
                 recovering = false;
                 full = aggs.len() >= FORWARD_MAX;
                 let mut sent = Vec::with_capacity(aggs.len());
