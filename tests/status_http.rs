@@ -617,3 +617,50 @@ fn http_listen_is_read_only_bounded_and_says_when_its_port_is_taken() {
     );
     assert!(delivered(&j) > 0);
 }
+
+/// An agent out of file descriptors fails every accept on `http_listen`
+/// until one is freed: said once (each failure was a line, ten a second),
+/// and said when it serves again.
+#[test]
+fn http_listen_out_of_file_descriptors_says_so_once_and_serves_again() {
+    let dir = TempDir::new("status-http-nofile");
+    let cfg = dir.write(
+        "edgemeter.toml",
+        "[agent]\nid = \"edge-9\"\nstate_dir = \"state\"\nhttp_listen = \"127.0.0.1:0\"\n\n\
+         [[source]]\ntype = \"synthetic\"\nname = \"load\"\nrate_per_sec = 20\n",
+    );
+    let mut agent = Agent::start(&cfg, "info");
+    let addr = served_at(&agent);
+    assert_eq!(get(addr, "/health").0, 200);
+    let starved = common::OutOfDescriptors::start(agent.pid(), addr.port());
+    assert!(
+        agent.wait_for_line(
+            "http_listen: accepting a connection failed",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // fifteen more tries
+    drop(starved);
+    assert!(
+        wait_until(Duration::from_secs(10), || get(addr, "/health").0 == 200),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.wait_for_line(
+            "http_listen: accepting connections again",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert_eq!(
+        log.matches("accepting a connection failed").count(),
+        1,
+        "said once:\n{log}"
+    );
+}

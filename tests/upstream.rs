@@ -2056,3 +2056,43 @@ fn a_postgresql_store_that_goes_away_loses_nothing_and_is_said_once() {
         "{log}"
     );
 }
+
+/// An upstream out of file descriptors (a peer holding many connections,
+/// or a low `LimitNOFILE`) fails every accept until one is freed, tried
+/// every 0.1 s: each failure was an error line, ten a second. Now it is
+/// said once, with a reminder every ten minutes, and when connections are
+/// accepted again; and it serves again as soon as descriptors are free.
+#[test]
+fn an_upstream_out_of_file_descriptors_says_so_once_and_serves_again() {
+    let dir = TempDir::new("upstream-nofile");
+    let port = free_port();
+    let cfg = upstream_config(&dir, "up", port, "sqlite", "", "");
+    let mut up = Agent::start_upstream(&cfg, "info", &[]);
+    assert!(health_ok(port));
+    let starved = common::OutOfDescriptors::start(up.pid(), port);
+    assert!(
+        up.wait_for_line("accepting a connection on", Duration::from_secs(5)),
+        "{}",
+        up.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // fifteen more tries
+    drop(starved);
+    assert!(
+        wait_until(Duration::from_secs(10), || health_ok(port)),
+        "{}",
+        up.stderr()
+    );
+    assert!(
+        up.wait_for_line("accepting connections on", Duration::from_secs(5)),
+        "{}",
+        up.stderr()
+    );
+    up.stop();
+    let log = up.stderr();
+    assert_eq!(
+        log.matches("accepting a connection on").count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(log.contains("Too many open files"), "{log}");
+}

@@ -336,3 +336,57 @@ pub fn outbox_ids(db: &rusqlite::Connection) -> Vec<i64> {
         .flat_map(|(id, n)| id - n + 1..=id)
         .collect()
 }
+
+/// A process kept out of file descriptors: its soft `RLIMIT_NOFILE` set
+/// (with `prlimit`, util-linux) to two more than it has open, and twenty
+/// peers connected to `port` that say nothing, so that every accept fails
+/// with EMFILE once those two are taken. Dropped, the peers close and the
+/// limit is what it was.
+pub struct OutOfDescriptors {
+    pid: String,
+    soft: String,
+    peers: Vec<std::net::TcpStream>,
+}
+
+impl OutOfDescriptors {
+    pub fn start(pid: u32, port: u16) -> OutOfDescriptors {
+        let pid = pid.to_string();
+        let out = Command::new("prlimit")
+            .args([
+                "--pid",
+                &pid,
+                "--nofile",
+                "--noheadings",
+                "--raw",
+                "--output=SOFT",
+            ])
+            .output()
+            .expect("prlimit (util-linux)");
+        assert!(out.status.success(), "{out:?}");
+        let soft = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the process's descriptors")
+            .count();
+        set_soft_nofile(&pid, &(open + 2).to_string());
+        let peers: Vec<std::net::TcpStream> = (0..20)
+            .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+            .collect();
+        assert_eq!(peers.len(), 20, "the kernel's backlog takes them");
+        OutOfDescriptors { pid, soft, peers }
+    }
+}
+
+impl Drop for OutOfDescriptors {
+    fn drop(&mut self) {
+        self.peers.clear();
+        set_soft_nofile(&self.pid, &self.soft);
+    }
+}
+
+fn set_soft_nofile(pid: &str, soft: &str) {
+    let out = Command::new("prlimit")
+        .args(["--pid", pid, &format!("--nofile={soft}:")])
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(out.status.success(), "{out:?}");
+}
