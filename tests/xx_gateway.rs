@@ -670,3 +670,41 @@ fn the_postgresql_environment_fills_what_the_config_leaves_out() {
         "{log}"
     );
 }
+
+/// A status file that cannot be written (a full disk, or something in its
+/// way) failed at every poll, five a second here, and each failure was a
+/// warning. Now it is said once a spell, and when it is written again; the
+/// source goes on counting meanwhile.
+#[test]
+fn a_status_file_that_cannot_be_written_is_said_once_a_spell() {
+    let pg = PgServer::start("xx-status-blocked");
+    let mut gw = pg.gateway_db(PERIOD_MS);
+    let now_e = now_ms() / PERIOD_MS;
+    fill(&mut gw, now_e - 8..now_e, 5);
+    let dir = TempDir::new("xx-status-blocked");
+    let cfg = gateway_files(&dir, pg.port, "pw-ro", &source());
+    let blocker = dir.path("state/source-gateway.status/in-the-way");
+    std::fs::create_dir_all(&blocker).expect("a directory where the status file goes");
+    let mut agent = Agent::start_running(&cfg, "info");
+    let failing = "source-gateway.status";
+    assert!(
+        agent.wait_for_line(failing, Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(3)); // fifteen polls
+    std::fs::remove_dir_all(dir.path("state/source-gateway.status")).expect("clear the way");
+    assert!(
+        agent.wait_for_line("written again, after", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(status(&cfg).contains("gw-node-1"), "{}", status(&cfg));
+    agent.stop();
+    let log = agent.stderr();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains(failing) && l.contains("[WARN]"))
+        .count();
+    assert_eq!(warned, 1, "said once:\n{log}");
+}

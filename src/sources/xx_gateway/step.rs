@@ -4,9 +4,10 @@
 //! header of `xx_gateway` for the rules).
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
+use crate::logging::{Say, Spell, again};
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::{Sketch, hash_i64};
 use crate::state_dir::Sync;
@@ -71,6 +72,9 @@ pub(super) struct Inner {
     period_ms: i64,
     health: Health,
     last_status: String,
+    /// Failing status writes (a full disk fails one at every poll), said
+    /// once a spell.
+    status_spell: Spell,
     csv_backoff: Backoff,
     csv_retry_at: i64,
     csv_failures_unreported: u64,
@@ -119,6 +123,7 @@ impl Inner {
             node_id: None,
             period_ms: db::DEFAULT_PERIOD_MS,
             last_status: String::new(),
+            status_spell: Spell::default(),
             csv_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
             csv_retry_at: 0,
             csv_failures_unreported: 0,
@@ -452,9 +457,28 @@ impl Inner {
         if text == self.last_status {
             return;
         }
+        let now = Instant::now();
         match crate::state_dir::replace_file(&self.status_path, text.as_bytes(), Sync::No) {
-            Ok(()) => self.last_status = text,
-            Err(e) => log::warn!("source `{}`: {e}", self.name),
+            Ok(()) => {
+                self.last_status = text;
+                if let Say::Ended { failed, lasted } = self.status_spell.worked(now) {
+                    log::info!(
+                        "source `{}`: {} written again, after {failed} failed writes in a row ({:.0} s)",
+                        self.name,
+                        self.status_path.display(),
+                        lasted.as_secs_f64()
+                    );
+                }
+            }
+            Err(e) => {
+                if let Say::Failure { attempts } = self.status_spell.failed(now) {
+                    log::warn!(
+                        "source `{}`: {}{e}; trying again at the next poll",
+                        self.name,
+                        again(attempts)
+                    );
+                }
+            }
         }
     }
 }
