@@ -27,7 +27,7 @@ use smol::{LocalExecutor, Task};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::logging::{Losses, Lost, Say, Spell, again};
+use crate::logging::{Losses, Lost, Say, Spell, again, since_began};
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record, payloads};
 use crate::runtime::{self, Doorbell, Inbox, Item, SharedOutbox};
@@ -395,9 +395,8 @@ fn said_full(lost: Lost) -> Option<(log::Level, String)> {
         Lost::Still { lost, since } => Some((
             log::Level::Warn,
             format!(
-                "outbox still full (buffer_max_bytes): {lost} oldest records dropped since it began, {:.0} minutes ago (said every {} minutes)",
-                since.as_secs_f64() / 60.0,
-                Spell::SAY_EVERY.as_secs() / 60
+                "outbox still full (buffer_max_bytes): oldest records dropped: {}",
+                since_began(lost, since)
             ),
         )),
         Lost::Ended { lost, lasted } => Some((

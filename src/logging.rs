@@ -167,6 +167,16 @@ impl Losses {
     }
 }
 
+/// How a reminder of [`Lost::Still`] counts: `12 since it began, 10
+/// minutes ago (said every 10 minutes)`.
+pub fn since_began(lost: u64, since: Duration) -> String {
+    format!(
+        "{lost} since it began, {:.0} minutes ago (said every {} minutes)",
+        since.as_secs_f64() / 60.0,
+        Spell::SAY_EVERY.as_secs() / 60
+    )
+}
+
 /// How a failure said again by a [`Spell`] begins: `""` for the first of
 /// its spell, `"still failing (N attempts in a row): "` after.
 pub fn again(attempts: u64) -> String {

@@ -27,7 +27,7 @@ use smol::channel::Sender;
 
 use crate::clock::now_ms;
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
-use crate::logging::{Losses, Lost, Spell};
+use crate::logging::{Losses, Lost, since_began};
 use crate::problems::read_token;
 use crate::runtime::OnWorker;
 use crate::upstream::dashboard;
@@ -717,9 +717,8 @@ impl Api {
                 "could not store a batch from agent `{agent}`: {e}; answering 503 to batches until the store takes them again (their agents send them again)"
             ),
             (Some(e), Lost::Still { lost, since }) => log::error!(
-                "the store still fails: {lost} batches refused since it began, {:.0} minutes ago (said every {} minutes); the latest, from agent `{agent}`: {e}",
-                since.as_secs_f64() / 60.0,
-                Spell::SAY_EVERY.as_secs() / 60
+                "the store still fails: batches refused: {}; the latest, from agent `{agent}`: {e}",
+                since_began(lost, since)
             ),
             (_, Lost::Ended { lost, lasted }) => log::info!(
                 "the store takes batches again: {lost} were refused over {:.0} s, and their agents send them again",

@@ -20,7 +20,7 @@ use super::ingest::RAW_PENDING_MAX_BYTES;
 use super::store::{Appended, Store};
 use super::{Shared, status};
 use crate::clock::now_ms;
-use crate::logging::{Losses, Lost, Say, Spell, again};
+use crate::logging::{Losses, Lost, Say, Spell, again, since_began};
 use crate::runtime::{Wakeup, Worker};
 use crate::state_dir::{Sync, replace_file, replace_file_with};
 
@@ -467,9 +467,8 @@ impl RawDrops {
             Lost::Still { lost, since } => Some((
                 log::Level::Warn,
                 format!(
-                    "raw lines for {dir} are still dropped: {lost} since it began, {:.0} minutes ago (said every {} minutes)",
-                    since.as_secs_f64() / 60.0,
-                    Spell::SAY_EVERY.as_secs() / 60
+                    "raw lines for {dir} are still dropped: {}",
+                    since_began(lost, since)
                 ),
             )),
             Lost::Ended { lost, lasted } => Some((
