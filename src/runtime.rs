@@ -57,6 +57,51 @@ impl Shutdown {
         let _ = self.0.recv().await;
     }
 
+    /// The next connection on `listener`, or None once shutdown begins. A
+    /// failed accept (out of file descriptors, mostly: every one fails
+    /// until a descriptor is freed) is tried again every 0.1 s, and said
+    /// once a spell in `refusing`, as `listening` names the listener
+    /// (`http_listen on 127.0.0.1:9464`), and when one works again.
+    pub async fn accept(
+        &self,
+        listener: &smol::Async<std::net::TcpListener>,
+        refusing: &mut crate::logging::Spell,
+        listening: &str,
+    ) -> Option<(smol::Async<std::net::TcpStream>, std::net::SocketAddr)> {
+        use crate::logging::{Say, again};
+        loop {
+            let accepted = smol::future::or(async { Some(listener.accept().await) }, async {
+                self.wait().await;
+                None
+            })
+            .await?;
+            let now = std::time::Instant::now();
+            match accepted {
+                Ok(a) => {
+                    if let Say::Ended { failed, lasted } = refusing.worked(now) {
+                        log::info!(
+                            "{listening}: accepting connections again, after {failed} failed tries ({:.0} s)",
+                            lasted.as_secs_f64()
+                        );
+                    }
+                    return Some(a);
+                }
+                Err(e) => {
+                    if let Say::Failure { attempts } = refusing.failed(now) {
+                        log::error!(
+                            "{}{listening}: accepting a connection failed: {e}; trying again every 0.1 s",
+                            again(attempts)
+                        );
+                    }
+                    // Wait rather than spin.
+                    if self.sleep(Duration::from_millis(100)).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     pub fn is_started(&self) -> bool {
         self.0.is_closed()
     }

@@ -635,7 +635,7 @@ fn http_listen_out_of_file_descriptors_says_so_once_and_serves_again() {
     let starved = common::OutOfDescriptors::start(agent.pid(), addr.port());
     assert!(
         agent.wait_for_line(
-            "http_listen: accepting a connection failed",
+            &format!("http_listen on {addr}: accepting a connection failed"),
             Duration::from_secs(5)
         ),
         "{}",
@@ -650,7 +650,7 @@ fn http_listen_out_of_file_descriptors_says_so_once_and_serves_again() {
     );
     assert!(
         agent.wait_for_line(
-            "http_listen: accepting connections again",
+            &format!("http_listen on {addr}: accepting connections again"),
             Duration::from_secs(5)
         ),
         "{}",

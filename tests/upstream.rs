@@ -2071,7 +2071,10 @@ fn an_upstream_out_of_file_descriptors_says_so_once_and_serves_again() {
     assert!(health_ok(port));
     let starved = common::OutOfDescriptors::start(up.pid(), port);
     assert!(
-        up.wait_for_line("accepting a connection on", Duration::from_secs(5)),
+        up.wait_for_line(
+            &format!("the upstream on 127.0.0.1:{port}: accepting a connection failed"),
+            Duration::from_secs(5)
+        ),
         "{}",
         up.stderr()
     );
@@ -2083,14 +2086,17 @@ fn an_upstream_out_of_file_descriptors_says_so_once_and_serves_again() {
         up.stderr()
     );
     assert!(
-        up.wait_for_line("accepting connections on", Duration::from_secs(5)),
+        up.wait_for_line(
+            &format!("the upstream on 127.0.0.1:{port}: accepting connections again"),
+            Duration::from_secs(5)
+        ),
         "{}",
         up.stderr()
     );
     up.stop();
     let log = up.stderr();
     assert_eq!(
-        log.matches("accepting a connection on").count(),
+        log.matches("accepting a connection failed").count(),
         1,
         "said once:\n{log}"
     );

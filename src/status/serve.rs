@@ -17,13 +17,13 @@
 use std::cell::Cell;
 use std::net::TcpListener;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use smol::Async;
 
 use crate::clock::now_ms;
 use crate::http_server::{self, Budget, Handler, Limits, Request, Response, escape_html};
-use crate::logging::{Say, Spell, again};
+use crate::logging::Spell;
 use crate::runtime::{Shutdown, Spawner, Worker};
 
 use super::{Holder, Scope, Snapshot};
@@ -258,36 +258,16 @@ pub async fn serve(
     let limits = Rc::new(limits());
     let budget = Budget::new(0);
     let open = Rc::new(Cell::new(0usize));
-    // Out of file descriptors, mostly: every try fails until one is freed.
     let mut refusing = Spell::default();
+    let listening = match listener.get_ref().local_addr() {
+        Ok(a) => format!("http_listen on {a}"),
+        Err(_) => "http_listen".to_owned(),
+    };
     loop {
-        let accepted = smol::future::or(async { Some(listener.accept().await) }, async {
-            shutdown.wait().await;
-            None
-        })
-        .await;
-        let (stream, peer) = match accepted {
-            None => return,
-            Some(Ok(a)) => a,
-            Some(Err(e)) => {
-                if let Say::Failure { attempts } = refusing.failed(Instant::now()) {
-                    log::warn!(
-                        "{}http_listen: accepting a connection failed: {e}; trying again every 0.1 s",
-                        again(attempts)
-                    );
-                }
-                if shutdown.sleep(Duration::from_millis(100)).await {
-                    return;
-                }
-                continue;
-            }
+        let Some((stream, peer)) = shutdown.accept(&listener, &mut refusing, &listening).await
+        else {
+            return;
         };
-        if let Say::Ended { failed, lasted } = refusing.worked(Instant::now()) {
-            log::info!(
-                "http_listen: accepting connections again, after {failed} failed tries ({:.0} s)",
-                lasted.as_secs_f64()
-            );
-        }
         if open.get() >= MAX_CONNECTIONS {
             let busy = http_server::encode_response(
                 &Response::error(503, "too many connections; try again shortly"),

@@ -253,39 +253,16 @@ async fn serve(s: Server, ctx: Context) {
     let limits = Rc::new(c.limits.clone());
     let budget = http_server::Budget::new(c.limits.max_buffered_bytes);
     counters.set_budget(budget.clone());
-    // Out of file descriptors, mostly: every try fails until one is freed.
     let mut refusing = Spell::default();
+    let listening = format!("the upstream on {}", c.listen);
     loop {
-        let accepted = smol::future::or(async { Some(s.listener.accept().await) }, async {
-            ctx.shutdown.wait().await;
-            None
-        })
-        .await;
-        let (stream, peer) = match accepted {
-            None => break,
-            Some(Ok(a)) => a,
-            Some(Err(e)) => {
-                if let Say::Failure { attempts } = refusing.failed(Instant::now()) {
-                    log::error!(
-                        "{}accepting a connection on {} failed: {e}; trying again every 0.1 s",
-                        again(attempts),
-                        c.listen
-                    );
-                }
-                // Wait rather than spin.
-                if ctx.shutdown.sleep(Duration::from_millis(100)).await {
-                    break;
-                }
-                continue;
-            }
+        let Some((stream, peer)) = ctx
+            .shutdown
+            .accept(&s.listener, &mut refusing, &listening)
+            .await
+        else {
+            break;
         };
-        if let Say::Ended { failed, lasted } = refusing.worked(Instant::now()) {
-            log::info!(
-                "accepting connections on {} again, after {failed} failed tries ({:.0} s)",
-                c.listen,
-                lasted.as_secs_f64()
-            );
-        }
         if open.get() >= limits.max_connections {
             counters
                 .connections_refused
