@@ -704,14 +704,16 @@ impl Api {
             return Response::error(503, "the upstream is busy; try again shortly");
         }
         let result = rx.recv().await;
-        let failed = match &result {
-            Ok(Err(e)) => Some(e),
-            _ => None,
+        // A batch stored or refused by the store; not one cut off by
+        // shutdown, which says nothing of the store.
+        let (failed, lost) = match &result {
+            Ok(Ok(_)) => (None, Some(0)),
+            Ok(Err(e)) => (Some(e), Some(1)),
+            Err(_) => (None, None),
         };
-        let lost = self
-            .store_failures
-            .borrow_mut()
-            .lost(u64::from(failed.is_some()), Instant::now());
+        let lost = lost.map_or(Lost::Nothing, |n| {
+            self.store_failures.borrow_mut().lost(n, Instant::now())
+        });
         match (failed, lost) {
             (Some(e), Lost::Began(_)) => log::error!(
                 "could not store a batch from agent `{agent}`: {e}; answering 503 to batches until the store takes them again (their agents send them again)"
