@@ -58,11 +58,25 @@ pub fn counted(n: usize, one: &str, many: &str) -> String {
 /// A failure that may repeat at every attempt (a full disk fails a flush
 /// every 2 s, a sync every second): the log says it when it begins, again
 /// at most every [`Spell::SAY_EVERY`] while it lasts, and when an attempt
-/// works again, instead of a line per attempt.
+/// works again, instead of a line per attempt. A spell made
+/// [`Spell::settling`] ends only once attempts have worked for that long
+/// with none failing: where a failure flaps (a starved process frees a
+/// descriptor now and then, one accept works and the next fails), the
+/// spell goes on instead of two lines a flap.
 #[derive(Debug, Default)]
 pub struct Spell {
-    /// Since when attempts fail, when the log last said so, and how many.
-    failing: Option<(Instant, Instant, u64)>,
+    failing: Option<Failing>,
+    /// How long without a failure ends the spell.
+    settle: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failing {
+    since: Instant,
+    /// When the log last said so.
+    said: Instant,
+    attempts: u64,
+    last: Instant,
 }
 
 /// What the log is to say of one attempt.
@@ -74,7 +88,8 @@ pub enum Say {
         /// The attempts of the spell so far, this one included.
         attempts: u64,
     },
-    /// An attempt worked after a spell of failures.
+    /// An attempt worked after a spell of failures (and, if settling,
+    /// none failed in the settling time before it).
     Ended {
         failed: u64,
         lasted: Duration,
@@ -84,14 +99,28 @@ pub enum Say {
 impl Spell {
     pub const SAY_EVERY: Duration = Duration::from_secs(600);
 
+    /// A spell that ends only once no attempt failed for `settle`.
+    pub fn settling(settle: Duration) -> Spell {
+        Spell {
+            failing: None,
+            settle,
+        }
+    }
+
     /// An attempt failed at `now`.
     pub fn failed(&mut self, now: Instant) -> Say {
-        let (_, said, attempts) = self.failing.get_or_insert((now, now, 0));
-        *attempts += 1;
-        if *attempts == 1 || now.duration_since(*said) >= Spell::SAY_EVERY {
-            *said = now;
+        let f = self.failing.get_or_insert(Failing {
+            since: now,
+            said: now,
+            attempts: 0,
+            last: now,
+        });
+        f.attempts += 1;
+        f.last = now;
+        if f.attempts == 1 || now.duration_since(f.said) >= Spell::SAY_EVERY {
+            f.said = now;
             return Say::Failure {
-                attempts: *attempts,
+                attempts: f.attempts,
             };
         }
         Say::Nothing
@@ -100,17 +129,20 @@ impl Spell {
     /// How long the spell has lasted at `now` (zero when none is on).
     pub fn since(&self, now: Instant) -> Duration {
         self.failing
-            .map_or(Duration::ZERO, |(since, _, _)| now.duration_since(since))
+            .map_or(Duration::ZERO, |f| now.duration_since(f.since))
     }
 
     /// An attempt worked at `now`.
     pub fn worked(&mut self, now: Instant) -> Say {
-        match self.failing.take() {
-            Some((since, _, failed)) => Say::Ended {
-                failed,
-                lasted: now.duration_since(since),
-            },
-            None => Say::Nothing,
+        match self.failing {
+            Some(f) if now.duration_since(f.last) >= self.settle => {
+                self.failing = None;
+                Say::Ended {
+                    failed: f.attempts,
+                    lasted: now.duration_since(f.since),
+                }
+            }
+            _ => Say::Nothing,
         }
     }
 }
@@ -249,5 +281,36 @@ mod tests {
         assert_eq!(spell.failed(at(700)), Say::Failure { attempts: 1 });
         assert_eq!(again(1), "");
         assert!(again(301).starts_with("still failing (301 attempts"));
+    }
+
+    #[test]
+    fn a_settling_spell_that_flaps_is_said_once_and_ends_after_its_settling_time() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut spell = Spell::settling(Duration::from_secs(10));
+        assert_eq!(spell.failed(at(0)), Say::Failure { attempts: 1 });
+        // Works and fails by turns, as accepts do while descriptors flap.
+        for k in 1..50 {
+            assert_eq!(spell.worked(at(k * 1000)), Say::Nothing, "works at {k} s");
+            assert_eq!(
+                spell.failed(at(k * 1000 + 100)),
+                Say::Nothing,
+                "fails at {k} s"
+            );
+        }
+        assert_eq!(
+            spell.worked(at(59_000)),
+            Say::Nothing,
+            "9.9 s since a failure"
+        );
+        assert_eq!(
+            spell.worked(at(59_100)),
+            Say::Ended {
+                failed: 50,
+                lasted: Duration::from_millis(59_100)
+            }
+        );
+        assert_eq!(spell.worked(at(60_000)), Say::Nothing, "said once");
+        assert_eq!(spell.failed(at(61_000)), Say::Failure { attempts: 1 });
     }
 }

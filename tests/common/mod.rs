@@ -345,6 +345,8 @@ pub fn outbox_ids(db: &rusqlite::Connection) -> Vec<i64> {
 pub struct OutOfDescriptors {
     pid: String,
     soft: String,
+    /// The lowered soft limit.
+    low: usize,
     peers: Vec<std::net::TcpStream>,
 }
 
@@ -367,12 +369,26 @@ impl OutOfDescriptors {
         let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .expect("the process's descriptors")
             .count();
-        set_soft_nofile(&pid, &(open + 2).to_string());
+        let low = open + 2;
+        set_soft_nofile(&pid, &low.to_string());
         let peers: Vec<std::net::TcpStream> = (0..20)
             .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
             .collect();
         assert_eq!(peers.len(), 20, "the kernel's backlog takes them");
-        OutOfDescriptors { pid, soft, peers }
+        OutOfDescriptors {
+            pid,
+            soft,
+            low,
+            peers,
+        }
+    }
+
+    /// One descriptor more: one silent peer is accepted and holds it, and
+    /// accepts fail again, as they flap when a starved process frees a
+    /// descriptor now and then.
+    pub fn one_more(&mut self) {
+        self.low += 1;
+        set_soft_nofile(&self.pid, &self.low.to_string());
     }
 }
 
