@@ -379,10 +379,16 @@ fn said_sync(result: Result<(), String>, spell: &mut Spell) {
     }
 }
 
+/// How long commits must drop nothing before a full outbox is said to
+/// have room again: it drops whole rows (a relay stream's messages share
+/// rows of up to 64 KiB), and the room one drop frees may last a few
+/// commits while the outbox is still full.
+const FULL_SETTLE: Duration = Duration::from_secs(10);
+
 /// What the log says of the records a commit dropped because the outbox
 /// was full: said when it begins, every ten minutes while it lasts (a
-/// full outbox drops at every commit, ten times a second), and when a
-/// commit drops none again ([`Losses`]).
+/// full outbox drops at every commit, ten times a second), and when
+/// commits have dropped none for [`FULL_SETTLE`] ([`Losses`]).
 fn said_full(lost: Lost) -> Option<(log::Level, String)> {
     match lost {
         Lost::Nothing => None,
@@ -402,8 +408,9 @@ fn said_full(lost: Lost) -> Option<(log::Level, String)> {
         Lost::Ended { lost, lasted } => Some((
             log::Level::Info,
             format!(
-                "outbox has room again: {lost} oldest records were dropped over {:.0} s",
-                lasted.as_secs_f64()
+                "outbox has room again: {lost} oldest records were dropped over {:.0} s, none in the last {} s",
+                lasted.as_secs_f64(),
+                FULL_SETTLE.as_secs()
             ),
         )),
     }
@@ -445,7 +452,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut failing = false;
     let mut sync_spell = Spell::default();
-    let mut full = Losses::default();
+    let mut full = Losses::settling(FULL_SETTLE);
     let mut lost_uncounted: i64 = 0;
     let mut closed = false;
     // Commits not yet synced, and when the last sync was; commits the

@@ -149,7 +149,9 @@ impl Spell {
 
 /// Things lost again and again, a few at each attempt (records dropped at
 /// every commit while the outbox is full, raw lines while the disk lags):
-/// said as a [`Spell`] is, with how many were lost.
+/// said as a [`Spell`] is, with how many were lost; made
+/// [`Losses::settling`], the spell ends only once none were lost for
+/// that long.
 #[derive(Debug, Default)]
 pub struct Losses {
     spell: Spell,
@@ -176,6 +178,14 @@ pub enum Lost {
 }
 
 impl Losses {
+    /// Losses whose spell ends only once none were lost for `settle`.
+    pub fn settling(settle: Duration) -> Losses {
+        Losses {
+            spell: Spell::settling(settle),
+            lost: 0,
+        }
+    }
+
     /// `n` lost at an attempt at `now` (0: none).
     pub fn lost(&mut self, n: u64, now: Instant) -> Lost {
         if n == 0 {
@@ -281,6 +291,29 @@ mod tests {
         assert_eq!(spell.failed(at(700)), Say::Failure { attempts: 1 });
         assert_eq!(again(1), "");
         assert!(again(301).starts_with("still failing (301 attempts"));
+    }
+
+    #[test]
+    fn settling_losses_between_attempts_that_lose_none_are_one_spell() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut l = Losses::settling(Duration::from_secs(10));
+        assert_eq!(l.lost(5, at(0)), Lost::Began(5));
+        // A commit every 0.1 s, one in three dropping 2.
+        for k in 1..300 {
+            let n = if k % 3 == 0 { 2 } else { 0 };
+            assert_eq!(l.lost(n, at(k * 100)), Lost::Nothing, "commit {k}");
+        }
+        // The last loss at 29.7 s.
+        assert_eq!(l.lost(0, at(39_600)), Lost::Nothing);
+        assert_eq!(
+            l.lost(0, at(39_700)),
+            Lost::Ended {
+                lost: 5 + 2 * 99,
+                lasted: Duration::from_millis(39_700)
+            }
+        );
+        assert_eq!(l.lost(0, at(39_800)), Lost::Nothing, "said once");
     }
 
     #[test]

@@ -497,8 +497,9 @@ retry_max_secs = 0.5
     // Full for 3 s: thirty commits that drop.
     std::thread::sleep(Duration::from_secs(3));
     std::fs::remove_file(dir.path("blocked")).expect("out of the sink's way");
+    // Said once commits have dropped none for ten seconds.
     assert!(
-        agent.wait_for_line("outbox has room again:", Duration::from_secs(20)),
+        agent.wait_for_line("outbox has room again:", Duration::from_secs(40)),
         "{}",
         agent.stderr()
     );

@@ -2306,3 +2306,92 @@ fn analytics_at_max_users_say_so_once_a_run() {
         .collect();
     assert_eq!(users, ["user-0", "user-1", "user-2"], "{usage}");
 }
+
+/// A full outbox drops whole rows, and a relay stream's messages share
+/// rows (up to 64 KiB): the room one drop frees may outlast the next
+/// commits, which drop none though the outbox is still full. Each such
+/// commit ended the spell in the log ("outbox has room again") and the
+/// next drop began another. Now the spell ends only after ten seconds of
+/// commits that drop none: said once while the sink never takes any.
+#[test]
+fn a_full_outbox_of_relay_messages_says_so_once() {
+    const MESSAGES: usize = 20_000;
+    let dir = TempDir::new("relay-full");
+    let hub = Hub::start();
+    dir.write("edge.token", "token-of-edge-0123456789");
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "lab-host"
+state_dir = "state"
+buffer_max_bytes = 1048576
+
+[[source]]
+type = "relay"
+name = "lab"
+session_host = "{}"
+streams = ["f1"]
+
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:9"
+token_file = "edge.token"
+events = true
+"#,
+            hub.url()
+        ),
+    );
+    let agent = Agent::start(&cfg, "info");
+    wait_subscribed(&hub, &["f1"]);
+    // Bursts (a commit of large rows) between trickles (commits of a few
+    // messages): a trickle's commit that drops a burst's row frees room
+    // for the next few.
+    let started = Instant::now();
+    let mut k = 0;
+    while k < MESSAGES {
+        hub.freeze();
+        for _ in 0..2000 {
+            let text = envelope("u1", "f1", "log", &format!("m{k}"));
+            assert_eq!(hub.send_text("f1", &text), 1);
+            k += 1;
+        }
+        hub.thaw();
+        for _ in 0..200 {
+            let text = envelope("u1", "f1", "log", &format!("m{k}"));
+            assert_eq!(hub.send_text("f1", &text), 1);
+            k += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "sending");
+    }
+    let dropped = || {
+        rusqlite::Connection::open_with_flags(
+            dir.path("state/outbox.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|db| {
+            db.query_row("SELECT COALESCE(SUM(count), 0) FROM drops", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || committed_messages(&dir)
+            + dropped()
+            >= MESSAGES as i64),
+        "{} committed, {} dropped\n{}",
+        committed_messages(&dir),
+        dropped(),
+        agent.stderr()
+    );
+    let log = agent.stderr();
+    assert!(dropped() > 0, "the outbox filled:\n{log}");
+    assert_eq!(
+        log.matches("outbox full (buffer_max_bytes)").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("outbox has room again").count(), 0, "{log}");
+}

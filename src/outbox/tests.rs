@@ -223,6 +223,24 @@ fn drop_oldest_keeps_the_bound_and_counts_per_sink() {
     assert_eq!(values(&slow), (3..13).map(f64::from).collect::<Vec<_>>());
 }
 
+/// Records of one series in one commit share a row, and a full outbox
+/// drops whole rows: the room freed may outlast the next commits, which
+/// then drop none though the outbox is still full. The log must not take
+/// those for the end of the spell (agent.rs: `said_full`, settling).
+#[test]
+fn a_full_outbox_drops_whole_rows_so_a_commit_between_drops_may_drop_none() {
+    let d = TempDir::new("outbox");
+    let event = of_kind(Kind::Event, 1.0);
+    let size = event.charged_bytes(&event.dims.encode());
+    let mut o = open(&d, (size * 10) as u64, &[("slow", ALL)]);
+    let mut events = |n: usize| o.append(&vec![event.clone(); n]).expect("append").dropped;
+    assert_eq!(events(6), 0);
+    assert_eq!(events(4), 0, "full now");
+    assert_eq!(events(1), 6, "the first row goes whole");
+    assert_eq!(events(1), 0, "still full, but room was left");
+    assert_eq!(events(5), 4, "and drops again");
+}
+
 #[test]
 fn a_group_larger_than_the_buffer_keeps_its_newest_part() {
     let d = TempDir::new("outbox");
