@@ -436,15 +436,28 @@ pub(super) async fn flush(
 /// Raw lines dropped because [`RAW_PENDING_MAX_BYTES`] of them were
 /// waiting for the disk: the raw files miss them (the outbox and the
 /// analytics do not). Said when it begins, as a reminder while it lasts,
-/// and when it ends ([`Losses`]).
-#[derive(Debug, Default)]
+/// and when flushes have dropped none for [`RawDrops::SETTLE`] ([`Losses`]):
+/// a disk that keeps up at one flush and not the next is one spell.
+#[derive(Debug)]
 pub(super) struct RawDrops {
     /// Lines dropped in all when the last flush looked.
     seen: u64,
     losses: Losses,
 }
 
+impl Default for RawDrops {
+    fn default() -> RawDrops {
+        RawDrops {
+            seen: 0,
+            losses: Losses::settling(RawDrops::SETTLE),
+        }
+    }
+}
+
 impl RawDrops {
+    /// Five flushes.
+    pub(super) const SETTLE: Duration = Duration::from_secs(10);
+
     /// At a flush, with `dropped` lines dropped in all so far: what the
     /// log says, and at which level.
     pub(super) fn said(
@@ -474,8 +487,9 @@ impl RawDrops {
             Lost::Ended { lost, lasted } => Some((
                 log::Level::Info,
                 format!(
-                    "raw lines are appended to the raw files in {dir} again, after {lost} were dropped over {:.0} s",
-                    lasted.as_secs_f64()
+                    "raw lines are appended to the raw files in {dir} again, after {lost} were dropped over {:.0} s (none in the last {} s)",
+                    lasted.as_secs_f64(),
+                    RawDrops::SETTLE.as_secs()
                 ),
             )),
         }

@@ -1285,14 +1285,19 @@ fn dropped_raw_lines_are_said_a_spell_at_a_time() {
         again.contains("are still dropped: 12 since it began"),
         "{again}"
     );
-    let ended = said(&mut drops, 12, reminder + 2).expect("said when it ends");
+    // A flush that drops none between two that do is the same spell.
+    assert_eq!(said(&mut drops, 12, reminder + 2), None, "one flush");
+    assert_eq!(said(&mut drops, 14, reminder + 4), None, "not a new spell");
+    let settled = reminder + 4 + RawDrops::SETTLE.as_secs();
+    assert_eq!(said(&mut drops, 14, settled - 2), None, "not yet settled");
+    let ended = said(&mut drops, 14, settled).expect("said when it ends");
     assert!(
         ended.starts_with(
-            "INFO: raw lines are appended to the raw files in /var/lib/edgemeter/analytics again, after 12 were dropped"
+            "INFO: raw lines are appended to the raw files in /var/lib/edgemeter/analytics again, after 14 were dropped"
         ),
         "{ended}"
     );
-    assert_eq!(said(&mut drops, 12, reminder + 4), None);
-    let next = said(&mut drops, 13, reminder + 6).expect("a new spell");
+    assert_eq!(said(&mut drops, 14, settled + 2), None);
+    let next = said(&mut drops, 15, settled + 4).expect("a new spell");
     assert!(next.starts_with("WARN: 1 raw lines"), "{next}");
 }
