@@ -184,16 +184,41 @@ pub fn replace_file_with(
     })
 }
 
-/// Make the commits in an SQLite database's WAL (`<db>-wal`) survive a
+/// An SQLite database's WAL (`<db>-wal`), to make its commits survive a
 /// power cut: one fdatasync, for a database opened with `synchronous =
-/// NORMAL`, whose commits do not wait for the disk. No WAL means nothing
-/// was written since the last checkpoint, which synced it all.
-pub fn sync_wal(db: &Path) -> std::io::Result<()> {
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    match std::fs::File::open(&wal).and_then(|f| f.sync_data()) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
+/// NORMAL`, whose commits do not wait for the disk. The file is opened
+/// once and kept: SQLite keeps the same file while a connection is open
+/// (a checkpoint rewinds or truncates it), and a sync a second then needs
+/// no descriptor of its own, so a process out of descriptors (a peer
+/// holding connections) still makes its records durable. No WAL means
+/// nothing was written since the last checkpoint, which synced it all.
+#[derive(Debug)]
+pub struct WalFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl WalFile {
+    /// The WAL of the database at `db`, opened if it is there already
+    /// (a database just opened in WAL mode has one).
+    pub fn of(db: &Path) -> WalFile {
+        let mut path = db.as_os_str().to_owned();
+        path.push("-wal");
+        let path = PathBuf::from(path);
+        let file = File::open(&path).ok();
+        WalFile { path, file }
+    }
+
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        let file = match &self.file {
+            Some(f) => f,
+            None => match File::open(&self.path) {
+                Ok(f) => self.file.insert(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            },
+        };
+        file.sync_data()
     }
 }
 
@@ -269,6 +294,41 @@ impl Drop for TempDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The WAL a [`WalFile`] holds is the one SQLite writes, through
+    /// checkpoints that rewind it (the outbox's) and truncate it, for as
+    /// long as the connection is open; and one that appears later is
+    /// opened when it is first synced.
+    #[test]
+    fn a_wal_file_holds_the_wal_sqlite_writes_through_its_checkpoints() {
+        use std::os::unix::fs::MetadataExt;
+        let temp = TempDir::new("wal");
+        let db = temp.0.join("x.db");
+        let mut absent = WalFile::of(&db);
+        assert!(absent.file.is_none());
+        absent.sync().expect("no WAL: nothing to sync");
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x)")
+            .expect("schema");
+        let mut wal = WalFile::of(&db);
+        let held = wal.file.as_ref().expect("the WAL is there").metadata();
+        let held = held.expect("metadata").ino();
+        for checkpoint in ["PASSIVE", "RESTART", "TRUNCATE"] {
+            conn.execute("INSERT INTO t VALUES (1)", [])
+                .expect("insert");
+            conn.query_row(&format!("PRAGMA wal_checkpoint({checkpoint})"), [], |_| {
+                Ok(())
+            })
+            .expect("checkpoint");
+            conn.execute("INSERT INTO t VALUES (2)", [])
+                .expect("insert");
+            wal.sync().expect("sync");
+            let now = std::fs::metadata(&wal.path).expect("the WAL").ino();
+            assert_eq!(now, held, "after a {checkpoint} checkpoint");
+        }
+        absent.sync().expect("sync");
+        assert!(absent.file.is_some(), "opened at its first sync");
+    }
 
     #[test]
     fn second_lock_names_the_holder() {

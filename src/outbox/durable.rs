@@ -66,7 +66,11 @@ impl Outbox {
                 return Ok(());
             }
         }
-        crate::state_dir::sync_wal(&self.path).map_err(|e| {
+        let path = &self.path;
+        let wal = self
+            .wal
+            .get_or_insert_with(|| crate::state_dir::WalFile::of(path));
+        wal.sync().map_err(|e| {
             format!(
                 "outbox {}: syncing the WAL failed: {e}",
                 self.path.display()

@@ -390,6 +390,9 @@ pub struct Outbox {
     /// The WAL's length in pages after the last commit, for the writer,
     /// which checkpoints at its syncs (`durable.rs`); 0 for other handles.
     wal_pages: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// The WAL, held open by the writer to sync it (`durable.rs`); None
+    /// for other handles until they sync.
+    wal: Option<crate::state_dir::WalFile>,
 }
 
 impl Outbox {

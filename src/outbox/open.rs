@@ -34,10 +34,13 @@ impl Outbox {
             id: String::new(),
             per_row: "n",
             wal_pages: Default::default(),
+            wal: None,
         };
         let path = outbox.path.clone();
         outbox.wal_pages = durable::own_checkpoints(&mut outbox.conn)
             .map_err(sql_err(&path, "taking over its checkpoints"))?;
+        // Open now, while descriptors are there to be had.
+        outbox.wal = Some(crate::state_dir::WalFile::of(&path));
         let e = sql_err(&path, "reading totals at start-up");
         let fresh_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         outbox
@@ -125,6 +128,7 @@ impl Outbox {
             id: String::new(),
             per_row: if has_n { "n" } else { "1" },
             wal_pages: Default::default(),
+            wal: None,
         })
     }
 

@@ -133,6 +133,7 @@ pub const SYNC_EVERY: Duration = Duration::from_secs(30);
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    wal: crate::state_dir::WalFile,
     /// When the first commit not yet synced was made.
     unsynced_since: Option<Instant>,
 }
@@ -163,6 +164,7 @@ impl Store {
         Ok(Store {
             conn,
             path: path.to_owned(),
+            wal: crate::state_dir::WalFile::of(path),
             unsynced_since: None,
         })
     }
@@ -181,7 +183,7 @@ impl Store {
         if !due {
             return Ok(());
         }
-        crate::state_dir::sync_wal(&self.path).map_err(|e| {
+        self.wal.sync().map_err(|e| {
             format!(
                 "cannot sync the relay analytics state {}: {e}",
                 self.path.display()
