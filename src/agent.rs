@@ -27,7 +27,7 @@ use smol::{LocalExecutor, Task};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::logging::{Losses, Lost, Say, Spell, again, since_began};
+use crate::logging::{Losses, Lost, Say, Spell, again, settled, since_began};
 use crate::outbox::{Outbox, OutboxError, reason};
 use crate::record::{KindSet, Record, payloads};
 use crate::runtime::{self, Doorbell, Inbox, Item, SharedOutbox};
@@ -379,16 +379,13 @@ fn said_sync(result: Result<(), String>, spell: &mut Spell) {
     }
 }
 
-/// How long commits must drop nothing before a full outbox is said to
-/// have room again: it drops whole rows (a relay stream's messages share
-/// rows of up to 64 KiB), and the room one drop frees may last a few
-/// commits while the outbox is still full.
-const FULL_SETTLE: Duration = Duration::from_secs(10);
-
 /// What the log says of the records a commit dropped because the outbox
 /// was full: said when it begins, every ten minutes while it lasts (a
 /// full outbox drops at every commit, ten times a second), and when
-/// commits have dropped none for [`FULL_SETTLE`] ([`Losses`]).
+/// commits have dropped none for [`Spell::SETTLE`] ([`Losses::settling`]):
+/// it drops whole rows (a relay stream's messages share rows of up to 64
+/// KiB), and the room one drop frees may last a few commits while the
+/// outbox is still full.
 fn said_full(lost: Lost) -> Option<(log::Level, String)> {
     match lost {
         Lost::Nothing => None,
@@ -408,9 +405,8 @@ fn said_full(lost: Lost) -> Option<(log::Level, String)> {
         Lost::Ended { lost, lasted } => Some((
             log::Level::Info,
             format!(
-                "outbox has room again: {lost} oldest records were dropped over {:.0} s, none in the last {} s",
-                lasted.as_secs_f64(),
-                FULL_SETTLE.as_secs()
+                "outbox has room again: {lost} oldest records were dropped {}",
+                settled(lasted)
             ),
         )),
     }
@@ -452,7 +448,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut failing = false;
     let mut sync_spell = Spell::default();
-    let mut full = Losses::settling(FULL_SETTLE);
+    let mut full = Losses::settling();
     let mut lost_uncounted: i64 = 0;
     let mut closed = false;
     // Commits not yet synced, and when the last sync was; commits the

@@ -59,8 +59,8 @@ pub fn counted(n: usize, one: &str, many: &str) -> String {
 /// every 2 s, a sync every second): the log says it when it begins, again
 /// at most every [`Spell::SAY_EVERY`] while it lasts, and when an attempt
 /// works again, instead of a line per attempt. A spell made
-/// [`Spell::settling`] ends only once attempts have worked for that long
-/// with none failing: where a failure flaps (a starved process frees a
+/// [`Spell::settling`] ends only once no attempt has failed for
+/// [`Spell::SETTLE`]: where a failure flaps (a starved process frees a
 /// descriptor now and then, one accept works and the next fails), the
 /// spell goes on instead of two lines a flap.
 #[derive(Debug, Default)]
@@ -99,11 +99,16 @@ pub enum Say {
 impl Spell {
     pub const SAY_EVERY: Duration = Duration::from_secs(600);
 
-    /// A spell that ends only once no attempt failed for `settle`.
-    pub fn settling(settle: Duration) -> Spell {
+    /// How long a [`Spell::settling`] goes without a failure before it
+    /// ends: five of the relay's flushes, a hundred of the outbox's
+    /// commits or of a starved listener's accepts.
+    pub const SETTLE: Duration = Duration::from_secs(10);
+
+    /// A spell that ends only once no attempt failed for [`Spell::SETTLE`].
+    pub fn settling() -> Spell {
         Spell {
             failing: None,
-            settle,
+            settle: Spell::SETTLE,
         }
     }
 
@@ -151,7 +156,7 @@ impl Spell {
 /// every commit while the outbox is full, raw lines while the disk lags):
 /// said as a [`Spell`] is, with how many were lost; made
 /// [`Losses::settling`], the spell ends only once none were lost for
-/// that long.
+/// [`Spell::SETTLE`].
 #[derive(Debug, Default)]
 pub struct Losses {
     spell: Spell,
@@ -178,10 +183,11 @@ pub enum Lost {
 }
 
 impl Losses {
-    /// Losses whose spell ends only once none were lost for `settle`.
-    pub fn settling(settle: Duration) -> Losses {
+    /// Losses whose spell ends only once none were lost for
+    /// [`Spell::SETTLE`].
+    pub fn settling() -> Losses {
         Losses {
-            spell: Spell::settling(settle),
+            spell: Spell::settling(),
             lost: 0,
         }
     }
@@ -216,6 +222,16 @@ pub fn since_began(lost: u64, since: Duration) -> String {
         "{lost} since it began, {:.0} minutes ago (said every {} minutes)",
         since.as_secs_f64() / 60.0,
         Spell::SAY_EVERY.as_secs() / 60
+    )
+}
+
+/// How the end of a settling spell says how long it lasted: `over 12 s,
+/// none in the last 10 s`.
+pub fn settled(lasted: Duration) -> String {
+    format!(
+        "over {:.0} s, none in the last {} s",
+        lasted.as_secs_f64(),
+        Spell::SETTLE.as_secs()
     )
 }
 
@@ -297,7 +313,7 @@ mod tests {
     fn settling_losses_between_attempts_that_lose_none_are_one_spell() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut l = Losses::settling(Duration::from_secs(10));
+        let mut l = Losses::settling();
         assert_eq!(l.lost(5, at(0)), Lost::Began(5));
         // A commit every 0.1 s, one in three dropping 2.
         for k in 1..300 {
@@ -320,7 +336,7 @@ mod tests {
     fn a_settling_spell_that_flaps_is_said_once_and_ends_after_its_settling_time() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut spell = Spell::settling(Duration::from_secs(10));
+        let mut spell = Spell::settling();
         assert_eq!(spell.failed(at(0)), Say::Failure { attempts: 1 });
         // Works and fails by turns, as accepts do while descriptors flap.
         for k in 1..50 {

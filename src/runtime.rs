@@ -57,17 +57,13 @@ impl Shutdown {
         let _ = self.0.recv().await;
     }
 
-    /// How long accepts must work, none failing, before the log says they
-    /// work again: out of descriptors, one is freed now and then, one
-    /// accept works and the next fails.
-    pub const ACCEPTS_SETTLE: Duration = Duration::from_secs(10);
-
     /// The next connection on `listener`, or None once shutdown begins. A
     /// failed accept (out of file descriptors, mostly: every one fails
     /// until a descriptor is freed) is tried again every 0.1 s, and said
-    /// once a spell in `refusing` (made [`Spell::settling`] for
-    /// [`Shutdown::ACCEPTS_SETTLE`]), as `listening` names the listener
+    /// once a spell in `refusing`, as `listening` names the listener
     /// (`http_listen on 127.0.0.1:9464`), and when accepts work again.
+    /// `refusing` is made [`Spell::settling`]: out of descriptors, one is
+    /// freed now and then, one accept works and the next fails.
     ///
     /// [`Spell::settling`]: crate::logging::Spell::settling
     pub async fn accept(
@@ -76,7 +72,7 @@ impl Shutdown {
         refusing: &mut crate::logging::Spell,
         listening: &str,
     ) -> Option<(smol::Async<std::net::TcpStream>, std::net::SocketAddr)> {
-        use crate::logging::{Say, again};
+        use crate::logging::{Say, again, settled};
         loop {
             let accepted = smol::future::or(async { Some(listener.accept().await) }, async {
                 self.wait().await;
@@ -88,9 +84,8 @@ impl Shutdown {
                 Ok(a) => {
                     if let Say::Ended { failed, lasted } = refusing.worked(now) {
                         log::info!(
-                            "{listening}: accepting connections again, none failed for {} s, after {failed} failed tries over {:.0} s",
-                            Shutdown::ACCEPTS_SETTLE.as_secs(),
-                            lasted.as_secs_f64()
+                            "{listening}: accepting connections again: {failed} tries failed {}",
+                            settled(lasted)
                         );
                     }
                     return Some(a);

@@ -258,7 +258,7 @@ pub async fn serve(
     let limits = Rc::new(limits());
     let budget = Budget::new(0);
     let open = Rc::new(Cell::new(0usize));
-    let mut refusing = Spell::settling(Shutdown::ACCEPTS_SETTLE);
+    let mut refusing = Spell::settling();
     let listening = match listener.get_ref().local_addr() {
         Ok(a) => format!("http_listen on {a}"),
         Err(_) => "http_listen".to_owned(),

@@ -253,7 +253,7 @@ async fn serve(s: Server, ctx: Context) {
     let limits = Rc::new(c.limits.clone());
     let budget = http_server::Budget::new(c.limits.max_buffered_bytes);
     counters.set_budget(budget.clone());
-    let mut refusing = Spell::settling(Shutdown::ACCEPTS_SETTLE);
+    let mut refusing = Spell::settling();
     let listening = format!("the upstream on {}", c.listen);
     loop {
         let Some((stream, peer)) = ctx

@@ -20,7 +20,7 @@ use super::ingest::RAW_PENDING_MAX_BYTES;
 use super::store::{Appended, Store};
 use super::{Shared, status};
 use crate::clock::now_ms;
-use crate::logging::{Losses, Lost, Say, Spell, again, since_began};
+use crate::logging::{Losses, Lost, Say, Spell, again, settled, since_began};
 use crate::runtime::{Wakeup, Worker};
 use crate::state_dir::{Sync, replace_file, replace_file_with};
 
@@ -436,8 +436,9 @@ pub(super) async fn flush(
 /// Raw lines dropped because [`RAW_PENDING_MAX_BYTES`] of them were
 /// waiting for the disk: the raw files miss them (the outbox and the
 /// analytics do not). Said when it begins, as a reminder while it lasts,
-/// and when flushes have dropped none for [`RawDrops::SETTLE`] ([`Losses`]):
-/// a disk that keeps up at one flush and not the next is one spell.
+/// and when flushes have dropped none for [`Spell::SETTLE`]
+/// ([`Losses::settling`]): a disk that keeps up at one flush and not the
+/// next is one spell.
 #[derive(Debug)]
 pub(super) struct RawDrops {
     /// Lines dropped in all when the last flush looked.
@@ -449,15 +450,12 @@ impl Default for RawDrops {
     fn default() -> RawDrops {
         RawDrops {
             seen: 0,
-            losses: Losses::settling(RawDrops::SETTLE),
+            losses: Losses::settling(),
         }
     }
 }
 
 impl RawDrops {
-    /// Five flushes.
-    pub(super) const SETTLE: Duration = Duration::from_secs(10);
-
     /// At a flush, with `dropped` lines dropped in all so far: what the
     /// log says, and at which level.
     pub(super) fn said(
@@ -487,9 +485,8 @@ impl RawDrops {
             Lost::Ended { lost, lasted } => Some((
                 log::Level::Info,
                 format!(
-                    "raw lines are appended to the raw files in {dir} again, after {lost} were dropped over {:.0} s (none in the last {} s)",
-                    lasted.as_secs_f64(),
-                    RawDrops::SETTLE.as_secs()
+                    "raw lines are appended to the raw files in {dir} again: {lost} were dropped {}",
+                    settled(lasted)
                 ),
             )),
         }
