@@ -1489,22 +1489,21 @@ admin_token_file = "admin.token"
 /// An agent on one stream of a fresh hub, subscribed, whose one sink takes
 /// events but never delivers them (nothing listens on port 9): every
 /// message stays in the outbox to be counted.
-fn agent_keeping_events(tag: &str, stream: &str) -> (TempDir, Hub, Agent) {
-    let dir = TempDir::new(tag);
-    let hub = Hub::start();
-    dir.write("edge.token", "token-of-edge-0123456789");
-    let cfg = config(
-        &dir,
-        &hub,
-        &[stream],
-        r#"
+/// A sink that takes events and never delivers them (nothing listens on
+/// port 9): they stay in the outbox. Needs `edge.token` in the test's dir.
+const SINK_KEEPING_EVENTS: &str = r#"
 [[sink]]
 type = "upstream"
 endpoint = "http://127.0.0.1:9"
 token_file = "edge.token"
 events = true
-"#,
-    );
+"#;
+
+fn agent_keeping_events(tag: &str, stream: &str) -> (TempDir, Hub, Agent) {
+    let dir = TempDir::new(tag);
+    let hub = Hub::start();
+    dir.write("edge.token", "token-of-edge-0123456789");
+    let cfg = config(&dir, &hub, &[stream], SINK_KEEPING_EVENTS);
     let agent = Agent::start(&cfg, "info");
     wait_subscribed(&hub, &[stream]);
     (dir, hub, agent)
@@ -2319,29 +2318,14 @@ fn a_full_outbox_of_relay_messages_says_so_once() {
     let dir = TempDir::new("relay-full");
     let hub = Hub::start();
     dir.write("edge.token", "token-of-edge-0123456789");
-    let cfg = dir.write(
-        "edgemeter.toml",
-        &format!(
-            r#"[agent]
-id = "lab-host"
-state_dir = "state"
-buffer_max_bytes = 1048576
-
-[[source]]
-type = "relay"
-name = "lab"
-session_host = "{}"
-streams = ["f1"]
-
-[[sink]]
-type = "upstream"
-endpoint = "http://127.0.0.1:9"
-token_file = "edge.token"
-events = true
-"#,
-            hub.url()
-        ),
+    let cfg = config(&dir, &hub, &["f1"], SINK_KEEPING_EVENTS);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    let small = text.replace(
+        "state_dir = \"state\"\n",
+        "state_dir = \"state\"\nbuffer_max_bytes = 1048576\n",
     );
+    assert_ne!(small, text);
+    std::fs::write(&cfg, small).expect("config");
     let agent = Agent::start(&cfg, "info");
     wait_subscribed(&hub, &["f1"]);
     // Bursts (a commit of large rows) between trickles (commits of a few
