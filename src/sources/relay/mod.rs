@@ -48,7 +48,7 @@
 //!   the disk sees the outbox's fsync a second and hardly any of this
 //!   file's.
 //! - Files in `files_dir` are rewritten from that state by one flush at a
-//!   time ([`flush`]), each atomically (temp file, rename; no fsync, see
+//!   time ([`flush()`]), each atomically (temp file, rename; no fsync, see
 //!   [`Sync::No`](crate::state_dir::Sync::No)), every `dump_interval_secs`,
 //!   on this source's worker thread; all of them at the first dump after a
 //!   start, unless the last run stopped having written them all and synced
