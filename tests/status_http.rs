@@ -632,41 +632,11 @@ fn http_listen_out_of_file_descriptors_says_so_once_and_serves_again() {
     let mut agent = Agent::start(&cfg, "info");
     let addr = served_at(&agent);
     assert_eq!(get(addr, "/health").0, 200);
-    let mut starved = common::OutOfDescriptors::start(agent.pid(), addr.port());
-    assert!(
-        agent.wait_for_line(
-            &format!("http_listen on {addr}: accepting a connection failed"),
-            Duration::from_secs(5)
-        ),
-        "{}",
-        agent.stderr()
-    );
-    std::thread::sleep(Duration::from_millis(500)); // five more tries
-    // A descriptor freed now and then lets one accept work between failures
-    // (CI saw it as the limit was restored): still one spell.
-    starved.one_more();
-    std::thread::sleep(Duration::from_millis(1000));
-    drop(starved);
-    assert!(
-        wait_until(Duration::from_secs(10), || get(addr, "/health").0 == 200),
-        "{}",
-        agent.stderr()
-    );
-    // Said once accepts have worked for ten seconds with none failing:
-    // at the first connection after that.
-    let again = format!("http_listen on {addr}: accepting connections again");
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            assert!(
-                get(addr, "/health").0 == 200,
-                "serves again: {}",
-                agent.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-            agent.stderr().contains(&again)
-        }),
-        "{}",
-        agent.stderr()
+    common::starve_and_recover(
+        &agent,
+        addr.port(),
+        &format!("http_listen on {addr}"),
+        || get(addr, "/health").0 == 200,
     );
     agent.stop();
     let log = agent.stderr();

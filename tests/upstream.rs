@@ -2069,38 +2069,8 @@ fn an_upstream_out_of_file_descriptors_says_so_once_and_serves_again() {
     let cfg = upstream_config(&dir, "up", port, "sqlite", "", "");
     let mut up = Agent::start_upstream(&cfg, "info", &[]);
     assert!(health_ok(port));
-    let mut starved = common::OutOfDescriptors::start(up.pid(), port);
-    assert!(
-        up.wait_for_line(
-            &format!("the upstream on 127.0.0.1:{port}: accepting a connection failed"),
-            Duration::from_secs(5)
-        ),
-        "{}",
-        up.stderr()
-    );
-    std::thread::sleep(Duration::from_millis(500)); // five more tries
-    // A descriptor freed now and then lets one accept work between failures
-    // (CI saw it as the limit was restored): still one spell.
-    starved.one_more();
-    std::thread::sleep(Duration::from_millis(1000));
-    drop(starved);
-    assert!(
-        wait_until(Duration::from_secs(10), || health_ok(port)),
-        "{}",
-        up.stderr()
-    );
-    // Said once accepts have worked for ten seconds with none failing:
-    // at the first connection after that.
-    let again = format!("the upstream on 127.0.0.1:{port}: accepting connections again");
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            assert!(health_ok(port), "serves again: {}", up.stderr());
-            std::thread::sleep(Duration::from_millis(500));
-            up.stderr().contains(&again)
-        }),
-        "{}",
-        up.stderr()
-    );
+    let listening = format!("the upstream on 127.0.0.1:{port}");
+    common::starve_and_recover(&up, port, &listening, || health_ok(port));
     up.stop();
     let log = up.stderr();
     assert_eq!(

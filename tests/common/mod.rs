@@ -399,6 +399,43 @@ impl Drop for OutOfDescriptors {
     }
 }
 
+/// Starve `process` of descriptors under silent peers on `port`, free one
+/// mid-spell (one accept works between failures, as they flap), then give
+/// them back. On return the failure has been said (`listening` names the
+/// listener as the log does), the process serves again (`healthy`, asked
+/// every 0.5 s from then on), and it has said so: once no accept failed
+/// for ten seconds, at the first connection after that.
+pub fn starve_and_recover(process: &Agent, port: u16, listening: &str, healthy: impl Fn() -> bool) {
+    let mut starved = OutOfDescriptors::start(process.pid(), port);
+    assert!(
+        process.wait_for_line(
+            &format!("{listening}: accepting a connection failed"),
+            Duration::from_secs(5)
+        ),
+        "{}",
+        process.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(500)); // five more tries
+    starved.one_more();
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(starved);
+    assert!(
+        wait_until(Duration::from_secs(10), &healthy),
+        "{}",
+        process.stderr()
+    );
+    let again = format!("{listening}: accepting connections again");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            assert!(healthy(), "serves again: {}", process.stderr());
+            std::thread::sleep(Duration::from_millis(500));
+            process.stderr().contains(&again)
+        }),
+        "{}",
+        process.stderr()
+    );
+}
+
 fn set_soft_nofile(pid: &str, soft: &str) {
     let out = Command::new("prlimit")
         .args(["--pid", pid, &format!("--nofile={soft}:")])
