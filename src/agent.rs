@@ -28,7 +28,7 @@ use smol::{LocalExecutor, Task};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::logging::{Losses, Lost, Say, Spell, again, settled, since_began};
-use crate::outbox::{Outbox, OutboxError, reason};
+use crate::outbox::{Outbox, OutboxError};
 use crate::record::{KindSet, Record, payloads};
 use crate::runtime::{self, Doorbell, Inbox, Item, SharedOutbox};
 use crate::sinks::Sink;
@@ -46,9 +46,6 @@ const GROUP_MAX: usize = 50_000;
 /// How often the writer makes its commits survive a power cut (an fsync of
 /// the WAL; a commit itself does not wait for the disk, see the outbox).
 const SYNC_EVERY: Duration = Duration::from_secs(1);
-/// Records held in memory while commits fail (disk full); past this the
-/// oldest are dropped and counted as `commit_failed`.
-const UNCOMMITTED_MAX: usize = 200_000;
 
 #[derive(Debug)]
 pub enum AgentError {
@@ -57,6 +54,17 @@ pub enum AgentError {
     Signals(std::io::Error),
     /// `[agent] http_listen` could not be bound.
     Listen(std::net::SocketAddr, std::io::Error),
+    /// Stopped while commits failed (a full disk): these records, received
+    /// and held in memory, are lost.
+    Uncommitted(Uncommitted),
+}
+
+/// What the writer could not commit by the time it had to stop.
+#[derive(Debug)]
+pub struct Uncommitted {
+    pub records: usize,
+    /// The last commit's error.
+    pub why: String,
 }
 
 impl fmt::Display for AgentError {
@@ -68,6 +76,11 @@ impl fmt::Display for AgentError {
             AgentError::Listen(addr, e) => write!(
                 f,
                 "cannot listen on {addr} ([agent] http_listen): {e}; choose a free port or remove the key"
+            ),
+            AgentError::Uncommitted(u) => write!(
+                f,
+                "could not commit {} records before stopping ({}); they are lost",
+                u.records, u.why
             ),
         }
     }
@@ -161,6 +174,7 @@ async fn serve(
             deliver: agent.deliver_interval,
         },
         bells,
+        shutdown.clone(),
     ));
     // The agent's own health, as points from a source named `agent`.
     let health = agent.health_interval.map(|interval| {
@@ -299,7 +313,7 @@ async fn serve(
             grace.as_secs_f64()
         );
     }
-    writer.await;
+    let uncommitted = writer.await;
     let stragglers = join_within(sink_tasks, SINK_FINISH).await;
     if stragglers > 0 {
         log::info!(
@@ -313,10 +327,13 @@ async fn serve(
             "stopped in {ms} ms, with {} cut off (see above)",
             crate::logging::counted(cancelled, "source", "sources")
         );
-    } else {
+    } else if uncommitted.is_none() {
         log::info!("stopped cleanly in {ms} ms");
     }
-    Ok(())
+    match uncommitted {
+        None => Ok(()),
+        Some(u) => Err(AgentError::Uncommitted(u)),
+    }
 }
 
 fn signal_name(s: Option<std::io::Result<Signal>>) -> &'static str {
@@ -440,16 +457,28 @@ fn gather(item: Item, group: &mut Vec<Record>) -> Option<Sender<()>> {
 /// transaction, and makes the commits durable against a power cut once a
 /// second ([`SYNC_EVERY`]). Ends when the channel closes (every source
 /// gone), after committing and syncing what it holds.
-async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells: Vec<Doorbell>) {
+///
+/// While commits fail (a full disk), it holds what it received and tries
+/// again with backoff; once it holds [`GROUP_MAX`] records it takes no
+/// more, and the sources wait (an xx source reads the rows again later;
+/// a relay stream's messages wait in its socket). At shutdown it takes
+/// what the sources still send, tries once more, and returns what it
+/// could not commit.
+async fn write_records(
+    rx: Inbox,
+    outbox: SharedOutbox,
+    cadence: Cadence,
+    bells: Vec<Doorbell>,
+    shutdown: runtime::Shutdown,
+) -> Option<Uncommitted> {
     let flush = cadence.flush;
     let mut group: Vec<Record> = Vec::new();
     // Barriers wait for the commit of everything received before them.
     let mut barriers: Vec<Sender<()>> = Vec::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut failing = false;
+    let mut failing = Spell::default();
     let mut sync_spell = Spell::default();
     let mut full = Losses::settling();
-    let mut lost_uncounted: i64 = 0;
     let mut closed = false;
     // Commits not yet synced, and when the last sync was; commits the
     // sinks were not woken for, and when they last were.
@@ -535,15 +564,10 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
             }
         }
         let batch = std::mem::take(&mut group);
-        let lost = std::mem::take(&mut lost_uncounted);
         let sync_now = closed || synced_at.elapsed() >= SYNC_EVERY;
         let (batch, result, synced) = outbox
             .call(move |o| {
                 let r = o.append(&batch);
-                if r.is_ok() && lost > 0 {
-                    // Best effort: the count is only a statistic.
-                    let _ = o.count_drops(reason::COMMIT_FAILED, lost);
-                }
                 let synced = (r.is_ok() && sync_now).then(|| o.sync());
                 (batch, r, synced)
             })
@@ -569,12 +593,12 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
                 for done in barriers.drain(..) {
                     let _ = done.try_send(());
                 }
-                if failing {
+                if let Say::Ended { failed, lasted } = failing.worked(Instant::now()) {
                     log::info!(
-                        "outbox writable again; committed the {} records held meanwhile",
-                        batch.len()
+                        "outbox writable again; committed the {} records held meanwhile, after {failed} failed commits in a row ({:.0} s)",
+                        batch.len(),
+                        lasted.as_secs_f64()
                     );
-                    failing = false;
                     backoff.reset();
                 }
                 let lost = full.lost(appended.dropped.max(0) as u64, Instant::now());
@@ -595,38 +619,46 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
                 payloads::recycle(&mut group);
             }
             Err(e) => {
-                let wait = backoff.next_wait();
-                if !failing {
-                    let hint = if e.is_disk_full() {
-                        " (the disk is full)"
-                    } else {
-                        ""
-                    };
-                    log::error!(
-                        "{e}{hint}; holding {} records in memory (at most {UNCOMMITTED_MAX}) and retrying",
-                        batch.len()
-                    );
-                    failing = true;
-                }
-                group = batch;
-                if group.len() > UNCOMMITTED_MAX {
-                    let excess = group.len() - UNCOMMITTED_MAX;
-                    group.drain(..excess);
-                    lost_uncounted += lost + excess as i64;
-                    log::warn!(
-                        "dropped the {excess} oldest uncommitted records: the outbox is still failing"
-                    );
+                let why = if e.is_disk_full() {
+                    format!("{e} (the disk is full)")
                 } else {
-                    lost_uncounted += lost;
-                }
+                    e.to_string()
+                };
+                group = batch;
                 if closed {
+                    return Some(Uncommitted {
+                        records: group.len(),
+                        why,
+                    });
+                }
+                if let Say::Failure { attempts } = failing.failed(Instant::now()) {
                     log::error!(
-                        "shutting down with {} records that could not be committed",
+                        "{}{why}; holding {} records in memory and trying again; once {GROUP_MAX} are held, the sources wait",
+                        again(attempts),
                         group.len()
                     );
-                    return;
                 }
-                smol::Timer::after(wait).await;
+                // Try again after the wait; at shutdown at once, with what
+                // the sources still send in their grace (they wait on a
+                // full writer, and would be cut off).
+                let wait = backoff.next_wait();
+                let stopping = smol::future::or(
+                    async {
+                        smol::Timer::after(wait).await;
+                        false
+                    },
+                    async {
+                        shutdown.wait().await;
+                        true
+                    },
+                )
+                .await;
+                if stopping {
+                    while let Ok(item) = rx.recv().await {
+                        barriers.extend(gather(item, &mut group));
+                    }
+                    closed = true;
+                }
             }
         }
     }
@@ -636,6 +668,7 @@ async fn write_records(rx: Inbox, outbox: SharedOutbox, cadence: Cadence, bells:
     if unsynced {
         sync(&outbox, &mut sync_spell).await;
     }
+    None
 }
 
 #[cfg(test)]
@@ -643,17 +676,15 @@ mod tests {
     use super::*;
     use crate::record::{Dims, KindSet};
 
-    /// The writer with no sinks, committing and waking every 10 ms.
-    fn fast_writer(rx: Inbox, outbox: SharedOutbox) -> impl std::future::Future<Output = ()> {
-        write_records(
-            rx,
-            outbox,
-            Cadence {
-                flush: Duration::from_millis(10),
-                deliver: Duration::from_millis(10),
-            },
-            Vec::new(),
-        )
+    /// The writer with no sinks, committing and waking every 10 ms, never
+    /// told to shut down (it ends when the channel closes).
+    async fn fast_writer(rx: Inbox, outbox: SharedOutbox) -> Option<Uncommitted> {
+        let (_never, shutdown) = runtime::shutdown_pair();
+        let cadence = Cadence {
+            flush: Duration::from_millis(10),
+            deliver: Duration::from_millis(10),
+        };
+        write_records(rx, outbox, cadence, Vec::new(), shutdown).await
     }
 
     /// A full disk: commits fail, the writer keeps what it holds, says so
@@ -702,6 +733,65 @@ mod tests {
             "every record held in memory was committed"
         );
         assert!(stats.drops.is_empty(), "{:?}", stats.drops);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Shut down while the disk is full, holding more than one commit
+    /// takes: the writer takes what the sources still send, tries once
+    /// more, and returns what it could not commit. It looked at its
+    /// channel only while it held less than [`GROUP_MAX`], so it never saw
+    /// the channel close, and retried until killed.
+    #[test]
+    fn shut_down_while_the_disk_is_full_the_writer_returns_what_it_could_not_commit() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-full-{}", fastrand::u64(..)));
+        let (outbox, _) = Outbox::open(&dir, 1 << 30).expect("open");
+        outbox.cap_pages(Some(0));
+        let outbox = runtime::shared_outbox(outbox);
+        let (emitter, rx) = runtime::record_channel();
+        let (mut trigger, shutdown) = runtime::shutdown_pair();
+        let cadence = Cadence {
+            flush: Duration::from_millis(10),
+            deliver: Duration::from_millis(10),
+        };
+        let n = GROUP_MAX + 10_000;
+        let ex = LocalExecutor::new();
+        let uncommitted = smol::block_on(ex.run(async {
+            let writer = ex.spawn(write_records(rx, outbox, cadence, Vec::new(), shutdown));
+            let sent = Rc::new(std::cell::Cell::new(0));
+            let counted = sent.clone();
+            let source = ex.spawn(async move {
+                for i in 0..n {
+                    let r = Record::point("m", Dims::default(), 0, i as f64, "Count");
+                    assert!(emitter.emit(r).await, "the writer stopped taking records");
+                    counted.set(i + 1);
+                }
+            });
+            // Until the writer holds a full group and the channel is full
+            // too (bounded: 200 tries of 50 ms).
+            let held = GROUP_MAX + runtime::RECORD_CHANNEL_CAPACITY;
+            for _ in 0..200 {
+                if sent.get() >= held {
+                    break;
+                }
+                smol::Timer::after(Duration::from_millis(50)).await;
+            }
+            assert_eq!(sent.get(), held, "the source waits on a full writer");
+            trigger.fire();
+            smol::future::or(
+                async {
+                    source.await;
+                    writer.await
+                },
+                async {
+                    smol::Timer::after(Duration::from_secs(10)).await;
+                    panic!("the source and the writer did not end within 10 s of shutdown");
+                },
+            )
+            .await
+        }));
+        let u = uncommitted.expect("records were lost");
+        assert_eq!(u.records, n, "every record held, none committed");
+        assert!(u.why.contains("(the disk is full)"), "{}", u.why);
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -526,3 +526,125 @@ retry_max_secs = 0.5
     assert!(said > 0);
     assert_eq!(said as i64, counted, "{log}");
 }
+
+/// An agent whose state directory is on a disk of `mib` MiB, with a
+/// synthetic source (`source` keys) and a csv sink on another disk.
+fn on_small_disk(dir: &TempDir, source: &str, mib: u32) -> Agent {
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "test-agent"
+state_dir = "state"
+flush_interval_secs = 0.05
+
+[[source]]
+type = "synthetic"
+name = "load"
+{source}
+
+[[sink]]
+type = "csv"
+name = "local"
+path = "out.csv"
+batch_max_records = 5000
+retry_initial_secs = 0.05
+retry_max_secs = 0.5
+"#
+        ),
+    );
+    let agent = Agent::start_on_small_disk(&cfg, "info", &dir.path("state"), mib);
+    assert!(
+        agent.wait_for_line("running as agent", Duration::from_secs(10)),
+        "the agent did not start:\n{}",
+        agent.stderr()
+    );
+    agent
+}
+
+/// A real full disk (a tmpfs the agent's state directory is on): commits
+/// fail, the agent says so once and holds what arrives, and when space
+/// returns it commits everything it held; the sink gets every record
+/// once.
+#[test]
+fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
+    let dir = TempDir::new("full-disk");
+    let n = 30_000;
+    let mut agent = on_small_disk(
+        &dir,
+        &format!("rate_per_sec = 10000\nseries = 3\nlimit = {n}"),
+        32,
+    );
+    let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
+    assert!(disk.fill() > 0, "the disk took nothing");
+    assert!(
+        agent.wait_for_line("(the disk is full)", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    disk.free();
+    assert!(
+        agent.wait_for_line("outbox writable again", Duration::from_secs(20)),
+        "{}",
+        agent.stderr()
+    );
+    let csv = dir.path("out.csv");
+    assert!(
+        common::wait_until(Duration::from_secs(30), || csv_ids(&csv).len() >= n),
+        "the sink got {} of {n}:\n{}",
+        csv_ids(&csv).len(),
+        agent.stderr()
+    );
+    agent.stop();
+    let mut ids = csv_ids(&csv);
+    assert_eq!(ids.len(), n, "each record once");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "each record once");
+    let log = agent.stderr();
+    assert_eq!(
+        log.matches("(the disk is full)").count(),
+        1,
+        "said once:\n{log}"
+    );
+}
+
+/// Stopped while the disk is full: the agent exits at once with status 1
+/// and says how many records it could not commit. It took longer than it
+/// promises (`shutdown_grace_secs` + 3 s): the source, waiting on the
+/// writer, was cut off after its grace (5 s), and the writer noticed only
+/// after its backoff (up to 10 s); holding a full group it never noticed
+/// (`agent::tests`, `shut_down_while_the_disk_is_full_…`).
+#[test]
+fn stopped_while_the_disk_is_full_the_agent_exits_in_time_and_says_what_it_lost() {
+    let dir = TempDir::new("full-disk-stop");
+    let mut agent = on_small_disk(&dir, "rate_per_sec = 20000\nseries = 3", 32);
+    let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
+    assert!(disk.fill() > 0, "the disk took nothing");
+    assert!(
+        agent.wait_for_line("(the disk is full)", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    // Several failed commits: the backoff grows past a second.
+    std::thread::sleep(Duration::from_secs(4));
+    agent.signal("TERM");
+    let status = agent.wait_exit(Duration::from_secs(5 + 3));
+    let log = agent.stderr();
+    let Some(status) = status else {
+        panic!("still running 8 s after SIGTERM:\n{log}");
+    };
+    assert_eq!(status.code(), Some(1), "records were lost: {status}\n{log}");
+    let lost: u64 = log
+        .lines()
+        .find_map(|l| l.split("could not commit ").nth(1))
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count of the records lost:\n{log}"));
+    assert!(lost > 0, "{log}");
+    assert!(!log.contains("stopped cleanly"), "{log}");
+    assert!(
+        !log.contains("did not finish"),
+        "the source was cut off:\n{log}"
+    );
+}

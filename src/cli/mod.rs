@@ -174,7 +174,9 @@ fn agent_exit(result: Result<(), agent::AgentError>) -> Outcome {
             log::error!("{e}");
             Err(Failed::logged(match e {
                 agent::AgentError::Lock(_) | agent::AgentError::Outbox(_) => Exit::State,
-                agent::AgentError::Signals(_) | agent::AgentError::Listen(..) => Exit::Failure,
+                agent::AgentError::Signals(_)
+                | agent::AgentError::Listen(..)
+                | agent::AgentError::Uncommitted(_) => Exit::Failure,
             }))
         }
     }

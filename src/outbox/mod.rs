@@ -19,6 +19,10 @@
 //!     the last second at most. The file is never corrupt: SQLite discards
 //!     a torn WAL tail at open. A lost confirmation only means a batch is
 //!     sent again, with the same `(sink, seq)`.
+//!   - **the disk is full**: nothing committed. A commit that does not fit
+//!     fails as a whole; the agent's writer holds the records and tries
+//!     again (`agent::write_records`). Stopped before space returns, it
+//!     loses what it holds, and says how many.
 //!   - The disk sees one fsync a second at steady load, and one more at
 //!     each checkpoint, which the writer takes at a sync once 16 MiB of WAL
 //!     are written: what an SD card can bear.
@@ -240,9 +244,6 @@ CREATE TABLE IF NOT EXISTS drops (
 pub mod reason {
     /// The buffer reached `buffer_max_bytes`; the oldest went.
     pub const BUFFER_FULL: &str = "buffer_full";
-    /// Records could not be committed (disk full, I/O error) and the
-    /// in-memory queue that holds them meanwhile overflowed.
-    pub const COMMIT_FAILED: &str = "commit_failed";
     /// Dead letters past their budget; the oldest went.
     pub const DEAD_LETTER_EVICTED: &str = "dead_letter_evicted";
 }

@@ -88,9 +88,32 @@ impl Agent {
 
     /// `edgemeter <command> -c config` with its stderr collected.
     pub fn start_command(command: &str, config: &Path, log: &str, env: &[(&str, &str)]) -> Agent {
-        let mut child = Command::new(BIN)
-            .args([command, "-c"])
-            .arg(config)
+        let mut c = Command::new(BIN);
+        c.args([command, "-c"]).arg(config);
+        Agent::spawn(c, log, env)
+    }
+
+    /// `edgemeter run -c config` with `dir` on a disk of its own of `mib`
+    /// MiB: a tmpfs mounted in a private mount namespace (`unshare`,
+    /// util-linux), which goes away with the process. [`SmallDisk`] fills
+    /// it and frees it again.
+    pub fn start_on_small_disk(config: &Path, log: &str, dir: &Path, mib: u32) -> Agent {
+        std::fs::create_dir_all(dir).expect("create the mount point");
+        let mut c = Command::new("unshare");
+        // A user namespace too, so that this needs no root.
+        c.args(["--map-root-user", "--mount", "--propagation", "private"])
+            .args(["sh", "-c"])
+            .arg(r#"mount -t tmpfs -o "size=$1m" edgemeter-test "$2" || { echo "cannot mount a tmpfs in a private namespace (unshare --map-root-user needs user namespaces: sysctl kernel.unprivileged_userns_clone=1, or run as root)" >&2; exit 97; }; exec "$3" run -c "$4""#)
+            .arg("sh")
+            .arg(mib.to_string())
+            .arg(dir)
+            .arg(BIN)
+            .arg(config);
+        Agent::spawn(c, log, &[])
+    }
+
+    fn spawn(mut command: Command, log: &str, env: &[(&str, &str)]) -> Agent {
+        let mut child = command
             .env("EDGEMETER_LOG", log)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -205,6 +228,53 @@ impl Drop for Agent {
             self.child.kill().ok();
             self.child.wait().ok();
         }
+    }
+}
+
+/// The disk [`Agent::start_on_small_disk`] gave a process, seen from
+/// outside its mount namespace (`/proc/PID/root`).
+pub struct SmallDisk {
+    filler: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn of(pid: u32, dir: &Path) -> SmallDisk {
+        let inside = dir.strip_prefix("/").expect("an absolute path");
+        SmallDisk {
+            filler: Path::new(&format!("/proc/{pid}/root"))
+                .join(inside)
+                .join("filler"),
+        }
+    }
+
+    /// Write a file until the disk is full (bounded by the disk's size);
+    /// how many bytes it took.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&self.filler).expect("create the filler");
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        // A tmpfs of at most 1 GiB: 16,384 chunks.
+        for _ in 0..16_384 {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+        // Whatever a partial chunk left, 512 bytes at a time.
+        for _ in 0..128 {
+            match f.write(&chunk[..512]) {
+                Ok(n) if n > 0 => written += n as u64,
+                _ => break,
+            }
+        }
+        written
+    }
+
+    pub fn free(&self) {
+        std::fs::remove_file(&self.filler).expect("remove the filler");
     }
 }
 
