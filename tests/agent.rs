@@ -530,6 +530,11 @@ retry_max_secs = 0.5
 /// An agent whose state directory is on a disk of `mib` MiB, with a
 /// synthetic source (`source` keys) and a csv sink on another disk.
 fn on_small_disk(dir: &TempDir, source: &str, mib: u32) -> Agent {
+    on_small_disk_sinking_to(dir, source, mib, ".")
+}
+
+/// As [`on_small_disk`], the sink's file in `sink_dir`.
+fn on_small_disk_sinking_to(dir: &TempDir, source: &str, mib: u32, sink_dir: &str) -> Agent {
     let cfg = dir.write(
         "edgemeter.toml",
         &format!(
@@ -546,7 +551,7 @@ name = "load"
 [[sink]]
 type = "csv"
 name = "local"
-path = "out.csv"
+path = "{sink_dir}/out.csv"
 batch_max_records = 5000
 retry_initial_secs = 0.05
 retry_max_secs = 0.5
@@ -608,6 +613,54 @@ fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
         1,
         "said once:\n{log}"
     );
+}
+
+/// A sink whose records wait in the outbox when the disk fills: a claim
+/// of a batch writes, so each one fails. It said so at every try (18
+/// lines in 4 s here, with retries of at most 0.5 s; with the defaults,
+/// one every 5 minutes for as long as the disk stays full); now once, and
+/// once when claims work again.
+#[test]
+fn a_sink_says_once_that_it_cannot_claim_batches_from_a_full_disk() {
+    let dir = TempDir::new("full-disk-claims");
+    // A file where the sink's directory goes: records wait in the outbox.
+    dir.write("blocked", "");
+    let mut agent =
+        on_small_disk_sinking_to(&dir, "rate_per_sec = 2000\nseries = 3", 32, "blocked");
+    assert!(
+        agent.wait_for_line("could not deliver batch", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
+    assert!(disk.fill() > 0, "the disk took nothing");
+    std::fs::remove_file(dir.path("blocked")).expect("out of the sink's way");
+    assert!(
+        agent.wait_for_line("claiming a batch failed", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    // Several tries (retries up to 0.5 s).
+    std::thread::sleep(Duration::from_secs(4));
+    disk.free();
+    assert!(
+        agent.wait_for_line("the outbox gives batches again", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.wait_for_line("outbox writable again", Duration::from_secs(20)),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert_eq!(
+        log.matches("claiming a batch failed").count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(!csv_ids(&dir.path("blocked/out.csv")).is_empty(), "{log}");
 }
 
 /// Stopped while the disk is full: the agent exits at once with status 1

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, jittered};
-use crate::logging::{Say, Spell};
+use crate::logging::{Say, Spell, again};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
 use crate::sinks::{DeliveryError, Sink};
@@ -51,9 +51,20 @@ impl Driver {
         // Credentials refused: since when (for `status`), said once a spell.
         let mut refused_since: Option<i64> = None;
         let mut refused = Spell::default();
+        // Claims failing (a claim writes: a full disk fails every one).
+        let mut claiming = Spell::default();
         while !self.shutdown.is_started() {
             let (name, max) = (self.name.clone(), self.delivery.batch_max_records);
             let claimed = self.outbox.call(move |o| o.next_batch(&name, max)).await;
+            if claimed.is_ok()
+                && let Say::Ended { failed, lasted } = claiming.worked(Instant::now())
+            {
+                log::info!(
+                    "sink `{}`: the outbox gives batches again, after {failed} failed claims in a row ({:.0} s)",
+                    self.name,
+                    lasted.as_secs_f64()
+                );
+            }
             let batch = match claimed {
                 Ok(Some(b)) => b,
                 Ok(None) => {
@@ -63,11 +74,14 @@ impl Driver {
                 }
                 Err(e) => {
                     let wait = backoff.next_wait();
-                    log::error!(
-                        "sink `{}`: {e}; trying again in {:.1} s",
-                        self.name,
-                        wait.as_secs_f64()
-                    );
+                    if let Say::Failure { attempts } = claiming.failed(Instant::now()) {
+                        log::error!(
+                            "sink `{}`: {}{e}; trying again with backoff (next in {:.1} s)",
+                            self.name,
+                            again(attempts),
+                            wait.as_secs_f64()
+                        );
+                    }
                     if self.shutdown.sleep(wait).await {
                         return;
                     }
