@@ -273,6 +273,27 @@ impl SmallDisk {
         written
     }
 
+    /// A file on that disk, as its process sees it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.filler.with_file_name(name)
+    }
+
+    /// A copy of the SQLite database `name` (with its WAL, not its shared
+    /// memory index, which SQLite rebuilds) in `to`: SQLite resolves the
+    /// symbolic link `/proc/PID/root` to this process's own root, so it
+    /// cannot open the file in place. A WAL copied mid-write ends in a
+    /// torn frame, which SQLite ignores: the copy is the last commit's.
+    pub fn copy_database(&self, name: &str, to: &Path) -> PathBuf {
+        let db = to.join(name);
+        for suffix in ["-wal", ""] {
+            let file = format!("{name}{suffix}");
+            let _ = std::fs::remove_file(to.join(&file));
+            let _ = std::fs::copy(self.path(&file), to.join(&file));
+        }
+        let _ = std::fs::remove_file(to.join(format!("{name}-shm")));
+        db
+    }
+
     pub fn free(&self) {
         std::fs::remove_file(&self.filler).expect("remove the filler");
     }
