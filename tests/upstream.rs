@@ -2080,3 +2080,59 @@ fn an_upstream_out_of_file_descriptors_says_so_once_and_serves_again() {
     );
     assert!(log.contains("Too many open files"), "{log}");
 }
+
+/// The upstream's SQLite store on a full disk (a tmpfs the test fills):
+/// every batch is answered 503, nothing of it stored, so its agent sends
+/// it again; the log says so once, and once when the store takes batches
+/// again. Sent again after space returns, each batch is stored once.
+#[test]
+fn an_upstream_on_a_full_disk_answers_503_and_stores_each_batch_once_when_space_returns() {
+    let dir = TempDir::new("upstream-full-disk");
+    let port = free_port();
+    let cfg = upstream_config(&dir, "up", port, "sqlite", "", "");
+    let state = dir.path("up-state");
+    let mut up = Agent::start_command_on_small_disk("upstream", &cfg, "info", &state, 32);
+    assert!(
+        up.wait_for_line("upstream listening on", Duration::from_secs(15)),
+        "{}",
+        up.stderr()
+    );
+    let t0 = (now_ms() / 1000 - 600) * 1000;
+    let batch = |seq: i64| {
+        let points = points_json("m", "a1", t0 + seq * 100_000, 100, 1);
+        format!(r#"{{"v":1,"agent_id":"a1","outbox_id":"o","seq":{seq},"points":[{points}]}}"#)
+    };
+    assert_eq!(
+        post_points(port, "a1", "o", 1, &points_json("m", "a1", t0, 100, 1))["stored"],
+        100
+    );
+    let disk = common::SmallDisk::of(up.pid(), &state);
+    assert!(disk.fill() > 0, "the disk took nothing");
+    for seq in 2..12 {
+        let (status, body) = post_batch(port, &token_of("a1"), &batch(seq));
+        assert_eq!(status, 503, "seq {seq}: {body}");
+        assert!(body.contains("was not stored"), "{body}");
+    }
+    disk.free();
+    for seq in 2..12 {
+        let (status, body) = post_batch(port, &token_of("a1"), &batch(seq));
+        assert_eq!(status, 200, "seq {seq}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            (answer["stored"].as_i64(), answer["duplicate"].as_bool()),
+            (Some(100), Some(false)),
+            "{body}"
+        );
+    }
+    // Sent a third time (an acknowledgement lost), a batch is a duplicate.
+    let (status, body) = post_batch(port, &token_of("a1"), &batch(2));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""duplicate":true"#), "{body}");
+    up.stop();
+    let log = up.stderr();
+    assert_eq!(log.matches("could not store a batch").count(), 1, "{log}");
+    assert!(
+        log.contains("the store takes batches again: 10 were refused"),
+        "{log}"
+    );
+}

@@ -98,16 +98,28 @@ impl Agent {
     /// util-linux), which goes away with the process. [`SmallDisk`] fills
     /// it and frees it again.
     pub fn start_on_small_disk(config: &Path, log: &str, dir: &Path, mib: u32) -> Agent {
+        Agent::start_command_on_small_disk("run", config, log, dir, mib)
+    }
+
+    /// `edgemeter <command> -c config` so.
+    pub fn start_command_on_small_disk(
+        command: &str,
+        config: &Path,
+        log: &str,
+        dir: &Path,
+        mib: u32,
+    ) -> Agent {
         std::fs::create_dir_all(dir).expect("create the mount point");
         let mut c = Command::new("unshare");
         // A user namespace too, so that this needs no root.
         c.args(["--map-root-user", "--mount", "--propagation", "private"])
             .args(["sh", "-c"])
-            .arg(r#"mount -t tmpfs -o "size=$1m" edgemeter-test "$2" || { echo "cannot mount a tmpfs in a private namespace (unshare --map-root-user needs user namespaces: sysctl kernel.unprivileged_userns_clone=1, or run as root)" >&2; exit 97; }; exec "$3" run -c "$4""#)
+            .arg(r#"mount -t tmpfs -o "size=$1m" edgemeter-test "$2" || { echo "cannot mount a tmpfs in a private namespace (unshare --map-root-user needs user namespaces: sysctl kernel.unprivileged_userns_clone=1, or run as root)" >&2; exit 97; }; exec "$3" "$4" -c "$5""#)
             .arg("sh")
             .arg(mib.to_string())
             .arg(dir)
             .arg(BIN)
+            .arg(command)
             .arg(config);
         Agent::spawn(c, log, &[])
     }
