@@ -239,6 +239,18 @@ pub fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Bytes the agent may still write on the filesystem that holds `dir`
+/// (what `df` calls available; root's reserve excluded), if it can be
+/// told.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Below this, a filesystem is full for the outbox: SQLite grows its files
+/// a page or more at a time, and its shared-memory index by 32 KiB.
+pub const FULL_BELOW_BYTES: u64 = 64 * 1024;
+
 /// `dir/.name.tmp`: hidden, and recognised by [`remove_temp_files`].
 fn temp_name(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));

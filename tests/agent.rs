@@ -663,6 +663,72 @@ fn a_sink_says_once_that_it_cannot_claim_batches_from_a_full_disk() {
     assert!(!csv_ids(&dir.path("blocked/out.csv")).is_empty(), "{log}");
 }
 
+/// Started on a full disk (a Pi that rebooted so), the agent cannot open
+/// its outbox: SQLite says "disk I/O error", which reads like a failing
+/// card. It now says the disk is full and that the outbox is kept; it
+/// exits 3 (systemd starts it again), and once there is room it starts
+/// with every record it had.
+#[test]
+fn an_agent_started_on_a_full_disk_says_so_and_starts_once_there_is_room() {
+    let dir = TempDir::new("full-disk-start");
+    dir.write("blocked", "");
+    let cfg = dir.write(
+        "edgemeter.toml",
+        r#"[agent]
+id = "test-agent"
+state_dir = "state"
+
+[[source]]
+type = "synthetic"
+rate_per_sec = 1000
+limit = 500
+
+[[sink]]
+type = "csv"
+name = "local"
+path = "blocked/out.csv"
+"#,
+    );
+    // An outbox holding 500 records its sink has not taken.
+    let mut seed = Agent::start_running(&cfg, "info");
+    assert!(
+        seed.wait_for_line("emitted its limit", Duration::from_secs(10)),
+        "{}",
+        seed.stderr()
+    );
+    seed.stop();
+    let buffered = |db: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(db)
+            .and_then(|c| c.query_row("SELECT SUM(n) FROM records", [], |r| r.get(0)))
+            .expect("records")
+    };
+    assert_eq!(buffered(&dir.path("state/outbox.db")), 500);
+    std::fs::rename(dir.path("state"), dir.path("seed")).expect("keep it");
+    let script = format!(
+        r#"cp {seed}/* "$DISK"/ && dd if=/dev/zero of="$DISK/filler" bs=65536 2>/dev/null; "$BIN" "$CMD" -c "$CFG"; echo "the first start exited with $?" >&2; rm "$DISK/filler"; exec "$BIN" "$CMD" -c "$CFG""#,
+        seed = dir.path("seed").display()
+    );
+    let mut agent = Agent::on_small_disk(&script, "run", &cfg, "info", &dir.path("state"), 32);
+    assert!(
+        agent.wait_for_line("the first start exited with 3", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.wait_for_line("running as agent", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert!(
+        log.contains("its disk is full (") && log.contains("The outbox is kept as it is"),
+        "{log}"
+    );
+    assert!(!log.contains("moved it aside"), "{log}");
+    assert!(log.contains(": 500 records buffered"), "{log}");
+}
+
 /// Stopped while the disk is full: the agent exits at once with status 1
 /// and says how many records it could not commit. It took longer than it
 /// promises (`shutdown_grace_secs` + 3 s): the source, waiting on the

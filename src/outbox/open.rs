@@ -13,7 +13,18 @@ impl Outbox {
         let mut report = OpenReport::default();
         let conn = match open_checked(&path) {
             Ok(conn) => conn,
-            Err(Verdict::Fatal(detail)) => return Err(OutboxError::Unusable { path, detail }),
+            Err(Verdict::Fatal(detail)) => {
+                // SQLite says "disk I/O error" for a disk with no room
+                // for its index: say which it is.
+                let detail = match crate::state_dir::free_bytes(dir) {
+                    Some(free) if free < crate::state_dir::FULL_BELOW_BYTES => format!(
+                        "{detail}; its disk is full ({free} bytes free in {}): free space there. The outbox is kept as it is, and opens once there is room",
+                        dir.display()
+                    ),
+                    _ => detail,
+                };
+                return Err(OutboxError::Unusable { path, detail });
+            }
             Err(Verdict::MoveAside(why)) => {
                 let aside = move_aside(&path)?;
                 report.moved_aside = Some((aside, why));

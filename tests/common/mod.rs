@@ -109,18 +109,41 @@ impl Agent {
         dir: &Path,
         mib: u32,
     ) -> Agent {
+        Agent::on_small_disk(
+            r#"exec "$BIN" "$CMD" -c "$CFG""#,
+            command,
+            config,
+            log,
+            dir,
+            mib,
+        )
+    }
+
+    /// The shell `script` run on such a disk, in its namespace: it finds
+    /// the disk in `$DISK`, and runs `edgemeter $CMD -c $CFG` as
+    /// `"$BIN" "$CMD" -c "$CFG"`. The last command it runs should be
+    /// `exec`: this process's pid is then the agent's.
+    pub fn on_small_disk(
+        script: &str,
+        command: &str,
+        config: &Path,
+        log: &str,
+        dir: &Path,
+        mib: u32,
+    ) -> Agent {
         std::fs::create_dir_all(dir).expect("create the mount point");
         let mut c = Command::new("unshare");
         // A user namespace too, so that this needs no root.
         c.args(["--map-root-user", "--mount", "--propagation", "private"])
             .args(["sh", "-c"])
-            .arg(r#"mount -t tmpfs -o "size=$1m" edgemeter-test "$2" || { echo "cannot mount a tmpfs in a private namespace (unshare --map-root-user needs user namespaces: sysctl kernel.unprivileged_userns_clone=1, or run as root)" >&2; exit 97; }; exec "$3" "$4" -c "$5""#)
-            .arg("sh")
-            .arg(mib.to_string())
-            .arg(dir)
-            .arg(BIN)
-            .arg(command)
-            .arg(config);
+            .arg(format!(
+                r#"mount -t tmpfs -o "size=$MIB"m edgemeter-test "$DISK" || {{ echo "cannot mount a tmpfs in a private namespace (unshare --map-root-user needs user namespaces: sysctl kernel.unprivileged_userns_clone=1, or run as root)" >&2; exit 97; }}; {script}"#
+            ))
+            .env("MIB", mib.to_string())
+            .env("DISK", dir)
+            .env("BIN", BIN)
+            .env("CMD", command)
+            .env("CFG", config);
         Agent::spawn(c, log, &[])
     }
 
