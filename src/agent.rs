@@ -8,7 +8,9 @@
 //!    5 s) to emit their last window and save their state, then are
 //!    cancelled, and the agent says so;
 //! 2. with every source gone the record channel closes, and the writer
-//!    commits what it still holds, at once;
+//!    commits what it still holds, at once (if commits were failing, a
+//!    full disk, it tries once more and gives up: exit 1, saying how many
+//!    records were lost);
 //! 3. sink loops get what is left of the budget to finish the batch in
 //!    flight, then are cancelled (an unconfirmed batch is simply delivered
 //!    again next time);
