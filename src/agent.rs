@@ -398,6 +398,18 @@ fn said_sync(result: Result<(), String>, spell: &mut Spell) {
     }
 }
 
+/// Say that commits work again, once they have for [`Spell::SETTLE`] (a
+/// commit worked, or the writer is idle, which it is only once what it
+/// held is committed).
+fn said_writable(failing: &mut Spell) {
+    if let Say::Ended { failed, lasted } = failing.worked(Instant::now()) {
+        log::info!(
+            "outbox writable again: {failed} commits failed {}; what they held is committed",
+            settled(lasted)
+        );
+    }
+}
+
 /// What the log says of the records a commit dropped because the outbox
 /// was full: said when it begins, every ten minutes while it lasts (a
 /// full outbox drops at every commit, ten times a second), and when
@@ -478,7 +490,9 @@ async fn write_records(
     // Barriers wait for the commit of everything received before them.
     let mut barriers: Vec<Sender<()>> = Vec::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut failing = Spell::default();
+    // A nearly full disk lets one commit in and fails the next: a spell
+    // that settles, or each flap would be two lines.
+    let mut failing = Spell::settling();
     let mut sync_spell = Spell::default();
     let mut full = Losses::settling();
     let mut closed = false;
@@ -495,6 +509,9 @@ async fn write_records(
                 // Payload buffers are kept while records flow, freed
                 // below at the first wake-up without one (within a second).
                 (payloads::kept().0 > 0).then(|| Instant::now() + SYNC_EVERY),
+                // Commits that failed, then worked: said once they have
+                // worked for the settling time, records arriving or not.
+                failing.settles_at(),
             ]
             .into_iter()
             .flatten()
@@ -527,6 +544,7 @@ async fn write_records(
                     // Idle since the last commit: wake the sinks, make it
                     // durable, whichever is due; free the kept payloads.
                     payloads::release();
+                    said_writable(&mut failing);
                     if unrung && rung_at.elapsed() >= cadence.deliver {
                         ring(&bells);
                         (unrung, rung_at) = (false, Instant::now());
@@ -595,14 +613,8 @@ async fn write_records(
                 for done in barriers.drain(..) {
                     let _ = done.try_send(());
                 }
-                if let Say::Ended { failed, lasted } = failing.worked(Instant::now()) {
-                    log::info!(
-                        "outbox writable again; committed the {} records held meanwhile, after {failed} failed commits in a row ({:.0} s)",
-                        batch.len(),
-                        lasted.as_secs_f64()
-                    );
-                    backoff.reset();
-                }
+                backoff.reset();
+                said_writable(&mut failing);
                 let lost = full.lost(appended.dropped.max(0) as u64, Instant::now());
                 if let Some((level, what)) = said_full(lost) {
                     log::log!(level, "{what}");

@@ -131,6 +131,14 @@ impl Spell {
         Say::Nothing
     }
 
+    /// When the spell would end if no attempt fails before: the last
+    /// failure plus the settling time (None when none is on). A caller
+    /// whose attempts stop once they work (the outbox writer, when records
+    /// stop) wakes then to say it ended.
+    pub fn settles_at(&self) -> Option<Instant> {
+        self.failing.map(|f| f.last + self.settle)
+    }
+
     /// How long the spell has lasted at `now` (zero when none is on).
     pub fn since(&self, now: Instant) -> Duration {
         self.failing
@@ -347,6 +355,9 @@ mod tests {
                 "fails at {k} s"
             );
         }
+        // The last failure was at 49.1 s: a caller idle after it wakes at
+        // 59.1 s to say the end.
+        assert_eq!(spell.settles_at(), Some(at(59_100)));
         assert_eq!(
             spell.worked(at(59_000)),
             Say::Nothing,
@@ -359,6 +370,7 @@ mod tests {
                 lasted: Duration::from_millis(59_100)
             }
         );
+        assert_eq!(spell.settles_at(), None, "none on");
         assert_eq!(spell.worked(at(60_000)), Say::Nothing, "said once");
         assert_eq!(spell.failed(at(61_000)), Say::Failure { attempts: 1 });
     }

@@ -590,7 +590,7 @@ fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
     std::thread::sleep(Duration::from_secs(2));
     disk.free();
     assert!(
-        agent.wait_for_line("outbox writable again", Duration::from_secs(20)),
+        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
         "{}",
         agent.stderr()
     );
@@ -649,7 +649,7 @@ fn a_sink_says_once_that_it_cannot_claim_batches_from_a_full_disk() {
         agent.stderr()
     );
     assert!(
-        agent.wait_for_line("outbox writable again", Duration::from_secs(20)),
+        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
         "{}",
         agent.stderr()
     );
@@ -727,6 +727,40 @@ path = "blocked/out.csv"
     );
     assert!(!log.contains("moved it aside"), "{log}");
     assert!(log.contains(": 500 records buffered"), "{log}");
+}
+
+/// A disk that keeps filling and freeing a little (logs rotated on a card
+/// that is nearly full): one commit works, the next fails. Each flap was
+/// two lines, "… (the disk is full) …" and "outbox writable again"; now
+/// the failure is one spell that ends once commits have worked for 10 s.
+#[test]
+fn a_disk_that_fills_and_frees_a_little_again_and_again_is_one_spell() {
+    let dir = TempDir::new("full-disk-flaps");
+    let mut agent = on_small_disk(&dir, "rate_per_sec = 2000\nseries = 3", 32);
+    let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
+    assert!(disk.fill() > 0, "the disk took nothing");
+    assert!(
+        agent.wait_for_line("(the disk is full)", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    // Eight flaps: room for a commit or two, taken back.
+    for _ in 0..8 {
+        disk.free_some(128 * 1024);
+        std::thread::sleep(Duration::from_millis(600));
+        disk.fill();
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    disk.free();
+    assert!(
+        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert_eq!(log.matches("(the disk is full)").count(), 1, "{log}");
+    assert_eq!(log.matches("outbox writable again").count(), 1, "{log}");
 }
 
 /// Stopped while the disk is full: the agent exits at once with status 1

@@ -2435,7 +2435,7 @@ fn a_relay_agent_on_a_full_disk_loses_no_message_and_says_each_failure_once() {
     disk.free();
     send(2200, 200);
     assert!(
-        agent.wait_for_line("outbox writable again", Duration::from_secs(15)),
+        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
         "{}",
         agent.stderr()
     );

@@ -286,7 +286,11 @@ impl SmallDisk {
     /// how many bytes it took.
     pub fn fill(&self) -> u64 {
         use std::io::Write;
-        let mut f = std::fs::File::create(&self.filler).expect("create the filler");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.filler)
+            .expect("open the filler");
         let chunk = vec![0u8; 64 * 1024];
         let mut written = 0u64;
         // A tmpfs of at most 1 GiB: 16,384 chunks.
@@ -327,6 +331,17 @@ impl SmallDisk {
         }
         let _ = std::fs::remove_file(to.join(format!("{name}-shm")));
         db
+    }
+
+    /// Free `bytes` of what [`SmallDisk::fill`] took.
+    pub fn free_some(&self, bytes: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.filler)
+            .expect("open the filler");
+        let len = f.metadata().expect("its size").len();
+        f.set_len(len.saturating_sub(bytes))
+            .expect("truncate the filler");
     }
 
     pub fn free(&self) {
