@@ -535,6 +535,11 @@ fn on_small_disk(dir: &TempDir, source: &str, mib: u32) -> Agent {
 
 /// As [`on_small_disk`], the sink's file in `sink_dir`.
 fn on_small_disk_sinking_to(dir: &TempDir, source: &str, mib: u32, sink_dir: &str) -> Agent {
+    on_small_disk_with(dir, source, mib, sink_dir, "")
+}
+
+/// As [`on_small_disk_sinking_to`], with more `[agent]` keys.
+fn on_small_disk_with(dir: &TempDir, source: &str, mib: u32, sink_dir: &str, agent: &str) -> Agent {
     let cfg = dir.write(
         "edgemeter.toml",
         &format!(
@@ -542,6 +547,7 @@ fn on_small_disk_sinking_to(dir: &TempDir, source: &str, mib: u32, sink_dir: &st
 id = "test-agent"
 state_dir = "state"
 flush_interval_secs = 0.05
+{agent}
 
 [[source]]
 type = "synthetic"
@@ -575,11 +581,22 @@ retry_max_secs = 0.5
 fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
     let dir = TempDir::new("full-disk");
     let n = 30_000;
-    let mut agent = on_small_disk(
+    let port = common::pg::free_port();
+    let mut agent = on_small_disk_with(
         &dir,
         &format!("rate_per_sec = 10000\nseries = 3\nlimit = {n}"),
         32,
+        ".",
+        &format!("http_listen = \"127.0.0.1:{port}\""),
     );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let get = |path: &str| {
+        common::http_exchange(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert_eq!(get("/health").0, 200);
     let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
     assert!(disk.fill() > 0, "the disk took nothing");
     assert!(
@@ -587,6 +604,20 @@ fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
         "{}",
         agent.stderr()
     );
+    // What monitoring sees meanwhile.
+    let (status, _, body) = get("/health");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("is full (") && body.contains("commits fail"),
+        "{body}"
+    );
+    let metrics = get("/metrics").2;
+    let free: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("edgemeter_state_dir_free_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no free bytes in\n{metrics}"));
+    assert!(free < 65536.0, "{free}");
     std::thread::sleep(Duration::from_secs(2));
     disk.free();
     assert!(
@@ -601,6 +632,7 @@ fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
         csv_ids(&csv).len(),
         agent.stderr()
     );
+    assert_eq!(get("/health").0, 200);
     agent.stop();
     let mut ids = csv_ids(&csv);
     assert_eq!(ids.len(), n, "each record once");

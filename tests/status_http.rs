@@ -222,9 +222,15 @@ fn sample(j: &Value, source: &str, name: &str, want: &[(&str, &str)]) -> Option<
 }
 
 /// Everything in a document but what moves with the clock.
+fn num_of(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
 fn without_clock(j: &Value) -> Value {
     let mut j = j.clone();
     j["at_ms"] = Value::Null;
+    // The disk's free bytes move with whatever else writes to it.
+    j["outbox"]["disk_free_bytes"] = Value::Null;
     for s in j["sources"].as_array_mut().unwrap() {
         s["written_ms"] = Value::Null;
         s["text"] = Value::Null;
@@ -350,7 +356,7 @@ path = "out.csv"
         // Ages move with the clock: between the two documents' views.
         let age =
             |j: &Value, t: &Value| (j["at_ms"].as_f64().unwrap() - t.as_f64().unwrap()) / 1000.0;
-        let mut ages = vec![(
+        let mut ranges = vec![(
             ("edgemeter_outbox_oldest_age_seconds".to_owned(), Vec::new()),
             if before["outbox"]["oldest_ms"].is_null() {
                 (0.0, 0.0)
@@ -368,10 +374,20 @@ path = "out.csv"
                     labels(&[("source", s["name"].as_str().unwrap())]),
                 );
                 // A rewrite between the scrape and `after` makes the age smaller: 0 is the floor.
-                ages.push((key, (0.0, age(&after, &s["written_ms"]))));
+                ranges.push((key, (0.0, age(&after, &s["written_ms"]))));
             }
         }
-        for (key, (lo, hi)) in ages {
+        // Free bytes: what the two reads saw, give or take what the
+        // machine's other work wrote or freed meanwhile (256 MiB).
+        let free = [&before, &after].map(|j| num_of(&j["outbox"]["disk_free_bytes"]));
+        ranges.push((
+            ("edgemeter_state_dir_free_bytes".to_owned(), Vec::new()),
+            (
+                free[0].min(free[1]) - 256.0 * 1048576.0,
+                free[0].max(free[1]) + 256.0 * 1048576.0,
+            ),
+        ));
+        for (key, (lo, hi)) in ranges {
             let v = got
                 .remove(&key)
                 .unwrap_or_else(|| panic!("/metrics lacks {key:?}"));

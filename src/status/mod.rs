@@ -77,6 +77,18 @@ pub struct OutboxInfo {
     pub max_bytes: u64,
     pub oldest_ms: Option<i64>,
     pub dead_letter_bytes: i64,
+    /// Bytes the agent may still write where the outbox is (statvfs), if
+    /// that can be told: below [`state_dir::FULL_BELOW_BYTES`] commits fail.
+    #[serde(default)]
+    pub disk_free_bytes: Option<u64>,
+}
+
+impl OutboxInfo {
+    /// The disk's free bytes, when it is too full for a commit.
+    pub fn disk_full(&self) -> Option<u64> {
+        self.disk_free_bytes
+            .filter(|&free| free < state_dir::FULL_BELOW_BYTES)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,7 +181,10 @@ pub fn collect(scope: &Scope, holder: Holder, now: i64) -> Result<Snapshot, Stri
             pid,
             state_dir: dir.clone(),
         },
-        outbox: outbox_info(outbox.path(), scope.buffer_max_bytes, &stats),
+        outbox: OutboxInfo {
+            disk_free_bytes: state_dir::free_bytes(dir),
+            ..outbox_info(outbox.path(), scope.buffer_max_bytes, &stats)
+        },
         drops: stats
             .drops
             .iter()
@@ -211,6 +226,7 @@ fn outbox_info(path: &Path, max_bytes: u64, s: &Stats) -> OutboxInfo {
         max_bytes,
         oldest_ms: s.oldest_at_ms,
         dead_letter_bytes: s.dead_letter_bytes,
+        disk_free_bytes: None,
     }
 }
 

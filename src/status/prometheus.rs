@@ -125,6 +125,15 @@ pub fn render(s: &Snapshot) -> String {
         &[],
         o.dead_letter_bytes as f64,
     );
+    if let Some(free) = o.disk_free_bytes {
+        f.add(
+            "state_dir_free_bytes",
+            false,
+            "Bytes the agent may still write on the state directory's disk (below 65536 commits fail)",
+            &[],
+            free as f64,
+        );
+    }
     for d in &s.drops {
         f.add(
             "dropped_records_total",

@@ -3,7 +3,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /metrics` | [`super::prometheus`] |
-//! | `GET /health` | `200 ok` while the event loop answers and the outbox is readable, else `503` with the reason |
+//! | `GET /health` | `200 ok` while the event loop answers, the outbox is readable and its disk has room, else `503` with the reason |
 //! | `GET /status.json` | the [`Snapshot`] (as `edgemeter status --json`) |
 //! | `GET /` | a status page: the text of `edgemeter status`, refreshed every 10 s |
 //! | `GET /graphs` | the relay sources' command graphs ([`super::graphs`]) |
@@ -121,14 +121,23 @@ impl Handler for Local {
                 super::prometheus::CONTENT_TYPE,
                 super::prometheus::render(&snapshot),
             ),
-            Route::Health => Response::new(
-                200,
-                "text/plain; charset=utf-8",
-                format!(
-                    "ok: agent {}, {} records buffered\n",
-                    snapshot.agent.id, snapshot.outbox.records
+            Route::Health => match snapshot.outbox.disk_full() {
+                None => Response::new(
+                    200,
+                    "text/plain; charset=utf-8",
+                    format!(
+                        "ok: agent {}, {} records buffered\n",
+                        snapshot.agent.id, snapshot.outbox.records
+                    ),
                 ),
-            ),
+                Some(free) => Response::error(
+                    503,
+                    format!(
+                        "the disk of {} is full ({free} bytes free): commits fail, and records wait in memory",
+                        snapshot.agent.state_dir.display()
+                    ),
+                ),
+            },
             Route::Json => {
                 let mut body = serde_json::to_vec_pretty(&snapshot).expect("a snapshot serializes");
                 body.push(b'\n');

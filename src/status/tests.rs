@@ -18,6 +18,7 @@ fn snapshot() -> Snapshot {
             max_bytes: 1 << 20,
             oldest_ms: Some(1_800_000_000_000 - 90_000),
             dead_letter_bytes: 0,
+            disk_free_bytes: Some(5 << 30),
         },
         drops: vec![Drop {
             reason: "buffer_full".into(),
@@ -78,6 +79,20 @@ source relay (written 2s ago)
   rig-1   live
 ";
     assert_eq!(text, want);
+}
+
+/// A full disk is a line of its own, said where an operator looks first.
+#[test]
+fn text_says_when_the_disk_is_full() {
+    let mut s = snapshot();
+    s.outbox.disk_free_bytes = Some(4096);
+    let text = text::render(&s);
+    assert!(
+        text.contains("\ndisk         FULL: 4096 bytes free in /var/lib/edgemeter: commits fail, and records wait in memory (see the log)\n"),
+        "{text}"
+    );
+    s.outbox.disk_free_bytes = Some(1 << 20);
+    assert!(!text::render(&s).contains("disk "), "room enough: no line");
 }
 
 #[test]

@@ -34,6 +34,12 @@ pub fn render_agent(s: &Snapshot) -> String {
         "buffered     {} records, {} of {} bytes ({pct:.1}%)\n",
         o.records, o.bytes, o.max_bytes
     );
+    if let Some(free) = o.disk_full() {
+        out += &format!(
+            "disk         FULL: {free} bytes free in {}: commits fail, and records wait in memory (see the log)\n",
+            s.agent.state_dir.display()
+        );
+    }
     out += &format!(
         "oldest       {}\n",
         o.oldest_ms.map_or_else(
