@@ -2113,6 +2113,13 @@ fn an_upstream_on_a_full_disk_answers_503_and_stores_each_batch_once_when_space_
         assert_eq!(status, 503, "seq {seq}: {body}");
         assert!(body.contains("was not stored"), "{body}");
     }
+    // The store still reads: /health said 200 ok.
+    let (status, body) = http(port, "GET", "/health", None, "", b"");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("store refuses batches") && body.contains("full"),
+        "{body}"
+    );
     disk.free();
     for seq in 2..12 {
         let (status, body) = post_batch(port, &token_of("a1"), &batch(seq));
@@ -2124,6 +2131,7 @@ fn an_upstream_on_a_full_disk_answers_503_and_stores_each_batch_once_when_space_
             "{body}"
         );
     }
+    assert_eq!(http(port, "GET", "/health", None, "", b"").0, 200);
     // Sent a third time (an acknowledgement lost), a batch is a duplicate.
     let (status, body) = post_batch(port, &token_of("a1"), &batch(2));
     assert_eq!(status, 200, "{body}");

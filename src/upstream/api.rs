@@ -9,7 +9,7 @@
 //! | `GET /v1/events` | admin | stored relay events |
 //! | `GET /v1/rollups` | admin | stored daily totals |
 //! | `DELETE /v1/users/{user}` | admin | delete one user's events |
-//! | `GET /health` | none | store reachable? |
+//! | `GET /health` | none | store reachable, and taking batches? |
 //! | `GET /metrics` | none | Prometheus text of the counters below |
 //! | `GET /`, `/relay`, `/edges` | session cookie | the dashboard ([`crate::upstream::dashboard`]) |
 //! | `GET`/`POST /sign-in`, `POST /sign-out` | none | the dashboard's session |
@@ -338,6 +338,10 @@ pub struct Api {
     /// Batches the store could not take, said a spell at a time: while a
     /// database is away every agent's every retry fails.
     store_failures: RefCell<Losses>,
+    /// Why the store refused the last batch it was given, if it did (a
+    /// SQLite store on a full disk reads and cannot write): `/health`
+    /// says so.
+    store_refusing: RefCell<Option<String>>,
 }
 
 /// Who a request comes from, decided from its head.
@@ -464,6 +468,7 @@ impl Api {
             auth_log: RefCell::default(),
             expired_log: RefCell::default(),
             store_failures: RefCell::default(),
+            store_refusing: RefCell::default(),
         }
     }
 
@@ -714,6 +719,9 @@ impl Api {
         let lost = lost.map_or(Lost::Nothing, |n| {
             self.store_failures.borrow_mut().lost(n, Instant::now())
         });
+        if result.is_ok() {
+            *self.store_refusing.borrow_mut() = failed.map(|e| e.to_string());
+        }
         match (failed, lost) {
             (Some(e), Lost::Began(_)) => log::error!(
                 "could not store a batch from agent `{agent}`: {e}; answering 503 to batches until the store takes them again (their agents send them again)"
@@ -819,6 +827,12 @@ impl Api {
     }
 
     async fn health(&self) -> Response {
+        if let Some(e) = self.store_refusing.borrow().clone() {
+            return Response::json(
+                503,
+                &serde_json::json!({ "status": "store refuses batches", "error": e, "store": self.store_kind }),
+            );
+        }
         let agents = self.tokens.borrow().len();
         let now = now_ms();
         match self
