@@ -99,11 +99,7 @@ fn sigterm_stops_cleanly_within_five_seconds_with_everything_committed() {
     let dir = TempDir::new("sigterm");
     let cfg = config(&dir, LOAD);
     let mut agent = Agent::start(&cfg, "debug");
-    assert!(
-        agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("outbox: committed ids", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
     let asked = Instant::now();
     agent.signal("TERM");
@@ -180,11 +176,7 @@ fn a_garbage_outbox_is_moved_aside_and_the_agent_runs() {
     )
     .expect("write garbage");
     let mut agent = Agent::start(&cfg, "debug");
-    assert!(
-        agent.wait_for_line("outbox: committed ids", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("outbox: committed ids", Duration::from_secs(10));
     agent.stop();
     let log = agent.stderr();
     assert!(
@@ -498,11 +490,7 @@ retry_max_secs = 0.5
     std::thread::sleep(Duration::from_secs(3));
     std::fs::remove_file(dir.path("blocked")).expect("out of the sink's way");
     // Said once commits have dropped none for ten seconds.
-    assert!(
-        agent.wait_for_line("outbox has room again:", Duration::from_secs(40)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("outbox has room again:", Duration::from_secs(40));
     agent.stop();
     let log = agent.stderr();
     assert_eq!(log.matches("outbox full").count(), 1, "said once:\n{log}");
@@ -599,11 +587,7 @@ fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
     assert_eq!(get("/health").0, 200);
     let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
     assert!(disk.fill() > 0, "the disk took nothing");
-    assert!(
-        agent.wait_for_line("(the disk is full)", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("(the disk is full)", Duration::from_secs(10));
     // What monitoring sees meanwhile.
     let (status, _, body) = get("/health");
     assert_eq!(status, 503, "{body}");
@@ -620,11 +604,7 @@ fn a_full_disk_holds_records_and_commits_them_when_space_returns() {
     assert!(free < 65536.0, "{free}");
     std::thread::sleep(Duration::from_secs(2));
     disk.free();
-    assert!(
-        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("outbox writable again", Duration::from_secs(30));
     let csv = dir.path("out.csv");
     assert!(
         common::wait_until(Duration::from_secs(30), || csv_ids(&csv).len() >= n),
@@ -659,32 +639,16 @@ fn a_sink_says_once_that_it_cannot_claim_batches_from_a_full_disk() {
     dir.write("blocked", "");
     let mut agent =
         on_small_disk_sinking_to(&dir, "rate_per_sec = 2000\nseries = 3", 32, "blocked");
-    assert!(
-        agent.wait_for_line("could not deliver batch", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("could not deliver batch", Duration::from_secs(10));
     let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
     assert!(disk.fill() > 0, "the disk took nothing");
     std::fs::remove_file(dir.path("blocked")).expect("out of the sink's way");
-    assert!(
-        agent.wait_for_line("claiming a batch failed", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("claiming a batch failed", Duration::from_secs(10));
     // Several tries (retries up to 0.5 s).
     std::thread::sleep(Duration::from_secs(4));
     disk.free();
-    assert!(
-        agent.wait_for_line("the outbox gives batches again", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
-    assert!(
-        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("the outbox gives batches again", Duration::from_secs(10));
+    agent.expect_line("outbox writable again", Duration::from_secs(30));
     agent.stop();
     let log = agent.stderr();
     assert_eq!(
@@ -723,11 +687,7 @@ path = "blocked/out.csv"
     );
     // An outbox holding 500 records its sink has not taken.
     let mut seed = Agent::start_running(&cfg, "info");
-    assert!(
-        seed.wait_for_line("emitted its limit", Duration::from_secs(10)),
-        "{}",
-        seed.stderr()
-    );
+    seed.expect_line("emitted its limit", Duration::from_secs(10));
     seed.stop();
     let buffered = |db: &std::path::Path| -> i64 {
         rusqlite::Connection::open(db)
@@ -741,16 +701,8 @@ path = "blocked/out.csv"
         seed = dir.path("seed").display()
     );
     let mut agent = Agent::on_small_disk(&script, "run", &cfg, "info", &dir.path("state"), 32);
-    assert!(
-        agent.wait_for_line("the first start exited with 3", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
-    assert!(
-        agent.wait_for_line("running as agent", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("the first start exited with 3", Duration::from_secs(10));
+    agent.expect_line("running as agent", Duration::from_secs(10));
     agent.stop();
     let log = agent.stderr();
     assert!(
@@ -771,11 +723,7 @@ fn a_disk_that_fills_and_frees_a_little_again_and_again_is_one_spell() {
     let mut agent = on_small_disk(&dir, "rate_per_sec = 2000\nseries = 3", 32);
     let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
     assert!(disk.fill() > 0, "the disk took nothing");
-    assert!(
-        agent.wait_for_line("(the disk is full)", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("(the disk is full)", Duration::from_secs(10));
     // Eight flaps: room for a commit or two, taken back.
     for _ in 0..8 {
         disk.free_some(128 * 1024);
@@ -784,11 +732,7 @@ fn a_disk_that_fills_and_frees_a_little_again_and_again_is_one_spell() {
         std::thread::sleep(Duration::from_millis(600));
     }
     disk.free();
-    assert!(
-        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("outbox writable again", Duration::from_secs(30));
     agent.stop();
     let log = agent.stderr();
     assert_eq!(log.matches("(the disk is full)").count(), 1, "{log}");
@@ -807,11 +751,7 @@ fn stopped_while_the_disk_is_full_the_agent_exits_in_time_and_says_what_it_lost(
     let mut agent = on_small_disk(&dir, "rate_per_sec = 20000\nseries = 3", 32);
     let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
     assert!(disk.fill() > 0, "the disk took nothing");
-    assert!(
-        agent.wait_for_line("(the disk is full)", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("(the disk is full)", Duration::from_secs(10));
     // Several failed commits: the backoff grows past a second.
     std::thread::sleep(Duration::from_secs(4));
     agent.signal("TERM");

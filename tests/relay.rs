@@ -627,11 +627,7 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
         "{}",
         agent.stderr()
     );
-    assert!(
-        agent.wait_for_line("session host rules: 2 rules set", Duration::from_secs(5)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("session host rules: 2 rules set", Duration::from_secs(5));
     let rules = hub.rules();
     assert_eq!(rules["spin30"]["stream"], "spin30");
     assert_eq!(
@@ -678,11 +674,7 @@ fn session_host_rules_are_provisioned_again_after_a_restart_and_never_leak_token
         "rules not re-posted"
     );
     assert!(hub.posts() >= posts + 3);
-    assert!(
-        agent.wait_for_line("3 rules set again", Duration::from_secs(5)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("3 rules set again", Duration::from_secs(5));
     // The agent would re-post a rotated token itself at its next check; stop
     // it so that what follows tests the command line alone.
     agent.stop();
@@ -1098,11 +1090,7 @@ fn an_unreadable_old_matrix_stops_the_source_and_is_left_as_it_was() {
     dir.write("analytics/u1-spinner-engdes1-adjacency.csv", bad);
     let cfg = config(&dir, &hub, &["spin30"], "");
     let mut agent = Agent::start_running(&cfg, "agent.log");
-    assert!(
-        agent.wait_for_line("is not an adjacency matrix", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("is not an adjacency matrix", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(hub.subscribers("spin30"), 0, "the source did not start");
     agent.stop();
@@ -2063,11 +2051,7 @@ fn a_restart_reads_again_only_the_raw_files_something_else_changed() {
 
     // The second reads none of them: not the 20 MB, nor its own.
     let mut agent = Agent::start_running(&cfg, "agent2.log");
-    assert!(
-        agent.wait_for_line("not read again", Duration::from_secs(15)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("not read again", Duration::from_secs(15));
     wait_subscribed(&hub, &["spin30"]);
     let read_at_start = bytes_read(agent.pid());
     assert!(
@@ -2425,20 +2409,12 @@ fn a_relay_agent_on_a_full_disk_loses_no_message_and_says_each_failure_once() {
     );
     assert!(disk.fill() > 0, "the disk took nothing");
     send(200, 2000);
-    assert!(
-        agent.wait_for_line("(the disk is full)", Duration::from_secs(10)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("(the disk is full)", Duration::from_secs(10));
     // A few flushes of the analytics (every 2 s) fail too.
     std::thread::sleep(Duration::from_secs(5));
     disk.free();
     send(2200, 200);
-    assert!(
-        agent.wait_for_line("outbox writable again", Duration::from_secs(30)),
-        "{}",
-        agent.stderr()
-    );
+    agent.expect_line("outbox writable again", Duration::from_secs(30));
     assert!(
         wait_until(Duration::from_secs(10), || committed() == 2400),
         "committed {} of 2400:\n{}",

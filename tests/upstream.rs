@@ -323,11 +323,7 @@ fn agents_with_overlapping_users_are_counted_once_and_resends_stored_once() {
     // The bad token: refused, counted, logged without the token, and the
     // agent keeps its records and says why.
     assert!(metric(port, "auth_failures_total") >= 1.0);
-    assert!(
-        up.wait_for_line("missing or wrong token", Duration::from_secs(5)),
-        "{}",
-        up.stderr()
-    );
+    up.expect_line("missing or wrong token", Duration::from_secs(5));
     assert!(!up.stderr().contains("not-the-right-token"));
     let (_, status, _) = edgemeter(&["status", "-c", dir.path("a4.toml").to_str().expect("utf8")]);
     assert!(status.contains("refused our token"), "{status}");
@@ -777,11 +773,7 @@ fn bad_input_gets_a_clear_4xx_stores_nothing_and_others_are_served() {
 
     // The 401s made one log line, not one per request, and no token (the
     // test's reader thread may still be behind the process: wait for it).
-    assert!(
-        up.wait_for_line("missing or wrong token", Duration::from_secs(5)),
-        "{}",
-        up.stderr()
-    );
+    up.expect_line("missing or wrong token", Duration::from_secs(5));
     let log = up.stderr();
     assert_eq!(log.matches("missing or wrong token").count(), 1, "{log}");
     assert!(!log.contains("guess"), "{log}");
@@ -2092,11 +2084,7 @@ fn an_upstream_on_a_full_disk_answers_503_and_stores_each_batch_once_when_space_
     let cfg = upstream_config(&dir, "up", port, "sqlite", "", "");
     let state = dir.path("up-state");
     let mut up = Agent::start_command_on_small_disk("upstream", &cfg, "info", &state, 32);
-    assert!(
-        up.wait_for_line("upstream listening on", Duration::from_secs(15)),
-        "{}",
-        up.stderr()
-    );
+    up.expect_line("upstream listening on", Duration::from_secs(15));
     let t0 = (now_ms() / 1000 - 600) * 1000;
     let batch = |seq: i64| {
         let points = points_json("m", "a1", t0 + seq * 100_000, 100, 1);

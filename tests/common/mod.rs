@@ -217,6 +217,16 @@ impl Agent {
         false
     }
 
+    /// Wait (bounded) until a stderr line contains `needle`, or fail the
+    /// test with the log so far.
+    pub fn expect_line(&self, needle: &str, within: Duration) {
+        assert!(
+            self.wait_for_line(needle, within),
+            "no line with {needle:?} within {within:?}; the log:\n{}",
+            self.stderr()
+        );
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.pid().to_string()])
