@@ -773,3 +773,66 @@ fn stopped_while_the_disk_is_full_the_agent_exits_in_time_and_says_what_it_lost(
         "the source was cut off:\n{log}"
     );
 }
+
+/// The csv sink's file on a full disk: the write fails, the batch stays in
+/// the outbox and is written again once there is room (a line the full
+/// disk cut off is repaired, as after a crash), and the file holds each
+/// record once. Said once.
+#[test]
+fn a_csv_sink_on_a_full_disk_writes_each_record_once_when_space_returns() {
+    let dir = TempDir::new("csv-full-disk");
+    let n = 30_000;
+    let cfg = dir.write(
+        "edgemeter.toml",
+        &format!(
+            r#"[agent]
+id = "test-agent"
+state_dir = "state"
+flush_interval_secs = 0.05
+
+[[source]]
+type = "synthetic"
+name = "load"
+rate_per_sec = 5000
+series = 3
+limit = {n}
+
+[[sink]]
+type = "csv"
+name = "local"
+path = "disk/out.csv"
+batch_max_records = 500
+retry_initial_secs = 0.05
+retry_max_secs = 0.5
+"#
+        ),
+    );
+    let mut agent = Agent::start_on_small_disk(&cfg, "info", &dir.path("disk"), 8);
+    agent.expect_line("running as agent", Duration::from_secs(10));
+    let disk = common::SmallDisk::of(agent.pid(), &dir.path("disk"));
+    let csv = disk.path("out.csv");
+    assert!(
+        common::wait_until(Duration::from_secs(10), || !csv_ids(&csv).is_empty()),
+        "{}",
+        agent.stderr()
+    );
+    assert!(disk.fill() > 0, "the disk took nothing");
+    agent.expect_line("No space left on device", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    disk.free();
+    assert!(
+        common::wait_until(Duration::from_secs(30), || csv_ids(&csv).len() >= n),
+        "the sink wrote {} of {n}:\n{}",
+        csv_ids(&csv).len(),
+        agent.stderr()
+    );
+    let mut ids = csv_ids(&csv);
+    agent.stop();
+    assert_eq!(ids.len(), n, "each record once");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "each record once");
+    let log = agent.stderr();
+    assert_eq!(log.matches("No space left on device").count(), 1, "{log}");
+    assert!(log.contains("delivering again after"), "{log}");
+}
