@@ -708,3 +708,48 @@ fn a_status_file_that_cannot_be_written_is_said_once_a_spell() {
         .count();
     assert_eq!(warned, 1, "said once:\n{log}");
 }
+
+/// The agent's state on a full disk while it reads a gateway (a tmpfs the
+/// test fills): the source waits for commits that fail, and once there is
+/// room every window reaches the script-format CSV once, each equal to
+/// the script's SQL, with no epoch missing.
+#[test]
+fn a_full_disk_delays_windows_and_sends_none_twice_or_wrong() {
+    let pg = PgServer::start("xx-full-disk");
+    let mut gw = pg.gateway_db(PERIOD_MS);
+    let now_e = now_ms() / PERIOD_MS;
+    fill(&mut gw, now_e - 8..now_e + 8, 10);
+    let dir = TempDir::new("xx-full-disk");
+    let cfg = gateway_files(&dir, pg.port, "pw-ro", common::XX_SOURCE);
+    let mut agent = Agent::start_on_small_disk(&cfg, "info", &dir.path("state"), 32);
+    agent.expect_line("reading the gateway database", Duration::from_secs(15));
+    let disk = common::SmallDisk::of(agent.pid(), &dir.path("state"));
+    assert!(disk.fill() > 0, "the disk took nothing");
+    agent.expect_line("(the disk is full)", Duration::from_secs(15));
+    // Epochs end meanwhile (2 s each): their windows wait.
+    std::thread::sleep(Duration::from_secs(5));
+    disk.free();
+    agent.expect_line("outbox writable again", Duration::from_secs(30));
+    let csv = dir.path("active-users.csv");
+    let last = now_ms() / PERIOD_MS - 1;
+    assert!(
+        common::wait_until(Duration::from_secs(15), || csv_windows(&csv)
+            .0
+            .contains_key(&(last, 1))),
+        "no window of epoch {last}:\n{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let (windows, twice) = csv_windows(&csv);
+    assert_eq!(twice, 0, "a window written twice");
+    let first = windows.keys().map(|k| k.0).min().expect("windows");
+    for e in first..=last {
+        assert!(
+            windows.contains_key(&(e, 1)),
+            "epoch {e} missing: {windows:?}"
+        );
+    }
+    for (&(e, w), &n) in &windows {
+        assert_eq!(n, reference(&mut gw, e, w), "epoch {e}, window {w}");
+    }
+}
