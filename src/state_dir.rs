@@ -239,12 +239,17 @@ pub fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Bytes the agent may still write on the filesystem that holds `dir`
-/// (what `df` calls available; root's reserve excluded), if it can be
-/// told.
+/// Bytes the agent may still write on the filesystem that holds `dir`, if
+/// it can be told: what `df` calls available, or, run as root, also the
+/// blocks the filesystem reserves for root.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     let s = rustix::fs::statvfs(dir).ok()?;
-    Some(s.f_bavail.saturating_mul(s.f_frsize))
+    let blocks = if rustix::process::geteuid().is_root() {
+        s.f_bfree
+    } else {
+        s.f_bavail
+    };
+    Some(blocks.saturating_mul(s.f_frsize))
 }
 
 /// Below this, a filesystem is full for the outbox: SQLite grows its files
