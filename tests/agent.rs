@@ -528,7 +528,21 @@ fn on_small_disk_sinking_to(dir: &TempDir, source: &str, mib: u32, sink_dir: &st
 
 /// As [`on_small_disk_sinking_to`], with more `[agent]` keys.
 fn on_small_disk_with(dir: &TempDir, source: &str, mib: u32, sink_dir: &str, agent: &str) -> Agent {
-    let cfg = dir.write(
+    let cfg = small_disk_config(dir, source, sink_dir, agent);
+    let agent = Agent::start_on_small_disk(&cfg, "info", &dir.path("state"), mib);
+    agent.expect_line("running as agent", Duration::from_secs(10));
+    agent
+}
+
+/// The config of those agents: a synthetic source (`source` keys), a csv
+/// sink in `sink_dir`, and `agent` keys.
+fn small_disk_config(
+    dir: &TempDir,
+    source: &str,
+    sink_dir: &str,
+    agent: &str,
+) -> std::path::PathBuf {
+    dir.write(
         "edgemeter.toml",
         &format!(
             r#"[agent]
@@ -551,14 +565,7 @@ retry_initial_secs = 0.05
 retry_max_secs = 0.5
 "#
         ),
-    );
-    let agent = Agent::start_on_small_disk(&cfg, "info", &dir.path("state"), mib);
-    assert!(
-        agent.wait_for_line("running as agent", Duration::from_secs(10)),
-        "the agent did not start:\n{}",
-        agent.stderr()
-    );
-    agent
+    )
 }
 
 /// A real full disk (a tmpfs the agent's state directory is on): commits
@@ -782,31 +789,8 @@ fn stopped_while_the_disk_is_full_the_agent_exits_in_time_and_says_what_it_lost(
 fn a_csv_sink_on_a_full_disk_writes_each_record_once_when_space_returns() {
     let dir = TempDir::new("csv-full-disk");
     let n = 30_000;
-    let cfg = dir.write(
-        "edgemeter.toml",
-        &format!(
-            r#"[agent]
-id = "test-agent"
-state_dir = "state"
-flush_interval_secs = 0.05
-
-[[source]]
-type = "synthetic"
-name = "load"
-rate_per_sec = 5000
-series = 3
-limit = {n}
-
-[[sink]]
-type = "csv"
-name = "local"
-path = "disk/out.csv"
-batch_max_records = 500
-retry_initial_secs = 0.05
-retry_max_secs = 0.5
-"#
-        ),
-    );
+    let source = format!("rate_per_sec = 5000\nseries = 3\nlimit = {n}");
+    let cfg = small_disk_config(&dir, &source, "disk", "");
     let mut agent = Agent::start_on_small_disk(&cfg, "info", &dir.path("disk"), 8);
     agent.expect_line("running as agent", Duration::from_secs(10));
     let disk = common::SmallDisk::of(agent.pid(), &dir.path("disk"));
