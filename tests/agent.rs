@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 use common::{Agent, TempDir, csv_ids, edgemeter};
 
 fn config(dir: &TempDir, extra_source: &str) -> std::path::PathBuf {
+    config_sinking_to(dir, extra_source, "out.csv")
+}
+
+/// As [`config`], the csv sink writing `sink_path`.
+fn config_sinking_to(dir: &TempDir, extra_source: &str, sink_path: &str) -> std::path::PathBuf {
     dir.write(
         "edgemeter.toml",
         &format!(
@@ -20,7 +25,7 @@ flush_interval_secs = 0.05
 [[sink]]
 type = "csv"
 name = "local"
-path = "out.csv"
+path = "{sink_path}"
 batch_max_records = 500
 retry_initial_secs = 0.05
 retry_max_secs = 0.5
@@ -534,38 +539,16 @@ fn on_small_disk_with(dir: &TempDir, source: &str, mib: u32, sink_dir: &str, age
     agent
 }
 
-/// The config of those agents: a synthetic source (`source` keys), a csv
-/// sink in `sink_dir`, and `agent` keys.
+/// The config of those agents: `agent` keys, a synthetic source (`source`
+/// keys), and the file's csv sink in `sink_dir`.
 fn small_disk_config(
     dir: &TempDir,
     source: &str,
     sink_dir: &str,
     agent: &str,
 ) -> std::path::PathBuf {
-    dir.write(
-        "edgemeter.toml",
-        &format!(
-            r#"[agent]
-id = "test-agent"
-state_dir = "state"
-flush_interval_secs = 0.05
-{agent}
-
-[[source]]
-type = "synthetic"
-name = "load"
-{source}
-
-[[sink]]
-type = "csv"
-name = "local"
-path = "{sink_dir}/out.csv"
-batch_max_records = 5000
-retry_initial_secs = 0.05
-retry_max_secs = 0.5
-"#
-        ),
-    )
+    let tables = format!("{agent}\n\n[[source]]\ntype = \"synthetic\"\nname = \"load\"\n{source}");
+    config_sinking_to(dir, &tables, &format!("{sink_dir}/out.csv"))
 }
 
 /// A real full disk (a tmpfs the agent's state directory is on): commits

@@ -2083,7 +2083,7 @@ fn an_upstream_on_a_full_disk_answers_503_and_stores_each_batch_once_when_space_
     let port = free_port();
     let cfg = upstream_config(&dir, "up", port, "sqlite", "", "");
     let state = dir.path("up-state");
-    let mut up = Agent::start_command_on_small_disk("upstream", &cfg, "info", &state, 32);
+    let mut up = Agent::on_small_disk(common::EXEC, "upstream", &cfg, "info", &state, 32);
     up.expect_line("upstream listening on", Duration::from_secs(15));
     let t0 = (now_ms() / 1000 - 600) * 1000;
     let batch = |seq: i64| {

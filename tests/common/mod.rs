@@ -98,25 +98,7 @@ impl Agent {
     /// util-linux), which goes away with the process. [`SmallDisk`] fills
     /// it and frees it again.
     pub fn start_on_small_disk(config: &Path, log: &str, dir: &Path, mib: u32) -> Agent {
-        Agent::start_command_on_small_disk("run", config, log, dir, mib)
-    }
-
-    /// `edgemeter <command> -c config` so.
-    pub fn start_command_on_small_disk(
-        command: &str,
-        config: &Path,
-        log: &str,
-        dir: &Path,
-        mib: u32,
-    ) -> Agent {
-        Agent::on_small_disk(
-            r#"exec "$BIN" "$CMD" -c "$CFG""#,
-            command,
-            config,
-            log,
-            dir,
-            mib,
-        )
+        Agent::on_small_disk(EXEC, "run", config, log, dir, mib)
     }
 
     /// The shell `script` run on such a disk, in its namespace: it finds
@@ -275,6 +257,9 @@ impl Drop for Agent {
         }
     }
 }
+
+/// The script of [`Agent::on_small_disk`] that only runs the command.
+pub const EXEC: &str = r#"exec "$BIN" "$CMD" -c "$CFG""#;
 
 /// The disk [`Agent::start_on_small_disk`] gave a process, seen from
 /// outside its mount namespace (`/proc/PID/root`).
