@@ -170,10 +170,13 @@ fn reason(status: u16) -> &'static str {
 }
 
 pub fn encode_response(r: &Response, close: bool) -> Vec<u8> {
+    // `date`: an origin server with a clock must send it (RFC 9110
+    // §6.6.1), and an agent reads its own clock's error from it.
     let mut out = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
+        "HTTP/1.1 {} {}\r\ndate: {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
         r.status,
         reason(r.status),
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
         r.content_type,
         r.body.len()
     );
