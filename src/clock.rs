@@ -1,6 +1,10 @@
-//! Wall-clock helpers: milliseconds since the Unix epoch and the few date
-//! formats edgemeter prints, without a calendar dependency.
+//! Wall-clock helpers: milliseconds since the Unix epoch, the few date
+//! formats edgemeter prints (without a calendar dependency; HTTP dates by
+//! the `httpdate` crate), and what a receiver's `Date` header says of this
+//! machine's clock ([`PeerClock`]).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub fn now_ms() -> i64 {
@@ -145,6 +149,123 @@ pub fn iso8601_basic(ms: i64) -> String {
     format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
 }
 
+/// `Tue, 24 Nov 2026 02:50:00 GMT` (an HTTP date, RFC 9110 §5.6.7) to ms
+/// since 1970, by the `httpdate` crate.
+pub fn parse_http_date(s: &str) -> Option<i64> {
+    let t = httpdate::parse_http_date(s).ok()?;
+    let ms = t.duration_since(UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok()
+}
+
+/// How far this machine's clock may be from a receiver's before the agent
+/// says so. Far above what the reading's error can be (the `Date` header's
+/// second, plus half an exchange of at most [`PEER_EXCHANGE_MAX_MS`]), far
+/// below what misplaces a window.
+pub const PEER_CLOCK_OFF_MS: i64 = 10_000;
+/// An exchange that took longer tells too little of when its `Date` was
+/// written: no reading is taken from it.
+pub const PEER_EXCHANGE_MAX_MS: i64 = 2_000;
+
+/// A receiver's clock less ours, in ms, from the `Date` of its answer to a
+/// request sent at `sent` and answered at `received` (our clock): its
+/// second's middle against the exchange's. None when the exchange took too
+/// long to tell, or our clock went back during it.
+pub fn peer_offset(date: i64, sent: i64, received: i64) -> Option<i64> {
+    let took = received.checked_sub(sent)?;
+    (0..=PEER_EXCHANGE_MAX_MS)
+        .contains(&took)
+        .then(|| date + 500 - (sent + took / 2))
+}
+
+/// The last reading of a receiver's clock ([`peer_offset`]): written
+/// where its answer is read (a sink's worker thread), taken by the
+/// delivery loop.
+#[derive(Clone, Debug)]
+pub struct PeerReading(Arc<AtomicI64>);
+
+impl Default for PeerReading {
+    fn default() -> PeerReading {
+        PeerReading(Arc::new(AtomicI64::new(i64::MIN)))
+    }
+}
+
+impl PeerReading {
+    /// An answer to a request sent at `sent` came at `received` (our clock,
+    /// ms) with this `Date` header, if it had one that parses.
+    pub fn answer(&self, date: Option<&str>, sent: i64, received: i64) {
+        if let Some(offset) = date
+            .and_then(parse_http_date)
+            .and_then(|d| peer_offset(d, sent, received))
+        {
+            self.0.store(offset, Ordering::Relaxed);
+        }
+    }
+
+    /// The reading since the last take, if any.
+    pub fn take(&self) -> Option<i64> {
+        Some(self.0.swap(i64::MIN, Ordering::Relaxed)).filter(|&o| o != i64::MIN)
+    }
+}
+
+/// What the readings of one receiver's clock say, one at a time: whether
+/// ours is off, moved again, or agrees again. Said once each, not at every
+/// delivery: `status` and `/metrics` carry the figure the whole time.
+#[derive(Debug, Default)]
+pub struct PeerClock {
+    /// The offset last said to be off, while ours is off.
+    said: Option<i64>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum ClockSay {
+    Nothing,
+    /// Ours is off by this (the receiver's less ours, ms): newly, or by
+    /// another amount than last said (the clock was set again).
+    Off(i64),
+    /// Within [`PEER_CLOCK_OFF_MS`] again, after being off by this.
+    Agrees {
+        was: i64,
+    },
+}
+
+impl PeerClock {
+    pub fn reading(&mut self, offset: i64) -> ClockSay {
+        let off = offset.abs() > PEER_CLOCK_OFF_MS;
+        match self.said {
+            Some(was) if !off => {
+                self.said = None;
+                ClockSay::Agrees { was }
+            }
+            Some(was) if (offset - was).abs() <= PEER_CLOCK_OFF_MS => ClockSay::Nothing,
+            _ if off => {
+                self.said = Some(offset);
+                ClockSay::Off(offset)
+            }
+            _ => ClockSay::Nothing,
+        }
+    }
+}
+
+/// `3d 2h behind` or `12m 5s ahead`: this machine's clock against a
+/// receiver's `offset` (the receiver's less ours).
+pub fn off_by(offset: i64) -> String {
+    let way = if offset > 0 { "behind" } else { "ahead of" };
+    format!("{} {way}", human_duration(rounded(offset.abs())))
+}
+
+/// `ms` rounded to the last unit [`human_duration`] shows: a reading is
+/// good to a second or so, and 3 days less 0.4 s is "3d 0h", not "2d 23h".
+pub fn rounded(ms: i64) -> i64 {
+    let unit = if ms < 3_570_000 {
+        1_000
+    } else if ms < 86_370_000 {
+        60_000
+    } else {
+        3_600_000
+    };
+    (ms + unit / 2) / unit * unit
+}
+
 /// A duration in words an operator reads at a glance: `45s`, `12m 3s`, `3h 2m`, `4d 1h`.
 pub fn human_duration(ms: i64) -> String {
     let s = ms.max(0) / 1000;
@@ -159,6 +280,99 @@ pub fn human_duration(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_dates() {
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            parse_http_date("Tue, 24 Nov 2026 02:50:51 GMT"),
+            Some(1_795_488_651_000)
+        );
+        assert_eq!(parse_http_date("Tue, 24 Nov 2026 02:50:51 CET"), None);
+        assert_eq!(parse_http_date("garbage"), None);
+    }
+
+    #[test]
+    fn a_peer_offset_is_its_dates_second_against_the_exchange() {
+        let check = |date, sent, received, want| {
+            assert_eq!(
+                peer_offset(date, sent, received),
+                want,
+                "{date} {sent} {received}"
+            )
+        };
+        // Same clocks: the Date's second holds the exchange's middle.
+        check(10_000, 10_300, 10_700, Some(0));
+        check(10_000, 10_200, 10_400, Some(200));
+        check(10_000, 10_000, 11_000, Some(0));
+        // The receiver three days ahead, a 50 ms exchange.
+        check(259_200_000 + 5_000, 5_000, 5_050, Some(259_200_475));
+        // Ours an hour ahead.
+        check(0, 3_600_000, 3_600_100, Some(-3_599_550));
+        // Too slow an exchange, or our clock went back in it: no reading.
+        check(0, 0, PEER_EXCHANGE_MAX_MS + 1, None);
+        check(0, 100, 50, None);
+    }
+
+    /// A clock off is said once, again only when it moves by more than
+    /// the bound, and its end once.
+    #[test]
+    fn a_clock_off_is_said_when_it_begins_moves_and_ends() {
+        let mut c = PeerClock::default();
+        let day = 86_400_000;
+        let said: Vec<ClockSay> = [
+            0,
+            900,
+            3 * day,
+            3 * day + 1_000,
+            3 * day - 9_000,
+            day,
+            day,
+            400,
+            -20,
+        ]
+        .into_iter()
+        .map(|o| c.reading(o))
+        .collect();
+        assert_eq!(
+            said,
+            [
+                ClockSay::Nothing,
+                ClockSay::Nothing,
+                ClockSay::Off(3 * day),
+                ClockSay::Nothing,
+                ClockSay::Nothing,
+                ClockSay::Off(day),
+                ClockSay::Nothing,
+                ClockSay::Agrees { was: day },
+                ClockSay::Nothing,
+            ]
+        );
+        assert_eq!(
+            c.reading(-PEER_CLOCK_OFF_MS - 1),
+            ClockSay::Off(-PEER_CLOCK_OFF_MS - 1)
+        );
+        assert_eq!(off_by(3 * day + 2 * 3_600_000), "3d 2h behind");
+        assert_eq!(off_by(-725_000), "12m 5s ahead of");
+        assert_eq!(off_by(3 * day - 400), "3d 0h behind");
+        assert_eq!(off_by(3 * day - 1_700_000), "3d 0h behind");
+        assert_eq!(off_by(3 * day - 1_800_001), "2d 23h behind");
+        assert_eq!(off_by(3_600_000 - 31_000), "59m 29s behind");
+        assert_eq!(off_by(3_600_000 - 1_000), "1h 0m behind");
+        assert_eq!(off_by(-59_600), "1m 0s ahead of");
+    }
+
+    #[test]
+    fn a_peer_reading_is_taken_once() {
+        let r = PeerReading::default();
+        assert_eq!(r.take(), None);
+        r.answer(Some("Thu, 01 Jan 1970 00:01:00 GMT"), 0, 100);
+        assert_eq!(r.take(), Some(60_450));
+        assert_eq!(r.take(), None);
+        r.answer(Some("garbage"), 0, 100);
+        r.answer(None, 0, 100);
+        assert_eq!(r.take(), None);
+    }
 
     #[test]
     fn iso8601_cases() {

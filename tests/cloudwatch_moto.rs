@@ -100,6 +100,18 @@ endpoint = "http://127.0.0.1:{port}"
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the logs sink's pending records: {status}"));
     assert!(pending <= 1, "at most the window closed at stop: {status}");
+    // Both sinks read moto's clock (this machine's) from its answers'
+    // Date: within the reading's error of their own.
+    let json: serde_json::Value =
+        serde_json::from_str(&edgemeter(&["status", "--json", "-c", c]).1).expect("status --json");
+    for sink in json["sinks"].as_array().expect("sinks") {
+        let offset = sink["peer_clock_offset_ms"].as_i64();
+        assert!(
+            offset.is_some_and(|o| o.abs() < 2_000),
+            "{}: {offset:?}",
+            sink["name"]
+        );
+    }
     assert_eq!(
         events,
         lines[..lines.len() - pending],

@@ -389,6 +389,7 @@ fn pages_render_in_chromium_and_plot_what_the_csv_holds() {
         let c = &cells[agent];
         assert!(c.iter().all(|v| v != "–"), "{agent}: {c:?}");
         assert_eq!(c[2], "0", "{agent} dropped nothing: {c:?}");
+        assert_eq!(c[5], "ok", "{agent}'s clock is this machine's: {c:?}");
     }
     assert!(cells["e9"].iter().all(|v| v == "–"), "{:?}", cells["e9"]);
     b.screenshot("dashboard-edges");

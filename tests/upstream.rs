@@ -1597,36 +1597,7 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
 
     // The dashboard says why a range reaching back past the line has no
     // windows there.
-    let addr = ([127, 0, 0, 1], port).into();
-    let form = format!("token={ADMIN}&next=%2F");
-    let (code, head, _) = common::http_exchange(
-        addr,
-        &format!(
-            "POST /sign-in HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{form}",
-            form.len()
-        ),
-    );
-    assert_eq!(code, 303, "{head}");
-    let cookie = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .starts_with("set-cookie:")
-                .then(|| l[11..].trim())
-        })
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
-    let page = |path: &str| {
-        let (code, _, body) = common::http_exchange(
-            addr,
-            &format!(
-                "GET {path} HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\nconnection: close\r\n\r\n"
-            ),
-        );
-        assert_eq!(code, 200, "{path}: {body}");
-        body
-    };
+    let page = signed_in(port);
     let note = "are deleted (<code>retention_days</code>)";
     for path in ["/?metric=kept&range=30D", "/relay?range=30D"] {
         assert!(page(path).contains(note), "{path}");
@@ -1656,6 +1627,41 @@ fn retention_deletes_old_days_at_start_keeps_their_totals_and_forwards_nothing_t
 
 /// A `Store` of its own on the PostgreSQL database [`ups_store`] made, as
 /// a replica opens one (no sink configured: forwarding is driven by hand).
+/// Signs in to the upstream's dashboard with the admin token; the pages,
+/// each asserted to answer 200.
+fn signed_in(port: u16) -> impl Fn(&str) -> String {
+    let addr = ([127, 0, 0, 1], port).into();
+    let form = format!("token={ADMIN}&next=%2F");
+    let (code, head, _) = common::http_exchange(
+        addr,
+        &format!(
+            "POST /sign-in HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{form}",
+            form.len()
+        ),
+    );
+    assert_eq!(code, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie:")
+                .then(|| l[11..].trim())
+        })
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    move |path: &str| {
+        let (code, _, body) = common::http_exchange(
+            addr,
+            &format!(
+                "GET {path} HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\nconnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(code, 200, "{path}: {body}");
+        body
+    }
+}
+
 fn pg_store(url: &str) -> edgemeter::upstream::store::Store {
     use edgemeter::upstream::{config::DEFAULT_EDGE_DIMS, db, store::Store};
     let db = db::Postgres::new(url, Some("pw-ups".to_owned())).expect("a URL");
@@ -2129,6 +2135,131 @@ fn an_upstream_on_a_full_disk_answers_503_and_stores_each_batch_once_when_space_
     assert_eq!(log.matches("could not store a batch").count(), 1, "{log}");
     assert!(
         log.contains("the store takes batches again: 10 were refused"),
+        "{log}"
+    );
+}
+
+/// A Raspberry Pi without network time keeps the clock it booted with,
+/// days off, and everything its agent records is stamped with it. Nothing
+/// said so. The agent now reads the clock in its upstream's answers (their
+/// `Date`): it says once that its clock is off, by how much and what to do;
+/// `status` shows it; and once the clock is set right, it says that once.
+/// The agent runs with a clock three days behind (libfaketime), then set
+/// right while it runs.
+#[test]
+fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
+    let dir = TempDir::new("upstream-clock");
+    let port = free_port();
+    let ucfg = upstream_config(&dir, "up", port, "sqlite", "", "");
+    let mut up = Agent::start_upstream(&ucfg, "info", &[]);
+    dir.write("a1.token", &token_of("a1"));
+    let cfg = dir.write(
+        "a1.toml",
+        &format!(
+            r#"
+[agent]
+id = "a1"
+state_dir = "{state}"
+flush_interval_secs = 0.05
+
+[[source]]
+type = "synthetic"
+name = "load"
+metric = "synthetic"
+rate_per_sec = 20
+
+[[sink]]
+type = "upstream"
+endpoint = "http://127.0.0.1:{port}"
+token_file = "a1.token"
+batch_max_records = 5
+"#,
+            state = dir.path("a1-state").display()
+        ),
+    );
+    let clock = common::FakeClock::new(&dir, "-3d");
+    let env = clock.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let status = |json: bool| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(["status", "-c"]).arg(&cfg).envs(env.iter().copied());
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().expect("run edgemeter status");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let offset = || -> Option<i64> {
+        let s: serde_json::Value = serde_json::from_str(&status(true)).expect("status --json");
+        s["sinks"][0]["peer_clock_offset_ms"].as_i64()
+    };
+    let mut agent = Agent::start_with_env(&cfg, "info", &env);
+    agent.expect_line(
+        "sink `upstream`: this machine's clock is 3d 0h behind the receiver's",
+        Duration::from_secs(15),
+    );
+    // Many more deliveries while it is off: said once.
+    assert!(
+        wait_until(Duration::from_secs(20), || metric(
+            port,
+            "batches_stored_total"
+        ) >= 20.0),
+        "batches stored: {}",
+        metric(port, "batches_stored_total")
+    );
+    let three_days = 3 * 86_400_000;
+    let off = offset().expect("a reading in status --json");
+    assert!((off - three_days).abs() < 3_000, "offset {off}");
+    // The upstream reads the agent's clock from its batches' Date: its log,
+    // /metrics and the edges page say so.
+    up.expect_line(
+        "agent `a1`: its clock is 3d 0h behind this upstream's",
+        Duration::from_secs(5),
+    );
+    let seen = metric(port, "agent_clock_offset_seconds");
+    assert!((seen - 259_200.0).abs() < 3.0, "{seen}");
+    let page = signed_in(port);
+    let edges = page("/edges");
+    assert!(edges.contains("<b>1 with a wrong clock</b>"), "{edges}");
+    assert!(
+        edges.contains("<td><b>3d 0h behind</b></td></tr>"),
+        "{edges}"
+    );
+    let text = status(false);
+    assert!(
+        text.contains("  CLOCK OFF: this machine's clock is 3d 0h behind the receiver's (read "),
+        "{text}"
+    );
+    clock.set("+0");
+    agent.expect_line(
+        "sink `upstream`: this machine's clock agrees with the receiver's again (it was 3d 0h behind it)",
+        Duration::from_secs(15),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || offset()
+            .is_some_and(|o| o.abs() < 3_000)),
+        "offset {:?}",
+        offset()
+    );
+    assert!(!status(false).contains("CLOCK"), "{}", status(false));
+    up.expect_line(
+        "agent `a1`: its clock agrees with this upstream's again (it was 3d 0h behind it)",
+        Duration::from_secs(5),
+    );
+    let edges = page("/edges");
+    assert!(
+        edges.contains("<td>ok</td></tr>") && !edges.contains("wrong clock"),
+        "{edges}"
+    );
+    agent.stop();
+    up.stop();
+    let ulog = up.stderr();
+    assert_eq!(ulog.matches("its clock is").count(), 1, "{ulog}");
+    let log = agent.stderr();
+    assert_eq!(log.matches("this machine's clock is").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("agrees with the receiver's again").count(),
+        1,
         "{log}"
     );
 }

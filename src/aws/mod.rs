@@ -289,14 +289,6 @@ pub fn error_code(body: &[u8]) -> (String, String) {
     (String::new(), text.chars().take(200).collect())
 }
 
-/// `Tue, 24 Nov 2026 02:50:00 GMT` (an HTTP date, RFC 9110 §5.6.7) to ms
-/// since 1970, by the `httpdate` crate.
-pub fn parse_http_date(s: &str) -> Option<i64> {
-    let t = httpdate::parse_http_date(s).ok()?;
-    let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
-    i64::try_from(ms).ok()
-}
-
 /// Our idea of AWS's time: the local clock plus an offset learnt from a
 /// response `Date` when AWS rejected a signature as expired or skewed (a
 /// Raspberry Pi has no battery-backed clock).
@@ -334,6 +326,8 @@ pub struct Client {
     url: String,
     agent: Result<ureq::Agent, String>,
     pub clock: SkewClock,
+    /// What AWS's answers say of the local clock, for the delivery loop.
+    pub peer: crate::clock::PeerReading,
 }
 
 impl Client {
@@ -347,6 +341,7 @@ impl Client {
             service,
             agent,
             clock: SkewClock::default(),
+            peer: crate::clock::PeerReading::default(),
         }
     }
 
@@ -415,15 +410,14 @@ impl Client {
         for (k, v) in &signed {
             req = req.header(k.as_str(), v.as_str());
         }
+        let sent = crate::clock::now_ms();
         let mut resp = req
             .send(body)
             .map_err(|e| (Failure::Transient(format!("{}: {e}", self.url)), None))?;
         let status = resp.status().as_u16();
-        let date = resp
-            .headers()
-            .get("date")
-            .and_then(|d| d.to_str().ok())
-            .and_then(parse_http_date);
+        let date_header = resp.headers().get("date").and_then(|d| d.to_str().ok());
+        self.peer.answer(date_header, sent, crate::clock::now_ms());
+        let date = date_header.and_then(crate::clock::parse_http_date);
         let bytes = resp
             .body_mut()
             .with_config()

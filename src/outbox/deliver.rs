@@ -279,6 +279,20 @@ impl Outbox {
         Ok(())
     }
 
+    /// What a sink last read of its receiver's clock (the receiver's less
+    /// ours, ms; [`crate::clock::peer_offset`]), kept for `status` with
+    /// when it was read.
+    pub fn note_peer_clock(&mut self, sink: &str, offset_ms: i64) -> Result<(), OutboxError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![peer_clock_key(sink), format!("{offset_ms} {}", now_ms())],
+            )
+            .map_err(sql_err(&self.path, "noting the receiver's clock"))?;
+        Ok(())
+    }
+
     /// Add to a sink's own counters (`requests`, `bytes_sent`, ...).
     pub fn bump(&mut self, sink: &str, deltas: &[(&str, i64)]) -> Result<(), OutboxError> {
         self.write("counting", |tx| {
@@ -304,6 +318,11 @@ impl Outbox {
     pub fn count_drops(&mut self, why: &str, n: i64) -> Result<(), OutboxError> {
         count_drop(&self.conn, why, NO_SINK, n).map_err(sql_err(&self.path, "counting drops"))
     }
+}
+
+/// The `meta` key of a sink's last reading of its receiver's clock.
+pub(super) fn peer_clock_key(sink: &str) -> String {
+    format!("peer_clock:{sink}")
 }
 
 /// The last record id of `batch` if it is still open (not yet settled).

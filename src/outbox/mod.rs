@@ -55,6 +55,9 @@
 //! - `drops(reason, sink, count)`: every record the outbox gave up on.
 //! - `counters(sink, key, value)`: what sinks report of their own work
 //!   (requests, bytes sent, retries, throttles), for `edgemeter status`.
+//! - `meta(key, value)`: the outbox's id (`outbox_id`), and each sink's
+//!   last reading of its receiver's clock (`peer_clock:<sink>`, "offset_ms
+//!   read_ms"), for `edgemeter status`.
 //!
 //! # Rows
 //! Every record has its own id; a row holds one record or several.
@@ -352,6 +355,9 @@ pub struct SinkStats {
     pub last_failure_ms: Option<i64>,
     pub last_error: Option<String>,
     pub dead_letters: i64,
+    /// The sink's last reading of its receiver's clock: (the receiver's
+    /// less ours, when it was read), ms.
+    pub peer_clock: Option<(i64, i64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

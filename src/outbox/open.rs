@@ -188,6 +188,11 @@ impl Outbox {
                     .map_err(&e)?;
                 tx.execute("DELETE FROM batches WHERE sink = ?1", [&name])
                     .map_err(&e)?;
+                tx.execute(
+                    "DELETE FROM meta WHERE key = ?1",
+                    [deliver::peer_clock_key(&name)],
+                )
+                .map_err(&e)?;
                 forgotten.push(name);
             }
         }

@@ -39,6 +39,7 @@ impl Outbox {
                     last_error: r.get(7)?,
                     dead_letters: r.get(8)?,
                     counters: Vec::new(),
+                    peer_clock: None,
                 })
             })
             .map_err(&e)?
@@ -53,6 +54,18 @@ impl Outbox {
                 .map_err(&e)?
                 .collect::<Result<_, _>>()
                 .map_err(&e)?;
+            let reading: Option<String> = c
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [super::deliver::peer_clock_key(&s.name)],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(&e)?;
+            s.peer_clock = reading.and_then(|v| {
+                let (offset, at) = v.split_once(' ')?;
+                Some((offset.parse().ok()?, at.parse().ok()?))
+            });
         }
         let mut st = c
             .prepare("SELECT reason, sink, count FROM drops ORDER BY reason, sink")

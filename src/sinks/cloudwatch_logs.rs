@@ -307,6 +307,10 @@ impl Sink for CloudWatchLogs {
         KindSet::of(&[Kind::Line])
     }
 
+    fn peer_clock(&self) -> Option<&crate::clock::PeerReading> {
+        Some(&self.client.peer)
+    }
+
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,

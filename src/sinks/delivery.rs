@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, jittered};
+use crate::clock::{ClockSay, PeerClock, PeerReading, human_duration, off_by};
 use crate::logging::{Say, Spell, again};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
@@ -24,6 +25,11 @@ pub struct Delivery {
 pub const IDLE_RECHECK: Duration = Duration::from_secs(5);
 /// Idle rechecks are spread by ±10 % so many edges do not line up.
 const IDLE_JITTER: f64 = 0.1;
+/// A reading of the receiver's clock is kept for `status` when it differs
+/// from the one kept by more than its own error, or when the one kept is
+/// this old: not a write to the outbox at every delivery.
+const PEER_CLOCK_KEEP_MS: i64 = 2_000;
+const PEER_CLOCK_KEEP_EVERY: Duration = Duration::from_secs(60);
 
 enum Settle {
     /// Delivered, less these (record id, why).
@@ -53,6 +59,10 @@ impl Driver {
         let mut refused = Spell::default();
         // Claims failing (a claim writes: a full disk fails every one).
         let mut claiming = Spell::default();
+        // What the receiver's answers say of our clock, and the reading
+        // last kept for `status`.
+        let mut clock = PeerClock::default();
+        let mut kept: Option<(i64, Instant)> = None;
         while !self.shutdown.is_started() {
             let (name, max) = (self.name.clone(), self.delivery.batch_max_records);
             let claimed = self.outbox.call(move |o| o.next_batch(&name, max)).await;
@@ -89,7 +99,11 @@ impl Driver {
                 }
             };
             let progress = crate::sinks::Progress::new(self.outbox.clone(), &batch);
-            match self.sink.deliver(&batch, &progress).await {
+            let result = self.sink.deliver(&batch, &progress).await;
+            if let Some(offset) = self.sink.peer_clock().and_then(PeerReading::take) {
+                self.clock_read(offset, &mut clock, &mut kept).await;
+            }
+            match result {
                 Ok(delivered) => {
                     refused_since = None;
                     if let Say::Ended { failed, lasted } = refused.worked(Instant::now()) {
@@ -185,6 +199,50 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Say what a reading of the receiver's clock tells, when that changes,
+    /// and keep it for `status`. A wrong clock stamps everything the agent
+    /// records (a Raspberry Pi has no battery-backed clock), and nothing
+    /// else on the machine may say so.
+    async fn clock_read(
+        &self,
+        offset: i64,
+        clock: &mut PeerClock,
+        kept: &mut Option<(i64, Instant)>,
+    ) {
+        match clock.reading(offset) {
+            ClockSay::Off(o) => log::warn!(
+                "sink `{}`: this machine's clock is {} the receiver's (the Date of its answer): what the agent records is stamped with this clock, so it is sent stamped {} {} than it happened. Set the clock right: enable network time (`timedatectl set-ntp true`); a Raspberry Pi has no battery-backed clock and needs it after every boot. Said again only if it changes; `edgemeter status` shows it",
+                self.name,
+                off_by(o),
+                human_duration(o.abs()),
+                if o > 0 { "earlier" } else { "later" }
+            ),
+            ClockSay::Agrees { was } => log::info!(
+                "sink `{}`: this machine's clock agrees with the receiver's again (it was {} it); what was stamped while it was off keeps that time",
+                self.name,
+                off_by(was)
+            ),
+            ClockSay::Nothing => {}
+        }
+        let now = Instant::now();
+        let keep = kept.is_none_or(|(k, at)| {
+            (offset - k).abs() > PEER_CLOCK_KEEP_MS
+                || now.duration_since(at) >= PEER_CLOCK_KEEP_EVERY
+        });
+        if !keep {
+            return;
+        }
+        *kept = Some((offset, now));
+        let name = self.name.clone();
+        if let Err(e) = self
+            .outbox
+            .call(move |o| o.note_peer_clock(&name, offset))
+            .await
+        {
+            log::warn!("sink `{}`: {e}", self.name);
         }
     }
 

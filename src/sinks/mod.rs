@@ -25,6 +25,9 @@
 //! - Blocking calls (HTTP, fsync) MUST run off the event loop, on the
 //!   sink's own [`crate::runtime::Worker`]; a sink has at most one batch in
 //!   flight.
+//! - A sink that talks HTTP SHOULD read its receiver's `Date` header into
+//!   [`Sink::peer_clock`]: a wrong clock stamps everything the agent
+//!   records, and the receiver's answers are where the agent can see it.
 //! - Error texts MUST NOT contain secrets (tokens, keys, signatures): they
 //!   are logged and stored in the outbox.
 
@@ -157,6 +160,12 @@ pub trait Sink {
         batch: &'a Batch,
         progress: &'a Progress,
     ) -> LocalBoxFuture<'a, Result<Delivered, DeliveryError>>;
+    /// Where a sink whose receiver answers with a `Date` header (HTTP)
+    /// leaves what it says of this machine's clock; the delivery loop
+    /// takes each reading after a delivery, and says when the clock is off.
+    fn peer_clock(&self) -> Option<&crate::clock::PeerReading> {
+        None
+    }
 }
 
 pub fn parse_config(

@@ -98,6 +98,7 @@ pub struct Upstream {
     /// Built on first use (reading `ca_file` is IO), then kept.
     agent: Option<Arc<ureq::Agent>>,
     worker: Worker,
+    clock: crate::clock::PeerReading,
 }
 
 impl Upstream {
@@ -108,6 +109,7 @@ impl Upstream {
             agent_id: agent_id.to_owned(),
             agent: None,
             worker: Worker::new("sink-upstream"),
+            clock: crate::clock::PeerReading::default(),
         }
     }
 }
@@ -146,6 +148,10 @@ impl Sink for Upstream {
         }
     }
 
+    fn peer_clock(&self) -> Option<&crate::clock::PeerReading> {
+        Some(&self.clock)
+    }
+
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,
@@ -161,7 +167,12 @@ impl Sink for Upstream {
             let json = wire::encode(&key, batch.records.iter().map(|(_, r)| r));
             let body = gzip(json.as_bytes());
             let bytes = body.len() as i64;
-            let (config, url, agent) = (self.config.clone(), self.url.clone(), self.agent.clone());
+            let (config, url, agent, clock) = (
+                self.config.clone(),
+                self.url.clone(),
+                self.agent.clone(),
+                self.clock.clone(),
+            );
             let (agent, result) = self
                 .worker
                 .run(move || {
@@ -175,7 +186,7 @@ impl Sink for Upstream {
                             Err(e) => return (None, Err(DeliveryError::Retry(e))),
                         },
                     };
-                    let result = post(&agent, &url, &config.token_file, &body);
+                    let result = post(&agent, &url, &config.token_file, &body, &clock);
                     (Some(agent), result)
                 })
                 .await;
@@ -196,15 +207,25 @@ fn post(
     url: &str,
     token_file: &Path,
     body: &[u8],
+    clock: &crate::clock::PeerReading,
 ) -> Result<(), DeliveryError> {
     let token = crate::problems::read_token(token_file).map_err(DeliveryError::Retry)?;
+    let sent = crate::clock::now_ms();
     let resp = agent
         .post(url)
         .header("content-type", "application/json")
         .header("content-encoding", "gzip")
         .header("authorization", format!("Bearer {token}"))
+        // The upstream reads this agent's clock from it (RFC 9110 §6.6.1
+        // lets a client with a clock send one).
+        .header(
+            "date",
+            httpdate::fmt_http_date(std::time::SystemTime::now()),
+        )
         .send(body);
     let mut resp = resp.map_err(|e| DeliveryError::Retry(format!("POST {url}: {e}")))?;
+    let date = resp.headers().get("date").and_then(|d| d.to_str().ok());
+    clock.answer(date, sent, crate::clock::now_ms());
     let status = resp.status().as_u16();
     let answer = resp
         .body_mut()

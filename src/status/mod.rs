@@ -27,7 +27,7 @@
 //! | `outbox.oldest_ms` | the oldest buffered record's arrival, `null` when empty |
 //! | `outbox.dead_letter_bytes` | bytes kept in dead letters |
 //! | `drops[]` | `{reason, sink, records}`: records dropped, by reason and sink |
-//! | `sinks[]` | `{name, pending, delivered_records, delivered_batches, failures, last_delivery_ms, last_failure_ms, last_error, dead_letters, counters}` |
+//! | `sinks[]` | `{name, pending, delivered_records, delivered_batches, failures, last_delivery_ms, last_failure_ms, last_error, dead_letters, counters, peer_clock_offset_ms, peer_clock_read_ms}`: `peer_clock_offset_ms` is the receiver's clock less this machine's, from the `Date` of its answers (`null` before any), read at `peer_clock_read_ms` |
 //! | `sources[]` | `{name, type, written_ms, text, samples}`: `written_ms` is when the source last wrote its status (`null`: never, as for `synthetic`), `text` what `status` shows, `samples[]` `{name, labels, value}` its figures (`/metrics` shows them as `edgemeter_<name>{source=…}`) |
 
 pub mod graphs;
@@ -111,6 +111,21 @@ pub struct SinkInfo {
     pub dead_letters: i64,
     /// The sink's own counters (e.g. points CloudWatch rejected), by key.
     pub counters: BTreeMap<String, i64>,
+    /// The receiver's clock less this machine's, from the `Date` of its
+    /// last answers, and when that was read; `null` before any answer.
+    #[serde(default)]
+    pub peer_clock_offset_ms: Option<i64>,
+    #[serde(default)]
+    pub peer_clock_read_ms: Option<i64>,
+}
+
+impl SinkInfo {
+    /// The receiver's clock less ours, when ours is off by more than
+    /// [`crate::clock::PEER_CLOCK_OFF_MS`].
+    pub fn clock_off(&self) -> Option<i64> {
+        self.peer_clock_offset_ms
+            .filter(|o| o.abs() > crate::clock::PEER_CLOCK_OFF_MS)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +223,8 @@ pub fn collect(scope: &Scope, holder: Holder, now: i64) -> Result<Snapshot, Stri
                 last_error: k.last_error.clone(),
                 dead_letters: k.dead_letters,
                 counters: k.counters.iter().cloned().collect(),
+                peer_clock_offset_ms: k.peer_clock.map(|(o, _)| o),
+                peer_clock_read_ms: k.peer_clock.map(|(_, at)| at),
             })
             .collect(),
         sources: scope

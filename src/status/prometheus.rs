@@ -198,6 +198,15 @@ pub fn render(s: &Snapshot) -> String {
                 seconds(t),
             );
         }
+        if let Some(offset) = k.peer_clock_offset_ms {
+            f.add(
+                "sink_peer_clock_offset_seconds",
+                false,
+                "The receiver's clock less this machine's, from the Date of its answers (over 10 s: this clock is off)",
+                &sink,
+                offset as f64 / 1000.0,
+            );
+        }
         for (key, v) in &k.counters {
             f.add(
                 "sink_events_total",

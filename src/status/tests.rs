@@ -36,6 +36,8 @@ fn snapshot() -> Snapshot {
             last_error: Some("HTTP 500: \"oops\"".into()),
             dead_letters: 0,
             counters: [("points_rejected".to_owned(), 3)].into_iter().collect(),
+            peer_clock_offset_ms: Some(-350),
+            peer_clock_read_ms: Some(1_800_000_000_000 - 1_000),
         }],
         sources: vec![
             SourceInfo {
@@ -95,6 +97,24 @@ fn text_says_when_the_disk_is_full() {
     assert!(!text::render(&s).contains("disk "), "room enough: no line");
 }
 
+/// A clock off is said under its sink, and only then: a clock within the
+/// reading's error says nothing.
+#[test]
+fn text_says_when_the_clock_is_off() {
+    let mut s = snapshot();
+    s.sinks[0].peer_clock_offset_ms = Some(3 * 86_400_000 + 7_500_000);
+    let text = text::render(&s);
+    assert!(
+        text.contains("\n  CLOCK OFF: this machine's clock is 3d 2h behind the receiver's (read 1s ago): what is sent is stamped wrong; enable network time\n"),
+        "{text}"
+    );
+    s.sinks[0].peer_clock_offset_ms = Some(-crate::clock::PEER_CLOCK_OFF_MS);
+    assert!(
+        !text::render(&s).contains("CLOCK"),
+        "within the bound: no line"
+    );
+}
+
 #[test]
 fn metrics_group_families_and_escape_labels() {
     let m = prometheus::render(&snapshot());
@@ -125,6 +145,10 @@ fn metrics_group_families_and_escape_labels() {
     );
     assert!(
         m.contains("edgemeter_sink_events_total{event=\"points_rejected\",sink=\"cw\"} 3\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("edgemeter_sink_peer_clock_offset_seconds{sink=\"cw\"} -0.35\n"),
         "{m}"
     );
     assert!(!m.contains("not_a_metric_we_know"), "{m}");

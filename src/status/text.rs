@@ -1,6 +1,6 @@
 //! `edgemeter status` as text: what a person reads at 3 a.m.
 
-use crate::clock::human_duration;
+use crate::clock::{human_duration, off_by};
 
 use super::Snapshot;
 
@@ -82,6 +82,13 @@ pub fn render_agent(s: &Snapshot) -> String {
         }
         if let Some(e) = &k.last_error {
             out += &format!("  last error: {e}\n");
+        }
+        if let Some(offset) = k.clock_off() {
+            out += &format!(
+                "  CLOCK OFF: this machine's clock is {} the receiver's (read {}): what is sent is stamped wrong; enable network time\n",
+                off_by(offset),
+                ago(now, k.peer_clock_read_ms)
+            );
         }
     }
     out

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use smol::channel::Sender;
 
-use crate::clock::now_ms;
+use crate::clock::{ClockSay, PeerClock, human_duration, now_ms, off_by, rounded};
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::logging::{Losses, Lost, since_began};
 use crate::problems::read_token;
@@ -155,6 +155,18 @@ pub struct Counters {
     pub ingest_seconds: Cell<f64>,
     /// The request-body budget, for its gauges.
     pub budget: RefCell<Option<Rc<Budget>>>,
+    /// agent → what the `Date` of its latest batch said of its clock. At
+    /// most one entry per agent with a token.
+    pub agent_clocks: RefCell<BTreeMap<String, AgentClock>>,
+}
+
+/// An agent's clock as its latest batch showed it: this upstream's clock
+/// less the agent's (its request's `Date`, the second it sent in), and
+/// what was said of it.
+#[derive(Default)]
+pub struct AgentClock {
+    pub offset_ms: i64,
+    said: PeerClock,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -265,6 +277,22 @@ impl Counters {
                 .borrow()
                 .iter()
                 .map(|(r, v)| (format!("{{how=\"{r}\"}}"), v.to_string()))
+                .collect(),
+        );
+        metric(
+            "agent_clock_offset_seconds",
+            "This upstream's clock less each agent's, from the Date of its latest batch (over 10 s: the agent's clock is off).",
+            "gauge",
+            self.agent_clocks
+                .borrow()
+                .iter()
+                .map(|(a, c)| {
+                    // Agent ids are letters, digits, `-`, `_` and `.` (wire).
+                    (
+                        format!("{{agent=\"{a}\"}}"),
+                        (c.offset_ms as f64 / 1000.0).to_string(),
+                    )
+                })
                 .collect(),
         );
         if let Some(b) = self.budget.borrow().as_ref() {
@@ -421,7 +449,14 @@ impl Handler for Api {
             ),
             (Route::Page("/edges"), _) => {
                 let agents = self.tokens.borrow().agents();
-                dashboard::pages::edges(&self.store, agents, now_ms()).await
+                let clocks = self
+                    .counters
+                    .agent_clocks
+                    .borrow()
+                    .iter()
+                    .map(|(a, c)| (a.clone(), c.offset_ms))
+                    .collect();
+                dashboard::pages::edges(&self.store, agents, clocks, now_ms()).await
             }
             (Route::Page("/relay"), _) => {
                 dashboard::pages::relay(&self.store, &req.query, now_ms()).await
@@ -646,6 +681,35 @@ impl Api {
         );
     }
 
+    /// Keep what an agent's batch says of its clock (the request's `Date`,
+    /// which agents send), and say when it is off and when it agrees again:
+    /// a wrong clock stamps all that agent sends.
+    fn note_clock(&self, agent: &str, date: i64) {
+        let now = now_ms();
+        let offset = now - (date + 500);
+        let mut clocks = self.counters.agent_clocks.borrow_mut();
+        if !clocks.contains_key(agent) {
+            // Agents whose token was taken away go: one entry per token.
+            let agents = self.tokens.borrow().agents();
+            clocks.retain(|a, _| agents.contains(a));
+        }
+        let c = clocks.entry(agent.to_owned()).or_default();
+        c.offset_ms = offset;
+        match c.said.reading(offset) {
+            ClockSay::Off(o) => log::warn!(
+                "agent `{agent}`: its clock is {} this upstream's (the Date of its batches): what it records is stamped {} {} than it happened. Set its clock right: network time (`timedatectl set-ntp true`). Said again only if it changes; /edges and /metrics show it",
+                off_by(o),
+                human_duration(rounded(o.abs())),
+                if o > 0 { "earlier" } else { "later" }
+            ),
+            ClockSay::Agrees { was } => log::info!(
+                "agent `{agent}`: its clock agrees with this upstream's again (it was {} it)",
+                off_by(was)
+            ),
+            ClockSay::Nothing => {}
+        }
+    }
+
     async fn post_batch(&self, mut req: Request, agent: String) -> Response {
         let json = match req.header("content-encoding").map(str::to_ascii_lowercase) {
             Some(e) if e == "gzip" => match wire::gunzip(&req.body, self.max_batch_bytes) {
@@ -703,6 +767,9 @@ impl Api {
                     batch.agent_id
                 ),
             );
+        }
+        if let Some(date) = req.header("date").and_then(crate::clock::parse_http_date) {
+            self.note_clock(&agent, date);
         }
         let (tx, rx) = smol::channel::bounded(1);
         if self.commits.try_send((batch, tx)).is_err() {

@@ -579,3 +579,47 @@ fn set_soft_nofile(pid: &str, soft: &str) {
         .expect("prlimit (util-linux)");
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A clock off from the machine's for the processes run with its
+/// [`FakeClock::env`]: libfaketime (Debian's `faketime`) reads the offset
+/// from a file, again at least once a second, so [`FakeClock::set`] steps
+/// their clock while they run. Their timers (the monotonic clock) run true,
+/// as a real wrong clock's do.
+pub struct FakeClock {
+    file: PathBuf,
+    lib: PathBuf,
+}
+
+impl FakeClock {
+    /// Off by `offset` in libfaketime's words (`-3d`, `+0`, `+2h`).
+    pub fn new(dir: &TempDir, offset: &str) -> FakeClock {
+        let lib = ["/usr/lib", "/usr/lib64"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+            .chain([PathBuf::from("/usr/lib/faketime/libfaketimeMT.so.1")])
+            .find(|p| p.exists())
+            .expect("libfaketime is missing; install it with: sudo apt-get install faketime");
+        let clock = FakeClock {
+            file: dir.path("faketime"),
+            lib,
+        };
+        clock.set(offset);
+        clock
+    }
+
+    pub fn set(&self, offset: &str) {
+        std::fs::write(&self.file, format!("{offset}\n")).expect("write the faketime file");
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LD_PRELOAD", self.lib.display().to_string()),
+            ("FAKETIME_TIMESTAMP_FILE", self.file.display().to_string()),
+            ("FAKETIME_CACHE_DURATION", "1".to_owned()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+        ]
+    }
+}

@@ -119,6 +119,10 @@ impl Sink for CloudWatchMetrics {
         KindSet::of(&[Kind::Point])
     }
 
+    fn peer_clock(&self) -> Option<&crate::clock::PeerReading> {
+        Some(&self.client.peer)
+    }
+
     fn deliver<'a>(
         &'a mut self,
         batch: &'a Batch,

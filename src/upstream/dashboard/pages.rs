@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::clock::{human_duration, iso8601};
+use crate::clock::{PEER_CLOCK_OFF_MS, human_duration, iso8601, off_by};
 use crate::http_server::{Response, query_pairs};
 use crate::record::Dims;
 use crate::runtime::OnWorker;
@@ -942,7 +942,16 @@ fn render_graphs(
     page("Command graphs", "/graphs", true, &body)
 }
 
-pub async fn edges(store: &OnWorker<Store>, with_tokens: Vec<String>, now: i64) -> Response {
+/// agent → this upstream's clock less the agent's, from the `Date` of its
+/// latest batch since this upstream started (ms).
+pub type Clocks = BTreeMap<String, i64>;
+
+pub async fn edges(
+    store: &OnWorker<Store>,
+    with_tokens: Vec<String>,
+    clocks: Clocks,
+    now: i64,
+) -> Response {
     let since = now - HEALTH_WITHIN_MS;
     match store
         .call(move |s| -> Result<_, crate::upstream::db::DbError> {
@@ -950,7 +959,10 @@ pub async fn edges(store: &OnWorker<Store>, with_tokens: Vec<String>, now: i64) 
         })
         .await
     {
-        Ok((rows, health)) => super::html(200, render_edges(&rows, &health, &with_tokens, now)),
+        Ok((rows, health)) => super::html(
+            200,
+            render_edges(&rows, &health, &with_tokens, &clocks, now),
+        ),
         Err(e) => {
             log::error!("the dashboard's edges query failed: {e}");
             error_page(503, "/edges", "the store is unavailable; try again shortly")
@@ -997,10 +1009,20 @@ fn health_cells(h: Option<&Health>) -> [String; 5] {
     ]
 }
 
+/// The clock cell of an edge: what its latest batch's `Date` said.
+fn clock_cell(offset: Option<i64>) -> String {
+    match offset {
+        None => "–".to_owned(),
+        Some(o) if o.abs() <= PEER_CLOCK_OFF_MS => "ok".to_owned(),
+        Some(o) => format!("<b>{}</b>", off_by(o)),
+    }
+}
+
 fn render_edges(
     rows: &[EdgeRow],
     health: &AgentHealth,
     with_tokens: &[String],
+    clocks: &Clocks,
     now: i64,
 ) -> String {
     let never: Vec<&String> = with_tokens
@@ -1011,25 +1033,46 @@ fn render_edges(
         .iter()
         .filter(|r| now - r.last_received_ms > STALE_AFTER_MS)
         .collect();
+    let wrong_clock = |r: &EdgeRow| {
+        clocks
+            .get(&r.agent)
+            .is_some_and(|o| o.abs() > PEER_CLOCK_OFF_MS)
+    };
+    let clock_off = rows.iter().filter(|r| wrong_clock(r)).count();
     let mut body = format!(
-        "<h1>Edges</h1><p>{} edges have posted: {} current, <b>{} stale</b> (no batch for {}); {} with a token never posted.</p>",
+        "<h1>Edges</h1><p>{} edges have posted: {} current, <b>{} stale</b> (no batch for {}); {} with a token never posted.{}</p>",
         rows.len(),
         rows.len() - stale.len(),
         stale.len(),
         human_duration(STALE_AFTER_MS),
-        never.len()
+        never.len(),
+        match clock_off {
+            0 => String::new(),
+            n => format!(" <b>{n} with a wrong clock</b>: what they send is stamped wrong."),
+        }
     );
-    body += r#"<div class="scroll"><table class="edges"><tr><th>edge</th><th>state</th><th>last batch (UTC)</th><th class="n">ago</th><th class="n">batches</th><th class="n">records</th><th class="n">buffered</th><th class="n">oldest buffered</th><th class="n">dropped</th><th class="n">to deliver</th><th class="n">delivery failures</th></tr>"#;
-    // Trouble first: stale, then never posted, then the rest.
+    body += r#"<div class="scroll"><table class="edges"><tr><th>edge</th><th>state</th><th>last batch (UTC)</th><th class="n">ago</th><th class="n">batches</th><th class="n">records</th><th class="n">buffered</th><th class="n">oldest buffered</th><th class="n">dropped</th><th class="n">to deliver</th><th class="n">delivery failures</th><th>clock</th></tr>"#;
+    // Trouble first: stale, then a wrong clock, then the rest; tokens that
+    // never posted after them.
     let mut sorted: Vec<&EdgeRow> = rows.iter().collect();
-    sorted.sort_by_key(|r| (now - r.last_received_ms <= STALE_AFTER_MS, r.agent.clone()));
+    sorted.sort_by_key(|r| {
+        (
+            now - r.last_received_ms <= STALE_AFTER_MS,
+            !wrong_clock(r),
+            r.agent.clone(),
+        )
+    });
     for r in sorted {
         let is_stale = now - r.last_received_ms > STALE_AFTER_MS;
         let h = health_cells(health.get(&r.agent));
         let _ = write!(
             body,
-            r#"<tr{}><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
-            if is_stale { r#" class="stale""# } else { "" },
+            r#"<tr{}><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td></tr>"#,
+            if is_stale || wrong_clock(r) {
+                r#" class="stale""#
+            } else {
+                ""
+            },
             escape(&r.agent),
             if is_stale { "STALE" } else { "current" },
             minute(r.last_received_ms),
@@ -1040,17 +1083,84 @@ fn render_edges(
             h[1],
             h[2],
             h[3],
-            h[4]
+            h[4],
+            clock_cell(clocks.get(&r.agent).copied())
         );
     }
     for a in never {
         let _ = write!(
             body,
-            r#"<tr class="stale"><td>{}</td><td>never posted</td><td>–</td><td class="n">–</td><td class="n">0</td><td class="n">0</td><td class="n">–</td><td class="n">–</td><td class="n">–</td><td class="n">–</td><td class="n">–</td></tr>"#,
+            r#"<tr class="stale"><td>{}</td><td>never posted</td><td>–</td><td class="n">–</td><td class="n">0</td><td class="n">0</td><td class="n">–</td><td class="n">–</td><td class="n">–</td><td class="n">–</td><td class="n">–</td><td>–</td></tr>"#,
             escape(a)
         );
     }
     body += "</table></div>";
-    body += r#"<p class="note">Last batch, batches and records: from the batches this upstream stored. Buffered, oldest buffered, dropped, to deliver (summed over the edge's sinks) and delivery failures (attempts so far): the edge's own health points (<code>health_interval_secs</code>, every minute by default when it forwards here), the latest of the last 15 minutes; "–" when it sent none.</p>"#;
+    body += r#"<p class="note">Last batch, batches and records: from the batches this upstream stored. Buffered, oldest buffered, dropped, to deliver (summed over the edge's sinks) and delivery failures (attempts so far): the edge's own health points (<code>health_interval_secs</code>, every minute by default when it forwards here), the latest of the last 15 minutes; "–" when it sent none. Clock: the edge's clock against this upstream's, from the <code>Date</code> of its latest batch since this upstream started ("ok" within 10 s); an edge whose clock is off stamps all it sends with it, its windows land off by as much on every page, and its health points fall outside the last 15 minutes.</p>"#;
     page("Edges", "/edges", true, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge(agent: &str, last_received_ms: i64) -> EdgeRow {
+        EdgeRow {
+            agent: agent.into(),
+            batches: 3,
+            records: 30,
+            last_received_ms,
+        }
+    }
+
+    /// An edge whose clock is off is trouble: counted at the top, shown
+    /// by how much in its row, marked and listed after the stale ones. A
+    /// clock within the reading's error is "ok"; one never read, "–".
+    #[test]
+    fn edges_with_a_wrong_clock_are_counted_marked_and_listed_first() {
+        let now = 1_800_000_000_000;
+        let rows = [
+            edge("a-ok", now - 1_000),
+            edge("b-unread", now - 1_000),
+            edge("c-stale", now - STALE_AFTER_MS - 1),
+            edge("d-off", now - 1_000),
+        ];
+        let clocks: Clocks = [
+            ("a-ok".to_owned(), -PEER_CLOCK_OFF_MS),
+            ("d-off".to_owned(), 3 * 86_400_000 + 400),
+        ]
+        .into_iter()
+        .collect();
+        let html = render_edges(&rows, &AgentHealth::new(), &[], &clocks, now);
+        assert!(
+            html.contains("<b>1 with a wrong clock</b>: what they send is stamped wrong."),
+            "{html}"
+        );
+        let order: Vec<usize> = ["c-stale", "d-off", "a-ok", "b-unread"]
+            .iter()
+            .map(|a| html.find(&format!("<td>{a}</td>")).expect(a))
+            .collect();
+        assert!(
+            order.is_sorted(),
+            "stale, wrong clock, then the rest: {order:?}"
+        );
+        for (agent, cell, marked) in [
+            ("c-stale", "–", true),
+            ("d-off", "<b>3d 0h behind</b>", true),
+            ("a-ok", "ok", false),
+            ("b-unread", "–", false),
+        ] {
+            let at = html.find(&format!("<td>{agent}</td>")).expect(agent);
+            let row_start = html[..at].rfind("<tr").expect("row");
+            let row_end = at + html[at..].find("</tr>").expect("row end");
+            let row = &html[row_start..row_end];
+            assert!(row.ends_with(&format!("<td>{cell}</td>")), "{agent}: {row}");
+            assert_eq!(
+                row.starts_with(r#"<tr class="stale">"#),
+                marked,
+                "{agent}: {row}"
+            );
+        }
+        let none = render_edges(&rows[..1], &AgentHealth::new(), &[], &clocks, now);
+        assert!(!none.contains("wrong clock"), "{none}");
+    }
 }
