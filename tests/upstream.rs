@@ -2152,31 +2152,12 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
     let port = free_port();
     let ucfg = upstream_config(&dir, "up", port, "sqlite", "", "");
     let mut up = Agent::start_upstream(&ucfg, "info", &[]);
-    dir.write("a1.token", &token_of("a1"));
-    let cfg = dir.write(
-        "a1.toml",
-        &format!(
-            r#"
-[agent]
-id = "a1"
-state_dir = "{state}"
-flush_interval_secs = 0.05
-
-[[source]]
-type = "synthetic"
-name = "load"
-metric = "synthetic"
-rate_per_sec = 20
-
-[[sink]]
-type = "upstream"
-endpoint = "http://127.0.0.1:{port}"
-token_file = "a1.token"
-batch_max_records = 5
-"#,
-            state = dir.path("a1-state").display()
-        ),
-    );
+    // The load source without its limit, so that batches keep coming.
+    let cfg = agent_config(&dir, "a1", port, &token_of("a1"), "0..10", "0..1");
+    let unlimited = std::fs::read_to_string(&cfg)
+        .expect("the agent's config")
+        .replace(&format!("limit = {POINTS_PER_AGENT}\n"), "");
+    std::fs::write(&cfg, unlimited).expect("write the config");
     let clock = common::FakeClock::new(&dir, "-3d");
     let env = clock.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
