@@ -253,9 +253,16 @@ pub fn off_by(offset: i64) -> String {
     format!("{} {way}", human_duration(rounded(offset.abs())))
 }
 
+/// `3d 0h earlier`: how far off what this machine stamps is, when its
+/// clock is `offset` off a receiver's (the receiver's less ours).
+pub fn stamped_off(offset: i64) -> String {
+    let way = if offset > 0 { "earlier" } else { "later" };
+    format!("{} {way}", human_duration(rounded(offset.abs())))
+}
+
 /// `ms` rounded to the last unit [`human_duration`] shows: a reading is
 /// good to a second or so, and 3 days less 0.4 s is "3d 0h", not "2d 23h".
-pub fn rounded(ms: i64) -> i64 {
+fn rounded(ms: i64) -> i64 {
     let unit = if ms < 3_570_000 {
         1_000
     } else if ms < 86_370_000 {
@@ -360,6 +367,8 @@ mod tests {
         assert_eq!(off_by(3_600_000 - 31_000), "59m 29s behind");
         assert_eq!(off_by(3_600_000 - 1_000), "1h 0m behind");
         assert_eq!(off_by(-59_600), "1m 0s ahead of");
+        assert_eq!(stamped_off(3 * day - 400), "3d 0h earlier");
+        assert_eq!(stamped_off(-725_000), "12m 5s later");
     }
 
     #[test]

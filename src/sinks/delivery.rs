@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, jittered};
-use crate::clock::{ClockSay, PeerClock, PeerReading, human_duration, off_by};
+use crate::clock::{ClockSay, PeerClock, PeerReading, off_by, stamped_off};
 use crate::logging::{Say, Spell, again};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
@@ -214,11 +214,10 @@ impl Driver {
     ) {
         match clock.reading(offset) {
             ClockSay::Off(o) => log::warn!(
-                "sink `{}`: this machine's clock is {} the receiver's (the Date of its answer): what the agent records is stamped with this clock, so it is sent stamped {} {} than it happened. Set the clock right: enable network time (`timedatectl set-ntp true`); a Raspberry Pi has no battery-backed clock and needs it after every boot. Said again only if it changes; `edgemeter status` shows it",
+                "sink `{}`: this machine's clock is {} the receiver's (the Date of its answer): what the agent records is stamped with this clock, so it is sent stamped {} than it happened. Set the clock right: enable network time (`timedatectl set-ntp true`); a Raspberry Pi has no battery-backed clock and needs it after every boot. Said again only if it changes; `edgemeter status` shows it",
                 self.name,
                 off_by(o),
-                human_duration(o.abs()),
-                if o > 0 { "earlier" } else { "later" }
+                stamped_off(o)
             ),
             ClockSay::Agrees { was } => log::info!(
                 "sink `{}`: this machine's clock agrees with the receiver's again (it was {} it); what was stamped while it was off keeps that time",

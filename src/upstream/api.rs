@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use smol::channel::Sender;
 
-use crate::clock::{ClockSay, PeerClock, human_duration, now_ms, off_by, rounded};
+use crate::clock::{ClockSay, PeerClock, now_ms, off_by, stamped_off};
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::logging::{Losses, Lost, since_began};
 use crate::problems::read_token;
@@ -697,10 +697,9 @@ impl Api {
         c.offset_ms = offset;
         match c.said.reading(offset) {
             ClockSay::Off(o) => log::warn!(
-                "agent `{agent}`: its clock is {} this upstream's (the Date of its batches): what it records is stamped {} {} than it happened. Set its clock right: network time (`timedatectl set-ntp true`). Said again only if it changes; /edges and /metrics show it",
+                "agent `{agent}`: its clock is {} this upstream's (the Date of its batches): what it records is stamped {} than it happened. Set its clock right: network time (`timedatectl set-ntp true`). Said again only if it changes; /edges and /metrics show it",
                 off_by(o),
-                human_duration(rounded(o.abs())),
-                if o > 0 { "earlier" } else { "later" }
+                stamped_off(o)
             ),
             ClockSay::Agrees { was } => log::info!(
                 "agent `{agent}`: its clock agrees with this upstream's again (it was {} it)",
