@@ -250,14 +250,19 @@ impl PeerClock {
 /// receiver's `offset` (the receiver's less ours).
 pub fn off_by(offset: i64) -> String {
     let way = if offset > 0 { "behind" } else { "ahead of" };
-    format!("{} {way}", human_duration(rounded(offset.abs())))
+    format!("{} {way}", rounded_duration(offset.abs()))
 }
 
 /// `3d 0h earlier`: how far off what this machine stamps is, when its
 /// clock is `offset` off a receiver's (the receiver's less ours).
 pub fn stamped_off(offset: i64) -> String {
     let way = if offset > 0 { "earlier" } else { "later" };
-    format!("{} {way}", human_duration(rounded(offset.abs())))
+    format!("{} {way}", rounded_duration(offset.abs()))
+}
+
+/// [`human_duration`] of a measured `ms`, rounded to the last unit shown.
+pub fn rounded_duration(ms: i64) -> String {
+    human_duration(rounded(ms))
 }
 
 /// `ms` rounded to the last unit [`human_duration`] shows: a reading is

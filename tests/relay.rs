@@ -2452,3 +2452,108 @@ fn a_relay_agent_on_a_full_disk_loses_no_message_and_says_each_failure_once() {
     assert!(said.iter().all(|&n| n <= 1), "{said:?}:\n{log}");
     assert!(said[..3].iter().sum::<usize>() > 0, "{log}");
 }
+
+/// The `relay_messages` points of `stream` in the outbox: (stamp, count).
+fn message_windows(dir: &TempDir, stream: &str) -> Vec<(i64, i64)> {
+    let Ok(db) = rusqlite::Connection::open_with_flags(
+        dir.path("state/outbox.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return Vec::new();
+    };
+    let Ok(mut st) = db.prepare(
+        "SELECT ts, CAST(value AS INTEGER) FROM records \
+         WHERE kind = 1 AND name = 'relay_messages' AND dims LIKE ?1 ORDER BY ts",
+    ) else {
+        return Vec::new();
+    };
+    st.query_map([format!("%\"stream\":\"{stream}\"%")], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .map(|rows| rows.flatten().collect())
+    .unwrap_or_default()
+}
+
+/// A Raspberry Pi's clock set by NTP while a window runs (it boots with
+/// the time it saved at shutdown) stamped that whole window with the
+/// clock from before: messages that came after the clock was set were
+/// stamped an hour (or days) before they came. Now a window whose timer
+/// fires far from its end on the wall clock runs on to the end of the
+/// window the clock is in now, and is stamped with that.
+#[test]
+fn a_clock_set_while_a_window_runs_stamps_it_with_the_new_time() {
+    let dir = TempDir::new("relay-clock-step");
+    let hub = Hub::start();
+    let cfg = config(&dir, &hub, &["spin30"], "window_secs = 5");
+    let clock = common::FakeClock::new(&dir, "+0");
+    let env = clock.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut agent = Agent::start_with_env(&cfg, "agent.log", &env);
+    agent.expect_line("running as agent", Duration::from_secs(10));
+    wait_subscribed(&hub, &["spin30"]);
+    let send = |n: usize, user: &str| {
+        for _ in 0..n {
+            hub.send_text("spin30", &envelope(user, "spin30", "log", "x"));
+        }
+    };
+    let counted = || {
+        message_windows(&dir, "spin30")
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<i64>()
+    };
+    // Before: 5 messages, in a window that closes on the clock as it was.
+    send(5, "before");
+    assert!(
+        wait_until(Duration::from_secs(10), || counted() == 5),
+        "{:?}",
+        message_windows(&dir, "spin30")
+    );
+    // Just after that window closed, the clock is set an hour forward
+    // (the agent reads it again within a second), and 7 messages come in
+    // the window that began before.
+    let set_at = common::now_ms();
+    clock.set("+1h");
+    std::thread::sleep(Duration::from_millis(1_500));
+    send(7, "after");
+    agent.expect_line(
+        "source `lab`: the clock was set forward by 1h 0m while a window ran",
+        Duration::from_secs(10),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || counted() == 12),
+        "{:?}",
+        message_windows(&dir, "spin30")
+    );
+    agent.stop();
+    let windows = message_windows(&dir, "spin30");
+    let hour = 3_600_000;
+    let stamped = |keep: &dyn Fn(i64) -> bool| -> i64 {
+        windows
+            .iter()
+            .filter(|(ts, _)| keep(*ts))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    assert_eq!(
+        stamped(&|ts| ts < set_at + 1_000),
+        5,
+        "before, on the clock before: {windows:?}"
+    );
+    assert_eq!(
+        stamped(&|ts| ts > set_at + hour),
+        7,
+        "after, on the clock set: {windows:?}"
+    );
+    assert!(
+        windows.iter().all(|(ts, _)| ts % 5_000 == 0),
+        "windows end on the clock: {windows:?}"
+    );
+    let mut stamps: Vec<i64> = windows.iter().map(|(ts, _)| *ts).collect();
+    stamps.dedup();
+    assert_eq!(
+        stamps.len(),
+        windows.len(),
+        "no window closed twice: {windows:?}"
+    );
+}

@@ -2236,10 +2236,16 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
     up.stop();
     let ulog = up.stderr();
     assert_eq!(ulog.matches("its clock is").count(), 1, "{ulog}");
-    assert!(ulog.contains("stamped 3d 0h earlier than it happened"), "{ulog}");
+    assert!(
+        ulog.contains("stamped 3d 0h earlier than it happened"),
+        "{ulog}"
+    );
     let log = agent.stderr();
     assert_eq!(log.matches("this machine's clock is").count(), 1, "{log}");
-    assert!(log.contains("stamped 3d 0h earlier than it happened"), "{log}");
+    assert!(
+        log.contains("stamped 3d 0h earlier than it happened"),
+        "{log}"
+    );
     assert_eq!(
         log.matches("agrees with the receiver's again").count(),
         1,

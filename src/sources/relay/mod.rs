@@ -468,28 +468,69 @@ fn window_end(now: i64, window: Duration) -> i64 {
     (now.div_euclid(w) + 1) * w
 }
 
+/// A window's timer that fires this far from the window's end on the wall
+/// clock saw the clock set while it ran (NTP setting a Raspberry Pi's
+/// clock after boot, an operator, a suspend), not a late timer.
+const CLOCK_STEP_MS: i64 = 2_000;
+
+/// What to do when the timer of the window ending at `end` fires at `now`
+/// (the wall clock, ms).
+#[derive(Debug, PartialEq)]
+enum Wake {
+    /// Close the window, stamped `end`.
+    Close,
+    /// The clock was set by `by` ms while the window ran: it runs on to
+    /// the end of the window `now` is in, `until`, and is stamped with
+    /// that. Nothing it counted is then stamped with the clock from
+    /// before (the wrong one, when NTP set it), and no window closes
+    /// hours long or twice at one time.
+    Stepped { by: i64, until: i64 },
+}
+
+fn on_wake(end: i64, now: i64, window: Duration) -> Wake {
+    let by = now - end;
+    if by.abs() <= CLOCK_STEP_MS {
+        Wake::Close
+    } else {
+        Wake::Stepped {
+            by,
+            until: window_end(now, window),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- windows
 
 async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
     let mut out = Vec::new();
+    let window = shared.config.window;
+    let mut end = window_end(now_ms(), window);
     loop {
-        let now = now_ms();
-        let end = window_end(now, shared.config.window);
         // The source's final steps emit the running window at shutdown.
-        if ctx
-            .shutdown
-            .sleep(Duration::from_millis((end - now) as u64))
-            .await
-        {
+        let wait = (end - now_ms()).max(0) as u64;
+        if ctx.shutdown.sleep(Duration::from_millis(wait)).await {
             return;
+        }
+        let now = now_ms();
+        if let Wake::Stepped { by, until } = on_wake(end, now, window) {
+            log::warn!(
+                "source `{}`: the clock was set {} by {} while a window ran; that window runs on to {} on the clock as it is now, and is stamped with that",
+                ctx.name,
+                if by > 0 { "forward" } else { "back" },
+                crate::clock::rounded_duration(by.abs()),
+                crate::clock::iso8601(until)
+            );
+            end = until;
+            continue;
         }
         shared
             .state
             .borrow_mut()
-            .close_window(end, shared.config.window.as_secs(), &mut out);
+            .close_window(end, window.as_secs(), &mut out);
         if !ctx.emit.emit_all(&mut out).await {
             return;
         }
+        end = window_end(now.max(end), window);
     }
 }
 

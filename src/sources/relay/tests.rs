@@ -768,6 +768,41 @@ fn a_user_moving_between_rigs_and_courses_is_counted_at_each() {
     }
 }
 
+/// A window's timer that fires off the window's end by more than a late
+/// timer could is a clock set while the window ran: the window runs on to
+/// the end of the window the clock is in now, forward or back.
+#[test]
+fn a_clock_set_while_a_window_runs_moves_its_end_to_the_new_clock() {
+    use super::{Wake, on_wake};
+    let w = Duration::from_secs(60);
+    let check =
+        |end: i64, now: i64, want: Wake| assert_eq!(on_wake(end, now, w), want, "{end} {now}");
+    let end = 1_800_000_000_000; // a whole minute
+    // On time, late or early within a late timer's reach: closed as it is.
+    check(end, end, Wake::Close);
+    check(end, end + 1_900, Wake::Close);
+    check(end, end - 2_000, Wake::Close);
+    // NTP set the clock 3 days forward: on to the next minute of the new clock.
+    let day = 86_400_000;
+    check(
+        end,
+        end + 3 * day + 25_000,
+        Wake::Stepped {
+            by: 3 * day + 25_000,
+            until: end + 3 * day + 60_000,
+        },
+    );
+    // Set back an hour: on to the end of the minute the clock is in now.
+    check(
+        end,
+        end - 3_600_000 + 10,
+        Wake::Stepped {
+            by: -3_600_000 + 10,
+            until: end - 3_600_000 + 60_000,
+        },
+    );
+}
+
 #[test]
 fn windows_end_on_the_clock() {
     assert_eq!(super::window_end(0, Duration::from_secs(300)), 300_000);
