@@ -495,6 +495,9 @@ async fn write_records(
     let mut failing = Spell::settling();
     let mut sync_spell = Spell::default();
     let mut full = Losses::settling();
+    // Whether a commit of part of what is held (a disk with a little room)
+    // was said in this spell of failures.
+    let mut said_part = false;
     let mut closed = false;
     // Commits not yet synced, and when the last sync was; commits the
     // sinks were not woken for, and when they last were.
@@ -587,7 +590,7 @@ async fn write_records(
         let sync_now = closed || synced_at.elapsed() >= SYNC_EVERY;
         let (batch, result, synced) = outbox
             .call(move |o| {
-                let r = o.append(&batch);
+                let r = o.append_what_fits(&batch);
                 let synced = (r.is_ok() && sync_now).then(|| o.sync());
                 (batch, r, synced)
             })
@@ -602,19 +605,14 @@ async fn write_records(
             }
             None => unsynced |= result.is_ok(),
         }
-        match result {
-            Ok(appended) => {
-                if closed || batch.len() >= RING_AT_ONCE || rung_at.elapsed() >= cadence.deliver {
+        let held_back = match result {
+            Ok((n, appended)) => {
+                if closed || n >= RING_AT_ONCE || rung_at.elapsed() >= cadence.deliver {
                     ring(&bells);
                     (unrung, rung_at) = (false, Instant::now());
                 } else {
                     unrung = true;
                 }
-                for done in barriers.drain(..) {
-                    let _ = done.try_send(());
-                }
-                backoff.reset();
-                said_writable(&mut failing);
                 let lost = full.lost(appended.dropped.max(0) as u64, Instant::now());
                 if let Some((level, what)) = said_full(lost) {
                     log::log!(level, "{what}");
@@ -629,8 +627,28 @@ async fn write_records(
                 // doubling for every group, each step past malloc's mmap
                 // threshold a fresh mapping and its page faults.
                 group = batch;
-                // Their payload buffers hold the next messages' copies.
-                payloads::recycle(&mut group);
+                if n == group.len() {
+                    for done in barriers.drain(..) {
+                        let _ = done.try_send(());
+                    }
+                    backoff.reset();
+                    said_writable(&mut failing);
+                    said_part = false;
+                    // Their payload buffers hold the next messages' copies.
+                    payloads::recycle(&mut group);
+                    false
+                } else {
+                    // A full disk with a little room: what fitted is safe,
+                    // the rest is held and tried again as on a failure.
+                    group.drain(..n);
+                    if !std::mem::replace(&mut said_part, true) {
+                        log::warn!(
+                            "outbox: the disk had room for {n} of the records held: those are committed; holding the other {} and trying again",
+                            group.len()
+                        );
+                    }
+                    true
+                }
             }
             Err(e) => {
                 let why = if e.is_disk_full() {
@@ -652,27 +670,30 @@ async fn write_records(
                         group.len()
                     );
                 }
-                // Try again after the wait; at shutdown at once, with what
-                // the sources still send in their grace (they wait on a
-                // full writer, and would be cut off).
-                let wait = backoff.next_wait();
-                let stopping = smol::future::or(
-                    async {
-                        smol::Timer::after(wait).await;
-                        false
-                    },
-                    async {
-                        shutdown.wait().await;
-                        true
-                    },
-                )
-                .await;
-                if stopping {
-                    while let Ok(item) = rx.recv().await {
-                        barriers.extend(gather(item, &mut group));
-                    }
-                    closed = true;
+                true
+            }
+        };
+        if held_back && !closed {
+            // Try again after the wait; at shutdown at once, with what the
+            // sources still send in their grace (they wait on a full
+            // writer, and would be cut off).
+            let wait = backoff.next_wait();
+            let stopping = smol::future::or(
+                async {
+                    smol::Timer::after(wait).await;
+                    false
+                },
+                async {
+                    shutdown.wait().await;
+                    true
+                },
+            )
+            .await;
+            if stopping {
+                while let Ok(item) = rx.recv().await {
+                    barriers.extend(gather(item, &mut group));
                 }
+                closed = true;
             }
         }
     }
@@ -713,7 +734,7 @@ mod tests {
         outbox
             .append(&[Record::point("m", Dims::default(), 0, -1.0, "Count")])
             .expect("seed");
-        outbox.cap_pages(Some(0));
+        let held = 1 + outbox.fill_to_the_cap() as i64;
         let outbox = runtime::shared_outbox(outbox);
         let (emitter, rx) = runtime::record_channel();
         let ex = LocalExecutor::new();
@@ -735,7 +756,7 @@ mod tests {
                 smol::Timer::after(Duration::from_millis(50)).await;
             }
             let stored = outbox.call(|o| o.stats().expect("stats").records).await;
-            assert_eq!(stored, 1, "nothing fits while the disk is full");
+            assert_eq!(stored, held, "nothing fits while the disk is full");
             outbox.call(|o| o.cap_pages(None)).await;
             drop(emitter);
             writer.await;
@@ -743,7 +764,7 @@ mod tests {
         let stats = smol::block_on(outbox.call(|o| o.stats())).expect("stats");
         assert_eq!(
             stats.records,
-            1 + i64::from(n),
+            held + i64::from(n),
             "every record held in memory was committed"
         );
         assert!(stats.drops.is_empty(), "{:?}", stats.drops);
@@ -758,8 +779,8 @@ mod tests {
     #[test]
     fn shut_down_while_the_disk_is_full_the_writer_returns_what_it_could_not_commit() {
         let dir = std::env::temp_dir().join(format!("edgemeter-full-{}", fastrand::u64(..)));
-        let (outbox, _) = Outbox::open(&dir, 1 << 30).expect("open");
-        outbox.cap_pages(Some(0));
+        let (mut outbox, _) = Outbox::open(&dir, 1 << 30).expect("open");
+        outbox.fill_to_the_cap();
         let outbox = runtime::shared_outbox(outbox);
         let (emitter, rx) = runtime::record_channel();
         let (mut trigger, shutdown) = runtime::shutdown_pair();
@@ -806,6 +827,66 @@ mod tests {
         let u = uncommitted.expect("records were lost");
         assert_eq!(u.records, n, "every record held, none committed");
         assert!(u.why.contains("(the disk is full)"), "{}", u.why);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A full disk that gets a little room back (logs rotated) takes what
+    /// fits of what the writer holds: the writer committed its whole group
+    /// or nothing, so with room for part of it, it held everything until
+    /// there was room for all. The rest follows once there is room, each
+    /// record once and in order.
+    #[test]
+    fn a_disk_with_a_little_room_back_takes_what_fits_of_what_is_held() {
+        let dir = std::env::temp_dir().join(format!("edgemeter-full-{}", fastrand::u64(..)));
+        let (mut outbox, _) = Outbox::open(&dir, 1 << 30).expect("open");
+        outbox
+            .register_sinks(&[("s".to_owned(), KindSet::of(&[crate::record::Kind::Point]))])
+            .expect("register");
+        outbox.cap_pages(Some(0));
+        let outbox = runtime::shared_outbox(outbox);
+        let (emitter, rx) = runtime::record_channel();
+        let n: i32 = 20_000;
+        let stored = |o: &SharedOutbox| {
+            let o = o.clone();
+            async move { o.call(|o| o.stats().map(|s| s.records).unwrap_or(-1)).await }
+        };
+        let ex = LocalExecutor::new();
+        smol::block_on(ex.run(async {
+            let writer = ex.spawn(fast_writer(rx, outbox.clone()));
+            for i in 0..n {
+                let r = Record::point("m", Dims::default(), 0, i as f64, "Count");
+                assert!(emitter.emit(r).await);
+            }
+            // Held but what the last page had room for; then room for
+            // part of the rest.
+            smol::Timer::after(Duration::from_millis(300)).await;
+            let before = stored(&outbox).await;
+            assert!(before < i64::from(n), "the disk is full: {before}");
+            outbox.call(|o| o.cap_pages(Some(60))).await;
+            let mut part = before;
+            for _ in 0..150 {
+                part = stored(&outbox).await;
+                if part > before {
+                    break;
+                }
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+            assert!(
+                before < part && part < i64::from(n),
+                "what fits is committed: {before}, then {part} of {n}"
+            );
+            outbox.call(|o| o.cap_pages(None)).await;
+            assert!(emitter.committed().await, "the rest once there is room");
+            drop(emitter);
+            assert!(writer.await.is_none(), "nothing left uncommitted");
+        }));
+        let outbox = runtime::shared_outbox(Outbox::open(&dir, 1 << 30).expect("open").0);
+        let values = smol::block_on(outbox.call(|o| {
+            let b = o.next_batch("s", 30_000).expect("claim").expect("a batch");
+            b.records.iter().map(|(_, r)| r.value).collect::<Vec<f64>>()
+        }));
+        let want: Vec<f64> = (0..n).map(f64::from).collect();
+        assert_eq!(values, want, "each record once, in order");
         std::fs::remove_dir_all(&dir).ok();
     }
 

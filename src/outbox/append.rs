@@ -6,6 +6,32 @@ use std::sync::LazyLock;
 use super::*;
 
 impl Outbox {
+    /// [`Outbox::append`] of as many of `records`, from the first, as the
+    /// disk takes: all of them, or on a full disk the longest of their
+    /// first half, quarter, eighth, … that fits, and how many that is. A
+    /// disk with a little room back then holds what it can, instead of
+    /// failing the whole group until there is room for all of it. The
+    /// error of the whole when not one fits.
+    pub fn append_what_fits(
+        &mut self,
+        records: &[Record],
+    ) -> Result<(usize, Appended), OutboxError> {
+        let whole = match self.append(records) {
+            Ok(a) => return Ok((records.len(), a)),
+            Err(e) if e.is_disk_full() => e,
+            Err(e) => return Err(e),
+        };
+        let mut n = records.len() / 2;
+        while n > 0 {
+            match self.append(&records[..n]) {
+                Ok(a) => return Ok((n, a)),
+                Err(e) if e.is_disk_full() => n /= 2,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(whole)
+    }
+
     /// Append records in one transaction, dropping the oldest first if the
     /// bound requires it. Each series' events are stored together (the
     /// module header's "Rows"), and their ids follow that order.

@@ -157,6 +157,20 @@ impl Outbox {
             .expect("max_page_count");
     }
 
+    /// Cap the database at its size and fill the room its pages have left
+    /// with records (points of `filler`, -1): then not one more record
+    /// fits, as on a full disk. How many it took.
+    #[cfg(test)]
+    pub fn fill_to_the_cap(&mut self) -> usize {
+        self.cap_pages(Some(0));
+        let filler = Record::point("filler", Dims::default(), 0, -1.0, "Count");
+        let mut n = 0;
+        while self.append(std::slice::from_ref(&filler)).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

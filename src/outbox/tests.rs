@@ -488,6 +488,37 @@ fn an_empty_file_is_a_fresh_outbox() {
     assert!(report.moved_aside.is_none());
 }
 
+/// A disk with a little room back takes the longest prefix of a group
+/// that fits (halving), in order; the rest waits for more room.
+#[test]
+fn a_nearly_full_database_takes_the_first_records_that_fit() {
+    let d = TempDir::new("outbox");
+    let mut o = open(&d, 1 << 30, &[("a", ALL)]);
+    o.append(&[point(-1.0)]).expect("append");
+    o.cap_pages(Some(40));
+    let group: Vec<Record> = (0..20_000).map(|i| point(i as f64)).collect();
+    let (n, appended) = o.append_what_fits(&group).expect("some fit");
+    assert!(0 < n && n < group.len(), "{n} of {}", group.len());
+    assert_eq!(appended.ids.clone().count(), n);
+    assert_eq!(count(&o, "records"), 1 + n as i64);
+    let rest = &group[n..];
+    let err = o.append_what_fits(rest).map(|(n, _)| n);
+    assert!(
+        err.is_err() || err.as_ref().is_ok_and(|m| *m < rest.len()),
+        "the rest does not fit whole: {err:?}"
+    );
+    let taken = err.unwrap_or(0);
+    o.cap_pages(None);
+    let (m, _) = o.append_what_fits(&rest[taken..]).expect("room again");
+    assert_eq!(n + taken + m, group.len());
+    let b = o.next_batch("a", 30_000).expect("claim").expect("batch");
+    let values: Vec<f64> = b.records.iter().map(|(_, r)| r.value).collect();
+    let want: Vec<f64> = std::iter::once(-1.0)
+        .chain((0..20_000).map(f64::from))
+        .collect();
+    assert_eq!(values, want, "each record once, in the order given");
+}
+
 #[test]
 fn a_full_database_is_a_retryable_error_that_loses_nothing_committed() {
     let d = TempDir::new("outbox");
