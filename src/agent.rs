@@ -106,6 +106,15 @@ pub fn run(
         .iter()
         .map(|s| sinks::build(&s.config, &config.agent.id))
         .collect();
+    for s in &config.sinks {
+        let Some(url) = s.config.url() else { continue };
+        if let Some(proxy) = crate::http_client::proxy_for(&url) {
+            log::info!(
+                "sink `{}`: sending to {url} through the {proxy} (from ALL_PROXY, HTTPS_PROXY or HTTP_PROXY; NO_PROXY lists the hosts reached directly)",
+                s.name
+            );
+        }
+    }
     let wanted: Vec<(String, KindSet)> = config
         .sinks
         .iter()

@@ -45,6 +45,30 @@ pub fn agent(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, S
         .into())
 }
 
+/// The proxy the environment sends requests to `url` through, as ureq
+/// reads it (`ALL_PROXY`, `HTTPS_PROXY`, `HTTP_PROXY`, then `NO_PROXY`):
+/// `HTTP proxy host:port`, never its credentials. Requests go through it
+/// whatever is said; this is for saying so.
+pub fn proxy_for(url: &str) -> Option<String> {
+    let proxy = ureq::Proxy::try_from_env()?;
+    let uri: ureq::http::Uri = url.parse().ok()?;
+    (!proxy.is_no_proxy(&uri)).then(|| {
+        format!(
+            "{} proxy {}:{}",
+            proxy.protocol(),
+            proxy.host(),
+            proxy.port()
+        )
+    })
+}
+
+/// ` through the HTTP proxy host:port`, or nothing: what an error about a
+/// request to `url` adds, so that a refused proxy is not read as a refused
+/// receiver.
+pub fn through(url: &str) -> String {
+    proxy_for(url).map_or_else(String::new, |p| format!(" through the {p}"))
+}
+
 /// A body gzipped at the default level.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(

@@ -119,6 +119,17 @@ retry_max_secs = 0.5
     )
 }
 
+/// Agent `a1` of [`agent_config`], its load source without a limit, so
+/// that batches keep coming.
+fn endless_agent_config(dir: &TempDir, port: u16) -> PathBuf {
+    let cfg = agent_config(dir, "a1", port, &token_of("a1"), "0..10", "0..1");
+    let endless = std::fs::read_to_string(&cfg)
+        .expect("the agent's config")
+        .replace(&format!("limit = {POINTS_PER_AGENT}\n"), "");
+    std::fs::write(&cfg, endless).expect("write the config");
+    cfg
+}
+
 fn get_json(port: u16, path: &str) -> serde_json::Value {
     let (status, body) = http(port, "GET", path, Some(ADMIN), "", b"");
     assert_eq!(status, 200, "GET {path}: {body}");
@@ -2152,12 +2163,7 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
     let port = free_port();
     let ucfg = upstream_config(&dir, "up", port, "sqlite", "", "");
     let mut up = Agent::start_upstream(&ucfg, "info", &[]);
-    // The load source without its limit, so that batches keep coming.
-    let cfg = agent_config(&dir, "a1", port, &token_of("a1"), "0..10", "0..1");
-    let unlimited = std::fs::read_to_string(&cfg)
-        .expect("the agent's config")
-        .replace(&format!("limit = {POINTS_PER_AGENT}\n"), "");
-    std::fs::write(&cfg, unlimited).expect("write the config");
+    let cfg = endless_agent_config(&dir, port);
     let clock = common::FakeClock::new(&dir, "-3d");
     let env = clock.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -2250,5 +2256,65 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
         log.matches("agrees with the receiver's again").count(),
         1,
         "{log}"
+    );
+}
+
+/// On a campus network the way out is a proxy: the agent's batches go
+/// through the CONNECT proxy the environment names (as ureq reads it), with
+/// the proxy's credentials; the log says which proxy and never the
+/// password; and when the proxy is down, the error names the proxy, not
+/// the upstream, as what refused.
+#[test]
+fn an_agent_behind_a_proxy_sends_through_it_and_says_so_without_its_password() {
+    let dir = TempDir::new("upstream-proxy");
+    let port = free_port();
+    let ucfg = upstream_config(&dir, "up", port, "sqlite", "", "");
+    let mut up = Agent::start_upstream(&ucfg, "info", &[]);
+    let proxy = common::http::ConnectProxy::start("edge:pr0xy-s3cret");
+    let via = format!("http://edge:pr0xy-s3cret@127.0.0.1:{}", proxy.port);
+    let cfg = endless_agent_config(&dir, port);
+    // ureq takes ALL_PROXY before HTTPS_PROXY: both, and no NO_PROXY from
+    // the machine, whatever its environment holds.
+    let env = [
+        ("HTTPS_PROXY", via.as_str()),
+        ("ALL_PROXY", via.as_str()),
+        ("NO_PROXY", ""),
+    ];
+    let mut agent = Agent::start_with_env(&cfg, "info", &env);
+    let through = format!("through the HTTP proxy 127.0.0.1:{}", proxy.port);
+    agent.expect_line(
+        &format!("sink `upstream`: sending to http://127.0.0.1:{port}/v1/batches {through}"),
+        Duration::from_secs(10),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || metric(
+            port,
+            "batches_stored_total"
+        ) >= 5.0),
+        "batches stored: {}\n{}",
+        metric(port, "batches_stored_total"),
+        agent.stderr()
+    );
+    let tunnels = proxy.tunnels.lock().expect("tunnels").clone();
+    assert!(
+        !tunnels.is_empty() && tunnels.iter().all(|t| *t == format!("127.0.0.1:{port}")),
+        "{tunnels:?}"
+    );
+    assert_eq!(
+        *proxy.refused.lock().expect("refused"),
+        0,
+        "its credentials were sent"
+    );
+    proxy.stop();
+    agent.expect_line(
+        &format!("POST http://127.0.0.1:{port}/v1/batches {through}: "),
+        Duration::from_secs(20),
+    );
+    agent.stop();
+    up.stop();
+    let log = agent.stderr();
+    assert!(
+        !log.contains("pr0xy-s3cret"),
+        "the proxy's password is never logged:\n{log}"
     );
 }

@@ -328,6 +328,8 @@ pub struct Client {
     pub clock: SkewClock,
     /// What AWS's answers say of the local clock, for the delivery loop.
     pub peer: crate::clock::PeerReading,
+    /// ` through the … proxy …` when the environment names one.
+    through: String,
 }
 
 impl Client {
@@ -335,8 +337,10 @@ impl Client {
         // A CA file that went bad after `check` makes every request fail
         // (and retry) with the reason, rather than trust other roots.
         let agent = crate::http_client::agent(settings.ca_file.as_deref(), settings.timeout);
+        let url = settings.url(host_prefix);
         Client {
-            url: settings.url(host_prefix),
+            through: crate::http_client::through(&url),
+            url,
             settings,
             service,
             agent,
@@ -411,9 +415,10 @@ impl Client {
             req = req.header(k.as_str(), v.as_str());
         }
         let sent = crate::clock::now_ms();
-        let mut resp = req
-            .send(body)
-            .map_err(|e| (Failure::Transient(format!("{}: {e}", self.url)), None))?;
+        let mut resp = req.send(body).map_err(|e| {
+            let why = format!("{}{}: {e}", self.url, self.through);
+            (Failure::Transient(why), None)
+        })?;
         let status = resp.status().as_u16();
         let date_header = resp.headers().get("date").and_then(|d| d.to_str().ok());
         self.peer.answer(date_header, sent, crate::clock::now_ms());

@@ -187,6 +187,18 @@ pub fn parse_config(
     }
 }
 
+impl SinkConfig {
+    /// Where a network sink sends its requests.
+    pub fn url(&self) -> Option<String> {
+        match self {
+            SinkConfig::Csv(_) => None,
+            SinkConfig::CloudWatchMetrics(c) => Some(c.aws.url("monitoring")),
+            SinkConfig::CloudWatchLogs(c) => Some(c.aws.url("logs")),
+            SinkConfig::Upstream(c) => Some(format!("{}{}", c.endpoint, crate::wire::PATH)),
+        }
+    }
+}
+
 /// `agent_id` labels what a sink sends when a record does not say.
 pub fn build(config: &SinkConfig, agent_id: &str) -> Box<dyn Sink> {
     match config {

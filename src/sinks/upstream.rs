@@ -99,12 +99,16 @@ pub struct Upstream {
     agent: Option<Arc<ureq::Agent>>,
     worker: Worker,
     clock: crate::clock::PeerReading,
+    /// ` through the … proxy …` when the environment names one.
+    through: String,
 }
 
 impl Upstream {
     pub fn new(config: Config, agent_id: &str) -> Upstream {
+        let url = format!("{}{}", config.endpoint, wire::PATH);
         Upstream {
-            url: format!("{}{}", config.endpoint, wire::PATH),
+            through: crate::http_client::through(&url),
+            url,
             config,
             agent_id: agent_id.to_owned(),
             agent: None,
@@ -167,9 +171,10 @@ impl Sink for Upstream {
             let json = wire::encode(&key, batch.records.iter().map(|(_, r)| r));
             let body = gzip(json.as_bytes());
             let bytes = body.len() as i64;
-            let (config, url, agent, clock) = (
+            let (config, url, through, agent, clock) = (
                 self.config.clone(),
                 self.url.clone(),
+                self.through.clone(),
                 self.agent.clone(),
                 self.clock.clone(),
             );
@@ -186,7 +191,12 @@ impl Sink for Upstream {
                             Err(e) => return (None, Err(DeliveryError::Retry(e))),
                         },
                     };
-                    let result = post(&agent, &url, &config.token_file, &body, &clock);
+                    let to = Target {
+                        url: &url,
+                        through: &through,
+                        token_file: &config.token_file,
+                    };
+                    let result = post(&agent, &to, &body, &clock);
                     (Some(agent), result)
                 })
                 .await;
@@ -202,14 +212,22 @@ impl Sink for Upstream {
     }
 }
 
+/// Where a batch goes: the URL, the proxy in the way (` through the …`, or
+/// nothing), and the token's file.
+struct Target<'a> {
+    url: &'a str,
+    through: &'a str,
+    token_file: &'a Path,
+}
+
 fn post(
     agent: &ureq::Agent,
-    url: &str,
-    token_file: &Path,
+    to: &Target,
     body: &[u8],
     clock: &crate::clock::PeerReading,
 ) -> Result<(), DeliveryError> {
-    let token = crate::problems::read_token(token_file).map_err(DeliveryError::Retry)?;
+    let (url, through) = (to.url, to.through);
+    let token = crate::problems::read_token(to.token_file).map_err(DeliveryError::Retry)?;
     let sent = crate::clock::now_ms();
     let resp = agent
         .post(url)
@@ -223,7 +241,7 @@ fn post(
             httpdate::fmt_http_date(std::time::SystemTime::now()),
         )
         .send(body);
-    let mut resp = resp.map_err(|e| DeliveryError::Retry(format!("POST {url}: {e}")))?;
+    let mut resp = resp.map_err(|e| DeliveryError::Retry(format!("POST {url}{through}: {e}")))?;
     let date = resp.headers().get("date").and_then(|d| d.to_str().ok());
     clock.answer(date, sent, crate::clock::now_ms());
     let status = resp.status().as_u16();

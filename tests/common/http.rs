@@ -464,3 +464,121 @@ pub fn parse_response(raw: &[u8]) -> (u16, String) {
         .to_owned();
     (status, body)
 }
+
+/// An HTTP CONNECT proxy (what ureq speaks to any HTTP proxy) that asks
+/// for `user:password` (Basic) and records each tunnel's target. Stopped,
+/// it closes its tunnels and refuses connections.
+pub struct ConnectProxy {
+    pub port: u16,
+    /// `host:port` of each tunnel opened.
+    pub tunnels: Arc<Mutex<Vec<String>>>,
+    /// Requests refused for their credentials.
+    pub refused: Arc<Mutex<usize>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The clients' connections, closed at stop.
+    open: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl ConnectProxy {
+    pub fn start(credentials: &str) -> ConnectProxy {
+        use base64::Engine;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let want = base64::engine::general_purpose::STANDARD.encode(credentials);
+        let (tunnels, refused) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (t, r, s, o) = (tunnels.clone(), refused.clone(), stop.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    return; // the listener closes: connections are refused
+                }
+                let Ok(client) = client else { continue };
+                if let Ok(c) = client.try_clone() {
+                    o.lock().expect("open").push(c);
+                }
+                let (t, r, want) = (t.clone(), r.clone(), want.clone());
+                std::thread::spawn(move || tunnel(client, &want, &t, &r));
+            }
+        });
+        ConnectProxy {
+            port,
+            tunnels,
+            refused,
+            stop,
+            open,
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.open.lock().expect("open").drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// One CONNECT: its head (at most 8 KiB), the credentials, then bytes both
+/// ways until either side closes.
+fn tunnel(
+    mut client: std::net::TcpStream,
+    want: &str,
+    tunnels: &Mutex<Vec<String>>,
+    refused: &Mutex<usize>,
+) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let target = head
+        .strip_prefix("CONNECT ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_default()
+        .to_owned();
+    let authorized = head.lines().any(|l| {
+        let Some((name, value)) = l.split_once(':') else {
+            return false;
+        };
+        let basic = value.trim().split_once(' ');
+        name.eq_ignore_ascii_case("proxy-authorization")
+            && basic.is_some_and(|(scheme, creds)| {
+                scheme.eq_ignore_ascii_case("basic") && creds.trim() == want
+            })
+    });
+    if !authorized {
+        *refused.lock().expect("refused") += 1;
+        let _ = client.write_all(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic realm=\"test\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
+        return;
+    }
+    let Ok(mut upstream) = std::net::TcpStream::connect(&target) else {
+        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n");
+        return;
+    };
+    tunnels.lock().expect("tunnels").push(target);
+    if client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .is_err()
+    {
+        return;
+    }
+    let (mut up2, mut client2) = (
+        upstream.try_clone().expect("clone"),
+        client.try_clone().expect("clone"),
+    );
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut client2, &mut up2);
+        let _ = up2.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut upstream, &mut client);
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}
