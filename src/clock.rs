@@ -246,7 +246,7 @@ impl PeerClock {
     }
 }
 
-/// `3d 2h behind` or `12m 5s ahead`: this machine's clock against a
+/// `3d 2h behind` or `12m 5s ahead of`: this machine's clock against a
 /// receiver's `offset` (the receiver's less ours).
 pub fn off_by(offset: i64) -> String {
     let way = if offset > 0 { "behind" } else { "ahead of" };

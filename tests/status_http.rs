@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -199,17 +198,6 @@ fn parse_metrics(body: &str) -> Series {
     out
 }
 
-fn promtool() -> &'static str {
-    let found = std::process::Command::new("promtool")
-        .arg("--version")
-        .output();
-    assert!(
-        found.is_ok_and(|o| o.status.success()),
-        "promtool is missing: install it with `apt-get install prometheus` (scripts/test does)"
-    );
-    "promtool"
-}
-
 fn sample(j: &Value, source: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
     let s = j["sources"]
         .as_array()?
@@ -240,7 +228,7 @@ fn without_clock(j: &Value) -> Value {
 
 #[test]
 fn metrics_pass_promtool_and_equal_status_json() {
-    let promtool = promtool();
+    common::promtool();
     let pg = PgServer::start("status-http");
     let _gw = pg.gateway_with_recent_rows(PERIOD_MS);
     let hub = Hub::start();
@@ -443,26 +431,7 @@ path = "out.csv"
 
     // promtool's parser and its lint accept the body.
     let (_, _, body) = get(addr, "/metrics");
-    let mut check = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}{}\n{body}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::promtool_check(&body);
 
     // The gateway's password is in gateway.yaml, and nowhere here.
     let (_, _, page) = get(addr, "/");

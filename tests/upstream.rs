@@ -2205,6 +2205,10 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
     );
     let seen = metric(port, "agent_clock_offset_seconds");
     assert!((seen - 259_200.0).abs() < 3.0, "{seen}");
+    // Prometheus's own parser takes the upstream's metrics, the new gauge
+    // among them.
+    let (_, body) = http(port, "GET", "/metrics", None, "", b"");
+    common::promtool_check(&body);
     let page = signed_in(port);
     let edges = page("/edges");
     assert!(edges.contains("<b>1 with a wrong clock</b>"), "{edges}");

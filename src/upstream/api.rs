@@ -169,6 +169,14 @@ pub struct AgentClock {
     said: PeerClock,
 }
 
+/// A Prometheus label value: `\`, `"` and newlines escaped (an agent's
+/// id is the name of its token's file).
+fn label_value(v: &str) -> String {
+    v.replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
+}
+
 fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
 }
@@ -287,9 +295,8 @@ impl Counters {
                 .borrow()
                 .iter()
                 .map(|(a, c)| {
-                    // Agent ids are letters, digits, `-`, `_` and `.` (wire).
                     (
-                        format!("{{agent=\"{a}\"}}"),
+                        format!("{{agent=\"{}\"}}", label_value(a)),
                         (c.offset_ms as f64 / 1000.0).to_string(),
                     )
                 })
@@ -418,7 +425,18 @@ impl Handler for Api {
     fn admit(&self, req: &Request) -> Result<(Self::Caller, usize), Response> {
         let admitted = self.route(req).and_then(|route| {
             let caller = match route {
-                Route::Batch => self.authenticate(req, false)?,
+                Route::Batch => {
+                    let caller = self.authenticate(req, false)?;
+                    // Read as the head arrives, not after a body that a
+                    // slow link takes seconds to bring.
+                    if let (Caller::Agent(agent), Some(date)) = (
+                        &caller,
+                        req.header("date").and_then(crate::clock::parse_http_date),
+                    ) {
+                        self.note_clock(agent, date);
+                    }
+                    caller
+                }
                 Route::Query(_) | Route::DeleteUser => self.authenticate(req, true)?,
                 Route::Page(_) => self.session(req)?,
                 Route::Health | Route::Metrics | Route::SignIn | Route::SignOut => Caller::Anyone,
@@ -766,9 +784,6 @@ impl Api {
                     batch.agent_id
                 ),
             );
-        }
-        if let Some(date) = req.header("date").and_then(crate::clock::parse_http_date) {
-            self.note_clock(&agent, date);
         }
         let (tx, rx) = smol::channel::bounded(1);
         if self.commits.try_send((batch, tx)).is_err() {

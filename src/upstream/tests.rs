@@ -1050,3 +1050,33 @@ fn pruning_and_rollup_statements_reach_their_rows_by_an_index() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// An agent's id is the name of its token's file, any text: its clock's
+/// label is escaped as Prometheus wants, one line a sample.
+#[test]
+fn agent_clock_labels_are_escaped() {
+    let counters = api::Counters::default();
+    counters.agent_clocks.borrow_mut().extend([
+        ("gw-1".to_owned(), api::AgentClock::default()),
+        ("we\"ird\\\nname".to_owned(), api::AgentClock::default()),
+    ]);
+    counters
+        .agent_clocks
+        .borrow_mut()
+        .get_mut("gw-1")
+        .expect("gw-1")
+        .offset_ms = -259_200_500;
+    let text = counters.prometheus("sqlite");
+    assert!(
+        text.contains(
+            "\nedgemeter_upstream_agent_clock_offset_seconds{agent=\"gw-1\"} -259200.5\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\nedgemeter_upstream_agent_clock_offset_seconds{agent=\"we\\\"ird\\\\\\nname\"} 0\n"
+        ),
+        "{text}"
+    );
+}

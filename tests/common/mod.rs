@@ -623,3 +623,39 @@ impl FakeClock {
         ]
     }
 }
+
+/// `promtool`, or a failed test saying how to get it.
+pub fn promtool() -> &'static str {
+    let found = Command::new("promtool").arg("--version").output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "promtool is missing: install it with `apt-get install prometheus` (scripts/test does)"
+    );
+    "promtool"
+}
+
+/// Prometheus's own parser and lint (`promtool check metrics`) accept
+/// `body` without a word.
+pub fn promtool_check(body: &str) {
+    use std::io::Write;
+    let mut check = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write to promtool");
+    let out = check.wait_with_output().expect("promtool's answer");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
