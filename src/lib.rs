@@ -27,14 +27,14 @@
 //!
 //! 0. Leaves:
 //!    - [`record`]: the data model (points, sketches, events, lines).
-//!    - [`clock`]: time formats.
+//!    - [`clock`]: time formats, and what a receiver's `Date` says of this machine's clock.
 //!    - [`hash`]: the fixed-seed hash of ids.
 //!    - [`backoff`]: retry schedules with full jitter.
 //!    - [`problems`]: spanned config problems, bounded values, the secret-file reader.
 //!    - [`logging`]: stderr logging.
 //!    - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
 //!      `Type=notify` units; nothing without `$NOTIFY_SOCKET`.
-//!    - [`http_client`]: the policy of every outgoing HTTP request (roots, timeout, gzip).
+//!    - [`http_client`]: the policy of every outgoing HTTP request (roots, timeout, gzip, the proxy the environment names).
 //!    - [`http_server`]: a bounded HTTP/1.1 server core (the upstream's API, an agent's `http_listen`).
 //! 1. On leaves:
 //!    - [`sketch`]: mergeable distinct counts (exact set, then HyperLogLog p = 14).
