@@ -2284,8 +2284,21 @@ fn an_agent_behind_a_proxy_sends_through_it_and_says_so_without_its_password() {
         ("ALL_PROXY", via.as_str()),
         ("NO_PROXY", ""),
     ];
-    let mut agent = Agent::start_with_env(&cfg, "info", &env);
     let through = format!("through the HTTP proxy 127.0.0.1:{}", proxy.port);
+    // `check` (the unit's ExecStartPre) says it first.
+    let check = std::process::Command::new(common::BIN)
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .envs(env)
+        .output()
+        .expect("run edgemeter check");
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        said.contains(&format!("sinks: upstream ({through})")),
+        "{said}"
+    );
+    assert!(!said.contains("pr0xy-s3cret"), "{said}");
+    let mut agent = Agent::start_with_env(&cfg, "info", &env);
     agent.expect_line(
         &format!("sink `upstream`: sending to http://127.0.0.1:{port}/v1/batches {through}"),
         Duration::from_secs(10),

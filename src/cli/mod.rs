@@ -501,8 +501,32 @@ fn summary(c: &Config) -> String {
         c.agent.id,
         c.agent.state_dir.display(),
         names(c.sources.iter().map(|s| &s.name).collect()),
-        names(c.sinks.iter().map(|s| &s.name).collect()),
+        sinks(c),
     )
+}
+
+/// The sinks' names, each with the proxy it goes through, if the
+/// environment names one (`check` runs before the unit starts the agent,
+/// with the unit's environment).
+fn sinks(c: &Config) -> String {
+    if c.sinks.is_empty() {
+        return "none".to_owned();
+    }
+    let named: Vec<String> = c
+        .sinks
+        .iter()
+        .map(|s| {
+            match s
+                .config
+                .url()
+                .and_then(|u| crate::http_client::proxy_for(&u))
+            {
+                Some(proxy) => format!("{} (through the {proxy})", s.name),
+                None => s.name.clone(),
+            }
+        })
+        .collect();
+    named.join(", ")
 }
 
 fn status(config: &Config, json: bool) -> Outcome {
