@@ -246,6 +246,16 @@ impl PeerClock {
     }
 }
 
+/// When two or more peers' clocks all read off from ours by the same
+/// (within [`PEER_CLOCK_OFF_MS`] of each other), that offset: then ours,
+/// the one they all disagree with, is more likely the wrong one.
+pub fn shared_offset(offsets: &[i64]) -> Option<i64> {
+    let (min, max) = (offsets.iter().min()?, offsets.iter().max()?);
+    (offsets.len() >= 2 && max - min <= PEER_CLOCK_OFF_MS)
+        .then_some(offsets[0])
+        .filter(|o| o.abs() > PEER_CLOCK_OFF_MS)
+}
+
 /// `3d 2h behind` or `12m 5s ahead of`: this machine's clock against a
 /// receiver's `offset` (the receiver's less ours).
 pub fn off_by(offset: i64) -> String {
@@ -374,6 +384,21 @@ mod tests {
         assert_eq!(off_by(-59_600), "1m 0s ahead of");
         assert_eq!(stamped_off(3 * day - 400), "3d 0h earlier");
         assert_eq!(stamped_off(-725_000), "12m 5s later");
+    }
+
+    /// Ours is the suspect only when every peer, two at least, reads the
+    /// same offset, and it is off.
+    #[test]
+    fn a_clock_every_peer_disagrees_with_alike_is_the_suspect() {
+        let day = 86_400_000;
+        let check = |offsets: &[i64], want| assert_eq!(shared_offset(offsets), want, "{offsets:?}");
+        check(&[], None);
+        check(&[3 * day], None);
+        check(&[3 * day, 3 * day + 900, 3 * day - 4_000], Some(3 * day));
+        check(&[-day, -day + 2_000], Some(-day));
+        check(&[3 * day, 3 * day, 0], None);
+        check(&[3 * day, day], None);
+        check(&[500, -300], None);
     }
 
     #[test]

@@ -119,10 +119,10 @@ retry_max_secs = 0.5
     )
 }
 
-/// Agent `a1` of [`agent_config`], its load source without a limit, so
+/// Agent `id` of [`agent_config`], its load source without a limit, so
 /// that batches keep coming.
-fn endless_agent_config(dir: &TempDir, port: u16) -> PathBuf {
-    let cfg = agent_config(dir, "a1", port, &token_of("a1"), "0..10", "0..1");
+fn endless_agent_config(dir: &TempDir, id: &str, port: u16) -> PathBuf {
+    let cfg = agent_config(dir, id, port, &token_of(id), "0..10", "0..1");
     let endless = std::fs::read_to_string(&cfg)
         .expect("the agent's config")
         .replace(&format!("limit = {POINTS_PER_AGENT}\n"), "");
@@ -2163,7 +2163,7 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
     let port = free_port();
     let ucfg = upstream_config(&dir, "up", port, "sqlite", "", "");
     let mut up = Agent::start_upstream(&ucfg, "info", &[]);
-    let cfg = endless_agent_config(&dir, port);
+    let cfg = endless_agent_config(&dir, "a1", port);
     let clock = common::FakeClock::new(&dir, "-3d");
     let env = clock.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -2221,6 +2221,19 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
         text.contains("  CLOCK OFF: this machine's clock is 3d 0h behind the receiver's (read "),
         "{text}"
     );
+    // A second agent just as far off: every agent disagrees alike with the
+    // upstream, which now suspects its own clock.
+    let cfg2 = endless_agent_config(&dir, "a2", port);
+    let mut agent2 = Agent::start_with_env(&cfg2, "info", &env);
+    up.expect_line(
+        "all 2 agents that posted since this upstream started read its clock as 3d 0h ahead of theirs: this upstream's own clock is more likely the wrong one",
+        Duration::from_secs(15),
+    );
+    let edges = page("/edges");
+    assert!(
+        edges.contains("<b>All 2 edges read this upstream's clock as 3d 0h ahead of theirs"),
+        "{edges}"
+    );
     clock.set("+0");
     agent.expect_line(
         "sink `upstream`: this machine's clock agrees with the receiver's again (it was 3d 0h behind it)",
@@ -2233,8 +2246,16 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
         offset()
     );
     assert!(!status(false).contains("CLOCK"), "{}", status(false));
+    for a in ["a1", "a2"] {
+        up.expect_line(
+            &format!(
+                "agent `{a}`: its clock agrees with this upstream's again (it was 3d 0h behind it)"
+            ),
+            Duration::from_secs(10),
+        );
+    }
     up.expect_line(
-        "agent `a1`: its clock agrees with this upstream's again (it was 3d 0h behind it)",
+        "the agents' clocks no longer all disagree alike with this upstream's",
         Duration::from_secs(5),
     );
     let edges = page("/edges");
@@ -2243,9 +2264,22 @@ fn an_agent_whose_clock_is_off_says_so_once_and_when_it_agrees_again() {
         "{edges}"
     );
     agent.stop();
+    agent2.stop();
     up.stop();
     let ulog = up.stderr();
-    assert_eq!(ulog.matches("its clock is").count(), 1, "{ulog}");
+    for a in ["a1", "a2"] {
+        assert_eq!(
+            ulog.matches(&format!("agent `{a}`: its clock is")).count(),
+            1,
+            "{ulog}"
+        );
+    }
+    assert_eq!(
+        ulog.matches("this upstream's own clock is more likely")
+            .count(),
+        1,
+        "{ulog}"
+    );
     assert!(
         ulog.contains("stamped 3d 0h earlier than it happened"),
         "{ulog}"
@@ -2276,7 +2310,7 @@ fn an_agent_behind_a_proxy_sends_through_it_and_says_so_without_its_password() {
     let mut up = Agent::start_upstream(&ucfg, "info", &[]);
     let proxy = common::http::ConnectProxy::start("edge:pr0xy-s3cret");
     let via = format!("http://edge:pr0xy-s3cret@127.0.0.1:{}", proxy.port);
-    let cfg = endless_agent_config(&dir, port);
+    let cfg = endless_agent_config(&dir, "a1", port);
     // ureq takes ALL_PROXY before HTTPS_PROXY: both, and no NO_PROXY from
     // the machine, whatever its environment holds.
     let env = [

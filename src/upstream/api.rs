@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use smol::channel::Sender;
 
-use crate::clock::{ClockSay, PeerClock, now_ms, off_by, stamped_off};
+use crate::clock::{
+    ClockSay, PEER_CLOCK_OFF_MS, PeerClock, now_ms, off_by, shared_offset, stamped_off,
+};
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
 use crate::logging::{Losses, Lost, since_began};
 use crate::problems::read_token;
@@ -377,6 +379,9 @@ pub struct Api {
     /// SQLite store on a full disk reads and cannot write): `/health`
     /// says so.
     store_refusing: RefCell<Option<String>>,
+    /// The offset every agent's clock read alike from this upstream's, as
+    /// last said: then this upstream's clock is the suspect.
+    own_clock_said: Cell<Option<i64>>,
 }
 
 /// Who a request comes from, decided from its head.
@@ -522,6 +527,7 @@ impl Api {
             expired_log: RefCell::default(),
             store_failures: RefCell::default(),
             store_refusing: RefCell::default(),
+            own_clock_said: Cell::default(),
         }
     }
 
@@ -724,6 +730,23 @@ impl Api {
                 off_by(was)
             ),
             ClockSay::Nothing => {}
+        }
+        let offsets: Vec<i64> = clocks.values().map(|c| c.offset_ms).collect();
+        let shared = shared_offset(&offsets);
+        match (shared, self.own_clock_said.get()) {
+            (Some(o), said) if said.is_none_or(|s| (o - s).abs() > PEER_CLOCK_OFF_MS) => {
+                log::warn!(
+                    "all {} agents that posted since this upstream started read its clock as {} theirs: this upstream's own clock is more likely the wrong one; check it (`timedatectl`). What it stores is stamped by the agents, but its windows' settling and retention_days go by its clock",
+                    offsets.len(),
+                    off_by(-o)
+                );
+                self.own_clock_said.set(Some(o));
+            }
+            (None, Some(_)) => {
+                log::info!("the agents' clocks no longer all disagree alike with this upstream's");
+                self.own_clock_said.set(None);
+            }
+            _ => {}
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::clock::{PEER_CLOCK_OFF_MS, human_duration, iso8601, off_by};
+use crate::clock::{PEER_CLOCK_OFF_MS, human_duration, iso8601, off_by, shared_offset};
 use crate::http_server::{Response, query_pairs};
 use crate::record::Dims;
 use crate::runtime::OnWorker;
@@ -1039,6 +1039,18 @@ fn render_edges(
             .is_some_and(|o| o.abs() > PEER_CLOCK_OFF_MS)
     };
     let clock_off = rows.iter().filter(|r| wrong_clock(r)).count();
+    let read: Vec<i64> = rows
+        .iter()
+        .filter_map(|r| clocks.get(&r.agent).copied())
+        .collect();
+    let clocks_said = match (shared_offset(&read), clock_off) {
+        (Some(o), n) => format!(
+            " <b>All {n} edges read this upstream's clock as {} theirs: this upstream's clock is more likely the wrong one.</b>",
+            off_by(-o)
+        ),
+        (None, 0) => String::new(),
+        (None, n) => format!(" <b>{n} with a wrong clock</b>: what they send is stamped wrong."),
+    };
     let mut body = format!(
         "<h1>Edges</h1><p>{} edges have posted: {} current, <b>{} stale</b> (no batch for {}); {} with a token never posted.{}</p>",
         rows.len(),
@@ -1046,10 +1058,7 @@ fn render_edges(
         stale.len(),
         human_duration(STALE_AFTER_MS),
         never.len(),
-        match clock_off {
-            0 => String::new(),
-            n => format!(" <b>{n} with a wrong clock</b>: what they send is stamped wrong."),
-        }
+        clocks_said
     );
     body += r#"<div class="scroll"><table class="edges"><tr><th>edge</th><th>state</th><th>last batch (UTC)</th><th class="n">ago</th><th class="n">batches</th><th class="n">records</th><th class="n">buffered</th><th class="n">oldest buffered</th><th class="n">dropped</th><th class="n">to deliver</th><th class="n">delivery failures</th><th>clock</th></tr>"#;
     // Trouble first: stale, then a wrong clock, then the rest; tokens that
@@ -1162,5 +1171,15 @@ mod tests {
         }
         let none = render_edges(&rows[..1], &AgentHealth::new(), &[], &clocks, now);
         assert!(!none.contains("wrong clock"), "{none}");
+        // Every edge off alike: this upstream's clock is the suspect.
+        let alike: Clocks = ["a-ok", "b-unread"]
+            .map(|a| (a.to_owned(), 3 * 86_400_000))
+            .into_iter()
+            .collect();
+        let html = render_edges(&rows[..2], &AgentHealth::new(), &[], &alike, now);
+        assert!(
+            html.contains("<b>All 2 edges read this upstream's clock as 3d 0h ahead of theirs: this upstream's clock is more likely the wrong one.</b>"),
+            "{html}"
+        );
     }
 }
