@@ -15,12 +15,7 @@ use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket, stream::MaybeTlsStream};
 
 pub fn chromium() -> &'static str {
-    let found = Command::new("chromium").arg("--version").output();
-    assert!(
-        found.is_ok_and(|o| o.status.success()),
-        "chromium is missing: install it with `apt-get install chromium` (scripts/test does)"
-    );
-    "chromium"
+    super::tool("chromium", "chromium")
 }
 
 /// Where screenshots are kept: `target/screenshots/NAME.png`.

@@ -624,14 +624,19 @@ impl FakeClock {
     }
 }
 
-/// `promtool`, or a failed test saying how to get it.
-pub fn promtool() -> &'static str {
-    let found = Command::new("promtool").arg("--version").output();
+/// `command`, or a failed test saying which Debian package has it.
+pub fn tool(command: &'static str, package: &str) -> &'static str {
+    let found = Command::new(command).arg("--version").output();
     assert!(
         found.is_ok_and(|o| o.status.success()),
-        "promtool is missing: install it with `apt-get install prometheus` (scripts/test does)"
+        "{command} is missing: install it with `apt-get install {package}` (scripts/test does)"
     );
-    "promtool"
+    command
+}
+
+/// `promtool`, or a failed test saying how to get it.
+pub fn promtool() -> &'static str {
+    tool("promtool", "prometheus")
 }
 
 /// Prometheus's own parser and lint (`promtool check metrics`) accept
