@@ -77,6 +77,10 @@ pub(super) struct Inner {
     status_spell: Spell,
     csv_backoff: Backoff,
     csv_retry_at: i64,
+    /// The queue's lines through this seq are in the file (this process
+    /// appended them), and whether clearing them from the queue is owed.
+    csv_appended: i64,
+    csv_uncleared: bool,
     csv_failures_unreported: u64,
 }
 
@@ -126,6 +130,8 @@ impl Inner {
             status_spell: Spell::default(),
             csv_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
             csv_retry_at: 0,
+            csv_appended: 0,
+            csv_uncleared: false,
             csv_failures_unreported: 0,
         }
     }
@@ -401,20 +407,36 @@ impl Inner {
         if now < self.csv_retry_at {
             return;
         }
-        let pending = match store.csv_pending() {
-            Ok(Some(p)) => p,
+        // Lines this process appended stay out of what is appended next,
+        // even while clearing them from the queue fails (a full disk): it
+        // appended them again, and a window was in the file twice.
+        let pending = match store.csv_pending(self.csv_appended) {
+            Ok(Some(p)) => Some(p),
+            Ok(None) if self.csv_uncleared => None,
             Ok(None) => return,
             Err(e) => {
                 log::warn!("source `{}`: {e}", self.name);
                 return;
             }
         };
-        let (seq, text) = pending;
-        let written = append_synced(path, text.as_bytes()).and_then(|()| {
-            store
-                .csv_written(seq)
-                .map_err(|e| format!("{e} (the lines are in the file and may be appended again)"))
+        let text = pending.as_ref().map_or("", |(_, t)| t.as_str()).to_owned();
+        let appended = match &pending {
+            Some((seq, text)) => append_synced(path, text.as_bytes()).map(|()| {
+                self.csv_appended = *seq;
+                self.csv_uncleared = true;
+            }),
+            None => Ok(()),
+        };
+        let written = appended.and_then(|()| {
+            store.csv_written(self.csv_appended).map_err(|e| {
+                format!(
+                    "{e} (the lines are in the file; they are cleared later, not appended again)"
+                )
+            })
         });
+        if written.is_ok() {
+            self.csv_uncleared = false;
+        }
         match written {
             Ok(()) => {
                 if let Some((_, since)) = self.health.csv_error.take() {
@@ -435,7 +457,7 @@ impl Inner {
                 self.csv_retry_at = now + wait.as_millis() as i64;
                 self.csv_failures_unreported += 1;
                 self.health.csv_failures += 1;
-                self.health.csv_pending = store.csv_pending_count().unwrap_or(0);
+                self.health.csv_pending = store.csv_pending_count(self.csv_appended).unwrap_or(0);
                 if self.health.csv_error.as_ref().is_none_or(|(m, _)| *m != e) {
                     log::error!(
                         "source `{}`: {e}; the windows are delivered to the sinks as usual, and the {} CSV lines \

@@ -230,14 +230,15 @@ impl Store {
         Ok(dropped)
     }
 
-    /// CSV lines waiting to be appended, oldest first: (last seq, text).
-    pub fn csv_pending(&self) -> Result<Option<(i64, String)>, String> {
+    /// CSV lines waiting to be appended after `seq` (the lines through it
+    /// are in the file), oldest first: (last seq, text).
+    pub fn csv_pending(&self, after: i64) -> Result<Option<(i64, String)>, String> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT seq, line FROM csv_pending ORDER BY seq")
+            .prepare_cached("SELECT seq, line FROM csv_pending WHERE seq > ?1 ORDER BY seq")
             .map_err(|e| self.err("reading the csv queue", e))?;
         let rows: Vec<(i64, String)> = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))
             .and_then(|rows| rows.collect())
             .map_err(|e| self.err("reading the csv queue", e))?;
         Ok(rows.last().map(|&(seq, _)| {
@@ -248,9 +249,13 @@ impl Store {
         }))
     }
 
-    pub fn csv_pending_count(&self) -> Result<i64, String> {
+    pub fn csv_pending_count(&self, after: i64) -> Result<i64, String> {
         self.conn
-            .query_row("SELECT COUNT(*) FROM csv_pending", [], |r| r.get(0))
+            .query_row(
+                "SELECT COUNT(*) FROM csv_pending WHERE seq > ?1",
+                [after],
+                |r| r.get(0),
+            )
             .map_err(|e| self.err("reading the csv queue", e))
     }
 
@@ -342,10 +347,18 @@ mod tests {
         .expect("emitted");
         assert_eq!(s.dirty().expect("dirty"), vec![]);
         assert_eq!(s.get("last_emitted").expect("get"), Some(12));
-        let (seq, text) = s.csv_pending().expect("queue").expect("lines");
+        let (seq, text) = s.csv_pending(0).expect("queue").expect("lines");
         assert_eq!(text, "a\r\nb\r\n");
+        // Lines through a seq already in the file are not given again,
+        // whether or not the queue could be cleared of them.
+        assert_eq!(
+            s.csv_pending(seq - 1).expect("queue"),
+            Some((seq, "b\r\n".to_owned()))
+        );
+        assert_eq!(s.csv_pending(seq).expect("queue"), None);
+        assert_eq!(s.csv_pending_count(seq - 1).expect("count"), 1);
         s.csv_written(seq).expect("written");
-        assert_eq!(s.csv_pending().expect("queue"), None);
+        assert_eq!(s.csv_pending(0).expect("queue"), None);
         // Gaps come and go with pages.
         s.apply(
             &Page {
