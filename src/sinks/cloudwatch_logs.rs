@@ -22,6 +22,9 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use crate::aws::{self, Client, Failure};
+
+/// The service's host prefix (`logs.<region>.amazonaws.com`).
+pub const HOST: &str = "logs";
 use crate::clock::now_ms;
 use crate::outbox::Batch;
 use crate::problems::{Problems, deserialize, split_off};
@@ -245,7 +248,7 @@ pub struct CloudWatchLogs {
 
 impl CloudWatchLogs {
     pub fn new(config: Config, agent_id: &str) -> CloudWatchLogs {
-        let client = Arc::new(Client::new(config.aws.clone(), "logs", "logs"));
+        let client = Arc::new(Client::new(config.aws.clone(), "logs", HOST));
         CloudWatchLogs {
             config: Config {
                 agent_id: agent_id.to_owned(),

@@ -192,9 +192,9 @@ impl SinkConfig {
     pub fn url(&self) -> Option<String> {
         match self {
             SinkConfig::Csv(_) => None,
-            SinkConfig::CloudWatchMetrics(c) => Some(c.aws.url("monitoring")),
-            SinkConfig::CloudWatchLogs(c) => Some(c.aws.url("logs")),
-            SinkConfig::Upstream(c) => Some(format!("{}{}", c.endpoint, crate::wire::PATH)),
+            SinkConfig::CloudWatchMetrics(c) => Some(c.aws.url(cloudwatch_metrics::HOST)),
+            SinkConfig::CloudWatchLogs(c) => Some(c.aws.url(cloudwatch_logs::HOST)),
+            SinkConfig::Upstream(c) => Some(c.url()),
         }
     }
 }

@@ -91,6 +91,13 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Where batches are posted.
+    pub fn url(&self) -> String {
+        format!("{}{}", self.endpoint, wire::PATH)
+    }
+}
+
 pub struct Upstream {
     config: Config,
     agent_id: String,
@@ -105,7 +112,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: Config, agent_id: &str) -> Upstream {
-        let url = format!("{}{}", config.endpoint, wire::PATH);
+        let url = config.url();
         Upstream {
             through: crate::http_client::through(&url),
             url,

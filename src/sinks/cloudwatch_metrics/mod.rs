@@ -24,6 +24,9 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use crate::aws::{self, Client};
+
+/// The service's host prefix (`monitoring.<region>.amazonaws.com`).
+pub const HOST: &str = "monitoring";
 use crate::clock::now_ms;
 use crate::outbox::Batch;
 use crate::problems::{Problems, deserialize, split_off};
@@ -97,7 +100,7 @@ pub struct CloudWatchMetrics {
 
 impl CloudWatchMetrics {
     pub fn new(config: Config) -> CloudWatchMetrics {
-        let client = Arc::new(Client::new(config.aws.clone(), "monitoring", "monitoring"));
+        let client = Arc::new(Client::new(config.aws.clone(), "monitoring", HOST));
         CloudWatchMetrics {
             config,
             client,
