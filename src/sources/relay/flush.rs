@@ -36,7 +36,7 @@ pub(super) const DUMP_GRAPHS_PER_JOB: usize = 500;
 /// changes of many streams at once are written together).
 pub(super) const STATUS_WITHIN: Duration = Duration::from_millis(200);
 /// How long the flush task sleeps when nothing changes and no dump is due.
-const IDLE_WAIT: Duration = Duration::from_secs(86_400);
+pub(super) const IDLE_WAIT: Duration = Duration::from_secs(86_400);
 
 /// After the shutdown's flush: if this run wrote every analytics file it
 /// had to, without an error, sync them (one `syncfs`) and say so in the
@@ -184,7 +184,7 @@ impl Files {
 
 /// Wait for a ring on `wakeup`, at most `timeout`; true if the source is
 /// shutting down instead.
-async fn rung_or_shutdown(
+pub(super) async fn rung_or_shutdown(
     ctx: &crate::sources::Context,
     wakeup: &Wakeup,
     timeout: Duration,

@@ -7,7 +7,9 @@
 //! - One websocket client per stream (`ws://host:8888/ws/<stream>`), each a
 //!   task ([`stream`]) on a small executor of its own inside the source's
 //!   task. A dropped or refused connection is retried forever after a
-//!   full-jitter wait ([`link`]); a silent stream is pinged, and one that
+//!   full-jitter wait ([`link`]); the log says the losses and returns of
+//!   one moment in a line each, naming the streams ([`news`]), not a line
+//!   per stream. A silent stream is pinged, and one that
 //!   answers nothing within `stall_after_secs` is reconnected. Each
 //!   stream's state is published for `edgemeter status` within 0.2 s
 //!   ([`flush::STATUS_WITHIN`]) of every change. After a large frame the connection is rebuilt on the same
@@ -85,6 +87,7 @@ pub mod envelope; // the logging envelope read from a message
 pub mod frame; // a frame split into JSON values, never failing
 pub mod ingest; // what a frame means: counters, analytics, records
 pub mod link; // a stream's connection state machine
+pub mod news; // the streams' losses and returns, a line per moment
 pub mod status; // the status file `edgemeter status` reads
 // Their helpers at the edges:
 pub mod adopt; // an old client's files_dir taken over
@@ -101,14 +104,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::clock::now_ms;
-use crate::runtime::{Doorbell, LocalBoxFuture, Worker, doorbell};
+use crate::runtime::{Doorbell, LocalBoxFuture, Wakeup, Worker, doorbell};
 use crate::sources::{Context, Source};
 use crate::state_dir::remove_temp_files;
 
 use adopt::RawMark;
 use analytics::Analytics;
 pub use config::Config;
-use flush::{Dump, Files, files_as_saved, flush, flush_task, mark_files_complete, status_task};
+use flush::{
+    Dump, Files, IDLE_WAIT, files_as_saved, flush, flush_task, mark_files_complete,
+    rung_or_shutdown, status_task,
+};
 use ingest::{Settings, State};
 use link::Link;
 use store::Store;
@@ -144,6 +150,10 @@ struct Shared {
     /// Rung when a stream's connection state changes: `status` shows it
     /// within [`flush::STATUS_WITHIN`].
     link_changed: Doorbell,
+    /// The streams' losses and returns not said in the log yet, and the
+    /// bell rung when one is added.
+    news: RefCell<news::News>,
+    news_added: Doorbell,
 }
 
 impl Source for Relay {
@@ -270,6 +280,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     let (kick_tx, kick_rx) = smol::channel::bounded(1);
     let (changed, wakeup) = doorbell();
     let (link_changed, link_wakeup) = doorbell();
+    let (news_added, news_wakeup) = doorbell();
     let shared = Rc::new(Shared {
         name: ctx.name.clone(),
         config,
@@ -278,6 +289,8 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
         provision_kick: kick_tx,
         changed,
         link_changed,
+        news: RefCell::default(),
+        news_added,
     });
     let ctx = Rc::new(ctx);
     let status_path = crate::sources::status_path(&state_dir, &ctx.name);
@@ -290,6 +303,8 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
             .detach();
     }
     ex.spawn(window_task(shared.clone(), ctx.clone())).detach();
+    ex.spawn(news_task(shared.clone(), ctx.clone(), news_wakeup))
+        .detach();
     ex.spawn(flush_task(
         shared.clone(),
         ctx.clone(),
@@ -312,6 +327,7 @@ async fn run(config: Config, state_dir: PathBuf, ctx: Context) {
     }
     ex.run(ctx.shutdown.wait()).await;
     drop(ex);
+    say_news(&shared, None);
 
     // Shutdown, in the order the sinks need: the running window's points
     // and sketches first, then the analytics state and files (on our own
@@ -500,6 +516,37 @@ fn on_wake(end: i64, now: i64, window: Duration) -> Wake {
 }
 
 // ---------------------------------------------------------------- windows
+
+/// Say the streams' losses and returns ([`news`]) when they are due.
+async fn news_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>, wakeup: Wakeup) {
+    loop {
+        let due = shared.news.borrow().due();
+        let now = Instant::now();
+        let stop = match due {
+            Some(due) if due <= now => {
+                say_news(&shared, Some(now));
+                false
+            }
+            Some(due) => ctx.shutdown.sleep(due - now).await,
+            None => rung_or_shutdown(&ctx, &wakeup, IDLE_WAIT).await,
+        };
+        if stop {
+            // The source says what is left as it stops.
+            return;
+        }
+    }
+}
+
+/// Say the lines of news due at `now` (None: all of them).
+fn say_news(shared: &Shared, now: Option<Instant>) {
+    let lines = shared
+        .news
+        .borrow_mut()
+        .lines(&shared.name, shared.config.streams.len(), now);
+    for (level, line) in lines {
+        log::log!(level, "{line}");
+    }
+}
 
 async fn window_task(shared: Rc<Shared>, ctx: Rc<crate::sources::Context>) {
     let mut out = Vec::new();

@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::Message;
@@ -59,7 +59,8 @@ pub(super) async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sou
                     .connected(now_ms());
                 shared.link_changed.ring();
                 if failing {
-                    log::info!("source `{}`: stream {stream} is connected again", ctx.name);
+                    shared.news.borrow_mut().back(&stream, Instant::now());
+                    shared.news_added.ring();
                     let _ = shared.provision_kick.try_send(());
                 } else {
                     log::debug!("source `{}`: stream {stream} connected", ctx.name);
@@ -93,11 +94,11 @@ pub(super) async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sou
         );
         shared.link_changed.ring();
         if !failing {
-            log::warn!(
-                "source `{}`: stream {stream}: {error}; reconnecting in {:.1} s, and on with backoff",
-                ctx.name,
-                wait.as_secs_f64()
-            );
+            // Said with the other streams' news of the moment (`news`).
+            let now = Instant::now();
+            let error = error.to_string();
+            shared.news.borrow_mut().lost(&stream, &error, wait, now);
+            shared.news_added.ring();
             failing = true;
         } else {
             log::debug!(

@@ -547,6 +547,8 @@ fn shared(st: State, files_dir: Option<&str>) -> super::Shared {
         provision_kick: smol::channel::unbounded().0,
         changed: crate::runtime::doorbell().0,
         link_changed: crate::runtime::doorbell().0,
+        news: std::cell::RefCell::default(),
+        news_added: crate::runtime::doorbell().0,
     }
 }
 
