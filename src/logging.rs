@@ -145,6 +145,13 @@ impl Spell {
             .map_or(Duration::ZERO, |f| now.duration_since(f.since))
     }
 
+    /// End the spell now, settled or not (a task that stops after an
+    /// attempt that worked): how many attempts failed in it. None: no
+    /// spell was on.
+    pub fn end(&mut self) -> Option<u64> {
+        self.failing.take().map(|f| f.attempts)
+    }
+
     /// An attempt worked at `now`.
     pub fn worked(&mut self, now: Instant) -> Say {
         match self.failing {

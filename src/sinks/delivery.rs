@@ -1,6 +1,8 @@
 //! The delivery loop every sink runs in: claim a batch from the outbox, hand
 //! it to the sink, then confirm it, retry it with backoff, or dead-letter it.
 //! Sinks only implement [`Sink::deliver`]; the policy lives here once.
+//! Tries that fail and are retried are said as one spell however often
+//! they flap ([`super::outage`]).
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,7 @@ use crate::clock::{ClockSay, PeerClock, PeerReading, off_by, stamped_off};
 use crate::logging::{Say, Spell, again};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
+use crate::sinks::outage::{Ended, Failed, Outage};
 use crate::sinks::{DeliveryError, Sink};
 
 /// How the shared delivery loop treats one sink.
@@ -53,7 +56,9 @@ pub struct Driver {
 impl Driver {
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.delivery.retry_initial, self.delivery.retry_max);
-        let mut last_error: Option<String> = None;
+        // Tries that fail and are retried: said as one spell, however
+        // often it flaps.
+        let mut outage = Outage::default();
         // Credentials refused: since when (for `status`), said once a spell.
         let mut refused_since: Option<i64> = None;
         let mut refused = Spell::default();
@@ -78,8 +83,15 @@ impl Driver {
             let batch = match claimed {
                 Ok(Some(b)) => b,
                 Ok(None) => {
-                    let wait = jittered(self.idle, IDLE_JITTER, fastrand::f64());
+                    let mut wait = jittered(self.idle, IDLE_JITTER, fastrand::f64());
+                    if let Some(at) = outage.settles_at() {
+                        // Nothing more to send: end the spell all the same.
+                        wait = wait.min(at.saturating_duration_since(Instant::now()));
+                    }
                     smol::future::or(self.shutdown.wait(), self.wakeup.wait(wait)).await;
+                    if let Some(ended) = outage.settled(Instant::now()) {
+                        self.say_delivering_again(&ended);
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -113,12 +125,8 @@ impl Driver {
                             lasted.as_secs_f64()
                         );
                     }
-                    if last_error.take().is_some() {
-                        log::info!(
-                            "sink `{}`: delivering again after {} failed attempts",
-                            self.name,
-                            backoff.attempts()
-                        );
+                    if let Some(ended) = outage.worked(Instant::now()) {
+                        self.say_delivering_again(&ended);
                     }
                     backoff.reset();
                     if !delivered.rejected.is_empty() {
@@ -168,7 +176,6 @@ impl Driver {
                         );
                     }
                     self.note_failure(&why).await;
-                    last_error = Some(why);
                     if self.shutdown.sleep(wait).await {
                         return;
                     }
@@ -182,24 +189,44 @@ impl Driver {
                     self.count(&[(key, 1)]).await;
                     let why = e.to_string();
                     let wait = backoff.next_wait();
-                    if last_error.as_deref() != Some(why.as_str()) {
-                        log::warn!(
+                    match outage.failed(&why, Instant::now()) {
+                        Failed::Said => log::warn!(
                             "sink `{}`: could not deliver batch {} ({} records): {why}; retrying with backoff \
-                             (next in {:.1} s); the records stay in the outbox",
+                             (next in {:.1} s); the records stay in the outbox. Said again for another error, \
+                             every 10 minutes while tries fail, and once they work again",
                             self.name,
                             batch.seq,
                             batch.records.len(),
                             wait.as_secs_f64()
-                        );
+                        ),
+                        Failed::Reminder { failed, lasted } => log::warn!(
+                            "sink `{}`: still failing: {failed} tries have failed in the last {} \
+                             (latest: batch {}: {why}); the records stay in the outbox",
+                            self.name,
+                            crate::clock::rounded_duration(lasted.as_millis() as i64),
+                            batch.seq
+                        ),
+                        Failed::Nothing => {}
                     }
                     self.note_failure(&why).await;
-                    last_error = Some(why);
                     if self.shutdown.sleep(wait).await {
                         return;
                     }
                 }
             }
         }
+        if let Some(ended) = outage.stopping(Instant::now()) {
+            self.say_delivering_again(&ended);
+        }
+    }
+
+    fn say_delivering_again(&self, ended: &Ended) {
+        log::info!(
+            "sink `{}`: delivering again after {} failed attempts over {}; each batch stayed in the outbox until a try delivered it",
+            self.name,
+            ended.failed,
+            crate::clock::rounded_duration(ended.lasted.as_millis() as i64)
+        );
     }
 
     /// Say what a reading of the receiver's clock tells, when that changes,
