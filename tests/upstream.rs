@@ -2000,9 +2000,9 @@ fn pruning_and_rollup_statements_have_an_index_path_on_postgresql() {
 /// answered 503 and sent again once it is back, so nothing is lost or
 /// stored twice. Each refused batch was an error line of its own (one per
 /// agent's retry, several a second for as long as the database was down:
-/// 34 in 3 s here), and so was each failed round of forwarding; the log
-/// now says each when it begins, every ten minutes while it lasts, and
-/// when it works again.
+/// 34 in 3 s here), and so were each failed round of forwarding and each
+/// dashboard query; the log now says each when it begins, every ten
+/// minutes while it lasts, and when it works again.
 #[test]
 fn a_postgresql_store_that_goes_away_loses_nothing_and_is_said_once() {
     let pg = PgServer::start("upstream-pg-away");
@@ -2026,6 +2026,12 @@ fn a_postgresql_store_that_goes_away_loses_nothing_and_is_said_once() {
         refused(),
         up.stderr()
     );
+    // A dashboard's queries meanwhile: 503, said once.
+    for _ in 0..3 {
+        let path = "/v1/series?metric=synthetic&agent=*&range=1D";
+        let (status, body) = http(port, "GET", path, Some(ADMIN), "", b"");
+        assert_eq!(status, 503, "{body}");
+    }
     std::thread::sleep(Duration::from_secs(2));
     pg.start_again();
     wait_for_all_points(port);
@@ -2056,6 +2062,11 @@ fn a_postgresql_store_that_goes_away_loses_nothing_and_is_said_once() {
         .find(|l| l.contains("the store takes batches again"))
         .expect("said when it is back");
     assert!(again.contains(" were refused over "), "{again}");
+    assert_eq!(log.matches("a query failed").count(), 1, "{log}");
+    assert!(
+        log.contains("queries are answered again, after 3 failed over "),
+        "{log}"
+    );
     // Forwarding (every 0.3 s) failed through the outage, said once too.
     assert_eq!(log.matches("forwarding aggregates: ").count(), 1, "{log}");
     assert_eq!(

@@ -29,7 +29,7 @@ use crate::clock::{
     ClockSay, PEER_CLOCK_OFF_MS, PeerClock, now_ms, off_by, shared_offset, stamped_off,
 };
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
-use crate::logging::{Losses, Lost, since_began};
+use crate::logging::{Losses, Lost, Say, Spell, again, since_began};
 use crate::problems::read_token;
 use crate::runtime::OnWorker;
 use crate::upstream::dashboard;
@@ -375,6 +375,9 @@ pub struct Api {
     /// Batches the store could not take, said a spell at a time: while a
     /// database is away every agent's every retry fails.
     store_failures: RefCell<Losses>,
+    /// Queries the store could not answer, said a spell at a time: while
+    /// a database is away every dashboard's every refresh fails.
+    query_failures: RefCell<Spell>,
     /// Why the store refused the last batch it was given, if it did (a
     /// SQLite store on a full disk reads and cannot write): `/health`
     /// says so.
@@ -526,6 +529,7 @@ impl Api {
             auth_log: RefCell::default(),
             expired_log: RefCell::default(),
             store_failures: RefCell::default(),
+            query_failures: RefCell::default(),
             store_refusing: RefCell::default(),
             own_clock_said: Cell::default(),
         }
@@ -896,12 +900,27 @@ impl Api {
             Ok(p) => p,
             Err(e) => return Response::error(400, e),
         };
-        match answer(&self.store, route, params).await {
-            Ok((content_type, body)) => Response::new(200, content_type, body),
+        let answered = answer(&self.store, route, params).await;
+        let mut failures = self.query_failures.borrow_mut();
+        match answered {
+            Ok((content_type, body)) => {
+                if let Say::Ended { failed, lasted } = failures.worked(Instant::now()) {
+                    log::info!(
+                        "queries are answered again, after {failed} failed over {:.0} s",
+                        lasted.as_secs_f64()
+                    );
+                }
+                Response::new(200, content_type, body)
+            }
             Err(QueryError::Invalid(e)) => Response::error(400, e),
             Err(QueryError::Store(e)) => {
                 bump(&self.counters.store_errors, 1);
-                log::error!("a query failed: {e}");
+                if let Say::Failure { attempts } = failures.failed(Instant::now()) {
+                    log::error!(
+                        "{}a query failed: {e}; answering 503 to queries until the store answers again",
+                        again(attempts)
+                    );
+                }
                 Response::error(503, "the store is unavailable")
             }
         }
