@@ -31,7 +31,8 @@
 //!    - [`hash`]: the fixed-seed hash of ids.
 //!    - [`backoff`]: retry schedules with full jitter.
 //!    - [`problems`]: spanned config problems, bounded values, the secret-file reader.
-//!    - [`logging`]: stderr logging.
+//!    - [`logging`]: stderr logging, and failures said as a spell (when one
+//!      begins, every 10 minutes while it lasts, when it ends).
 //!    - [`systemd`]: READY, WATCHDOG (from the event loop) and STOPPING for
 //!      `Type=notify` units; nothing without `$NOTIFY_SOCKET`.
 //!    - [`http_client`]: the policy of every outgoing HTTP request (roots, timeout, gzip, the proxy the environment names).
@@ -51,7 +52,8 @@
 //!      [`sources::xx_gateway`] (an xx gateway's bloom-filter table),
 //!      [`sources::relay`] (practable session-host websocket streams).
 //!    - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
-//!      retry/dead-letter loop); [`sinks::csv`], the CloudWatch sinks and
+//!      retry/dead-letter loop) and [`sinks::outage`] (what it says of tries
+//!      that fail, however often they flap); [`sinks::csv`], the CloudWatch sinks and
 //!      [`sinks::upstream`] (batches to an upstream edgemeter).
 //! 5. The aggregator:
 //!    - [`upstream`]: `edgemeter upstream`: [`upstream::api`] (routes, tokens, `/metrics`),
@@ -106,6 +108,11 @@
 //!   most 2 + 1 + (number of sinks) threads; at idle, the main thread and
 //!   async-io's reactor thread (`async-io`), plus the `outbox` worker for a
 //!   moment every 5 s when the sinks look for retried dead letters.
+//! - **Logs**: a line is a sentence for an operator, said when something
+//!   changes, not at every attempt. A failure that repeats is a
+//!   [`logging::Spell`]; what many parts meet in one moment is one line
+//!   (a relay's streams: [`sources::relay::news`]); a sink's failed tries
+//!   are one spell however often they flap ([`sinks::outage`]).
 //! - **Secrets** come from files or the environment, never argv, and never
 //!   appear in a log line or an error stored in the outbox.
 //! - **Tests**: unit tests beside the code (`mod tests`, data-driven
