@@ -509,6 +509,46 @@ fn a_host_that_drops_every_10_s_gets_every_stream_back_within_the_initial_wait_s
     );
 }
 
+/// A session host that is down when the agent starts: its streams'
+/// failures are one line, not one per stream, and once it is up they are
+/// said to be connected, not "connected again" (they never were).
+#[test]
+fn a_host_down_at_start_is_one_line_and_its_streams_are_then_connected() {
+    let dir = TempDir::new("relay-down-at-start");
+    let mut hub = Hub::start();
+    hub.stop();
+    let live = ["spin30", "spin31", "spin32", "spin33"];
+    let cfg = config(&dir, &hub, &live, "");
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    assert!(
+        agent.wait_for_line(": cannot connect", Duration::from_secs(10)),
+        "{}",
+        agent.stderr()
+    );
+    hub.restart();
+    wait_subscribed(&hub, &live);
+    let connected = |log: &str| -> usize {
+        log.lines()
+            .filter(|l| l.ends_with(" connected"))
+            .map(streams_named)
+            .sum()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || connected(&agent.stderr()) == 4),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot connect"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{log}");
+    assert!(failed[0].contains("all 4 streams: "), "{log}");
+    assert!(!log.contains("connected again"), "{log}");
+}
+
 /// How many streams a line of the relay's connection news names: "stream
 /// spin30", "all 12 streams", "3 streams (…)".
 fn streams_named(line: &str) -> usize {

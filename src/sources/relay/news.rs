@@ -33,8 +33,9 @@ const NAMES_MAX: usize = 10;
 enum Event {
     /// The connection was lost or refused, after working (or at start).
     Lost { error: String },
-    /// Connected again after failing.
-    Back,
+    /// Connected after failing: again, or (`first`) for the first time
+    /// (the host was down when the source started).
+    Back { first: bool },
 }
 
 #[derive(Debug)]
@@ -72,9 +73,10 @@ impl News {
         self.add(stream, event, wait, now);
     }
 
-    /// `stream` is connected again after failing, at `now`.
-    pub fn back(&mut self, stream: &str, now: Instant) {
-        self.add(stream, Event::Back, Duration::ZERO, now);
+    /// `stream` is connected after failing, at `now`; `first`: it never
+    /// was before.
+    pub fn back(&mut self, stream: &str, first: bool, now: Instant) {
+        self.add(stream, Event::Back { first }, Duration::ZERO, now);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -153,11 +155,12 @@ impl News {
                             g.wait.as_secs_f64()
                         ),
                     ),
-                    Event::Back => (
+                    Event::Back { first } => (
                         log::Level::Info,
                         format!(
-                            "source `{source}`: {who} {} connected again",
-                            if single { "is" } else { "are" }
+                            "source `{source}`: {who} {} connected{}",
+                            if single { "is" } else { "are" },
+                            if first { "" } else { " again" }
                         ),
                     ),
                 }
@@ -218,7 +221,7 @@ mod tests {
             n.lost(s, RESET, ms(100 * k as u64), at(0));
         }
         for s in names.iter().rev() {
-            n.back(s, at(0));
+            n.back(s, false, at(0));
         }
         assert_eq!(
             said(&mut n, 12),
@@ -239,7 +242,7 @@ mod tests {
                 "WARN source `lab`: stream spin30: connection lost: Connection reset; reconnecting in 0.6 s, and on with backoff"
             ]
         );
-        n.back("spin30", at(0));
+        n.back("spin30", false, at(0));
         assert_eq!(
             said(&mut n, 12),
             ["INFO source `lab`: stream spin30 is connected again"]
@@ -254,8 +257,8 @@ mod tests {
         }
         n.lost("s20", REFUSED, ms(300), at(0));
         n.lost("s21", REFUSED, ms(100), at(0));
-        n.back("s0", at(0));
-        n.back("s1", at(0));
+        n.back("s0", false, at(0));
+        n.back("s1", false, at(0));
         assert_eq!(
             said(&mut n, 40),
             [
@@ -272,9 +275,9 @@ mod tests {
         // a and b drop; a comes back and drops again; b comes back; c drops.
         n.lost("a", RESET, ms(100), at(0));
         n.lost("b", RESET, ms(100), at(0));
-        n.back("a", at(0));
+        n.back("a", false, at(0));
         n.lost("a", RESET, ms(200), at(0));
-        n.back("b", at(0));
+        n.back("b", false, at(0));
         n.lost("c", RESET, ms(300), at(0));
         assert_eq!(
             said(&mut n, 3),
@@ -296,7 +299,7 @@ mod tests {
         assert_eq!(n.due(), Some(at(5) + QUIET));
         // Returns 400 ms apart keep theirs gathering, up to GATHER_MAX.
         for k in 1..=20 {
-            n.back(["a", "b"][k as usize % 2], at(400 * k));
+            n.back(["a", "b"][k as usize % 2], false, at(400 * k));
         }
         assert!(n.lines("lab", 2, Some(at(4) + QUIET)).is_empty());
         assert_eq!(
@@ -310,8 +313,26 @@ mod tests {
         assert_eq!(n.lines("lab", 2, Some(at(400) + GATHER_MAX)).len(), 1);
         assert_eq!(n.due(), None);
         // Said, the next event starts anew.
-        n.back("b", at(10_000));
+        n.back("b", false, at(10_000));
         assert_eq!(n.due(), Some(at(10_000) + QUIET));
+    }
+
+    #[test]
+    fn streams_that_never_were_connected_are_connected_not_connected_again() {
+        let mut n = News::default();
+        n.lost("a", REFUSED, ms(1000), at(0));
+        n.lost("b", REFUSED, ms(1000), at(0));
+        n.back("a", true, at(0));
+        n.back("b", true, at(0));
+        n.back("c", false, at(0));
+        assert_eq!(
+            said(&mut n, 3),
+            [
+                "WARN source `lab`: 2 streams (a, b): cannot connect to 127.0.0.1:8888: Connection refused; reconnecting each within 1.0 s, and on with backoff",
+                "INFO source `lab`: 2 streams (a, b) are connected",
+                "INFO source `lab`: stream c is connected again",
+            ]
+        );
     }
 
     #[test]

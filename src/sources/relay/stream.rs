@@ -37,7 +37,7 @@ pub(super) async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sou
         "ws://{}/ws/{stream}",
         shared.config.api_base().trim_start_matches("http://")
     );
-    let mut failing = false;
+    let (mut failing, mut connected_before) = (false, false);
     let mut out: Vec<Record> = Vec::new();
     loop {
         shared.state.borrow_mut().streams[i]
@@ -59,13 +59,18 @@ pub(super) async fn stream_task(i: usize, shared: Rc<Shared>, ctx: Rc<crate::sou
                     .connected(now_ms());
                 shared.link_changed.ring();
                 if failing {
-                    shared.news.borrow_mut().back(&stream, Instant::now());
+                    let first = !connected_before;
+                    shared
+                        .news
+                        .borrow_mut()
+                        .back(&stream, first, Instant::now());
                     shared.news_added.ring();
                     let _ = shared.provision_kick.try_send(());
                 } else {
                     log::debug!("source `{}`: stream {stream} connected", ctx.name);
                 }
                 failing = false;
+                connected_before = true;
                 let ended = read_frames(i, &shared, &ctx, ws, &mut out).await;
                 // What the last read's frames gave (a dropped link's last
                 // frames, an oversized frame's mark) before anything waits.
