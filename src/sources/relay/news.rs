@@ -194,13 +194,38 @@ mod tests {
     const RESET: &str = "connection lost: Connection reset";
     const REFUSED: &str = "cannot connect to 127.0.0.1:8888: Connection refused";
 
-    fn said(news: &mut News, streams: usize) -> Vec<String> {
-        let lines = news.lines("lab", streams, None);
-        assert!(news.is_empty());
-        lines
+    /// One event, all at one moment: a loss (stream, error, wait in ms) or
+    /// a return (stream, for the first time).
+    enum Ev {
+        Lost(String, &'static str, u64),
+        Back(String, bool),
+    }
+    use Ev::{Back, Lost};
+
+    fn lost(s: &str, error: &'static str, wait_ms: u64) -> Ev {
+        Lost(s.to_owned(), error, wait_ms)
+    }
+
+    fn back(s: &str) -> Ev {
+        Back(s.to_owned(), false)
+    }
+
+    /// What is said of `events` for a source of `streams` streams.
+    fn check(events: Vec<Ev>, streams: usize, want: &[&str]) {
+        let mut n = News::default();
+        for e in events {
+            match e {
+                Lost(s, error, wait) => n.lost(&s, error, ms(wait), at(0)),
+                Back(s, first) => n.back(&s, first, at(0)),
+            }
+        }
+        let said: Vec<String> = n
+            .lines("lab", streams, None)
             .into_iter()
             .map(|(level, line)| format!("{level} {line}"))
-            .collect()
+            .collect();
+        assert_eq!(said, want);
+        assert!(n.is_empty());
     }
 
     fn ms(n: u64) -> Duration {
@@ -215,78 +240,99 @@ mod tests {
 
     #[test]
     fn a_host_that_drops_every_stream_is_two_lines() {
-        let mut n = News::default();
         let names: Vec<String> = (30..42).map(|k| format!("spin{k}")).collect();
-        for (k, s) in names.iter().enumerate() {
-            n.lost(s, RESET, ms(100 * k as u64), at(0));
-        }
-        for s in names.iter().rev() {
-            n.back(s, false, at(0));
-        }
-        assert_eq!(
-            said(&mut n, 12),
-            [
+        let losses = names
+            .iter()
+            .enumerate()
+            .map(|(k, s)| lost(s, RESET, 100 * k as u64));
+        let returns = names.iter().rev().map(|s| back(s));
+        check(
+            losses.chain(returns).collect(),
+            12,
+            &[
                 "WARN source `lab`: all 12 streams: connection lost: Connection reset; reconnecting each within 1.1 s, and on with backoff",
                 "INFO source `lab`: all 12 streams are connected again",
-            ]
+            ],
         );
     }
 
     #[test]
     fn one_stream_reads_as_it_did_alone() {
-        let mut n = News::default();
-        n.lost("spin30", RESET, ms(600), at(0));
-        assert_eq!(
-            said(&mut n, 12),
-            [
-                "WARN source `lab`: stream spin30: connection lost: Connection reset; reconnecting in 0.6 s, and on with backoff"
-            ]
+        check(
+            vec![lost("spin30", RESET, 600)],
+            12,
+            &[
+                "WARN source `lab`: stream spin30: connection lost: Connection reset; reconnecting in 0.6 s, and on with backoff",
+            ],
         );
-        n.back("spin30", false, at(0));
-        assert_eq!(
-            said(&mut n, 12),
-            ["INFO source `lab`: stream spin30 is connected again"]
+        check(
+            vec![back("spin30")],
+            12,
+            &["INFO source `lab`: stream spin30 is connected again"],
         );
     }
 
     #[test]
     fn streams_are_named_up_to_ten_and_other_errors_get_their_own_line() {
-        let mut n = News::default();
-        for k in 0..13 {
-            n.lost(&format!("s{k}"), RESET, ms(200), at(0));
-        }
-        n.lost("s20", REFUSED, ms(300), at(0));
-        n.lost("s21", REFUSED, ms(100), at(0));
-        n.back("s0", false, at(0));
-        n.back("s1", false, at(0));
-        assert_eq!(
-            said(&mut n, 40),
-            [
+        let mut events: Vec<Ev> = (0..13)
+            .map(|k| lost(&format!("s{k}"), RESET, 200))
+            .collect();
+        events.extend([lost("s20", REFUSED, 300), lost("s21", REFUSED, 100)]);
+        events.extend([back("s0"), back("s1")]);
+        check(
+            events,
+            40,
+            &[
                 "WARN source `lab`: 13 streams (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 and 3 more): connection lost: Connection reset; reconnecting each within 0.2 s, and on with backoff",
                 "WARN source `lab`: 2 streams (s20, s21): cannot connect to 127.0.0.1:8888: Connection refused; reconnecting each within 0.3 s, and on with backoff",
                 "INFO source `lab`: 2 streams (s0, s1) are connected again",
-            ]
+            ],
         );
     }
 
     #[test]
     fn each_streams_own_events_keep_their_order() {
-        let mut n = News::default();
         // a and b drop; a comes back and drops again; b comes back; c drops.
-        n.lost("a", RESET, ms(100), at(0));
-        n.lost("b", RESET, ms(100), at(0));
-        n.back("a", false, at(0));
-        n.lost("a", RESET, ms(200), at(0));
-        n.back("b", false, at(0));
-        n.lost("c", RESET, ms(300), at(0));
-        assert_eq!(
-            said(&mut n, 3),
-            [
+        check(
+            vec![
+                lost("a", RESET, 100),
+                lost("b", RESET, 100),
+                back("a"),
+                lost("a", RESET, 200),
+                back("b"),
+                lost("c", RESET, 300),
+            ],
+            3,
+            &[
                 "WARN source `lab`: 2 streams (a, b): connection lost: Connection reset; reconnecting each within 0.1 s, and on with backoff",
                 "INFO source `lab`: 2 streams (a, b) are connected again",
                 "WARN source `lab`: 2 streams (a, c): connection lost: Connection reset; reconnecting each within 0.3 s, and on with backoff",
-            ]
+            ],
         );
+    }
+
+    #[test]
+    fn streams_that_never_were_connected_are_connected_not_connected_again() {
+        check(
+            vec![
+                lost("a", REFUSED, 1000),
+                lost("b", REFUSED, 1000),
+                Back("a".to_owned(), true),
+                Back("b".to_owned(), true),
+                back("c"),
+            ],
+            3,
+            &[
+                "WARN source `lab`: 2 streams (a, b): cannot connect to 127.0.0.1:8888: Connection refused; reconnecting each within 1.0 s, and on with backoff",
+                "INFO source `lab`: 2 streams (a, b) are connected",
+                "INFO source `lab`: stream c is connected again",
+            ],
+        );
+    }
+
+    #[test]
+    fn nothing_to_say_is_no_line() {
+        check(vec![], 12, &[]);
     }
 
     #[test]
@@ -315,28 +361,5 @@ mod tests {
         // Said, the next event starts anew.
         n.back("b", false, at(10_000));
         assert_eq!(n.due(), Some(at(10_000) + QUIET));
-    }
-
-    #[test]
-    fn streams_that_never_were_connected_are_connected_not_connected_again() {
-        let mut n = News::default();
-        n.lost("a", REFUSED, ms(1000), at(0));
-        n.lost("b", REFUSED, ms(1000), at(0));
-        n.back("a", true, at(0));
-        n.back("b", true, at(0));
-        n.back("c", false, at(0));
-        assert_eq!(
-            said(&mut n, 3),
-            [
-                "WARN source `lab`: 2 streams (a, b): cannot connect to 127.0.0.1:8888: Connection refused; reconnecting each within 1.0 s, and on with backoff",
-                "INFO source `lab`: 2 streams (a, b) are connected",
-                "INFO source `lab`: stream c is connected again",
-            ]
-        );
-    }
-
-    #[test]
-    fn nothing_to_say_is_no_line() {
-        assert!(said(&mut News::default(), 12).is_empty());
     }
 }
