@@ -52,7 +52,7 @@
 //!      [`sources::xx_gateway`] (an xx gateway's bloom-filter table),
 //!      [`sources::relay`] (practable session-host websocket streams).
 //!    - [`sinks`]: the sink contract and registry; [`sinks::delivery`] (the shared
-//!      retry/dead-letter loop) and [`sinks::outage`] (what it says of tries
+//!      retry/dead-letter loop) and [`sinks::delivery::outage`] (what it says of tries
 //!      that fail, however often they flap); [`sinks::csv`], the CloudWatch sinks and
 //!      [`sinks::upstream`] (batches to an upstream edgemeter).
 //! 5. The aggregator:
@@ -112,7 +112,7 @@
 //!   changes, not at every attempt. A failure that repeats is a
 //!   [`logging::Spell`]; what many parts meet in one moment is one line
 //!   (a relay's streams: [`sources::relay::news`]); a sink's failed tries
-//!   are one spell however often they flap ([`sinks::outage`]).
+//!   are one spell however often they flap ([`sinks::delivery::outage`]).
 //! - **Secrets** come from files or the environment, never argv, and never
 //!   appear in a log line or an error stored in the outbox.
 //! - **Tests**: unit tests beside the code (`mod tests`, data-driven

@@ -35,7 +35,6 @@ pub mod cloudwatch_logs;
 pub mod cloudwatch_metrics;
 pub mod csv;
 pub mod delivery;
-pub mod outage;
 pub mod upstream;
 
 use std::fmt;

@@ -2,7 +2,7 @@
 //! it to the sink, then confirm it, retry it with backoff, or dead-letter it.
 //! Sinks only implement [`Sink::deliver`]; the policy lives here once.
 //! Tries that fail and are retried are said as one spell however often
-//! they flap ([`super::outage`]).
+//! they flap ([`outage`]).
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,10 @@ use crate::clock::{ClockSay, PeerClock, PeerReading, off_by, stamped_off};
 use crate::logging::{Say, Spell, again};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
-use crate::sinks::outage::{Ended, Failed, Outage};
 use crate::sinks::{DeliveryError, Sink};
+use outage::{Ended, Failed, Outage};
+
+pub mod outage; // what the log says of tries that fail, however often
 
 /// How the shared delivery loop treats one sink.
 #[derive(Debug, Clone, PartialEq)]
