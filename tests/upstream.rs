@@ -2036,12 +2036,13 @@ fn a_postgresql_store_that_goes_away_loses_nothing_and_is_said_once() {
     pg.start_again();
     wait_for_all_points(port);
     check_network_answers(port);
+    // Forwarding's spell ends once no round failed for 10 s.
     for back in [
         "the store takes batches again",
         "forwarding aggregates works again",
     ] {
         assert!(
-            up.wait_for_line(back, Duration::from_secs(10)),
+            up.wait_for_line(back, Duration::from_secs(25)),
             "{back}:\n{}",
             up.stderr()
         );

@@ -40,7 +40,7 @@ pub use config::Config;
 
 use crate::clock::now_ms;
 use crate::http_server;
-use crate::logging::{Say, Spell, again};
+use crate::logging::{Say, Spell, again, settled};
 use crate::runtime::{Emitter, LocalBoxFuture, OnWorker, Shutdown};
 use crate::sources::{Context, Source};
 use api::{Api, Commit, Counters, Tokens, bump_map};
@@ -386,8 +386,10 @@ async fn forward_loop(
     counters: Rc<Counters>,
 ) {
     let mut recovering = true;
-    // A store that is away fails every round: said once a spell.
-    let mut failing = Spell::default();
+    // A store that is away fails every round: said once a spell, which
+    // ends once no round failed for Spell::SETTLE (a store that fails now
+    // and then is one spell, not two lines a flap).
+    let mut failing = Spell::settling();
     loop {
         let owner2 = owner.clone();
         let until = now_ms() - settle.as_millis() as i64;
@@ -419,8 +421,8 @@ async fn forward_loop(
             Ok(aggs) => {
                 if let Say::Ended { failed, lasted } = failing.worked(Instant::now()) {
                     log::info!(
-                        "forwarding aggregates works again, after {failed} failed rounds ({:.0} s)",
-                        lasted.as_secs_f64()
+                        "forwarding aggregates works again, after {failed} failed rounds {}",
+                        settled(lasted)
                     );
                 }
                 recovering = false;
