@@ -256,7 +256,7 @@ pub fn again(attempts: u64) -> String {
     match attempts {
         1 => String::new(),
         n => format!(
-            "still failing ({n} attempts in a row, said every {} minutes): ",
+            "still failing ({n} failed attempts since it began, said every {} minutes): ",
             Spell::SAY_EVERY.as_secs() / 60
         ),
     }
@@ -321,7 +321,7 @@ mod tests {
         // A new spell is said at once.
         assert_eq!(spell.failed(at(700)), Say::Failure { attempts: 1 });
         assert_eq!(again(1), "");
-        assert!(again(301).starts_with("still failing (301 attempts"));
+        assert!(again(301).starts_with("still failing (301 failed attempts since it began"));
     }
 
     #[test]

@@ -150,8 +150,12 @@ pub(super) struct Files {
     /// the state holds them ([`mark_files_complete`]).
     pub(super) unwritten: bool,
     /// Failing flushes and status writes (a full disk fails one every
-    /// 2 s) are said once a spell, not once each.
+    /// 2 s) are said once a spell, not once each. A flush's spell ends
+    /// once none failed for [`Spell::SETTLE`] (a disk that is nearly full
+    /// fails one flush and not the next); `flush_worked`: the last worked,
+    /// so an idle source wakes to say the end.
     pub(super) flush_spell: Spell,
+    pub(super) flush_worked: bool,
     pub(super) status_spell: Spell,
     /// When the store's saves not yet synced are due to be
     /// ([`Store::sync_due`]): the flush task wakes for it.
@@ -172,7 +176,8 @@ impl Files {
             store,
             raw_read,
             unwritten: false,
-            flush_spell: Spell::default(),
+            flush_spell: Spell::settling(),
+            flush_worked: true,
             status_spell: Spell::default(),
             sync_due: None,
             status_path,
@@ -276,8 +281,20 @@ pub(super) async fn flush_task(
             .borrow()
             .sync_due
             .map(|at| at.saturating_duration_since(Instant::now()));
+        // A failing spell that has settled since the last flush worked:
+        // a flush then says it ended, though nothing changed.
+        let settle_in = {
+            let f = files.borrow();
+            f.flush_spell
+                .settles_at()
+                .filter(|_| f.flush_worked)
+                .map(|at| at.saturating_duration_since(Instant::now()))
+        };
         let timeout = if pending { dump_in } else { IDLE_WAIT };
-        let timeout = sync_in.map_or(timeout, |s| s.min(timeout));
+        let timeout = [sync_in, settle_in]
+            .into_iter()
+            .flatten()
+            .fold(timeout, Duration::min);
         let stop = rung_or_shutdown(&ctx, &wakeup, timeout).await;
         // Coalesce: changes come in bursts.
         if stop || ctx.shutdown.sleep(FLUSH_EVERY).await {
@@ -624,7 +641,8 @@ async fn flush_part(
         f.sync_due = sync_due;
         f.unwritten |= !errors.is_empty() || left > 0;
         let now = Instant::now();
-        if errors.is_empty() {
+        f.flush_worked = errors.is_empty();
+        if f.flush_worked {
             f.flush_spell.worked(now)
         } else {
             f.flush_spell.failed(now)
@@ -632,9 +650,9 @@ async fn flush_part(
     };
     if let Say::Ended { failed, lasted } = say {
         log::info!(
-            "source `{}`: the analytics flush works again, after {failed} failed flushes in a row ({:.0} s)",
+            "source `{}`: the analytics flush works again, after {failed} failed flushes {}",
             shared.name,
-            lasted.as_secs_f64()
+            settled(lasted)
         );
     }
     for (save_failed, e) in errors {
