@@ -729,6 +729,59 @@ fn a_disk_that_fills_and_frees_a_little_again_and_again_is_one_spell() {
     assert_eq!(log.matches("outbox writable again").count(), 1, "{log}");
 }
 
+/// A failing SD card fails one fsync of the outbox's WAL and not the
+/// next. Each flap was two lines ("syncing the WAL failed", "synced
+/// again"); now it is one spell, said again once no sync failed for 10 s.
+/// The failures are real: strace makes every other `fdatasync` of the
+/// running agent fail with EIO for 6 s.
+#[test]
+fn a_wal_sync_that_fails_every_other_time_is_one_spell() {
+    let strace = std::process::Command::new("strace").arg("-V").output();
+    assert!(
+        strace.is_ok_and(|o| o.status.success()),
+        "this test needs strace; install with: sudo apt-get install strace (scripts/test does)"
+    );
+    let dir = TempDir::new("sync-flaps");
+    let cfg = dir.write(
+        "edgemeter.toml",
+        "[agent]\nid = \"test-agent\"\nstate_dir = \"state\"\nflush_interval_secs = 0.05\n\n\
+         [[source]]\ntype = \"synthetic\"\nname = \"load\"\nrate_per_sec = 500\nseries = 3\n",
+    );
+    let mut agent = Agent::start_running(&cfg, "info");
+    let mut tracer = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=fdatasync"])
+        .args(["-e", "inject=fdatasync:error=EIO:when=2+2", "-p"])
+        .arg(agent.pid().to_string())
+        .spawn()
+        .expect("strace");
+    agent.expect_line("syncing the WAL failed", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(6));
+    // SIGTERM: strace detaches and the agent goes on, its syncs working.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &tracer.id().to_string()])
+        .status();
+    let _ = tracer.wait();
+    agent.expect_line("the outbox's WAL is synced again", Duration::from_secs(20));
+    agent.stop();
+    let log = agent.stderr();
+    assert_eq!(log.matches("syncing the WAL failed").count(), 1, "{log}");
+    let again: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the outbox's WAL is synced again, after "))
+        .collect();
+    assert_eq!(again.len(), 1, "{log}");
+    let failed: u64 = again[0]
+        .split("after ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count of failed syncs");
+    assert!(
+        failed >= 3,
+        "{failed} failed syncs in 6 s of every other one failing:\n{log}"
+    );
+}
+
 /// Stopped while the disk is full: the agent exits at once with status 1
 /// and says how many records it could not commit. It took longer than it
 /// promises (`shutdown_grace_secs` + 3 s): the source, waiting on the
