@@ -637,7 +637,8 @@ fn a_sink_says_once_that_it_cannot_claim_batches_from_a_full_disk() {
     // Several tries (retries up to 0.5 s).
     std::thread::sleep(Duration::from_secs(4));
     disk.free();
-    agent.expect_line("the outbox gives batches again", Duration::from_secs(10));
+    // Said once no claim failed for 10 s.
+    agent.expect_line("the outbox gives batches again", Duration::from_secs(25));
     agent.expect_line("outbox writable again", Duration::from_secs(30));
     agent.stop();
     let log = agent.stderr();

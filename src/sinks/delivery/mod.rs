@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, jittered};
 use crate::clock::{ClockSay, PeerClock, PeerReading, off_by, stamped_off};
-use crate::logging::{Say, Spell, again};
+use crate::logging::{Say, Spell, again, settled};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
 use crate::sinks::{DeliveryError, Sink};
@@ -64,8 +64,11 @@ impl Driver {
         // Credentials refused: since when (for `status`), said once a spell.
         let mut refused_since: Option<i64> = None;
         let mut refused = Spell::default();
-        // Claims failing (a claim writes: a full disk fails every one).
-        let mut claiming = Spell::default();
+        // Claims failing (a claim writes: a full disk fails every one; a
+        // nearly full one, one and not the next). It ends once no claim
+        // failed for Spell::SETTLE: an idle sink still claims every
+        // IDLE_RECHECK, so the end is said.
+        let mut claiming = Spell::settling();
         // What the receiver's answers say of our clock, and the reading
         // last kept for `status`.
         let mut clock = PeerClock::default();
@@ -77,9 +80,9 @@ impl Driver {
                 && let Say::Ended { failed, lasted } = claiming.worked(Instant::now())
             {
                 log::info!(
-                    "sink `{}`: the outbox gives batches again, after {failed} failed claims in a row ({:.0} s)",
+                    "sink `{}`: the outbox gives batches again, after {failed} failed claims {}",
                     self.name,
-                    lasted.as_secs_f64()
+                    settled(lasted)
                 );
             }
             let batch = match claimed {
