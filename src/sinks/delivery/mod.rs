@@ -205,7 +205,7 @@ impl Driver {
                             wait.as_secs_f64()
                         ),
                         Failed::Reminder { failed, lasted } => log::warn!(
-                            "sink `{}`: still failing: {failed} tries have failed in the last {} \
+                            "sink `{}`: still failing: {failed} tries have failed since this began, {} ago \
                              (latest: batch {}: {why}); the records stay in the outbox",
                             self.name,
                             crate::clock::rounded_duration(lasted.as_millis() as i64),
