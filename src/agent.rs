@@ -379,50 +379,18 @@ async fn join_within(tasks: Vec<Task<()>>, budget: Duration) -> usize {
 }
 
 /// Fsync the outbox's WAL (see [`SYNC_EVERY`]); a failure is logged.
-async fn sync(outbox: &SharedOutbox, syncs: &mut Syncs) {
-    said_sync(outbox.call(|o| o.sync()).await, syncs);
+async fn sync(outbox: &SharedOutbox, spell: &mut Spell) {
+    said_sync(outbox.call(|o| o.sync()).await, spell);
 }
 
-/// Failing syncs, said a spell at a time ([`Spell::settling`]): a failing
-/// disk fails one a second, and a failing SD card may fail one and not the
-/// next. `worked`: the last sync worked, so an idle writer wakes to say
-/// that the spell ended.
-struct Syncs {
-    spell: Spell,
-    worked: bool,
-}
-
-impl Syncs {
-    fn new() -> Syncs {
-        Syncs {
-            spell: Spell::settling(),
-            worked: true,
-        }
-    }
-
-    /// When an idle writer should wake to end the spell.
-    fn settles_at(&self) -> Option<Instant> {
-        self.spell.settles_at().filter(|_| self.worked)
-    }
-}
-
-/// Log what a sync came to: when a spell of failures begins, every ten
-/// minutes while it lasts, and once no sync failed for [`Spell::SETTLE`]
-/// (also when the writer is idle after a sync that worked: called with
-/// `Ok` then).
-fn said_sync(result: Result<(), String>, syncs: &mut Syncs) {
+/// Log what a sync came to, a spell at a time ([`Spell::settling`]): a
+/// failing disk fails one a second, a failing SD card one and not the
+/// next. Said when it begins, every ten minutes while it lasts, and once
+/// no sync failed for [`Spell::SETTLE`] ([`said_synced`]).
+fn said_sync(result: Result<(), String>, spell: &mut Spell) {
     let now = Instant::now();
-    syncs.worked = result.is_ok();
-    let spell = &mut syncs.spell;
     match result {
-        Ok(()) => {
-            if let Say::Ended { failed, lasted } = spell.worked(now) {
-                log::info!(
-                    "the outbox's WAL is synced again, after {failed} failed syncs {}",
-                    settled(lasted)
-                );
-            }
-        }
+        Ok(()) => said_synced(spell.worked(now)),
         Err(e) => {
             if let Say::Failure { attempts } = spell.failed(now) {
                 log::warn!(
@@ -431,6 +399,17 @@ fn said_sync(result: Result<(), String>, syncs: &mut Syncs) {
                 );
             }
         }
+    }
+}
+
+/// Say the end of a spell of failed syncs, when `say` is it (a sync that
+/// worked, or an idle writer's look: [`Spell::quiet`]).
+fn said_synced(say: Say) {
+    if let Say::Ended { failed, lasted } = say {
+        log::info!(
+            "the outbox's WAL is synced again, after {failed} failed syncs {}",
+            settled(lasted)
+        );
     }
 }
 
@@ -529,7 +508,8 @@ async fn write_records(
     // A nearly full disk lets one commit in and fails the next: a spell
     // that settles, or each flap would be two lines.
     let mut failing = Spell::settling();
-    let mut syncs = Syncs::new();
+    // Failing syncs settle too: the writer wakes to say the end.
+    let mut sync_spell = Spell::settling();
     let mut full = Losses::settling();
     // Whether a commit of part of what is held (a disk with a little room)
     // was said in this spell of failures.
@@ -552,7 +532,7 @@ async fn write_records(
                 // worked for the settling time, records arriving or not.
                 failing.settles_at(),
                 // The same for syncs.
-                syncs.settles_at(),
+                sync_spell.ends_at(),
             ]
             .into_iter()
             .flatten()
@@ -586,15 +566,13 @@ async fn write_records(
                     // durable, whichever is due; free the kept payloads.
                     payloads::release();
                     said_writable(&mut failing);
-                    if syncs.worked {
-                        said_sync(Ok(()), &mut syncs);
-                    }
+                    said_synced(sync_spell.quiet(Instant::now()));
                     if unrung && rung_at.elapsed() >= cadence.deliver {
                         ring(&bells);
                         (unrung, rung_at) = (false, Instant::now());
                     }
                     if unsynced && synced_at.elapsed() >= SYNC_EVERY {
-                        sync(&outbox, &mut syncs).await;
+                        sync(&outbox, &mut sync_spell).await;
                         (unsynced, synced_at) = (false, Instant::now());
                     }
                     continue;
@@ -642,7 +620,7 @@ async fn write_records(
                 // next commit's.
                 unsynced &= r.is_err();
                 synced_at = Instant::now();
-                said_sync(r, &mut syncs);
+                said_sync(r, &mut sync_spell);
             }
             None => unsynced |= result.is_ok(),
         }
@@ -742,7 +720,7 @@ async fn write_records(
         ring(&bells);
     }
     if unsynced {
-        sync(&outbox, &mut syncs).await;
+        sync(&outbox, &mut sync_spell).await;
     }
     None
 }

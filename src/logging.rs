@@ -68,6 +68,9 @@ pub struct Spell {
     failing: Option<Failing>,
     /// How long without a failure ends the spell.
     settle: Duration,
+    /// Whether the last attempt failed: a caller whose attempts stop once
+    /// they work can end the spell only after one that worked.
+    last_failed: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -109,11 +112,13 @@ impl Spell {
         Spell {
             failing: None,
             settle: Spell::SETTLE,
+            last_failed: false,
         }
     }
 
     /// An attempt failed at `now`.
     pub fn failed(&mut self, now: Instant) -> Say {
+        self.last_failed = true;
         let f = self.failing.get_or_insert(Failing {
             since: now,
             said: now,
@@ -152,8 +157,25 @@ impl Spell {
         self.failing.take().map(|f| f.attempts)
     }
 
+    /// When a caller whose attempts have stopped (an idle writer, sink or
+    /// source) should look again to say the spell ended ([`Spell::quiet`]):
+    /// its settling time, if a spell is on and its last attempt worked.
+    pub fn ends_at(&self) -> Option<Instant> {
+        self.settles_at().filter(|_| !self.last_failed)
+    }
+
+    /// Such a look at `now`, no attempt since the last: the spell's end if
+    /// the last attempt worked and it has settled.
+    pub fn quiet(&mut self, now: Instant) -> Say {
+        if self.last_failed {
+            return Say::Nothing;
+        }
+        self.worked(now)
+    }
+
     /// An attempt worked at `now`.
     pub fn worked(&mut self, now: Instant) -> Say {
+        self.last_failed = false;
         match self.failing {
             Some(f) if now.duration_since(f.last) >= self.settle => {
                 self.failing = None;
@@ -380,5 +402,27 @@ mod tests {
         assert_eq!(spell.settles_at(), None, "none on");
         assert_eq!(spell.worked(at(60_000)), Say::Nothing, "said once");
         assert_eq!(spell.failed(at(61_000)), Say::Failure { attempts: 1 });
+    }
+
+    #[test]
+    fn an_idle_caller_ends_a_settling_spell_only_after_an_attempt_that_worked() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut spell = Spell::settling();
+        assert_eq!(spell.ends_at(), None, "no spell");
+        spell.failed(at(0));
+        assert_eq!(spell.ends_at(), None, "the last attempt failed");
+        assert_eq!(spell.quiet(at(60_000)), Say::Nothing);
+        assert_eq!(spell.worked(at(1_000)), Say::Nothing, "not settled yet");
+        assert_eq!(spell.ends_at(), Some(at(0) + Spell::SETTLE));
+        assert_eq!(spell.quiet(at(9_999)), Say::Nothing);
+        assert_eq!(
+            spell.quiet(at(10_000)),
+            Say::Ended {
+                failed: 1,
+                lasted: Spell::SETTLE
+            }
+        );
+        assert_eq!(spell.ends_at(), None, "said once");
     }
 }

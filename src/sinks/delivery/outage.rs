@@ -23,9 +23,6 @@ pub struct Outage {
     spell: Spell,
     /// The errors said in this spell.
     said: Vec<String>,
-    /// Whether the last try worked: the spell then ends once it settles,
-    /// though no try comes (the sink has nothing more to send).
-    last_worked: bool,
 }
 
 /// What to say of a failed try.
@@ -53,7 +50,6 @@ impl Default for Outage {
         Outage {
             spell: Spell::settling(),
             said: Vec::new(),
-            last_worked: true,
         }
     }
 }
@@ -61,7 +57,6 @@ impl Default for Outage {
 impl Outage {
     /// A try failed with `why` at `now`.
     pub fn failed(&mut self, why: &str, now: Instant) -> Failed {
-        self.last_worked = false;
         let say = self.spell.failed(now);
         let new = !self.said.iter().any(|s| s == why);
         match say {
@@ -83,37 +78,35 @@ impl Outage {
 
     /// A try worked at `now`: the spell's end, if it has settled.
     pub fn worked(&mut self, now: Instant) -> Option<Ended> {
-        self.last_worked = true;
-        self.settled(now)
+        ended(self.spell.worked(now))
     }
 
     /// When an idle sink should look again to end the spell: after its
     /// last try worked, once no failure came for [`Spell::SETTLE`].
     pub fn settles_at(&self) -> Option<Instant> {
-        self.spell.settles_at().filter(|_| self.last_worked)
+        self.spell.ends_at()
     }
 
     /// The spell's end at `now`, if the last try worked and it has settled
     /// (an idle sink's look).
     pub fn settled(&mut self, now: Instant) -> Option<Ended> {
-        if !self.last_worked {
-            return None;
-        }
-        match self.spell.worked(now) {
-            Say::Ended { failed, lasted } => Some(Ended { failed, lasted }),
-            _ => None,
-        }
+        ended(self.spell.quiet(now))
     }
 
     /// At shutdown: the spell's end if the last try worked, settled or
     /// not, so the log's last word on the sink is not a failure it got over.
     pub fn stopping(&mut self, now: Instant) -> Option<Ended> {
-        if !self.last_worked {
-            return None;
-        }
+        self.spell.ends_at()?;
         let lasted = self.spell.since(now);
         let failed = self.spell.end()?;
         Some(Ended { failed, lasted })
+    }
+}
+
+fn ended(say: Say) -> Option<Ended> {
+    match say {
+        Say::Ended { failed, lasted } => Some(Ended { failed, lasted }),
+        _ => None,
     }
 }
 

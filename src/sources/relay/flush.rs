@@ -152,10 +152,8 @@ pub(super) struct Files {
     /// Failing flushes and status writes (a full disk fails one every
     /// 2 s) are said once a spell, not once each. A flush's spell ends
     /// once none failed for [`Spell::SETTLE`] (a disk that is nearly full
-    /// fails one flush and not the next); `flush_worked`: the last worked,
-    /// so an idle source wakes to say the end.
+    /// fails one flush and not the next); an idle source wakes to say so.
     pub(super) flush_spell: Spell,
-    pub(super) flush_worked: bool,
     pub(super) status_spell: Spell,
     /// When the store's saves not yet synced are due to be
     /// ([`Store::sync_due`]): the flush task wakes for it.
@@ -177,7 +175,6 @@ impl Files {
             raw_read,
             unwritten: false,
             flush_spell: Spell::settling(),
-            flush_worked: true,
             status_spell: Spell::default(),
             sync_due: None,
             status_path,
@@ -283,13 +280,11 @@ pub(super) async fn flush_task(
             .map(|at| at.saturating_duration_since(Instant::now()));
         // A failing spell that has settled since the last flush worked:
         // a flush then says it ended, though nothing changed.
-        let settle_in = {
-            let f = files.borrow();
-            f.flush_spell
-                .settles_at()
-                .filter(|_| f.flush_worked)
-                .map(|at| at.saturating_duration_since(Instant::now()))
-        };
+        let settle_in = files
+            .borrow()
+            .flush_spell
+            .ends_at()
+            .map(|at| at.saturating_duration_since(Instant::now()));
         let timeout = if pending { dump_in } else { IDLE_WAIT };
         let timeout = [sync_in, settle_in]
             .into_iter()
@@ -641,8 +636,7 @@ async fn flush_part(
         f.sync_due = sync_due;
         f.unwritten |= !errors.is_empty() || left > 0;
         let now = Instant::now();
-        f.flush_worked = errors.is_empty();
-        if f.flush_worked {
+        if errors.is_empty() {
             f.flush_spell.worked(now)
         } else {
             f.flush_spell.failed(now)
