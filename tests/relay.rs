@@ -2185,6 +2185,142 @@ fn a_restart_reads_again_only_the_raw_files_something_else_changed() {
     );
 }
 
+/// Raw files grow with every message and nothing else empties them: a
+/// host up for months would fill its disk. Past `raw_files_max_mib`, the
+/// least recently written are cut to their last message (as the old client
+/// emptied a user's file once counted) until they hold three quarters of
+/// it; the counts stay whole, and a restart neither reads the cut files
+/// again nor counts anything twice.
+#[test]
+fn raw_files_past_their_bound_are_cut_least_recently_written_first() {
+    let dir = TempDir::new("relay-raw-bound");
+    let hub = Hub::start();
+    let cfg = config(
+        &dir,
+        &hub,
+        &["spin30"],
+        "raw_files = true\nraw_files_max_mib = 1",
+    );
+    // About 230 bytes a message, each line its own (`t` counts).
+    let message = |user: &str, n: usize| {
+        let log = ["voltage", "position", "speed"][n % 3];
+        serde_json::json!({"user": user, "t": n, "exp": "spinner", "hardware": "spin30",
+            "course": "engdes1", "type": "analytics",
+            "payload": {"log": log, "data": {"set": n, "note": "raw-bound-test-padding"}}})
+        .to_string()
+    };
+    let raw_file = |u: &str| read(&dir, &format!("{u}-spin30-spinner-engdes1.json"));
+    let old: Vec<String> = (0..20).map(|i| format!("old-{i:02}")).collect();
+    let new: Vec<String> = (0..20).map(|i| format!("new-{i:02}")).collect();
+    let send = |users: &[String], n: usize| {
+        for k in 0..n {
+            for u in users {
+                assert_eq!(hub.send_text("spin30", &message(u, k)), 1);
+            }
+        }
+    };
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    wait_subscribed(&hub, &["spin30"]);
+
+    // 20 users of 200 messages (0.9 MB), written first; then 20 of 100.
+    send(&old, 200);
+    assert!(
+        wait_until(Duration::from_secs(20), || old
+            .iter()
+            .all(|u| raw_file(u).lines().count() == 200)),
+        "{}",
+        agent.stderr()
+    );
+    let size = raw_file(&old[0]).len() as u64;
+    send(&new, 100);
+    agent.expect_line("were cut to their last message", Duration::from_secs(20));
+    let held = |users: &[String]| -> u64 { users.iter().map(|u| raw_file(u).len() as u64).sum() };
+    assert!(
+        wait_until(Duration::from_secs(20), || new
+            .iter()
+            .all(|u| raw_file(u).lines().count() == 100)
+            && held(&old) + held(&new) <= 3 << 18),
+        "{} + {} bytes held:\n{}",
+        held(&old),
+        held(&new),
+        agent.stderr()
+    );
+
+    // The old users' files were cut, each to its last message, and only as
+    // many as it took; the new users' are whole.
+    let cut: Vec<&String> = old
+        .iter()
+        .filter(|u| raw_file(u).lines().count() == 1)
+        .collect();
+    for u in &cut {
+        assert_eq!(raw_file(u), format!("{}\n", message(u, 199)), "{u}");
+    }
+    for u in old.iter().filter(|u| !cut.contains(u)) {
+        assert_eq!(raw_file(u).lines().count(), 200, "{u} is cut or torn");
+    }
+    let total = 20 * size + held(&new);
+    let needed = (total - (3 << 18)).div_ceil(size - size / 200) as usize;
+    assert!(
+        cut.len() >= needed && cut.len() <= needed + 1,
+        "{} cut, {needed} needed to free {} of {total} bytes",
+        cut.len(),
+        total - (3 << 18)
+    );
+    let log = agent.stderr();
+    let said = log
+        .lines()
+        .find(|l| l.contains("were cut to their last message"))
+        .unwrap();
+    assert!(
+        said.contains("more than raw_files_max_mib = 1: the ")
+            && said.contains(&format!(
+                ": the {} files written least recently were cut",
+                cut.len()
+            ))
+            && said.contains("(their counts are in the analytics)"),
+        "{said}"
+    );
+    let (code, out, err) = edgemeter(&["status", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("of raw_files_max_mib = 1; cut to their last message since the start: ")
+            && out.contains(&format!("start: {} files, ", cut.len())),
+        "{out}"
+    );
+    agent.stop();
+
+    // The counts are whole, and stay so across a restart that reads no raw
+    // file again.
+    let usage = |users: &[String], n: u64| {
+        let text = read(&dir, "usage.csv");
+        users
+            .iter()
+            .all(|u| text.lines().any(|l| l == format!("{u},{n}")))
+    };
+    assert!(
+        usage(&old, 200) && usage(&new, 100),
+        "{}",
+        read(&dir, "usage.csv")
+    );
+    let mut agent = Agent::start_running(&cfg, "agent2.log");
+    agent.expect_line("not read again", Duration::from_secs(15));
+    wait_subscribed(&hub, &["spin30"]);
+    send(&new[..1], 1);
+    assert!(
+        wait_until(Duration::from_secs(20), || usage(&new[..1], 101)),
+        "{}",
+        read(&dir, "usage.csv")
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert!(log.contains(": 0 read, 40 not read again"), "{log}");
+    assert!(
+        usage(&old, 200) && usage(&new[1..], 100),
+        "{}",
+        read(&dir, "usage.csv")
+    );
+}
+
 /// Each analytics file in `files_dir` with its modification time.
 fn file_times(dir: &TempDir) -> BTreeMap<String, std::time::SystemTime> {
     let Ok(entries) = std::fs::read_dir(dir.path("analytics")) else {

@@ -174,6 +174,7 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "files_dir",
         "dump_interval_secs",
         "raw_files",
+        "raw_files_max_mib",
         "provision",
         "token_file",
         "ca_file",
@@ -450,6 +451,15 @@ type = "relay"
 name = "f"
 streams = ["spin30"]
 comparison_dir = "/tmp"
+raw_files_max_mib = 10
+
+[[source]]
+type = "relay"
+name = "g"
+streams = ["spin30"]
+files_dir = "analytics"
+raw_files = true
+raw_files_max_mib = 0
 "#,
         &[
             "4:16: session_host `https://relay.example`: TLS is not supported; the session host serves plain http on its own machine (e.g. http://127.0.0.1:8888)",
@@ -467,6 +477,8 @@ comparison_dir = "/tmp"
             "27:19: answer_requests = true needs comparison_dir (the old client's COMP_PATH, e.g. /opt/analytics/comparison_graphs)",
             "34:18: comparison_dir `/nonexistent/comparison_graphs` is not a directory (it should hold the comparison graphs, <exp>-<course>-<task>.csv)",
             "40:18: comparison_dir is used only with answer_requests = true",
+            "41:21: raw_files_max_mib is used only with raw_files = true",
+            "49:21: raw_files_max_mib = 0 is out of range; use 1 to 16777216",
         ],
     );
     let c = check_ok(
@@ -493,6 +505,7 @@ files_dir = "analytics"
     );
     assert_eq!(r.window, Duration::from_secs(300));
     assert!(r.events && !r.raw_files && r.provision.is_none());
+    assert_eq!(r.raw_files_max_bytes, 1 << 30, "1 GiB unless set");
 }
 
 #[test]

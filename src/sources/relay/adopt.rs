@@ -37,7 +37,7 @@ const MATRIX_SUFFIX: &str = "-adjacency.csv";
 const GRAPH_SUFFIX: &str = "-graph.json";
 pub const FEEDBACK_SUFFIX: &str = "-feedback.csv";
 /// Raw lines longer than this are skipped (a message is at most a frame).
-const MAX_LINE_BYTES: usize = 1 << 20;
+pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// A raw file as edgemeter last appended to it or read it.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,6 +17,12 @@ pub const MAX_STREAMS: usize = 1_000;
 /// The session host accepts messages up to 10 MB.
 pub const MAX_FRAME_BYTES_LIMIT: u64 = 16 * 1024 * 1024;
 
+/// The raw files' default bound: about 5 million messages of 200 bytes,
+/// and a small part of an SD card.
+pub const DEFAULT_RAW_FILES_MIB: u64 = 1024;
+/// 16 TiB: no disk holds more.
+const MAX_RAW_FILES_MIB: u64 = 16 << 20;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `host:port` of the session host (plain `ws://` on the same machine).
@@ -38,6 +44,9 @@ pub struct Config {
     pub dump_interval: Duration,
     /// Also append each message to `<user>-<hardware>-<exp>-<course>.json`.
     pub raw_files: bool,
+    /// The raw files' bound (`raw_files_max_mib`): past it, the least
+    /// recently written are cut to their last message.
+    pub raw_files_max_bytes: u64,
     pub max_users: usize,
     pub provision: Option<Provision>,
     /// Answer the students' dashboards as the old analytics client did,
@@ -69,6 +78,7 @@ struct Raw {
     files_dir: Option<Spanned<String>>,
     dump_interval_secs: Option<Spanned<f64>>,
     raw_files: Option<Spanned<bool>>,
+    raw_files_max_mib: Option<Spanned<i64>>,
     max_users: Option<Spanned<i64>>,
     provision: Option<RawProvision>,
     answer_requests: Option<Spanned<bool>>,
@@ -211,6 +221,17 @@ impl Config {
             }
             r => r.as_ref().is_some_and(|r| *r.get_ref()),
         };
+        let raw_files_max_mib = match &raw.raw_files_max_mib {
+            Some(m) if !raw_files => {
+                p.push(
+                    m.span(),
+                    "raw_files_max_mib is used only with raw_files = true",
+                );
+                0
+            }
+            Some(m) => int_in_range(m, "raw_files_max_mib", 1, MAX_RAW_FILES_MIB, p),
+            None => DEFAULT_RAW_FILES_MIB,
+        };
         let max_users = raw.max_users.as_ref().map_or(100_000, |v| {
             int_in_range(v, "max_users", 1, 10_000_000, p) as usize
         });
@@ -281,6 +302,7 @@ impl Config {
             files_dir,
             dump_interval,
             raw_files,
+            raw_files_max_bytes: raw_files_max_mib << 20,
             max_users,
             provision,
             answer_from,

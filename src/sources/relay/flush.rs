@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use super::adopt::{self, RawMark};
 use super::analytics::{self, Bound, GraphKey};
-use super::ingest::RAW_PENDING_MAX_BYTES;
+use super::ingest::{RAW_PENDING_MAX_BYTES, RawOnDisk};
 use super::store::{Appended, Store};
-use super::{Shared, status};
+use super::{Shared, status, trim};
 use crate::clock::now_ms;
 use crate::logging::{Losses, Lost, Say, Spell, again, settled, since_began};
 use crate::runtime::{Wakeup, Worker};
@@ -343,6 +343,9 @@ pub(super) struct Due {
     pub(super) summaries: bool,
     /// Graphs due when the dump began, not yet taken.
     pub(super) graphs: usize,
+    /// Whether the raw files' bound is still to be kept, in the dump's
+    /// first job only ([`trim`]).
+    pub(super) raw_bound: bool,
 }
 
 impl Due {
@@ -358,6 +361,7 @@ impl Due {
         Due {
             summaries: true,
             graphs,
+            raw_bound: dump == Dump::All && shared.config.raw_files,
         }
     }
 }
@@ -505,6 +509,59 @@ impl RawDrops {
     }
 }
 
+/// Keep what a dump found of the raw files for the status, and say a cut.
+fn say_trimmed(shared: &Shared, t: trim::Raw) {
+    let max = shared.config.raw_files_max_bytes;
+    let mut state = shared.state.borrow_mut();
+    let on_disk = state.raw_on_disk.get_or_insert(RawOnDisk {
+        max,
+        ..RawOnDisk::default()
+    });
+    on_disk.bytes = t.bytes;
+    let Some(cut) = t.cut else {
+        on_disk.short_said = false;
+        return;
+    };
+    on_disk.cut_files += cut.files as u64;
+    on_disk.cut_bytes += cut.from.saturating_sub(t.bytes);
+    // Small files are not cut: while they alone hold more than the bound,
+    // that is said once, and not the cuts of each dump (status counts them).
+    let was_short = std::mem::replace(&mut on_disk.short_said, cut.short);
+    if was_short && cut.short {
+        return;
+    }
+    let short = cut.short;
+    let name = &shared.name;
+    let dir = shared.config.files_dir.as_deref().unwrap_or(Path::new("."));
+    let (dir, max_mib) = (dir.display(), max >> 20);
+    let small = format!(
+        "files of one message or at most {} KiB, which are not cut: raise raw_files_max_mib",
+        trim::SMALL >> 10
+    );
+    match (cut.files, short) {
+        (0, false) => {}
+        (0, true) => log::warn!(
+            "source `{name}`: the raw files in {dir} hold {}, more than raw_files_max_mib = {max_mib}, in {small}",
+            trim::mib(t.bytes)
+        ),
+        (files, _) => log::log!(
+            if short {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            },
+            "source `{name}`: the raw files in {dir} held {}, more than raw_files_max_mib = {max_mib}: the {files} files written least recently were cut to their last message (their counts are in the analytics), leaving {}{}",
+            trim::mib(cut.from),
+            trim::mib(t.bytes),
+            if short {
+                format!("; the rest is in {small}")
+            } else {
+                String::new()
+            }
+        ),
+    }
+}
+
 /// Say, once a run each, that the analytics met a bound: from then on new
 /// users (or new names) are counted, not analysed, and nothing else would
 /// tell an operator why their files stopped growing.
@@ -560,7 +617,10 @@ async fn flush_part(
     };
     let name = shared.name.clone();
     let last = matches!(dump, Dump::Until(_));
-    let (errors, changes, sync_due, left) = if dump == Dump::No { io } else { worker }
+    // The raw files' bound is kept by each dump's first job: every minute
+    // by default, on the worker (a cut may take many files).
+    let raw_max = std::mem::take(&mut due.raw_bound).then_some(shared.config.raw_files_max_bytes);
+    let (errors, changes, sync_due, left, trimmed) = if dump == Dump::No { io } else { worker }
         .run(move || {
             let (activity, graphs) = &changes;
             let mut errors = Vec::new();
@@ -600,9 +660,16 @@ async fn flush_part(
                 }
             }
             let mut left = 0;
+            let mut trimmed = None;
             if let Some(dir) = &dir {
                 let read = if saved { &raw_read[..] } else { &[] };
                 errors.extend(append_raw_marked(dir, store.as_deref(), &raw, read));
+                if let (Some(store), Some(max)) = (&store, raw_max) {
+                    match trim::trim(dir, store, max, &stop) {
+                        Ok(t) => trimmed = Some(t),
+                        Err(e) => errors.push((false, e)),
+                    }
+                }
                 if let Some(summaries) = summaries {
                     if stop() {
                         left += 2;
@@ -628,9 +695,12 @@ async fn flush_part(
                     );
                 }
             }
-            (errors, changes, sync_due, left)
+            (errors, changes, sync_due, left, trimmed)
         })
         .await;
+    if let Some(t) = trimmed {
+        say_trimmed(shared, t);
+    }
     let say = {
         let mut f = files.borrow_mut();
         f.sync_due = sync_due;

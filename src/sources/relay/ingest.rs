@@ -80,6 +80,9 @@ pub struct State {
     pub raw: BTreeMap<String, Vec<u8>>,
     raw_bytes: usize,
     pub raw_dropped: u64,
+    /// With `raw_files = true`: what the raw files hold, as the last dump
+    /// found them (None before it).
+    pub raw_on_disk: Option<RawOnDisk>,
     pub samples: VecDeque<String>,
     /// With `answer_requests = true`: the dashboards' requests and feedback.
     pub desk: Option<super::desk::Desk>,
@@ -87,6 +90,20 @@ pub struct State {
     /// of them were said ([`State::newly_full`]).
     full: Vec<Bound>,
     full_said: usize,
+}
+
+/// The raw files on disk and their bound ([`super::trim`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct RawOnDisk {
+    pub bytes: u64,
+    /// `raw_files_max_mib`, in bytes.
+    pub max: u64,
+    /// Files cut to their last message this run, and what that gave back.
+    pub cut_files: u64,
+    pub cut_bytes: u64,
+    /// That the files left after a cut are too small to cut was said,
+    /// and they have not been within the bound since.
+    pub short_said: bool,
 }
 
 pub struct Settings {
@@ -122,6 +139,7 @@ impl State {
             raw: BTreeMap::new(),
             raw_bytes: 0,
             raw_dropped: 0,
+            raw_on_disk: None,
             samples: VecDeque::new(),
             desk: None,
             full: Vec::new(),

@@ -96,6 +96,7 @@ pub mod provision; // the session host's rules, set through its API
 pub mod release; // the memory of a large frame given back
 pub mod rest; // a busy stream read in bursts
 pub mod store; // the analytics state's SQLite file
+pub mod trim; // the raw files kept within their bound
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};

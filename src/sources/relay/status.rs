@@ -6,6 +6,7 @@ use crate::clock::iso8601;
 use crate::sources::{Metric, Published, Sample};
 
 use super::ingest::{self, State};
+use super::trim::mib;
 
 /// The relay's metrics; a stream's samples have the label `stream`.
 pub const METRICS: &[Metric] = &[
@@ -68,6 +69,21 @@ pub const METRICS: &[Metric] = &[
         name: "relay_raw_lines_dropped_total",
         counter: true,
         help: "Raw lines not written to the raw files (over their memory bound)",
+    },
+    Metric {
+        name: "relay_raw_files_bytes",
+        counter: false,
+        help: "What the raw files hold (raw_files = true), as the last dump found them",
+    },
+    Metric {
+        name: "relay_raw_files_max_bytes",
+        counter: false,
+        help: "raw_files_max_mib in bytes: past it the least recently written raw files are cut to their last message",
+    },
+    Metric {
+        name: "relay_raw_files_cut_total",
+        counter: true,
+        help: "Raw files cut to their last message to keep them within relay_raw_files_max_bytes",
     },
     Metric {
         name: "relay_requests_answered_total",
@@ -154,6 +170,15 @@ fn samples(state: &State) -> Vec<Sample> {
         &[],
         state.raw_dropped as f64,
     ));
+    if let Some(r) = &state.raw_on_disk {
+        for (name, v) in [
+            ("relay_raw_files_bytes", r.bytes),
+            ("relay_raw_files_max_bytes", r.max),
+            ("relay_raw_files_cut_total", r.cut_files),
+        ] {
+            out.push(Sample::new(name, &[], v as f64));
+        }
+    }
     if let Some(d) = &state.desk {
         let c = &d.counts;
         for content in super::answers::Content::ALL {
@@ -264,6 +289,21 @@ pub fn render(state: &State) -> String {
         "users analysed {users} of max_users = {max_users}; command transitions {transitions}; raw lines dropped {}\n",
         state.raw_dropped
     );
+    if let Some(r) = &state.raw_on_disk {
+        out += &format!(
+            "raw files {} of raw_files_max_mib = {}",
+            mib(r.bytes),
+            r.max >> 20
+        );
+        if r.cut_files > 0 {
+            out += &format!(
+                "; cut to their last message since the start: {} files, {}",
+                r.cut_files,
+                mib(r.cut_bytes)
+            );
+        }
+        out += "\n";
+    }
     if state.is_full() {
         out += "  the analytics are full: messages of new users (or with new names) are counted as not analysed; raise max_users and restart\n";
     }

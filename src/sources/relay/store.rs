@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS raw_files (
     bytes    INTEGER NOT NULL,  -- its size and modification time when
     mtime_ns INTEGER NOT NULL   -- edgemeter last appended to it or read it
 ) WITHOUT ROWID;
+-- The least recently written first, when the raw files pass their bound.
+CREATE INDEX IF NOT EXISTS raw_files_by_time ON raw_files (mtime_ns, name);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -351,6 +353,70 @@ impl Store {
                     Some(was) => update.execute(params![n, b, t, was.bytes as i64, was.mtime_ns]),
                 }
                 .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// What the raw files hold, by their marks.
+    pub fn raw_bytes(&self) -> Result<u64, String> {
+        self.conn
+            .query_row("SELECT coalesce(sum(bytes), 0) FROM raw_files", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| format!("cannot read the relay's raw file marks: {e}"))
+    }
+
+    /// The marks of up to `n` raw files larger than `over` bytes, the least
+    /// recently written first, after the one of `(mtime_ns, name)`.
+    pub fn raw_oldest(
+        &self,
+        over: u64,
+        after: Option<&(i64, String)>,
+        n: usize,
+    ) -> Result<Vec<RawMark>, String> {
+        let err = |e: rusqlite::Error| format!("cannot read the relay's raw file marks: {e}");
+        let (t, name) = after.map_or((i64::MIN, ""), |(t, n)| (*t, n.as_str()));
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT name, bytes, mtime_ns FROM raw_files
+                 WHERE bytes > ?1 AND (mtime_ns, name) > (?2, ?3)
+                 ORDER BY mtime_ns, name LIMIT ?4",
+            )
+            .map_err(err)?;
+        let rows = st
+            .query_map(params![over as i64, t, name, n as i64], |r| {
+                Ok(RawMark {
+                    name: r.get(0)?,
+                    bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                    mtime_ns: r.get(2)?,
+                })
+            })
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// Record the raw files `cut` as they are now, and forget those `gone`.
+    pub fn mark_cut(&mut self, cut: &[RawMark], gone: &[String]) -> Result<(), String> {
+        let err = |e: rusqlite::Error| format!("cannot save the relay's raw file marks: {e}");
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO raw_files (name, bytes, mtime_ns) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(err)?;
+            for m in cut {
+                put.execute(params![m.name, m.bytes as i64, m.mtime_ns])
+                    .map_err(err)?;
+            }
+            let mut forget = tx
+                .prepare_cached("DELETE FROM raw_files WHERE name = ?1")
+                .map_err(err)?;
+            for name in gone {
+                forget.execute([name]).map_err(err)?;
             }
         }
         tx.commit().map_err(err)

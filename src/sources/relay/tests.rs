@@ -538,6 +538,7 @@ fn shared(st: State, files_dir: Option<&str>) -> super::Shared {
             files_dir: files_dir.map(Into::into),
             dump_interval: Duration::from_secs(60),
             raw_files: false,
+            raw_files_max_bytes: super::config::DEFAULT_RAW_FILES_MIB << 20,
             max_users: 1000,
             provision: None,
             answer_from: None,
@@ -590,6 +591,7 @@ fn only_a_dumps_first_part_writes_the_summaries() {
     let mut none = Due {
         summaries: true,
         graphs: 0,
+        raw_bound: false,
     };
     let saved = collect(&shared, Dump::No, &mut none);
     assert!(saved.dumps.is_empty() && saved.summaries.is_none() && !saved.graphs.is_empty());
@@ -600,6 +602,7 @@ fn only_a_dumps_first_part_writes_the_summaries() {
     let mut dump = Due {
         summaries: true,
         graphs: 1,
+        raw_bound: false,
     };
     let first = collect(&shared, Dump::All, &mut dump);
     assert!(first.summaries.is_some(), "the summaries");
