@@ -150,9 +150,9 @@ pub(super) struct Files {
     /// the state holds them ([`mark_files_complete`]).
     pub(super) unwritten: bool,
     /// Failing flushes and status writes (a full disk fails one every
-    /// 2 s) are said once a spell, not once each. A flush's spell ends
-    /// once none failed for [`Spell::SETTLE`] (a disk that is nearly full
-    /// fails one flush and not the next); an idle source wakes to say so.
+    /// 2 s) are said once a spell, not once each. A spell ends once none
+    /// failed for [`Spell::SETTLE`] (a disk that is nearly full fails one
+    /// write and not the next); an idle source wakes to say so.
     pub(super) flush_spell: Spell,
     pub(super) status_spell: Spell,
     /// When the store's saves not yet synced are due to be
@@ -175,7 +175,7 @@ impl Files {
             raw_read,
             unwritten: false,
             flush_spell: Spell::settling(),
-            status_spell: Spell::default(),
+            status_spell: Spell::settling(),
             sync_due: None,
             status_path,
             last_status: String::new(),
@@ -231,6 +231,9 @@ async fn publish_status(worker: &Worker, files: &RefCell<Files>, status: String)
     let path = {
         let mut f = files.borrow_mut();
         if f.last_status == status {
+            // Written as it is: a spell that settled since ends here.
+            let say = f.status_spell.quiet(Instant::now());
+            say_status_written(&f.status_path, say);
             return;
         }
         f.last_status = status.clone();
@@ -242,13 +245,8 @@ async fn publish_status(worker: &Worker, files: &RefCell<Files>, status: String)
     let mut f = files.borrow_mut();
     match result {
         Ok(()) => {
-            if let Say::Ended { failed, lasted } = f.status_spell.worked(Instant::now()) {
-                log::info!(
-                    "{} written again, after {failed} failed writes in a row ({:.0} s)",
-                    f.status_path.display(),
-                    lasted.as_secs_f64()
-                );
-            }
+            let say = f.status_spell.worked(Instant::now());
+            say_status_written(&f.status_path, say);
         }
         Err(e) => {
             if let Say::Failure { attempts } = f.status_spell.failed(Instant::now()) {
@@ -256,6 +254,16 @@ async fn publish_status(worker: &Worker, files: &RefCell<Files>, status: String)
             }
             f.last_status.clear();
         }
+    }
+}
+
+fn say_status_written(path: &Path, say: Say) {
+    if let Say::Ended { failed, lasted } = say {
+        log::info!(
+            "{} written again, after {failed} failed writes {}",
+            path.display(),
+            settled(lasted)
+        );
     }
 }
 
@@ -278,15 +286,19 @@ pub(super) async fn flush_task(
             .borrow()
             .sync_due
             .map(|at| at.saturating_duration_since(Instant::now()));
-        // A failing spell that has settled since the last flush worked:
-        // a flush then says it ended, though nothing changed.
-        let settle_in = files
-            .borrow()
-            .flush_spell
-            .ends_at()
-            .map(|at| at.saturating_duration_since(Instant::now()));
+        // A failing spell that has settled since the last flush (or status
+        // write) worked: a flush then says it ended, though nothing changed.
+        let settle_in = |spell: &Spell| {
+            spell
+                .ends_at()
+                .map(|at| at.saturating_duration_since(Instant::now()))
+        };
+        let (flush_settles_in, status_settles_in) = {
+            let f = files.borrow();
+            (settle_in(&f.flush_spell), settle_in(&f.status_spell))
+        };
         let timeout = if pending { dump_in } else { IDLE_WAIT };
-        let timeout = [sync_in, settle_in]
+        let timeout = [sync_in, flush_settles_in, status_settles_in]
             .into_iter()
             .flatten()
             .fold(timeout, Duration::min);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::logging::{Say, Spell, again};
+use crate::logging::{Say, Spell, again, settled};
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::{Sketch, hash_i64};
 use crate::state_dir::Sync;
@@ -73,7 +73,8 @@ pub(super) struct Inner {
     health: Health,
     last_status: String,
     /// Failing status writes (a full disk fails one at every poll), said
-    /// once a spell.
+    /// once a spell; it ends once none failed for [`Spell::SETTLE`] (a
+    /// disk that is nearly full fails one write and not the next).
     status_spell: Spell,
     csv_backoff: Backoff,
     csv_retry_at: i64,
@@ -127,7 +128,7 @@ impl Inner {
             node_id: None,
             period_ms: db::DEFAULT_PERIOD_MS,
             last_status: String::new(),
-            status_spell: Spell::default(),
+            status_spell: Spell::settling(),
             csv_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
             csv_retry_at: 0,
             csv_appended: 0,
@@ -476,31 +477,35 @@ impl Inner {
     /// every poll).
     fn publish(&mut self, now: i64) {
         let text = status::document(&self.health, now);
-        if text == self.last_status {
-            return;
-        }
         let now = Instant::now();
-        match crate::state_dir::replace_file(&self.status_path, text.as_bytes(), Sync::No) {
-            Ok(()) => {
-                self.last_status = text;
-                if let Say::Ended { failed, lasted } = self.status_spell.worked(now) {
-                    log::info!(
-                        "source `{}`: {} written again, after {failed} failed writes in a row ({:.0} s)",
-                        self.name,
-                        self.status_path.display(),
-                        lasted.as_secs_f64()
-                    );
+        let say = if text == self.last_status {
+            // Written as it is: a spell that settled since ends here.
+            self.status_spell.quiet(now)
+        } else {
+            match crate::state_dir::replace_file(&self.status_path, text.as_bytes(), Sync::No) {
+                Ok(()) => {
+                    self.last_status = text;
+                    self.status_spell.worked(now)
+                }
+                Err(e) => {
+                    if let Say::Failure { attempts } = self.status_spell.failed(now) {
+                        log::warn!(
+                            "source `{}`: {}{e}; trying again at the next poll",
+                            self.name,
+                            again(attempts)
+                        );
+                    }
+                    return;
                 }
             }
-            Err(e) => {
-                if let Say::Failure { attempts } = self.status_spell.failed(now) {
-                    log::warn!(
-                        "source `{}`: {}{e}; trying again at the next poll",
-                        self.name,
-                        again(attempts)
-                    );
-                }
-            }
+        };
+        if let Say::Ended { failed, lasted } = say {
+            log::info!(
+                "source `{}`: {} written again, after {failed} failed writes {}",
+                self.name,
+                self.status_path.display(),
+                settled(lasted)
+            );
         }
     }
 }
