@@ -232,13 +232,8 @@ impl Losses {
     /// `n` lost at an attempt at `now` (0: none).
     pub fn lost(&mut self, n: u64, now: Instant) -> Lost {
         if n == 0 {
-            return match self.spell.worked(now) {
-                Say::Ended { lasted, .. } => Lost::Ended {
-                    lost: std::mem::take(&mut self.lost),
-                    lasted,
-                },
-                _ => Lost::Nothing,
-            };
+            let say = self.spell.worked(now);
+            return self.ended(say);
         }
         self.lost += n;
         match self.spell.failed(now) {
@@ -246,6 +241,45 @@ impl Losses {
             Say::Failure { .. } => Lost::Still {
                 lost: self.lost,
                 since: self.spell.since(now),
+            },
+            _ => Lost::Nothing,
+        }
+    }
+
+    /// When a caller whose attempts have stopped should look again
+    /// ([`Losses::quiet`]), as [`Spell::ends_at`].
+    pub fn ends_at(&self) -> Option<Instant> {
+        self.spell.ends_at()
+    }
+
+    /// A look at `now`, no attempt since the last: the spell's end if the
+    /// last attempt lost none and it has settled.
+    pub fn quiet(&mut self, now: Instant) -> Lost {
+        let say = self.spell.quiet(now);
+        self.ended(say)
+    }
+
+    /// At a stop after an attempt that lost none: the spell's end, settled
+    /// or not, so the log's last word is not a loss that is over.
+    pub fn stopped(&mut self, now: Instant) -> Lost {
+        if self.spell.last_failed {
+            return Lost::Nothing;
+        }
+        let lasted = self.spell.since(now);
+        match self.spell.end() {
+            Some(_) => Lost::Ended {
+                lost: std::mem::take(&mut self.lost),
+                lasted,
+            },
+            None => Lost::Nothing,
+        }
+    }
+
+    fn ended(&mut self, say: Say) -> Lost {
+        match say {
+            Say::Ended { lasted, .. } => Lost::Ended {
+                lost: std::mem::take(&mut self.lost),
+                lasted,
             },
             _ => Lost::Nothing,
         }
@@ -424,5 +458,34 @@ mod tests {
             }
         );
         assert_eq!(spell.ends_at(), None, "said once");
+    }
+
+    #[test]
+    fn idle_or_stopped_losses_end_only_after_an_attempt_that_lost_none() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut l = Losses::settling();
+        assert_eq!(l.lost(3, at(0)), Lost::Began(3));
+        assert_eq!(l.ends_at(), None, "the last attempt lost some");
+        assert_eq!(l.quiet(at(60_000)), Lost::Nothing);
+        assert_eq!(l.stopped(at(60_000)), Lost::Nothing);
+        assert_eq!(l.lost(0, at(1_000)), Lost::Nothing, "not settled yet");
+        assert_eq!(l.ends_at(), Some(at(0) + Spell::SETTLE));
+        assert_eq!(l.quiet(at(9_999)), Lost::Nothing);
+        let ended = Lost::Ended {
+            lost: 3,
+            lasted: Spell::SETTLE,
+        };
+        assert_eq!(l.quiet(at(10_000)), ended);
+        assert_eq!(l.quiet(at(20_000)), Lost::Nothing, "said once");
+        // Stopped before it settled, after an attempt that lost none.
+        assert_eq!(l.lost(2, at(30_000)), Lost::Began(2));
+        assert_eq!(l.lost(0, at(31_000)), Lost::Nothing);
+        let ended = Lost::Ended {
+            lost: 2,
+            lasted: Duration::from_secs(2),
+        };
+        assert_eq!(l.stopped(at(32_000)), ended);
+        assert_eq!(l.stopped(at(33_000)), Lost::Nothing, "said once");
     }
 }

@@ -29,9 +29,9 @@ use crate::clock::{
     ClockSay, PEER_CLOCK_OFF_MS, PeerClock, now_ms, off_by, shared_offset, stamped_off,
 };
 use crate::http_server::{Budget, Full, Handler, Request, Response, query_pairs};
-use crate::logging::{Losses, Lost, Say, Spell, again, since_began};
+use crate::logging::{Losses, Lost, Say, Spell, again, settled, since_began};
 use crate::problems::read_token;
-use crate::runtime::OnWorker;
+use crate::runtime::{Doorbell, OnWorker, Shutdown, Wakeup, doorbell};
 use crate::upstream::dashboard;
 use crate::upstream::db::DbError;
 use crate::upstream::query::{self, Params};
@@ -373,8 +373,13 @@ pub struct Api {
     auth_log: RefCell<Throttled>,
     expired_log: RefCell<Throttled>,
     /// Batches the store could not take, said a spell at a time: while a
-    /// database is away every agent's every retry fails.
+    /// database is away every agent's every retry fails. The spell ends
+    /// once none failed for [`Spell::SETTLE`] (a store that fails now and
+    /// then is one spell), said by [`Api::say_store_settled`].
     store_failures: RefCell<Losses>,
+    /// Rung when a batch is stored while a spell of refused ones is on:
+    /// its end is then due.
+    store_worked: (Doorbell, Wakeup),
     /// Queries the store could not answer, said a spell at a time: while
     /// a database is away every dashboard's every refresh fails.
     query_failures: RefCell<Spell>,
@@ -385,6 +390,17 @@ pub struct Api {
     /// The offset every agent's clock read alike from this upstream's, as
     /// last said: then this upstream's clock is the suspect.
     own_clock_said: Cell<Option<i64>>,
+}
+
+/// The end of a spell of refused batches, if `lost` is one; `how_long`
+/// says its length.
+fn say_store_back(lost: Lost, how_long: impl Fn(Duration) -> String) {
+    if let Lost::Ended { lost, lasted } = lost {
+        log::info!(
+            "the store takes batches again: {lost} were refused {}, and their agents send them again",
+            how_long(lasted)
+        );
+    }
 }
 
 /// Who a request comes from, decided from its head.
@@ -528,10 +544,47 @@ impl Api {
             tls: false,
             auth_log: RefCell::default(),
             expired_log: RefCell::default(),
-            store_failures: RefCell::default(),
+            store_failures: RefCell::new(Losses::settling()),
+            store_worked: doorbell(),
             query_failures: RefCell::default(),
             store_refusing: RefCell::default(),
             own_clock_said: Cell::default(),
+        }
+    }
+
+    /// Say that the store takes batches again once its spell of refusals
+    /// settled, though no batch comes then (agents with nothing to send
+    /// post nothing), and at shutdown after a batch it took: the log's
+    /// last word is then not a failure that is over. Runs until shutdown.
+    pub async fn say_store_settled(&self, shutdown: &Shutdown) {
+        loop {
+            let wait = self
+                .store_failures
+                .borrow()
+                .ends_at()
+                .map_or(Duration::from_secs(86_400), |at| {
+                    at.saturating_duration_since(Instant::now())
+                });
+            let stop = smol::future::or(
+                async {
+                    shutdown.wait().await;
+                    true
+                },
+                async {
+                    self.store_worked.1.wait(wait).await;
+                    false
+                },
+            )
+            .await;
+            let now = Instant::now();
+            let mut failures = self.store_failures.borrow_mut();
+            if stop {
+                say_store_back(failures.stopped(now), |lasted| {
+                    format!("over {:.0} s", lasted.as_secs_f64())
+                });
+                return;
+            }
+            say_store_back(failures.quiet(now), settled);
         }
     }
 
@@ -825,7 +878,12 @@ impl Api {
             Err(_) => (None, None),
         };
         let lost = lost.map_or(Lost::Nothing, |n| {
-            self.store_failures.borrow_mut().lost(n, Instant::now())
+            let mut failures = self.store_failures.borrow_mut();
+            let lost = failures.lost(n, Instant::now());
+            if failures.ends_at().is_some() {
+                self.store_worked.0.ring();
+            }
+            lost
         });
         if result.is_ok() {
             *self.store_refusing.borrow_mut() = failed.map(|e| e.to_string());
@@ -838,11 +896,7 @@ impl Api {
                 "the store still fails: batches refused: {}; the latest, from agent `{agent}`: {e}",
                 since_began(lost, since)
             ),
-            (_, Lost::Ended { lost, lasted }) => log::info!(
-                "the store takes batches again: {lost} were refused over {:.0} s, and their agents send them again",
-                lasted.as_secs_f64()
-            ),
-            _ => {}
+            (_, lost) => say_store_back(lost, settled),
         }
         match result {
             Ok(Ok(done)) => {

@@ -227,6 +227,10 @@ async fn serve(s: Server, ctx: Context) {
     api.tls = s.tls.is_some();
     let api = Rc::new(api);
     let committer = ex.spawn(commit_loop(queue, store.clone(), counters.clone()));
+    let store_spell = {
+        let (api, shutdown) = (api.clone(), ctx.shutdown.clone());
+        ex.spawn(async move { api.say_store_settled(&shutdown).await })
+    };
     if s.forwards {
         ex.spawn(forward_loop(
             store.clone(),
@@ -331,6 +335,7 @@ async fn serve(s: Server, ctx: Context) {
     while budget.used() > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(20)).await;
     }
+    store_spell.await;
     drop(api);
     committer.cancel().await;
 }
