@@ -150,11 +150,20 @@ impl Spell {
             .map_or(Duration::ZERO, |f| now.duration_since(f.since))
     }
 
-    /// End the spell now, settled or not (a task that stops after an
-    /// attempt that worked): how many attempts failed in it. None: no
-    /// spell was on.
-    pub fn end(&mut self) -> Option<u64> {
-        self.failing.take().map(|f| f.attempts)
+    /// At a stop (the caller's attempts end): the spell's end, settled or
+    /// not, if its last attempt worked, so the log's last word is not a
+    /// failure that is over.
+    pub fn stopped(&mut self, now: Instant) -> Say {
+        if self.last_failed {
+            return Say::Nothing;
+        }
+        match self.failing.take() {
+            Some(f) => Say::Ended {
+                failed: f.attempts,
+                lasted: now.duration_since(f.since),
+            },
+            None => Say::Nothing,
+        }
     }
 
     /// When a caller whose attempts have stopped (an idle writer, sink or
@@ -262,17 +271,8 @@ impl Losses {
     /// At a stop after an attempt that lost none: the spell's end, settled
     /// or not, so the log's last word is not a loss that is over.
     pub fn stopped(&mut self, now: Instant) -> Lost {
-        if self.spell.last_failed {
-            return Lost::Nothing;
-        }
-        let lasted = self.spell.since(now);
-        match self.spell.end() {
-            Some(_) => Lost::Ended {
-                lost: std::mem::take(&mut self.lost),
-                lasted,
-            },
-            None => Lost::Nothing,
-        }
+        let say = self.spell.stopped(now);
+        self.ended(say)
     }
 
     fn ended(&mut self, say: Say) -> Lost {

@@ -377,11 +377,12 @@ pub struct Api {
     /// once none failed for [`Spell::SETTLE`] (a store that fails now and
     /// then is one spell), said by [`Api::say_store_settled`].
     store_failures: RefCell<Losses>,
-    /// Rung when a batch is stored while a spell of refused ones is on:
-    /// its end is then due.
+    /// Rung when a batch is stored or a query answered while a spell of
+    /// failed ones is on: its end is then due.
     store_worked: (Doorbell, Wakeup),
     /// Queries the store could not answer, said a spell at a time: while
-    /// a database is away every dashboard's every refresh fails.
+    /// a database is away every dashboard's every refresh fails. Ends as
+    /// `store_failures` does.
     query_failures: RefCell<Spell>,
     /// Why the store refused the last batch it was given, if it did (a
     /// SQLite store on a full disk reads and cannot write): `/health`
@@ -398,6 +399,16 @@ fn say_store_back(lost: Lost, how_long: impl Fn(Duration) -> String) {
     if let Lost::Ended { lost, lasted } = lost {
         log::info!(
             "the store takes batches again: {lost} were refused {}, and their agents send them again",
+            how_long(lasted)
+        );
+    }
+}
+
+/// The end of a spell of failed queries, if `say` is one.
+fn say_queries_back(say: Say, how_long: impl Fn(Duration) -> String) {
+    if let Say::Ended { failed, lasted } = say {
+        log::info!(
+            "queries are answered again, after {failed} failed {}",
             how_long(lasted)
         );
     }
@@ -546,22 +557,27 @@ impl Api {
             expired_log: RefCell::default(),
             store_failures: RefCell::new(Losses::settling()),
             store_worked: doorbell(),
-            query_failures: RefCell::default(),
+            query_failures: RefCell::new(Spell::settling()),
             store_refusing: RefCell::default(),
             own_clock_said: Cell::default(),
         }
     }
 
-    /// Say that the store takes batches again once its spell of refusals
-    /// settled, though no batch comes then (agents with nothing to send
-    /// post nothing), and at shutdown after a batch it took: the log's
-    /// last word is then not a failure that is over. Runs until shutdown.
+    /// Say that the store takes batches (or answers queries) again once
+    /// its spell of failures settled, though none comes then (agents with
+    /// nothing to send post nothing, dashboards close), and at shutdown
+    /// after one that worked: the log's last word is then not a failure
+    /// that is over. Runs until shutdown.
     pub async fn say_store_settled(&self, shutdown: &Shutdown) {
         loop {
-            let wait = self
-                .store_failures
-                .borrow()
-                .ends_at()
+            let ends_at = [
+                self.store_failures.borrow().ends_at(),
+                self.query_failures.borrow().ends_at(),
+            ];
+            let wait = ends_at
+                .into_iter()
+                .flatten()
+                .min()
                 .map_or(Duration::from_secs(86_400), |at| {
                     at.saturating_duration_since(Instant::now())
                 });
@@ -577,14 +593,18 @@ impl Api {
             )
             .await;
             let now = Instant::now();
-            let mut failures = self.store_failures.borrow_mut();
+            let (mut batches, mut queries) = (
+                self.store_failures.borrow_mut(),
+                self.query_failures.borrow_mut(),
+            );
             if stop {
-                say_store_back(failures.stopped(now), |lasted| {
-                    format!("over {:.0} s", lasted.as_secs_f64())
-                });
+                let over = |lasted: Duration| format!("over {:.0} s", lasted.as_secs_f64());
+                say_store_back(batches.stopped(now), over);
+                say_queries_back(queries.stopped(now), over);
                 return;
             }
-            say_store_back(failures.quiet(now), settled);
+            say_store_back(batches.quiet(now), settled);
+            say_queries_back(queries.quiet(now), settled);
         }
     }
 
@@ -958,11 +978,9 @@ impl Api {
         let mut failures = self.query_failures.borrow_mut();
         match answered {
             Ok((content_type, body)) => {
-                if let Say::Ended { failed, lasted } = failures.worked(Instant::now()) {
-                    log::info!(
-                        "queries are answered again, after {failed} failed over {:.0} s",
-                        lasted.as_secs_f64()
-                    );
+                say_queries_back(failures.worked(Instant::now()), settled);
+                if failures.ends_at().is_some() {
+                    self.store_worked.0.ring();
                 }
                 Response::new(200, content_type, body)
             }

@@ -96,10 +96,7 @@ impl Outage {
     /// At shutdown: the spell's end if the last try worked, settled or
     /// not, so the log's last word on the sink is not a failure it got over.
     pub fn stopping(&mut self, now: Instant) -> Option<Ended> {
-        self.spell.ends_at()?;
-        let lasted = self.spell.since(now);
-        let failed = self.spell.end()?;
-        Some(Ended { failed, lasted })
+        ended(self.spell.stopped(now))
     }
 }
 
