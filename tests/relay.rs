@@ -2218,7 +2218,7 @@ fn a_restart_reads_again_only_the_raw_files_something_else_changed() {
 }
 
 /// Raw files grow with every message and nothing else empties them: a
-/// host up for months would fill its disk. Past `raw_files_max_mib`, the
+/// host up for months would fill its disk. Past `raw_files_max_bytes`, the
 /// least recently written are cut to their last message (as the old client
 /// emptied a user's file once counted) until they hold three quarters of
 /// it; the counts stay whole, and a restart neither reads the cut files
@@ -2231,7 +2231,7 @@ fn raw_files_past_their_bound_are_cut_least_recently_written_first() {
         &dir,
         &hub,
         &["spin30"],
-        "raw_files = true\nraw_files_max_mib = 1",
+        "raw_files = true\nraw_files_max_bytes = 1048576",
     );
     // About 230 bytes a message, each line its own (`t` counts).
     let message = |user: &str, n: usize| {
@@ -2304,7 +2304,7 @@ fn raw_files_past_their_bound_are_cut_least_recently_written_first() {
         .find(|l| l.contains("were cut to their last message"))
         .unwrap();
     assert!(
-        said.contains("more than raw_files_max_mib = 1: the ")
+        said.contains("more than raw_files_max_bytes (1.00 MiB): the ")
             && said.contains(&format!(
                 ": the {} files written least recently were cut",
                 cut.len()
@@ -2315,8 +2315,9 @@ fn raw_files_past_their_bound_are_cut_least_recently_written_first() {
     let (code, out, err) = edgemeter(&["status", "-c", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("of raw_files_max_mib = 1; cut to their last message since the start: ")
-            && out.contains(&format!("start: {} files, ", cut.len())),
+        out.contains(
+            " of 1.00 MiB (raw_files_max_bytes); cut to their last message since the start: "
+        ) && out.contains(&format!("start: {} files, ", cut.len())),
         "{out}"
     );
     agent.stop();

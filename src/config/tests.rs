@@ -174,7 +174,7 @@ fn the_shipped_example_is_valid_and_documents_every_key() {
         "files_dir",
         "dump_interval_secs",
         "raw_files",
-        "raw_files_max_mib",
+        "raw_files_max_bytes",
         "provision",
         "token_file",
         "ca_file",
@@ -451,7 +451,7 @@ type = "relay"
 name = "f"
 streams = ["spin30"]
 comparison_dir = "/tmp"
-raw_files_max_mib = 10
+raw_files_max_bytes = 10
 
 [[source]]
 type = "relay"
@@ -459,7 +459,7 @@ name = "g"
 streams = ["spin30"]
 files_dir = "analytics"
 raw_files = true
-raw_files_max_mib = 0
+raw_files_max_bytes = 1000
 "#,
         &[
             "4:16: session_host `https://relay.example`: TLS is not supported; the session host serves plain http on its own machine (e.g. http://127.0.0.1:8888)",
@@ -477,8 +477,8 @@ raw_files_max_mib = 0
             "27:19: answer_requests = true needs comparison_dir (the old client's COMP_PATH, e.g. /opt/analytics/comparison_graphs)",
             "34:18: comparison_dir `/nonexistent/comparison_graphs` is not a directory (it should hold the comparison graphs, <exp>-<course>-<task>.csv)",
             "40:18: comparison_dir is used only with answer_requests = true",
-            "41:21: raw_files_max_mib is used only with raw_files = true",
-            "49:21: raw_files_max_mib = 0 is out of range; use 1 to 16777216",
+            "41:23: raw_files_max_bytes is used only with raw_files = true",
+            "49:23: raw_files_max_bytes = 1000 is out of range; use 65536 to 17592186044416",
         ],
     );
     let c = check_ok(

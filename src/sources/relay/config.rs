@@ -17,11 +17,11 @@ pub const MAX_STREAMS: usize = 1_000;
 /// The session host accepts messages up to 10 MB.
 pub const MAX_FRAME_BYTES_LIMIT: u64 = 16 * 1024 * 1024;
 
-/// The raw files' default bound: about 5 million messages of 200 bytes,
-/// and a small part of an SD card.
-pub const DEFAULT_RAW_FILES_MIB: u64 = 1024;
+/// The raw files' default bound, 1 GiB: about 5 million messages of 200
+/// bytes, and a small part of an SD card.
+pub const DEFAULT_RAW_FILES_MAX_BYTES: u64 = 1 << 30;
 /// 16 TiB: no disk holds more.
-const MAX_RAW_FILES_MIB: u64 = 16 << 20;
+const RAW_FILES_MAX_BYTES_LIMIT: u64 = 16 << 40;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -44,7 +44,7 @@ pub struct Config {
     pub dump_interval: Duration,
     /// Also append each message to `<user>-<hardware>-<exp>-<course>.json`.
     pub raw_files: bool,
-    /// The raw files' bound (`raw_files_max_mib`): past it, the least
+    /// The raw files' bound (`raw_files_max_bytes`): past it, the least
     /// recently written are cut to their last message.
     pub raw_files_max_bytes: u64,
     pub max_users: usize,
@@ -78,7 +78,7 @@ struct Raw {
     files_dir: Option<Spanned<String>>,
     dump_interval_secs: Option<Spanned<f64>>,
     raw_files: Option<Spanned<bool>>,
-    raw_files_max_mib: Option<Spanned<i64>>,
+    raw_files_max_bytes: Option<Spanned<i64>>,
     max_users: Option<Spanned<i64>>,
     provision: Option<RawProvision>,
     answer_requests: Option<Spanned<bool>>,
@@ -221,16 +221,22 @@ impl Config {
             }
             r => r.as_ref().is_some_and(|r| *r.get_ref()),
         };
-        let raw_files_max_mib = match &raw.raw_files_max_mib {
+        let raw_files_max_bytes = match &raw.raw_files_max_bytes {
             Some(m) if !raw_files => {
                 p.push(
                     m.span(),
-                    "raw_files_max_mib is used only with raw_files = true",
+                    "raw_files_max_bytes is used only with raw_files = true",
                 );
                 0
             }
-            Some(m) => int_in_range(m, "raw_files_max_mib", 1, MAX_RAW_FILES_MIB, p),
-            None => DEFAULT_RAW_FILES_MIB,
+            Some(m) => int_in_range(
+                m,
+                "raw_files_max_bytes",
+                1 << 16,
+                RAW_FILES_MAX_BYTES_LIMIT,
+                p,
+            ),
+            None => DEFAULT_RAW_FILES_MAX_BYTES,
         };
         let max_users = raw.max_users.as_ref().map_or(100_000, |v| {
             int_in_range(v, "max_users", 1, 10_000_000, p) as usize
@@ -302,7 +308,7 @@ impl Config {
             files_dir,
             dump_interval,
             raw_files,
-            raw_files_max_bytes: raw_files_max_mib << 20,
+            raw_files_max_bytes,
             max_users,
             provision,
             answer_from,

@@ -545,15 +545,15 @@ fn say_trimmed(shared: &Shared, t: trim::Raw) {
     let short = cut.short;
     let name = &shared.name;
     let dir = shared.config.files_dir.as_deref().unwrap_or(Path::new("."));
-    let (dir, max_mib) = (dir.display(), max >> 20);
+    let (dir, max) = (dir.display(), trim::mib(max));
     let small = format!(
-        "files of one message or at most {} KiB, which are not cut: raise raw_files_max_mib",
+        "files of one message or at most {} KiB, which are not cut: raise raw_files_max_bytes",
         trim::SMALL >> 10
     );
     match (cut.files, short) {
         (0, false) => {}
         (0, true) => log::warn!(
-            "source `{name}`: the raw files in {dir} hold {}, more than raw_files_max_mib = {max_mib}, in {small}",
+            "source `{name}`: the raw files in {dir} hold {}, more than raw_files_max_bytes ({max}), in {small}",
             trim::mib(t.bytes)
         ),
         (files, _) => log::log!(
@@ -562,7 +562,7 @@ fn say_trimmed(shared: &Shared, t: trim::Raw) {
             } else {
                 log::Level::Info
             },
-            "source `{name}`: the raw files in {dir} held {}, more than raw_files_max_mib = {max_mib}: the {files} files written least recently were cut to their last message (their counts are in the analytics), leaving {}{}",
+            "source `{name}`: the raw files in {dir} held {}, more than raw_files_max_bytes ({max}): the {files} files written least recently were cut to their last message (their counts are in the analytics), leaving {}{}",
             trim::mib(cut.from),
             trim::mib(t.bytes),
             if short {

@@ -96,7 +96,7 @@ pub struct State {
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct RawOnDisk {
     pub bytes: u64,
-    /// `raw_files_max_mib`, in bytes.
+    /// `raw_files_max_bytes`.
     pub max: u64,
     /// Files cut to their last message this run, and what that gave back.
     pub cut_files: u64,

@@ -78,7 +78,7 @@ pub const METRICS: &[Metric] = &[
     Metric {
         name: "relay_raw_files_max_bytes",
         counter: false,
-        help: "raw_files_max_mib in bytes: past it the least recently written raw files are cut to their last message",
+        help: "raw_files_max_bytes: past it the least recently written raw files are cut to their last message",
     },
     Metric {
         name: "relay_raw_files_cut_total",
@@ -291,9 +291,9 @@ pub fn render(state: &State) -> String {
     );
     if let Some(r) = &state.raw_on_disk {
         out += &format!(
-            "raw files {} of raw_files_max_mib = {}",
+            "raw files {} of {} (raw_files_max_bytes)",
             mib(r.bytes),
-            r.max >> 20
+            mib(r.max)
         );
         if r.cut_files > 0 {
             out += &format!(

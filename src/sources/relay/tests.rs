@@ -538,7 +538,7 @@ fn shared(st: State, files_dir: Option<&str>) -> super::Shared {
             files_dir: files_dir.map(Into::into),
             dump_interval: Duration::from_secs(60),
             raw_files: false,
-            raw_files_max_bytes: super::config::DEFAULT_RAW_FILES_MIB << 20,
+            raw_files_max_bytes: super::config::DEFAULT_RAW_FILES_MAX_BYTES,
             max_users: 1000,
             provision: None,
             answer_from: None,

@@ -1,4 +1,4 @@
-//! Keeping the raw files (`raw_files = true`) within `raw_files_max_mib`.
+//! Keeping the raw files (`raw_files = true`) within `raw_files_max_bytes`.
 //!
 //! They grow with every message, and nothing else empties them: on a host
 //! up for months they would fill its disk. The old client emptied a user's
