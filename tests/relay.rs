@@ -2048,12 +2048,7 @@ fn a_status_file_that_cannot_be_written_is_said_once_a_spell_though_it_comes_and
         "{failed} writes failed and the log said so {} times (once is right)\n{log}",
         failures(&agent)
     );
-    let again: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("written again"))
-        .collect();
-    assert_eq!(again.len(), 1, "one end of one spell:\n{log}");
-    assert!(again[0].contains(", none in the last 10 s"), "{}", again[0]);
+    common::the_settled_end(&log, "written again");
 }
 
 /// A restart with the saved state of `max_users` users (100,000, the

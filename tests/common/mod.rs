@@ -344,6 +344,16 @@ impl SmallDisk {
     }
 }
 
+/// The one line of `log` that says a settling spell ended (it contains
+/// `needle`): a failure that came and went is one spell, so there is one
+/// such line, and it says it settled.
+pub fn the_settled_end<'a>(log: &'a str, needle: &str) -> &'a str {
+    let ends: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(ends.len(), 1, "one end of one spell:\n{log}");
+    assert!(ends[0].contains(", none in the last 10 s"), "{}", ends[0]);
+    ends[0]
+}
+
 /// Poll `f` every 50 ms until it holds, at most `limit`; whether it held.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -140,6 +140,20 @@ pub struct Store {
     unsynced_since: Option<Instant>,
 }
 
+/// Record each raw file's mark as it is now (read, made or cut).
+fn put_marks<'a>(
+    tx: &rusqlite::Transaction,
+    marks: impl IntoIterator<Item = &'a RawMark>,
+) -> rusqlite::Result<()> {
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO raw_files (name, bytes, mtime_ns) VALUES (?1, ?2, ?3)",
+    )?;
+    for m in marks {
+        put.execute(params![m.name, m.bytes as i64, m.mtime_ns])?;
+    }
+    Ok(())
+}
+
 /// A raw file edgemeter appended to: as it was just before (None: it did
 /// not exist) and just after.
 #[derive(Debug)]
@@ -330,16 +344,9 @@ impl Store {
     pub fn mark_raw(&mut self, read: &[RawMark], appended: &[Appended]) -> Result<(), String> {
         let err = |e: rusqlite::Error| format!("cannot save the relay's raw file marks: {e}");
         let tx = self.conn.transaction().map_err(err)?;
+        let made = appended.iter().filter(|a| a.before.is_none());
+        put_marks(&tx, read.iter().chain(made.map(|a| &a.after))).map_err(err)?;
         {
-            let mut put = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO raw_files (name, bytes, mtime_ns) VALUES (?1, ?2, ?3)",
-                )
-                .map_err(err)?;
-            for m in read {
-                put.execute(params![m.name, m.bytes as i64, m.mtime_ns])
-                    .map_err(err)?;
-            }
             let mut update = tx
                 .prepare_cached(
                     "UPDATE raw_files SET bytes = ?2, mtime_ns = ?3
@@ -347,12 +354,12 @@ impl Store {
                 )
                 .map_err(err)?;
             for Appended { before, after } in appended {
-                let (n, b, t) = (&after.name, after.bytes as i64, after.mtime_ns);
-                match before {
-                    None => put.execute(params![n, b, t]),
-                    Some(was) => update.execute(params![n, b, t, was.bytes as i64, was.mtime_ns]),
+                if let Some(was) = before {
+                    let (n, b, t) = (&after.name, after.bytes as i64, after.mtime_ns);
+                    update
+                        .execute(params![n, b, t, was.bytes as i64, was.mtime_ns])
+                        .map_err(err)?;
                 }
-                .map_err(err)?;
             }
         }
         tx.commit().map_err(err)
@@ -402,16 +409,8 @@ impl Store {
     pub fn mark_cut(&mut self, cut: &[RawMark], gone: &[String]) -> Result<(), String> {
         let err = |e: rusqlite::Error| format!("cannot save the relay's raw file marks: {e}");
         let tx = self.conn.transaction().map_err(err)?;
+        put_marks(&tx, cut).map_err(err)?;
         {
-            let mut put = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO raw_files (name, bytes, mtime_ns) VALUES (?1, ?2, ?3)",
-                )
-                .map_err(err)?;
-            for m in cut {
-                put.execute(params![m.name, m.bytes as i64, m.mtime_ns])
-                    .map_err(err)?;
-            }
             let mut forget = tx
                 .prepare_cached("DELETE FROM raw_files WHERE name = ?1")
                 .map_err(err)?;
