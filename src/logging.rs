@@ -286,6 +286,27 @@ impl Losses {
     }
 }
 
+/// A size an operator reads at a glance: `512 B`, `17.4 KiB`,
+/// `256.0 MiB`: two decimals below 10 of a unit (a bound of 1 MiB and
+/// 1.03 MiB held read apart), one above.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.2} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 /// How a reminder of [`Lost::Still`] counts: `12 since it began, 10
 /// minutes ago (said every 10 minutes)`.
 pub fn since_began(lost: u64, since: Duration) -> String {
@@ -458,6 +479,23 @@ mod tests {
             }
         );
         assert_eq!(spell.ends_at(), None, "said once");
+    }
+
+    #[test]
+    fn sizes_read_at_a_glance() {
+        for (n, said) in [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.00 KiB"),
+            (17_837, "17.4 KiB"),
+            (1 << 20, "1.00 MiB"),
+            (1_080_000, "1.03 MiB"),
+            (268_435_456, "256.0 MiB"),
+            (1 << 30, "1.00 GiB"),
+            (u64::MAX, "16777216.0 TiB"),
+        ] {
+            assert_eq!(human_bytes(n), said, "{n}");
+        }
     }
 
     #[test]

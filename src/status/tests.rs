@@ -67,10 +67,10 @@ fn text_is_what_status_always_printed() {
     let text = text::render(&snapshot());
     let want = "agent        gw-1 (running, pid 42)
 outbox       /var/lib/edgemeter/outbox.db
-buffered     12 records, 3400 of 1048576 bytes (0.3%)
+buffered     12 records, 3.32 KiB of 1.00 MiB (0.3%)
 oldest       1m 30s old
 drops        5 buffer_full (sink cw)
-dead letters 0 bytes kept
+dead letters 0 B kept
 sink cw
   pending 12 records; delivered 1000 records in 10 batches; last delivery 1s ago
   failures 2; last failure never; dead letters 0
@@ -90,7 +90,7 @@ fn text_says_when_the_disk_is_full() {
     s.outbox.disk_free_bytes = Some(4096);
     let text = text::render(&s);
     assert!(
-        text.contains("\ndisk         FULL: 4096 bytes free in /var/lib/edgemeter: commits fail, and records wait in memory (see the log)\n"),
+        text.contains("\ndisk         FULL: 4.00 KiB free in /var/lib/edgemeter: commits fail, and records wait in memory (see the log)\n"),
         "{text}"
     );
     s.outbox.disk_free_bytes = Some(1 << 20);

@@ -1,6 +1,7 @@
 //! `edgemeter status` as text: what a person reads at 3 a.m.
 
 use crate::clock::{human_duration, off_by};
+use crate::logging::human_bytes;
 
 use super::Snapshot;
 
@@ -31,12 +32,15 @@ pub fn render_agent(s: &Snapshot) -> String {
     out += &format!("agent        {} ({state})\n", s.agent.id);
     out += &format!("outbox       {}\n", o.path.display());
     out += &format!(
-        "buffered     {} records, {} of {} bytes ({pct:.1}%)\n",
-        o.records, o.bytes, o.max_bytes
+        "buffered     {} records, {} of {} ({pct:.1}%)\n",
+        o.records,
+        human_bytes(o.bytes.max(0) as u64),
+        human_bytes(o.max_bytes)
     );
     if let Some(free) = o.disk_full() {
         out += &format!(
-            "disk         FULL: {free} bytes free in {}: commits fail, and records wait in memory (see the log)\n",
+            "disk         FULL: {} free in {}: commits fail, and records wait in memory (see the log)\n",
+            human_bytes(free),
             s.agent.state_dir.display()
         );
     }
@@ -55,7 +59,10 @@ pub fn render_agent(s: &Snapshot) -> String {
             out += &format!("{label:<12} {} {} (sink {})\n", d.records, d.reason, d.sink);
         }
     }
-    out += &format!("dead letters {} bytes kept\n", o.dead_letter_bytes);
+    out += &format!(
+        "dead letters {} kept\n",
+        human_bytes(o.dead_letter_bytes.max(0) as u64)
+    );
     if s.sinks.is_empty() {
         out += "sinks        none configured\n";
     }

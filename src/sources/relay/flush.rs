@@ -20,7 +20,7 @@ use super::ingest::{RAW_PENDING_MAX_BYTES, RawOnDisk};
 use super::store::{Appended, Store};
 use super::{Shared, status, trim};
 use crate::clock::now_ms;
-use crate::logging::{Losses, Lost, Say, Spell, again, settled, since_began};
+use crate::logging::{Losses, Lost, Say, Spell, again, human_bytes, settled, since_began};
 use crate::runtime::{Wakeup, Worker};
 use crate::state_dir::{Sync, replace_file, replace_file_with};
 
@@ -545,7 +545,7 @@ fn say_trimmed(shared: &Shared, t: trim::Raw) {
     let short = cut.short;
     let name = &shared.name;
     let dir = shared.config.files_dir.as_deref().unwrap_or(Path::new("."));
-    let (dir, max) = (dir.display(), trim::mib(max));
+    let (dir, max) = (dir.display(), human_bytes(max));
     let small = format!(
         "files of one message or at most {} KiB, which are not cut: raise raw_files_max_bytes",
         trim::SMALL >> 10
@@ -554,7 +554,7 @@ fn say_trimmed(shared: &Shared, t: trim::Raw) {
         (0, false) => {}
         (0, true) => log::warn!(
             "source `{name}`: the raw files in {dir} hold {}, more than raw_files_max_bytes ({max}), in {small}",
-            trim::mib(t.bytes)
+            human_bytes(t.bytes)
         ),
         (files, _) => log::log!(
             if short {
@@ -563,8 +563,8 @@ fn say_trimmed(shared: &Shared, t: trim::Raw) {
                 log::Level::Info
             },
             "source `{name}`: the raw files in {dir} held {}, more than raw_files_max_bytes ({max}): the {files} files written least recently were cut to their last message (their counts are in the analytics), leaving {}{}",
-            trim::mib(cut.from),
-            trim::mib(t.bytes),
+            human_bytes(cut.from),
+            human_bytes(t.bytes),
             if short {
                 format!("; the rest is in {small}")
             } else {

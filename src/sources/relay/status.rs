@@ -6,7 +6,7 @@ use crate::clock::iso8601;
 use crate::sources::{Metric, Published, Sample};
 
 use super::ingest::{self, State};
-use super::trim::mib;
+use crate::logging::human_bytes;
 
 /// The relay's metrics; a stream's samples have the label `stream`.
 pub const METRICS: &[Metric] = &[
@@ -292,14 +292,14 @@ pub fn render(state: &State) -> String {
     if let Some(r) = &state.raw_on_disk {
         out += &format!(
             "raw files {} of {} (raw_files_max_bytes)",
-            mib(r.bytes),
-            mib(r.max)
+            human_bytes(r.bytes),
+            human_bytes(r.max)
         );
         if r.cut_files > 0 {
             out += &format!(
                 "; cut to their last message since the start: {} files, {}",
                 r.cut_files,
-                mib(r.cut_bytes)
+                human_bytes(r.cut_bytes)
             );
         }
         out += "\n";

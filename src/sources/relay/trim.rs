@@ -113,17 +113,6 @@ pub fn trim(
     })
 }
 
-/// Bytes as MiB, as the log and `edgemeter status` say them: to a
-/// hundredth below 10 (a bound of 1 MiB and 1.03 held read apart).
-pub fn mib(bytes: u64) -> String {
-    let m = bytes as f64 / f64::from(1 << 20);
-    if m < 10.0 {
-        format!("{m:.2} MiB")
-    } else {
-        format!("{m:.1} MiB")
-    }
-}
-
 /// Cut a raw file to its last line (kept whole if it is one line): its
 /// metadata after, or None when there was nothing to cut. The file is cut
 /// in place, so a reader following it (`tail -F`) sees it truncated.
