@@ -29,7 +29,7 @@ use smol::{LocalExecutor, Task};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::logging::{Losses, Lost, Say, Spell, again, settled, since_began};
+use crate::logging::{Losses, Lost, Say, Spell, again, count, human_bytes, settled, since_began};
 use crate::outbox::{Outbox, OutboxError};
 use crate::record::{KindSet, Record, payloads};
 use crate::runtime::{self, Doorbell, Inbox, Item, SharedOutbox};
@@ -150,12 +150,12 @@ fn open_outbox(config: &Config, wanted: &[(String, KindSet)]) -> Result<SharedOu
         log::warn!("sink `{gone}` is no longer configured; its place in the outbox was released");
     }
     log::info!(
-        "outbox {}: {} records buffered ({} bytes of {}), {} batches to deliver again",
+        "outbox {}: {} buffered ({} of {}), {} to deliver again",
         outbox.path().display(),
-        report.records,
-        outbox.bytes(),
-        agent.buffer_max_bytes,
-        report.open_batches
+        count(report.records, "record", "records"),
+        human_bytes(outbox.bytes().max(0) as u64),
+        human_bytes(agent.buffer_max_bytes),
+        count(report.open_batches, "batch", "batches")
     );
     Ok(runtime::shared_outbox(outbox))
 }

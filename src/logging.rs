@@ -286,6 +286,15 @@ impl Losses {
     }
 }
 
+/// `n` things, in the singular when there is one: `1 batch`, `3 batches`
+/// (a count below zero, which none is, reads as 0).
+pub fn count(n: impl TryInto<u64>, one: &str, many: &str) -> String {
+    match n.try_into().unwrap_or(0) {
+        1 => format!("1 {one}"),
+        n => format!("{n} {many}"),
+    }
+}
+
 /// A size an operator reads at a glance: `512 B`, `17.4 KiB`,
 /// `256.0 MiB`: two decimals below 10 of a unit (a bound of 1 MiB and
 /// 1.03 MiB held read apart), one above.
@@ -479,6 +488,13 @@ mod tests {
             }
         );
         assert_eq!(spell.ends_at(), None, "said once");
+    }
+
+    #[test]
+    fn counts_read_as_sentences() {
+        assert_eq!(count(0, "batch", "batches"), "0 batches");
+        assert_eq!(count(1, "batch", "batches"), "1 batch");
+        assert_eq!(count(18, "record", "records"), "18 records");
     }
 
     #[test]

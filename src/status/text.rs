@@ -1,7 +1,7 @@
 //! `edgemeter status` as text: what a person reads at 3 a.m.
 
 use crate::clock::{human_duration, off_by};
-use crate::logging::human_bytes;
+use crate::logging::{count, human_bytes};
 
 use super::Snapshot;
 
@@ -32,8 +32,8 @@ pub fn render_agent(s: &Snapshot) -> String {
     out += &format!("agent        {} ({state})\n", s.agent.id);
     out += &format!("outbox       {}\n", o.path.display());
     out += &format!(
-        "buffered     {} records, {} of {} ({pct:.1}%)\n",
-        o.records,
+        "buffered     {}, {} of {} ({pct:.1}%)\n",
+        count(o.records, "record", "records"),
         human_bytes(o.bytes.max(0) as u64),
         human_bytes(o.max_bytes)
     );
@@ -68,12 +68,12 @@ pub fn render_agent(s: &Snapshot) -> String {
     }
     for k in &s.sinks {
         out += &format!(
-            "sink {}\n  pending {} records; delivered {} records in {} batches; last delivery {}\n  \
+            "sink {}\n  pending {}; delivered {} in {}; last delivery {}\n  \
              failures {}; last failure {}; dead letters {}\n",
             k.name,
-            k.pending,
-            k.delivered_records,
-            k.delivered_batches,
+            count(k.pending, "record", "records"),
+            count(k.delivered_records, "record", "records"),
+            count(k.delivered_batches, "batch", "batches"),
             ago(now, k.last_delivery_ms),
             k.failures,
             ago(now, k.last_failure_ms),
