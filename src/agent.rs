@@ -406,8 +406,9 @@ fn said_sync(result: Result<(), String>, spell: &mut Spell) {
 /// worked, or an idle writer's look: [`Spell::quiet`]).
 fn said_synced(say: Say) {
     if let Say::Ended { failed, lasted } = say {
+        let failed = count(failed, "failed sync", "failed syncs");
         log::info!(
-            "the outbox's WAL is synced again, after {failed} failed syncs {}",
+            "the outbox's WAL is synced again, after {failed} {}",
             settled(lasted)
         );
     }

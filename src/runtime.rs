@@ -72,7 +72,7 @@ impl Shutdown {
         refusing: &mut crate::logging::Spell,
         listening: &str,
     ) -> Option<(smol::Async<std::net::TcpStream>, std::net::SocketAddr)> {
-        use crate::logging::{Say, again, settled};
+        use crate::logging::{Say, again, count, settled};
         loop {
             let accepted = smol::future::or(async { Some(listener.accept().await) }, async {
                 self.wait().await;
@@ -83,8 +83,9 @@ impl Shutdown {
             match accepted {
                 Ok(a) => {
                     if let Say::Ended { failed, lasted } = refusing.worked(now) {
+                        let failed = count(failed, "try", "tries");
                         log::info!(
-                            "{listening}: accepting connections again: {failed} tries failed {}",
+                            "{listening}: accepting connections again: {failed} failed {}",
                             settled(lasted)
                         );
                     }

@@ -40,7 +40,7 @@ pub use config::Config;
 
 use crate::clock::now_ms;
 use crate::http_server;
-use crate::logging::{Say, Spell, again, settled};
+use crate::logging::{Say, Spell, again, count, settled};
 use crate::runtime::{Emitter, LocalBoxFuture, OnWorker, Shutdown};
 use crate::sources::{Context, Source};
 use api::{Api, Commit, Counters, Tokens, bump_map};
@@ -425,8 +425,9 @@ async fn forward_loop(
             }
             Ok(aggs) => {
                 if let Say::Ended { failed, lasted } = failing.worked(Instant::now()) {
+                    let failed = count(failed, "failed round", "failed rounds");
                     log::info!(
-                        "forwarding aggregates works again, after {failed} failed rounds {}",
+                        "forwarding aggregates works again, after {failed} {}",
                         settled(lasted)
                     );
                 }

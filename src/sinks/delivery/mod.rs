@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, jittered};
 use crate::clock::{ClockSay, PeerClock, PeerReading, off_by, stamped_off};
-use crate::logging::{Say, Spell, again, settled};
+use crate::logging::{Say, Spell, again, count, settled};
 use crate::outbox::Batch;
 use crate::runtime::{SharedOutbox, Shutdown, Wakeup};
 use crate::sinks::{DeliveryError, Sink};
@@ -79,8 +79,9 @@ impl Driver {
             if claimed.is_ok()
                 && let Say::Ended { failed, lasted } = claiming.worked(Instant::now())
             {
+                let failed = count(failed, "failed claim", "failed claims");
                 log::info!(
-                    "sink `{}`: the outbox gives batches again, after {failed} failed claims {}",
+                    "sink `{}`: the outbox gives batches again, after {failed} {}",
                     self.name,
                     settled(lasted)
                 );

@@ -20,7 +20,7 @@ use super::ingest::{RAW_PENDING_MAX_BYTES, RawOnDisk};
 use super::store::{Appended, Store};
 use super::{Shared, status, trim};
 use crate::clock::now_ms;
-use crate::logging::{Losses, Lost, Say, Spell, again, human_bytes, settled, since_began};
+use crate::logging::{Losses, Lost, Say, Spell, again, count, human_bytes, settled, since_began};
 use crate::runtime::{Wakeup, Worker};
 use crate::state_dir::{Sync, replace_file, replace_file_with};
 
@@ -259,8 +259,9 @@ async fn publish_status(worker: &Worker, files: &RefCell<Files>, status: String)
 
 fn say_status_written(path: &Path, say: Say) {
     if let Say::Ended { failed, lasted } = say {
+        let failed = count(failed, "failed write", "failed writes");
         log::info!(
-            "{} written again, after {failed} failed writes {}",
+            "{} written again, after {failed} {}",
             path.display(),
             settled(lasted)
         );
@@ -725,8 +726,9 @@ async fn flush_part(
         }
     };
     if let Say::Ended { failed, lasted } = say {
+        let failed = count(failed, "failed flush", "failed flushes");
         log::info!(
-            "source `{}`: the analytics flush works again, after {failed} failed flushes {}",
+            "source `{}`: the analytics flush works again, after {failed} {}",
             shared.name,
             settled(lasted)
         );

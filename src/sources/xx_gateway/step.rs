@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::logging::{Say, Spell, again, settled};
+use crate::logging::{Say, Spell, again, count, settled};
 use crate::record::{Dims, Kind, Record};
 use crate::sketch::{Sketch, hash_i64};
 use crate::state_dir::Sync;
@@ -500,8 +500,9 @@ impl Inner {
             }
         };
         if let Say::Ended { failed, lasted } = say {
+            let failed = count(failed, "failed write", "failed writes");
             log::info!(
-                "source `{}`: {} written again, after {failed} failed writes {}",
+                "source `{}`: {} written again, after {failed} {}",
                 self.name,
                 self.status_path.display(),
                 settled(lasted)
