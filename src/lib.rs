@@ -113,6 +113,13 @@
 //!   [`logging::Spell`]; what many parts meet in one moment is one line
 //!   (a relay's streams: [`sources::relay::news`]); a sink's failed tries
 //!   are one spell however often they flap ([`sinks::delivery::outage`]).
+//!   Counts and sizes read as words: [`logging::count`] ("1 batch"),
+//!   [`logging::human_bytes`] ("256.0 MiB").
+//! - **Disk**: everything the agent keeps is bounded: the outbox by
+//!   `buffer_max_bytes` (its dead letters by a quarter of it), the relay's
+//!   analytics by `max_users`, its raw files by `raw_files_max_bytes`
+//!   ([`sources::relay::trim`]); the upstream's store by `retention_days`
+//!   when set (by default it keeps everything).
 //! - **Secrets** come from files or the environment, never argv, and never
 //!   appear in a log line or an error stored in the outbox.
 //! - **Tests**: unit tests beside the code (`mod tests`, data-driven
