@@ -2228,7 +2228,7 @@ fn raw_files_past_their_bound_are_cut_least_recently_written_first() {
         &["spin30"],
         "raw_files = true\nraw_files_max_bytes = 1048576",
     );
-    // About 230 bytes a message, each line its own (`t` counts).
+    // About 176 bytes a message, each line its own (`t` counts).
     let message = |user: &str, n: usize| {
         let log = ["voltage", "position", "speed"][n % 3];
         serde_json::json!({"user": user, "t": n, "exp": "spinner", "hardware": "spin30",
@@ -2249,7 +2249,8 @@ fn raw_files_past_their_bound_are_cut_least_recently_written_first() {
     let mut agent = Agent::start_running(&cfg, "agent.log");
     wait_subscribed(&hub, &["spin30"]);
 
-    // 20 users of 200 messages (0.9 MB), written first; then 20 of 100.
+    // 20 users of 200 messages (0.7 MB), written first; then 20 of 100:
+    // 1.06 MB in all, past the bound of 1 MiB.
     send(&old, 200);
     assert!(
         wait_until(Duration::from_secs(20), || old
