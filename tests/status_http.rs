@@ -255,6 +255,9 @@ session_host = "{}"
 streams = ["rig-a", "rig-b"]
 reconnect_initial_secs = 0.2
 reconnect_max_secs = 1
+files_dir = "analytics"
+dump_interval_secs = 1
+raw_files = true
 
 [[source]]
 type = "xx_gateway"
@@ -317,6 +320,10 @@ path = "out.csv"
             && sample(j, "gateway", "xx_lag_epochs", &[]).is_some()
             && sample(j, "gone", "xx_failing", &[]) == Some(1.0)
             && j["sinks"][0]["pending"] == 0
+            // The raw files as a dump found them: every message of rig-a,
+            // a line each.
+            && sample(j, "lab", "relay_raw_files_bytes", &[])
+                == sample(j, "lab", "relay_bytes_total", &[("stream", "rig-a")]).map(|b| b + 28.0)
     };
     assert!(
         wait_until(Duration::from_secs(30), || ready(&status_json(&cfg))),
@@ -402,6 +409,15 @@ path = "out.csv"
     assert_eq!(
         sample(&j, "lab", "relay_stream_up", &[("stream", "rig-a")]),
         Some(1.0)
+    );
+    assert_eq!(
+        sample(&j, "lab", "relay_raw_files_max_bytes", &[]),
+        Some(1073741824.0),
+        "raw_files_max_bytes unless set: 1 GiB"
+    );
+    assert_eq!(
+        sample(&j, "lab", "relay_raw_files_cut_total", &[]),
+        Some(0.0)
     );
     let error = j["sources"]
         .as_array()
