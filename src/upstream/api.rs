@@ -377,8 +377,8 @@ pub struct Api {
     /// once none failed for [`Spell::SETTLE`] (a store that fails now and
     /// then is one spell), said by [`Api::say_store_settled`].
     store_failures: RefCell<Losses>,
-    /// Rung when a batch is stored or a query answered while a spell of
-    /// failed ones is on: its end is then due.
+    /// Rung when a batch is stored or a query answered after a failed
+    /// one: the spell's end is then due ([`Api::ring_if_settling`]).
     store_worked: (Doorbell, Wakeup),
     /// Queries the store could not answer, said a spell at a time: while
     /// a database is away every dashboard's every refresh fails. Ends as
@@ -605,6 +605,15 @@ impl Api {
             }
             say_store_back(batches.quiet(now), settled);
             say_queries_back(queries.quiet(now), settled);
+        }
+    }
+
+    /// Wake [`Api::say_store_settled`] when a spell's end became due: at
+    /// the first batch or query that worked after a failure, not at each
+    /// one after it (thousands a second while the spell settles).
+    fn ring_if_settling(&self, was: Option<Instant>, now: Option<Instant>) {
+        if was.is_none() && now.is_some() {
+            self.store_worked.0.ring();
         }
     }
 
@@ -899,10 +908,9 @@ impl Api {
         };
         let lost = lost.map_or(Lost::Nothing, |n| {
             let mut failures = self.store_failures.borrow_mut();
+            let was = failures.ends_at();
             let lost = failures.lost(n, Instant::now());
-            if failures.ends_at().is_some() {
-                self.store_worked.0.ring();
-            }
+            self.ring_if_settling(was, failures.ends_at());
             lost
         });
         if result.is_ok() {
@@ -978,10 +986,9 @@ impl Api {
         let mut failures = self.query_failures.borrow_mut();
         match answered {
             Ok((content_type, body)) => {
+                let was = failures.ends_at();
                 say_queries_back(failures.worked(Instant::now()), settled);
-                if failures.ends_at().is_some() {
-                    self.store_worked.0.ring();
-                }
+                self.ring_if_settling(was, failures.ends_at());
                 Response::new(200, content_type, body)
             }
             Err(QueryError::Invalid(e)) => Response::error(400, e),
