@@ -3,8 +3,9 @@
 //! Run: `cargo bench --bench upstream_soak` (add `-- --quick` for a short
 //! run, 2 simulated minutes and without the PostgreSQL-with-a-sink case;
 //! the test command runs that). `-- --minutes N` runs N simulated minutes,
-//! `-- --only LABEL` one case (e.g. `--only "sqlite, csv sink"`), `-- --bare`
-//! the upstream without its unit's environment (below).
+//! `-- --only LABEL` one case (e.g. `--only "postgres, csv sink"`; see
+//! [`CASES`]), `-- --bare` the upstream without its unit's environment
+//! (below).
 //!
 //! For each store (SQLite; one real PostgreSQL) and each way of running
 //! (without `[[sink]]`, and forwarding through a `csv` sink), the release
@@ -55,6 +56,14 @@ use support::{bench_dir, gzip, read_response, release_bin};
 const AGENTS: usize = 4;
 const SERIES: usize = 100;
 const STAMPS_PER_SECOND: i64 = 10;
+
+/// The cases, as `--only` names them.
+const CASES: [&str; 4] = [
+    "sqlite, no sink",
+    "sqlite, csv sink",
+    "postgres, no sink",
+    "postgres, csv sink",
+];
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -313,6 +322,13 @@ fn main() {
     } else {
         support::unit_environment(support::UPSTREAM_UNIT)
     };
+    // A misspelt --only must not measure nothing and say "met".
+    if let Some(o) = &only
+        && !CASES.contains(&o.as_str())
+    {
+        eprintln!("--only {o:?}: no such case; the cases are {CASES:?}");
+        std::process::exit(2);
+    }
     let bin = release_bin();
     let pg = pg::PgServer::start_with("soak", "-c fsync=off -c synchronous_commit=off");
     let mut su = pg.superuser("postgres");
@@ -341,7 +357,7 @@ fn main() {
     );
     let mut worst: f64 = 0.0;
     let mut worst_floor: f64 = 0.0;
-    for (label, store, extra, sink) in [
+    let cases = [
         ("sqlite, no sink", "sqlite".to_owned(), "", false),
         ("sqlite, csv sink", "sqlite".to_owned(), "", true),
         (
@@ -356,7 +372,9 @@ fn main() {
             "store_password_file = \"db.password\"",
             true,
         ),
-    ] {
+    ];
+    assert!(cases.iter().map(|c| c.0).eq(CASES), "CASES names the cases");
+    for (label, store, extra, sink) in cases {
         if only.as_deref().is_some_and(|o| o != label) {
             continue;
         }
