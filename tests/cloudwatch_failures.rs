@@ -417,3 +417,79 @@ fn a_receiver_that_refuses_every_other_request_is_said_once_not_per_request() {
     let (_, status, _) = edgemeter(&["status", "-c", cfg.to_str().expect("utf-8")]);
     assert!(status.contains(&format!("throttled {failed}")), "{status}");
 }
+
+/// Credentials refused by one receiver of two (a load balancer in front of
+/// two backends, one not yet given the rotated key; or an expired session
+/// token that one region already refuses): every other request is refused.
+/// One spell in the log: said when it begins and, once no try was refused
+/// for 10 s, when it ended, every refused try counted; not a pair of lines
+/// each time a refused try follows one that worked.
+#[test]
+fn credentials_refused_by_every_other_request_are_said_once_not_per_flap() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (seen, refused, flapping) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let (s, r, f) = (seen.clone(), refused.clone(), flapping.clone());
+    let peer = Peer::start_deciding(
+        0,
+        vec![],
+        Answer::ok(OK),
+        Arc::new(move |_: &common::http::Request| {
+            let odd = s.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+            (odd && f.load(Ordering::SeqCst)).then(|| {
+                r.fetch_add(1, Ordering::SeqCst);
+                Answer::error(
+                    403,
+                    &error(
+                        "UnrecognizedClientException",
+                        "The security token included in the request is invalid.",
+                    ),
+                )
+            })
+        }),
+    );
+    let (_dir, cfg) = setup("cw-auth-flap", peer.port);
+    let text = std::fs::read_to_string(&cfg)
+        .expect("config")
+        .replace("limit = 5\n", "");
+    std::fs::write(&cfg, text).expect("rewrite config");
+    let mut agent = Agent::start_running(&cfg, "info");
+    assert!(
+        wait_until(Duration::from_secs(30), || refused.load(Ordering::SeqCst)
+            >= 6),
+        "{} requests\n{}",
+        peer.count(),
+        agent.stderr()
+    );
+    flapping.store(false, Ordering::SeqCst);
+    let failed = refused.load(Ordering::SeqCst);
+    // The end is said once no try was refused for 10 s, though the agent
+    // stays up (not only at its stop).
+    assert!(
+        wait_until(Duration::from_secs(25), || agent
+            .stderr()
+            .contains("the credentials are accepted again")),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+    let log = agent.stderr();
+    assert_eq!(
+        log.matches("credentials refused").count(),
+        1,
+        "said once for {failed} refused requests:\n{log}"
+    );
+    assert_eq!(
+        log.matches("accepted again").count(),
+        1,
+        "the end said once:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("accepted again, after {failed} refused tries")),
+        "every refused try counted ({failed}):\n{log}"
+    );
+}

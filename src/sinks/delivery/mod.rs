@@ -61,9 +61,12 @@ impl Driver {
         // Tries that fail and are retried: said as one spell, however
         // often it flaps.
         let mut outage = Outage::default();
-        // Credentials refused: since when (for `status`), said once a spell.
+        // Credentials refused: since when (for `status`), said once a
+        // spell. It settles: where one receiver of two refuses (a load
+        // balancer with one backend not yet given a rotated key), every
+        // other try is refused, and that is one spell, not two lines a try.
         let mut refused_since: Option<i64> = None;
-        let mut refused = Spell::default();
+        let mut refused = Spell::settling();
         // Claims failing (a claim writes: a full disk fails every one; a
         // nearly full one, one and not the next). It ends once no claim
         // failed for Spell::SETTLE: an idle sink still claims every
@@ -90,13 +93,20 @@ impl Driver {
                 Ok(Some(b)) => b,
                 Ok(None) => {
                     let mut wait = jittered(self.idle, IDLE_JITTER, fastrand::f64());
-                    if let Some(at) = outage.settles_at() {
-                        // Nothing more to send: end the spell all the same.
+                    // Nothing more to send: end the spells all the same.
+                    for at in [outage.settles_at(), refused.ends_at()]
+                        .into_iter()
+                        .flatten()
+                    {
                         wait = wait.min(at.saturating_duration_since(Instant::now()));
                     }
                     smol::future::or(self.shutdown.wait(), self.wakeup.wait(wait)).await;
                     if let Some(ended) = outage.settled(Instant::now()) {
                         self.say_delivering_again(&ended);
+                    }
+                    if let Say::Ended { failed, lasted } = refused.quiet(Instant::now()) {
+                        refused_since = None;
+                        self.say_credentials_accepted(failed, &settled(lasted));
                     }
                     continue;
                 }
@@ -123,13 +133,9 @@ impl Driver {
             }
             match result {
                 Ok(delivered) => {
-                    refused_since = None;
                     if let Say::Ended { failed, lasted } = refused.worked(Instant::now()) {
-                        log::info!(
-                            "sink `{}`: the credentials are accepted again, after {failed} refused tries ({:.0} s)",
-                            self.name,
-                            lasted.as_secs_f64()
-                        );
+                        refused_since = None;
+                        self.say_credentials_accepted(failed, &settled(lasted));
                     }
                     if let Some(ended) = outage.worked(Instant::now()) {
                         self.say_delivering_again(&ended);
@@ -224,6 +230,19 @@ impl Driver {
         if let Some(ended) = outage.stopping(Instant::now()) {
             self.say_delivering_again(&ended);
         }
+        if let Say::Ended { failed, lasted } = refused.stopped(Instant::now()) {
+            // At a stop, maybe before it settled.
+            let over = crate::clock::rounded_duration(lasted.as_millis() as i64);
+            self.say_credentials_accepted(failed, &format!("over {over}"));
+        }
+    }
+
+    fn say_credentials_accepted(&self, failed: u64, over: &str) {
+        log::info!(
+            "sink `{}`: the credentials are accepted again, after {} {over}",
+            self.name,
+            count(failed, "refused try", "refused tries"),
+        );
     }
 
     fn say_delivering_again(&self, ended: &Ended) {
