@@ -348,6 +348,50 @@ fn refused_credentials_pause_the_sink_until_a_rotated_key_arrives() {
     );
 }
 
+/// What a receiver that refuses every other request did, and the switch
+/// that stops it.
+struct Flapping {
+    /// The requests it refused.
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// While true, every other request is refused; then none.
+    flapping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A receiver that answers every other request with `refusal`, the others
+/// OK, until its [`Flapping::flapping`] is set false.
+fn every_other_refused(refusal: fn() -> Answer) -> (Peer, Flapping) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (seen, refused, flapping) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let (r, f) = (refused.clone(), flapping.clone());
+    let peer = Peer::start_deciding(
+        0,
+        vec![],
+        Answer::ok(OK),
+        Arc::new(move |_: &common::http::Request| {
+            let odd = seen.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+            (odd && f.load(Ordering::SeqCst)).then(|| {
+                r.fetch_add(1, Ordering::SeqCst);
+                refusal()
+            })
+        }),
+    );
+    (peer, Flapping { refused, flapping })
+}
+
+/// The synthetic source without its `limit`: points for as long as the
+/// test runs.
+fn without_limit(cfg: &std::path::Path) {
+    let text = std::fs::read_to_string(cfg)
+        .expect("config")
+        .replace("limit = 5\n", "");
+    std::fs::write(cfg, text).expect("rewrite config");
+}
+
 /// A receiver that refuses every other request (CloudWatch throttling at
 /// its rate, a load balancer with one bad backend) is one spell in the
 /// log, not two lines a request: said when it begins and, once the
@@ -355,31 +399,16 @@ fn refused_credentials_pause_the_sink_until_a_rotated_key_arrives() {
 /// Before, 20 s of it wrote 774 lines.
 #[test]
 fn a_receiver_that_refuses_every_other_request_is_said_once_not_per_request() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let (seen, throttled, flapping) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(true)),
-    );
-    let (s, t, f) = (seen.clone(), throttled.clone(), flapping.clone());
-    let peer = Peer::start_deciding(
-        0,
-        vec![],
-        Answer::ok(OK),
-        Arc::new(move |_: &common::http::Request| {
-            let odd = s.fetch_add(1, Ordering::SeqCst) % 2 == 0;
-            (odd && f.load(Ordering::SeqCst)).then(|| {
-                t.fetch_add(1, Ordering::SeqCst);
-                Answer::error(400, &error("Throttling", "Rate exceeded"))
-            })
-        }),
-    );
+    use std::sync::atomic::Ordering;
+    let (
+        peer,
+        Flapping {
+            refused: throttled,
+            flapping,
+        },
+    ) = every_other_refused(|| Answer::error(400, &error("Throttling", "Rate exceeded")));
     let (_dir, cfg) = setup("cw-flap", peer.port);
-    let text = std::fs::read_to_string(&cfg)
-        .expect("config")
-        .replace("limit = 5\n", "");
-    std::fs::write(&cfg, text).expect("rewrite config");
+    without_limit(&cfg);
     let mut agent = Agent::start_running(&cfg, "info");
     assert!(
         wait_until(Duration::from_secs(20), || throttled.load(Ordering::SeqCst)
@@ -426,37 +455,18 @@ fn a_receiver_that_refuses_every_other_request_is_said_once_not_per_request() {
 /// each time a refused try follows one that worked.
 #[test]
 fn credentials_refused_by_every_other_request_are_said_once_not_per_flap() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let (seen, refused, flapping) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(true)),
-    );
-    let (s, r, f) = (seen.clone(), refused.clone(), flapping.clone());
-    let peer = Peer::start_deciding(
-        0,
-        vec![],
-        Answer::ok(OK),
-        Arc::new(move |_: &common::http::Request| {
-            let odd = s.fetch_add(1, Ordering::SeqCst) % 2 == 0;
-            (odd && f.load(Ordering::SeqCst)).then(|| {
-                r.fetch_add(1, Ordering::SeqCst);
-                Answer::error(
-                    403,
-                    &error(
-                        "UnrecognizedClientException",
-                        "The security token included in the request is invalid.",
-                    ),
-                )
-            })
-        }),
-    );
+    use std::sync::atomic::Ordering;
+    let (peer, Flapping { refused, flapping }) = every_other_refused(|| {
+        Answer::error(
+            403,
+            &error(
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            ),
+        )
+    });
     let (_dir, cfg) = setup("cw-auth-flap", peer.port);
-    let text = std::fs::read_to_string(&cfg)
-        .expect("config")
-        .replace("limit = 5\n", "");
-    std::fs::write(&cfg, text).expect("rewrite config");
+    without_limit(&cfg);
     let mut agent = Agent::start_running(&cfg, "info");
     assert!(
         wait_until(Duration::from_secs(30), || refused.load(Ordering::SeqCst)
