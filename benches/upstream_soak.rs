@@ -5,7 +5,8 @@
 //! the test command runs that). `-- --minutes N` runs N simulated minutes,
 //! `-- --only LABEL` one case (e.g. `--only "postgres, csv sink"`; see
 //! [`CASES`]), `-- --bare` the upstream without its unit's environment
-//! (below).
+//! (below). `EDGEMETER_BENCH_SAMPLES=FILE` appends every sample to FILE
+//! (case, simulated minute, RSS, private and mapped-file KiB, tab-separated).
 //!
 //! For each store (SQLite; one real PostgreSQL) and each way of running
 //! (without `[[sink]]`, and forwarding through a `csv` sink), the release
@@ -27,6 +28,21 @@
 //! moved the figure by several % between runs (+3.58 % and +0.13 % in two
 //! runs of the same binary).
 //! The baseline, same run: the RSS of the same upstream idle after start.
+//! Beside each case, the same lines through the resident set's two parts:
+//! private memory (the heap, the stacks: what a leak grows) and the pages of
+//! mapped files (the code of the binary and of libc, run for the first
+//! time late in a run; SQLite's WAL index), which their files' sizes bound,
+//! with the files whose pages moved.
+//!
+//! The cases with a sink move by a per cent or two either way from run to
+//! run: a forwarding round in flight is hundreds of KiB, and where rounds
+//! land tilts a line through 10 minutes of samples. Two runs of 40
+//! simulated minutes of PostgreSQL with a csv sink read +1.20 % and
+//! +2.81 % (2026-12-07); one of 120 minutes, -0.69 % (floor -0.48 %), its
+//! mean RSS over each 10 minutes from the 10th to the 120th between 11,006
+//! and 11,047 KiB, its private part between 4,162 and 4,203 KiB, its mapped
+//! files 6,844 KiB throughout. Run long (`--minutes 120 --only …`) before
+//! reading a leak into one run.
 //!
 //! The upstream runs as its systemd unit runs it, with the unit's
 //! `Environment=` (read from `systemd/edgemeter-upstream.service`): glibc's
@@ -72,6 +88,29 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The resident KiB of each mapped file of the process, by path, from
+/// `/proc/PID/smaps` (anonymous mappings and `[heap]` left out).
+fn resident_files_kib(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_file = std::collections::BTreeMap::new();
+    let mut file: Option<String> = None;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            file = fields
+                .get(5)
+                .filter(|p| p.starts_with('/'))
+                .map(|p| p.to_string());
+        } else if let (Some(f), ["Rss:", kib, ..]) = (&file, fields.as_slice()) {
+            *by_file.entry(f.clone()).or_insert(0) += kib.parse::<u64>().unwrap_or(0);
+        }
+    }
+    by_file
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -139,12 +178,16 @@ struct Run {
     /// SQLite's heap after the first minute and at the end, KiB.
     sqlite_warm_kib: u64,
     sqlite_end_kib: u64,
-    /// At the end: the heap and other private memory, and the mapped
-    /// files (SQLite's WAL index is a shared mapping), in KiB.
-    anon_kib: u64,
-    /// (anon, file) KiB of the resident set when warm.
-    split_warm_kib: (u64, u64),
-    file_kib: u64,
+    /// The line through the resident set's private part (the heap, the
+    /// stacks: what a leak grows) and its mapped files' pages (code of the
+    /// binary and its libraries, SQLite's WAL index: each bounded by its
+    /// file's size), at the first minute and the last, KiB.
+    anon_line_kib: (f64, f64),
+    file_line_kib: (f64, f64),
+    /// The mapped files whose resident pages moved by 8 KiB or more from
+    /// the first minute to the end: (file name, KiB).
+    files_moved: Vec<(String, i64)>,
+    /// Shared memory at the end, KiB.
     shmem_kib: u64,
 }
 
@@ -195,7 +238,9 @@ fn soak(
         .collect();
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut sqlite_warm_kib = 0;
-    let mut split_warm_kib = (0, 0);
+    // The resident set's two parts, sampled with it.
+    let (mut anon, mut file): (Vec<(f64, u64)>, Vec<(f64, u64)>) = Default::default();
+    let mut files_warm = Default::default();
     for second in 0..minutes * 60 {
         // Each agent's batch for this second, sent on its own keep-alive
         // connection, all four in flight at once.
@@ -215,20 +260,50 @@ fn soak(
             assert_eq!(status, Some(200), "the upstream refused a batch");
         }
         if (second + 1) % 5 == 0 {
-            samples.push(((second + 1) as f64 / 60.0, rss_kib(pid)));
+            let minute = (second + 1) as f64 / 60.0;
+            samples.push((minute, rss_kib(pid)));
+            anon.push((minute, status_kib(pid, "RssAnon:")));
+            file.push((minute, status_kib(pid, "RssFile:")));
         }
         if second + 1 == 60 {
             sqlite_warm_kib = sqlite_kib(port);
-            split_warm_kib = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
+            files_warm = resident_files_kib(pid);
         }
     }
     let wall = started.elapsed();
+    // EDGEMETER_BENCH_SAMPLES=FILE: every sample, to plot the curve.
+    if let Ok(out) = std::env::var("EDGEMETER_BENCH_SAMPLES") {
+        let case = format!(
+            "{}, {}",
+            if store == "sqlite" {
+                "sqlite"
+            } else {
+                "postgres"
+            },
+            if sink { "csv sink" } else { "no sink" }
+        );
+        let mut text = String::new();
+        for ((m, rss), ((_, a), (_, f))) in samples.iter().zip(anon.iter().zip(&file)) {
+            text.push_str(&format!("{case}\t{m:.3}\t{rss}\t{a}\t{f}\n"));
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out)
+            .expect("EDGEMETER_BENCH_SAMPLES");
+        file.write_all(text.as_bytes()).expect("write the samples");
+    }
     let sqlite_end_kib = sqlite_kib(port);
-    let (anon_kib, file_kib, shmem_kib) = (
-        status_kib(pid, "RssAnon:"),
-        status_kib(pid, "RssFile:"),
-        status_kib(pid, "RssShmem:"),
-    );
+    let shmem_kib = status_kib(pid, "RssShmem:");
+    let files_end = resident_files_kib(pid);
+    let files_moved = files_end
+        .iter()
+        .filter_map(|(f, &kib)| {
+            let was = files_warm.get(f).copied().unwrap_or(0);
+            let name = Path::new(f).file_name()?.to_string_lossy().into_owned();
+            (kib.abs_diff(was) >= 8).then_some((name, kib as i64 - was as i64))
+        })
+        .collect();
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -242,6 +317,11 @@ fn soak(
         .filter(|(m, _)| *m >= half)
         .collect();
     let (slope, at) = least_squares(&warm);
+    let line = |part: &[(f64, u64)]| {
+        let warm: Vec<(f64, u64)> = part.iter().copied().filter(|(m, _)| *m >= 1.0).collect();
+        let (_, at) = least_squares(&warm);
+        (at(1.0), at(minutes as f64))
+    };
     let (late_slope, _) = least_squares(&late);
     // Half-minute windows, so that the short run has two.
     let floors: Vec<(f64, u64)> = (2..minutes * 2)
@@ -275,10 +355,10 @@ fn soak(
         sqlite_end_kib,
         samples: samples.len(),
         wall,
-        anon_kib,
-        file_kib,
+        anon_line_kib: line(&anon),
+        file_line_kib: line(&file),
+        files_moved,
         shmem_kib,
-        split_warm_kib,
     }
 }
 
@@ -413,13 +493,28 @@ fn main() {
             r.samples,
             r.wall.as_secs_f64(),
         );
+        // What grew: private memory (a leak) or pages of mapped files (a
+        // library's code run for the first time, the WAL index), whose
+        // sizes bound them.
+        let moved: Vec<String> = r
+            .files_moved
+            .iter()
+            .map(|(f, kib)| format!("{f} {kib:+}"))
+            .collect();
         println!(
-            "  {:<19}  anon {} → {} KiB, file {} → {} KiB, shmem {} KiB at the end; SQLite's heap {} KiB warm, {} KiB at the end",
+            "  {:<19}  of it, on lines like the above: private (heap, stacks) {:.0} → {:.0} KiB ({:+.0}), mapped files {:.0} → {:.0} KiB ({:+.0}{}); shmem {} KiB at the end; SQLite's heap {} KiB warm, {} KiB at the end",
             "",
-            r.split_warm_kib.0,
-            r.anon_kib,
-            r.split_warm_kib.1,
-            r.file_kib,
+            r.anon_line_kib.0,
+            r.anon_line_kib.1,
+            r.anon_line_kib.1 - r.anon_line_kib.0,
+            r.file_line_kib.0,
+            r.file_line_kib.1,
+            r.file_line_kib.1 - r.file_line_kib.0,
+            if moved.is_empty() {
+                String::new()
+            } else {
+                format!(": {} KiB", moved.join(", "))
+            },
             r.shmem_kib,
             r.sqlite_warm_kib,
             r.sqlite_end_kib
