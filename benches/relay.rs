@@ -64,7 +64,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{USERS_PER_STREAM, bench_dir, cpu_ticks, release_bin};
+use support::{USERS_PER_STREAM, bench_dir, cpu_ticks, least_squares, release_bin};
 
 use tungstenite::Message;
 
@@ -713,6 +713,15 @@ fn main() {
         floor(&args[at + 1..]);
         return;
     }
+    if let Some(at) = args.iter().position(|a| a == "--soak") {
+        let minutes = args
+            .get(at + 1)
+            .and_then(|m| m.parse().ok())
+            .expect("--soak MINUTES");
+        let streams: Vec<String> = (30..30 + STREAMS).map(|n| format!("spin{n}")).collect();
+        soak(&release_bin(), &streams, minutes);
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let (idle, phase) = if quick {
         (Duration::from_secs(3), Duration::from_secs(4))
@@ -904,6 +913,147 @@ fn main() {
             "edgemeter must store every message sent at the fixed rate"
         );
     }
+}
+
+/// `--soak MINUTES`: edgemeter alone at the fixed rate for MINUTES, with
+/// the default buffer (`buffer_max_bytes`, 256 MiB) and no sink, so that
+/// once the buffer is full (after a minute or two at 20,000 messages a
+/// second) the oldest records are dropped as new ones are committed: a
+/// sink down for a long time, the agent's heaviest steady state. The same
+/// 200 users a stream throughout, so the analytics hold what they will
+/// hold. Its RSS is sampled every 5 s and read as the upstream's soak reads
+/// it: growth after the first minute on the least-squares line (target
+/// <= 1 %), its slope, over the second half alone, and through each half
+/// minute's lowest sample; and the same line through its private memory
+/// and its mapped files' pages.
+fn soak(bin: &Path, streams: &[String], minutes: u64) {
+    let server = Server::start(false);
+    let dir = bench_dir("relay-soak");
+    let list: Vec<String> = streams.iter().map(|s| format!("\"{s}\"")).collect();
+    let config = dir.join("edgemeter.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nid = \"soak\"\nstate_dir = \"state\"\nlog_level = \"warn\"\n\n\
+             [[source]]\ntype = \"relay\"\nname = \"lab\"\nsession_host = \"http://127.0.0.1:{}\"\nstreams = [{}]\nfiles_dir = \"analytics\"\n",
+            server.port,
+            list.join(", "),
+        ),
+    )
+    .expect("soak config");
+    let mut child = edgemeter_command(bin)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start edgemeter");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.shared.connected.load(Ordering::SeqCst) < STREAMS {
+        assert!(
+            Instant::now() < deadline,
+            "edgemeter did not connect its streams"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let rate = rate_per_stream();
+    println!(
+        "relay soak: edgemeter, {STREAMS} streams at {} messages/s in all for {minutes} minutes, \
+         the default buffer and no sink (full after a minute or two, then the oldest dropped)",
+        rate as usize * STREAMS
+    );
+    let idle_kib = status_kib(pid, "VmRSS:");
+    server.shared.mode.store(rate, Ordering::SeqCst);
+    let started = Instant::now();
+    // (minute, RSS, private, mapped files), every 5 s.
+    let mut samples: Vec<(f64, u64, u64, u64)> = Vec::new();
+    let end = Duration::from_secs(minutes * 60);
+    while started.elapsed() < end {
+        std::thread::sleep(Duration::from_secs(5).min(end.saturating_sub(started.elapsed())));
+        if let Ok(Some(exit)) = child.try_wait() {
+            panic!("edgemeter exited during the soak: {exit}");
+        }
+        samples.push((
+            started.elapsed().as_secs_f64() / 60.0,
+            status_kib(pid, "VmRSS:"),
+            status_kib(pid, "RssAnon:"),
+            status_kib(pid, "RssFile:"),
+        ));
+    }
+    server.shared.mode.store(IDLE, Ordering::SeqCst);
+    let sent = server.shared.sent.load(Ordering::SeqCst);
+    let status = edgemeter_command(bin)
+        .args(["status", "-c"])
+        .arg(&config)
+        .output()
+        .expect("edgemeter status");
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    // EDGEMETER_BENCH_SAMPLES=FILE: every sample, to plot the curve.
+    if let Ok(out) = std::env::var("EDGEMETER_BENCH_SAMPLES") {
+        let text: String = samples
+            .iter()
+            .map(|(m, rss, anon, file)| format!("relay soak\t{m:.3}\t{rss}\t{anon}\t{file}\n"))
+            .collect();
+        std::fs::write(&out, text).expect("EDGEMETER_BENCH_SAMPLES");
+    }
+    let warm: Vec<_> = samples.iter().filter(|s| s.0 >= 1.0).collect();
+    assert!(warm.len() >= 4, "--soak needs 2 minutes or more");
+    let part =
+        |k: usize| -> Vec<(f64, u64)> { warm.iter().map(|s| (s.0, [s.1, s.2, s.3][k])).collect() };
+    let at_ends = |points: &[(f64, u64)]| {
+        let (slope, line) = least_squares(points);
+        (line(1.0), line(minutes as f64), slope)
+    };
+    let (rss0, rss1, slope) = at_ends(&part(0));
+    let late: Vec<(f64, u64)> = part(0)
+        .into_iter()
+        .filter(|p| p.0 >= minutes as f64 / 2.0)
+        .collect();
+    let (late_slope, _) = least_squares(&late);
+    let floors: Vec<(f64, u64)> = part(0)
+        .chunk_by(|a, b| (a.0 * 2.0).floor() == (b.0 * 2.0).floor())
+        .map(|half| (half[0].0, half.iter().map(|p| p.1).min().unwrap_or(0)))
+        .collect();
+    let (floor0, floor1, _) = at_ends(&floors);
+    let (anon0, anon1, _) = at_ends(&part(1));
+    let (file0, file1, _) = at_ends(&part(2));
+    let growth = (rss1 - rss0) / rss0.max(1.0) * 100.0;
+    let floor_growth = (floor1 - floor0) / floor0.max(1.0) * 100.0;
+    let (lo, hi) = (
+        warm.iter().map(|s| s.1).min().unwrap_or(0),
+        warm.iter().map(|s| s.1).max().unwrap_or(0),
+    );
+    println!(
+        "  {:.1} M messages sent; {} samples; idle before {idle_kib} KiB",
+        sent as f64 / 1e6,
+        samples.len()
+    );
+    println!(
+        "  RSS: {growth:+.2} % after the first minute (fitted line {rss0:.0} → {rss1:.0} KiB), slope {slope:+.1} KiB a minute \
+         ({late_slope:+.1} over the second half); band {lo}..{hi} KiB; the floor (each half minute's lowest) {floor_growth:+.2} %"
+    );
+    println!(
+        "  of it: private (heap, stacks) {anon0:.0} → {anon1:.0} KiB ({:+.0}), mapped files {file0:.0} → {file1:.0} KiB ({:+.0})",
+        anon1 - anon0,
+        file1 - file0
+    );
+    let text = String::from_utf8_lossy(&status.stdout);
+    for line in text
+        .lines()
+        .filter(|l| l.contains("buffered") || l.contains("dropped"))
+    {
+        println!("  status: {}", line.trim());
+    }
+    println!(
+        "  target: <= 1 % growth after the first minute: {}",
+        if growth <= 1.0 { "met" } else { "NOT met" }
+    );
 }
 
 /// How many alternating rounds of edgemeter and the floor: 3 in a full

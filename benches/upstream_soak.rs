@@ -67,7 +67,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{bench_dir, gzip, read_response, release_bin};
+use support::{bench_dir, gzip, least_squares, read_response, release_bin};
 
 const AGENTS: usize = 4;
 const SERIES: usize = 100;
@@ -239,7 +239,7 @@ fn soak(
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut sqlite_warm_kib = 0;
     // The resident set's two parts, sampled with it.
-    let (mut anon, mut file): (Vec<(f64, u64)>, Vec<(f64, u64)>) = Default::default();
+    let (mut anon, mut file) = (Vec::new(), Vec::new());
     let mut files_warm = Default::default();
     for second in 0..minutes * 60 {
         // Each agent's batch for this second, sent on its own keep-alive
@@ -360,26 +360,6 @@ fn soak(
         files_moved,
         shmem_kib,
     }
-}
-
-/// The least-squares line through (minute, KiB): its slope in KiB per
-/// minute, and the line itself.
-fn least_squares(points: &[(f64, u64)]) -> (f64, impl Fn(f64) -> f64) {
-    let n = points.len() as f64;
-    let (mx, my) = (
-        points.iter().map(|p| p.0).sum::<f64>() / n,
-        points.iter().map(|p| p.1 as f64).sum::<f64>() / n,
-    );
-    let slope = points
-        .iter()
-        .map(|p| (p.0 - mx) * (p.1 as f64 - my))
-        .sum::<f64>()
-        / points
-            .iter()
-            .map(|p| (p.0 - mx).powi(2))
-            .sum::<f64>()
-            .max(1e-9);
-    (slope, move |x: f64| my + slope * (x - mx))
 }
 
 fn main() {

@@ -273,3 +273,23 @@ pub fn floor_row(message: &str, arrival_ms: i64) -> Option<FloorRow> {
         message.as_bytes().to_vec(),
     ))
 }
+
+/// The least-squares line through (minute, KiB): its slope in KiB per
+/// minute, and the line itself.
+pub fn least_squares(points: &[(f64, u64)]) -> (f64, impl Fn(f64) -> f64) {
+    let n = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+    );
+    let slope = points
+        .iter()
+        .map(|p| (p.0 - mx) * (p.1 as f64 - my))
+        .sum::<f64>()
+        / points
+            .iter()
+            .map(|p| (p.0 - mx).powi(2))
+            .sum::<f64>()
+            .max(1e-9);
+    (slope, move |x: f64| my + slope * (x - mx))
+}
