@@ -1,7 +1,8 @@
 //! The relay source against the Python clients it replaces, same machine,
 //! same run, same loopback server.
 //!
-//! Run: `cargo bench --bench relay` (add `-- --quick` for a short run).
+//! Run: `cargo bench --bench relay` (add `-- --quick` for a short run;
+//! `-- --soak MINUTES` for the agent alone over a long run, see [`soak`]).
 //! Needs `target/test-tools/venv` with websocket-client (`scripts/test`
 //! makes it).
 //!
