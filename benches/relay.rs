@@ -117,6 +117,18 @@ struct Shared {
 const LARGE_FRAME_BYTES: usize = 1_900_000;
 
 impl Server {
+    /// Until the subject has connected all its streams (at most 30 s).
+    fn wait_connected(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.shared.connected.load(Ordering::SeqCst) < STREAMS {
+            assert!(
+                Instant::now() < deadline,
+                "the subject did not connect its {STREAMS} streams"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn start(requests: bool) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -457,14 +469,7 @@ fn thread_ticks(pids: &[u32]) -> std::collections::BTreeMap<String, u64> {
 }
 
 fn measure(server: &Server, subject: &mut dyn Subject, idle: Duration, phase: Duration) -> Figures {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.shared.connected.load(Ordering::SeqCst) < STREAMS {
-        assert!(
-            Instant::now() < deadline,
-            "the subject did not connect its {STREAMS} streams"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_connected();
     let pids = subject.pids();
     let sum = |f: &dyn Fn(u32) -> u64| pids.iter().map(|p| f(*p)).sum::<u64>();
     // Settle after start-up, then idle.
@@ -950,14 +955,7 @@ fn soak(bin: &Path, streams: &[String], minutes: u64) {
         .spawn()
         .expect("start edgemeter");
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.shared.connected.load(Ordering::SeqCst) < STREAMS {
-        assert!(
-            Instant::now() < deadline,
-            "edgemeter did not connect its streams"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_connected();
     std::thread::sleep(Duration::from_secs(2));
     let rate = rate_per_stream();
     println!(
