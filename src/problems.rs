@@ -46,8 +46,30 @@ impl Problems {
 
     pub fn push_toml(&mut self, err: &toml::de::Error, fallback: &Range<usize>) {
         let span = err.span().unwrap_or_else(|| fallback.clone());
-        self.push(span, err.message().trim_end().to_owned());
+        self.push(span, in_words(err.message().trim_end()));
     }
+}
+
+/// serde names the type it expected as Rust spells it ("expected i64"); an
+/// operator reads "expected a whole number".
+fn in_words(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        ("i64", "a whole number"),
+        ("u64", "a whole number"),
+        ("i32", "a whole number"),
+        ("u32", "a whole number"),
+        ("u16", "a whole number"),
+        ("u8", "a whole number"),
+        ("usize", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+    ];
+    if let Some((before, rust)) = message.rsplit_once("expected ")
+        && let Some((_, words)) = WORDS.iter().find(|(r, _)| *r == rust)
+    {
+        return format!("{before}expected {words}");
+    }
+    message.to_owned()
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -199,5 +221,33 @@ pub fn resolve(base: &Path, path: &str) -> PathBuf {
         p.to_owned()
     } else {
         base.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_words;
+
+    #[test]
+    fn rust_type_names_become_words() {
+        for (serde, said) in [
+            (
+                "invalid type: string \"1GiB\", expected i64",
+                "invalid type: string \"1GiB\", expected a whole number",
+            ),
+            (
+                "invalid type: string \"1\", expected f64",
+                "invalid type: string \"1\", expected a number",
+            ),
+            // Already words, or not a type at the end: left as they are.
+            (
+                "invalid type: integer `3`, expected a string",
+                "invalid type: integer `3`, expected a string",
+            ),
+            ("expected i64 or more", "expected i64 or more"),
+            ("unknown field `x`", "unknown field `x`"),
+        ] {
+            assert_eq!(in_words(serde), said);
+        }
     }
 }

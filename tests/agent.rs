@@ -90,7 +90,7 @@ fn check_lists_every_problem_with_its_line_and_exits_2() {
         format!(
             "{b}:3:1: unknown field `bogus`, expected one of `id`, `state_dir`, `log_level`, `buffer_max_bytes`, `flush_interval_secs`, `deliver_interval_secs`, `shutdown_grace_secs`, `http_listen`, `health_interval_secs`\n\
              {b}:6:8: unknown sink type `s3`; known types: csv, cloudwatch_metrics, cloudwatch_logs, upstream\n\
-             2 problem(s) found\n"
+             2 problems found\n"
         )
     );
     // `run` refuses the same file before touching any state.
@@ -442,7 +442,7 @@ token_file = "up.token"
         err.contains("up.token") && err.contains("No such file"),
         "{err}"
     );
-    assert!(err.contains("3 problem(s) found"), "{err}");
+    assert!(err.contains("3 problems found"), "{err}");
     assert!(
         !err.contains("s3cr3t"),
         "a secret reached the output: {err}"

@@ -108,7 +108,8 @@ fn command(args: impl IntoIterator<Item = OsString>) -> Outcome {
         Err(e) => {
             let mut message = e.to_string();
             if let Command::Check { .. } = command {
-                message.push_str(&format!("\n{} problem(s) found", e.problem_count()));
+                let found = logging::counted(e.problem_count(), "problem", "problems");
+                message.push_str(&format!("\n{found} found"));
             }
             return Err(Failed::new(Exit::Usage, message));
         }
@@ -152,7 +153,10 @@ fn check_files(config: &Config) -> Outcome {
     for p in &problems {
         message += &format!("\n  {p}");
     }
-    message += &format!("\n{} problem(s) found", problems.len());
+    message += &format!(
+        "\n{} found",
+        logging::counted(problems.len(), "problem", "problems")
+    );
     Err(Failed::new(Exit::Usage, message))
 }
 

@@ -293,7 +293,7 @@ fn wrong_types_name_the_key_line() {
     check_bad(
         "[agent]\nbuffer_max_bytes = \"lots\"\n[[sink]]\ntype = \"csv\"\npath = 3\n",
         &[
-            "2:20: invalid type: string \"lots\", expected i64",
+            "2:20: invalid type: string \"lots\", expected a whole number",
             "5:8: invalid type: integer `3`, expected a string",
         ],
     );
