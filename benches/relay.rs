@@ -65,7 +65,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{USERS_PER_STREAM, bench_dir, cpu_ticks, least_squares, release_bin};
+use support::{Drift, USERS_PER_STREAM, bench_dir, cpu_ticks, release_bin};
 
 use tungstenite::Message;
 
@@ -719,12 +719,12 @@ fn main() {
         floor(&args[at + 1..]);
         return;
     }
+    let streams: Vec<String> = (30..30 + STREAMS).map(|n| format!("spin{n}")).collect();
     if let Some(at) = args.iter().position(|a| a == "--soak") {
         let minutes = args
             .get(at + 1)
             .and_then(|m| m.parse().ok())
             .expect("--soak MINUTES");
-        let streams: Vec<String> = (30..30 + STREAMS).map(|n| format!("spin{n}")).collect();
         soak(&release_bin(), &streams, minutes);
         return;
     }
@@ -750,7 +750,6 @@ fn main() {
         std::process::exit(1);
     }
     let bin = release_bin();
-    let streams: Vec<String> = (30..30 + STREAMS).map(|n| format!("spin{n}")).collect();
     println!(
         "relay: {STREAMS} streams on loopback, {} users each, messages of {} bytes; idle {:?}, phases {:?}",
         USERS_PER_STREAM,
@@ -1001,46 +1000,31 @@ fn soak(bin: &Path, streams: &[String], minutes: u64) {
             .collect();
         std::fs::write(&out, text).expect("EDGEMETER_BENCH_SAMPLES");
     }
-    let warm: Vec<_> = samples.iter().filter(|s| s.0 >= 1.0).collect();
-    assert!(warm.len() >= 4, "--soak needs 2 minutes or more");
-    let part =
-        |k: usize| -> Vec<(f64, u64)> { warm.iter().map(|s| (s.0, [s.1, s.2, s.3][k])).collect() };
-    let at_ends = |points: &[(f64, u64)]| {
-        let (slope, line) = least_squares(points);
-        (line(1.0), line(minutes as f64), slope)
+    assert!(minutes >= 2, "--soak needs 2 minutes or more");
+    let part = |k: usize| -> Drift {
+        let points: Vec<(f64, u64)> = samples.iter().map(|s| (s.0, [s.1, s.2, s.3][k])).collect();
+        Drift::of(&points, minutes as f64)
     };
-    let (rss0, rss1, slope) = at_ends(&part(0));
-    let late: Vec<(f64, u64)> = part(0)
-        .into_iter()
-        .filter(|p| p.0 >= minutes as f64 / 2.0)
-        .collect();
-    let (late_slope, _) = least_squares(&late);
-    let floors: Vec<(f64, u64)> = part(0)
-        .chunk_by(|a, b| (a.0 * 2.0).floor() == (b.0 * 2.0).floor())
-        .map(|half| (half[0].0, half.iter().map(|p| p.1).min().unwrap_or(0)))
-        .collect();
-    let (floor0, floor1, _) = at_ends(&floors);
-    let (anon0, anon1, _) = at_ends(&part(1));
-    let (file0, file1, _) = at_ends(&part(2));
-    let growth = (rss1 - rss0) / rss0.max(1.0) * 100.0;
-    let floor_growth = (floor1 - floor0) / floor0.max(1.0) * 100.0;
-    let (lo, hi) = (
-        warm.iter().map(|s| s.1).min().unwrap_or(0),
-        warm.iter().map(|s| s.1).max().unwrap_or(0),
-    );
+    let (rss, anon, file) = (part(0), part(1), part(2));
+    let (growth, floor_growth) = (rss.growth(), rss.floor_growth());
     println!(
         "  {:.1} M messages sent; {} samples; idle before {idle_kib} KiB",
         sent as f64 / 1e6,
         samples.len()
     );
     println!(
-        "  RSS: {growth:+.2} % after the first minute (fitted line {rss0:.0} → {rss1:.0} KiB), slope {slope:+.1} KiB a minute \
-         ({late_slope:+.1} over the second half); band {lo}..{hi} KiB; the floor (each half minute's lowest) {floor_growth:+.2} %"
+        "  RSS: {growth:+.2} % after the first minute (fitted line {:.0} → {:.0} KiB), slope {:+.1} KiB a minute \
+         ({:+.1} over the second half); band {}..{} KiB; the floor (each half minute's lowest) {floor_growth:+.2} %",
+        rss.from, rss.to, rss.slope, rss.late_slope, rss.band.0, rss.band.1
     );
     println!(
-        "  of it: private (heap, stacks) {anon0:.0} → {anon1:.0} KiB ({:+.0}), mapped files {file0:.0} → {file1:.0} KiB ({:+.0})",
-        anon1 - anon0,
-        file1 - file0
+        "  of it: private (heap, stacks) {:.0} → {:.0} KiB ({:+.0}), mapped files {:.0} → {:.0} KiB ({:+.0})",
+        anon.from,
+        anon.to,
+        anon.to - anon.from,
+        file.from,
+        file.to,
+        file.to - file.from
     );
     let text = String::from_utf8_lossy(&status.stdout);
     for line in text

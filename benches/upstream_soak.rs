@@ -67,7 +67,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{bench_dir, gzip, least_squares, read_response, release_bin};
+use support::{Drift, bench_dir, gzip, read_response, release_bin};
 
 const AGENTS: usize = 4;
 const SERIES: usize = 100;
@@ -150,29 +150,15 @@ fn batch(agent: &str, seq: u64, second_ms: i64) -> String {
 }
 
 struct Run {
-    /// The first sample after the first minute, and the last one.
-    warm_kib: u64,
+    /// The resident set after the first minute: the line through its
+    /// samples (one sample can land on a transient, a request's buffers of
+    /// 100s of KiB; the line through 50 to 240 of them does not) and
+    /// through each half minute's lowest (what stays resident between
+    /// requests).
+    rss: Drift,
+    /// The last sample.
     end_kib: u64,
-    /// The least-squares line through the samples after the first minute,
-    /// at its first and last minute: one sample can land on a transient
-    /// (a request's buffers, mapped and given back at once, are 100s of
-    /// KiB), the line through 50 to 240 of them does not.
-    fit_warm_kib: f64,
-    fit_end_kib: f64,
-    /// The same line through each simulated half minute's lowest sample: what
-    /// stays resident between requests. A transient (a batch being decoded,
-    /// a forwarding round of up to 2,000 windows in flight) only ever adds
-    /// to a sample; a leak raises every sample, the lowest too.
-    floor_warm_kib: f64,
-    floor_end_kib: f64,
-    floor_slope_kib_per_min: f64,
-    /// The lowest and highest sample after the first minute.
-    band_kib: (u64, u64),
     idle_kib: u64,
-    slope_kib_per_min: f64,
-    /// The slope over the second half of the run alone: a cache that fills
-    /// towards its bound flattens; a leak does not.
-    late_slope_kib_per_min: f64,
     samples: usize,
     wall: Duration,
     /// SQLite's heap after the first minute and at the end, KiB.
@@ -309,48 +295,15 @@ fn soak(
         .status();
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).ok();
-    let warm: Vec<(f64, u64)> = samples.iter().copied().filter(|(m, _)| *m >= 1.0).collect();
-    let half = minutes as f64 / 2.0;
-    let late: Vec<(f64, u64)> = samples
-        .iter()
-        .copied()
-        .filter(|(m, _)| *m >= half)
-        .collect();
-    let (slope, at) = least_squares(&warm);
+    let rss = Drift::of(&samples, minutes as f64);
     let line = |part: &[(f64, u64)]| {
-        let warm: Vec<(f64, u64)> = part.iter().copied().filter(|(m, _)| *m >= 1.0).collect();
-        let (_, at) = least_squares(&warm);
-        (at(1.0), at(minutes as f64))
+        let d = Drift::of(part, minutes as f64);
+        (d.from, d.to)
     };
-    let (late_slope, _) = least_squares(&late);
-    // Half-minute windows, so that the short run has two.
-    let floors: Vec<(f64, u64)> = (2..minutes * 2)
-        .filter_map(|k| {
-            let (from, to) = (k as f64 / 2.0, (k + 1) as f64 / 2.0);
-            let lowest = warm.iter().filter(|(m, _)| *m > from && *m <= to);
-            lowest.map(|p| p.1).min().map(|kib| (from + 0.25, kib))
-        })
-        .collect();
-    assert!(
-        floors.len() >= 2,
-        "too short a run for a line through the floor"
-    );
-    let (floor_slope, floor_at) = least_squares(&floors);
     Run {
-        warm_kib: warm.first().map_or(0, |p| p.1),
         end_kib: samples.last().map_or(0, |p| p.1),
-        fit_warm_kib: at(1.0),
-        fit_end_kib: at(minutes as f64),
-        floor_warm_kib: floor_at(1.0),
-        floor_end_kib: floor_at(minutes as f64),
-        floor_slope_kib_per_min: floor_slope,
-        band_kib: (
-            warm.iter().map(|p| p.1).min().unwrap_or(0),
-            warm.iter().map(|p| p.1).max().unwrap_or(0),
-        ),
+        rss,
         idle_kib,
-        slope_kib_per_min: slope,
-        late_slope_kib_per_min: late_slope,
         sqlite_warm_kib,
         sqlite_end_kib,
         samples: samples.len(),
@@ -453,22 +406,21 @@ fn main() {
         let r = soak(&bin, &store, extra, sink, minutes, &env);
         // The target is on the fitted line; the last sample against the
         // first is printed beside it, and the band shows the transients.
-        let growth = (r.fit_end_kib - r.fit_warm_kib) / r.fit_warm_kib.max(1.0) * 100.0;
-        let raw = (r.end_kib as f64 - r.warm_kib as f64) / r.warm_kib.max(1) as f64 * 100.0;
-        let floor = (r.floor_end_kib - r.floor_warm_kib) / r.floor_warm_kib.max(1.0) * 100.0;
+        let (growth, floor) = (r.rss.growth(), r.rss.floor_growth());
+        let raw = (r.end_kib as f64 - r.rss.first as f64) / r.rss.first.max(1) as f64 * 100.0;
         worst = worst.max(growth);
         worst_floor = worst_floor.max(floor);
         println!(
             "  {label:<19}: {growth:+.2} % after the first minute (fitted line {:.0} → {:.0} KiB), slope {:+.1} KiB per simulated minute ({:+.1} over the second half); \
              samples {} → {} KiB ({raw:+.2} %), band {}..{} KiB; idle {} KiB (baseline); {} samples, {:.0} s",
-            r.fit_warm_kib,
-            r.fit_end_kib,
-            r.slope_kib_per_min,
-            r.late_slope_kib_per_min,
-            r.warm_kib,
+            r.rss.from,
+            r.rss.to,
+            r.rss.slope,
+            r.rss.late_slope,
+            r.rss.first,
             r.end_kib,
-            r.band_kib.0,
-            r.band_kib.1,
+            r.rss.band.0,
+            r.rss.band.1,
             r.idle_kib,
             r.samples,
             r.wall.as_secs_f64(),
@@ -501,7 +453,7 @@ fn main() {
         );
         println!(
             "  {:<19}  the floor (each half minute's lowest sample): {floor:+.2} % (line {:.0} → {:.0} KiB), slope {:+.1} KiB per simulated minute",
-            "", r.floor_warm_kib, r.floor_end_kib, r.floor_slope_kib_per_min
+            "", r.rss.floor_from, r.rss.floor_to, r.rss.floor_slope
         );
     }
     println!(

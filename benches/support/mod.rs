@@ -293,3 +293,75 @@ pub fn least_squares(points: &[(f64, u64)]) -> (f64, impl Fn(f64) -> f64) {
             .max(1e-9);
     (slope, move |x: f64| my + slope * (x - mx))
 }
+
+/// How a resident set sampled over a run moved after its first minute:
+/// what both soaks (`upstream_soak`, `relay --soak`) report and judge.
+pub struct Drift {
+    /// The least-squares line through the samples after the first minute,
+    /// at the first minute and the last, KiB; its slope in KiB a minute,
+    /// and the slope over the second half alone (a cache filling towards
+    /// its bound flattens; a leak does not).
+    pub from: f64,
+    pub to: f64,
+    pub slope: f64,
+    pub late_slope: f64,
+    /// The same line through each half minute's lowest sample: a transient
+    /// only ever adds to a sample, a leak raises the lowest ones too.
+    pub floor_from: f64,
+    pub floor_to: f64,
+    pub floor_slope: f64,
+    /// The lowest and highest sample after the first minute, and the first.
+    pub band: (u64, u64),
+    pub first: u64,
+}
+
+impl Drift {
+    /// (minute, KiB) samples of a run of `minutes`.
+    pub fn of(samples: &[(f64, u64)], minutes: f64) -> Drift {
+        let warm: Vec<(f64, u64)> = samples.iter().copied().filter(|(m, _)| *m >= 1.0).collect();
+        let late: Vec<(f64, u64)> = warm
+            .iter()
+            .copied()
+            .filter(|(m, _)| *m >= minutes / 2.0)
+            .collect();
+        // Half-minute windows, so that a 2-minute run has two.
+        let floors: Vec<(f64, u64)> = (2..(minutes * 2.0) as u64)
+            .filter_map(|k| {
+                let (from, to) = (k as f64 / 2.0, (k + 1) as f64 / 2.0);
+                let lowest = warm.iter().filter(|(m, _)| *m > from && *m <= to);
+                lowest.map(|p| p.1).min().map(|kib| (from + 0.25, kib))
+            })
+            .collect();
+        assert!(
+            floors.len() >= 2,
+            "too short a run for a line through the floor"
+        );
+        let (slope, line) = least_squares(&warm);
+        let (late_slope, _) = least_squares(&late);
+        let (floor_slope, floor) = least_squares(&floors);
+        Drift {
+            from: line(1.0),
+            to: line(minutes),
+            slope,
+            late_slope,
+            floor_from: floor(1.0),
+            floor_to: floor(minutes),
+            floor_slope,
+            band: (
+                warm.iter().map(|p| p.1).min().unwrap_or(0),
+                warm.iter().map(|p| p.1).max().unwrap_or(0),
+            ),
+            first: warm.first().map_or(0, |p| p.1),
+        }
+    }
+
+    /// Growth after the first minute on the line, in %.
+    pub fn growth(&self) -> f64 {
+        (self.to - self.from) / self.from.max(1.0) * 100.0
+    }
+
+    /// The same on the floor's line.
+    pub fn floor_growth(&self) -> f64 {
+        (self.floor_to - self.floor_from) / self.floor_from.max(1.0) * 100.0
+    }
+}
