@@ -864,6 +864,11 @@ fn main() {
     if let Some(r) = &r {
         row("+1% reqs", r);
     }
+    if std::env::var("EDGEMETER_BENCH_FLOOR").is_ok_and(|v| v == "read") {
+        println!(
+            "  (EDGEMETER_BENCH_FLOOR=read: the floor reads each message and parses and keeps none of it)"
+        );
+    }
     row("floor", &f);
     row("python x12", &p);
     row("asyncio", &a);
@@ -1157,6 +1162,9 @@ fn floor(args: &[String]) {
     )
     .expect("floor schema");
     let pending: Rc<RefCell<Vec<support::FloorRow>>> = Rc::default();
+    // EDGEMETER_BENCH_FLOOR=read: the websocket layer's own share, each
+    // message read and counted by an empty row, neither parsed nor kept.
+    let read_only = std::env::var("EDGEMETER_BENCH_FLOOR").is_ok_and(|v| v == "read");
     let ex = smol::LocalExecutor::new();
     for s in streams {
         let url = format!("ws://127.0.0.1:{port}/ws/{s}");
@@ -1188,9 +1196,14 @@ fn floor(args: &[String]) {
                 if n.is_multiple_of(64) {
                     smol::future::yield_now().await;
                 }
-                if let async_tungstenite::tungstenite::Message::Text(t) = m
-                    && let Some(row) = support::floor_row(&t, support::now_ms())
-                {
+                let async_tungstenite::tungstenite::Message::Text(t) = m else {
+                    continue;
+                };
+                if read_only {
+                    // The row of a message not parsed: its arrival alone.
+                    let row = (support::now_ms(), String::new(), String::new(), Vec::new());
+                    pending.borrow_mut().push(row);
+                } else if let Some(row) = support::floor_row(&t, support::now_ms()) {
                     pending.borrow_mut().push(row);
                 }
             }
