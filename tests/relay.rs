@@ -2212,6 +2212,67 @@ fn a_restart_reads_again_only_the_raw_files_something_else_changed() {
     );
 }
 
+/// Raw lines are appended every 2 s, the analytics files rewritten every
+/// `dump_interval_secs`: a host with a long dump interval (an hour) passed
+/// the bound by an hour of messages before anything was cut. The bound is
+/// now kept at the save that passes it.
+#[test]
+fn raw_files_are_kept_within_their_bound_between_dumps() {
+    let dir = TempDir::new("relay-raw-between-dumps");
+    let hub = Hub::start();
+    let cfg = config(
+        &dir,
+        &hub,
+        &["spin30"],
+        "raw_files = true\nraw_files_max_bytes = 1048576",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("dump_interval_secs = 1", "dump_interval_secs = 3600");
+    std::fs::write(&cfg, &text).unwrap();
+    let message = |user: &str, n: usize| {
+        serde_json::json!({"user": user, "t": n, "exp": "spinner", "hardware": "spin30",
+            "course": "engdes1", "type": "analytics",
+            "payload": {"log": "speed", "data": {"set": n, "note": "raw-bound-test-padding"}}})
+        .to_string()
+    };
+    let users: Vec<String> = (0..40).map(|i| format!("u-{i:02}")).collect();
+    let held = || -> u64 {
+        users
+            .iter()
+            .map(|u| {
+                std::fs::metadata(dir.path(&format!("analytics/{u}-spin30-spinner-engdes1.json")))
+                    .map_or(0, |m| m.len())
+            })
+            .sum()
+    };
+    let mut agent = Agent::start_running(&cfg, "agent.log");
+    wait_subscribed(&hub, &["spin30"]);
+    // 40 users of 160 messages, about 1.1 MB: past the bound of 1 MiB an
+    // hour before the first dump.
+    for k in 0..160 {
+        for u in &users {
+            assert_eq!(hub.send_text("spin30", &message(u, k)), 1);
+        }
+    }
+    agent.expect_line("were cut to their last message", Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(10), || held() <= 1 << 20),
+        "{} bytes held:\n{}",
+        held(),
+        agent.stderr()
+    );
+    let (code, out, err) = edgemeter(&["status", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            " of 1.00 MiB (raw_files_max_bytes); cut to their last message since the start: "
+        ),
+        "{out}"
+    );
+    agent.stop();
+}
+
 /// Raw files grow with every message and nothing else empties them: a
 /// host up for months would fill its disk. Past `raw_files_max_bytes`, the
 /// least recently written are cut to their last message (as the old client

@@ -531,6 +531,7 @@ fn say_trimmed(shared: &Shared, t: trim::Raw) {
         ..RawOnDisk::default()
     });
     on_disk.bytes = t.bytes;
+    on_disk.appended = 0;
     let Some(cut) = t.cut else {
         on_disk.short_said = false;
         return;
@@ -630,10 +631,22 @@ async fn flush_part(
     };
     let name = shared.name.clone();
     let last = matches!(dump, Dump::Until(_));
-    // The raw files' bound is kept by each dump's first job: every minute
-    // by default, on the worker (a cut may take many files).
-    let raw_max = std::mem::take(&mut due.raw_bound).then_some(shared.config.raw_files_max_bytes);
-    let (errors, changes, sync_due, left, trimmed) = if dump == Dump::No { io } else { worker }
+    // The raw files' bound is kept by each dump's first job (every minute
+    // by default), and by the save whose appends take them past it, or
+    // the first, which finds what they hold: on the worker, as a cut may
+    // take many files.
+    let appending: u64 = raw.values().map(|lines| lines.len() as u64).sum();
+    let passed = shared.config.raw_files && dir.is_some() && store.is_some() && {
+        let state = shared.state.borrow();
+        state
+            .raw_on_disk
+            .as_ref()
+            .is_none_or(|r| r.passed_by(appending))
+    };
+    let raw_max =
+        (std::mem::take(&mut due.raw_bound) || passed).then_some(shared.config.raw_files_max_bytes);
+    let on_io = dump == Dump::No && raw_max.is_none();
+    let (errors, changes, sync_due, left, trimmed) = if on_io { io } else { worker }
         .run(move || {
             let (activity, graphs) = &changes;
             let mut errors = Vec::new();
@@ -711,8 +724,13 @@ async fn flush_part(
             (errors, changes, sync_due, left, trimmed)
         })
         .await;
-    if let Some(t) = trimmed {
-        say_trimmed(shared, t);
+    match trimmed {
+        Some(t) => say_trimmed(shared, t),
+        None => {
+            if let Some(r) = shared.state.borrow_mut().raw_on_disk.as_mut() {
+                r.appended += appending;
+            }
+        }
     }
     let say = {
         let mut f = files.borrow_mut();

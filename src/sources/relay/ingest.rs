@@ -95,7 +95,11 @@ pub struct State {
 /// The raw files on disk and their bound ([`super::trim`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct RawOnDisk {
+    /// What they held at the last look at their bound, by the marks.
     pub bytes: u64,
+    /// Appended since that look: the bound is looked at again at the save
+    /// that takes the two past it.
+    pub appended: u64,
     /// `raw_files_max_bytes`.
     pub max: u64,
     /// Files cut to their last message this run, and what that gave back.
@@ -104,6 +108,20 @@ pub struct RawOnDisk {
     /// That the files left after a cut are too small to cut was said,
     /// and they have not been within the bound since.
     pub short_said: bool,
+}
+
+impl RawOnDisk {
+    /// What they hold now, as far as edgemeter appended to them.
+    pub fn now(&self) -> u64 {
+        self.bytes + self.appended
+    }
+
+    /// Whether a save that appends `more` bytes takes them past the bound,
+    /// so that it looks at the bound at once, not at the next dump. Not
+    /// while what is left is in files too small to cut: each dump looks.
+    pub fn passed_by(&self, more: u64) -> bool {
+        !self.short_said && self.now() + more > self.max
+    }
 }
 
 pub struct Settings {

@@ -172,7 +172,7 @@ fn samples(state: &State) -> Vec<Sample> {
     ));
     if let Some(r) = &state.raw_on_disk {
         for (name, v) in [
-            ("relay_raw_files_bytes", r.bytes),
+            ("relay_raw_files_bytes", r.now()),
             ("relay_raw_files_max_bytes", r.max),
             ("relay_raw_files_cut_total", r.cut_files),
         ] {
@@ -292,7 +292,7 @@ pub fn render(state: &State) -> String {
     if let Some(r) = &state.raw_on_disk {
         out += &format!(
             "raw files {} of {} (raw_files_max_bytes)",
-            human_bytes(r.bytes),
+            human_bytes(r.now()),
             human_bytes(r.max)
         );
         if r.cut_files > 0 {

@@ -4,7 +4,8 @@
 //! up for months they would fill its disk. The old client emptied a user's
 //! raw file once it had counted its lines, keeping the last message so the
 //! next transition connects; edgemeter's state holds the counts, so it does
-//! the same once the raw files it knows hold more than the bound: the least
+//! the same once the raw files it knows hold more than the bound (looked at
+//! by each dump, and by the save whose appends pass it): the least
 //! recently written first, until they hold three quarters of it (so a busy
 //! host cuts some files now and then, not a few at every dump).
 //!
