@@ -2212,30 +2212,37 @@ fn a_restart_reads_again_only_the_raw_files_something_else_changed() {
     );
 }
 
+/// The raw-bound tests' agent: spin30 with raw files and a bound of 1 MiB.
+fn raw_bound_agent(tag: &str) -> (TempDir, Hub, std::path::PathBuf) {
+    let dir = TempDir::new(tag);
+    let hub = Hub::start();
+    let extra = "raw_files = true\nraw_files_max_bytes = 1048576";
+    let cfg = config(&dir, &hub, &["spin30"], extra);
+    (dir, hub, cfg)
+}
+
+/// The raw-bound tests' message `n` of `user` on spin30: about 176 bytes,
+/// each line its own (`t` counts).
+fn raw_bound_message(user: &str, n: usize) -> String {
+    let log = ["voltage", "position", "speed"][n % 3];
+    serde_json::json!({"user": user, "t": n, "exp": "spinner", "hardware": "spin30",
+        "course": "engdes1", "type": "analytics",
+        "payload": {"log": log, "data": {"set": n, "note": "raw-bound-test-padding"}}})
+    .to_string()
+}
+
 /// Raw lines are appended every 2 s, the analytics files rewritten every
 /// `dump_interval_secs`: a host with a long dump interval (an hour) passed
 /// the bound by an hour of messages before anything was cut. The bound is
 /// now kept at the save that passes it.
 #[test]
 fn raw_files_are_kept_within_their_bound_between_dumps() {
-    let dir = TempDir::new("relay-raw-between-dumps");
-    let hub = Hub::start();
-    let cfg = config(
-        &dir,
-        &hub,
-        &["spin30"],
-        "raw_files = true\nraw_files_max_bytes = 1048576",
-    );
+    let (dir, hub, cfg) = raw_bound_agent("relay-raw-between-dumps");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("dump_interval_secs = 1", "dump_interval_secs = 3600");
     std::fs::write(&cfg, &text).unwrap();
-    let message = |user: &str, n: usize| {
-        serde_json::json!({"user": user, "t": n, "exp": "spinner", "hardware": "spin30",
-            "course": "engdes1", "type": "analytics",
-            "payload": {"log": "speed", "data": {"set": n, "note": "raw-bound-test-padding"}}})
-        .to_string()
-    };
+    let message = raw_bound_message;
     let users: Vec<String> = (0..40).map(|i| format!("u-{i:02}")).collect();
     let held = || -> u64 {
         users
@@ -2281,22 +2288,8 @@ fn raw_files_are_kept_within_their_bound_between_dumps() {
 /// again nor counts anything twice.
 #[test]
 fn raw_files_past_their_bound_are_cut_least_recently_written_first() {
-    let dir = TempDir::new("relay-raw-bound");
-    let hub = Hub::start();
-    let cfg = config(
-        &dir,
-        &hub,
-        &["spin30"],
-        "raw_files = true\nraw_files_max_bytes = 1048576",
-    );
-    // About 176 bytes a message, each line its own (`t` counts).
-    let message = |user: &str, n: usize| {
-        let log = ["voltage", "position", "speed"][n % 3];
-        serde_json::json!({"user": user, "t": n, "exp": "spinner", "hardware": "spin30",
-            "course": "engdes1", "type": "analytics",
-            "payload": {"log": log, "data": {"set": n, "note": "raw-bound-test-padding"}}})
-        .to_string()
-    };
+    let (dir, hub, cfg) = raw_bound_agent("relay-raw-bound");
+    let message = raw_bound_message;
     let raw_file = |u: &str| read(&dir, &format!("{u}-spin30-spinner-engdes1.json"));
     let old: Vec<String> = (0..20).map(|i| format!("old-{i:02}")).collect();
     let new: Vec<String> = (0..20).map(|i| format!("new-{i:02}")).collect();
