@@ -484,4 +484,24 @@ mod tests {
         assert_eq!(event_name(""), "invalid_type");
         assert_eq!(event_name("Analytics"), "Analytics");
     }
+
+    /// A save looks at the bound when its appends pass it, counting what
+    /// earlier saves appended; not while the last look found only files
+    /// too small to cut (each dump looks then, not every save).
+    #[test]
+    fn a_save_looks_at_the_raw_bound_when_it_passes_it() {
+        let mut r = RawOnDisk {
+            bytes: 900,
+            max: 1000,
+            ..RawOnDisk::default()
+        };
+        assert!(!r.passed_by(100), "at the bound is within it");
+        assert!(r.passed_by(101));
+        r.appended = 60;
+        assert_eq!(r.now(), 960);
+        assert!(!r.passed_by(40));
+        assert!(r.passed_by(41));
+        r.short_said = true;
+        assert!(!r.passed_by(1_000_000));
+    }
 }
