@@ -338,6 +338,8 @@ pub(super) struct Collected {
     pub(super) activity: Vec<((String, String), analytics::Activity)>,
     pub(super) graphs: Vec<(GraphKey, analytics::SavedChain)>,
     pub(super) raw: BTreeMap<String, Vec<u8>>,
+    /// Their bytes, as the state counted them while they came.
+    pub(super) raw_bytes: u64,
     /// `usage.csv` and `activity.csv`, written on the worker.
     pub(super) summaries: Option<analytics::Summaries>,
     pub(super) dumps: Vec<(String, String)>,
@@ -388,6 +390,7 @@ pub(super) fn collect(shared: &Shared, dump: Dump, due: &mut Due) -> Collected {
     if !activity.is_empty() {
         *shared.dump_usage.borrow_mut() = true;
     }
+    let raw_bytes = state.raw_pending_bytes();
     let raw = state.take_raw();
     let feedback = state
         .desk
@@ -417,6 +420,7 @@ pub(super) fn collect(shared: &Shared, dump: Dump, due: &mut Due) -> Collected {
         activity,
         graphs,
         raw,
+        raw_bytes,
         summaries,
         dumps,
         feedback,
@@ -612,6 +616,7 @@ async fn flush_part(
         activity,
         graphs,
         raw,
+        raw_bytes: appending,
         summaries,
         dumps,
         feedback,
@@ -635,7 +640,6 @@ async fn flush_part(
     // by default), and by the save whose appends take them past it, or
     // the first, which finds what they hold: on the worker, as a cut may
     // take many files.
-    let appending: u64 = raw.values().map(|lines| lines.len() as u64).sum();
     let passed = shared.config.raw_files && dir.is_some() && store.is_some() && {
         let state = shared.state.borrow();
         state

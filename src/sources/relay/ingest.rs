@@ -361,6 +361,11 @@ impl State {
     }
 
     /// Raw-file lines to append now (the caller writes them).
+    /// The bytes of the raw lines waiting for the next flush.
+    pub fn raw_pending_bytes(&self) -> u64 {
+        self.raw_bytes as u64
+    }
+
     pub fn take_raw(&mut self) -> BTreeMap<String, Vec<u8>> {
         self.raw_bytes = 0;
         std::mem::take(&mut self.raw)
